@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make speedrun` (the main job) and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+PIP      = $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install install-test speedrun demo test test-all bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(PIP) install -e .
+
+install-test: $(BIN)/python
+	$(PIP) install -e '.[test]'
+
+speedrun: install
+	$(BIN)/nanoseek demo
+
+demo: speedrun
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+test-all: install-test
+	$(BIN)/python -m pytest -q -m ''
+
+bench: install-test
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
