@@ -1,0 +1,8 @@
+"""nanoseek: a small, hackable DeepSeek-style LLM system."""
+
+from nanoseek.checkpoint import CheckpointError, load_model, save_model
+from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.model import Transformer
+
+__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "Transformer", "load_model", "save_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,290 @@
+"""Hugging Face DeepseekV3 checkpoint directories: the only module that knows the on-disk tensor names.
+
+On disk (what transformers, vLLM and the official DeepSeek releases use):
+    model.layers.L.mlp.experts.N.{gate,up,down}_proj.weight    one tensor per expert
+    model.layers.{num_hidden_layers + k}.*                       MTP module k (enorm, hnorm, eh_proj, shared_head, block)
+In memory the experts of a layer are stacked ([E, 2I, d] and [E, d, I]) and MTP lives in `model.mtp`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoseek.config import ModelConfig
+from nanoseek.model import Transformer
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # duplicates of the main embedding and head
+_MTP_OWN = {"enorm.weight", "hnorm.weight", "eh_proj.weight"}
+FP8_BLOCK = 128
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint whose tensors do not match its config; the message lists every mismatch."""
+
+
+# ---------------------------------------------------------------------- atomic file writes
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------- name mapping
+def _disk_prefix(cfg: ModelConfig, name: str) -> str:
+    """Our parameter name -> its HF name (experts are still stacked here)."""
+    if name == "lm_head.weight":
+        return name
+    if name.startswith("mtp."):
+        _, k, rest = name.split(".", 2)
+        layer = cfg.num_hidden_layers + int(k)
+        rest = rest.removeprefix("block.")
+        if rest == "norm.weight":
+            rest = "shared_head.norm.weight"
+        return f"model.layers.{layer}.{rest}"
+    return f"model.{name}"
+
+
+def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for every tensor a checkpoint holds, experts split one by one."""
+    cfg = model.config
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers())  # persistent and not: only the bias survives the filter below
+    for name, tensor in named.items():
+        if name in ("rope_cos", "rope_sin") or name.endswith("expert_load"):
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        disk = _disk_prefix(cfg, name)
+        if disk.endswith("mlp.experts.gate_up_proj"):
+            base = disk.removesuffix(".gate_up_proj")
+            for e, (gate, up) in enumerate(zip(*tensor.chunk(2, dim=1))):
+                yield f"{base}.{e}.gate_proj.weight", gate
+                yield f"{base}.{e}.up_proj.weight", up
+        elif disk.endswith("mlp.experts.down_proj"):
+            base = disk.removesuffix(".down_proj")
+            for e, down in enumerate(tensor):
+                yield f"{base}.{e}.down_proj.weight", down
+        else:
+            yield disk, tensor
+    for k in range(len(model.mtp)):  # the official layout repeats embedding and head inside each MTP layer
+        layer = cfg.num_hidden_layers + k
+        yield f"model.layers.{layer}.embed_tokens.weight", model.embed_tokens.weight
+        yield f"model.layers.{layer}.shared_head.head.weight", model.lm_head.weight
+
+
+# ---------------------------------------------------------------------- save
+def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, max_shard_size: int = 4 << 30,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write an HF DeepseekV3 directory: config.json, safetensors (sharded past max_shard_size bytes),
+    generation_config.json and, if given, the tokenizer files. Every file is written atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, t in to_hf_state_dict(model):
+        t = t.detach().to("cpu")
+        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            t = t.to(dtype)
+        if (t.data_ptr(), tuple(t.shape)) in seen:  # MTP's copies of embedding and head: safetensors wants
+            t = t.clone()                          # one tensor per storage
+        seen.add((t.data_ptr(), tuple(t.shape)))
+        tensors[name] = t.contiguous()
+    on_disk_dtype = dtype or model.embed_tokens.weight.dtype
+    cfg.replace(torch_dtype=str(on_disk_dtype).removeprefix("torch.")).save_pretrained(path)
+
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors, key=_natural_key):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if current and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += nbytes
+    shards.append(current)
+
+    metadata = {"format": "pt"}
+    stale = {p.name for p in path.glob("model*.safetensors")} | ({INDEX_FILE} if (path / INDEX_FILE).exists() else set())
+    if len(shards) == 1:
+        _atomic_save_safetensors(shards[0], path / SINGLE_FILE, metadata)
+        written = {SINGLE_FILE}
+    else:
+        weight_map, written = {}, set()
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_save_safetensors(shard, path / fname, metadata)
+            weight_map.update(dict.fromkeys(shard, fname))
+            written.add(fname)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")  # last: it makes the set valid
+        written.add(INDEX_FILE)
+    for name in stale - written:  # a previous save with another sharding
+        (path / name).unlink(missing_ok=True)
+
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
+           "temperature": 0.6, "top_p": 0.95}
+    atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path
+
+
+def _natural_key(name: str):
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+# ---------------------------------------------------------------------- load
+def _checkpoint_files(path: Path) -> list[Path]:
+    if (path / INDEX_FILE).is_file():
+        index = json.loads((path / INDEX_FILE).read_text("utf-8"))
+        files = sorted(set(index["weight_map"].values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path / INDEX_FILE} names shard files that do not exist: {missing}")
+        return [path / f for f in files]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return found
+    raise FileNotFoundError(f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+class _LazyTensors:
+    """name -> tensor across shards, read through safetensors' memory map one tensor at a time."""
+
+    def __init__(self, files: list[Path]):
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.where = {k: h for h in self.handles for k in h.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.where[name].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.where[name].get_tensor(name)
+        scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
+        if scale_name in self.where:  # DeepSeek's FP8 release: 128x128 blocks, each with its own scale
+            scale = self.where[scale_name].get_tensor(scale_name).float()
+            rows, cols = t.shape
+            scale = scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+            t = t.float() * scale
+        return t
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               strict: bool = True) -> Transformer:
+    """Load any HF DeepseekV3 (or V2) directory. dtype=None keeps the dtype of the tensors on disk.
+
+    Every tensor is checked against the config first; a missing, unexpected or wrongly shaped tensor raises a
+    CheckpointError that lists all of them, before anything is loaded.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = ModelConfig.from_pretrained(path)
+    lazy = _LazyTensors(_checkpoint_files(path))
+    disk_keys = {k for k in lazy.keys() if not k.endswith(".weight_scale_inv")}
+
+    # MTP weights are optional: transformers' own save_pretrained drops them while keeping the config field.
+    mtp_prefixes = [f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers)]
+    if mtp_prefixes and not any(k.startswith(tuple(mtp_prefixes)) for k in disk_keys):
+        log.info("%s: config has %d MTP module(s) but the weights hold none; loading without MTP",
+                 path, cfg.num_nextn_predict_layers)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {name: list(t.shape) for name, t in to_hf_state_dict(model)}
+    disk_keys -= {k for k in disk_keys if k.endswith("rotary_emb.inv_freq")}  # old remote-code checkpoints
+    if cfg.tie_word_embeddings:
+        disk_keys.discard("lm_head.weight")  # some writers store the tied head anyway
+    missing = sorted(set(expected) - disk_keys, key=_natural_key)
+    unexpected = sorted(disk_keys - set(expected), key=_natural_key)
+    wrong = [f"{k}: checkpoint {lazy.shape(k)} vs model {expected[k]}"
+             for k in sorted(set(expected) & disk_keys, key=_natural_key) if lazy.shape(k) != expected[k]]
+    problems = [("missing", missing), ("unexpected", unexpected if strict else []), ("wrong shape", wrong)]
+    if any(items for _, items in problems):
+        lines = [f"checkpoint {path} does not match its config.json:"]
+        for label, items in problems:
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {label} ({len(items)}): " + ", ".join(shown))
+        raise CheckpointError("\n".join(lines))
+
+    disk_dtype = getattr(torch, str(cfg.torch_dtype).removeprefix("torch."), torch.float32)
+    model = model.to_empty(device=device)
+    model.to(dtype or (disk_dtype if disk_dtype.is_floating_point and disk_dtype.itemsize >= 2 else torch.float32))
+    model.rebuild_derived_state()
+    _copy_into(model, lazy)
+    return model.eval()
+
+
+@torch.no_grad()
+def _copy_into(model: Transformer, lazy: _LazyTensors) -> None:
+    cfg = model.config
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers())
+    for name, target in params.items():
+        if name in ("rope_cos", "rope_sin") or name.endswith("expert_load"):
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        disk = _disk_prefix(cfg, name)
+        if disk.endswith("mlp.experts.gate_up_proj"):
+            base, I = disk.removesuffix(".gate_up_proj"), cfg.moe_intermediate_size
+            for e in range(cfg.n_routed_experts):
+                target[e, :I].copy_(lazy.get(f"{base}.{e}.gate_proj.weight"))
+                target[e, I:].copy_(lazy.get(f"{base}.{e}.up_proj.weight"))
+        elif disk.endswith("mlp.experts.down_proj"):
+            base = disk.removesuffix(".down_proj")
+            for e in range(cfg.n_routed_experts):
+                target[e].copy_(lazy.get(f"{base}.{e}.down_proj.weight"))
+        else:
+            target.copy_(lazy.get(disk))

@@ -1,0 +1,99 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3).
+
+Keys and values come from one compressed latent c_kv (kv_lora_rank wide, RMS-normalised) plus one rope key shared
+by all heads. Two ways to use the same weights:
+- expanded (training, prefill): up-project the latent to per-head K/V and run causal SDPA;
+- absorbed (decode): fold kv_b_proj into the query and the output, and attend over the latent itself, so a cache
+  holds only kv_lora_rank + qk_rope_head_dim values per token per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        d, H, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, d, bias=bias)
+
+    # ---------------------------------------------------------------- projections shared by both paths
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> q_nope [B, T, H, nope], q_rope [B, T, H, rope] (rotated)."""
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.unflatten(-1, (self.n_heads, -1))
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2))
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> what a cache stores: c_kv [B, T, kv_rank] (normalised), k_rope [B, T, rope] (rotated)."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin)
+
+    # ---------------------------------------------------------------- expanded path
+    def expand(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent -> per-head keys [B, H, S, nope+rope] and values [B, H, S, v]."""
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_rope = k_rope.unsqueeze(1).expand(-1, self.n_heads, -1, -1)
+        return torch.cat((k_nope, k_rope), dim=-1), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over x [B, T, d] with no cache (training, full-sequence scoring)."""
+        q_nope, q_rope = self.query(x, cos, sin)
+        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
+        k, v = self.expand(*self.latent(x, cos, sin))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.o_proj(o.transpose(1, 2).flatten(2))
+
+    # ---------------------------------------------------------------- absorbed path
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj viewed per head: W_UK [H, nope, kv_rank] and W_UV [H, v, kv_rank]."""
+        w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def attend_latent(self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of queries [B, T, H, *] over latent keys c_kv [B, S, kv_rank], k_rope [B, S, rope].
+
+        mask: bool [B, T, S] (True = may attend) or None for all-visible. Returns the o_proj output [B, T, d].
+        """
+        w_uk, w_uv = self.absorbed_weights()
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # the query lives in latent space now
+        scores = torch.einsum("bthc,bsc->bhts", q_latent, c_kv) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+        scores = scores.float() * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1).type_as(c_kv)
+        o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
+        o = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)
+        return self.o_proj(o.flatten(2))

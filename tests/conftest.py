@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+from nanoseek import ModelConfig
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A model small enough that a forward pass takes milliseconds, with every architectural feature on."""
+    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8, n_shared_experts=1,
+                  num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=32,
+                  q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                  max_position_embeddings=128, routed_scaling_factor=2.5, num_nextn_predict_layers=0)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
