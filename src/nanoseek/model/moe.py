@@ -99,7 +99,10 @@ class Experts(nn.Module):
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return hasattr(F, "grouped_mm") and x.dtype == w.dtype and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    # Eager CPU runs it in any float dtype; CUDA kernels and torch.compile's tracing want bf16.
+    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
+        return False
+    return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

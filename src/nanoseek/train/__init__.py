@@ -1,0 +1,1 @@
+"""Training: one loop for every stage, the optimizers, distributed set-up, FLOPs and cost accounting."""

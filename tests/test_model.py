@@ -1,0 +1,238 @@
+"""The model's pieces against first-principles references: dropless MoE, routing, MLA's two paths, MTP, balancing."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import Transformer
+from nanoseek.model.moe import MoE
+from nanoseek.model.rope import apply_rope, inverse_frequencies, rope_tables
+
+from conftest import tiny_config
+
+
+def test_moe_is_dropless_and_equals_a_per_token_reference():
+    cfg = tiny_config()
+    moe = MoE(cfg).eval()
+    Transformer(cfg)  # the same init recipe as in a model
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+        moe.gate.e_score_correction_bias.uniform_(-0.2, 0.2)
+    x = torch.randn(3, 7, cfg.hidden_size)
+    out, _ = moe(x)
+    weights, ids, _ = moe.gate(x.view(-1, cfg.hidden_size))
+    ref = torch.zeros(21, cfg.hidden_size)
+    for t, token in enumerate(x.view(-1, cfg.hidden_size)):  # every token, every chosen expert: nothing dropped
+        for w, e in zip(weights[t], ids[t]):
+            gate, up = (moe.experts.gate_up_proj[e] @ token).chunk(2)
+            ref[t] += w * (moe.experts.down_proj[e] @ (F.silu(gate) * up))
+    ref += moe.shared_experts(x.view(-1, cfg.hidden_size))
+    assert torch.allclose(out.view(-1, cfg.hidden_size), ref, atol=1e-5)
+
+
+def test_moe_fallback_loop_equals_grouped_matmul(monkeypatch):
+    cfg = tiny_config()
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 9, cfg.hidden_size)
+    grouped, _ = moe(x)
+    monkeypatch.setattr("nanoseek.model.moe._grouped_mm_ok", lambda *a: False)
+    looped, _ = moe(x)
+    assert torch.allclose(grouped, looped, atol=1e-6)
+
+
+def test_router_selects_with_bias_but_weights_without_it():
+    cfg = tiny_config(n_group=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=False, routed_scaling_factor=1.0)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.gate.weight.normal_()
+        moe.gate.e_score_correction_bias.zero_()
+        moe.gate.e_score_correction_bias[5] = 10.0  # expert 5 always selected ...
+    x = torch.randn(16, cfg.hidden_size)
+    weights, ids, scores = moe.gate(x)
+    assert (ids == 5).any(-1).all()
+    picked = scores.gather(1, ids)  # ... but weighted by its plain sigmoid affinity
+    assert torch.allclose(weights, picked)
+
+
+def test_group_limited_routing_uses_only_topk_groups():
+    cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.gate.weight.normal_()
+    _, ids, scores = moe.gate(torch.randn(64, cfg.hidden_size))
+    groups = ids // 4
+    assert all(len(set(g.tolist())) <= 2 for g in groups)
+    # the kept groups are those with the largest sum of their top-2 affinities
+    group_score = scores.view(64, 4, 4).topk(2, -1).values.sum(-1)
+    best = group_score.topk(2, -1).indices.sort(-1).values
+    assert all(set(g.tolist()) <= set(b.tolist()) for g, b in zip(groups, best))
+
+
+def test_softmax_routing_for_v2_checkpoints():
+    cfg = tiny_config(scoring_func="softmax", n_group=1, topk_group=1, norm_topk_prob=False,
+                      routed_scaling_factor=1.0)
+    moe = MoE(cfg)
+    assert not hasattr(moe.gate, "e_score_correction_bias")
+    with torch.no_grad():
+        moe.gate.weight.normal_()
+    x = torch.randn(8, cfg.hidden_size)
+    weights, ids, scores = moe.gate(x)
+    probs = (x @ moe.gate.weight.T).softmax(-1)
+    assert torch.allclose(scores, probs, atol=1e-6)
+    assert torch.allclose(weights, probs.topk(cfg.num_experts_per_tok).values, atol=1e-6)
+
+
+def test_aux_free_bias_updates_balance_a_skewed_router():
+    cfg = tiny_config(n_group=1, topk_group=1, num_experts_per_tok=2, aux_loss_alpha=0.0)
+    moe = MoE(cfg).train()
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 0.1)
+        moe.gate.weight[:2] += 0.3  # inputs share a direction that experts 0 and 1 love
+    direction = torch.ones(cfg.hidden_size) / math.sqrt(cfg.hidden_size)
+
+    def imbalance() -> float:
+        load = moe.expert_load
+        return (load.max() / load.mean()).item()
+
+    def batch():
+        return torch.randn(4, 64, cfg.hidden_size) * 0.5 + 1.0 * direction
+
+    with torch.no_grad():
+        moe(batch())
+        before = imbalance()
+        moe.update_bias(0.0)  # γ = 0: counts reset, nothing changes
+        for _ in range(300):
+            moe(batch())
+            moe.update_bias(0.01)
+        for _ in range(20):  # measure the learned biases on fresh data, frozen
+            moe(batch())
+    after = imbalance()
+    assert before > 3.0, before  # experts 0 and 1 take nearly every token
+    assert after < 1.5, after
+    assert moe.gate.e_score_correction_bias[:2].max() < moe.gate.e_score_correction_bias[2:].min()
+
+
+def test_sequence_balance_loss_is_minimal_for_even_routing():
+    cfg = tiny_config(aux_loss_alpha=1.0, num_experts_per_tok=2)
+    moe = MoE(cfg)
+    E, T = cfg.n_routed_experts, 8
+    uniform = torch.full((1, T, E), 0.5)
+    even = torch.arange(T * 2).view(1, T, 2) % E
+    skewed = torch.tensor([[0, 1]]).expand(1, T, 2)
+    assert moe.sequence_balance_loss(uniform, even).item() == pytest.approx(1.0)
+    assert moe.sequence_balance_loss(uniform, skewed).item() == pytest.approx(1.0)  # uniform scores: no gradient
+    peaked = torch.full((1, T, E), 0.01)
+    peaked[..., :2] = 0.99
+    assert moe.sequence_balance_loss(peaked, skewed).item() > 3.0
+
+
+def test_absorbed_attention_equals_expanded_attention():
+    cfg = tiny_config(rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16,
+                                    "mscale": 0.7, "mscale_all_dim": 0.7})
+    model = Transformer(cfg).eval()
+    attn = model.layers[0].self_attn
+    x = torch.randn(2, 20, cfg.hidden_size)
+    cos, sin = model.rope(torch.arange(20))
+    with torch.no_grad():
+        expanded = attn(x, cos, sin)
+        q_nope, q_rope = attn.query(x, cos, sin)
+        c_kv, k_rope = attn.latent(x, cos, sin)
+        causal = torch.ones(20, 20, dtype=torch.bool).tril().expand(2, 20, 20)
+        absorbed = attn.attend_latent(q_nope, q_rope, c_kv, k_rope, causal)
+    assert (expanded - absorbed).abs().max().item() < 1e-5
+
+
+def test_rope_rotates_adjacent_pairs_and_preserves_relative_positions():
+    cfg = tiny_config()
+    cos, sin = rope_tables(cfg)
+    q, k = torch.randn(cfg.qk_rope_head_dim), torch.randn(cfg.qk_rope_head_dim)
+    rot = lambda v, p: apply_rope(v, cos[p], sin[p])  # noqa: E731
+    assert torch.allclose(rot(q, 3) @ rot(k, 1), rot(q, 12) @ rot(k, 10), atol=1e-5)
+    # pair (0, 1) turns at the fastest frequency ω_0 = 1
+    v = torch.zeros(cfg.qk_rope_head_dim)
+    v[0] = 1.0
+    assert torch.allclose(rot(v, 1)[:2], torch.tensor([math.cos(1.0), math.sin(1.0)]), atol=1e-6)
+
+
+def test_yarn_keeps_fast_dims_and_interpolates_slow_ones():
+    base = tiny_config(qk_rope_head_dim=64, max_position_embeddings=4096)
+    yarn = base.replace(rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+    plain, _ = inverse_frequencies(base)
+    scaled, magnitude = inverse_frequencies(yarn)
+    assert magnitude == 1.0  # mscale == mscale_all_dim: the correction lives in the softmax scale
+    assert torch.allclose(scaled[:10], plain[:10])  # V3's correction range is [10, 23]
+    assert torch.allclose(scaled[23:], plain[23:] / 40)
+    assert yarn.softmax_scale / base.softmax_scale == pytest.approx((0.1 * math.log(40) + 1) ** 2)
+    v3 = yarn.replace(qk_nope_head_dim=128)
+    assert v3.softmax_scale == pytest.approx(0.135234, abs=1e-6)  # the spec's figure for DeepSeek-V3
+
+
+def test_mtp_loss_trains_the_mtp_module():
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    model = Transformer(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (4, 16))
+    ids[:, 1::2] = ids[:, ::2]  # every odd token repeats the one before it: learnable two steps ahead
+    targets = ids.roll(-1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model.compute_loss(ids, targets)
+    assert first.mtp_loss is not None and first.balance_loss is not None
+    first.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.mtp.named_parameters()
+               if "experts" not in n and "gate" not in n)
+    opt.step()
+    for _ in range(60):
+        opt.zero_grad()
+        out = model.compute_loss(ids, targets)
+        out.loss.backward()
+        opt.step()
+    assert out.mtp_loss.item() < 0.5 * first.mtp_loss.item()
+    # no MTP weight, no MTP loss term
+    assert model.compute_loss(ids, targets, mtp_weight=0.0).mtp_loss is None
+
+
+def test_ignore_index_targets_carry_no_loss():
+    model = Transformer(tiny_config()).eval()
+    ids = torch.randint(0, 128, (2, 10))
+    targets = ids.roll(-1, 1)
+    masked = targets.clone()
+    masked[:, :5] = -100
+    logits = model(ids)
+    expected = F.cross_entropy(logits[:, 5:].flatten(0, 1), targets[:, 5:].flatten())
+    assert torch.allclose(model.compute_loss(ids, masked).lm_loss, expected, atol=1e-6)
+
+
+def test_expert_load_is_counted_in_training_and_reset_by_bias_update():
+    cfg = tiny_config()
+    model = Transformer(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    model.compute_loss(ids, ids.roll(-1, 1))
+    load = model.expert_load()
+    assert load.shape == (cfg.n_moe_layers, cfg.n_routed_experts)
+    assert torch.all(load.sum(1) == 2 * 12 * cfg.num_experts_per_tok)
+    model.update_router_biases(1e-3)
+    assert model.expert_load().sum() == 0
+
+
+def test_parameter_counts():
+    cfg = tiny_config()
+    model = Transformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    inactive = cfg.n_moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    assert model.num_parameters() == total
+    assert model.num_parameters(active=True) == total - inactive
+    tied = Transformer(cfg.replace(tie_word_embeddings=True))
+    assert tied.num_parameters() == total - cfg.vocab_size * cfg.hidden_size
+
+
+def test_positions_beyond_the_context_are_refused():
+    model = Transformer(tiny_config(max_position_embeddings=16))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 17, dtype=torch.long))
