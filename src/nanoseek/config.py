@@ -70,7 +70,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
     torch_dtype: str = "float32"  # dtype of the tensors on disk
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown keys, kept for the round trip
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # unknown keys, kept for the round trip
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -163,7 +163,8 @@ class ModelConfig:
         for alias, name in _ALIASES.items():
             if alias in d:
                 value = d.pop(alias)
-                d.setdefault(name, value)
+                if d.get(name) is None:
+                    d[name] = value
         # transformers 5.x: rope_parameters = {"rope_type", "rope_theta", + YaRN keys}
         rope_params = d.pop("rope_parameters", None)
         if rope_params:
