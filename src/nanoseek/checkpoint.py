@@ -266,6 +266,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     return model.eval()
 
 
+def load_weights_into(model: Transformer, path: str | os.PathLike) -> None:
+    """Overwrite an existing model's weights (and router biases) from a checkpoint directory of the same config."""
+    _copy_into(model, _LazyTensors(_checkpoint_files(Path(path))))
+
+
 @torch.no_grad()
 def _copy_into(model: Transformer, lazy: _LazyTensors) -> None:
     cfg = model.config

@@ -133,8 +133,11 @@ class Transformer(nn.Module):
                 balance = b if balance is None else balance + b
         return self.norm(x), balance
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]."""
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mtp_weight: float = 0.3):
+        """input_ids [B, T] -> logits [B, T, V]; with targets, the LossOutput of `compute_loss` (so that DDP and
+        FSDP, which wrap `forward`, see the training computation)."""
+        if targets is not None:
+            return self.compute_loss(input_ids, targets, mtp_weight)
         return self.lm_head(self.hidden_states(input_ids)[0])
 
     def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3) -> LossOutput:

@@ -1,0 +1,311 @@
+"""One training loop for every stage.
+
+    for step in steps:                       gradient accumulation over micro-batches (DDP syncs on the last)
+        loss = lm + λ·MTP + balance          bf16 autocast on CUDA, fp32 on CPU
+        clip, optimizer step at the scheduled rate, then the routers' bias update (γ, all-reduced loads)
+        every log_every: JSONL metrics + progress bar (loss, tokens/s, MFU)
+        every eval_every: validation loss and bits per byte
+        every save_every, at the end, on Ctrl-C: an atomic checkpoint that a restarted run resumes exactly
+
+A checkpoint is `out_dir/checkpoints/step_NNNNNN/`: an HF model directory plus `trainer_state.pt` (optimizer,
+loader position of every rank, RNG states, counters). It is written under a temporary name and renamed when
+complete, so a run killed while saving resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from nanoseek.checkpoint import atomic_write_text, load_weights_into, save_model
+from nanoseek.model import Transformer
+from nanoseek.train import dist as D
+from nanoseek.train.flops import measure_matmul_peak, train_flops_per_token
+from nanoseek.train.optim import build_optimizer, lr_multiplier
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/pretrain"
+    max_steps: int = 1000
+    max_time: float | None = None  # seconds of training (across restarts); stops early with a checkpoint
+    batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1
+    seq_len: int = 256
+    optimizer: str = "adamw"  # or "muon" (hidden matrices) + AdamW (the rest)
+    lr: float = 3e-3
+    muon_lr: float = 0.02
+    weight_decay: float = 0.1
+    schedule: str = "cosine"  # or "wsd"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.3  # λ
+    bias_update_speed: float = 1e-3  # γ of the aux-loss-free balancing
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # "cuda" when available, else "cpu"
+    compile: bool = False  # torch.compile the model (worth it on CUDA)
+    price_per_hour: float = 0.0  # $ per device-hour, for the cost report
+    progress: bool = True
+
+    def validate(self, world_size: int = 1) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr}: must be positive")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ValueError(f"max_time={self.max_time}: must be positive seconds")
+        lr_multiplier(0, warmup=self.warmup_steps, total=self.max_steps, schedule=self.schedule)
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+class Trainer:
+    def __init__(self, model: Transformer, cfg: TrainConfig, train_loader: Iterator,
+                 val_batches: Callable[[], Iterable] | None = None, val_bytes_per_token: float | None = None,
+                 tokenizer=None, dist_info: D.DistInfo | None = None):
+        """train_loader yields (inputs [B, T], targets [B, T]) and has state_dict()/load_state_dict() so a
+        restarted run continues from the same position. val_batches() returns a fresh pass over validation."""
+        self.cfg, self.info = cfg, dist_info or D.DistInfo()
+        cfg.validate(self.info.world_size)
+        self.device = torch.device(cfg.resolved_device if self.info.world_size == 1 or cfg.resolved_device == "cpu"
+                                   else f"cuda:{self.info.local_rank}")
+        self.model = model.to(self.device)
+        self.loader, self.val_batches, self.val_bytes_per_token = train_loader, val_batches, val_bytes_per_token
+        self.tokenizer = tokenizer
+        self.out = Path(cfg.out_dir)
+        self.optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         muon_lr=cfg.muon_lr)
+        self.wrapped = D.wrap_model(model, self.info)
+        if cfg.compile:
+            self.wrapped = torch.compile(self.wrapped)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.info.world_size
+        self.flops_per_token = train_flops_per_token(model.config, cfg.seq_len)
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + self.info.rank)
+        self.resume()
+        peak = measure_matmul_peak(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.out.name}", unit="step",
+                   disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
+        metrics: dict = {}
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                self.elapsed += time.perf_counter() - started
+                self.step += 1
+                self.tokens += self.tokens_per_step
+                window_tokens += self.tokens_per_step
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    dt = time.perf_counter() - window_start
+                    tps = window_tokens / dt
+                    metrics.update(tokens=self.tokens, tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
+                                   mfu=round(tps * self.flops_per_token / (peak * self.info.world_size), 4))
+                    window_start, window_tokens = time.perf_counter(), 0
+                    if self.val_batches is not None and (self.step % cfg.eval_every == 0
+                                                         or self.step == cfg.max_steps):
+                        metrics.update(self.evaluate())
+                    self.log(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:.0f}", mfu=f"{metrics['mfu']:.2f}")
+                if self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+            self.save_checkpoint()
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        report = self.cost_report(peak)
+        if self.info.is_main:
+            atomic_write_text(self.out / "cost.json", json.dumps(report, indent=2) + "\n")
+        if self._stop_requested:
+            raise KeyboardInterrupt(f"stopped at step {self.step}; run again to resume from {self.out}")
+        return {**metrics, **report}
+
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.schedule,
+                                 min_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_scale
+        model.train()
+        sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        for micro in range(cfg.grad_accum):
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(self.loader))
+            sync = micro == cfg.grad_accum - 1 or not self.info.enabled
+            with (nullcontext() if sync else self.wrapped.no_sync()), self.autocast:
+                out = self.wrapped(inputs, targets, cfg.mtp_weight)
+                (out.loss / cfg.grad_accum).backward()
+            for key in sums:
+                value = getattr(out, key)
+                if value is not None:
+                    sums[key] += value.item() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loads = model.expert_load()
+        metrics = {"step": self.step + 1, "lr_scale": round(lr_scale, 5), "grad_norm": round(grad_norm.item(), 4)}
+        if loads.numel():
+            loads = D.all_reduce_sum(loads, self.info)
+            model.update_router_biases(cfg.bias_update_speed, loads)
+            metrics["load_imbalance"] = round((loads.max(1).values / loads.mean(1).clamp_min(1e-9)).max().item(), 3)
+        if self.info.enabled:  # the logged losses are global means
+            t = D.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), self.info)
+            sums = dict(zip(sums, (t / self.info.world_size).tolist()))
+        metrics.update({k: round(v, 5) for k, v in sums.items()})
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss in nats per token and, given the bytes per token of the validation text, bits per byte."""
+        self.model.eval()
+        nats, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for i, (inputs, targets) in enumerate(self.val_batches()):
+            if i >= self.cfg.eval_batches:
+                break
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.autocast:
+                logits = self.model(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                     ignore_index=-100, reduction="sum")
+            nats += loss.double().cpu()
+            count += (targets != -100).sum().cpu()
+        nats, count = D.all_reduce_sum(nats, self.info), D.all_reduce_sum(count, self.info)
+        out = {"val_loss": round((nats / count.clamp_min(1)).item(), 5)}
+        if self.val_bytes_per_token:
+            out["val_bpb"] = round(out["val_loss"] / (math.log(2) * self.val_bytes_per_token), 5)
+        self.model.train()
+        return out
+
+    # ------------------------------------------------------------------ bookkeeping
+    def log(self, metrics: dict) -> None:
+        if self.info.is_main:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def cost_report(self, peak: float) -> dict:
+        flops = self.tokens * self.flops_per_token
+        device_hours = self.elapsed * self.info.world_size / 3600
+        return {"steps": self.step, "tokens": self.tokens, "flops": flops, "wall_s": round(self.elapsed, 2),
+                "mfu": round(flops / max(self.elapsed, 1e-9) / (peak * self.info.world_size), 4),
+                "matmul_peak_flops": peak, "devices": self.info.world_size, "device": str(self.device.type),
+                "device_hours": round(device_hours, 5), "price_per_device_hour": self.cfg.price_per_hour,
+                "estimated_cost": round(device_hours * self.cfg.price_per_hour, 4),
+                "active_params": self.model.num_parameters(active=True), "params": self.model.num_parameters()}
+
+    def _out_of_time(self) -> bool:
+        return self.cfg.max_time is not None and self.elapsed >= self.cfg.max_time
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        tqdm.write("stopping after this step and saving a checkpoint (Ctrl-C again to abort now)")
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> Path | None:
+        """Everything a restart needs, written under a temporary name and renamed once complete."""
+        loader_states = [self.loader.state_dict()]
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+               else None}
+        if self.info.enabled:  # every rank's data position and RNG go into the one file rank 0 writes
+            gathered: list = [None] * self.info.world_size
+            dist.all_gather_object(gathered, (loader_states[0], rng))
+            loader_states, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
+        else:
+            rngs = [rng]
+        final = self.checkpoint_dir / f"step_{self.step:06d}"
+        if self.info.is_main:
+            tmp = self.checkpoint_dir / f".tmp-step_{self.step:06d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(self.model, tmp, tokenizer=self.tokenizer)
+            state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+                     "optimizer": self.optimizer.state_dict(), "loaders": loader_states, "rng": rngs,
+                     "world_size": self.info.world_size, "config": asdict(self.cfg)}
+            torch.save(state, tmp / STATE_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(self.checkpoint_dir.glob("step_*"))[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        D.barrier(self.info)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.checkpoint_dir.glob("step_*") if (p / STATE_FILE).is_file())
+        return done[-1] if done else None
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint in out_dir, if any."""
+        path = self.latest_checkpoint()
+        if path is None:
+            return False
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        if state["world_size"] != self.info.world_size:
+            raise RuntimeError(f"{path} was written by {state['world_size']} ranks; resume it with the same number "
+                               f"(this run has {self.info.world_size})")
+        load_weights_into(self.model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loaders"][self.info.rank])
+        rng = state["rng"][self.info.rank]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        if self.info.is_main:
+            _truncate_metrics(self.out / "metrics.jsonl", self.step)
+            tqdm.write(f"resumed from {path} (step {self.step})")
+        return True
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from: they will be written again."""
+    if path.is_file():
+        rows = [line for line in path.read_text("utf-8").splitlines() if line.strip()]
+        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        atomic_write_text(path, "".join(r + "\n" for r in kept))
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+

@@ -1,0 +1,132 @@
+"""The training loop: it learns, it resumes exactly after SIGKILL, and torchrun with 2 ranks equals 1 rank."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoseek.train.optim import lr_multiplier
+from nanoseek.train.trainer import STATE_FILE, TrainConfig, Trainer
+
+from conftest import tiny_config
+from train_script import CountingLoader
+
+SCRIPT = str(Path(__file__).parent / "train_script.py")
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path, step: int) -> dict:
+    return load_file(out / "checkpoints" / f"step_{step:06d}" / "model.safetensors")
+
+
+def run_script(out: Path, *extra: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, SCRIPT, str(out), *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_training_lowers_the_loss_and_writes_a_cost_report(tmp_path, optimizer):
+    from nanoseek import Transformer
+
+    model = Transformer(tiny_config(num_nextn_predict_layers=1))
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=30, batch_size=8, seq_len=16, log_every=5, eval_every=15,
+                      save_every=100, warmup_steps=3, optimizer=optimizer, progress=False, price_per_hour=2.0)
+    val = lambda: [CountingLoader(8, 16, 128, seed=99).__next__() for _ in range(2)]  # noqa: E731
+    result = Trainer(model, cfg, CountingLoader(8, 16, 128), val_batches=val, val_bytes_per_token=1.5).fit()
+    rows = metrics(tmp_path)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # nats
+    assert rows[-1]["val_loss"] < rows[0]["lm_loss"] and "val_bpb" in rows[-1]
+    assert all(k in rows[0] for k in ("mtp_loss", "balance_loss", "load_imbalance", "tokens_per_s", "mfu"))
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    assert cost["tokens"] == 30 * 8 * 16 and cost["flops"] > 0 and 0 < cost["mfu"] < 1
+    assert cost["estimated_cost"] == pytest.approx(cost["device_hours"] * 2.0, rel=1e-3, abs=1e-4)
+    assert result["steps"] == 30 and (tmp_path / "checkpoints" / "step_000030" / STATE_FILE).is_file()
+
+
+def test_sigkill_at_a_random_step_then_restart_matches_an_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    assert run_script(straight).wait(timeout=300) == 0
+
+    killed = tmp_path / "killed"
+    proc = run_script(killed, "--step-delay", "0.3")
+    kill_after = random.Random(os.getpid()).randint(4, 10)  # past the first checkpoint (step 3)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = len(metrics(killed)) if (killed / "metrics.jsonl").exists() else 0
+        if done >= kill_after:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "step_000012").exists()
+    assert run_script(killed).wait(timeout=300) == 0
+
+    a, b = final_weights(straight, 12), final_weights(killed, 12)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(killed)]
+
+
+def test_incomplete_checkpoints_are_never_resumed(tmp_path):
+    from nanoseek import Transformer
+
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=4, batch_size=2, seq_len=8, save_every=2, log_every=1,
+                      warmup_steps=1, progress=False)
+    Trainer(Transformer(tiny_config()), cfg, CountingLoader(2, 8, 128)).fit()
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step_000004" / STATE_FILE).unlink()  # as if the kill came mid-write of the state
+    (ckpts / ".tmp-step_000006").mkdir()
+    trainer = Trainer(Transformer(tiny_config()), cfg.__class__(**{**cfg.__dict__, "max_steps": 6}),
+                      CountingLoader(2, 8, 128))
+    assert trainer.latest_checkpoint().name == "step_000002"
+    assert trainer.resume() and trainer.step == 2
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_script(one, "--steps", "6").wait(timeout=300) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(29500 + os.getpid() % 1000)]
+    out = subprocess.run([*torchrun, SCRIPT, str(two), "--steps", "6"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    l1, l2 = [r["loss"] for r in metrics(one)], [r["loss"] for r in metrics(two)]
+    assert l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+    a, b = final_weights(one, 6), final_weights(two, 6)
+    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    assert run_script(tmp_path / "full", "--steps", "4").wait(timeout=300) == 0
+    assert run_script(tmp_path / "accum", "--steps", "4", "--grad-accum", "2").wait(timeout=300) == 0
+    l1, l2 = [r["loss"] for r in metrics(tmp_path / "full")], [r["loss"] for r in metrics(tmp_path / "accum")]
+    assert l1 == pytest.approx(l2, rel=1e-4, abs=1e-5)
+    a, b = final_weights(tmp_path / "full", 4), final_weights(tmp_path / "accum", 4)
+    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+
+
+def test_bad_training_settings_fail_before_training(tmp_path):
+    from nanoseek import Transformer
+
+    with pytest.raises(ValueError, match="batch_size=0"):
+        Trainer(Transformer(tiny_config()), TrainConfig(out_dir=str(tmp_path), batch_size=0), CountingLoader(2, 8, 128))
+    with pytest.raises(ValueError, match="schedule='linear'"):
+        TrainConfig(schedule="linear").validate()
+
+
+def test_schedules():
+    assert lr_multiplier(0, warmup=10, total=100) == pytest.approx(0.1)
+    assert lr_multiplier(9, warmup=10, total=100) == pytest.approx(1.0)
+    assert lr_multiplier(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_multiplier(50, warmup=10, total=100, schedule="wsd") == 1.0
+    assert lr_multiplier(90, warmup=10, total=100, schedule="wsd", min_ratio=0.0) == pytest.approx(0.5)
