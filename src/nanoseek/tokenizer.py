@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -118,6 +119,9 @@ class Tokenizer:
         if missing:
             raise TokenizerError(f"tokenizer lacks the special tokens nanoseek needs: {', '.join(missing)}")
         self.model_max_length = model_max_length
+        specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
         self.sha256 = hashlib.sha256(json_str.encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------------------------------------- training
@@ -214,7 +218,11 @@ class Tokenizer:
         buf: list[str] = []
         for text, control in parts + [("", True)]:  # a sentinel flushes the last text
             if control:
-                ids += self.encode("".join(buf), allow_special=not sanitize) if buf else []
+                if sanitize:  # special strings in content: plain text, encoded apart (as transformers does)
+                    for piece in self._special_re.split("".join(buf)):
+                        ids += self.encode(piece)
+                elif buf:
+                    ids += self.encode("".join(buf), allow_special=True)
                 buf = []
                 if text:
                     tid = self.token_to_id(text)
