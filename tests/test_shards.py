@@ -180,7 +180,7 @@ def test_errors(setup, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n[1, 2]\n')
     with pytest.raises(ShardError, match="bad.jsonl:2"):
         write_shards(tmp_path / "bad.jsonl", tok, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out" / "meta.json").exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no meta.json, no partial shard
     (tmp_path / "good.jsonl").write_text('{"text": "hello there"}\n{"text": "general kenobi"}\n')
     meta = write_shards(tmp_path / "good.jsonl", tok, tmp_path / "out", progress=False)
     shard = tmp_path / "out" / meta["shards"][0]["file"]

@@ -42,55 +42,31 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_shards(corpus_file: str | os.PathLike, tokenizer: Tokenizer, out_dir: str | os.PathLike, *,
-                 shard_tokens: int = 1 << 28, batch_docs: int = 512, progress: bool = True,
-                 force: bool = False) -> dict:
-    """Tokenize a corpus jsonl ({"text", "source", ...} per line) once into out_dir. Returns meta.json's content.
+class _ShardWriter:
+    """Appends documents to shard_00000.bin.tmp, shard_00001.bin.tmp, ...; a shard closes at shard_tokens."""
 
-    Encoding runs in batches through `tokenizers`, which uses every core. A directory that already holds the
-    same corpus tokenized by the same tokenizer is kept as it is unless force=True.
-    """
-    corpus_file, out = Path(corpus_file), Path(out_dir)
-    if not corpus_file.is_file():
-        raise ShardError(f"{corpus_file}: no such corpus file")
-    corpus_sha = _file_sha256(corpus_file)
-    meta_file = out / "meta.json"
-    if meta_file.is_file() and not force:
-        meta = json.loads(meta_file.read_text("utf-8"))
-        if (meta.get("corpus_sha256"), meta.get("tokenizer_sha256")) == (corpus_sha, tokenizer.sha256):
-            return meta
-    out.mkdir(parents=True, exist_ok=True)
-    meta_file.unlink(missing_ok=True)  # no meta.json = incomplete, until the new one is in place
+    def __init__(self, out: Path, dtype, shard_tokens: int):
+        self.out, self.dtype, self.shard_tokens = out, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
 
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    shards: list[dict] = []
-    sources: dict[str, dict] = {}
-    current = {"tokens": 0, "docs": 0, "handle": None}
+    def add(self, ids: list[int]) -> None:
+        last = self.shards[-1] if self.shards else None
+        if last is None or last["tokens"] and last["tokens"] + len(ids) > self.shard_tokens:
+            self.close()
+            self.shards.append({"file": f"shard_{len(self.shards):05d}.bin", "tokens": 0, "docs": 0})
+            self._file = open(self.out / (self.shards[-1]["file"] + ".tmp"), "wb")
+        self._file.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.shards[-1]["tokens"] += len(ids)
+        self.shards[-1]["docs"] += 1
 
-    def add(ids: list[int]) -> None:
-        if current["handle"] is None or current["tokens"] + len(ids) > shard_tokens and current["tokens"]:
-            close()
-            name = f"shard_{len(shards):05d}.bin"
-            shards.append({"file": name})
-            current.update(tokens=0, docs=0, handle=open(out / (name + ".tmp"), "wb"))
-        current["handle"].write(np.asarray(ids, dtype=dtype).tobytes())
-        current["tokens"] += len(ids)
-        current["docs"] += 1
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
-    def close() -> None:
-        if current["handle"] is not None:
-            current["handle"].close()
-            shards[-1].update(tokens=current["tokens"], docs=current["docs"])
-            current["handle"] = None
 
-    def flush(batch: list[dict]) -> None:
-        for rec, ids in zip(batch, tokenizer.encode_batch([r["text"] for r in batch], add_bos=True)):
-            add(ids)
-            s = sources.setdefault(rec.get("source", "unknown"), {"docs": 0, "tokens": 0, "bytes": 0})
-            s["docs"] += 1
-            s["tokens"] += len(ids)
-            s["bytes"] += len(rec["text"].encode("utf-8"))
-
+def _record_batches(corpus_file: Path, batch_docs: int, progress: bool) -> Iterator[list[dict]]:
     batch: list[dict] = []
     with open(corpus_file, "rb") as f, tqdm(total=corpus_file.stat().st_size, unit="B", unit_scale=True,
                                             desc=f"tokenizing {corpus_file.name}", disable=not progress) as bar:
@@ -106,24 +82,64 @@ def write_shards(corpus_file: str | os.PathLike, tokenizer: Tokenizer, out_dir: 
                 raise ShardError(f"{corpus_file}:{n}: expected a JSON object with a string field 'text'")
             batch.append(rec)
             if len(batch) == batch_docs:
-                flush(batch)
+                yield batch
                 batch = []
-        flush(batch)
-    close()
-    if not shards:
+    if batch:
+        yield batch
+
+
+def write_shards(corpus_file: str | os.PathLike, tokenizer: Tokenizer, out_dir: str | os.PathLike, *,
+                 shard_tokens: int = 1 << 28, batch_docs: int = 512, progress: bool = True,
+                 force: bool = False) -> dict:
+    """Tokenize a corpus jsonl ({"text", "source", ...} per line) once into out_dir. Returns meta.json's content.
+
+    Encoding runs in batches through `tokenizers`, which spreads them over the cores. A directory that already
+    holds the same corpus tokenized by the same tokenizer is kept as it is unless force=True.
+    """
+    corpus_file, out = Path(corpus_file), Path(out_dir)
+    if not corpus_file.is_file():
+        raise ShardError(f"{corpus_file}: no such corpus file")
+    corpus_sha = _file_sha256(corpus_file)
+    meta_file = out / "meta.json"
+    if meta_file.is_file() and not force:
+        meta = json.loads(meta_file.read_text("utf-8"))
+        if (meta.get("corpus_sha256"), meta.get("tokenizer_sha256")) == (corpus_sha, tokenizer.sha256):
+            return meta
+    out.mkdir(parents=True, exist_ok=True)
+    meta_file.unlink(missing_ok=True)  # no meta.json = incomplete, until the new one is in place
+
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    writer = _ShardWriter(out, dtype, shard_tokens)
+    sources: dict[str, dict] = {}
+    try:
+        for batch in _record_batches(corpus_file, batch_docs, progress):
+            for rec, ids in zip(batch, tokenizer.encode_batch([r["text"] for r in batch], add_bos=True)):
+                writer.add(ids)
+                s = sources.setdefault(rec.get("source", "unknown"), {"docs": 0, "tokens": 0, "bytes": 0})
+                s["docs"] += 1
+                s["tokens"] += len(ids)
+                s["bytes"] += len(rec["text"].encode("utf-8"))
+    except BaseException:
+        writer.close()
+        for shard in writer.shards:  # leave no partial files behind
+            (out / (shard["file"] + ".tmp")).unlink(missing_ok=True)
+        raise
+    writer.close()
+    if not writer.shards:
         raise ShardError(f"{corpus_file}: no documents")
 
-    for s in shards:
-        os.replace(out / (s["file"] + ".tmp"), out / s["file"])
-    for stale in sorted(out.glob("shard_*.bin")):
-        if stale.name not in {s["file"] for s in shards}:
+    names = {s["file"] for s in writer.shards}
+    for name in names:
+        os.replace(out / (name + ".tmp"), out / name)
+    for stale in out.glob("shard_*.bin"):
+        if stale.name not in names:
             stale.unlink()
     meta = {
         "format": FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
         "bos_id": tokenizer.bos_id, "tokenizer_sha256": tokenizer.sha256,
         "corpus_file": corpus_file.name, "corpus_sha256": corpus_sha,
-        "tokens": sum(s["tokens"] for s in shards), "docs": sum(s["docs"] for s in shards),
-        "bytes": sum(s["bytes"] for s in sources.values()), "sources": sources, "shards": shards,
+        "tokens": sum(s["tokens"] for s in writer.shards), "docs": sum(s["docs"] for s in writer.shards),
+        "bytes": sum(s["bytes"] for s in sources.values()), "sources": sources, "shards": writer.shards,
     }
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
