@@ -94,7 +94,8 @@ def test_caps(tmp_path):
 
 def test_synthetic_source_plugs_in(tmp_path):
     def arithmetic():
-        return [f"Q: {a} + {b} = ?\nA: {a} + {b} = {a + b}. The answer is {a + b}." for a in range(20) for b in range(5)]
+        return [f"Q: {a} + {b} = ?\nA: {a} + {b} = {a + b}. The answer is {a + b}."
+                for a in range(20) for b in range(5)]
     src = synthetic_source("arith", arithmetic, attribution="nanoseek arithmetic generator")
     manifest = build_corpus(tmp_path, [make_source("a", 50), src])
     recs = read_split(tmp_path, "train") + read_split(tmp_path, "val")

@@ -67,7 +67,8 @@ def test_rewrite_only_when_inputs_change(setup, tmp_path):
     other = Tokenizer.train(documents()[:50], vocab_size=300)
     out = tmp_path / "copy"
     write_shards(root / "corpus" / "train.jsonl", tok, out, progress=False)
-    assert write_shards(root / "corpus" / "train.jsonl", other, out, progress=False)["tokenizer_sha256"] == other.sha256
+    rewritten = write_shards(root / "corpus" / "train.jsonl", other, out, progress=False)
+    assert rewritten["tokenizer_sha256"] == other.sha256 and rewritten["vocab_size"] == other.vocab_size
 
 
 def test_many_shards_give_the_same_stream(setup, tmp_path):

@@ -267,9 +267,10 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     config_file = file.with_name("tokenizer_config.json")
     config = json.loads(config_file.read_text("utf-8")) if config_file.is_file() else {}
     max_len = config.get("model_max_length")
+    if not isinstance(max_len, (int, float)) or max_len >= 1e9:  # transformers writes 1e30 for "no limit"
+        max_len = 4096
     try:
-        return Tokenizer(tok, model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e9
-                         else 4096)
+        return Tokenizer(tok, model_max_length=int(max_len))
     except TokenizerError as e:
         raise TokenizerError(f"{file}: {e}") from None
 
