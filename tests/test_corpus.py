@@ -142,6 +142,9 @@ def test_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine fine fine fine fine fine fine"}\n{"txt": "x"}\n')
     with pytest.raises(CorpusError, match=r"bad.jsonl:2: .*'text'"):
         build_corpus(tmp_path / "out", user_sources([tmp_path / "bad.jsonl"]))
+    (tmp_path / "bin.jsonl").write_bytes(b'{"text": "\xff\xfe"}\n')
+    with pytest.raises(CorpusError, match="bin.jsonl:1: not UTF-8"):
+        build_corpus(tmp_path / "out", user_sources([tmp_path / "bin.jsonl"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorpusError, match="no .* files"):
         user_sources([tmp_path / "empty"])

@@ -178,16 +178,19 @@ def read_text_file(path: Path) -> str:
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
-    for n, line in enumerate(read_text_file(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CorpusError(f"{path}:{n}: expected a JSON object with a string field 'text'") from None
-        if not isinstance(text, str):
-            raise CorpusError(f"{path}:{n}: field 'text' must be a string")
-        yield text
+    with open(path, "rb") as f:  # streamed: a user's jsonl may be large
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line.decode("utf-8"))["text"]
+            except UnicodeDecodeError:
+                raise CorpusError(f"{path}:{n}: not UTF-8 text") from None
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CorpusError(f"{path}:{n}: expected a JSON object with a string field 'text'") from None
+            if not isinstance(text, str):
+                raise CorpusError(f"{path}:{n}: field 'text' must be a string")
+            yield text
 
 
 def _chunks(text: str, size: int) -> Iterator[str]:
