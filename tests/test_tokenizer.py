@@ -1,5 +1,6 @@
 """Tokenizer: lossless round trips, digits, CJK, special tokens, save/load, and agreement with transformers."""
 
+import inspect
 import json
 import random
 import re
@@ -199,6 +200,7 @@ CONVERSATIONS = [
 def test_chat_template_matches_transformers(tok, saved, messages):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(saved)
+    can_sanitize = "sanitize_control_tokens" in inspect.signature(hf.apply_chat_template).parameters
     for gen in (False, True):
         for thinking in (True, False):
             kw = dict(add_generation_prompt=gen, thinking=thinking)
@@ -207,7 +209,8 @@ def test_chat_template_matches_transformers(tok, saved, messages):
             ids = tok.apply_chat_template(messages, **kw)
             assert ids == hf.apply_chat_template(messages, return_dict=False, **kw)
             safe = tok.apply_chat_template(messages, sanitize=True, **kw)
-            assert safe == hf.apply_chat_template(messages, return_dict=False, sanitize_control_tokens=True, **kw)
+            if can_sanitize:  # transformers >= 5.x
+                assert safe == hf.apply_chat_template(messages, return_dict=False, sanitize_control_tokens=True, **kw)
             assert tok.decode(ids) == tok.decode(safe) == text
     generation = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert generation.endswith("<｜Assistant｜><think>\n")
