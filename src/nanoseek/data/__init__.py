@@ -1,0 +1,1 @@
+"""Data: the embedded corpus (corpus.py) and token shards with a packed, resumable loader (shards.py)."""
