@@ -11,9 +11,11 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(PIP) install -e .
+	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
 install-test: $(BIN)/python
 	$(PIP) install -e '.[test]'
+	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
 speedrun: install
 	$(BIN)/nanoseek demo

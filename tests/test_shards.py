@@ -111,7 +111,7 @@ def test_validation_pass_covers_every_token_once(setup):
         assert got == text_tokens  # file order, nothing cropped or repeated
     batches = list(val_loader(root / "val", 4, 64))
     assert all(x.shape == (4, 64) and (y >= 0).all() for x, y in batches[:-1])
-    assert (batches[-1][1][-1] == -1).any()  # the end of the data is padded, with nothing to predict
+    assert (batches[-1][1][-1] == -100).any()  # the end of the data is padded, with nothing to predict
 
 
 def test_one_epoch_then_stop(setup):

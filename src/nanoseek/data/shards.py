@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 
 FORMAT = "nanoseek-shards-v1"
@@ -163,7 +164,7 @@ class PackedLoader:
     - rank/world_size: each epoch's document order is dealt out round-robin, so ranks read disjoint documents.
     - seed: the document order of epoch e is a permutation seeded by (seed, e); shuffle=False keeps file order.
     - epochs: None repeats forever; otherwise stop after that many passes (a last incomplete batch is dropped,
-      or with pad_last=True padded: padded positions have target -1, for cross_entropy(ignore_index=-1)).
+      or with pad_last=True padded: padded positions have target IGNORE_INDEX (-100), which every loss ignores).
     - state_dict()/load_state_dict(): the position in the stream; a restored loader yields the same batches.
     Ranks hold different amounts of text, so under DDP train for a fixed number of steps (infinite mode).
     """
@@ -252,7 +253,7 @@ class PackedLoader:
         batch = torch.from_numpy(np.stack(rows))
         inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         for i, n in enumerate(lengths):
-            targets[i, n - 1 :] = -1  # nothing to predict past the end of the data
+            targets[i, n - 1 :] = IGNORE_INDEX  # nothing to predict past the end of the data
         return inputs, targets
 
     def state_dict(self) -> dict:
@@ -270,6 +271,6 @@ class PackedLoader:
 
 def val_loader(shard_dir: str | os.PathLike, batch_size: int, seq_len: int, *, rank: int = 0,
                world_size: int = 1) -> PackedLoader:
-    """One pass over a split in file order, the last batch padded (target -1): every text token is a target once."""
+    """One pass over a split in file order, the last batch padded (target IGNORE_INDEX): every text token is a target once."""
     return PackedLoader(shard_dir, batch_size, seq_len, rank=rank, world_size=world_size, shuffle=False,
                         epochs=1, pad_last=True)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanoseek.checkpoint import atomic_write_text, load_weights_into, save_model
-from nanoseek.model import Transformer
+from nanoseek.model import IGNORE_INDEX, Transformer
 from nanoseek.train import dist as D
 from nanoseek.train.flops import measure_matmul_peak, train_flops_per_token
 from nanoseek.train.optim import build_optimizer, lr_multiplier
@@ -204,9 +204,9 @@ class Trainer:
             with self.autocast:
                 logits = self.model(inputs)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                                     ignore_index=-100, reduction="sum")
+                                                     ignore_index=IGNORE_INDEX, reduction="sum")
             nats += loss.double().cpu()
-            count += (targets != -100).sum().cpu()
+            count += (targets != IGNORE_INDEX).sum().cpu()
         nats, count = D.all_reduce_sum(nats, self.info), D.all_reduce_sum(count, self.info)
         out = {"val_loss": round((nats / count.clamp_min(1)).item(), 5)}
         if self.val_bytes_per_token:
