@@ -82,7 +82,7 @@ class Task:
         if split not in SPLITS or lang not in LANGS or difficulty < 1:
             raise ValueError(f"bad arguments: split={split!r} lang={lang!r} difficulty={difficulty}")
         rng = random.Random(f"{self.name}|{seed}|{difficulty}|{split}")
-        problems, seen, draws = [], set(), 0
+        problems, seen, draws, stale = [], set(), 0, 0
         while len(problems) < n:
             draws += 1
             if draws > 1000 * (n + 10):
@@ -90,7 +90,8 @@ class Task:
             p = self.sample(rng, difficulty, lang)
             if split_of(self.name, p.key, self.test_fraction) != split:
                 continue
-            if p.key in seen and draws < 50 * (n + 10):
+            stale = stale + 1 if p.key in seen else 0
+            if stale and stale < 200:  # a duplicate: skip it, unless the space seems exhausted
                 continue
             seen.add(p.key)
             problems.append(p)

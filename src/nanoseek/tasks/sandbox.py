@@ -118,9 +118,8 @@ class _UidPool:
                 break
             time.sleep(0.02)  # every free uid is leased by another process
         try:
-            yield uid
+            yield uid  # the holder kills every process of the uid before giving it back
         finally:
-            _kill_uid(uid)  # nothing of this run may outlive the lease
             os.close(fd)
             with self.cond:
                 self.free.append(uid)
@@ -261,7 +260,7 @@ class Sandbox:
                 return self._launch(workdir, uid, stdin, limits)
             finally:
                 if uid is not None:
-                    _kill_uid(uid)  # first, so that nothing writes while we clean up
+                    _kill_uid(uid)  # nothing of this run outlives its lease, and nothing writes while we clean up
                 shutil.rmtree(workdir, ignore_errors=True)
                 if uid is not None and not self.unshare:
                     _remove_files_of(uid)
