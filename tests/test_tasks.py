@@ -139,8 +139,7 @@ def test_code_templates_have_params_and_tests():
     for p in problems:
         assert len(p.metadata["inputs"]) == len(p.metadata["expected"]) >= 8
         assert f"`def {p.metadata['entry_point']}(" in p.prompt
-        assert p.metadata["expected"] != [p.metadata["expected"][0]] * len(p.metadata["expected"]) or \
-            p.key.startswith("second_largest")  # tests that tell solutions apart
+        assert len({json.dumps(x) for x in p.metadata["expected"]}) > 1  # a constant function cannot pass
     assert {t.tier for t in TEMPLATES} == {1, 2, 3}
 
 

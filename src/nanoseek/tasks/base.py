@@ -76,7 +76,9 @@ class Task:
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------------------
-    def generate(self, n: int, seed: int = 0, difficulty: int = 1, split: str = "train", lang: str = "en") -> list[Problem]:
+    def generate(
+        self, n: int, seed: int = 0, difficulty: int = 1, split: str = "train", lang: str = "en"
+    ) -> list[Problem]:
         """`n` problems, the same for the same arguments. The language is not part of the seed, so the "zh" set is
         the "en" set translated. Duplicates are avoided while the problem space allows it."""
         if split not in SPLITS or lang not in LANGS or difficulty < 1:

@@ -79,6 +79,10 @@ def _ints(r: random.Random, lo: int = -50, hi: int = 50, min_len: int = 0) -> li
     return [r.randint(lo, hi) for _ in range(r.randint(min_len, 8))]
 
 
+def _mirror(w: str) -> str:
+    return w + w[::-1]
+
+
 def _many(f: Callable, n: int = 8) -> Callable:
     return lambda r, p: [f(r, p) for _ in range(n)]
 
@@ -108,8 +112,8 @@ TEMPLATES = [
              "    return {k} * max(xs)", _many(lambda r, p: (_ints(r, min_len=1),)),
              {"en": "max() finds the largest element; multiply it.", "zh": "用 max() 找到最大元素，再相乘。"}),
     Template("fizzbuzz", 2, lambda r: dict(zip("ab", r.sample(range(2, 10), 2))), "def fizzbuzz(n: int) -> str",
-             {"en": "returns 'FizzBuzz' if `n` is divisible by both {a} and {b}, 'Fizz' if only by {a}, 'Buzz' if only by "
-                    "{b}, and otherwise `n` as a string",
+             {"en": "returns 'FizzBuzz' if `n` is divisible by both {a} and {b}, 'Fizz' if only by {a}, "
+                    "'Buzz' if only by {b}, and otherwise `n` as a string",
               "zh": "当 `n` 同时能被 {a} 和 {b} 整除时返回 'FizzBuzz'，只能被 {a} 整除时返回 'Fizz'，只能被 {b} 整除时返回 "
                     "'Buzz'，否则返回 `n` 的字符串形式"},
              "    if n % {a} == 0 and n % {b} == 0:\n        return 'FizzBuzz'\n    if n % {a} == 0:\n"
@@ -120,7 +124,7 @@ TEMPLATES = [
              {"en": "returns whether `s` reads the same backwards, ignoring case and non-alphanumeric characters",
               "zh": "判断 `s` 在忽略大小写和非字母数字字符后是否是回文"},
              "    t = [ch.lower() for ch in s if ch.isalnum()]\n    return t == t[::-1]",
-             lambda r, p: [((w := _word(r)) + w[::-1],) for _ in range(4)] + [(_text(r).upper() + "!",) for _ in range(4)],
+             lambda r, p: [(_mirror(_word(r)),) for _ in range(4)] + [(_text(r).upper() + "!",) for _ in range(4)],
              {"en": "Keep the lowercased alphanumeric characters and compare with their reverse.",
               "zh": "保留小写后的字母数字字符，与其反转比较。"}),
     Template("running_sum", 2, lambda r: {}, "def running_sum(xs: list[int]) -> list[int]",
@@ -137,7 +141,8 @@ TEMPLATES = [
              _many(lambda r, p: (_text(r) + r.choice(["", "!", " 42"]),)),
              {"en": "Map each letter to its index, add the shift modulo 26, map back.",
               "zh": "把字母转成序号，加上位移后对 26 取模，再转回字母。"}),
-    Template("sum_multiples", 2, lambda r: dict(zip("ab", r.sample(range(2, 10), 2))), "def sum_multiples(n: int) -> int",
+    Template("sum_multiples", 2, lambda r: dict(zip("ab", r.sample(range(2, 10), 2))),
+             "def sum_multiples(n: int) -> int",
              {"en": "returns the sum of all positive integers below `n` that are divisible by {a} or {b}",
               "zh": "返回所有小于 `n` 且能被 {a} 或 {b} 整除的正整数之和"},
              "    return sum(i for i in range(1, n) if i % {a} == 0 or i % {b} == 0)",
@@ -160,7 +165,8 @@ TEMPLATES = [
              {"en": "Scan runs with two indices and emit the character and the run length.",
               "zh": "用两个下标扫描每段连续字符，输出字符和段长。"}),
     Template("second_largest", 3, lambda r: {}, "def second_largest(xs: list[int]) -> int | None",
-             {"en": "returns the second largest distinct value in `xs`, or None if there are fewer than two distinct values",
+             {"en": "returns the second largest distinct value in `xs`, or None if there are fewer than two "
+                    "distinct values",
               "zh": "返回 `xs` 中第二大的不同值；如果不同的值少于两个，返回 None"},
              "    values = sorted(set(xs))\n    return values[-2] if len(values) >= 2 else None",
              lambda r, p: [([],), ([3, 3],)] + [(_ints(r, -9, 9),) for _ in range(6)],
@@ -248,7 +254,8 @@ def humaneval_path() -> str | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     for root in spec.submodule_search_locations:
-        for path in (os.path.join(root, "data", "HumanEval.jsonl.gz"), os.path.join(root, "..", "data", "HumanEval.jsonl.gz")):
+        for data in (os.path.join(root, "data"), os.path.join(root, "..", "data")):  # newer and older layouts
+            path = os.path.join(data, "HumanEval.jsonl.gz")
             if os.path.exists(path):
                 return os.path.normpath(path)
     return None

@@ -93,8 +93,8 @@ class _UidPool:
         self.lock_dir = None
 
     def _try_lock(self, uid: int) -> int | None:
-        if self.lock_dir is None:
-            self.lock_dir = _private_dir(os.path.join(tempfile.gettempdir(), "nanoseek-sandbox-uids"))
+        if self.lock_dir is None:  # a fixed place, so that every process on the machine agrees (TMPDIR may differ)
+            self.lock_dir = _private_dir(f"{'/run' if os.path.isdir('/run') else '/tmp'}/nanoseek-sandbox-uids")
         fd = os.open(os.path.join(self.lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -273,8 +273,9 @@ class Sandbox:
                    "RLIMIT_FSIZE": limits.max_file_mb << 20, "RLIMIT_NOFILE": limits.max_open_files, "RLIMIT_CORE": 0}
         program = [self.python, "-I", "main.py"] if self.unshare else [self.python, "-I", "-c", NET_GUARD]
         status_r, status_w = os.pipe()  # our init reports the program's exit status here
-        cfg = dict(workdir=workdir, uid=uid, status_fd=status_w, private_fs=bool(self.unshare), tmpfs_mb=limits.tmpfs_mb,
-                   shared_dirs=SHARED_DIRS, rlimits=rlimits, argv=program, env={**ENV, "HOME": workdir})
+        cfg = dict(workdir=workdir, uid=uid, status_fd=status_w, private_fs=bool(self.unshare),
+                   tmpfs_mb=limits.tmpfs_mb, shared_dirs=SHARED_DIRS, rlimits=rlimits, argv=program,
+                   env={**ENV, "HOME": workdir})
         argv = [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg)]
         if self.unshare:
             argv = [self.unshare, *NAMESPACE_FLAGS, "--", *argv]
@@ -303,7 +304,8 @@ class Sandbox:
                 _kill_session(proc)
         returncode = int(status) if status else None  # written by our init, never by the program
         if returncode is None and killed is None:
-            raise SandboxError(f"sandbox failed to start (exit {proc.returncode}): {err[-2000:].decode(errors='replace')}")
+            detail = err[-2000:].decode(errors="replace")
+            raise SandboxError(f"sandbox failed to start (exit {proc.returncode}): {detail}")
         if killed is None and returncode is not None and returncode < 0:
             killed = signal.Signals(-returncode).name
         cap = limits.max_output_bytes
