@@ -156,6 +156,18 @@ def test_code_wrong_solutions_get_partial_or_no_credit():
     assert task.grade(p, unfenced).correct
 
 
+def test_grade_many_matches_one_by_one():
+    task = get_task("code")
+    problems = task.generate(6, seed=0, difficulty=2)
+    completions = [p.solution.completion() if i % 2 else p.solution.completion().replace("return", "return None and")
+                   for i, p in enumerate(problems)]
+    rewards = task.grade_many(problems, completions, workers=3)
+    assert [r.correct for r in rewards] == [False, True] * 3
+    assert rewards[0] == task.grade(problems[0], completions[0])
+    with pytest.raises(ValueError):
+        task.grade_many(problems, completions[:2])
+
+
 def test_code_results_cannot_be_faked():
     """The solution can find the nonce and print result lines itself; each test must be reported exactly once
     and match the expected value, which never enters the sandbox."""
@@ -182,7 +194,8 @@ def fake_human_eval(tmp_path, monkeypatch):
          "prompt": "from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Add.\"\"\"\n",
          "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"},
         {"task_id": "HumanEval/1", "entry_point": "first", "canonical_solution": "    return xs[0]\n",
-         "prompt": "from typing import List\n\n\ndef first(xs: List[int]) -> int:\n",
+         "prompt": "from typing import List\n\n\ndef _helper(xs):\n    return xs[0]\n\n\n"
+                   "def first(xs: List[int]) -> int:\n    \"\"\"The first item.\"\"\"\n",
          "test": "def check(candidate):\n    assert candidate([4, 5]) == 4\n"},
     ]
     with gzip.open(package / "data" / "HumanEval.jsonl.gz", "wt") as f:
@@ -200,10 +213,10 @@ def test_humaneval_loads_without_importing_and_grades(fake_human_eval):
     assert "human_eval" not in sys.modules
     for p in problems:
         assert task.grade(p, p.solution.completion()).correct
-    # The model's answer need not repeat the prompt's imports: `List` comes from the prompt.
+    # The model's answer need not repeat the prompt's imports or helpers: `List` and `_helper` come from the prompt.
     answer = "```python\ndef first(xs: List[int]) -> int:\n    return xs[-1]\n```"
     assert task.grade(problems[1], f"<think>t</think><answer>{answer}</answer>").accuracy == 0.0
-    answer = "```python\ndef first(xs: List[int]) -> int:\n    return xs[0]\n```"
+    answer = "```python\ndef first(xs: List[int]) -> int:\n    return _helper(xs)\n```"
     assert task.grade(problems[1], f"<think>t</think><answer>{answer}</answer>").correct
 
 

@@ -7,6 +7,7 @@ drawn for training, whatever the seed, the difficulty or the language.
 
 import hashlib
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,14 @@ class Task:
         violations = parsed.violations + ((reason,) if reason else ())
         total = self.accuracy_weight * accuracy + self.format_weight * parsed.format
         return Reward(accuracy=accuracy, format=parsed.format, total=total, violations=violations)
+
+    def grade_many(self, problems: list[Problem], completions: list[str], think_prefilled: bool | None = None,
+                   workers: int = 4) -> list[Reward]:
+        """Grade a batch from a small thread pool: code grading mostly waits on its sandboxed subprocess."""
+        if len(problems) != len(completions):
+            raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda p, c: self.grade(p, c, think_prefilled), problems, completions))
 
     def problem(self, key: str, lang: str, prompt: str, answer: str, reasoning: str, **metadata) -> Problem:
         """Helper for `sample`: assembles a Problem with its id and the worked solution."""

@@ -223,8 +223,9 @@ class Code(Task):
         meta = problem.metadata
         if meta["kind"] == "humaneval":
             spec = {"nonce": nonce, "test": meta["test"], "entry_point": meta["entry_point"]}
-            result = self.sandbox.run(HUMANEVAL_HARNESS, json.dumps(spec), {"solution.py": meta["imports"] + code},
-                                      timeout=self.timeout)
+            # The prompt goes first: its imports and helper functions; its docstring-only stub is then redefined.
+            files = {"solution.py": meta["context"] + "\n\n" + code}
+            result = self.sandbox.run(HUMANEVAL_HARNESS, json.dumps(spec), files, timeout=self.timeout)
             passed = result.ok and result.stdout.strip().endswith(nonce)
             return (1.0, None) if passed else (0.0, "tests_failed")
         spec = {"nonce": nonce, "inputs": meta["inputs"], "entry_point": meta["entry_point"]}
@@ -271,13 +272,12 @@ def load_humaneval(task: Code | None = None) -> list[Problem]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in filter(str.strip, f):
             item = json.loads(line)
-            imports = "".join(l + "\n" for l in item["prompt"].splitlines() if l.startswith(("import ", "from ")))
             question = ("Complete the following Python function. The answer must be the complete function "
                         f"in one ```python code block.\n```python\n{item['prompt']}```")
             problems.append(task.problem(
                 key=item["task_id"], lang="en", prompt=f"{question}\n{FORMAT_INSTRUCTIONS['en']}",
                 answer=f"```python\n{item['prompt']}{item['canonical_solution']}```",
                 reasoning="Implement the function as its docstring describes.", kind="humaneval",
-                task_id=item["task_id"], entry_point=item["entry_point"], test=item["test"], imports=imports,
+                task_id=item["task_id"], entry_point=item["entry_point"], test=item["test"], context=item["prompt"],
             ))
     return problems

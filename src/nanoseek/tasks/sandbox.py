@@ -105,6 +105,8 @@ class _UidPool:
 
     @contextlib.contextmanager
     def lease(self):
+        if not self.uids:
+            raise SandboxError(f"every uid from {UID_BASE} to {UID_BASE + UID_COUNT - 1} is a real user")
         while True:
             with self.cond:
                 while not self.free:
@@ -307,13 +309,20 @@ class Sandbox:
             detail = err[-2000:].decode(errors="replace")
             raise SandboxError(f"sandbox failed to start (exit {proc.returncode}): {detail}")
         if killed is None and returncode is not None and returncode < 0:
-            killed = signal.Signals(-returncode).name
+            killed = _signal_name(-returncode)
         cap = limits.max_output_bytes
         return SandboxResult(
             ok=killed is None and returncode == 0, returncode=returncode,
             stdout=out[:cap].decode(errors="replace"), stderr=err[:cap].decode(errors="replace"),
             timed_out=killed == "timeout", killed=killed, duration=duration, isolation=self._isolation(),
         )
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _exited(proc: subprocess.Popen) -> bool:
