@@ -90,7 +90,7 @@ def test_arithmetic_difficulty_is_digits():
 def test_arithmetic_worked_solution_shows_columns():
     assert solve(478, "+", 356, "en") == (834, "8+6=14, write 4 carry 1\n7+5+1=13, write 3 carry 1\n4+3+1=8, write 8")
     assert solve(52, "-", 17, "en") == (35, "12-7=5 (borrow 1)\n4-1=3")
-    assert solve(17, "-", 52, "zh")[0] == -35
+    assert solve(17, "-", 52, "zh") == (-35, "52 > 17，所以 17 - 52 = -(52 - 17)\n12-7=5 (借 1)\n4-1=3")
     assert solve(123, "*", 45, "en") == (5535, "123×5=615\n123×40=4920\n615 + 4920 = 5535")
 
 

@@ -15,8 +15,8 @@ OPS = ("+", "-", "*")
 SYMBOL = {"+": "+", "-": "-", "*": "×"}
 QUESTION = {"en": "What is {a} {op} {b}?", "zh": "计算 {a} {op} {b} 等于多少？"}
 WORDS = {  # the few words the column-wise steps need
-    "en": {"write": "write", "carry": "carry", "borrow": "borrow", "swap": "b > a, so compute -({b} - {a})"},
-    "zh": {"write": "写", "carry": "进", "borrow": "借", "swap": "b > a，所以计算 -({b} - {a})"},
+    "en": {"write": "write", "carry": "carry", "borrow": "borrow", "swap": "{b} > {a}, so {a} - {b} = -({b} - {a})"},
+    "zh": {"write": "写", "carry": "进", "borrow": "借", "swap": "{b} > {a}，所以 {a} - {b} = -({b} - {a})"},
 }
 
 
