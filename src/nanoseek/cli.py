@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def cmd_demo(args) -> int:
@@ -34,6 +35,50 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _preset(args) -> dict:
+    from nanoseek.presets import load_preset
+
+    return load_preset(args.preset, args.set)
+
+
+def cmd_data(args) -> int:
+    from nanoseek.pipeline import corpus_stage
+    from nanoseek.train.dist import DistInfo
+
+    print(json.dumps(corpus_stage(Path(args.out), _preset(args), DistInfo(), args.text), indent=2))
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from nanoseek.pipeline import corpus_stage, tokenizer_stage
+    from nanoseek.train.dist import DistInfo
+
+    preset, run = _preset(args), Path(args.out)
+    corpus_stage(run, preset, DistInfo(), args.text)
+    print(json.dumps(tokenizer_stage(run, preset, DistInfo()), indent=2))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from nanoseek.pipeline import run_pretraining
+
+    summaries = run_pretraining(args.out, _preset(args), text_paths=args.text, long_context=not args.no_long_context)
+    print(json.dumps(summaries, indent=2))
+    return 0
+
+
+def _run_args(p: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
+    from nanoseek.presets import available_presets
+
+    p.add_argument("--preset", default=default_preset,
+                   help=f"one of {', '.join(available_presets())}, or a .json file (default: {default_preset})")
+    p.add_argument("--out", default=None, help="run directory (default: runs/PRESET)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a preset field, e.g. --set pretrain.max_steps=100 (repeatable)")
+    p.add_argument("--text", nargs="+", default=None, metavar="PATH",
+                   help="train on your own .txt/.md/.jsonl files or folders instead of the embedded corpus")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="A small, hackable DeepSeek-style LLM system.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -44,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("data", help="build the corpus: clean, deduplicate and split text into runs/NAME/corpus")
+    _run_args(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer on the corpus (builds it if needed)")
+    p.add_argument("action", choices=["train"])
+    _run_args(p)
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("pretrain", help="corpus → tokenizer → shards → pretraining → long-context extension; "
+                                        "resumes where it stopped; runs under torchrun")
+    _run_args(p)
+    p.add_argument("--no-long-context", action="store_true", help="stop after pretraining")
+    p.set_defaults(func=cmd_pretrain)
+
     p = sub.add_parser("info", help="sizes of a checkpoint: parameters, active parameters, KV cache bytes per token")
     p.add_argument("checkpoint", help="a Hugging Face DeepseekV3 directory")
     p.set_defaults(func=cmd_info)
@@ -52,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "preset", None) and args.out is None:
+        args.out = f"runs/{Path(args.preset).stem}"
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # ConfigError and CheckpointError included

@@ -94,25 +94,34 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 3e-3, weight_decay: float = 0.1,
-                    betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02,
+                    router_lr_scale: float = 0.1) -> torch.optim.Optimizer:
     """AdamW (decay on matrices only) or Muon for hidden matrices + AdamW for the rest. Each param group keeps its
-    peak rate in `initial_lr` so a schedule can scale it."""
-    matrices, embeddings, others = [], [], []
+    peak rate in `initial_lr` so a schedule can scale it.
+
+    The routers learn at router_lr_scale × lr: at the high rates of small models their logits otherwise move
+    faster than the balancing bias (γ per step) can follow, and each layer collapses onto a few experts.
+    """
+    matrices, embeddings, routers, others = [], [], [], []
     for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if "embed_tokens" in pname or "lm_head" in pname:
             embeddings.append(p)
-        elif p.dim() >= 2 and not pname.endswith("mlp.gate.weight"):  # the router stays on AdamW
+        elif pname.endswith("mlp.gate.weight"):
+            routers.append(p)
+        elif p.dim() >= 2:
             matrices.append(p)
         else:
             others.append(p)
     fused = {"foreach": True}
+    router_group = dict(params=routers, weight_decay=0.0, lr=lr * router_lr_scale)
     if name == "adamw":
-        groups = [dict(params=matrices + embeddings, weight_decay=weight_decay), dict(params=others, weight_decay=0.0)]
+        groups = [dict(params=matrices + embeddings, weight_decay=weight_decay), router_group,
+                  dict(params=others, weight_decay=0.0)]
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas, **fused)
     elif name == "muon":
-        adam = torch.optim.AdamW([dict(params=embeddings, weight_decay=weight_decay),
+        adam = torch.optim.AdamW([dict(params=embeddings, weight_decay=weight_decay), router_group,
                                   dict(params=others, weight_decay=0.0)], lr=lr, betas=betas, **fused)
         opt = CombinedOptimizer([Muon(matrices, lr=muon_lr, weight_decay=weight_decay), adam])
     else:

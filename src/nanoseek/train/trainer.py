@@ -50,6 +50,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "muon" (hidden matrices) + AdamW (the rest)
     lr: float = 3e-3
     muon_lr: float = 0.02
+    router_lr_scale: float = 0.1  # the routers learn slower than the rest (see build_optimizer)
     weight_decay: float = 0.1
     schedule: str = "cosine"  # or "wsd"
     warmup_steps: int = 20
@@ -100,7 +101,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.out = Path(cfg.out_dir)
         self.optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                         muon_lr=cfg.muon_lr)
+                                         muon_lr=cfg.muon_lr, router_lr_scale=cfg.router_lr_scale)
         self.wrapped = D.wrap_model(model, self.info)
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
@@ -124,11 +125,12 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.out.name}", unit="step",
                    disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
         metrics: dict = {}
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start, window_tokens, window_losses = time.perf_counter(), 0, []
         try:
             while self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested:
                 started = time.perf_counter()
                 metrics = self.train_step()
+                window_losses.append(metrics["lm_loss"])
                 self.elapsed += time.perf_counter() - started
                 self.step += 1
                 self.tokens += self.tokens_per_step
@@ -137,14 +139,16 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     dt = time.perf_counter() - window_start
                     tps = window_tokens / dt
-                    metrics.update(tokens=self.tokens, tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
+                    # the step's own losses are noisy across documents: also log the window's mean
+                    metrics.update(lm_loss_avg=round(sum(window_losses) / len(window_losses), 5),
+                                   tokens=self.tokens, tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
                                    mfu=round(tps * self.flops_per_token / (peak * self.info.world_size), 4))
-                    window_start, window_tokens = time.perf_counter(), 0
+                    window_start, window_tokens, window_losses = time.perf_counter(), 0, []
                     if self.val_batches is not None and (self.step % cfg.eval_every == 0
                                                          or self.step == cfg.max_steps):
                         metrics.update(self.evaluate())
                     self.log(metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:.0f}", mfu=f"{metrics['mfu']:.2f}")
+                    bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}", mfu=f"{metrics['mfu']:.2f}")
                 if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
