@@ -3,9 +3,13 @@ of text, a tiny model trained here to say a few scripted things), and a real `na
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import socket
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -74,6 +78,18 @@ def build_checkpoint(path: Path, steps: int = 80, context: int = 512) -> Path:
         torch.set_num_threads(threads)
     save_model(model.eval(), path, tokenizer=tok)
     return path
+
+
+_SHARED: dict[str, Path] = {}
+
+
+def shared_checkpoint() -> Path:
+    """build_checkpoint() once per test process, for every module that serves it."""
+    if "path" not in _SHARED:
+        tmp = Path(tempfile.mkdtemp(prefix="nanoseek-serve-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _SHARED["path"] = build_checkpoint(tmp / "model", steps=200)
+    return _SHARED["path"]
 
 
 def build_random_checkpoint(path: Path, context: int = 512) -> Path:
@@ -151,6 +167,36 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class InProcessServer:
+    """The app under uvicorn on a thread of this process, on a free port: for tests that reach into the server
+    (hold the engine still, break it) while talking real HTTP to it."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
 
 
 def metric(text: str, name: str) -> float:

@@ -139,10 +139,16 @@ def need(state: State) -> int:
         lexical = 4 if aux else 2
     elif mode == "hex":
         lexical = aux[1] + (3 if aux[0] else 1)
+    elif mode == "lit":
+        lexical = len(aux)
+    elif mode == "val":
+        lexical = 0 if aux else 1  # right after "[" the array may close at once
     else:
-        lexical = {"top": 2, "val": 0 if aux else 1, "key": 4, "colon": 2, "lit": len(aux or b""),
-                   "minus": 1, "dot": 1, "e": 1, "esign": 1}.get(mode, 0)
+        lexical = _LEXICAL_NEED.get(mode, 0)
     return lexical + len(stack)
+
+
+_LEXICAL_NEED = {"top": 2, "key": 4, "colon": 2, "minus": 1, "dot": 1, "e": 1, "esign": 1}
 
 
 class _Trie:

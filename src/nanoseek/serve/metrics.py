@@ -29,7 +29,7 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         out, cumulative = [], 0
-        for bound, n in zip((*map(_num, self.buckets), "+Inf"), self.counts):
+        for bound, n in zip((*(repr(float(b)) for b in self.buckets), "+Inf"), self.counts):
             cumulative += n
             out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
         return out + [f"{name}_sum {_num(self.sum)}", f"{name}_count {self.count}"]
