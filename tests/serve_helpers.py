@@ -46,14 +46,19 @@ def build_tokenizer(vocab_size: int = 400) -> Tokenizer:
 
 
 def build_checkpoint(path: Path, steps: int = 80, context: int = 512) -> Path:
-    """Train the tokenizer and a 2-layer MoE model that has memorised SCRIPT (greedy decoding replays it), save
-    both. A few seconds on one CPU thread."""
+    """Train the tokenizer and a 2-layer MoE model that has memorised SCRIPT, alone and as two turns (greedy
+    decoding replays it), save both. A few seconds on one CPU thread."""
     tok = build_tokenizer()
     seqs = []
     for user, thought, answer in SCRIPT:
         ids = tok.apply_chat_template([{"role": "user", "content": user},
                                        {"role": "assistant", "content": answer, "reasoning_content": thought}])
         seqs.append((ids, not answer.startswith("la ")))
+    # Two turns: the second answer must come whatever came before it (earlier thoughts are not sent back).
+    (u1, _, a1), (u2, t2, a2) = SCRIPT[:2]
+    seqs.append((tok.apply_chat_template([{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
+                                          {"role": "user", "content": u2},
+                                          {"role": "assistant", "content": a2, "reasoning_content": t2}]), True))
     T = max(len(ids) for ids, _ in seqs)
     inputs = torch.full((len(seqs), T), tok.eos_id)
     targets = torch.full((len(seqs), T), IGNORE_INDEX)
