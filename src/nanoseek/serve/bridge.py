@@ -2,8 +2,9 @@
 
 One thread owns the engine: it takes new requests and cancellations from an inbox between steps and runs
 engine.step() while anything is unfinished. Handlers never call the engine, so a long step never blocks the event
-loop and the event loop never waits on the engine's lock. Each request's StepEvents travel back through
-loop.call_soon_threadsafe onto the asyncio.Queue its handler reads.
+loop and the event loop never waits on the engine's lock. Each request's StepEvents go onto the asyncio.Queue its
+handler reads; a step's events travel together, in one loop.call_soon_threadsafe (one wake-up per step, not per
+token per request).
 
 If a step raises, the engine is marked dead: every waiting handler gets an EngineDead item, /health turns 503,
 and new requests are refused; the process keeps answering.
@@ -15,7 +16,7 @@ import asyncio
 import logging
 import threading
 import traceback
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from nanoseek.engine import Engine, SamplingParams, StepEvent
@@ -44,7 +45,8 @@ class EngineBridge:
         self.error: str | None = None  # why the engine died
         self._inbox: deque[tuple] = deque()
         self._wake = threading.Event()
-        self._sinks: dict[str, tuple[callable, int]] = {}  # request id -> (deliver, completions still running)
+        self._sinks: dict[str, tuple[Sink, int]] = {}  # request id -> (where its events go, completions running)
+        self._outbox: list[tuple[Sink, object]] = []  # events of this step, delivered together after it
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
@@ -60,15 +62,7 @@ class EngineBridge:
     def submit(self, ids: list[int], params: SamplingParams, request_id: str, queue: asyncio.Queue) -> None:
         """Queue a request; its StepEvents (or EngineDead / Rejected) arrive on `queue`. Several requests may
         share one queue. Call from the event loop."""
-        loop = asyncio.get_running_loop()
-
-        def deliver(item) -> None:  # runs on the engine thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is closed: the server is shutting down
-                pass
-
-        self._post(("add", ids, params, request_id, deliver))
+        self._post(("add", ids, params, request_id, Sink(asyncio.get_running_loop(), queue)))
 
     def cancel(self, request_id: str) -> None:
         self._post(("cancel", request_id))
@@ -83,6 +77,7 @@ class EngineBridge:
             self._wake.clear()  # before draining, so a post that lands after the drain still wakes us
             while self._inbox:
                 self._apply(self._inbox.popleft())
+            self._flush()
             if self.error is not None or not self.engine.has_unfinished():
                 self._wake.wait()
                 continue
@@ -90,6 +85,18 @@ class EngineBridge:
                 self.engine.step()
             except Exception as e:  # the engine's state is unknown now: fail loudly, keep the server up
                 self._die(f"{type(e).__name__}: {e}", traceback.format_exc())
+            self._flush()
+
+    def _flush(self) -> None:
+        by_loop = defaultdict(list)
+        for sink, item in self._outbox:
+            by_loop[sink.loop].append((sink.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
 
     def _apply(self, op: tuple) -> None:
         if op[0] == "cancel":
@@ -97,33 +104,45 @@ class EngineBridge:
             if self.error is None:
                 self.engine.cancel(op[1])
             return
-        _, ids, params, rid, deliver = op
+        _, ids, params, rid, sink = op
         if self.error is not None:
-            deliver(EngineDead(self.error))
+            self._outbox.append((sink, EngineDead(self.error)))
             return
-        self._sinks[rid] = (deliver, params.n)
+        self._sinks[rid] = (sink, params.n)
         try:
             self.engine.add_request(ids, params, request_id=rid, callback=self._on_event)
         except ValueError as e:
             self._sinks.pop(rid, None)
-            deliver(Rejected(rid, str(e)))
+            self._outbox.append((sink, Rejected(rid, str(e))))
 
     def _on_event(self, ev: StepEvent) -> None:
         entry = self._sinks.get(ev.request_id)
         if entry is None:  # cancelled by its handler
             return
-        deliver, running = entry
+        sink, running = entry
         if ev.finished:
             running -= 1
             if running:
-                self._sinks[ev.request_id] = (deliver, running)
+                self._sinks[ev.request_id] = (sink, running)
             else:
                 del self._sinks[ev.request_id]
-        deliver(ev)
+        self._outbox.append((sink, ev))
 
     def _die(self, reason: str, trace: str) -> None:
         log.error("the engine failed; refusing new requests:\n%s", trace)
         self.error = reason
-        for deliver, _ in self._sinks.values():
-            deliver(EngineDead(reason))
+        self._outbox += [(sink, EngineDead(reason)) for sink, _ in self._sinks.values()]
         self._sinks.clear()
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where a request's events go: a queue, and the event loop that owns it."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
