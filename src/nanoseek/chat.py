@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-thinking", action="store_true", help="answer without a thought")
     p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's)")
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=None, help="(default: what the context leaves)")
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -72,7 +72,7 @@ class LocalBackend:
         if room < 1:
             raise ValueError(f"the conversation ({len(ids)} tokens) fills the model's context; /reset to start over")
         params = SamplingParams(
-            max_tokens=min(opts["max_tokens"], room), seed=opts["seed"],
+            max_tokens=min(opts["max_tokens"] or room, room), seed=opts["seed"],
             temperature=_pick(opts["temperature"], self.defaults.get("temperature"), 1.0),
             top_p=_pick(opts["top_p"], self.defaults.get("top_p"), 1.0))
         parser = ReasoningParser(in_reasoning)
@@ -101,9 +101,9 @@ class RemoteBackend:
             return json.load(resp)
 
     def reply(self, messages: list[dict], opts: dict) -> Iterator[tuple[str, str]]:
-        body = {"model": self.model, "messages": messages, "stream": True, "max_tokens": opts["max_tokens"],
+        body = {"model": self.model, "messages": messages, "stream": True,
                 "thinking": {"type": "enabled" if opts["thinking"] else "disabled"}}
-        for key in ("temperature", "top_p", "seed"):
+        for key in ("max_tokens", "temperature", "top_p", "seed"):
             if opts[key] is not None:
                 body[key] = opts[key]
         req = urllib.request.Request(self.base + "/v1/chat/completions", data=json.dumps(body).encode(),

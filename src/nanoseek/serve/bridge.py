@@ -75,14 +75,15 @@ class EngineBridge:
     def _run(self) -> None:
         while not self._closing:
             self._wake.clear()  # before draining, so a post that lands after the drain still wakes us
-            while self._inbox:
-                self._apply(self._inbox.popleft())
-            self._flush()
-            if self.error is not None or not self.engine.has_unfinished():
-                self._wake.wait()
-                continue
             try:
-                self.engine.step()
+                while self._inbox:
+                    self._apply(self._inbox.popleft())
+                if self.error is None and self.engine.has_unfinished():
+                    self.engine.step()
+                else:
+                    self._flush()
+                    self._wake.wait()
+                    continue
             except Exception as e:  # the engine's state is unknown now: fail loudly, keep the server up
                 self._die(f"{type(e).__name__}: {e}", traceback.format_exc())
             self._flush()
