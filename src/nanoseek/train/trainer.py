@@ -189,7 +189,9 @@ class Trainer:
         if loads.numel():
             loads = D.all_reduce_sum(loads, self.info)
             model.update_router_biases(cfg.bias_update_speed, loads)
-            metrics["load_imbalance"] = round((loads.max(1).values / loads.mean(1).clamp_min(1e-9)).max().item(), 3)
+            share = loads / loads.sum(1, keepdim=True).clamp_min(1)
+            metrics["load_imbalance"] = round((share.max(1).values * share.shape[1]).max().item(), 3)
+            metrics["expert_load"] = share.round(decimals=4).tolist()  # [moe layer][expert]: fraction of tokens
         if self.info.enabled:  # the logged losses are global means
             t = D.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), self.info)
             sums = dict(zip(sums, (t / self.info.world_size).tolist()))
