@@ -50,7 +50,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "muon" (hidden matrices) + AdamW (the rest)
     lr: float = 3e-3
     muon_lr: float = 0.02
-    router_lr_scale: float = 0.1  # the routers learn slower than the rest (see build_optimizer)
+    router_lr_scale: float = 1.0  # the routers' rate relative to lr
     weight_decay: float = 0.1
     schedule: str = "cosine"  # or "wsd"
     warmup_steps: int = 20
