@@ -45,6 +45,7 @@ class TrainConfig:
     max_steps: int = 1000
     max_time: float | None = None  # seconds of training (across restarts); stops early with a checkpoint
     batch_size: int = 8  # sequences per rank per micro-step
+    global_batch_size: int | None = None  # if set: sequences per optimizer step over all ranks (sets batch_size)
     grad_accum: int = 1
     seq_len: int = 256
     optimizer: str = "adamw"  # or "muon" (hidden matrices) + AdamW (the rest)
@@ -70,6 +71,12 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self, world_size: int = 1) -> None:
+        if self.global_batch_size is not None:
+            per_step = world_size * self.grad_accum
+            if self.global_batch_size % per_step:
+                raise ValueError(f"global_batch_size={self.global_batch_size} does not divide across {world_size} "
+                                 f"rank(s) x grad_accum={self.grad_accum}")
+            self.batch_size = self.global_batch_size // per_step
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -77,7 +84,10 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr}: must be positive")
         if self.max_time is not None and self.max_time <= 0:
             raise ValueError(f"max_time={self.max_time}: must be positive seconds")
-        lr_multiplier(0, warmup=self.warmup_steps, total=self.max_steps, schedule=self.schedule)
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"schedule={self.schedule!r}: must be 'cosine' or 'wsd'")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer={self.optimizer!r}: must be 'adamw' or 'muon'")
 
     @property
     def resolved_device(self) -> str:
