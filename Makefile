@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 PIP      = $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test speedrun demo test test-all bench clean
+.PHONY: install install-test speedrun smoke demo test test-all bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,9 +18,13 @@ install-test: $(BIN)/python
 	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
 speedrun: install
-	$(BIN)/nanoseek demo
+	$(BIN)/nanoseek speedrun --preset cpu --out runs/cpu
 
-demo: speedrun
+smoke: install
+	$(BIN)/nanoseek speedrun --preset smoke --out runs/smoke
+
+demo: install
+	$(BIN)/nanoseek demo
 
 test: install-test
 	$(BIN)/python -m pytest -q
@@ -30,6 +34,7 @@ test-all: install-test
 
 bench: install-test
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/moe_vs_dense.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
