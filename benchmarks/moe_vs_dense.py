@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from train_step import dense_twin
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data.shards import PackedLoader, read_meta, val_loader
@@ -24,8 +25,6 @@ from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.dist import DistInfo
 from nanoseek.train.flops import active_matmul_params
 from nanoseek.train.trainer import TrainConfig, Trainer
-
-from train_step import dense_twin
 
 
 @torch.no_grad()

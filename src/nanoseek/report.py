@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ def _done(path: Path) -> dict | None:
 
 def collect(run: Path) -> dict:
     """Every figure of the run, as one JSON-able dict."""
-    data: dict = {"run": str(run), "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    data: dict = {"run": str(run), "generated": datetime.now(UTC).isoformat(timespec="seconds"),
                   "machine": machine(), "stages": {}}
     for stage in ("corpus", "tokenizer", "shards", *TRAINING_STAGES, "eval"):
         done = _done(run / stage)
@@ -130,19 +130,27 @@ def _fmt(v, digits: int = 3) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _stage_result(name: str, s: dict) -> str:
+    if name == "corpus":
+        return f"{_fmt(s.get('docs'))} docs, {_fmt(s.get('bytes'))} bytes"
+    if name == "tokenizer":
+        per_lang = ", ".join(f"{k} {v:.2f}" for k, v in (s.get("bytes_per_token") or {}).items())
+        return f"vocab {s.get('vocab_size')}, bytes/token {per_lang}"
+    if name == "shards":
+        return f"{_fmt(s.get('tokens'))} train tokens"
+    return f"loss {_fmt(s.get('final_loss'))}, val bpb {_fmt(s.get('val_bpb'))}"
+
+
 def render(data: dict, plots: list[str]) -> str:
     m, stages = data["machine"], data["stages"]
+    gpu = f", {m['gpu']}" if m["gpu"] else ""
     lines = [f"# nanoseek report: {data['run']}", "", f"Generated {data['generated']} on {m['cpu']} "
-             f"({m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}), torch {m['torch']}, Python {m['python']}.", ""]
-    lines += ["## Stages", "", "| stage | wall (s) | tokens | FLOPs | MFU | est. cost ($) | result |", "|---|---|---|---|---|---|---|"]
+             f"({m['cores']} cores{gpu}), torch {m['torch']}, Python {m['python']}.", ""]
+    lines += ["## Stages", "", "| stage | wall (s) | tokens | FLOPs | MFU | est. cost ($) | result |",
+              "|---|---|---|---|---|---|---|"]
     for name, s in stages.items():
-        result = {"corpus": lambda: f"{_fmt(s.get('docs'))} docs, {_fmt(s.get('bytes'))} bytes",
-                  "tokenizer": lambda: f"vocab {s.get('vocab_size')}, bytes/token " + ", ".join(
-                      f"{k} {v:.2f}" for k, v in (s.get("bytes_per_token") or {}).items()),
-                  "shards": lambda: f"{_fmt(s.get('tokens'))} train tokens"}.get(
-            name, lambda: f"loss {_fmt(s.get('final_loss'))}, val bpb {_fmt(s.get('val_bpb'))}")()
         lines.append(f"| {name} | {_fmt(s.get('wall_s'))} | {_fmt(s.get('tokens'))} | {_fmt(s.get('flops'))} | "
-                     f"{_fmt(s.get('mfu'))} | {_fmt(s.get('estimated_cost'))} | {result} |")
+                     f"{_fmt(s.get('mfu'))} | {_fmt(s.get('estimated_cost'))} | {_stage_result(name, s)} |")
     total = sum(s.get("wall_s", 0) for s in stages.values())
     lines += ["", f"Total wall time: {total:.0f} s. Costs use each stage's `price_per_hour` setting (per device-hour).",
               ""]

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 import os
 import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -158,7 +158,8 @@ class Trainer:
                                                          or self.step == cfg.max_steps):
                         metrics.update(self.evaluate())
                     self.log(metrics)
-                    bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}", mfu=f"{metrics['mfu']:.2f}")
+                    bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}",
+                                    mfu=f"{metrics['mfu']:.2f}")
                 if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
