@@ -363,3 +363,19 @@ def test_router_layout_makes_the_models_choices():
         w_ref, ids_ref, _ = moe.gate(x)
         w, ids = Router(moe.gate)(x)
     assert torch.equal(ids, ids_ref) and torch.allclose(w, w_ref, atol=1e-6)
+
+
+def test_generate_cli_streams_tokens_and_reports_speed(tmp_path, capsys):
+    from nanoseek import save_model
+    from nanoseek.engine.cli import main
+
+    model = tiny_model(num_nextn_predict_layers=1)
+    save_model(model, tmp_path)
+    for extra in ([], ["--speculative"], ["--int8"]):
+        assert main([str(tmp_path), "5,6,7", "--ids", "--max-tokens", "6", "--temperature", "0", "--ignore-eos",
+                     *extra]) == 0
+        out, err = capsys.readouterr()
+        if extra != ["--int8"]:
+            assert [int(t) for t in out.strip().split(",")] == reference_greedy(model, [5, 6, 7], 6)
+        assert "6 tokens" in err and "tok/s" in err
+    assert main([str(tmp_path), "hello"]) == 2 and "tokenizer" in capsys.readouterr().err

@@ -122,7 +122,7 @@ class ModelRunner:
         return mtp.norm(self.block(self.weights.blocks[layer], layer, x, inp))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.weights.lm_head(hidden).float()
+        return _fp32(self.weights.lm_head(hidden))
 
     def block(self, w: BlockWeights, layer: int, x: torch.Tensor, inp: StepInput) -> torch.Tensor:
         x = x + self.attention(w.attn, layer, x, inp)
@@ -148,8 +148,8 @@ class ModelRunner:
         """Absorbed attention over the paged latents: q [B*width, H, C + rope] -> latent outputs [B*width, H, C]."""
         kv = self.cache.gather(layer, inp.decode_slots)  # [B, S, C + rope]
         q = q.reshape(inp.num_decode, -1, kv.shape[-1])  # [B, width*H, C + rope]
-        scores = torch.baddbmm(inp.decode_bias, q.float(), kv.float().transpose(1, 2), alpha=attn.scale)
-        o_latent = torch.bmm(scores.softmax(dim=-1).type_as(kv), kv[..., : self.kv_rank])
+        scores = torch.baddbmm(inp.decode_bias, _fp32(q), _fp32(kv).transpose(1, 2), alpha=attn.scale)
+        o_latent = torch.bmm(scores.softmax(dim=-1).to(kv.dtype), kv[..., : self.kv_rank])
         return o_latent.view(-1, self.n_heads, self.kv_rank)
 
     def prefill_attention(self, attn: Attention, layer: int, q: torch.Tensor, c_kv: torch.Tensor,
@@ -162,6 +162,10 @@ class ModelRunner:
         o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=ch.mask,
                                            is_causal=not ch.cached, scale=attn.scale)
         return o[0].transpose(0, 1).flatten(1)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def _cat_ints(decode: list[int], prefill: list[torch.Tensor], device) -> torch.Tensor:

@@ -30,10 +30,22 @@ from nanoseek.model.transformer import Block, Transformer
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last dim, computed in fp32; the weight, if any, is applied by the caller."""
-    xf = x.float()
-    inv = xf.square().sum(-1, keepdim=True).mul_(1.0 / x.shape[-1]).add_(eps).rsqrt_()
-    return (xf * inv).type_as(x)
+    """x [N, dim] / rms(x), computed in fp32; the weight, if any, is applied by the caller. The mean square (+ eps)
+    is one addmm against a constant column: four launches instead of the eight of the textbook form."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    eps_t, mean_col = _norm_constants(x.shape[-1], eps, x.device)
+    out = xf * torch.addmm(eps_t, xf * xf, mean_col).rsqrt_()
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+_NORM_CONSTANTS: dict = {}
+
+
+def _norm_constants(dim: int, eps: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (dim, eps, device)
+    if key not in _NORM_CONSTANTS:
+        _NORM_CONSTANTS[key] = (torch.full((1, 1), eps, device=device), torch.full((dim, 1), 1.0 / dim, device=device))
+    return _NORM_CONSTANTS[key]
 
 
 def rotate_pairs(w: torch.Tensor) -> torch.Tensor:
@@ -72,8 +84,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.module is not None:
             return self.module(x)
-        y = x @ self.w_t
-        return y if self.b is None else y + self.b
+        return torch.mm(x, self.w_t) if self.b is None else torch.addmm(self.b, x, self.w_t)
 
 
 class SwiGLU:
@@ -174,7 +185,7 @@ class Router:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> weights [N, K] (fp32), expert ids [N, K]."""
-        logits = x.float() @ self.w_t
+        logits = torch.mm(x if x.dtype == torch.float32 else x.float(), self.w_t)
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
         choice = scores + self.bias if self.sigmoid else scores
         if self.n_group > 1:
@@ -206,8 +217,8 @@ class MoEWeights:
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             return self.quantized.expert_forward(e, x)
-        gate, up = (x @ self.gate_up_t[e]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down_t[e]
+        gate, up = torch.mm(x, self.gate_up_t[e]).chunk(2, dim=-1)
+        return torch.mm(F.silu(gate) * up, self.down_t[e])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, d]: (token, expert) pairs sorted by expert, each chosen expert run once on its contiguous rows,
@@ -225,7 +236,7 @@ class MoEWeights:
                 start += n
         routed = torch.empty_like(ys)
         routed[order] = ys
-        routed = (routed.view(N, K, -1) * weights.unsqueeze(-1).type_as(x)).sum(dim=1)
+        routed = (routed.view(N, K, -1) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
         return self.shared(x) + routed
 
 
