@@ -164,20 +164,27 @@ def test_incremental_detokenization_holds_back_partial_characters():
 
 
 def test_logprobs_are_the_full_sequence_log_softmax():
-    model = tiny_model()
-    prompt = [11, 12, 13, 14, 15]
-    out = Engine(model).generate([prompt], SamplingParams(max_tokens=8, temperature=0.9, seed=0, logprobs=3,
-                                                          ignore_eos=True))[0]
-    ids = torch.tensor([prompt + out.token_ids])
-    with torch.no_grad():
-        logp = F.log_softmax(model(ids)[0].float(), dim=-1)
-    assert len(out.outputs[0].logprobs) == 8
-    for i, (tok, lp) in enumerate(zip(out.token_ids, out.outputs[0].logprobs)):
-        row = logp[len(prompt) - 1 + i]
-        assert lp.token_id == tok and abs(lp.logprob - row[tok].item()) < 1e-4
-        best = row.topk(3)
-        assert [t for t, _ in lp.top] == best.indices.tolist()
-        assert max(abs(a - b) for (_, a), b in zip(lp.top, best.values.tolist())) < 1e-4
+    """Every generated token's logprob and top alternatives, with chunked prefill, prefix hits, batching and
+    speculation on, match log_softmax of model(ids) over the whole sequence (1e-4): the engine computes the
+    same distributions, not only the same argmax."""
+    model = tiny_model(num_nextn_predict_layers=1)
+    prompts = prompts_with_shared_prefixes()
+    engine = Engine(model, block_size=4, max_num_batched_tokens=16, max_batch_size=3, speculative=True)
+    params = [SamplingParams(max_tokens=10, temperature=0.9, seed=i, logprobs=3, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = engine.generate(prompts, params)
+    assert engine.stats()["cached_prompt_tokens"] > 0
+    for prompt, out in zip(prompts, outs):
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            logp = F.log_softmax(model(ids)[0].float(), dim=-1)
+        assert len(out.outputs[0].logprobs) == 10
+        for i, (tok, lp) in enumerate(zip(out.token_ids, out.outputs[0].logprobs)):
+            row = logp[len(prompt) - 1 + i]
+            assert lp.token_id == tok and abs(lp.logprob - row[tok].item()) < 1e-4
+            best = row.topk(3)
+            assert [t for t, _ in lp.top] == best.indices.tolist()
+            assert max(abs(a - b) for (_, a), b in zip(lp.top, best.values.tolist())) < 1e-4
 
 
 def test_cancel_frees_blocks_at_once_and_the_others_go_on():
@@ -288,6 +295,29 @@ def test_speculative_greedy_is_token_for_token_plain_greedy():
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     stats = spec_engine.stats()
     assert stats["spec_drafted"] > 0 and 0 <= stats["spec_acceptance_rate"] <= 1
+
+
+def test_mtp_drafts_are_what_the_mtp_module_predicts_from_the_whole_sequence():
+    """After every step the pending draft equals the model's MTP module run on the full sequence: depth 1 at
+    the last computed position sees h_p and token p+1 and predicts token p+2."""
+    model = tiny_model(num_nextn_predict_layers=1)
+    engine = Engine(model, block_size=4, max_num_batched_tokens=8, speculative=True)
+    engine.add_request(list(range(3, 22)), SamplingParams(max_tokens=12, temperature=1.0, seed=0, ignore_eos=True))
+    checked = 0
+    while engine.has_unfinished():
+        engine.step()
+        for seq in engine.scheduler.running:
+            if seq.in_decode:
+                ids = torch.tensor([seq.token_ids])
+                L = ids.shape[1]
+                with torch.no_grad():
+                    h = model.hidden_states(ids)[0]
+                    cos, sin = model.rope(torch.arange(L - 1))
+                    out, _ = model.mtp[0](h[:, :-1], model.embed_tokens(ids[:, 1:]), cos, sin)
+                    expected = int(model.lm_head(model.mtp[0].norm(out[0, -1])).argmax())
+                assert seq.draft == expected
+                checked += 1
+    assert checked >= 6
 
 
 def test_speculation_accepts_good_drafts_and_keeps_outputs():

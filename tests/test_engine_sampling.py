@@ -47,7 +47,7 @@ def test_draws_follow_the_distribution_and_skip_impossible_tokens():
     counts = torch.bincount(drawn, minlength=6).float()
     assert counts[[0, 2, 5]].sum() == 0
     assert (counts / counts.sum() - probs[0]).abs().max() < 0.015
-    assert Sampler.draw(probs, [0.9999999999999999])[0] == 4  # the top of the cdf is the last possible token
+    assert Sampler.draw(probs, [1.0])[0] == 4  # the very top of the cdf is the last possible token
 
 
 def test_penalties():
