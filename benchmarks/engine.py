@@ -6,7 +6,8 @@ hundred steps on Python source bytes, so that greedy decoding is not noise and t
 predict; every figure below uses those same weights, in the same run. Prints JSON lines:
 {"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
 
-    python benchmarks/engine.py [--threads 1] [--train-steps 300] [--new-tokens 128] [--no-anchor]
+    python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8] [--train-seq 128]
+                                [--new-tokens 128] [--batch 16] [--no-anchor]
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-seq", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-anchor", action="store_true", help="skip transformers")
@@ -93,12 +96,14 @@ def main() -> None:
     torch.manual_seed(0)
     n = args.new_tokens
     cfg = ModelConfig(**REFERENCE, num_nextn_predict_layers=1)
-    conf = f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, {args.train_steps} training steps"
+    conf = (f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained {args.train_steps} steps of "
+            f"{args.train_batch}x{args.train_seq} source bytes")
 
     model = Transformer(cfg)
     data, held_out = source_bytes(TRAIN), source_bytes(HELD_OUT)
     t0 = time.perf_counter()
-    loss = train_briefly(model, data, args.train_steps) if args.train_steps else float("nan")
+    loss = train_briefly(model, data, args.train_steps, args.train_batch, args.train_seq) if args.train_steps \
+        else float("nan")
     model.eval()
     print(f"# trained {args.train_steps} steps in {time.perf_counter() - t0:.0f}s, lm loss {loss:.3f}",
           file=sys.stderr)

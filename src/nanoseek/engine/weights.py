@@ -179,9 +179,10 @@ class Router:
     def __init__(self, gate):
         self.w_t = _w(gate).float().t().contiguous()
         self.sigmoid, self.top_k = gate.sigmoid, gate.top_k
-        self.n_group, self.topk_group = gate.n_group, gate.topk_group
+        self.n_experts, self.n_group, self.topk_group = gate.n_experts, gate.n_group, gate.topk_group
         self.norm_topk_prob, self.scaling = gate.norm_topk_prob, gate.scaling
-        self.bias = gate.e_score_correction_bias if gate.sigmoid else None
+        self.bias = gate.e_score_correction_bias.detach().clone() if gate.sigmoid else None
+        self.bias_list = self.bias.tolist() if gate.sigmoid else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> weights [N, K] (fp32), expert ids [N, K]."""
@@ -199,6 +200,26 @@ class Router:
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids
+
+    def route_one(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
+        """The same decision for a single token x [1, d], made in Python on its E scores: a dozen tiny tensor ops
+        cost more than the arithmetic when decoding one sequence. -> (expert ids, weights)."""
+        logits = torch.mm(x if x.dtype == torch.float32 else x.float(), self.w_t)
+        scores = (logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1))[0].tolist()
+        choice = [s + b for s, b in zip(scores, self.bias_list)] if self.sigmoid else scores
+        experts = range(self.n_experts)
+        if self.n_group > 1:
+            size = self.n_experts // self.n_group
+            groups = [choice[g * size : (g + 1) * size] for g in range(self.n_group)]
+            group_score = [sum(sorted(grp)[-2:]) if self.sigmoid else max(grp) for grp in groups]
+            keep = sorted(range(self.n_group), key=lambda g: -group_score[g])[: self.topk_group]
+            experts = [e for g in keep for e in range(g * size, (g + 1) * size)]
+        ids = sorted(experts, key=lambda e: -choice[e])[: self.top_k]
+        weights = [scores[e] for e in ids]
+        if self.norm_topk_prob:
+            total = sum(weights) + 1e-20
+            weights = [w / total for w in weights]
+        return ids, [w * self.scaling for w in weights]
 
 
 class MoEWeights:
@@ -223,6 +244,11 @@ class MoEWeights:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, d]: (token, expert) pairs sorted by expert, each chosen expert run once on its contiguous rows,
         then the pairs put back in token order and summed per token, plus the shared experts."""
+        if x.shape[0] == 1:  # one token: no sorting, just its K experts
+            out = self.shared(x)
+            for e, w in zip(*self.router.route_one(x)):
+                out.add_(self.expert(e, x), alpha=w)
+            return out
         weights, ids = self.router(x)
         N, K = ids.shape
         flat = ids.flatten()
