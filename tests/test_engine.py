@@ -399,3 +399,18 @@ def test_router_layout_makes_the_models_choices():
             for i in range(64):  # the one-token path, decided in Python
                 one_ids, one_w = router.route_one(x[i : i + 1])
                 assert one_ids == ids_ref[i].tolist() and torch.allclose(torch.tensor(one_w), w_ref[i], atol=1e-6)
+
+
+def test_a_bfloat16_model_runs_with_a_bfloat16_cache():
+    model = tiny_model(num_nextn_predict_layers=1).to(torch.bfloat16)
+    prompt = list(range(3, 30))
+    for speculative in (False, True):
+        engine = Engine(model, block_size=4, max_num_batched_tokens=8, speculative=speculative)
+        assert engine.cache.kv.dtype == torch.bfloat16
+        assert engine.cache_bytes_per_token == (32 + 8) * (3 + speculative) * 2
+        out = engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0.8, seed=1, logprobs=0,
+                                                       ignore_eos=True))[0]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([prompt + out.token_ids]))[0].float(), dim=-1)
+        for i, (tok, lp) in enumerate(zip(out.token_ids, out.outputs[0].logprobs)):
+            assert abs(lp.logprob - logp[len(prompt) - 1 + i, tok].item()) < 0.1  # bf16 rounding, not a bug
