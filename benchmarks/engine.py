@@ -168,6 +168,23 @@ def main() -> None:
          ratio=round(t_ours / t_spec, 2), unit="tokens/s", config=conf + ", MTP draft (1 token) vs plain, batch 1",
          acceptance_rate=round(stats["spec_acceptance_rate"], 3), same_tokens=spec_out == ours_out)
 
+    # 6. the ceiling of speculation here: the same, with the MTP module run as usual but its draft replaced by
+    # the right token (read off the plain greedy output)
+    oracle = Engine(model, max_batch_size=1, speculative=True)
+    mtp_draft = oracle.spec.draft
+
+    def right_draft(runner, inp, hidden, next_ids, rows):
+        mtp_draft(runner, inp, hidden, next_ids, rows)  # keep the MTP block's cost
+        k = len(oracle.scheduler.running[0].token_ids) - len(prompts[0])
+        return [ours_out[k] if k < n else 0]
+
+    oracle.spec.draft = right_draft
+    t_oracle, oracle_out = timed(lambda: oracle.generate([prompts[0]], greedy)[0].token_ids)
+    emit(bench="speculative_ceiling_tokens_per_s", ours=round(n / t_oracle, 1), anchor=round(single, 1),
+         ratio=round(t_ours / t_oracle, 2), unit="tokens/s",
+         config=conf + ", MTP drafts replaced by the right token (acceptance 1): verification cost on this machine",
+         acceptance_rate=round(oracle.stats()["spec_acceptance_rate"], 3), same_tokens=oracle_out == ours_out)
+
 
 if __name__ == "__main__":
     main()
