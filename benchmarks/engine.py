@@ -1,0 +1,190 @@
+"""Inference speed: the nanoseek engine vs transformers' generate on the same weights, batching, cache size,
+int8, MTP speculation.
+
+The reference config of the model issue, fp32, CPU. The model (with one MTP module) is first trained for a few
+hundred steps on Python source bytes, so that greedy decoding is not noise and the MTP head has something to
+predict; every figure below uses those same weights, in the same run. Prints JSON lines:
+{"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
+
+    python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8] [--train-seq 128]
+                                [--new-tokens 128] [--batch 16] [--no-anchor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek import ModelConfig, Transformer, save_model
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.quant import quantization_error, quantize_model
+
+# the reference config of benchmarks/train_step.py
+REFERENCE = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                 num_hidden_layers=6, num_attention_heads=8, n_routed_experts=16, n_shared_experts=1,
+                 num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
+                 qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                 max_position_embeddings=1024)
+
+
+def source_bytes(names: list[str]) -> torch.Tensor:
+    """Token ids = the bytes of some standard-library modules (a corpus every Python install has)."""
+    root = Path(argparse.__file__).parent
+    return torch.tensor(list(b"".join((root / n).read_bytes() for n in names)), dtype=torch.long)
+
+
+TRAIN = ["argparse.py", "collections/__init__.py", "dataclasses.py", "enum.py", "functools.py", "inspect.py",
+         "pathlib.py", "shutil.py", "subprocess.py", "tarfile.py", "typing.py", "zipfile.py"]
+HELD_OUT = ["textwrap.py", "difflib.py"]
+
+
+def train_briefly(model: Transformer, data: torch.Tensor, steps: int, batch: int = 8, seq: int = 256) -> float:
+    """AdamW on next-token + MTP loss; -> the last step's LM loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    loss = float("nan")
+    for step in range(steps):
+        start = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+        chunk = torch.stack([data[s : s + seq + 1] for s in start])
+        lr = 2e-3 * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 + math.cos(math.pi * step / steps)) / 2)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        out = model.compute_loss(chunk[:, :-1], chunk[:, 1:], mtp_weight=0.3)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases(1e-3)
+        loss = out.lm_loss.item()
+    return loss
+
+
+def timed(fn, repeats: int = 2):
+    """Best wall time of a few runs after one warm-up (the machine may be shared). -> (seconds, last result)."""
+    result = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-seq", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--no-anchor", action="store_true", help="skip transformers")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n = args.new_tokens
+    cfg = ModelConfig(**REFERENCE, num_nextn_predict_layers=1)
+    conf = (f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained {args.train_steps} steps of "
+            f"{args.train_batch}x{args.train_seq} source bytes")
+
+    model = Transformer(cfg)
+    data, held_out = source_bytes(TRAIN), source_bytes(HELD_OUT)
+    t0 = time.perf_counter()
+    loss = train_briefly(model, data, args.train_steps, args.train_batch, args.train_seq) if args.train_steps \
+        else float("nan")
+    model.eval()
+    print(f"# trained {args.train_steps} steps in {time.perf_counter() - t0:.0f}s, lm loss {loss:.3f}",
+          file=sys.stderr)
+
+    prompts = [held_out[i * 997 : i * 997 + 32].tolist() for i in range(args.batch)]
+    greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+    # 1. decode at batch 1: engine vs transformers' generate
+    engine = Engine(model, max_batch_size=args.batch)
+    t_ours, ours_out = timed(lambda: engine.generate([prompts[0]], greedy)[0].token_ids)
+    row = dict(bench="decode_batch1_tokens_per_s", ours=round(n / t_ours, 1), anchor=None, ratio=None,
+               unit="tokens/s", config=conf + f", prompt 32, {n} new tokens, greedy",
+               anchor_name="transformers AutoModelForCausalLM.generate (greedy)")
+    if not args.no_anchor:
+        import transformers
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, tmp)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        ids = torch.tensor([prompts[0]])
+        with torch.no_grad():
+            t_hf, hf_out = timed(lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                     pad_token_id=0)[0, 32:].tolist(), repeats=1)
+        row.update(anchor=round(n / t_hf, 1), ratio=round(t_hf / t_ours, 2), same_tokens=hf_out == ours_out)
+    emit(**row)
+    single = n / t_ours
+
+    # 2. many requests at once vs one at a time, same engine
+    t_batch, outs = timed(lambda: engine.generate(prompts, greedy), repeats=1)
+    emit(bench=f"throughput_{args.batch}_concurrent", ours=round(args.batch * n / t_batch, 1),
+         anchor=round(single, 1), ratio=round(args.batch * n / t_batch / single, 2), unit="tokens/s",
+         config=conf + f", {args.batch} requests x {n} tokens vs the same engine at batch 1",
+         same_tokens_as_alone=outs[0].token_ids == ours_out)
+
+    # 3. cache bytes per token
+    fp = 4
+    latent = engine.cache_bytes_per_token
+    mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * fp
+    emit(bench="kv_cache_bytes_per_token", ours=latent, anchor=mha, ratio=round(mha / latent, 2), unit="bytes",
+         config=f"fp32, (kv_lora_rank {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} "
+                "layers x 4 B, vs an expanded MHA cache (K and V per head)",
+         formula_bytes=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * fp)
+
+    # 4. int8 weights: speed and quality
+    q = quantize_model(model)
+    q_engine = Engine(q, max_batch_size=1)
+    t_q, _ = timed(lambda: q_engine.generate([prompts[0]], greedy)[0].token_ids)
+    quality = quantization_error(model, q, held_out[: 16 * 256].view(16, 256))
+    emit(bench="int8_decode_tokens_per_s", ours=round(n / t_q, 1), anchor=round(single, 1),
+         ratio=round(t_ours / t_q, 2), unit="tokens/s", config=conf + ", int8 weight-only vs fp32, batch 1",
+         max_logit_error=round(quality["max_logit_error"], 4), mean_logit_error=round(quality["mean_logit_error"], 5),
+         perplexity_fp=round(quality["perplexity_fp"], 4), perplexity_int8=round(quality["perplexity_int8"], 4),
+         perplexity_change=round(quality["perplexity_change"], 5),
+         weight_bytes_fp=quality["weight_bytes_fp"], weight_bytes_int8=quality["weight_bytes_int8"],
+         held_out_tokens=quality["tokens"])
+
+    # 5. MTP speculative decoding vs plain, batch 1, greedy
+    spec = Engine(model, max_batch_size=1, speculative=True)
+    t_spec, spec_out = timed(lambda: spec.generate([prompts[0]], greedy)[0].token_ids)
+    stats = spec.stats()
+    emit(bench="speculative_decode_tokens_per_s", ours=round(n / t_spec, 1), anchor=round(single, 1),
+         ratio=round(t_ours / t_spec, 2), unit="tokens/s", config=conf + ", MTP draft (1 token) vs plain, batch 1",
+         acceptance_rate=round(stats["spec_acceptance_rate"], 3), same_tokens=spec_out == ours_out)
+
+    # 6. the ceiling of speculation here: the same, with the MTP module run as usual but its draft replaced by
+    # the right token (read off the plain greedy output)
+    oracle = Engine(model, max_batch_size=1, speculative=True)
+    mtp_draft = oracle.spec.draft
+
+    def right_draft(runner, inp, hidden, next_ids, rows):
+        mtp_draft(runner, inp, hidden, next_ids, rows)  # keep the MTP block's cost
+        k = len(oracle.scheduler.running[0].token_ids) - len(prompts[0])
+        return [ours_out[k] if k < n else 0]
+
+    oracle.spec.draft = right_draft
+    t_oracle, oracle_out = timed(lambda: oracle.generate([prompts[0]], greedy)[0].token_ids)
+    emit(bench="speculative_ceiling_tokens_per_s", ours=round(n / t_oracle, 1), anchor=round(single, 1),
+         ratio=round(t_ours / t_oracle, 2), unit="tokens/s",
+         config=conf + ", MTP drafts replaced by the right token (acceptance 1): verification cost on this machine",
+         acceptance_rate=round(oracle.stats()["spec_acceptance_rate"], 3), same_tokens=oracle_out == ours_out)
+
+
+if __name__ == "__main__":
+    main()
