@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run directory, e.g. runs/cpu")
     p.set_defaults(func=cmd_report)
 
+    from nanoseek.engine.cli import add_generate_arguments, generate_cli
+
+    p = add_generate_arguments(sub.add_parser("generate", help="stream one completion of PROMPT, then tokens/s"))
+    p.set_defaults(func=generate_cli)
+
     p = sub.add_parser("info", help="sizes of a checkpoint: parameters, active parameters, KV cache bytes per token")
     p.add_argument("checkpoint", help="a Hugging Face DeepseekV3 directory")
     p.set_defaults(func=cmd_info)
