@@ -1,0 +1,261 @@
+"""The model's weights in the layout inference wants: the same math in fewer, faster kernel launches.
+
+Decoding a few tokens per step is bound by launches and by reading weights, not by arithmetic. So once per set of
+weights (and again whenever a parameter changes in place, e.g. after an optimizer step) the runner gets:
+- every matrix stored [in, out] (x @ W_t): CPU GEMMs read it markedly faster than the [out, in] of nn.Linear;
+- norm weights folded into the next matmul where only a matmul reads the normed vector (input_layernorm,
+  q_a_layernorm), so those norms are weightless;
+- RoPE folded into the weights: rotating adjacent pairs is y*cos + (P y)*sin with P the fixed pair swap
+  (y0, y1) -> (-y1, y0), and P y = (P W) x, so each rope projection also emits its P-rotated copy and RoPE is
+  two multiplies and an add;
+- stacked projections: [c_q | c_kv | k_rope | P k_rope] from one matmul, [q_nope | q_rope | P q_rope] from
+  another, [gate | up] of every SwiGLU from one;
+- each routed expert's matrices contiguous, so running one expert is two plain matmuls.
+W_UK and W_UV stay separate (views of kv_b_proj): folding them into the query and output projections saves two
+small batched matmuls but makes those weights kv_lora_rank / head_dim times larger.
+Quantized modules (quant.py) are kept as they are and called: their int8 kernels do the work; attention, which
+needs refolded matrices, uses their dequantized weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.engine.quant import Int8Experts, Int8Linear
+from nanoseek.model.attention import MLA
+from nanoseek.model.moe import MLP, MoE
+from nanoseek.model.transformer import Block, Transformer
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim, computed in fp32; the weight, if any, is applied by the caller."""
+    xf = x.float()
+    inv = xf.square().sum(-1, keepdim=True).mul_(1.0 / x.shape[-1]).add_(eps).rsqrt_()
+    return (xf * inv).type_as(x)
+
+
+def rotate_pairs(w: torch.Tensor) -> torch.Tensor:
+    """P applied along dim -2 of w [..., rope, in] (dim -1 of a bias [rope]): row 2i <- -row 2i+1, 2i+1 <- 2i."""
+    if w.dim() == 1:
+        return rotate_pairs(w.unsqueeze(-1)).squeeze(-1)
+    pairs = w.unflatten(-2, (-1, 2))
+    return torch.stack((-pairs[..., 1, :], pairs[..., 0, :]), dim=-2).flatten(-3, -2)
+
+
+def _w(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach()
+
+
+def _b(module: nn.Module | None, rows: int) -> torch.Tensor:
+    b = None if module is None else getattr(module, "bias", None)
+    return torch.zeros(rows) if b is None else b.detach().float()
+
+
+class Linear:
+    """y = x @ w_t (+ b), w_t [in, out]; or a quantized module, called as it is."""
+
+    def __init__(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 module: Int8Linear | None = None):
+        self.module = module
+        if module is None:
+            self.w_t = weight.t().contiguous()
+            self.b = bias
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Linear:
+        if isinstance(module, Int8Linear):
+            return cls(module=module)
+        return cls(_w(module), None if module.bias is None else module.bias.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module is not None:
+            return self.module(x)
+        y = x @ self.w_t
+        return y if self.b is None else y + self.b
+
+
+class SwiGLU:
+    """down(silu(gate x) * up x), gate and up stacked into one matrix (unless quantized)."""
+
+    def __init__(self, mlp: MLP):
+        if isinstance(mlp.gate_proj, Int8Linear):
+            self.gate_up, self.gate, self.up = None, mlp.gate_proj, mlp.up_proj
+        else:
+            self.gate_up = Linear(torch.cat((_w(mlp.gate_proj), _w(mlp.up_proj))))
+        self.down = Linear.of(mlp.down_proj)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Attention:
+    """One MLA layer with its input norm. Built in fp32, stored in the model's dtype."""
+
+    def __init__(self, attn: MLA, input_norm: nn.Module):
+        H, n, r, v, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_rank
+        self.n_heads, self.nope, self.rope, self.kv_rank = H, n, r, C
+        self.scale, self.eps, self.kv_norm_eps = attn.scale, input_norm.eps, attn.kv_a_layernorm.eps
+        dtype = _w(attn.kv_a_proj_with_mqa).dtype
+        ln = _w(input_norm).float()
+
+        kv_a, kv_b = _w(attn.kv_a_proj_with_mqa).float(), _b(attn.kv_a_proj_with_mqa, C + r)
+        parts, biases = [kv_a[:C], kv_a[C:], rotate_pairs(kv_a[C:])], [kv_b[:C], kv_b[C:], rotate_pairs(kv_b[C:])]
+        self.q_lora = hasattr(attn, "q_a_proj")
+        if self.q_lora:
+            Q = attn.q_a_proj.out_features
+            parts.insert(0, _w(attn.q_a_proj).float())
+            biases.insert(0, _b(attn.q_a_proj, Q))
+            self.q_norm_eps = attn.q_a_layernorm.eps
+            w_q = _w(attn.q_b_proj).float() * _w(attn.q_a_layernorm).float()
+            self.split_in = [Q, C, r, r]
+        else:
+            w_q = _w(attn.q_proj).float() * ln  # the query reads the normed input directly
+            self.split_in = [C, r, r]
+        has_bias = attn.kv_a_proj_with_mqa.bias is not None
+        self.proj_in = Linear((torch.cat(parts) * ln).to(dtype), torch.cat(biases).to(dtype) if has_bias else None)
+        self.kv_norm = _w(attn.kv_a_layernorm)
+
+        w_q = w_q.unflatten(0, (H, n + r))  # [H, nope + rope, in]
+        q_rope = w_q[:, n:]
+        self.proj_q = Linear(torch.cat([p.flatten(0, 1) for p in (w_q[:, :n], q_rope, rotate_pairs(q_rope))]).to(dtype))
+        kv_b_w = _w(attn.kv_b_proj).unflatten(0, (H, n + v))  # [H, nope + v, C]
+        self.w_uk = kv_b_w[:, :n].to(dtype).contiguous()  # [H, nope, C]
+        self.w_uv_t = kv_b_w[:, n:].transpose(1, 2).to(dtype).contiguous()  # [H, C, v]
+        self.kv_b = Linear.of(attn.kv_b_proj)
+        self.o_proj = Linear.of(attn.o_proj)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [N, d] (the block input, before its norm), cos/sin [N, rope] -> q_nope [N, H, nope],
+        q_rope [N, H, rope] (rotated), c_kv [N, C] (normalised), k_rope [N, rope] (rotated)."""
+        H, n, r = self.n_heads, self.nope, self.rope
+        h = rms_normalize(x, self.eps)
+        if self.q_lora:
+            c_q, c_kv, k, k_rot = self.proj_in(h).split(self.split_in, dim=-1)
+            q_in = rms_normalize(c_q, self.q_norm_eps)
+        else:
+            c_kv, k, k_rot = self.proj_in(h).split(self.split_in, dim=-1)
+            q_in = h
+        c_kv = rms_normalize(c_kv, self.kv_norm_eps) * self.kv_norm
+        q_nope, q, q_rot = (t.unflatten(-1, (H, -1)) for t in self.proj_q(q_in).split([H * n, H * r, H * r], -1))
+        cos_h, sin_h = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q_nope, q * cos_h + q_rot * sin_h, c_kv, k * cos + k_rot * sin
+
+    def absorb_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        """-> [N, H, C + rope]: the query in latent space (W_UK^T q_nope), to score against cached rows."""
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)
+        return torch.cat((q_latent, q_rope), dim=-1)
+
+    def expand_output(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """Attention-weighted latents [N, H, C] -> per-head values [N, H*v] (W_UV), ready for o_proj."""
+        return torch.bmm(o_latent.transpose(0, 1), self.w_uv_t).transpose(0, 1).flatten(1)
+
+    def expand(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents [S, C], [S, rope] -> per-head keys [1, H, S, nope + rope] and values [1, H, S, v]."""
+        kv = self.kv_b(c_kv).unflatten(-1, (self.n_heads, -1)).transpose(0, 1)  # [H, S, nope + v]
+        k_nope, v = kv.split([self.nope, kv.shape[-1] - self.nope], dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(self.n_heads, -1, -1)), dim=-1)
+        return k.unsqueeze(0), v.unsqueeze(0)
+
+
+class Router:
+    """The model's routing decisions (moe.Router) with the weight stored [in, out]: same scores, same choices."""
+
+    def __init__(self, gate):
+        self.w_t = _w(gate).float().t().contiguous()
+        self.sigmoid, self.top_k = gate.sigmoid, gate.top_k
+        self.n_group, self.topk_group = gate.n_group, gate.topk_group
+        self.norm_topk_prob, self.scaling = gate.norm_topk_prob, gate.scaling
+        self.bias = gate.e_score_correction_bias if gate.sigmoid else None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] -> weights [N, K] (fp32), expert ids [N, K]."""
+        logits = x.float() @ self.w_t
+        scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
+        choice = scores + self.bias if self.sigmoid else scores
+        if self.n_group > 1:
+            grouped = choice.unflatten(-1, (self.n_group, -1))
+            group_score = grouped.topk(2, dim=-1).values.sum(-1) if self.sigmoid else grouped.amax(-1)
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids
+
+
+class MoEWeights:
+    """Router, routed experts (each one's gate_up [d, 2I] and down [I, d] contiguous) and shared experts."""
+
+    def __init__(self, moe: MoE):
+        self.router, self.shared = Router(moe.gate), SwiGLU(moe.shared_experts)
+        self.n_experts = moe.n_experts
+        if isinstance(moe.experts, Int8Experts):
+            self.quantized = moe.experts
+        else:
+            self.quantized = None
+            self.gate_up_t = list(moe.experts.gate_up_proj.detach().transpose(1, 2).contiguous().unbind(0))
+            self.down_t = list(moe.experts.down_proj.detach().transpose(1, 2).contiguous().unbind(0))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.expert_forward(e, x)
+        gate, up = (x @ self.gate_up_t[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_t[e]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, d]: (token, expert) pairs sorted by expert, each chosen expert run once on its contiguous rows,
+        then the pairs put back in token order and summed per token, plus the shared experts."""
+        weights, ids = self.router(x)
+        N, K = ids.shape
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        xs = x[order // K]
+        ys, start = torch.empty_like(xs), 0
+        for e, n in enumerate(counts):
+            if n:
+                ys[start : start + n] = self.expert(e, xs[start : start + n])
+                start += n
+        routed = torch.empty_like(ys)
+        routed[order] = ys
+        routed = (routed.view(N, K, -1) * weights.unsqueeze(-1).type_as(x)).sum(dim=1)
+        return self.shared(x) + routed
+
+
+class BlockWeights:
+    def __init__(self, block: Block):
+        self.attn = Attention(block.self_attn, block.input_layernorm)
+        norm = block.post_attention_layernorm
+        self.ffn_norm, self.ffn_eps = _w(norm), norm.eps
+        self.ffn = MoEWeights(block.mlp) if block.is_moe else SwiGLU(block.mlp)
+
+
+class InferenceWeights:
+    """Every block (the main ones, then the MTP block if asked) and the head, rebuilt whenever a parameter they
+    come from has changed in place (torch bumps a tensor's version on every in-place write). A parameter
+    replaced by a new object is not seen: call refresh() after load_state_dict(assign=True)."""
+
+    def __init__(self, model: Transformer, with_mtp: bool):
+        self.model, self.with_mtp = model, with_mtp
+        self.refresh()
+
+    def refresh(self) -> None:
+        model = self.model
+        blocks = list(model.layers) + ([model.mtp[0].block] if self.with_mtp else [])
+        with torch.no_grad():
+            self.blocks = [BlockWeights(b) for b in blocks]
+            self.lm_head = Linear.of(model.lm_head)
+            self.eh_proj = Linear.of(model.mtp[0].eh_proj) if self.with_mtp else None
+        self._versions = [(t, t._version) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+
+    def current(self) -> InferenceWeights:
+        if any(t._version != v for t, v in self._versions):
+            self.refresh()
+        return self
