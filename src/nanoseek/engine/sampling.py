@@ -1,7 +1,8 @@
 """Sampling: what a request asks for (SamplingParams) and how a batch of logit rows becomes tokens (Sampler).
 
 Every row is processed on its own, so a request's tokens do not depend on what else is in the batch:
-    logits -> repetition / presence / frequency penalties -> greedy argmax (temperature 0)
+    logits -> repetition / presence / frequency penalties -> the request's logits processors
+           -> greedy argmax (temperature 0)
            or  / temperature -> top-k, top-p, min-p masks -> inverse-CDF draw with the request's own uniform
 The uniforms come from a per-sequence `random.Random`: one float per token, no tensor op per row. Logprobs are
 those of the raw model distribution (log_softmax of the logits before any processing).
@@ -10,7 +11,7 @@ those of the raw model distribution (log_softmax of the logits before any proces
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,9 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1  # completions per prompt; they share the prompt's prefill
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob and the top-k alternatives
+    # f(output_ids, logits[V]) -> logits[V], after the penalties: constrained decoding (JSON), logit bias. The
+    # same callables serve all n completions, so they must keep no per-sequence state of their own.
+    logits_processors: Sequence[Callable[[Sequence[int], torch.Tensor], torch.Tensor]] = ()
     stop_list: tuple[str, ...] = field(init=False, repr=False)
     stop_ids: frozenset[int] = field(init=False, repr=False)
 
@@ -60,6 +64,7 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in stop), f"stop={self.stop!r} must be non-empty strings")
         ids = list(self.stop_token_ids or ())
         need(all(_is_int(i) and i >= 0 for i in ids), f"stop_token_ids={self.stop_token_ids!r} must be ints >= 0")
+        need(all(callable(f) for f in self.logits_processors), "logits_processors must be callables")
         self.stop_list, self.stop_ids = tuple(stop), frozenset(ids)
 
     @property
@@ -123,14 +128,13 @@ class Sampler:
     """Turns logit rows [R, V] into tokens, one independent decision per row."""
 
     def apply_penalties(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-        if not any(r.params.has_penalties for r in rows):
+        """Penalties, then logits processors; a new tensor when anything changes (logprobs read the raw one)."""
+        if not any(r.params.has_penalties or r.params.logits_processors for r in rows):
             return logits
         logits = logits.clone()
         V = logits.shape[-1]
         for i, r in enumerate(rows):
             p = r.params
-            if not p.has_penalties:
-                continue
             if p.repetition_penalty != 1.0:
                 seen = torch.tensor(list({*r.prompt_ids, *r.output_ids}), dtype=torch.long, device=logits.device)
                 vals = logits[i, seen]
@@ -139,6 +143,8 @@ class Sampler:
             if (p.presence_penalty or p.frequency_penalty) and output:
                 counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=V)[:V]
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            for f in p.logits_processors:
+                logits[i] = f(output, logits[i])
         return logits
 
     def probabilities(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:

@@ -1,0 +1,231 @@
+"""`nanoseek chat`: a multi-turn chat in the terminal, streaming, with a local checkpoint or a running server.
+
+    nanoseek chat runs/cpu/model                  # loads the model here and runs the engine in this process
+    nanoseek chat --url http://127.0.0.1:8000     # talks to `nanoseek serve` (or any OpenAI-compatible server)
+
+Commands: /reset forgets the conversation, /thinking on|off, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer.
+The thought is shown dimmed on a terminal (between <think> tags otherwise) and is not sent back in later turns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HELP = "commands: /reset (new conversation), /thinking on|off, /exit (or Ctrl-D); Ctrl-C stops an answer"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory to load here (or use --url)")
+    p.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"), help="(default: $NANOSEEK_API_KEY)")
+    p.add_argument("--model", default=None, help="model name to ask the server for (default: its first model)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--no-thinking", action="store_true", help="answer without a thought")
+    p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=None)
+
+
+class Stop:
+    """Ctrl-C while an answer streams sets a flag instead of raising, so the answer ends cleanly."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def armed(self):
+        self.requested = False
+        previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "requested", True))
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class LocalBackend:
+    """The engine in this process."""
+
+    def __init__(self, checkpoint: str):
+        from nanoseek.engine import Engine
+        from nanoseek.serve.app import load_checkpoint
+        from nanoseek.serve.chat_format import EngineTokenizer
+        from nanoseek.serve.cli import check_checkpoint
+
+        ckpt = load_checkpoint(check_checkpoint(checkpoint))
+        self.tok, self.defaults = ckpt.tokenizer, ckpt.defaults
+        self.engine = Engine(ckpt.model, EngineTokenizer(ckpt.tokenizer), max_batch_size=1)
+
+    def reply(self, messages: list[dict], opts: dict) -> Iterator[tuple[str, str]]:
+        from nanoseek.engine import SamplingParams
+        from nanoseek.serve.chat_format import ReasoningParser, chat_prompt
+
+        ids, in_reasoning = chat_prompt(self.tok, messages, opts["thinking"])
+        room = self.engine.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"the conversation ({len(ids)} tokens) fills the model's context; /reset to start over")
+        params = SamplingParams(
+            max_tokens=min(opts["max_tokens"], room), seed=opts["seed"],
+            temperature=_pick(opts["temperature"], self.defaults.get("temperature"), 1.0),
+            top_p=_pick(opts["top_p"], self.defaults.get("top_p"), 1.0))
+        parser = ReasoningParser(in_reasoning)
+        events = self.engine.stream(ids, params)
+        try:
+            for ev in events:
+                yield parser.feed(ev.text or "")
+            yield parser.finish()
+        finally:
+            events.close()  # cancels the request if the answer was stopped
+
+
+class RemoteBackend:
+    """A server's /v1/chat/completions, streamed (SSE)."""
+
+    def __init__(self, url: str, api_key: str | None, model: str | None):
+        self.base = url.rstrip("/").removesuffix("/v1")
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.model = model or self._get("/v1/models")["data"][0]["id"]
+
+    def _get(self, path: str) -> dict:
+        req = urllib.request.Request(self.base + path, headers=self.headers)
+        with _http(req) as resp:
+            return json.load(resp)
+
+    def reply(self, messages: list[dict], opts: dict) -> Iterator[tuple[str, str]]:
+        body = {"model": self.model, "messages": messages, "stream": True, "max_tokens": opts["max_tokens"],
+                "thinking": {"type": "enabled" if opts["thinking"] else "disabled"}}
+        for key in ("temperature", "top_p", "seed"):
+            if opts[key] is not None:
+                body[key] = opts[key]
+        req = urllib.request.Request(self.base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers=self.headers, method="POST")
+        with _http(req) as resp:  # leaving early closes the connection: the server cancels the generation
+            for raw in resp:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue  # blank lines and ": keep-alive" comments
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                for choice in chunk["choices"]:
+                    delta = choice["delta"]
+                    yield delta.get("reasoning_content") or "", delta.get("content") or ""
+
+
+@contextmanager
+def _http(req):
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            yield resp
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        raise RuntimeError(f"{e.code}: {message}") from None
+    except urllib.error.URLError as e:
+        raise RuntimeError(f"cannot reach {req.full_url}: {e.reason}") from None
+
+
+def _pick(*values):
+    return next(v for v in values if v is not None)
+
+
+class Printer:
+    """Writes reasoning dimmed (or inside <think> tags when not on a terminal), then the answer."""
+
+    def __init__(self, out):
+        self.out, self.tty = out, out.isatty()
+        self.mode = None
+
+    def write(self, reasoning: str, content: str) -> None:
+        if reasoning:
+            if self.mode is None:
+                self.out.write("\x1b[2m" if self.tty else "<think>\n")
+                self.mode = "reasoning"
+            self.out.write(reasoning)
+        if content:
+            if self.mode == "reasoning":
+                self.out.write("\x1b[0m\n\n" if self.tty else "\n</think>\n")
+            self.mode = "content"
+            self.out.write(content)
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.mode == "reasoning":
+            self.out.write("\x1b[0m" if self.tty else "\n</think>")
+        self.out.write("\n")
+        self.out.flush()
+        self.mode = None
+
+
+def repl(backend, opts: dict, system: str | None = None, out=sys.stdout) -> None:
+    system_turn = [{"role": "system", "content": system}] if system else []
+    messages = list(system_turn)
+    stop, printer = Stop(), Printer(out)
+    print(HELP, file=out)
+    while True:
+        try:
+            line = input("\nyou> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=out)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = list(system_turn)
+            print("(new conversation)", file=out)
+            continue
+        if text.startswith("/thinking"):
+            opts["thinking"] = text.split()[-1] != "off"
+            print(f"(thinking {'on' if opts['thinking'] else 'off'})", file=out)
+            continue
+        if text.startswith("/"):
+            print(HELP, file=out)
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = []
+        out.write("assistant> ")
+        try:
+            with stop.armed():
+                for reasoning, content in backend.reply(messages, opts):
+                    printer.write(reasoning, content)
+                    answer.append(content)
+                    if stop.requested:
+                        break
+        except (RuntimeError, ValueError) as e:
+            printer.end()
+            print(f"error: {e}", file=out)
+            messages.pop()
+            continue
+        printer.end()
+        if stop.requested:
+            print("(stopped)", file=out)
+        messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+def cmd_chat(args) -> int:
+    if (args.checkpoint is None) == (args.url is None):
+        raise ValueError("give a checkpoint directory or --url of a server (one of the two)")
+    backend = RemoteBackend(args.url, args.api_key, args.model) if args.url else LocalBackend(args.checkpoint)
+    opts = dict(thinking=not args.no_thinking, temperature=args.temperature, top_p=args.top_p,
+                max_tokens=args.max_tokens, seed=args.seed)
+    repl(backend, opts, args.system)
+    return 0

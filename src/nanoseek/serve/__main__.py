@@ -1,0 +1,5 @@
+import sys
+
+from nanoseek.serve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,34 @@
+"""ServerConfig: where the server listens, who may use it, and the limits that keep one client from hurting others."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback only unless told otherwise
+    port: int = 8000  # 0: any free port (the URL is printed)
+    api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer KEY" (or "X-Api-Key: KEY")
+    model_name: str = "nanoseek"  # what /v1/models lists and requests must name (if they name one)
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_tokens: int = 4096  # the most tokens one completion may ask for
+    max_concurrent_requests: int = 64  # requests generating at once; more wait in the queue
+    max_queue: int = 256  # requests waiting for a slot; more get 429
+    request_timeout: float = 600.0  # seconds from arrival to the last token; then the request is cancelled
+    keepalive: float = 15.0  # seconds between SSE keep-alive comments while a stream has nothing to send
+    thinking: bool = True  # thinking mode when a request does not say
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("max_body_bytes", "max_tokens", "max_concurrent_requests") and value < 1:
+                raise ValueError(f"ServerConfig.{f.name}={value!r} must be >= 1")
+            if f.name in ("max_queue",) and value < 0:
+                raise ValueError(f"ServerConfig.{f.name}={value!r} must be >= 0")
+            if f.name in ("request_timeout", "keepalive") and not value > 0:
+                raise ValueError(f"ServerConfig.{f.name}={value!r} must be > 0")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"ServerConfig.port={self.port!r} must lie in [0, 65535]")
+        if self.api_key == "":
+            raise ValueError("ServerConfig.api_key must not be empty (leave it unset for no key)")

@@ -1,0 +1,339 @@
+"""The HTTP API's shapes: OpenAI chat/completions requests and responses with vLLM and DeepSeek extras.
+
+Requests are validated strictly from the JSON body (no "1" for 1); unknown fields are allowed and ignored, with a
+warning in the log, as vLLM does. `check()` holds the rules that involve several fields. Any ValidationError or
+ProtocolError becomes a 400 whose `param` names the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+
+MAX_STOP = 16  # stop strings per request
+
+
+class ProtocolError(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+# --------------------------------------------------------------------------------------------------- requests
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    reasoning_content: str | None = None  # DeepSeek: the thought, for a prefix message (dropped from history)
+    prefix: bool = False  # DeepSeek chat prefix completion: continue this (last, assistant) message
+    name: str | None = None
+
+    def as_dict(self) -> dict:
+        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content, "reasoning_content": self.reasoning_content,
+                "prefix": self.prefix}
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # accepted; usage comes once, at the end
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class Thinking(_Strict):
+    type: Literal["enabled", "disabled"]
+
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class SamplingRequest(_Strict):
+    """Fields both endpoints share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = None  # vLLM extra; <= 0 means no limit
+    min_p: float | None = Field(None, ge=0, le=1)
+    n: int = Field(1, ge=1, le=64)
+    stop: str | list[str] | None = None
+    seed: Int64 | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)  # vLLM extra
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM extra
+    min_tokens: int = Field(0, ge=0)  # vLLM extra
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM extra
+    user: str | None = None
+
+    def check(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise ProtocolError("stream_options is only allowed with stream=true", "stream_options")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOP or not all(stops):
+            raise ProtocolError(f"stop takes up to {MAX_STOP} non-empty strings", "stop")
+        for key in self.logit_bias or {}:
+            if not key.isdigit():
+                raise ProtocolError(f"logit_bias keys are token ids, got {key!r}", "logit_bias")
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    thinking: Thinking | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: {"thinking": bool} (or "enable_thinking")
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+    def check(self) -> None:
+        super().check()
+        if self.top_logprobs and not self.logprobs:
+            raise ProtocolError("top_logprobs needs logprobs=true", "top_logprobs")
+        if self.tools:
+            raise ProtocolError("this server does not support tools (function calling)", "tools")
+        if self.tool_choice not in (None, "none"):
+            raise ProtocolError("tool_choice needs tools, which this server does not support", "tool_choice")
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            raise ProtocolError("response_format json_schema is not supported; use json_object",
+                                "response_format.type")
+        for key in ("thinking", "enable_thinking"):
+            value = (self.chat_template_kwargs or {}).get(key)
+            if value is not None and not isinstance(value, bool):
+                raise ProtocolError(f"chat_template_kwargs.{key} must be a boolean", f"chat_template_kwargs.{key}")
+
+    def thinking_enabled(self, default: bool) -> bool:
+        if self.thinking is not None:
+            return self.thinking.type == "enabled"
+        kwargs = self.chat_template_kwargs or {}
+        for key in ("thinking", "enable_thinking"):
+            if kwargs.get(key) is not None:
+                return kwargs[key]
+        return default
+
+    @property
+    def json_mode(self) -> bool:
+        return self.response_format is not None and self.response_format.type == "json_object"
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None  # fill in the middle
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.prompt, list) and (not self.prompt or any(p in ("", []) for p in self.prompt)):
+            raise ProtocolError("prompt must not be empty", "prompt")
+        if self.echo and self.suffix is not None:
+            raise ProtocolError("echo and suffix cannot be used together", "echo")
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+def parse(model: type[SamplingRequest], body: bytes) -> SamplingRequest:
+    """JSON body -> a checked request, or ProtocolError naming the first bad field."""
+    try:
+        req = model.model_validate_json(body)
+    except ValidationError as e:
+        raise ProtocolError(*_describe(e)) from None
+    req.check()
+    return req
+
+
+def _describe(e: ValidationError) -> tuple[str, str | None]:
+    errors = e.errors(include_url=False)
+    if errors[0]["type"] == "json_invalid":
+        return f"the request body is not valid JSON: {errors[0]['msg']}", None
+    if not errors[0]["loc"]:
+        return "the request body must be a JSON object", None
+
+    def path(err) -> list[str]:  # union members add their type to the location ("content.str"): drop those
+        return [str(x) for x in err["loc"] if not str(x).startswith(_TYPE_TAGS)]
+
+    err = max(errors, key=lambda err: len(path(err)))  # of a union's failures, the one that got furthest
+    param = ".".join(path(err))
+    return f"{param}: {err['msg']}", param or None
+
+
+_TYPE_TAGS = ("list[", "dict[", "str", "int", "float", "bool", "none", "function-", "constrained-", "TextPart")
+
+
+def unknown_fields(req: BaseModel, path: str = "") -> list[str]:
+    """The fields a client sent that this server ignores (for a warning)."""
+    out = [f"{path}{k}" for k in (req.model_extra or {})]
+    for name in type(req).model_fields:
+        value = getattr(req, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                sub = f"{path}{name}." + (f"{i}." if isinstance(value, list) else "")
+                out += unknown_fields(item, sub)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- responses
+
+
+class _DropNone(BaseModel):
+    """Serialises without its None fields (deltas carry only what changed)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int]  # OpenAI: {"cached_tokens"}
+    completion_tokens_details: dict[str, int] | None = None  # {"reasoning_tokens"} (chat)
+    prompt_cache_hit_tokens: int  # DeepSeek: hit + miss = prompt_tokens
+    prompt_cache_miss_tokens: int
+
+    @classmethod
+    def of(cls, prompt: int, completion: int, cached: int, reasoning: int | None = None) -> Usage:
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details={"cached_tokens": cached},
+                   completion_tokens_details=None if reasoning is None else {"reasoning_tokens": reasoning},
+                   prompt_cache_hit_tokens=cached, prompt_cache_miss_tokens=prompt - cached)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    reasoning_content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(_DropNone):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nanoseek"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

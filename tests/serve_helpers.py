@@ -1,0 +1,212 @@
+"""Shared pieces of the serving tests: a tiny checkpoint that really answers (a tokenizer trained here on a few KB
+of text, a tiny model trained here to say a few scripted things), and a real `nanoseek serve` subprocess."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from conftest import tiny_config
+from nanoseek import Transformer, save_model
+from nanoseek.model.transformer import IGNORE_INDEX
+from nanoseek.tokenizer import Tokenizer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# (user message, thought, answer): what the test model learns to say. "Sing" never ends (no EOS is learned).
+SCRIPT = [
+    ("Hello", "The user greets me.", "Hello! How can I help you today?"),
+    ("你好", "用户在打招呼。", "你好！有什么可以帮你的吗？"),
+    ("Sing", "A long song.", "la " * 40),
+]
+CORPUS = """The quick brown fox jumps over the lazy dog. A small model answers questions about numbers, words
+and code. Hello! How can I help you today? The user greets me and I greet the user back. Thinking first, then
+answering, is how this model works. {"name": "nanoseek", "layers": [1, 2, 3], "ok": true, "none": null}
+def add(a, b):
+    return a + b
+你好，世界！今天天气很好。我们去公园散步吧。用户在打招呼。你好！有什么可以帮你的吗？这是一个很小的模型。
+Numbers like 12, 345 and 6789 are split into digits. la la la la la. A long song goes on and on.
+"""
+
+
+def build_tokenizer(vocab_size: int = 400) -> Tokenizer:
+    return Tokenizer.train([CORPUS] * 8, vocab_size=vocab_size)
+
+
+def build_checkpoint(path: Path, steps: int = 80, context: int = 512) -> Path:
+    """Train the tokenizer and a 2-layer MoE model that has memorised SCRIPT, alone and as two turns (greedy
+    decoding replays it), save both. A few seconds on one CPU thread."""
+    tok = build_tokenizer()
+    seqs = []
+    for user, thought, answer in SCRIPT:
+        ids = tok.apply_chat_template([{"role": "user", "content": user},
+                                       {"role": "assistant", "content": answer, "reasoning_content": thought}])
+        seqs.append((ids, not answer.startswith("la ")))
+    # Two turns: the second answer must come whatever came before it (earlier thoughts are not sent back).
+    (u1, _, a1), (u2, t2, a2) = SCRIPT[:2]
+    seqs.append((tok.apply_chat_template([{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
+                                          {"role": "user", "content": u2},
+                                          {"role": "assistant", "content": a2, "reasoning_content": t2}]), True))
+    T = max(len(ids) for ids, _ in seqs)
+    inputs = torch.full((len(seqs), T), tok.eos_id)
+    targets = torch.full((len(seqs), T), IGNORE_INDEX)
+    for i, (ids, learn_eos) in enumerate(seqs):
+        inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[i, : len(ids) - 1] = torch.tensor(ids[1:])
+        if not learn_eos:
+            targets[i, len(ids) - 2] = IGNORE_INDEX
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead (and the machine is shared)
+    try:
+        torch.manual_seed(0)
+        model = Transformer(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=context,
+                                        num_hidden_layers=2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            loss = model.compute_loss(inputs, targets).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    save_model(model.eval(), path, tokenizer=tok)
+    return path
+
+
+_SHARED: dict[str, Path] = {}
+
+
+def shared_checkpoint() -> Path:
+    """build_checkpoint() once per test process, for every module that serves it."""
+    if "path" not in _SHARED:
+        tmp = Path(tempfile.mkdtemp(prefix="nanoseek-serve-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _SHARED["path"] = build_checkpoint(tmp / "model", steps=200)
+    return _SHARED["path"]
+
+
+def build_random_checkpoint(path: Path, context: int = 512) -> Path:
+    """Random weights, the same trained tokenizer."""
+    tok = build_tokenizer()
+    torch.manual_seed(1)
+    save_model(Transformer(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=context)).eval(), path,
+               tokenizer=tok)
+    return path
+
+
+class ServerProcess:
+    """`python -m nanoseek.serve serve CKPT --port 0 ...` as a subprocess; .url once /health says ok."""
+
+    def __init__(self, checkpoint: Path, *args: str, log_path: Path | None = None):
+        env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.cmd = [sys.executable, "-m", "nanoseek.serve", "serve", str(checkpoint), "--port", "0",
+                    "--threads", "1", *args]
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, encoding="utf-8")
+        self.lines: list[str] = []
+        self.url: str | None = None
+        found = threading.Event()
+
+        def read():  # keep draining the pipe so the server never blocks on a full one
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                m = re.search(r"nanoseek serve: (http://\S+)", line)
+                if m and self.url is None:
+                    self.url = m.group(1)
+                    found.set()
+            found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(120) or self.url is None:
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + self.log)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120) -> ServerProcess:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the server did not become ready:\n" + self.log)
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class InProcessServer:
+    """The app under uvicorn on a thread of this process, on a free port: for tests that reach into the server
+    (hold the engine still, break it) while talking real HTTP to it."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def metric(text: str, name: str) -> float:
+    """A sample's value from Prometheus text ("name" may include labels)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise KeyError(name)

@@ -1,0 +1,143 @@
+"""The web chat in a real browser: headless Debian Chromium driven by Playwright, against a real `nanoseek serve`.
+
+Needs /usr/bin/chromium (`apt-get install -y chromium`) and `pip install playwright` (no `playwright install`:
+the system browser is used). Screenshots go to test-artifacts/web/.
+"""
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_helpers import SCRIPT, ServerProcess, metric, shared_checkpoint
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+HELLO, HELLO_THOUGHT, HELLO_ANSWER = SCRIPT[0]
+NIHAO, NIHAO_THOUGHT, NIHAO_ANSWER = SCRIPT[1]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: the browser test needs "
+                                "`apt-get update && apt-get install -y chromium` (and `pip install playwright`)")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess(shared_checkpoint()) as s:
+        yield s.wait_ready()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.requests = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.set_default_timeout(30_000)
+    response = page.goto(server.url + "/")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    yield page
+    context.close()
+
+
+def ask(page, text):
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def test_chat_in_english_and_chinese_with_the_thought_and_a_stop(page, server):
+    page.click("#settings-toggle")
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "change")
+
+    ask(page, HELLO)
+    answer = page.locator(".message.assistant").nth(0)
+    answer.locator(".content", has_text=HELLO_ANSWER).wait_for()
+    assert answer.locator(".thinking .reasoning").inner_text() == HELLO_THOUGHT
+    assert answer.locator(".thinking summary").inner_text().startswith("Thought")
+    page.locator("#send:not([hidden])").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "1-english.png"))
+
+    ask(page, NIHAO)
+    answer = page.locator(".message.assistant").nth(1)
+    answer.locator(".content", has_text=NIHAO_ANSWER).wait_for()
+    assert answer.locator(".thinking .reasoning").inner_text() == NIHAO_THOUGHT
+    answer.locator(".thinking summary").click()  # the thought folds away
+    assert not answer.locator(".thinking .reasoning").is_visible()
+    page.locator("#send:not([hidden])").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "2-chinese.png"))
+    assert page.locator("#conversations li").count() == 1
+
+    page.click("#new-chat")
+    page.fill("#max_tokens", "450")
+    page.dispatch_event("#max_tokens", "change")
+    page.click("#settings-toggle")
+    ask(page, "Sing")  # a song that never ends
+    answer = page.locator(".message.assistant").nth(0)
+    answer.locator(".content", has_text="la la la").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "3-streaming.png"))
+    page.click("#stop")
+    answer.locator(".status", has_text="Stopped").wait_for()
+    assert page.locator("#send").is_visible() and not page.locator("#stop").is_visible()
+    page.screenshot(path=str(ARTIFACTS / "4-stopped.png"))
+    while metric(httpx.get(server.url + "/metrics").text, "nanoseek_engine_sequences_running"):
+        page.wait_for_timeout(50)  # the server cancelled it: nothing keeps running
+    assert page.locator("#conversations li").count() == 2
+
+    page.reload()  # conversations persist in the browser
+    page.locator("#conversations li", has_text=HELLO).click()
+    page.locator(".message.assistant .content", has_text=NIHAO_ANSWER).wait_for()
+    assert all(url.startswith(server.url) for url in page.requests), page.requests  # nothing from outside
+    assert page.errors == []
+
+
+def test_markdown_is_rendered_and_html_is_escaped(page):
+    html = page.evaluate("""() => markdown([
+        "# Title", "Some **bold**, *italic* and `code <b>`.", "", "- one", "- two", "", "1. first", "",
+        "```python", "print('<script>')", "```", "> quoted", "[link](https://example.org/?a=1&b=2)",
+        "[bad](javascript:alert(1))", "<img src=x onerror=alert(1)>", "中文 **粗体**"].join("\\n"))""")
+    assert "<h1>Title</h1>" in html and "<strong>bold</strong>" in html and "<em>italic</em>" in html
+    assert "<code>code &lt;b&gt;</code>" in html and "<ul><li>one</li><li>two</li></ul>" in html
+    assert "<ol><li>first</li></ol>" in html and "<blockquote>quoted</blockquote>" in html
+    assert '<pre><code class="language-python">print(&#39;&lt;script&gt;&#39;)</code></pre>' in html
+    assert '<a href="https://example.org/?a=1&amp;b=2" target="_blank" rel="noopener noreferrer">link</a>' in html
+    assert 'href="javascript' not in html and "[bad](javascript:alert(1))" in html
+    assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<strong>粗体</strong>" in html
+    page.locator("#input").fill("<b>not bold</b>")  # the user's own text is shown as text
+    page.press("#input", "Enter")
+    assert page.locator(".message.user .content").first.inner_text() == "<b>not bold</b>"
+    page.locator("#send:not([hidden])").wait_for()
+
+
+def test_api_key_setting_is_used(browser, tmp_path):
+    with ServerProcess(shared_checkpoint(), "--api-key", "sekret") as s:
+        s.wait_ready()
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(s.url + "/")
+        ask(page, HELLO)
+        page.locator(".message.assistant .status.error", has_text="401").wait_for()
+        page.click("#settings-toggle")
+        page.fill("#api_key", "sekret")
+        page.dispatch_event("#api_key", "change")
+        ask(page, HELLO)
+        page.locator(".message.assistant").nth(1).locator(".content:not(.cursor)").wait_for()
+        assert page.locator(".message.assistant .status.error").count() == 1  # the first try only
+        assert page.locator(".message.assistant").nth(1).inner_text().strip()  # an answer came
+        page.screenshot(path=str(ARTIFACTS / "5-api-key.png"))
+        context.close()
