@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 PIP      = $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test speedrun smoke demo test test-all bench clean
+.PHONY: install install-test browser speedrun smoke demo test test-all bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,9 +13,14 @@ install: $(BIN)/python
 	$(PIP) install -e .
 	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
-install-test: $(BIN)/python
+install-test: $(BIN)/python browser
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
+
+# The web-chat test drives Debian's Chromium with Playwright (Playwright's own browser download is not used).
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: /usr/bin/chromium missing and not root: the browser test will be skipped"; }
 
 speedrun: install
 	$(BIN)/nanoseek speedrun --preset cpu --out runs/cpu

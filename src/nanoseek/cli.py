@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_generate_arguments(sub.add_parser("generate", help="stream one completion of PROMPT, then tokens/s"))
     p.set_defaults(func=generate_cli)
 
+    from nanoseek.posttrain import add_commands as add_posttrain_commands
+    from nanoseek.serve.cli import add_commands as add_serve_commands
+    from nanoseek.train.rl import add_commands as add_grpo_commands
+
+    add_posttrain_commands(sub)  # sft, eval, distill
+    add_grpo_commands(sub)  # grpo
+    add_serve_commands(sub)  # serve, chat
+
     p = sub.add_parser("info", help="sizes of a checkpoint: parameters, active parameters, KV cache bytes per token")
     p.add_argument("checkpoint", help="a Hugging Face DeepseekV3 directory")
     p.set_defaults(func=cmd_info)
