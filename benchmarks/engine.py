@@ -7,7 +7,7 @@ predict; every figure below uses those same weights, in the same run. Prints JSO
 {"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
 
     python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8] [--train-seq 128]
-                                [--new-tokens 128] [--batch 16] [--no-anchor]
+                                [--new-tokens 128] [--batch 16] [--no-anchor] [--save-trained DIR | --checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek import ModelConfig, Transformer, save_model
+from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quant import quantization_error, quantize_model
 
@@ -67,7 +67,7 @@ def train_briefly(model: Transformer, data: torch.Tensor, steps: int, batch: int
     return loss
 
 
-def timed(fn, repeats: int = 2):
+def timed(fn, repeats: int = 3):
     """Best wall time of a few runs after one warm-up (the machine may be shared). -> (seconds, last result)."""
     result = fn()
     best = float("inf")
@@ -91,22 +91,29 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-anchor", action="store_true", help="skip transformers")
+    ap.add_argument("--checkpoint", help="measure this checkpoint (reference-sized, with MTP) instead of training one")
+    ap.add_argument("--save-trained", help="save the briefly trained model here (to measure it again later)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n = args.new_tokens
-    cfg = ModelConfig(**REFERENCE, num_nextn_predict_layers=1)
-    conf = (f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained {args.train_steps} steps of "
-            f"{args.train_batch}x{args.train_seq} source bytes")
-
-    model = Transformer(cfg)
     data, held_out = source_bytes(TRAIN), source_bytes(HELD_OUT)
-    t0 = time.perf_counter()
-    loss = train_briefly(model, data, args.train_steps, args.train_batch, args.train_seq) if args.train_steps \
-        else float("nan")
+    if args.checkpoint:
+        model = load_model(args.checkpoint).float()
+        conf = f"{args.checkpoint}, fp32, CPU, threads={args.threads}"
+    else:
+        model = Transformer(ModelConfig(**REFERENCE, num_nextn_predict_layers=1))
+        conf = (f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained {args.train_steps} steps of "
+                f"{args.train_batch}x{args.train_seq} source bytes")
+        t0 = time.perf_counter()
+        loss = train_briefly(model, data, args.train_steps, args.train_batch, args.train_seq) if args.train_steps \
+            else float("nan")
+        print(f"# trained {args.train_steps} steps in {time.perf_counter() - t0:.0f}s, lm loss {loss:.3f}",
+              file=sys.stderr)
+        if args.save_trained:
+            save_model(model, args.save_trained)
     model.eval()
-    print(f"# trained {args.train_steps} steps in {time.perf_counter() - t0:.0f}s, lm loss {loss:.3f}",
-          file=sys.stderr)
+    cfg = model.config
 
     prompts = [held_out[i * 997 : i * 997 + 32].tolist() for i in range(args.batch)]
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
@@ -126,13 +133,13 @@ def main() -> None:
         ids = torch.tensor([prompts[0]])
         with torch.no_grad():
             t_hf, hf_out = timed(lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                     pad_token_id=0)[0, 32:].tolist(), repeats=1)
+                                                     pad_token_id=0)[0, 32:].tolist())
         row.update(anchor=round(n / t_hf, 1), ratio=round(t_hf / t_ours, 2), same_tokens=hf_out == ours_out)
     emit(**row)
     single = n / t_ours
 
     # 2. many requests at once vs one at a time, same engine
-    t_batch, outs = timed(lambda: engine.generate(prompts, greedy), repeats=1)
+    t_batch, outs = timed(lambda: engine.generate(prompts, greedy), repeats=2)
     emit(bench=f"throughput_{args.batch}_concurrent", ours=round(args.batch * n / t_batch, 1),
          anchor=round(single, 1), ratio=round(args.batch * n / t_batch / single, 2), unit="tokens/s",
          config=conf + f", {args.batch} requests x {n} tokens vs the same engine at batch 1",
