@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' server process and tokenizer helpers
 
-from serve_helpers import ServerProcess, build_tokenizer  # noqa: E402
+from serve_helpers import ServerProcess, build_tokenizer  # noqa: E402  (after the path is set)
 
 from nanoseek import ModelConfig, Transformer, save_model  # noqa: E402
 

@@ -9,8 +9,8 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import torch
 
-from conftest import tiny_config
 from nanoseek import Transformer, save_model
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
+
+from conftest import tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -104,6 +105,13 @@ def build_random_checkpoint(path: Path, context: int = 512) -> Path:
     save_model(Transformer(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=context)).eval(), path,
                tokenizer=tok)
     return path
+
+
+def nanoseek(*args, stdin="", timeout=300) -> subprocess.CompletedProcess:
+    """`python -m nanoseek.serve ARGS` (what `nanoseek ARGS` runs once wired into the CLI)."""
+    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "nanoseek.serve", *args], input=stdin, capture_output=True,
+                          text=True, encoding="utf-8", env=env, timeout=timeout)
 
 
 class ServerProcess:

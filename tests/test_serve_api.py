@@ -10,11 +10,12 @@ import httpx
 import openai
 import pytest
 
-from nanoseek.serve.chat_format import completion_prompt
-from nanoseek.tokenizer import load_tokenizer
 from nanoseek.serve.app import create_app, load_checkpoint
+from nanoseek.serve.chat_format import completion_prompt
 from nanoseek.serve.config import ServerConfig
-from serve_helpers import SCRIPT, InProcessServer, ServerProcess, metric, shared_checkpoint
+from nanoseek.tokenizer import load_tokenizer
+
+from serve_helpers import SCRIPT, InProcessServer, ServerProcess, metric, nanoseek, shared_checkpoint
 
 KEY = "test-key-123"
 NAME = "nanoseek-test"
@@ -97,7 +98,8 @@ def test_stream_framing_and_equality_with_the_non_stream_answer(server, client):
     assert deltas[0] == {"role": "assistant", "content": ""} and all("role" not in d for d in deltas[1:])
     finishes = [c["choices"][0]["finish_reason"] for c in chunks[:-1]]
     assert finishes.count("stop") == 1 and finishes[-1] == "stop" and set(finishes[:-1]) == {None}
-    kinds = ["r" if d.get("reasoning_content") else "c" for d in deltas if d.get("reasoning_content") or d.get("content")]
+    kinds = ["r" if d.get("reasoning_content") else "c" for d in deltas
+             if d.get("reasoning_content") or d.get("content")]
     assert "".join(kinds) == "r" * kinds.count("r") + "c" * kinds.count("c")  # reasoning first, then content
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
 
@@ -268,6 +270,17 @@ def test_metrics_are_prometheus_text(server, client):
     assert metric(text, "nanoseek_generation_tokens_total") >= 4
 
 
+def test_terminal_chat_with_the_server_keeps_the_conversation(server):
+    r = nanoseek("chat", "--url", server.url, "--api-key", KEY, "--temperature", "0", "--max-tokens", "60",
+                 stdin=f"{HELLO}\n/thinking off\n{NIHAO}\n")  # ends with EOF, like Ctrl-D
+    assert r.returncode == 0, r.stderr
+    assert f"<think>\n{HELLO_THOUGHT}\n</think>\n{HELLO_ANSWER}" in r.stdout
+    assert f"{NIHAO_ANSWER}" in r.stdout  # the second turn, with the first in its history
+    assert "(thinking off)" in r.stdout and r.stdout.count("assistant> ") == 2
+    bad = nanoseek("chat", "--url", server.url, "--api-key", "wrong", stdin="hi\n")
+    assert bad.returncode == 2 and "401" in bad.stderr
+
+
 # ---------------------------------------------------------------------------------------------- error paths
 
 
@@ -284,7 +297,8 @@ def test_api_key_is_required_on_v1_only(server):
     assert error_of(post(server, "/v1/chat/completions", body, key="wrong"), 401)["code"] == "invalid_api_key"
     assert httpx.get(server.url + "/v1/models").status_code == 401
     assert httpx.get(server.url + "/v1/models", headers={"X-Api-Key": KEY}).status_code == 200
-    assert httpx.get(server.url + "/health").status_code == 200 and httpx.get(server.url + "/metrics").status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
 
@@ -445,3 +459,19 @@ def test_loading_failure_is_reported(tmp_path):
             time.sleep(0.02)
         r = httpx.get(s.url + "/health")
         assert r.status_code == 503 and "no weights here" in r.json()["error"]
+
+
+def test_a_request_out_of_time_gets_504_and_is_cancelled(checkpoint):
+    with InProcessServer(create_app(ServerConfig(request_timeout=1.0), lambda: load_checkpoint(checkpoint))) as s:
+        while httpx.get(s.url + "/health").status_code != 200:
+            time.sleep(0.05)
+        body = {"messages": user("Sing"), "max_tokens": 400, "ignore_eos": True}
+        with s.state.engine._lock:  # the engine cannot step: nothing can finish in time
+            r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+            assert error_of(r, 504)["code"] == "request_timeout"
+            lines = [line for line in httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": True},
+                                                 timeout=60).text.splitlines() if line]
+            assert json.loads(lines[-2][6:])["error"]["code"] == "request_timeout" and lines[-1] == "data: [DONE]"
+        while s.state.engine.has_unfinished():
+            time.sleep(0.05)
+        assert s.state.engine.stats()["generated_tokens"] < 10  # cancelled, not run to 400 tokens

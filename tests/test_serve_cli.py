@@ -1,23 +1,16 @@
-"""`nanoseek chat` (local engine, and --url of a real server) and `nanoseek serve` as commands, in subprocesses."""
+"""`nanoseek chat` with a local checkpoint and `nanoseek serve` as commands, in subprocesses (`chat --url` is
+tested in test_serve_api.py, against its server)."""
 
 import argparse
-import os
-import subprocess
-import sys
 
 import pytest
 
 from nanoseek.serve.cli import add_commands
-from serve_helpers import SCRIPT, SRC, ServerProcess, shared_checkpoint
+
+from serve_helpers import SCRIPT, nanoseek, shared_checkpoint
 
 HELLO, HELLO_THOUGHT, HELLO_ANSWER = SCRIPT[0]
 NIHAO, NIHAO_THOUGHT, NIHAO_ANSWER = SCRIPT[1]
-
-
-def nanoseek(*args, stdin="", timeout=300):
-    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "nanoseek.serve", *args], input=stdin, capture_output=True,
-                          text=True, encoding="utf-8", env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +34,6 @@ def test_chat_with_a_local_checkpoint(checkpoint):
     assert f"<think>\n{HELLO_THOUGHT}\n</think>\n{HELLO_ANSWER}" in out
     assert f"<think>\n{NIHAO_THOUGHT}\n</think>\n{NIHAO_ANSWER}" in out
     assert "(new conversation)" in out
-
-
-def test_chat_with_a_server_keeps_the_conversation(checkpoint):
-    with ServerProcess(checkpoint, "--api-key", "k") as server:
-        server.wait_ready()
-        r = nanoseek("chat", "--url", server.url, "--api-key", "k", "--temperature", "0", "--max-tokens", "60",
-                     stdin=f"{HELLO}\n/thinking off\n{NIHAO}\n")  # ends with EOF, like Ctrl-D
-        assert r.returncode == 0, r.stderr
-        assert f"<think>\n{HELLO_THOUGHT}\n</think>\n{HELLO_ANSWER}" in r.stdout
-        assert "(thinking off)" in r.stdout and r.stdout.count("assistant> ") == 2
-        bad = nanoseek("chat", "--url", server.url, "--api-key", "wrong", stdin="hi\n")
-        assert bad.returncode == 2 and "401" in bad.stderr
 
 
 def test_chat_needs_a_checkpoint_or_a_url(tmp_path):

@@ -9,6 +9,7 @@ from nanoseek.serve.chat_format import (EngineTokenizer, FormatError, ReasoningP
 from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.metrics import Histogram, Metrics
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, ProtocolError, parse
+
 from serve_helpers import build_tokenizer
 
 
@@ -237,3 +238,12 @@ def test_server_config_refuses_nonsense():
         with pytest.raises(ValueError):
             ServerConfig(**bad)
     assert ServerConfig().host == "127.0.0.1"
+
+
+def test_nested_field_names_survive_in_param():
+    with pytest.raises(ProtocolError) as e:
+        _chat(stream=True, stream_options={"include_usage": "yes"})
+    assert e.value.param == "stream_options.include_usage"
+    with pytest.raises(ProtocolError) as e:
+        _chat(thinking={"type": "sometimes"})
+    assert e.value.param == "thinking.type"

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
 from nanoseek import Transformer
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.serve.chat_format import EngineTokenizer, TokenTable, chat_prompt, split_reasoning
 from nanoseek.serve.logits import START, JsonObjectProcessor, JsonVocab, LogitBias, MinTokens, need, step
+
+from conftest import tiny_config
 from serve_helpers import build_tokenizer
 
 VALID = [

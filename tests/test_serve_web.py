@@ -15,6 +15,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
 HELLO, HELLO_THOUGHT, HELLO_ANSWER = SCRIPT[0]
 NIHAO, NIHAO_THOUGHT, NIHAO_ANSWER = SCRIPT[1]
 
@@ -121,6 +122,19 @@ def test_markdown_is_rendered_and_html_is_escaped(page):
     page.press("#input", "Enter")
     assert page.locator(".message.user .content").first.inner_text() == "<b>not bold</b>"
     page.locator("#send:not([hidden])").wait_for()
+
+    # A stored conversation whose answer is Markdown: rendered, with its thought folded.
+    page.evaluate("""() => localStorage.setItem("nanoseek.chat.v1", JSON.stringify({current: "md", conversations: [
+        {id: "md", title: "Markdown", messages: [{role: "user", content: "Show me code"},
+         {role: "assistant", reasoning: "The user wants code.", thinkingOpen: false, content:
+          "## Adding numbers\\nUse **`sum`**:\\n\\n```python\\nprint(sum([1, 2, 3]))\\n```\\n- fast\\n- 简单"}]}]}))""")
+    page.reload()
+    answer = page.locator(".message.assistant .content")
+    assert answer.locator("h2").inner_text() == "Adding numbers"
+    assert answer.locator("pre code.language-python").inner_text() == "print(sum([1, 2, 3]))"
+    assert answer.locator("li").all_inner_texts() == ["fast", "简单"]
+    assert not page.locator(".thinking .reasoning").is_visible()
+    page.screenshot(path=str(ARTIFACTS / "6-markdown.png"))
 
 
 def test_api_key_setting_is_used(browser, tmp_path):

@@ -115,8 +115,9 @@ class Job:
     prompts: list[list[int]]
     params: SamplingParams
     make_parser: Callable[[], ReasoningParser | None]
+    start: float  # when the request arrived (time.perf_counter)
+    deadline: float  # when it must be done
     echo: list[str] | None = None
-    start: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     cached: list[int] = field(default_factory=list)
     choices: list[Choice] = field(default_factory=list)
@@ -283,18 +284,29 @@ class Server:
 
     # ------------------------------------------------------------------ slots
     @asynccontextmanager
-    async def slot(self):
-        """Hold one of max_concurrent_requests slots; wait in a queue of max_queue; beyond that, 429."""
+    async def slot(self, request: Request, job: Job):
+        """Hold one of max_concurrent_requests slots. Without a free one, wait in a queue of at most max_queue
+        (429 beyond that) until one frees, the client leaves, or the request's time is up (503)."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
         if self._slots.locked() and self.queued >= self.config.max_queue:
             raise APIError(429, f"the server is busy: {self.active} requests running and {self.queued} queued; "
                            "retry later", "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         self.queued += 1
+        acquire = asyncio.ensure_future(self._slots.acquire())
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await self._slots.acquire()
+            await asyncio.wait([acquire, gone], timeout=max(0.0, job.deadline - time.perf_counter()),
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.queued -= 1
+            gone.cancel()
+            acquire.cancel()  # a no-op once acquired; a semaphore gives back a grant it was cancelled with
+        if not acquire.done() or acquire.cancelled():
+            if gone.done() and not gone.cancelled():
+                raise APIError(499, "the client closed the connection", code="client_closed")
+            raise APIError(503, "no slot freed up within the request timeout; retry later", "unavailable_error",
+                           code="queue_timeout", headers={"Retry-After": "1"})
         self.active += 1
         try:
             yield
@@ -305,14 +317,14 @@ class Server:
     # ------------------------------------------------------------------ generation
     async def events(self, job: Job) -> AsyncIterator[tuple[Choice, StepEvent, str, str] | None]:
         """Run a job on the engine: yields (choice, event, new reasoning, new content) as tokens come, and None
-        when nothing came for `keepalive` seconds. Unfinished engine requests are cancelled when the iteration stops for any reason."""
+        when nothing came for `keepalive` seconds. Whatever stops the iteration (the end, an error, a client gone,
+        the deadline), engine requests still running are cancelled."""
         queue: asyncio.Queue = asyncio.Queue()
         for p, ids in enumerate(job.prompts):
             self.bridge.submit(ids, job.params, job.engine_id(p), queue)
-        deadline = job.start + self.config.request_timeout
         try:
             while not job.done:
-                left = deadline - time.perf_counter()
+                left = job.deadline - time.perf_counter()
                 if left <= 0:
                     raise APIError(504, f"the request took longer than {self.config.request_timeout:g} s",
                                    "timeout_error", code="request_timeout")
@@ -374,6 +386,7 @@ class Server:
 
     # ------------------------------------------------------------------ endpoints
     async def chat_completions(self, request: Request) -> Response:
+        start = time.perf_counter()
         self.authorize(request)
         self.ready()
         req: P.ChatCompletionRequest = self.parse(P.ChatCompletionRequest, await self.body(request))
@@ -385,11 +398,12 @@ class Server:
         params = self.sampling(req, [ids], req.max_completion_tokens or req.max_tokens, self.config.max_tokens,
                                (req.top_logprobs or 0) if req.logprobs else None,
                                json_thinking=in_reasoning if req.json_mode else None)
-        job = Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, lambda: ReasoningParser(in_reasoning))
+        job = Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params, lambda: ReasoningParser(in_reasoning), start,
+                  start + self.config.request_timeout)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.stream(request, job, self.chat_chunks(job, include_usage))
-        async with self.slot():
+        async with self.slot(request, job):
             await self.until_done(request, job)
         choices = [P.ChatChoice(index=c.index, finish_reason=c.finish_reason,
                                 message=P.AssistantMessage(
@@ -428,6 +442,7 @@ class Server:
             yield chunk([], self.usage(job, chat=True))
 
     async def completions(self, request: Request) -> Response:
+        start = time.perf_counter()
         self.authorize(request)
         self.ready()
         req: P.CompletionRequest = self.parse(P.CompletionRequest, await self.body(request))
@@ -443,11 +458,12 @@ class Server:
         params = self.sampling(req, prompts, req.max_tokens, 16, req.logprobs, param="prompt")
         echo = [p if isinstance(p, str) else self.tok.decode(p, skip_special_tokens=True)
                 for p in req.prompts] if req.echo else None
-        job = Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, lambda: None, echo)
+        job = Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, lambda: None, start,
+                  start + self.config.request_timeout, echo)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.stream(request, job, self.completion_chunks(job, include_usage, req.logprobs))
-        async with self.slot():
+        async with self.slot(request, job):
             await self.until_done(request, job)
         choices = [P.CompletionChoice(
             index=c.index, text=c.prefix_text + "".join(c.content), finish_reason=c.finish_reason,
@@ -504,7 +520,7 @@ class Server:
 
     async def stream(self, request: Request, job: Job, chunks: AsyncIterator[str]) -> Response:
         """Take a slot now (so that a full queue is a 429, not a broken stream), then stream SSE."""
-        slot = self.slot()
+        slot = self.slot(request, job)
         await slot.__aenter__()
 
         async def body():

@@ -7,6 +7,7 @@ ProtocolError becomes a 400 whose `param` names the field.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
@@ -180,14 +181,15 @@ def _describe(e: ValidationError) -> tuple[str, str | None]:
         return "the request body must be a JSON object", None
 
     def path(err) -> list[str]:  # union members add their type to the location ("content.str"): drop those
-        return [str(x) for x in err["loc"] if not str(x).startswith(_TYPE_TAGS)]
+        return [str(x) for x in err["loc"] if not _TYPE_TAG.fullmatch(str(x))]
 
     err = max(errors, key=lambda err: len(path(err)))  # of a union's failures, the one that got furthest
     param = ".".join(path(err))
     return f"{param}: {err['msg']}", param or None
 
 
-_TYPE_TAGS = ("list[", "dict[", "str", "int", "float", "bool", "none", "function-", "constrained-", "TextPart")
+# "str", "int", "list[int]", "function-after[...]", a model's class name: never a field name (those are lowercase).
+_TYPE_TAG = re.compile(r"str|int|float|bool|none|[\w-]+\[.*\]|[A-Z]\w*")
 
 
 def unknown_fields(req: BaseModel, path: str = "") -> list[str]:
