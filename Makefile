@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 PIP      = $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test speedrun demo test test-all bench clean
+.PHONY: install install-test browser speedrun smoke demo test test-all bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,14 +13,23 @@ install: $(BIN)/python
 	$(PIP) install -e .
 	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
-install-test: $(BIN)/python
+install-test: $(BIN)/python browser
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
-speedrun: install
-	$(BIN)/nanoseek demo
+# The web-chat test drives Debian's Chromium with Playwright (Playwright's own browser download is not used).
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: /usr/bin/chromium missing and not root: the browser test will be skipped"; }
 
-demo: speedrun
+speedrun: install
+	$(BIN)/nanoseek speedrun --preset cpu --out runs/cpu
+
+smoke: install
+	$(BIN)/nanoseek speedrun --preset smoke --out runs/smoke
+
+demo: install
+	$(BIN)/nanoseek demo
 
 test: install-test
 	$(BIN)/python -m pytest -q
@@ -30,6 +39,7 @@ test-all: install-test
 
 bench: install-test
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/moe_vs_dense.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -3,19 +3,17 @@
 import json
 
 import pytest
+from conftest import tiny_config
 
 from nanoseek import ConfigError, ModelConfig
-
-from conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
 
 def test_reads_transformers_4x_legacy_rope_fields():
-    cfg = ModelConfig.from_dict({**tiny_config().to_dict(), "rope_theta": 50000.0,
-                                 "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                                                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
-                                                  "mscale_all_dim": 0.707}})
+    yarn = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+            "mscale": 0.707, "mscale_all_dim": 0.707}
+    cfg = ModelConfig.from_dict({**tiny_config().to_dict(), "rope_theta": 50000.0, "rope_scaling": yarn})
     assert cfg.rope_theta == 50000.0 and cfg.rope_scaling["factor"] == 40 and cfg.rope_scaling["mscale"] == 0.707
 
 

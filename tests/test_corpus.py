@@ -8,8 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.data.corpus import (CorpusError, Source, build_corpus, clean, default_sources, iter_records,
-                                  iter_texts, package_dir, stdlib_files, synthetic_source, user_sources)
+from nanoseek.data.corpus import (
+    CorpusError,
+    Source,
+    build_corpus,
+    clean,
+    default_sources,
+    iter_records,
+    iter_texts,
+    package_dir,
+    stdlib_files,
+    synthetic_source,
+    user_sources,
+)
 
 
 def words(rng: random.Random, n: int) -> str:

@@ -181,8 +181,8 @@ def test_no_network(sandbox):
         server.listen()
         server.settimeout(0.3)
         port = server.getsockname()[1]
-        program = ("import socket\ntry:\n    socket.create_connection(('127.0.0.1', %d), timeout=2)\n"
-                   "    print('connected')\nexcept OSError as e:\n    print('refused', type(e).__name__)\n") % port
+        program = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                   "    print('connected')\nexcept OSError as e:\n    print('refused', type(e).__name__)\n")
         r = sandbox.run(program)
         assert r.stdout.startswith("refused")
         with pytest.raises(socket.timeout):

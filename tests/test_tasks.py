@@ -12,6 +12,7 @@ from nanoseek.tasks.arithmetic import solve
 from nanoseek.tasks.code import TEMPLATES, humaneval_path
 from nanoseek.tasks.countdown import evaluate
 
+
 def sizes(name: str) -> int:
     return 8 if name == "code" else 40  # code grading runs the sandbox
 

@@ -10,8 +10,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek.data.corpus import stdlib_files
-from nanoseek.tokenizer import (CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, TokenizerError, bytes_per_token,
-                                load_tokenizer)
+from nanoseek.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer, TokenizerError, bytes_per_token, load_tokenizer
 
 ZH_WORDS = ("我们 今天 天气 非常 学习 中文 历史 国家 人民 朋友 时间 问题 工作 生活 世界 发展 经济 文化 "
             "城市 山水 英雄 将军 天下 百姓 军队 皇帝 先生 老师 学生 故事").split()

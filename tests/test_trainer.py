@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
+from train_script import CountingLoader
 
 from nanoseek.train.optim import lr_multiplier
 from nanoseek.train.trainer import STATE_FILE, TrainConfig, Trainer
-
-from conftest import tiny_config
-from train_script import CountingLoader
 
 SCRIPT = str(Path(__file__).parent / "train_script.py")
 
@@ -120,6 +119,11 @@ def test_bad_training_settings_fail_before_training(tmp_path):
 
     with pytest.raises(ValueError, match="batch_size=0"):
         Trainer(Transformer(tiny_config()), TrainConfig(out_dir=str(tmp_path), batch_size=0), CountingLoader(2, 8, 128))
+    with pytest.raises(ValueError, match="global_batch_size=10 does not divide across 4 rank"):
+        TrainConfig(global_batch_size=10, grad_accum=1).validate(world_size=4)
+    cfg = TrainConfig(global_batch_size=32, grad_accum=2)
+    cfg.validate(world_size=4)
+    assert cfg.batch_size == 4
     with pytest.raises(ValueError, match="schedule='linear'"):
         TrainConfig(schedule="linear").validate()
 

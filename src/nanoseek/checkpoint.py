@@ -2,7 +2,8 @@
 
 On disk (what transformers, vLLM and the official DeepSeek releases use):
     model.layers.L.mlp.experts.N.{gate,up,down}_proj.weight    one tensor per expert
-    model.layers.{num_hidden_layers + k}.*                       MTP module k (enorm, hnorm, eh_proj, shared_head, block)
+    model.layers.{num_hidden_layers + k}.*                       MTP module k (enorm, hnorm, eh_proj, shared_head,
+                                                                 and a whole block)
 In memory the experts of a layer are stacked ([E, 2I, d] and [E, d, I]) and MTP lives in `model.mtp`.
 """
 
@@ -144,7 +145,7 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, max_
     shards.append(current)
 
     metadata = {"format": "pt"}
-    stale = {p.name for p in path.glob("model*.safetensors")} | ({INDEX_FILE} if (path / INDEX_FILE).exists() else set())
+    stale = {p.name for p in path.glob("model*.safetensors")} | {p.name for p in path.glob(INDEX_FILE)}
     if len(shards) == 1:
         _atomic_save_safetensors(shards[0], path / SINGLE_FILE, metadata)
         written = {SINGLE_FILE}

@@ -67,6 +67,27 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_speedrun(args) -> int:
+    from nanoseek.pipeline import run_pretraining
+    from nanoseek.report import write_report
+
+    run_pretraining(args.out, _preset(args), text_paths=args.text)
+    report = write_report(args.out)
+    print(f"\nreport card: {report}")
+    final = next((Path(args.out) / s / "final" for s in ("grpo", "sft", "long_context", "pretrain")
+                  if (Path(args.out) / s / "final").is_dir()), None)
+    if final is not None:
+        print(f"final checkpoint: {final}\n  nanoseek info {final}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from nanoseek.report import write_report
+
+    print(write_report(args.run))
+    return 0
+
+
 def _run_args(p: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
     from nanoseek.presets import available_presets
 
@@ -103,6 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
     p.add_argument("--no-long-context", action="store_true", help="stop after pretraining")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("speedrun", help="the whole pipeline on the embedded corpus, then the report card "
+                                        "(re-running resumes; every stage that finished is skipped)")
+    _run_args(p)
+    p.set_defaults(func=cmd_speedrun)
+
+    p = sub.add_parser("report", help="(re)build runs/NAME/report.md, report.json and plots from a run directory")
+    p.add_argument("run", help="a run directory, e.g. runs/cpu")
+    p.set_defaults(func=cmd_report)
+
+    from nanoseek.engine.cli import add_generate_arguments, generate_cli
+
+    p = add_generate_arguments(sub.add_parser("generate", help="stream one completion of PROMPT, then tokens/s"))
+    p.set_defaults(func=generate_cli)
+
+    from nanoseek.posttrain import add_commands as add_posttrain_commands
+    from nanoseek.serve.cli import add_commands as add_serve_commands
+    from nanoseek.train.rl import add_commands as add_grpo_commands
+
+    add_posttrain_commands(sub)  # sft, eval, distill
+    add_grpo_commands(sub)  # grpo
+    add_serve_commands(sub)  # serve, chat
 
     p = sub.add_parser("info", help="sizes of a checkpoint: parameters, active parameters, KV cache bytes per token")
     p.add_argument("checkpoint", help="a Hugging Face DeepseekV3 directory")

@@ -70,7 +70,8 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
     torch_dtype: str = "float32"  # dtype of the tensors on disk
-    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # unknown keys, kept for the round trip
+    # keys this dataclass does not know, kept for the round trip
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

@@ -1,6 +1,7 @@
 """Presets: one JSON file per scale (smoke, cpu, gpu-1, gpu-8), with a section per stage.
 
-    {"data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields}, "long_context": {...}}
+    {"data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields}, "long_context": {...},
+     "sft": {...}, "grpo": {GRPOConfig fields}, "eval": {keyword arguments of nanoseek.eval.evaluate}}
 
 `load_preset("smoke")` reads the one shipped in nanoseek/configs/; a path reads your own. `--set section.key=value`
 on the command line overrides any field.
@@ -13,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("data", "model", "pretrain", "long_context")
+SECTIONS = ("data", "model", "pretrain", "long_context", "sft", "grpo", "eval")
 
 
 def available_presets() -> list[str]:

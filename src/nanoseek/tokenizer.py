@@ -128,7 +128,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
-              show_progress: bool = False, length: int | None = None) -> "Tokenizer":
+              show_progress: bool = False, length: int | None = None) -> Tokenizer:
         """Train on an iterator of documents. vocab_size counts the 256 bytes and the special tokens."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
             raise TokenizerError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")

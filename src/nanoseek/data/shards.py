@@ -271,6 +271,7 @@ class PackedLoader:
 
 def val_loader(shard_dir: str | os.PathLike, batch_size: int, seq_len: int, *, rank: int = 0,
                world_size: int = 1) -> PackedLoader:
-    """One pass over a split in file order, the last batch padded (target IGNORE_INDEX): every text token is a target once."""
+    """One pass over a split in file order, the last batch padded (target IGNORE_INDEX): every text token is a
+    target once."""
     return PackedLoader(shard_dir, batch_size, seq_len, rank=rank, world_size=world_size, shuffle=False,
                         epochs=1, pad_last=True)

@@ -187,15 +187,14 @@ class Engine:
             return [ev for ev, _ in pending]
 
     def _run(self, batch) -> list[tuple[StepEvent, Callable | None]]:
-        spec, width, decode = self.spec, self.scheduler.decode_width, batch.decode
+        decode, width = batch.decode, self.scheduler.decode_width
         self.cache.copy_blocks(batch.copies)
-        drafts = [s.token_ids[-1] if s.draft is None else s.draft for s in decode] if spec else []
-        decode_pos = [s.num_computed for s in decode]
+        drafts = [s.token_ids[-1] if s.draft is None else s.draft for s in decode] if self.spec else []
+        positions = [s.num_computed for s in decode]
         inp = self.runner.prepare(decode, batch.prefill, width, drafts)
         hidden = self.runner.forward(inp)
 
-        # Logit rows: every decode row, then the last row of each prompt completed by this step.
-        completed = []  # (sequence, hidden row)
+        completed = []  # (sequence, hidden row of its last prompt token) for prompts this step finishes
         for (seq, n), chunk in zip(batch.prefill, inp.chunks):
             if not seq.admitted:
                 self._admitted(seq)
@@ -205,12 +204,23 @@ class Engine:
                 completed.append((seq, chunk.start + n - 1))
         nd = len(decode) * width
         logits = self.runner.logits(hidden[list(range(nd)) + [row for _, row in completed]])
+        new, families = self._sample(decode, drafts, completed, logits)
+        results = self._append_tokens(new, logits)
+        if self.spec:  # before any block is freed: the MTP layer's latents go into this step's slots
+            self._draft(batch, inp, hidden, positions, new, families, completed)
+        for seq, _ in batch.prefill:
+            self.blocks.publish(seq)
+        return [(self._finish_step(seq, added, lps, reason), seq.request.callback)
+                for seq, added, lps, reason in results]
 
-        # New tokens per sequence, as (token, logit row) pairs.
+    def _sample(self, decode: list[Seq], drafts: list[int], completed: list, logits: torch.Tensor):
+        """-> new tokens per sequence as (token, logit row) pairs, and the families of completed prompts (the
+        sequence, then the siblings forked off it, which sample from the same row)."""
+        nd = len(decode) * self.scheduler.decode_width
         new: list[tuple[Seq, list[tuple[int, int]]]] = []
         if decode:
-            if spec:
-                per_seq = spec.verify(logits[:nd], decode, drafts)
+            if self.spec:
+                per_seq = self.spec.verify(logits[:nd], decode, drafts)
             else:
                 tokens = self.sampler.sample(logits[:nd], [self._row(s) for s in decode])
                 per_seq = [[(t, i)] for i, t in enumerate(tokens)]
@@ -218,53 +228,57 @@ class Engine:
                 seq.num_computed += len(toks)  # the last token, and the draft when it was accepted
                 new.append((seq, toks))
         families = []
-        for k, (seq, _) in enumerate(completed):
+        for seq, _ in completed:
             seq.in_decode = True
             families.append([seq, *self._fork(seq)])
-        prompt_rows = [(s, nd + k) for k, family in enumerate(families) for s in family]
-        if prompt_rows:
-            tokens = self.sampler.sample(logits[[r for _, r in prompt_rows]], [self._row(s) for s, _ in prompt_rows])
-            new += [(s, [(t, r)]) for (s, r), t in zip(prompt_rows, tokens)]
+        rows = [(s, nd + k) for k, family in enumerate(families) for s in family]
+        if rows:
+            tokens = self.sampler.sample(logits[[r for _, r in rows]], [self._row(s) for s, _ in rows])
+            new += [(s, [(t, r)]) for (s, r), t in zip(rows, tokens)]
+        return new, families
 
+    def _append_tokens(self, new: list, logits: torch.Tensor) -> list:
+        """Append each sequence's new tokens (with their logprobs) until one finishes it.
+        -> (sequence, tokens added, logprobs added, finish reason or None) per sequence."""
         wanted = [(s, t, r) for s, toks in new if s.params.logprobs is not None for t, r in toks]
         logprobs = {}
         if wanted:
             lps = self.sampler.logprobs(logits[[r for _, _, r in wanted]], [t for _, t, _ in wanted],
                                         [s.params.logprobs for s, _, _ in wanted])
             logprobs = {(id(s), r): lp for (s, _, r), lp in zip(wanted, lps)}
-
         results = []
         for seq, toks in new:
             added, lps, reason = [], [], None
             for t, r in toks:
                 added.append(t)
-                if seq.params.logprobs is not None:
-                    lps.append(logprobs[(id(seq), r)])
-                reason = self._append(seq, t, lps[-1] if lps else None)
+                lp = logprobs.get((id(seq), r))
+                if lp is not None:
+                    lps.append(lp)
+                reason = self._append(seq, t, lp)
                 if reason:
                     break
             results.append((seq, added, lps, reason))
+        return results
 
-        if spec:  # drafts for the next step; the MTP layer's latents must be written before blocks are freed
-            next_ids, rows, owners = [], [], []
-            for i, (seq, p) in enumerate(zip(decode, decode_pos)):
-                ids = seq.token_ids
-                next_ids += [ids[p + 1], ids[p + 2] if p + 2 < len(ids) else 0]
-                rows.append(width * i + len(new[i][1]) - 1)
-                owners.append([seq])
-            for (seq, n), chunk in zip(batch.prefill, inp.chunks):
-                next_ids += seq.token_ids[chunk.cached + 1 : chunk.cached + n + 1]
-            for family, (_, row) in zip(families, completed):
-                rows.append(row)
-                owners.append(family)
-            for family, d in zip(owners, spec.draft(self.runner, inp, hidden, next_ids, rows)):
-                for s in family:
-                    s.draft = d
-
-        for seq, _ in batch.prefill:
-            self.blocks.publish(seq)
-        return [(self._finish_step(seq, added, lps, reason), seq.request.callback)
-                for seq, added, lps, reason in results]
+    def _draft(self, batch, inp, hidden: torch.Tensor, positions: list[int], new: list, families: list,
+               completed: list) -> None:
+        """Run the MTP module over the step and set every sequence's next draft. Row i of the step (position q)
+        gets the token at q+1, now known; a rejected draft's row gets a placeholder (its slot is rewritten)."""
+        width, decode = self.scheduler.decode_width, batch.decode
+        next_ids, rows, owners = [], [], []
+        for i, (seq, p) in enumerate(zip(decode, positions)):
+            ids = seq.token_ids
+            next_ids += [ids[p + 1], ids[p + 2] if p + 2 < len(ids) else 0]
+            rows.append(width * i + len(new[i][1]) - 1)  # the last accepted position
+            owners.append([seq])
+        for (seq, n), chunk in zip(batch.prefill, inp.chunks):
+            next_ids += seq.token_ids[chunk.cached + 1 : chunk.cached + n + 1]
+        for family, (_, row) in zip(families, completed):
+            rows.append(row)
+            owners.append(family)  # siblings start from the parent's draft (it is only a guess)
+        for family, d in zip(owners, self.spec.draft(self.runner, inp, hidden, next_ids, rows)):
+            for s in family:
+                s.draft = d
 
     def _row(self, seq: Seq) -> Row:
         return Row(seq.params, seq.rng, seq.token_ids, seq.num_prompt)

@@ -59,23 +59,24 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ packing
     def prepare(self, decode: list, prefill: list[tuple[object, int]], width: int, drafts: list[int]) -> StepInput:
-        """Lay out a step. decode: sequences with one uncomputed token (+ drafts[i] when width == 2)."""
-        bs = self.cache.block_size
-        ids, positions, slots = [], [], []
+        """Lay out a step: decode holds sequences with one uncomputed token (followed by drafts[i] when
+        width == 2), prefill (sequence, n) pairs whose next n tokens are computed."""
+        bs, dev = self.cache.block_size, self.device
+        ids, positions, blocks = [], [], []
         for i, seq in enumerate(decode):
-            p = seq.num_computed
             ids += [seq.token_ids[-1], drafts[i]] if width == 2 else [seq.token_ids[-1]]
-            for q in range(p, p + width):
+            for q in range(seq.num_computed, seq.num_computed + width):
                 positions.append(q)
-                slots.append(seq.block_table[q // bs] * bs + q % bs)
+                blocks.append(seq.block_table[q // bs])
+        positions = [torch.tensor(positions, dtype=torch.long)]
+        slots = [_slots(torch.tensor(blocks, dtype=torch.long), positions[0], bs)]
         decode_slots = decode_bias = None
-        if decode:
+        if decode:  # every decoding sequence's cache rows, padded to the longest and masked
             S = max(seq.num_computed for seq in decode) + width
             n_blocks = -(-S // bs)
             table = torch.tensor([(seq.block_table + [0] * n_blocks)[:n_blocks] for seq in decode])
             decode_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)[:, :S]
-            query_pos = torch.tensor(positions).view(len(decode), width, 1)
-            visible = torch.arange(S) <= query_pos  # [B, width, S]
+            visible = torch.arange(S) <= positions[0].view(len(decode), width, 1)  # [B, width, S]
             bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
             decode_bias = bias.unsqueeze(2).expand(-1, -1, self.n_heads, -1).reshape(len(decode), -1, S)
 
@@ -86,24 +87,20 @@ class ModelRunner:
             pos = torch.arange(c, c + n)
             table = torch.tensor(seq.block_table)
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            slots.append(_slots(table[pos // bs], pos, bs))
             context = mask = None
-            if c:
+            if c:  # the chunk continues after cached tokens: attend over all of them, causally shifted
                 ctx = torch.arange(c + n)
-                context = (table[ctx // bs] * bs + ctx % bs).to(self.device)
-                mask = (ctx <= pos.unsqueeze(1)).to(self.device)
+                context, mask = _slots(table[ctx // bs], ctx, bs).to(dev), (ctx <= pos.unsqueeze(1)).to(dev)
             chunks.append(Chunk(start, n, c, context, mask))
             start += n
-        positions = _cat_ints(positions[: len(decode) * width], positions[len(decode) * width :], self.device)
+        positions = torch.cat(positions).to(dev)
         cos, sin = self.model.rope(positions)
-        return StepInput(
-            ids=torch.tensor(ids, device=self.device), positions=positions,
-            cos=cos.repeat_interleave(2, dim=-1), sin=sin.repeat_interleave(2, dim=-1),
-            slots=_cat_ints(slots[: len(decode) * width], slots[len(decode) * width :], self.device),
-            num_decode=len(decode), width=width,
-            decode_slots=None if decode_slots is None else decode_slots.to(self.device),
-            decode_bias=None if decode_bias is None else decode_bias.to(self.device),
-            chunks=chunks)
+        return StepInput(ids=torch.tensor(ids, device=dev), positions=positions, slots=torch.cat(slots).to(dev),
+                         num_decode=len(decode), width=width,
+                         decode_slots=None if decode_slots is None else decode_slots.to(dev),
+                         decode_bias=None if decode_bias is None else decode_bias.to(dev), chunks=chunks,
+                         cos=cos.repeat_interleave(2, dim=-1), sin=sin.repeat_interleave(2, dim=-1))
 
     # ------------------------------------------------------------------ forward
     def forward(self, inp: StepInput) -> torch.Tensor:
@@ -122,7 +119,7 @@ class ModelRunner:
         return mtp.norm(self.block(self.weights.blocks[layer], layer, x, inp))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.weights.lm_head(hidden).float()
+        return _fp32(self.weights.lm_head(hidden))
 
     def block(self, w: BlockWeights, layer: int, x: torch.Tensor, inp: StepInput) -> torch.Tensor:
         x = x + self.attention(w.attn, layer, x, inp)
@@ -148,8 +145,8 @@ class ModelRunner:
         """Absorbed attention over the paged latents: q [B*width, H, C + rope] -> latent outputs [B*width, H, C]."""
         kv = self.cache.gather(layer, inp.decode_slots)  # [B, S, C + rope]
         q = q.reshape(inp.num_decode, -1, kv.shape[-1])  # [B, width*H, C + rope]
-        scores = torch.baddbmm(inp.decode_bias, q.float(), kv.float().transpose(1, 2), alpha=attn.scale)
-        o_latent = torch.bmm(scores.softmax(dim=-1).type_as(kv), kv[..., : self.kv_rank])
+        scores = torch.baddbmm(inp.decode_bias, _fp32(q), _fp32(kv).transpose(1, 2), alpha=attn.scale)
+        o_latent = torch.bmm(scores.softmax(dim=-1).to(kv.dtype), kv[..., : self.kv_rank])
         return o_latent.view(-1, self.n_heads, self.kv_rank)
 
     def prefill_attention(self, attn: Attention, layer: int, q: torch.Tensor, c_kv: torch.Tensor,
@@ -164,6 +161,10 @@ class ModelRunner:
         return o[0].transpose(0, 1).flatten(1)
 
 
-def _cat_ints(decode: list[int], prefill: list[torch.Tensor], device) -> torch.Tensor:
-    parts = ([torch.tensor(decode, dtype=torch.long)] if decode else []) + prefill
-    return torch.cat(parts).to(device) if len(parts) > 1 else parts[0].to(device)
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _slots(blocks: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache rows of tokens at `positions` whose blocks are `blocks` (both [N])."""
+    return blocks * block_size + positions % block_size

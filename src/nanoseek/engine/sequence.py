@@ -86,6 +86,8 @@ class TextStream:
 
     def push(self, token: int) -> bool:
         """Add a generated token. -> True when a stop string has appeared (text is then cut before it)."""
+        if self.stopped:
+            return True
         self.ids.append(token)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])

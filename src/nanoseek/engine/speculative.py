@@ -38,28 +38,33 @@ class SpeculativeDecoder:
         rows = [Row(s.params, s.rng, s.token_ids, s.num_prompt) for s in seqs]
         first = sampler.apply_penalties(logits[0::2], rows)
         argmax = first.argmax(dim=-1).tolist()
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        probs = sampler.probabilities(first[sampled], [rows[i] for i in sampled]) if sampled else None
-        where = {i: j for j, i in enumerate(sampled)}
-
         out: list[list[tuple[int, int]]] = [[] for _ in seqs]
-        accepted = []
-        for i, (s, d) in enumerate(zip(seqs, drafts)):
-            if s.params.greedy:
-                ok = argmax[i] == d
-            else:
-                p = probs[where[i]]
-                ok = s.rng.random() < p[d].item() or p.sum().item() - p[d].item() <= 0
-            if ok:
-                accepted.append(i)
-                out[i].append((d, 2 * i))
-            elif s.params.greedy:
+        accepted = [i for i, s in enumerate(seqs) if s.params.greedy and argmax[i] == drafts[i]]
+        for i, s in enumerate(seqs):
+            if s.params.greedy and argmax[i] != drafts[i]:
                 out[i].append((argmax[i], 2 * i))
-            else:  # draw from P without d
-                p = probs[where[i]].clone()
-                p[d] = 0
-                out[i].append((int(sampler.draw(p.unsqueeze(0), [s.rng.random()])[0]), 2 * i))
 
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled:
+            probs = sampler.probabilities(first[sampled], [rows[i] for i in sampled])
+            d = torch.tensor([drafts[i] for i in sampled], device=probs.device).unsqueeze(1)
+            p_draft = probs.gather(1, d).squeeze(1).tolist()
+            rejected = []
+            for j, i in enumerate(sampled):
+                # accept with probability P(d); a draft holding all the mass is always accepted
+                if seqs[i].rng.random() < p_draft[j] or p_draft[j] >= 1.0:
+                    accepted.append(i)
+                else:
+                    rejected.append(j)
+            if rejected:  # draw from P without the draft
+                residual = probs[rejected].scatter(1, d[rejected], 0.0)
+                tokens = sampler.draw(residual, [seqs[sampled[j]].rng.random() for j in rejected]).tolist()
+                for j, t in zip(rejected, tokens):
+                    out[sampled[j]].append((t, 2 * sampled[j]))
+
+        accepted.sort()
+        for i in accepted:
+            out[i].append((drafts[i], 2 * i))
         if accepted:
             second_rows = [Row(seqs[i].params, seqs[i].rng, seqs[i].token_ids, seqs[i].num_prompt, (drafts[i],))
                            for i in accepted]

@@ -132,7 +132,8 @@ class MoE(nn.Module):
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts)
         order = ids.flatten().argsort(stable=True)
         token = order // self.top_k
-        y = self.experts(flat[token], counts) * weights.flatten()[order].unsqueeze(-1).type_as(flat)
+        # index_select rather than flat[token]: its backward is a fast index_add, not an accumulating index_put
+        y = self.experts(flat.index_select(0, token), counts) * weights.flatten()[order].unsqueeze(-1).type_as(flat)
         out = torch.zeros_like(flat).index_add_(0, token, y).view(B, T, d) + self.shared_experts(x)
         balance = None
         if self.training:

@@ -20,8 +20,8 @@ import random
 import re
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.format import FORMAT_INSTRUCTIONS

@@ -7,8 +7,8 @@ name is a function of the numbers, so a problem's text depends only on its key a
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.format import FORMAT_INSTRUCTIONS, parse_int

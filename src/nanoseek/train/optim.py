@@ -95,13 +95,10 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
 def build_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 3e-3, weight_decay: float = 0.1,
                     betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02,
-                    router_lr_scale: float = 0.1) -> torch.optim.Optimizer:
+                    router_lr_scale: float = 1.0) -> torch.optim.Optimizer:
     """AdamW (decay on matrices only) or Muon for hidden matrices + AdamW for the rest. Each param group keeps its
-    peak rate in `initial_lr` so a schedule can scale it.
-
-    The routers learn at router_lr_scale × lr: at the high rates of small models their logits otherwise move
-    faster than the balancing bias (γ per step) can follow, and each layer collapses onto a few experts.
-    """
+    peak rate in `initial_lr` so a schedule can scale it. The routers are a group of their own (AdamW, no weight
+    decay, router_lr_scale × lr), so their rate can be tuned against the balancing bias's speed γ."""
     matrices, embeddings, routers, others = [], [], [], []
     for pname, p in model.named_parameters():
         if not p.requires_grad:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
 import os
 import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,12 +45,13 @@ class TrainConfig:
     max_steps: int = 1000
     max_time: float | None = None  # seconds of training (across restarts); stops early with a checkpoint
     batch_size: int = 8  # sequences per rank per micro-step
+    global_batch_size: int | None = None  # if set: sequences per optimizer step over all ranks (sets batch_size)
     grad_accum: int = 1
     seq_len: int = 256
     optimizer: str = "adamw"  # or "muon" (hidden matrices) + AdamW (the rest)
     lr: float = 3e-3
     muon_lr: float = 0.02
-    router_lr_scale: float = 0.1  # the routers learn slower than the rest (see build_optimizer)
+    router_lr_scale: float = 1.0  # the routers' rate relative to lr
     weight_decay: float = 0.1
     schedule: str = "cosine"  # or "wsd"
     warmup_steps: int = 20
@@ -70,6 +71,12 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self, world_size: int = 1) -> None:
+        if self.global_batch_size is not None:
+            per_step = world_size * self.grad_accum
+            if self.global_batch_size % per_step:
+                raise ValueError(f"global_batch_size={self.global_batch_size} does not divide across {world_size} "
+                                 f"rank(s) x grad_accum={self.grad_accum}")
+            self.batch_size = self.global_batch_size // per_step
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -77,7 +84,10 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr}: must be positive")
         if self.max_time is not None and self.max_time <= 0:
             raise ValueError(f"max_time={self.max_time}: must be positive seconds")
-        lr_multiplier(0, warmup=self.warmup_steps, total=self.max_steps, schedule=self.schedule)
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"schedule={self.schedule!r}: must be 'cosine' or 'wsd'")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer={self.optimizer!r}: must be 'adamw' or 'muon'")
 
     @property
     def resolved_device(self) -> str:
@@ -148,7 +158,8 @@ class Trainer:
                                                          or self.step == cfg.max_steps):
                         metrics.update(self.evaluate())
                     self.log(metrics)
-                    bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}", mfu=f"{metrics['mfu']:.2f}")
+                    bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}",
+                                    mfu=f"{metrics['mfu']:.2f}")
                 if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
@@ -189,7 +200,9 @@ class Trainer:
         if loads.numel():
             loads = D.all_reduce_sum(loads, self.info)
             model.update_router_biases(cfg.bias_update_speed, loads)
-            metrics["load_imbalance"] = round((loads.max(1).values / loads.mean(1).clamp_min(1e-9)).max().item(), 3)
+            share = loads / loads.sum(1, keepdim=True).clamp_min(1)
+            metrics["load_imbalance"] = round((share.max(1).values * share.shape[1]).max().item(), 3)
+            metrics["expert_load"] = share.round(decimals=4).tolist()  # [moe layer][expert]: fraction of tokens
         if self.info.enabled:  # the logged losses are global means
             t = D.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), self.info)
             sums = dict(zip(sums, (t / self.info.world_size).tolist()))

@@ -1,0 +1,212 @@
+"""Inference speed: the nanoseek engine vs transformers' generate on the same weights, batching, cache size,
+int8, MTP speculation.
+
+The reference config of the model issue, fp32, CPU. The model (with one MTP module) is first trained for a few
+hundred steps on Python source bytes, so that greedy decoding is not noise and the MTP head has something to
+predict; every figure below uses those same weights, in the same run. Prints JSON lines:
+{"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
+
+    python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8] [--train-seq 128]
+                                [--new-tokens 128] [--batch 16] [--no-anchor] [--save-trained DIR | --checkpoint DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek import ModelConfig, Transformer, load_model, save_model
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.quant import quantization_error, quantize_model
+
+# the reference config of benchmarks/train_step.py
+REFERENCE = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                 num_hidden_layers=6, num_attention_heads=8, n_routed_experts=16, n_shared_experts=1,
+                 num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
+                 qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                 max_position_embeddings=1024)
+
+
+def source_bytes(names: list[str]) -> torch.Tensor:
+    """Token ids = the bytes of some standard-library modules (a corpus every Python install has)."""
+    root = Path(argparse.__file__).parent
+    return torch.tensor(list(b"".join((root / n).read_bytes() for n in names)), dtype=torch.long)
+
+
+TRAIN = ["argparse.py", "collections/__init__.py", "dataclasses.py", "enum.py", "functools.py", "inspect.py",
+         "pathlib.py", "shutil.py", "subprocess.py", "tarfile.py", "typing.py", "zipfile.py"]
+HELD_OUT = ["textwrap.py", "difflib.py"]
+
+
+def train_briefly(model: Transformer, data: torch.Tensor, steps: int, batch: int = 8, seq: int = 256) -> float:
+    """AdamW on next-token + MTP loss; -> the last step's LM loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    loss = float("nan")
+    for step in range(steps):
+        start = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+        chunk = torch.stack([data[s : s + seq + 1] for s in start])
+        lr = 2e-3 * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 + math.cos(math.pi * step / steps)) / 2)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        out = model.compute_loss(chunk[:, :-1], chunk[:, 1:], mtp_weight=0.3)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases(1e-3)
+        loss = out.lm_loss.item()
+    return loss
+
+
+def measure(runs: dict, rounds: int = 3) -> dict:
+    """Time the callables of `runs` in turns (one warm-up, then `rounds` rounds, each running every callable once),
+    so that a shared machine's changing load hits them alike. -> name -> (best wall s, best CPU s, last result).
+    Everything runs in this one process and thread count, so CPU time is comparable too."""
+    results = {name: fn() for name, fn in runs.items()}
+    wall, cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            w, c = time.perf_counter(), time.process_time()
+            results[name] = fn()
+            wall[name] = min(wall[name], time.perf_counter() - w)
+            cpu[name] = min(cpu[name], time.process_time() - c)
+    return {name: (wall[name], cpu[name], results[name]) for name in runs}
+
+
+def speeds(tokens: int, ours, anchor) -> dict:
+    """A JSON row's numbers: tokens/s of both (wall clock), their ratio, and the ratio in CPU time."""
+    return dict(ours=round(tokens / ours[0], 1), anchor=round(tokens / anchor[0], 1),
+                ratio=round(anchor[0] / ours[0], 2), cpu_time_ratio=round(anchor[1] / ours[1], 2))
+
+
+def emit(**row) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-seq", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--no-anchor", action="store_true", help="skip transformers")
+    ap.add_argument("--checkpoint", help="measure this checkpoint (reference-sized, with MTP) instead of training one")
+    ap.add_argument("--save-trained", help="save the briefly trained model here (to measure it again later)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    n = args.new_tokens
+    data, held_out = source_bytes(TRAIN), source_bytes(HELD_OUT)
+    if args.checkpoint:
+        model = load_model(args.checkpoint).float()
+        conf = f"{args.checkpoint}, fp32, CPU, threads={args.threads}"
+    else:
+        model = Transformer(ModelConfig(**REFERENCE, num_nextn_predict_layers=1))
+        conf = (f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained {args.train_steps} steps of "
+                f"{args.train_batch}x{args.train_seq} source bytes")
+        t0 = time.perf_counter()
+        loss = train_briefly(model, data, args.train_steps, args.train_batch, args.train_seq) if args.train_steps \
+            else float("nan")
+        print(f"# trained {args.train_steps} steps in {time.perf_counter() - t0:.0f}s, lm loss {loss:.3f}",
+              file=sys.stderr)
+        if args.save_trained:
+            save_model(model, args.save_trained)
+    model.eval()
+    cfg = model.config
+
+    prompts = [held_out[i * 997 : i * 997 + 32].tolist() for i in range(args.batch)]
+    greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+    # 1. decode at batch 1: engine vs transformers' generate
+    engine = Engine(model, max_batch_size=args.batch)
+    runs = {"ours": lambda: engine.generate([prompts[0]], greedy)[0].token_ids}
+    if not args.no_anchor:
+        import transformers
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, tmp)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        ids = torch.tensor([prompts[0]])
+
+        def hf_generate():
+            with torch.no_grad():
+                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return out[0, ids.shape[1] :].tolist()
+
+        runs["anchor"] = hf_generate
+    m = measure(runs)
+    row = dict(bench="decode_batch1_tokens_per_s", ours=round(n / m["ours"][0], 1), anchor=None, ratio=None,
+               unit="tokens/s", config=conf + f", prompt 32, {n} new tokens, greedy",
+               anchor_name="transformers AutoModelForCausalLM.generate (greedy)")
+    if "anchor" in m:
+        row.update(speeds(n, m["ours"], m["anchor"]), same_tokens=m["anchor"][2] == m["ours"][2])
+    emit(**row)
+    reference_tokens = m["ours"][2]
+
+    # 2. many requests at once vs one at a time, same engine
+    m = measure({"batch": lambda: engine.generate(prompts, greedy),
+                 "one": lambda: engine.generate([prompts[0]], greedy)}, rounds=2)
+    emit(bench=f"throughput_{args.batch}_concurrent", **speeds(n, (m["batch"][0] / args.batch, m["batch"][1] / args.batch),
+                                                             m["one"]),
+         unit="tokens/s", config=conf + f", {args.batch} requests x {n} tokens vs the same engine at batch 1",
+         same_tokens_as_alone=m["batch"][2][0].token_ids == reference_tokens)
+
+    # 3. cache bytes per token
+    fp = 4
+    latent = engine.cache_bytes_per_token
+    mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * fp
+    emit(bench="kv_cache_bytes_per_token", ours=latent, anchor=mha, ratio=round(mha / latent, 2), unit="bytes",
+         config=f"fp32, (kv_lora_rank {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} "
+                "layers x 4 B, vs an expanded MHA cache (K and V per head)",
+         formula_bytes=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * fp)
+
+    # 4. int8 weights: speed and quality
+    q = quantize_model(model)
+    q_engine, fp_engine = Engine(q, max_batch_size=1), Engine(model, max_batch_size=1)
+    m = measure({"int8": lambda: q_engine.generate([prompts[0]], greedy)[0].token_ids,
+                 "fp32": lambda: fp_engine.generate([prompts[0]], greedy)[0].token_ids})
+    quality = quantization_error(model, q, held_out[: 16 * 256].view(16, 256))
+    emit(bench="int8_decode_tokens_per_s", **speeds(n, m["int8"], m["fp32"]), unit="tokens/s",
+         config=conf + ", int8 weight-only vs fp32, batch 1, greedy",
+         max_logit_error=round(quality["max_logit_error"], 4), mean_logit_error=round(quality["mean_logit_error"], 5),
+         perplexity_fp=round(quality["perplexity_fp"], 4), perplexity_int8=round(quality["perplexity_int8"], 4),
+         perplexity_change=round(quality["perplexity_change"], 5),
+         weight_bytes_fp=quality["weight_bytes_fp"], weight_bytes_int8=quality["weight_bytes_int8"],
+         held_out_tokens=quality["tokens"])
+
+    # 5. MTP speculative decoding vs plain, batch 1, greedy; and its ceiling here: the MTP module run as usual
+    # but its draft replaced by the right token (read off the plain greedy output), so every draft is accepted
+    spec, oracle = Engine(model, max_batch_size=1, speculative=True), Engine(model, max_batch_size=1, speculative=True)
+    mtp_draft = oracle.spec.draft
+
+    def right_draft(runner, inp, hidden, next_ids, rows):
+        mtp_draft(runner, inp, hidden, next_ids, rows)  # keep the MTP block's cost
+        k = len(oracle.scheduler.running[0].token_ids) - len(prompts[0])
+        return [reference_tokens[k] if k < n else 0]
+
+    oracle.spec.draft = right_draft
+    m = measure({"spec": lambda: spec.generate([prompts[0]], greedy)[0].token_ids,
+                 "oracle": lambda: oracle.generate([prompts[0]], greedy)[0].token_ids,
+                 "plain": lambda: fp_engine.generate([prompts[0]], greedy)[0].token_ids})
+    emit(bench="speculative_decode_tokens_per_s", **speeds(n, m["spec"], m["plain"]), unit="tokens/s",
+         config=conf + ", MTP draft (1 token) vs plain, batch 1, greedy",
+         acceptance_rate=round(spec.stats()["spec_acceptance_rate"], 3), same_tokens=m["spec"][2] == reference_tokens)
+    emit(bench="speculative_ceiling_tokens_per_s", **speeds(n, m["oracle"], m["plain"]), unit="tokens/s",
+         config=conf + ", MTP drafts replaced by the right token: the cost of verifying 2 tokens on this machine",
+         acceptance_rate=round(oracle.stats()["spec_acceptance_rate"], 3),
+         same_tokens=m["oracle"][2] == reference_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""`nanoseek generate CKPT PROMPT`: stream one completion to the terminal, then the speed.
+
+    from nanoseek.engine.cli import add_generate_arguments, generate_cli
+    add_generate_arguments(subparsers.add_parser("generate", help=...))   # in the CLI
+    generate_cli(args)                                                     # -> exit code
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek.engine.engine import Engine
+from nanoseek.engine.sampling import SamplingParams
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("checkpoint", help="checkpoint directory (Hugging Face DeepseekV3 layout)")
+    p.add_argument("prompt", help="the text to continue (or comma-separated token ids with --ids)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ids", action="store_true", help="the prompt is token ids; print ids instead of text")
+    p.add_argument("--int8", action="store_true", help="use model.int8.safetensors (quantize now if absent)")
+    p.add_argument("--speculative", action="store_true", help="draft with the MTP module (if the model has one)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: the checkpoint's (float32 on CPU)")
+    return p
+
+
+def load_for_inference(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                       int8: bool = False):
+    """The model of a checkpoint directory, int8 if asked (from model.int8.safetensors when present)."""
+    from nanoseek.checkpoint import load_model
+    from nanoseek.engine.quant import INT8_FILE, load_quantized, quantize_model
+
+    if int8 and (Path(path) / INT8_FILE).is_file():
+        return load_quantized(path, device=device, dtype=dtype)
+    model = load_model(path, device=device, dtype=dtype)
+    return quantize_model(model, inplace=True) if int8 else model
+
+
+def _tokenizer(path: str | Path):
+    try:
+        from nanoseek.tokenizer import load_tokenizer
+    except ImportError:
+        return None
+    try:
+        return load_tokenizer(path)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def generate_cli(args: argparse.Namespace) -> int:
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = load_for_inference(args.checkpoint, args.device, dtype, args.int8)
+    tok = None if args.ids else _tokenizer(args.checkpoint)
+    if tok is None and not args.ids:
+        print(f"error: no tokenizer in {args.checkpoint}; pass token ids with --ids", file=sys.stderr)
+        return 2
+    prompt = [int(t) for t in args.prompt.split(",")] if args.ids else args.prompt
+    speculative = args.speculative and len(model.mtp) > 0
+    if args.speculative and not speculative:
+        print("note: this model has no MTP module; decoding without speculation", file=sys.stderr)
+    engine = Engine(model, tok, max_batch_size=1, speculative=speculative)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    if not args.ids:
+        print(args.prompt, end="", flush=True)
+    start, first, count, reason = time.perf_counter(), None, 0, None
+    try:
+        for ev in engine.stream(prompt, params):
+            first = first or time.perf_counter()
+            count += len(ev.token_ids)
+            piece = ",".join(map(str, ev.token_ids)) + ("," if ev.token_ids and not ev.finished else "") \
+                if args.ids else ev.text
+            print(piece, end="", flush=True)
+            reason = ev.finish_reason
+    except ValueError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    end = time.perf_counter()
+    print()
+    decode = f"{(count - 1) / (end - first):.1f} tok/s decode" if first and count > 1 and end > first else ""
+    stats = engine.stats()
+    extra = f", MTP acceptance {stats['spec_acceptance_rate']:.0%}" if speculative and stats["spec_drafted"] else ""
+    print(f"[{count} tokens in {end - start:.2f}s: {count / (end - start):.1f} tok/s overall, {decode}; "
+          f"finish: {reason}{extra}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return generate_cli(add_generate_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+                        .parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The report card of a run: `runs/NAME/report.md` + `report.json` + PNG plots, from the files the stages wrote.
+
+It reads only what is on disk (done.json, metrics.jsonl, checkpoints), so it can be rebuilt at any time with
+`nanoseek report runs/NAME`, and it shows every stage that has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from nanoseek.checkpoint import atomic_write_text
+from nanoseek.config import ModelConfig
+
+TRAINING_STAGES = ("pretrain", "long_context", "sft", "grpo")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(), "os": platform.platform()}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def _done(path: Path) -> dict | None:
+    f = path / "done.json"
+    return json.loads(f.read_text("utf-8")) if f.is_file() else None
+
+
+def collect(run: Path) -> dict:
+    """Every figure of the run, as one JSON-able dict."""
+    data: dict = {"run": str(run), "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+                  "machine": machine(), "stages": {}}
+    for stage in ("corpus", "tokenizer", "shards", *TRAINING_STAGES, "eval"):
+        done = _done(run / stage)
+        if done is not None:
+            data["stages"][stage] = done
+    final = next((run / s / "final" for s in reversed(TRAINING_STAGES) if (run / s / "final").is_dir()), None)
+    if final is not None:
+        cfg = ModelConfig.from_pretrained(final)
+        pre = data["stages"].get("pretrain", {})
+        mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 2
+        data["model"] = {"checkpoint": str(final), "params": pre.get("params"),
+                         "active_params": pre.get("active_params"), "layers": cfg.num_hidden_layers,
+                         "hidden_size": cfg.hidden_size, "routed_experts": cfg.n_routed_experts,
+                         "experts_per_token": cfg.num_experts_per_tok, "shared_experts": cfg.n_shared_experts,
+                         "mtp_modules": cfg.num_nextn_predict_layers, "context": cfg.max_position_embeddings,
+                         "kv_cache_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
+                         "mha_cache_bytes_per_token_bf16": mha,
+                         "kv_cache_reduction_vs_mha": round(mha / cfg.kv_cache_bytes_per_token(2), 1)}
+    return data
+
+
+def plot_losses(run: Path, out: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset, plotted = 0, False
+    for stage in TRAINING_STAGES:
+        rows = [r for r in _read_jsonl(run / stage / "metrics.jsonl") if "lm_loss_avg" in r]
+        if not rows:
+            continue
+        steps = [offset + r["step"] for r in rows]
+        ax.plot(steps, [r["lm_loss_avg"] for r in rows], label=f"{stage} train")
+        val = [(offset + r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "o--", label=f"{stage} val")
+        offset, plotted = steps[-1], True
+    unigram = (_done(run / "pretrain") or {}).get("unigram_entropy")
+    if unigram:
+        ax.axhline(unigram, color="grey", linestyle=":", label=f"unigram entropy {unigram:.2f}")
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+    return "loss.png"
+
+
+def plot_expert_load(run: Path, out: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in _read_jsonl(run / "pretrain" / "metrics.jsonl") if r.get("expert_load")]
+    if not rows:
+        return None
+    load = torch.tensor(rows[-1]["expert_load"])
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * load.shape[0]))
+    im = ax.imshow(load * load.shape[1], cmap="viridis", aspect="auto", vmin=0)
+    ax.set(xlabel="expert", ylabel="MoE layer (last = MTP)",
+           title=f"Expert load at step {rows[-1]['step']} (1.0 = even share)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "expert_load.png", dpi=110)
+    plt.close(fig)
+    return "expert_load.png"
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.3g}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _stage_result(name: str, s: dict) -> str:
+    if name == "corpus":
+        return f"{_fmt(s.get('docs'))} docs, {_fmt(s.get('bytes'))} bytes"
+    if name == "tokenizer":
+        per_lang = ", ".join(f"{k} {v:.2f}" for k, v in (s.get("bytes_per_token") or {}).items())
+        return f"vocab {s.get('vocab_size')}, bytes/token {per_lang}"
+    if name == "shards":
+        return f"{_fmt(s.get('tokens'))} train tokens"
+    return f"loss {_fmt(s.get('final_loss'))}, val bpb {_fmt(s.get('val_bpb'))}"
+
+
+def render(data: dict, plots: list[str]) -> str:
+    m, stages = data["machine"], data["stages"]
+    gpu = f", {m['gpu']}" if m["gpu"] else ""
+    lines = [f"# nanoseek report: {data['run']}", "", f"Generated {data['generated']} on {m['cpu']} "
+             f"({m['cores']} cores{gpu}), torch {m['torch']}, Python {m['python']}.", ""]
+    lines += ["## Stages", "", "| stage | wall (s) | tokens | FLOPs | MFU | est. cost ($) | result |",
+              "|---|---|---|---|---|---|---|"]
+    for name, s in stages.items():
+        lines.append(f"| {name} | {_fmt(s.get('wall_s'))} | {_fmt(s.get('tokens'))} | {_fmt(s.get('flops'))} | "
+                     f"{_fmt(s.get('mfu'))} | {_fmt(s.get('estimated_cost'))} | {_stage_result(name, s)} |")
+    total = sum(s.get("wall_s", 0) for s in stages.values())
+    lines += ["", f"Total wall time: {total:.0f} s. Costs use each stage's `price_per_hour` setting (per device-hour).",
+              ""]
+    if "model" in data:
+        md = data["model"]
+        lines += ["## Model", "", f"- {_fmt(md['params'])} parameters, {_fmt(md['active_params'])} active per token "
+                  f"({md['layers']} layers, d={md['hidden_size']}, {md['routed_experts']} routed experts with "
+                  f"top-{md['experts_per_token']} + {md['shared_experts']} shared, {md['mtp_modules']} MTP module)",
+                  f"- latent KV cache: {md['kv_cache_bytes_per_token_bf16']:,} bytes/token in bf16, "
+                  f"{md['kv_cache_reduction_vs_mha']}× less than an expanded multi-head cache "
+                  f"({md['mha_cache_bytes_per_token_bf16']:,} bytes/token)",
+                  f"- context {md['context']} tokens; checkpoint `{md['checkpoint']}`", ""]
+    pre = stages.get("pretrain")
+    if pre and pre.get("unigram_entropy") and pre.get("val_loss"):
+        lines += [f"Pretraining validation loss {pre['val_loss']:.3f} nats/token vs the corpus' unigram entropy "
+                  f"{pre['unigram_entropy']:.3f}.", ""]
+    for plot in plots:
+        lines += [f"![{plot}]({plot})", ""]
+    return "\n".join(lines)
+
+
+def write_report(run: str | os.PathLike) -> Path:
+    run = Path(run)
+    data = collect(run)
+    plots = [p for p in (plot_losses(run, run), plot_expert_load(run, run)) if p]
+    data["plots"] = plots
+    atomic_write_text(run / "report.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_text(run / "report.md", render(data, plots) + "\n")
+    return run / "report.md"

@@ -1,0 +1,436 @@
+"""R1-style reinforcement learning with verifiable rewards: the GRPO loop, its pipeline stage and its command.
+
+    for step in steps:
+        problems from the tasks' train split (a mix of tasks and languages, optionally a difficulty ramp)
+        the Engine samples G completions per prompt (one n=G request: the prompt is prefilled once, shared)
+        the task graders give each completion a reward; advantages are normalised within each group
+        (dynamic sampling: groups whose rewards are all equal are dropped and more prompts are drawn)
+        π_old (and π_ref when β > 0) log-probs from the training model, then μ optimizer steps on the clipped loss
+        JSONL metrics + progress bar; held-out greedy accuracy every eval_every; reward curve PNG; checkpoints
+
+GRPOTrainer is a Trainer: the optimizer, learning-rate schedule, router-bias updates, DDP wrapping, metric log
+and the atomic checkpoints with exact resume are the Trainer's own. What a checkpoint adds here is the prompt
+stream's position; rollouts are seeded from it, so a resumed run samples exactly what the uninterrupted one did.
+The objective's math is in grpo.py, rollouts in rollout.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.checkpoint import atomic_write_text
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model import IGNORE_INDEX
+from nanoseek.train import dist as D
+from nanoseek.train.grpo import AGGREGATIONS, SCALES, group_advantages, policy_loss, token_logprobs, \
+    zero_variance_groups
+from nanoseek.train.optim import lr_multiplier
+from nanoseek.train.rollout import Grader, PromptStream, Sample, TaskSpec, collate, generate_groups, \
+    heldout_accuracy, prompt_ids, summarize, task_grader
+from nanoseek.train.trainer import TrainConfig, Trainer, _main_thread
+
+REWARD_PLOT = "reward_curve.png"
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO settings. From TrainConfig: out_dir, max_steps, max_time, optimizer, lr, schedule, warmup_steps,
+    min_lr_ratio, weight_decay, grad_clip, bias_update_speed, save_every, keep_checkpoints, log_every, seed, device,
+    price_per_hour, progress; batch_size is the micro-batch (sequences per forward/backward), seq_len the longest
+    prompt + completion, eval_every the held-out evaluation interval. grad_accum and mtp_weight are not used.
+
+    Recipes: GRPO as published: scale_rewards="group", aggregation="sequence". Dr. GRPO: scale_rewards="none",
+    aggregation="constant". DAPO: aggregation="token", epsilon_high=0.28, dynamic_sampling=True, beta=0.
+    """
+
+    out_dir: str = "runs/grpo"
+    max_steps: int = 100
+    batch_size: int = 32
+    seq_len: int = 256
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0  # a constant rate after warm-up
+    weight_decay: float = 0.0  # no pull toward zero: the policy should stay near the SFT model
+    log_every: int = 1
+    eval_every: int = 25
+    save_every: int = 25
+    # what the policy practises
+    tasks: list = field(default_factory=lambda: ["arithmetic:1"])  # TaskSpec strings or dicts
+    langs: list = field(default_factory=lambda: ["en", "zh"])
+    prompts_per_step: int = 8
+    group_size: int = 8  # G
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    # the objective (see grpo.py)
+    scale_rewards: str = "group"  # "group" | "batch" | "none" (Dr. GRPO)
+    aggregation: str = "token"  # "token" (DAPO) | "sequence" (GRPO) | "constant" (Dr. GRPO)
+    epsilon: float = 0.2  # ε_low
+    epsilon_high: float | None = None  # ε_high; DAPO's clip-higher uses 0.28
+    beta: float = 0.0  # k3 KL to the frozen starting model; 0 loads no reference
+    num_iterations: int = 1  # μ: optimizer steps per batch of rollouts
+    dynamic_sampling: bool = False  # drop zero-variance groups and draw more prompts to refill the batch
+    max_sampling_rounds: int = 4
+    mask_truncated: bool = False  # completions cut at max_new_tokens carry no loss (DAPO's overlong filtering)
+    # held-out evaluation: greedy accuracy on the test split, per task and language
+    eval_problems: int = 64
+    eval_max_new_tokens: int | None = None  # default: max_new_tokens
+
+    def validate(self, world_size: int = 1) -> None:
+        super().validate(world_size)
+        for name in ("prompts_per_step", "max_new_tokens", "num_iterations", "max_sampling_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size}: GRPO compares completions, it needs at least 2")
+        if self.scale_rewards not in SCALES:
+            raise ValueError(f"scale_rewards={self.scale_rewards!r}: must be one of {SCALES}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={self.aggregation!r}: must be one of {AGGREGATIONS}")
+        if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ValueError(f"epsilon={self.epsilon}, epsilon_high={self.epsilon_high}: need 0 < ε_low < 1, ε_high > 0")
+        if self.beta < 0 or self.temperature <= 0:
+            raise ValueError(f"beta={self.beta}, temperature={self.temperature}: need beta >= 0 and temperature > 0")
+        if self.eval_problems < 0:
+            raise ValueError(f"eval_problems={self.eval_problems}: must be >= 0")
+        [TaskSpec.parse(t) for t in self.tasks]
+
+
+class GRPOTrainer(Trainer):
+    def __init__(self, model, cfg: GRPOConfig, tokenizer, grader: Grader | None = None,
+                 dist_info: D.DistInfo | None = None):
+        """model: the policy, trained in place (its starting weights are also the KL reference when beta > 0).
+        grader(problems, completion texts) -> Rewards; default: each problem's task grader."""
+        info = dist_info or D.DistInfo()
+        self.specs = [TaskSpec.parse(t) for t in cfg.tasks]
+        stream = PromptStream(self.specs, cfg.langs, seed=cfg.seed + 7919 * info.rank)
+        super().__init__(model, cfg, stream, tokenizer=tokenizer, dist_info=info)
+        self.grader = grader or task_grader(stream.tasks)
+        self.reference = None
+        if cfg.beta > 0:  # copied before any resume: the reference is the starting policy
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.last_eval: dict = {}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + self.info.rank)
+        resumed = self.resume()
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"grpo {self.out.name}", unit="step",
+                   disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
+        metrics: dict = {}
+        try:
+            if not resumed and cfg.eval_problems and self.step == 0:
+                self.log({"step": 0, **self.evaluate()})
+            while self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested:
+                started = time.perf_counter()
+                samples, rollout_stats = self.rollout()
+                metrics = {**self.train_step(samples), **rollout_stats}
+                self.elapsed += time.perf_counter() - started
+                self.step += 1
+                bar.update(1)
+                metrics.update(step=self.step, step_s=round(time.perf_counter() - started, 2),
+                               elapsed_s=round(self.elapsed, 2))
+                if cfg.eval_problems and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    metrics.update(self.evaluate())
+                if self.step % cfg.log_every == 0 or "val_accuracy" in metrics:
+                    self.log(metrics)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                                len=f"{metrics['completion_len']:.0f}")
+                if self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+                    self.plot()
+            if cfg.eval_problems and self.last_eval.get("step") != self.step:  # stopped early: a final figure
+                self.log({"step": self.step, **self.evaluate()})
+            self.save_checkpoint()
+            self.plot()
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        report = self.cost_report(self._peak())
+        if self.info.is_main:
+            atomic_write_text(self.out / "cost.json", json.dumps(report, indent=2) + "\n")
+        if self._stop_requested:
+            raise KeyboardInterrupt(f"stopped at step {self.step}; run again to resume from {self.out}")
+        return {**metrics, **report, **{k: v for k, v in self.last_eval.items() if k != "step"}}
+
+    # ------------------------------------------------------------------ rollouts
+    def rollout(self) -> tuple[list[Sample], dict]:
+        """A batch of prompts_per_step groups of G graded samples (fewer if dynamic sampling ran out of rounds)."""
+        cfg, G = self.cfg, self.cfg.group_size
+        engine = Engine(self.model, None, max_batch_size=max(G, min(256, cfg.prompts_per_step * G)),
+                        max_model_len=cfg.seq_len)  # fresh each step: cached prefixes hold the old weights' latents
+        kept: list[Sample] = []
+        generated: list[Sample] = []
+        gen_tokens, gen_seconds, rounds, zero_groups, groups = 0, 0.0, 0, 0, 0
+        while len(kept) < cfg.prompts_per_step * G and rounds < cfg.max_sampling_rounds:
+            missing = cfg.prompts_per_step - len(kept) // G
+            if rounds:  # oversample by the keep rate seen so far
+                missing = min(4 * cfg.prompts_per_step, -(-missing * groups // max(1, groups - zero_groups)))
+            seed = random.Random(f"{cfg.seed}|{self.info.rank}|{self.loader.draws}").randrange(2**62)
+            problems = self.loader.next(missing, progress=self.step / cfg.max_steps)
+            ro = generate_groups(engine, self.tokenizer, problems, self.grader, self._sampling(engine, problems, seed))
+            gen_tokens, gen_seconds, rounds = gen_tokens + ro.generated_tokens, gen_seconds + ro.seconds, rounds + 1
+            generated += ro.samples
+            zero = zero_variance_groups(torch.tensor([s.reward.total for s in ro.samples]), G).tolist()
+            zero_groups, groups = zero_groups + sum(zero), groups + len(zero)
+            for g, is_zero in enumerate(zero):
+                if not (cfg.dynamic_sampling and is_zero):
+                    kept += ro.samples[g * G : (g + 1) * G]
+            if not cfg.dynamic_sampling:
+                break
+        kept = kept[: cfg.prompts_per_step * G]
+        stats = summarize(generated)
+        rewards = torch.tensor([s.reward.total for s in generated]).view(-1, G)
+        return kept, {
+            "reward": round(rewards.mean().item(), 4), "reward_std": round(rewards.std(1).mean().item(), 4),
+            "accuracy": round(stats["accuracy"], 4), "partial_accuracy": round(stats["partial_accuracy"], 4),
+            "format": round(stats["format"], 4), "completion_len": round(stats["length"], 2),
+            "truncated": round(sum(s.finish_reason == "length" for s in generated) / len(generated), 4),
+            "zero_var_frac": round(zero_groups / groups, 4), "groups_trained": len(kept) // G,
+            "sampling_rounds": rounds, "rollout_tokens": gen_tokens,
+            "rollout_tok_s": round(gen_tokens / max(gen_seconds, 1e-9), 1)}
+
+    def _sampling(self, engine: Engine, problems, seed: int) -> SamplingParams:
+        cfg = self.cfg
+        longest = max(len(prompt_ids(self.tokenizer, p)) for p in problems)
+        room = engine.max_model_len - longest
+        if room < 1:
+            raise ValueError(f"a prompt has {longest} tokens but the context ({engine.max_model_len} tokens: seq_len "
+                             f"and the model's max_position_embeddings) leaves no room to generate")
+        return SamplingParams(n=cfg.group_size, max_tokens=min(cfg.max_new_tokens, room), temperature=cfg.temperature,
+                              top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=[self.tokenizer.eos_id], seed=seed)
+
+    # ------------------------------------------------------------------ the update
+    def train_step(self, samples: list[Sample]) -> dict:
+        """μ optimizer steps on one batch of graded groups -> metrics."""
+        cfg, model = self.cfg, self.model
+        lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.schedule,
+                                 min_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_scale
+        if not samples:  # every group had equal rewards: nothing to learn from this batch
+            return {"lr_scale": round(lr_scale, 5), "loss": 0.0, "grad_norm": 0.0}
+        rewards = torch.tensor([s.reward.total for s in samples])
+        advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
+        inputs, targets = collate(samples, self.tokenizer.pad_id, cfg.mask_truncated)
+        micro = [slice(i, i + cfg.batch_size) for i in range(0, len(samples), cfg.batch_size)]
+        num_tokens = int((targets != IGNORE_INDEX).sum())
+        old = self._frozen_logprobs(model, inputs, targets, micro) if cfg.num_iterations > 1 else None
+        ref = self._frozen_logprobs(self.reference, inputs, targets, micro) if self.reference is not None else None
+
+        sums = dict(loss=0.0, entropy=0.0, kl=0.0, clip_low=0.0, clip_high=0.0, tokens=0)
+        grad_norms = []
+        model.train()
+        for _ in range(cfg.num_iterations):
+            for k, mb in enumerate(micro):
+                x, y = _trim(inputs[mb], targets[mb])
+                x, y = x.to(self.device), y.to(self.device)
+                sync = k == len(micro) - 1 or not self.info.enabled
+                with (nullcontext() if sync else self.wrapped.no_sync()), self.autocast:
+                    logp, entropy = token_logprobs(self.wrapped(x), y)
+                    mask = y != IGNORE_INDEX
+                    out = policy_loss(
+                        logp, old[k].to(self.device) if old is not None else logp.detach(),
+                        advantages[mb].to(self.device), mask, eps_low=cfg.epsilon, eps_high=cfg.epsilon_high,
+                        beta=cfg.beta, ref_logp=ref[k].to(self.device) if ref is not None else None,
+                        aggregation=cfg.aggregation, num_sequences=len(samples), num_tokens=num_tokens,
+                        max_completion_tokens=cfg.max_new_tokens)
+                    out.loss.backward()
+                sums["loss"] += out.loss.item() / cfg.num_iterations
+                sums["entropy"] += entropy.sum().item()
+                sums["clip_low"] += out.clipped_low.sum().item()
+                sums["clip_high"] += out.clipped_high.sum().item()
+                sums["kl"] += 0.0 if out.kl is None else out.kl.sum().item()
+                sums["tokens"] += int(mask.sum())
+                self.tokens += int((x != self.tokenizer.pad_id).sum())
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loads = model.expert_load()
+            if loads.numel():
+                model.update_router_biases(cfg.bias_update_speed, D.all_reduce_sum(loads, self.info))
+        n = max(1, sums["tokens"])
+        metrics = {"lr_scale": round(lr_scale, 5), "loss": round(sums["loss"], 6),
+                   "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
+                   "entropy": round(sums["entropy"] / n, 4), "clip_frac": round((sums["clip_low"] + sums["clip_high"]) / n, 5),
+                   "clip_low": round(sums["clip_low"] / n, 5), "clip_high": round(sums["clip_high"] / n, 5),
+                   "adv_abs": round(advantages.abs().mean().item(), 4)}
+        if ref is not None:
+            metrics["kl"] = round(sums["kl"] / n, 6)
+        return metrics
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model, inputs, targets, micro) -> list[torch.Tensor]:
+        """Per-micro-batch log-probs of the sampled tokens under a fixed model (π_old before the first update,
+        or π_ref). Eval mode: the forward is the same, but it does not count toward the routers' load."""
+        was_training = model.training
+        model.eval()
+        out = []
+        for mb in micro:
+            x, y = _trim(inputs[mb], targets[mb])
+            with self.autocast:
+                out.append(token_logprobs(model(x.to(self.device)), y.to(self.device))[0].cpu())
+        model.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ evaluation and plots
+    def evaluate(self) -> dict:
+        """Held-out greedy accuracy on the test split (rank 0 computes it; it is only logged)."""
+        if not self.info.is_main:
+            return {}
+        cfg = self.cfg
+        result = heldout_accuracy(self.model, self.tokenizer, self.specs, n=cfg.eval_problems, langs=cfg.langs,
+                                  max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed,
+                                  engine_kwargs={"max_model_len": cfg.seq_len})
+        self.last_eval = {"step": self.step, **{f"val_{k}": round(v, 4) for k, v in result.items()}}
+        tqdm.write(f"[grpo] step {self.step}: held-out accuracy {result['accuracy']:.3f}, format {result['format']:.3f}")
+        return {k: v for k, v in self.last_eval.items() if k != "step"}
+
+    def plot(self) -> Path | None:
+        if self.info.is_main:
+            return plot_rewards(self.out / "metrics.jsonl", self.out / REWARD_PLOT)
+        return None
+
+    def _peak(self) -> float:
+        from nanoseek.train.flops import measure_matmul_peak
+
+        # a short measurement: rollouts dominate a GRPO step, so its MFU is a rough figure anyway
+        return measure_matmul_peak(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                                   seconds=0.25)
+
+
+def _trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns after the micro-batch's last scored token: padding costs compute for nothing."""
+    cols = (y != IGNORE_INDEX).any(0).nonzero()
+    end = int(cols.max()) + 1 if len(cols) else 1
+    return x[:, :end], y[:, :end]
+
+
+def plot_rewards(metrics_path: Path, png_path: Path) -> Path | None:
+    """Reward, training accuracy and held-out accuracy against the step, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        tqdm.write("[grpo] matplotlib is not installed: no reward plot (pip install matplotlib)")
+        return None
+    rows = [json.loads(line) for line in Path(metrics_path).read_text("utf-8").splitlines() if line.strip()]
+    train = [r for r in rows if "reward" in r]
+    val = [r for r in rows if "val_accuracy" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        steps = [r["step"] for r in train]
+        ax.plot(steps, _smooth([r["reward"] for r in train]), label="reward (mean of the batch, smoothed)")
+        ax.plot(steps, _smooth([r["accuracy"] for r in train]), label="train accuracy (sampled, smoothed)")
+        ax.plot(steps, [r["reward"] for r in train], color="C0", alpha=0.25, linewidth=0.8)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "o-", color="C3",
+                label="held-out accuracy (greedy)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(Path(metrics_path).parent.name)
+    fig.tight_layout()
+    tmp = png_path.with_name(f".tmp-{png_path.name}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path
+
+
+def _smooth(values: list[float], window: int = 10) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+# ---------------------------------------------------------------------- pipeline stage and command
+def grpo_stage(run: Path, preset: dict, info: D.DistInfo, init: str | Path | None = None) -> dict:
+    """runs/NAME/sft/final (or `init`) -> GRPO on the preset's "grpo" section -> runs/NAME/grpo/final."""
+    from nanoseek.checkpoint import load_model
+    from nanoseek.pipeline import _export, _stage
+    from nanoseek.tokenizer import load_tokenizer
+
+    run = Path(run)
+    section = dict(preset.get("grpo") or {})
+    source = Path(init) if init is not None else run / "sft" / "final"
+
+    def work():
+        if not (source / "config.json").is_file():
+            raise FileNotFoundError(f"{source} is not a checkpoint: run the SFT stage first, or pass --init CKPT")
+        model, tok = load_model(source), load_tokenizer(source)
+        cfg = GRPOConfig(**{**section, "out_dir": str(run / "grpo")})
+        result = GRPOTrainer(model, cfg, tok, dist_info=info).fit()
+        if info.is_main:
+            _export(model, run / "grpo" / "final", tok)
+        first = _first_eval(run / "grpo" / "metrics.jsonl")
+        return {"init": str(source), "steps": result["steps"], "reward": result.get("reward"),
+                "val_accuracy_before": first, "val_accuracy": result.get("val_accuracy"),
+                "rollout_tok_s": result.get("rollout_tok_s"), "wall_s": result["wall_s"],
+                "estimated_cost": result["estimated_cost"], "reward_plot": str(run / "grpo" / REWARD_PLOT)}
+    return _stage("grpo", run / "grpo", info, work, main_only=False)
+
+
+def _first_eval(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    return next((r["val_accuracy"] for r in rows if "val_accuracy" in r), None)
+
+
+def cmd_grpo(args) -> int:
+    from nanoseek.presets import load_preset
+
+    grpo_sets = [s for s in args.set if s.startswith("grpo.")]  # until "grpo" is one of presets.SECTIONS
+    preset = load_preset(args.preset, [s for s in args.set if not s.startswith("grpo.")])
+    preset["grpo"] = dict(preset.get("grpo") or {})
+    for item in grpo_sets:
+        key, sep, raw = item.partition("=")
+        if not sep or key == "grpo.":
+            raise ValueError(f"--set {item!r}: expected grpo.FIELD=VALUE")
+        try:
+            preset["grpo"][key.removeprefix("grpo.")] = json.loads(raw)
+        except json.JSONDecodeError:
+            preset["grpo"][key.removeprefix("grpo.")] = raw
+    out = Path(args.out or f"runs/{Path(args.preset).stem}")
+    info = D.init_distributed(GRPOConfig(**preset["grpo"]).resolved_device)
+    try:
+        print(json.dumps(grpo_stage(out, preset, info, init=args.init), indent=2))
+    finally:
+        D.shutdown(info)
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Register `nanoseek grpo`."""
+    p = subparsers.add_parser(
+        "grpo", help="R1-style RL (GRPO) with verifiable task rewards: runs/NAME/sft/final -> runs/NAME/grpo/final; "
+                     "resumes where it stopped; runs under torchrun")
+    p.add_argument("--preset", default="cpu", help="a preset name or .json file; its \"grpo\" section (default: cpu)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/PRESET)")
+    p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint instead of RUN/sft/final")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a preset field, e.g. --set grpo.group_size=16 --set grpo.tasks='[\"countdown:1\"]'")
+    p.set_defaults(func=cmd_grpo)
