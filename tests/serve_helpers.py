@@ -108,19 +108,19 @@ def build_random_checkpoint(path: Path, context: int = 512) -> Path:
 
 
 def nanoseek(*args, stdin="", timeout=300) -> subprocess.CompletedProcess:
-    """`python -m nanoseek.serve ARGS` (what `nanoseek ARGS` runs once wired into the CLI)."""
+    """`nanoseek ARGS`, run as `python -m nanoseek.cli ARGS` with this checkout's sources."""
     env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "nanoseek.serve", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], input=stdin, capture_output=True,
                           text=True, encoding="utf-8", env=env, timeout=timeout)
 
 
 class ServerProcess:
-    """`python -m nanoseek.serve serve CKPT --port 0 ...` as a subprocess; .url once /health says ok."""
+    """`nanoseek serve CKPT --port 0 ...` as a subprocess; .url once /health says ok."""
 
     def __init__(self, checkpoint: Path, *args: str, log_path: Path | None = None):
         env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.cmd = [sys.executable, "-m", "nanoseek.serve", "serve", str(checkpoint), "--port", "0",
+        self.cmd = [sys.executable, "-m", "nanoseek.cli", "serve", str(checkpoint), "--port", "0",
                     "--threads", "1", *args]
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, encoding="utf-8")

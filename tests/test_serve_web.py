@@ -23,9 +23,12 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chrom
                                 "`apt-get update && apt-get install -y chromium` (and `pip install playwright`)")
 
 
+KEY = "sekret"
+
+
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess(shared_checkpoint()) as s:
+    with ServerProcess(shared_checkpoint(), "--api-key", KEY) as s:
         yield s.wait_ready()
 
 
@@ -59,10 +62,17 @@ def ask(page, text):
     page.press("#input", "Enter")
 
 
-def test_chat_in_english_and_chinese_with_the_thought_and_a_stop(page, server):
+def settings(page, **values):
+    """Open the settings, set fields as a person would (each change is saved), close them again."""
     page.click("#settings-toggle")
-    page.fill("#temperature", "0")
-    page.dispatch_event("#temperature", "change")
+    for field, value in values.items():
+        page.fill(f"#{field}", value)
+        page.dispatch_event(f"#{field}", "change")
+    page.click("#settings-toggle")
+
+
+def test_chat_in_english_and_chinese_with_the_thought_and_a_stop(page, server):
+    settings(page, api_key=KEY, temperature="0")
 
     ask(page, HELLO)
     answer = page.locator(".message.assistant").nth(0)
@@ -83,9 +93,7 @@ def test_chat_in_english_and_chinese_with_the_thought_and_a_stop(page, server):
     assert page.locator("#conversations li").count() == 1
 
     page.click("#new-chat")
-    page.fill("#max_tokens", "450")
-    page.dispatch_event("#max_tokens", "change")
-    page.click("#settings-toggle")
+    settings(page, max_tokens="450")
     ask(page, "Sing")  # a song that never ends
     answer = page.locator(".message.assistant").nth(0)
     answer.locator(".content", has_text="la la la").wait_for()
@@ -137,21 +145,13 @@ def test_markdown_is_rendered_and_html_is_escaped(page):
     page.screenshot(path=str(ARTIFACTS / "6-markdown.png"))
 
 
-def test_api_key_setting_is_used(browser, tmp_path):
-    with ServerProcess(shared_checkpoint(), "--api-key", "sekret") as s:
-        s.wait_ready()
-        context = browser.new_context()
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        page.goto(s.url + "/")
-        ask(page, HELLO)
-        page.locator(".message.assistant .status.error", has_text="401").wait_for()
-        page.click("#settings-toggle")
-        page.fill("#api_key", "sekret")
-        page.dispatch_event("#api_key", "change")
-        ask(page, HELLO)
-        page.locator(".message.assistant").nth(1).locator(".content:not(.cursor)").wait_for()
-        assert page.locator(".message.assistant .status.error").count() == 1  # the first try only
-        assert page.locator(".message.assistant").nth(1).inner_text().strip()  # an answer came
-        page.screenshot(path=str(ARTIFACTS / "5-api-key.png"))
-        context.close()
+def test_a_missing_api_key_is_explained_and_the_setting_fixes_it(page):
+    ask(page, HELLO)
+    page.locator(".message.assistant .status.error", has_text="401").wait_for()
+    assert "set the API key in Settings" in page.locator(".message.assistant .status.error").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "5-no-api-key.png"))
+    settings(page, api_key=KEY, temperature="0")
+    ask(page, HELLO)
+    page.locator(".message.assistant").nth(1).locator(".content:not(.cursor)").wait_for()
+    assert page.locator(".message.assistant .status.error").count() == 1  # the first try only
+    assert page.locator(".message.assistant").nth(1).inner_text().strip()  # an answer came

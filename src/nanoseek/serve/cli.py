@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
@@ -107,15 +106,3 @@ def cmd_serve(args) -> int:
         print(f"nanoseek serve: error: loading {ckpt} failed: {failed[0]}", file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m nanoseek.serve serve|chat ...`, the same commands without the nanoseek CLI around them."""
-    parser = argparse.ArgumentParser(prog="python -m nanoseek.serve")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
-        return 2

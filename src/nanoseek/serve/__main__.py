@@ -1,5 +1,0 @@
-import sys
-
-from nanoseek.serve.cli import main
-
-sys.exit(main())
