@@ -5,6 +5,8 @@ concurrent streaming clients. Reported as JSON lines {"bench", "ours", "anchor",
   throughput   generated tokens/s through HTTP; anchor: the same requests through Engine.generate in-process
                with max_batch_size = clients, so the ratio is what the server keeps of the engine's own speed
   ttft_p50/99  seconds from sending a request to its first token chunk
+  cpu          CPU seconds per generated token, the server process's (all threads) vs the in-process engine's:
+               unlike wall time, this does not depend on what else runs on the machine
   rss          the server's resident memory after the load; anchor: before it
 Every request must succeed (status 200, usage and [DONE] present, exactly --max-tokens tokens): the exit status is
 1 otherwise.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -100,8 +103,15 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> tuple[
         return results, time.perf_counter() - start
 
 
-def offline_throughput(checkpoint: Path, requests: int, max_tokens: int, max_batch_size: int) -> float:
-    """The same requests through Engine.generate in this process, max_batch_size at a time: the engine's speed."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def offline_throughput(checkpoint: Path, requests: int, max_tokens: int, max_batch_size: int) -> tuple[float, float]:
+    """The same requests through Engine.generate in this process, max_batch_size at a time: the engine's speed.
+    -> (tokens/s, CPU seconds per token)"""
     from nanoseek.engine import Engine, SamplingParams
     from nanoseek.serve.app import load_checkpoint
     from nanoseek.serve.chat_format import EngineTokenizer, chat_prompt
@@ -114,9 +124,10 @@ def offline_throughput(checkpoint: Path, requests: int, max_tokens: int, max_bat
         prompts.append(chat_prompt(ckpt.tokenizer, body["messages"], True)[0])
         params.append(SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0, seed=i))
     engine.generate(prompts[:2], params[:2])  # warm-up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     outs = engine.generate(prompts, params)
-    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+    tokens = sum(len(o.token_ids) for o in outs)
+    return tokens / (time.perf_counter() - start), (time.process_time() - cpu) / tokens
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -143,15 +154,17 @@ def main() -> int:
                            str(max(64, args.clients))) as server:
             server.wait_ready()
             asyncio.run(load(server.url, 2, 2, args.max_tokens))  # warm-up
-            rss_before = server.rss_bytes()
+            rss_before, cpu_before = server.rss_bytes(), cpu_seconds(server.proc.pid)
             results, wall = asyncio.run(load(server.url, args.clients, args.requests, args.max_tokens))
-            rss_after = server.rss_bytes()
-        anchor = offline_throughput(checkpoint, args.requests, args.max_tokens, max_batch_size=args.clients)
+            rss_after, server_cpu = server.rss_bytes(), cpu_seconds(server.proc.pid) - cpu_before
+        anchor, anchor_cpu = offline_throughput(checkpoint, args.requests, args.max_tokens, args.clients)
 
     errors = [r["error"] for r in results if "error" in r]
     ok = [r for r in results if "error" not in r]
     ttfts = [r["ttft"] for r in ok]
-    ours = sum(r["tokens"] for r in ok) / wall
+    tokens = sum(r["tokens"] for r in ok)
+    ours = tokens / wall
+    cpu = server_cpu / max(tokens, 1)
     common = {"config": config, "errors": len(errors), "completed": len(ok)}
     lines = [
         {"bench": "serve_load.throughput", "ours": ours, "anchor": anchor, "ratio": ours / anchor,
@@ -160,6 +173,8 @@ def main() -> int:
          "ratio": None, "unit": "s"},
         {"bench": "serve_load.ttft_p99", "ours": percentile(ttfts, 99) if ttfts else None, "anchor": None,
          "ratio": None, "unit": "s"},
+        {"bench": "serve_load.cpu_per_token", "ours": cpu, "anchor": anchor_cpu, "ratio": cpu / anchor_cpu,
+         "unit": "CPU s/token", "anchor_is": "Engine.generate in-process, same requests"},
         {"bench": "serve_load.rss", "ours": rss_after, "anchor": rss_before, "ratio": rss_after / rss_before,
          "unit": "bytes", "anchor_is": "server RSS before the load"},
     ]
