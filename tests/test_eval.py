@@ -14,8 +14,9 @@ import torch
 
 from nanoseek import load_model
 from nanoseek.data.corpus import Source, build_corpus
-from nanoseek.eval import bits_per_byte, evaluate, pass_at_k, to_markdown
+from nanoseek.eval import bits_per_byte, eval_stage, evaluate, pass_at_k, to_markdown
 from nanoseek.eval.passkey import extended, passkey_prompts
+from nanoseek.train.dist import DistInfo
 
 from post_helpers import save_tiny, small_tokenizer
 
@@ -51,7 +52,7 @@ def tiny(tmp_path_factory):
 def test_bpb_of_a_uniform_model_is_log2_vocab_per_byte(tiny):
     model, tok = load_model(tiny), small_tokenizer()
     torch.nn.init.zeros_(model.lm_head.weight)  # every logit 0: p = 1/V for every token
-    texts = ["What is 7 + 1?", "计算 12 + 30 等于多少？" * 20, "def f(x):\n    return x\n"]
+    texts = ["What is 7 + 1?", "计算 12 + 30 等于多少？" * 5, "def f(x):\n    return x\n"]
     for seq_len in (8, 512):  # many windows, and one
         r = bits_per_byte(model, tok, texts, seq_len=seq_len, batch_size=2)
         tokens = sum(len(tok.encode(t)) for t in texts)  # every token after BOS is predicted once
@@ -124,16 +125,36 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny, corpus):
 
 
 def test_eval_command_writes_json_and_markdown(tiny, corpus, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    # one thread: a tiny model gains nothing from more, and a busy machine makes OpenMP threads wait on each other
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "nanoseek.posttrain", "eval", str(tiny), "--tasks", "arithmetic",
-                          "word_problems", "--n-problems", "4", "--samples", "2", "--k", "1", "2",
-                          "--max-new-tokens", "16", "--corpus", str(corpus), "--passkey-lengths", "256", "1024",
-                          "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                          "--n-problems", "2", "--samples", "2", "--k", "1", "2", "--max-new-tokens", "8",
+                          "--corpus", str(corpus), "--no-passkey", "--json", str(tmp_path / "r.json"),
+                          "--markdown", str(tmp_path / "r.md")], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     r = json.loads((tmp_path / "r.json").read_text())
-    assert set(r["tasks"]) == {"arithmetic", "word_problems"}
+    assert set(r["tasks"]) == {"arithmetic"} and set(r["bpb"]) == {"en", "zh", "code"} and "passkey" not in r
+    assert r["tasks"]["arithmetic"]["sampled"]["n"] == 2
     assert (tmp_path / "r.md").read_text().strip() == out.stdout.strip()
     bad = subprocess.run([sys.executable, "-m", "nanoseek.posttrain", "eval", str(tiny), "--tasks", "nope"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "unknown task(s) ['nope']" in bad.stderr
+
+
+def test_eval_stage_compares_the_stages_and_reuses_unchanged_results(tmp_path, corpus):
+    run = tmp_path / "run"
+    save_tiny(run / "pretrain" / "final", seed=1)
+    save_tiny(run / "sft" / "final", seed=2)
+    preset = {"eval": {"tasks": ["arithmetic"], "n_problems": 2, "max_new_tokens": 8, "corpus_dir": str(corpus),
+                       "passkey": False}}
+    summary = eval_stage(run, preset, DistInfo())
+    assert summary["stages"] == ["pretrain", "sft"] and set(summary["pass@1"]["sft"]) == {"arithmetic"}
+    report = (run / "eval" / "report.md").read_text()
+    assert "| pretrain | arithmetic | 2 |" in report and "| sft | arithmetic | 2 |" in report
+    stamps = {s: (run / "eval" / f"{s}.json").stat().st_mtime_ns for s in ("pretrain", "sft")}
+    save_tiny(run / "sft" / "final", seed=3)  # a new SFT result: only it is evaluated again
+    eval_stage(run, preset, DistInfo())
+    assert (run / "eval" / "pretrain.json").stat().st_mtime_ns == stamps["pretrain"]
+    assert (run / "eval" / "sft.json").stat().st_mtime_ns != stamps["sft"]
+    with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+        eval_stage(tmp_path / "empty", preset, DistInfo())

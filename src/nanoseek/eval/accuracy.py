@@ -38,13 +38,13 @@ def token_budget(tok, problem: Problem, max_new_tokens: int) -> int:
 def generate_completions(engine: Engine, tok, problems: Sequence[Problem], *, n: int = 1, temperature: float = 0.0,
                          max_new_tokens: int = 256, seed: int = 0, top_k: int | None = None,
                          thinking: bool = True) -> tuple[list[list[str]], list[bool]]:
-    """-> (completion texts per problem, whether the problem fitted the context). Problems whose prompt leaves no
-    room in the engine's context get no completions."""
+    """-> (completion texts per problem, whether the problem fitted the context). A problem whose prompt plus its
+    token budget exceed the engine's context gets no completions (rather than a budget too short to answer)."""
     prompts, params, fits = [], [], []
     for i, p in enumerate(problems):
         ids = prompt_ids(tok, p.prompt, thinking=thinking)
-        budget = min(token_budget(tok, p, max_new_tokens), engine.max_model_len - len(ids))
-        fits.append(budget >= 8)
+        budget = token_budget(tok, p, max_new_tokens)
+        fits.append(len(ids) + budget <= engine.max_model_len)
         if fits[-1]:
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=budget, temperature=temperature, top_k=top_k, n=n,

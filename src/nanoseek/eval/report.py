@@ -5,11 +5,12 @@
     passkey   retrieval accuracy at several context lengths, up to and beyond the model's context (YaRN)
 
 `eval_stage` runs it on every finished checkpoint of a run (pretrain, long_context, sft, grpo, distill) and writes
-runs/NAME/eval/<stage>.json plus report.md, a table that compares them.
+runs/NAME/eval/<stage>.json plus report.md, tables that compare them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from nanoseek.eval.bpb import LANGS, bits_per_byte, heldout_texts
 from nanoseek.eval.passkey import passkey_sweep
 from nanoseek.tasks import TASKS, get_task
 from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train import dist as D
 
 DEFAULT_TASKS = {"arithmetic": [1, 2], "countdown": [1], "word_problems": [1], "code": [1], "passkey": [1]}
 STAGES = ("pretrain", "long_context", "sft", "grpo", "distill")
@@ -52,6 +54,7 @@ def evaluate(ckpt_dir: str | Path, tasks: Sequence[str] | dict | None = None, n_
     ...]}; None = every task. corpus_dir: where val.jsonl is (default: the run's corpus next to the checkpoint,
     else the default corpus built on the fly)."""
     ckpt_dir = Path(ckpt_dir)
+    wanted = _task_spec(tasks)  # fail on a bad task name before any work
     started = time.perf_counter()
     model = load_model(ckpt_dir, device=device, dtype=torch.float32)
     tok = load_tokenizer(ckpt_dir)
@@ -65,7 +68,6 @@ def evaluate(ckpt_dir: str | Path, tasks: Sequence[str] | dict | None = None, n_
         texts = heldout_texts(corpus_dir, bpb_bytes)
         result["bpb"] = {lang: round(bits_per_byte(model, tok, t)["bpb"], 4) for lang, t in texts.items()}
         result["bpb_source"] = str(corpus_dir) if corpus_dir else "default corpus (built for this evaluation)"
-    wanted = _task_spec(tasks)
     if wanted:
         engine = Engine(model, None, max_batch_size=64, max_num_batched_tokens=2048)
         result["tasks"] = {}
@@ -141,31 +143,43 @@ def to_markdown(results: dict | list[dict], names: Sequence[str] | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------- pipeline stage
-def eval_stage(run: Path, preset: dict, info) -> dict:
-    """Evaluate every finished checkpoint of the run (preset section "eval": keyword arguments of `evaluate`,
-    plus "stages"), write runs/NAME/eval/<stage>.json and report.md. Main process only."""
-    from nanoseek.pipeline import _stage
+def fingerprint(ckpt: Path) -> str:
+    """Changes whenever the checkpoint is rewritten (its files' names, sizes and modification times)."""
+    files = sorted(p for p in ckpt.iterdir() if p.is_file())
+    return hashlib.sha256("".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files)
+                          .encode()).hexdigest()[:16]
 
-    run = Path(run)
+
+def eval_stage(run: Path, preset: dict, info) -> dict:
+    """Evaluate every finished checkpoint of the run (preset section "eval": keyword arguments of `evaluate`, plus
+    "stages") into runs/NAME/eval/<stage>.json, and compare them in runs/NAME/eval/report.md. A stage's result is
+    reused while its checkpoint is unchanged, so running the pipeline again only evaluates what is new."""
+    run, out = Path(run), Path(run) / "eval"
     settings = dict(preset.get("eval", {}))
     stages = settings.pop("stages", list(STAGES))
-
-    def work():
-        out, results, names = run / "eval", [], []
+    results, names = [], []
+    if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for stage in stages:
             ckpt = run / stage / "final"
             if not (ckpt / "config.json").is_file():
                 continue
-            cached = out / f"{stage}.json"
-            r = json.loads(cached.read_text("utf-8")) if cached.is_file() else evaluate(ckpt, **settings)
-            atomic_write_text(cached, json.dumps(r, indent=2, ensure_ascii=False) + "\n")
+            cached, stamp = out / f"{stage}.json", fingerprint(ckpt)
+            r = json.loads(cached.read_text("utf-8")) if cached.is_file() else {}
+            if r.get("fingerprint") != stamp or r.get("settings_requested") != settings:
+                print(f"[eval] {ckpt}", flush=True)
+                r = {**evaluate(ckpt, **settings), "fingerprint": stamp, "settings_requested": settings}
+                atomic_write_text(cached, json.dumps(r, indent=2, ensure_ascii=False) + "\n")
             results.append(r)
             names.append(stage)
         if not results:
             raise FileNotFoundError(f"{run}: no finished checkpoint to evaluate (looked for {list(stages)})")
         atomic_write_text(out / "report.md", to_markdown(results, names) + "\n")
-        return {"stages": names, "report": str(out / "report.md"),
-                **{f"{n}_pass@1": {t: v.get("greedy", {}).get("pass@1") for t, v in r.get("tasks", {}).items()}
-                   for n, r in zip(names, results)}}
-    return _stage("eval", run / "eval", info, work)
+        summary = {"stages": names, "report": str(out / "report.md"),
+                   "pass@1": {n: {t: v.get("greedy", {}).get("pass@1") for t, v in r.get("tasks", {}).items()}
+                              for n, r in zip(names, results)},
+                   "bpb": {n: r.get("bpb") for n, r in zip(names, results)}}
+        atomic_write_text(out / "done.json", json.dumps(summary, indent=2) + "\n")
+        print(f"[eval] report: {out / 'report.md'}", flush=True)
+    D.barrier(info)
+    return json.loads((out / "done.json").read_text("utf-8"))
