@@ -19,7 +19,7 @@ install-test: $(BIN)/python browser
 
 # The web-chat test drives Debian's Chromium with Playwright (Playwright's own browser download is not used).
 browser:
-	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium fonts-wqy-zenhei >/dev/null) \
 		|| echo "warning: /usr/bin/chromium missing and not root: the browser test will be skipped"; }
 
 speedrun: install
@@ -40,6 +40,8 @@ test-all: install-test
 bench: install-test
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/moe_vs_dense.py
+	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
