@@ -21,7 +21,7 @@ import torch
 
 from nanoseek import load_model
 from nanoseek.model import IGNORE_INDEX
-from nanoseek.pipeline import _export
+from nanoseek.pipeline import export_checkpoint
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.rl import GRPOConfig, GRPOTrainer
 from nanoseek.train.rollout import PromptStream, TaskSpec, heldout_accuracy, prompt_ids
@@ -64,7 +64,7 @@ def cmd_sft(a) -> None:
                       schedule="cosine", mtp_weight=0.0, save_every=100, log_every=10, seed=a.seed)
     result = Trainer(model, cfg, WorkedSolutions(tok, specs, a.langs, a.batch_size, a.seq_len, a.seed),
                      tokenizer=tok).fit()
-    _export(model, Path(a.out), tok)
+    export_checkpoint(model, Path(a.out), tok)
     print(json.dumps({k: result[k] for k in ("steps", "lm_loss_avg", "wall_s")}))
 
 
@@ -85,7 +85,7 @@ def cmd_grpo(a) -> None:
         except json.JSONDecodeError:
             fields[key] = raw
     result = GRPOTrainer(model, GRPOConfig(**fields), tok).fit()
-    _export(model, Path(a.out) / "final", tok)
+    export_checkpoint(model, Path(a.out) / "final", tok)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}))
 
 

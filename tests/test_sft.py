@@ -11,7 +11,7 @@ from nanoseek.data.chat import problem_messages
 from nanoseek.data.corpus import Source, build_corpus
 from nanoseek.engine import Engine
 from nanoseek.eval.accuracy import generate_completions
-from nanoseek.posttrain import load_preset_with
+from nanoseek.presets import load_preset
 from nanoseek.tasks import get_task
 from nanoseek.train.dist import DistInfo
 from nanoseek.train.sft import run_sft, sft_stage, split_section
@@ -66,8 +66,9 @@ def test_sft_settings_errors_and_overrides(tmp_path):
         split_section({"bogus": 1})
     data, train = split_section({"lr": 0.01, "identity": 3})
     assert train["lr"] == 0.01 and data["identity"] == 3 and data["corpus_qa"] == 300
-    preset = load_preset_with("smoke", ["sft.max_steps=7", "sft.tasks={\"arithmetic\": [3]}", "pretrain.lr=0.5"])
-    assert preset["sft"] == {"max_steps": 7, "tasks": {"arithmetic": [3]}} and preset["pretrain"]["lr"] == 0.5
+    preset = load_preset("smoke", ["sft.max_steps=7", "sft.tasks={\"arithmetic\": [3]}", "pretrain.lr=0.5"])
+    assert preset["sft"]["max_steps"] == 7 and preset["sft"]["tasks"] == {"arithmetic": [3]}
+    assert preset["pretrain"]["lr"] == 0.5
     base = save_tiny(tmp_path / "base", context=128)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         run_sft(base, tmp_path / "out", [], {"seq_len": 512})

@@ -68,16 +68,14 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_speedrun(args) -> int:
-    from nanoseek.pipeline import run_pretraining
-    from nanoseek.report import write_report
+    from nanoseek.speedrun import run_speedrun
 
-    run_pretraining(args.out, _preset(args), text_paths=args.text)
-    report = write_report(args.out)
-    print(f"\nreport card: {report}")
-    final = next((Path(args.out) / s / "final" for s in ("grpo", "sft", "long_context", "pretrain")
-                  if (Path(args.out) / s / "final").is_dir()), None)
-    if final is not None:
-        print(f"final checkpoint: {final}\n  nanoseek info {final}")
+    summaries = run_speedrun(args.out, _preset(args), text_paths=args.text)
+    if "report" in summaries:
+        final = summaries["export"]["checkpoint"]
+        print(f"\nreport card: {summaries['report']}\nmodel card:  {final}/README.md\n\n"
+              f"chat with the result:\n  nanoseek serve {final}     # OpenAI-compatible API + web chat\n"
+              f"  nanoseek chat {final}      # in the terminal")
     return 0
 
 
@@ -125,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-long-context", action="store_true", help="stop after pretraining")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("speedrun", help="the whole pipeline on the embedded corpus, then the report card "
-                                        "(re-running resumes; every stage that finished is skipped)")
+    p = sub.add_parser("speedrun", help="the whole pipeline: corpus → tokenizer → shards → pretrain → long context → "
+                                        "SFT → GRPO → eval → runs/NAME/final with a model card, then the report "
+                                        "card (re-running resumes; every stage that finished is skipped)")
     _run_args(p)
     p.set_defaults(func=cmd_speedrun)
 

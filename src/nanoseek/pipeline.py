@@ -40,13 +40,14 @@ def _finish(path: Path, summary: dict) -> dict:
     return summary
 
 
-def _stage(name: str, path: Path, info: D.DistInfo, work: Callable[[], dict], main_only: bool = True) -> dict:
+def run_stage(name: str, path: Path, info: D.DistInfo, work: Callable[[], dict], main_only: bool = True) -> dict:
     """Run `work` unless the stage is complete; with main_only, rank 0 works and the others wait for its result."""
     summary = stage_done(path)
     if summary is None and (info.is_main or not main_only):
         start = time.perf_counter()
         summary = work()
-        summary.setdefault("wall_s", round(time.perf_counter() - start, 2))
+        # the trainer's own clock spans restarts; this one includes set-up and evaluations: keep the larger
+        summary["wall_s"] = round(max(summary.get("wall_s", 0.0), time.perf_counter() - start), 2)
         if info.is_main:
             _finish(path, summary)
         print(f"[{name}] done in {summary['wall_s']:.1f}s: " + ", ".join(
@@ -69,7 +70,7 @@ def corpus_stage(run: Path, preset: dict, info: D.DistInfo, text_paths: list[str
         manifest = build_corpus(run / "corpus", sources, max_bytes=data.get("max_bytes"))
         totals = manifest.get("totals", {})
         return {"docs": totals.get("docs"), "bytes": totals.get("bytes"), "sources": len(manifest["sources"])}
-    return _stage("corpus", run / "corpus", info, work)
+    return run_stage("corpus", run / "corpus", info, work)
 
 
 def tokenizer_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
@@ -81,7 +82,7 @@ def tokenizer_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
             rec = json.loads(line)
             by_lang.setdefault(rec["lang"], []).append(rec["text"])
         return {"vocab_size": tok.vocab_size, "bytes_per_token": bytes_per_token(tok, by_lang)}
-    return _stage("tokenizer", run / "tokenizer", info, work)
+    return run_stage("tokenizer", run / "tokenizer", info, work)
 
 
 def shards_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
@@ -91,7 +92,7 @@ def shards_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
                  for split in ("train", "val")}
         return {"tokens": metas["train"]["tokens"], "val_tokens": metas["val"]["tokens"],
                 "bytes": metas["train"]["bytes"]}
-    return _stage("shards", run / "shards", info, work)
+    return run_stage("shards", run / "shards", info, work)
 
 
 # ---------------------------------------------------------------------- training
@@ -108,14 +109,14 @@ def _train(run: Path, stage: str, model: Transformer, tcfg: TrainConfig, tok: To
     result = Trainer(model, tcfg, loader, val_batches=val, val_bytes_per_token=bytes_per_tok, tokenizer=tok,
                      dist_info=info).fit()
     if info.is_main:
-        _export(model, run / stage / "final", tok)
+        export_checkpoint(model, run / stage / "final", tok)
     return {"steps": result["steps"], "tokens": result["tokens"], "final_loss": result.get("lm_loss_avg"),
             "val_loss": result.get("val_loss"), "val_bpb": result.get("val_bpb"), "flops": result["flops"],
             "wall_s": result["wall_s"], "mfu": result["mfu"], "estimated_cost": result["estimated_cost"],
             "params": result["params"], "active_params": result["active_params"]}
 
 
-def _export(model: Transformer, path: Path, tok: Tokenizer) -> None:
+def export_checkpoint(model: Transformer, path: Path, tok: Tokenizer) -> None:
     """The stage's result as an HF directory, renamed into place once complete."""
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -135,13 +136,15 @@ def pretrain_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
         summary = _train(run, "pretrain", model, tcfg, tok, info)
         summary["unigram_entropy"] = unigram_entropy(run / "shards" / "train")
         return summary
-    return _stage("pretrain", run / "pretrain", info, work, main_only=False)
+    return run_stage("pretrain", run / "pretrain", info, work, main_only=False)
 
 
 def long_context_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
     """DeepSeek's context extension at our scale: YaRN (factor s over the pretraining length), then a short run
     at the longer length."""
-    lc = dict(preset["long_context"])
+    lc = dict(preset.get("long_context") or {})
+    if "factor" not in lc or "seq_len" not in lc:
+        raise ValueError("preset section long_context needs 'seq_len' and 'factor' (the YaRN scale)")
 
     def work():
         base = load_model(run / "pretrain" / "final")
@@ -157,7 +160,7 @@ def long_context_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
         summary = _train(run, "long_context", model, tcfg, tok, info)
         summary.update(context=cfg.max_position_embeddings, yarn_factor=factor, original_context=original)
         return summary
-    return _stage("long_context", run / "long_context", info, work, main_only=False)
+    return run_stage("long_context", run / "long_context", info, work, main_only=False)
 
 
 def unigram_entropy(shard_dir: Path) -> float:
@@ -173,19 +176,23 @@ def unigram_entropy(shard_dir: Path) -> float:
     return round(float(-(p * np.log(p)).sum()), 4)
 
 
+def pretraining_stages(run: Path, preset: dict, info: D.DistInfo, text_paths: list[str] | None = None,
+                       long_context: bool = True) -> dict:
+    """corpus → tokenizer → shards → pretrain (→ long_context when the preset has that section)."""
+    summaries = {"corpus": corpus_stage(run, preset, info, text_paths),
+                 "tokenizer": tokenizer_stage(run, preset, info),
+                 "shards": shards_stage(run, preset, info),
+                 "pretrain": pretrain_stage(run, preset, info)}
+    if long_context and preset.get("long_context"):
+        summaries["long_context"] = long_context_stage(run, preset, info)
+    return summaries
+
+
 def run_pretraining(run: str | os.PathLike, preset: dict, *, text_paths: list[str] | None = None,
                     long_context: bool = True) -> dict:
-    """corpus → tokenizer → shards → pretrain (→ long_context). Works under torchrun too."""
-    run = Path(run)
+    """The pretraining stages as one call. Works under torchrun too."""
     info = D.init_distributed(TrainConfig(**preset["pretrain"]).resolved_device)
     try:
-        summaries = {"corpus": corpus_stage(run, preset, info, text_paths),
-                     "tokenizer": tokenizer_stage(run, preset, info),
-                     "shards": shards_stage(run, preset, info),
-                     "pretrain": pretrain_stage(run, preset, info)}
-        if long_context and preset["long_context"]:
-            summaries["long_context"] = long_context_stage(run, preset, info)
-        return summaries
+        return pretraining_stages(Path(run), preset, info, text_paths, long_context)
     finally:
         D.shutdown(info)
-

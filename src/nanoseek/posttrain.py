@@ -10,26 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-OWN_SECTIONS = ("sft", "distill", "eval")
-
-
-def load_preset_with(name: str, overrides: list[str]) -> dict:
-    """load_preset, with --set overrides for this module's sections handled here."""
-    from nanoseek.presets import load_preset
-
-    ours = [o for o in overrides if o.partition(".")[0] in OWN_SECTIONS]
-    preset = load_preset(name, [o for o in overrides if o not in ours])
-    for item in ours:
-        key, sep, raw = item.partition("=")
-        section, _, field = key.partition(".")
-        if not sep or not field:
-            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        preset.setdefault(section, {})[field] = value
-    return preset
+from nanoseek.presets import load_preset
+from nanoseek.presets import section as section_of
 
 
 def _run_dir(args) -> Path:
@@ -38,12 +20,12 @@ def _run_dir(args) -> Path:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_sft(args) -> int:
-    from nanoseek.train.dist import DistInfo, init_distributed, shutdown
+    from nanoseek.train.dist import init_distributed, shutdown
     from nanoseek.train.sft import sft_stage
     from nanoseek.train.trainer import TrainConfig
 
-    preset = load_preset_with(args.preset, args.set)
-    section = preset.setdefault("sft", {})
+    preset = load_preset(args.preset, args.set)
+    section = preset["sft"] = section_of(preset, "sft")
     if args.data:
         section["chat_jsonl"] = list(section.get("chat_jsonl") or []) + args.data
     if args.only_data:
@@ -79,8 +61,8 @@ def cmd_eval(args) -> int:
 def cmd_distill(args) -> int:
     from nanoseek.train.distill import distill
 
-    preset = load_preset_with(args.preset, args.set) if args.preset else {}
-    section = dict(preset.get("distill", {}))
+    preset = load_preset(args.preset, args.set) if args.preset else {}
+    section = section_of(preset, "distill")
     if args.answer_only:
         section["targets"] = "answer_only"
     summary = distill(args.teacher, args.student, args.out, section, traces=args.traces)

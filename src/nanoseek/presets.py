@@ -1,10 +1,13 @@
 """Presets: one JSON file per scale (smoke, cpu, gpu-1, gpu-8), with a section per stage.
 
-    {"data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields}, "long_context": {...},
-     "sft": {...}, "grpo": {GRPOConfig fields}, "eval": {keyword arguments of nanoseek.eval.evaluate}}
+    {"description": str, "price_per_hour": $ per device-hour for the cost estimates,
+     "data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields}, "long_context": {...},
+     "sft": {...}, "grpo": {GRPOConfig fields}, "eval": {keyword arguments of nanoseek.eval.evaluate},
+     "distill": {...}}
 
+A stage section that is absent or null is a stage the speedrun skips (data, model and pretrain are always there).
 `load_preset("smoke")` reads the one shipped in nanoseek/configs/; a path reads your own. `--set section.key=value`
-on the command line overrides any field.
+on the command line overrides any field, `--set price_per_hour=2.5` a top-level one.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("data", "model", "pretrain", "long_context", "sft", "grpo", "eval")
+SECTIONS = ("data", "model", "pretrain", "long_context", "sft", "grpo", "eval", "distill")
+REQUIRED = ("data", "model", "pretrain")
+TOP_LEVEL = ("description", "price_per_hour")
+PRICED = ("pretrain", "long_context", "sft", "grpo")  # sections whose cost the trainer estimates
 
 
 def available_presets() -> list[str]:
@@ -31,21 +37,40 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> dict[s
     else:
         raise ValueError(f"unknown preset {name_or_path!r}: use one of {available_presets()} or a .json file")
     preset = json.loads(text)
-    for section in SECTIONS:
+    unknown = set(preset) - set(SECTIONS) - set(TOP_LEVEL)
+    if unknown:
+        raise ValueError(f"preset {name_or_path!r}: unknown key(s) {sorted(unknown)}; sections are {list(SECTIONS)}, "
+                         f"top-level settings {list(TOP_LEVEL)}")
+    for section in REQUIRED:
         preset.setdefault(section, {})
     for item in overrides or []:
         apply_override(preset, item)
+    price = preset.get("price_per_hour")
+    for section in PRICED:  # one price for the whole run unless a stage names its own
+        if price is not None and preset.get(section) is not None:
+            preset[section].setdefault("price_per_hour", price)
     return preset
+
+
+def section(preset: dict[str, Any], name: str) -> dict[str, Any]:
+    """A stage's settings; {} when the preset leaves them out (the stage's defaults)."""
+    return dict(preset.get(name) or {})
 
 
 def apply_override(preset: dict[str, Any], item: str) -> None:
     """'pretrain.max_steps=100' -> preset['pretrain']['max_steps'] = 100 (values parsed as JSON, else strings)."""
     key, sep, raw = item.partition("=")
-    section, dot, field = key.partition(".")
-    if not sep or not dot or section not in SECTIONS or not field:
-        raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of {list(SECTIONS)}")
+    name, dot, field = key.partition(".")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    preset[section][field] = value
+    if sep and not dot and key in TOP_LEVEL:
+        preset[key] = value
+        return
+    if not sep or not dot or name not in SECTIONS or not field:
+        raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of {list(SECTIONS)}, "
+                         f"or one of {list(TOP_LEVEL)}=VALUE")
+    if preset.get(name) is None:  # setting a field of a skipped stage turns it on
+        preset[name] = {}
+    preset[name][field] = value

@@ -18,6 +18,7 @@ from nanoseek.checkpoint import atomic_write_text
 from nanoseek.config import ModelConfig
 
 TRAINING_STAGES = ("pretrain", "long_context", "sft", "grpo")
+STAGES = ("corpus", "tokenizer", "shards", *TRAINING_STAGES, "eval", "export")
 
 
 def machine() -> dict:
@@ -40,16 +41,34 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text("utf-8")) if path.is_file() else {}
+
+
 def _done(path: Path) -> dict | None:
-    f = path / "done.json"
-    return json.loads(f.read_text("utf-8")) if f.is_file() else None
+    return _read_json(path / "done.json") or None
+
+
+def eval_results(run: Path) -> dict[str, dict]:
+    """{stage: the eval stage's result for that stage's checkpoint}, in pipeline order."""
+    from nanoseek.eval.report import STAGES as EVALUATED
+
+    return {s: _read_json(run / "eval" / f"{s}.json") for s in EVALUATED if (run / "eval" / f"{s}.json").is_file()}
+
+
+def stage_cost(s: dict, price_per_hour: float | None) -> float | None:
+    """The trainer's estimate where there is one, else wall time at the run's price for one device."""
+    if s.get("estimated_cost") is not None:
+        return s["estimated_cost"]
+    return None if price_per_hour is None else round(s.get("wall_s", 0) / 3600 * price_per_hour, 4)
 
 
 def collect(run: Path) -> dict:
     """Every figure of the run, as one JSON-able dict."""
+    preset = _read_json(run / "preset.json")
     data: dict = {"run": str(run), "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-                  "machine": machine(), "stages": {}}
-    for stage in ("corpus", "tokenizer", "shards", *TRAINING_STAGES, "eval"):
+                  "machine": machine(), "price_per_hour": preset.get("price_per_hour"), "stages": {}}
+    for stage in STAGES:
         done = _done(run / stage)
         if done is not None:
             data["stages"][stage] = done
@@ -138,10 +157,24 @@ def _stage_result(name: str, s: dict) -> str:
         return f"vocab {s.get('vocab_size')}, bytes/token {per_lang}"
     if name == "shards":
         return f"{_fmt(s.get('tokens'))} train tokens"
+    if name == "grpo":
+        return (f"held-out accuracy {_pct(s.get('val_accuracy_before'))} → {_pct(s.get('val_accuracy'))}, "
+                f"final reward {_fmt(s.get('reward'))}")
+    if name == "eval":
+        return f"{', '.join(s.get('stages', []))} evaluated"
+    if name == "export":
+        return f"`{s.get('checkpoint')}` with model card, from {Path(s.get('source', '')).parent.name}"
+    if name == "sft":
+        return f"loss {_fmt(s.get('final_loss'))}, held-out answer loss {_fmt(s.get('val_loss'))}"
     return f"loss {_fmt(s.get('final_loss'))}, val bpb {_fmt(s.get('val_bpb'))}"
 
 
-def render(data: dict, plots: list[str]) -> str:
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def render(data: dict, plots: list[str], evals: dict[str, dict] | None = None,
+           samples: list[dict] | None = None) -> str:
     m, stages = data["machine"], data["stages"]
     gpu = f", {m['gpu']}" if m["gpu"] else ""
     lines = [f"# nanoseek report: {data['run']}", "", f"Generated {data['generated']} on {m['cpu']} "
@@ -150,10 +183,14 @@ def render(data: dict, plots: list[str]) -> str:
               "|---|---|---|---|---|---|---|"]
     for name, s in stages.items():
         lines.append(f"| {name} | {_fmt(s.get('wall_s'))} | {_fmt(s.get('tokens'))} | {_fmt(s.get('flops'))} | "
-                     f"{_fmt(s.get('mfu'))} | {_fmt(s.get('estimated_cost'))} | {_stage_result(name, s)} |")
+                     f"{_fmt(s.get('mfu'))} | {_fmt(stage_cost(s, data.get('price_per_hour')))} | "
+                     f"{_stage_result(name, s)} |")
     total = sum(s.get("wall_s", 0) for s in stages.values())
-    lines += ["", f"Total wall time: {total:.0f} s. Costs use each stage's `price_per_hour` setting (per device-hour).",
-              ""]
+    costs = [c for c in (stage_cost(s, data.get("price_per_hour")) for s in stages.values()) if c is not None]
+    price = data.get("price_per_hour")
+    lines += ["", f"Total wall time: {total:.0f} s ({total / 60:.1f} min)"
+              + (f", estimated cost ${sum(costs):.4f} at ${price}/device-hour" if price is not None else "")
+              + ". MFU is measured against a matmul peak taken at the start of each stage.", ""]
     if "model" in data:
         md = data["model"]
         lines += ["## Model", "", f"- {_fmt(md['params'])} parameters, {_fmt(md['active_params'])} active per token "
@@ -169,14 +206,32 @@ def render(data: dict, plots: list[str]) -> str:
                   f"{pre['unigram_entropy']:.3f}.", ""]
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
+    if evals:
+        from nanoseek.eval.report import to_markdown
+
+        lines += ["## Evaluation", "", "Held-out data only: the corpus' validation split and the tasks' test split.",
+                  "", to_markdown(list(evals.values()), list(evals)).replace("### ", "#### "), ""]
+    if samples:
+        lines += ["## Sample answers of the final model (greedy)", ""]
+        for s in samples:
+            verdict = "" if "correct" not in s else (" — correct" if s["correct"] else
+                                                     f" — wrong (expected {s['expected']})")
+            lines += [f"**[{s['lang']}] {s['prompt']}**{verdict}", "", "```", f"<think>{s['reasoning']}</think>",
+                      s["answer"], "```", ""]
     return "\n".join(lines)
 
 
 def write_report(run: str | os.PathLike) -> Path:
     run = Path(run)
     data = collect(run)
-    plots = [p for p in (plot_losses(run, run), plot_expert_load(run, run)) if p]
-    data["plots"] = plots
-    atomic_write_text(run / "report.json", json.dumps(data, indent=2) + "\n")
-    atomic_write_text(run / "report.md", render(data, plots) + "\n")
+    reward_plot = run / "grpo" / "reward_curve.png"
+    plots = [p for p in (plot_losses(run, run), plot_expert_load(run, run),
+                         "grpo/reward_curve.png" if reward_plot.is_file() else None) if p]
+    evals = eval_results(run)
+    samples = json.loads((run / "export" / "samples.json").read_text("utf-8")) \
+        if (run / "export" / "samples.json").is_file() else []
+    data.update(plots=plots, eval={s: {k: r.get(k) for k in ("bpb", "tasks", "passkey")} for s, r in evals.items()},
+                samples=samples)
+    atomic_write_text(run / "report.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(run / "report.md", render(data, plots, evals, samples) + "\n")
     return run / "report.md"

@@ -155,7 +155,7 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
     "stages") into runs/NAME/eval/<stage>.json, and compare them in runs/NAME/eval/report.md. A stage's result is
     reused while its checkpoint is unchanged, so running the pipeline again only evaluates what is new."""
     run, out = Path(run), Path(run) / "eval"
-    settings = dict(preset.get("eval", {}))
+    settings = dict(preset.get("eval") or {})
     stages = settings.pop("stages", list(STAGES))
     results, names = [], []
     if info.is_main:
@@ -176,6 +176,7 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
             raise FileNotFoundError(f"{run}: no finished checkpoint to evaluate (looked for {list(stages)})")
         atomic_write_text(out / "report.md", to_markdown(results, names) + "\n")
         summary = {"stages": names, "report": str(out / "report.md"),
+                   "wall_s": round(sum(r.get("wall_s", 0.0) for r in results), 1),
                    "pass@1": {n: {t: v.get("greedy", {}).get("pass@1") for t, v in r.get("tasks", {}).items()}
                               for n, r in zip(names, results)},
                    "bpb": {n: r.get("bpb") for n, r in zip(names, results)}}

@@ -370,7 +370,7 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
 def grpo_stage(run: Path, preset: dict, info: D.DistInfo, init: str | Path | None = None) -> dict:
     """runs/NAME/sft/final (or `init`) -> GRPO on the preset's "grpo" section -> runs/NAME/grpo/final."""
     from nanoseek.checkpoint import load_model
-    from nanoseek.pipeline import _export, _stage
+    from nanoseek.pipeline import export_checkpoint, run_stage
     from nanoseek.tokenizer import load_tokenizer
 
     run = Path(run)
@@ -384,13 +384,13 @@ def grpo_stage(run: Path, preset: dict, info: D.DistInfo, init: str | Path | Non
         cfg = GRPOConfig(**{**section, "out_dir": str(run / "grpo")})
         result = GRPOTrainer(model, cfg, tok, dist_info=info).fit()
         if info.is_main:
-            _export(model, run / "grpo" / "final", tok)
+            export_checkpoint(model, run / "grpo" / "final", tok)
         first = _first_eval(run / "grpo" / "metrics.jsonl")
         return {"init": str(source), "steps": result["steps"], "reward": result.get("reward"),
                 "val_accuracy_before": first, "val_accuracy": result.get("val_accuracy"),
                 "rollout_tok_s": result.get("rollout_tok_s"), "wall_s": result["wall_s"],
                 "estimated_cost": result["estimated_cost"], "reward_plot": str(run / "grpo" / REWARD_PLOT)}
-    return _stage("grpo", run / "grpo", info, work, main_only=False)
+    return run_stage("grpo", run / "grpo", info, work, main_only=False)
 
 
 def _first_eval(path: Path) -> float | None:
@@ -401,19 +401,10 @@ def _first_eval(path: Path) -> float | None:
 
 
 def cmd_grpo(args) -> int:
-    from nanoseek.presets import load_preset
+    from nanoseek.presets import load_preset, section
 
-    grpo_sets = [s for s in args.set if s.startswith("grpo.")]  # until "grpo" is one of presets.SECTIONS
-    preset = load_preset(args.preset, [s for s in args.set if not s.startswith("grpo.")])
-    preset["grpo"] = dict(preset.get("grpo") or {})
-    for item in grpo_sets:
-        key, sep, raw = item.partition("=")
-        if not sep or key == "grpo.":
-            raise ValueError(f"--set {item!r}: expected grpo.FIELD=VALUE")
-        try:
-            preset["grpo"][key.removeprefix("grpo.")] = json.loads(raw)
-        except json.JSONDecodeError:
-            preset["grpo"][key.removeprefix("grpo.")] = raw
+    preset = load_preset(args.preset, args.set)
+    preset["grpo"] = section(preset, "grpo")
     out = Path(args.out or f"runs/{Path(args.preset).stem}")
     info = D.init_distributed(GRPOConfig(**preset["grpo"]).resolved_device)
     try:

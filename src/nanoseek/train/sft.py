@@ -18,7 +18,7 @@ from nanoseek.checkpoint import load_model
 from nanoseek.data.chat import ChatLoader, Messages, read_chat_jsonl, tokenize_conversations
 from nanoseek.data.conversations import corpus_conversations, identity_conversations, task_conversations
 from nanoseek.data.corpus import iter_records
-from nanoseek.pipeline import _export, _stage
+from nanoseek.pipeline import export_checkpoint, run_stage
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import dist as D
 from nanoseek.train.trainer import TrainConfig, Trainer
@@ -97,7 +97,7 @@ def run_sft(base: str | Path, out: str | Path, conversations: list[Messages], tr
     trainable = sum(sum(m[1:]) for _, m in loader.examples)
     result = Trainer(model, tcfg, loader, val_batches=val, tokenizer=tok, dist_info=info).fit()
     if info.is_main:
-        _export(model, out / "final", tok)
+        export_checkpoint(model, out / "final", tok)
     return {"base": str(base), "conversations": len(conversations), "dropped_too_long": loader.dropped,
             "rows_per_epoch": loader.rows_per_epoch * info.world_size,
             "epochs": round(result["steps"] * tcfg.batch_size * tcfg.grad_accum * info.world_size
@@ -119,7 +119,7 @@ def base_checkpoint(run: Path) -> Path:
 def sft_stage(run: Path, preset: dict, info: D.DistInfo, base: str | Path | None = None) -> dict:
     """The pipeline stage: the run's base checkpoint (or `base`) -> runs/NAME/sft/final."""
     run = Path(run)
-    data, train = split_section(preset.get("sft", {}))
+    data, train = split_section(preset.get("sft") or {})
 
     def work():
         start = Path(base) if base else base_checkpoint(run)
@@ -127,4 +127,4 @@ def sft_stage(run: Path, preset: dict, info: D.DistInfo, base: str | Path | None
         summary = run_sft(start, run / "sft", convs, train, val_conversations=val_mix(data), info=info)
         summary["data"] = {k: v for k, v in data.items()}
         return summary
-    return _stage("sft", run / "sft", info, work, main_only=False)
+    return run_stage("sft", run / "sft", info, work, main_only=False)

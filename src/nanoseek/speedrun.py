@@ -1,0 +1,126 @@
+"""The speedrun: raw bilingual text to a served reasoning model in one command, and its report card.
+
+    corpus ─► tokenizer ─► shards ─► pretrain ─► long_context ─► sft ─► grpo ─► eval ─► export ─► report.md
+                                                                                         └─► runs/NAME/final/
+                                                                                             (weights + model card)
+
+Every stage writes into runs/NAME/<stage>/ and leaves done.json when it finishes; running the speedrun again
+skips finished stages and resumes an interrupted one from its last checkpoint. A stage whose preset section is
+absent or null is skipped (data, model and pretrain always run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from nanoseek.checkpoint import atomic_write_text, load_model
+from nanoseek.data.chat import prompt_ids
+from nanoseek.pipeline import pretraining_stages, run_stage
+from nanoseek.train import dist as D
+from nanoseek.train.trainer import TrainConfig
+
+TRAINED = ("grpo", "sft", "long_context", "pretrain")  # latest first
+
+
+def latest_checkpoint(run: Path, stages=TRAINED) -> Path | None:
+    return next((run / s / "final" for s in stages if (run / s / "final" / "config.json").is_file()), None)
+
+
+def run_speedrun(run: str | os.PathLike, preset: dict, *, text_paths: list[str] | None = None) -> dict:
+    """Every stage of the preset, then the report card. Works under torchrun: training stages run on every rank,
+    evaluation, export and the report on rank 0. -> {stage: summary}."""
+    from nanoseek.eval.report import eval_stage
+    from nanoseek.report import write_report
+    from nanoseek.train.rl import grpo_stage
+    from nanoseek.train.sft import sft_stage
+
+    run = Path(run)
+    info = D.init_distributed(TrainConfig(**preset["pretrain"]).resolved_device)
+    try:
+        if info.is_main:
+            run.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run / "preset.json", json.dumps(preset, indent=2, ensure_ascii=False) + "\n")
+        summaries = pretraining_stages(run, preset, info, text_paths)
+        if preset.get("sft") is not None:
+            summaries["sft"] = sft_stage(run, preset, info)
+        if preset.get("grpo") is not None:
+            summaries["grpo"] = grpo_stage(run, preset, info, init=latest_checkpoint(run, ("sft", "long_context",
+                                                                                           "pretrain")))
+        if preset.get("eval") is not None:
+            summaries["eval"] = eval_stage(run, preset, info)
+        summaries["export"] = export_stage(run, preset, info)
+        if info.is_main:
+            summaries["report"] = str(write_report(run))
+        return summaries
+    finally:
+        D.shutdown(info)
+
+
+# ---------------------------------------------------------------------- export: the checkpoint to publish
+SAMPLE_PROMPTS = [  # (language, prompt): chat in both languages, a recall question from the corpus
+    ("en", "Who are you?"),
+    ("zh", "你好，你是谁？"),
+    ("en", "How does Genesis 1 begin?"),
+]
+SAMPLE_TASKS = [("arithmetic", 1, "en"), ("arithmetic", 1, "zh"), ("countdown", 1, "en"), ("word_problems", 1, "zh")]
+
+
+def export_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
+    """The run's last checkpoint copied to runs/NAME/final with a model card (README.md); sample answers in
+    runs/NAME/export/samples.json."""
+    def work():
+        from nanoseek.modelcard import write_model_card
+
+        source = latest_checkpoint(run)
+        if source is None:
+            raise FileNotFoundError(f"{run}: no finished checkpoint to export")
+        final, tmp = run / "final", run / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        samples = sample_answers(tmp)
+        (run / "export").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "export" / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+        write_model_card(run, tmp, preset, samples)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return {"source": str(source), "checkpoint": str(final), "samples": len(samples)}
+    return run_stage("export", run / "export", info, work)
+
+
+@torch.no_grad()
+def sample_answers(ckpt: Path, max_new_tokens: int = 200) -> list[dict]:
+    """Greedy answers of the checkpoint to a few chat prompts and held-out task problems, English and Chinese,
+    split into reasoning and answer; task answers graded."""
+    from nanoseek.engine import Engine, SamplingParams
+    from nanoseek.serve.chat_format import split_reasoning
+    from nanoseek.tasks import get_task
+    from nanoseek.tokenizer import load_tokenizer
+
+    model, tok = load_model(ckpt, dtype=torch.float32).eval(), load_tokenizer(ckpt)
+    items = [{"lang": lang, "prompt": text} for lang, text in SAMPLE_PROMPTS]
+    problems = []
+    for name, difficulty, lang in SAMPLE_TASKS:
+        problem = get_task(name).generate(1, seed=0, difficulty=difficulty, split="test", lang=lang)[0]
+        problems.append((len(items), problem))
+        items.append({"lang": lang, "prompt": problem.prompt, "task": name, "expected": problem.answer})
+    engine = Engine(model, None, max_batch_size=len(items))
+    prompts = [prompt_ids(tok, it["prompt"]) for it in items]
+    room = engine.max_model_len - max(len(p) for p in prompts)
+    params = SamplingParams(max_tokens=max(1, min(max_new_tokens, room)), temperature=0.0,
+                            stop_token_ids=[tok.eos_id])
+    outputs = engine.generate(prompts, params)
+    for it, out in zip(items, outputs):
+        ids = [t for t in out.outputs[0].token_ids if t != tok.eos_id]
+        text = tok.decode(ids)  # special tokens kept: the grader reads <answer>…</answer>
+        reasoning, answer = split_reasoning(text, True)  # the prompt opened <think>
+        it.update(reasoning=(reasoning or "").strip(), answer=answer.strip(), completion=text,
+                  finish_reason=out.outputs[0].finish_reason)
+    for index, problem in problems:
+        reward = get_task(problem.task).grade(problem, items[index]["completion"], think_prefilled=True)
+        items[index].update(correct=reward.correct, accuracy=reward.accuracy)
+    return items
