@@ -54,6 +54,19 @@ def test_training_lowers_the_loss_and_writes_a_cost_report(tmp_path, optimizer):
     assert result["steps"] == 30 and (tmp_path / "checkpoints" / "step_000030" / STATE_FILE).is_file()
 
 
+def test_a_run_stopped_by_max_time_still_reports_its_final_loss_and_validation(tmp_path):
+    from nanoseek import Transformer
+
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=10_000, max_time=0.5, batch_size=2, seq_len=16, log_every=1000,
+                      eval_every=1000, save_every=1000, progress=False)
+    val = lambda: [CountingLoader(2, 16, 128, seed=99).__next__()]  # noqa: E731
+    result = Trainer(Transformer(tiny_config()), cfg, CountingLoader(2, 16, 128), val_batches=val,
+                     val_bytes_per_token=1.5).fit()
+    assert 0 < result["steps"] < 10_000 and result["wall_s"] >= 0.5
+    assert all(k in result for k in ("lm_loss_avg", "val_loss", "val_bpb"))
+    assert metrics(tmp_path)[-1]["step"] == result["steps"]
+
+
 def test_sigkill_at_a_random_step_then_restart_matches_an_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     assert run_script(straight).wait(timeout=300) == 0

@@ -146,7 +146,8 @@ class Trainer:
                 self.tokens += self.tokens_per_step
                 window_tokens += self.tokens_per_step
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                last = self.step == cfg.max_steps or self._out_of_time()  # a final figure, whatever stops the run
+                if self.step % cfg.log_every == 0 or last:
                     dt = time.perf_counter() - window_start
                     tps = window_tokens / dt
                     # the step's own losses are noisy across documents: also log the window's mean
@@ -154,8 +155,7 @@ class Trainer:
                                    tokens=self.tokens, tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
                                    mfu=round(tps * self.flops_per_token / (peak * self.info.world_size), 4))
                     window_start, window_tokens, window_losses = time.perf_counter(), 0, []
-                    if self.val_batches is not None and (self.step % cfg.eval_every == 0
-                                                         or self.step == cfg.max_steps):
+                    if self.val_batches is not None and (self.step % cfg.eval_every == 0 or last):
                         metrics.update(self.evaluate())
                     self.log(metrics)
                     bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}",
