@@ -58,7 +58,8 @@ def run_stage(name: str, path: Path, info: D.DistInfo, work: Callable[[], dict],
     return summary if summary is not None else stage_done(path)
 
 
-_HEADLINE = ("docs", "bytes", "vocab_size", "bytes_per_token", "tokens", "steps", "final_loss", "val_bpb", "mfu")
+_HEADLINE = ("docs", "bytes", "vocab_size", "bytes_per_token", "tokens", "steps", "final_loss", "val_bpb", "mfu",
+             "val_accuracy_before", "val_accuracy", "checkpoint")
 
 
 # ---------------------------------------------------------------------- data

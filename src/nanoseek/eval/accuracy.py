@@ -37,7 +37,7 @@ def token_budget(tok, problem: Problem, max_new_tokens: int) -> int:
 
 def generate_completions(engine: Engine, tok, problems: Sequence[Problem], *, n: int = 1, temperature: float = 0.0,
                          max_new_tokens: int = 256, seed: int = 0, top_k: int | None = None,
-                         thinking: bool = True) -> tuple[list[list[str]], list[bool]]:
+                         thinking: bool = True, progress: bool = False) -> tuple[list[list[str]], list[bool]]:
     """-> (completion texts per problem, whether the problem fitted the context). A problem whose prompt plus its
     token budget exceed the engine's context gets no completions (rather than a budget too short to answer)."""
     prompts, params, fits = [], [], []
@@ -49,19 +49,20 @@ def generate_completions(engine: Engine, tok, problems: Sequence[Problem], *, n:
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=budget, temperature=temperature, top_k=top_k, n=n,
                                          seed=seed + i, stop_token_ids=[tok.eos_id]))
-    outs = iter(engine.generate(prompts, params) if prompts else [])
+    outs = iter(engine.generate(prompts, params, use_tqdm=progress) if prompts else [])
     texts = [[completion_text(tok, c.token_ids) for c in next(outs).outputs] if ok else [] for ok in fits]
     return texts, fits
 
 
 def evaluate_task(engine: Engine, tok, task: Task, problems: Sequence[Problem], *, labels: Sequence[str] | None = None,
                   n_samples: int = 0, ks: Sequence[int] = (1, 5), temperature: float = 0.8,
-                  max_new_tokens: int = 256, seed: int = 0, examples: int = 2) -> dict:
+                  max_new_tokens: int = 256, seed: int = 0, examples: int = 2, progress: bool = False) -> dict:
     """Greedy pass@1 (plus mean partial-credit accuracy and format score), and with n_samples > 0 sampled pass@k.
     `labels` (e.g. "en/d1") break greedy pass@1 down by group. Scores are over the problems that fit the context;
     `skipped` counts the others."""
     labels = list(labels) if labels is not None else [p.lang for p in problems]
-    texts, fits = generate_completions(engine, tok, problems, max_new_tokens=max_new_tokens, seed=seed)
+    texts, fits = generate_completions(engine, tok, problems, max_new_tokens=max_new_tokens, seed=seed,
+                                       progress=progress)
     kept = [(p, t[0]) for p, t, ok in zip(problems, texts, fits) if ok]
     kept_labels = [label for label, ok in zip(labels, fits) if ok]
     result = {"problems": len(kept), "skipped": len(problems) - len(kept)}
@@ -78,7 +79,7 @@ def evaluate_task(engine: Engine, tok, task: Task, problems: Sequence[Problem], 
                           for (p, t), r in list(zip(kept, rewards))[:examples]]
     if n_samples > 0:
         samples, _ = generate_completions(engine, tok, [p for p, _ in kept], n=n_samples, temperature=temperature,
-                                          max_new_tokens=max_new_tokens, seed=seed + 1_000_003)
+                                          max_new_tokens=max_new_tokens, seed=seed + 1_000_003, progress=progress)
         flat_p = [p for p, s in zip([p for p, _ in kept], samples) for _ in s]
         flat_r = task.grade_many(flat_p, [t for s in samples for t in s], think_prefilled=True)
         correct, i = [], 0

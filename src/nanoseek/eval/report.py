@@ -49,8 +49,8 @@ def evaluate(ckpt_dir: str | Path, tasks: Sequence[str] | dict | None = None, n_
              temperature: float = 0.8, max_new_tokens: int = 256, bpb: bool = True,
              bpb_bytes: int = 50_000, corpus_dir: str | Path | None = None, passkey: bool = True,
              passkey_lengths: Sequence[int] | None = None, passkey_keys: int = 2, seed: int = 0,
-             device: str = "cpu") -> dict:
-    """All quality figures of the checkpoint at ckpt_dir. tasks: names (default difficulties) or {name: [difficulty,
+             device: str = "cpu", progress: bool = True) -> dict:
+    """All quality figures of the checkpoint at ckpt_dir (progress: a bar per task's generation). tasks: names (default difficulties) or {name: [difficulty,
     ...]}; None = every task. corpus_dir: where val.jsonl is (default: the run's corpus next to the checkpoint,
     else the default corpus built on the fly)."""
     ckpt_dir = Path(ckpt_dir)
@@ -75,7 +75,7 @@ def evaluate(ckpt_dir: str | Path, tasks: Sequence[str] | dict | None = None, n_
             task, problems, labels = task_problems(name, difficulties, n_problems, langs, seed)
             result["tasks"][name] = {"difficulties": list(difficulties), **evaluate_task(
                 engine, tok, task, problems, labels=labels, n_samples=n_samples, ks=ks, temperature=temperature,
-                max_new_tokens=max_new_tokens, seed=seed)}
+                max_new_tokens=max_new_tokens, seed=seed, progress=progress)}
     if passkey:
         lengths = passkey_lengths or sorted({max(128, context // 4), max(128, context // 2), context, 2 * context})
         result["passkey"] = passkey_sweep(model, tok, lengths, keys_per_depth=passkey_keys, seed=seed)
@@ -181,6 +181,8 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
                               for n, r in zip(names, results)},
                    "bpb": {n: r.get("bpb") for n, r in zip(names, results)}}
         atomic_write_text(out / "done.json", json.dumps(summary, indent=2) + "\n")
-        print(f"[eval] report: {out / 'report.md'}", flush=True)
+        print(f"[eval] done in {summary['wall_s']:.1f}s: " + ", ".join(
+            f"{n} pass@1 " + " ".join(f"{t}={v}" for t, v in p.items()) for n, p in summary["pass@1"].items())
+            + f"; tables in {out / 'report.md'}", flush=True)
     D.barrier(info)
     return json.loads((out / "done.json").read_text("utf-8"))
