@@ -6,10 +6,18 @@ import json
 import pytest
 import torch
 
-from nanoseek.data.chat import (ChatDataError, ChatLoader, completion_text, problem_messages, prompt_ids,
-                                read_chat_jsonl, tokenize_conversation, tokenize_conversations, validate_messages)
-from nanoseek.data.conversations import (chinese_number, corpus_conversations, identity_conversations,
-                                         task_conversations)
+from nanoseek.data.chat import (
+    ChatDataError,
+    ChatLoader,
+    completion_text,
+    problem_messages,
+    prompt_ids,
+    read_chat_jsonl,
+    tokenize_conversation,
+    tokenize_conversations,
+    validate_messages,
+)
+from nanoseek.data.conversations import chinese_number, corpus_conversations, identity_conversations, task_conversations
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tasks import get_task
 

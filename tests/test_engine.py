@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_helpers import ByteTokenizer, CharTokenizer, one_thread, reference_greedy, tiny_model  # noqa: F401
 from nanoseek.engine import Engine, SamplingParams
+
+from engine_helpers import ByteTokenizer, CharTokenizer, one_thread, reference_greedy, tiny_model  # noqa: F401
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 

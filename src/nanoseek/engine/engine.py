@@ -24,7 +24,8 @@ from nanoseek.engine.cache import BlockManager, LatentCache
 from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.sampling import Row, Sampler, SamplingParams, make_rng
 from nanoseek.engine.scheduler import Scheduler
-from nanoseek.engine.sequence import (FINISHED, Request, RequestOutput, Sequence as Seq, StepEvent, TextStream)
+from nanoseek.engine.sequence import FINISHED, Request, RequestOutput, StepEvent, TextStream
+from nanoseek.engine.sequence import Sequence as Seq
 from nanoseek.engine.speculative import SpeculativeDecoder
 from nanoseek.model.transformer import Transformer
 

@@ -30,8 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.engine import Engine, SamplingParams, StepEvent
 from nanoseek.serve import protocol as P
 from nanoseek.serve.bridge import EngineBridge, EngineDead, Rejected
-from nanoseek.serve.chat_format import (EngineTokenizer, FormatError, ReasoningParser, TokenTable, chat_prompt,
-                                        completion_prompt)
+from nanoseek.serve.chat_format import (
+    EngineTokenizer,
+    FormatError,
+    ReasoningParser,
+    TokenTable,
+    chat_prompt,
+    completion_prompt,
+)
 from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.logits import JsonObjectProcessor, JsonVocab, LogitBias, MinTokens
 from nanoseek.serve.metrics import Metrics
