@@ -338,7 +338,8 @@ class Engine:
                          lps if seq.params.logprobs is not None else None, reason is not None, reason, req.output)
 
     # ------------------------------------------------------------------ convenience
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Run prompts (texts, or token-id lists) to completion, all batched together. Every prompt and every
         SamplingParams is checked before any work starts. -> one RequestOutput per prompt, in order."""

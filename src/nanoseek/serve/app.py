@@ -454,7 +454,7 @@ class Server:
         req: P.CompletionRequest = self.parse(P.CompletionRequest, await self.body(request))
         vocab = self.table.size
         prompts = []
-        for i, p in enumerate(req.prompts):
+        for p in req.prompts:
             if not isinstance(p, str) and any(t >= vocab for t in p):
                 raise APIError(400, f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
             try:
