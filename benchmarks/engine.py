@@ -157,8 +157,8 @@ def main() -> None:
     # 2. many requests at once vs one at a time, same engine
     m = measure({"batch": lambda: engine.generate(prompts, greedy),
                  "one": lambda: engine.generate([prompts[0]], greedy)}, rounds=2)
-    emit(bench=f"throughput_{args.batch}_concurrent", **speeds(n, (m["batch"][0] / args.batch, m["batch"][1] / args.batch),
-                                                             m["one"]),
+    per_request = (m["batch"][0] / args.batch, m["batch"][1] / args.batch)
+    emit(bench=f"throughput_{args.batch}_concurrent", **speeds(n, per_request, m["one"]),
          unit="tokens/s", config=conf + f", {args.batch} requests x {n} tokens vs the same engine at batch 1",
          same_tokens_as_alone=m["batch"][2][0].token_ids == reference_tokens)
 

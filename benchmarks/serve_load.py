@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' server process and tokenizer helpers
 
-from serve_helpers import ServerProcess, build_tokenizer  # noqa: E402  (after the path is set)
-
 from nanoseek import ModelConfig, Transformer, save_model  # noqa: E402
+
+from serve_helpers import ServerProcess, build_tokenizer  # noqa: E402  (after the path is set)
 
 # The "cpu" preset's model shape with a small trained tokenizer; random weights (speed does not need skill).
 MODEL = dict(hidden_size=192, intermediate_size=576, moe_intermediate_size=96, num_hidden_layers=5,

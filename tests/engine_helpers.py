@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config
 from nanoseek import Transformer
+
+from conftest import tiny_config
 
 
 @pytest.fixture(autouse=True, scope="module")

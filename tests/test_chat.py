@@ -6,10 +6,18 @@ import json
 import pytest
 import torch
 
-from nanoseek.data.chat import (ChatDataError, ChatLoader, completion_text, problem_messages, prompt_ids,
-                                read_chat_jsonl, tokenize_conversation, tokenize_conversations, validate_messages)
-from nanoseek.data.conversations import (chinese_number, corpus_conversations, identity_conversations,
-                                         task_conversations)
+from nanoseek.data.chat import (
+    ChatDataError,
+    ChatLoader,
+    completion_text,
+    problem_messages,
+    prompt_ids,
+    read_chat_jsonl,
+    tokenize_conversation,
+    tokenize_conversations,
+    validate_messages,
+)
+from nanoseek.data.conversations import chinese_number, corpus_conversations, identity_conversations, task_conversations
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tasks import get_task
 
@@ -81,7 +89,8 @@ def test_worked_solutions_match_the_generation_prompt_and_the_grader(tok):
 
 
 def test_reasoning_whitespace_is_normalised(tok):
-    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "reasoning_content": "\n  think  \n", "content": "a"}]
+    conv = [{"role": "user", "content": "q"},
+            {"role": "assistant", "reasoning_content": "\n  think  \n", "content": "a"}]
     assert validate_messages(conv)[1]["reasoning_content"] == "think"
     ids, mask = tokenize_conversation(tok, conv)
     first = mask.index(True)
@@ -185,7 +194,8 @@ def test_generated_conversations_are_deterministic_and_valid(tok):
         {"source": "bible-web", "text": "Genesis 1\n\nIn the beginning, God created the heavens and the earth. The "
                                         "earth was formless and empty."},
         {"source": "wikipedia-vital", "text": "Anime\n\nAnime is animation originating from Japan. More text."},
-        {"source": "sanguo", "text": "第一百二十回 荐杜预老将献新谋　降孙皓三分归一统\n\n却说吴主孙休，闻司马炎已篡魏，知其必将伐吴。"},
+        {"source": "sanguo", "text": "第一百二十回 荐杜预老将献新谋　降孙皓三分归一统\n\n"
+                                     "却说吴主孙休，闻司马炎已篡魏，知其必将伐吴。"},
         {"source": "python-stdlib", "text": "import os"},
     ]
     qa = corpus_conversations(records, 10)
@@ -197,8 +207,8 @@ def test_generated_conversations_are_deterministic_and_valid(tok):
     for conv in convs + qa:
         tokenize_conversation(tok, conv)  # valid, and every assistant turn has a think block
         assert all("reasoning_content" in m for m in conv if m["role"] == "assistant")
-    assert [chinese_number(s) for s in ("三", "十", "十一", "二十", "一百二十", "一百零五", "x")] == [3, 10, 11, 20, 120,
-                                                                                                  105, None]
+    numerals = ("三", "十", "十一", "二十", "一百二十", "一百零五", "x")
+    assert [chinese_number(s) for s in numerals] == [3, 10, 11, 20, 120, 105, None]
 
 
 def test_task_conversations_are_train_split_and_bilingual():

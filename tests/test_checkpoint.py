@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanoseek import CheckpointError, Transformer, load_model, save_model
+
+from conftest import tiny_config
 
 
 def _same_weights(a: Transformer, b: Transformer) -> bool:

@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from conftest import tiny_config
 
 from nanoseek import ConfigError, ModelConfig
+
+from conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
 

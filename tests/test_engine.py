@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_helpers import ByteTokenizer, CharTokenizer, one_thread, reference_greedy, tiny_model  # noqa: F401
 from nanoseek.engine import Engine, SamplingParams
+
+from engine_helpers import ByteTokenizer, CharTokenizer, one_thread, reference_greedy, tiny_model  # noqa: F401
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -237,7 +238,8 @@ def test_prefix_cache_serves_repeated_prefixes_and_changes_nothing():
     again = engine.generate([second], SamplingParams(max_tokens=6, **GREEDY))[0]
     assert again.cached_tokens == 40  # the last prompt token is always computed (its logits are needed)
     cold = Engine(model, block_size=8, enable_prefix_cache=False)
-    assert b.token_ids == again.token_ids == cold.generate([second], SamplingParams(max_tokens=6, **GREEDY))[0].token_ids
+    cold_ids = cold.generate([second], SamplingParams(max_tokens=6, **GREEDY))[0].token_ids
+    assert b.token_ids == again.token_ids == cold_ids
     assert b.token_ids == reference_greedy(model, second, 6)
     assert engine.stats()["cached_prompt_tokens"] == 80
 
@@ -361,7 +363,8 @@ def test_streaming_interface_and_callbacks():
     while engine.has_unfinished():
         engine.step()
     assert sum((ev.token_ids for ev in seen), []) == reference_greedy(model, [4, 5, 6], 5)
-    assert seen[-1].finished and seen[-1].output.finished and seen[-1].output.token_ids == sum((e.token_ids for e in seen), [])
+    last = seen[-1]
+    assert last.finished and last.output.finished and last.output.token_ids == sum((e.token_ids for e in seen), [])
     # closing a stream early cancels its request and frees its blocks
     it = engine.stream([1, 2, 3], SamplingParams(max_tokens=50, **GREEDY))
     next(it)

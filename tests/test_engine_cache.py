@@ -10,6 +10,15 @@ class Seq:
         self.token_ids, self.num_computed, self.block_table, self.block_hashes = list(tokens), 0, [], []
 
 
+def prefilled(bm: BlockManager, tokens) -> Seq:
+    """A sequence allocated in `bm` with every token computed and its full blocks published, as after a prefill."""
+    s = Seq(tokens)
+    bm.allocate(s)
+    s.num_computed = len(s.token_ids)
+    bm.publish(s)
+    return s
+
+
 def test_allocation_is_all_or_nothing_and_freeing_returns_everything():
     bm = BlockManager(num_blocks=5, block_size=4, enable_prefix_cache=False)
     a, b = Seq(range(10)), Seq(range(100, 110))  # 3 blocks each
@@ -58,10 +67,7 @@ def test_copy_blocks_moves_every_layer():
 
 def test_published_blocks_are_found_by_their_whole_prefix():
     bm = BlockManager(num_blocks=10, block_size=4)
-    a = Seq(range(13))
-    bm.allocate(a)
-    a.num_computed = 13
-    bm.publish(a)
+    a = prefilled(bm, range(13))
     assert len(bm.published) == 3  # three full blocks
     same = Seq(list(range(12)) + [99, 98])
     assert bm.allocate(same) and same.num_computed == 12 and same.block_table[:3] == a.block_table[:3]
@@ -73,18 +79,12 @@ def test_published_blocks_are_found_by_their_whole_prefix():
 
 def test_a_prompt_never_hits_its_own_last_token_and_lookahead_delays_publication():
     bm = BlockManager(num_blocks=10, block_size=4)
-    a = Seq(range(8))
-    bm.allocate(a)
-    a.num_computed = 8
-    bm.publish(a)
+    prefilled(bm, range(8))
     again = Seq(range(8))
     assert bm.allocate(again) and again.num_computed == 4  # the second block holds the last prompt token
 
     mtp = BlockManager(num_blocks=10, block_size=4, lookahead=1)
-    b = Seq(range(8))
-    mtp.allocate(b)
-    b.num_computed = 8
-    mtp.publish(b)
+    b = prefilled(mtp, range(8))
     assert len(mtp.published) == 1  # block 2 waits for token 8, which its MTP entries depend on
     b.token_ids.append(8)
     mtp.publish(b)
@@ -93,12 +93,9 @@ def test_a_prompt_never_hits_its_own_last_token_and_lookahead_delays_publication
 
 def test_unreferenced_published_blocks_are_evicted_oldest_first():
     bm = BlockManager(num_blocks=4, block_size=2)
-    a, b = Seq([1, 2, 3]), Seq([7, 8, 9])
     first_blocks = []
-    for s in (a, b):
-        bm.allocate(s)
-        s.num_computed = 3
-        bm.publish(s)
+    for tokens in ([1, 2, 3], [7, 8, 9]):
+        s = prefilled(bm, tokens)
         first_blocks.append(s.block_table[0])
         bm.free_sequence(s)
     assert len(bm.evictable) == 2 and bm.num_free == 4

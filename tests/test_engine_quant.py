@@ -3,11 +3,20 @@
 import pytest
 import torch
 
-from engine_helpers import one_thread, reference_greedy, tiny_model  # noqa: F401
 from nanoseek import save_model
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.quant import (INT8_FILE, Int8Experts, Int8Linear, load_quantized, quantization_error,
-                                   quantize_model, quantize_tensor, save_quantized)
+from nanoseek.engine.quant import (
+    INT8_FILE,
+    Int8Experts,
+    Int8Linear,
+    load_quantized,
+    quantization_error,
+    quantize_model,
+    quantize_tensor,
+    save_quantized,
+)
+
+from engine_helpers import one_thread, reference_greedy, tiny_model  # noqa: F401
 
 
 def test_per_channel_rounding_error_is_at_most_half_a_step():

@@ -98,7 +98,7 @@ def corpus(tmp_path_factory):
 
 def check_result(r):
     assert set(r["bpb"]) == {"en", "zh", "code"} and all(0 < v < 20 for v in r["bpb"].values())
-    for name, t in r["tasks"].items():
+    for t in r["tasks"].values():
         assert t["problems"] + t["skipped"] == 4
         for value in (*t["greedy"].values(), *t.get("sampled", {}).values()):
             if isinstance(value, float):

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
 from nanoseek import Transformer
 from nanoseek.model.moe import MoE
 from nanoseek.model.rope import apply_rope, inverse_frequencies, rope_tables
+
+from conftest import tiny_config
 
 
 def test_moe_is_dropless_and_equals_a_per_token_reference():

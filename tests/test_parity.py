@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import tiny_config
 
 from nanoseek import Transformer, load_model, save_model
+
+from conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from serve_helpers import ServerProcess
 
 STAGES = ["corpus", "tokenizer", "shards", "pretrain", "long_context", "sft", "grpo", "eval", "export"]

@@ -4,8 +4,15 @@ import random
 
 import pytest
 
-from nanoseek.serve.chat_format import (EngineTokenizer, FormatError, ReasoningParser, TokenTable, chat_prompt,
-                                        completion_prompt, split_reasoning)
+from nanoseek.serve.chat_format import (
+    EngineTokenizer,
+    FormatError,
+    ReasoningParser,
+    TokenTable,
+    chat_prompt,
+    completion_prompt,
+    split_reasoning,
+)
 from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.metrics import Histogram, Metrics
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, ProtocolError, parse

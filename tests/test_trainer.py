@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load_file
-from train_script import CountingLoader
 
 from nanoseek.train.optim import lr_multiplier
 from nanoseek.train.trainer import STATE_FILE, TrainConfig, Trainer
+
+from conftest import tiny_config
+from train_script import CountingLoader
 
 SCRIPT = str(Path(__file__).parent / "train_script.py")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config  # noqa: E402
-
 from nanoseek import Transformer  # noqa: E402
 from nanoseek.train.dist import init_distributed, shutdown  # noqa: E402
 from nanoseek.train.trainer import TrainConfig, Trainer  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
 
 
 class CountingLoader:

@@ -85,8 +85,9 @@ def _disk_prefix(cfg: ModelConfig, name: str) -> str:
     return f"model.{name}"
 
 
-def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) for every tensor a checkpoint holds, experts split one by one."""
+def _disk_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, view into the model's own tensor) for every tensor the model owns on disk: stacked
+    experts as one view per expert, not the MTP layers' copies of embedding and head."""
     cfg = model.config
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers())  # persistent and not: only the bias survives the filter below
@@ -97,18 +98,23 @@ def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
             continue
         disk = _disk_prefix(cfg, name)
         if disk.endswith("mlp.experts.gate_up_proj"):
-            base = disk.removesuffix(".gate_up_proj")
-            for e, (gate, up) in enumerate(zip(*tensor.chunk(2, dim=1))):
-                yield f"{base}.{e}.gate_proj.weight", gate
-                yield f"{base}.{e}.up_proj.weight", up
+            base, I = disk.removesuffix(".gate_up_proj"), cfg.moe_intermediate_size
+            for e in range(cfg.n_routed_experts):
+                yield f"{base}.{e}.gate_proj.weight", tensor[e, :I]
+                yield f"{base}.{e}.up_proj.weight", tensor[e, I:]
         elif disk.endswith("mlp.experts.down_proj"):
             base = disk.removesuffix(".down_proj")
-            for e, down in enumerate(tensor):
-                yield f"{base}.{e}.down_proj.weight", down
+            for e in range(cfg.n_routed_experts):
+                yield f"{base}.{e}.down_proj.weight", tensor[e]
         else:
             yield disk, tensor
+
+
+def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) for every tensor a checkpoint holds, experts split one by one."""
+    yield from _disk_tensors(model)
     for k in range(len(model.mtp)):  # the official layout repeats embedding and head inside each MTP layer
-        layer = cfg.num_hidden_layers + k
+        layer = model.config.num_hidden_layers + k
         yield f"model.layers.{layer}.embed_tokens.weight", model.embed_tokens.weight
         yield f"model.layers.{layer}.shared_head.head.weight", model.lm_head.weight
 
@@ -274,23 +280,5 @@ def load_weights_into(model: Transformer, path: str | os.PathLike) -> None:
 
 @torch.no_grad()
 def _copy_into(model: Transformer, lazy: _LazyTensors) -> None:
-    cfg = model.config
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(model.named_buffers())
-    for name, target in params.items():
-        if name in ("rope_cos", "rope_sin") or name.endswith("expert_load"):
-            continue
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        disk = _disk_prefix(cfg, name)
-        if disk.endswith("mlp.experts.gate_up_proj"):
-            base, I = disk.removesuffix(".gate_up_proj"), cfg.moe_intermediate_size
-            for e in range(cfg.n_routed_experts):
-                target[e, :I].copy_(lazy.get(f"{base}.{e}.gate_proj.weight"))
-                target[e, I:].copy_(lazy.get(f"{base}.{e}.up_proj.weight"))
-        elif disk.endswith("mlp.experts.down_proj"):
-            base = disk.removesuffix(".down_proj")
-            for e in range(cfg.n_routed_experts):
-                target[e].copy_(lazy.get(f"{base}.{e}.down_proj.weight"))
-        else:
-            target.copy_(lazy.get(disk))
+    for disk, target in _disk_tensors(model):  # targets are views: copying into one fills the stacked tensor
+        target.copy_(lazy.get(disk))

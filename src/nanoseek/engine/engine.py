@@ -24,7 +24,8 @@ from nanoseek.engine.cache import BlockManager, LatentCache
 from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.sampling import Row, Sampler, SamplingParams, make_rng
 from nanoseek.engine.scheduler import Scheduler
-from nanoseek.engine.sequence import (FINISHED, Request, RequestOutput, Sequence as Seq, StepEvent, TextStream)
+from nanoseek.engine.sequence import FINISHED, Request, RequestOutput, StepEvent, TextStream
+from nanoseek.engine.sequence import Sequence as Seq
 from nanoseek.engine.speculative import SpeculativeDecoder
 from nanoseek.model.transformer import Transformer
 
@@ -337,7 +338,8 @@ class Engine:
                          lps if seq.params.logprobs is not None else None, reason is not None, reason, req.output)
 
     # ------------------------------------------------------------------ convenience
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Run prompts (texts, or token-id lists) to completion, all batched together. Every prompt and every
         SamplingParams is checked before any work starts. -> one RequestOutput per prompt, in order."""

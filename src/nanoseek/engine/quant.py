@@ -182,7 +182,8 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu",
                 _need(keys, file, f"{name}.qweight", f"{name}.scale")
                 q = f.get_tensor(f"{name}.qweight")
                 if tuple(q.shape) != tuple(m.weight.shape):
-                    raise ValueError(f"{file}: {name}.qweight has shape {list(q.shape)}, the model {list(m.weight.shape)}")
+                    raise ValueError(f"{file}: {name}.qweight has shape {list(q.shape)}, "
+                                     f"the model {list(m.weight.shape)}")
                 bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None
                 _set(model, name, Int8Linear(q, f.get_tensor(f"{name}.scale"), bias, dtype))
             else:

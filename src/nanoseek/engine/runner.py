@@ -107,7 +107,7 @@ class ModelRunner:
         """-> final-normed hidden states [N, d] of every token of the step."""
         self.weights.current()  # refolds if the model's weights changed since the last step
         x = self.model.embed_tokens(inp.ids)
-        for layer, block in enumerate(self.model.layers):
+        for layer in range(len(self.model.layers)):
             x = self.block(self.weights.blocks[layer], layer, x, inp)
         return self.model.norm(x)
 

@@ -44,7 +44,8 @@ class SamplingParams:
             if not cond:
                 raise ValueError(f"SamplingParams: {message}")
 
-        need(_is_int(self.max_tokens) and self.max_tokens >= 1, f"max_tokens={self.max_tokens!r} must be an integer >= 1")
+        need(_is_int(self.max_tokens) and self.max_tokens >= 1,
+             f"max_tokens={self.max_tokens!r} must be an integer >= 1")
         need(_is_int(self.n) and self.n >= 1, f"n={self.n!r} must be an integer >= 1")
         need(_is_num(self.temperature) and self.temperature >= 0,
              f"temperature={self.temperature!r} must be a number >= 0 (0 means greedy)")

@@ -30,8 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanoseek.engine import Engine, SamplingParams, StepEvent
 from nanoseek.serve import protocol as P
 from nanoseek.serve.bridge import EngineBridge, EngineDead, Rejected
-from nanoseek.serve.chat_format import (EngineTokenizer, FormatError, ReasoningParser, TokenTable, chat_prompt,
-                                        completion_prompt)
+from nanoseek.serve.chat_format import (
+    EngineTokenizer,
+    FormatError,
+    ReasoningParser,
+    TokenTable,
+    chat_prompt,
+    completion_prompt,
+)
 from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.logits import JsonObjectProcessor, JsonVocab, LogitBias, MinTokens
 from nanoseek.serve.metrics import Metrics
@@ -448,7 +454,7 @@ class Server:
         req: P.CompletionRequest = self.parse(P.CompletionRequest, await self.body(request))
         vocab = self.table.size
         prompts = []
-        for i, p in enumerate(req.prompts):
+        for p in req.prompts:
             if not isinstance(p, str) and any(t >= vocab for t in p):
                 raise APIError(400, f"prompt token ids must be below the vocabulary size {vocab}", param="prompt")
             try:

@@ -43,7 +43,8 @@ def trace_messages(problem: Problem, completion: str) -> Messages:
     """A verified completion (think prefilled) as a training conversation in the chat template's shape."""
     parsed = parse_completion(completion, think_prefilled=True)
     return [{"role": "user", "content": problem.prompt},
-            {"role": "assistant", "reasoning_content": parsed.think.strip(), "content": f"<answer>{parsed.answer}</answer>"}]
+            {"role": "assistant", "reasoning_content": parsed.think.strip(),
+             "content": f"<answer>{parsed.answer}</answer>"}]
 
 
 def verified_traces(task, problems: Sequence[Problem], completions: Sequence[Sequence[str]],
@@ -134,5 +135,5 @@ def distill(teacher: str | Path | None, student: str | Path, out: str | Path, se
     if cfg["targets"] == "answer_only":
         conversations = answer_only_conversations(conversations)
     summary = run_sft(student, out, conversations, train, info=info)
-    return {"teacher": str(teacher), "traces_file": str(traces_file), "student": str(student), "targets": cfg["targets"], "traces": len(conversations),
-            "teacher_stats": stats, **summary}
+    return {"teacher": str(teacher), "traces_file": str(traces_file), "student": str(student),
+            "targets": cfg["targets"], "traces": len(conversations), "teacher_stats": stats, **summary}
