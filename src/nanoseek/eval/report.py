@@ -50,9 +50,9 @@ def evaluate(ckpt_dir: str | Path, tasks: Sequence[str] | dict | None = None, n_
              bpb_bytes: int = 50_000, corpus_dir: str | Path | None = None, passkey: bool = True,
              passkey_lengths: Sequence[int] | None = None, passkey_keys: int = 2, seed: int = 0,
              device: str = "cpu", progress: bool = True) -> dict:
-    """All quality figures of the checkpoint at ckpt_dir (progress: a bar per task's generation). tasks: names (default difficulties) or {name: [difficulty,
+    """All quality figures of the checkpoint at ckpt_dir. tasks: names (default difficulties) or {name: [difficulty,
     ...]}; None = every task. corpus_dir: where val.jsonl is (default: the run's corpus next to the checkpoint,
-    else the default corpus built on the fly)."""
+    else the default corpus built on the fly). progress: a progress bar per task."""
     ckpt_dir = Path(ckpt_dir)
     wanted = _task_spec(tasks)  # fail on a bad task name before any work
     started = time.perf_counter()
@@ -132,11 +132,12 @@ def to_markdown(results: dict | list[dict], names: Sequence[str] | None = None) 
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     if any("passkey" in r for r in results):
-        lines += ["### Passkey retrieval (greedy)", "", "| model | length | prompt tokens | beyond context | YaRN factor "
-                  "| accuracy |", "|---|---|---|---|---|---|"]
+        lines += ["### Passkey retrieval (greedy)", "",
+                  "| model | length | prompt tokens | beyond context | YaRN factor | accuracy |", "|---|---|---|---|---|---|"]
         for n, r in zip(names, results):
             for row in r.get("passkey", []):
-                lines.append(f"| {n} | {row['length']} | {row['prompt_tokens']} | {'yes' if row['beyond_trained'] else 'no'}"
+                beyond = "yes" if row["beyond_trained"] else "no"
+                lines.append(f"| {n} | {row['length']} | {row['prompt_tokens']} | {beyond}"
                              f" | {row['yarn_factor']:g} | {_pct(row['accuracy'])} |")
         lines.append("")
     return "\n".join(lines)

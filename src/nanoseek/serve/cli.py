@@ -12,7 +12,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_commands(subparsers) -> None:
-    from nanoseek.chat import add_arguments as add_chat_arguments, cmd_chat
+    from nanoseek.chat import add_arguments as add_chat_arguments
+    from nanoseek.chat import cmd_chat
 
     d = _defaults()
     p = subparsers.add_parser(
