@@ -133,7 +133,8 @@ def to_markdown(results: dict | list[dict], names: Sequence[str] | None = None) 
         lines.append("")
     if any("passkey" in r for r in results):
         lines += ["### Passkey retrieval (greedy)", "",
-                  "| model | length | prompt tokens | beyond context | YaRN factor | accuracy |", "|---|---|---|---|---|---|"]
+                  "| model | length | prompt tokens | beyond context | YaRN factor | accuracy |",
+                  "|---|---|---|---|---|---|"]
         for n, r in zip(names, results):
             for row in r.get("passkey", []):
                 beyond = "yes" if row["beyond_trained"] else "no"
