@@ -150,6 +150,15 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path):
     assert all(torch.equal(b[k], c[k]) for k in b)  # bitwise
 
 
+def test_fsdp_mixed_precision_sharding_runs(tmp_path):
+    """The CUDA policy (bf16 blocks, fp32 routers and reduction) on gloo with CPU autocast: NCCL is not tested here."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(27500 + os.getpid() % 1000)]
+    out = subprocess.run([*torchrun, str(Path(__file__).parent / "fsdp_policy_script.py")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
+
 def _untimed(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed_s", "mfu")}
 

@@ -71,12 +71,20 @@ def shard_model(model: nn.Module, info: DistInfo, device: torch.device, mixed_pr
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (info.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
-        else MixedPrecisionPolicy()
     with torch.device("meta"):
         sharded = type(model)(model.config)
+    if mixed_precision:
+        # blocks: bf16 weights, fp32 gradient reduction; their float inputs are left alone (autocast casts the
+        # matmuls; the rope tables stay fp32). The routers keep fp32 weights, as routing is decided in fp32.
+        block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                            cast_forward_inputs=False)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for moe in sharded.moe_layers():
+            fully_shard(moe.gate, mesh=mesh, mp_policy=MixedPrecisionPolicy())
+    else:
+        block_policy = policy = MixedPrecisionPolicy()
     for block in [*sharded.layers, *(m.block for m in sharded.mtp)]:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=block_policy)
     fully_shard(sharded, mesh=mesh, mp_policy=policy)
     sharded.to_empty(device=device)
     sharded.rebuild_derived_state()  # rope tables, load counters, tied head
@@ -107,8 +115,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """FSDP: the whole model and optimizer state, gathered to CPU on rank 0 (other ranks get empty dicts); a
     collective: every rank calls it. Keys are parameter names, as in the unsharded model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-        get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
@@ -118,8 +125,7 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                           optimizer_state: dict) -> None:
     """FSDP: load whole (unsharded) model and optimizer state, which every rank holds, into the sharded ones."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-        set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
