@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,50 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
 
 
+def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path):
+    """FSDP2 over 2 gloo ranks with gradient accumulation (set_requires_gradient_sync), uneven validation, router
+    biases and MTP = one process with the same global batch; a run resumed from its step-3 checkpoint (gathered on
+    save, re-sharded on load) = the uninterrupted one."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--steps", "6", "--val", "--eval-every", "3"]
+    assert run_script(one, *common).wait(timeout=300) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(28500 + os.getpid() % 1000)]
+    fsdp = [*common, "--parallel", "fsdp", "--grad-accum", "2"]
+    out = subprocess.run([*torchrun, SCRIPT, str(two), *fsdp], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m1, m2 = metrics(one), metrics(two)
+    for key in ("loss", "mtp_loss", "grad_norm", "val_loss"):
+        assert [r.get(key, 0) for r in m1] == pytest.approx([r.get(key, 0) for r in m2], rel=1e-4, abs=1e-5), key
+    a, b = final_weights(one, 6), final_weights(two, 6)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=5e-5) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("e_score_correction_bias"))
+    state = torch.load(two / "checkpoints" / "step_000006" / STATE_FILE, weights_only=False)
+    assert state["parallel"] == "fsdp" and "layers.0.self_attn.q_a_proj.weight" in state["optimizer"]["state"]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000006")
+    out = subprocess.run([*torchrun, SCRIPT, str(resumed), *fsdp], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [_untimed(r) for r in metrics(resumed)] == [_untimed(r) for r in m2]
+    c = final_weights(resumed, 6)
+    assert all(torch.equal(b[k], c[k]) for k in b)  # bitwise
+
+
+def test_fsdp_mixed_precision_sharding_runs(tmp_path):
+    """The CUDA policy (bf16 blocks, fp32 routers and reduction) on gloo with CPU autocast: NCCL is not tested here."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(27500 + os.getpid() % 1000)]
+    out = subprocess.run([*torchrun, str(Path(__file__).parent / "fsdp_policy_script.py")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
+
+def _untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed_s", "mfu")}
+
+
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     assert run_script(tmp_path / "full", "--steps", "4").wait(timeout=300) == 0
     assert run_script(tmp_path / "accum", "--steps", "4", "--grad-accum", "2").wait(timeout=300) == 0
@@ -140,6 +185,10 @@ def test_bad_training_settings_fail_before_training(tmp_path):
     assert cfg.batch_size == 4
     with pytest.raises(ValueError, match="schedule='linear'"):
         TrainConfig(schedule="linear").validate()
+    with pytest.raises(ValueError, match="parallel='tp': must be one of"):
+        TrainConfig(parallel="tp").validate()
+    with pytest.raises(ValueError, match="optimizer='muon' does not run with parallel='fsdp'"):
+        TrainConfig(parallel="fsdp", optimizer="muon").validate()
 
 
 def test_schedules():

@@ -56,6 +56,9 @@ def main():
     ap.add_argument("--save-every", type=int, default=3)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--parallel", default="ddp")
+    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--val", action="store_true", help="validate on 3 batches (rank 0 takes 2 of them, rank 1 one)")
     ap.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (gives a killer time to act)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -65,9 +68,15 @@ def main():
     per_rank = args.global_batch // info.world_size // args.grad_accum
     loader = CountingLoader(args.global_batch, 16, 128, info.rank, info.world_size, args.grad_accum)
     cfg = TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=per_rank, seq_len=16,
-                      grad_accum=args.grad_accum, save_every=args.save_every, log_every=1, eval_every=1000,
-                      warmup_steps=2, lr=3e-3, optimizer=args.optimizer, progress=False)
-    trainer = Trainer(model, cfg, loader, dist_info=info)
+                      grad_accum=args.grad_accum, save_every=args.save_every, log_every=1,
+                      eval_every=args.eval_every, warmup_steps=2, lr=3e-3, optimizer=args.optimizer,
+                      parallel=args.parallel, progress=False)
+
+    def val():  # uneven on purpose: FSDP ranks must still run forward together
+        stream = CountingLoader(4, 16, 128, seed=99)
+        batches = [next(stream) for _ in range(3)]
+        return [b for i, b in enumerate(batches) if min(i // 2, info.world_size - 1) == info.rank]
+    trainer = Trainer(model, cfg, loader, val_batches=val if args.val else None, dist_info=info)
     if args.step_delay:
         original = trainer.train_step
 

@@ -1,6 +1,6 @@
 """One training loop for every stage.
 
-    for step in steps:                       gradient accumulation over micro-batches (DDP syncs on the last)
+    for step in steps:                       gradient accumulation over micro-batches (DDP/FSDP sync on the last)
         loss = lm + λ·MTP + balance          bf16 autocast on CUDA, fp32 on CPU
         clip, optimizer step at the scheduled rate, then the routers' bias update (γ, all-reduced loads)
         every log_every: JSONL metrics + progress bar (loss, tokens/s, MFU)
@@ -10,6 +10,11 @@
 A checkpoint is `out_dir/checkpoints/step_NNNNNN/`: an HF model directory plus `trainer_state.pt` (optimizer,
 loader position of every rank, RNG states, counters). It is written under a temporary name and renamed when
 complete, so a run killed while saving resumes from the previous one.
+
+Under torchrun the model is replicated (parallel="ddp") or sharded (parallel="fsdp": FSDP2, see dist.py). With FSDP
+the trainer trains a sharded twin of the model it is given; checkpoints gather the full weights and optimizer state
+to rank 0, which writes the same files as DDP, and the given model receives the full weights there, so after `fit`
+rank 0 holds the trained model in it for whoever saves it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "cuda" when available, else "cpu"
     compile: bool = False  # torch.compile the model (worth it on CUDA)
+    parallel: str = "ddp"  # under torchrun: "ddp" (a whole model per rank) or "fsdp" (FSDP2: sharded across ranks)
     price_per_hour: float = 0.0  # $ per device-hour, for the cost report
     progress: bool = True
 
@@ -88,6 +94,12 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r}: must be 'cosine' or 'wsd'")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={self.optimizer!r}: must be 'adamw' or 'muon'")
+        if self.parallel not in D.PARALLEL:
+            raise ValueError(f"parallel={self.parallel!r}: must be one of {D.PARALLEL}")
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            raise ValueError("optimizer='muon' does not run with parallel='fsdp': its Newton-Schulz step needs each "
+                             "whole matrix, and FSDP gives every rank a slice of it; use optimizer='adamw' with FSDP, "
+                             "or Muon with parallel='ddp'")
 
     @property
     def resolved_device(self) -> str:
@@ -106,13 +118,24 @@ class Trainer:
         cfg.validate(self.info.world_size)
         self.device = torch.device(cfg.resolved_device if self.info.world_size == 1 or cfg.resolved_device == "cpu"
                                    else f"cuda:{self.info.local_rank}")
-        self.model = model.to(self.device)
+        # FSDP only means something across ranks; one process trains the plain model either way
+        self.fsdp = cfg.parallel == "fsdp" and self.info.enabled
+        if self.fsdp and type(self).fit is not Trainer.fit:
+            raise ValueError(f"{type(self).__name__} does not support parallel='fsdp' (its loop uses the whole model "
+                             "outside forward/backward); use parallel='ddp'")
+        # self.host: the model as given, plain (under FSDP it gets the full weights at each checkpoint, on rank 0);
+        # self.model: what trains (the same module, or its FSDP-sharded twin); self.wrapped: what runs forward
+        self.host = model
+        if self.fsdp:
+            self.model = D.shard_model(model, self.info, self.device, mixed_precision=self.device.type == "cuda")
+        else:
+            self.model = model.to(self.device)
         self.loader, self.val_batches, self.val_bytes_per_token = train_loader, val_batches, val_bytes_per_token
         self.tokenizer = tokenizer
         self.out = Path(cfg.out_dir)
-        self.optimizer = build_optimizer(model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        self.optimizer = build_optimizer(self.model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          muon_lr=cfg.muon_lr, router_lr_scale=cfg.router_lr_scale)
-        self.wrapped = D.wrap_model(model, self.info)
+        self.wrapped = self.model if self.fsdp else D.wrap_model(self.model, self.info)
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
@@ -185,14 +208,16 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             inputs, targets = (t.to(self.device, non_blocking=True) for t in next(self.loader))
             sync = micro == cfg.grad_accum - 1 or not self.info.enabled
-            with (nullcontext() if sync else self.wrapped.no_sync()), self.autocast:
+            if self.fsdp:  # FSDP2's no_sync: keep unsharded gradients until the last micro-batch
+                self.model.set_requires_gradient_sync(sync)
+            with (nullcontext() if sync or self.fsdp else self.wrapped.no_sync()), self.autocast:
                 out = self.wrapped(inputs, targets, cfg.mtp_weight)
                 (out.loss / cfg.grad_accum).backward()
             for key in sums:
                 value = getattr(out, key)
                 if value is not None:
                     sums[key] += value.item() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = D.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loads = model.expert_load()
@@ -214,10 +239,19 @@ class Trainer:
         """Validation loss in nats per token and, given the bytes per token of the validation text, bits per byte."""
         self.model.eval()
         nats, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        for i, (inputs, targets) in enumerate(self.val_batches()):
-            if i >= self.cfg.eval_batches:
+        batches = iter(self.val_batches())
+        for _ in range(self.cfg.eval_batches):
+            batch = next(batches, None)
+            if self.fsdp:  # every forward all-gathers weights: the ranks run as many as the one with the most data
+                if D.all_reduce_sum(torch.tensor(float(batch is not None), device=self.device), self.info) == 0:
+                    break
+                if batch is None:
+                    with self.autocast:
+                        self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device))
+                    continue
+            elif batch is None:
                 break
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets = (t.to(self.device) for t in batch)
             with self.autocast:
                 logits = self.model(inputs)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
@@ -245,7 +279,7 @@ class Trainer:
                 "matmul_peak_flops": peak, "devices": self.info.world_size, "device": str(self.device.type),
                 "device_hours": round(device_hours, 5), "price_per_device_hour": self.cfg.price_per_hour,
                 "estimated_cost": round(device_hours * self.cfg.price_per_hour, 4),
-                "active_params": self.model.num_parameters(active=True), "params": self.model.num_parameters()}
+                "active_params": self.host.num_parameters(active=True), "params": self.host.num_parameters()}
 
     def _out_of_time(self) -> bool:
         return self.cfg.max_time is not None and self.elapsed >= self.cfg.max_time
@@ -272,14 +306,19 @@ class Trainer:
             loader_states, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
         else:
             rngs = [rng]
+        if self.fsdp:  # gathered to rank 0; the given model receives the weights there and is saved as usual
+            weights, optimizer_state = D.full_state_dicts(self.model, self.optimizer)
+            if self.info.is_main:
+                self.host.load_state_dict(weights)
         final = self.checkpoint_dir / f"step_{self.step:06d}"
         if self.info.is_main:
             tmp = self.checkpoint_dir / f".tmp-step_{self.step:06d}"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_model(self.model, tmp, tokenizer=self.tokenizer)
+            save_model(self.host, tmp, tokenizer=self.tokenizer)
             state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-                     "optimizer": self.optimizer.state_dict(), "loaders": loader_states, "rng": rngs,
-                     "world_size": self.info.world_size, "config": asdict(self.cfg)}
+                     "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
+                     "loaders": loader_states, "rng": rngs, "world_size": self.info.world_size,
+                     "parallel": "fsdp" if self.fsdp else "ddp", "config": asdict(self.cfg)}
             torch.save(state, tmp / STATE_FILE)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -301,8 +340,15 @@ class Trainer:
         if state["world_size"] != self.info.world_size:
             raise RuntimeError(f"{path} was written by {state['world_size']} ranks; resume it with the same number "
                                f"(this run has {self.info.world_size})")
-        load_weights_into(self.model, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        parallel = "fsdp" if self.fsdp else "ddp"
+        if state.get("parallel", "ddp") != parallel:
+            raise RuntimeError(f"{path} was written with parallel={state.get('parallel', 'ddp')!r}; its optimizer "
+                               f"state does not load into a {parallel!r} run: resume it with the same setting")
+        load_weights_into(self.host, path)
+        if self.fsdp:  # every rank read the whole checkpoint: each keeps its shard
+            D.load_full_state_dicts(self.model, self.optimizer, self.host.state_dict(), state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loaders"][self.info.rank])
         rng = state["rng"][self.info.rank]
         torch.set_rng_state(rng["torch"])
