@@ -155,8 +155,8 @@ class GRPOTrainer(Trainer):
                 if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
                     self.plot()
-            if cfg.eval_problems and self.last_eval.get("step") != self.step:  # stopped early: a final figure
-                self.log({"step": self.step, **self.evaluate()})
+            if cfg.eval_problems and metrics and not self._stop_requested and self.last_eval.get("step") != self.step:
+                self.log({"step": self.step, **self.evaluate()})  # out of time before max_steps: a final figure
             self.save_checkpoint()
             self.plot()
         finally:
