@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config  # noqa: E402
-
 from nanoseek import Transformer  # noqa: E402
 from nanoseek.train import dist as D  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
 
 torch.set_num_threads(1)
 info = D.init_distributed("cpu")
