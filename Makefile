@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 PIP      = $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test browser speedrun smoke demo test test-all bench clean
+.PHONY: install install-test browser speedrun smoke demo test lint test-all bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,8 +31,11 @@ smoke: install
 demo: install
 	$(BIN)/nanoseek demo
 
-test: install-test
+test: install-test lint
 	$(BIN)/python -m pytest -q
+
+lint: install-test
+	$(BIN)/ruff check src tests benchmarks scripts
 
 test-all: install-test
 	$(BIN)/python -m pytest -q -m ''

@@ -150,8 +150,8 @@ def _sanguo_qa(text: str, rng: random.Random) -> Messages | None:
     title = " ".join(m.group(2).split())
     kind = rng.choice(["title_zh", "title_en", "opening"])
     if kind == "title_zh":
-        return _turn(f"《三国演义》第{m.group(1)}回的回目是什么？", f"用户问《三国演义》第{m.group(1)}回的回目，我回忆一下。",
-                     f"第{m.group(1)}回的回目是“{title}”。")
+        return _turn(f"《三国演义》第{m.group(1)}回的回目是什么？",
+                     f"用户问《三国演义》第{m.group(1)}回的回目，我回忆一下。", f"第{m.group(1)}回的回目是“{title}”。")
     if kind == "title_en":
         return _turn(f"What is the title of chapter {number} of Romance of the Three Kingdoms?",
                      f"Chapter {number} is 第{m.group(1)}回 in Chinese. I recall its title.",
@@ -159,8 +159,8 @@ def _sanguo_qa(text: str, rng: random.Random) -> Messages | None:
     first = _first_sentence(body, max_chars=120)
     if not first:
         return None
-    return _turn(f"《三国演义》第{m.group(1)}回是怎样开头的？", f"用户想知道第{m.group(1)}回的开头，我回忆原文的第一句。",
-                 f"第{m.group(1)}回开头写道：“{first}”")
+    return _turn(f"《三国演义》第{m.group(1)}回是怎样开头的？",
+                 f"用户想知道第{m.group(1)}回的开头，我回忆原文的第一句。", f"第{m.group(1)}回开头写道：“{first}”")
 
 
 _QA = {"bible-web": _bible_qa, "wikipedia-vital": _wiki_qa, "sanguo": _sanguo_qa}

@@ -32,11 +32,27 @@ from nanoseek.checkpoint import atomic_write_text
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.train import dist as D
-from nanoseek.train.grpo import AGGREGATIONS, SCALES, group_advantages, policy_loss, token_logprobs, \
-    zero_variance_groups
+from nanoseek.train.grpo import (
+    AGGREGATIONS,
+    SCALES,
+    group_advantages,
+    policy_loss,
+    token_logprobs,
+    zero_variance_groups,
+)
 from nanoseek.train.optim import lr_multiplier
-from nanoseek.train.rollout import Grader, PromptStream, Sample, TaskSpec, collate, generate_groups, \
-    heldout_accuracy, prompt_ids, summarize, task_grader
+from nanoseek.train.rollout import (
+    Grader,
+    PromptStream,
+    Sample,
+    TaskSpec,
+    collate,
+    generate_groups,
+    heldout_accuracy,
+    prompt_ids,
+    summarize,
+    task_grader,
+)
 from nanoseek.train.trainer import TrainConfig, Trainer, _main_thread
 
 REWARD_PLOT = "reward_curve.png"
@@ -99,7 +115,8 @@ class GRPOConfig(TrainConfig):
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={self.aggregation!r}: must be one of {AGGREGATIONS}")
         if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
-            raise ValueError(f"epsilon={self.epsilon}, epsilon_high={self.epsilon_high}: need 0 < ε_low < 1, ε_high > 0")
+            raise ValueError(f"epsilon={self.epsilon}, epsilon_high={self.epsilon_high}: "
+                             "need 0 < ε_low < 1, ε_high > 0")
         if self.beta < 0 or self.temperature <= 0:
             raise ValueError(f"beta={self.beta}, temperature={self.temperature}: need beta >= 0 and temperature > 0")
         if self.eval_problems < 0:
@@ -269,7 +286,8 @@ class GRPOTrainer(Trainer):
         n = max(1, sums["tokens"])
         metrics = {"lr_scale": round(lr_scale, 5), "loss": round(sums["loss"], 6),
                    "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
-                   "entropy": round(sums["entropy"] / n, 4), "clip_frac": round((sums["clip_low"] + sums["clip_high"]) / n, 5),
+                   "entropy": round(sums["entropy"] / n, 4),
+                   "clip_frac": round((sums["clip_low"] + sums["clip_high"]) / n, 5),
                    "clip_low": round(sums["clip_low"] / n, 5), "clip_high": round(sums["clip_high"] / n, 5),
                    "adv_abs": round(advantages.abs().mean().item(), 4)}
         if ref is not None:
@@ -300,7 +318,8 @@ class GRPOTrainer(Trainer):
                                   max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed,
                                   engine_kwargs={"max_model_len": cfg.seq_len})
         self.last_eval = {"step": self.step, **{f"val_{k}": round(v, 4) for k, v in result.items()}}
-        tqdm.write(f"[grpo] step {self.step}: held-out accuracy {result['accuracy']:.3f}, format {result['format']:.3f}")
+        tqdm.write(f"[grpo] step {self.step}: held-out accuracy {result['accuracy']:.3f}, "
+                   f"format {result['format']:.3f}")
         return {k: v for k, v in self.last_eval.items() if k != "step"}
 
     def plot(self) -> Path | None:
