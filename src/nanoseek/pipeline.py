@@ -28,6 +28,13 @@ from nanoseek.train import dist as D
 from nanoseek.train.trainer import TrainConfig, Trainer
 
 DONE = "done.json"
+TRAINED_STAGES = ("pretrain", "long_context", "sft", "grpo")  # the stages that leave a checkpoint, in order
+
+
+def latest_checkpoint(run: Path, stages: tuple[str, ...] = TRAINED_STAGES) -> Path | None:
+    """`run/<stage>/final` of the last of `stages` that has finished one, or None."""
+    return next((run / s / "final" for s in reversed(stages) if (run / s / "final" / "config.json").is_file()),
+                None)
 
 
 def stage_done(path: Path) -> dict | None:

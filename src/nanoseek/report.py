@@ -16,9 +16,9 @@ import torch
 
 from nanoseek.checkpoint import atomic_write_text
 from nanoseek.config import ModelConfig
+from nanoseek.pipeline import TRAINED_STAGES, latest_checkpoint
 
-TRAINING_STAGES = ("pretrain", "long_context", "sft", "grpo")
-STAGES = ("corpus", "tokenizer", "shards", *TRAINING_STAGES, "eval", "export")
+STAGES = ("corpus", "tokenizer", "shards", *TRAINED_STAGES, "eval", "export")
 
 
 def machine() -> dict:
@@ -72,7 +72,7 @@ def collect(run: Path) -> dict:
         done = _done(run / stage)
         if done is not None:
             data["stages"][stage] = done
-    final = next((run / s / "final" for s in reversed(TRAINING_STAGES) if (run / s / "final").is_dir()), None)
+    final = latest_checkpoint(run)
     if final is not None:
         cfg = ModelConfig.from_pretrained(final)
         pre = data["stages"].get("pretrain", {})
@@ -96,7 +96,7 @@ def plot_losses(run: Path, out: Path) -> str | None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     offset, plotted = 0, False
-    for stage in TRAINING_STAGES:
+    for stage in TRAINED_STAGES:
         rows = [r for r in _read_jsonl(run / stage / "metrics.jsonl") if "lm_loss_avg" in r]
         if not rows:
             continue

@@ -20,15 +20,9 @@ import torch
 
 from nanoseek.checkpoint import atomic_write_text, load_model
 from nanoseek.data.chat import prompt_ids
-from nanoseek.pipeline import pretraining_stages, run_stage
+from nanoseek.pipeline import latest_checkpoint, pretraining_stages, run_stage
 from nanoseek.train import dist as D
 from nanoseek.train.trainer import TrainConfig
-
-TRAINED = ("grpo", "sft", "long_context", "pretrain")  # latest first
-
-
-def latest_checkpoint(run: Path, stages=TRAINED) -> Path | None:
-    return next((run / s / "final" for s in stages if (run / s / "final" / "config.json").is_file()), None)
 
 
 def run_speedrun(run: str | os.PathLike, preset: dict, *, text_paths: list[str] | None = None) -> dict:
@@ -49,8 +43,8 @@ def run_speedrun(run: str | os.PathLike, preset: dict, *, text_paths: list[str] 
         if preset.get("sft") is not None:
             summaries["sft"] = sft_stage(run, preset, info)
         if preset.get("grpo") is not None:
-            summaries["grpo"] = grpo_stage(run, preset, info, init=latest_checkpoint(run, ("sft", "long_context",
-                                                                                           "pretrain")))
+            summaries["grpo"] = grpo_stage(run, preset, info,
+                                           init=latest_checkpoint(run, ("pretrain", "long_context", "sft")))
         if preset.get("eval") is not None:
             summaries["eval"] = eval_stage(run, preset, info)
         summaries["export"] = export_stage(run, preset, info)

