@@ -1,0 +1,62 @@
+"""Can a base checkpoint copy numbers out of a question? The first thing arithmetic needs, probed without SFT.
+
+The pretraining corpus's generated task text writes a problem as
+
+    Question: What is 8 + 4?
+    Solution:
+    8 + 4
+    8+4=12, write 2 carry 1 ...
+
+so a model that learned from it should continue "Question: What is A op B?\\nSolution:\\n" with "A op B". This asks
+for that continuation (greedy) on held-out arithmetic problems and counts the exact copies and the right answers.
+
+    python scripts/copy_probe.py runs/cpu/long_context/final [--difficulty 1] [--n 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from nanoseek.checkpoint import load_model
+from nanoseek.tasks import FORMAT_INSTRUCTIONS, get_task
+from nanoseek.tokenizer import load_tokenizer
+
+
+@torch.no_grad()
+def greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    ids = list(ids)
+    for _ in range(max_new_tokens):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--difficulty", type=int, default=1)
+    ap.add_argument("--n", type=int, default=30, help="held-out problems (default: 30)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--show", type=int, default=5, help="print this many continuations")
+    args = ap.parse_args()
+
+    model, tok = load_model(args.checkpoint, dtype=torch.float32).eval(), load_tokenizer(args.checkpoint)
+    problems = get_task("arithmetic").generate(args.n, seed=0, difficulty=args.difficulty, split="test")
+    copied = answered = 0
+    for i, p in enumerate(problems):
+        question = p.prompt.removesuffix(FORMAT_INSTRUCTIONS["en"]).strip()  # "What is A op B?"
+        prompt = [tok.special_ids["bos"], *tok.encode(f"Question: {question}\nSolution:\n")]
+        text = tok.decode(greedy(model, prompt, args.max_new_tokens)[len(prompt):])
+        copied += text.split("\n")[0].strip() == question.removeprefix("What is ").removesuffix("?")
+        first_answer = next((line for line in text.split("\n") if line.startswith("Answer:")), None)
+        answered += first_answer == f"Answer: {p.answer}"
+        if i < args.show:
+            print(f"{question!r} -> {text!r}")
+    print(json.dumps({"checkpoint": args.checkpoint, "difficulty": args.difficulty, "problems": len(problems),
+                      "copied_operands": copied, "right_answers": answered}))
+
+
+if __name__ == "__main__":
+    main()
