@@ -1,6 +1,9 @@
 """Distillation: only verified traces are kept, they become well-formed training conversations, and the student
 is fine-tuned on them (or, for the control, on answer-only targets)."""
 
+import subprocess
+import sys
+
 import pytest
 
 from nanoseek.data.chat import completion_text, prompt_ids, read_chat_jsonl, tokenize_conversation, write_chat_jsonl
@@ -94,3 +97,11 @@ def test_distill_trains_the_student_on_the_traces(tmp_path):
         distill(None, student, tmp_path / "x", train)
     with pytest.raises(ValueError, match="targets"):
         distill(None, student, tmp_path / "y", {"targets": "nope"}, traces=traces)
+
+
+def test_set_applies_without_a_preset(tmp_path):
+    """`nanoseek distill --set distill.X=…` with no --preset must not be ignored: a bad value is refused."""
+    out = subprocess.run([sys.executable, "-m", "nanoseek.cli", "distill", "--student", str(tmp_path / "s"),
+                          "--out", str(tmp_path / "o"), "--set", "distill.targets=nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "distill.targets='nope'" in out.stderr

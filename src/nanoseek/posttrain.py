@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nanoseek.presets import load_preset
+from nanoseek.presets import apply_override, load_preset
 from nanoseek.presets import section as section_of
 
 
@@ -61,7 +61,12 @@ def cmd_eval(args) -> int:
 def cmd_distill(args) -> int:
     from nanoseek.train.distill import distill
 
-    preset = load_preset(args.preset, args.set) if args.preset else {}
+    preset: dict = {}
+    if args.preset:
+        preset = load_preset(args.preset, args.set)
+    else:  # no preset: --set still applies, to the distillation defaults
+        for item in args.set:
+            apply_override(preset, item)
     section = section_of(preset, "distill")
     if args.answer_only:
         section["targets"] = "answer_only"
