@@ -139,7 +139,7 @@ def _stdlib_documents() -> Iterator[str]:
             continue
 
 
-# Problems per (difficulty, language) of each task in the generated source: about 1.9 MB of text, or ~15% of the
+# Problems per (difficulty, language) of each task in the generated source: about 2.4 MB of text, or ~15% of the
 # default corpus's tokens (digits are one token each). Held-out problems never appear: only the train split is drawn.
 TASK_TEXT = {"arithmetic": ([1, 2, 3], 2000), "countdown": ([1, 2], 500), "word_problems": ([1, 2], 800)}
 TASK_TEXT_SEED = 1  # SFT draws seed 0: a different sample of the same train split
