@@ -21,16 +21,9 @@ import json
 import torch
 
 from nanoseek.checkpoint import load_model
+from nanoseek.engine import Engine, SamplingParams
 from nanoseek.tasks import FORMAT_INSTRUCTIONS, get_task
 from nanoseek.tokenizer import load_tokenizer
-
-
-@torch.no_grad()
-def greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
-    ids = list(ids)
-    for _ in range(max_new_tokens):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids
 
 
 def main() -> None:
@@ -42,13 +35,14 @@ def main() -> None:
     ap.add_argument("--show", type=int, default=5, help="print this many continuations")
     args = ap.parse_args()
 
-    model, tok = load_model(args.checkpoint, dtype=torch.float32).eval(), load_tokenizer(args.checkpoint)
+    model, tok = load_model(args.checkpoint, dtype=torch.float32), load_tokenizer(args.checkpoint)
     problems = get_task("arithmetic").generate(args.n, seed=0, difficulty=args.difficulty, split="test")
+    questions = [p.prompt.removesuffix(FORMAT_INSTRUCTIONS["en"]).strip() for p in problems]  # "What is A op B?"
+    prompts = [[tok.special_ids["bos"], *tok.encode(f"Question: {q}\nSolution:\n")] for q in questions]
+    outputs = Engine(model, tok).generate(prompts, SamplingParams(max_tokens=args.max_new_tokens, temperature=0))
     copied = answered = 0
-    for i, p in enumerate(problems):
-        question = p.prompt.removesuffix(FORMAT_INSTRUCTIONS["en"]).strip()  # "What is A op B?"
-        prompt = [tok.special_ids["bos"], *tok.encode(f"Question: {question}\nSolution:\n")]
-        text = tok.decode(greedy(model, prompt, args.max_new_tokens)[len(prompt):])
+    for i, (p, question, out) in enumerate(zip(problems, questions, outputs)):
+        text = out.text
         copied += text.split("\n")[0].strip() == question.removeprefix("What is ").removesuffix("?")
         first_answer = next((line for line in text.split("\n") if line.startswith("Answer:")), None)
         answered += first_answer == f"Answer: {p.answer}"
