@@ -88,6 +88,40 @@ def speeds(tokens: int, ours, anchor) -> dict:
                 ratio=round(anchor[0] / ours[0], 2), cpu_time_ratio=round(anchor[1] / ours[1], 2))
 
 
+def matmul_floor(engine: Engine, batch: int = 1, steps: int = 64) -> tuple[float, int]:
+    """What a decode step of `batch` sequences costs if it did nothing but its matrix products: every matmul the
+    tokens need in the engine's own weight layout (attention projections, the absorbed W_UK / W_UV products, dense
+    FFN, router, shared expert, routed experts, LM head), with no attention scores, norms, routing or Python around
+    them. The routed experts get an even share of the batch's batch * top_k rows. No eager fp32 engine here can
+    beat it. -> (seconds per step, weight bytes read per step)."""
+    w = engine.runner.weights.current()
+    prods = []  # (rows, matrix): [in, out] matrices, or [H, in, out] stacks (a batched product over heads)
+    for layer, block in enumerate(w.blocks[: len(engine.model.layers)]):
+        a, ffn = block.attn, block.ffn
+        prods += [(batch, m) for m in (a.proj_in.w_t, a.proj_q.w_t, a.w_uk.transpose(1, 2).contiguous(), a.w_uv_t,
+                                       a.o_proj.w_t)]
+        if hasattr(ffn, "router"):
+            pairs, E = batch * ffn.router.top_k, ffn.n_experts
+            experts = [(layer * pairs + k) % E for k in range(min(pairs, E))]  # different ones in each layer
+            prods += [(batch, ffn.router.w_t), (batch, ffn.shared.gate_up.w_t), (batch, ffn.shared.down.w_t)]
+            prods += [(-(-pairs // len(experts)), m) for e in experts for m in ffn.each[e]]
+        else:
+            prods += [(batch, ffn.gate_up.w_t), (batch, ffn.down.w_t)]
+    prods.append((batch, w.lm_head.w_t))
+    calls = [(torch.bmm if m.dim() == 3 else torch.mm, torch.randn(*m.shape[:-2], rows, m.shape[-2]), m)
+             for rows, m in prods]
+
+    def step():
+        for op, x, m in calls:
+            op(x, m)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps, sum(m.numel() * m.element_size() for _, m in prods)
+
+
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
@@ -151,6 +185,8 @@ def main() -> None:
                anchor_name="transformers AutoModelForCausalLM.generate (greedy)")
     if "anchor" in m:
         row.update(speeds(n, m["ours"], m["anchor"]), same_tokens=m["anchor"][2] == m["ours"][2])
+    floor, weight_bytes = min(matmul_floor(engine) for _ in range(3))
+    row.update(matmul_floor_tokens_per_s=round(1 / floor, 1), weight_bytes_per_token=weight_bytes)
     emit(**row)
     reference_tokens = m["ours"][2]
 
@@ -158,9 +194,11 @@ def main() -> None:
     m = measure({"batch": lambda: engine.generate(prompts, greedy),
                  "one": lambda: engine.generate([prompts[0]], greedy)}, rounds=2)
     per_request = (m["batch"][0] / args.batch, m["batch"][1] / args.batch)
+    floor_batch = min(matmul_floor(engine, args.batch)[0] for _ in range(3))
     emit(bench=f"throughput_{args.batch}_concurrent", **speeds(n, per_request, m["one"]),
          unit="tokens/s", config=conf + f", {args.batch} requests x {n} tokens vs the same engine at batch 1",
-         same_tokens_as_alone=m["batch"][2][0].token_ids == reference_tokens)
+         same_tokens_as_alone=m["batch"][2][0].token_ids == reference_tokens,
+         matmul_floor_tokens_per_s=round(args.batch / floor_batch, 1))
 
     # 3. cache bytes per token
     fp = 4

@@ -98,6 +98,9 @@ def test_token_logprobs_and_entropy():
     logp, ent = token_logprobs(logits, torch.tensor([[1, IGNORE_INDEX]]))
     assert logp[0].tolist() == pytest.approx([math.log(0.5), 0.0])
     assert ent[0].tolist() == pytest.approx([math.log(2), 0.0])
+    # at temperature 2 the policy is softmax(logits / 2): log 3 / 2 vs 0 gives p = √3 / (√3 + 1) to token 0
+    logp, _ = token_logprobs(logits, torch.tensor([[IGNORE_INDEX, 1]]), temperature=2.0)
+    assert logp[0, 1].item() == pytest.approx(math.log(1 / (math.sqrt(3) + 1)))
 
 
 # ---------------------------------------------------------------------- tiny models

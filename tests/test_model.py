@@ -41,7 +41,7 @@ def test_moe_fallback_loop_equals_grouped_matmul(monkeypatch):
             p.normal_(0, 0.3)
     x = torch.randn(2, 9, cfg.hidden_size)
     grouped, _ = moe(x)
-    monkeypatch.setattr("nanoseek.model.moe._grouped_mm_ok", lambda *a: False)
+    monkeypatch.setattr("nanoseek.model.moe.grouped_mm_ok", lambda *a: False)
     looped, _ = moe(x)
     assert torch.allclose(grouped, looped, atol=1e-6)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from nanoseek.engine.quant import Int8Experts, Int8Linear
 from nanoseek.model.attention import MLA
-from nanoseek.model.moe import MLP, MoE
+from nanoseek.model.moe import MLP, MoE, grouped_mm_ok
 from nanoseek.model.transformer import Block, Transformer
 
 
@@ -223,7 +223,8 @@ class Router:
 
 
 class MoEWeights:
-    """Router, routed experts (each one's gate_up [d, 2I] and down [I, d] contiguous) and shared experts."""
+    """Router, routed experts (stacked gate_up [E, d, 2I] and down [E, I, d], so each expert's matrices are
+    contiguous) and shared experts."""
 
     def __init__(self, moe: MoE):
         self.router, self.shared = Router(moe.gate), SwiGLU(moe.shared_experts)
@@ -232,14 +233,16 @@ class MoEWeights:
             self.quantized = moe.experts
         else:
             self.quantized = None
-            self.gate_up_t = list(moe.experts.gate_up_proj.detach().transpose(1, 2).contiguous().unbind(0))
-            self.down_t = list(moe.experts.down_proj.detach().transpose(1, 2).contiguous().unbind(0))
+            self.gate_up_t = moe.experts.gate_up_proj.detach().transpose(1, 2).contiguous()
+            self.down_t = moe.experts.down_proj.detach().transpose(1, 2).contiguous()
+            self.each = list(zip(self.gate_up_t.unbind(0), self.down_t.unbind(0)))  # per-expert views
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             return self.quantized.expert_forward(e, x)
-        gate, up = torch.mm(x, self.gate_up_t[e]).chunk(2, dim=-1)
-        return torch.mm(F.silu(gate) * up, self.down_t[e])
+        gate_up, down = self.each[e]
+        gate, up = torch.mm(x, gate_up).chunk(2, dim=-1)
+        return torch.mm(F.silu(gate) * up, down)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, d]: (token, expert) pairs sorted by expert, each chosen expert run once on its contiguous rows,
@@ -253,13 +256,18 @@ class MoEWeights:
         N, K = ids.shape
         flat = ids.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.n_experts)
         xs = x[order // K]
-        ys, start = torch.empty_like(xs), 0
-        for e, n in enumerate(counts):
-            if n:
-                ys[start : start + n] = self.expert(e, xs[start : start + n])
-                start += n
+        if self.quantized is None and grouped_mm_ok(xs, self.gate_up_t):  # one call per matrix for all experts
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate, up = F.grouped_mm(xs, self.gate_up_t, offs=offsets).chunk(2, dim=-1)
+            ys = F.grouped_mm(F.silu(gate) * up, self.down_t, offs=offsets)
+        else:
+            ys, start = torch.empty_like(xs), 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    ys[start : start + n] = self.expert(e, xs[start : start + n])
+                    start += n
         routed = torch.empty_like(ys)
         routed[order] = ys
         routed = (routed.view(N, K, -1) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)

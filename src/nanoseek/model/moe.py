@@ -83,7 +83,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, d], rows sorted by expert, counts [E] rows per expert -> [M, d]."""
-        if _grouped_mm_ok(x, self.gate_up_proj):
+        if grouped_mm_ok(x, self.gate_up_proj):
             offsets = counts.cumsum(0).to(torch.int32)
             h = _grouped_mm(x, self.gate_up_proj.mT, offsets)
             gate, up = h.chunk(2, dim=-1)
@@ -98,7 +98,7 @@ class Experts(nn.Module):
         return out
 
 
-def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     # Eager CPU runs it in any float dtype; CUDA kernels and torch.compile's tracing want bf16.
     if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
         return False

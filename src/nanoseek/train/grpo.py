@@ -58,10 +58,12 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int, tol: float = 1e
     return (r.max(dim=1).values - r.min(dim=1).values) <= tol
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, T, V], targets [B, T] (IGNORE_INDEX where no token is scored) -> (log π(target) [B, T] with
-    gradient, entropy of π [B, T] without); both 0 at ignored positions."""
-    logp_all = F.log_softmax(logits.float(), dim=-1)
+    gradient, entropy of π [B, T] without); both 0 at ignored positions. π is softmax(logits / temperature): the
+    policy that sampled the completions, so a rollout at temperature T stays on-policy."""
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
     mask = targets != IGNORE_INDEX
     logp = logp_all.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
     with torch.no_grad():

@@ -261,7 +261,7 @@ class GRPOTrainer(Trainer):
                 x, y = x.to(self.device), y.to(self.device)
                 sync = k == len(micro) - 1 or not self.info.enabled
                 with (nullcontext() if sync else self.wrapped.no_sync()), self.autocast:
-                    logp, entropy = token_logprobs(self.wrapped(x), y)
+                    logp, entropy = token_logprobs(self.wrapped(x), y, cfg.temperature)
                     mask = y != IGNORE_INDEX
                     out = policy_loss(
                         logp, old[k].to(self.device) if old is not None else logp.detach(),
@@ -304,7 +304,7 @@ class GRPOTrainer(Trainer):
         for mb in micro:
             x, y = _trim(inputs[mb], targets[mb])
             with self.autocast:
-                out.append(token_logprobs(model(x.to(self.device)), y.to(self.device))[0].cpu())
+                out.append(token_logprobs(model(x.to(self.device)), y.to(self.device), self.cfg.temperature)[0].cpu())
         model.train(was_training)
         return out
 
