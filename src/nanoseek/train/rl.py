@@ -86,7 +86,7 @@ class GRPOConfig(TrainConfig):
     prompts_per_step: int = 8
     group_size: int = 8  # G
     max_new_tokens: int = 96
-    temperature: float = 1.0
+    temperature: float = 1.0  # rollouts sample at it, and the policy is scored at it (on-policy)
     top_k: int | None = None
     top_p: float = 1.0
     # the objective (see grpo.py)
