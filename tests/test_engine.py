@@ -404,6 +404,21 @@ def test_router_layout_makes_the_models_choices():
                 assert one_ids == ids_ref[i].tolist() and torch.allclose(torch.tensor(one_w), w_ref[i], atol=1e-6)
 
 
+def test_engine_experts_match_the_model_with_and_without_grouped_matmul(monkeypatch):
+    from nanoseek.engine.weights import MoEWeights
+
+    moe = tiny_model().layers[1].mlp.eval()
+    x = torch.randn(40, moe.experts.gate_up_proj.shape[-1])
+    with torch.no_grad():
+        ref = moe(x.unsqueeze(0))[0][0]
+        grouped = MoEWeights(moe)(x)
+        monkeypatch.setattr("nanoseek.engine.weights.grouped_mm_ok", lambda *a: False)
+        looped = MoEWeights(moe)(x)
+        one = MoEWeights(moe)(x[:1])  # the single-token path
+    assert torch.allclose(grouped, ref, atol=1e-5) and torch.allclose(looped, ref, atol=1e-5)
+    assert torch.allclose(one, ref[:1], atol=1e-5)
+
+
 def test_a_bfloat16_model_runs_with_a_bfloat16_cache():
     model = tiny_model(num_nextn_predict_layers=1).to(torch.bfloat16)
     prompt = list(range(3, 30))
