@@ -25,6 +25,7 @@ import torch
 from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quant import quantization_error, quantize_model
+from nanoseek.engine.weights import MoEWeights
 
 # the reference config of benchmarks/train_step.py
 REFERENCE = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
@@ -98,9 +99,8 @@ def matmul_floor(engine: Engine, batch: int = 1, steps: int = 64) -> tuple[float
     prods = []  # (rows, matrix): [in, out] matrices, or [H, in, out] stacks (a batched product over heads)
     for layer, block in enumerate(w.blocks[: len(engine.model.layers)]):
         a, ffn = block.attn, block.ffn
-        prods += [(batch, m) for m in (a.proj_in.w_t, a.proj_q.w_t, a.w_uk.transpose(1, 2).contiguous(), a.w_uv_t,
-                                       a.o_proj.w_t)]
-        if hasattr(ffn, "router"):
+        prods += [(batch, m) for m in (a.proj_in.w_t, a.proj_q.w_t, a.w_uk, a.w_uv_t, a.o_proj.w_t)]
+        if isinstance(ffn, MoEWeights):
             pairs, E = batch * ffn.router.top_k, ffn.n_experts
             experts = [(layer * pairs + k) % E for k in range(min(pairs, E))]  # different ones in each layer
             prods += [(batch, ffn.router.w_t), (batch, ffn.shared.gate_up.w_t), (batch, ffn.shared.down.w_t)]
