@@ -22,7 +22,7 @@ from nanoseek import Transformer, save_model
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 
-from conftest import tiny_config
+from conftest import smallest_margin, tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -112,16 +112,6 @@ def _memorised_sequences(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
         if not learn_eos:
             targets[i, len(ids) - 2] = IGNORE_INDEX
     return inputs, targets
-
-
-@torch.no_grad()
-def smallest_margin(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """min over learned positions of (target logit - best other logit); negative where greedy would miss."""
-    logits = model(inputs).float()
-    learned = targets != IGNORE_INDEX
-    target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    others = logits.scatter(-1, targets.clamp(min=0).unsqueeze(-1), float("-inf")).amax(-1)
-    return (target_logit - others)[learned].min().item()
 
 
 _SHARED: dict[str, Path] = {}

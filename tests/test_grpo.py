@@ -267,8 +267,9 @@ def test_a_stopped_run_resumes_bit_for_bit(tok, tmp_path):
 
 
 def test_grpo_raises_a_simple_reward(tok, tmp_path):
-    """The sign and scale of the update are right: the share of digits in a random model's completions goes up."""
-    cfg = tiny_cfg(tmp_path, max_steps=12, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=2e-2,
+    """The sign and scale of the update are right: the share of digits in a random model's completions goes up.
+    20 steps: the gain is then ~0.98 whatever the seed or the CPU's kernels (after 12 it was 0.25-0.91)."""
+    cfg = tiny_cfg(tmp_path, max_steps=20, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=2e-2,
                    batch_size=32)
     trainer = GRPOTrainer(tiny_policy(tok), cfg, tok, grader=digit_grader)
     trainer.fit()
