@@ -25,7 +25,8 @@ from torch import nn
 
 from nanoseek.engine.quant import Int8Experts, Int8Linear
 from nanoseek.model.attention import MLA
-from nanoseek.model.moe import MLP, MoE, grouped_mm_ok
+from nanoseek.model.layers import MLP
+from nanoseek.model.moe import MoE, grouped_mm_ok
 from nanoseek.model.transformer import Block, Transformer
 
 
