@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import Transformer
-from nanoseek.model.moe import MoE
+from nanoseek.model.moe import MoE, dispatch, dispatch_one
 from nanoseek.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 from conftest import tiny_config
@@ -116,6 +116,36 @@ def test_aux_free_bias_updates_balance_a_skewed_router():
     assert before > 3.0, before  # experts 0 and 1 take nearly every token
     assert after < 1.5, after
     assert moe.gate.e_score_correction_bias[:2].max() < moe.gate.e_score_correction_bias[2:].min()
+
+
+@pytest.mark.parametrize("routing", [dict(),  # V3: sigmoid, 4 groups of which 2 kept, bias, renormalised
+                                     dict(n_group=1, topk_group=1, norm_topk_prob=False),
+                                     dict(scoring_func="softmax"),
+                                     dict(scoring_func="softmax", n_group=1, topk_group=1, norm_topk_prob=False)])
+def test_route_one_makes_the_tensor_routers_choices(routing):
+    """The one-token Python fast path (Router.route_one) against Router.route, V3 bias included."""
+    router = MoE(tiny_config(num_experts_per_tok=3, **routing)).gate
+    bias = torch.randn(8) * 0.1 if router.sigmoid else None
+    logits = torch.randn(200, 8) * 2
+    weights, ids, _ = router.route(logits, bias)
+    for i in range(200):
+        one_ids, one_weights = router.route_one(logits[i : i + 1], None if bias is None else bias.tolist())
+        assert one_ids == ids[i].tolist()
+        assert torch.allclose(torch.tensor(one_weights), weights[i], atol=1e-6)
+
+
+def test_dispatch_one_equals_dispatch():
+    moe = MoE(tiny_config()).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+        x = torch.randn(5, moe.gate.weight.shape[1])
+        weights, ids, _ = moe.gate(x)
+        sorted_path, _ = dispatch(x, weights, ids, moe.n_experts, moe.experts)
+        for i in range(5):
+            one = dispatch_one(x[i : i + 1], ids[i].tolist(), weights[i].tolist(), moe.experts.expert,
+                               torch.zeros(1, x.shape[1]))
+            assert torch.allclose(one, sorted_path[i : i + 1], atol=1e-5)
 
 
 def test_sequence_balance_loss_is_minimal_for_even_routing():
