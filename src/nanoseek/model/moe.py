@@ -65,7 +65,9 @@ class Router(nn.Module):
         """fp32 logits [N, E] and the selection bias [E] (None for softmax routing) -> weights [N, K],
         expert ids [N, K], affinities [N, E]."""
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
-        choice = scores.detach() if bias is None else scores.detach() + bias
+        choice = scores if bias is None else scores + bias
+        if choice.requires_grad:  # the choice is discrete: no gradient goes through it (the engine has none)
+            choice = choice.detach()
         if self.n_group > 1:
             grouped = choice.unflatten(-1, (self.n_group, -1))
             group_score = grouped.topk(2, dim=-1).values.sum(-1) if self.sigmoid else grouped.amax(-1)
