@@ -110,7 +110,7 @@ class Attention:
     """One MLA layer with its input norm. Built in fp32, stored in the model's dtype."""
 
     def __init__(self, attn: MLA, input_norm: nn.Module):
-        H, n, r, v, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_rank
+        H, n, r, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.kv_rank
         self.n_heads, self.nope, self.rope, self.kv_rank = H, n, r, C
         self.scale, self.eps, self.kv_norm_eps = attn.scale, input_norm.eps, attn.kv_a_layernorm.eps
         dtype = _w(attn.kv_a_proj_with_mqa).dtype
@@ -136,9 +136,9 @@ class Attention:
         w_q = w_q.unflatten(0, (H, n + r))  # [H, nope + rope, in]
         q_rope = w_q[:, n:]
         self.proj_q = Linear(torch.cat([p.flatten(0, 1) for p in (w_q[:, :n], q_rope, rotate_pairs(q_rope))]).to(dtype))
-        kv_b_w = _w(attn.kv_b_proj).unflatten(0, (H, n + v))  # [H, nope + v, C]
-        self.w_uk = kv_b_w[:, :n].to(dtype).contiguous()  # [H, nope, C]
-        self.w_uv_t = kv_b_w[:, n:].transpose(1, 2).to(dtype).contiguous()  # [H, C, v]
+        w_uk, w_uv = (w.detach() for w in attn.absorbed_weights())  # [H, nope, C], [H, v, C]
+        self.w_uk = w_uk.to(dtype).contiguous()
+        self.w_uv_t = w_uv.transpose(1, 2).to(dtype).contiguous()  # [H, C, v]
         self.kv_b = Linear.of(attn.kv_b_proj)
         self.o_proj = Linear.of(attn.o_proj)
 
@@ -157,15 +157,6 @@ class Attention:
         q_nope, q, q_rot = (t.unflatten(-1, (H, -1)) for t in self.proj_q(q_in).split([H * n, H * r, H * r], -1))
         cos_h, sin_h = cos.unsqueeze(1), sin.unsqueeze(1)
         return q_nope, q * cos_h + q_rot * sin_h, c_kv, k * cos + k_rot * sin
-
-    def absorb_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
-        """-> [N, H, C + rope]: the query in latent space (W_UK^T q_nope), to score against cached rows."""
-        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)
-        return torch.cat((q_latent, q_rope), dim=-1)
-
-    def expand_output(self, o_latent: torch.Tensor) -> torch.Tensor:
-        """Attention-weighted latents [N, H, C] -> per-head values [N, H*v] (W_UV), ready for o_proj."""
-        return torch.bmm(o_latent.transpose(0, 1), self.w_uv_t).transpose(0, 1).flatten(1)
 
     def expand(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents [S, C], [S, rope] -> per-head keys [1, H, S, nope + rope] and values [1, H, S, v]."""
