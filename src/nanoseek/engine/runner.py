@@ -3,9 +3,10 @@
 All tokens of a step are laid out in one row [N, d] (decode tokens first, `width` per sequence, then the prefill
 chunks), so every projection, norm and expert runs once per layer for the whole batch. Only attention looks at
 sequences, and only through the cache:
-- decode: absorbed MLA, the model's own math (model/attention.py). The query moves into latent space (W_UK),
-  scores are taken against the cached [c_kv | k_rope] rows gathered for all sequences with one index op, the
-  value read is c_kv itself and W_UV maps it back: nothing is expanded per head.
+- decode: absorbed MLA, the model's own math (model/attention.py). The query moves into latent
+  space (W_UK), scores are taken against the cached [c_kv | k_rope] rows gathered for all sequences
+  with one index op, the value read is c_kv itself and W_UV maps it back: nothing is expanded per
+  head.
 - prefill: expanded MLA with SDPA, as in training; a chunk that continues after cached tokens (prefix-cache hit,
   chunked prompt) gathers its context latents, expands them and attends with a causal offset mask.
 The weights come in the inference layout of weights.py (same math, fewer and faster launches).

@@ -37,7 +37,7 @@ class Scheduler:
                  decode_width: int = 1):
         self.blocks = blocks
         self.max_batch_size = max_batch_size
-        self.max_num_batched_tokens = max_num_batched_tokens  # tokens per step, all sequences together
+        self.max_num_batched_tokens = max_num_batched_tokens  # per step, all sequences together
         self.decode_width = decode_width  # tokens a decoding sequence computes per step (2 with an MTP draft)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order

@@ -11,7 +11,7 @@ weights (and again whenever a parameter changes in place, e.g. after an optimize
 - stacked projections: [c_q | c_kv | k_rope | P k_rope] from one matmul, [q_nope | q_rope | P q_rope] from
   another, [gate | up] of every SwiGLU from one;
 - each routed expert's matrices contiguous, so running one expert is two plain matmuls.
-Routing and the expert dispatch are not written here: the model's (model/moe.py) are called with these weights.
+Routing and the expert dispatch are not written here: model/moe.py's are called with these weights.
 W_UK and W_UV stay separate (views of kv_b_proj): folding them into the query and output projections saves two
 small batched matmuls but makes those weights kv_lora_rank / head_dim times larger.
 Quantized modules (quant.py) are kept as they are and called: their int8 kernels do the work; attention, which
@@ -214,7 +214,8 @@ class MoEWeights:
         return torch.mm(F.silu(gate) * up, down)
 
     def run(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by expert through their experts: one grouped matmul per stacked matrix when it can."""
+        """Rows sorted by expert through their experts: one grouped matmul per stacked matrix when
+        it can."""
         return moe.run_experts(xs, counts, self.expert, self.gate_up_t, self.down_t)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

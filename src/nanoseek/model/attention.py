@@ -6,11 +6,12 @@ by all heads. Two ways to use the same weights:
 - absorbed (decode): fold kv_b_proj into the query and the output, and attend over the latent itself, so a cache
   holds only kv_lora_rank + qk_rope_head_dim values per token per layer.
 
-The absorbed math is written once, here, as three functions on token rows (absorb_query, attend_latent,
-expand_output), and the engine calls them: engine/weights.py keeps W_UK and W_UV^T (from `absorbed_weights`) in
-its own layout and engine/runner.py runs them over the paged cache. A model without a cache never needs them
-(its forward is the expanded path), so MLA has no absorbed forward of its own; tests/test_model.py composes the
-three functions over MLA's weights and pins them to the expanded path.
+The absorbed math is written once, here, as three functions on token rows (absorb_query,
+attend_latent, expand_output), and the engine calls them: engine/weights.py keeps W_UK and W_UV^T
+(from `absorbed_weights`) in its own layout and engine/runner.py runs them over the paged cache. A
+model without a cache never needs them (its forward is the expanded path), so MLA has no absorbed
+forward of its own; tests/test_model.py composes the three functions over MLA's weights and pins
+them to the expanded path.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ class MLA(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
 
-# -------------------------------------------------------------------- the absorbed math (decode)
+# ------------------------------------------------------------ the absorbed math (decode)
 def absorb_query(q_nope: torch.Tensor, q_rope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
-    """q_nope [N, H, nope], q_rope [N, H, rope], W_UK [H, nope, kv_rank] -> [N, H, kv_rank + rope]: the query in
-    latent space (W_UK^T q_nope), to score against cached [c_kv | k_rope] rows."""
+    """q_nope [N, H, nope], q_rope [N, H, rope], W_UK [H, nope, kv_rank] -> [N, H, kv_rank + rope]:
+    the query in latent space (W_UK^T q_nope), to score against cached [c_kv | k_rope] rows."""
     q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
     return torch.cat((q_latent, q_rope), dim=-1)
 
@@ -90,8 +91,8 @@ def absorb_query(q_nope: torch.Tensor, q_rope: torch.Tensor, w_uk: torch.Tensor)
 def attend_latent(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: float,
                   kv_rank: int) -> torch.Tensor:
     """Absorbed queries q [B, M, kv_rank + rope] (M: every query's heads in a row) over latent rows
-    kv [B, S, kv_rank + rope], bias [B, M, S] (0 = may attend, -inf = may not) -> attention-weighted latents
-    [B, M, kv_rank]. Scores in fp32; the value read is c_kv itself."""
+    kv [B, S, kv_rank + rope], bias [B, M, S] (0 = may attend, -inf = may not)
+    -> attention-weighted latents [B, M, kv_rank]. Scores in fp32; the value read is c_kv itself."""
     q32 = q if q.dtype == torch.float32 else q.float()
     kv32 = kv if kv.dtype == torch.float32 else kv.float()
     scores = torch.baddbmm(bias, q32, kv32.transpose(1, 2), alpha=scale)
@@ -99,6 +100,6 @@ def attend_latent(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: 
 
 
 def expand_output(o_latent: torch.Tensor, w_uv_t: torch.Tensor) -> torch.Tensor:
-    """Attention-weighted latents [N, H, kv_rank], W_UV^T [H, kv_rank, v] -> per-head values [N, H*v], ready
-    for o_proj."""
+    """Attention-weighted latents [N, H, kv_rank], W_UV^T [H, kv_rank, v] -> per-head values
+    [N, H*v], ready for o_proj."""
     return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1).flatten(1)

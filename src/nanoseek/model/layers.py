@@ -1,4 +1,4 @@
-"""The small layers every block uses: RMSNorm and the dense SwiGLU MLP (dense layers and shared experts)."""
+"""The small layers every block uses: RMSNorm and the SwiGLU MLP (dense layers, shared experts)."""
 
 from __future__ import annotations
 
