@@ -101,7 +101,7 @@ def matmul_floor(engine: Engine, batch: int = 1, steps: int = 64) -> tuple[float
         a, ffn = block.attn, block.ffn
         prods += [(batch, m) for m in (a.proj_in.w_t, a.proj_q.w_t, a.w_uk, a.w_uv_t, a.o_proj.w_t)]
         if isinstance(ffn, MoEWeights):
-            pairs, E = batch * ffn.router.top_k, ffn.n_experts
+            pairs, E = batch * ffn.router.gate.top_k, ffn.n_experts
             experts = [(layer * pairs + k) % E for k in range(min(pairs, E))]  # different ones in each layer
             prods += [(batch, ffn.router.w_t), (batch, ffn.shared.gate_up.w_t), (batch, ffn.shared.down.w_t)]
             prods += [(-(-pairs // len(experts)), m) for e in experts for m in ffn.each[e]]

@@ -29,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nanoseek.model.moe import run_experts
+
 INT8_FILE = "model.int8.safetensors"
 _METADATA = {"format": "nanoseek-int8", "scheme": "symmetric per-output-channel weight-only"}
 
@@ -91,12 +93,7 @@ class Int8Experts(nn.Module):
         return ((F.silu(gate) * up) @ self.down_t[e].to(x.dtype)) * self.down_scale[e].to(x.dtype)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        out, start = torch.empty_like(x), 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                out[start : start + n] = self.expert_forward(e, x[start : start + n])
-                start += n
-        return out
+        return run_experts(x, counts, self.expert_forward)
 
 
 # ---------------------------------------------------------------------- whole models
