@@ -80,7 +80,7 @@ def cmd_speedrun(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from nanoseek.report import write_report
+    from nanoseek.reporting.report_card import write_report
 
     print(write_report(args.run))
     return 0
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nanoseek.posttrain import add_commands as add_posttrain_commands
     from nanoseek.serve.cli import add_commands as add_serve_commands
-    from nanoseek.train.rl import add_commands as add_grpo_commands
+    from nanoseek.train.grpo_trainer import add_commands as add_grpo_commands
 
     add_posttrain_commands(sub)  # sft, eval, distill
     add_grpo_commands(sub)  # grpo

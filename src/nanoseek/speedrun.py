@@ -29,8 +29,8 @@ def run_speedrun(run: str | os.PathLike, preset: dict, *, text_paths: list[str] 
     """Every stage of the preset, then the report card. Works under torchrun: training stages run on every rank,
     evaluation, export and the report on rank 0. -> {stage: summary}."""
     from nanoseek.eval.report import eval_stage
-    from nanoseek.report import write_report
-    from nanoseek.train.rl import grpo_stage
+    from nanoseek.reporting.report_card import write_report
+    from nanoseek.train.grpo_trainer import grpo_stage
     from nanoseek.train.sft import sft_stage
 
     run = Path(run)
@@ -68,7 +68,7 @@ def export_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
     """The run's last checkpoint copied to runs/NAME/final with a model card (README.md); sample answers in
     runs/NAME/export/samples.json."""
     def work():
-        from nanoseek.modelcard import write_model_card
+        from nanoseek.reporting.model_card import write_model_card
 
         source = latest_checkpoint(run)
         if source is None:

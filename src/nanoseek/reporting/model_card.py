@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from nanoseek.checkpoint import atomic_write_text
-from nanoseek.report import collect, eval_results
+from nanoseek.reporting.report_card import collect, eval_results
 
 LICENSE = "mit"
 TAGS = ["nanoseek", "deepseek_v3", "mixture-of-experts", "multi-head-latent-attention", "multi-token-prediction",

@@ -11,7 +11,7 @@
 GRPOTrainer is a Trainer: the optimizer, learning-rate schedule, router-bias updates, DDP wrapping, metric log
 and the atomic checkpoints with exact resume are the Trainer's own. What a checkpoint adds here is the prompt
 stream's position; rollouts are seeded from it, so a resumed run samples exactly what the uninterrupted one did.
-The objective's math is in grpo.py, rollouts in rollout.py.
+The objective's math is in grpo_loss.py, rollouts in rollout.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from nanoseek.checkpoint import atomic_write_text
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.train import dist as D
-from nanoseek.train.grpo import (
+from nanoseek.train.grpo_loss import (
     AGGREGATIONS,
     SCALES,
     group_advantages,
@@ -89,7 +89,7 @@ class GRPOConfig(TrainConfig):
     temperature: float = 1.0  # rollouts sample at it, and the policy is scored at it (on-policy)
     top_k: int | None = None
     top_p: float = 1.0
-    # the objective (see grpo.py)
+    # the objective (see grpo_loss.py)
     scale_rewards: str = "group"  # "group" | "batch" | "none" (Dr. GRPO)
     aggregation: str = "token"  # "token" (DAPO) | "sequence" (GRPO) | "constant" (Dr. GRPO)
     epsilon: float = 0.2  # ε_low
