@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import atomic_write_text, load_model, load_weights_into, save_model
+from nanoseek.checkpoint import load_model, load_weights_into, save_model
 from nanoseek.config import ModelConfig
 from nanoseek.data.corpus import build_corpus, default_sources, iter_texts, user_sources
 from nanoseek.data.shards import PackedLoader, read_meta, val_loader, write_shards
+from nanoseek.io import atomic_dir, atomic_write_text
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer, bytes_per_token, load_tokenizer
 from nanoseek.train import dist as D
@@ -126,11 +126,8 @@ def _train(run: Path, stage: str, model: Transformer, tcfg: TrainConfig, tok: To
 
 def export_checkpoint(model: Transformer, path: Path, tok: Tokenizer) -> None:
     """The stage's result as an HF directory, renamed into place once complete."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, tokenizer=tok)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        save_model(model, tmp, tokenizer=tok)
 
 
 def pretrain_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import atomic_write_text, load_model
+from nanoseek.checkpoint import load_model
 from nanoseek.data.chat import prompt_ids
+from nanoseek.io import atomic_dir, atomic_write_text
 from nanoseek.pipeline import latest_checkpoint, pretraining_stages, run_stage
 from nanoseek.train import dist as D
 from nanoseek.train.trainer import TrainConfig
@@ -73,15 +74,13 @@ def export_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
         source = latest_checkpoint(run)
         if source is None:
             raise FileNotFoundError(f"{run}: no finished checkpoint to export")
-        final, tmp = run / "final", run / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        samples = sample_answers(tmp)
-        (run / "export").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run / "export" / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
-        write_model_card(run, tmp, preset, samples)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        final = run / "final"
+        with atomic_dir(final) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            samples = sample_answers(tmp)
+            samples_json = json.dumps(samples, indent=2, ensure_ascii=False) + "\n"
+            atomic_write_text(run / "export" / "samples.json", samples_json)
+            write_model_card(run, tmp, preset, samples)
         return {"source": str(source), "checkpoint": str(final), "samples": len(samples)}
     return run_stage("export", run / "export", info, work)
 

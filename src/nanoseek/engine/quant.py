@@ -29,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nanoseek.io import atomic_file
+
 INT8_FILE = "model.int8.safetensors"
 _METADATA = {"format": "nanoseek-int8", "scheme": "symmetric per-output-channel weight-only"}
 
@@ -154,9 +156,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
             raise ValueError(f"{name} is not quantized: call quantize_model first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{INT8_FILE}.tmp"
-    save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=_METADATA)
-    os.replace(tmp, path / INT8_FILE)
+    with atomic_file(path / INT8_FILE) as tmp:
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=_METADATA)
     return path / INT8_FILE
 
 

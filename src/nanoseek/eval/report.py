@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import atomic_write_text, load_model
+from nanoseek.checkpoint import load_model
 from nanoseek.engine import Engine
 from nanoseek.eval.accuracy import evaluate_task
 from nanoseek.eval.bpb import LANGS, bits_per_byte, heldout_texts
 from nanoseek.eval.passkey import passkey_sweep
+from nanoseek.io import atomic_write_text
 from nanoseek.tasks import TASKS, get_task
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import dist as D

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nanoseek.checkpoint import atomic_write_text
+from nanoseek.io import atomic_write_text
 from nanoseek.reporting.report_card import collect, eval_results
 
 LICENSE = "mit"

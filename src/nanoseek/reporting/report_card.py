@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import atomic_write_text
 from nanoseek.config import ModelConfig
+from nanoseek.io import atomic_write_text
 from nanoseek.pipeline import TRAINED_STAGES, latest_checkpoint
 
 STAGES = ("corpus", "tokenizer", "shards", *TRAINED_STAGES, "eval", "export")

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanoseek.checkpoint import atomic_write_text
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.io import atomic_file, atomic_write_text
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.train import dist as D
 from nanoseek.train.grpo_loss import (
@@ -370,10 +370,9 @@ def plot_rewards(metrics_path: Path, png_path: Path) -> Path | None:
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(Path(metrics_path).parent.name)
     fig.tight_layout()
-    tmp = png_path.with_name(f".tmp-{png_path.name}")
-    fig.savefig(tmp, format="png")
+    with atomic_file(png_path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(png_path)
     return png_path
 
 

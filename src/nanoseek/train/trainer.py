@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import threading
@@ -35,7 +34,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanoseek.checkpoint import atomic_write_text, load_weights_into, save_model
+from nanoseek.checkpoint import load_weights_into, save_model
+from nanoseek.io import atomic_dir, atomic_write_text
 from nanoseek.model import IGNORE_INDEX, Transformer
 from nanoseek.train import dist as D
 from nanoseek.train.flops import measure_matmul_peak, train_flops_per_token
@@ -312,16 +312,13 @@ class Trainer:
                 self.host.load_state_dict(weights)
         final = self.checkpoint_dir / f"step_{self.step:06d}"
         if self.info.is_main:
-            tmp = self.checkpoint_dir / f".tmp-step_{self.step:06d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_model(self.host, tmp, tokenizer=self.tokenizer)
             state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                      "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
                      "loaders": loader_states, "rng": rngs, "world_size": self.info.world_size,
                      "parallel": "fsdp" if self.fsdp else "ddp", "config": asdict(self.cfg)}
-            torch.save(state, tmp / STATE_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            with atomic_dir(final) as tmp:
+                save_model(self.host, tmp, tokenizer=self.tokenizer)
+                torch.save(state, tmp / STATE_FILE)
             for old in sorted(self.checkpoint_dir.glob("step_*"))[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         D.barrier(self.info)
