@@ -29,7 +29,7 @@ from nanoseek.train.trainer import TrainConfig
 def run_speedrun(run: str | os.PathLike, preset: dict, *, text_paths: list[str] | None = None) -> dict:
     """Every stage of the preset, then the report card. Works under torchrun: training stages run on every rank,
     evaluation, export and the report on rank 0. -> {stage: summary}."""
-    from nanoseek.eval.report import eval_stage
+    from nanoseek.eval.quality import eval_stage
     from nanoseek.reporting.report_card import write_report
     from nanoseek.train.grpo_trainer import grpo_stage
     from nanoseek.train.sft import sft_stage

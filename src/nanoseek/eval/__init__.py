@@ -4,7 +4,7 @@
 from nanoseek.eval.accuracy import evaluate_task, pass_at_k
 from nanoseek.eval.bpb import bits_per_byte, heldout_texts
 from nanoseek.eval.passkey import passkey_sweep
-from nanoseek.eval.report import eval_stage, evaluate, to_markdown
+from nanoseek.eval.quality import eval_stage, evaluate, to_markdown
 
 __all__ = ["bits_per_byte", "eval_stage", "evaluate", "evaluate_task", "heldout_texts", "pass_at_k",
            "passkey_sweep", "to_markdown"]

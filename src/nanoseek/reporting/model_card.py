@@ -66,7 +66,7 @@ def _model_index_results(evals: dict[str, dict]) -> list[dict]:
 
 def body(name: str, data: dict, preset: dict, sources: list[dict], evals: dict[str, dict],
          samples: list[dict]) -> str:
-    from nanoseek.eval.report import to_markdown
+    from nanoseek.eval.quality import to_markdown
 
     md, stages, machine = data.get("model", {}), data["stages"], data["machine"]
     wall = sum(s.get("wall_s", 0) for s in stages.values())
