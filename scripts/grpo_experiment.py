@@ -21,11 +21,10 @@ import torch
 
 from nanoseek import load_model
 from nanoseek.model import IGNORE_INDEX
-from nanoseek.pipeline import export_checkpoint
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.grpo_trainer import GRPOConfig, GRPOTrainer
 from nanoseek.train.rollout import PromptStream, TaskSpec, heldout_accuracy, prompt_ids
-from nanoseek.train.trainer import TrainConfig, Trainer
+from nanoseek.train.trainer import TrainConfig, Trainer, export_checkpoint
 
 
 class WorkedSolutions:

@@ -42,7 +42,7 @@ def _preset(args) -> dict:
 
 
 def cmd_data(args) -> int:
-    from nanoseek.pipeline import corpus_stage
+    from nanoseek.stages.corpus import corpus_stage
     from nanoseek.train.dist import DistInfo
 
     print(json.dumps(corpus_stage(Path(args.out), _preset(args), DistInfo(), args.text), indent=2))
@@ -50,7 +50,8 @@ def cmd_data(args) -> int:
 
 
 def cmd_tokenizer(args) -> int:
-    from nanoseek.pipeline import corpus_stage, tokenizer_stage
+    from nanoseek.stages.corpus import corpus_stage
+    from nanoseek.stages.tokenizer import tokenizer_stage
     from nanoseek.train.dist import DistInfo
 
     preset, run = _preset(args), Path(args.out)
@@ -60,7 +61,7 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from nanoseek.pipeline import run_pretraining
+    from nanoseek.stages.speedrun import run_pretraining
 
     summaries = run_pretraining(args.out, _preset(args), text_paths=args.text, long_context=not args.no_long_context)
     print(json.dumps(summaries, indent=2))
@@ -68,7 +69,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_speedrun(args) -> int:
-    from nanoseek.speedrun import run_speedrun
+    from nanoseek.stages.speedrun import run_speedrun
 
     summaries = run_speedrun(args.out, _preset(args), text_paths=args.text)
     if "report" in summaries:

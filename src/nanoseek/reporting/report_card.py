@@ -16,7 +16,7 @@ import torch
 
 from nanoseek.config import ModelConfig
 from nanoseek.io import atomic_write_text
-from nanoseek.pipeline import TRAINED_STAGES, latest_checkpoint
+from nanoseek.stages.common import TRAINED_STAGES, latest_checkpoint
 
 STAGES = ("corpus", "tokenizer", "shards", *TRAINED_STAGES, "eval", "export")
 
@@ -51,7 +51,7 @@ def _done(path: Path) -> dict | None:
 
 def eval_results(run: Path) -> dict[str, dict]:
     """{stage: the eval stage's result for that stage's checkpoint}, in pipeline order."""
-    from nanoseek.eval.quality import STAGES as EVALUATED
+    from nanoseek.stages.eval import STAGES as EVALUATED
 
     return {s: _read_json(run / "eval" / f"{s}.json") for s in EVALUATED if (run / "eval" / f"{s}.json").is_file()}
 

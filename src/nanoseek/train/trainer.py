@@ -358,6 +358,12 @@ class Trainer:
         return True
 
 
+def export_checkpoint(model: Transformer, path: Path, tokenizer) -> None:
+    """A trained model as an HF directory (with the tokenizer's files), swapped into place once complete."""
+    with atomic_dir(path) as tmp:
+        save_model(model, tmp, tokenizer=tokenizer)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log rows written after the checkpoint we resume from: they will be written again."""
     if path.is_file():

@@ -1,18 +1,9 @@
-"""The speedrun: raw bilingual text to a served reasoning model in one command, and its report card.
-
-    corpus ─► tokenizer ─► shards ─► pretrain ─► long_context ─► sft ─► grpo ─► eval ─► export ─► report.md
-                                                                                         └─► runs/NAME/final/
-                                                                                             (weights + model card)
-
-Every stage writes into runs/NAME/<stage>/ and leaves done.json when it finishes; running the speedrun again
-skips finished stages and resumes an interrupted one from its last checkpoint. A stage whose preset section is
-absent or null is skipped (data, model and pretrain always run).
-"""
+"""The export stage: the run's last checkpoint copied to runs/NAME/final with a model card (README.md), and
+its greedy answers to a few prompts in runs/NAME/export/samples.json."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,42 +12,10 @@ import torch
 from nanoseek.checkpoint import load_model
 from nanoseek.data.chat import prompt_ids
 from nanoseek.io import atomic_dir, atomic_write_text
-from nanoseek.pipeline import latest_checkpoint, pretraining_stages, run_stage
-from nanoseek.train import dist as D
-from nanoseek.train.trainer import TrainConfig
+from nanoseek.reporting.model_card import write_model_card
+from nanoseek.stages.common import latest_checkpoint, run_stage
+from nanoseek.train.dist import DistInfo
 
-
-def run_speedrun(run: str | os.PathLike, preset: dict, *, text_paths: list[str] | None = None) -> dict:
-    """Every stage of the preset, then the report card. Works under torchrun: training stages run on every rank,
-    evaluation, export and the report on rank 0. -> {stage: summary}."""
-    from nanoseek.eval.quality import eval_stage
-    from nanoseek.reporting.report_card import write_report
-    from nanoseek.train.grpo_trainer import grpo_stage
-    from nanoseek.train.sft import sft_stage
-
-    run = Path(run)
-    info = D.init_distributed(TrainConfig(**preset["pretrain"]).resolved_device)
-    try:
-        if info.is_main:
-            run.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run / "preset.json", json.dumps(preset, indent=2, ensure_ascii=False) + "\n")
-        summaries = pretraining_stages(run, preset, info, text_paths)
-        if preset.get("sft") is not None:
-            summaries["sft"] = sft_stage(run, preset, info)
-        if preset.get("grpo") is not None:
-            summaries["grpo"] = grpo_stage(run, preset, info,
-                                           init=latest_checkpoint(run, ("pretrain", "long_context", "sft")))
-        if preset.get("eval") is not None:
-            summaries["eval"] = eval_stage(run, preset, info)
-        summaries["export"] = export_stage(run, preset, info)
-        if info.is_main:
-            summaries["report"] = str(write_report(run))
-        return summaries
-    finally:
-        D.shutdown(info)
-
-
-# ---------------------------------------------------------------------- export: the checkpoint to publish
 SAMPLE_PROMPTS = [  # (language, prompt): chat in both languages, a recall question from the corpus
     ("en", "Who are you?"),
     ("zh", "你好，你是谁？"),
@@ -65,12 +24,10 @@ SAMPLE_PROMPTS = [  # (language, prompt): chat in both languages, a recall quest
 SAMPLE_TASKS = [("arithmetic", 1, "en"), ("arithmetic", 1, "zh"), ("countdown", 1, "en"), ("word_problems", 1, "zh")]
 
 
-def export_stage(run: Path, preset: dict, info: D.DistInfo) -> dict:
+def export_stage(run: Path, preset: dict, info: DistInfo) -> dict:
     """The run's last checkpoint copied to runs/NAME/final with a model card (README.md); sample answers in
     runs/NAME/export/samples.json."""
     def work():
-        from nanoseek.reporting.model_card import write_model_card
-
         source = latest_checkpoint(run)
         if source is None:
             raise FileNotFoundError(f"{run}: no finished checkpoint to export")
