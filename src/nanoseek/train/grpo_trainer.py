@@ -8,10 +8,11 @@
         π_old (and π_ref when β > 0) log-probs from the training model, then μ optimizer steps on the clipped loss
         JSONL metrics + progress bar; held-out greedy accuracy every eval_every; reward curve PNG; checkpoints
 
-GRPOTrainer is a Trainer: the optimizer, learning-rate schedule, router-bias updates, DDP wrapping, metric log
-and the atomic checkpoints with exact resume are the Trainer's own. What a checkpoint adds here is the prompt
-stream's position; rollouts are seeded from it, so a resumed run samples exactly what the uninterrupted one did.
-The objective's math is in grpo_loss.py, rollouts in rollout.py.
+GRPOTrainer is a Trainer: the loop (Trainer.fit), optimizer, learning-rate schedule, router-bias updates, DDP
+wrapping, metric log and the atomic checkpoints with exact resume are the Trainer's own; it supplies the hooks
+(the step, what is logged, the reward plot beside each checkpoint, a last evaluation after the loop). What a
+checkpoint adds here is the prompt stream's position; rollouts are seeded from it, so a resumed run samples
+exactly what the uninterrupted one did. The objective's math is in grpo_loss.py, rollouts in rollout.py.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ from __future__ import annotations
 import copy
 import json
 import random
-import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.io import atomic_file, atomic_write_text
+from nanoseek.io import atomic_file
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.train import dist as D
 from nanoseek.train.grpo_loss import (
@@ -53,7 +53,7 @@ from nanoseek.train.rollout import (
     summarize,
     task_grader,
 )
-from nanoseek.train.trainer import TrainConfig, Trainer, _main_thread
+from nanoseek.train.trainer import TrainConfig, Trainer
 
 REWARD_PLOT = "reward_curve.png"
 
@@ -125,6 +125,10 @@ class GRPOConfig(TrainConfig):
 
 
 class GRPOTrainer(Trainer):
+    progress_name = "grpo"
+    peak_seconds = 0.25  # rollouts dominate a GRPO step, so its MFU is a rough figure anyway
+    supports_fsdp = False  # rollouts and frozen log-probs use the whole model outside forward/backward
+
     def __init__(self, model, cfg: GRPOConfig, tokenizer, grader: Grader | None = None,
                  dist_info: D.DistInfo | None = None):
         """model: the policy, trained in place (its starting weights are also the KL reference when beta > 0).
@@ -139,53 +143,39 @@ class GRPOTrainer(Trainer):
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.last_eval: dict = {}
 
-    # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict:
+    # ------------------------------------------------------------------ the Trainer's hooks
+    def before_loop(self, resumed: bool, peak: float) -> None:
+        """A fresh run logs the held-out accuracy of the starting policy as step 0."""
+        if not resumed and self.cfg.eval_problems and self.step == 0:
+            self.log({"step": 0, **self.evaluate()})
+
+    def run_step(self) -> dict:
+        """Rollouts, then μ optimizer steps on them."""
+        samples, rollout_stats = self.rollout()
+        return {**self.train_step(samples), **rollout_stats}
+
+    def record(self, metrics: dict, started: float) -> None:
+        """Held-out accuracy every eval_every and at the last step; a metrics.jsonl row every log_every and with
+        each evaluation; the progress bar."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed + self.info.rank)
-        resumed = self.resume()
-        if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"grpo {self.out.name}", unit="step",
-                   disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
-        metrics: dict = {}
-        try:
-            if not resumed and cfg.eval_problems and self.step == 0:
-                self.log({"step": 0, **self.evaluate()})
-            while self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested:
-                started = time.perf_counter()
-                samples, rollout_stats = self.rollout()
-                metrics = {**self.train_step(samples), **rollout_stats}
-                self.elapsed += time.perf_counter() - started
-                self.step += 1
-                bar.update(1)
-                metrics.update(step=self.step, step_s=round(time.perf_counter() - started, 2),
-                               elapsed_s=round(self.elapsed, 2))
-                if cfg.eval_problems and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-                    metrics.update(self.evaluate())
-                if self.step % cfg.log_every == 0 or "val_accuracy" in metrics:
-                    self.log(metrics)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                                len=f"{metrics['completion_len']:.0f}")
-                if self.step % cfg.save_every == 0:
-                    self.save_checkpoint()
-                    self.plot()
-            if cfg.eval_problems and metrics and not self._stop_requested and self.last_eval.get("step") != self.step:
-                self.log({"step": self.step, **self.evaluate()})  # out of time before max_steps: a final figure
-            self.save_checkpoint()
-            self.plot()
-        finally:
-            bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        report = self.cost_report(self._peak())
-        if self.info.is_main:
-            atomic_write_text(self.out / "cost.json", json.dumps(report, indent=2) + "\n")
-        if self._stop_requested:
-            raise KeyboardInterrupt(f"stopped at step {self.step}; run again to resume from {self.out}")
-        return {**metrics, **report, **{k: v for k, v in self.last_eval.items() if k != "step"}}
+        metrics.update(step=self.step, step_s=round(time.perf_counter() - started, 2),
+                       elapsed_s=round(self.elapsed, 2))
+        if cfg.eval_problems and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+            metrics.update(self.evaluate())
+        if self.step % cfg.log_every == 0 or "val_accuracy" in metrics:
+            self.log(metrics)
+        self.bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                             len=f"{metrics['completion_len']:.0f}")
+
+    def on_save(self) -> None:
+        self.plot()
+
+    def after_loop(self, metrics: dict) -> dict:
+        """Out of time before max_steps: a final held-out figure. -> the metrics with the last evaluation's."""
+        if (self.cfg.eval_problems and metrics and not self._stop_requested
+                and self.last_eval.get("step") != self.step):
+            self.log({"step": self.step, **self.evaluate()})
+        return {**metrics, **{k: v for k, v in self.last_eval.items() if k != "step"}}
 
     # ------------------------------------------------------------------ rollouts
     def rollout(self) -> tuple[list[Sample], dict]:
@@ -326,13 +316,6 @@ class GRPOTrainer(Trainer):
         if self.info.is_main:
             return plot_rewards(self.out / "metrics.jsonl", self.out / REWARD_PLOT)
         return None
-
-    def _peak(self) -> float:
-        from nanoseek.train.flops import measure_matmul_peak
-
-        # a short measurement: rollouts dominate a GRPO step, so its MFU is a rough figure anyway
-        return measure_matmul_peak(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                                   seconds=0.25)
 
 
 def _trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -109,6 +109,14 @@ class TrainConfig:
 
 
 class Trainer:
+    """The training loop. `fit` is the one loop every trainer runs; a subclass changes what happens in it through
+    the hooks below `fit`: `run_step` (one optimizer step -> its metrics), `record` (what is logged and
+    evaluated after a step), `on_save` (files written beside each checkpoint), `before_loop` / `after_loop`."""
+
+    progress_name = "train"  # the progress bar's label
+    peak_seconds = 1.0  # how long the matmul peak (MFU's denominator) is measured
+    supports_fsdp = True  # False: the subclass uses the whole model outside forward/backward
+
     def __init__(self, model: Transformer, cfg: TrainConfig, train_loader: Iterator,
                  val_batches: Callable[[], Iterable] | None = None, val_bytes_per_token: float | None = None,
                  tokenizer=None, dist_info: D.DistInfo | None = None):
@@ -120,7 +128,7 @@ class Trainer:
                                    else f"cuda:{self.info.local_rank}")
         # FSDP only means something across ranks; one process trains the plain model either way
         self.fsdp = cfg.parallel == "fsdp" and self.info.enabled
-        if self.fsdp and type(self).fit is not Trainer.fit:
+        if self.fsdp and not self.supports_fsdp:
             raise ValueError(f"{type(self).__name__} does not support parallel='fsdp' (its loop uses the whole model "
                              "outside forward/backward); use parallel='ddp'")
         # self.host: the model as given, plain (under FSDP it gets the full weights at each checkpoint, on rank 0);
@@ -149,45 +157,33 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.info.rank)
-        self.resume()
-        peak = measure_matmul_peak(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        resumed = self.resume()
+        peak = measure_matmul_peak(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                                   seconds=self.peak_seconds)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.out.name}", unit="step",
-                   disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{self.progress_name} {self.out.name}",
+                        unit="step", disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
         metrics: dict = {}
-        window_start, window_tokens, window_losses = time.perf_counter(), 0, []
         try:
+            self.before_loop(resumed, peak)
             while self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested:
                 started = time.perf_counter()
-                metrics = self.train_step()
-                window_losses.append(metrics["lm_loss"])
+                metrics = self.run_step()
                 self.elapsed += time.perf_counter() - started
                 self.step += 1
-                self.tokens += self.tokens_per_step
-                window_tokens += self.tokens_per_step
-                bar.update(1)
-                last = self.step == cfg.max_steps or self._out_of_time()  # a final figure, whatever stops the run
-                if self.step % cfg.log_every == 0 or last:
-                    dt = time.perf_counter() - window_start
-                    tps = window_tokens / dt
-                    # the step's own losses are noisy across documents: also log the window's mean
-                    metrics.update(lm_loss_avg=round(sum(window_losses) / len(window_losses), 5),
-                                   tokens=self.tokens, tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
-                                   mfu=round(tps * self.flops_per_token / (peak * self.info.world_size), 4))
-                    window_start, window_tokens, window_losses = time.perf_counter(), 0, []
-                    if self.val_batches is not None and (self.step % cfg.eval_every == 0 or last):
-                        metrics.update(self.evaluate())
-                    self.log(metrics)
-                    bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}",
-                                    mfu=f"{metrics['mfu']:.2f}")
+                self.bar.update(1)
+                self.record(metrics, started)
                 if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
+                    self.on_save()
+            metrics = self.after_loop(metrics)
             self.save_checkpoint()
+            self.on_save()
         finally:
-            bar.close()
+            self.bar.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         report = self.cost_report(peak)
@@ -197,6 +193,51 @@ class Trainer:
             raise KeyboardInterrupt(f"stopped at step {self.step}; run again to resume from {self.out}")
         return {**metrics, **report}
 
+    # ------------------------------------------------------------------ the hooks
+    def before_loop(self, resumed: bool, peak: float) -> None:
+        """After the resume, before the first step: open the logging window (tokens/s, MFU, mean loss)."""
+        self._peak = peak
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+        self._window_losses: list[float] = []
+
+    def run_step(self) -> dict:
+        """One optimizer step -> its metrics."""
+        metrics = self.train_step()
+        self.tokens += self.tokens_per_step
+        return metrics
+
+    def record(self, metrics: dict, started: float) -> None:
+        """After step `self.step` (begun at `started`): every log_every the window's figures, validation at
+        eval_every, a metrics.jsonl row and the progress bar; always at the last step."""
+        cfg = self.cfg
+        self._window_losses.append(metrics["lm_loss"])
+        self._window_tokens += self.tokens_per_step
+        last = self.step == cfg.max_steps or self._out_of_time()  # a final figure, whatever stops the run
+        if self.step % cfg.log_every == 0 or last:
+            dt = time.perf_counter() - self._window_start
+            tps = self._window_tokens / dt
+            # the step's own losses are noisy across documents: also log the window's mean
+            metrics.update(lm_loss_avg=round(sum(self._window_losses) / len(self._window_losses), 5),
+                           tokens=self.tokens, tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
+                           mfu=round(tps * self.flops_per_token / (self._peak * self.info.world_size), 4))
+            self._window_start = time.perf_counter()
+            self._window_tokens = 0
+            self._window_losses = []
+            if self.val_batches is not None and (self.step % cfg.eval_every == 0 or last):
+                metrics.update(self.evaluate())
+            self.log(metrics)
+            self.bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}",
+                                 mfu=f"{metrics['mfu']:.2f}")
+
+    def on_save(self) -> None:
+        """After each checkpoint: files a subclass writes beside it (none here)."""
+
+    def after_loop(self, metrics: dict) -> dict:
+        """After the last step, before the final checkpoint -> the metrics `fit` returns."""
+        return metrics
+
+    # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
         lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.schedule,
