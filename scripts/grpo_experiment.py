@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 
 from nanoseek import load_model
+from nanoseek.data.chat import prompt_ids
+from nanoseek.engine import Engine
+from nanoseek.eval.quality import task_accuracy
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.grpo_trainer import GRPOConfig, GRPOTrainer
-from nanoseek.train.rollout import PromptStream, TaskSpec, heldout_accuracy, prompt_ids
+from nanoseek.train.rollout import PromptStream, TaskSpec
 from nanoseek.train.trainer import TrainConfig, Trainer, export_checkpoint
 
 
@@ -41,7 +44,7 @@ class WorkedSolutions:
         inputs = torch.full((self.batch_size, self.seq_len), self.tok.pad_id)
         targets = torch.full((self.batch_size, self.seq_len), IGNORE_INDEX)
         for i, p in enumerate(self.stream.next(self.batch_size)):
-            prompt = prompt_ids(self.tok, p)
+            prompt = prompt_ids(self.tok, p.prompt)
             completion = self.tok.encode(p.solution.completion(think_prefilled=True), allow_special=True)
             ids = (prompt + completion + [self.tok.eos_id])[: self.seq_len + 1]
             inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])
@@ -69,9 +72,10 @@ def cmd_sft(a) -> None:
 
 def cmd_eval(a) -> None:
     model, tok = load_model(a.checkpoint), load_tokenizer(a.checkpoint)
-    result = heldout_accuracy(model, tok, [TaskSpec.parse(t) for t in a.tasks], n=a.n, langs=a.langs,
-                              max_new_tokens=a.max_new_tokens)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    tasks = {s.name: [s.max_difficulty or s.difficulty] for s in map(TaskSpec.parse, a.tasks)}
+    engine = Engine(model.eval(), None, max_batch_size=64)
+    result = task_accuracy(engine, tok, tasks, a.n * len(a.langs), a.langs, max_new_tokens=a.max_new_tokens)
+    print(json.dumps(result))
 
 
 def cmd_grpo(a) -> None:

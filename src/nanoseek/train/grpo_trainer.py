@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanoseek.data.chat import prompt_ids
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.eval.quality import task_accuracy
 from nanoseek.io import atomic_file
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.train import dist as D
@@ -48,8 +50,6 @@ from nanoseek.train.rollout import (
     TaskSpec,
     collate,
     generate_groups,
-    heldout_accuracy,
-    prompt_ids,
     summarize,
     task_grader,
 )
@@ -216,7 +216,7 @@ class GRPOTrainer(Trainer):
 
     def _sampling(self, engine: Engine, problems, seed: int) -> SamplingParams:
         cfg = self.cfg
-        longest = max(len(prompt_ids(self.tokenizer, p)) for p in problems)
+        longest = max(len(prompt_ids(self.tokenizer, p.prompt)) for p in problems)
         room = engine.max_model_len - longest
         if room < 1:
             raise ValueError(f"a prompt has {longest} tokens but the context ({engine.max_model_len} tokens: seq_len "
@@ -299,18 +299,34 @@ class GRPOTrainer(Trainer):
         return out
 
     # ------------------------------------------------------------------ evaluation and plots
+    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out greedy accuracy on the test split (rank 0 computes it; it is only logged)."""
+        """Held-out greedy accuracy on the test split, measured as `nanoseek eval` measures it
+        (eval.quality.task_accuracy): eval_problems per task and language, at each task's highest difficulty.
+        Rank 0 computes it; it is only logged. -> val_accuracy (pass@1), val_partial_accuracy, val_format,
+        val_problems (those that fit the context), val_<task>/accuracy."""
         if not self.info.is_main:
             return {}
         cfg = self.cfg
-        result = heldout_accuracy(self.model, self.tokenizer, self.specs, n=cfg.eval_problems, langs=cfg.langs,
-                                  max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed,
-                                  engine_kwargs={"max_model_len": cfg.seq_len})
-        self.last_eval = {"step": self.step, **{f"val_{k}": round(v, 4) for k, v in result.items()}}
-        tqdm.write(f"[grpo] step {self.step}: held-out accuracy {result['accuracy']:.3f}, "
-                   f"format {result['format']:.3f}")
-        return {k: v for k, v in self.last_eval.items() if k != "step"}
+        tasks = {s.name: [s.max_difficulty or s.difficulty] for s in self.specs}
+        engine = Engine(self.model, None, max_batch_size=64, max_model_len=cfg.seq_len)
+        was_training = self.model.training
+        self.model.eval()
+        results = task_accuracy(engine, self.tokenizer, tasks, cfg.eval_problems * len(cfg.langs), cfg.langs,
+                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed)
+        self.model.train(was_training)
+        graded = {name: r for name, r in results.items() if "greedy" in r}
+        problems = sum(r["problems"] for r in graded.values())
+
+        def overall(key: str) -> float:
+            return round(sum(r["greedy"][key] * r["problems"] for r in graded.values()) / max(1, problems), 4)
+        figures = {"val_accuracy": overall("pass@1"), "val_partial_accuracy": overall("accuracy"),
+                   "val_format": overall("format"), "val_problems": problems,
+                   **{f"val_{name}/accuracy": r["greedy"]["pass@1"] for name, r in graded.items()}}
+        self.last_eval = {"step": self.step, **figures}
+        tqdm.write(f"[grpo] step {self.step}: held-out accuracy {figures['val_accuracy']:.3f}, "
+                   f"format {figures['val_format']:.3f}")
+        return figures
 
     def plot(self) -> Path | None:
         if self.info.is_main:
