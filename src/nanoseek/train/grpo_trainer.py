@@ -33,7 +33,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.quality import task_accuracy
 from nanoseek.io import atomic_file
 from nanoseek.model import IGNORE_INDEX
-from nanoseek.train import dist as D
+from nanoseek.train import dist
 from nanoseek.train.grpo_loss import (
     AGGREGATIONS,
     SCALES,
@@ -130,10 +130,10 @@ class GRPOTrainer(Trainer):
     supports_fsdp = False  # rollouts and frozen log-probs use the whole model outside forward/backward
 
     def __init__(self, model, cfg: GRPOConfig, tokenizer, grader: Grader | None = None,
-                 dist_info: D.DistInfo | None = None):
+                 dist_info: dist.DistInfo | None = None):
         """model: the policy, trained in place (its starting weights are also the KL reference when beta > 0).
         grader(problems, completion texts) -> Rewards; default: each problem's task grader."""
-        info = dist_info or D.DistInfo()
+        info = dist_info or dist.DistInfo()
         self.specs = [TaskSpec.parse(t) for t in cfg.tasks]
         stream = PromptStream(self.specs, cfg.langs, seed=cfg.seed + 7919 * info.rank)
         super().__init__(model, cfg, stream, tokenizer=tokenizer, dist_info=info)
@@ -272,7 +272,7 @@ class GRPOTrainer(Trainer):
             self.optimizer.zero_grad(set_to_none=True)
             loads = model.expert_load()
             if loads.numel():
-                model.update_router_biases(cfg.bias_update_speed, D.all_reduce_sum(loads, self.info))
+                model.update_router_biases(cfg.bias_update_speed, dist.all_reduce_sum(loads, self.info))
         n = max(1, sums["tokens"])
         metrics = {"lr_scale": round(lr_scale, 5), "loss": round(sums["loss"], 6),
                    "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
@@ -391,11 +391,11 @@ def cmd_grpo(args) -> int:
     preset = load_preset(args.preset, args.set)
     preset["grpo"] = section(preset, "grpo")
     out = Path(args.out or f"runs/{Path(args.preset).stem}")
-    info = D.init_distributed(GRPOConfig(**preset["grpo"]).resolved_device)
+    info = dist.init_distributed(GRPOConfig(**preset["grpo"]).resolved_device)
     try:
         print(json.dumps(grpo_stage(out, preset, info, init=args.init), indent=2))
     finally:
-        D.shutdown(info)
+        dist.shutdown(info)
     return 0
 
 

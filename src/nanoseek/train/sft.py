@@ -19,7 +19,7 @@ from nanoseek.data.chat import ChatLoader, Messages, read_chat_jsonl, tokenize_c
 from nanoseek.data.conversations import corpus_conversations, identity_conversations, task_conversations
 from nanoseek.data.corpus import iter_records
 from nanoseek.tokenizer import load_tokenizer
-from nanoseek.train import dist as D
+from nanoseek.train import dist
 from nanoseek.train.trainer import TrainConfig, Trainer, export_checkpoint
 
 DATA_DEFAULTS = {
@@ -70,10 +70,10 @@ def val_mix(data: dict) -> list[Messages]:
 
 
 def run_sft(base: str | Path, out: str | Path, conversations: list[Messages], train: dict, *,
-            val_conversations: list[Messages] | None = None, info: D.DistInfo | None = None) -> dict:
+            val_conversations: list[Messages] | None = None, info: dist.DistInfo | None = None) -> dict:
     """Fine-tune the checkpoint `base` on `conversations`; checkpoints go to out/checkpoints, the result to
     out/final. Resumes from out/checkpoints when a previous run stopped. -> a summary dict."""
-    info = info or D.DistInfo()
+    info = info or dist.DistInfo()
     out = Path(out)
     tok = load_tokenizer(base)
     model = load_model(base, dtype=torch.float32)

@@ -31,13 +31,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.distributed
 from tqdm import tqdm
 
 from nanoseek.checkpoint import load_weights_into, save_model
 from nanoseek.io import atomic_dir, atomic_write_text
 from nanoseek.model import IGNORE_INDEX, Transformer
-from nanoseek.train import dist as D
+from nanoseek.train import dist
 from nanoseek.train.flops import measure_matmul_peak, train_flops_per_token
 from nanoseek.train.optim import build_optimizer, lr_multiplier
 
@@ -94,8 +94,8 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r}: must be 'cosine' or 'wsd'")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={self.optimizer!r}: must be 'adamw' or 'muon'")
-        if self.parallel not in D.PARALLEL:
-            raise ValueError(f"parallel={self.parallel!r}: must be one of {D.PARALLEL}")
+        if self.parallel not in dist.PARALLEL:
+            raise ValueError(f"parallel={self.parallel!r}: must be one of {dist.PARALLEL}")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise ValueError("optimizer='muon' does not run with parallel='fsdp': its Newton-Schulz step needs each "
                              "whole matrix, and FSDP gives every rank a slice of it; use optimizer='adamw' with FSDP, "
@@ -119,10 +119,10 @@ class Trainer:
 
     def __init__(self, model: Transformer, cfg: TrainConfig, train_loader: Iterator,
                  val_batches: Callable[[], Iterable] | None = None, val_bytes_per_token: float | None = None,
-                 tokenizer=None, dist_info: D.DistInfo | None = None):
+                 tokenizer=None, dist_info: dist.DistInfo | None = None):
         """train_loader yields (inputs [B, T], targets [B, T]) and has state_dict()/load_state_dict() so a
         restarted run continues from the same position. val_batches() returns a fresh pass over validation."""
-        self.cfg, self.info = cfg, dist_info or D.DistInfo()
+        self.cfg, self.info = cfg, dist_info or dist.DistInfo()
         cfg.validate(self.info.world_size)
         self.device = torch.device(cfg.resolved_device if self.info.world_size == 1 or cfg.resolved_device == "cpu"
                                    else f"cuda:{self.info.local_rank}")
@@ -135,7 +135,7 @@ class Trainer:
         # self.model: what trains (the same module, or its FSDP-sharded twin); self.wrapped: what runs forward
         self.host = model
         if self.fsdp:
-            self.model = D.shard_model(model, self.info, self.device, mixed_precision=self.device.type == "cuda")
+            self.model = dist.shard_model(model, self.info, self.device, mixed_precision=self.device.type == "cuda")
         else:
             self.model = model.to(self.device)
         self.loader, self.val_batches, self.val_bytes_per_token = train_loader, val_batches, val_bytes_per_token
@@ -143,7 +143,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.optimizer = build_optimizer(self.model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          muon_lr=cfg.muon_lr, router_lr_scale=cfg.router_lr_scale)
-        self.wrapped = self.model if self.fsdp else D.wrap_model(self.model, self.info)
+        self.wrapped = self.model if self.fsdp else dist.wrap_model(self.model, self.info)
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
@@ -258,19 +258,19 @@ class Trainer:
                 value = getattr(out, key)
                 if value is not None:
                     sums[key] += value.item() / cfg.grad_accum
-        grad_norm = D.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = dist.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loads = model.expert_load()
         metrics = {"step": self.step + 1, "lr_scale": round(lr_scale, 5), "grad_norm": round(grad_norm.item(), 4)}
         if loads.numel():
-            loads = D.all_reduce_sum(loads, self.info)
+            loads = dist.all_reduce_sum(loads, self.info)
             model.update_router_biases(cfg.bias_update_speed, loads)
             share = loads / loads.sum(1, keepdim=True).clamp_min(1)
             metrics["load_imbalance"] = round((share.max(1).values * share.shape[1]).max().item(), 3)
             metrics["expert_load"] = share.round(decimals=4).tolist()  # [moe layer][expert]: fraction of tokens
         if self.info.enabled:  # the logged losses are global means
-            t = D.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), self.info)
+            t = dist.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), self.info)
             sums = dict(zip(sums, (t / self.info.world_size).tolist()))
         metrics.update({k: round(v, 5) for k, v in sums.items()})
         return metrics
@@ -284,7 +284,7 @@ class Trainer:
         for _ in range(self.cfg.eval_batches):
             batch = next(batches, None)
             if self.fsdp:  # every forward all-gathers weights: the ranks run as many as the one with the most data
-                if D.all_reduce_sum(torch.tensor(float(batch is not None), device=self.device), self.info) == 0:
+                if dist.all_reduce_sum(torch.tensor(float(batch is not None), device=self.device), self.info) == 0:
                     break
                 if batch is None:
                     with self.autocast:
@@ -299,7 +299,7 @@ class Trainer:
                                                      ignore_index=IGNORE_INDEX, reduction="sum")
             nats += loss.double().cpu()
             count += (targets != IGNORE_INDEX).sum().cpu()
-        nats, count = D.all_reduce_sum(nats, self.info), D.all_reduce_sum(count, self.info)
+        nats, count = dist.all_reduce_sum(nats, self.info), dist.all_reduce_sum(count, self.info)
         out = {"val_loss": round((nats / count.clamp_min(1)).item(), 5)}
         if self.val_bytes_per_token:
             out["val_bpb"] = round(out["val_loss"] / (math.log(2) * self.val_bytes_per_token), 5)
@@ -343,12 +343,12 @@ class Trainer:
                else None}
         if self.info.enabled:  # every rank's data position and RNG go into the one file rank 0 writes
             gathered: list = [None] * self.info.world_size
-            dist.all_gather_object(gathered, (loader_states[0], rng))
+            torch.distributed.all_gather_object(gathered, (loader_states[0], rng))
             loader_states, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
         else:
             rngs = [rng]
         if self.fsdp:  # gathered to rank 0; the given model receives the weights there and is saved as usual
-            weights, optimizer_state = D.full_state_dicts(self.model, self.optimizer)
+            weights, optimizer_state = dist.full_state_dicts(self.model, self.optimizer)
             if self.info.is_main:
                 self.host.load_state_dict(weights)
         final = self.checkpoint_dir / f"step_{self.step:06d}"
@@ -362,7 +362,7 @@ class Trainer:
                 torch.save(state, tmp / STATE_FILE)
             for old in sorted(self.checkpoint_dir.glob("step_*"))[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        D.barrier(self.info)
+        dist.barrier(self.info)
         return final
 
     def latest_checkpoint(self) -> Path | None:
@@ -384,7 +384,7 @@ class Trainer:
                                f"state does not load into a {parallel!r} run: resume it with the same setting")
         load_weights_into(self.host, path)
         if self.fsdp:  # every rank read the whole checkpoint: each keeps its shard
-            D.load_full_state_dicts(self.model, self.optimizer, self.host.state_dict(), state["optimizer"])
+            dist.load_full_state_dicts(self.model, self.optimizer, self.host.state_dict(), state["optimizer"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loaders"][self.info.rank])
