@@ -1,5 +1,5 @@
-"""Atomic writes: a write interrupted half-way leaves the old file or directory as it was and no temporary
-behind; a finished one replaces it whole."""
+"""Atomic writes: a write interrupted half-way leaves the old file or directory as it was and no
+temporary behind; a finished one replaces it whole."""
 
 import pytest
 

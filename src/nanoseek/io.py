@@ -1,13 +1,14 @@
-"""Atomic writes: the one place that knows how to replace a file or a directory so that a reader, or a run
-killed half-way, sees the old version or the new one and never a mixture.
+"""Atomic writes: the one place that knows how to replace a file or a directory so that a reader, or
+a run killed half-way, sees the old version or the new one and never a mixture.
 
-    atomic_write_text(path, text)          small files (JSON, markdown)
-    with atomic_file(path) as tmp: ...     anything a library writes to a path (safetensors, PNG, a stream)
-    with atomic_dir(path) as tmp: ...      a whole directory (a checkpoint), swapped into place when complete
+    atomic_write_text(path, text)         small files (JSON, markdown)
+    with atomic_file(path) as tmp: ...    what a library writes to a path (safetensors, PNG, stream)
+    with atomic_dir(path) as tmp: ...     a whole directory (a checkpoint), swapped in when complete
 
-A file goes to a uniquely named temporary beside its target (same directory, so the rename stays on one file
-system), is flushed to disk (fsync), renamed over the target, and the directory's entry is flushed too. A failure
-inside the `with` block removes the temporary and leaves the target as it was.
+A file goes to a uniquely named temporary beside its target (same directory, so the rename stays on
+one file system), is flushed to disk (fsync), renamed over the target, and the directory's entry is
+flushed too. A failure inside the `with` block removes the temporary and leaves the target as it
+was.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path` to write; on success it becomes `path`, on an error it is removed."""
+    """Yield a temporary path beside `path` to write; on success it becomes `path`, on an error it
+    is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -52,9 +54,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `path` to fill; on success it replaces `path` (whose old
-    contents are deleted), on an error it is removed and `path` is left as it was. A directory has one writer:
-    the leftovers of one killed while writing `path` are deleted first."""
+    """Yield an empty temporary directory beside `path` to fill; on success it replaces `path`
+    (whose old contents are deleted), on an error it is removed and `path` is left as it was. A
+    directory has one writer: the leftovers of one killed while writing `path` are deleted first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):

@@ -1,5 +1,5 @@
-"""The export stage: the run's last checkpoint copied to runs/NAME/final with a model card (README.md), and
-its greedy answers to a few prompts in runs/NAME/export/samples.json."""
+"""The export stage: the run's last checkpoint copied to runs/NAME/final with a model card
+(README.md), and its greedy answers to a few prompts in runs/NAME/export/samples.json."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ SAMPLE_PROMPTS = [  # (language, prompt): chat in both languages, a recall quest
     ("zh", "你好，你是谁？"),
     ("en", "How does Genesis 1 begin?"),
 ]
-SAMPLE_TASKS = [("arithmetic", 1, "en"), ("arithmetic", 1, "zh"), ("countdown", 1, "en"), ("word_problems", 1, "zh")]
+SAMPLE_TASKS = [("arithmetic", 1, "en"), ("arithmetic", 1, "zh"), ("countdown", 1, "en"),
+                ("word_problems", 1, "zh")]
 
 
 def export_stage(run: Path, preset: dict, info: DistInfo) -> dict:
-    """The run's last checkpoint copied to runs/NAME/final with a model card (README.md); sample answers in
-    runs/NAME/export/samples.json."""
+    """The run's last checkpoint copied to runs/NAME/final with a model card (README.md); sample
+    answers in runs/NAME/export/samples.json."""
     def work():
         source = latest_checkpoint(run)
         if source is None:
@@ -44,8 +45,8 @@ def export_stage(run: Path, preset: dict, info: DistInfo) -> dict:
 
 @torch.no_grad()
 def sample_answers(ckpt: Path, max_new_tokens: int = 200) -> list[dict]:
-    """Greedy answers of the checkpoint to a few chat prompts and held-out task problems, English and Chinese,
-    split into reasoning and answer; task answers graded."""
+    """Greedy answers of the checkpoint to a few chat prompts and held-out task problems, English
+    and Chinese, split into reasoning and answer; task answers graded."""
     from nanoseek.engine import Engine, SamplingParams
     from nanoseek.serve.chat_format import split_reasoning
     from nanoseek.tasks import get_task
@@ -55,9 +56,11 @@ def sample_answers(ckpt: Path, max_new_tokens: int = 200) -> list[dict]:
     items = [{"lang": lang, "prompt": text} for lang, text in SAMPLE_PROMPTS]
     problems = []
     for name, difficulty, lang in SAMPLE_TASKS:
-        problem = get_task(name).generate(1, seed=0, difficulty=difficulty, split="test", lang=lang)[0]
+        task = get_task(name)
+        problem = task.generate(1, seed=0, difficulty=difficulty, split="test", lang=lang)[0]
         problems.append((len(items), problem))
-        items.append({"lang": lang, "prompt": problem.prompt, "task": name, "expected": problem.answer})
+        items.append({"lang": lang, "prompt": problem.prompt, "task": name,
+                      "expected": problem.answer})
     engine = Engine(model, None, max_batch_size=len(items))
     prompts = [prompt_ids(tok, it["prompt"]) for it in items]
     room = engine.max_model_len - max(len(p) for p in prompts)
@@ -71,6 +74,7 @@ def sample_answers(ckpt: Path, max_new_tokens: int = 200) -> list[dict]:
         it.update(reasoning=(reasoning or "").strip(), answer=answer.strip(), completion=text,
                   finish_reason=out.outputs[0].finish_reason)
     for index, problem in problems:
-        reward = get_task(problem.task).grade(problem, items[index]["completion"], think_prefilled=True)
+        completion = items[index]["completion"]
+        reward = get_task(problem.task).grade(problem, completion, think_prefilled=True)
         items[index].update(correct=reward.correct, accuracy=reward.accuracy)
     return items

@@ -1,5 +1,5 @@
-"""The SFT stage: the run's base checkpoint fine-tuned on the preset's "sft" mix -> runs/NAME/sft/final.
-The data mix and the fine-tuning itself are train/sft.py's."""
+"""The SFT stage: the run's base checkpoint fine-tuned on the preset's "sft" mix ->
+runs/NAME/sft/final. The data mix and the fine-tuning itself are train/sft.py's."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ def base_checkpoint(run: Path) -> Path:
     base = latest_checkpoint(run, ("pretrain", "long_context"))
     if base is not None:
         return base
-    raise FileNotFoundError(f"{run}: no long_context/final or pretrain/final checkpoint; run `nanoseek pretrain` "
-                            "first")
+    raise FileNotFoundError(f"{run}: no long_context/final or pretrain/final checkpoint; "
+                            "run `nanoseek pretrain` first")
 
 
 def sft_stage(run: Path, preset: dict, info: DistInfo, base: str | Path | None = None) -> dict:
@@ -27,7 +27,8 @@ def sft_stage(run: Path, preset: dict, info: DistInfo, base: str | Path | None =
     def work():
         start = Path(base) if base else base_checkpoint(run)
         convs = sft_mix(data, run / "corpus")
-        summary = run_sft(start, run / "sft", convs, train, val_conversations=val_mix(data), info=info)
+        summary = run_sft(start, run / "sft", convs, train, val_conversations=val_mix(data),
+                          info=info)
         summary["data"] = {k: v for k, v in data.items()}
         return summary
     return run_stage("sft", run / "sft", info, work, main_only=False)

@@ -1,13 +1,13 @@
 """The speedrun: raw bilingual text to a served reasoning model in one command, and its report card.
 
-    corpus ─► tokenizer ─► shards ─► pretrain ─► long_context ─► sft ─► grpo ─► eval ─► export ─► report.md
-                                                                                         └─► runs/NAME/final/
-                                                                                             (weights + model card)
+    corpus ─► tokenizer ─► shards ─► pretrain ─► long_context ─► sft ─► grpo
+           ─► eval ─► export (runs/NAME/final/: weights + model card) ─► report (report.md)
 
-Every stage writes into runs/NAME/<stage>/ and leaves done.json when it finishes; running the speedrun again
-skips finished stages and resumes an interrupted one from its last checkpoint. A stage whose preset section is
-absent or null is skipped (data, model and pretrain always run). `run_pretraining` runs the stages up to a
-pretrained, context-extended checkpoint (`nanoseek pretrain`).
+Every stage writes into runs/NAME/<stage>/ and leaves done.json when it finishes; running the
+speedrun again skips finished stages and resumes an interrupted one from its last checkpoint. A
+stage whose preset section is absent or null is skipped (data, model and pretrain always run).
+`run_pretraining` runs the stages up to a pretrained, context-extended checkpoint (`nanoseek
+pretrain`).
 """
 
 from __future__ import annotations
@@ -32,21 +32,23 @@ from nanoseek.train import dist
 from nanoseek.train.trainer import TrainConfig
 
 
-def run_speedrun(run: str | os.PathLike, preset: dict, *, text_paths: list[str] | None = None) -> dict:
-    """Every stage of the preset, then the report card. Works under torchrun: training stages run on every rank,
-    evaluation, export and the report on rank 0. -> {stage: summary}."""
+def run_speedrun(run: str | os.PathLike, preset: dict, *,
+                 text_paths: list[str] | None = None) -> dict:
+    """Every stage of the preset, then the report card. Works under torchrun: training stages run on
+    every rank, evaluation, export and the report on rank 0. -> {stage: summary}."""
     run = Path(run)
     info = dist.init_distributed(TrainConfig(**preset["pretrain"]).resolved_device)
     try:
         if info.is_main:
             run.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run / "preset.json", json.dumps(preset, indent=2, ensure_ascii=False) + "\n")
+            preset_json = json.dumps(preset, indent=2, ensure_ascii=False) + "\n"
+            atomic_write_text(run / "preset.json", preset_json)
         summaries = pretraining_stages(run, preset, info, text_paths)
         if preset.get("sft") is not None:
             summaries["sft"] = sft_stage(run, preset, info)
         if preset.get("grpo") is not None:
-            summaries["grpo"] = grpo_stage(run, preset, info,
-                                           init=latest_checkpoint(run, ("pretrain", "long_context", "sft")))
+            init = latest_checkpoint(run, ("pretrain", "long_context", "sft"))
+            summaries["grpo"] = grpo_stage(run, preset, info, init=init)
         if preset.get("eval") is not None:
             summaries["eval"] = eval_stage(run, preset, info)
         summaries["export"] = export_stage(run, preset, info)
@@ -57,8 +59,8 @@ def run_speedrun(run: str | os.PathLike, preset: dict, *, text_paths: list[str] 
         dist.shutdown(info)
 
 
-def pretraining_stages(run: Path, preset: dict, info: dist.DistInfo, text_paths: list[str] | None = None,
-                       long_context: bool = True) -> dict:
+def pretraining_stages(run: Path, preset: dict, info: dist.DistInfo,
+                       text_paths: list[str] | None = None, long_context: bool = True) -> dict:
     """corpus → tokenizer → shards → pretrain (→ long_context when the preset has that section)."""
     summaries = {"corpus": corpus_stage(run, preset, info, text_paths),
                  "tokenizer": tokenizer_stage(run, preset, info),

@@ -1,4 +1,5 @@
-"""The tokenizer stage: a byte-level BPE trained on the corpus' train split -> runs/NAME/tokenizer/."""
+"""The tokenizer stage: a byte-level BPE trained on the corpus' train split -> runs/NAME/tokenizer/.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from nanoseek.train.dist import DistInfo
 
 def tokenizer_stage(run: Path, preset: dict, info: DistInfo) -> dict:
     def work():
-        tok = Tokenizer.train(iter_texts(run / "corpus", "train"), preset["data"].get("vocab_size", 8192))
+        vocab_size = preset["data"].get("vocab_size", 8192)
+        tok = Tokenizer.train(iter_texts(run / "corpus", "train"), vocab_size)
         tok.save(run / "tokenizer")
         by_lang: dict[str, list[str]] = {}
         for line in (run / "corpus" / "val.jsonl").read_text("utf-8").splitlines():
