@@ -74,7 +74,8 @@ def cmd_eval(a) -> None:
     model, tok = load_model(a.checkpoint), load_tokenizer(a.checkpoint)
     tasks = {s.name: [s.max_difficulty or s.difficulty] for s in map(TaskSpec.parse, a.tasks)}
     engine = Engine(model.eval(), None, max_batch_size=64)
-    result = task_accuracy(engine, tok, tasks, a.n * len(a.langs), a.langs, max_new_tokens=a.max_new_tokens)
+    result = task_accuracy(engine, tok, tasks, a.n * len(a.langs), a.langs,
+                           max_new_tokens=a.max_new_tokens)
     print(json.dumps(result))
 
 

@@ -88,7 +88,8 @@ def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------- save
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path,
+                      metadata: dict[str, str]) -> None:
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 

@@ -46,8 +46,9 @@ def _file_sha256(path: Path) -> str:
 
 
 class _ShardWriter:
-    """Appends documents to shard_00000.bin, shard_00001.bin, ... (each an atomic_file entered on `files`, so
-    they all appear when `files` closes, or none does); a shard closes at shard_tokens."""
+    """Appends documents to shard_00000.bin, shard_00001.bin, ... (each an atomic_file entered on
+    `files`, so they all appear when `files` closes, or none does); a shard closes at
+    shard_tokens."""
 
     def __init__(self, out: Path, dtype, shard_tokens: int, files: ExitStack):
         self.out = out
@@ -122,9 +123,11 @@ def write_shards(corpus_file: str | os.PathLike, tokenizer: Tokenizer, out_dir: 
         writer = _ShardWriter(out, dtype, shard_tokens, files)
         try:
             for batch in _record_batches(corpus_file, batch_docs, progress):
-                for rec, ids in zip(batch, tokenizer.encode_batch([r["text"] for r in batch], add_bos=True)):
+                encoded = tokenizer.encode_batch([r["text"] for r in batch], add_bos=True)
+                for rec, ids in zip(batch, encoded):
                     writer.add(ids)
-                    s = sources.setdefault(rec.get("source", "unknown"), {"docs": 0, "tokens": 0, "bytes": 0})
+                    empty = {"docs": 0, "tokens": 0, "bytes": 0}
+                    s = sources.setdefault(rec.get("source", "unknown"), empty)
                     s["docs"] += 1
                     s["tokens"] += len(ids)
                     s["bytes"] += len(rec["text"].encode("utf-8"))

@@ -39,17 +39,20 @@ def task_problems(name: str, difficulties: Sequence[int], n_problems: int, langs
     return task, problems, labels
 
 
-def task_accuracy(engine: Engine, tok, tasks: dict[str, list[int]], n_problems: int, langs: Sequence[str], *,
-                  n_samples: int = 0, ks: Sequence[int] = (1, 5), temperature: float = 0.8,
-                  max_new_tokens: int = 256, seed: int = 0, progress: bool = False) -> dict[str, dict]:
-    """Held-out accuracy of each task ({name: [difficulty, ...]}) on n_problems test-split problems: the one way
-    nanoseek measures it, for `evaluate` and for GRPO's in-run evaluation. -> {name: evaluate_task's result}."""
+def task_accuracy(engine: Engine, tok, tasks: dict[str, list[int]], n_problems: int,
+                  langs: Sequence[str], *, n_samples: int = 0, ks: Sequence[int] = (1, 5),
+                  temperature: float = 0.8, max_new_tokens: int = 256, seed: int = 0,
+                  progress: bool = False) -> dict[str, dict]:
+    """Held-out accuracy of each task ({name: [difficulty, ...]}) on n_problems test-split problems:
+    the one way nanoseek measures it, for `evaluate` and for GRPO's in-run evaluation.
+    -> {name: evaluate_task's result}."""
     out = {}
     for name, difficulties in tasks.items():
         task, problems, labels = task_problems(name, difficulties, n_problems, langs, seed)
-        out[name] = {"difficulties": list(difficulties), **evaluate_task(
-            engine, tok, task, problems, labels=labels, n_samples=n_samples, ks=ks, temperature=temperature,
-            max_new_tokens=max_new_tokens, seed=seed, progress=progress)}
+        result = evaluate_task(engine, tok, task, problems, labels=labels, n_samples=n_samples,
+                               ks=ks, temperature=temperature, max_new_tokens=max_new_tokens,
+                               seed=seed, progress=progress)
+        out[name] = {"difficulties": list(difficulties), **result}
     return out
 
 
@@ -79,9 +82,9 @@ def evaluate(ckpt_dir: str | Path, tasks: Sequence[str] | dict | None = None, n_
         result["bpb_source"] = str(corpus_dir) if corpus_dir else "default corpus (built for this evaluation)"
     if wanted:
         engine = Engine(model, None, max_batch_size=64, max_num_batched_tokens=2048)
-        result["tasks"] = task_accuracy(engine, tok, wanted, n_problems, langs, n_samples=n_samples, ks=ks,
-                                        temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                                        progress=progress)
+        result["tasks"] = task_accuracy(engine, tok, wanted, n_problems, langs, n_samples=n_samples,
+                                        ks=ks, temperature=temperature,
+                                        max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     if passkey:
         lengths = passkey_lengths or sorted({max(128, context // 4), max(128, context // 2), context, 2 * context})
         result["passkey"] = passkey_sweep(model, tok, lengths, keys_per_depth=passkey_keys, seed=seed)

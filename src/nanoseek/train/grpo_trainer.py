@@ -8,11 +8,12 @@
         π_old (and π_ref when β > 0) log-probs from the training model, then μ optimizer steps on the clipped loss
         JSONL metrics + progress bar; held-out greedy accuracy every eval_every; reward curve PNG; checkpoints
 
-GRPOTrainer is a Trainer: the loop (Trainer.fit), optimizer, learning-rate schedule, router-bias updates, DDP
-wrapping, metric log and the atomic checkpoints with exact resume are the Trainer's own; it supplies the hooks
-(the step, what is logged, the reward plot beside each checkpoint, a last evaluation after the loop). What a
-checkpoint adds here is the prompt stream's position; rollouts are seeded from it, so a resumed run samples
-exactly what the uninterrupted one did. The objective's math is in grpo_loss.py, rollouts in rollout.py.
+GRPOTrainer is a Trainer: the loop (Trainer.fit), optimizer, learning-rate schedule, router-bias
+updates, DDP wrapping, metric log and the atomic checkpoints with exact resume are the Trainer's
+own; it supplies the hooks (the step, what is logged, the reward plot beside each checkpoint, a
+last evaluation after the loop). What a checkpoint adds here is the prompt stream's position;
+rollouts are seeded from it, so a resumed run samples exactly what the uninterrupted one did. The
+objective's math is in grpo_loss.py, rollouts in rollout.py, held-out accuracy in eval/.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ class GRPOConfig(TrainConfig):
 class GRPOTrainer(Trainer):
     progress_name = "grpo"
     peak_seconds = 0.25  # rollouts dominate a GRPO step, so its MFU is a rough figure anyway
-    supports_fsdp = False  # rollouts and frozen log-probs use the whole model outside forward/backward
+    # rollouts and frozen log-probs use the whole model outside forward/backward
+    supports_fsdp = False
 
     def __init__(self, model, cfg: GRPOConfig, tokenizer, grader: Grader | None = None,
                  dist_info: dist.DistInfo | None = None):
@@ -155,8 +157,8 @@ class GRPOTrainer(Trainer):
         return {**self.train_step(samples), **rollout_stats}
 
     def record(self, metrics: dict, started: float) -> None:
-        """Held-out accuracy every eval_every and at the last step; a metrics.jsonl row every log_every and with
-        each evaluation; the progress bar."""
+        """Held-out accuracy every eval_every and at the last step; a metrics.jsonl row every
+        log_every and with each evaluation; the progress bar."""
         cfg = self.cfg
         metrics.update(step=self.step, step_s=round(time.perf_counter() - started, 2),
                        elapsed_s=round(self.elapsed, 2))
@@ -171,7 +173,8 @@ class GRPOTrainer(Trainer):
         self.plot()
 
     def after_loop(self, metrics: dict) -> dict:
-        """Out of time before max_steps: a final held-out figure. -> the metrics with the last evaluation's."""
+        """Out of time before max_steps: a final held-out figure.
+        -> the metrics with the last evaluation's."""
         if (self.cfg.eval_problems and metrics and not self._stop_requested
                 and self.last_eval.get("step") != self.step):
             self.log({"step": self.step, **self.evaluate()})
@@ -302,9 +305,10 @@ class GRPOTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Held-out greedy accuracy on the test split, measured as `nanoseek eval` measures it
-        (eval.quality.task_accuracy): eval_problems per task and language, at each task's highest difficulty.
-        Rank 0 computes it; it is only logged. -> val_accuracy (pass@1), val_partial_accuracy, val_format,
-        val_problems (those that fit the context), val_<task>/accuracy."""
+        (eval.quality.task_accuracy): eval_problems per task and language, at each task's highest
+        difficulty. Rank 0 computes it; it is only logged. -> val_accuracy (pass@1),
+        val_partial_accuracy, val_format, val_problems (those that fit the context),
+        val_<task>/accuracy."""
         if not self.info.is_main:
             return {}
         cfg = self.cfg
@@ -312,14 +316,17 @@ class GRPOTrainer(Trainer):
         engine = Engine(self.model, None, max_batch_size=64, max_model_len=cfg.seq_len)
         was_training = self.model.training
         self.model.eval()
-        results = task_accuracy(engine, self.tokenizer, tasks, cfg.eval_problems * len(cfg.langs), cfg.langs,
-                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed)
+        n_problems = cfg.eval_problems * len(cfg.langs)
+        budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
+        results = task_accuracy(engine, self.tokenizer, tasks, n_problems, cfg.langs,
+                                max_new_tokens=budget, seed=cfg.seed)
         self.model.train(was_training)
         graded = {name: r for name, r in results.items() if "greedy" in r}
         problems = sum(r["problems"] for r in graded.values())
 
         def overall(key: str) -> float:
-            return round(sum(r["greedy"][key] * r["problems"] for r in graded.values()) / max(1, problems), 4)
+            total = sum(r["greedy"][key] * r["problems"] for r in graded.values())
+            return round(total / max(1, problems), 4)
         figures = {"val_accuracy": overall("pass@1"), "val_partial_accuracy": overall("accuracy"),
                    "val_format": overall("format"), "val_problems": problems,
                    **{f"val_{name}/accuracy": r["greedy"]["pass@1"] for name, r in graded.items()}}

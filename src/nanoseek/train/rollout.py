@@ -5,10 +5,11 @@
     samples = generate_groups(engine, tok, problems, graders, SamplingParams(n=8, max_tokens=96, seed=1))
     inputs, targets = collate(samples, tok.pad_id)            # for the training model's forward
 
-Prompts are rendered by data.chat.prompt_ids (as SFT and evaluation render them), with the chat template's
-generation prompt, which ends in "<think>\\n": completions start inside the reasoning and are graded with
-think_prefilled=True. The G completions of a prompt come from one request with n=G, so the prompt is prefilled
-once and its cache blocks are shared by the group. Held-out accuracy is eval/'s (eval.quality.task_accuracy).
+Prompts are rendered by data.chat.prompt_ids (as SFT and evaluation render them), with the chat
+template's generation prompt, which ends in "<think>\\n": completions start inside the reasoning and
+are graded with think_prefilled=True. The G completions of a prompt come from one request with n=G,
+so the prompt is prefilled once and its cache blocks are shared by the group. Held-out accuracy is
+eval/'s (eval.quality.task_accuracy).
 Completion text is decoded from the token ids with special tokens kept (the engine's own text drops them, and
 with them the <think>/<answer> tags that the graders read).
 """

@@ -109,9 +109,10 @@ class TrainConfig:
 
 
 class Trainer:
-    """The training loop. `fit` is the one loop every trainer runs; a subclass changes what happens in it through
-    the hooks below `fit`: `run_step` (one optimizer step -> its metrics), `record` (what is logged and
-    evaluated after a step), `on_save` (files written beside each checkpoint), `before_loop` / `after_loop`."""
+    """The training loop. `fit` is the one loop every trainer runs; a subclass changes what happens
+    in it through the hooks below `fit`: `run_step` (one optimizer step -> its metrics), `record`
+    (what is logged and evaluated after a step), `on_save` (files written beside each checkpoint),
+    `before_loop` and `after_loop`."""
 
     progress_name = "train"  # the progress bar's label
     peak_seconds = 1.0  # how long the matmul peak (MFU's denominator) is measured
@@ -158,14 +159,15 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.info.rank)
         resumed = self.resume()
-        peak = measure_matmul_peak(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                                   seconds=self.peak_seconds)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        peak = measure_matmul_peak(self.device, dtype, seconds=self.peak_seconds)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
-        self.bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{self.progress_name} {self.out.name}",
-                        unit="step", disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step",
+                        desc=f"{self.progress_name} {self.out.name}", dynamic_ncols=True,
+                        disable=not (cfg.progress and self.info.is_main))
         metrics: dict = {}
         try:
             self.before_loop(resumed, peak)
@@ -195,7 +197,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the hooks
     def before_loop(self, resumed: bool, peak: float) -> None:
-        """After the resume, before the first step: open the logging window (tokens/s, MFU, mean loss)."""
+        """After the resume, before the first step: open the logging window (tokens/s, MFU, mean
+        loss)."""
         self._peak = peak
         self._window_start = time.perf_counter()
         self._window_tokens = 0
@@ -208,19 +211,23 @@ class Trainer:
         return metrics
 
     def record(self, metrics: dict, started: float) -> None:
-        """After step `self.step` (begun at `started`): every log_every the window's figures, validation at
-        eval_every, a metrics.jsonl row and the progress bar; always at the last step."""
+        """After step `self.step` (begun at `started`): every log_every the window's figures,
+        validation at eval_every, a metrics.jsonl row and the progress bar; always at the last
+        step."""
         cfg = self.cfg
         self._window_losses.append(metrics["lm_loss"])
         self._window_tokens += self.tokens_per_step
-        last = self.step == cfg.max_steps or self._out_of_time()  # a final figure, whatever stops the run
+        # a final figure, whatever stops the run
+        last = self.step == cfg.max_steps or self._out_of_time()
         if self.step % cfg.log_every == 0 or last:
             dt = time.perf_counter() - self._window_start
             tps = self._window_tokens / dt
             # the step's own losses are noisy across documents: also log the window's mean
-            metrics.update(lm_loss_avg=round(sum(self._window_losses) / len(self._window_losses), 5),
-                           tokens=self.tokens, tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
-                           mfu=round(tps * self.flops_per_token / (self._peak * self.info.world_size), 4))
+            mean_loss = sum(self._window_losses) / len(self._window_losses)
+            mfu = tps * self.flops_per_token / (self._peak * self.info.world_size)
+            metrics.update(lm_loss_avg=round(mean_loss, 5), tokens=self.tokens,
+                           tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
+                           mfu=round(mfu, 4))
             self._window_start = time.perf_counter()
             self._window_tokens = 0
             self._window_losses = []
@@ -400,7 +407,8 @@ class Trainer:
 
 
 def export_checkpoint(model: Transformer, path: Path, tokenizer) -> None:
-    """A trained model as an HF directory (with the tokenizer's files), swapped into place once complete."""
+    """A trained model as an HF directory (with the tokenizer's files), swapped into place once
+    complete."""
     with atomic_dir(path) as tmp:
         save_model(model, tmp, tokenizer=tokenizer)
 
