@@ -43,7 +43,6 @@ from nanoseek.train.grpo_loss import (
     token_logprobs,
     zero_variance_groups,
 )
-from nanoseek.train.optim import lr_multiplier
 from nanoseek.train.rollout import (
     Grader,
     PromptStream,
@@ -231,10 +230,7 @@ class GRPOTrainer(Trainer):
     def train_step(self, samples: list[Sample]) -> dict:
         """μ optimizer steps on one batch of graded groups -> metrics."""
         cfg, model = self.cfg, self.model
-        lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.schedule,
-                                 min_ratio=cfg.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_scale
+        lr_scale = self.schedule_lr()
         if not samples:  # every group had equal rewards: nothing to learn from this batch
             return {"lr_scale": round(lr_scale, 5), "loss": 0.0, "grad_norm": 0.0}
         rewards = torch.tensor([s.reward.total for s in samples])

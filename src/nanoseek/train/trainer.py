@@ -247,10 +247,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
-        lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.schedule,
-                                 min_ratio=cfg.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_scale
+        lr_scale = self.schedule_lr()
         model.train()
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         for micro in range(cfg.grad_accum):
@@ -281,6 +278,15 @@ class Trainer:
             sums = dict(zip(sums, (t / self.info.world_size).tolist()))
         metrics.update({k: round(v, 5) for k, v in sums.items()})
         return metrics
+
+    def schedule_lr(self) -> float:
+        """Set this step's learning rate from the schedule. -> its multiplier of the base rate."""
+        cfg = self.cfg
+        lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps,
+                                 schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_scale
+        return lr_scale
 
     @torch.no_grad()
     def evaluate(self) -> dict:
