@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from nanoseek import Transformer
+from nanoseek.data.chat import prompt_ids
 from nanoseek.model import IGNORE_INDEX
+from nanoseek.stages.grpo import grpo_stage
 from nanoseek.tasks import Reward, get_task
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.grpo import group_advantages, k3_kl, policy_loss, token_logprobs, zero_variance_groups
-from nanoseek.train.rl import REWARD_PLOT, GRPOConfig, GRPOTrainer, add_commands, grpo_stage
-from nanoseek.train.rollout import PromptStream, TaskSpec, collate, generate_groups, prompt_ids, task_grader
+from nanoseek.train.grpo_loss import group_advantages, k3_kl, policy_loss, token_logprobs, zero_variance_groups
+from nanoseek.train.grpo_trainer import REWARD_PLOT, GRPOConfig, GRPOTrainer, add_commands
+from nanoseek.train.rollout import PromptStream, TaskSpec, collate, generate_groups, task_grader
 from nanoseek.train.trainer import STATE_FILE
 
 from conftest import tiny_config
@@ -138,7 +140,7 @@ def tiny_cfg(tmp_path, **overrides) -> GRPOConfig:
 def test_prompts_end_in_the_think_generation_prompt_and_worked_solutions_grade_as_correct(tok):
     task = get_task("arithmetic")
     problems = task.generate(4, seed=3, difficulty=2)
-    ids = prompt_ids(tok, problems[0])
+    ids = prompt_ids(tok, problems[0].prompt)
     assert tok.decode(ids[-2:]) == "<think>\n"  # completions start inside the reasoning
     grade = task_grader({"arithmetic": task})
     rewards = grade(problems, [p.solution.completion(think_prefilled=True) for p in problems])
@@ -155,7 +157,7 @@ def test_rollout_groups_come_from_one_request_per_prompt_and_keep_the_tags(tok):
     ro = generate_groups(engine, tok, problems, length_grader, SamplingParams(n=4, max_tokens=6, seed=5,
                                                                               stop_token_ids=[tok.eos_id]))
     assert len(ro.samples) == 12 and [s.problem for s in ro.samples[:4]] == [problems[0]] * 4
-    assert engine.stats()["prompt_tokens"] == sum(len(prompt_ids(tok, p)) for p in problems)  # one prefill each
+    assert engine.stats()["prompt_tokens"] == sum(len(prompt_ids(tok, p.prompt)) for p in problems)  # one prefill each
     for s in ro.samples:
         body = s.completion_ids[:-1] if s.completion_ids[-1] == tok.eos_id else s.completion_ids
         assert s.text == tok.decode(body)  # special tokens (tags) kept

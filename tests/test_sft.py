@@ -13,9 +13,10 @@ from nanoseek.engine import Engine
 from nanoseek.eval.accuracy import generate_completions
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.presets import load_preset
+from nanoseek.stages.sft import sft_stage
 from nanoseek.tasks import get_task
 from nanoseek.train.dist import DistInfo
-from nanoseek.train.sft import run_sft, sft_stage, split_section
+from nanoseek.train.sft import run_sft, split_section
 
 from conftest import smallest_margin
 from post_helpers import save_tiny, small_tokenizer

@@ -42,7 +42,7 @@ def _preset(args) -> dict:
 
 
 def cmd_data(args) -> int:
-    from nanoseek.pipeline import corpus_stage
+    from nanoseek.stages.corpus import corpus_stage
     from nanoseek.train.dist import DistInfo
 
     print(json.dumps(corpus_stage(Path(args.out), _preset(args), DistInfo(), args.text), indent=2))
@@ -50,7 +50,8 @@ def cmd_data(args) -> int:
 
 
 def cmd_tokenizer(args) -> int:
-    from nanoseek.pipeline import corpus_stage, tokenizer_stage
+    from nanoseek.stages.corpus import corpus_stage
+    from nanoseek.stages.tokenizer import tokenizer_stage
     from nanoseek.train.dist import DistInfo
 
     preset, run = _preset(args), Path(args.out)
@@ -60,7 +61,7 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from nanoseek.pipeline import run_pretraining
+    from nanoseek.stages.speedrun import run_pretraining
 
     summaries = run_pretraining(args.out, _preset(args), text_paths=args.text, long_context=not args.no_long_context)
     print(json.dumps(summaries, indent=2))
@@ -68,7 +69,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_speedrun(args) -> int:
-    from nanoseek.speedrun import run_speedrun
+    from nanoseek.stages.speedrun import run_speedrun
 
     summaries = run_speedrun(args.out, _preset(args), text_paths=args.text)
     if "report" in summaries:
@@ -80,7 +81,7 @@ def cmd_speedrun(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from nanoseek.report import write_report
+    from nanoseek.reporting.report_card import write_report
 
     print(write_report(args.run))
     return 0
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nanoseek.posttrain import add_commands as add_posttrain_commands
     from nanoseek.serve.cli import add_commands as add_serve_commands
-    from nanoseek.train.rl import add_commands as add_grpo_commands
+    from nanoseek.train.grpo_trainer import add_commands as add_grpo_commands
 
     add_posttrain_commands(sub)  # sft, eval, distill
     add_grpo_commands(sub)  # grpo

@@ -20,8 +20,8 @@ def _run_dir(args) -> Path:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_sft(args) -> int:
+    from nanoseek.stages.sft import sft_stage
     from nanoseek.train.dist import init_distributed, shutdown
-    from nanoseek.train.sft import sft_stage
     from nanoseek.train.trainer import TrainConfig
 
     preset = load_preset(args.preset, args.set)

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nanoseek.io import atomic_file
 from nanoseek.model.moe import run_experts
 
 INT8_FILE = "model.int8.safetensors"
@@ -151,9 +152,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
             raise ValueError(f"{name} is not quantized: call quantize_model first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{INT8_FILE}.tmp"
-    save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=_METADATA)
-    os.replace(tmp, path / INT8_FILE)
+    with atomic_file(path / INT8_FILE) as tmp:
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=_METADATA)
     return path / INT8_FILE
 
 
