@@ -1,15 +1,24 @@
 """Byte-level BPE tokenizer (HF `tokenizers`) with DeepSeek-style special tokens and chat template.
 
-Pre-tokenization, in order:
-  1. a regex that isolates runs of CJK characters from Latin words, numbers, punctuation and whitespace, so
-     Chinese merges form inside Chinese text and never glue onto neighbouring English;
-  2. digits one by one, so numbers are spelled digit by digit (arithmetic generalises better);
-  3. byte-level mapping, so every string encodes and there is no unknown token.
+New tokenizers (revision 2, what Tokenizer.train builds) pre-tokenize exactly as llama.cpp's
+`deepseek-coder` type does, so a GGUF export tokenizes as nanoseek does. Each of its regexes splits
+the pieces the previous one left, keeping its matches apart:
+  1. every line break on its own;
+  2. a letter run with at most one leading space;
+  3. a punctuation run with at most one leading space;
+  4. runs of CJK characters (Han, kana, Hangul among them), cut out of those pieces, so Chinese
+     merges form inside Chinese text and never glue onto neighbouring English;
+  5. digits one by one, so numbers are spelled digit by digit (arithmetic generalises better);
+then the byte-level mapping, so every string encodes and there is no unknown token.
+Revision 1 tokenizers (one CJK-aware regex, then single digits) still load and encode as they were
+trained. tokenizer_config.json records the revision (`nanoseek_tokenizer_revision`; absent: 1).
 There is no normaliser: decode(encode(text)) == text for any string.
 
-Special tokens are never produced from plain text: encode() treats their literal strings in user text as ordinary
-characters unless allow_special=True. apply_chat_template() renders the same format as CHAT_TEMPLATE (the Jinja
-template saved in tokenizer_config.json, which transformers uses), written out in Python so nanoseek needs no
+Special tokens are never produced from plain text: encode() treats their literal strings in user
+text as ordinary characters unless allow_special=True. Revision 2 also reserves DeepSeek-V3's
+tool-call tokens and DeepSeek-VL2's image, grounding and padding tokens (older tokenizers load
+without them). apply_chat_template() renders the same format as CHAT_TEMPLATE (the Jinja template
+saved in tokenizer_config.json, which transformers uses), written out in Python so nanoseek needs no
 template engine; the tests check the two agree.
 """
 
@@ -41,17 +50,46 @@ SPECIAL_TOKENS = {
     "fim_hole": "<｜fim▁hole｜>",
     "fim_end": "<｜fim▁end｜>",
     **{f"reserved_{i}": f"<｜reserved▁{i}｜>" for i in range(5)},
+    # revision 2: DeepSeek-V3's tool-call tokens, DeepSeek-VL2's image, grounding and padding tokens
+    "tool_calls_begin": "<｜tool▁calls▁begin｜>",
+    "tool_calls_end": "<｜tool▁calls▁end｜>",
+    "tool_call_begin": "<｜tool▁call▁begin｜>",
+    "tool_call_end": "<｜tool▁call▁end｜>",
+    "tool_outputs_begin": "<｜tool▁outputs▁begin｜>",
+    "tool_outputs_end": "<｜tool▁outputs▁end｜>",
+    "tool_output_begin": "<｜tool▁output▁begin｜>",
+    "tool_output_end": "<｜tool▁output▁end｜>",
+    "tool_sep": "<｜tool▁sep｜>",
+    "image": "<image>",
+    "ref": "<|ref|>",
+    "end_ref": "<|/ref|>",
+    "det": "<|det|>",
+    "end_det": "<|/det|>",
+    "grounding": "<|grounding|>",
+    "vl_pad": "<｜▁pad▁｜>",
 }
 REQUIRED_SPECIALS = ("bos", "eos", "user", "assistant")  # what a loaded tokenizer must have for chat
 
-_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}"
-SPLIT_PATTERN = (
-    rf"[{_CJK}]+"  # a run of CJK characters
-    rf"|[^\r\n\p{{L}}\p{{N}}]?[\p{{L}}\p{{M}}&&[^{_CJK}]]+"  # a word, with one leading space or symbol
-    r"|\p{N}+"  # numbers (then split into digits)
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"  # punctuation
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"  # newlines; spaces, leaving the last one to the next word
+REVISION = 2  # what Tokenizer.train builds
+LLAMA_CPP_PRE = "deepseek-coder"  # llama.cpp's name for revision 2's pre-tokenizer
+# llama.cpp's deepseek-coder regexes (src/llama-vocab.cpp), in its order: line breaks, letter
+# runs, punctuation runs, CJK and Hangul runs (U+4E00-U+9FA5, U+0800-U+4E00, U+AC00-U+D7FF),
+# single digits.
+SPLIT_PATTERNS = (
+    r"[\r\n]",
+    r"\s?\p{L}+",
+    r"\s?\p{P}+",
+    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+    r"\p{N}",
 )
+
+
+def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Revision 2's pre-tokenizer: SPLIT_PATTERNS, each match isolated, then bytes to characters."""
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in SPLIT_PATTERNS]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return pre_tokenizers.Sequence([*splits, byte_level])
+
 
 # DeepSeek-R1 style: bos, the system prompts, then <｜User｜>… and <｜Assistant｜>…<｜end▁of▁sentence｜> turns.
 CHAT_TEMPLATE = r"""{{- bos_token }}
@@ -109,8 +147,9 @@ def _chat_parts(messages: Sequence[Mapping], add_generation_prompt: bool, thinki
 class Tokenizer:
     """Encode/decode text, with special ids by name (`special_ids["think"]`) and the chat template."""
 
-    def __init__(self, tokenizer: HFTokenizer, model_max_length: int = 4096):
+    def __init__(self, tokenizer: HFTokenizer, model_max_length: int = 4096, revision: int = 1):
         json_str = tokenizer.to_str()
+        self.revision = revision  # nanoseek's tokenizer revision (see the module docstring)
         # Two copies of the same tokenizer, so neither call path toggles shared state:
         self._plain = HFTokenizer.from_str(json_str)  # special-token strings in text are ordinary text
         self._plain.encode_special_tokens = True
@@ -124,6 +163,7 @@ class Tokenizer:
         specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special),
                           key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+        self.control_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self.sha256 = hashlib.sha256(json_str.encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------------------------------------- training
@@ -135,11 +175,7 @@ class Tokenizer:
         if vocab_size < 256 + len(SPECIAL_TOKENS):
             raise TokenizerError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
         tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tok.pre_tokenizer = pre_tokenizer()
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
@@ -148,7 +184,7 @@ class Tokenizer:
         )
         seen = 0
 
-        def counted(texts):  # an empty corpus should fail loudly, not give a 272-token tokenizer
+        def counted(texts):  # an empty corpus should fail loudly, not give a bytes-only tokenizer
             nonlocal seen
             for t in texts:
                 seen += bool(t)
@@ -161,7 +197,7 @@ class Tokenizer:
         bos = SPECIAL_TOKENS["bos"]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
-        return cls(tok)
+        return cls(tok, revision=REVISION)
 
     # --------------------------------------------------------------------------------------- encode and decode
 
@@ -195,6 +231,20 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._plain.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def llama_cpp_pre(self) -> str | None:
+        """The llama.cpp pre-tokenizer type that splits text exactly as this one does, or None."""
+        reference = HFTokenizer(models.BPE())
+        reference.pre_tokenizer = pre_tokenizer()
+        ours = json.loads(self._plain.to_str())["pre_tokenizer"]
+        return LLAMA_CPP_PRE if ours == json.loads(reference.to_str())["pre_tokenizer"] else None
+
+    @property
+    def bpe_merges(self) -> list[str]:
+        """The BPE merges in rank order, as "left right" strings."""
+        merges = json.loads(self._plain.to_str())["model"]["merges"]
+        return [m if isinstance(m, str) else " ".join(m) for m in merges]  # newer: pairs
 
     def id_to_token(self, i: int) -> str | None:
         return self._plain.id_to_token(i)
@@ -247,6 +297,7 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,  # keep decode lossless
             "model_max_length": self.model_max_length,
             "chat_template": CHAT_TEMPLATE,
+            "nanoseek_tokenizer_revision": self.revision,
         }
         for name, text in (("tokenizer.json", self._special.to_str(pretty=True)),
                            ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))):
@@ -270,7 +321,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not isinstance(max_len, (int, float)) or max_len >= 1e9:  # transformers writes 1e30 for "no limit"
         max_len = 4096
     try:
-        return Tokenizer(tok, model_max_length=int(max_len))
+        return Tokenizer(tok, model_max_length=int(max_len),
+                         revision=int(config.get("nanoseek_tokenizer_revision", 1)))
     except TokenizerError as e:
         raise TokenizerError(f"{file}: {e}") from None
 
