@@ -13,8 +13,9 @@ install: $(BIN)/python
 	$(PIP) install -e .
 	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
+# llama-cpp-python (test extra) compiles llama.cpp from source; its multimodal library is not needed here.
 install-test: $(BIN)/python browser
-	$(PIP) install -e '.[test]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(PIP) install -e '.[test]'
 	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
 # The web-chat test drives Debian's Chromium with Playwright (Playwright's own browser download is not used).
