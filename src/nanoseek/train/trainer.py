@@ -152,6 +152,9 @@ class Trainer:
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.info.world_size
         self.flops_per_token = train_flops_per_token(model.config, cfg.seq_len)
+        # the losses of the steps since the last log row (their mean is logged): saved with each checkpoint, so a
+        # run resumed between two rows logs the figures of an uninterrupted one
+        self._window_losses: list[float] = []
         self._stop_requested = False
 
     # ------------------------------------------------------------------ the loop
@@ -201,8 +204,7 @@ class Trainer:
         loss)."""
         self._peak = peak
         self._window_start = time.perf_counter()
-        self._window_tokens = 0
-        self._window_losses: list[float] = []
+        self._window_tokens = 0  # this process's: tokens/s measures what it did since the window opened
 
     def run_step(self) -> dict:
         """One optimizer step -> its metrics."""
@@ -369,7 +371,8 @@ class Trainer:
             state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                      "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
                      "loaders": loader_states, "rng": rngs, "world_size": self.info.world_size,
-                     "parallel": "fsdp" if self.fsdp else "ddp", "config": asdict(self.cfg)}
+                     "parallel": "fsdp" if self.fsdp else "ddp", "config": asdict(self.cfg),
+                     "window_losses": list(self._window_losses)}
             with atomic_dir(final) as tmp:
                 save_model(self.host, tmp, tokenizer=self.tokenizer)
                 torch.save(state, tmp / STATE_FILE)
@@ -387,7 +390,8 @@ class Trainer:
         path = self.latest_checkpoint()
         if path is None:
             return False
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only, so a run directory from elsewhere cannot run code here
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         if state["world_size"] != self.info.world_size:
             raise RuntimeError(f"{path} was written by {state['world_size']} ranks; resume it with the same number "
                                f"(this run has {self.info.world_size})")
@@ -406,6 +410,7 @@ class Trainer:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self._window_losses = list(state.get("window_losses", []))
         if self.info.is_main:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
             tqdm.write(f"resumed from {path} (step {self.step})")
