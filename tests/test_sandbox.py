@@ -68,7 +68,7 @@ def test_runs_code(sandbox):
     assert r.ok and r.returncode == 0 and not r.timed_out and r.killed is None
     lines = r.stdout.splitlines()
     assert lines[0] == "HELLO"
-    assert (int(lines[1]) != 0) == ROOT  # root drops to a throwaway uid
+    assert (int(lines[1]) != os.getuid()) == ROOT  # root drops to a throwaway uid
     assert 0 < r.duration < 5
     assert "rlimits" in r.isolation and ("throwaway-uid" in r.isolation) == ROOT
 
@@ -459,7 +459,8 @@ FORGERIES = {
                 print(open(os.path.join(root, name)).read())
         """),
 }
-HARMLESS = ("patch_builtins", "kill_parent", "read_the_test")  # an honest function still passes
+# an honest function still passes (without root, killing our init ends the run)
+HARMLESS = ("patch_builtins", "read_the_test", *(("kill_parent",) if ROOT else ()))
 EQUALS_EVERYTHING = [
     "class Yes:\n    def __eq__(self, other):\n        return True\n",
     "class Yes(int):\n    def __eq__(self, other):\n        return True\n",
@@ -526,3 +527,19 @@ def test_helpers_of_the_prompt_cannot_be_redefined(sandbox):
     assert grade(task, problem, "def root():\n    return 2\n").correct
     forged = "def poly(x):\n    return 0\n\n\ndef root():\n    return 7\n"
     assert grade(task, problem, forged).accuracy == 0.0
+
+
+def test_no_new_session_and_no_signal_to_every_process(sandbox):
+    """Without root the program runs as our uid: kill(-1) would reach every process of ours, and a
+    new session would take its processes out of the group we kill."""
+    r = sandbox.run(program("""
+        import os, signal
+        for call in (os.setsid, lambda: os.setpgid(0, 0), lambda: os.kill(-1, signal.SIGKILL),
+                     lambda: os.kill(-2, 0)):  # a process group
+            try:
+                call()
+                print("allowed")
+            except OSError as e:
+                print("refused", type(e).__name__)
+        """))
+    assert r.stdout.splitlines() == ["refused PermissionError"] * 4, r.stdout + r.stderr

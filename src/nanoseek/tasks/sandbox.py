@@ -152,7 +152,9 @@ class SandboxResult:
     stdout: str
     stderr: str
     timed_out: bool
-    killed: str | None  # "timeout", "output_limit", or the signal that ended it ("SIGKILL", "SIGXCPU", ...)
+    # "timeout", "output_limit", "talk_ended", "init_killed" (the program killed our init: possible
+    # without root), or the signal that ended it ("SIGKILL", "SIGXCPU", ...)
+    killed: str | None
     duration: float  # seconds
     isolation: tuple[str, ...]
 
@@ -460,6 +462,8 @@ class Sandbox:
             if conversation:
                 conversation.finish()
         returncode = int(status) if status else None  # written by our init, never by the program
+        if returncode is None and killed is None and proc.returncode < 0:
+            killed = "init_killed"  # by a signal not ours: without root, the program can do that
         if returncode is None and killed is None:
             detail = err[-2000:].decode(errors="replace")
             raise SandboxError(f"sandbox failed to start (exit {proc.returncode}): {detail}")

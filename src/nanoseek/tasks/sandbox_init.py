@@ -15,6 +15,8 @@ whose flags it can see):
     address;
   - new namespaces: unshare, setns, and clone with any CLONE_NEW* flag (a user namespace would make
     the program root inside it);
+  - leaving its process group (setsid, setpgid), so that all the program starts stays in the one
+    group that we kill; signalling a whole group (kill with a negative pid, kill(-1) included);
   - reaching other processes or the kernel's extras: ptrace, process_vm_readv/writev, bpf,
     perf_event_open, userfaultfd, keyctl/add_key/request_key, io_uring (its requests would bypass
     this filter), mount, umount2, pivot_root, chroot, name_to_handle_at/open_by_handle_at.
@@ -47,8 +49,9 @@ DENIED = (
     "socket", "unshare", "setns", "ptrace", "process_vm_readv", "process_vm_writev", "bpf",
     "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key", "io_uring_setup",
     "io_uring_enter", "io_uring_register", "mount", "umount2", "pivot_root", "chroot",
-    "name_to_handle_at", "open_by_handle_at",
+    "name_to_handle_at", "open_by_handle_at", "setsid", "setpgid",
 )
+PID_SIGN = 0x80000000  # kill() with a negative pid signals a process group, -1 every process we may
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -124,6 +127,7 @@ def seccomp_filter(library: str) -> None:
     deny("clone3", errno=ENOSYS)
     for flag in CLONE_NEW_FLAGS:
         deny("clone", (0, SCMP_CMP_MASKED_EQ, flag, flag))
+    deny("kill", (0, SCMP_CMP_MASKED_EQ, PID_SIGN, PID_SIGN))
     deny("socketpair", (0, SCMP_CMP_NE, AF_UNIX, 0))
     for kind in range(SOCK_TYPE_MASK + 1):
         if kind != SOCK_STREAM:
