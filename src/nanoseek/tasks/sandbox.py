@@ -517,9 +517,10 @@ def _collect(proc: subprocess.Popen, limits: Limits, deadline: float,
         for f in bufs:
             sel.register(f, selectors.EVENT_READ)
         while sel.get_map() and killed is None:
-            if talk_done is not None and talk_done.is_set() and reason == "timeout":
+            grace_end = time.monotonic() + TALK_GRACE
+            if talk_done is not None and talk_done.is_set() and grace_end < deadline:
                 reason = "talk_ended"
-                deadline = min(deadline, time.monotonic() + TALK_GRACE)
+                deadline = grace_end
             left = deadline - time.monotonic()
             if left <= 0:
                 killed = reason
