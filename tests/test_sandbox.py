@@ -236,6 +236,14 @@ def program(text: str) -> str:
     return textwrap.dedent(text).lstrip("\n")
 
 
+@pytest.fixture
+def filtered(sandbox):
+    """The sandbox, where its seccomp filter is in force (libseccomp is installed)."""
+    if "seccomp" not in sandbox.isolation:
+        pytest.skip("libseccomp is not installed: no seccomp filter")
+    return sandbox
+
+
 def unix_server_dir() -> str:
     """A directory the sandboxed uid can reach and no private tmpfs covers (under root: /run)."""
     base = "/run" if ROOT and os.path.isdir("/run") else None
@@ -244,7 +252,7 @@ def unix_server_dir() -> str:
     return path
 
 
-def test_no_unix_socket_of_the_host(sandbox):
+def test_no_unix_socket_of_the_host(filtered):
     """A UNIX socket on the host's filesystem was reachable from the network namespace."""
     directory = unix_server_dir()
     path = os.path.join(directory, "s")
@@ -254,7 +262,7 @@ def test_no_unix_socket_of_the_host(sandbox):
             os.chmod(path, 0o777)
             server.listen()
             server.settimeout(0.3)
-            r = sandbox.run(program(f"""
+            r = filtered.run(program(f"""
                 import socket
                 try:
                     socket.socket(socket.AF_UNIX).connect({path!r})
@@ -269,14 +277,14 @@ def test_no_unix_socket_of_the_host(sandbox):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_no_connection_through_ctypes(sandbox):
+def test_no_connection_through_ctypes(filtered):
     """Straight to libc, past the audit hook: the fallback mode reached 127.0.0.1 this way."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
         server.settimeout(0.3)
         port = server.getsockname()[1]
-        r = sandbox.run(program(f"""
+        r = filtered.run(program(f"""
             import ctypes, socket, struct
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
@@ -291,14 +299,14 @@ def test_no_connection_through_ctypes(sandbox):
         with pytest.raises(socket.timeout):
             server.accept()
     pipe = "import multiprocessing\na, b = multiprocessing.Pipe()\na.send(7)\nprint(b.recv())"
-    r = sandbox.run(pipe)
+    r = filtered.run(pipe)
     assert r.stdout == "7\n", r.stderr  # stream socket pairs stay: they join the program to itself
 
 
-def test_no_user_namespace(sandbox):
+def test_no_user_namespace(filtered):
     """The program could make a user namespace and be root in it; now unshare and clone with a
     CLONE_NEW* flag fail, and clone3 does not exist (the C library then falls back to clone)."""
-    r = sandbox.run(program("""
+    r = filtered.run(program("""
         import ctypes, os, shutil, subprocess
         libc = ctypes.CDLL(None, use_errno=True)
         for flag in (0x10000000, 0x20000, 0x40000000):  # CLONE_NEWUSER, NEWNS, NEWNET
@@ -320,8 +328,8 @@ def test_no_user_namespace(sandbox):
     assert lines[-1] == "fork 0" and all(line.endswith("True") for line in lines[5:-1])
 
 
-def test_no_ptrace(sandbox):
-    r = sandbox.run(program("""
+def test_no_ptrace(filtered):
+    r = filtered.run(program("""
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         print(libc.ptrace(0, 0, 0, 0), ctypes.get_errno())  # PTRACE_TRACEME
@@ -529,10 +537,10 @@ def test_helpers_of_the_prompt_cannot_be_redefined(sandbox):
     assert grade(task, problem, forged).accuracy == 0.0
 
 
-def test_no_new_session_and_no_signal_to_every_process(sandbox):
+def test_no_new_session_and_no_signal_to_every_process(filtered):
     """Without root the program runs as our uid: kill(-1) would reach every process of ours, and a
     new session would take its processes out of the group we kill."""
-    r = sandbox.run(program("""
+    r = filtered.run(program("""
         import os, signal
         for call in (os.setsid, lambda: os.setpgid(0, 0), lambda: os.kill(-1, signal.SIGKILL),
                      lambda: os.kill(-2, 0)):  # a process group
