@@ -26,7 +26,7 @@ import torch
 from nanoseek.data.chat import prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import IGNORE_INDEX
-from nanoseek.tasks import TASKS, Problem, Reward, Task, get_task
+from nanoseek.tasks import TASKS, Code, Problem, Reward, Task, get_task
 
 Grader = Callable[[list[Problem], list[str]], list[Reward]]
 
@@ -82,6 +82,9 @@ class PromptStream:
             raise ValueError("a prompt stream needs at least one task and one language")
         self.specs, self.langs, self.seed = list(specs), list(langs), seed
         self.tasks = build_tasks(self.specs)
+        for task in self.tasks.values():
+            if isinstance(task, Code):  # RL optimises any hole: refuse the sandbox's fallback mode
+                task.sandbox.require_full_isolation()
         self.draws = 0
 
     def next(self, n: int, progress: float = 0.0) -> list[Problem]:
