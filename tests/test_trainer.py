@@ -111,8 +111,10 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     (ckpts / ".step_000006.x1y2.tmp").mkdir()  # what io.atomic_dir leaves when killed
     trainer = Trainer(Transformer(tiny_config()), cfg.__class__(**{**cfg.__dict__, "max_steps": 6}),
                       CountingLoader(2, 8, 128))
+    (ckpts / ".step_000002.removing").mkdir()  # a rotation killed mid-delete
     assert trainer.latest_checkpoint().name == "step_000002"
     assert trainer.resume() and trainer.step == 2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002"]  # the leftovers are cleaned at start
 
 
 def test_torchrun_two_ranks_match_one_process(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -377,7 +378,7 @@ class Trainer:
                 save_model(self.host, tmp, tokenizer=self.tokenizer)
                 torch.save(state, tmp / STATE_FILE)
             for old in sorted(self.checkpoint_dir.glob("step_*"))[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_dir(old)
         dist.barrier(self.info)
         return final
 
@@ -386,7 +387,14 @@ class Trainer:
         return done[-1] if done else None
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint in out_dir, if any."""
+        """Continue from the newest complete checkpoint in out_dir, if any, after removing what killed
+        saves left behind."""
+        if self.info.is_main and self.checkpoint_dir.is_dir():
+            for leftover in self.checkpoint_dir.glob(".*"):  # temporaries of a save or a rotation
+                _remove_dir(leftover)
+            for incomplete in self.checkpoint_dir.glob("step_*"):
+                if not (incomplete / STATE_FILE).is_file():
+                    _remove_dir(incomplete)
         path = self.latest_checkpoint()
         if path is None:
             return False
@@ -415,6 +423,16 @@ class Trainer:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
             tqdm.write(f"resumed from {path} (step {self.step})")
         return True
+
+
+def _remove_dir(path: Path) -> None:
+    """Renamed out of sight first, then deleted: a kill during the delete leaves a hidden leftover
+    that the next start removes, never a half-deleted checkpoint under its own name."""
+    hidden = path.with_name(f".{path.name}.removing")
+    if not path.name.startswith("."):
+        os.replace(path, hidden)
+        path = hidden
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def export_checkpoint(model: Transformer, path: Path, tokenizer) -> None:
