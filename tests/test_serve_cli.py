@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 
-from nanoseek.serve.cli import add_commands
+from nanoseek.cli.serve import add_commands
 
 from serve_helpers import SCRIPT, nanoseek, shared_checkpoint
 

@@ -54,10 +54,10 @@ class LocalBackend:
     """The engine in this process."""
 
     def __init__(self, checkpoint: str):
+        from nanoseek.cli.serve import check_checkpoint
         from nanoseek.engine import Engine
         from nanoseek.serve.app import load_checkpoint
         from nanoseek.serve.chat_format import EngineTokenizer
-        from nanoseek.serve.cli import check_checkpoint
 
         ckpt = load_checkpoint(check_checkpoint(checkpoint))
         self.tok, self.defaults = ckpt.tokenizer, ckpt.defaults

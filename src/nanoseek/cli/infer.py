@@ -1,6 +1,6 @@
 """`nanoseek generate CKPT PROMPT`: stream one completion to the terminal, then the speed.
 
-    from nanoseek.engine.cli import add_generate_arguments, generate_cli
+    from nanoseek.cli.infer import add_generate_arguments, generate_cli
     add_generate_arguments(subparsers.add_parser("generate", help=...))   # in the CLI
     generate_cli(args)                                                     # -> exit code
 """

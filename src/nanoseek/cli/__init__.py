@@ -133,13 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run directory, e.g. runs/cpu")
     p.set_defaults(func=cmd_report)
 
-    from nanoseek.engine.cli import add_generate_arguments, generate_cli
+    from nanoseek.cli.infer import add_generate_arguments, generate_cli
 
     p = add_generate_arguments(sub.add_parser("generate", help="stream one completion of PROMPT, then tokens/s"))
     p.set_defaults(func=generate_cli)
 
-    from nanoseek.posttrain import add_commands as add_posttrain_commands
-    from nanoseek.serve.cli import add_commands as add_serve_commands
+    from nanoseek.cli.posttrain import add_commands as add_posttrain_commands
+    from nanoseek.cli.serve import add_commands as add_serve_commands
     from nanoseek.train.rl import add_commands as add_grpo_commands
 
     add_posttrain_commands(sub)  # sft, eval, distill
@@ -162,6 +162,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

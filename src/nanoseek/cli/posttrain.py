@@ -130,7 +130,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_distill)
 
 
-if __name__ == "__main__":  # python -m nanoseek.posttrain ... until cli.py registers the commands
+if __name__ == "__main__":  # python -m nanoseek.cli.posttrain ... until cli.py registers the commands
     import sys
 
     parser = argparse.ArgumentParser(prog="nanoseek")
