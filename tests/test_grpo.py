@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from nanoseek import Transformer
+from nanoseek.cli.posttrain import add_commands
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tasks import Reward, get_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import group_advantages, k3_kl, policy_loss, token_logprobs, zero_variance_groups
-from nanoseek.train.rl import REWARD_PLOT, GRPOConfig, GRPOTrainer, add_commands, grpo_stage
+from nanoseek.train.rl import REWARD_PLOT, GRPOConfig, GRPOTrainer, grpo_stage
 from nanoseek.train.rollout import PromptStream, TaskSpec, collate, generate_groups, prompt_ids, task_grader
 from nanoseek.train.trainer import STATE_FILE
 

@@ -1,11 +1,9 @@
 """`nanoseek chat` with a local checkpoint and `nanoseek serve` as commands, in subprocesses (`chat --url` is
 tested in test_serve_api.py, against its server)."""
 
-import argparse
-
 import pytest
 
-from nanoseek.cli.serve import add_commands
+from nanoseek.cli import build_parser
 
 from serve_helpers import SCRIPT, nanoseek, shared_checkpoint
 
@@ -18,9 +16,8 @@ def checkpoint():
     return shared_checkpoint()
 
 
-def test_add_commands_registers_serve_and_chat():
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command"))
+def test_the_cli_registers_serve_and_chat():
+    parser = build_parser()
     args = parser.parse_args(["serve", "ckpt", "--port", "9000", "--api-key", "k", "--max-queue", "3"])
     assert (args.command, args.host, args.port, args.api_key, args.max_queue) == ("serve", "127.0.0.1", 9000, "k", 3)
     args = parser.parse_args(["chat", "--url", "http://127.0.0.1:9000"])

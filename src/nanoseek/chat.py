@@ -1,4 +1,4 @@
-"""`nanoseek chat`: a multi-turn chat in the terminal, streaming, with a local checkpoint or a running server.
+"""The terminal chat behind `nanoseek chat`: multi-turn, streaming, with a local checkpoint or a running server.
 
     nanoseek chat runs/cpu/model                  # loads the model here and runs the engine in this process
     nanoseek chat --url http://127.0.0.1:8000     # talks to `nanoseek serve` (or any OpenAI-compatible server)
@@ -10,7 +10,6 @@ The thought is shown dimmed on a terminal (between <think> tags otherwise) and i
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import urllib.error
@@ -19,19 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 HELP = "commands: /reset (new conversation), /thinking on|off, /exit (or Ctrl-D); Ctrl-C stops an answer"
-
-
-def add_arguments(p) -> None:
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory to load here (or use --url)")
-    p.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"), help="(default: $NANOSEEK_API_KEY)")
-    p.add_argument("--model", default=None, help="model name to ask the server for (default: its first model)")
-    p.add_argument("--system", default=None, help="a system prompt")
-    p.add_argument("--no-thinking", action="store_true", help="answer without a thought")
-    p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="(default: what the context leaves)")
-    p.add_argument("--seed", type=int, default=None)
 
 
 class Stop:
@@ -219,13 +205,3 @@ def repl(backend, opts: dict, system: str | None = None, out=sys.stdout) -> None
         if stop.requested:
             print("(stopped)", file=out)
         messages.append({"role": "assistant", "content": "".join(answer)})
-
-
-def cmd_chat(args) -> int:
-    if (args.checkpoint is None) == (args.url is None):
-        raise ValueError("give a checkpoint directory or --url of a server (one of the two)")
-    backend = RemoteBackend(args.url, args.api_key, args.model) if args.url else LocalBackend(args.checkpoint)
-    opts = dict(thinking=not args.no_thinking, temperature=args.temperature, top_p=args.top_p,
-                max_tokens=args.max_tokens, seed=args.seed)
-    repl(backend, opts, args.system)
-    return 0

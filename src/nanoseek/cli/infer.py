@@ -1,19 +1,17 @@
-"""`nanoseek generate CKPT PROMPT`: stream one completion to the terminal, then the speed.
-
-    from nanoseek.cli.infer import add_generate_arguments, generate_cli
-    add_generate_arguments(subparsers.add_parser("generate", help=...))   # in the CLI
-    generate_cli(args)                                                     # -> exit code
-"""
+"""Inference commands: `nanoseek generate CKPT PROMPT` streams one completion to the terminal, then the speed;
+`nanoseek chat CKPT | --url URL` is the terminal chat of nanoseek/chat.py."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from nanoseek.chat import LocalBackend, RemoteBackend, repl
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 
@@ -97,10 +95,35 @@ def generate_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return generate_cli(add_generate_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-                        .parse_args(argv))
+def add_chat_arguments(p) -> None:
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory to load here (or use --url)")
+    p.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"), help="(default: $NANOSEEK_API_KEY)")
+    p.add_argument("--model", default=None, help="model name to ask the server for (default: its first model)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--no-thinking", action="store_true", help="answer without a thought")
+    p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-tokens", type=int, default=None, help="(default: what the context leaves)")
+    p.add_argument("--seed", type=int, default=None)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def cmd_chat(args) -> int:
+    if (args.checkpoint is None) == (args.url is None):
+        raise ValueError("give a checkpoint directory or --url of a server (one of the two)")
+    backend = RemoteBackend(args.url, args.api_key, args.model) if args.url else LocalBackend(args.checkpoint)
+    opts = dict(thinking=not args.no_thinking, temperature=args.temperature, top_p=args.top_p,
+                max_tokens=args.max_tokens, seed=args.seed)
+    repl(backend, opts, args.system)
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register `nanoseek generate` and `nanoseek chat`."""
+    p = add_generate_arguments(sub.add_parser("generate", help="stream one completion of PROMPT, then tokens/s"))
+    p.set_defaults(func=generate_cli)
+    p = sub.add_parser("chat", help="chat in the terminal with a checkpoint or a running server",
+                       description="Multi-turn chat in the terminal, streaming. /reset forgets the "
+                                   "conversation, /exit leaves; Ctrl-C stops an answer.")
+    add_chat_arguments(p)
+    p.set_defaults(func=cmd_chat)

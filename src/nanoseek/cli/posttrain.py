@@ -1,12 +1,11 @@
-"""Command line for post-training and evaluation: `nanoseek sft`, `nanoseek eval`, `nanoseek distill`.
+"""Post-training and evaluation commands: `nanoseek sft`, `nanoseek grpo`, `nanoseek distill`, `nanoseek eval`.
 
-cli.py calls `add_commands(subparsers)`; each command is a thin layer over train/sft.py, eval/ and
-train/distill.py. Preset sections "sft", "distill" and "eval" can be overridden with --set like the others.
+cli/__init__.py calls `add_commands(subparsers)`; each command is a thin layer over train/sft.py, train/rl.py,
+train/distill.py and eval/. Preset sections "sft", "grpo", "distill" and "eval" can be overridden with --set.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -75,6 +74,32 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_grpo(args) -> int:
+    from nanoseek.train.dist import init_distributed, shutdown
+    from nanoseek.train.rl import GRPOConfig, grpo_stage
+
+    preset = load_preset(args.preset, args.set)
+    preset["grpo"] = section_of(preset, "grpo")
+    info = init_distributed(GRPOConfig(**preset["grpo"]).resolved_device)
+    try:
+        print(json.dumps(grpo_stage(_run_dir(args), preset, info, init=args.init), indent=2))
+    finally:
+        shutdown(info)
+    return 0
+
+
+def _add_grpo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "grpo", help="R1-style RL (GRPO) with verifiable task rewards: runs/NAME/sft/final -> runs/NAME/grpo/final; "
+                     "resumes where it stopped; runs under torchrun")
+    p.add_argument("--preset", default="cpu", help="a preset name or .json file; its \"grpo\" section (default: cpu)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/PRESET)")
+    p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint instead of RUN/sft/final")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a preset field, e.g. --set grpo.group_size=16 --set grpo.tasks='[\"countdown:1\"]'")
+    p.set_defaults(func=cmd_grpo)
+
+
 # ---------------------------------------------------------------------------------------------- parsers
 def add_commands(subparsers) -> None:
     from nanoseek.presets import available_presets
@@ -96,6 +121,8 @@ def add_commands(subparsers) -> None:
                    help='your chat data: one {"messages": [{"role", "content", "reasoning_content"?}, ...]} per line')
     p.add_argument("--only-data", action="store_true", help="train on --data alone, without the built-in mix")
     p.set_defaults(func=cmd_sft)
+
+    _add_grpo(subparsers)
 
     p = subparsers.add_parser("eval", help="bits per byte, held-out task accuracy (pass@1, pass@k) and passkey "
                                            "retrieval of a checkpoint, as a markdown table and JSON")
@@ -128,12 +155,3 @@ def add_commands(subparsers) -> None:
     p.add_argument("--preset", default=None, help="preset whose 'distill' section to use (optional)")
     p.add_argument("--set", action="append", default=[], metavar="distill.FIELD=VALUE")
     p.set_defaults(func=cmd_distill)
-
-
-if __name__ == "__main__":  # python -m nanoseek.cli.posttrain ... until cli.py registers the commands
-    import sys
-
-    parser = argparse.ArgumentParser(prog="nanoseek")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args()
-    sys.exit(ns.func(ns))

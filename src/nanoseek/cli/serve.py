@@ -1,4 +1,4 @@
-"""`nanoseek serve CKPT` and `nanoseek chat CKPT | --url URL`: add_commands(subparsers) registers both."""
+"""`nanoseek serve CKPT`: the HTTP server as a command; add_commands(subparsers) registers it."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_commands(subparsers) -> None:
-    from nanoseek.chat import add_arguments as add_chat_arguments
-    from nanoseek.chat import cmd_chat
-
     d = _defaults()
     p = subparsers.add_parser(
         "serve", help="serve a checkpoint: OpenAI-compatible API, web chat at /, /health, /metrics",
@@ -45,12 +42,6 @@ def add_commands(subparsers) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=cmd_serve)
-
-    p = subparsers.add_parser("chat", help="chat in the terminal with a checkpoint or a running server",
-                              description="Multi-turn chat in the terminal, streaming. /reset forgets the "
-                                          "conversation, /exit leaves; Ctrl-C stops an answer.")
-    add_chat_arguments(p)
-    p.set_defaults(func=cmd_chat)
 
 
 def _defaults():

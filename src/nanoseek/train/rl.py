@@ -385,7 +385,7 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
     return out
 
 
-# ---------------------------------------------------------------------- pipeline stage and command
+# ---------------------------------------------------------------------- pipeline stage
 def grpo_stage(run: Path, preset: dict, info: D.DistInfo, init: str | Path | None = None) -> dict:
     """runs/NAME/sft/final (or `init`) -> GRPO on the preset's "grpo" section -> runs/NAME/grpo/final."""
     from nanoseek.checkpoint import load_model
@@ -417,30 +417,3 @@ def _first_eval(path: Path) -> float | None:
         return None
     rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
     return next((r["val_accuracy"] for r in rows if "val_accuracy" in r), None)
-
-
-def cmd_grpo(args) -> int:
-    from nanoseek.presets import load_preset, section
-
-    preset = load_preset(args.preset, args.set)
-    preset["grpo"] = section(preset, "grpo")
-    out = Path(args.out or f"runs/{Path(args.preset).stem}")
-    info = D.init_distributed(GRPOConfig(**preset["grpo"]).resolved_device)
-    try:
-        print(json.dumps(grpo_stage(out, preset, info, init=args.init), indent=2))
-    finally:
-        D.shutdown(info)
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    """Register `nanoseek grpo`."""
-    p = subparsers.add_parser(
-        "grpo", help="R1-style RL (GRPO) with verifiable task rewards: runs/NAME/sft/final -> runs/NAME/grpo/final; "
-                     "resumes where it stopped; runs under torchrun")
-    p.add_argument("--preset", default="cpu", help="a preset name or .json file; its \"grpo\" section (default: cpu)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/PRESET)")
-    p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint instead of RUN/sft/final")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a preset field, e.g. --set grpo.group_size=16 --set grpo.tasks='[\"countdown:1\"]'")
-    p.set_defaults(func=cmd_grpo)
