@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from nanoseek.serve.app import create_app, load_checkpoint
+from nanoseek.checkpoint import load_checkpoint
+from nanoseek.serve.app import create_app
 from nanoseek.serve.chat_format import completion_prompt
 from nanoseek.serve.config import ServerConfig
 from nanoseek.tokenizer import load_tokenizer

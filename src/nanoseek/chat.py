@@ -16,6 +16,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nanoseek.checkpoint import Checkpoint
 
 HELP = "commands: /reset (new conversation), /thinking on|off, /exit (or Ctrl-D); Ctrl-C stops an answer"
 
@@ -39,14 +43,12 @@ class Stop:
 class LocalBackend:
     """The engine in this process."""
 
-    def __init__(self, checkpoint: str):
-        from nanoseek.cli.serve import check_checkpoint
+    def __init__(self, ckpt: Checkpoint):
         from nanoseek.engine import Engine
-        from nanoseek.serve.app import load_checkpoint
         from nanoseek.serve.chat_format import EngineTokenizer
 
-        ckpt = load_checkpoint(check_checkpoint(checkpoint))
-        self.tok, self.defaults = ckpt.tokenizer, ckpt.defaults
+        self.tok = ckpt.tokenizer
+        self.defaults = ckpt.defaults
         self.engine = Engine(ckpt.model, EngineTokenizer(ckpt.tokenizer), max_batch_size=1)
 
     def reply(self, messages: list[dict], opts: dict) -> Iterator[tuple[str, str]]:

@@ -7,11 +7,12 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from nanoseek.chat import LocalBackend, RemoteBackend, repl
+from nanoseek.checkpoint import load_checkpoint
+from nanoseek.cli.common import add_weight_arguments, check_checkpoint
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 
@@ -25,42 +26,17 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ids", action="store_true", help="the prompt is token ids; print ids instead of text")
-    p.add_argument("--int8", action="store_true", help="use model.int8.safetensors (quantize now if absent)")
     p.add_argument("--speculative", action="store_true", help="draft with the MTP module (if the model has one)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: the checkpoint's (float32 on CPU)")
+    add_weight_arguments(p)
     return p
 
 
-def load_for_inference(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                       int8: bool = False):
-    """The model of a checkpoint directory, int8 if asked (from model.int8.safetensors when present)."""
-    from nanoseek.checkpoint import load_model
-    from nanoseek.engine.quant import INT8_FILE, load_quantized, quantize_model
-
-    if int8 and (Path(path) / INT8_FILE).is_file():
-        return load_quantized(path, device=device, dtype=dtype)
-    model = load_model(path, device=device, dtype=dtype)
-    return quantize_model(model, inplace=True) if int8 else model
-
-
-def _tokenizer(path: str | Path):
-    try:
-        from nanoseek.tokenizer import load_tokenizer
-    except ImportError:
-        return None
-    try:
-        return load_tokenizer(path)
-    except (FileNotFoundError, OSError):
-        return None
-
-
 def generate_cli(args: argparse.Namespace) -> int:
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_for_inference(args.checkpoint, args.device, dtype, args.int8)
-    tok = None if args.ids else _tokenizer(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint, args.dtype, args.int8, device=args.device)
+    model = ckpt.model
+    tok = None if args.ids else ckpt.tokenizer
     if tok is None and not args.ids:
         print(f"error: no tokenizer in {args.checkpoint}; pass token ids with --ids", file=sys.stderr)
         return 2
@@ -106,12 +82,16 @@ def add_chat_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--max-tokens", type=int, default=None, help="(default: what the context leaves)")
     p.add_argument("--seed", type=int, default=None)
+    add_weight_arguments(p)
 
 
 def cmd_chat(args) -> int:
     if (args.checkpoint is None) == (args.url is None):
         raise ValueError("give a checkpoint directory or --url of a server (one of the two)")
-    backend = RemoteBackend(args.url, args.api_key, args.model) if args.url else LocalBackend(args.checkpoint)
+    if args.url:
+        backend = RemoteBackend(args.url, args.api_key, args.model)
+    else:
+        backend = LocalBackend(load_checkpoint(check_checkpoint(args.checkpoint), args.dtype, args.int8))
     opts = dict(thinking=not args.no_thinking, temperature=args.temperature, top_p=args.top_p,
                 max_tokens=args.max_tokens, seed=args.seed)
     repl(backend, opts, args.system)

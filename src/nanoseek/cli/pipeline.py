@@ -17,10 +17,10 @@ def cmd_demo(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
-    from nanoseek import load_model
+    from nanoseek.checkpoint import load_checkpoint
     from nanoseek.train.flops import active_matmul_params
 
-    model = load_model(args.checkpoint)
+    model = load_checkpoint(args.checkpoint).model
     cfg = model.config
     dtype_bytes = torch.finfo(model.embed_tokens.weight.dtype).bits // 8
     mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * dtype_bytes

@@ -6,9 +6,8 @@ import logging
 import os
 import socket
 import sys
-from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+from nanoseek.cli.common import add_weight_arguments, check_checkpoint
 
 
 def add_commands(subparsers) -> None:
@@ -35,7 +34,7 @@ def add_commands(subparsers) -> None:
     eng.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default: 64)")
     eng.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step (default: 1024)")
     eng.add_argument("--cache-memory", type=float, default=None, help="GiB for the latent KV cache (default: 1)")
-    eng.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved)")
+    add_weight_arguments(eng)
     eng.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
     eng.add_argument("--no-prefix-cache", action="store_true")
     eng.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -50,19 +49,12 @@ def _defaults():
     return ServerConfig()
 
 
-def check_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    for name in ("config.json", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: not a servable checkpoint (no {name})")
-    return path
-
-
 def cmd_serve(args) -> int:
     import torch
     import uvicorn
 
-    from nanoseek.serve.app import create_app, load_checkpoint
+    from nanoseek.checkpoint import load_checkpoint
+    from nanoseek.serve.app import create_app
     from nanoseek.serve.config import ServerConfig
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
@@ -76,7 +68,6 @@ def cmd_serve(args) -> int:
                           speculative=args.speculative, enable_prefix_cache=not args.no_prefix_cache)
     if args.cache_memory is not None:
         engine_options["cache_memory"] = int(args.cache_memory * (1 << 30))
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     family = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)[0][0]
@@ -88,7 +79,7 @@ def cmd_serve(args) -> int:
         failed.append(e)
         server.should_exit = True
 
-    app = create_app(config, lambda: load_checkpoint(ckpt, dtype), engine_options, on_load_error)
+    app = create_app(config, lambda: load_checkpoint(ckpt, args.dtype, args.int8), engine_options, on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                                            timeout_graceful_shutdown=5))
     host = f"[{config.host}]" if ":" in config.host else config.host

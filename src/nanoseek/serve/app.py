@@ -1,6 +1,6 @@
 """The HTTP server: an OpenAI-compatible API (with DeepSeek and vLLM extras), /health, /metrics and the web chat.
 
-    app = create_app(ServerConfig(...), load=lambda: load_checkpoint("runs/cpu/model"))
+    app = create_app(ServerConfig(...), load=lambda: nanoseek.checkpoint.load_checkpoint("runs/cpu/model"))
 
 The app starts answering at once and loads the model on a thread: until it is ready /health and the API say 503.
 A request goes: key (401) -> ready (503) -> body size (413) -> JSON fields (400) -> model name (404) -> prompt and
@@ -27,6 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.checkpoint import Checkpoint
 from nanoseek.engine import Engine, SamplingParams, StepEvent
 from nanoseek.serve import protocol as P
 from nanoseek.serve.bridge import EngineBridge, EngineDead, Rejected
@@ -61,24 +62,6 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": P.ErrorBody(message=self.message, type=self.type, param=self.param,
                                      code=self.code).model_dump()}
-
-
-@dataclass
-class Checkpoint:
-    model: object  # a nanoseek Transformer
-    tokenizer: object  # a nanoseek Tokenizer
-    defaults: dict = field(default_factory=dict)  # sampling defaults from generation_config.json
-
-
-def load_checkpoint(path: str | Path, dtype=None) -> Checkpoint:
-    from nanoseek.checkpoint import load_model
-    from nanoseek.tokenizer import load_tokenizer
-
-    path = Path(path)
-    gen = path / "generation_config.json"
-    defaults = json.loads(gen.read_text("utf-8")) if gen.is_file() else {}
-    return Checkpoint(load_model(path, dtype=dtype), load_tokenizer(path),
-                      {k: defaults[k] for k in ("temperature", "top_p", "top_k") if k in defaults})
 
 
 # ------------------------------------------------------------------------------------------------ one request
