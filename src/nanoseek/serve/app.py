@@ -21,11 +21,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanoseek.checkpoint import Checkpoint
-from nanoseek.serve import protocol as P
 from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.metrics import Metrics
-from nanoseek.serve.server import Server, _json
+from nanoseek.serve.openai import OpenAIAPI
+from nanoseek.serve.server import Server
 
 log = logging.getLogger("nanoseek.serve")
 WEB = Path(__file__).parent / "web"
@@ -33,14 +33,13 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'se
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-# ------------------------------------------------------------------------------------------------ the FastAPI app
-
-
 class _CountRequests:
     """ASGI middleware: requests_total by endpoint and status (unknown paths share one label)."""
 
     def __init__(self, app, metrics: Metrics, endpoints: set[str]):
-        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+        self.app = app
+        self.metrics = metrics
+        self.endpoints = endpoints
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -63,6 +62,7 @@ class _CountRequests:
 def create_app(config: ServerConfig, load: Callable[[], Checkpoint], engine_options: dict | None = None,
                on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     server = Server(config, load, engine_options)
+    api = OpenAIAPI(server)
 
     def load_in_background():
         try:
@@ -101,18 +101,15 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint], engine_opti
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await server.chat_completions(request)
+        return await api.chat_completions(request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await server.completions(request)
+        return await api.completions(request)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        server.authorize(request)
-        context = server.engine.max_model_len if server.status == "ok" else None
-        return _json(P.ModelList(data=[P.ModelCard(id=config.model_name, created=server.created,
-                                                   max_model_len=context)]))
+        return api.models(request)
 
     @app.get("/health")
     async def health():
