@@ -198,8 +198,8 @@ class OpenAIAPI:
         vocab = self.server.table.size
         prompts = []
         for p in req.prompts:
-            if not isinstance(p, str) and any(t >= vocab for t in p):
-                raise APIError(400, f"prompt token ids must be below the vocabulary size {vocab}",
+            if not isinstance(p, str) and not all(0 <= t < vocab for t in p):
+                raise APIError(400, f"prompt token ids must lie in [0, {vocab}), the vocabulary",
                                param="prompt")
             try:
                 prompts.append(completion_prompt(self.server.tok, p, req.suffix))

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -30,6 +31,7 @@ from nanoseek.serve.logits import JsonVocab
 from nanoseek.serve.metrics import Metrics
 
 log = logging.getLogger("nanoseek.serve")
+ASCII_DIGITS = re.compile(r"[0-9]+")  # str.isdigit also takes "²", which int() refuses
 
 
 class Server:
@@ -102,7 +104,7 @@ class Server:
     async def body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and _declared_over(declared, limit):
             raise APIError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
         chunks = []
         size = 0
@@ -246,6 +248,15 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.on_close()
+
+
+def _declared_over(content_length: str, limit: int) -> bool:
+    """Whether a Content-Length header says the body is over `limit` bytes. A malformed one says nothing (the
+    body is counted as it arrives anyway); one with more digits than int() converts is over any limit."""
+    if not ASCII_DIGITS.fullmatch(content_length):
+        return False
+    digits = content_length.lstrip("0")
+    return len(digits) > len(str(limit)) or int(digits or "0") > limit
 
 
 async def _disconnected(request: Request) -> None:
