@@ -94,7 +94,8 @@ class RemoteBackend:
         for key in ("max_tokens", "temperature", "top_p", "seed"):
             if opts[key] is not None:
                 body[key] = opts[key]
-        req = urllib.request.Request(self.base + "/v1/chat/completions", data=json.dumps(body).encode(),
+        req = urllib.request.Request(self.base + "/v1/chat/completions",
+                                     data=json.dumps(body).encode(),
                                      headers=self.headers, method="POST")
         with _http(req) as resp:  # leaving early closes the connection: the server cancels the generation
             for raw in resp:
@@ -135,7 +136,8 @@ class Printer:
     """Writes reasoning dimmed (or inside <think> tags when not on a terminal), then the answer."""
 
     def __init__(self, out):
-        self.out, self.tty = out, out.isatty()
+        self.out = out
+        self.tty = out.isatty()
         self.mode = None
 
     def write(self, reasoning: str, content: str) -> None:
@@ -162,7 +164,8 @@ class Printer:
 def repl(backend, opts: dict, system: str | None = None, out=sys.stdout) -> None:
     system_turn = [{"role": "system", "content": system}] if system else []
     messages = list(system_turn)
-    stop, printer = Stop(), Printer(out)
+    stop = Stop()
+    printer = Printer(out)
     print(HELP, file=out)
     while True:
         try:

@@ -296,17 +296,18 @@ def _copy_into(model: Transformer, lazy: _LazyTensors) -> None:
 class Checkpoint:
     """A checkpoint directory loaded for use: what `generate`, `chat`, `serve` and `info` need."""
 
-    model: Transformer  # int8 modules in place of the linear layers and experts when loaded with int8=True
+    model: Transformer  # with int8=True: int8 modules in place of the linear layers and experts
     tokenizer: Tokenizer | None  # None when the directory has no tokenizer.json
     defaults: dict = field(default_factory=dict)  # sampling defaults from generation_config.json
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = None, int8: bool = False,
-                    device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory's model, tokenizer and sampling defaults. dtype (a torch dtype or its name,
-    e.g. "bfloat16") defaults to the dtype on disk; int8 reads model.int8.safetensors when the directory has
-    one and quantizes the loaded model otherwise."""
-    from nanoseek.engine.quant import INT8_FILE, load_quantized, quantize_model  # engine/ builds on this module
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    int8: bool = False, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint directory's model, tokenizer and sampling defaults. dtype (a torch dtype or
+    its name, e.g. "bfloat16") defaults to the dtype on disk; int8 reads model.int8.safetensors when
+    the directory has one and quantizes the loaded model otherwise."""
+    # imported here: engine/ builds on this module (quant.load_quantized calls load_model)
+    from nanoseek.engine.quant import INT8_FILE, load_quantized, quantize_model
 
     path = Path(path)
     if isinstance(dtype, str):

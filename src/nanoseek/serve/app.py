@@ -1,9 +1,10 @@
-"""The HTTP app: routes, error handlers, the request counter, the web chat; serve/server.py does the work.
+"""The HTTP app: routes, error handlers, the request counter, the web chat; serve/server.py and
+serve/openai.py do the work.
 
-    app = create_app(ServerConfig(...), load=lambda: nanoseek.checkpoint.load_checkpoint("runs/cpu/model"))
+    app = create_app(ServerConfig(...), load=lambda: load_checkpoint("runs/cpu/model"))
 
-The app starts answering at once and loads the model on a thread: until it is ready /health and the API say 503.
-Errors are OpenAI error objects.
+The app starts answering at once and loads the model on a thread: until it is ready /health and the
+API say 503. Errors are OpenAI error objects.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from nanoseek.serve.server import Server
 
 log = logging.getLogger("nanoseek.serve")
 WEB = Path(__file__).parent / "web"
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+       "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class _CountRequests:
@@ -59,7 +60,8 @@ class _CountRequests:
             self.metrics.count_request(path if path in self.endpoints else "other", status)
 
 
-def create_app(config: ServerConfig, load: Callable[[], Checkpoint], engine_options: dict | None = None,
+def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
+               engine_options: dict | None = None,
                on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     server = Server(config, load, engine_options)
     api = OpenAIAPI(server)
@@ -77,7 +79,8 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint], engine_opti
         yield
         server.close()
 
-    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.server = server
 
     @app.exception_handler(APIError)
@@ -87,16 +90,20 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint], engine_opti
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
-        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        message = str(e.detail)
+        if e.status_code in (404, 405):
+            message = f"no route {request.method} {request.url.path}"
         server.metrics.count_error(kind)
-        return JSONResponse(APIError(e.status_code, message, kind).body(), status_code=e.status_code)
+        return JSONResponse(APIError(e.status_code, message, kind).body(),
+                            status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
         server.metrics.count_error("server_error")
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(),
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}",
+                                     "server_error").body(),
                             status_code=500)
 
     @app.post("/v1/chat/completions")
@@ -123,20 +130,24 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint], engine_opti
         counters = {}
         if server.status == "ok":
             s = await asyncio.to_thread(server.engine.stats)
-            gauges |= {"engine_sequences_running": ("Sequences in the engine's batch.", s["running"]),
-                       "engine_sequences_waiting": ("Sequences waiting in the engine's queue.", s["waiting"]),
-                       "queue_depth": ("Requests and sequences waiting, server and engine.",
-                                       server.queued + s["waiting"]),
-                       "kv_cache_free_blocks": ("Free blocks of the latent KV cache.", s["free_blocks"]),
-                       "kv_cache_total_blocks": ("Blocks of the latent KV cache.", s["total_blocks"]),
-                       "prefix_cache_hit_rate": ("Prompt tokens served from the prefix cache / all.",
-                                                 s["prefix_cache_hit_rate"])}
-            counters = {"engine_steps_total": ("Engine steps (forward passes).", s["steps"]),
-                        "engine_generated_tokens_total": ("Tokens the engine generated, cancelled requests "
-                                                          "included.", s["generated_tokens"]),
-                        "engine_preemptions_total": ("Sequences preempted for lack of cache blocks.",
-                                                     s["preemptions"])}
-        return Response(server.metrics.render(gauges, counters), media_type="text/plain; version=0.0.4")
+            gauges |= {
+                "engine_sequences_running": ("Sequences in the engine's batch.", s["running"]),
+                "engine_sequences_waiting": ("Sequences waiting in the engine's queue.",
+                                             s["waiting"]),
+                "queue_depth": ("Requests and sequences waiting, server and engine.",
+                                server.queued + s["waiting"]),
+                "kv_cache_free_blocks": ("Free blocks of the latent KV cache.", s["free_blocks"]),
+                "kv_cache_total_blocks": ("Blocks of the latent KV cache.", s["total_blocks"]),
+                "prefix_cache_hit_rate": ("Prompt tokens served from the prefix cache / all.",
+                                          s["prefix_cache_hit_rate"])}
+            counters = {
+                "engine_steps_total": ("Engine steps (forward passes).", s["steps"]),
+                "engine_generated_tokens_total": ("Tokens the engine generated, cancelled "
+                                                  "requests included.", s["generated_tokens"]),
+                "engine_preemptions_total": ("Sequences preempted for lack of cache blocks.",
+                                             s["preemptions"])}
+        return Response(server.metrics.render(gauges, counters),
+                        media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def index():
@@ -145,5 +156,6 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint], engine_opti
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     app.add_middleware(_CountRequests, metrics=server.metrics,
-                       endpoints={"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"})
+                       endpoints={"/v1/chat/completions", "/v1/completions", "/v1/models",
+                                  "/health", "/metrics", "/"})
     return app

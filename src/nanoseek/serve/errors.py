@@ -8,10 +8,15 @@ from nanoseek.serve import protocol as P
 class APIError(Exception):
     """Any refusal: becomes {"error": {"message", "type", "param", "code"}} with this status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
         self.headers = headers or {}
 
     def body(self) -> dict:

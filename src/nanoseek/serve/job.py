@@ -1,5 +1,5 @@
-"""One request's work and what the client sees of it: a Job of engine requests (one per prompt, each with n
-completions) and its Choices, built up from the engine's events."""
+"""One request's work and what the client sees of it: a Job of engine requests (one per prompt, each
+with n completions) and its Choices, built up from the engine's events."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ class Job:
     deadline: float  # when it must be done
     echo: list[str] | None = None
     first_token: float | None = None
-    choices: list[Choice] = field(init=False)  # every prompt's n completions, in the order of the response
-    requests: dict[str, EngineRequest] = field(init=False)  # engine request id -> its prompt and choices
+    choices: list[Choice] = field(init=False)  # every prompt's n completions, in response order
+    requests: dict[str,
+                   EngineRequest] = field(init=False)  # engine request id -> its prompt and choices
 
     def __post_init__(self):
         n = self.params.n
@@ -76,7 +77,8 @@ class Job:
         self.requests = {}
         for p, ids in enumerate(self.prompts):
             request_id = f"{self.id}-{p}"
-            self.requests[request_id] = EngineRequest(request_id, ids, self.choices[p * n:(p + 1) * n])
+            self.requests[request_id] = EngineRequest(request_id, ids,
+                                                      self.choices[p * n:(p + 1) * n])
 
     def choice(self, ev: StepEvent) -> Choice:
         """The choice an engine event belongs to (and note the prompt's cached tokens)."""

@@ -1,9 +1,10 @@
 """The server's lifecycle and admission, and the engine run of an admitted request.
 
-Lifecycle: the checkpoint loads on a thread, then the engine thread (bridge.py) starts; `health` says where it
-stands. Admission: API key (401) -> ready (503) -> body size (413), then a slot, or a place in the queue (429).
-A job then runs on the engine thread; whatever ends it (the end, an error, the client gone, the deadline) cancels
-what still runs. serve/openai.py turns requests into jobs and jobs into responses.
+Lifecycle: the checkpoint loads on a thread, then the engine thread (bridge.py) starts; `health`
+says where it stands. Admission: API key (401) -> ready (503) -> body size (413), then a slot, or a
+place in the queue (429). A job then runs on the engine thread; whatever ends it (the end, an error,
+the client gone, the deadline) cancels what still runs. serve/openai.py turns requests into jobs
+and jobs into responses.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ ASCII_DIGITS = re.compile(r"[0-9]+")  # str.isdigit also takes "²", which int()
 
 
 class Server:
-    def __init__(self, config: ServerConfig, load: Callable[[], Checkpoint], engine_options: dict | None = None):
+    def __init__(self, config: ServerConfig, load: Callable[[], Checkpoint],
+                 engine_options: dict | None = None):
         self.config = config
         self._load = load
         self.engine_options = dict(engine_options or {})
@@ -99,46 +101,53 @@ class Server:
         if code != 200:
             message = ("the model is still loading" if body["status"] == "loading"
                        else f"the model is unavailable: {body.get('error')}")
-            raise APIError(503, message, "unavailable_error", code="model_not_ready", headers={"Retry-After": "5"})
+            raise APIError(503, message, "unavailable_error", code="model_not_ready",
+                           headers={"Retry-After": "5"})
 
     async def body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and _declared_over(declared, limit):
-            raise APIError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+            raise APIError(413, f"the request body is larger than {limit} bytes",
+                           code="body_too_large")
         chunks = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise APIError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+                raise APIError(413, f"the request body is larger than {limit} bytes",
+                               code="body_too_large")
             chunks.append(chunk)
         return b"".join(chunks)
 
     # ------------------------------------------------------------------ slots
     @asynccontextmanager
     async def slot(self, request: Request, job: Job):
-        """Hold one of max_concurrent_requests slots. Without a free one, wait in a queue of at most max_queue
-        (429 beyond that) until one frees, the client leaves, or the request's time is up (503)."""
+        """Hold one of max_concurrent_requests slots. Without a free one, wait in a queue of at most
+        max_queue (429 beyond that) until one frees, the client leaves, or the request's time is up
+        (503)."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
         if self._slots.locked() and self.queued >= self.config.max_queue:
-            raise APIError(429, f"the server is busy: {self.active} requests running and {self.queued} queued; "
-                           "retry later", "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            raise APIError(429, f"the server is busy: {self.active} requests running and "
+                                f"{self.queued} queued; retry later", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"})
         self.queued += 1
         acquire = asyncio.ensure_future(self._slots.acquire())
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait([acquire, gone], timeout=max(0.0, job.deadline - time.perf_counter()),
+            await asyncio.wait([acquire, gone],
+                               timeout=max(0.0, job.deadline - time.perf_counter()),
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.queued -= 1
             gone.cancel()
-            acquire.cancel()  # a no-op once acquired; a semaphore gives back a grant it was cancelled with
+            acquire.cancel()  # a no-op once acquired; a cancelled grant goes back to the semaphore
         if not acquire.done() or acquire.cancelled():
             if gone.done() and not gone.cancelled():
                 raise APIError(499, "the client closed the connection", code="client_closed")
-            raise APIError(503, "no slot freed up within the request timeout; retry later", "unavailable_error",
+            raise APIError(503, "no slot freed up within the request timeout; retry later",
+                           "unavailable_error",
                            code="queue_timeout", headers={"Retry-After": "1"})
         self.active += 1
         try:
@@ -149,9 +158,9 @@ class Server:
 
     # ------------------------------------------------------------------ generation
     async def events(self, job: Job) -> AsyncIterator[tuple[Choice, StepEvent, str, str] | None]:
-        """Run a job on the engine: yields (choice, event, new reasoning, new content) as tokens come, and None
-        when nothing came for `keepalive` seconds. Whatever stops the iteration (the end, an error, a client gone,
-        the deadline), engine requests still running are cancelled."""
+        """Run a job on the engine: yields (choice, event, new reasoning, new content) as tokens
+        come, and None when nothing came for `keepalive` seconds. Whatever stops the iteration (the
+        end, an error, a client gone, the deadline), engine requests still running are cancelled."""
         queue: asyncio.Queue = asyncio.Queue()
         for request in job.requests.values():
             self.bridge.submit(request.prompt, job.params, request.request_id, queue)
@@ -159,7 +168,8 @@ class Server:
             while not job.done:
                 left = job.deadline - time.perf_counter()
                 if left <= 0:
-                    raise APIError(504, f"the request took longer than {self.config.request_timeout:g} s",
+                    timeout = self.config.request_timeout
+                    raise APIError(504, f"the request took longer than {timeout:g} s",
                                    "timeout_error", code="request_timeout")
                 try:
                     item = await asyncio.wait_for(queue.get(), min(left, self.config.keepalive))
@@ -187,7 +197,8 @@ class Server:
         generated = sum(len(c.token_ids) for c in job.choices)
         self.metrics.generation_done(
             prompt=sum(map(len, job.prompts)), cached=job.cached, generated=generated,
-            ttft=None if job.first_token is None else job.first_token - job.start, duration=end - job.start,
+            ttft=None if job.first_token is None else job.first_token - job.start,
+            duration=end - job.start,
             decode_time=None if job.first_token is None else end - job.first_token)
 
     async def run(self, request: Request, job: Job) -> None:
@@ -236,7 +247,8 @@ class Server:
 
 
 class SSEResponse(StreamingResponse):
-    """A text/event-stream whose clean-up runs however the response ends: finished, failed or disconnected."""
+    """A text/event-stream whose clean-up runs however the response ends: finished, failed or
+    disconnected."""
 
     def __init__(self, content, on_close):
         super().__init__(content, media_type="text/event-stream",
@@ -251,8 +263,9 @@ class SSEResponse(StreamingResponse):
 
 
 def _declared_over(content_length: str, limit: int) -> bool:
-    """Whether a Content-Length header says the body is over `limit` bytes. A malformed one says nothing (the
-    body is counted as it arrives anyway); one with more digits than int() converts is over any limit."""
+    """Whether a Content-Length header says the body is over `limit` bytes. A malformed one says
+    nothing (the body is counted as it arrives anyway); one with more digits than int() converts is
+    over any limit."""
     if not ASCII_DIGITS.fullmatch(content_length):
         return False
     digits = content_length.lstrip("0")
