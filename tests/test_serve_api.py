@@ -330,6 +330,14 @@ def test_prompt_token_ids_outside_the_vocabulary_get_400(server):
         assert err["param"] == "prompt"
 
 
+def test_non_finite_numbers_get_400(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for value in ("Infinity", "-Infinity", "NaN"):
+        raw = '{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": ' + value + "}"
+        r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=headers)
+        assert error_of(r, 400)["param"] == "repetition_penalty"
+
+
 def test_malformed_bodies_get_400(server):
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     for raw in (b"{not json", b"[]", b"", "{\"messages\": \"\xff\"}".encode("latin-1")):

@@ -23,7 +23,8 @@ class ProtocolError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    # allow_inf_nan: the JSON parser takes NaN and Infinity, which no sampling field means
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------- requests
