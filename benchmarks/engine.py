@@ -27,13 +27,6 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.quant import quantization_error, quantize_model
 from nanoseek.engine.weights import MoEWeights
 
-# the reference config of benchmarks/train_step.py
-REFERENCE = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-                 num_hidden_layers=6, num_attention_heads=8, n_routed_experts=16, n_shared_experts=1,
-                 num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
-                 qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
-                 max_position_embeddings=1024)
-
 
 def source_bytes(names: list[str]) -> torch.Tensor:
     """Token ids = the bytes of some standard-library modules (a corpus every Python install has)."""
@@ -101,7 +94,7 @@ def matmul_floor(engine: Engine, batch: int = 1, steps: int = 64) -> tuple[float
         a, ffn = block.attn, block.ffn
         prods += [(batch, m) for m in (a.proj_in.w_t, a.proj_q.w_t, a.w_uk, a.w_uv_t, a.o_proj.w_t)]
         if isinstance(ffn, MoEWeights):
-            pairs, E = batch * ffn.router.top_k, ffn.n_experts
+            pairs, E = batch * ffn.router.gate.top_k, ffn.n_experts
             experts = [(layer * pairs + k) % E for k in range(min(pairs, E))]  # different ones in each layer
             prods += [(batch, ffn.router.w_t), (batch, ffn.shared.gate_up.w_t), (batch, ffn.shared.down.w_t)]
             prods += [(-(-pairs // len(experts)), m) for e in experts for m in ffn.each[e]]
@@ -146,7 +139,8 @@ def main() -> None:
         model = load_model(args.checkpoint).float()
         conf = f"{args.checkpoint}, fp32, CPU, threads={args.threads}"
     else:
-        model = Transformer(ModelConfig(**REFERENCE, num_nextn_predict_layers=1))
+        # the reference config: ModelConfig's defaults, plus one MTP module
+        model = Transformer(ModelConfig(num_nextn_predict_layers=1))
         conf = (f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained {args.train_steps} steps of "
                 f"{args.train_batch}x{args.train_seq} source bytes")
         t0 = time.perf_counter()

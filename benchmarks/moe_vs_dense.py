@@ -19,8 +19,10 @@ from train_step import dense_twin
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data.shards import PackedLoader, read_meta, val_loader
-from nanoseek.pipeline import corpus_stage, shards_stage, tokenizer_stage
 from nanoseek.presets import load_preset
+from nanoseek.stages.corpus import corpus_stage
+from nanoseek.stages.shards import shards_stage
+from nanoseek.stages.tokenizer import tokenizer_stage
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.dist import DistInfo
 from nanoseek.train.flops import active_matmul_params

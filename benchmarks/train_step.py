@@ -18,12 +18,6 @@ import torch
 from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.train.flops import active_matmul_params, measure_matmul_peak, train_flops_per_token
 
-REFERENCE = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-                 num_hidden_layers=6, num_attention_heads=8, n_routed_experts=16, n_shared_experts=1,
-                 num_experts_per_tok=4, n_group=4, topk_group=2, kv_lora_rank=64, q_lora_rank=128,
-                 qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
-                 max_position_embeddings=1024)
-
 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
     """All layers dense, with the width that gives the same active parameters per token as the MoE model."""
@@ -72,7 +66,7 @@ def main() -> None:
     ap.add_argument("--no-anchor", action="store_true", help="skip transformers (when it is not installed)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = ModelConfig(**REFERENCE)
+    cfg = ModelConfig()  # the reference config: ModelConfig's defaults
     tokens = args.batch * args.seq
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     peak = measure_matmul_peak()

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from nanoseek import ModelConfig
+from nanoseek import ModelConfig, Transformer
+from nanoseek.model.transformer import IGNORE_INDEX
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -13,6 +14,18 @@ def tiny_config(**overrides) -> ModelConfig:
                   max_position_embeddings=128, routed_scaling_factor=2.5, num_nextn_predict_layers=0)
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+@torch.no_grad()
+def smallest_margin(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """min over learned positions (targets != IGNORE_INDEX) of (target logit - best other logit); negative where
+    greedy decoding would miss. A test that asserts what a trained tiny model says checks this too: a margin of a
+    nat or more cannot be flipped by another CPU's rounding, a margin of 1e-3 can."""
+    logits = model(inputs).float()
+    learned = targets != IGNORE_INDEX
+    target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    others = logits.scatter(-1, targets.clamp(min=0).unsqueeze(-1), float("-inf")).amax(-1)
+    return (target_logit - others)[learned].min().item()
 
 
 @pytest.fixture(autouse=True)

@@ -8,16 +8,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nanoseek import Transformer  # noqa: E402
-from nanoseek.train import dist as D  # noqa: E402
+from nanoseek.train import dist  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
 
 torch.set_num_threads(1)
-info = D.init_distributed("cpu")
+info = dist.init_distributed("cpu")
 for tie in (False, True):
     torch.manual_seed(0)
     host = Transformer(tiny_config(num_nextn_predict_layers=1, tie_word_embeddings=tie))
-    model = D.shard_model(host, info, torch.device("cpu"), mixed_precision=True)
+    model = dist.shard_model(host, info, torch.device("cpu"), mixed_precision=True)
     assert (model.lm_head.weight is model.embed_tokens.weight) == tie
     seen = {}
 
@@ -34,12 +34,12 @@ for tie in (False, True):
     assert abs(loss.item() - reference) < 0.05, (loss.item(), reference)
     assert {p.grad.dtype for p in model.parameters()} == {torch.float32}  # sharded fp32 master weights and grads
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    assert D.clip_grad_norm_(model.parameters(), 1.0) > 0
+    assert dist.clip_grad_norm_(model.parameters(), 1.0) > 0
     optimizer.step()
-    weights, _ = D.full_state_dicts(model, optimizer)
+    weights, _ = dist.full_state_dicts(model, optimizer)
     if info.is_main:
         host.load_state_dict(weights)
         assert (host.lm_head.weight is host.embed_tokens.weight) == tie
 if info.is_main:
     print("OK")
-D.shutdown(info)
+dist.shutdown(info)

@@ -22,7 +22,7 @@ from nanoseek import Transformer, save_model
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 
-from conftest import tiny_config
+from conftest import smallest_margin, tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -46,28 +46,15 @@ def build_tokenizer(vocab_size: int = 400) -> Tokenizer:
     return Tokenizer.train([CORPUS] * 8, vocab_size=vocab_size)
 
 
-def build_checkpoint(path: Path, steps: int = 80, context: int = 512) -> Path:
+def build_checkpoint(path: Path, steps: int = 100, context: int = 512, margin: float = 2.0) -> Path:
     """Train the tokenizer and a 2-layer MoE model that has memorised SCRIPT, alone and as two turns (greedy
-    decoding replays it), save both. A few seconds on one CPU thread."""
+    decoding replays it), save both. A few seconds on one CPU thread.
+
+    The tests assert what greedy decoding says, so every learned next token must win by at least `margin`
+    nats over the runner-up: far beyond the rounding of any CPU's kernels. Training goes on, in rounds of
+    `steps`, until it does; it fails loudly rather than hand over a model whose replay is a coin toss."""
     tok = build_tokenizer()
-    seqs = []
-    for user, thought, answer in SCRIPT:
-        ids = tok.apply_chat_template([{"role": "user", "content": user},
-                                       {"role": "assistant", "content": answer, "reasoning_content": thought}])
-        seqs.append((ids, not answer.startswith("la ")))
-    # Two turns: the second answer must come whatever came before it (earlier thoughts are not sent back).
-    (u1, _, a1), (u2, t2, a2) = SCRIPT[:2]
-    seqs.append((tok.apply_chat_template([{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
-                                          {"role": "user", "content": u2},
-                                          {"role": "assistant", "content": a2, "reasoning_content": t2}]), True))
-    T = max(len(ids) for ids, _ in seqs)
-    inputs = torch.full((len(seqs), T), tok.eos_id)
-    targets = torch.full((len(seqs), T), IGNORE_INDEX)
-    for i, (ids, learn_eos) in enumerate(seqs):
-        inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[i, : len(ids) - 1] = torch.tensor(ids[1:])
-        if not learn_eos:
-            targets[i, len(ids) - 2] = IGNORE_INDEX
+    inputs, targets = _memorised_sequences(tok)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only add overhead (and the machine is shared)
     try:
@@ -75,15 +62,56 @@ def build_checkpoint(path: Path, steps: int = 80, context: int = 512) -> Path:
         model = Transformer(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=context,
                                         num_hidden_layers=2))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(steps):
-            loss = model.compute_loss(inputs, targets).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        for _ in range(MAX_TRAINING_ROUNDS):
+            model.train()
+            for _ in range(steps):
+                loss = model.compute_loss(inputs, targets).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            weakest = smallest_margin(model.eval(), inputs, targets)
+            if weakest >= margin:
+                break
+        else:
+            raise RuntimeError(f"the test model did not memorise its script: a learned token wins by only "
+                               f"{weakest:.3f} nats after {MAX_TRAINING_ROUNDS * steps} steps")
     finally:
         torch.set_num_threads(threads)
     save_model(model.eval(), path, tokenizer=tok)
     return path
+
+
+MAX_TRAINING_ROUNDS = 5
+
+
+def _memorised_sequences(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) [N, T]: each SCRIPT exchange, and two turns where only the second answer is learned.
+
+    A token is learned only where its context has one answer: what the assistant says, from the token after
+    "<｜Assistant｜>" on. The user's words are not (three different ones follow the same "<｜User｜>"), nor is the
+    first answer of the two-turn conversation: clients send earlier answers back without their thoughts, and were
+    it learned, "<think>" and "Hello!" would both follow "<｜User｜>Hello<｜Assistant｜>", so which one a prompt
+    without a prefilled "<think>" gets would be decided by float rounding."""
+    rows = []  # (ids, position of the last prompt token, learn the final EOS)
+    (first_user, _, first_answer) = SCRIPT[0]
+    history = [{"role": "user", "content": first_user}, {"role": "assistant", "content": first_answer}]
+    exchanges = [([], exchange) for exchange in SCRIPT] + [(history, SCRIPT[1])]
+    for earlier, (user, thought, answer) in exchanges:
+        prompt = [*earlier, {"role": "user", "content": user}]
+        context = tok.apply_chat_template(prompt, add_generation_prompt=True, thinking=False)
+        reply = {"role": "assistant", "content": answer, "reasoning_content": thought}
+        ids = tok.apply_chat_template([*prompt, reply])
+        assert ids[: len(context)] == context
+        rows.append((ids, len(context) - 1, not answer.startswith("la ")))  # "Sing" never ends
+    T = max(len(ids) for ids, _, _ in rows)
+    inputs = torch.full((len(rows), T), tok.eos_id)
+    targets = torch.full((len(rows), T), IGNORE_INDEX)
+    for i, (ids, last_prompt, learn_eos) in enumerate(rows):
+        inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[i, last_prompt : len(ids) - 1] = torch.tensor(ids[last_prompt + 1 :])
+        if not learn_eos:
+            targets[i, len(ids) - 2] = IGNORE_INDEX
+    return inputs, targets
 
 
 _SHARED: dict[str, Path] = {}

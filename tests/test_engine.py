@@ -412,7 +412,7 @@ def test_engine_experts_match_the_model_with_and_without_grouped_matmul(monkeypa
     with torch.no_grad():
         ref = moe(x.unsqueeze(0))[0][0]
         grouped = MoEWeights(moe)(x)
-        monkeypatch.setattr("nanoseek.engine.weights.grouped_mm_ok", lambda *a: False)
+        monkeypatch.setattr("nanoseek.model.moe.grouped_mm_ok", lambda *a: False)
         looped = MoEWeights(moe)(x)
         one = MoEWeights(moe)(x[:1])  # the single-token path
     assert torch.allclose(grouped, ref, atol=1e-5) and torch.allclose(looped, ref, atol=1e-5)

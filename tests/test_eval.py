@@ -14,8 +14,9 @@ import torch
 
 from nanoseek import load_model
 from nanoseek.data.corpus import Source, build_corpus
-from nanoseek.eval import bits_per_byte, eval_stage, evaluate, pass_at_k, to_markdown
+from nanoseek.eval import bits_per_byte, evaluate, pass_at_k, to_markdown
 from nanoseek.eval.passkey import extended, passkey_prompts
+from nanoseek.stages.eval import eval_stage
 from nanoseek.train.dist import DistInfo
 
 from post_helpers import save_tiny, small_tokenizer

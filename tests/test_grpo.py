@@ -11,12 +11,14 @@ import torch
 
 from nanoseek import Transformer
 from nanoseek.cli.posttrain import add_commands
+from nanoseek.data.chat import prompt_ids
 from nanoseek.model import IGNORE_INDEX
+from nanoseek.stages.grpo import grpo_stage
 from nanoseek.tasks import Reward, get_task
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.grpo import group_advantages, k3_kl, policy_loss, token_logprobs, zero_variance_groups
-from nanoseek.train.rl import REWARD_PLOT, GRPOConfig, GRPOTrainer, grpo_stage
-from nanoseek.train.rollout import PromptStream, TaskSpec, collate, generate_groups, prompt_ids, task_grader
+from nanoseek.train.grpo_loss import group_advantages, k3_kl, policy_loss, token_logprobs, zero_variance_groups
+from nanoseek.train.grpo_trainer import REWARD_PLOT, GRPOConfig, GRPOTrainer
+from nanoseek.train.rollout import PromptStream, TaskSpec, collate, generate_groups, task_grader
 from nanoseek.train.trainer import STATE_FILE
 
 from conftest import tiny_config
@@ -139,7 +141,7 @@ def tiny_cfg(tmp_path, **overrides) -> GRPOConfig:
 def test_prompts_end_in_the_think_generation_prompt_and_worked_solutions_grade_as_correct(tok):
     task = get_task("arithmetic")
     problems = task.generate(4, seed=3, difficulty=2)
-    ids = prompt_ids(tok, problems[0])
+    ids = prompt_ids(tok, problems[0].prompt)
     assert tok.decode(ids[-2:]) == "<think>\n"  # completions start inside the reasoning
     grade = task_grader({"arithmetic": task})
     rewards = grade(problems, [p.solution.completion(think_prefilled=True) for p in problems])
@@ -156,7 +158,7 @@ def test_rollout_groups_come_from_one_request_per_prompt_and_keep_the_tags(tok):
     ro = generate_groups(engine, tok, problems, length_grader, SamplingParams(n=4, max_tokens=6, seed=5,
                                                                               stop_token_ids=[tok.eos_id]))
     assert len(ro.samples) == 12 and [s.problem for s in ro.samples[:4]] == [problems[0]] * 4
-    assert engine.stats()["prompt_tokens"] == sum(len(prompt_ids(tok, p)) for p in problems)  # one prefill each
+    assert engine.stats()["prompt_tokens"] == sum(len(prompt_ids(tok, p.prompt)) for p in problems)  # one prefill each
     for s in ro.samples:
         body = s.completion_ids[:-1] if s.completion_ids[-1] == tok.eos_id else s.completion_ids
         assert s.text == tok.decode(body)  # special tokens (tags) kept
@@ -268,8 +270,9 @@ def test_a_stopped_run_resumes_bit_for_bit(tok, tmp_path):
 
 
 def test_grpo_raises_a_simple_reward(tok, tmp_path):
-    """The sign and scale of the update are right: the share of digits in a random model's completions goes up."""
-    cfg = tiny_cfg(tmp_path, max_steps=12, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=2e-2,
+    """The sign and scale of the update are right: the share of digits in a random model's completions goes up.
+    20 steps: the gain is then ~0.98 whatever the seed or the CPU's kernels (after 12 it was 0.25-0.91)."""
+    cfg = tiny_cfg(tmp_path, max_steps=20, prompts_per_step=4, group_size=8, max_new_tokens=8, lr=2e-2,
                    batch_size=32)
     trainer = GRPOTrainer(tiny_policy(tok), cfg, tok, grader=digit_grader)
     trainer.fit()

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import Transformer
-from nanoseek.model.moe import MoE
+from nanoseek.model.attention import absorb_query, attend_latent, expand_output
+from nanoseek.model.moe import MoE, dispatch, dispatch_one
 from nanoseek.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 from conftest import tiny_config
@@ -118,6 +119,40 @@ def test_aux_free_bias_updates_balance_a_skewed_router():
     assert moe.gate.e_score_correction_bias[:2].max() < moe.gate.e_score_correction_bias[2:].min()
 
 
+NO_GROUPS = dict(n_group=1, topk_group=1)
+
+
+@pytest.mark.parametrize("routing", [dict(),  # V3: sigmoid, 2 of 4 groups, bias, renormalised
+                                     dict(NO_GROUPS, norm_topk_prob=False),
+                                     dict(scoring_func="softmax"),
+                                     dict(NO_GROUPS, scoring_func="softmax", norm_topk_prob=False)])
+def test_route_one_makes_the_tensor_routers_choices(routing):
+    """The one-token Python fast path (Router.route_one) against Router.route, V3 bias included."""
+    router = MoE(tiny_config(num_experts_per_tok=3, **routing)).gate
+    bias = torch.randn(8) * 0.1 if router.sigmoid else None
+    logits = torch.randn(200, 8) * 2
+    weights, ids, _ = router.route(logits, bias)
+    for i in range(200):
+        bias_list = None if bias is None else bias.tolist()
+        one_ids, one_weights = router.route_one(logits[i : i + 1], bias_list)
+        assert one_ids == ids[i].tolist()
+        assert torch.allclose(torch.tensor(one_weights), weights[i], atol=1e-6)
+
+
+def test_dispatch_one_equals_dispatch():
+    moe = MoE(tiny_config()).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+        x = torch.randn(5, moe.gate.weight.shape[1])
+        weights, ids, _ = moe.gate(x)
+        sorted_path, _ = dispatch(x, weights, ids, moe.n_experts, moe.experts)
+        for i in range(5):
+            one = dispatch_one(x[i : i + 1], ids[i].tolist(), weights[i].tolist(),
+                               moe.experts.expert, torch.zeros(1, x.shape[1]))
+            assert torch.allclose(one, sorted_path[i : i + 1], atol=1e-5)
+
+
 def test_sequence_balance_loss_is_minimal_for_even_routing():
     cfg = tiny_config(aux_loss_alpha=1.0, num_experts_per_tok=2)
     moe = MoE(cfg)
@@ -132,6 +167,19 @@ def test_sequence_balance_loss_is_minimal_for_even_routing():
     assert moe.sequence_balance_loss(peaked, skewed).item() > 3.0
 
 
+def absorbed_attention(attn, q_nope, q_rope, c_kv, k_rope, mask):
+    """MLA over a dense latent cache with the absorbed math the engine runs (the functions of
+    model/attention.py): queries [B, T, H, *], latents [B, S, *], mask bool [B, T, S] (True = may
+    attend) -> o_proj output [B, T, d]."""
+    B, T, H = q_nope.shape[:3]
+    w_uk, w_uv = attn.absorbed_weights()
+    q = absorb_query(q_nope.flatten(0, 1), q_rope.flatten(0, 1), w_uk).view(B, T * H, -1)
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf")).repeat_interleave(H, dim=1)
+    o_latent = attend_latent(q, torch.cat((c_kv, k_rope), dim=-1), bias, attn.scale, attn.kv_rank)
+    o = expand_output(o_latent.view(B * T, H, -1), w_uv.transpose(1, 2))
+    return attn.o_proj(o.view(B, T, -1))
+
+
 def test_absorbed_attention_equals_expanded_attention():
     cfg = tiny_config(rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16,
                                     "mscale": 0.7, "mscale_all_dim": 0.7})
@@ -144,7 +192,7 @@ def test_absorbed_attention_equals_expanded_attention():
         q_nope, q_rope = attn.query(x, cos, sin)
         c_kv, k_rope = attn.latent(x, cos, sin)
         causal = torch.ones(20, 20, dtype=torch.bool).tril().expand(2, 20, 20)
-        absorbed = attn.attend_latent(q_nope, q_rope, c_kv, k_rope, causal)
+        absorbed = absorbed_attention(attn, q_nope, q_rope, c_kv, k_rope, causal)
     assert (expanded - absorbed).abs().max().item() < 1e-5
 
 

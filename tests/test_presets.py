@@ -5,9 +5,9 @@ import json
 import pytest
 
 from nanoseek.config import ModelConfig
-from nanoseek.eval.report import _task_spec
+from nanoseek.eval.quality import _task_spec
 from nanoseek.presets import PRICED, available_presets, load_preset
-from nanoseek.train.rl import GRPOConfig
+from nanoseek.train.grpo_trainer import GRPOConfig
 from nanoseek.train.sft import split_section
 from nanoseek.train.trainer import TrainConfig
 

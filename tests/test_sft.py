@@ -7,15 +7,18 @@ import pytest
 import torch
 
 from nanoseek import load_model
-from nanoseek.data.chat import problem_messages
+from nanoseek.data.chat import problem_messages, tokenize_conversation
 from nanoseek.data.corpus import Source, build_corpus
 from nanoseek.engine import Engine
 from nanoseek.eval.accuracy import generate_completions
+from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.presets import load_preset
+from nanoseek.stages.sft import sft_stage
 from nanoseek.tasks import get_task
 from nanoseek.train.dist import DistInfo
-from nanoseek.train.sft import run_sft, sft_stage, split_section
+from nanoseek.train.sft import run_sft, split_section
 
+from conftest import smallest_margin
 from post_helpers import save_tiny, small_tokenizer
 
 TRAIN = {"batch_size": 4, "seq_len": 128, "lr": 3e-3, "warmup_steps": 5, "eval_every": 20, "save_every": 20,
@@ -31,10 +34,14 @@ def test_sft_teaches_memorised_problems_to_the_engine(tmp_path):
              (get_task("arithmetic"), get_task("arithmetic").generate(1, seed=1, difficulty=2, lang="zh")[0]),
              (get_task("word_problems"), get_task("word_problems").generate(1, seed=0)[0])]
     convs = [problem_messages(p) for _, p in items]
-    summary = run_sft(base, tmp_path / "sft", convs, {**TRAIN, "max_steps": 80}, val_conversations=convs[:1])
-    assert summary["steps"] == 80 and summary["dropped_too_long"] == 0 and summary["conversations"] == 3
+    summary = run_sft(base, tmp_path / "sft", convs, {**TRAIN, "max_steps": 120}, val_conversations=convs[:1])
+    assert summary["steps"] == 120 and summary["dropped_too_long"] == 0 and summary["conversations"] == 3
     assert summary["val_loss"] < 0.5  # the validation conversation is one of the training ones here
     model, tok = load_model(tmp_path / "sft" / "final"), small_tokenizer()
+    for conv in convs:  # every answer token is learned by a margin that no CPU's rounding can flip
+        ids, mask = tokenize_conversation(tok, conv)
+        targets = [t if learned else IGNORE_INDEX for t, learned in zip(ids[1:], mask[1:])]
+        assert smallest_margin(model, torch.tensor([ids[:-1]]), torch.tensor([targets])) > 1.0
     texts, fits = generate_completions(Engine(model, None), tok, [p for _, p in items], max_new_tokens=96)
     assert all(fits)
     for (task, problem), (text,) in zip(items, texts):

@@ -100,7 +100,7 @@ def test_incomplete_checkpoints_are_never_resumed(tmp_path):
     Trainer(Transformer(tiny_config()), cfg, CountingLoader(2, 8, 128)).fit()
     ckpts = tmp_path / "checkpoints"
     (ckpts / "step_000004" / STATE_FILE).unlink()  # as if the kill came mid-write of the state
-    (ckpts / ".tmp-step_000006").mkdir()
+    (ckpts / ".step_000006.x1y2.tmp").mkdir()  # what io.atomic_dir leaves when killed
     trainer = Trainer(Transformer(tiny_config()), cfg.__class__(**{**cfg.__dict__, "max_steps": 6}),
                       CountingLoader(2, 8, 128))
     assert trainer.latest_checkpoint().name == "step_000002"

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
+from nanoseek.io import atomic_file, atomic_write_text
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer, load_tokenizer
 
@@ -43,38 +43,6 @@ FP8_BLOCK = 128
 
 class CheckpointError(RuntimeError):
     """A checkpoint whose tensors do not match its config; the message lists every mismatch."""
-
-
-# ---------------------------------------------------------------------- atomic file writes
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------- name mapping
@@ -127,6 +95,12 @@ def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------- save
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path,
+                      metadata: dict[str, str]) -> None:
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
 def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, max_shard_size: int = 4 << 30,
                dtype: torch.dtype | None = None) -> Path:
     """Write an HF DeepseekV3 directory: config.json, safetensors (sharded past max_shard_size bytes),
@@ -160,13 +134,13 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, max_
     metadata = {"format": "pt"}
     stale = {p.name for p in path.glob("model*.safetensors")} | {p.name for p in path.glob(INDEX_FILE)}
     if len(shards) == 1:
-        _atomic_save_safetensors(shards[0], path / SINGLE_FILE, metadata)
+        _save_safetensors(shards[0], path / SINGLE_FILE, metadata)
         written = {SINGLE_FILE}
     else:
         weight_map, written = {}, set()
         for i, shard in enumerate(shards, start=1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_save_safetensors(shard, path / fname, metadata)
+            _save_safetensors(shard, path / fname, metadata)
             weight_map.update(dict.fromkeys(shard, fname))
             written.add(fname)
         total = sum(t.numel() * t.element_size() for t in tensors.values())

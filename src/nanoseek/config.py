@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.io import atomic_write_text
+
 # Keys whose value another name carries in some config.json (V2 / transformers aliases -> our field name).
 _ALIASES = {
     "num_local_experts": "n_routed_experts",
@@ -217,8 +219,6 @@ class ModelConfig:
         return cls.from_dict({**data, **overrides})
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        from nanoseek.checkpoint import atomic_write_text  # local: checkpoint imports this module
-
         atomic_write_text(Path(path) / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes) -> ModelConfig:

@@ -25,6 +25,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanoseek.io import atomic_write_text
+
 # Name -> string. The order fixes the ids of a trained tokenizer: bos 0, eos 1 (as in DeepSeek-V3's config).
 SPECIAL_TOKENS = {
     "bos": "<｜begin▁of▁sentence｜>",
@@ -248,9 +250,7 @@ class Tokenizer:
         }
         for name, text in (("tokenizer.json", self._special.to_str(pretty=True)),
                            ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))):
-            tmp = out / (name + ".tmp")
-            tmp.write_text(text + "\n", encoding="utf-8")
-            os.replace(tmp, out / name)
+            atomic_write_text(out / name, text + "\n")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -45,7 +45,7 @@ def _preset(args) -> dict:
 
 
 def cmd_data(args) -> int:
-    from nanoseek.pipeline import corpus_stage
+    from nanoseek.stages.corpus import corpus_stage
     from nanoseek.train.dist import DistInfo
 
     print(json.dumps(corpus_stage(Path(args.out), _preset(args), DistInfo(), args.text), indent=2))
@@ -53,7 +53,8 @@ def cmd_data(args) -> int:
 
 
 def cmd_tokenizer(args) -> int:
-    from nanoseek.pipeline import corpus_stage, tokenizer_stage
+    from nanoseek.stages.corpus import corpus_stage
+    from nanoseek.stages.tokenizer import tokenizer_stage
     from nanoseek.train.dist import DistInfo
 
     preset = _preset(args)
@@ -64,7 +65,7 @@ def cmd_tokenizer(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from nanoseek.pipeline import run_pretraining
+    from nanoseek.stages.speedrun import run_pretraining
 
     summaries = run_pretraining(args.out, _preset(args), text_paths=args.text,
                                 long_context=not args.no_long_context)
@@ -73,7 +74,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_speedrun(args) -> int:
-    from nanoseek.speedrun import run_speedrun
+    from nanoseek.stages.speedrun import run_speedrun
 
     summaries = run_speedrun(args.out, _preset(args), text_paths=args.text)
     if "report" in summaries:
@@ -86,7 +87,7 @@ def cmd_speedrun(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from nanoseek.report import write_report
+    from nanoseek.reporting.report_card import write_report
 
     print(write_report(args.run))
     return 0

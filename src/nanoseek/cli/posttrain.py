@@ -1,9 +1,9 @@
 """Post-training and evaluation commands: `nanoseek sft`, `nanoseek grpo`, `nanoseek distill`,
 `nanoseek eval`.
 
-cli/__init__.py calls `add_commands(subparsers)`; each command is a thin layer over train/sft.py,
-train/rl.py, train/distill.py and eval/. Preset sections "sft", "grpo", "distill" and "eval" can be
-overridden with --set.
+cli/__init__.py calls `add_commands(subparsers)`; each command is a thin layer over stages/sft.py,
+stages/grpo.py, train/distill.py and eval/. Preset sections "sft", "grpo", "distill" and "eval" can
+be overridden with --set.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ def _run_dir(args) -> Path:
 
 # ------------------------------------------------------------------------------------- commands
 def cmd_sft(args) -> int:
+    from nanoseek.stages.sft import sft_stage
     from nanoseek.train.dist import init_distributed, shutdown
-    from nanoseek.train.sft import sft_stage
     from nanoseek.train.trainer import TrainConfig
 
     preset = load_preset(args.preset, args.set)
@@ -80,8 +80,9 @@ def cmd_distill(args) -> int:
 
 
 def cmd_grpo(args) -> int:
+    from nanoseek.stages.grpo import grpo_stage
     from nanoseek.train.dist import init_distributed, shutdown
-    from nanoseek.train.rl import GRPOConfig, grpo_stage
+    from nanoseek.train.grpo_trainer import GRPOConfig
 
     preset = load_preset(args.preset, args.set)
     preset["grpo"] = section_of(preset, "grpo")

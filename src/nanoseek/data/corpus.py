@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.io import atomic_file
+
 LANGS = ("en", "zh", "code", "synthetic")
 FORMAT = "nanoseek-corpus-v1"
 
@@ -328,10 +330,8 @@ def _is_val(sha: str, fraction: float) -> bool:
 
 
 def _write_atomic(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)
-    os.replace(tmp, path)
 
 
 def build_corpus(out_dir: str | os.PathLike, sources: Sequence[Source] | None = None, *,

@@ -19,12 +19,14 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanoseek.io import atomic_file, atomic_write_text
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 
@@ -44,10 +46,15 @@ def _file_sha256(path: Path) -> str:
 
 
 class _ShardWriter:
-    """Appends documents to shard_00000.bin.tmp, shard_00001.bin.tmp, ...; a shard closes at shard_tokens."""
+    """Appends documents to shard_00000.bin, shard_00001.bin, ... (each an atomic_file entered on
+    `files`, so they all appear when `files` closes, or none does); a shard closes at
+    shard_tokens."""
 
-    def __init__(self, out: Path, dtype, shard_tokens: int):
-        self.out, self.dtype, self.shard_tokens = out, dtype, shard_tokens
+    def __init__(self, out: Path, dtype, shard_tokens: int, files: ExitStack):
+        self.out = out
+        self.dtype = dtype
+        self.shard_tokens = shard_tokens
+        self.files = files
         self.shards: list[dict] = []
         self._file = None
 
@@ -56,7 +63,8 @@ class _ShardWriter:
         if last is None or last["tokens"] and last["tokens"] + len(ids) > self.shard_tokens:
             self.close()
             self.shards.append({"file": f"shard_{len(self.shards):05d}.bin", "tokens": 0, "docs": 0})
-            self._file = open(self.out / (self.shards[-1]["file"] + ".tmp"), "wb")
+            tmp = self.files.enter_context(atomic_file(self.out / self.shards[-1]["file"]))
+            self._file = open(tmp, "wb")
         self._file.write(np.asarray(ids, dtype=self.dtype).tobytes())
         self.shards[-1]["tokens"] += len(ids)
         self.shards[-1]["docs"] += 1
@@ -110,28 +118,25 @@ def write_shards(corpus_file: str | os.PathLike, tokenizer: Tokenizer, out_dir: 
     meta_file.unlink(missing_ok=True)  # no meta.json = incomplete, until the new one is in place
 
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    writer = _ShardWriter(out, dtype, shard_tokens)
     sources: dict[str, dict] = {}
-    try:
-        for batch in _record_batches(corpus_file, batch_docs, progress):
-            for rec, ids in zip(batch, tokenizer.encode_batch([r["text"] for r in batch], add_bos=True)):
-                writer.add(ids)
-                s = sources.setdefault(rec.get("source", "unknown"), {"docs": 0, "tokens": 0, "bytes": 0})
-                s["docs"] += 1
-                s["tokens"] += len(ids)
-                s["bytes"] += len(rec["text"].encode("utf-8"))
-    except BaseException:
-        writer.close()
-        for shard in writer.shards:  # leave no partial files behind
-            (out / (shard["file"] + ".tmp")).unlink(missing_ok=True)
-        raise
-    writer.close()
-    if not writer.shards:
-        raise ShardError(f"{corpus_file}: no documents")
+    with ExitStack() as files:  # an error leaves no partial shard behind
+        writer = _ShardWriter(out, dtype, shard_tokens, files)
+        try:
+            for batch in _record_batches(corpus_file, batch_docs, progress):
+                encoded = tokenizer.encode_batch([r["text"] for r in batch], add_bos=True)
+                for rec, ids in zip(batch, encoded):
+                    writer.add(ids)
+                    empty = {"docs": 0, "tokens": 0, "bytes": 0}
+                    s = sources.setdefault(rec.get("source", "unknown"), empty)
+                    s["docs"] += 1
+                    s["tokens"] += len(ids)
+                    s["bytes"] += len(rec["text"].encode("utf-8"))
+        finally:
+            writer.close()
+        if not writer.shards:
+            raise ShardError(f"{corpus_file}: no documents")
 
     names = {s["file"] for s in writer.shards}
-    for name in names:
-        os.replace(out / (name + ".tmp"), out / name)
     for stale in out.glob("shard_*.bin"):
         if stale.name not in names:
             stale.unlink()
@@ -142,9 +147,7 @@ def write_shards(corpus_file: str | os.PathLike, tokenizer: Tokenizer, out_dir: 
         "tokens": sum(s["tokens"] for s in writer.shards), "docs": sum(s["docs"] for s in writer.shards),
         "bytes": sum(s["bytes"] for s in sources.values()), "sources": sources, "shards": writer.shards,
     }
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, meta_file)
+    atomic_write_text(meta_file, json.dumps(meta, indent=2) + "\n")
     return meta
 
 

@@ -29,6 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nanoseek.io import atomic_file
+from nanoseek.model.moe import run_experts
+
 INT8_FILE = "model.int8.safetensors"
 _METADATA = {"format": "nanoseek-int8", "scheme": "symmetric per-output-channel weight-only"}
 
@@ -91,12 +94,7 @@ class Int8Experts(nn.Module):
         return ((F.silu(gate) * up) @ self.down_t[e].to(x.dtype)) * self.down_scale[e].to(x.dtype)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        out, start = torch.empty_like(x), 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                out[start : start + n] = self.expert_forward(e, x[start : start + n])
-                start += n
-        return out
+        return run_experts(x, counts, self.expert_forward)
 
 
 # ---------------------------------------------------------------------- whole models
@@ -154,9 +152,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
             raise ValueError(f"{name} is not quantized: call quantize_model first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{INT8_FILE}.tmp"
-    save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=_METADATA)
-    os.replace(tmp, path / INT8_FILE)
+    with atomic_file(path / INT8_FILE) as tmp:
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=_METADATA)
     return path / INT8_FILE
 
 

@@ -3,9 +3,10 @@
 All tokens of a step are laid out in one row [N, d] (decode tokens first, `width` per sequence, then the prefill
 chunks), so every projection, norm and expert runs once per layer for the whole batch. Only attention looks at
 sequences, and only through the cache:
-- decode: absorbed MLA. The query moves into latent space (W_UK), scores are taken against the cached
-  [c_kv | k_rope] rows gathered for all sequences with one index op, the value read is c_kv itself and W_UV
-  maps it back: nothing is expanded per head.
+- decode: absorbed MLA, the model's own math (model/attention.py). The query moves into latent
+  space (W_UK), scores are taken against the cached [c_kv | k_rope] rows gathered for all sequences
+  with one index op, the value read is c_kv itself and W_UV maps it back: nothing is expanded per
+  head.
 - prefill: expanded MLA with SDPA, as in training; a chunk that continues after cached tokens (prefix-cache hit,
   chunked prompt) gathers its context latents, expands them and attends with a causal offset mask.
 The weights come in the inference layout of weights.py (same math, fewer and faster launches).
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from nanoseek.engine.cache import LatentCache
 from nanoseek.engine.weights import Attention, BlockWeights, InferenceWeights, rms_normalize
+from nanoseek.model.attention import absorb_query, attend_latent, expand_output
 from nanoseek.model.transformer import Transformer
 
 
@@ -132,8 +134,8 @@ class ModelRunner:
         self.cache.write(layer, inp.slots, c_kv, k_rope)
         nd, outs = inp.num_decode * inp.width, []
         if nd:
-            q = attn.absorb_query(q_nope[:nd], q_rope[:nd])
-            outs.append(attn.expand_output(self.decode_attention(attn, layer, q, inp)))
+            q = absorb_query(q_nope[:nd], q_rope[:nd], attn.w_uk)
+            outs.append(expand_output(self.decode_attention(attn, layer, q, inp), attn.w_uv_t))
         if inp.chunks:
             q = torch.cat((q_nope[nd:], q_rope[nd:]), dim=-1)
             outs += [self.prefill_attention(attn, layer, q[ch.start - nd : ch.start - nd + ch.length],
@@ -145,8 +147,7 @@ class ModelRunner:
         """Absorbed attention over the paged latents: q [B*width, H, C + rope] -> latent outputs [B*width, H, C]."""
         kv = self.cache.gather(layer, inp.decode_slots)  # [B, S, C + rope]
         q = q.reshape(inp.num_decode, -1, kv.shape[-1])  # [B, width*H, C + rope]
-        scores = torch.baddbmm(inp.decode_bias, _fp32(q), _fp32(kv).transpose(1, 2), alpha=attn.scale)
-        o_latent = torch.bmm(scores.softmax(dim=-1).to(kv.dtype), kv[..., : self.kv_rank])
+        o_latent = attend_latent(q, kv, inp.decode_bias, attn.scale, self.kv_rank)
         return o_latent.view(-1, self.n_heads, self.kv_rank)
 
     def prefill_attention(self, attn: Attention, layer: int, q: torch.Tensor, c_kv: torch.Tensor,

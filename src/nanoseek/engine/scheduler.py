@@ -36,7 +36,8 @@ class Scheduler:
     def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
                  decode_width: int = 1):
         self.blocks = blocks
-        self.max_batch_size, self.max_tokens = max_batch_size, max_num_batched_tokens
+        self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens  # per step, all sequences together
         self.decode_width = decode_width  # tokens a decoding sequence computes per step (2 with an MTP draft)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -55,7 +56,7 @@ class Scheduler:
                     batch.decode.append(seq)
                     break
                 self.preempt(self.running[-1])  # the newest; possibly seq itself
-        budget = self.max_tokens - self.decode_width * len(batch.decode)
+        budget = self.max_num_batched_tokens - self.decode_width * len(batch.decode)
 
         for seq in self.running:
             if budget <= 0:

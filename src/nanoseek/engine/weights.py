@@ -11,6 +11,7 @@ weights (and again whenever a parameter changes in place, e.g. after an optimize
 - stacked projections: [c_q | c_kv | k_rope | P k_rope] from one matmul, [q_nope | q_rope | P q_rope] from
   another, [gate | up] of every SwiGLU from one;
 - each routed expert's matrices contiguous, so running one expert is two plain matmuls.
+Routing and the expert dispatch are not written here: model/moe.py's are called with these weights.
 W_UK and W_UV stay separate (views of kv_b_proj): folding them into the query and output projections saves two
 small batched matmuls but makes those weights kv_lora_rank / head_dim times larger.
 Quantized modules (quant.py) are kept as they are and called: their int8 kernels do the work; attention, which
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.engine.quant import Int8Experts, Int8Linear
+from nanoseek.model import moe
 from nanoseek.model.attention import MLA
-from nanoseek.model.moe import MLP, MoE, grouped_mm_ok
+from nanoseek.model.layers import MLP
 from nanoseek.model.transformer import Block, Transformer
 
 
@@ -108,7 +110,7 @@ class Attention:
     """One MLA layer with its input norm. Built in fp32, stored in the model's dtype."""
 
     def __init__(self, attn: MLA, input_norm: nn.Module):
-        H, n, r, v, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_rank
+        H, n, r, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.kv_rank
         self.n_heads, self.nope, self.rope, self.kv_rank = H, n, r, C
         self.scale, self.eps, self.kv_norm_eps = attn.scale, input_norm.eps, attn.kv_a_layernorm.eps
         dtype = _w(attn.kv_a_proj_with_mqa).dtype
@@ -134,9 +136,9 @@ class Attention:
         w_q = w_q.unflatten(0, (H, n + r))  # [H, nope + rope, in]
         q_rope = w_q[:, n:]
         self.proj_q = Linear(torch.cat([p.flatten(0, 1) for p in (w_q[:, :n], q_rope, rotate_pairs(q_rope))]).to(dtype))
-        kv_b_w = _w(attn.kv_b_proj).unflatten(0, (H, n + v))  # [H, nope + v, C]
-        self.w_uk = kv_b_w[:, :n].to(dtype).contiguous()  # [H, nope, C]
-        self.w_uv_t = kv_b_w[:, n:].transpose(1, 2).to(dtype).contiguous()  # [H, C, v]
+        w_uk, w_uv = (w.detach() for w in attn.absorbed_weights())  # [H, nope, C], [H, v, C]
+        self.w_uk = w_uk.to(dtype).contiguous()
+        self.w_uv_t = w_uv.transpose(1, 2).to(dtype).contiguous()  # [H, C, v]
         self.kv_b = Linear.of(attn.kv_b_proj)
         self.o_proj = Linear.of(attn.o_proj)
 
@@ -156,15 +158,6 @@ class Attention:
         cos_h, sin_h = cos.unsqueeze(1), sin.unsqueeze(1)
         return q_nope, q * cos_h + q_rot * sin_h, c_kv, k * cos + k_rot * sin
 
-    def absorb_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
-        """-> [N, H, C + rope]: the query in latent space (W_UK^T q_nope), to score against cached rows."""
-        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)
-        return torch.cat((q_latent, q_rope), dim=-1)
-
-    def expand_output(self, o_latent: torch.Tensor) -> torch.Tensor:
-        """Attention-weighted latents [N, H, C] -> per-head values [N, H*v] (W_UV), ready for o_proj."""
-        return torch.bmm(o_latent.transpose(0, 1), self.w_uv_t).transpose(0, 1).flatten(1)
-
     def expand(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents [S, C], [S, rope] -> per-head keys [1, H, S, nope + rope] and values [1, H, S, v]."""
         kv = self.kv_b(c_kv).unflatten(-1, (self.n_heads, -1)).transpose(0, 1)  # [H, S, nope + v]
@@ -174,67 +167,43 @@ class Attention:
 
 
 class Router:
-    """The model's routing decisions (moe.Router) with the weight stored [in, out]: same scores, same choices."""
+    """The model's router with its weight stored [in, out]; the decision itself is moe.Router's."""
 
-    def __init__(self, gate):
+    def __init__(self, gate: moe.Router):
+        self.gate = gate
         self.w_t = _w(gate).float().t().contiguous()
-        self.sigmoid, self.top_k = gate.sigmoid, gate.top_k
-        self.n_experts, self.n_group, self.topk_group = gate.n_experts, gate.n_group, gate.topk_group
-        self.norm_topk_prob, self.scaling = gate.norm_topk_prob, gate.scaling
         self.bias = gate.e_score_correction_bias.detach().clone() if gate.sigmoid else None
         self.bias_list = self.bias.tolist() if gate.sigmoid else None
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x if x.dtype == torch.float32 else x.float(), self.w_t)
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] -> weights [N, K] (fp32), expert ids [N, K]."""
-        logits = torch.mm(x if x.dtype == torch.float32 else x.float(), self.w_t)
-        scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
-        choice = scores + self.bias if self.sigmoid else scores
-        if self.n_group > 1:
-            grouped = choice.unflatten(-1, (self.n_group, -1))
-            group_score = grouped.topk(2, dim=-1).values.sum(-1) if self.sigmoid else grouped.amax(-1)
-            keep = group_score.topk(self.topk_group, dim=-1).indices
-            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        ids = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, ids
+        weights, ids, _ = self.gate.route(self.logits(x), self.bias)
+        return weights, ids
 
     def route_one(self, x: torch.Tensor) -> tuple[list[int], list[float]]:
-        """The same decision for a single token x [1, d], made in Python on its E scores: a dozen tiny tensor ops
-        cost more than the arithmetic when decoding one sequence. -> (expert ids, weights)."""
-        logits = torch.mm(x if x.dtype == torch.float32 else x.float(), self.w_t)
-        scores = (logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1))[0].tolist()
-        choice = [s + b for s, b in zip(scores, self.bias_list)] if self.sigmoid else scores
-        experts = range(self.n_experts)
-        if self.n_group > 1:
-            size = self.n_experts // self.n_group
-            groups = [choice[g * size : (g + 1) * size] for g in range(self.n_group)]
-            group_score = [sum(sorted(grp)[-2:]) if self.sigmoid else max(grp) for grp in groups]
-            keep = sorted(range(self.n_group), key=lambda g: -group_score[g])[: self.topk_group]
-            experts = [e for g in keep for e in range(g * size, (g + 1) * size)]
-        ids = sorted(experts, key=lambda e: -choice[e])[: self.top_k]
-        weights = [scores[e] for e in ids]
-        if self.norm_topk_prob:
-            total = sum(weights) + 1e-20
-            weights = [w / total for w in weights]
-        return ids, [w * self.scaling for w in weights]
+        """The same decision for a single token x [1, d], made in Python (moe.Router.route_one)."""
+        return self.gate.route_one(self.logits(x), self.bias_list)
 
 
 class MoEWeights:
     """Router, routed experts (stacked gate_up [E, d, 2I] and down [E, I, d], so each expert's matrices are
-    contiguous) and shared experts."""
+    contiguous) and shared experts. The dispatch is the model's (moe.dispatch, moe.run_experts)."""
 
-    def __init__(self, moe: MoE):
-        self.router, self.shared = Router(moe.gate), SwiGLU(moe.shared_experts)
-        self.n_experts = moe.n_experts
-        if isinstance(moe.experts, Int8Experts):
-            self.quantized = moe.experts
+    def __init__(self, moe_layer: moe.MoE):
+        self.router = Router(moe_layer.gate)
+        self.shared = SwiGLU(moe_layer.shared_experts)
+        self.n_experts = moe_layer.n_experts
+        if isinstance(moe_layer.experts, Int8Experts):
+            self.quantized = moe_layer.experts
+            self.gate_up_t = None
+            self.down_t = None
         else:
             self.quantized = None
-            self.gate_up_t = moe.experts.gate_up_proj.detach().transpose(1, 2).contiguous()
-            self.down_t = moe.experts.down_proj.detach().transpose(1, 2).contiguous()
+            self.gate_up_t = moe_layer.experts.gate_up_proj.detach().transpose(1, 2).contiguous()
+            self.down_t = moe_layer.experts.down_proj.detach().transpose(1, 2).contiguous()
             self.each = list(zip(self.gate_up_t.unbind(0), self.down_t.unbind(0)))  # per-expert views
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -244,34 +213,20 @@ class MoEWeights:
         gate, up = torch.mm(x, gate_up).chunk(2, dim=-1)
         return torch.mm(F.silu(gate) * up, down)
 
+    def run(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert through their experts: one grouped matmul per stacked matrix when
+        it can."""
+        return moe.run_experts(xs, counts, self.expert, self.gate_up_t, self.down_t)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, d]: (token, expert) pairs sorted by expert, each chosen expert run once on its contiguous rows,
-        then the pairs put back in token order and summed per token, plus the shared experts."""
-        if x.shape[0] == 1:  # one token: no sorting, just its K experts
-            out = self.shared(x)
-            for e, w in zip(*self.router.route_one(x)):
-                out.add_(self.expert(e, x), alpha=w)
-            return out
+        """x [N, d] -> shared experts + the weighted routed experts of each token."""
+        out = self.shared(x)
+        if x.shape[0] == 1:  # one token: routed in Python, no sorting, just its K experts
+            ids, weights = self.router.route_one(x)
+            return moe.dispatch_one(x, ids, weights, self.expert, out)
         weights, ids = self.router(x)
-        N, K = ids.shape
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
-        xs = x[order // K]
-        if self.quantized is None and grouped_mm_ok(xs, self.gate_up_t):  # one call per matrix for all experts
-            offsets = counts.cumsum(0).to(torch.int32)
-            gate, up = F.grouped_mm(xs, self.gate_up_t, offs=offsets).chunk(2, dim=-1)
-            ys = F.grouped_mm(F.silu(gate) * up, self.down_t, offs=offsets)
-        else:
-            ys, start = torch.empty_like(xs), 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    ys[start : start + n] = self.expert(e, xs[start : start + n])
-                    start += n
-        routed = torch.empty_like(ys)
-        routed[order] = ys
-        routed = (routed.view(N, K, -1) * weights.unsqueeze(-1).to(x.dtype)).sum(dim=1)
-        return self.shared(x) + routed
+        routed, _ = moe.dispatch(x, weights, ids, self.n_experts, self.run)
+        return out + routed
 
 
 class BlockWeights:

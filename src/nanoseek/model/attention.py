@@ -5,6 +5,13 @@ by all heads. Two ways to use the same weights:
 - expanded (training, prefill): up-project the latent to per-head K/V and run causal SDPA;
 - absorbed (decode): fold kv_b_proj into the query and the output, and attend over the latent itself, so a cache
   holds only kv_lora_rank + qk_rope_head_dim values per token per layer.
+
+The absorbed math is written once, here, as three functions on token rows (absorb_query,
+attend_latent, expand_output), and the engine calls them: engine/weights.py keeps W_UK and W_UV^T
+(from `absorbed_weights`) in its own layout and engine/runner.py runs them over the paged cache. A
+model without a cache never needs them (its forward is the expanded path), so MLA has no absorbed
+forward of its own; tests/test_model.py composes the three functions over MLA's weights and pins
+them to the expanded path.
 """
 
 from __future__ import annotations
@@ -14,17 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.layers import RMSNorm
 from nanoseek.model.rope import apply_rope
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class MLA(nn.Module):
@@ -81,19 +79,27 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.unflatten(0, (self.n_heads, -1))
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
-    def attend_latent(self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
-                      mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of queries [B, T, H, *] over latent keys c_kv [B, S, kv_rank], k_rope [B, S, rope].
 
-        mask: bool [B, T, S] (True = may attend) or None for all-visible. Returns the o_proj output [B, T, d].
-        """
-        w_uk, w_uv = self.absorbed_weights()
-        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # the query lives in latent space now
-        scores = torch.einsum("bthc,bsc->bhts", q_latent, c_kv) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
-        scores = scores.float() * self.scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        probs = scores.softmax(dim=-1).type_as(c_kv)
-        o_latent = torch.einsum("bhts,bsc->bthc", probs, c_kv)
-        o = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)
-        return self.o_proj(o.flatten(2))
+# ------------------------------------------------------------ the absorbed math (decode)
+def absorb_query(q_nope: torch.Tensor, q_rope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """q_nope [N, H, nope], q_rope [N, H, rope], W_UK [H, nope, kv_rank] -> [N, H, kv_rank + rope]:
+    the query in latent space (W_UK^T q_nope), to score against cached [c_kv | k_rope] rows."""
+    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+    return torch.cat((q_latent, q_rope), dim=-1)
+
+
+def attend_latent(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: float,
+                  kv_rank: int) -> torch.Tensor:
+    """Absorbed queries q [B, M, kv_rank + rope] (M: every query's heads in a row) over latent rows
+    kv [B, S, kv_rank + rope], bias [B, M, S] (0 = may attend, -inf = may not)
+    -> attention-weighted latents [B, M, kv_rank]. Scores in fp32; the value read is c_kv itself."""
+    q32 = q if q.dtype == torch.float32 else q.float()
+    kv32 = kv if kv.dtype == torch.float32 else kv.float()
+    scores = torch.baddbmm(bias, q32, kv32.transpose(1, 2), alpha=scale)
+    return torch.bmm(scores.softmax(dim=-1).to(kv.dtype), kv[..., :kv_rank])
+
+
+def expand_output(o_latent: torch.Tensor, w_uv_t: torch.Tensor) -> torch.Tensor:
+    """Attention-weighted latents [N, H, kv_rank], W_UV^T [H, kv_rank, v] -> per-head values
+    [N, H*v], ready for o_proj."""
+    return torch.bmm(o_latent.transpose(0, 1), w_uv_t).transpose(0, 1).flatten(1)

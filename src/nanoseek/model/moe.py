@@ -1,79 +1,190 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts, dropless.
 
-Routing (V3): sigmoid affinities; a per-expert bias, trained by the balancing rule rather than by gradients, shifts
-which experts are *selected* but never the weights; experts come in groups and a token may use only the top
-`topk_group` groups (a group scores the sum of its two best experts). V2 routing (softmax, group max) is kept for
-DeepSeek-V2 checkpoints.
+Routing (V3): sigmoid affinities; a per-expert bias, trained by the balancing rule rather than by
+gradients, shifts which experts are *selected* but never the weights; experts come in groups and a
+token may use only the top `topk_group` groups (a group scores the sum of its two best experts). V2
+routing (softmax, group max) is kept for DeepSeek-V2 checkpoints.
 
-Dispatch: the (token, expert) pairs are sorted by expert so each expert's tokens form one contiguous slice, all
-experts run as one grouped matmul, and the weighted outputs are scatter-added back. No capacity, nothing dropped.
+Dispatch: the (token, expert) pairs are sorted by expert so each expert's tokens form one
+contiguous slice, all experts run as one grouped matmul (or a loop over the non-empty experts), and
+the weighted outputs are scatter-added back. No capacity, nothing dropped.
+
+This is the one copy of routing and of the expert loop. The engine (engine/weights.py, weights
+stored [in, out]) and the int8 experts (engine/quant.py) call `Router.route`, `dispatch` and
+`run_experts` and supply only their matrices or "run expert e on these rows". One token decoding
+alone takes the fast variants beside them, `Router.route_one` and `dispatch_one` (no tiny tensor
+ops, no sorting), which tests/test_model.py checks against the tensor path.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x). The dense layers and the shared experts."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+from nanoseek.model.layers import MLP
 
 
 class Router(nn.Module):
+    """Which experts a token uses, and with what weights: `route` (tensors, any number of tokens)
+    and `route_one` (Python, one token). The engine keeps its own copy of the weight and calls both
+    on its logits."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
-        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
         self.sigmoid = cfg.scoring_func == "sigmoid"
-        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.scaling = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         if self.sigmoid:  # V3's balancing bias: fp32, selection only, updated outside autograd
-            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+            bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32)
+            self.register_buffer("e_score_correction_bias", bias)
 
     def _apply(self, fn, recurse=True):
-        # The bias stays fp32 whatever dtype the model is cast to (bf16 would round away updates of size γ).
+        # The bias stays fp32 whatever dtype the model is cast to (bf16 would round away updates of
+        # size γ).
         bias = getattr(self, "e_score_correction_bias", None)
         super()._apply(fn, recurse)
         if bias is not None:
             device = self.weight.device
-            self.e_score_correction_bias = torch.empty(bias.shape, dtype=torch.float32, device=device) \
-                if bias.is_meta or device.type == "meta" else bias.to(device=device, dtype=torch.float32)
+            if bias.is_meta or device.type == "meta":
+                bias = torch.empty(bias.shape, dtype=torch.float32, device=device)
+            else:
+                bias = bias.to(device=device, dtype=torch.float32)
+            self.e_score_correction_bias = bias
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> weights [N, K], expert ids [N, K], affinities [N, E] (fp32)."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions are made in fp32
             logits = F.linear(x.float(), self.weight.float())
+        return self.route(logits, self.e_score_correction_bias if self.sigmoid else None)
+
+    def route(self, logits: torch.Tensor, bias: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 logits [N, E] and the selection bias [E] (None for softmax routing)
+        -> weights [N, K], expert ids [N, K], affinities [N, E]."""
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
-        choice = scores + self.e_score_correction_bias if self.sigmoid else scores
-        choice = choice.detach()
+        choice = scores if bias is None else scores + bias
+        if choice.requires_grad:  # the choice is discrete: no gradient goes through it
+            choice = choice.detach()
         if self.n_group > 1:
             grouped = choice.unflatten(-1, (self.n_group, -1))
-            group_score = grouped.topk(2, dim=-1).values.sum(-1) if self.sigmoid else grouped.amax(-1)
+            if self.sigmoid:
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_score = grouped.amax(-1)
             keep = group_score.topk(self.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)  # the unbiased affinities
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids, scores
 
+    def route_one(self, logits: torch.Tensor, bias: list[float] | None
+                  ) -> tuple[list[int], list[float]]:
+        """`route` for a single token (logits [1, E], the bias as a list), decided in Python on its
+        E scores: when decoding one sequence, a dozen tiny tensor ops cost more than the arithmetic.
+        The same ids in the same order and the same weights (tests/test_model.py checks).
+        -> (expert ids, weights)."""
+        scores = (logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1))[0].tolist()
+        choice = scores if bias is None else [s + b for s, b in zip(scores, bias)]
+        experts = range(self.n_experts)
+        if self.n_group > 1:
+            size = self.n_experts // self.n_group
+            groups = [choice[g * size : (g + 1) * size] for g in range(self.n_group)]
+            group_score = [sum(sorted(grp)[-2:]) if self.sigmoid else max(grp) for grp in groups]
+            keep = sorted(range(self.n_group), key=lambda g: -group_score[g])[: self.topk_group]
+            experts = [e for g in keep for e in range(g * size, (g + 1) * size)]
+        ids = sorted(experts, key=lambda e: -choice[e])[: self.top_k]
+        weights = [scores[e] for e in ids]
+        if self.norm_topk_prob:
+            total = sum(weights) + 1e-20
+            weights = [w / total for w in weights]
+        return ids, [w * self.scaling for w in weights]
+
+
+# ------------------------------------------------------------- dispatch: the expert loop, once
+RunSorted = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows sorted by expert, counts)
+RunOne = Callable[[int, torch.Tensor], torch.Tensor]  # (expert e, its rows)
+
+
+def dispatch(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, n_experts: int,
+             run: RunSorted) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_k weights[:, k] · expert_{ids[:, k]}(x), dropless. x [N, d], weights and ids [N, K].
+
+    The (token, expert) pairs are sorted by expert, `run(rows, counts)` computes every expert on its
+    contiguous slice of rows (counts [E] rows per expert; `run_experts` does it), and the weighted
+    outputs are scatter-added back per token. -> (output [N, d], counts)."""
+    flat = ids.flatten()
+    counts = torch.bincount(flat, minlength=n_experts)
+    order = flat.argsort(stable=True)
+    token = order // ids.shape[1]
+    # index_select rather than x[token]: its backward is a fast index_add, not an accumulating
+    # index_put
+    ys = run(x.index_select(0, token), counts) * weights.flatten()[order].unsqueeze(-1).type_as(x)
+    return torch.zeros_like(x).index_add_(0, token, ys), counts
+
+
+def dispatch_one(x: torch.Tensor, ids: list[int], weights: list[float], expert: RunOne,
+                 out: torch.Tensor) -> torch.Tensor:
+    """`dispatch` for one token x [1, d] routed by `Router.route_one`: its K experts run in turn,
+    nothing to sort; their weighted outputs are added to out [1, d] in place (the engine passes the
+    shared experts')."""
+    for e, w in zip(ids, weights):
+        out.add_(expert(e, x), alpha=w)
+    return out
+
+
+def run_experts(xs: torch.Tensor, counts: torch.Tensor, expert: RunOne,
+                gate_up: torch.Tensor | None = None,
+                down: torch.Tensor | None = None) -> torch.Tensor:
+    """xs [M, d], rows sorted by expert, counts [E] rows per expert -> each row through its expert.
+
+    With the stacked matrices as x @ W (gate_up [E, d, 2I], gate then up; down [E, I, d]) and
+    `grouped_mm_ok`: one grouped matmul per matrix for all experts. Otherwise `expert(e, rows)` on
+    each non-empty slice."""
+    if gate_up is not None and grouped_mm_ok(xs, gate_up):
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = _grouped_mm(xs, gate_up, offsets).chunk(2, dim=-1)
+        return _grouped_mm(F.silu(gate) * up, down, offsets)
+    out = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            out[start : start + n] = expert(e, xs[start : start + n])
+            start += n
+    return out
+
+
+def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # Eager CPU runs it in any float dtype; CUDA kernels and torch.compile's tracing want bf16.
+    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
+        return False
+    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return x.dtype == torch.bfloat16 or eager_cpu
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    out = F.grouped_mm(x, w, offs=offsets)
+    # the backward kernel rejects expanded (stride-0) gradients, e.g. from .sum()
+    if out.requires_grad:
+        out.register_hook(torch.Tensor.contiguous)
+    return out
+
 
 class Experts(nn.Module):
-    """All routed experts as stacked tensors: gate_up_proj [E, 2I, d] (gate rows, then up), down_proj [E, d, I]."""
+    """All routed experts as stacked tensors: gate_up_proj [E, 2I, d] (gate rows, then up),
+    down_proj [E, d, I]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -83,45 +194,27 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, d], rows sorted by expert, counts [E] rows per expert -> [M, d]."""
-        if grouped_mm_ok(x, self.gate_up_proj):
-            offsets = counts.cumsum(0).to(torch.int32)
-            h = _grouped_mm(x, self.gate_up_proj.mT, offsets)
-            gate, up = h.chunk(2, dim=-1)
-            return _grouped_mm(F.silu(gate) * up, self.down_proj.mT, offsets)
-        # Fallback: one matmul per non-empty expert, on its contiguous slice.
-        out, start = torch.empty_like(x), 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                gate, up = F.linear(x[start : start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-                out[start : start + n] = F.linear(F.silu(gate) * up, self.down_proj[e])
-                start += n
-        return out
+        return run_experts(x, counts, self.expert, self.gate_up_proj.mT, self.down_proj.mT)
 
-
-def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # Eager CPU runs it in any float dtype; CUDA kernels and torch.compile's tracing want bf16.
-    if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
-        return False
-    return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
-
-
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    out = F.grouped_mm(x, w, offs=offsets)
-    if out.requires_grad:  # the backward kernel rejects expanded (stride-0) gradients, e.g. from .sum()
-        out.register_hook(torch.Tensor.contiguous)
-    return out
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on rows x [n, d]."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
 
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.num_experts_per_tok
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
-        # Always present, as in transformers: with n_shared_experts=0 it is zero-wide and adds nothing.
-        self.shared_experts = MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+        # Always present, as in transformers: with n_shared_experts=0 it is zero-wide and adds
+        # nothing.
+        shared_width = cfg.n_shared_experts * cfg.moe_intermediate_size
+        self.shared_experts = MLP(cfg.hidden_size, shared_width)
         self.balance_alpha = cfg.aux_loss_alpha
-        # Tokens routed to each expert since the last bias update: the load statistics a trainer logs.
+        # Tokens routed to each expert since the last bias update: the load a trainer logs.
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -129,18 +222,15 @@ class MoE(nn.Module):
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         weights, ids, scores = self.gate(flat)
-        counts = torch.bincount(ids.flatten(), minlength=self.n_experts)
-        order = ids.flatten().argsort(stable=True)
-        token = order // self.top_k
-        # index_select rather than flat[token]: its backward is a fast index_add, not an accumulating index_put
-        y = self.experts(flat.index_select(0, token), counts) * weights.flatten()[order].unsqueeze(-1).type_as(flat)
-        out = torch.zeros_like(flat).index_add_(0, token, y).view(B, T, d) + self.shared_experts(x)
+        routed, counts = dispatch(flat, weights, ids, self.n_experts, self.experts)
+        out = routed.view(B, T, d) + self.shared_experts(x)
         balance = None
         if self.training:
             with torch.no_grad():
                 self.expert_load += counts.to(self.expert_load.dtype)
             if self.balance_alpha > 0:
-                balance = self.sequence_balance_loss(scores.view(B, T, -1), ids.view(B, T, -1))
+                balance = self.sequence_balance_loss(scores.view(B, T, -1),
+                                                     ids.view(B, T, -1))
         return out, balance
 
     def sequence_balance_loss(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -148,13 +238,14 @@ class MoE(nn.Module):
         B, T, E = scores.shape
         picked = torch.zeros(B, E, device=scores.device).scatter_add_(
             1, ids.flatten(1), torch.ones(B, T * self.top_k, device=scores.device))
-        f = picked * E / (self.top_k * T)  # 1.0 for every expert when the load is perfectly even
+        f = picked * E / (self.top_k * T)  # 1.0 for every expert when the load is even
         p = (scores / scores.sum(-1, keepdim=True)).mean(dim=1)
         return self.balance_alpha * (f * p).sum(-1).mean()
 
     @torch.no_grad()
     def update_bias(self, gamma: float, load: torch.Tensor | None = None) -> None:
-        """Aux-loss-free balancing: nudge each expert's bias by γ toward the mean load, then reset the counts.
+        """Aux-loss-free balancing: nudge each expert's bias by γ toward the mean load, then reset
+        the counts.
 
         `load` overrides the local counts (a data-parallel trainer passes the all-reduced ones).
         """

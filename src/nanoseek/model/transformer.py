@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import MLA, RMSNorm
-from nanoseek.model.moe import MLP, MoE
+from nanoseek.model.attention import MLA
+from nanoseek.model.layers import MLP, RMSNorm
+from nanoseek.model.moe import MoE
 from nanoseek.model.rope import rope_tables
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (prompt tokens in SFT, padding)

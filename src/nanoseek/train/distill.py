@@ -21,7 +21,7 @@ from nanoseek.engine import Engine
 from nanoseek.eval.accuracy import generate_completions
 from nanoseek.tasks import Problem, get_task, parse_completion
 from nanoseek.tokenizer import load_tokenizer
-from nanoseek.train import dist as D
+from nanoseek.train import dist
 from nanoseek.train.sft import TRAIN_DEFAULTS, run_sft
 
 DEFAULTS = {
@@ -114,7 +114,7 @@ def split_settings(section: dict) -> tuple[dict, dict]:
 
 
 def distill(teacher: str | Path | None, student: str | Path, out: str | Path, section: dict | None = None, *,
-            traces: str | Path | None = None, info: D.DistInfo | None = None) -> dict:
+            traces: str | Path | None = None, info: dist.DistInfo | None = None) -> dict:
     """Teacher traces -> SFT of the student checkpoint -> out/final. The traces are generated once into
     out/traces.jsonl (reused on a rerun); `traces` points to an existing file instead, e.g. to train the
     answer-only control on exactly the same problems."""

@@ -5,9 +5,11 @@
     samples = generate_groups(engine, tok, problems, graders, SamplingParams(n=8, max_tokens=96, seed=1))
     inputs, targets = collate(samples, tok.pad_id)            # for the training model's forward
 
-Prompts are rendered with the chat template's generation prompt, which ends in "<think>\\n": completions start
-inside the reasoning and are graded with think_prefilled=True. The G completions of a prompt come from one
-request with n=G, so the prompt is prefilled once and its cache blocks are shared by the group.
+Prompts are rendered by data.chat.prompt_ids (as SFT and evaluation render them), with the chat
+template's generation prompt, which ends in "<think>\\n": completions start inside the reasoning and
+are graded with think_prefilled=True. The G completions of a prompt come from one request with n=G,
+so the prompt is prefilled once and its cache blocks are shared by the group. Held-out accuracy is
+eval/'s (eval.quality.task_accuracy).
 Completion text is decoded from the token ids with special tokens kept (the engine's own text drops them, and
 with them the <think>/<answer> tags that the graders read).
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.data.chat import prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tasks import TASKS, Problem, Reward, Task, get_task
@@ -101,11 +104,6 @@ class PromptStream:
         self.draws = state["draws"]
 
 
-def prompt_ids(tokenizer, problem: Problem) -> list[int]:
-    """The chat prompt for a problem, ending in the generation prompt "<｜Assistant｜><think>\\n"."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], add_generation_prompt=True)
-
-
 def task_grader(tasks: dict[str, Task]) -> Grader:
     """Grade each completion with its problem's task (think prefilled, as the prompts are)."""
     def grade(problems: list[Problem], texts: list[str]) -> list[Reward]:
@@ -139,7 +137,7 @@ class Rollout:
 def generate_groups(engine: Engine, tokenizer, problems: list[Problem], grader: Grader,
                     params: SamplingParams) -> Rollout:
     """params.n completions for each problem (seeded per problem from params.seed), graded."""
-    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    prompts = [prompt_ids(tokenizer, p.prompt) for p in problems]
     base = params.seed if params.seed is not None else random.randrange(2**62)
     per_prompt = [_replace(params, seed=base + i) for i in range(len(problems))]
     start = time.perf_counter()
@@ -174,27 +172,6 @@ def collate(samples: Sequence[Sample], pad_id: int, mask_truncated: bool = False
             p = len(s.prompt_ids)
             targets[i, p - 1 : len(q) - 1] = torch.tensor(s.completion_ids)
     return inputs, targets
-
-
-# ---------------------------------------------------------------------- held-out accuracy
-@torch.no_grad()
-def heldout_accuracy(model, tokenizer, specs: Sequence[TaskSpec], n: int = 100, langs: Sequence[str] = ("en",),
-                     max_new_tokens: int = 128, seed: int = 0, engine_kwargs: dict | None = None) -> dict:
-    """Greedy accuracy on the tasks' test split: `n` problems per task and language (fewer where the test space
-    is smaller), at each task's highest difficulty. -> {"accuracy", "format", "length", "<task>/accuracy", ...}."""
-    tasks = build_tasks(specs)
-    problems = [p for s in specs for lang in langs
-                for p in tasks[s.name].generate(n, seed=seed, difficulty=s.max_difficulty or s.difficulty,
-                                                split="test", lang=lang)]
-    problems = list({p.id: p for p in problems}.values())  # a small test space repeats problems: count each once
-    engine = Engine(model, None, max_batch_size=min(64, len(problems)), **(engine_kwargs or {}))
-    max_tokens = min(max_new_tokens, engine.max_model_len - max(len(prompt_ids(tokenizer, p)) for p in problems))
-    params = SamplingParams(max_tokens=max(1, max_tokens), temperature=0.0, stop_token_ids=[tokenizer.eos_id])
-    was_training = model.training
-    model.eval()
-    rollout = generate_groups(engine, tokenizer, problems, task_grader(tasks), params)
-    model.train(was_training)
-    return summarize(rollout.samples)
 
 
 def summarize(samples: Sequence[Sample]) -> dict:

@@ -1,7 +1,7 @@
 """Supervised fine-tuning: a pretrained checkpoint learns the chat format and the R1 answer format.
 
     conversations (worked task solutions, generated chat, your JSONL) ─► ids + assistant mask ─► packed rows
-    ─► Trainer (the same loop as pretraining; loss on assistant tokens only) ─► runs/NAME/sft/final
+    ─► Trainer (the same loop as pretraining; loss on assistant tokens only) ─► OUT/final
 
 The preset's "sft" section holds TrainConfig fields plus the data knobs below (DATA_DEFAULTS); everything is
 optional. Validation loss is measured on held-out (test-split) task problems, on assistant tokens only.
@@ -18,10 +18,9 @@ from nanoseek.checkpoint import load_model
 from nanoseek.data.chat import ChatLoader, Messages, read_chat_jsonl, tokenize_conversations
 from nanoseek.data.conversations import corpus_conversations, identity_conversations, task_conversations
 from nanoseek.data.corpus import iter_records
-from nanoseek.pipeline import export_checkpoint, latest_checkpoint, run_stage
 from nanoseek.tokenizer import load_tokenizer
-from nanoseek.train import dist as D
-from nanoseek.train.trainer import TrainConfig, Trainer
+from nanoseek.train import dist
+from nanoseek.train.trainer import TrainConfig, Trainer, export_checkpoint
 
 DATA_DEFAULTS = {
     "tasks": {"arithmetic": [1, 2], "countdown": [1], "word_problems": [1], "code": [1], "passkey": [1]},
@@ -71,10 +70,10 @@ def val_mix(data: dict) -> list[Messages]:
 
 
 def run_sft(base: str | Path, out: str | Path, conversations: list[Messages], train: dict, *,
-            val_conversations: list[Messages] | None = None, info: D.DistInfo | None = None) -> dict:
+            val_conversations: list[Messages] | None = None, info: dist.DistInfo | None = None) -> dict:
     """Fine-tune the checkpoint `base` on `conversations`; checkpoints go to out/checkpoints, the result to
     out/final. Resumes from out/checkpoints when a previous run stopped. -> a summary dict."""
-    info = info or D.DistInfo()
+    info = info or dist.DistInfo()
     out = Path(out)
     tok = load_tokenizer(base)
     model = load_model(base, dtype=torch.float32)
@@ -105,26 +104,3 @@ def run_sft(base: str | Path, out: str | Path, conversations: list[Messages], tr
             "trainable_tokens": trainable, "steps": result["steps"], "tokens": result["tokens"],
             "final_loss": result.get("lm_loss_avg"), "val_loss": result.get("val_loss"), "flops": result["flops"],
             "wall_s": result["wall_s"], "mfu": result["mfu"], "estimated_cost": result["estimated_cost"]}
-
-
-def base_checkpoint(run: Path) -> Path:
-    """What SFT starts from: the context-extended model if there is one, else the pretrained one."""
-    base = latest_checkpoint(run, ("pretrain", "long_context"))
-    if base is not None:
-        return base
-    raise FileNotFoundError(f"{run}: no long_context/final or pretrain/final checkpoint; run `nanoseek pretrain` "
-                            "first")
-
-
-def sft_stage(run: Path, preset: dict, info: D.DistInfo, base: str | Path | None = None) -> dict:
-    """The pipeline stage: the run's base checkpoint (or `base`) -> runs/NAME/sft/final."""
-    run = Path(run)
-    data, train = split_section(preset.get("sft") or {})
-
-    def work():
-        start = Path(base) if base else base_checkpoint(run)
-        convs = sft_mix(data, run / "corpus")
-        summary = run_sft(start, run / "sft", convs, train, val_conversations=val_mix(data), info=info)
-        summary["data"] = {k: v for k, v in data.items()}
-        return summary
-    return run_stage("sft", run / "sft", info, work, main_only=False)

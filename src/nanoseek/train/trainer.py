@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import threading
@@ -32,12 +31,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+import torch.distributed
 from tqdm import tqdm
 
-from nanoseek.checkpoint import atomic_write_text, load_weights_into, save_model
+from nanoseek.checkpoint import load_weights_into, save_model
+from nanoseek.io import atomic_dir, atomic_write_text
 from nanoseek.model import IGNORE_INDEX, Transformer
-from nanoseek.train import dist as D
+from nanoseek.train import dist
 from nanoseek.train.flops import measure_matmul_peak, train_flops_per_token
 from nanoseek.train.optim import build_optimizer, lr_multiplier
 
@@ -94,8 +94,8 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r}: must be 'cosine' or 'wsd'")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={self.optimizer!r}: must be 'adamw' or 'muon'")
-        if self.parallel not in D.PARALLEL:
-            raise ValueError(f"parallel={self.parallel!r}: must be one of {D.PARALLEL}")
+        if self.parallel not in dist.PARALLEL:
+            raise ValueError(f"parallel={self.parallel!r}: must be one of {dist.PARALLEL}")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise ValueError("optimizer='muon' does not run with parallel='fsdp': its Newton-Schulz step needs each "
                              "whole matrix, and FSDP gives every rank a slice of it; use optimizer='adamw' with FSDP, "
@@ -109,25 +109,34 @@ class TrainConfig:
 
 
 class Trainer:
+    """The training loop. `fit` is the one loop every trainer runs; a subclass changes what happens
+    in it through the hooks below `fit`: `run_step` (one optimizer step -> its metrics), `record`
+    (what is logged and evaluated after a step), `on_save` (files written beside each checkpoint),
+    `before_loop` and `after_loop`."""
+
+    progress_name = "train"  # the progress bar's label
+    peak_seconds = 1.0  # how long the matmul peak (MFU's denominator) is measured
+    supports_fsdp = True  # False: the subclass uses the whole model outside forward/backward
+
     def __init__(self, model: Transformer, cfg: TrainConfig, train_loader: Iterator,
                  val_batches: Callable[[], Iterable] | None = None, val_bytes_per_token: float | None = None,
-                 tokenizer=None, dist_info: D.DistInfo | None = None):
+                 tokenizer=None, dist_info: dist.DistInfo | None = None):
         """train_loader yields (inputs [B, T], targets [B, T]) and has state_dict()/load_state_dict() so a
         restarted run continues from the same position. val_batches() returns a fresh pass over validation."""
-        self.cfg, self.info = cfg, dist_info or D.DistInfo()
+        self.cfg, self.info = cfg, dist_info or dist.DistInfo()
         cfg.validate(self.info.world_size)
         self.device = torch.device(cfg.resolved_device if self.info.world_size == 1 or cfg.resolved_device == "cpu"
                                    else f"cuda:{self.info.local_rank}")
         # FSDP only means something across ranks; one process trains the plain model either way
         self.fsdp = cfg.parallel == "fsdp" and self.info.enabled
-        if self.fsdp and type(self).fit is not Trainer.fit:
+        if self.fsdp and not self.supports_fsdp:
             raise ValueError(f"{type(self).__name__} does not support parallel='fsdp' (its loop uses the whole model "
                              "outside forward/backward); use parallel='ddp'")
         # self.host: the model as given, plain (under FSDP it gets the full weights at each checkpoint, on rank 0);
         # self.model: what trains (the same module, or its FSDP-sharded twin); self.wrapped: what runs forward
         self.host = model
         if self.fsdp:
-            self.model = D.shard_model(model, self.info, self.device, mixed_precision=self.device.type == "cuda")
+            self.model = dist.shard_model(model, self.info, self.device, mixed_precision=self.device.type == "cuda")
         else:
             self.model = model.to(self.device)
         self.loader, self.val_batches, self.val_bytes_per_token = train_loader, val_batches, val_bytes_per_token
@@ -135,7 +144,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.optimizer = build_optimizer(self.model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          muon_lr=cfg.muon_lr, router_lr_scale=cfg.router_lr_scale)
-        self.wrapped = self.model if self.fsdp else D.wrap_model(self.model, self.info)
+        self.wrapped = self.model if self.fsdp else dist.wrap_model(self.model, self.info)
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
@@ -149,45 +158,34 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.info.rank)
-        self.resume()
-        peak = measure_matmul_peak(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        resumed = self.resume()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        peak = measure_matmul_peak(self.device, dtype, seconds=self.peak_seconds)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.out.name}", unit="step",
-                   disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step",
+                        desc=f"{self.progress_name} {self.out.name}", dynamic_ncols=True,
+                        disable=not (cfg.progress and self.info.is_main))
         metrics: dict = {}
-        window_start, window_tokens, window_losses = time.perf_counter(), 0, []
         try:
+            self.before_loop(resumed, peak)
             while self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested:
                 started = time.perf_counter()
-                metrics = self.train_step()
-                window_losses.append(metrics["lm_loss"])
+                metrics = self.run_step()
                 self.elapsed += time.perf_counter() - started
                 self.step += 1
-                self.tokens += self.tokens_per_step
-                window_tokens += self.tokens_per_step
-                bar.update(1)
-                last = self.step == cfg.max_steps or self._out_of_time()  # a final figure, whatever stops the run
-                if self.step % cfg.log_every == 0 or last:
-                    dt = time.perf_counter() - window_start
-                    tps = window_tokens / dt
-                    # the step's own losses are noisy across documents: also log the window's mean
-                    metrics.update(lm_loss_avg=round(sum(window_losses) / len(window_losses), 5),
-                                   tokens=self.tokens, tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
-                                   mfu=round(tps * self.flops_per_token / (peak * self.info.world_size), 4))
-                    window_start, window_tokens, window_losses = time.perf_counter(), 0, []
-                    if self.val_batches is not None and (self.step % cfg.eval_every == 0 or last):
-                        metrics.update(self.evaluate())
-                    self.log(metrics)
-                    bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}",
-                                    mfu=f"{metrics['mfu']:.2f}")
+                self.bar.update(1)
+                self.record(metrics, started)
                 if self.step % cfg.save_every == 0:
                     self.save_checkpoint()
+                    self.on_save()
+            metrics = self.after_loop(metrics)
             self.save_checkpoint()
+            self.on_save()
         finally:
-            bar.close()
+            self.bar.close()
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         report = self.cost_report(peak)
@@ -197,12 +195,59 @@ class Trainer:
             raise KeyboardInterrupt(f"stopped at step {self.step}; run again to resume from {self.out}")
         return {**metrics, **report}
 
+    # ------------------------------------------------------------------ the hooks
+    def before_loop(self, resumed: bool, peak: float) -> None:
+        """After the resume, before the first step: open the logging window (tokens/s, MFU, mean
+        loss)."""
+        self._peak = peak
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+        self._window_losses: list[float] = []
+
+    def run_step(self) -> dict:
+        """One optimizer step -> its metrics."""
+        metrics = self.train_step()
+        self.tokens += self.tokens_per_step
+        return metrics
+
+    def record(self, metrics: dict, started: float) -> None:
+        """After step `self.step` (begun at `started`): every log_every the window's figures,
+        validation at eval_every, a metrics.jsonl row and the progress bar; always at the last
+        step."""
+        cfg = self.cfg
+        self._window_losses.append(metrics["lm_loss"])
+        self._window_tokens += self.tokens_per_step
+        # a final figure, whatever stops the run
+        last = self.step == cfg.max_steps or self._out_of_time()
+        if self.step % cfg.log_every == 0 or last:
+            dt = time.perf_counter() - self._window_start
+            tps = self._window_tokens / dt
+            # the step's own losses are noisy across documents: also log the window's mean
+            mean_loss = sum(self._window_losses) / len(self._window_losses)
+            mfu = tps * self.flops_per_token / (self._peak * self.info.world_size)
+            metrics.update(lm_loss_avg=round(mean_loss, 5), tokens=self.tokens,
+                           tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
+                           mfu=round(mfu, 4))
+            self._window_start = time.perf_counter()
+            self._window_tokens = 0
+            self._window_losses = []
+            if self.val_batches is not None and (self.step % cfg.eval_every == 0 or last):
+                metrics.update(self.evaluate())
+            self.log(metrics)
+            self.bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}",
+                                 mfu=f"{metrics['mfu']:.2f}")
+
+    def on_save(self) -> None:
+        """After each checkpoint: files a subclass writes beside it (none here)."""
+
+    def after_loop(self, metrics: dict) -> dict:
+        """After the last step, before the final checkpoint -> the metrics `fit` returns."""
+        return metrics
+
+    # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
-        lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.schedule,
-                                 min_ratio=cfg.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_scale
+        lr_scale = self.schedule_lr()
         model.train()
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         for micro in range(cfg.grad_accum):
@@ -217,22 +262,31 @@ class Trainer:
                 value = getattr(out, key)
                 if value is not None:
                     sums[key] += value.item() / cfg.grad_accum
-        grad_norm = D.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = dist.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loads = model.expert_load()
         metrics = {"step": self.step + 1, "lr_scale": round(lr_scale, 5), "grad_norm": round(grad_norm.item(), 4)}
         if loads.numel():
-            loads = D.all_reduce_sum(loads, self.info)
+            loads = dist.all_reduce_sum(loads, self.info)
             model.update_router_biases(cfg.bias_update_speed, loads)
             share = loads / loads.sum(1, keepdim=True).clamp_min(1)
             metrics["load_imbalance"] = round((share.max(1).values * share.shape[1]).max().item(), 3)
             metrics["expert_load"] = share.round(decimals=4).tolist()  # [moe layer][expert]: fraction of tokens
         if self.info.enabled:  # the logged losses are global means
-            t = D.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), self.info)
+            t = dist.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), self.info)
             sums = dict(zip(sums, (t / self.info.world_size).tolist()))
         metrics.update({k: round(v, 5) for k, v in sums.items()})
         return metrics
+
+    def schedule_lr(self) -> float:
+        """Set this step's learning rate from the schedule. -> its multiplier of the base rate."""
+        cfg = self.cfg
+        lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps,
+                                 schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_scale
+        return lr_scale
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -243,7 +297,7 @@ class Trainer:
         for _ in range(self.cfg.eval_batches):
             batch = next(batches, None)
             if self.fsdp:  # every forward all-gathers weights: the ranks run as many as the one with the most data
-                if D.all_reduce_sum(torch.tensor(float(batch is not None), device=self.device), self.info) == 0:
+                if dist.all_reduce_sum(torch.tensor(float(batch is not None), device=self.device), self.info) == 0:
                     break
                 if batch is None:
                     with self.autocast:
@@ -258,7 +312,7 @@ class Trainer:
                                                      ignore_index=IGNORE_INDEX, reduction="sum")
             nats += loss.double().cpu()
             count += (targets != IGNORE_INDEX).sum().cpu()
-        nats, count = D.all_reduce_sum(nats, self.info), D.all_reduce_sum(count, self.info)
+        nats, count = dist.all_reduce_sum(nats, self.info), dist.all_reduce_sum(count, self.info)
         out = {"val_loss": round((nats / count.clamp_min(1)).item(), 5)}
         if self.val_bytes_per_token:
             out["val_bpb"] = round(out["val_loss"] / (math.log(2) * self.val_bytes_per_token), 5)
@@ -302,29 +356,26 @@ class Trainer:
                else None}
         if self.info.enabled:  # every rank's data position and RNG go into the one file rank 0 writes
             gathered: list = [None] * self.info.world_size
-            dist.all_gather_object(gathered, (loader_states[0], rng))
+            torch.distributed.all_gather_object(gathered, (loader_states[0], rng))
             loader_states, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
         else:
             rngs = [rng]
         if self.fsdp:  # gathered to rank 0; the given model receives the weights there and is saved as usual
-            weights, optimizer_state = D.full_state_dicts(self.model, self.optimizer)
+            weights, optimizer_state = dist.full_state_dicts(self.model, self.optimizer)
             if self.info.is_main:
                 self.host.load_state_dict(weights)
         final = self.checkpoint_dir / f"step_{self.step:06d}"
         if self.info.is_main:
-            tmp = self.checkpoint_dir / f".tmp-step_{self.step:06d}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_model(self.host, tmp, tokenizer=self.tokenizer)
             state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                      "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
                      "loaders": loader_states, "rng": rngs, "world_size": self.info.world_size,
                      "parallel": "fsdp" if self.fsdp else "ddp", "config": asdict(self.cfg)}
-            torch.save(state, tmp / STATE_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            with atomic_dir(final) as tmp:
+                save_model(self.host, tmp, tokenizer=self.tokenizer)
+                torch.save(state, tmp / STATE_FILE)
             for old in sorted(self.checkpoint_dir.glob("step_*"))[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        D.barrier(self.info)
+        dist.barrier(self.info)
         return final
 
     def latest_checkpoint(self) -> Path | None:
@@ -346,7 +397,7 @@ class Trainer:
                                f"state does not load into a {parallel!r} run: resume it with the same setting")
         load_weights_into(self.host, path)
         if self.fsdp:  # every rank read the whole checkpoint: each keeps its shard
-            D.load_full_state_dicts(self.model, self.optimizer, self.host.state_dict(), state["optimizer"])
+            dist.load_full_state_dicts(self.model, self.optimizer, self.host.state_dict(), state["optimizer"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loaders"][self.info.rank])
@@ -359,6 +410,13 @@ class Trainer:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
             tqdm.write(f"resumed from {path} (step {self.step})")
         return True
+
+
+def export_checkpoint(model: Transformer, path: Path, tokenizer) -> None:
+    """A trained model as an HF directory (with the tokenizer's files), swapped into place once
+    complete."""
+    with atomic_dir(path) as tmp:
+        save_model(model, tmp, tokenizer=tokenizer)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -197,8 +197,9 @@ function setBusy(busy) {
 
 async function send(text) {
   const conv = current() || newConversation();
-  const history = conv.messages.filter((m) => !m.error && (m.role === "user" || m.content))
-    .map((m) => ({ role: m.role, content: m.content }));
+  // A question whose answer failed (e.g. a 401) is not sent again as history: the retry asks it afresh.
+  const answered = (m, i, all) => m.role === "user" ? !all[i + 1]?.error : !m.error && m.content;
+  const history = conv.messages.filter(answered).map((m) => ({ role: m.role, content: m.content }));
   conv.messages.push({ role: "user", content: text });
   if (conv.title === "New chat") conv.title = text.slice(0, 40);
   const reply = { role: "assistant", content: "", reasoning: "", streaming: true };

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import atomic_write_text
 from nanoseek.config import ModelConfig
-from nanoseek.pipeline import TRAINED_STAGES, latest_checkpoint
+from nanoseek.io import atomic_write_text
+from nanoseek.stages.common import TRAINED_STAGES, latest_checkpoint
 
 STAGES = ("corpus", "tokenizer", "shards", *TRAINED_STAGES, "eval", "export")
 
@@ -51,7 +51,7 @@ def _done(path: Path) -> dict | None:
 
 def eval_results(run: Path) -> dict[str, dict]:
     """{stage: the eval stage's result for that stage's checkpoint}, in pipeline order."""
-    from nanoseek.eval.report import STAGES as EVALUATED
+    from nanoseek.stages.eval import STAGES as EVALUATED
 
     return {s: _read_json(run / "eval" / f"{s}.json") for s in EVALUATED if (run / "eval" / f"{s}.json").is_file()}
 
@@ -207,7 +207,7 @@ def render(data: dict, plots: list[str], evals: dict[str, dict] | None = None,
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     if evals:
-        from nanoseek.eval.report import to_markdown
+        from nanoseek.eval.quality import to_markdown
 
         lines += ["## Evaluation", "", "Held-out data only: the corpus' validation split and the tasks' test split.",
                   "", to_markdown(list(evals.values()), list(evals)).replace("### ", "#### "), ""]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nanoseek.checkpoint import atomic_write_text
-from nanoseek.report import collect, eval_results
+from nanoseek.io import atomic_write_text
+from nanoseek.reporting.report_card import collect, eval_results
 
 LICENSE = "mit"
 TAGS = ["nanoseek", "deepseek_v3", "mixture-of-experts", "multi-head-latent-attention", "multi-token-prediction",
@@ -66,7 +66,7 @@ def _model_index_results(evals: dict[str, dict]) -> list[dict]:
 
 def body(name: str, data: dict, preset: dict, sources: list[dict], evals: dict[str, dict],
          samples: list[dict]) -> str:
-    from nanoseek.eval.report import to_markdown
+    from nanoseek.eval.quality import to_markdown
 
     md, stages, machine = data.get("model", {}), data["stages"], data["machine"]
     wall = sum(s.get("wall_s", 0) for s in stages.values())

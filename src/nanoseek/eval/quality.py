@@ -4,31 +4,26 @@
     tasks     held-out (test-split) problems of each verifiable task: greedy pass@1, accuracy, format, pass@k
     passkey   retrieval accuracy at several context lengths, up to and beyond the model's context (YaRN)
 
-`eval_stage` runs it on every finished checkpoint of a run (pretrain, long_context, sft, grpo, distill) and writes
-runs/NAME/eval/<stage>.json plus report.md, tables that compare them.
+The eval stage (stages/eval.py) runs it on every finished checkpoint of a run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import atomic_write_text, load_model
+from nanoseek.checkpoint import load_model
 from nanoseek.engine import Engine
 from nanoseek.eval.accuracy import evaluate_task
 from nanoseek.eval.bpb import LANGS, bits_per_byte, heldout_texts
 from nanoseek.eval.passkey import passkey_sweep
 from nanoseek.tasks import TASKS, get_task
 from nanoseek.tokenizer import load_tokenizer
-from nanoseek.train import dist as D
 
 DEFAULT_TASKS = {"arithmetic": [1, 2], "countdown": [1], "word_problems": [1], "code": [1], "passkey": [1]}
-STAGES = ("pretrain", "long_context", "sft", "grpo", "distill")
 
 
 def task_problems(name: str, difficulties: Sequence[int], n_problems: int, langs: Sequence[str], seed: int = 0):
@@ -42,6 +37,23 @@ def task_problems(name: str, difficulties: Sequence[int], n_problems: int, langs
             problems += batch
             labels += [f"{lang}/d{d}"] * len(batch)
     return task, problems, labels
+
+
+def task_accuracy(engine: Engine, tok, tasks: dict[str, list[int]], n_problems: int,
+                  langs: Sequence[str], *, n_samples: int = 0, ks: Sequence[int] = (1, 5),
+                  temperature: float = 0.8, max_new_tokens: int = 256, seed: int = 0,
+                  progress: bool = False) -> dict[str, dict]:
+    """Held-out accuracy of each task ({name: [difficulty, ...]}) on n_problems test-split problems:
+    the one way nanoseek measures it, for `evaluate` and for GRPO's in-run evaluation.
+    -> {name: evaluate_task's result}."""
+    out = {}
+    for name, difficulties in tasks.items():
+        task, problems, labels = task_problems(name, difficulties, n_problems, langs, seed)
+        result = evaluate_task(engine, tok, task, problems, labels=labels, n_samples=n_samples,
+                               ks=ks, temperature=temperature, max_new_tokens=max_new_tokens,
+                               seed=seed, progress=progress)
+        out[name] = {"difficulties": list(difficulties), **result}
+    return out
 
 
 def evaluate(ckpt_dir: str | Path, tasks: Sequence[str] | dict | None = None, n_problems: int = 50, *,
@@ -70,12 +82,9 @@ def evaluate(ckpt_dir: str | Path, tasks: Sequence[str] | dict | None = None, n_
         result["bpb_source"] = str(corpus_dir) if corpus_dir else "default corpus (built for this evaluation)"
     if wanted:
         engine = Engine(model, None, max_batch_size=64, max_num_batched_tokens=2048)
-        result["tasks"] = {}
-        for name, difficulties in wanted.items():
-            task, problems, labels = task_problems(name, difficulties, n_problems, langs, seed)
-            result["tasks"][name] = {"difficulties": list(difficulties), **evaluate_task(
-                engine, tok, task, problems, labels=labels, n_samples=n_samples, ks=ks, temperature=temperature,
-                max_new_tokens=max_new_tokens, seed=seed, progress=progress)}
+        result["tasks"] = task_accuracy(engine, tok, wanted, n_problems, langs, n_samples=n_samples,
+                                        ks=ks, temperature=temperature,
+                                        max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     if passkey:
         lengths = passkey_lengths or sorted({max(128, context // 4), max(128, context // 2), context, 2 * context})
         result["passkey"] = passkey_sweep(model, tok, lengths, keys_per_depth=passkey_keys, seed=seed)
@@ -142,49 +151,3 @@ def to_markdown(results: dict | list[dict], names: Sequence[str] | None = None) 
                              f" | {row['yarn_factor']:g} | {_pct(row['accuracy'])} |")
         lines.append("")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- pipeline stage
-def fingerprint(ckpt: Path) -> str:
-    """Changes whenever the checkpoint is rewritten (its files' names, sizes and modification times)."""
-    files = sorted(p for p in ckpt.iterdir() if p.is_file())
-    return hashlib.sha256("".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files)
-                          .encode()).hexdigest()[:16]
-
-
-def eval_stage(run: Path, preset: dict, info) -> dict:
-    """Evaluate every finished checkpoint of the run (preset section "eval": keyword arguments of `evaluate`, plus
-    "stages") into runs/NAME/eval/<stage>.json, and compare them in runs/NAME/eval/report.md. A stage's result is
-    reused while its checkpoint is unchanged, so running the pipeline again only evaluates what is new."""
-    run, out = Path(run), Path(run) / "eval"
-    settings = dict(preset.get("eval") or {})
-    stages = settings.pop("stages", list(STAGES))
-    results, names = [], []
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stage in stages:
-            ckpt = run / stage / "final"
-            if not (ckpt / "config.json").is_file():
-                continue
-            cached, stamp = out / f"{stage}.json", fingerprint(ckpt)
-            r = json.loads(cached.read_text("utf-8")) if cached.is_file() else {}
-            if r.get("fingerprint") != stamp or r.get("settings_requested") != settings:
-                print(f"[eval] {ckpt}", flush=True)
-                r = {**evaluate(ckpt, **settings), "fingerprint": stamp, "settings_requested": settings}
-                atomic_write_text(cached, json.dumps(r, indent=2, ensure_ascii=False) + "\n")
-            results.append(r)
-            names.append(stage)
-        if not results:
-            raise FileNotFoundError(f"{run}: no finished checkpoint to evaluate (looked for {list(stages)})")
-        atomic_write_text(out / "report.md", to_markdown(results, names) + "\n")
-        summary = {"stages": names, "report": str(out / "report.md"),
-                   "wall_s": round(sum(r.get("wall_s", 0.0) for r in results), 1),
-                   "pass@1": {n: {t: v.get("greedy", {}).get("pass@1") for t, v in r.get("tasks", {}).items()}
-                              for n, r in zip(names, results)},
-                   "bpb": {n: r.get("bpb") for n, r in zip(names, results)}}
-        atomic_write_text(out / "done.json", json.dumps(summary, indent=2) + "\n")
-        print(f"[eval] done in {summary['wall_s']:.1f}s: " + ", ".join(
-            f"{n} pass@1 " + " ".join(f"{t}={v}" for t, v in p.items()) for n, p in summary["pass@1"].items())
-            + f"; tables in {out / 'report.md'}", flush=True)
-    D.barrier(info)
-    return json.loads((out / "done.json").read_text("utf-8"))

@@ -1,4 +1,4 @@
-"""R1-style reinforcement learning with verifiable rewards: the GRPO loop, its pipeline stage and its command.
+"""R1-style reinforcement learning with verifiable rewards: the GRPO loop and its command.
 
     for step in steps:
         problems from the tasks' train split (a mix of tasks and languages, optionally a difficulty ramp)
@@ -8,10 +8,12 @@
         π_old (and π_ref when β > 0) log-probs from the training model, then μ optimizer steps on the clipped loss
         JSONL metrics + progress bar; held-out greedy accuracy every eval_every; reward curve PNG; checkpoints
 
-GRPOTrainer is a Trainer: the optimizer, learning-rate schedule, router-bias updates, DDP wrapping, metric log
-and the atomic checkpoints with exact resume are the Trainer's own. What a checkpoint adds here is the prompt
-stream's position; rollouts are seeded from it, so a resumed run samples exactly what the uninterrupted one did.
-The objective's math is in grpo.py, rollouts in rollout.py.
+GRPOTrainer is a Trainer: the loop (Trainer.fit), optimizer, learning-rate schedule, router-bias
+updates, DDP wrapping, metric log and the atomic checkpoints with exact resume are the Trainer's
+own; it supplies the hooks (the step, what is logged, the reward plot beside each checkpoint, a
+last evaluation after the loop). What a checkpoint adds here is the prompt stream's position;
+rollouts are seeded from it, so a resumed run samples exactly what the uninterrupted one did. The
+objective's math is in grpo_loss.py, rollouts in rollout.py, held-out accuracy in eval/.
 """
 
 from __future__ import annotations
@@ -19,20 +21,21 @@ from __future__ import annotations
 import copy
 import json
 import random
-import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from nanoseek.checkpoint import atomic_write_text
+from nanoseek.data.chat import prompt_ids
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.eval.quality import task_accuracy
+from nanoseek.io import atomic_file
 from nanoseek.model import IGNORE_INDEX
-from nanoseek.train import dist as D
-from nanoseek.train.grpo import (
+from nanoseek.train import dist
+from nanoseek.train.grpo_loss import (
     AGGREGATIONS,
     SCALES,
     group_advantages,
@@ -40,7 +43,6 @@ from nanoseek.train.grpo import (
     token_logprobs,
     zero_variance_groups,
 )
-from nanoseek.train.optim import lr_multiplier
 from nanoseek.train.rollout import (
     Grader,
     PromptStream,
@@ -48,12 +50,10 @@ from nanoseek.train.rollout import (
     TaskSpec,
     collate,
     generate_groups,
-    heldout_accuracy,
-    prompt_ids,
     summarize,
     task_grader,
 )
-from nanoseek.train.trainer import TrainConfig, Trainer, _main_thread
+from nanoseek.train.trainer import TrainConfig, Trainer
 
 REWARD_PLOT = "reward_curve.png"
 
@@ -89,7 +89,7 @@ class GRPOConfig(TrainConfig):
     temperature: float = 1.0  # rollouts sample at it, and the policy is scored at it (on-policy)
     top_k: int | None = None
     top_p: float = 1.0
-    # the objective (see grpo.py)
+    # the objective (see grpo_loss.py)
     scale_rewards: str = "group"  # "group" | "batch" | "none" (Dr. GRPO)
     aggregation: str = "token"  # "token" (DAPO) | "sequence" (GRPO) | "constant" (Dr. GRPO)
     epsilon: float = 0.2  # ε_low
@@ -125,11 +125,16 @@ class GRPOConfig(TrainConfig):
 
 
 class GRPOTrainer(Trainer):
+    progress_name = "grpo"
+    peak_seconds = 0.25  # rollouts dominate a GRPO step, so its MFU is a rough figure anyway
+    # rollouts and frozen log-probs use the whole model outside forward/backward
+    supports_fsdp = False
+
     def __init__(self, model, cfg: GRPOConfig, tokenizer, grader: Grader | None = None,
-                 dist_info: D.DistInfo | None = None):
+                 dist_info: dist.DistInfo | None = None):
         """model: the policy, trained in place (its starting weights are also the KL reference when beta > 0).
         grader(problems, completion texts) -> Rewards; default: each problem's task grader."""
-        info = dist_info or D.DistInfo()
+        info = dist_info or dist.DistInfo()
         self.specs = [TaskSpec.parse(t) for t in cfg.tasks]
         stream = PromptStream(self.specs, cfg.langs, seed=cfg.seed + 7919 * info.rank)
         super().__init__(model, cfg, stream, tokenizer=tokenizer, dist_info=info)
@@ -139,53 +144,40 @@ class GRPOTrainer(Trainer):
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.last_eval: dict = {}
 
-    # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict:
+    # ------------------------------------------------------------------ the Trainer's hooks
+    def before_loop(self, resumed: bool, peak: float) -> None:
+        """A fresh run logs the held-out accuracy of the starting policy as step 0."""
+        if not resumed and self.cfg.eval_problems and self.step == 0:
+            self.log({"step": 0, **self.evaluate()})
+
+    def run_step(self) -> dict:
+        """Rollouts, then μ optimizer steps on them."""
+        samples, rollout_stats = self.rollout()
+        return {**self.train_step(samples), **rollout_stats}
+
+    def record(self, metrics: dict, started: float) -> None:
+        """Held-out accuracy every eval_every and at the last step; a metrics.jsonl row every
+        log_every and with each evaluation; the progress bar."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed + self.info.rank)
-        resumed = self.resume()
-        if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-        previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"grpo {self.out.name}", unit="step",
-                   disable=not (cfg.progress and self.info.is_main), dynamic_ncols=True)
-        metrics: dict = {}
-        try:
-            if not resumed and cfg.eval_problems and self.step == 0:
-                self.log({"step": 0, **self.evaluate()})
-            while self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested:
-                started = time.perf_counter()
-                samples, rollout_stats = self.rollout()
-                metrics = {**self.train_step(samples), **rollout_stats}
-                self.elapsed += time.perf_counter() - started
-                self.step += 1
-                bar.update(1)
-                metrics.update(step=self.step, step_s=round(time.perf_counter() - started, 2),
-                               elapsed_s=round(self.elapsed, 2))
-                if cfg.eval_problems and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-                    metrics.update(self.evaluate())
-                if self.step % cfg.log_every == 0 or "val_accuracy" in metrics:
-                    self.log(metrics)
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                                len=f"{metrics['completion_len']:.0f}")
-                if self.step % cfg.save_every == 0:
-                    self.save_checkpoint()
-                    self.plot()
-            if cfg.eval_problems and metrics and not self._stop_requested and self.last_eval.get("step") != self.step:
-                self.log({"step": self.step, **self.evaluate()})  # out of time before max_steps: a final figure
-            self.save_checkpoint()
-            self.plot()
-        finally:
-            bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-        report = self.cost_report(self._peak())
-        if self.info.is_main:
-            atomic_write_text(self.out / "cost.json", json.dumps(report, indent=2) + "\n")
-        if self._stop_requested:
-            raise KeyboardInterrupt(f"stopped at step {self.step}; run again to resume from {self.out}")
-        return {**metrics, **report, **{k: v for k, v in self.last_eval.items() if k != "step"}}
+        metrics.update(step=self.step, step_s=round(time.perf_counter() - started, 2),
+                       elapsed_s=round(self.elapsed, 2))
+        if cfg.eval_problems and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+            metrics.update(self.evaluate())
+        if self.step % cfg.log_every == 0 or "val_accuracy" in metrics:
+            self.log(metrics)
+        self.bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                             len=f"{metrics['completion_len']:.0f}")
+
+    def on_save(self) -> None:
+        self.plot()
+
+    def after_loop(self, metrics: dict) -> dict:
+        """Out of time before max_steps: a final held-out figure.
+        -> the metrics with the last evaluation's."""
+        if (self.cfg.eval_problems and metrics and not self._stop_requested
+                and self.last_eval.get("step") != self.step):
+            self.log({"step": self.step, **self.evaluate()})
+        return {**metrics, **{k: v for k, v in self.last_eval.items() if k != "step"}}
 
     # ------------------------------------------------------------------ rollouts
     def rollout(self) -> tuple[list[Sample], dict]:
@@ -226,7 +218,7 @@ class GRPOTrainer(Trainer):
 
     def _sampling(self, engine: Engine, problems, seed: int) -> SamplingParams:
         cfg = self.cfg
-        longest = max(len(prompt_ids(self.tokenizer, p)) for p in problems)
+        longest = max(len(prompt_ids(self.tokenizer, p.prompt)) for p in problems)
         room = engine.max_model_len - longest
         if room < 1:
             raise ValueError(f"a prompt has {longest} tokens but the context ({engine.max_model_len} tokens: seq_len "
@@ -238,10 +230,7 @@ class GRPOTrainer(Trainer):
     def train_step(self, samples: list[Sample]) -> dict:
         """μ optimizer steps on one batch of graded groups -> metrics."""
         cfg, model = self.cfg, self.model
-        lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.schedule,
-                                 min_ratio=cfg.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_scale
+        lr_scale = self.schedule_lr()
         if not samples:  # every group had equal rewards: nothing to learn from this batch
             return {"lr_scale": round(lr_scale, 5), "loss": 0.0, "grad_norm": 0.0}
         rewards = torch.tensor([s.reward.total for s in samples])
@@ -282,7 +271,7 @@ class GRPOTrainer(Trainer):
             self.optimizer.zero_grad(set_to_none=True)
             loads = model.expert_load()
             if loads.numel():
-                model.update_router_biases(cfg.bias_update_speed, D.all_reduce_sum(loads, self.info))
+                model.update_router_biases(cfg.bias_update_speed, dist.all_reduce_sum(loads, self.info))
         n = max(1, sums["tokens"])
         metrics = {"lr_scale": round(lr_scale, 5), "loss": round(sums["loss"], 6),
                    "grad_norm": round(sum(grad_norms) / len(grad_norms), 4),
@@ -309,30 +298,43 @@ class GRPOTrainer(Trainer):
         return out
 
     # ------------------------------------------------------------------ evaluation and plots
+    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out greedy accuracy on the test split (rank 0 computes it; it is only logged)."""
+        """Held-out greedy accuracy on the test split, measured as `nanoseek eval` measures it
+        (eval.quality.task_accuracy): eval_problems per task and language, at each task's highest
+        difficulty. Rank 0 computes it; it is only logged. -> val_accuracy (pass@1),
+        val_partial_accuracy, val_format, val_problems (those that fit the context),
+        val_<task>/accuracy."""
         if not self.info.is_main:
             return {}
         cfg = self.cfg
-        result = heldout_accuracy(self.model, self.tokenizer, self.specs, n=cfg.eval_problems, langs=cfg.langs,
-                                  max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=cfg.seed,
-                                  engine_kwargs={"max_model_len": cfg.seq_len})
-        self.last_eval = {"step": self.step, **{f"val_{k}": round(v, 4) for k, v in result.items()}}
-        tqdm.write(f"[grpo] step {self.step}: held-out accuracy {result['accuracy']:.3f}, "
-                   f"format {result['format']:.3f}")
-        return {k: v for k, v in self.last_eval.items() if k != "step"}
+        tasks = {s.name: [s.max_difficulty or s.difficulty] for s in self.specs}
+        engine = Engine(self.model, None, max_batch_size=64, max_model_len=cfg.seq_len)
+        was_training = self.model.training
+        self.model.eval()
+        n_problems = cfg.eval_problems * len(cfg.langs)
+        budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
+        results = task_accuracy(engine, self.tokenizer, tasks, n_problems, cfg.langs,
+                                max_new_tokens=budget, seed=cfg.seed)
+        self.model.train(was_training)
+        graded = {name: r for name, r in results.items() if "greedy" in r}
+        problems = sum(r["problems"] for r in graded.values())
+
+        def overall(key: str) -> float:
+            total = sum(r["greedy"][key] * r["problems"] for r in graded.values())
+            return round(total / max(1, problems), 4)
+        figures = {"val_accuracy": overall("pass@1"), "val_partial_accuracy": overall("accuracy"),
+                   "val_format": overall("format"), "val_problems": problems,
+                   **{f"val_{name}/accuracy": r["greedy"]["pass@1"] for name, r in graded.items()}}
+        self.last_eval = {"step": self.step, **figures}
+        tqdm.write(f"[grpo] step {self.step}: held-out accuracy {figures['val_accuracy']:.3f}, "
+                   f"format {figures['val_format']:.3f}")
+        return figures
 
     def plot(self) -> Path | None:
         if self.info.is_main:
             return plot_rewards(self.out / "metrics.jsonl", self.out / REWARD_PLOT)
         return None
-
-    def _peak(self) -> float:
-        from nanoseek.train.flops import measure_matmul_peak
-
-        # a short measurement: rollouts dominate a GRPO step, so its MFU is a rough figure anyway
-        return measure_matmul_peak(self.device, torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                                   seconds=0.25)
 
 
 def _trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,10 +372,9 @@ def plot_rewards(metrics_path: Path, png_path: Path) -> Path | None:
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(Path(metrics_path).parent.name)
     fig.tight_layout()
-    tmp = png_path.with_name(f".tmp-{png_path.name}")
-    fig.savefig(tmp, format="png")
+    with atomic_file(png_path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(png_path)
     return png_path
 
 
@@ -383,37 +384,3 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
         acc += v - (values[i - window] if i >= window else 0.0)
         out.append(acc / min(i + 1, window))
     return out
-
-
-# ---------------------------------------------------------------------- pipeline stage
-def grpo_stage(run: Path, preset: dict, info: D.DistInfo, init: str | Path | None = None) -> dict:
-    """runs/NAME/sft/final (or `init`) -> GRPO on the preset's "grpo" section -> runs/NAME/grpo/final."""
-    from nanoseek.checkpoint import load_model
-    from nanoseek.pipeline import export_checkpoint, run_stage
-    from nanoseek.tokenizer import load_tokenizer
-
-    run = Path(run)
-    section = dict(preset.get("grpo") or {})
-    source = Path(init) if init is not None else run / "sft" / "final"
-
-    def work():
-        if not (source / "config.json").is_file():
-            raise FileNotFoundError(f"{source} is not a checkpoint: run the SFT stage first, or pass --init CKPT")
-        model, tok = load_model(source), load_tokenizer(source)
-        cfg = GRPOConfig(**{**section, "out_dir": str(run / "grpo")})
-        result = GRPOTrainer(model, cfg, tok, dist_info=info).fit()
-        if info.is_main:
-            export_checkpoint(model, run / "grpo" / "final", tok)
-        first = _first_eval(run / "grpo" / "metrics.jsonl")
-        return {"init": str(source), "steps": result["steps"], "reward": result.get("reward"),
-                "val_accuracy_before": first, "val_accuracy": result.get("val_accuracy"),
-                "rollout_tok_s": result.get("rollout_tok_s"), "wall_s": result["wall_s"],
-                "estimated_cost": result["estimated_cost"], "reward_plot": str(run / "grpo" / REWARD_PLOT)}
-    return run_stage("grpo", run / "grpo", info, work, main_only=False)
-
-
-def _first_eval(path: Path) -> float | None:
-    if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
-    return next((r["val_accuracy"] for r in rows if "val_accuracy" in r), None)

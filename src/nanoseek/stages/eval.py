@@ -1,0 +1,67 @@
+"""The eval stage: `evaluate` (eval/quality.py) on every finished checkpoint of a run (pretrain,
+long_context, sft, grpo, distill) into runs/NAME/eval/<stage>.json, plus report.md, tables that
+compare them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from nanoseek.eval.quality import evaluate, to_markdown
+from nanoseek.io import atomic_write_text
+from nanoseek.stages.common import stage_done, write_done
+from nanoseek.train import dist
+
+STAGES = ("pretrain", "long_context", "sft", "grpo", "distill")
+
+
+def fingerprint(ckpt: Path) -> str:
+    """Changes whenever the checkpoint is rewritten (its files' names, sizes and modification
+    times)."""
+    files = sorted(p for p in ckpt.iterdir() if p.is_file())
+    stamp = "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files)
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+
+def eval_stage(run: Path, preset: dict, info) -> dict:
+    """Evaluate every finished checkpoint of the run (preset section "eval": keyword arguments of
+    `evaluate`, plus "stages") into runs/NAME/eval/<stage>.json, and compare them in
+    runs/NAME/eval/report.md. A stage's result is reused while its checkpoint is unchanged, so
+    running the pipeline again only evaluates what is new: unlike the other stages it runs every
+    time, its done.json is the latest comparison."""
+    run, out = Path(run), Path(run) / "eval"
+    settings = dict(preset.get("eval") or {})
+    stages = settings.pop("stages", list(STAGES))
+    results, names = [], []
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stage in stages:
+            ckpt = run / stage / "final"
+            if not (ckpt / "config.json").is_file():
+                continue
+            cached, stamp = out / f"{stage}.json", fingerprint(ckpt)
+            r = json.loads(cached.read_text("utf-8")) if cached.is_file() else {}
+            if r.get("fingerprint") != stamp or r.get("settings_requested") != settings:
+                print(f"[eval] {ckpt}", flush=True)
+                r = {**evaluate(ckpt, **settings), "fingerprint": stamp,
+                     "settings_requested": settings}
+                atomic_write_text(cached, json.dumps(r, indent=2, ensure_ascii=False) + "\n")
+            results.append(r)
+            names.append(stage)
+        if not results:
+            raise FileNotFoundError(f"{run}: no finished checkpoint to evaluate "
+                                    f"(looked for {list(stages)})")
+        atomic_write_text(out / "report.md", to_markdown(results, names) + "\n")
+        summary = {"stages": names, "report": str(out / "report.md"),
+                   "wall_s": round(sum(r.get("wall_s", 0.0) for r in results), 1),
+                   "pass@1": {n: {t: v.get("greedy", {}).get("pass@1")
+                                  for t, v in r.get("tasks", {}).items()}
+                              for n, r in zip(names, results)},
+                   "bpb": {n: r.get("bpb") for n, r in zip(names, results)}}
+        write_done(out, summary)
+        print(f"[eval] done in {summary['wall_s']:.1f}s: " + ", ".join(
+            f"{n} pass@1 " + " ".join(f"{t}={v}" for t, v in p.items())
+            for n, p in summary["pass@1"].items()) + f"; tables in {out / 'report.md'}", flush=True)
+    dist.barrier(info)
+    return stage_done(out)
