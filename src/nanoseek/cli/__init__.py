@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = f"runs/{Path(args.preset).stem}"
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError,
-            RuntimeError) as e:  # ConfigError and CheckpointError included
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # ConfigError, CheckpointError too
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -72,11 +72,11 @@ def cmd_serve(args) -> int:
     from nanoseek.serve.config import ServerConfig
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                          model_name=args.model_name,
-                          max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
+                          model_name=args.model_name, max_body_bytes=args.max_body_bytes,
+                          max_tokens=args.max_tokens,
                           max_concurrent_requests=args.max_concurrent_requests,
-                          max_queue=args.max_queue,
-                          request_timeout=args.request_timeout, thinking=not args.no_thinking)
+                          max_queue=args.max_queue, request_timeout=args.request_timeout,
+                          thinking=not args.no_thinking)
     ckpt = check_checkpoint(args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)

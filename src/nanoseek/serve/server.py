@@ -36,6 +36,8 @@ ASCII_DIGITS = re.compile(r"[0-9]+")  # str.isdigit also takes "²", which int()
 
 
 class Server:
+    """The loaded model, its engine thread, the admission state and the metrics of one app."""
+
     def __init__(self, config: ServerConfig, load: Callable[[], Checkpoint],
                  engine_options: dict | None = None):
         self.config = config
@@ -264,8 +266,8 @@ class SSEResponse(StreamingResponse):
 
 def _declared_over(content_length: str, limit: int) -> bool:
     """Whether a Content-Length header says the body is over `limit` bytes. A malformed one says
-    nothing (the body is counted as it arrives anyway); one with more digits than int() converts is
-    over any limit."""
+    nothing (the body is counted as it arrives anyway); a number with more digits than the limit is
+    over it without converting (int() refuses more than 4,300 digits)."""
     if not ASCII_DIGITS.fullmatch(content_length):
         return False
     digits = content_length.lstrip("0")
