@@ -33,7 +33,7 @@ def test_library_code_imports_no_cli_code_and_terminal_chat_no_server():
     code = """
 import importlib, pathlib, sys
 import nanoseek
-import nanoseek.chat
+import nanoseek.terminal_chat
 assert "fastapi" not in sys.modules, "the terminal chat imports the server"
 root = pathlib.Path(nanoseek.__file__).parent
 for path in sorted(root.rglob("*.py")):

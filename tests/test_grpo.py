@@ -11,7 +11,7 @@ import torch
 
 from nanoseek import Transformer
 from nanoseek.cli.posttrain import add_commands
-from nanoseek.data.chat import prompt_ids
+from nanoseek.data.chat_tokens import prompt_ids
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.stages.grpo import grpo_stage
 from nanoseek.tasks import Reward, get_task

@@ -1,5 +1,5 @@
 """Inference commands: `nanoseek generate CKPT PROMPT` streams one completion to the terminal, then
-the speed; `nanoseek chat CKPT | --url URL` is the terminal chat of nanoseek/chat.py."""
+the speed; `nanoseek chat CKPT | --url URL` is the terminal chat of nanoseek/terminal_chat.py."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import time
 
 import torch
 
-from nanoseek.chat import LocalBackend, RemoteBackend, repl
 from nanoseek.checkpoint import load_checkpoint
 from nanoseek.cli.common import add_weight_arguments, check_checkpoint
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.terminal_chat import LocalBackend, RemoteBackend, repl
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

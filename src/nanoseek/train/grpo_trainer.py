@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanoseek.data.chat import prompt_ids
+from nanoseek.data.chat_tokens import prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.quality import task_accuracy
 from nanoseek.io import atomic_file
