@@ -69,9 +69,7 @@ def with_a_foreign_int8_file(checkpoint, tmp_path):
     return copy
 
 
-# float32: the engine does not yet decode bfloat16 weights on CPU (its rope tables stay float32); load_checkpoint's
-# own conversion is tested above
-@pytest.mark.parametrize("flags", [["--dtype", "float32"], ["--int8"]])
+@pytest.mark.parametrize("flags", [["--dtype", "float32"], ["--dtype", "bfloat16"], ["--int8"]])
 def test_chat_loads_in_the_dtype_or_int8_asked(checkpoint, flags):
     r = nanoseek("chat", str(checkpoint), "--temperature", "0", "--max-tokens", "8", *flags,
                  stdin=f"{HELLO}\n/exit\n")
@@ -87,9 +85,7 @@ def test_chat_and_generate_int8_read_the_int8_file(checkpoint, tmp_path):
         assert r.returncode == 2 and f"{INT8_FILE} is not a nanoseek int8 file" in r.stderr, r.stderr
 
 
-# float32: the engine does not yet decode bfloat16 weights on CPU (its rope tables stay float32); load_checkpoint's
-# own conversion is tested above
-@pytest.mark.parametrize("flags", [["--dtype", "float32"], ["--int8"]])
+@pytest.mark.parametrize("flags", [["--dtype", "float32"], ["--dtype", "bfloat16"], ["--int8"]])
 def test_generate_loads_in_the_dtype_or_int8_asked(checkpoint, flags):
     r = nanoseek("generate", str(checkpoint), HELLO, "--max-tokens", "4", "--temperature", "0", *flags)
     assert r.returncode == 0, r.stderr
