@@ -112,8 +112,8 @@ def cpu_seconds(pid: int) -> float:
 def offline_throughput(checkpoint: Path, requests: int, max_tokens: int, max_batch_size: int) -> tuple[float, float]:
     """The same requests through Engine.generate in this process, max_batch_size at a time: the engine's speed.
     -> (tokens/s, CPU seconds per token)"""
+    from nanoseek.checkpoint import load_checkpoint
     from nanoseek.engine import Engine, SamplingParams
-    from nanoseek.serve.app import load_checkpoint
     from nanoseek.serve.chat_format import EngineTokenizer, chat_prompt
 
     ckpt = load_checkpoint(checkpoint)

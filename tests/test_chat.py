@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from nanoseek.data.chat import (
+from nanoseek.data.chat_tokens import (
     ChatDataError,
     ChatLoader,
     completion_text,

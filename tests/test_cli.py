@@ -27,3 +27,20 @@ def test_errors_are_one_clear_line(tmp_path):
 def test_help_lists_the_commands():
     out = nanoseek("--help")
     assert "demo" in out.stdout and "info" in out.stdout
+
+
+def test_library_code_imports_no_cli_code_and_terminal_chat_no_server():
+    code = """
+import importlib, pathlib, sys
+import nanoseek
+import nanoseek.terminal_chat
+assert "fastapi" not in sys.modules, "the terminal chat imports the server"
+root = pathlib.Path(nanoseek.__file__).parent
+for path in sorted(root.rglob("*.py")):
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    if parts[1] != "cli" and parts[-1] != "__main__":
+        importlib.import_module(".".join(parts).removesuffix(".__init__"))
+print(sorted(name for name in sys.modules if name.split(".")[:2] == ["nanoseek", "cli"]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    assert out.stdout.strip() == "[]"

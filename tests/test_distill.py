@@ -6,7 +6,13 @@ import sys
 
 import pytest
 
-from nanoseek.data.chat import completion_text, prompt_ids, read_chat_jsonl, tokenize_conversation, write_chat_jsonl
+from nanoseek.data.chat_tokens import (
+    completion_text,
+    prompt_ids,
+    read_chat_jsonl,
+    tokenize_conversation,
+    write_chat_jsonl,
+)
 from nanoseek.tasks import get_task
 from nanoseek.train import distill as distill_module
 from nanoseek.train.distill import answer_only_conversations, distill, trace_messages, verified_traces

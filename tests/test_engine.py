@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanoseek import load_model, save_model
 from nanoseek.engine import Engine, SamplingParams
 
 from engine_helpers import ByteTokenizer, CharTokenizer, one_thread, reference_greedy, tiny_model  # noqa: F401
@@ -419,8 +420,14 @@ def test_engine_experts_match_the_model_with_and_without_grouped_matmul(monkeypa
     assert torch.allclose(one, ref[:1], atol=1e-5)
 
 
-def test_a_bfloat16_model_runs_with_a_bfloat16_cache():
-    model = tiny_model(num_nextn_predict_layers=1).to(torch.bfloat16)
+@pytest.mark.parametrize("made_by", ["cast", "load_model"])
+def test_a_bfloat16_model_runs_with_a_bfloat16_cache(made_by, tmp_path):
+    """Cast with .to(bfloat16), or loaded with load_model(dtype=bfloat16), which keeps the RoPE tables fp32."""
+    model = tiny_model(num_nextn_predict_layers=1)
+    if made_by == "cast":
+        model = model.to(torch.bfloat16)
+    else:
+        model = load_model(save_model(model, tmp_path / "ckpt"), dtype=torch.bfloat16).eval()
     prompt = list(range(3, 30))
     for speculative in (False, True):
         engine = Engine(model, block_size=4, max_num_batched_tokens=8, speculative=speculative)
@@ -431,4 +438,6 @@ def test_a_bfloat16_model_runs_with_a_bfloat16_cache():
         with torch.no_grad():
             logp = F.log_softmax(model(torch.tensor([prompt + out.token_ids]))[0].float(), dim=-1)
         for i, (tok, lp) in enumerate(zip(out.token_ids, out.outputs[0].logprobs)):
-            assert abs(lp.logprob - logp[len(prompt) - 1 + i, tok].item()) < 0.1  # bf16 rounding, not a bug
+            # bf16 rounding, not a bug (measured: up to 0.05 cast, 0.11 loaded, where the model's forward
+            # rotates in fp32 but multiplies in another order than the engine)
+            assert abs(lp.logprob - logp[len(prompt) - 1 + i, tok].item()) < (0.1 if made_by == "cast" else 0.15)

@@ -128,7 +128,7 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny, corpus):
 def test_eval_command_writes_json_and_markdown(tiny, corpus, tmp_path):
     # one thread: a tiny model gains nothing from more, and a busy machine makes OpenMP threads wait on each other
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "nanoseek.posttrain", "eval", str(tiny), "--tasks", "arithmetic",
+    out = subprocess.run([sys.executable, "-m", "nanoseek.cli", "eval", str(tiny), "--tasks", "arithmetic",
                           "--n-problems", "2", "--samples", "2", "--k", "1", "2", "--max-new-tokens", "8",
                           "--corpus", str(corpus), "--no-passkey", "--json", str(tmp_path / "r.json"),
                           "--markdown", str(tmp_path / "r.md")], env=env, capture_output=True, text=True, timeout=600)
@@ -137,7 +137,7 @@ def test_eval_command_writes_json_and_markdown(tiny, corpus, tmp_path):
     assert set(r["tasks"]) == {"arithmetic"} and set(r["bpb"]) == {"en", "zh", "code"} and "passkey" not in r
     assert r["tasks"]["arithmetic"]["sampled"]["n"] == 2
     assert (tmp_path / "r.md").read_text().strip() == out.stdout.strip()
-    bad = subprocess.run([sys.executable, "-m", "nanoseek.posttrain", "eval", str(tiny), "--tasks", "nope"],
+    bad = subprocess.run([sys.executable, "-m", "nanoseek.cli", "eval", str(tiny), "--tasks", "nope"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "unknown task(s) ['nope']" in bad.stderr
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nanoseek.tasks import get_task, make_completion, parse_completion, parse_int
+from nanoseek.tasks import get_task, make_completion, parse_completion, parse_int, wire
 from nanoseek.tasks.countdown import InvalidExpression, evaluate
 
 R = "<think>let me add</think>\n"  # a well-formed reasoning prefix
@@ -199,3 +199,33 @@ def test_passkey_exact_match_only():
     assert task.grade(p, R + "<answer>４８２１３</answer>").correct  # full-width digits
     for wrong in ("4821", "482130", "48213 48213", "The pass key is 48213", "48213."):
         assert task.grade(p, R + f"<answer>{wrong}</answer>").accuracy == 0.0, wrong
+
+
+# -- code: values on the grading channel ----------------------------------------------------------
+
+def test_values_cross_the_channel_as_plain_data():
+    """The code grader decodes what the candidate's process sends into fresh builtin objects, each
+    type kept apart (a tuple stays a tuple, True stays True), and nothing else."""
+    values = [None, True, 0, -7, 2**80, 1.5, float("inf"), "x\n", b"\x00", [1, (2, 3)],
+              {"a": {1: {2}}}, frozenset({1}), ()]
+    decoded = wire.decode(wire.encode(values))
+    assert decoded == values
+    assert [type(v) for v in decoded] == [type(v) for v in values]
+
+
+@pytest.mark.parametrize("line", [
+    '{"tuple": 1}', '{"evil": []}', '{"tuple": [], "set": []}', '{"dict": [[1]]}', '{"set": [[1]]}',
+    "[" * 100 + "]" * 100, "1e999999x",
+])
+def test_channel_rejects_what_is_not_an_encoded_value(line):
+    with pytest.raises((ValueError, TypeError)):
+        wire.decode(line)
+
+
+@pytest.mark.parametrize("value", [
+    type("Yes", (int,), {})(1), type("Yes", (str,), {})("a"), type("L", (list,), {})(), object(),
+    iter([1]),
+])
+def test_channel_refuses_other_types(value):
+    with pytest.raises(TypeError):
+        wire.encode(value)

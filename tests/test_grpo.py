@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from nanoseek import Transformer
-from nanoseek.data.chat import prompt_ids
+from nanoseek.cli.posttrain import add_commands
+from nanoseek.data.chat_tokens import prompt_ids
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.stages.grpo import grpo_stage
 from nanoseek.tasks import Reward, get_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo_loss import group_advantages, k3_kl, policy_loss, token_logprobs, zero_variance_groups
-from nanoseek.train.grpo_trainer import REWARD_PLOT, GRPOConfig, GRPOTrainer, add_commands
+from nanoseek.train.grpo_trainer import REWARD_PLOT, GRPOConfig, GRPOTrainer
 from nanoseek.train.rollout import PromptStream, TaskSpec, collate, generate_groups, task_grader
 from nanoseek.train.trainer import STATE_FILE
 

@@ -10,10 +10,8 @@ before A.
 Imports inside functions are not counted. They run when the function is called, after every module
 has loaded, so they cannot leave a module half-initialised; the code uses them on purpose to keep a
 heavy or optional dependency (FastAPI, matplotlib, the engine) out of a command that does not need
-it, and some commands still live beside the library code they drive (counting function imports finds
-chat.py <-> serve/cli.py and train/grpo_trainer.py's command -> stages/grpo.py, until the commands
-move to one CLI package). That the library (model/, data/, train/, eval/) imports nothing from
-stages/ is checked separately below.
+it. The commands live in cli/, which no library module imports (tests/test_cli.py). That the
+library (model/, data/, train/, eval/) imports nothing from stages/ is checked separately below.
 """
 
 import ast

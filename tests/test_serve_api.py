@@ -2,6 +2,7 @@
 httpx (SSE framing and every error path). The model is tiny and trained in the test to say SCRIPT, so answers and
 their reasoning are known exactly; other checks compare against the tokenizer and between requests."""
 
+import asyncio
 import json
 import threading
 import time
@@ -10,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from nanoseek.serve.app import create_app, load_checkpoint
+from nanoseek.checkpoint import load_checkpoint
+from nanoseek.serve.app import create_app
 from nanoseek.serve.chat_format import completion_prompt
 from nanoseek.serve.config import ServerConfig
 from nanoseek.tokenizer import load_tokenizer
@@ -311,12 +313,29 @@ def test_api_key_is_required_on_v1_only(server):
     ({"messages": user("x"), "stream_options": {"include_usage": True}}, "stream_options"),
     ({"messages": user("x"), "max_tokens": 100000}, "max_tokens"),
     ({"messages": user("x"), "logit_bias": {"999999": 5}}, "logit_bias"),
+    ({"messages": user("x"), "logit_bias": {"²": 5}}, "logit_bias"),  # str.isdigit says yes, int() no
+    ({"messages": user("x"), "logit_bias": {"1" * 4301: 5}}, "logit_bias"),  # more digits than int() takes
+    ({"messages": user("x"), "logit_bias": {"١": 5}}, "logit_bias"),  # int() reads an Arabic-Indic 1 as 1
     ({"messages": user("x"), "response_format": {"type": "json_schema"}}, "response_format.type"),
     ({"messages": [{"role": "assistant", "content": "x", "prefix": True}, *user("y")]}, "messages.0.prefix"),
 ])
 def test_invalid_requests_get_400_naming_the_field(server, body, param):
     err = error_of(post(server, "/v1/chat/completions", body), 400)
     assert err["type"] == "invalid_request_error" and err["param"] == param
+
+
+def test_prompt_token_ids_outside_the_vocabulary_get_400(server):
+    for prompt in ([-1], [[5, -3]], [10**30], [-(10**30)]):
+        err = error_of(post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 2}), 400)
+        assert err["param"] == "prompt"
+
+
+def test_non_finite_numbers_get_400(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for value in ("Infinity", "-Infinity", "NaN"):
+        raw = '{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": ' + value + "}"
+        r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=headers)
+        assert error_of(r, 400)["param"] == "repetition_penalty"
 
 
 def test_malformed_bodies_get_400(server):
@@ -475,3 +494,36 @@ def test_a_request_out_of_time_gets_504_and_is_cancelled(checkpoint):
         while s.state.engine.has_unfinished():
             time.sleep(0.05)
         assert s.state.engine.stats()["generated_tokens"] < 10  # cancelled, not run to 400 tokens
+
+
+async def asgi_post(app, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    """One request handed straight to the ASGI app with the headers as given (uvicorn's HTTP parsers refuse a
+    malformed Content-Length before the app sees it; other ASGI servers may pass one on)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+def test_a_malformed_content_length_is_no_500(checkpoint):
+    with InProcessServer(create_app(ServerConfig(), lambda: load_checkpoint(checkpoint))) as s:
+        while httpx.get(s.url + "/health").status_code != 200:
+            time.sleep(0.05)
+        body = json.dumps({"messages": []}).encode()  # a 400 once read: nothing reaches the engine
+        for declared, status in (("²", 400), ("1" * 4301, 413), (f"{1 << 21}", 413), (" 5", 400)):
+            code, answer = asyncio.run(asgi_post(s.app, "/v1/chat/completions", body,
+                                                 {"content-type": "application/json",
+                                                  "content-length": declared}))
+            assert code == status, (declared[:8], answer)

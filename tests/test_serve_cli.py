@@ -1,13 +1,18 @@
 """`nanoseek chat` with a local checkpoint and `nanoseek serve` as commands, in subprocesses (`chat --url` is
 tested in test_serve_api.py, against its server)."""
 
-import argparse
+import shutil
 
+import httpx
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from nanoseek.serve.cli import add_commands
+from nanoseek.checkpoint import load_checkpoint
+from nanoseek.cli import build_parser
+from nanoseek.engine.quant import INT8_FILE, is_quantized
 
-from serve_helpers import SCRIPT, nanoseek, shared_checkpoint
+from serve_helpers import SCRIPT, ServerProcess, nanoseek, shared_checkpoint
 
 HELLO, HELLO_THOUGHT, HELLO_ANSWER = SCRIPT[0]
 NIHAO, NIHAO_THOUGHT, NIHAO_ANSWER = SCRIPT[1]
@@ -18,9 +23,8 @@ def checkpoint():
     return shared_checkpoint()
 
 
-def test_add_commands_registers_serve_and_chat():
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command"))
+def test_the_cli_registers_serve_and_chat():
+    parser = build_parser()
     args = parser.parse_args(["serve", "ckpt", "--port", "9000", "--api-key", "k", "--max-queue", "3"])
     assert (args.command, args.host, args.port, args.api_key, args.max_queue) == ("serve", "127.0.0.1", 9000, "k", 3)
     args = parser.parse_args(["chat", "--url", "http://127.0.0.1:9000"])
@@ -46,3 +50,53 @@ def test_chat_needs_a_checkpoint_or_a_url(tmp_path):
 def test_serve_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     r = nanoseek("serve", str(tmp_path), "--port", "0")
     assert r.returncode == 2 and "not a servable checkpoint (no config.json)" in r.stderr
+
+
+def test_load_checkpoint_gives_what_every_command_needs(checkpoint):
+    ckpt = load_checkpoint(checkpoint, "bfloat16")
+    assert ckpt.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert ckpt.tokenizer.eos_id is not None
+    assert ckpt.defaults == {"temperature": 0.6, "top_p": 0.95}
+    assert not is_quantized(ckpt.model)
+    assert is_quantized(load_checkpoint(checkpoint, int8=True).model)
+
+
+def with_a_foreign_int8_file(checkpoint, tmp_path):
+    """A copy of the checkpoint whose model.int8.safetensors is not ours: --int8 must fail on it, by name."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    save_file({"x": torch.zeros(1)}, copy / INT8_FILE, metadata={"format": "other"})
+    return copy
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "float32"], ["--dtype", "bfloat16"], ["--int8"]])
+def test_chat_loads_in_the_dtype_or_int8_asked(checkpoint, flags):
+    r = nanoseek("chat", str(checkpoint), "--temperature", "0", "--max-tokens", "8", *flags,
+                 stdin=f"{HELLO}\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "assistant> <think>" in r.stdout and "error" not in r.stdout
+
+
+def test_chat_and_generate_int8_read_the_int8_file(checkpoint, tmp_path):
+    foreign = with_a_foreign_int8_file(checkpoint, tmp_path)
+    assert nanoseek("chat", str(foreign), stdin="/exit\n").returncode == 0  # no --int8: the file is not read
+    for command in (["chat", str(foreign)], ["generate", str(foreign), HELLO]):
+        r = nanoseek(*command, "--int8", stdin="/exit\n")
+        assert r.returncode == 2 and f"{INT8_FILE} is not a nanoseek int8 file" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "float32"], ["--dtype", "bfloat16"], ["--int8"]])
+def test_generate_loads_in_the_dtype_or_int8_asked(checkpoint, flags):
+    r = nanoseek("generate", str(checkpoint), HELLO, "--max-tokens", "4", "--temperature", "0", *flags)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(HELLO) and "finish: length" in r.stderr
+
+
+def test_serve_int8(checkpoint, tmp_path):
+    with ServerProcess(checkpoint, "--int8").wait_ready() as server:
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                       json={"messages": [{"role": "user", "content": HELLO}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    foreign = with_a_foreign_int8_file(checkpoint, tmp_path)
+    r = nanoseek("serve", str(foreign), "--port", "0", "--int8")
+    assert r.returncode == 1 and f"{INT8_FILE} is not a nanoseek int8 file" in r.stderr, r.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanoseek import load_model
-from nanoseek.data.chat import problem_messages, tokenize_conversation
+from nanoseek.data.chat_tokens import problem_messages, tokenize_conversation
 from nanoseek.data.corpus import Source, build_corpus
 from nanoseek.engine import Engine
 from nanoseek.eval.accuracy import generate_completions

@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--parallel", default="ddp")
     ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--val", action="store_true", help="validate on 3 batches (rank 0 takes 2 of them, rank 1 one)")
     ap.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (gives a killer time to act)")
     args = ap.parse_args()
@@ -68,7 +69,7 @@ def main():
     per_rank = args.global_batch // info.world_size // args.grad_accum
     loader = CountingLoader(args.global_batch, 16, 128, info.rank, info.world_size, args.grad_accum)
     cfg = TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=per_rank, seq_len=16,
-                      grad_accum=args.grad_accum, save_every=args.save_every, log_every=1,
+                      grad_accum=args.grad_accum, save_every=args.save_every, log_every=args.log_every,
                       eval_every=args.eval_every, warmup_steps=2, lr=3e-3, optimizer=args.optimizer,
                       parallel=args.parallel, progress=False)
 

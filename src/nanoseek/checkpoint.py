@@ -5,6 +5,9 @@ On disk (what transformers, vLLM and the official DeepSeek releases use):
     model.layers.{num_hidden_layers + k}.*                       MTP module k (enorm, hnorm, eh_proj, shared_head,
                                                                  and a whole block)
 In memory the experts of a layer are stacked ([E, 2I, d] and [E, d, I]) and MTP lives in `model.mtp`.
+
+load_checkpoint() is the one loader the commands use: the model (in a dtype, or int8), its tokenizer and its
+sampling defaults.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,11 +27,14 @@ from safetensors.torch import save_file
 from nanoseek.config import ModelConfig
 from nanoseek.io import atomic_file, atomic_write_text
 from nanoseek.model import Transformer
+from nanoseek.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")  # what a command takes from generation_config.json
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # duplicates of the main embedding and head
 _MTP_OWN = {"enorm.weight", "hnorm.weight", "eh_proj.weight"}
@@ -145,7 +152,7 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, max_
 
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
            "temperature": 0.6, "top_p": 0.95}
-    atomic_write_text(path / "generation_config.json", json.dumps(gen, indent=2) + "\n")
+    atomic_write_text(path / GENERATION_FILE, json.dumps(gen, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(path)
     return path
@@ -256,3 +263,37 @@ def load_weights_into(model: Transformer, path: str | os.PathLike) -> None:
 def _copy_into(model: Transformer, lazy: _LazyTensors) -> None:
     for disk, target in _disk_tensors(model):  # targets are views: copying into one fills the stacked tensor
         target.copy_(lazy.get(disk))
+
+
+# ---------------------------------------------------------------------- what a command loads
+@dataclass
+class Checkpoint:
+    """A checkpoint directory loaded for use: what `generate`, `chat`, `serve` and `info` need."""
+
+    model: Transformer  # with int8=True: int8 modules in place of the linear layers and experts
+    tokenizer: Tokenizer | None  # None when the directory has no tokenizer.json
+    defaults: dict = field(default_factory=dict)  # sampling defaults from generation_config.json
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                    int8: bool = False, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint directory's model, tokenizer and sampling defaults. dtype (a torch dtype or
+    its name, e.g. "bfloat16") defaults to the dtype on disk; int8 reads model.int8.safetensors when
+    the directory has one and quantizes the loaded model otherwise."""
+    # imported here: engine/ builds on this module (quant.load_quantized calls load_model)
+    from nanoseek.engine.quant import INT8_FILE, load_quantized, quantize_model
+
+    path = Path(path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if int8 and (path / INT8_FILE).is_file():
+        model = load_quantized(path, device=device, dtype=dtype)
+    else:
+        model = load_model(path, device=device, dtype=dtype)
+        if int8:
+            model = quantize_model(model, inplace=True)
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    gen = path / GENERATION_FILE
+    saved = json.loads(gen.read_text("utf-8")) if gen.is_file() else {}
+    defaults = {k: saved[k] for k in SAMPLING_DEFAULTS if k in saved}
+    return Checkpoint(model, tokenizer, defaults)

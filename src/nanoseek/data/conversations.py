@@ -16,7 +16,7 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 
-from nanoseek.data.chat import Messages, problem_messages
+from nanoseek.data.chat_tokens import Messages, problem_messages
 from nanoseek.tasks import get_task
 
 

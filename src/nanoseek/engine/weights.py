@@ -156,7 +156,11 @@ class Attention:
         c_kv = rms_normalize(c_kv, self.kv_norm_eps) * self.kv_norm
         q_nope, q, q_rot = (t.unflatten(-1, (H, -1)) for t in self.proj_q(q_in).split([H * n, H * r, H * r], -1))
         cos_h, sin_h = cos.unsqueeze(1), sin.unsqueeze(1)
-        return q_nope, q * cos_h + q_rot * sin_h, c_kv, k * cos + k_rot * sin
+        # cos/sin may be fp32 in a bf16 model (load_model keeps the RoPE tables fp32): rotate in their
+        # precision, as the model does, and hand on the weights' dtype
+        q_rope = (q * cos_h + q_rot * sin_h).to(q.dtype)
+        k_rope = (k * cos + k_rot * sin).to(k.dtype)
+        return q_nope, q_rope, c_kv, k_rope
 
     def expand(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents [S, C], [S, rope] -> per-head keys [1, H, S, nope + rope] and values [1, H, S, v]."""

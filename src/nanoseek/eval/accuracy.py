@@ -1,6 +1,6 @@
 """Task accuracy on held-out problems: greedy pass@1, and pass@k from n sampled completions per problem.
 
-Prompts are rendered with the chat template and its `<think>\\n` generation prompt (data.chat.prompt_ids), the
+Prompts are rendered with the chat template and its `<think>\\n` generation prompt (data.chat_tokens.prompt_ids), the
 completions are generated in one batch by the engine, and the task's own grader scores them (think prefilled).
 
 pass@k is the unbiased estimator of Chen et al. (2021): with n samples of which c are correct,
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nanoseek.data.chat import completion_text, prompt_ids
+from nanoseek.data.chat_tokens import completion_text, prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.tasks import Problem, Task
 

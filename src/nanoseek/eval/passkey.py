@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nanoseek.data.chat import completion_text, prompt_ids
+from nanoseek.data.chat_tokens import completion_text, prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import Transformer
 from nanoseek.tasks import Passkey

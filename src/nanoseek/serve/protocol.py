@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 MAX_STOP = 16  # stop strings per request
+TOKEN_ID = re.compile(r"[0-9]{1,10}")  # a logit_bias key: ASCII digits (str.isdigit also takes "²" and "١")
 
 
 class ProtocolError(ValueError):
@@ -22,7 +23,8 @@ class ProtocolError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    # allow_inf_nan: the JSON parser takes NaN and Infinity, which no sampling field means
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------------- requests
@@ -93,8 +95,9 @@ class SamplingRequest(_Strict):
         if len(stops) > MAX_STOP or not all(stops):
             raise ProtocolError(f"stop takes up to {MAX_STOP} non-empty strings", "stop")
         for key in self.logit_bias or {}:
-            if not key.isdigit():
-                raise ProtocolError(f"logit_bias keys are token ids, got {key!r}", "logit_bias")
+            if not TOKEN_ID.fullmatch(key):
+                raise ProtocolError(f"logit_bias keys are token ids (up to 10 digits 0-9), got {key[:20]!r}",
+                                    "logit_bias")
 
     @property
     def stop_list(self) -> list[str]:

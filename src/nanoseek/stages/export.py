@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.checkpoint import load_model
-from nanoseek.data.chat import prompt_ids
+from nanoseek.data.chat_tokens import prompt_ids
 from nanoseek.io import atomic_dir, atomic_write_text
 from nanoseek.reporting.model_card import write_model_card
 from nanoseek.stages.common import latest_checkpoint, run_stage

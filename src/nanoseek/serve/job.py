@@ -1,0 +1,95 @@
+"""One request's work and what the client sees of it: a Job of engine requests (one per prompt, each
+with n completions) and its Choices, built up from the engine's events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nanoseek.engine import SamplingParams, StepEvent
+from nanoseek.serve.chat_format import ReasoningParser
+
+
+@dataclass
+class Choice:
+    """One completion as the client sees it, built up from engine events."""
+
+    index: int
+    parser: ReasoningParser | None  # chat: splits reasoning from content
+    prefix_text: str = ""  # completions with echo: the prompt
+    token_ids: list[int] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, ev: StepEvent) -> tuple[str, str]:
+        """-> (reasoning, content) this event adds."""
+        self.token_ids += ev.token_ids
+        self.logprobs += ev.logprobs or []
+        text = ev.text or ""
+        reasoning, content = self.parser.feed(text) if self.parser else ("", text)
+        if ev.finished:
+            self.finish_reason = ev.finish_reason
+            if self.parser:
+                tail_reasoning, tail_content = self.parser.finish()
+                reasoning += tail_reasoning
+                content += tail_content
+        self.reasoning.append(reasoning)
+        self.content.append(content)
+        return reasoning, content
+
+
+@dataclass
+class EngineRequest:
+    """One prompt of a job as the engine runs it: its engine request id and the choices it fills."""
+
+    request_id: str
+    prompt: list[int]
+    choices: list[Choice]  # its n completions, by the engine's completion index
+    cached: int = 0  # prompt tokens the prefix cache served
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason for c in self.choices)
+
+
+@dataclass
+class Job:
+    """A request's work: one engine request per prompt, each with n completions."""
+
+    id: str
+    prompts: list[list[int]]
+    params: SamplingParams
+    make_parser: Callable[[], ReasoningParser | None]
+    start: float  # when the request arrived (time.perf_counter)
+    deadline: float  # when it must be done
+    echo: list[str] | None = None
+    first_token: float | None = None
+    choices: list[Choice] = field(init=False)  # every prompt's n completions, in response order
+    requests: dict[str,
+                   EngineRequest] = field(init=False)  # engine request id -> its prompt and choices
+
+    def __post_init__(self):
+        n = self.params.n
+        self.choices = [Choice(p * n + i, self.make_parser(), self.echo[p] if self.echo else "")
+                        for p in range(len(self.prompts)) for i in range(n)]
+        self.requests = {}
+        for p, ids in enumerate(self.prompts):
+            request_id = f"{self.id}-{p}"
+            self.requests[request_id] = EngineRequest(request_id, ids,
+                                                      self.choices[p * n:(p + 1) * n])
+
+    def choice(self, ev: StepEvent) -> Choice:
+        """The choice an engine event belongs to (and note the prompt's cached tokens)."""
+        request = self.requests[ev.request_id]
+        request.cached = ev.output.cached_tokens
+        return request.choices[ev.index]
+
+    @property
+    def cached(self) -> int:
+        return sum(r.cached for r in self.requests.values())
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish_reason for c in self.choices)

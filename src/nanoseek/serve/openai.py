@@ -1,0 +1,288 @@
+"""The OpenAI translation: a request's JSON -> prompt ids, SamplingParams and a Job (every limit
+checked), and the job's engine events -> OpenAI JSON or SSE chunks (chat with DeepSeek's
+reasoning_content, and completions)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from nanoseek.engine import SamplingParams
+from nanoseek.serve import protocol as P
+from nanoseek.serve.chat_format import FormatError, ReasoningParser, chat_prompt, completion_prompt
+from nanoseek.serve.errors import APIError
+from nanoseek.serve.job import Choice, Job
+from nanoseek.serve.logits import JsonObjectProcessor, LogitBias, MinTokens
+from nanoseek.serve.server import Server
+
+log = logging.getLogger("nanoseek.serve")
+FINGERPRINT = "nanoseek-0.1"
+
+
+class OpenAIAPI:
+    """The OpenAI-compatible endpoints of a Server."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.config = server.config
+
+    def models(self, request: Request) -> Response:
+        self.server.authorize(request)
+        context = self.server.engine.max_model_len if self.server.status == "ok" else None
+        return _json(P.ModelList(data=[P.ModelCard(id=self.config.model_name,
+                                                   created=self.server.created,
+                                                   max_model_len=context)]))
+
+    # ------------------------------------------------------------------ request -> SamplingParams
+    async def admit(self, request: Request, model: type[P.SamplingRequest]) -> P.SamplingRequest:
+        """The server's admission checks, then the body parsed and checked as `model`."""
+        self.server.authorize(request)
+        self.server.ready()
+        body = await self.server.body(request)
+        try:
+            req = P.parse(model, body)
+        except P.ProtocolError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        if req.model is not None and req.model != self.config.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
+                           f"`{self.config.model_name}`.", "not_found_error", "model",
+                           "model_not_found")
+        ignored = P.unknown_fields(req)
+        if ignored:
+            log.warning("ignoring unknown request fields: %s", ", ".join(ignored))
+        return req
+
+    def sampling(self, req: P.SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
+                 default_max: int, logprobs: int | None, json_thinking: bool | None = None,
+                 param: str = "messages") -> SamplingParams:
+        """The request's SamplingParams, after every limit check (json_thinking: None = no JSON
+        mode, else whether the output starts with a thought)."""
+        limit = self.config.max_tokens
+        if max_tokens is not None and max_tokens > limit:
+            raise APIError(400,
+                           f"max_tokens={max_tokens} is more than this server allows ({limit})",
+                           param="max_tokens")
+        context = self.server.engine.max_model_len
+        longest = max(map(len, prompts))
+        if longest >= context:
+            raise APIError(400, f"the prompt has {longest} tokens; this model's context is "
+                                f"{context} tokens and leaves no room to generate", param=param,
+                           code="context_length_exceeded")
+        # max_tokens beyond the context is cut to what fits: finish_reason "length" says so.
+        budget = min(max_tokens or default_max, limit, context - longest)
+        vocab = self.server.table.size
+        processors = []
+        if req.logit_bias:
+            bias = {int(k): v for k, v in req.logit_bias.items()}
+            if max(bias) >= vocab:
+                raise APIError(400, f"logit_bias: token id {max(bias)} is outside the vocabulary "
+                                    f"({vocab})", param="logit_bias")
+            processors.append(LogitBias(bias))
+        if req.min_tokens:
+            if req.min_tokens > budget:
+                raise APIError(400, f"min_tokens={req.min_tokens} is more than max_tokens={budget}",
+                               param="min_tokens")
+            stop_ids = [self.server.tok.eos_id, *(req.stop_token_ids or [])]
+            processors.append(MinTokens(req.min_tokens, stop_ids))
+        if json_thinking is not None:
+            need = 4 if json_thinking else 3  # ["</think>"] "{" "}" EOS
+            if budget < need:
+                raise APIError(400, f"JSON mode needs max_tokens >= {need}", param="max_tokens")
+            processors.append(JsonObjectProcessor(self.server.json_vocab, budget, json_thinking))
+        if any(t >= vocab for t in req.stop_token_ids or []):
+            raise APIError(400, f"stop_token_ids must be below the vocabulary size {vocab}",
+                           param="stop_token_ids")
+        d = self.server.defaults
+        try:
+            params = SamplingParams(
+                max_tokens=budget, n=req.n, seed=req.seed, logprobs=logprobs,
+                temperature=req.temperature if req.temperature is not None else d.get("temperature",
+                                                                                      1.0),
+                top_p=req.top_p if req.top_p is not None else d.get("top_p", 1.0),
+                top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
+                min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty or 1.0,
+                stop=req.stop_list, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+                logits_processors=processors)
+            for ids in prompts:
+                self.server.engine.check(ids, params)
+        except ValueError as e:
+            raise APIError(400, str(e).removeprefix("SamplingParams: ")) from None
+        return params
+
+    def usage(self, job: Job, chat: bool) -> P.Usage:
+        reasoning = None
+        if chat:
+            end = self.server.tok.special_ids.get("end_think")
+            reasoning = sum((c.token_ids.index(end) + 1 if end in c.token_ids else len(c.token_ids))
+                            for c in job.choices if c.parser and c.parser.saw_reasoning)
+        return P.Usage.of(sum(map(len, job.prompts)), sum(len(c.token_ids) for c in job.choices),
+                          job.cached, reasoning)
+
+    def chat_logprobs(self, lps) -> P.ChatLogprobs:
+        t = self.server.table
+        return P.ChatLogprobs(content=[
+            P.TokenLogprob(token=t.text(lp.token_id), logprob=_finite(lp.logprob),
+                           bytes=t.raw(lp.token_id),
+                           top_logprobs=[P.TopLogprob(token=t.text(i), logprob=_finite(v),
+                                                      bytes=t.raw(i))
+                                         for i, v in lp.top]) for lp in lps])
+
+    def completion_logprobs(self, lps, offset: int) -> P.CompletionLogprobs:
+        t = self.server.table
+        tokens = [t.text(lp.token_id) for lp in lps]
+        offsets = []
+        for s in tokens:
+            offsets.append(offset)
+            offset += len(s)
+        top = [{t.text(i): _finite(v) for i, v in lp.top} for lp in lps]
+        return P.CompletionLogprobs(tokens=tokens,
+                                    token_logprobs=[_finite(lp.logprob) for lp in lps],
+                                    top_logprobs=top, text_offset=offsets)
+
+    # ------------------------------------------------------------------ endpoints
+    async def chat_completions(self, request: Request) -> Response:
+        start = time.perf_counter()
+        req: P.ChatCompletionRequest = await self.admit(request, P.ChatCompletionRequest)
+        thinking = req.thinking_enabled(self.config.thinking)
+        try:
+            ids, in_reasoning = chat_prompt(self.server.tok, [m.as_dict() for m in req.messages],
+                                            thinking)
+        except FormatError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        params = self.sampling(req, [ids], req.max_completion_tokens or req.max_tokens,
+                               self.config.max_tokens,
+                               (req.top_logprobs or 0) if req.logprobs else None,
+                               json_thinking=in_reasoning if req.json_mode else None)
+        job = Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params,
+                  lambda: ReasoningParser(in_reasoning), start,
+                  start + self.config.request_timeout)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self.server.stream(request, job, self.chat_chunks(job, include_usage))
+        await self.server.run(request, job)
+        choices = [P.ChatChoice(index=c.index, finish_reason=c.finish_reason,
+                                message=_assistant_message(c),
+                                logprobs=self.chat_logprobs(c.logprobs) if req.logprobs else None)
+                   for c in job.choices]
+        return _json(P.ChatCompletion(id=job.id, created=int(time.time()),
+                                      model=self.config.model_name,
+                                      system_fingerprint=FINGERPRINT, choices=choices,
+                                      usage=self.usage(job, chat=True)))
+
+    async def chat_chunks(self, job: Job, include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        name = self.config.model_name
+
+        def chunk(choices, usage=None) -> str:
+            return _sse(P.ChatCompletionChunk(id=job.id, created=created, model=name, usage=usage,
+                                              system_fingerprint=FINGERPRINT, choices=choices))
+
+        for c in job.choices:
+            yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(role="assistant", content=""))])
+        async with aclosing(self.server.events(job)) as events:
+            async for item in events:
+                if item is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                c, ev, r, text = item
+                lps = self.chat_logprobs(ev.logprobs) if ev.logprobs else None
+                if r:
+                    yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(reasoning_content=r),
+                                               logprobs=lps)])
+                    lps = None
+                if text or lps:
+                    yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(content=text),
+                                               logprobs=lps)])
+                if ev.finished:
+                    yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(),
+                                               finish_reason=c.finish_reason)])
+        if include_usage:
+            yield chunk([], self.usage(job, chat=True))
+
+    async def completions(self, request: Request) -> Response:
+        start = time.perf_counter()
+        req: P.CompletionRequest = await self.admit(request, P.CompletionRequest)
+        vocab = self.server.table.size
+        prompts = []
+        for p in req.prompts:
+            if not isinstance(p, str) and not all(0 <= t < vocab for t in p):
+                raise APIError(400, f"prompt token ids must lie in [0, {vocab}), the vocabulary",
+                               param="prompt")
+            try:
+                prompts.append(completion_prompt(self.server.tok, p, req.suffix))
+            except FormatError as e:
+                raise APIError(400, str(e), param=e.param) from None
+        params = self.sampling(req, prompts, req.max_tokens, 16, req.logprobs, param="prompt")
+        echo = [p if isinstance(p, str) else self.server.tok.decode(p, skip_special_tokens=True)
+                for p in req.prompts] if req.echo else None
+        job = Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, lambda: None, start,
+                  start + self.config.request_timeout, echo)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            chunks = self.completion_chunks(job, include_usage, req.logprobs)
+            return await self.server.stream(request, job, chunks)
+        await self.server.run(request, job)
+        choices = [P.CompletionChoice(
+            index=c.index, text=c.prefix_text + "".join(c.content), finish_reason=c.finish_reason,
+            logprobs=None if req.logprobs is None else self.completion_logprobs(c.logprobs,
+                                                                                len(c.prefix_text)))
+            for c in job.choices]
+        return _json(P.Completion(id=job.id, created=int(time.time()), model=self.config.model_name,
+                                  system_fingerprint=FINGERPRINT, choices=choices,
+                                  usage=self.usage(job, chat=False)))
+
+    async def completion_chunks(self, job: Job, include_usage: bool,
+                                logprobs: int | None) -> AsyncIterator[str]:
+        created = int(time.time())
+        name = self.config.model_name
+        offsets = {c.index: len(c.prefix_text) for c in job.choices}
+
+        def chunk(choices, usage=None) -> str:
+            return _sse(P.Completion(id=job.id, created=created, model=name,
+                                     system_fingerprint=FINGERPRINT,
+                                     choices=choices, usage=usage))
+
+        for c in job.choices:
+            if c.prefix_text:
+                yield chunk([P.CompletionChoice(index=c.index, text=c.prefix_text)])
+        async with aclosing(self.server.events(job)) as events:
+            async for item in events:
+                if item is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                c, ev, _, text = item
+                lps = None
+                if logprobs is not None and ev.logprobs:
+                    lps = self.completion_logprobs(ev.logprobs, offsets[c.index])
+                    offsets[c.index] += sum(map(len, lps.tokens))
+                if text or lps or ev.finished:
+                    finish_reason = c.finish_reason if ev.finished else None
+                    yield chunk([P.CompletionChoice(index=c.index, text=text, logprobs=lps,
+                                                    finish_reason=finish_reason)])
+        if include_usage:
+            yield chunk([], self.usage(job, chat=False))
+
+
+def _assistant_message(c: Choice) -> P.AssistantMessage:
+    reasoning = "".join(c.reasoning) if c.parser.saw_reasoning else None
+    return P.AssistantMessage(content="".join(c.content), reasoning_content=reasoning)
+
+
+def _finite(x: float) -> float:
+    return max(x, -9999.0)  # JSON has no -inf
+
+
+def _json(model, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def _sse(model) -> str:
+    return f"data: {model.model_dump_json()}\n\n"

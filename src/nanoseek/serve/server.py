@@ -1,0 +1,279 @@
+"""The server's lifecycle and admission, and the engine run of an admitted request.
+
+Lifecycle: the checkpoint loads on a thread, then the engine thread (bridge.py) starts; `health`
+says where it stands. Admission: API key (401) -> ready (503) -> body size (413), then a slot, or a
+place in the queue (429). A job then runs on the engine thread; whatever ends it (the end, an error,
+the client gone, the deadline) cancels what still runs. serve/openai.py turns requests into jobs
+and jobs into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from nanoseek.checkpoint import Checkpoint
+from nanoseek.engine import Engine, StepEvent
+from nanoseek.serve.bridge import EngineBridge, EngineDead, Rejected
+from nanoseek.serve.chat_format import EngineTokenizer, TokenTable
+from nanoseek.serve.config import ServerConfig
+from nanoseek.serve.errors import APIError
+from nanoseek.serve.job import Choice, Job
+from nanoseek.serve.logits import JsonVocab
+from nanoseek.serve.metrics import Metrics
+
+log = logging.getLogger("nanoseek.serve")
+ASCII_DIGITS = re.compile(r"[0-9]+")  # str.isdigit also takes "²", which int() refuses
+
+
+class Server:
+    """The loaded model, its engine thread, the admission state and the metrics of one app."""
+
+    def __init__(self, config: ServerConfig, load: Callable[[], Checkpoint],
+                 engine_options: dict | None = None):
+        self.config = config
+        self._load = load
+        self.engine_options = dict(engine_options or {})
+        self.metrics = Metrics()
+        self.status = "loading"
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.bridge: EngineBridge | None = None
+        self.active = 0  # requests holding a slot
+        self.queued = 0  # requests waiting for one
+        self._slots: asyncio.Semaphore | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self) -> None:
+        """Load the checkpoint and start the engine thread (runs on a thread of its own)."""
+        try:
+            ckpt = self._load()
+            self.tok = ckpt.tokenizer
+            self.defaults = ckpt.defaults
+            self.engine = Engine(ckpt.model, EngineTokenizer(ckpt.tokenizer), **self.engine_options)
+            self.table = TokenTable(ckpt.tokenizer)
+            self.json_vocab = JsonVocab(self.table, ckpt.tokenizer.eos_id,
+                                        ckpt.tokenizer.special_ids.get("end_think"))
+            self.bridge = EngineBridge(self.engine)
+            self.bridge.start()
+            self.status = "ok"
+            log.info("model loaded: context %d tokens", self.engine.max_model_len)
+        except Exception as e:
+            self.status = "failed"
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("loading the model failed")
+            raise
+
+    def close(self) -> None:
+        if self.bridge is not None:
+            self.bridge.close()
+
+    @property
+    def health(self) -> tuple[int, dict]:
+        if self.status == "ok" and self.bridge.error:
+            return 503, {"status": "failed", "error": self.bridge.error}
+        if self.status == "failed":
+            return 503, {"status": "failed", "error": self.load_error}
+        return (200 if self.status == "ok" else 503), {"status": self.status}
+
+    # ------------------------------------------------------------------ checks
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if given is None or not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'",
+                           "authentication_error", code="invalid_api_key")
+
+    def ready(self) -> None:
+        code, body = self.health
+        if code != 200:
+            message = ("the model is still loading" if body["status"] == "loading"
+                       else f"the model is unavailable: {body.get('error')}")
+            raise APIError(503, message, "unavailable_error", code="model_not_ready",
+                           headers={"Retry-After": "5"})
+
+    async def body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and _declared_over(declared, limit):
+            raise APIError(413, f"the request body is larger than {limit} bytes",
+                           code="body_too_large")
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body is larger than {limit} bytes",
+                               code="body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # ------------------------------------------------------------------ slots
+    @asynccontextmanager
+    async def slot(self, request: Request, job: Job):
+        """Hold one of max_concurrent_requests slots. Without a free one, wait in a queue of at most
+        max_queue (429 beyond that) until one frees, the client leaves, or the request's time is up
+        (503)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
+        if self._slots.locked() and self.queued >= self.config.max_queue:
+            raise APIError(429, f"the server is busy: {self.active} requests running and "
+                                f"{self.queued} queued; retry later", "rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"})
+        self.queued += 1
+        acquire = asyncio.ensure_future(self._slots.acquire())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([acquire, gone],
+                               timeout=max(0.0, job.deadline - time.perf_counter()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.queued -= 1
+            gone.cancel()
+            acquire.cancel()  # a no-op once acquired; a cancelled grant goes back to the semaphore
+        if not acquire.done() or acquire.cancelled():
+            if gone.done() and not gone.cancelled():
+                raise APIError(499, "the client closed the connection", code="client_closed")
+            raise APIError(503, "no slot freed up within the request timeout; retry later",
+                           "unavailable_error",
+                           code="queue_timeout", headers={"Retry-After": "1"})
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._slots.release()
+
+    # ------------------------------------------------------------------ generation
+    async def events(self, job: Job) -> AsyncIterator[tuple[Choice, StepEvent, str, str] | None]:
+        """Run a job on the engine: yields (choice, event, new reasoning, new content) as tokens
+        come, and None when nothing came for `keepalive` seconds. Whatever stops the iteration (the
+        end, an error, a client gone, the deadline), engine requests still running are cancelled."""
+        queue: asyncio.Queue = asyncio.Queue()
+        for request in job.requests.values():
+            self.bridge.submit(request.prompt, job.params, request.request_id, queue)
+        try:
+            while not job.done:
+                left = job.deadline - time.perf_counter()
+                if left <= 0:
+                    timeout = self.config.request_timeout
+                    raise APIError(504, f"the request took longer than {timeout:g} s",
+                                   "timeout_error", code="request_timeout")
+                try:
+                    item = await asyncio.wait_for(queue.get(), min(left, self.config.keepalive))
+                except TimeoutError:
+                    yield None
+                    continue
+                if isinstance(item, EngineDead):
+                    raise APIError(503, f"the engine failed: {item.reason}", "unavailable_error",
+                                   code="engine_dead")
+                if isinstance(item, Rejected):
+                    raise APIError(400, item.reason)
+                if item.token_ids and job.first_token is None:
+                    job.first_token = time.perf_counter()
+                choice = job.choice(item)
+                yield choice, item, *choice.add(item)
+        finally:
+            for request in job.requests.values():
+                if not request.done:
+                    self.bridge.cancel(request.request_id)
+            if job.done:
+                self._record(job)
+
+    def _record(self, job: Job) -> None:
+        end = time.perf_counter()
+        generated = sum(len(c.token_ids) for c in job.choices)
+        self.metrics.generation_done(
+            prompt=sum(map(len, job.prompts)), cached=job.cached, generated=generated,
+            ttft=None if job.first_token is None else job.first_token - job.start,
+            duration=end - job.start,
+            decode_time=None if job.first_token is None else end - job.first_token)
+
+    async def run(self, request: Request, job: Job) -> None:
+        """Run a non-streaming job to its end in a slot."""
+        async with self.slot(request, job):
+            await self.until_done(request, job)
+
+    async def until_done(self, request: Request, job: Job) -> None:
+        """Run a non-streaming job to its end; if the client disconnects first, cancel it."""
+        async def run():
+            async with aclosing(self.events(job)) as events:
+                async for _ in events:
+                    pass
+
+        work = asyncio.ensure_future(run())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, gone):
+                task.cancel()
+        if not work.cancelled() and work.done():
+            work.result()  # re-raise its APIError
+        if not job.done:
+            raise APIError(499, "the client closed the connection", code="client_closed")
+
+    async def stream(self, request: Request, job: Job, chunks: AsyncIterator[str]) -> Response:
+        """Take a slot now (so that a full queue is a 429, not a broken stream), then stream SSE."""
+        slot = self.slot(request, job)
+        await slot.__aenter__()
+
+        async def body():
+            try:
+                async for piece in chunks:
+                    yield piece
+            except APIError as e:
+                self.metrics.count_error(e.type)
+                yield f"data: {json.dumps(e.body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        async def close():
+            await chunks.aclose()  # cancels the engine requests if the stream ended early
+            await slot.__aexit__(None, None, None)
+
+        return SSEResponse(body(), on_close=close)
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream whose clean-up runs however the response ends: finished, failed or
+    disconnected."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
+
+
+def _declared_over(content_length: str, limit: int) -> bool:
+    """Whether a Content-Length header says the body is over `limit` bytes. A malformed one says
+    nothing (the body is counted as it arrives anyway); a number with more digits than the limit is
+    over it without converting (int() refuses more than 4,300 digits)."""
+    if not ASCII_DIGITS.fullmatch(content_length):
+        return False
+    digits = content_length.lstrip("0")
+    return len(digits) > len(str(limit)) or int(digits or "0") > limit
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
