@@ -19,6 +19,7 @@ from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek import save_model
+from nanoseek.cli import main
 from nanoseek.export import ExportError, export_gguf
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import LLAMA_CPP_PRE, REVISION, SPECIAL_TOKENS, Tokenizer, load_tokenizer
@@ -216,6 +217,16 @@ def test_export_errors(trained, tmp_path):
     with pytest.raises(ExportError, match="tokenizer"):
         export_gguf(tmp_path / "no-tokenizer", tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_command_line(trained, tmp_path, capsys):
+    path = trained[0]
+    out = tmp_path / "model.gguf"
+    assert main(["export", str(path), "--gguf", str(out), "--type", "q8_0"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert _field(gguf.GGUFReader(out), "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert main(["export", str(tmp_path / "missing"), "--gguf", str(out)]) == 2
+    assert "nanoseek export: error:" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- llama.cpp

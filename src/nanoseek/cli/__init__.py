@@ -1,7 +1,7 @@
 """`nanoseek <command>`: one entry point for every stage. Each command's --help says what it does.
 
 Each command family registers its commands from a module of its own: pipeline.py, posttrain.py,
-infer.py, serve.py. Library code never imports this package.
+infer.py, serve.py, export.py. Library code never imports this package.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nanoseek.cli import infer, pipeline, posttrain, serve
+from nanoseek.cli import export, infer, pipeline, posttrain, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     posttrain.add_commands(sub)  # sft, grpo, distill, eval
     infer.add_commands(sub)  # generate, chat
     serve.add_commands(sub)  # serve
+    export.add_commands(sub)  # export
     return parser
 
 
