@@ -74,7 +74,8 @@ def error_of(raw: bytes, status: int) -> dict:
 
 def test_connections_that_stall_before_their_headers_are_closed(server):
     silent = [connect(server) for _ in range(5)]
-    partial = [connect(server, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-") for _ in range(5)]
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-"
+    partial = [connect(server, head) for _ in range(5)]
     start = time.monotonic()
     for sock in silent:
         assert read_until_closed(sock, 5) == b""
@@ -119,10 +120,10 @@ def test_a_body_nobody_reads_still_has_a_deadline(server):
     assert time.monotonic() - start < 5
 
 
-def test_an_unread_stream_gives_back_its_slot_and_engine_requests_at_the_request_timeout(checkpoint):
+def test_unread_streams_give_back_their_slots_and_engine_requests_at_the_request_timeout(checkpoint):
     """Clients that never read a stream: once the server's buffers fill, its send blocks; at the
-    request timeout the connection is closed and the slot and engine requests are freed. Small socket
-    buffers (on both ends) make the buffers fill within the timeout."""
+    request timeout the connection is dropped and the slot and engine requests are freed. Small
+    socket buffers (on both ends) make the buffers fill within the timeout."""
     import uvicorn
 
     config = ServerConfig(request_timeout=2, max_tokens=450)
@@ -183,12 +184,14 @@ def test_a_foreign_host_header_is_refused(server):
     r = httpx.post(server.url + "/v1/chat/completions", json=CHAT,
                    headers={**AUTH, "Host": "rebound.example"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "Host"
-    for host in (f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost."):
+    for host in (f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", f"[::1]:{port}",
+                 "localhost."):
         assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 200
 
 
 def test_allowed_hosts_replace_the_default(checkpoint):
-    cases = [(ServerConfig(allowed_hosts=("API.example.",)), {"api.example:443": 200, "localhost": 400}),
+    cases = [(ServerConfig(allowed_hosts=("API.example.",)),
+              {"api.example:443": 200, "localhost": 400}),
              (ServerConfig(allowed_hosts=("*",)), {"evil.example": 200, "localhost": 200}),
              (ServerConfig(host="0.0.0.0"), {"evil.example": 200, "10.1.2.3:80": 200}),
              (ServerConfig(host="::1"), {"[::1]": 200, "evil.example": 400})]
@@ -202,14 +205,16 @@ def test_allowed_hosts_replace_the_default(checkpoint):
 
 def test_post_bodies_must_be_json(server):
     raw = json.dumps(CHAT).encode()
-    for media in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-                  "application/json; charset=latin-1", "application/jsonx", None):
+    for media in ("text/plain", "application/x-www-form-urlencoded",
+                  "multipart/form-data; boundary=x", "application/json; charset=latin-1",
+                  "application/jsonx", None):
         headers = {**AUTH, **({"Content-Type": media} if media else {})}
         r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=headers)
         assert r.status_code == 415, media
         error = r.json()["error"]
         assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
-    for media in ("application/json", "Application/JSON; charset=UTF-8", 'application/json;charset="utf-8"'):
+    for media in ("application/json", "Application/JSON; charset=UTF-8",
+                  'application/json;charset="utf-8"'):
         r = httpx.post(server.url + "/v1/chat/completions", content=raw,
                        headers={**AUTH, "Content-Type": media})
         assert r.status_code == 200, (media, r.text)
@@ -244,7 +249,8 @@ def test_openapi_describes_the_real_request_bodies(openapi, server):
              (completion, {"prompt": ["a", "b"], "n": 2, "stop": ["\n"], "seed": 3})]
     invalid = [(chat, {}), (chat, {"messages": []}), (chat, {"messages": [{"role": "robot"}]}),
                (chat, {**CHAT, "n": 0}), (chat, {**CHAT, "temperature": 3}),
-               (completion, {}), (completion, {"prompt": 5}), (completion, {"prompt": "x", "top_p": 0})]
+               (completion, {}), (completion, {"prompt": 5}),
+               (completion, {"prompt": "x", "top_p": 0})]
     for schema, body in valid:
         jsonschema.validate(body, schema)
         route = "/v1/chat/completions" if schema is chat else "/v1/completions"

@@ -189,8 +189,8 @@ class Guard:
         await self.app(scope, receive_in_time, send)
 
     def refusal(self, method: str, headers: dict[bytes, bytes]) -> APIError | None:
-        if self.hosts is not None:
-            host = headers.get(b"host", b"").decode("latin-1")
+        if self.hosts is not None and b"host" in headers:  # browsers always send one
+            host = headers[b"host"].decode("latin-1")
             if _host_of(host) not in self.hosts:
                 return APIError(400, f"the Host header {host[:100]!r} does not name this server "
                                      f"(see --allowed-hosts)", param="Host",
