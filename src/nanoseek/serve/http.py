@@ -29,6 +29,7 @@ from nanoseek.serve.errors import APIError
 
 log = logging.getLogger("nanoseek.serve")
 BODY_GRACE = 1.0  # seconds the protocol waits past body_timeout for the app's own 408
+LINGER = 5.0  # seconds a closed connection may take to hand over what it has buffered; then dropped
 
 
 def uvicorn_config(app, config: ServerConfig, **kwargs) -> uvicorn.Config:
@@ -103,7 +104,10 @@ class TimedH11Protocol(H11Protocol):
         self._read_timer = None
         if self.transport.is_closing():
             return
-        if self._phase == "headers" and self.conn.trailing_data[0]:  # part of a request came
+        if self._phase == "headers" and not self.conn.trailing_data[0]:  # an idle connection
+            self.transport.close()
+            return
+        if self._phase == "headers":  # part of a request came
             self.transport.write(_REQUEST_TIMEOUT)
         self._close(f"its request's {self._phase} did not arrive in time")
 
@@ -116,6 +120,7 @@ class TimedH11Protocol(H11Protocol):
     def _close(self, why: str) -> None:
         log.info("closing the connection from %s: %s", _address(self.client), why)
         self.transport.close()
+        self.loop.call_later(LINGER, self.transport.abort)  # a no-op once closed
 
     def _abort(self) -> None:
         """Drop the connection now: close() would wait for the unread response to drain."""
