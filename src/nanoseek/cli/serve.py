@@ -52,9 +52,23 @@ def add_commands(subparsers) -> None:
     eng.add_argument("--no-prefix-cache", action="store_true")
     eng.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: torch's choice)")
+    web = p.add_argument_group("HTTP")
+    web.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                     help="seconds for a request's headers to arrive, then the connection closes "
+                          f"(default: {d.header_timeout:g})")
+    web.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                     help="seconds for a request's body to arrive after its headers, then 408 "
+                          f"(default: {d.body_timeout:g})")
+    web.add_argument("--allowed-hosts", type=_host_list, default=None, metavar="HOST[,HOST...]",
+                     help="Host header names served ('*': any; default: the localhost names and "
+                          "the address when listening on loopback, else any)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=cmd_serve)
+
+
+def _host_list(text: str) -> tuple[str, ...]:
+    return tuple(h.strip() for h in text.split(",") if h.strip())
 
 
 def _defaults():
@@ -70,13 +84,17 @@ def cmd_serve(args) -> int:
     from nanoseek.checkpoint import load_checkpoint
     from nanoseek.serve.app import create_app
     from nanoseek.serve.config import ServerConfig
+    from nanoseek.serve.http import uvicorn_config
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                           model_name=args.model_name, max_body_bytes=args.max_body_bytes,
                           max_tokens=args.max_tokens,
                           max_concurrent_requests=args.max_concurrent_requests,
                           max_queue=args.max_queue, request_timeout=args.request_timeout,
-                          thinking=not args.no_thinking)
+                          thinking=not args.no_thinking,
+                          header_timeout=args.header_timeout,
+                          body_timeout=args.body_timeout,
+                          allowed_hosts=args.allowed_hosts)
     ckpt = check_checkpoint(args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,7 +118,7 @@ def cmd_serve(args) -> int:
 
     app = create_app(config, lambda: load_checkpoint(ckpt, args.dtype, args.int8), engine_options,
                      on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level,
+    server = uvicorn.Server(uvicorn_config(app, config, log_level=args.log_level,
                                            access_log=args.access_log,
                                            timeout_graceful_shutdown=5))
     host = f"[{config.host}]" if ":" in config.host else config.host
