@@ -173,9 +173,8 @@ class Server:
                     timeout = self.config.request_timeout
                     raise APIError(504, f"the request took longer than {timeout:g} s",
                                    "timeout_error", code="request_timeout")
-                try:
-                    item = await asyncio.wait_for(queue.get(), min(left, self.config.keepalive))
-                except TimeoutError:
+                item = await _next(queue, min(left, self.config.keepalive))
+                if item is None:
                     yield None
                     continue
                 if isinstance(item, EngineDead):
@@ -188,11 +187,15 @@ class Server:
                 choice = job.choice(item)
                 yield choice, item, *choice.add(item)
         finally:
-            for request in job.requests.values():
-                if not request.done:
-                    self.bridge.cancel(request.request_id)
+            self.cancel(job)
             if job.done:
                 self._record(job)
+
+    def cancel(self, job: Job) -> None:
+        """Cancel every engine request of a job, finished or not (a finished one is a no-op): called
+        whenever a job ends, so that no sequence outlives its request."""
+        for request_id in job.requests:
+            self.bridge.cancel(request_id)
 
     def _record(self, job: Job) -> None:
         end = time.perf_counter()
@@ -222,6 +225,7 @@ class Server:
         finally:
             for task in (work, gone):
                 task.cancel()
+            self.cancel(job)  # even if this task was cancelled, or `work` ignored its cancellation
         if not work.cancelled() and work.done():
             work.result()  # re-raise its APIError
         if not job.done:
@@ -272,6 +276,19 @@ def _declared_over(content_length: str, limit: int) -> bool:
         return False
     digits = content_length.lstrip("0")
     return len(digits) > len(str(limit)) or int(digits or "0") > limit
+
+
+async def _next(queue: asyncio.Queue, timeout: float):
+    """The next item of `queue`, or None after `timeout` seconds without one. Not asyncio.wait_for:
+    on Python 3.11 it returns the item and swallows a cancellation that arrives just as queue.get()
+    completes, and a job whose cancellation is lost runs on after its client has gone."""
+    if not queue.empty():
+        return queue.get_nowait()
+    try:
+        async with asyncio.timeout(timeout):
+            return await queue.get()
+    except TimeoutError:
+        return None
 
 
 async def _disconnected(request: Request) -> None:
