@@ -4,15 +4,21 @@ on the engine. Real HTTP on 127.0.0.1; every wait is bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from contextlib import aclosing
 
 import httpx
 import pytest
 
 from nanoseek.checkpoint import load_checkpoint
+from nanoseek.engine import SamplingParams
+from nanoseek.engine.sequence import CompletionOutput, RequestOutput, StepEvent
 from nanoseek.serve.app import create_app
 from nanoseek.serve.config import ServerConfig
+from nanoseek.serve.job import Job
+from nanoseek.serve.server import Server
 
 from serve_helpers import SCRIPT, InProcessServer, ServerProcess, metric, shared_checkpoint
 
@@ -43,6 +49,49 @@ def wait_idle(url: str, within: float) -> float:
         assert time.perf_counter() - start < within, "the engine kept generating"
         time.sleep(0.05)
     return time.perf_counter() - start
+
+
+class RecordingBridge:
+    """Stands in for the engine thread: keeps the queues it is given, records cancellations."""
+
+    def __init__(self):
+        self.queues: list[asyncio.Queue] = []
+        self.cancelled: list[str] = []
+
+    def submit(self, ids, params, request_id, queue, group=None):
+        self.queues.append(queue)
+
+    def cancel(self, request_id):
+        self.cancelled.append(request_id)
+
+
+def test_a_cancellation_that_lands_as_an_event_arrives_is_not_lost():
+    """The race behind requests that outlived their clients, made deterministic: the job's task is
+    cancelled in the same loop iteration as its next event arrives (asyncio.wait_for on Python 3.11
+    returned the event and dropped the cancellation; the job then ran on)."""
+    server = Server(ServerConfig(), load=None)
+    server.bridge = RecordingBridge()
+    now = time.perf_counter()
+    job = Job("job", [[1, 2]], SamplingParams(max_tokens=5), lambda: None, now, now + 60)
+    output = RequestOutput("job-0", [1, 2], [CompletionOutput(0)])
+    event = StepEvent("job-0", 0, [3], "x", None, False, None, output)
+
+    async def main() -> bool:
+        async def consume():
+            async with aclosing(server.events(job)) as events:
+                async for _ in events:
+                    pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the task now waits for its first event
+        server.bridge.queues[0].put_nowait(event)
+        task.cancel()
+        await asyncio.wait([task], timeout=2)
+        return task.cancelled()
+
+    assert asyncio.run(main())
+    assert server.bridge.cancelled == ["job-0"]  # and its engine request was cancelled
 
 
 def test_a_non_streaming_multi_prompt_request_is_cancelled_when_its_client_leaves(server):
