@@ -32,7 +32,7 @@ def checkpoint():
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    with ServerProcess(checkpoint, "--max-tokens", "450") as s:
+    with ServerProcess(checkpoint, "--max-tokens", "450", "--max-sequences-per-request", "1000") as s:
         yield s.wait_ready()
 
 
@@ -119,6 +119,7 @@ def test_prompts_times_n_over_the_limit_get_429_and_lm_eval_batches_fit(server):
     r = httpx.post(server.url + "/v1/completions", json={"prompt": ["x"] * 100, "n": 11}, timeout=30)
     err = error_of(r, 429)
     assert err["code"] == "too_many_sequences" and "1100 sequences" in err["message"]
+    assert "at most 1000 per request" in err["message"]  # the flag's value
     assert r.headers["x-should-retry"] == "false"  # retrying the same request cannot help
     r = httpx.post(server.url + "/v1/completions", timeout=120,
                    json={"prompt": [f"{i} la" for i in range(300)], "max_tokens": 1})
