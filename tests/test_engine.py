@@ -444,9 +444,10 @@ def steps_until_done(engine: Engine, request_id: str, limit: int = 2000) -> int:
 
 @pytest.mark.parametrize("n", [1, 4])
 def test_a_small_request_gets_in_while_a_huge_one_runs(n):
-    """One client's 12 prompts x n sequences, 30 tokens each, fill the batch; another client's one-token request
-    added later finishes within a few steps (first come, first served: after the whole group, 45+ steps). The
-    huge group's sequences that made room are recomputed: its answers stay the greedy ones."""
+    """One client's 12 prompts x n sequences, 30 tokens each, fill the batch; another client's
+    one-token request added later finishes within a few steps (first come, first served: after the
+    whole group, 45+ steps). The huge group's sequences that made room are recomputed: its answers
+    stay the greedy ones."""
     model = tiny_model()
     engine = Engine(model, block_size=4, max_batch_size=8)
     outputs = {}
@@ -457,11 +458,13 @@ def test_a_small_request_gets_in_while_a_huge_one_runs(n):
     huge = SamplingParams(max_tokens=30, n=n, **GREEDY)
     prompts = [[2 + i, 3 + i, 4 + i] for i in range(12)]
     for i, p in enumerate(prompts):
-        engine.add_request(p, huge, request_id=f"big-{i}", callback=keep, group="big")
+        engine.add_request(p, huge, request_id=f"big-{i}", callback=keep,
+                           group="big")
     for _ in range(3):
         engine.step()
     assert engine.stats()["running"] == 8  # the huge group holds every slot
-    small = engine.add_request([7, 8, 9], SamplingParams(max_tokens=1, **GREEDY), request_id="small")
+    one_token = SamplingParams(max_tokens=1, **GREEDY)
+    small = engine.add_request([7, 8, 9], one_token, request_id="small")
     assert steps_until_done(engine, small) <= 3
     while engine.has_unfinished():
         engine.step()
@@ -472,8 +475,8 @@ def test_a_small_request_gets_in_while_a_huge_one_runs(n):
 
 
 def test_admission_takes_the_group_with_the_fewest_running_sequences():
-    """Requests of one group queued first do not keep a later group's request out: it is admitted at the next
-    free slot, before the rest of the first group."""
+    """Requests of one group queued first do not keep a later group's request out: it is admitted
+    at the next free slot, before the rest of the first group."""
     model = tiny_model()
     engine = Engine(model, block_size=4, max_batch_size=2)
     params = SamplingParams(max_tokens=5, **GREEDY)
@@ -484,4 +487,4 @@ def test_admission_takes_the_group_with_the_fewest_running_sequences():
     while engine.has_unfinished():
         finished += [ev.request_id for ev in engine.step() if ev.output.finished]
     assert finished.index("b") <= 3  # first come, first served: 6th
-    assert engine.stats()["preemptions"] == 0  # one slot each is the fair share: nobody is preempted
+    assert engine.stats()["preemptions"] == 0  # one slot each is the fair share: no preemption

@@ -32,14 +32,17 @@ def checkpoint():
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    with ServerProcess(checkpoint, "--max-tokens", "450", "--max-sequences-per-request", "1000") as s:
+    with ServerProcess(
+        checkpoint, "--max-tokens", "450", "--max-sequences-per-request", "1000"
+    ) as s:
         yield s.wait_ready()
 
 
 def engine_busy(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
-    return (metric(text, "nanoseek_engine_sequences_running")
-            + metric(text, "nanoseek_engine_sequences_waiting"))
+    return metric(text, "nanoseek_engine_sequences_running") + metric(
+        text, "nanoseek_engine_sequences_waiting"
+    )
 
 
 def wait_idle(url: str, within: float) -> float:
@@ -116,24 +119,33 @@ def in_process(checkpoint, **config) -> InProcessServer:
 
 
 def test_prompts_times_n_over_the_limit_get_429_and_lm_eval_batches_fit(server):
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": ["x"] * 100, "n": 11}, timeout=30)
+    r = httpx.post(
+        server.url + "/v1/completions", json={"prompt": ["x"] * 100, "n": 11}, timeout=30
+    )
     err = error_of(r, 429)
     assert err["code"] == "too_many_sequences" and "1100 sequences" in err["message"]
     assert "at most 1000 per request" in err["message"]  # the flag's value
     assert r.headers["x-should-retry"] == "false"  # retrying the same request cannot help
-    r = httpx.post(server.url + "/v1/completions", timeout=120,
-                   json={"prompt": [f"{i} la" for i in range(300)], "max_tokens": 1})
+    r = httpx.post(
+        server.url + "/v1/completions",
+        timeout=120,
+        json={"prompt": [f"{i} la" for i in range(300)], "max_tokens": 1},
+    )
     assert r.status_code == 200 and len(r.json()["choices"]) == 300
 
 
 def test_sequences_and_tokens_of_all_admitted_requests_are_limited(checkpoint):
-    with in_process(checkpoint, max_sequences_per_request=16, max_queued_sequences=24,
-                    max_queued_tokens=500) as s:
+    with in_process(
+        checkpoint, max_sequences_per_request=16, max_queued_sequences=24, max_queued_tokens=500
+    ) as s:
         results = {}
 
         def ask():
-            results["first"] = httpx.post(s.url + "/v1/completions", timeout=120,
-                                          json={"prompt": ["la"] * 4, "n": 4, "max_tokens": 2})
+            results["first"] = httpx.post(
+                s.url + "/v1/completions",
+                timeout=120,
+                json={"prompt": ["la"] * 4, "n": 4, "max_tokens": 2},
+            )
 
         with s.state.engine._lock:  # the engine cannot step: the first request stays admitted
             t = threading.Thread(target=ask)
@@ -168,8 +180,9 @@ def test_a_small_request_is_answered_while_a_huge_one_runs(server):
     t.start()
     while engine_busy(server.url) < 8:
         time.sleep(0.02)
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": "la", "max_tokens": 1},
-                   timeout=60)
+    r = httpx.post(
+        server.url + "/v1/completions", json={"prompt": "la", "max_tokens": 1}, timeout=60
+    )
     assert r.status_code == 200 and t.is_alive()  # answered, and the huge one still runs
     assert engine_busy(server.url) > 0
     t.join(120)
@@ -187,15 +200,21 @@ def test_a_prompt_too_long_in_bytes_is_refused_before_it_is_tokenized(checkpoint
             return template(*args, **kw)
 
         tok.apply_chat_template = spy
-        r = httpx.post(s.url + "/v1/chat/completions", timeout=60,
-                       json={"messages": [{"role": "user", "content": "a" * 900_000}]})
+        r = httpx.post(
+            s.url + "/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "a" * 900_000}]},
+        )
         err = error_of(r, 400)
         assert err["code"] == "context_length_exceeded" and "900000 bytes" in err["message"]
         assert threads == []  # refused by its size alone
         r = httpx.post(s.url + "/v1/completions", json={"prompt": ["la", "b" * 900_000]})
         assert "900000 bytes" in error_of(r, 400)["message"]
-        r = httpx.post(s.url + "/v1/chat/completions", timeout=60,
-                       json={"messages": [{"role": "user", "content": HELLO}], "max_tokens": 1})
+        r = httpx.post(
+            s.url + "/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": HELLO}], "max_tokens": 1},
+        )
         assert r.status_code == 200
         assert threads and s.thread not in threads  # tokenized off the event loop's thread
 

@@ -122,10 +122,12 @@ class Engine:
             raise ValueError(f"n={params.n} is more than max_batch_size={self.scheduler.max_batch_size}")
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    callback: Callable[[StepEvent], None] | None = None, group: str | None = None) -> str:
+                    callback: Callable[[StepEvent], None] | None = None,
+                    group: str | None = None) -> str:
         """Queue a request (text or token ids); it joins the running batch at a coming step. callback, if given,
-        receives each of its StepEvents. group (default: the request id) is whom the scheduler shares the batch
-        between: a server gives every prompt of one client request the same group. -> its request id."""
+        receives each of its StepEvents. group (default: the request id) is whom the scheduler
+        shares the batch between: a server gives every prompt of one client request the same
+        group. -> its request id."""
         ids, text = self.encode(prompt)
         params = SamplingParams() if params is None else params
         self.check(ids, params)

@@ -6,11 +6,12 @@ Each step mixes two kinds of work in one forward pass:
 - prefill: the rest of the token budget (max_num_batched_tokens) goes to prompts, in chunks: first the ones
   already admitted, then new ones from the waiting queue.
 
-The batch is shared fairly between groups (a group is a request, or every prompt of one client request when
-the server says so): the next prompt admitted is the oldest of the group with the fewest running sequences, so
-a small request does not queue behind the thousand prompts of a large one. And a group with nothing running
-gets its slots at once if the batch is full: groups above their fair share (max_batch_size / groups with
-work) are preempted down to it, newest first, as far as that makes room.
+The batch is shared fairly between groups (a group is a request, or every prompt of one client
+request when the server says so): the next prompt admitted is the oldest of the group with the
+fewest running sequences, so a small request does not queue behind the thousand prompts of a large
+one. And a group with nothing running gets its slots at once if the batch is full: groups above
+their fair share (max_batch_size / groups with work) are preempted down to it, newest first, as far
+as that makes room.
 
 Admission reserves cache blocks for a whole prompt (after prefix-cache hits) and a batch slot for each of its
 n completions; a prompt that does not fit waits, and so does everything behind it. When a decoding sequence
@@ -101,9 +102,10 @@ class Scheduler:
         return best
 
     def _make_room(self) -> None:
-        """If the next sequence to admit belongs to a group with nothing running and the batch has no slots for
-        it, preempt sequences of groups above their fair share (newest first) until it has them. A newcomer that
-        asks for more than a fair share (n completions), or room that preemption cannot make, waits instead."""
+        """If the next sequence to admit belongs to a group with nothing running and the batch has
+        no slots for it, preempt sequences of groups above their fair share (newest first) until it
+        has them. A newcomer that asks for more than a fair share (n completions), or room that
+        preemption cannot make, waits instead."""
         if not self.waiting:
             return
         counts = _groups(self.running)
@@ -145,8 +147,8 @@ class Scheduler:
 
 
 def _groups(running: list[Sequence]) -> Counter:
-    """Batch slots per group: its running sequences and the siblings they will fork (n > 1) once their prompt
-    is computed."""
+    """Batch slots per group: its running sequences and the siblings they will fork (n > 1) once
+    their prompt is computed."""
     counts = Counter()
     for s in running:
         counts[s.request.group] += 1 + s.pending_forks

@@ -2,10 +2,10 @@
 
 One thread owns the engine: it takes new requests and cancellations from an inbox between steps and runs
 engine.step() while anything is unfinished. Handlers never call the engine, so a long step never blocks the event
-loop and the event loop never waits on the engine's lock: after each step the thread publishes the engine's stats,
-which /metrics reads as they are. Each request's StepEvents go onto the asyncio.Queue its handler reads; a
-step's events travel together, in one loop.call_soon_threadsafe (one wake-up per step, not per token per
-request).
+loop and the event loop never waits on the engine's lock: after each step the thread
+publishes the engine's stats, which /metrics reads as they are. Each request's StepEvents go
+onto the asyncio.Queue its handler reads; a step's events travel together, in one
+loop.call_soon_threadsafe (one wake-up per step, not per token per request).
 
 If a step raises, the engine is marked dead: every waiting handler gets an EngineDead item, /health turns 503,
 and new requests are refused; the process keeps answering.
@@ -49,7 +49,7 @@ class EngineBridge:
         self._sinks: dict[str, tuple[Sink, int]] = {}  # request id -> (where its events go, completions running)
         self._outbox: list[tuple[Sink, object]] = []  # events of this step, delivered together after it
         self._closing = False
-        self.stats: dict = engine.stats()  # the engine's figures after its latest step, published by its thread
+        self.stats: dict = engine.stats()  # the engine's figures after its latest step
         self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
     # ------------------------------------------------------------------ the async side
@@ -64,7 +64,8 @@ class EngineBridge:
     def submit(self, ids: list[int], params: SamplingParams, request_id: str, queue: asyncio.Queue,
                group: str | None = None) -> None:
         """Queue a request; its StepEvents (or EngineDead / Rejected) arrive on `queue`. Several requests may
-        share one queue; requests of one group share one fair part of the batch. Call from the event loop."""
+        share one queue; requests of one group share one fair part of the batch. Call from the
+        event loop."""
         sink = Sink(asyncio.get_running_loop(), queue)
         self._post(("add", ids, params, request_id, group, sink))
 
@@ -117,7 +118,8 @@ class EngineBridge:
             return
         self._sinks[rid] = (sink, params.n)
         try:
-            self.engine.add_request(ids, params, request_id=rid, callback=self._on_event, group=group)
+            self.engine.add_request(ids, params, request_id=rid, callback=self._on_event,
+                                    group=group)
         except ValueError as e:
             self._sinks.pop(rid, None)
             self._outbox.append((sink, Rejected(rid, str(e))))

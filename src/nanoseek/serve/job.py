@@ -93,8 +93,10 @@ class Job:
 
     @property
     def tokens(self) -> int:
-        """The most tokens its sequences can hold: (prompt + max_tokens) x n, all prompts together."""
-        return (sum(map(len, self.prompts)) + len(self.prompts) * self.params.max_tokens) * self.params.n
+        """The most tokens its sequences can hold: (prompt + max_tokens) x n, all prompts
+        together."""
+        generated = len(self.prompts) * self.params.max_tokens
+        return (sum(map(len, self.prompts)) + generated) * self.params.n
 
     @property
     def cached(self) -> int:

@@ -3,9 +3,9 @@
 Lifecycle: the checkpoint loads on a thread, then the engine thread (bridge.py) starts; `health`
 says where it stands. Admission: API key (401) -> ready (503) -> body size (413) -> prompt bytes
 (400, before any tokenizing) -> prompts x n per request (429), then room among the sequences and
-tokens of all admitted requests (429), then a slot, or a place in the queue (429). A job then runs on
-the engine thread, its prompts one fair group of the engine's batch; whatever ends it (the end, an
-error, the client gone, the deadline) cancels every engine request it has. serve/openai.py turns
+tokens of all admitted requests (429), then a slot, or a place in the queue (429). A job then runs
+on the engine thread, its prompts one fair group of the engine's batch; whatever ends it (the end,
+an error, the client gone, the deadline) cancels every engine request it has. serve/openai.py turns
 requests into jobs and jobs into responses.
 """
 
@@ -136,8 +136,8 @@ class Server:
         if size >= self.max_prompt_bytes:
             context = self.engine.max_model_len
             raise APIError(400, f"the prompt has {size} bytes; this model's context of {context} "
-                                f"tokens holds less than {self.max_prompt_bytes} bytes", param=param,
-                           code="context_length_exceeded")
+                                f"tokens holds less than {self.max_prompt_bytes} bytes",
+                           param=param, code="context_length_exceeded")
 
     def check_size(self, prompts: int, n: int) -> None:
         """Refuse a request of more sequences (prompts x n) than one request may have (429)."""
@@ -171,9 +171,10 @@ class Server:
     def _reserve(self, job: Job) -> None:
         c = self.config
         if job.tokens > c.max_queued_tokens:
-            raise APIError(429, f"the request may need {job.tokens} tokens of sequences ((prompt + "
-                                f"max_tokens) x n); this server holds at most {c.max_queued_tokens}: "
-                                "send fewer prompts, a smaller n or max_tokens", "rate_limit_error",
+            raise APIError(429, f"the request may need {job.tokens} tokens of sequences ((prompt "
+                                f"+ max_tokens) x n); this server holds at most "
+                                f"{c.max_queued_tokens}: send fewer prompts, a smaller n or "
+                                "max_tokens", "rate_limit_error",
                            code="too_many_tokens", headers={"x-should-retry": "false"})
         if (self.sequences + job.sequences > c.max_queued_sequences
                 or self.tokens + job.tokens > c.max_queued_tokens):
