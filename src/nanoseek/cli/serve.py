@@ -37,6 +37,15 @@ def add_commands(subparsers) -> None:
     lim.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
     lim.add_argument("--max-queue", type=int, default=d.max_queue,
                      help="requests waiting beyond that get 429")
+    lim.add_argument("--max-sequences-per-request", type=int, default=d.max_sequences_per_request,
+                     help="prompts x n one request may ask; more get 429 "
+                          f"(default: {d.max_sequences_per_request})")
+    lim.add_argument("--max-queued-sequences", type=int, default=d.max_queued_sequences,
+                     help="prompts x n of all requests running or queued; beyond, 429 "
+                          f"(default: {d.max_queued_sequences})")
+    lim.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+                     help="(prompt + max_tokens) x n of all of them; beyond, 429 "
+                          f"(default: {d.max_queued_tokens})")
     lim.add_argument("--request-timeout", type=float, default=d.request_timeout,
                      help="seconds per request")
     eng = p.add_argument_group("engine")
@@ -90,7 +99,11 @@ def cmd_serve(args) -> int:
                           model_name=args.model_name, max_body_bytes=args.max_body_bytes,
                           max_tokens=args.max_tokens,
                           max_concurrent_requests=args.max_concurrent_requests,
-                          max_queue=args.max_queue, request_timeout=args.request_timeout,
+                          max_queue=args.max_queue,
+                          max_sequences_per_request=args.max_sequences_per_request,
+                          max_queued_sequences=args.max_queued_sequences,
+                          max_queued_tokens=args.max_queued_tokens,
+                          request_timeout=args.request_timeout,
                           thinking=not args.no_thinking,
                           header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout,

@@ -9,7 +9,6 @@ API say 503. Errors are OpenAI error objects.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -138,10 +137,13 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
     @app.get("/metrics")
     async def metrics():
         gauges = {"requests_running": ("Requests holding a slot.", server.active),
-                  "requests_queued": ("Requests waiting for a slot.", server.queued)}
+                  "requests_queued": ("Requests waiting for a slot.", server.queued),
+                  "sequences_admitted": ("Prompts x n of the requests running or queued.",
+                                         server.sequences),
+                  "tokens_admitted": ("(Prompt + max_tokens) x n of the same.", server.tokens)}
         counters = {}
         if server.status == "ok":
-            s = await asyncio.to_thread(server.engine.stats)
+            s = server.engine_stats()
             gauges |= {
                 "engine_sequences_running": ("Sequences in the engine's batch.", s["running"]),
                 "engine_sequences_waiting": ("Sequences waiting in the engine's queue.",

@@ -18,6 +18,9 @@ class ServerConfig:
     max_tokens: int = 4096  # the most tokens one completion may ask for
     max_concurrent_requests: int = 64  # requests generating at once; more wait in the queue
     max_queue: int = 256  # requests waiting for a slot; more get 429
+    max_sequences_per_request: int = 1024  # prompts x n of one request; more: 429 (lm-eval fits)
+    max_queued_sequences: int = 4096  # prompts x n of all requests running or queued; more get 429
+    max_queued_tokens: int = 1 << 23  # (prompt + max_tokens) x n of all of them; more get 429
     request_timeout: float = 600.0  # seconds from arrival to the last token; then the request is cancelled
     keepalive: float = 15.0  # seconds between SSE keep-alive comments while a stream has nothing to send
     thinking: bool = True  # thinking mode when a request does not say
@@ -32,13 +35,19 @@ class ServerConfig:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("max_body_bytes", "max_tokens", "max_concurrent_requests") and value < 1:
+            if f.name in ("max_body_bytes", "max_tokens", "max_concurrent_requests",
+                          "max_sequences_per_request", "max_queued_sequences",
+                          "max_queued_tokens") and value < 1:
                 raise ValueError(f"ServerConfig.{f.name}={value!r} must be >= 1")
             if f.name in ("max_queue",) and value < 0:
                 raise ValueError(f"ServerConfig.{f.name}={value!r} must be >= 0")
             timeouts = ("request_timeout", "keepalive", "header_timeout", "body_timeout")
             if f.name in timeouts and not value > 0:
                 raise ValueError(f"ServerConfig.{f.name}={value!r} must be > 0")
+        if self.max_sequences_per_request > self.max_queued_sequences:
+            per_request = self.max_sequences_per_request
+            raise ValueError(f"ServerConfig.max_sequences_per_request={per_request} must not "
+                             f"exceed max_queued_sequences={self.max_queued_sequences}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"ServerConfig.port={self.port!r} must lie in [0, 65535]")
         if self.allowed_hosts is not None:
