@@ -102,7 +102,7 @@ def test_prefix_completion_continues_the_last_assistant_message(tok):
     assert ids == base + [tok.special_ids["think"]] + tok.encode("\nThe") and thinking
     ids, thinking = chat_prompt(tok, [user, {"role": "assistant", "reasoning_content": "r", "content": "c",
                                              "prefix": True}], True)
-    assert ids == base + [tok.special_ids["think"]] + tok.encode("\nr") + [tok.special_ids["end_think"]] + \
+    assert ids == base + [tok.special_ids["think"]] + tok.encode("\nr\n") + [tok.special_ids["end_think"]] + \
         tok.encode("\nc") and not thinking
 
 

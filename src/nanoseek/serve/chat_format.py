@@ -51,10 +51,11 @@ def chat_prompt(tok, messages: Sequence[Mapping], thinking: bool) -> tuple[list[
     reasoning, content = last.get("reasoning_content"), last.get("content") or ""
     if reasoning is None:
         return ids + tok.encode(content), False
-    ids += [_special(tok, "think")] + tok.encode("\n" + reasoning)
-    if not content:
-        return ids, True
-    return ids + [_special(tok, "end_think")] + tok.encode("\n" + content), False
+    ids.append(_special(tok, "think"))
+    if not content:  # the thought goes on
+        return ids + tok.encode("\n" + reasoning), True
+    thought = tok.encode("\n" + reasoning + "\n")  # closed as the chat template closes it
+    return ids + thought + [_special(tok, "end_think")] + tok.encode("\n" + content), False
 
 
 def completion_prompt(tok, prompt: str | Sequence[int], suffix: str | None) -> list[int]:
