@@ -30,7 +30,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 SCRIPT = [
     ("Hello", "The user greets me.", "Hello! How can I help you today?"),
     ("你好", "用户在打招呼。", "你好！有什么可以帮你的吗？"),
-    ("Sing", "A long song.", "la " * 40),
+    ("Sing", "A long song.", "la " * 150),
 ]
 CORPUS = """The quick brown fox jumps over the lazy dog. A small model answers questions about numbers, words
 and code. Hello! How can I help you today? The user greets me and I greet the user back. Thinking first, then

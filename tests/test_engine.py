@@ -441,3 +441,59 @@ def test_a_bfloat16_model_runs_with_a_bfloat16_cache(made_by, tmp_path):
             # bf16 rounding, not a bug (measured: up to 0.05 cast, 0.11 loaded, where the model's forward
             # rotates in fp32 but multiplies in another order than the engine)
             assert abs(lp.logprob - logp[len(prompt) - 1 + i, tok].item()) < (0.1 if made_by == "cast" else 0.15)
+
+
+def steps_until_done(engine: Engine, request_id: str, limit: int = 2000) -> int:
+    """Engine steps until `request_id` has finished (all its completions)."""
+    for step in range(1, limit + 1):
+        if any(ev.request_id == request_id and ev.output.finished for ev in engine.step()):
+            return step
+    raise AssertionError(f"{request_id} did not finish in {limit} steps")
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_a_small_request_gets_in_while_a_huge_one_runs(n):
+    """One client's 12 prompts x n sequences, 30 tokens each, fill the batch; another client's
+    one-token request added later finishes within a few steps (first come, first served: after the
+    whole group, 45+ steps). The huge group's sequences that made room are recomputed: its answers
+    stay the greedy ones."""
+    model = tiny_model()
+    engine = Engine(model, block_size=4, max_batch_size=8)
+    outputs = {}
+
+    def keep(ev):
+        outputs[ev.request_id] = ev.output
+
+    huge = SamplingParams(max_tokens=30, n=n, **GREEDY)
+    prompts = [[2 + i, 3 + i, 4 + i] for i in range(12)]
+    for i, p in enumerate(prompts):
+        engine.add_request(p, huge, request_id=f"big-{i}", callback=keep,
+                           group="big")
+    for _ in range(3):
+        engine.step()
+    assert engine.stats()["running"] == 8  # the huge group holds every slot
+    one_token = SamplingParams(max_tokens=1, **GREEDY)
+    small = engine.add_request([7, 8, 9], one_token, request_id="small")
+    assert steps_until_done(engine, small) <= 3
+    while engine.has_unfinished():
+        engine.step()
+    for i, prompt in enumerate(prompts):
+        expected = reference_greedy(model, prompt, 30)
+        assert [c.token_ids for c in outputs[f"big-{i}"].outputs] == [expected] * n
+    assert engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+
+
+def test_admission_takes_the_group_with_the_fewest_running_sequences():
+    """Requests of one group queued first do not keep a later group's request out: it is admitted
+    at the next free slot, before the rest of the first group."""
+    model = tiny_model()
+    engine = Engine(model, block_size=4, max_batch_size=2)
+    params = SamplingParams(max_tokens=5, **GREEDY)
+    for i in range(6):
+        engine.add_request([2 + i, 3], params, request_id=f"a-{i}", group="a")
+    engine.add_request([9, 3], params, request_id="b", group="b")
+    finished = []
+    while engine.has_unfinished():
+        finished += [ev.request_id for ev in engine.step() if ev.output.finished]
+    assert finished.index("b") <= 3  # first come, first served: 6th
+    assert engine.stats()["preemptions"] == 0  # one slot each is the fair share: no preemption

@@ -394,7 +394,7 @@ def test_bad_requests_do_not_disturb_a_running_stream(server, client):
 
     t = threading.Thread(target=stream)
     t.start()
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     for raw in (b"\x00\x01\x02", b'{"messages": [{"role": "user", "content": {"a": 1}}]}', b"{" * 5000):
         assert httpx.post(server.url + "/v1/chat/completions", content=raw, headers=headers).status_code == 400
     assert post(server, "/v1/completions", {"prompt": "x", "n": 1000}).status_code == 400

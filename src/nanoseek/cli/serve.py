@@ -37,6 +37,15 @@ def add_commands(subparsers) -> None:
     lim.add_argument("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
     lim.add_argument("--max-queue", type=int, default=d.max_queue,
                      help="requests waiting beyond that get 429")
+    lim.add_argument("--max-sequences-per-request", type=int, default=d.max_sequences_per_request,
+                     help="prompts x n one request may ask; more get 429 "
+                          f"(default: {d.max_sequences_per_request})")
+    lim.add_argument("--max-queued-sequences", type=int, default=d.max_queued_sequences,
+                     help="prompts x n of all requests running or queued; beyond, 429 "
+                          f"(default: {d.max_queued_sequences})")
+    lim.add_argument("--max-queued-tokens", type=int, default=d.max_queued_tokens,
+                     help="(prompt + max_tokens) x n of all of them; beyond, 429 "
+                          f"(default: {d.max_queued_tokens})")
     lim.add_argument("--request-timeout", type=float, default=d.request_timeout,
                      help="seconds per request")
     eng = p.add_argument_group("engine")
@@ -52,9 +61,23 @@ def add_commands(subparsers) -> None:
     eng.add_argument("--no-prefix-cache", action="store_true")
     eng.add_argument("--threads", type=int, default=None,
                      help="torch CPU threads (default: torch's choice)")
+    web = p.add_argument_group("HTTP")
+    web.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                     help="seconds for a request's headers to arrive, then the connection closes "
+                          f"(default: {d.header_timeout:g})")
+    web.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                     help="seconds for a request's body to arrive after its headers, then 408 "
+                          f"(default: {d.body_timeout:g})")
+    web.add_argument("--allowed-hosts", type=_host_list, default=None, metavar="HOST[,HOST...]",
+                     help="Host header names served ('*': any; default: the localhost names and "
+                          "the address when listening on loopback, else any)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=cmd_serve)
+
+
+def _host_list(text: str) -> tuple[str, ...]:
+    return tuple(h.strip() for h in text.split(",") if h.strip())
 
 
 def _defaults():
@@ -70,13 +93,21 @@ def cmd_serve(args) -> int:
     from nanoseek.checkpoint import load_checkpoint
     from nanoseek.serve.app import create_app
     from nanoseek.serve.config import ServerConfig
+    from nanoseek.serve.http import uvicorn_config
 
     config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                           model_name=args.model_name, max_body_bytes=args.max_body_bytes,
                           max_tokens=args.max_tokens,
                           max_concurrent_requests=args.max_concurrent_requests,
-                          max_queue=args.max_queue, request_timeout=args.request_timeout,
-                          thinking=not args.no_thinking)
+                          max_queue=args.max_queue,
+                          max_sequences_per_request=args.max_sequences_per_request,
+                          max_queued_sequences=args.max_queued_sequences,
+                          max_queued_tokens=args.max_queued_tokens,
+                          request_timeout=args.request_timeout,
+                          thinking=not args.no_thinking,
+                          header_timeout=args.header_timeout,
+                          body_timeout=args.body_timeout,
+                          allowed_hosts=args.allowed_hosts)
     ckpt = check_checkpoint(args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,7 +131,7 @@ def cmd_serve(args) -> int:
 
     app = create_app(config, lambda: load_checkpoint(ckpt, args.dtype, args.int8), engine_options,
                      on_load_error)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level,
+    server = uvicorn.Server(uvicorn_config(app, config, log_level=args.log_level,
                                            access_log=args.access_log,
                                            timeout_graceful_shutdown=5))
     host = f"[{config.host}]" if ":" in config.host else config.host

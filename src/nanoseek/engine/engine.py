@@ -122,20 +122,23 @@ class Engine:
             raise ValueError(f"n={params.n} is more than max_batch_size={self.scheduler.max_batch_size}")
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    callback: Callable[[StepEvent], None] | None = None) -> str:
+                    callback: Callable[[StepEvent], None] | None = None,
+                    group: str | None = None) -> str:
         """Queue a request (text or token ids); it joins the running batch at a coming step. callback, if given,
-        receives each of its StepEvents. -> its request id."""
+        receives each of its StepEvents. group (default: the request id) is whom the scheduler
+        shares the batch between: a server gives every prompt of one client request the same
+        group. -> its request id."""
         ids, text = self.encode(prompt)
         params = SamplingParams() if params is None else params
         self.check(ids, params)
-        return self._add(ids, text, params, request_id, callback).request_id
+        return self._add(ids, text, params, request_id, callback, group).request_id
 
-    def _add(self, ids, text, params, request_id, callback) -> Request:
+    def _add(self, ids, text, params, request_id, callback, group=None) -> Request:
         with self._lock:
             rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
             if rid in self._requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-            req = Request(rid, ids, params, text, callback)
+            req = Request(rid, ids, params, text, callback, group)
             seq = self._sequence(req, 0, ids)
             seq.pending_forks = params.n - 1
             self._requests[rid] = req

@@ -4,7 +4,14 @@ Each step mixes two kinds of work in one forward pass:
 - decode: every running sequence whose prompt is done computes its last token (and its MTP draft when
   speculating) - always scheduled, oldest first;
 - prefill: the rest of the token budget (max_num_batched_tokens) goes to prompts, in chunks: first the ones
-  already admitted, then new ones from the waiting queue, first come first served.
+  already admitted, then new ones from the waiting queue.
+
+The batch is shared fairly between groups (a group is a request, or every prompt of one client
+request when the server says so): the next prompt admitted is the oldest of the group with the
+fewest running sequences, so a small request does not queue behind the thousand prompts of a large
+one. And a group with nothing running gets its slots at once if the batch is full: groups above
+their fair share (max_batch_size / groups with work) are preempted down to it, newest first, as far
+as that makes room.
 
 Admission reserves cache blocks for a whole prompt (after prefix-cache hits) and a batch slot for each of its
 n completions; a prompt that does not fit waits, and so does everything behind it. When a decoding sequence
@@ -15,7 +22,7 @@ make that a prefix-cache hit). Since every request fits the pool on its own, the
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from nanoseek.engine.cache import BlockManager
@@ -47,6 +54,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> Batch:
+        self._make_room()
         batch = Batch()
         for seq in [s for s in self.running if s.in_decode]:
             while seq.status == RUNNING:
@@ -65,17 +73,56 @@ class Scheduler:
                 chunk = min(len(seq.token_ids) - seq.num_computed, budget)
                 batch.prefill.append((seq, chunk))
                 budget -= chunk
+        counts = _groups(self.running)
         while self.waiting and budget > 0:
-            seq = self.waiting[0]
-            if len(self.running) + 1 + seq.pending_forks > self.max_batch_size or not self.blocks.allocate(seq):
+            seq = self._next_waiting(counts)
+            slots = sum(counts.values()) + 1 + seq.pending_forks
+            if slots > self.max_batch_size or not self.blocks.allocate(seq):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = RUNNING
             self.running.append(seq)
+            counts[seq.request.group] += 1 + seq.pending_forks
             chunk = min(len(seq.token_ids) - seq.num_computed, budget)
             batch.prefill.append((seq, chunk))
             budget -= chunk
         return batch
+
+    def _next_waiting(self, counts: Counter) -> Sequence:
+        """The oldest waiting sequence of the group with the fewest running sequences (`counts`)."""
+        best = self.waiting[0]
+        fewest = counts[best.request.group]
+        for seq in self.waiting:
+            if not fewest:
+                break
+            running = counts[seq.request.group]
+            if running < fewest:
+                best = seq
+                fewest = running
+        return best
+
+    def _make_room(self) -> None:
+        """If the next sequence to admit belongs to a group with nothing running and the batch has
+        no slots for it, preempt sequences of groups above their fair share (newest first) until it
+        has them. A newcomer that asks for more than a fair share (n completions), or room that
+        preemption cannot make, waits instead."""
+        if not self.waiting:
+            return
+        counts = _groups(self.running)
+        seq = self._next_waiting(counts)
+        need = sum(counts.values()) + 1 + seq.pending_forks - self.max_batch_size
+        if counts[seq.request.group] or need <= 0:
+            return
+        groups = set(counts) | {s.request.group for s in self.waiting}
+        share = max(1, self.max_batch_size // len(groups))
+        if 1 + seq.pending_forks > share or sum(max(0, c - share) for c in counts.values()) < need:
+            return
+        while need > 0:
+            group = max(counts, key=counts.get)
+            victim = next(s for s in reversed(self.running) if s.request.group == group)
+            self.preempt(victim)
+            counts[group] -= 1 + victim.pending_forks
+            need -= 1 + victim.pending_forks
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.free_sequence(seq)
@@ -97,3 +144,12 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free_sequence(seq)
         seq.status = FINISHED
+
+
+def _groups(running: list[Sequence]) -> Counter:
+    """Batch slots per group: its running sequences and the siblings they will fork (n > 1) once
+    their prompt is computed."""
+    counts = Counter()
+    for s in running:
+        counts[s.request.group] += 1 + s.pending_forks
+    return counts

@@ -131,8 +131,9 @@ class TextStream:
 
 class Request:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None,
-                 callback: Callable[[StepEvent], None] | None):
+                 callback: Callable[[StepEvent], None] | None, group: str | None = None):
         self.request_id, self.params, self.callback = request_id, params, callback
+        self.group = request_id if group is None else group  # the batch is shared by group
         self.output = RequestOutput(request_id, list(prompt_ids),
                                     [CompletionOutput(i, logprobs=None if params.logprobs is None else [])
                                      for i in range(params.n)], prompt=prompt)

@@ -9,7 +9,6 @@ API say 503. Errors are OpenAI error objects.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -17,13 +16,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from nanoseek.checkpoint import Checkpoint
+from nanoseek.serve import protocol as P
 from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.errors import APIError
+from nanoseek.serve.http import Guard
 from nanoseek.serve.metrics import Metrics
 from nanoseek.serve.openai import OpenAIAPI
 from nanoseek.serve.server import Server
@@ -80,13 +83,19 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
         server.close()
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json")
+    app.openapi = lambda: _openapi(app)
     app.state.server = server
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         server.metrics.count_error(e.type)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect):  # mid-body: no one to answer
+        return await api_error(request, APIError(499, "the client closed the connection",
+                                                 code="client_closed"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -106,15 +115,17 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
                                      "server_error").body(),
                             status_code=500)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body(P.ChatCompletionRequest),
+              responses=_responses(P.ChatCompletion, stream=True))
     async def chat_completions(request: Request):
         return await api.chat_completions(request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body(P.CompletionRequest),
+              responses=_responses(P.Completion, stream=True))
     async def completions(request: Request):
         return await api.completions(request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(P.ModelList))
     async def models(request: Request):
         return api.models(request)
 
@@ -126,10 +137,13 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
     @app.get("/metrics")
     async def metrics():
         gauges = {"requests_running": ("Requests holding a slot.", server.active),
-                  "requests_queued": ("Requests waiting for a slot.", server.queued)}
+                  "requests_queued": ("Requests waiting for a slot.", server.queued),
+                  "sequences_admitted": ("Prompts x n of the requests running or queued.",
+                                         server.sequences),
+                  "tokens_admitted": ("(Prompt + max_tokens) x n of the same.", server.tokens)}
         counters = {}
         if server.status == "ok":
-            s = await asyncio.to_thread(server.engine.stats)
+            s = server.engine_stats()
             gauges |= {
                 "engine_sequences_running": ("Sequences in the engine's batch.", s["running"]),
                 "engine_sequences_waiting": ("Sequences waiting in the engine's queue.",
@@ -155,7 +169,46 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
                                                          "X-Content-Type-Options": "nosniff"})
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
+    app.add_middleware(Guard, config=config, on_error=server.metrics.count_error)
     app.add_middleware(_CountRequests, metrics=server.metrics,
                        endpoints={"/v1/chat/completions", "/v1/completions", "/v1/models",
-                                  "/health", "/metrics", "/"})
+                                  "/health", "/metrics", "/", "/openapi.json"})
     return app
+
+
+SCHEMAS = "#/components/schemas/{model}"
+REQUEST_MODELS = (P.ChatCompletionRequest, P.CompletionRequest)
+ERRORS = {400: "invalid request", 401: "no valid API key", 404: "unknown model or route",
+          408: "the body arrived too slowly", 413: "body too large",
+          415: "the body is not application/json", 429: "queue full",
+          503: "loading, engine failed or no slot in time", 504: "past the request timeout"}
+
+
+def _body(model: type[P.SamplingRequest]) -> dict:
+    """The OpenAPI requestBody of a route that parses `model` from its JSON body itself."""
+    schema = {"$ref": SCHEMAS.format(model=model.__name__)}
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
+def _responses(model: type, stream: bool = False) -> dict:
+    ok = {"model": model, "description": "the response"}
+    if stream:
+        ok["description"] += "; with stream=true, server-sent events of its chunks"
+        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    errors = {code: {"model": P.ErrorResponse, "description": why} for code, why in ERRORS.items()}
+    return {200: ok} | errors
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema of the routes, with the request models the routes parse themselves."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title="nanoseek", version="0.1.0", routes=app.routes,
+                             description="An OpenAI-compatible API with DeepSeek extras.")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_MODELS:
+            model_schema = model.model_json_schema(ref_template=SCHEMAS)
+            components |= model_schema.pop("$defs", {})
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema

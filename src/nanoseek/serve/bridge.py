@@ -2,9 +2,10 @@
 
 One thread owns the engine: it takes new requests and cancellations from an inbox between steps and runs
 engine.step() while anything is unfinished. Handlers never call the engine, so a long step never blocks the event
-loop and the event loop never waits on the engine's lock. Each request's StepEvents go onto the asyncio.Queue its
-handler reads; a step's events travel together, in one loop.call_soon_threadsafe (one wake-up per step, not per
-token per request).
+loop and the event loop never waits on the engine's lock: after each step the thread
+publishes the engine's stats, which /metrics reads as they are. Each request's StepEvents go
+onto the asyncio.Queue its handler reads; a step's events travel together, in one
+loop.call_soon_threadsafe (one wake-up per step, not per token per request).
 
 If a step raises, the engine is marked dead: every waiting handler gets an EngineDead item, /health turns 503,
 and new requests are refused; the process keeps answering.
@@ -48,6 +49,7 @@ class EngineBridge:
         self._sinks: dict[str, tuple[Sink, int]] = {}  # request id -> (where its events go, completions running)
         self._outbox: list[tuple[Sink, object]] = []  # events of this step, delivered together after it
         self._closing = False
+        self.stats: dict = engine.stats()  # the engine's figures after its latest step
         self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
 
     # ------------------------------------------------------------------ the async side
@@ -59,10 +61,13 @@ class EngineBridge:
         self._wake.set()
         self._thread.join(timeout)
 
-    def submit(self, ids: list[int], params: SamplingParams, request_id: str, queue: asyncio.Queue) -> None:
+    def submit(self, ids: list[int], params: SamplingParams, request_id: str, queue: asyncio.Queue,
+               group: str | None = None) -> None:
         """Queue a request; its StepEvents (or EngineDead / Rejected) arrive on `queue`. Several requests may
-        share one queue. Call from the event loop."""
-        self._post(("add", ids, params, request_id, Sink(asyncio.get_running_loop(), queue)))
+        share one queue; requests of one group share one fair part of the batch. Call from the
+        event loop."""
+        sink = Sink(asyncio.get_running_loop(), queue)
+        self._post(("add", ids, params, request_id, group, sink))
 
     def cancel(self, request_id: str) -> None:
         self._post(("cancel", request_id))
@@ -80,7 +85,9 @@ class EngineBridge:
                     self._apply(self._inbox.popleft())
                 if self.error is None and self.engine.has_unfinished():
                     self.engine.step()
+                    self.stats = self.engine.stats()
                 else:
+                    self.stats = self.engine.stats()
                     self._flush()
                     self._wake.wait()
                     continue
@@ -105,13 +112,14 @@ class EngineBridge:
             if self.error is None:
                 self.engine.cancel(op[1])
             return
-        _, ids, params, rid, sink = op
+        _, ids, params, rid, group, sink = op
         if self.error is not None:
             self._outbox.append((sink, EngineDead(self.error)))
             return
         self._sinks[rid] = (sink, params.n)
         try:
-            self.engine.add_request(ids, params, request_id=rid, callback=self._on_event)
+            self.engine.add_request(ids, params, request_id=rid, callback=self._on_event,
+                                    group=group)
         except ValueError as e:
             self._sinks.pop(rid, None)
             self._outbox.append((sink, Rejected(rid, str(e))))

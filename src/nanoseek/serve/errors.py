@@ -17,7 +17,9 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if status == 401:  # RFC 9110: a 401 names the scheme that would pass
+            self.headers.setdefault("WWW-Authenticate", "Bearer")
 
     def body(self) -> dict:
         return {"error": P.ErrorBody(message=self.message, type=self.type, param=self.param,

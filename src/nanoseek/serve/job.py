@@ -87,6 +87,18 @@ class Job:
         return request.choices[ev.index]
 
     @property
+    def sequences(self) -> int:
+        """The completions it runs: prompts x n."""
+        return len(self.prompts) * self.params.n
+
+    @property
+    def tokens(self) -> int:
+        """The most tokens its sequences can hold: (prompt + max_tokens) x n, all prompts
+        together."""
+        generated = len(self.prompts) * self.params.max_tokens
+        return (sum(map(len, self.prompts)) + generated) * self.params.n
+
+    @property
     def cached(self) -> int:
         return sum(r.cached for r in self.requests.values())
 

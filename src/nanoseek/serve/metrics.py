@@ -2,7 +2,8 @@
 
 Series (all prefixed nanoseek_): requests_total{endpoint,status}, errors_total{type}, prompt_tokens_total,
 generation_tokens_total, prompt_cache_hit_tokens_total, time_to_first_token_seconds, time_per_output_token_seconds,
-request_duration_seconds, and gauges for running and queued requests and the engine's cache.
+request_duration_seconds, and gauges for running and queued requests, the sequences and tokens
+they hold, and the engine's cache.
 """
 
 from __future__ import annotations

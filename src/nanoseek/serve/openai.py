@@ -1,9 +1,12 @@
 """The OpenAI translation: a request's JSON -> prompt ids, SamplingParams and a Job (every limit
 checked), and the job's engine events -> OpenAI JSON or SSE chunks (chat with DeepSeek's
-reasoning_content, and completions)."""
+reasoning_content, and completions). Prompts are measured in bytes before they are tokenized,
+and tokenized on a worker thread: a huge prompt neither stalls the event loop nor gets tokenized
+at all."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -152,9 +155,13 @@ class OpenAIAPI:
         start = time.perf_counter()
         req: P.ChatCompletionRequest = await self.admit(request, P.ChatCompletionRequest)
         thinking = req.thinking_enabled(self.config.thinking)
+        self.server.check_size(1, req.n)
+        messages = [m.as_dict() for m in req.messages]
+        text = [[m.get("content"), m.get("reasoning_content")] for m in messages]
+        self.server.check_bytes(_text_bytes(text), "messages")
         try:
-            ids, in_reasoning = chat_prompt(self.server.tok, [m.as_dict() for m in req.messages],
-                                            thinking)
+            ids, in_reasoning = await asyncio.to_thread(chat_prompt, self.server.tok, messages,
+                                                        thinking)
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
         params = self.sampling(req, [ids], req.max_completion_tokens or req.max_tokens,
@@ -210,19 +217,21 @@ class OpenAIAPI:
     async def completions(self, request: Request) -> Response:
         start = time.perf_counter()
         req: P.CompletionRequest = await self.admit(request, P.CompletionRequest)
+        self.server.check_size(len(req.prompts), req.n)
         vocab = self.server.table.size
-        prompts = []
+        suffix = _text_bytes(req.suffix)
         for p in req.prompts:
-            if not isinstance(p, str) and not all(0 <= t < vocab for t in p):
+            if isinstance(p, str):
+                self.server.check_bytes(_text_bytes(p) + suffix, "prompt")
+            elif not all(0 <= t < vocab for t in p):
                 raise APIError(400, f"prompt token ids must lie in [0, {vocab}), the vocabulary",
                                param="prompt")
-            try:
-                prompts.append(completion_prompt(self.server.tok, p, req.suffix))
-            except FormatError as e:
-                raise APIError(400, str(e), param=e.param) from None
+        try:
+            prompts = await asyncio.to_thread(self._completion_prompts, req)
+        except FormatError as e:
+            raise APIError(400, str(e), param=e.param) from None
         params = self.sampling(req, prompts, req.max_tokens, 16, req.logprobs, param="prompt")
-        echo = [p if isinstance(p, str) else self.server.tok.decode(p, skip_special_tokens=True)
-                for p in req.prompts] if req.echo else None
+        echo = await asyncio.to_thread(self._echo, req) if req.echo else None
         job = Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, lambda: None, start,
                   start + self.config.request_timeout, echo)
         if req.stream:
@@ -238,6 +247,15 @@ class OpenAIAPI:
         return _json(P.Completion(id=job.id, created=int(time.time()), model=self.config.model_name,
                                   system_fingerprint=FINGERPRINT, choices=choices,
                                   usage=self.usage(job, chat=False)))
+
+    def _completion_prompts(self, req: P.CompletionRequest) -> list[list[int]]:
+        """Every prompt's ids (tokenizing: on a worker thread)."""
+        return [completion_prompt(self.server.tok, p, req.suffix) for p in req.prompts]
+
+    def _echo(self, req: P.CompletionRequest) -> list[str]:
+        """Every prompt as text, for echo (decoding: on a worker thread)."""
+        return [p if isinstance(p, str) else self.server.tok.decode(p, skip_special_tokens=True)
+                for p in req.prompts]
 
     async def completion_chunks(self, job: Job, include_usage: bool,
                                 logprobs: int | None) -> AsyncIterator[str]:
@@ -274,6 +292,17 @@ class OpenAIAPI:
 def _assistant_message(c: Choice) -> P.AssistantMessage:
     reasoning = "".join(c.reasoning) if c.parser.saw_reasoning else None
     return P.AssistantMessage(content="".join(c.content), reasoning_content=reasoning)
+
+
+def _text_bytes(value) -> int:
+    """UTF-8 bytes of every string in a JSON value (lone surrogates count too)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(map(_text_bytes, value.values()))
+    if isinstance(value, list):
+        return sum(map(_text_bytes, value))
+    return 0
 
 
 def _finite(x: float) -> float:

@@ -1,10 +1,12 @@
 """The server's lifecycle and admission, and the engine run of an admitted request.
 
 Lifecycle: the checkpoint loads on a thread, then the engine thread (bridge.py) starts; `health`
-says where it stands. Admission: API key (401) -> ready (503) -> body size (413), then a slot, or a
-place in the queue (429). A job then runs on the engine thread; whatever ends it (the end, an error,
-the client gone, the deadline) cancels what still runs. serve/openai.py turns requests into jobs
-and jobs into responses.
+says where it stands. Admission: API key (401) -> ready (503) -> body size (413) -> prompt bytes
+(400, before any tokenizing) -> prompts x n per request (429), then room among the sequences and
+tokens of all admitted requests (429), then a slot, or a place in the queue (429). A job then runs
+on the engine thread, its prompts one fair group of the engine's batch; whatever ends it (the end,
+an error, the client gone, the deadline) cancels every engine request it has. serve/openai.py turns
+requests into jobs and jobs into responses.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class Server:
         self.bridge: EngineBridge | None = None
         self.active = 0  # requests holding a slot
         self.queued = 0  # requests waiting for one
+        self.sequences = 0  # prompts x n of the requests running or queued
+        self.tokens = 0  # (prompt + max_tokens) x n of the same
         self._slots: asyncio.Semaphore | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -61,6 +65,10 @@ class Server:
             self.defaults = ckpt.defaults
             self.engine = Engine(ckpt.model, EngineTokenizer(ckpt.tokenizer), **self.engine_options)
             self.table = TokenTable(ckpt.tokenizer)
+            longest = max(len(self.table.raw(i)) for i in range(self.table.size))
+            # a prompt of more bytes than this has more tokens than the context holds (+1: a token
+            # decoded alone may lose a leading space)
+            self.max_prompt_bytes = self.engine.max_model_len * (longest + 1)
             self.json_vocab = JsonVocab(self.table, ckpt.tokenizer.eos_id,
                                         ckpt.tokenizer.special_ids.get("end_think"))
             self.bridge = EngineBridge(self.engine)
@@ -122,12 +130,64 @@ class Server:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def check_bytes(self, size: int, param: str) -> None:
+        """Refuse a prompt by its length in bytes, before tokenizing it: at more bytes than the
+        context's tokens can hold (the longest token's bytes each), it cannot fit."""
+        if size >= self.max_prompt_bytes:
+            context = self.engine.max_model_len
+            raise APIError(400, f"the prompt has {size} bytes; this model's context of {context} "
+                                f"tokens holds less than {self.max_prompt_bytes} bytes",
+                           param=param, code="context_length_exceeded")
+
+    def check_size(self, prompts: int, n: int) -> None:
+        """Refuse a request of more sequences (prompts x n) than one request may have (429)."""
+        limit = self.config.max_sequences_per_request
+        if prompts * n > limit:
+            raise APIError(429, f"the request asks for {prompts} prompts x n={n} = {prompts * n} "
+                                f"sequences; this server takes at most {limit} per request: send "
+                                "fewer prompts or a smaller n", "rate_limit_error",
+                           code="too_many_sequences", headers={"x-should-retry": "false"})
+
+    def engine_stats(self) -> dict:
+        """The engine's figures after its latest step, as its thread published them: no lock."""
+        return self.bridge.stats
+
     # ------------------------------------------------------------------ slots
     @asynccontextmanager
     async def slot(self, request: Request, job: Job):
-        """Hold one of max_concurrent_requests slots. Without a free one, wait in a queue of at most
-        max_queue (429 beyond that) until one frees, the client leaves, or the request's time is up
-        (503)."""
+        """Reserve the job's sequences and tokens among all admitted requests' (429 beyond
+        max_queued_sequences or max_queued_tokens), then hold one of max_concurrent_requests slots.
+        Without a free one, wait in a queue of at most max_queue (429 beyond that) until one frees,
+        the client leaves, or the request's time is up (503)."""
+        self.check_size(len(job.prompts), job.params.n)
+        self._reserve(job)
+        try:
+            async with self._slot(request, job):
+                yield
+        finally:
+            self.sequences -= job.sequences
+            self.tokens -= job.tokens
+
+    def _reserve(self, job: Job) -> None:
+        c = self.config
+        if job.tokens > c.max_queued_tokens:
+            raise APIError(429, f"the request may need {job.tokens} tokens of sequences ((prompt "
+                                f"+ max_tokens) x n); this server holds at most "
+                                f"{c.max_queued_tokens}: send fewer prompts, a smaller n or "
+                                "max_tokens", "rate_limit_error",
+                           code="too_many_tokens", headers={"x-should-retry": "false"})
+        if (self.sequences + job.sequences > c.max_queued_sequences
+                or self.tokens + job.tokens > c.max_queued_tokens):
+            raise APIError(429, f"the server is busy: the requests admitted hold {self.sequences} "
+                                f"sequences and {self.tokens} tokens (at most "
+                                f"{c.max_queued_sequences} and {c.max_queued_tokens}); this one "
+                                f"needs {job.sequences} and {job.tokens}: retry later",
+                           "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        self.sequences += job.sequences
+        self.tokens += job.tokens
+
+    @asynccontextmanager
+    async def _slot(self, request: Request, job: Job):
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
         if self._slots.locked() and self.queued >= self.config.max_queue:
@@ -165,7 +225,7 @@ class Server:
         end, an error, a client gone, the deadline), engine requests still running are cancelled."""
         queue: asyncio.Queue = asyncio.Queue()
         for request in job.requests.values():
-            self.bridge.submit(request.prompt, job.params, request.request_id, queue)
+            self.bridge.submit(request.prompt, job.params, request.request_id, queue, job.id)
         try:
             while not job.done:
                 left = job.deadline - time.perf_counter()
@@ -173,9 +233,8 @@ class Server:
                     timeout = self.config.request_timeout
                     raise APIError(504, f"the request took longer than {timeout:g} s",
                                    "timeout_error", code="request_timeout")
-                try:
-                    item = await asyncio.wait_for(queue.get(), min(left, self.config.keepalive))
-                except TimeoutError:
+                item = await _next(queue, min(left, self.config.keepalive))
+                if item is None:
                     yield None
                     continue
                 if isinstance(item, EngineDead):
@@ -188,11 +247,15 @@ class Server:
                 choice = job.choice(item)
                 yield choice, item, *choice.add(item)
         finally:
-            for request in job.requests.values():
-                if not request.done:
-                    self.bridge.cancel(request.request_id)
+            self.cancel(job)
             if job.done:
                 self._record(job)
+
+    def cancel(self, job: Job) -> None:
+        """Cancel every engine request of a job, finished or not (a finished one is a no-op): called
+        whenever a job ends, so that no sequence outlives its request."""
+        for request_id in job.requests:
+            self.bridge.cancel(request_id)
 
     def _record(self, job: Job) -> None:
         end = time.perf_counter()
@@ -222,6 +285,7 @@ class Server:
         finally:
             for task in (work, gone):
                 task.cancel()
+            self.cancel(job)  # even if this task was cancelled, or `work` ignored its cancellation
         if not work.cancelled() and work.done():
             work.result()  # re-raise its APIError
         if not job.done:
@@ -272,6 +336,19 @@ def _declared_over(content_length: str, limit: int) -> bool:
         return False
     digits = content_length.lstrip("0")
     return len(digits) > len(str(limit)) or int(digits or "0") > limit
+
+
+async def _next(queue: asyncio.Queue, timeout: float):
+    """The next item of `queue`, or None after `timeout` seconds without one. Not asyncio.wait_for:
+    on Python 3.11 it returns the item and swallows a cancellation that arrives just as queue.get()
+    completes, and a job whose cancellation is lost runs on after its client has gone."""
+    if not queue.empty():
+        return queue.get_nowait()
+    try:
+        async with asyncio.timeout(timeout):
+            return await queue.get()
+    except TimeoutError:
+        return None
 
 
 async def _disconnected(request: Request) -> None:
