@@ -1,7 +1,8 @@
-"""The compiled decode step (engine/compiled.py) and the experts gathered by id (model/moe.py) against the eager
-engine and a full recompute: teacher-forced logits at every position, with batching, paging and the prefix cache
-on, past the YaRN config's original context. Fast tests run the decode graph uncompiled (its math, fp32 and bf16);
-the slow ones compile it for real (tens of seconds per graph on a 2-core machine)."""
+"""The compiled decode step (engine/compiled.py) and the experts gathered by id (model/moe.py)
+against the eager engine and a full recompute: teacher-forced logits at every position, with
+batching, paging and the prefix cache on, past the YaRN config's original context. Fast tests run
+the decode graph uncompiled (its math, fp32 and bf16); the slow ones compile it for real (40-100 s
+per graph on a busy 2-core machine)."""
 
 from __future__ import annotations
 
@@ -19,23 +20,27 @@ from nanoseek.model import moe
 
 from engine_helpers import one_thread, tiny_model  # noqa: F401
 
-# fp32: the graph computes the same sums in another order (and Inductor fuses them differently again), so its
-# logits differ from the eager engine's and the recompute's by rounding only; measured under 2e-5 here.
+# fp32: the graph computes the same sums in another order (and Inductor fuses them differently
+# again), so its logits differ from the eager engine's and the recompute's by rounding only;
+# measured under 2e-5 here.
 FP32_TOL = 1e-4
-# bf16 matrices and activations: about 3 significant digits per product. Most rows stay within BF16_TOL (the
-# median error is ~0.1 on logits of magnitude ~7 here), but routing is discrete: a bf16-rounded hidden state can
-# pick another expert, and with this tiny model's 10x-scale weights that moves a row by several logits. So bf16
-# is held to BF16_TOL on at least BF16_WITHIN of the rows (0.82 measured), and to greedy agreement on those.
+# bf16 matrices and activations: about 3 significant digits per product. Most rows stay within
+# BF16_TOL (the median error is ~0.1 on logits of magnitude ~7 here), but routing is discrete: a
+# bf16-rounded hidden state can pick another expert, and with this tiny model's 10x-scale weights
+# that moves a row by several logits. So bf16 is held to BF16_TOL on at least BF16_WITHIN of the
+# rows (0.82 measured), and to greedy agreement on those.
 BF16_TOL = 0.15
 BF16_WITHIN = 0.7
+PATHS = [("float32", FP32_TOL, 1.0), ("bfloat16", BF16_TOL, BF16_WITHIN)]
 YARN = dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
             max_position_embeddings=128)
 NEW_TOKENS = 40  # prompts of 12-20 tokens: positions reach 60, past the original 32
 
 
 def prompts() -> list[list[int]]:
-    shared = [3, 17, 42, 5, 9, 11, 23, 7]  # two blocks of 4: the prefix cache serves them to later prompts
-    return [shared + [60, 61, 62, 63], shared + [70, 71, 72, 73, 74, 75, 76], [90, 91, 92] + shared[:2] * 6]
+    shared = [3, 17, 42, 5, 9, 11, 23, 7]  # two blocks of 4: the prefix cache serves them again
+    return [shared + [60, 61, 62, 63], shared + [70, 71, 72, 73, 74, 75, 76],
+            [90, 91, 92] + shared[:2] * 6]
 
 
 def forced_tokens(n: int) -> list[list[int]]:
@@ -44,9 +49,9 @@ def forced_tokens(n: int) -> list[list[int]]:
 
 
 def teacher_forced(engine: Engine, rounds: int = 2) -> dict[tuple[int, int], torch.Tensor]:
-    """Run every prompt with its forced continuation (the sampler returns it, whatever the logits say), all
-    batched, `rounds` times (later rounds hit the prefix cache). -> (prompt, k) -> the logit row that predicts
-    continuation token k, from the last round."""
+    """Run every prompt with its forced continuation (the sampler returns it, whatever the logits
+    say), all batched, `rounds` times (later rounds hit the prefix cache). -> (prompt, k) -> the
+    logit row that predicts continuation token k, from the last round."""
     ps, forced = prompts(), forced_tokens(NEW_TOKENS)
     index = {tuple(p): i for i, p in enumerate(ps)}
     record = {}
@@ -78,9 +83,9 @@ def recomputed(model) -> dict[tuple[int, int], torch.Tensor]:
 
 
 def compare(got: dict, want: dict, tol: float, within: float = 1.0) -> float:
-    """At least `within` of the rows (all, by default) within tol (max abs); on those, the top-1 token equal
-    wherever the reference's top-1 margin exceeds 2 * tol (a smaller margin can flip by rounding alone).
-    -> the fraction of rows within tol."""
+    """At least `within` of the rows (all, by default) within tol (max abs); on those, the top-1
+    token equal wherever the reference's top-1 margin exceeds 2 * tol (a smaller margin can flip by
+    rounding alone). -> the fraction of rows within tol."""
     assert got.keys() == want.keys()
     close = 0
     for key, ref in want.items():
@@ -121,7 +126,10 @@ def test_dispatch_gathered_equals_dropless_dispatch(dtype):
         gate, up = (rows @ gate_up[e]).chunk(2, dim=-1)
         return (torch.nn.functional.silu(gate) * up) @ down[e]
 
-    want, _ = moe.dispatch(x, weights, ids, E, lambda xs, counts: moe.run_experts(xs, counts, expert))
+    def run(xs, counts):
+        return moe.run_experts(xs, counts, expert)
+
+    want, _ = moe.dispatch(x, weights, ids, E, run)
     got = moe.dispatch_gathered(x, weights, ids, gate_up, down)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
@@ -133,8 +141,9 @@ def test_buckets():
     assert bucket(3, 256) == 256 and bucket(300, 256) == 512
 
 
-@pytest.mark.parametrize("dtype,tol,within", [("float32", FP32_TOL, 1.0), ("bfloat16", BF16_TOL, BF16_WITHIN)])
-def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(monkeypatch, dtype, tol, within):
+@pytest.mark.parametrize("dtype,tol,within", PATHS)
+def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(monkeypatch, dtype, tol,
+                                                                       within):
     uncompiled(monkeypatch)
     model = tiny_model(**YARN)
     eager = teacher_forced(engine(model))
@@ -160,7 +169,7 @@ def test_decode_graph_follows_weight_updates(monkeypatch):
     assert before != after
 
 
-def test_without_a_compiler_or_with_int8_weights_decoding_runs_eager_with_one_warning(monkeypatch):
+def test_no_compiler_or_int8_weights_decode_eager_with_one_warning(monkeypatch):
     model = tiny_model()
     monkeypatch.setattr(compiled_mod, "compiler_missing", lambda: "no C++ compiler found")
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as caught:
@@ -181,7 +190,7 @@ def test_without_a_compiler_or_with_int8_weights_decoding_runs_eager_with_one_wa
 
 # ---------------------------------------------------------------------- compiled for real (slow)
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,tol,within", [("float32", FP32_TOL, 1.0), ("bfloat16", BF16_TOL, BF16_WITHIN)])
+@pytest.mark.parametrize("dtype,tol,within", PATHS)
 def test_compiled_teacher_forced_logits_equal_eager_and_recompute(dtype, tol, within, capfd):
     model = tiny_model(**YARN)
     eager = teacher_forced(engine(model))
@@ -199,5 +208,5 @@ def test_auto_measures_and_says_which_path_runs(capfd):
     err = capfd.readouterr().err
     assert "decode path:" in err and "eager" in err and "compiled float32" in err
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    assert e.generate([[5, 6, 7]], params)[0].token_ids == engine(tiny_model()).generate([[5, 6, 7]], params)[
-        0].token_ids
+    want = engine(tiny_model()).generate([[5, 6, 7]], params)[0].token_ids
+    assert e.generate([[5, 6, 7]], params)[0].token_ids == want
