@@ -1,5 +1,5 @@
 """Inference speed: the nanoseek engine vs transformers' generate on the same weights, batching, cache size,
-int8, MTP speculation.
+int8, MTP speculation, and the compiled decode step (fp32 and bf16) against the eager one.
 
 The reference config of the model issue, fp32, CPU. The model (with one MTP module) is first trained for a few
 hundred steps on Python source bytes, so that greedy decoding is not noise and the MTP head has something to
@@ -8,6 +8,9 @@ predict; every figure below uses those same weights, in the same run. Prints JSO
 
     python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8] [--train-seq 128]
                                 [--new-tokens 128] [--batch 16] [--no-anchor] [--save-trained DIR | --checkpoint DIR]
+                                [--no-compiled] [--decode-only]
+
+The compiled rows print each graph's compile time (Inductor caches it: a second run compiles in seconds).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.compiled import inductor_cache_dir
 from nanoseek.engine.quant import quantization_error, quantize_model
 from nanoseek.engine.weights import MoEWeights
 
@@ -115,6 +119,38 @@ def matmul_floor(engine: Engine, batch: int = 1, steps: int = 64) -> tuple[float
     return (time.perf_counter() - start) / steps, sum(m.numel() * m.element_size() for _, m in prods)
 
 
+def compiled_decode(model: Transformer, prompt: list[int], greedy: SamplingParams, conf: str,
+                    eager: Engine, anchor=None) -> None:
+    """Batch-1 decode through Engine.generate: the compiled step in fp32 and in bf16 (both forced,
+    whatever this CPU would pick) against the eager engine and transformers, timed in turns."""
+    n = greedy.max_tokens
+    engines = {}
+    for dtype in ("float32", "bfloat16"):
+        start = time.perf_counter()
+        engines[dtype] = Engine(model, max_batch_size=1, decode="compiled", decode_dtype=dtype)
+        engines[dtype].generate([prompt], greedy)  # compiles every bucket the generation meets
+        print(f"# compiled {dtype}: set-up and first generation {time.perf_counter() - start:.1f}s",
+              file=sys.stderr)
+    runs = {name: (lambda e=e: e.generate([prompt], greedy)[0].token_ids)
+            for name, e in engines.items()}
+    runs["eager"] = lambda: eager.generate([prompt], greedy)[0].token_ids
+    if anchor is not None:
+        runs["anchor"] = anchor
+    m = measure(runs)
+    for dtype, e in engines.items():
+        seconds = getattr(e.runner, "compile_seconds", {})  # none: it fell back to eager
+        row = dict(bench=f"decode_batch1_compiled_{dtype}_tokens_per_s",
+                   **speeds(n, m[dtype], m["eager"]), unit="tokens/s",
+                   config=conf + f", prompt {len(prompt)}, {n} new tokens, greedy, vs eager",
+                   anchor_name="the eager engine", same_tokens_as_eager=m[dtype][2] == m["eager"][2],
+                   compiled=hasattr(e.runner, "compile_seconds"),
+                   compile_seconds={f"{b}x{c}": round(t, 1) for (b, c), t in seconds.items()})
+        if "anchor" in m:
+            row.update(vs_transformers=speeds(n, m[dtype], m["anchor"]))
+        emit(**row)
+    print(f"# Inductor's cache: {inductor_cache_dir()}", file=sys.stderr)
+
+
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
@@ -130,6 +166,8 @@ def main() -> None:
     ap.add_argument("--no-anchor", action="store_true", help="skip transformers")
     ap.add_argument("--checkpoint", help="measure this checkpoint (reference-sized, with MTP) instead of training one")
     ap.add_argument("--save-trained", help="save the briefly trained model here (to measure it again later)")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step")
+    ap.add_argument("--decode-only", action="store_true", help="stop after the batch-1 decode rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -183,6 +221,10 @@ def main() -> None:
     row.update(matmul_floor_tokens_per_s=round(1 / floor, 1), weight_bytes_per_token=weight_bytes)
     emit(**row)
     reference_tokens = m["ours"][2]
+    if not args.no_compiled:
+        compiled_decode(model, prompts[0], greedy, conf, engine, runs.get("anchor"))
+    if args.decode_only:
+        return
 
     # 2. many requests at once vs one at a time, same engine
     m = measure({"batch": lambda: engine.generate(prompts, greedy),
