@@ -120,9 +120,10 @@ def matmul_floor(engine: Engine, batch: int = 1, steps: int = 64) -> tuple[float
 
 
 def compiled_decode(model: Transformer, prompt: list[int], greedy: SamplingParams, conf: str,
-                    eager: Engine, anchor=None) -> None:
+                    eager: Engine, anchor=None) -> dict:
     """Batch-1 decode through Engine.generate: the compiled step in fp32 and in bf16 (both forced,
-    whatever this CPU would pick) against the eager engine and transformers, timed in turns."""
+    whatever this CPU would pick) against the eager engine and transformers, timed in turns.
+    -> the compiled engines, by dtype."""
     n = greedy.max_tokens
     engines = {}
     for dtype in ("float32", "bfloat16"):
@@ -149,6 +150,48 @@ def compiled_decode(model: Transformer, prompt: list[int], greedy: SamplingParam
             row.update(vs_transformers=speeds(n, m[dtype], m["anchor"]))
         emit(**row)
     print(f"# Inductor's cache: {inductor_cache_dir()}", file=sys.stderr)
+    return engines
+
+
+def forced_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
+    """Teacher forcing through the engine: prompt tokens[0], then every next token of `tokens`
+    whatever the logits say. -> the logit rows that predicted tokens[1:] [len - 1, V]."""
+    rows = []
+
+    def forcing(logits, sample_rows):
+        rows.append(logits[0].float().clone())
+        return [tokens[len(sample_rows[0].token_ids)]]
+
+    sample = engine.sampler.sample
+    engine.sampler.sample = forcing
+    try:
+        engine.generate([tokens[:1]], SamplingParams(max_tokens=len(tokens) - 1, ignore_eos=True))
+    finally:
+        engine.sampler.sample = sample
+    return torch.stack(rows)
+
+
+def compiled_quality(engines: dict, eager: Engine, held_out: torch.Tensor, conf: str) -> None:
+    """Each compiled path's logits against the eager engine's on held-out bytes, teacher-forced
+    through Engine.generate: the largest error and the perplexity change."""
+    windows = [held_out[i * 1000 : i * 1000 + 200].tolist() for i in range(4)]  # one 256 bucket
+    reference = [forced_logits(eager, w) for w in windows]
+    targets = torch.cat([torch.tensor(w[1:]) for w in windows])
+
+    def perplexity(logits: list[torch.Tensor]) -> float:
+        return torch.nn.functional.cross_entropy(torch.cat(logits), targets).exp().item()
+
+    ppl_ref = perplexity(reference)
+    for dtype, e in engines.items():
+        got = [forced_logits(e, w) for w in windows]
+        errors = torch.cat([(g - r).abs().amax(-1) for g, r in zip(got, reference)])
+        ppl = perplexity(got)
+        emit(bench=f"decode_compiled_{dtype}_quality", unit="logits",
+             config=conf + f", {len(targets)} held-out bytes teacher-forced, vs the eager engine",
+             max_logit_error=float(f"{errors.max().item():.3g}"),
+             median_row_error=float(f"{errors.median().item():.3g}"),
+             perplexity_eager=round(ppl_ref, 4), perplexity=round(ppl, 4),
+             perplexity_change=float(f"{ppl / ppl_ref - 1:.3g}"))
 
 
 def emit(**row) -> None:
@@ -222,7 +265,8 @@ def main() -> None:
     emit(**row)
     reference_tokens = m["ours"][2]
     if not args.no_compiled:
-        compiled_decode(model, prompts[0], greedy, conf, engine, runs.get("anchor"))
+        engines = compiled_decode(model, prompts[0], greedy, conf, engine, runs.get("anchor"))
+        compiled_quality(engines, engine, held_out, conf)
     if args.decode_only:
         return
 
