@@ -1,5 +1,5 @@
 """Inference speed: the nanoseek engine vs transformers' generate on the same weights, batching, cache size,
-int8, MTP speculation.
+int8, MTP speculation, and the compiled decode step (fp32 and bf16) against the eager one.
 
 The reference config of the model issue, fp32, CPU. The model (with one MTP module) is first trained for a few
 hundred steps on Python source bytes, so that greedy decoding is not noise and the MTP head has something to
@@ -8,6 +8,9 @@ predict; every figure below uses those same weights, in the same run. Prints JSO
 
     python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8] [--train-seq 128]
                                 [--new-tokens 128] [--batch 16] [--no-anchor] [--save-trained DIR | --checkpoint DIR]
+                                [--no-compiled] [--decode-only]
+
+The compiled rows print each graph's compile time (Inductor caches it: a second run compiles in seconds).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.compiled import inductor_cache_dir
 from nanoseek.engine.quant import quantization_error, quantize_model
 from nanoseek.engine.weights import MoEWeights
 
@@ -115,6 +119,81 @@ def matmul_floor(engine: Engine, batch: int = 1, steps: int = 64) -> tuple[float
     return (time.perf_counter() - start) / steps, sum(m.numel() * m.element_size() for _, m in prods)
 
 
+def compiled_decode(model: Transformer, prompt: list[int], greedy: SamplingParams, conf: str,
+                    eager: Engine, anchor=None) -> dict:
+    """Batch-1 decode through Engine.generate: the compiled step in fp32 and in bf16 (both forced,
+    whatever this CPU would pick) against the eager engine and transformers, timed in turns.
+    -> the compiled engines, by dtype."""
+    n = greedy.max_tokens
+    engines = {}
+    for dtype in ("float32", "bfloat16"):
+        start = time.perf_counter()
+        engines[dtype] = Engine(model, max_batch_size=1, decode="compiled", decode_dtype=dtype)
+        engines[dtype].generate([prompt], greedy)  # compiles every bucket the generation meets
+        print(f"# compiled {dtype}: set-up and first generation {time.perf_counter() - start:.1f}s",
+              file=sys.stderr)
+    runs = {name: (lambda e=e: e.generate([prompt], greedy)[0].token_ids)
+            for name, e in engines.items()}
+    runs["eager"] = lambda: eager.generate([prompt], greedy)[0].token_ids
+    if anchor is not None:
+        runs["anchor"] = anchor
+    m = measure(runs)
+    for dtype, e in engines.items():
+        seconds = getattr(e.runner, "compile_seconds", {})  # none: it fell back to eager
+        row = dict(bench=f"decode_batch1_compiled_{dtype}_tokens_per_s",
+                   **speeds(n, m[dtype], m["eager"]), unit="tokens/s",
+                   config=conf + f", prompt {len(prompt)}, {n} new tokens, greedy, vs eager",
+                   anchor_name="the eager engine", same_tokens_as_eager=m[dtype][2] == m["eager"][2],
+                   compiled=hasattr(e.runner, "compile_seconds"),
+                   compile_seconds={f"{b}x{c}": round(t, 1) for (b, c), t in seconds.items()})
+        if "anchor" in m:
+            row.update(vs_transformers=speeds(n, m[dtype], m["anchor"]))
+        emit(**row)
+    print(f"# Inductor's cache: {inductor_cache_dir()}", file=sys.stderr)
+    return engines
+
+
+def forced_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
+    """Teacher forcing through the engine: prompt tokens[0], then every next token of `tokens`
+    whatever the logits say. -> the logit rows that predicted tokens[1:] [len - 1, V]."""
+    rows = []
+
+    def forcing(logits, sample_rows):
+        rows.append(logits[0].float().clone())
+        return [tokens[len(sample_rows[0].token_ids)]]
+
+    sample = engine.sampler.sample
+    engine.sampler.sample = forcing
+    try:
+        engine.generate([tokens[:1]], SamplingParams(max_tokens=len(tokens) - 1, ignore_eos=True))
+    finally:
+        engine.sampler.sample = sample
+    return torch.stack(rows)
+
+
+def compiled_quality(engines: dict, eager: Engine, held_out: torch.Tensor, conf: str) -> None:
+    """Each compiled path's logits against the eager engine's on held-out bytes, teacher-forced
+    through Engine.generate: the largest error and the perplexity change."""
+    windows = [held_out[i * 1000 : i * 1000 + 200].tolist() for i in range(4)]  # one 256 bucket
+    reference = [forced_logits(eager, w) for w in windows]
+    targets = torch.cat([torch.tensor(w[1:]) for w in windows])
+
+    def perplexity(logits: list[torch.Tensor]) -> float:
+        return torch.nn.functional.cross_entropy(torch.cat(logits), targets).exp().item()
+
+    ppl_ref = perplexity(reference)
+    for dtype, e in engines.items():
+        got = [forced_logits(e, w) for w in windows]
+        errors = torch.cat([(g - r).abs().amax(-1) for g, r in zip(got, reference)])
+        ppl = perplexity(got)
+        emit(bench=f"decode_compiled_{dtype}_quality", unit="logits",
+             config=conf + f", {len(targets)} held-out bytes teacher-forced, vs the eager engine",
+             max_logit_error=float(f"{errors.max().item():.3g}"),
+             median_row_error=float(f"{errors.median().item():.3g}"),
+             perplexity_eager=round(ppl_ref, 4), perplexity=round(ppl, 4),
+             perplexity_change=float(f"{ppl / ppl_ref - 1:.3g}"))
+
+
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
@@ -130,6 +209,8 @@ def main() -> None:
     ap.add_argument("--no-anchor", action="store_true", help="skip transformers")
     ap.add_argument("--checkpoint", help="measure this checkpoint (reference-sized, with MTP) instead of training one")
     ap.add_argument("--save-trained", help="save the briefly trained model here (to measure it again later)")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step")
+    ap.add_argument("--decode-only", action="store_true", help="stop after the batch-1 decode rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -183,6 +264,11 @@ def main() -> None:
     row.update(matmul_floor_tokens_per_s=round(1 / floor, 1), weight_bytes_per_token=weight_bytes)
     emit(**row)
     reference_tokens = m["ours"][2]
+    if not args.no_compiled:
+        engines = compiled_decode(model, prompts[0], greedy, conf, engine, runs.get("anchor"))
+        compiled_quality(engines, engine, held_out, conf)
+    if args.decode_only:
+        return
 
     # 2. many requests at once vs one at a time, same engine
     m = measure({"batch": lambda: engine.generate(prompts, greedy),

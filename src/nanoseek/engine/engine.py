@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from nanoseek.engine.cache import BlockManager, LatentCache
-from nanoseek.engine.runner import ModelRunner
+from nanoseek.engine.compiled import choose_runner
 from nanoseek.engine.sampling import Row, Sampler, SamplingParams, make_rng
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.engine.sequence import FINISHED, Request, RequestOutput, StepEvent, TextStream
@@ -38,11 +38,14 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 64, block_size: int = 16,
                  num_blocks: int | None = None, cache_memory: int | None = None,
                  max_num_batched_tokens: int = 1024, max_model_len: int | None = None,
-                 enable_prefix_cache: bool = True, speculative: bool = False):
+                 enable_prefix_cache: bool = True, speculative: bool = False, decode: str = "eager",
+                 decode_dtype: str = "auto"):
         """model: a nanoseek Transformer (any dtype and device; int8-quantized ones too). num_blocks sizes the
         cache pool directly; otherwise cache_memory (bytes, default 1 GiB) does, capped at what max_batch_size
         sequences of max_model_len tokens can use. max_model_len (default: the model's context) is further
-        capped at the pool's capacity, so that any single request fits the pool on its own."""
+        capped at the pool's capacity, so that any single request fits the pool on its own. decode: "eager",
+        "compiled" (decode steps run one compiled graph, engine/compiled.py) or "auto" (the faster, measured at
+        start and printed); decode_dtype: the compiled graph's weights, "float32", "bfloat16" or "auto"."""
         cfg = model.config
         for name, value in (("max_batch_size", max_batch_size), ("block_size", block_size),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
@@ -70,7 +73,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_cache, lookahead=1 if speculative else 0)
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_num_batched_tokens,
                                    decode_width=2 if speculative else 1)
-        self.runner = ModelRunner(model, self.cache, num_layers)
+        self.runner = choose_runner(model, self.cache, num_layers, decode, decode_dtype)
         self.sampler = Sampler()
         self.spec = SpeculativeDecoder(self.sampler) if speculative else None
         eos = tokenizer.eos_id if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None \

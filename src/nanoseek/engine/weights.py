@@ -244,10 +244,12 @@ class BlockWeights:
 class InferenceWeights:
     """Every block (the main ones, then the MTP block if asked) and the head, rebuilt whenever a parameter they
     come from has changed in place (torch bumps a tensor's version on every in-place write). A parameter
-    replaced by a new object is not seen: call refresh() after load_state_dict(assign=True)."""
+    replaced by a new object is not seen: call refresh() after load_state_dict(assign=True). `generation` counts
+the rebuilds (a compiled graph over these weights is stale once it moves)."""
 
     def __init__(self, model: Transformer, with_mtp: bool):
         self.model, self.with_mtp = model, with_mtp
+        self.generation = 0
         self.refresh()
 
     def refresh(self) -> None:
@@ -257,6 +259,7 @@ class InferenceWeights:
             self.blocks = [BlockWeights(b) for b in blocks]
             self.lm_head = Linear.of(model.lm_head)
             self.eh_proj = Linear.of(model.mtp[0].eh_proj) if self.with_mtp else None
+        self.generation += 1
         self._versions = [(t, t._version) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
 
     def current(self) -> InferenceWeights:

@@ -13,7 +13,10 @@ This is the one copy of routing and of the expert loop. The engine (engine/weigh
 stored [in, out]) and the int8 experts (engine/quant.py) call `Router.route`, `dispatch` and
 `run_experts` and supply only their matrices or "run expert e on these rows". One token decoding
 alone takes the fast variants beside them, `Router.route_one` and `dispatch_one` (no tiny tensor
-ops, no sorting), which tests/test_model.py checks against the tensor path.
+ops, no sorting), which tests/test_model.py checks against the tensor path. The compiled decode
+step (engine/compiled.py) takes `dispatch_gathered`: every shape fixed by the batch and top-k, no
+data-dependent sizes, so routing and experts stay in one graph (tests/test_engine_compiled.py
+checks it against `dispatch`).
 """
 
 from __future__ import annotations
@@ -143,6 +146,20 @@ def dispatch_one(x: torch.Tensor, ids: list[int], weights: list[float], expert: 
     for e, w in zip(ids, weights):
         out.add_(expert(e, x), alpha=w)
     return out
+
+
+def dispatch_gathered(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                      gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`dispatch` with every shape static: each token's K experts' matrices are gathered by id and
+    run as batched matrix-vector products. x [N, d], weights and ids [N, K], the stacked matrices
+    as x @ W (gate_up [E, d, 2I], gate then up; down [E, I, d]) -> Σ_k weights[:, k] ·
+    expert_{ids[:, k]}(x) [N, d]. Reads N·K experts' weights, so it suits a few decode tokens."""
+    n, k = ids.shape
+    flat = ids.flatten()
+    xs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, 1, x.shape[-1])
+    gate, up = torch.bmm(xs, gate_up.index_select(0, flat)).chunk(2, dim=-1)
+    ys = torch.bmm(F.silu(gate) * up, down.index_select(0, flat)).view(n, k, -1)
+    return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
 
 
 def run_experts(xs: torch.Tensor, counts: torch.Tensor, expert: RunOne,

@@ -1,0 +1,385 @@
+"""The decode step compiled: one graph per (batch, context) bucket, the weights frozen into it.
+
+A step whose every token is one sequence's next token (no prefill chunk, no speculation) is the
+engine's hot loop; eager, it is hundreds of small launches and matrix-vector products that read
+weights at a fraction of the memory bandwidth. Here the whole step (embedding, every block: absorbed
+MLA over the gathered cache rows, routing, the experts gathered by id with model/moe.py's
+`dispatch_gathered`; final norm, LM head) is one tensor program with static shapes, compiled by
+Inductor with its C++ wrapper and max-autotune over frozen weights, which picks its C++ GEMM
+templates (shared/spec/cpu-decode-probe.md: the default mode gains nothing). The batch is padded
+to a power of two, the context to a power of two of at least CONTEXT_MIN rows, so a few
+compilations serve a whole generation.
+
+The graph reads the latent cache (an input: it changes every step) and returns the step's latents;
+the runner writes them with one index_copy_ over all layers, for the real rows only. Padded rows
+attend to themselves alone. Everything else (prefill, mixed steps, speculation, int8 weights) runs
+the eager runner, which stays the reference. dtype bfloat16 stores the graph's matrices in bf16 and
+feeds them bf16 activations; norms, routing, attention scores, the residual stream and the logits
+stay fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import warnings
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.engine.cache import LatentCache
+from nanoseek.engine.quant import is_quantized
+from nanoseek.engine.runner import ModelRunner, StepInput
+from nanoseek.engine.weights import Attention, BlockWeights, InferenceWeights, MoEWeights, SwiGLU
+from nanoseek.model import moe
+from nanoseek.model.attention import absorb_query, attend_latent, expand_output
+from nanoseek.model.transformer import Transformer
+
+CONTEXT_MIN = 256  # the smallest context bucket: cache rows before a decoding token
+INDUCTOR_OPTIONS = {"max_autotune": True, "freezing": True, "cpp_wrapper": True,
+                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+
+def log(message: str) -> None:
+    print(f"nanoseek engine: {message}", file=sys.stderr, flush=True)
+
+
+def bucket(n: int, least: int = 1) -> int:
+    """The smallest power of two >= max(n, least)."""
+    return 1 << (max(n, least) - 1).bit_length()
+
+
+def compiler_missing() -> str | None:
+    """Why Inductor's C++ path cannot run here, or None."""
+    cxx = os.environ.get("CXX") or "g++"
+    if not any(shutil.which(name) for name in (cxx, "c++", "clang++")):
+        return "no C++ compiler found (set CXX or install g++)"
+    return None
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it."""
+    mkldnn = torch.backends.mkldnn
+    return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w (+ b) in w's dtype, handed back in fp32."""
+    y = torch.mm(x.to(w.dtype), w)
+    y = y.float()
+    return y if b is None else y + b
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class _Params(nn.Module):
+    """Tensors as buffers, so that freezing makes them constants of the graph."""
+
+    def put(self, name: str, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> None:
+        t = None if t is None else t.detach().to(dtype or t.dtype).contiguous()
+        self.register_buffer(name, t, persistent=False)
+
+
+class _AttentionGraph(_Params):
+    def __init__(self, a: Attention, dtype: torch.dtype):
+        super().__init__()
+        self.n_heads = a.n_heads
+        self.nope = a.nope
+        self.rope = a.rope
+        self.kv_rank = a.kv_rank
+        self.scale = a.scale
+        self.eps = a.eps
+        self.kv_norm_eps = a.kv_norm_eps
+        self.q_lora = a.q_lora
+        self.q_norm_eps = a.q_norm_eps if a.q_lora else None
+        self.split_in = list(a.split_in)
+        self.put("proj_in", a.proj_in.w_t, dtype)
+        self.put("proj_in_b", a.proj_in.b, torch.float32)
+        self.put("kv_norm", a.kv_norm, torch.float32)
+        self.put("proj_q", a.proj_q.w_t, dtype)
+        self.put("w_uk", a.w_uk, dtype)
+        self.put("w_uv_t", a.w_uv_t, dtype)
+        self.put("o_proj", a.o_proj.w_t, dtype)
+        self.put("o_proj_b", a.o_proj.b, torch.float32)
+
+    def forward(self, x, cos, sin, cache_rows, bias):
+        """x [B, d] fp32, cos/sin [B, rope], cache_rows [B, S, C + rope] (the positions before each
+        token's), bias [B, S + 1] -> (attention output [B, d] fp32, the step's latents
+        [B, C + rope])."""
+        H, n, r = self.n_heads, self.nope, self.rope
+        h = _rms(x, self.eps)
+        if self.q_lora:
+            c_q, c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b).split(self.split_in, dim=-1)
+            q_in = _rms(c_q, self.q_norm_eps)
+        else:
+            c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b).split(self.split_in, dim=-1)
+            q_in = h
+        c_kv = _rms(c_kv, self.kv_norm_eps) * self.kv_norm
+        parts = _mm(q_in, self.proj_q).split([H * n, H * r, H * r], -1)
+        q_nope, q, q_rot = (t.unflatten(-1, (H, -1)) for t in parts)
+        q_rope = q * cos.unsqueeze(1) + q_rot * sin.unsqueeze(1)
+        latent = torch.cat((c_kv, k * cos + k_rot * sin), dim=-1)
+        kv = torch.cat((cache_rows.float(), latent.unsqueeze(1)), dim=1)  # [B, S + 1, C + rope]
+        w_dtype = self.w_uk.dtype
+        q_lat = absorb_query(q_nope.to(w_dtype), q_rope.to(w_dtype), self.w_uk).float()
+        mask = bias.unsqueeze(1).expand(-1, H, -1)
+        o = attend_latent(q_lat, kv, mask, self.scale, self.kv_rank)  # [B, H, C]
+        out = expand_output(o.to(self.w_uv_t.dtype), self.w_uv_t)
+        return _mm(out, self.o_proj, self.o_proj_b), latent
+
+
+class _SwiGLUGraph(_Params):
+    def __init__(self, mlp: SwiGLU, dtype: torch.dtype):
+        super().__init__()
+        self.put("gate_up", mlp.gate_up.w_t, dtype)
+        self.put("down", mlp.down.w_t, dtype)
+
+    def forward(self, x):
+        gate, up = _mm(x, self.gate_up).chunk(2, dim=-1)
+        return _mm(F.silu(gate) * up, self.down)
+
+
+class _MoEGraph(_Params):
+    def __init__(self, m: MoEWeights, dtype: torch.dtype):
+        super().__init__()
+        self.gate = m.router.gate  # the model's moe.Router: its route() decides, in the graph
+        self.put("router", m.router.w_t, torch.float32)
+        self.put("router_bias", m.router.bias, torch.float32)
+        self.shared = _SwiGLUGraph(m.shared, dtype)
+        self.put("gate_up", m.gate_up_t, dtype)
+        self.put("down", m.down_t, dtype)
+
+    def forward(self, x):
+        weights, ids, _ = self.gate.route(torch.mm(x, self.router), self.router_bias)
+        xw = x.to(self.gate_up.dtype)
+        routed = moe.dispatch_gathered(xw, weights, ids, self.gate_up, self.down)
+        return self.shared(x) + routed.float()
+
+
+class _BlockGraph(_Params):
+    def __init__(self, w: BlockWeights, dtype: torch.dtype):
+        super().__init__()
+        self.attn = _AttentionGraph(w.attn, dtype)
+        self.ffn_eps = w.ffn_eps
+        self.put("ffn_norm", w.ffn_norm, torch.float32)
+        moe_ffn = isinstance(w.ffn, MoEWeights)
+        self.ffn = _MoEGraph(w.ffn, dtype) if moe_ffn else _SwiGLUGraph(w.ffn, dtype)
+
+    def forward(self, x, cos, sin, cache_rows, bias):
+        a, latent = self.attn(x, cos, sin, cache_rows, bias)
+        x = x + a
+        return x + self.ffn(_rms(x, self.ffn_eps) * self.ffn_norm), latent
+
+
+class DecodeGraph(_Params):
+    """The decode step of B sequences, one token each: a module whose forward is the graph."""
+
+    def __init__(self, model: Transformer, weights: InferenceWeights, dtype: torch.dtype):
+        super().__init__()
+        self.n_layers = len(model.layers)
+        self.put("embed", model.embed_tokens.weight, torch.float32)
+        blocks = weights.blocks[: self.n_layers]
+        self.blocks = nn.ModuleList(_BlockGraph(b, dtype) for b in blocks)
+        self.norm_eps = model.norm.eps
+        self.put("norm", model.norm.weight, torch.float32)
+        self.put("lm_head", weights.lm_head.w_t, dtype)
+
+    def forward(self, ids, cos, sin, kv, context, bias):
+        """ids [B], cos/sin [B, rope] (fp32), kv [layers, slots, C + rope] (the cache), context
+        [B, S] the cache rows before each token (padded), bias [B, S + 1] 0 or -inf (the last
+        column, the token itself, is 0) -> (final-normed hidden [B, d], logits [B, V] fp32,
+        latents [layers, B, C + rope] in the cache's dtype)."""
+        x = self.embed.index_select(0, ids)
+        latents = []
+        for layer, block in enumerate(self.blocks):
+            rows = kv[layer].index_select(0, context.flatten()).view(*context.shape, -1)
+            x, latent = block(x, cos, sin, rows, bias)
+            latents.append(latent)
+        h = _rms(x, self.norm_eps) * self.norm
+        return h, _mm(h, self.lm_head), torch.stack(latents).to(kv.dtype)
+
+
+class CompiledRunner(ModelRunner):
+    """ModelRunner whose pure-decode steps run a compiled DecodeGraph (eager for everything else).
+    dtype: the graph's matrices (torch.float32 or torch.bfloat16)."""
+
+    def __init__(self, model: Transformer, cache: LatentCache, num_layers: int, dtype: torch.dtype):
+        super().__init__(model, cache, num_layers)
+        if num_layers != len(model.layers):
+            raise ValueError("the compiled decode step has no speculation (MTP) layer")
+        if is_quantized(model):
+            raise ValueError("the compiled decode step has no int8 kernels")
+        why = compiler_missing()
+        if why:
+            raise RuntimeError(why)
+        self.dtype = dtype
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self._graph: DecodeGraph | None = None
+        self._generation = -1
+        self._compiled: dict[tuple[int, int], object] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's hidden, logits
+
+    def handles(self, inp: StepInput) -> bool:
+        return not inp.chunks and inp.width == 1 and inp.num_decode > 0
+
+    def forward(self, inp: StepInput) -> torch.Tensor:
+        self._last = None
+        if not self.handles(inp):
+            return super().forward(inp)
+        hidden, logits = self.decode(inp)
+        self._last = (hidden, logits)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The graph's own logits when asked for exactly the rows it computed, else eager's."""
+        last = self._last
+        if last is not None and hidden.shape == last[0].shape and torch.equal(hidden, last[0]):
+            return last[1]
+        return super().logits(hidden)
+
+    def graph(self) -> DecodeGraph:
+        """The graph over the current weights; rebuilt (and recompiled) when they change."""
+        weights = self.weights.current()
+        if self._graph is None or weights.generation != self._generation:
+            if self._graph is not None:
+                log("the model's weights changed: the compiled decode step is rebuilt")
+            with torch.no_grad():
+                self._graph = DecodeGraph(self.model, weights, self.dtype).eval()
+            self._generation = weights.generation
+            self._compiled = {}
+            self.compile_seconds = {}
+        return self._graph
+
+    def compiled(self, batch: int, context: int):
+        graph = self.graph()
+        key = (batch, context)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(graph, dynamic=False, fullgraph=True,
+                                                options=INDUCTOR_OPTIONS)
+        return self._compiled[key]
+
+    def decode(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pure-decode step through the compiled graph of its bucket; writes its latents to the
+        cache. -> (hidden [B, d], logits [B, V]) of the real rows."""
+        B = inp.num_decode
+        S = inp.decode_slots.shape[1] - 1  # cache rows before the newest token
+        Bp = bucket(B)
+        Sp = bucket(S, CONTEXT_MIN)
+        dev = self.device
+        context = torch.zeros(Bp, Sp, dtype=torch.long, device=dev)
+        context[:B, :S] = inp.decode_slots[:, :S]
+        bias = torch.full((Bp, Sp + 1), float("-inf"), device=dev)
+        bias[:, Sp] = 0.0
+        before = torch.arange(Sp, device=dev) < inp.positions[:B, None]
+        bias[:B, :Sp].masked_fill_(before, 0.0)
+        ids = F.pad(inp.ids, (0, Bp - B))
+        cos = F.pad(inp.cos.float(), (0, 0, 0, Bp - B))
+        sin = F.pad(inp.sin.float(), (0, 0, 0, Bp - B))
+        fn = self.compiled(Bp, Sp)
+        first = (Bp, Sp) not in self.compile_seconds
+        start = time.perf_counter()
+        # the first call compiles; each bucket is a recompilation of one forward, hence the limits
+        limits = dict(recompile_limit=64, accumulated_recompile_limit=4096)
+        if first:
+            with torch._dynamo.config.patch(**limits), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
+                hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
+        else:
+            hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
+        if first:
+            seconds = time.perf_counter() - start
+            self.compile_seconds[(Bp, Sp)] = seconds
+            log(f"compiled the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)})"
+                f" in {seconds:.1f} s (cached in {inductor_cache_dir()})")
+        self.cache.kv.index_copy_(1, inp.slots, latents[:, :B])
+        return hidden[:B].to(self.model.embed_tokens.weight.dtype), logits[:B]
+
+
+def inductor_cache_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------- choosing a path at start
+def choose_runner(model: Transformer, cache: LatentCache, num_layers: int, decode: str,
+                  decode_dtype: str) -> ModelRunner:
+    """The runner the Engine options ask for: decode "eager" | "compiled" | "auto", decode_dtype
+    "auto" | "float32" | "bfloat16" (the compiled graph's matrices). "auto" times a batch-1 decode
+    step of every candidate and keeps the fastest; the choice is printed. A compiled path that
+    cannot run falls back to eager with one warning."""
+    if decode not in ("auto", "eager", "compiled"):
+        raise ValueError(f"decode={decode!r}: expected 'auto', 'eager' or 'compiled'")
+    if decode_dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"decode_dtype={decode_dtype!r}: expected 'auto', 'float32' or "
+                         "'bfloat16'")
+    eager = ModelRunner(model, cache, num_layers)
+    if decode == "eager":
+        return eager
+    if num_layers != len(model.layers):
+        log("decode path: eager (speculative decoding verifies two tokens a step: no compiled "
+            "step for that)")
+        return eager
+    if decode_dtype == "auto":
+        dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
+    else:
+        dtypes = [getattr(torch, decode_dtype)]
+    try:
+        candidates = {f"compiled {_dtype_name(d)}": CompiledRunner(model, cache, num_layers, d)
+                      for d in dtypes}
+        if decode == "compiled" and len(candidates) == 1:
+            runner = next(iter(candidates.values()))
+            # compile now, so that a failure falls back here; in inference mode, as Engine.step runs
+            with torch.inference_mode():
+                runner.decode(_probe_input(runner))
+            log(f"decode path: {next(iter(candidates))} (forced)")
+            return runner
+        if decode == "auto":
+            candidates["eager"] = eager
+        times = {name: _time_step(r) for name, r in candidates.items()}
+    except Exception as err:  # no compiler, an Inductor failure, int8: eager is always right
+        warnings.warn(f"the compiled decode step is unavailable ({type(err).__name__}: "
+                      f"{str(err)[:300]}); decoding runs eager", RuntimeWarning, stacklevel=3)
+        return eager
+    best = min(times, key=times.get)
+    summary = ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in times.items())
+    log(f"decode path: {best} (batch-1 step: {summary})")
+    return candidates[best]
+
+
+def _probe_input(runner: ModelRunner, length: int = 32) -> StepInput:
+    """A batch-1 decode step at position `length` over the pool's first blocks (garbage latents:
+    the step is only timed; nothing reads those rows before a real sequence writes them)."""
+    length = min(length, runner.cache.capacity_tokens - 1)
+    bs = runner.cache.block_size
+    seq = SimpleNamespace(token_ids=[0] * (length + 1), num_computed=length,
+                          block_table=list(range(length // bs + 1)))
+    return runner.prepare([seq], [], 1, [])
+
+
+@torch.inference_mode()
+def _time_step(runner: ModelRunner, rounds: int = 5, steps: int = 8) -> float:
+    """Best-of-rounds seconds per batch-1 decode step (the first call compiles: not timed)."""
+    inp = _probe_input(runner)
+
+    def step(inp: StepInput) -> torch.Tensor:
+        return runner.logits(runner.forward(inp))
+
+    step(inp)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(inp)
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best

@@ -1,0 +1,212 @@
+"""The compiled decode step (engine/compiled.py) and the experts gathered by id (model/moe.py)
+against the eager engine and a full recompute: teacher-forced logits at every position, with
+batching, paging and the prefix cache on, past the YaRN config's original context. Fast tests run
+the decode graph uncompiled (its math, fp32 and bf16); the slow ones compile it for real (40-100 s
+per graph on a busy 2-core machine)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import compiled as compiled_mod
+from nanoseek.engine.compiled import CompiledRunner, bucket
+from nanoseek.engine.quant import quantize_model
+from nanoseek.engine.runner import ModelRunner
+from nanoseek.model import moe
+
+from engine_helpers import one_thread, tiny_model  # noqa: F401
+
+# fp32: the graph computes the same sums in another order (and Inductor fuses them differently
+# again), so its logits differ from the eager engine's and the recompute's by rounding only;
+# measured under 2e-5 here.
+FP32_TOL = 1e-4
+# bf16 matrices and activations: about 3 significant digits per product. Most rows stay within
+# BF16_TOL (the median error is ~0.1 on logits of magnitude ~7 here), but routing is discrete: a
+# bf16-rounded hidden state can pick another expert, and with this tiny model's 10x-scale weights
+# that moves a row by several logits. So bf16 is held to BF16_TOL on at least BF16_WITHIN of the
+# rows (0.82 measured), and to greedy agreement on those.
+BF16_TOL = 0.15
+BF16_WITHIN = 0.7
+PATHS = [("float32", FP32_TOL, 1.0), ("bfloat16", BF16_TOL, BF16_WITHIN)]
+YARN = dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+            max_position_embeddings=128)
+NEW_TOKENS = 40  # prompts of 12-20 tokens: positions reach 60, past the original 32
+
+
+def prompts() -> list[list[int]]:
+    shared = [3, 17, 42, 5, 9, 11, 23, 7]  # two blocks of 4: the prefix cache serves them again
+    return [shared + [60, 61, 62, 63], shared + [70, 71, 72, 73, 74, 75, 76],
+            [90, 91, 92] + shared[:2] * 6]
+
+
+def forced_tokens(n: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(2, 128, (n,), generator=gen).tolist() for _ in prompts()]
+
+
+def teacher_forced(engine: Engine, rounds: int = 2) -> dict[tuple[int, int], torch.Tensor]:
+    """Run every prompt with its forced continuation (the sampler returns it, whatever the logits
+    say), all batched, `rounds` times (later rounds hit the prefix cache). -> (prompt, k) -> the
+    logit row that predicts continuation token k, from the last round."""
+    ps, forced = prompts(), forced_tokens(NEW_TOKENS)
+    index = {tuple(p): i for i, p in enumerate(ps)}
+    record = {}
+
+    def forcing(logits, rows):
+        tokens = []
+        for row, lg in zip(rows, logits):
+            i = index[tuple(row.token_ids[: row.num_prompt])]
+            k = len(row.token_ids) - row.num_prompt
+            record[(i, k)] = lg.float().clone()
+            tokens.append(forced[i][k])
+        return tokens
+
+    engine.sampler.sample = forcing
+    for _ in range(rounds):
+        engine.generate(ps, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+    return record
+
+
+@torch.no_grad()
+def recomputed(model) -> dict[tuple[int, int], torch.Tensor]:
+    """The same rows from one full forward of each prompt + its forced continuation."""
+    out = {}
+    for i, (p, f) in enumerate(zip(prompts(), forced_tokens(NEW_TOKENS))):
+        logits = model(torch.tensor([p + f]))[0].float()
+        for k in range(NEW_TOKENS):
+            out[(i, k)] = logits[len(p) - 1 + k]
+    return out
+
+
+def compare(got: dict, want: dict, tol: float, within: float = 1.0) -> float:
+    """At least `within` of the rows (all, by default) within tol (max abs); on those, the top-1
+    token equal wherever the reference's top-1 margin exceeds 2 * tol (a smaller margin can flip by
+    rounding alone). -> the fraction of rows within tol."""
+    assert got.keys() == want.keys()
+    close = 0
+    for key, ref in want.items():
+        err = (got[key] - ref).abs().max().item()
+        if within == 1.0:
+            assert err <= tol, f"logits of {key} differ by {err:.2e} > {tol:.0e}"
+        if err > tol:
+            continue
+        close += 1
+        top2 = ref.topk(2)
+        if (top2.values[0] - top2.values[1]).item() > 2 * tol:
+            assert got[key].argmax().item() == top2.indices[0].item(), key
+    assert close >= within * len(want), f"{close} of {len(want)} rows within {tol}"
+    return close / len(want)
+
+
+def engine(model, **kw) -> Engine:
+    return Engine(model, max_batch_size=4, block_size=4, num_blocks=96, **kw)
+
+
+def uncompiled(monkeypatch) -> None:
+    """Run the decode graph as a plain module: the same math, none of the compile time."""
+    monkeypatch.setattr(compiled_mod.torch, "compile", lambda graph, **kw: graph)
+
+
+# ---------------------------------------------------------------------- experts gathered by id
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dispatch_gathered_equals_dropless_dispatch(dtype):
+    torch.manual_seed(0)
+    E, K, d, inner = 8, 3, 16, 12
+    x = torch.randn(5, d, dtype=dtype)
+    gate_up = torch.randn(E, d, 2 * inner, dtype=dtype) / 4
+    down = torch.randn(E, inner, d, dtype=dtype) / 4
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(5)])
+    weights = torch.rand(5, K)
+
+    def expert(e, rows):
+        gate, up = (rows @ gate_up[e]).chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * up) @ down[e]
+
+    def run(xs, counts):
+        return moe.run_experts(xs, counts, expert)
+
+    want, _ = moe.dispatch(x, weights, ids, E, run)
+    got = moe.dispatch_gathered(x, weights, ids, gate_up, down)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------- the graph's math (fast)
+def test_buckets():
+    assert [bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+    assert bucket(3, 256) == 256 and bucket(300, 256) == 512
+
+
+@pytest.mark.parametrize("dtype,tol,within", PATHS)
+def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(monkeypatch, dtype, tol,
+                                                                       within):
+    uncompiled(monkeypatch)
+    model = tiny_model(**YARN)
+    eager = teacher_forced(engine(model))
+    fast = engine(model, decode="compiled", decode_dtype=dtype)
+    assert isinstance(fast.runner, CompiledRunner)
+    got = teacher_forced(fast)
+    assert fast.stats()["cached_prompt_tokens"] > 0  # the second round hit the prefix cache
+    compare(eager, recomputed(model), FP32_TOL)
+    compare(got, eager, tol, within)
+    compare(got, recomputed(model), tol, within)
+
+
+def test_decode_graph_follows_weight_updates(monkeypatch):
+    uncompiled(monkeypatch)
+    model = tiny_model()
+    fast = engine(model, decode="compiled", decode_dtype="float32")
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    before = fast.generate([[5, 6, 7]], params)[0].token_ids
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    after = fast.generate([[5, 6, 7]], params)[0].token_ids
+    assert after == engine(model).generate([[5, 6, 7]], params)[0].token_ids
+    assert before != after
+
+
+def test_no_compiler_or_int8_weights_decode_eager_with_one_warning(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(compiled_mod, "compiler_missing", lambda: "no C++ compiler found")
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as caught:
+        e = engine(model, decode="compiled")
+    assert len(caught) == 1 and type(e.runner) is ModelRunner
+    monkeypatch.undo()
+    with pytest.warns(RuntimeWarning, match="int8"):
+        e = engine(quantize_model(model), decode="auto")
+    assert type(e.runner) is ModelRunner
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(engine(model).runner) is ModelRunner  # the default: eager, nothing said
+        assert type(engine(tiny_model(num_nextn_predict_layers=1), decode="compiled",
+                           speculative=True).runner) is ModelRunner
+    with pytest.raises(ValueError, match="decode="):
+        engine(model, decode="fast")
+
+
+# ---------------------------------------------------------------------- compiled for real (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,tol,within", PATHS)
+def test_compiled_teacher_forced_logits_equal_eager_and_recompute(dtype, tol, within, capfd):
+    model = tiny_model(**YARN)
+    eager = teacher_forced(engine(model))
+    fast = engine(model, decode="compiled", decode_dtype=dtype)
+    got = teacher_forced(fast)
+    assert "decode path: compiled" in capfd.readouterr().err
+    assert fast.runner.compile_seconds  # each bucket's compile time, reported
+    compare(got, eager, tol, within)
+    compare(got, recomputed(model), tol, within)
+
+
+@pytest.mark.slow
+def test_auto_measures_and_says_which_path_runs(capfd):
+    e = engine(tiny_model(), decode="auto")
+    err = capfd.readouterr().err
+    assert "decode path:" in err and "eager" in err and "compiled float32" in err
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = engine(tiny_model()).generate([[5, 6, 7]], params)[0].token_ids
+    assert e.generate([[5, 6, 7]], params)[0].token_ids == want
