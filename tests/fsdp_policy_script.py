@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from nanoseek import Transformer  # noqa: E402
 from nanoseek.train import dist  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 
 torch.set_num_threads(1)
 info = dist.init_distributed("cpu")

@@ -22,7 +22,7 @@ from nanoseek import Transformer, save_model
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 
-from conftest import smallest_margin, tiny_config
+from helpers import smallest_margin, tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

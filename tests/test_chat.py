@@ -21,7 +21,7 @@ from nanoseek.data.conversations import chinese_number, corpus_conversations, id
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tasks import get_task
 
-from post_helpers import TASK_MIX, small_tokenizer
+from helpers import TASK_MIX, small_tokenizer
 
 CONV = [
     {"role": "system", "content": "You are helpful."},

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from nanoseek import CheckpointError, Transformer, load_model, save_model
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def _same_weights(a: Transformer, b: Transformer) -> bool:

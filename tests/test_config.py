@@ -6,7 +6,7 @@ import pytest
 
 from nanoseek import ConfigError, ModelConfig
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,7 @@ from nanoseek.tasks import get_task
 from nanoseek.train import distill as distill_module
 from nanoseek.train.distill import answer_only_conversations, distill, trace_messages, verified_traces
 
-from post_helpers import save_tiny, small_tokenizer
+from helpers import save_tiny, small_tokenizer
 
 
 def arithmetic(n=3):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from nanoseek import load_model, save_model
 from nanoseek.engine import Engine, SamplingParams
 
-from engine_helpers import ByteTokenizer, CharTokenizer, one_thread, reference_greedy, tiny_model  # noqa: F401
+from helpers import ByteTokenizer, CharTokenizer, one_thread, reference_greedy, tiny_model  # noqa: F401
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 

@@ -18,7 +18,7 @@ from nanoseek.engine.quant import quantize_model
 from nanoseek.engine.runner import ModelRunner
 from nanoseek.model import moe
 
-from engine_helpers import one_thread, tiny_model  # noqa: F401
+from helpers import one_thread, tiny_model  # noqa: F401
 
 # fp32: the graph computes the same sums in another order (and Inductor fuses them differently
 # again), so its logits differ from the eager engine's and the recompute's by rounding only;

@@ -16,7 +16,7 @@ from nanoseek.engine.quant import (
     save_quantized,
 )
 
-from engine_helpers import one_thread, reference_greedy, tiny_model  # noqa: F401
+from helpers import one_thread, reference_greedy, tiny_model  # noqa: F401
 
 
 def test_per_channel_rounding_error_is_at_most_half_a_step():

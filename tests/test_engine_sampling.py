@@ -7,7 +7,7 @@ import torch
 from nanoseek.engine.sampling import Row, Sampler, SamplingParams
 from nanoseek.engine.speculative import SpeculativeDecoder
 
-from engine_helpers import one_thread  # noqa: F401
+from helpers import one_thread  # noqa: F401
 
 PROBS = torch.tensor([0.5, 0.25, 0.15, 0.1])
 

@@ -19,7 +19,7 @@ from nanoseek.eval.passkey import extended, passkey_prompts
 from nanoseek.stages.eval import eval_stage
 from nanoseek.train.dist import DistInfo
 
-from post_helpers import save_tiny, small_tokenizer
+from helpers import save_tiny, small_tokenizer
 
 
 @pytest.mark.parametrize("n, c, k, expected", [

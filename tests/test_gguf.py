@@ -24,7 +24,7 @@ from nanoseek.export import ExportError, export_gguf
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import LLAMA_CPP_PRE, REVISION, SPECIAL_TOKENS, Tokenizer, load_tokenizer
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 # Largest |llama.cpp logit - nanoseek logit| allowed; the logits span about -13..19. fp32 differs
 # only in summation order (measured: 4e-5 at most). bf16 (8-bit mantissas) and q8_0 (8-bit values,

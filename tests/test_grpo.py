@@ -21,7 +21,7 @@ from nanoseek.train.grpo_trainer import REWARD_PLOT, GRPOConfig, GRPOTrainer
 from nanoseek.train.rollout import PromptStream, TaskSpec, collate, generate_groups, task_grader
 from nanoseek.train.trainer import STATE_FILE
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 # ---------------------------------------------------------------------- the math, by hand

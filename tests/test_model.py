@@ -11,7 +11,7 @@ from nanoseek.model.attention import absorb_query, attend_latent, expand_output
 from nanoseek.model.moe import MoE, dispatch, dispatch_one
 from nanoseek.model.rope import apply_rope, inverse_frequencies, rope_tables
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def test_moe_is_dropless_and_equals_a_per_token_reference():

@@ -5,7 +5,7 @@ import torch
 
 from nanoseek import Transformer, load_model, save_model
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,7 +11,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.serve.chat_format import EngineTokenizer, TokenTable, chat_prompt, split_reasoning
 from nanoseek.serve.logits import START, JsonObjectProcessor, JsonVocab, LogitBias, MinTokens, need, step
 
-from conftest import tiny_config
+from helpers import tiny_config
 from serve_helpers import build_tokenizer
 
 VALID = [

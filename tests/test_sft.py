@@ -18,8 +18,7 @@ from nanoseek.tasks import get_task
 from nanoseek.train.dist import DistInfo
 from nanoseek.train.sft import run_sft, split_section
 
-from conftest import smallest_margin
-from post_helpers import save_tiny, small_tokenizer
+from helpers import save_tiny, small_tokenizer, smallest_margin
 
 TRAIN = {"batch_size": 4, "seq_len": 128, "lr": 3e-3, "warmup_steps": 5, "eval_every": 20, "save_every": 20,
          "log_every": 10, "progress": False, "mtp_weight": 0.0}

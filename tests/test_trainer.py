@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from nanoseek.train.optim import lr_multiplier
 from nanoseek.train.trainer import STATE_FILE, TrainConfig, Trainer
 
-from conftest import tiny_config
+from helpers import tiny_config
 from train_script import CountingLoader
 
 SCRIPT = str(Path(__file__).parent / "train_script.py")

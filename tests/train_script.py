@@ -15,7 +15,7 @@ from nanoseek import Transformer  # noqa: E402
 from nanoseek.train.dist import init_distributed, shutdown  # noqa: E402
 from nanoseek.train.trainer import TrainConfig, Trainer  # noqa: E402
 
-from conftest import tiny_config  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 
 
 class CountingLoader:
