@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from nanoseek.checkpoint import Checkpoint
-from nanoseek.serve import protocol as P
+from nanoseek.serve import protocol
 from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.http import Guard
@@ -115,17 +115,17 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
                                      "server_error").body(),
                             status_code=500)
 
-    @app.post("/v1/chat/completions", openapi_extra=_body(P.ChatCompletionRequest),
-              responses=_responses(P.ChatCompletion, stream=True))
+    @app.post("/v1/chat/completions", openapi_extra=_body(protocol.ChatCompletionRequest),
+              responses=_responses(protocol.ChatCompletion, stream=True))
     async def chat_completions(request: Request):
         return await api.chat_completions(request)
 
-    @app.post("/v1/completions", openapi_extra=_body(P.CompletionRequest),
-              responses=_responses(P.Completion, stream=True))
+    @app.post("/v1/completions", openapi_extra=_body(protocol.CompletionRequest),
+              responses=_responses(protocol.Completion, stream=True))
     async def completions(request: Request):
         return await api.completions(request)
 
-    @app.get("/v1/models", responses=_responses(P.ModelList))
+    @app.get("/v1/models", responses=_responses(protocol.ModelList))
     async def models(request: Request):
         return api.models(request)
 
@@ -177,14 +177,14 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
 
 
 SCHEMAS = "#/components/schemas/{model}"
-REQUEST_MODELS = (P.ChatCompletionRequest, P.CompletionRequest)
+REQUEST_MODELS = (protocol.ChatCompletionRequest, protocol.CompletionRequest)
 ERRORS = {400: "invalid request", 401: "no valid API key", 404: "unknown model or route",
           408: "the body arrived too slowly", 413: "body too large",
           415: "the body is not application/json", 429: "queue full",
           503: "loading, engine failed or no slot in time", 504: "past the request timeout"}
 
 
-def _body(model: type[P.SamplingRequest]) -> dict:
+def _body(model: type[protocol.SamplingRequest]) -> dict:
     """The OpenAPI requestBody of a route that parses `model` from its JSON body itself."""
     schema = {"$ref": SCHEMAS.format(model=model.__name__)}
     return {"requestBody": {"required": True,
@@ -196,7 +196,7 @@ def _responses(model: type, stream: bool = False) -> dict:
     if stream:
         ok["description"] += "; with stream=true, server-sent events of its chunks"
         ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
-    errors = {code: {"model": P.ErrorResponse, "description": why} for code, why in ERRORS.items()}
+    errors = {code: {"model": protocol.ErrorResponse, "description": why} for code, why in ERRORS.items()}
     return {200: ok} | errors
 
 

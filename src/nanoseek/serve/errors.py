@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nanoseek.serve import protocol as P
+from nanoseek.serve import protocol
 
 
 class APIError(Exception):
@@ -22,5 +22,5 @@ class APIError(Exception):
             self.headers.setdefault("WWW-Authenticate", "Bearer")
 
     def body(self) -> dict:
-        return {"error": P.ErrorBody(message=self.message, type=self.type, param=self.param,
+        return {"error": protocol.ErrorBody(message=self.message, type=self.type, param=self.param,
                                      code=self.code).model_dump()}

@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from nanoseek.engine import SamplingParams
-from nanoseek.serve import protocol as P
+from nanoseek.serve import protocol
 from nanoseek.serve.chat_format import FormatError, ReasoningParser, chat_prompt, completion_prompt
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.job import Choice, Job
@@ -38,30 +38,30 @@ class OpenAIAPI:
     def models(self, request: Request) -> Response:
         self.server.authorize(request)
         context = self.server.engine.max_model_len if self.server.status == "ok" else None
-        return _json(P.ModelList(data=[P.ModelCard(id=self.config.model_name,
+        return _json(protocol.ModelList(data=[protocol.ModelCard(id=self.config.model_name,
                                                    created=self.server.created,
                                                    max_model_len=context)]))
 
     # ------------------------------------------------------------------ request -> SamplingParams
-    async def admit(self, request: Request, model: type[P.SamplingRequest]) -> P.SamplingRequest:
+    async def admit(self, request: Request, model: type[protocol.SamplingRequest]) -> protocol.SamplingRequest:
         """The server's admission checks, then the body parsed and checked as `model`."""
         self.server.authorize(request)
         self.server.ready()
         body = await self.server.body(request)
         try:
-            req = P.parse(model, body)
-        except P.ProtocolError as e:
+            req = protocol.parse(model, body)
+        except protocol.ProtocolError as e:
             raise APIError(400, str(e), param=e.param) from None
         if req.model is not None and req.model != self.config.model_name:
             raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
                            f"`{self.config.model_name}`.", "not_found_error", "model",
                            "model_not_found")
-        ignored = P.unknown_fields(req)
+        ignored = protocol.unknown_fields(req)
         if ignored:
             log.warning("ignoring unknown request fields: %s", ", ".join(ignored))
         return req
 
-    def sampling(self, req: P.SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
+    def sampling(self, req: protocol.SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
                  default_max: int, logprobs: int | None, json_thinking: bool | None = None,
                  param: str = "messages") -> SamplingParams:
         """The request's SamplingParams, after every limit check (json_thinking: None = no JSON
@@ -120,25 +120,25 @@ class OpenAIAPI:
             raise APIError(400, str(e).removeprefix("SamplingParams: ")) from None
         return params
 
-    def usage(self, job: Job, chat: bool) -> P.Usage:
+    def usage(self, job: Job, chat: bool) -> protocol.Usage:
         reasoning = None
         if chat:
             end = self.server.tok.special_ids.get("end_think")
             reasoning = sum((c.token_ids.index(end) + 1 if end in c.token_ids else len(c.token_ids))
                             for c in job.choices if c.parser and c.parser.saw_reasoning)
-        return P.Usage.of(sum(map(len, job.prompts)), sum(len(c.token_ids) for c in job.choices),
+        return protocol.Usage.of(sum(map(len, job.prompts)), sum(len(c.token_ids) for c in job.choices),
                           job.cached, reasoning)
 
-    def chat_logprobs(self, lps) -> P.ChatLogprobs:
+    def chat_logprobs(self, lps) -> protocol.ChatLogprobs:
         t = self.server.table
-        return P.ChatLogprobs(content=[
-            P.TokenLogprob(token=t.text(lp.token_id), logprob=_finite(lp.logprob),
+        return protocol.ChatLogprobs(content=[
+            protocol.TokenLogprob(token=t.text(lp.token_id), logprob=_finite(lp.logprob),
                            bytes=t.raw(lp.token_id),
-                           top_logprobs=[P.TopLogprob(token=t.text(i), logprob=_finite(v),
+                           top_logprobs=[protocol.TopLogprob(token=t.text(i), logprob=_finite(v),
                                                       bytes=t.raw(i))
                                          for i, v in lp.top]) for lp in lps])
 
-    def completion_logprobs(self, lps, offset: int) -> P.CompletionLogprobs:
+    def completion_logprobs(self, lps, offset: int) -> protocol.CompletionLogprobs:
         t = self.server.table
         tokens = [t.text(lp.token_id) for lp in lps]
         offsets = []
@@ -146,14 +146,14 @@ class OpenAIAPI:
             offsets.append(offset)
             offset += len(s)
         top = [{t.text(i): _finite(v) for i, v in lp.top} for lp in lps]
-        return P.CompletionLogprobs(tokens=tokens,
+        return protocol.CompletionLogprobs(tokens=tokens,
                                     token_logprobs=[_finite(lp.logprob) for lp in lps],
                                     top_logprobs=top, text_offset=offsets)
 
     # ------------------------------------------------------------------ endpoints
     async def chat_completions(self, request: Request) -> Response:
         start = time.perf_counter()
-        req: P.ChatCompletionRequest = await self.admit(request, P.ChatCompletionRequest)
+        req: protocol.ChatCompletionRequest = await self.admit(request, protocol.ChatCompletionRequest)
         thinking = req.thinking_enabled(self.config.thinking)
         self.server.check_size(1, req.n)
         messages = [m.as_dict() for m in req.messages]
@@ -175,11 +175,11 @@ class OpenAIAPI:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.server.stream(request, job, self.chat_chunks(job, include_usage))
         await self.server.run(request, job)
-        choices = [P.ChatChoice(index=c.index, finish_reason=c.finish_reason,
+        choices = [protocol.ChatChoice(index=c.index, finish_reason=c.finish_reason,
                                 message=_assistant_message(c),
                                 logprobs=self.chat_logprobs(c.logprobs) if req.logprobs else None)
                    for c in job.choices]
-        return _json(P.ChatCompletion(id=job.id, created=int(time.time()),
+        return _json(protocol.ChatCompletion(id=job.id, created=int(time.time()),
                                       model=self.config.model_name,
                                       system_fingerprint=FINGERPRINT, choices=choices,
                                       usage=self.usage(job, chat=True)))
@@ -189,11 +189,11 @@ class OpenAIAPI:
         name = self.config.model_name
 
         def chunk(choices, usage=None) -> str:
-            return _sse(P.ChatCompletionChunk(id=job.id, created=created, model=name, usage=usage,
+            return _sse(protocol.ChatCompletionChunk(id=job.id, created=created, model=name, usage=usage,
                                               system_fingerprint=FINGERPRINT, choices=choices))
 
         for c in job.choices:
-            yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(role="assistant", content=""))])
+            yield chunk([protocol.ChunkChoice(index=c.index, delta=protocol.Delta(role="assistant", content=""))])
         async with aclosing(self.server.events(job)) as events:
             async for item in events:
                 if item is None:
@@ -202,21 +202,21 @@ class OpenAIAPI:
                 c, ev, r, text = item
                 lps = self.chat_logprobs(ev.logprobs) if ev.logprobs else None
                 if r:
-                    yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(reasoning_content=r),
+                    yield chunk([protocol.ChunkChoice(index=c.index, delta=protocol.Delta(reasoning_content=r),
                                                logprobs=lps)])
                     lps = None
                 if text or lps:
-                    yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(content=text),
+                    yield chunk([protocol.ChunkChoice(index=c.index, delta=protocol.Delta(content=text),
                                                logprobs=lps)])
                 if ev.finished:
-                    yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(),
+                    yield chunk([protocol.ChunkChoice(index=c.index, delta=protocol.Delta(),
                                                finish_reason=c.finish_reason)])
         if include_usage:
             yield chunk([], self.usage(job, chat=True))
 
     async def completions(self, request: Request) -> Response:
         start = time.perf_counter()
-        req: P.CompletionRequest = await self.admit(request, P.CompletionRequest)
+        req: protocol.CompletionRequest = await self.admit(request, protocol.CompletionRequest)
         self.server.check_size(len(req.prompts), req.n)
         vocab = self.server.table.size
         suffix = _text_bytes(req.suffix)
@@ -239,20 +239,20 @@ class OpenAIAPI:
             chunks = self.completion_chunks(job, include_usage, req.logprobs)
             return await self.server.stream(request, job, chunks)
         await self.server.run(request, job)
-        choices = [P.CompletionChoice(
+        choices = [protocol.CompletionChoice(
             index=c.index, text=c.prefix_text + "".join(c.content), finish_reason=c.finish_reason,
             logprobs=None if req.logprobs is None else self.completion_logprobs(c.logprobs,
                                                                                 len(c.prefix_text)))
             for c in job.choices]
-        return _json(P.Completion(id=job.id, created=int(time.time()), model=self.config.model_name,
+        return _json(protocol.Completion(id=job.id, created=int(time.time()), model=self.config.model_name,
                                   system_fingerprint=FINGERPRINT, choices=choices,
                                   usage=self.usage(job, chat=False)))
 
-    def _completion_prompts(self, req: P.CompletionRequest) -> list[list[int]]:
+    def _completion_prompts(self, req: protocol.CompletionRequest) -> list[list[int]]:
         """Every prompt's ids (tokenizing: on a worker thread)."""
         return [completion_prompt(self.server.tok, p, req.suffix) for p in req.prompts]
 
-    def _echo(self, req: P.CompletionRequest) -> list[str]:
+    def _echo(self, req: protocol.CompletionRequest) -> list[str]:
         """Every prompt as text, for echo (decoding: on a worker thread)."""
         return [p if isinstance(p, str) else self.server.tok.decode(p, skip_special_tokens=True)
                 for p in req.prompts]
@@ -264,13 +264,13 @@ class OpenAIAPI:
         offsets = {c.index: len(c.prefix_text) for c in job.choices}
 
         def chunk(choices, usage=None) -> str:
-            return _sse(P.Completion(id=job.id, created=created, model=name,
+            return _sse(protocol.Completion(id=job.id, created=created, model=name,
                                      system_fingerprint=FINGERPRINT,
                                      choices=choices, usage=usage))
 
         for c in job.choices:
             if c.prefix_text:
-                yield chunk([P.CompletionChoice(index=c.index, text=c.prefix_text)])
+                yield chunk([protocol.CompletionChoice(index=c.index, text=c.prefix_text)])
         async with aclosing(self.server.events(job)) as events:
             async for item in events:
                 if item is None:
@@ -283,15 +283,15 @@ class OpenAIAPI:
                     offsets[c.index] += sum(map(len, lps.tokens))
                 if text or lps or ev.finished:
                     finish_reason = c.finish_reason if ev.finished else None
-                    yield chunk([P.CompletionChoice(index=c.index, text=text, logprobs=lps,
+                    yield chunk([protocol.CompletionChoice(index=c.index, text=text, logprobs=lps,
                                                     finish_reason=finish_reason)])
         if include_usage:
             yield chunk([], self.usage(job, chat=False))
 
 
-def _assistant_message(c: Choice) -> P.AssistantMessage:
+def _assistant_message(c: Choice) -> protocol.AssistantMessage:
     reasoning = "".join(c.reasoning) if c.parser.saw_reasoning else None
-    return P.AssistantMessage(content="".join(c.content), reasoning_content=reasoning)
+    return protocol.AssistantMessage(content="".join(c.content), reasoning_content=reasoning)
 
 
 def _text_bytes(value) -> int:
