@@ -225,8 +225,12 @@ class Trainer:
             self.precision = self._resumed_precision
             self.precision_how = {"reason": "resumed"}
         elif cfg.precision == "auto":
-            self.precision, self.precision_how = precision.choose(self.host, self.device, cfg.batch_size,
-                                                                  cfg.seq_len)
+            chosen = [None]
+            if self.info.is_main:  # rank 0 measures; every rank trains in its choice
+                chosen = [precision.choose(self.host, self.device, cfg.batch_size, cfg.seq_len)]
+            if self.info.enabled:
+                torch.distributed.broadcast_object_list(chosen, src=0)
+            self.precision, self.precision_how = chosen[0]
         self.autocast = precision.autocast(self.device, self.precision)
         if self.info.is_main and cfg.progress:
             timing = {k: v for k, v in self.precision_how.items() if k in precision.DTYPES}
