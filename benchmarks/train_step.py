@@ -75,7 +75,7 @@ def best_variant(name: str, build, ids: torch.Tensor, variants, steps: int, peak
     for prec, compiled in variants:
         model = build().train()
         run = torch.compile(model) if compiled else model
-        step = (ours_step if name == "nanoseek" else hf_step)(run, ids, prec)
+        step = (ours_step if name.startswith("nanoseek") else hf_step)(run, ids, prec)
         started = time.perf_counter()
         try:
             step()  # compiles, when compiled

@@ -325,18 +325,19 @@ def test_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):
     assert not failed["compiled"] and failed["compile_s"] == 0.0
     a, b = final_weights(tmp_path / "eager", 4), final_weights(tmp_path / "failed", 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.warns(RuntimeWarning, match="bf16 on CPU"):  # Inductor's bf16 step gave NaN: eager bf16
+        assert not _fit(tmp_path / "bf16", steps=2, precision="bf16", compile=True)["compiled"]
 
 
 @pytest.mark.slow
 def test_a_compiled_run_matches_eager_and_resumes_bitwise(tmp_path):
-    """Inductor's C++ backend, forward and backward, fp32 and bf16: losses within 1e-4 (relative) of eager after 6
-    steps; a compiled run resumed at step 3 ends bitwise equal to the uninterrupted compiled one. Slow: compiling
-    the tiny model takes minutes on a 2-core CPU with a cold cache."""
-    for prec in ("fp32", "bf16"):
-        eager = _fit(tmp_path / f"eager-{prec}", steps=6, precision=prec)
-        compiled = _fit(tmp_path / f"compiled-{prec}", steps=6, precision=prec, compile=True)
-        assert compiled["compiled"] and compiled["compile_s"] > 0
-        assert compiled["lm_loss"] == pytest.approx(eager["lm_loss"], rel=1e-4)
+    """Inductor's C++ backend, forward and backward, fp32: the loss within 1e-4 (relative) of eager after 6 steps;
+    a compiled run resumed at step 3 ends bitwise equal to the uninterrupted compiled one. Slow: compiling the tiny
+    model took 5 minutes on a busy 2-core CPU with a cold cache."""
+    eager = _fit(tmp_path / "eager-fp32", steps=6, precision="fp32")
+    compiled = _fit(tmp_path / "compiled-fp32", steps=6, precision="fp32", compile=True)
+    assert compiled["compiled"] and compiled["compile_s"] > 0
+    assert compiled["lm_loss"] == pytest.approx(eager["lm_loss"], rel=1e-4)
     _fit(tmp_path / "resumed", steps=3, save_every=3, precision="fp32", compile=True)
     _fit(tmp_path / "resumed", steps=6, save_every=3, precision="fp32", compile=True)
     a, b = final_weights(tmp_path / "compiled-fp32", 6), final_weights(tmp_path / "resumed", 6)
