@@ -207,3 +207,138 @@ def test_schedules():
     assert lr_multiplier(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
     assert lr_multiplier(50, warmup=10, total=100, schedule="wsd") == 1.0
     assert lr_multiplier(90, warmup=10, total=100, schedule="wsd", min_ratio=0.0) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- precision and compile
+
+@pytest.fixture(autouse=True)
+def _precision_cache(tmp_path, monkeypatch):
+    """auto's timings are cached per test (subprocesses inherit it), never in the user's home."""
+    monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
+
+
+def _fit(out: Path, steps: int = 30, **overrides) -> dict:
+    from nanoseek import Transformer
+
+    torch.manual_seed(0)
+    fields = dict(out_dir=str(out), max_steps=steps, batch_size=8, seq_len=16, log_every=5, eval_every=1000,
+                  save_every=1000, warmup_steps=3, progress=False)
+    cfg = TrainConfig(**{**fields, **overrides})
+    return Trainer(Transformer(tiny_config(num_nextn_predict_layers=1)), cfg, CountingLoader(8, 16, 128)).fit()
+
+
+def test_bf16_trains_like_fp32_and_says_so(tmp_path):
+    """bf16 autocast (on any CPU: without native support it is only slower) against fp32, same seed, 30 steps: the
+    final window's mean loss within 2%. cost.json names the precision and the peak's dtype."""
+    fp32 = _fit(tmp_path / "fp32", precision="fp32")
+    bf16 = _fit(tmp_path / "bf16", precision="bf16")
+    assert bf16["lm_loss_avg"] == pytest.approx(fp32["lm_loss_avg"], rel=0.02)
+    assert fp32["lm_loss_avg"] < 4.0  # both learned (the first window is ~4.7 nats)
+    cost = json.loads((tmp_path / "bf16" / "cost.json").read_text())
+    assert cost["precision"] == cost["matmul_peak_dtype"] == "bf16" and cost["precision_choice"]["reason"] == "forced"
+    assert json.loads((tmp_path / "fp32" / "cost.json").read_text())["precision"] == "fp32"
+
+
+def test_auto_measures_only_where_bf16_is_native_and_remembers_its_choice(monkeypatch):
+    from nanoseek import Transformer
+    from nanoseek.train import precision
+
+    model = Transformer(tiny_config())
+    cpu = torch.device("cpu")
+    timings = []
+
+    def fake_measure(*args, **kwargs):
+        timings.append(1)
+        return {"fp32": 0.10, "bf16": 0.08}
+    monkeypatch.setattr(precision, "measure", fake_measure)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.choose(model, cpu, 8, 16)[0] == "fp32" and not timings  # AVX2-only: fp32, nothing timed
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.choose(model, cpu, 8, 16) == ("bf16", {"fp32": 0.1, "bf16": 0.08, "reason": "timed"})
+    assert precision.choose(model, cpu, 8, 16)[0] == "bf16" and len(timings) == 1  # cached: the same choice again
+    assert precision.choose(model, cpu, 4, 16)[0] == "bf16" and len(timings) == 2  # another batch shape: timed
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: {"fp32": 0.10, "bf16": 0.099})
+    assert precision.choose(model, cpu, 2, 16)[0] == "fp32"  # 1% faster is within the noise: fp32
+    real = precision.measure(model, cpu, 2, 8, rounds=1)
+    assert set(real) == {"fp32", "bf16"} and all(v > 0 for v in real.values())
+
+
+def test_auto_precision_is_recorded_and_a_resumed_run_reuses_it_bitwise(tmp_path, monkeypatch):
+    """Whatever auto picks is written into the checkpoint; a resumed run takes it from there (it does not time
+    again: timing could pick otherwise) and ends bitwise equal to an uninterrupted run."""
+    from nanoseek.train import precision
+
+    monkeypatch.setattr(precision, "choose", lambda *a: ("bf16", {"reason": "timed"}))
+    straight = _fit(tmp_path / "straight", steps=6)
+    assert straight["precision"] == "bf16"
+    _fit(tmp_path / "resumed", steps=3, save_every=3)
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "step_000003" / STATE_FILE, weights_only=True)
+    assert state["precision"] == "bf16"
+
+    def no_timing(*args):
+        raise AssertionError("a resumed run must not time again")
+    monkeypatch.setattr(precision, "choose", no_timing)
+    resumed = _fit(tmp_path / "resumed", steps=6, save_every=3)
+    assert resumed["precision"] == "bf16" and resumed["precision_choice"] == {"reason": "resumed"}
+    a, b = final_weights(tmp_path / "straight", 6), final_weights(tmp_path / "resumed", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_expert_grouped_matmul_op_equals_grouped_mm_in_both_precisions():
+    """The custom op torch.compile calls for the experts on CPU: output and both gradients bitwise those of
+    F.grouped_mm, an expert without tokens included."""
+    from nanoseek.model.moe import cpu_grouped_mm
+
+    offsets = torch.tensor([3, 0, 5, 2]).cumsum(0).to(torch.int32)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(10, 16, dtype=dtype, requires_grad=True)
+        w = torch.randn(4, 24, 16, dtype=dtype, requires_grad=True)
+        grads = []
+        for op in (lambda a, b: torch.nn.functional.grouped_mm(a, b, offs=offsets),
+                   lambda a, b: cpu_grouped_mm(a, b, offsets)):
+            out = op(x, w.mT)
+            out.backward(torch.ones_like(out).cumsum(0))
+            grads.append((out.detach(), x.grad, w.grad))
+            x.grad = w.grad = None
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):
+    """No C++ compiler: a warning and an eager run. A compiler that fails on the first step: a warning, and the
+    step reruns eagerly from the same data and random state, so the run equals an eager one exactly."""
+    eager = _fit(tmp_path / "eager", steps=4, precision="fp32")
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        missing = _fit(tmp_path / "missing", steps=4, precision="fp32", compile=True)
+    assert not missing["compiled"] and missing["lm_loss"] == eager["lm_loss"]
+    monkeypatch.delenv("CXX")
+
+    def broken_compile(module):
+        def run(*args, **kwargs):
+            module(*args, **kwargs)  # a compiler that fails late: the forward ran (expert loads counted)
+            raise RuntimeError("C++ compile error")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr("nanoseek.train.trainer._compiler_available", lambda device: True)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*C\\+\\+ compile error"):
+        failed = _fit(tmp_path / "failed", steps=4, precision="fp32", compile=True)
+    assert not failed["compiled"] and failed["compile_s"] == 0.0
+    a, b = final_weights(tmp_path / "eager", 4), final_weights(tmp_path / "failed", 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.warns(RuntimeWarning, match="bf16 on CPU"):  # Inductor's bf16 step gave NaN: eager bf16
+        assert not _fit(tmp_path / "bf16", steps=2, precision="bf16", compile=True)["compiled"]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_matches_eager_and_resumes_bitwise(tmp_path):
+    """Inductor's C++ backend, forward and backward, fp32: the loss within 1e-4 (relative) of eager after 6 steps;
+    a compiled run resumed at step 3 ends bitwise equal to the uninterrupted compiled one. Slow: compiling the tiny
+    model took 5 minutes on a busy 2-core CPU with a cold cache."""
+    eager = _fit(tmp_path / "eager-fp32", steps=6, precision="fp32")
+    compiled = _fit(tmp_path / "compiled-fp32", steps=6, precision="fp32", compile=True)
+    assert compiled["compiled"] and compiled["compile_s"] > 0
+    assert compiled["lm_loss"] == pytest.approx(eager["lm_loss"], rel=1e-4)
+    _fit(tmp_path / "resumed", steps=3, save_every=3, precision="fp32", compile=True)
+    _fit(tmp_path / "resumed", steps=6, save_every=3, precision="fp32", compile=True)
+    a, b = final_weights(tmp_path / "compiled-fp32", 6), final_weights(tmp_path / "resumed", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)

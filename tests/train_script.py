@@ -60,6 +60,8 @@ def main():
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--val", action="store_true", help="validate on 3 batches (rank 0 takes 2 of them, rank 1 one)")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compile", action="store_true")
     ap.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (gives a killer time to act)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -71,7 +73,8 @@ def main():
     cfg = TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=per_rank, seq_len=16,
                       grad_accum=args.grad_accum, save_every=args.save_every, log_every=args.log_every,
                       eval_every=args.eval_every, warmup_steps=2, lr=3e-3, optimizer=args.optimizer,
-                      parallel=args.parallel, progress=False)
+                      parallel=args.parallel, precision=args.precision, compile=args.compile,
+                      progress=False)
 
     def val():  # uneven on purpose: FSDP ranks must still run forward together
         stream = CountingLoader(4, 16, 128, seed=99)

@@ -7,7 +7,9 @@ routing (softmax, group max) is kept for DeepSeek-V2 checkpoints.
 
 Dispatch: the (token, expert) pairs are sorted by expert so each expert's tokens form one
 contiguous slice, all experts run as one grouped matmul (or a loop over the non-empty experts), and
-the weighted outputs are scatter-added back. No capacity, nothing dropped.
+the weighted outputs are scatter-added back. No capacity, nothing dropped. Under autocast the grouped
+matmul runs in the autocast dtype; under torch.compile on CPU it is the custom op `cpu_grouped_mm`
+(Inductor cannot lower F.grouped_mm there), which computes the same numbers.
 
 This is the one copy of routing and of the expert loop. The engine (engine/weights.py, weights
 stored [in, out]) and the int8 experts (engine/quant.py) call `Router.route`, `dispatch` and
@@ -184,19 +186,53 @@ def run_experts(xs: torch.Tensor, counts: torch.Tensor, expert: RunOne,
 
 
 def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # Eager CPU runs it in any float dtype; CUDA kernels and torch.compile's tracing want bf16.
+    # CPU runs it in any float dtype (compiled: through the custom op below); CUDA kernels and
+    # torch.compile's tracing there want bf16.
     if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
         return False
-    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-    return x.dtype == torch.bfloat16 or eager_cpu
+    return x.dtype == torch.bfloat16 or x.device.type == "cpu"
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        return cpu_grouped_mm(x, w, offsets)  # Inductor cannot lower F.grouped_mm on CPU
     out = F.grouped_mm(x, w, offs=offsets)
     # the backward kernel rejects expanded (stride-0) gradients, e.g. from .sum()
     if out.requires_grad:
         out.register_hook(torch.Tensor.contiguous)
     return out
+
+
+@torch.library.custom_op("nanoseek::cpu_grouped_mm", mutates_args=())
+def cpu_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm as an opaque op that torch.compile calls rather than traces: a [M, K] @ b
+    [E, K, N] by row groups -> [M, N], or a [K, M] @ b [M, N] by groups of M -> [E, K, N] (the
+    weight gradient)."""
+    return F.grouped_mm(a, b, offs=offsets)
+
+
+@cpu_grouped_mm.register_fake
+def _(a, b, offsets):
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offsets.shape[0], a.shape[0], b.shape[1])
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_a = cpu_grouped_mm(grad, b.transpose(-2, -1), ctx.offsets)
+    grad_b = cpu_grouped_mm(a.t(), grad, ctx.offsets)
+    return grad_a, grad_b, None
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, offsets = inputs
+    ctx.save_for_backward(a, b)
+    ctx.offsets = offsets
+
+
+cpu_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 class Experts(nn.Module):
@@ -211,7 +247,14 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, d], rows sorted by expert, counts [E] rows per expert -> [M, d]."""
-        return run_experts(x, counts, self.expert, self.gate_up_proj.mT, self.down_proj.mT)
+        gate_up = self.gate_up_proj.mT
+        down = self.down_proj.mT
+        if torch.is_autocast_enabled(x.device.type):  # one grouped matmul in the autocast dtype
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(dtype)
+            gate_up = gate_up.to(dtype)
+            down = down.to(dtype)
+        return run_experts(x, counts, self.expert, gate_up, down)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's SwiGLU on rows x [n, d]."""

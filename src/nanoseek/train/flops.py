@@ -33,16 +33,26 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * active_matmul_params(cfg) + 3 * attn_fwd * cfg.num_hidden_layers
 
 
+PEAK_SIZES = (512, 1024, 2048)  # the square matmuls whose best speed is the peak
+
+
 def measure_matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        size: int = 1024, seconds: float = 1.0) -> float:
-    """FLOP/s of a square matmul on this device and dtype: the denominator of MFU."""
+                        size: int | tuple[int, ...] = PEAK_SIZES, seconds: float = 1.0) -> float:
+    """FLOP/s of square matmuls on this device and dtype, the best over `size` (one size or
+    several, sharing `seconds`): the denominator of MFU. Measure it in the dtype the step's matmuls
+    run in (bf16 under bf16 autocast)."""
+    sizes = (size,) if isinstance(size, int) else tuple(size)
+    return max(_matmul_speed(device, dtype, n, seconds / len(sizes)) for n in sizes)
+
+
+def _matmul_speed(device, dtype: torch.dtype, size: int, seconds: float) -> float:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    a @ b  # warm-up
     _sync(device)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    n = 0
+    start = time.perf_counter()
+    while n == 0 or time.perf_counter() - start < seconds:
         a @ b
         n += 1
     _sync(device)

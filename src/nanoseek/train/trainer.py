@@ -1,7 +1,7 @@
 """One training loop for every stage.
 
     for step in steps:                       gradient accumulation over micro-batches (DDP/FSDP sync on the last)
-        loss = lm + λ·MTP + balance          bf16 autocast on CUDA, fp32 on CPU
+        loss = lm + λ·MTP + balance          fp32, or bf16 autocast where measured faster (precision.py)
         clip, optimizer step at the scheduled rate, then the routers' bias update (γ, all-reduced loads)
         every log_every: JSONL metrics + progress bar (loss, tokens/s, MFU)
         every eval_every: validation loss and bits per byte
@@ -9,7 +9,12 @@
 
 A checkpoint is `out_dir/checkpoints/step_NNNNNN/`: an HF model directory plus `trainer_state.pt` (optimizer,
 loader position of every rank, RNG states, counters). It is written under a temporary name and renamed when
-complete, so a run killed while saving resumes from the previous one.
+complete, so a run killed while saving resumes from the previous one. It records the precision the run
+chose, which a resumed run reuses.
+
+With `compile` the model's forward and backward are compiled by torch.compile (Inductor: its C++ backend
+on CPU); without a C++ compiler, or when the first step fails to compile, the run goes on eagerly after one
+warning. cost.json reports the precision, the matmul peak's dtype and the compile time.
 
 Under torchrun the model is replicated (parallel="ddp") or sharded (parallel="fsdp": FSDP2, see dist.py). With FSDP
 the trainer trains a sharded twin of the model it is given; checkpoints gather the full weights and optimizer state
@@ -26,6 +31,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -38,9 +44,10 @@ from tqdm import tqdm
 from nanoseek.checkpoint import load_weights_into, save_model
 from nanoseek.io import atomic_dir, atomic_write_text
 from nanoseek.model import IGNORE_INDEX, Transformer
-from nanoseek.train import dist
+from nanoseek.train import dist, precision
 from nanoseek.train.flops import measure_matmul_peak, train_flops_per_token
 from nanoseek.train.optim import build_optimizer, lr_multiplier
+from nanoseek.train.precision import PRECISIONS
 
 STATE_FILE = "trainer_state.pt"
 
@@ -72,7 +79,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # "cuda" when available, else "cpu"
-    compile: bool = False  # torch.compile the model (worth it on CUDA)
+    compile: bool = False  # torch.compile forward + backward (Inductor; on CPU its C++ backend)
+    precision: str = "auto"  # "fp32", "bf16" (autocast; fp32 master weights) or "auto" (measured)
     parallel: str = "ddp"  # under torchrun: "ddp" (a whole model per rank) or "fsdp" (FSDP2: sharded across ranks)
     price_per_hour: float = 0.0  # $ per device-hour, for the cost report
     progress: bool = True
@@ -95,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r}: must be 'cosine' or 'wsd'")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={self.optimizer!r}: must be 'adamw' or 'muon'")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: must be one of {PRECISIONS}")
         if self.parallel not in dist.PARALLEL:
             raise ValueError(f"parallel={self.parallel!r}: must be one of {dist.PARALLEL}")
         if self.parallel == "fsdp" and self.optimizer == "muon":
@@ -145,11 +155,19 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.optimizer = build_optimizer(self.model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          muon_lr=cfg.muon_lr, router_lr_scale=cfg.router_lr_scale)
-        self.wrapped = self.model if self.fsdp else dist.wrap_model(self.model, self.info)
-        if cfg.compile:
-            self.wrapped = torch.compile(self.wrapped)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
-            else torch.autocast("cpu", enabled=False)
+        self.eager = self.model if self.fsdp else dist.wrap_model(self.model, self.info)
+        self.wrapped = self.eager
+        self.compiled = cfg.compile and _compiler_available(self.device)
+        if self.compiled:
+            self.wrapped = torch.compile(self.eager)
+        self.compile_s: float | None = None
+        # the precision until `fit` decides (auto: measured there, or the resumed checkpoint's)
+        self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if cfg.precision != "auto":
+            self.precision = cfg.precision
+        self.precision_how: dict = {"reason": "forced"} if cfg.precision != "auto" else {}
+        self._resumed_precision: str | None = None
+        self.autocast = precision.autocast(self.device, self.precision)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.info.world_size
         self.flops_per_token = train_flops_per_token(model.config, cfg.seq_len)
@@ -163,8 +181,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.info.rank)
         resumed = self.resume()
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        peak = measure_matmul_peak(self.device, dtype, seconds=self.peak_seconds)
+        self.choose_precision()
+        peak = measure_matmul_peak(self.device, precision.DTYPES[self.precision], seconds=self.peak_seconds)
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
@@ -177,7 +195,7 @@ class Trainer:
             self.before_loop(resumed, peak)
             while self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested:
                 started = time.perf_counter()
-                metrics = self.run_step()
+                metrics = self.first_step() if self.compile_s is None else self.run_step()
                 self.elapsed += time.perf_counter() - started
                 self.step += 1
                 self.bar.update(1)
@@ -198,6 +216,59 @@ class Trainer:
         if self._stop_requested:
             raise KeyboardInterrupt(f"stopped at step {self.step}; run again to resume from {self.out}")
         return {**metrics, **report}
+
+    def choose_precision(self) -> None:
+        """fp32 or bf16 for this run: forced by the config, recorded in the checkpoint resumed from,
+        or measured (precision.choose); said once."""
+        cfg = self.cfg
+        if cfg.precision == "auto" and self._resumed_precision is not None:
+            self.precision = self._resumed_precision
+            self.precision_how = {"reason": "resumed"}
+        elif cfg.precision == "auto":
+            chosen = [None]
+            if self.info.is_main:  # rank 0 measures; every rank trains in its choice
+                chosen = [precision.choose(self.host, self.device, cfg.batch_size, cfg.seq_len)]
+            if self.info.enabled:
+                torch.distributed.broadcast_object_list(chosen, src=0)
+            self.precision, self.precision_how = chosen[0]
+        self.autocast = precision.autocast(self.device, self.precision)
+        if self.compiled and self.device.type == "cpu" and self.precision == "bf16":
+            warnings.warn("compile=True with bf16 on CPU: Inductor's compiled bf16 training step gave NaN losses "
+                          "(torch 2.13); training eagerly in bf16", RuntimeWarning, stacklevel=2)
+            self.compiled = False
+            self.wrapped = self.eager
+        if self.info.is_main and cfg.progress:
+            timing = {k: v for k, v in self.precision_how.items() if k in precision.DTYPES}
+            said = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timing.items())
+            tqdm.write(f"precision: {self.precision} ({self.precision_how.get('reason', '')}"
+                       f"{': forward+backward ' + said if said else ''})"
+                       f"{'; compiled' if self.compiled else ''}")
+
+    def first_step(self) -> dict:
+        """This process's first step. Compiled, it compiles; should that fail, the data position,
+        random state, gradients and expert loads are restored and the step runs eagerly."""
+        if not self.compiled:
+            self.compile_s = 0.0
+            return self.run_step()
+        loader_state = self.loader.state_dict()
+        rng = torch.get_rng_state()
+        started = time.perf_counter()
+        try:
+            metrics = self.run_step()
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say why once
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:300]}); training "
+                          "eagerly", RuntimeWarning, stacklevel=2)
+            self.loader.load_state_dict(loader_state)
+            torch.set_rng_state(rng)
+            self.optimizer.zero_grad(set_to_none=True)
+            for moe in self.host.moe_layers():
+                moe.expert_load.zero_()
+            self.compiled = False
+            self.wrapped = self.eager
+            self.compile_s = 0.0
+            return self.run_step()
+        self.compile_s = round(time.perf_counter() - started, 2)  # mostly compiling
+        return metrics
 
     # ------------------------------------------------------------------ the hooks
     def before_loop(self, resumed: bool, peak: float) -> None:
@@ -238,7 +309,7 @@ class Trainer:
                 metrics.update(self.evaluate())
             self.log(metrics)
             self.bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}",
-                                 mfu=f"{metrics['mfu']:.2f}")
+                                 mfu=f"{metrics['mfu']:.2f}", prec=self.precision)
 
     def on_save(self) -> None:
         """After each checkpoint: files a subclass writes beside it (none here)."""
@@ -333,7 +404,9 @@ class Trainer:
         device_hours = self.elapsed * self.info.world_size / 3600
         return {"steps": self.step, "tokens": self.tokens, "flops": flops, "wall_s": round(self.elapsed, 2),
                 "mfu": round(flops / max(self.elapsed, 1e-9) / (peak * self.info.world_size), 4),
-                "matmul_peak_flops": peak, "devices": self.info.world_size, "device": str(self.device.type),
+                "matmul_peak_flops": peak, "matmul_peak_dtype": self.precision, "precision": self.precision,
+                "precision_choice": self.precision_how, "compiled": self.compiled, "compile_s": self.compile_s,
+                "devices": self.info.world_size, "device": str(self.device.type),
                 "device_hours": round(device_hours, 5), "price_per_device_hour": self.cfg.price_per_hour,
                 "estimated_cost": round(device_hours * self.cfg.price_per_hour, 4),
                 "active_params": self.host.num_parameters(active=True), "params": self.host.num_parameters()}
@@ -373,7 +446,7 @@ class Trainer:
                      "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
                      "loaders": loader_states, "rng": rngs, "world_size": self.info.world_size,
                      "parallel": "fsdp" if self.fsdp else "ddp", "config": asdict(self.cfg),
-                     "window_losses": list(self._window_losses)}
+                     "window_losses": list(self._window_losses), "precision": self.precision}
             with atomic_dir(final) as tmp:
                 save_model(self.host, tmp, tokenizer=self.tokenizer)
                 torch.save(state, tmp / STATE_FILE)
@@ -419,6 +492,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self._window_losses = list(state.get("window_losses", []))
+        self._resumed_precision = state.get("precision")
         if self.info.is_main:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
             tqdm.write(f"resumed from {path} (step {self.step})")
@@ -453,3 +527,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
+
+
+def _compiler_available(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels here: on CPU, Inductor needs a C++ compiler (CXX or
+    c++/g++/clang++ on PATH). Without one: a warning, and the run stays eager."""
+    if device.type != "cpu":
+        return True
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    if any(shutil.which(name) for name in names):
+        return True
+    warnings.warn("compile=True but no C++ compiler was found for torch.compile on CPU (set CXX or install "
+                  "g++); training eagerly", RuntimeWarning, stacklevel=3)
+    return False

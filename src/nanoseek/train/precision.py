@@ -1,0 +1,141 @@
+"""The precision a training step runs in, chosen by measuring this machine.
+
+"fp32" runs everything in fp32; "bf16" runs forward and backward under bf16 autocast. Either way the
+master weights, gradients and optimizer state stay fp32. "auto" (TrainConfig's default) takes bf16 on
+CUDA; on a CPU that runs bf16 natively (AVX512_BF16 or AMX) it times forward + backward of the model
+in both precisions, interleaved, on a copy of the model and on random tokens (so the run's weights,
+data position and random state are untouched), and takes bf16 only when it is at least `MARGIN`
+faster; fp32 on every other CPU. A matmul's speed-up alone misleads: the step is mostly not large
+matmuls.
+
+The choice is cached per machine, model and batch shape (`cache_path`), so that the same seed on
+the same machine trains the same way run after run; a resumed run reuses the choice its checkpoint
+recorded and times nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from nanoseek.io import atomic_write_text
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MARGIN = 0.05  # bf16 must be at least this much faster (a fraction of the fp32 step time)
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text("utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text("utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 in hardware (not by converting to fp32 and back)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    if cpu_flags() & set(NATIVE_BF16_FLAGS):
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPUID checks
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The context a forward (and its backward) runs under for `precision` ("fp32" or "bf16")."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_pass(model: torch.nn.Module, device: torch.device, precision: str, batch_size: int,
+               seq_len: int) -> float:
+    """Seconds of one forward + backward of `model` (a copy: its gradients go nowhere) on random
+    tokens [batch_size, seq_len] in `precision`. -> the loss."""
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=gen).to(device)
+    with autocast(device, precision):
+        loss = model.compute_loss(ids[:, :-1], ids[:, 1:]).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss.item()
+
+
+def measure(model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int,
+            rounds: int = 3) -> dict[str, float]:
+    """Best seconds per forward + backward in each precision, measured alternately (fp32, bf16,
+    fp32, ...) after one warm-up each, so that a busy machine slows both alike."""
+    twin = copy.deepcopy(model).train()
+    best = {name: float("inf") for name in DTYPES}
+    for r in range(rounds + 1):  # round 0 warms up and is not counted
+        for name in DTYPES:
+            start = time.perf_counter()
+            train_pass(twin, device, name, batch_size, seq_len)
+            if r:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {name: round(s, 5) for name, s in best.items()}
+
+
+def cache_path() -> Path:
+    root = os.environ.get("NANOSEEK_CACHE") or Path.home() / ".cache" / "nanoseek"
+    return Path(root) / "precision.json"
+
+
+def cache_key(model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int) -> str:
+    """This machine, torch build, thread count, model and batch shape."""
+    parts = [cpu_name(), torch.__version__, str(torch.get_num_threads()), str(device.type),
+             json.dumps(model.config.to_dict(), sort_keys=True, default=str), f"{batch_size}x{seq_len}"]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def choose(model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int
+           ) -> tuple[str, dict]:
+    """`auto`'s choice for this model and batch on this device -> (precision, how it was decided)."""
+    if device.type == "cuda":
+        return "bf16", {"reason": "cuda"}
+    if not native_bf16(device):
+        return "fp32", {"reason": "no native bf16 on this CPU"}
+    key = cache_key(model, device, batch_size, seq_len)
+    path = cache_path()
+    try:
+        cached = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]["precision"], {**cached[key]["timing"], "reason": "cached timing"}
+    timing = measure(model, device, batch_size, seq_len)
+    precision = "bf16" if timing["bf16"] < (1 - MARGIN) * timing["fp32"] else "fp32"
+    cached[key] = {"precision": precision, "timing": timing}
+    try:
+        atomic_write_text(path, json.dumps(cached, indent=1) + "\n")
+    except OSError:  # a read-only home: the choice is simply not remembered
+        pass
+    return precision, {**timing, "reason": "timed"}
