@@ -285,8 +285,9 @@ def test_auto_precision_is_recorded_and_a_resumed_run_reuses_it_bitwise(tmp_path
 
 
 def test_the_expert_grouped_matmul_op_equals_grouped_mm_in_both_precisions():
-    """The custom op torch.compile calls for the experts on CPU: output and both gradients bitwise those of
-    F.grouped_mm, an expert without tokens included."""
+    """The custom op torch.compile calls for the experts on CPU: output and both gradients those of
+    F.grouped_mm up to rounding (its backward multiplies in another order: bitwise equal with this machine's
+    AVX-512 kernels, not with the default ones), an expert without tokens included."""
     from nanoseek.model.moe import cpu_grouped_mm
 
     offsets = torch.tensor([3, 0, 5, 2]).cumsum(0).to(torch.int32)
@@ -300,7 +301,8 @@ def test_the_expert_grouped_matmul_op_equals_grouped_mm_in_both_precisions():
             out.backward(torch.ones_like(out).cumsum(0))
             grads.append((out.detach(), x.grad, w.grad))
             x.grad = w.grad = None
-        assert all(torch.equal(a, b) for a, b in zip(*grads))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)  # the dtype's default tolerance: rounding, not another formula
 
 
 def test_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):
