@@ -146,4 +146,8 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        # Every rank waits for the others first: a gloo rank that tears down its connections while a peer is still
+        # working (rank 0 gathering a checkpoint, say) can abort the peer ("terminate called without an active
+        # exception"), failing a run that finished.
+        dist.barrier()
         dist.destroy_process_group()
