@@ -1,16 +1,19 @@
-"""Inference speed: the nanoseek engine vs transformers' generate on the same weights, batching, cache size,
-int8, MTP speculation, and the compiled decode step (fp32 and bf16) against the eager one.
+"""Inference speed: the nanoseek engine vs transformers' generate on the same weights, batching,
+cache size, int8, MTP speculation, and the compiled decode step (fp32 and bf16) against the eager
+one.
 
-The reference config of the model issue, fp32, CPU. The model (with one MTP module) is first trained for a few
-hundred steps on Python source bytes, so that greedy decoding is not noise and the MTP head has something to
-predict; every figure below uses those same weights, in the same run. Prints JSON lines:
-{"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
+The reference config of the model issue, fp32, CPU. The model (with one MTP module) is first trained
+for a few hundred steps on Python source bytes, so that greedy decoding is not noise and the MTP
+head has something to predict; every figure below uses those same weights, in the same run. Prints
+JSON lines: {"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
 
-    python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8] [--train-seq 128]
-                                [--new-tokens 128] [--batch 16] [--no-anchor] [--save-trained DIR | --checkpoint DIR]
-                                [--no-compiled] [--decode-only]
+    python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8] [--train-seq
+    128]
+                                [--new-tokens 128] [--batch 16] [--no-anchor] [--save-trained DIR |
+                                --checkpoint DIR] [--no-compiled] [--decode-only]
 
-The compiled rows print each graph's compile time (Inductor caches it: a second run compiles in seconds).
+The compiled rows print each graph's compile time (Inductor caches it: a second run compiles in
+seconds).
 """
 
 from __future__ import annotations
@@ -33,17 +36,32 @@ from nanoseek.engine.weights import MoEWeights
 
 
 def source_bytes(names: list[str]) -> torch.Tensor:
-    """Token ids = the bytes of some standard-library modules (a corpus every Python install has)."""
+    """Token ids = the bytes of some standard-library modules (a corpus every Python install
+    has)."""
     root = Path(argparse.__file__).parent
     return torch.tensor(list(b"".join((root / n).read_bytes() for n in names)), dtype=torch.long)
 
 
-TRAIN = ["argparse.py", "collections/__init__.py", "dataclasses.py", "enum.py", "functools.py", "inspect.py",
-         "pathlib.py", "shutil.py", "subprocess.py", "tarfile.py", "typing.py", "zipfile.py"]
+TRAIN = [
+    "argparse.py",
+    "collections/__init__.py",
+    "dataclasses.py",
+    "enum.py",
+    "functools.py",
+    "inspect.py",
+    "pathlib.py",
+    "shutil.py",
+    "subprocess.py",
+    "tarfile.py",
+    "typing.py",
+    "zipfile.py",
+]
 HELD_OUT = ["textwrap.py", "difflib.py"]
 
 
-def train_briefly(model: Transformer, data: torch.Tensor, steps: int, batch: int = 8, seq: int = 256) -> float:
+def train_briefly(
+    model: Transformer, data: torch.Tensor, steps: int, batch: int = 8, seq: int = 256
+) -> float:
     """AdamW on next-token + MTP loss; -> the last step's LM loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
@@ -52,7 +70,11 @@ def train_briefly(model: Transformer, data: torch.Tensor, steps: int, batch: int
     for step in range(steps):
         start = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
         chunk = torch.stack([data[s : s + seq + 1] for s in start])
-        lr = 2e-3 * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * (1 + math.cos(math.pi * step / steps)) / 2)
+        lr = (
+            2e-3
+            * min(1.0, (step + 1) / 30)
+            * (0.1 + 0.9 * (1 + math.cos(math.pi * step / steps)) / 2)
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         out = model.compute_loss(chunk[:, :-1], chunk[:, 1:], mtp_weight=0.3)
@@ -66,9 +88,10 @@ def train_briefly(model: Transformer, data: torch.Tensor, steps: int, batch: int
 
 
 def measure(runs: dict, rounds: int = 3) -> dict:
-    """Time the callables of `runs` in turns (one warm-up, then `rounds` rounds, each running every callable once),
-    so that a shared machine's changing load hits them alike. -> name -> (best wall s, best CPU s, last result).
-    Everything runs in this one process and thread count, so CPU time is comparable too."""
+    """Time the callables of `runs` in turns (one warm-up, then `rounds` rounds, each running every
+    callable once), so that a shared machine's changing load hits them alike. -> name -> (best wall
+    s, best CPU s, last result). Everything runs in this one process and thread count, so CPU time
+    is comparable too."""
     results = {name: fn() for name, fn in runs.items()}
     wall, cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
@@ -81,32 +104,46 @@ def measure(runs: dict, rounds: int = 3) -> dict:
 
 
 def speeds(tokens: int, ours, anchor) -> dict:
-    """A JSON row's numbers: tokens/s of both (wall clock), their ratio, and the ratio in CPU time."""
-    return dict(ours=round(tokens / ours[0], 1), anchor=round(tokens / anchor[0], 1),
-                ratio=round(anchor[0] / ours[0], 2), cpu_time_ratio=round(anchor[1] / ours[1], 2))
+    """A JSON row's numbers: tokens/s of both (wall clock), their ratio, and the ratio in CPU
+    time."""
+    return dict(
+        ours=round(tokens / ours[0], 1),
+        anchor=round(tokens / anchor[0], 1),
+        ratio=round(anchor[0] / ours[0], 2),
+        cpu_time_ratio=round(anchor[1] / ours[1], 2),
+    )
 
 
 def matmul_floor(engine: Engine, batch: int = 1, steps: int = 64) -> tuple[float, int]:
-    """What a decode step of `batch` sequences costs if it did nothing but its matrix products: every matmul the
-    tokens need in the engine's own weight layout (attention projections, the absorbed W_UK / W_UV products, dense
-    FFN, router, shared expert, routed experts, LM head), with no attention scores, norms, routing or Python around
-    them. The routed experts get an even share of the batch's batch * top_k rows. No eager fp32 engine here can
-    beat it. -> (seconds per step, weight bytes read per step)."""
+    """What a decode step of `batch` sequences costs if it did nothing but its matrix products:
+    every matmul the tokens need in the engine's own weight layout (attention projections, the
+    absorbed W_UK / W_UV products, dense FFN, router, shared expert, routed experts, LM head), with
+    no attention scores, norms, routing or Python around them. The routed experts get an even share
+    of the batch's batch * top_k rows. No eager fp32 engine here can beat it. -> (seconds per step,
+    weight bytes read per step)."""
     w = engine.runner.weights.current()
-    prods = []  # (rows, matrix): [in, out] matrices, or [H, in, out] stacks (a batched product over heads)
+    # (rows, matrix): [in, out] matrices, or [H, in, out] stacks (a batched product over heads)
+    prods = []
     for layer, block in enumerate(w.blocks[: len(engine.model.layers)]):
         a, ffn = block.attn, block.ffn
         prods += [(batch, m) for m in (a.proj_in.w_t, a.proj_q.w_t, a.w_uk, a.w_uv_t, a.o_proj.w_t)]
         if isinstance(ffn, MoEWeights):
             pairs, E = batch * ffn.router.gate.top_k, ffn.n_experts
-            experts = [(layer * pairs + k) % E for k in range(min(pairs, E))]  # different ones in each layer
-            prods += [(batch, ffn.router.w_t), (batch, ffn.shared.gate_up.w_t), (batch, ffn.shared.down.w_t)]
+            # different ones in each layer
+            experts = [(layer * pairs + k) % E for k in range(min(pairs, E))]
+            prods += [
+                (batch, ffn.router.w_t),
+                (batch, ffn.shared.gate_up.w_t),
+                (batch, ffn.shared.down.w_t),
+            ]
             prods += [(-(-pairs // len(experts)), m) for e in experts for m in ffn.each[e]]
         else:
             prods += [(batch, ffn.gate_up.w_t), (batch, ffn.down.w_t)]
     prods.append((batch, w.lm_head.w_t))
-    calls = [(torch.bmm if m.dim() == 3 else torch.mm, torch.randn(*m.shape[:-2], rows, m.shape[-2]), m)
-             for rows, m in prods]
+    calls = [
+        (torch.bmm if m.dim() == 3 else torch.mm, torch.randn(*m.shape[:-2], rows, m.shape[-2]), m)
+        for rows, m in prods
+    ]
 
     def step():
         for op, x, m in calls:
@@ -116,11 +153,19 @@ def matmul_floor(engine: Engine, batch: int = 1, steps: int = 64) -> tuple[float
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - start) / steps, sum(m.numel() * m.element_size() for _, m in prods)
+    return (time.perf_counter() - start) / steps, sum(
+        m.numel() * m.element_size() for _, m in prods
+    )
 
 
-def compiled_decode(model: Transformer, prompt: list[int], greedy: SamplingParams, conf: str,
-                    eager: Engine, anchor=None) -> dict:
+def compiled_decode(
+    model: Transformer,
+    prompt: list[int],
+    greedy: SamplingParams,
+    conf: str,
+    eager: Engine,
+    anchor=None,
+) -> dict:
     """Batch-1 decode through Engine.generate: the compiled step in fp32 and in bf16 (both forced,
     whatever this CPU would pick) against the eager engine and transformers, timed in turns.
     -> the compiled engines, by dtype."""
@@ -130,22 +175,29 @@ def compiled_decode(model: Transformer, prompt: list[int], greedy: SamplingParam
         start = time.perf_counter()
         engines[dtype] = Engine(model, max_batch_size=1, decode="compiled", decode_dtype=dtype)
         engines[dtype].generate([prompt], greedy)  # compiles every bucket the generation meets
-        print(f"# compiled {dtype}: set-up and first generation {time.perf_counter() - start:.1f}s",
-              file=sys.stderr)
-    runs = {name: (lambda e=e: e.generate([prompt], greedy)[0].token_ids)
-            for name, e in engines.items()}
+        print(
+            f"# compiled {dtype}: set-up and first generation {time.perf_counter() - start:.1f}s",
+            file=sys.stderr,
+        )
+    runs = {
+        name: (lambda e=e: e.generate([prompt], greedy)[0].token_ids) for name, e in engines.items()
+    }
     runs["eager"] = lambda: eager.generate([prompt], greedy)[0].token_ids
     if anchor is not None:
         runs["anchor"] = anchor
     m = measure(runs)
     for dtype, e in engines.items():
         seconds = getattr(e.runner, "compile_seconds", {})  # none: it fell back to eager
-        row = dict(bench=f"decode_batch1_compiled_{dtype}_tokens_per_s",
-                   **speeds(n, m[dtype], m["eager"]), unit="tokens/s",
-                   config=conf + f", prompt {len(prompt)}, {n} new tokens, greedy, vs eager",
-                   anchor_name="the eager engine", same_tokens_as_eager=m[dtype][2] == m["eager"][2],
-                   compiled=hasattr(e.runner, "compile_seconds"),
-                   compile_seconds={f"{b}x{c}": round(t, 1) for (b, c), t in seconds.items()})
+        row = dict(
+            bench=f"decode_batch1_compiled_{dtype}_tokens_per_s",
+            **speeds(n, m[dtype], m["eager"]),
+            unit="tokens/s",
+            config=conf + f", prompt {len(prompt)}, {n} new tokens, greedy, vs eager",
+            anchor_name="the eager engine",
+            same_tokens_as_eager=m[dtype][2] == m["eager"][2],
+            compiled=hasattr(e.runner, "compile_seconds"),
+            compile_seconds={f"{b}x{c}": round(t, 1) for (b, c), t in seconds.items()},
+        )
         if "anchor" in m:
             row.update(vs_transformers=speeds(n, m[dtype], m["anchor"]))
         emit(**row)
@@ -186,12 +238,16 @@ def compiled_quality(engines: dict, eager: Engine, held_out: torch.Tensor, conf:
         got = [forced_logits(e, w) for w in windows]
         errors = torch.cat([(g - r).abs().amax(-1) for g, r in zip(got, reference)])
         ppl = perplexity(got)
-        emit(bench=f"decode_compiled_{dtype}_quality", unit="logits",
-             config=conf + f", {len(targets)} held-out bytes teacher-forced, vs the eager engine",
-             max_logit_error=float(f"{errors.max().item():.3g}"),
-             median_row_error=float(f"{errors.median().item():.3g}"),
-             perplexity_eager=round(ppl_ref, 4), perplexity=round(ppl, 4),
-             perplexity_change=float(f"{ppl / ppl_ref - 1:.3g}"))
+        emit(
+            bench=f"decode_compiled_{dtype}_quality",
+            unit="logits",
+            config=conf + f", {len(targets)} held-out bytes teacher-forced, vs the eager engine",
+            max_logit_error=float(f"{errors.max().item():.3g}"),
+            median_row_error=float(f"{errors.median().item():.3g}"),
+            perplexity_eager=round(ppl_ref, 4),
+            perplexity=round(ppl, 4),
+            perplexity_change=float(f"{ppl / ppl_ref - 1:.3g}"),
+        )
 
 
 def emit(**row) -> None:
@@ -207,8 +263,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--no-anchor", action="store_true", help="skip transformers")
-    ap.add_argument("--checkpoint", help="measure this checkpoint (reference-sized, with MTP) instead of training one")
-    ap.add_argument("--save-trained", help="save the briefly trained model here (to measure it again later)")
+    ap.add_argument(
+        "--checkpoint",
+        help="measure this checkpoint (reference-sized, with MTP) instead of training one",
+    )
+    ap.add_argument(
+        "--save-trained", help="save the briefly trained model here (to measure it again later)"
+    )
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step")
     ap.add_argument("--decode-only", action="store_true", help="stop after the batch-1 decode rows")
     args = ap.parse_args()
@@ -222,13 +283,20 @@ def main() -> None:
     else:
         # the reference config: ModelConfig's defaults, plus one MTP module
         model = Transformer(ModelConfig(num_nextn_predict_layers=1))
-        conf = (f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained {args.train_steps} steps of "
-                f"{args.train_batch}x{args.train_seq} source bytes")
+        conf = (
+            f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained {args.train_steps} steps of "
+            f"{args.train_batch}x{args.train_seq} source bytes"
+        )
         t0 = time.perf_counter()
-        loss = train_briefly(model, data, args.train_steps, args.train_batch, args.train_seq) if args.train_steps \
+        loss = (
+            train_briefly(model, data, args.train_steps, args.train_batch, args.train_seq)
+            if args.train_steps
             else float("nan")
-        print(f"# trained {args.train_steps} steps in {time.perf_counter() - t0:.0f}s, lm loss {loss:.3f}",
-              file=sys.stderr)
+        )
+        print(
+            f"# trained {args.train_steps} steps in {time.perf_counter() - t0:.0f}s, lm loss {loss:.3f}",
+            file=sys.stderr,
+        )
         if args.save_trained:
             save_model(model, args.save_trained)
     model.eval()
@@ -250,14 +318,22 @@ def main() -> None:
 
         def hf_generate():
             with torch.no_grad():
-                out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                out = hf.generate(
+                    ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+                )
             return out[0, ids.shape[1] :].tolist()
 
         runs["anchor"] = hf_generate
     m = measure(runs)
-    row = dict(bench="decode_batch1_tokens_per_s", ours=round(n / m["ours"][0], 1), anchor=None, ratio=None,
-               unit="tokens/s", config=conf + f", prompt 32, {n} new tokens, greedy",
-               anchor_name="transformers AutoModelForCausalLM.generate (greedy)")
+    row = dict(
+        bench="decode_batch1_tokens_per_s",
+        ours=round(n / m["ours"][0], 1),
+        anchor=None,
+        ratio=None,
+        unit="tokens/s",
+        config=conf + f", prompt 32, {n} new tokens, greedy",
+        anchor_name="transformers AutoModelForCausalLM.generate (greedy)",
+    )
     if "anchor" in m:
         row.update(speeds(n, m["ours"], m["anchor"]), same_tokens=m["anchor"][2] == m["ours"][2])
     floor, weight_bytes = min(matmul_floor(engine) for _ in range(3))
@@ -271,41 +347,71 @@ def main() -> None:
         return
 
     # 2. many requests at once vs one at a time, same engine
-    m = measure({"batch": lambda: engine.generate(prompts, greedy),
-                 "one": lambda: engine.generate([prompts[0]], greedy)}, rounds=2)
+    m = measure(
+        {
+            "batch": lambda: engine.generate(prompts, greedy),
+            "one": lambda: engine.generate([prompts[0]], greedy),
+        },
+        rounds=2,
+    )
     per_request = (m["batch"][0] / args.batch, m["batch"][1] / args.batch)
     floor_batch = min(matmul_floor(engine, args.batch)[0] for _ in range(3))
-    emit(bench=f"throughput_{args.batch}_concurrent", **speeds(n, per_request, m["one"]),
-         unit="tokens/s", config=conf + f", {args.batch} requests x {n} tokens vs the same engine at batch 1",
-         same_tokens_as_alone=m["batch"][2][0].token_ids == reference_tokens,
-         matmul_floor_tokens_per_s=round(args.batch / floor_batch, 1))
+    emit(
+        bench=f"throughput_{args.batch}_concurrent",
+        **speeds(n, per_request, m["one"]),
+        unit="tokens/s",
+        config=conf + f", {args.batch} requests x {n} tokens vs the same engine at batch 1",
+        same_tokens_as_alone=m["batch"][2][0].token_ids == reference_tokens,
+        matmul_floor_tokens_per_s=round(args.batch / floor_batch, 1),
+    )
 
     # 3. cache bytes per token
     fp = 4
     latent = engine.cache_bytes_per_token
     mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * fp
-    emit(bench="kv_cache_bytes_per_token", ours=latent, anchor=mha, ratio=round(mha / latent, 2), unit="bytes",
-         config=f"fp32, (kv_lora_rank {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} "
-                "layers x 4 B, vs an expanded MHA cache (K and V per head)",
-         formula_bytes=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * fp)
+    emit(
+        bench="kv_cache_bytes_per_token",
+        ours=latent,
+        anchor=mha,
+        ratio=round(mha / latent, 2),
+        unit="bytes",
+        config=f"fp32, (kv_lora_rank {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} "
+        "layers x 4 B, vs an expanded MHA cache (K and V per head)",
+        formula_bytes=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * fp,
+    )
 
     # 4. int8 weights: speed and quality
     q = quantize_model(model)
     q_engine, fp_engine = Engine(q, max_batch_size=1), Engine(model, max_batch_size=1)
-    m = measure({"int8": lambda: q_engine.generate([prompts[0]], greedy)[0].token_ids,
-                 "fp32": lambda: fp_engine.generate([prompts[0]], greedy)[0].token_ids})
+    m = measure(
+        {
+            "int8": lambda: q_engine.generate([prompts[0]], greedy)[0].token_ids,
+            "fp32": lambda: fp_engine.generate([prompts[0]], greedy)[0].token_ids,
+        }
+    )
     quality = quantization_error(model, q, held_out[: 16 * 256].view(16, 256))
-    emit(bench="int8_decode_tokens_per_s", **speeds(n, m["int8"], m["fp32"]), unit="tokens/s",
-         config=conf + ", int8 weight-only vs fp32, batch 1, greedy",
-         max_logit_error=round(quality["max_logit_error"], 4), mean_logit_error=round(quality["mean_logit_error"], 5),
-         perplexity_fp=round(quality["perplexity_fp"], 4), perplexity_int8=round(quality["perplexity_int8"], 4),
-         perplexity_change=round(quality["perplexity_change"], 5),
-         weight_bytes_fp=quality["weight_bytes_fp"], weight_bytes_int8=quality["weight_bytes_int8"],
-         held_out_tokens=quality["tokens"])
+    emit(
+        bench="int8_decode_tokens_per_s",
+        **speeds(n, m["int8"], m["fp32"]),
+        unit="tokens/s",
+        config=conf + ", int8 weight-only vs fp32, batch 1, greedy",
+        max_logit_error=round(quality["max_logit_error"], 4),
+        mean_logit_error=round(quality["mean_logit_error"], 5),
+        perplexity_fp=round(quality["perplexity_fp"], 4),
+        perplexity_int8=round(quality["perplexity_int8"], 4),
+        perplexity_change=round(quality["perplexity_change"], 5),
+        weight_bytes_fp=quality["weight_bytes_fp"],
+        weight_bytes_int8=quality["weight_bytes_int8"],
+        held_out_tokens=quality["tokens"],
+    )
 
-    # 5. MTP speculative decoding vs plain, batch 1, greedy; and its ceiling here: the MTP module run as usual
-    # but its draft replaced by the right token (read off the plain greedy output), so every draft is accepted
-    spec, oracle = Engine(model, max_batch_size=1, speculative=True), Engine(model, max_batch_size=1, speculative=True)
+    # 5. MTP speculative decoding vs plain, batch 1, greedy; and its ceiling here: the MTP module
+    # run as usual but its draft replaced by the right token (read off the plain greedy output), so
+    # every draft is accepted
+    spec, oracle = (
+        Engine(model, max_batch_size=1, speculative=True),
+        Engine(model, max_batch_size=1, speculative=True),
+    )
     mtp_draft = oracle.spec.draft
 
     def right_draft(runner, inp, hidden, next_ids, rows):
@@ -314,16 +420,30 @@ def main() -> None:
         return [reference_tokens[k] if k < n else 0]
 
     oracle.spec.draft = right_draft
-    m = measure({"spec": lambda: spec.generate([prompts[0]], greedy)[0].token_ids,
-                 "oracle": lambda: oracle.generate([prompts[0]], greedy)[0].token_ids,
-                 "plain": lambda: fp_engine.generate([prompts[0]], greedy)[0].token_ids})
-    emit(bench="speculative_decode_tokens_per_s", **speeds(n, m["spec"], m["plain"]), unit="tokens/s",
-         config=conf + ", MTP draft (1 token) vs plain, batch 1, greedy",
-         acceptance_rate=round(spec.stats()["spec_acceptance_rate"], 3), same_tokens=m["spec"][2] == reference_tokens)
-    emit(bench="speculative_ceiling_tokens_per_s", **speeds(n, m["oracle"], m["plain"]), unit="tokens/s",
-         config=conf + ", MTP drafts replaced by the right token: the cost of verifying 2 tokens on this machine",
-         acceptance_rate=round(oracle.stats()["spec_acceptance_rate"], 3),
-         same_tokens=m["oracle"][2] == reference_tokens)
+    m = measure(
+        {
+            "spec": lambda: spec.generate([prompts[0]], greedy)[0].token_ids,
+            "oracle": lambda: oracle.generate([prompts[0]], greedy)[0].token_ids,
+            "plain": lambda: fp_engine.generate([prompts[0]], greedy)[0].token_ids,
+        }
+    )
+    emit(
+        bench="speculative_decode_tokens_per_s",
+        **speeds(n, m["spec"], m["plain"]),
+        unit="tokens/s",
+        config=conf + ", MTP draft (1 token) vs plain, batch 1, greedy",
+        acceptance_rate=round(spec.stats()["spec_acceptance_rate"], 3),
+        same_tokens=m["spec"][2] == reference_tokens,
+    )
+    emit(
+        bench="speculative_ceiling_tokens_per_s",
+        **speeds(n, m["oracle"], m["plain"]),
+        unit="tokens/s",
+        config=conf
+        + ", MTP drafts replaced by the right token: the cost of verifying 2 tokens on this machine",
+        acceptance_rate=round(oracle.stats()["spec_acceptance_rate"], 3),
+        same_tokens=m["oracle"][2] == reference_tokens,
+    )
 
 
 if __name__ == "__main__":

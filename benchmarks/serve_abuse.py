@@ -155,9 +155,7 @@ def main() -> int:
     ap.add_argument("--huge-prompts", type=int, default=1500)
     ap.add_argument("--huge-n", type=int, default=64)
     ap.add_argument("--huge-max-tokens", type=int, default=64)
-    ap.add_argument(
-        "--threads", type=int, default=1, help="the server's torch threads (default 1)"
-    )
+    ap.add_argument("--threads", type=int, default=1, help="the server's torch threads (default 1)")
     ap.add_argument(
         "--checkpoint", type=Path, default=None, help="default: a random-weight 'cpu'-preset model"
     )

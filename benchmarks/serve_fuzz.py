@@ -36,10 +36,18 @@ MAX_TOKENS = 4  # a valid request generates at most this many tokens per complet
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=None,
-                    help="draw with this seed (default: hypothesis's fixed derandomized draw)")
-    ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="serve this checkpoint (default: a tiny random one built here)")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="draw with this seed (default: hypothesis's fixed derandomized draw)",
+    )
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="serve this checkpoint (default: a tiny random one built here)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="nanoseek-fuzz-") as tmp:
         checkpoint = args.checkpoint or build_random_checkpoint(Path(tmp) / "model")
@@ -58,13 +66,19 @@ def fuzz(url: str, cases: int, draw_seed: int | None) -> dict:
     problems = []
     malformed = []  # the problems of answers under 500
 
-    @settings(max_examples=cases, derandomize=draw_seed is None, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=cases,
+        derandomize=draw_seed is None,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(serve_fuzz.requests(doc))
     def one(request):
         route, body = request
-        status, found = serve_fuzz.send(client, url, route, body,
-                                        {"Authorization": f"Bearer {KEY}"})
+        status, found = serve_fuzz.send(
+            client, url, route, body, {"Authorization": f"Bearer {KEY}"}
+        )
         statuses[status] += 1
         problems.extend(found)
         if status < 500:
@@ -76,12 +90,15 @@ def fuzz(url: str, cases: int, draw_seed: int | None) -> dict:
     one()
     for problem in problems[:10]:
         print(problem, file=sys.stderr)
-    return {"bench": "serve_fuzz", "cases": sum(statuses.values()),
-            "server_errors": sum(n for s, n in statuses.items() if s >= 500),
-            "malformed_errors": len(malformed),
-            "statuses": {str(s): n for s, n in sorted(statuses.items())},
-            "seconds": round(time.perf_counter() - start, 1),
-            "config": {"seed": draw_seed, "max_tokens": MAX_TOKENS}}
+    return {
+        "bench": "serve_fuzz",
+        "cases": sum(statuses.values()),
+        "server_errors": sum(n for s, n in statuses.items() if s >= 500),
+        "malformed_errors": len(malformed),
+        "statuses": {str(s): n for s, n in sorted(statuses.items())},
+        "seconds": round(time.perf_counter() - start, 1),
+        "config": {"seed": draw_seed, "max_tokens": MAX_TOKENS},
+    }
 
 
 if __name__ == "__main__":

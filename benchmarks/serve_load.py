@@ -1,17 +1,23 @@
-"""Serving under load: many concurrent streaming clients against a real `nanoseek serve` on 127.0.0.1.
+"""Serving under load: many concurrent streaming clients against a real `nanoseek serve` on
+127.0.0.1.
 
-A fixed number of chat requests (each generating exactly --max-tokens tokens: ignore_eos) is shared by --clients
-concurrent streaming clients. Reported as JSON lines {"bench", "ours", "anchor", "ratio", "unit", "config", ...}:
-  throughput   generated tokens/s through HTTP; anchor: the same requests through Engine.generate in-process
-               with max_batch_size = clients, so the ratio is what the server keeps of the engine's own speed
+A fixed number of chat requests (each generating exactly --max-tokens tokens: ignore_eos) is shared
+by --clients concurrent streaming clients. Reported as JSON lines {"bench", "ours", "anchor",
+"ratio", "unit", "config", ...}:
+  throughput   generated tokens/s through HTTP; anchor: the same requests through Engine.generate
+  in-process
+               with max_batch_size = clients, so the ratio is what the server keeps of the engine's
+               own speed
   ttft_p50/99  seconds from sending a request to its first token chunk
-  cpu          CPU seconds per generated token, the server process's (all threads) vs the in-process engine's:
+  cpu          CPU seconds per generated token, the server process's (all threads) vs the in-process
+  engine's:
                unlike wall time, this does not depend on what else runs on the machine
   rss          the server's resident memory after the load; anchor: before it
-Every request must succeed (status 200, usage and [DONE] present, exactly --max-tokens tokens): the exit status is
-1 otherwise.
+Every request must succeed (status 200, usage and [DONE] present, exactly --max-tokens tokens): the
+exit status is 1 otherwise.
 
-    python benchmarks/serve_load.py [--clients 32] [--requests 128] [--max-tokens 32] [--checkpoint DIR]
+    python benchmarks/serve_load.py [--clients 32] [--requests 128] [--max-tokens 32] [--checkpoint
+    DIR]
 """
 
 from __future__ import annotations
@@ -36,31 +42,67 @@ from nanoseek import ModelConfig, Transformer, save_model  # noqa: E402
 
 from serve_helpers import ServerProcess, build_tokenizer  # noqa: E402  (after the path is set)
 
-# The "cpu" preset's model shape with a small trained tokenizer; random weights (speed does not need skill).
-MODEL = dict(hidden_size=192, intermediate_size=576, moe_intermediate_size=96, num_hidden_layers=5,
-             num_attention_heads=6, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, n_group=4,
-             topk_group=2, first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
-             qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=1024, num_nextn_predict_layers=0)
-QUESTIONS = ["What is 12 + 35?", "Write a haiku about the sea.", "用一句话介绍你自己。", "List three prime numbers.",
-             "How do I reverse a list in Python?", "今天天气怎么样？", "Explain MoE in one line.", "Count to five."]
+# The "cpu" preset's model shape with a small trained tokenizer; random weights (speed does not need
+# skill).
+MODEL = dict(
+    hidden_size=192,
+    intermediate_size=576,
+    moe_intermediate_size=96,
+    num_hidden_layers=5,
+    num_attention_heads=6,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    kv_lora_rank=64,
+    q_lora_rank=96,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    max_position_embeddings=1024,
+    num_nextn_predict_layers=0,
+)
+QUESTIONS = [
+    "What is 12 + 35?",
+    "Write a haiku about the sea.",
+    "用一句话介绍你自己。",
+    "List three prime numbers.",
+    "How do I reverse a list in Python?",
+    "今天天气怎么样？",
+    "Explain MoE in one line.",
+    "Count to five.",
+]
 
 
 def make_checkpoint(path: Path) -> Path:
     tok = build_tokenizer(vocab_size=1024)
     torch.manual_seed(0)
-    save_model(Transformer(ModelConfig(vocab_size=tok.vocab_size, **MODEL)).eval(), path, tokenizer=tok)
+    save_model(
+        Transformer(ModelConfig(vocab_size=tok.vocab_size, **MODEL)).eval(), path, tokenizer=tok
+    )
     return path
 
 
 def request_body(i: int, max_tokens: int) -> dict:
-    return {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "stream": True,
-            "stream_options": {"include_usage": True}, "max_tokens": max_tokens, "ignore_eos": True,
-            "temperature": 1.0, "seed": i}
+    return {
+        "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 1.0,
+        "seed": i,
+    }
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     start = time.perf_counter()
-    first, usage, done, error = None, None, False, None
+    first = None
+    usage = None
+    done = False
+    error = None
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             return {"error": f"status {r.status_code}: {(await r.aread())[:200]!r}"}
@@ -75,8 +117,10 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
                 error = chunk["error"]["message"]
             elif chunk.get("usage"):
                 usage = chunk["usage"]
-            elif first is None and any(c["delta"].get("content") or c["delta"].get("reasoning_content")
-                                       for c in chunk["choices"]):
+            elif first is None and any(
+                c["delta"].get("content") or c["delta"].get("reasoning_content")
+                for c in chunk["choices"]
+            ):
                 first = time.perf_counter()
     if error or not done or usage is None:
         return {"error": error or "stream ended without usage and [DONE]"}
@@ -109,8 +153,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def offline_throughput(checkpoint: Path, requests: int, max_tokens: int, max_batch_size: int) -> tuple[float, float]:
-    """The same requests through Engine.generate in this process, max_batch_size at a time: the engine's speed.
+def offline_throughput(
+    checkpoint: Path, requests: int, max_tokens: int, max_batch_size: int
+) -> tuple[float, float]:
+    """The same requests through Engine.generate in this process, max_batch_size at a time: the
+    engine's speed.
     -> (tokens/s, CPU seconds per token)"""
     from nanoseek.checkpoint import load_checkpoint
     from nanoseek.engine import Engine, SamplingParams
@@ -122,7 +169,9 @@ def offline_throughput(checkpoint: Path, requests: int, max_tokens: int, max_bat
     for i in range(requests):
         body = request_body(i, max_tokens)
         prompts.append(chat_prompt(ckpt.tokenizer, body["messages"], True)[0])
-        params.append(SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0, seed=i))
+        params.append(
+            SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=1.0, seed=i)
+        )
     engine.generate(prompts[:2], params[:2])  # warm-up
     start, cpu = time.perf_counter(), time.process_time()
     outs = engine.generate(prompts, params)
@@ -131,7 +180,11 @@ def offline_throughput(checkpoint: Path, requests: int, max_tokens: int, max_bat
 
 
 def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+        if len(values) > 1
+        else values[0]
+    )
 
 
 def main() -> int:
@@ -139,25 +192,45 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads, server and anchor alike (default 1: the clients need a core too)")
-    ap.add_argument("--checkpoint", type=Path, default=None, help="default: a random-weight 'cpu'-preset model")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, server and anchor alike (default 1: the clients need a core too)",
+    )
+    ap.add_argument(
+        "--checkpoint", type=Path, default=None, help="default: a random-weight 'cpu'-preset model"
+    )
     args = ap.parse_args()
     threads = args.threads
     torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or make_checkpoint(Path(tmp) / "model")
-        config = {"clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
-                  "threads": threads, "checkpoint": str(args.checkpoint or "random cpu-preset model")}
-        with ServerProcess(checkpoint, "--threads", str(threads), "--max-concurrent-requests",
-                           str(max(64, args.clients))) as server:
+        config = {
+            "clients": args.clients,
+            "requests": args.requests,
+            "max_tokens": args.max_tokens,
+            "threads": threads,
+            "checkpoint": str(args.checkpoint or "random cpu-preset model"),
+        }
+        with ServerProcess(
+            checkpoint,
+            "--threads",
+            str(threads),
+            "--max-concurrent-requests",
+            str(max(64, args.clients)),
+        ) as server:
             server.wait_ready()
             asyncio.run(load(server.url, 2, 2, args.max_tokens))  # warm-up
             rss_before, cpu_before = server.rss_bytes(), cpu_seconds(server.proc.pid)
-            results, wall = asyncio.run(load(server.url, args.clients, args.requests, args.max_tokens))
+            results, wall = asyncio.run(
+                load(server.url, args.clients, args.requests, args.max_tokens)
+            )
             rss_after, server_cpu = server.rss_bytes(), cpu_seconds(server.proc.pid) - cpu_before
-        anchor, anchor_cpu = offline_throughput(checkpoint, args.requests, args.max_tokens, args.clients)
+        anchor, anchor_cpu = offline_throughput(
+            checkpoint, args.requests, args.max_tokens, args.clients
+        )
 
     errors = [r["error"] for r in results if "error" in r]
     ok = [r for r in results if "error" not in r]
@@ -167,16 +240,45 @@ def main() -> int:
     cpu = server_cpu / max(tokens, 1)
     common = {"config": config, "errors": len(errors), "completed": len(ok)}
     lines = [
-        {"bench": "serve_load.throughput", "ours": ours, "anchor": anchor, "ratio": ours / anchor,
-         "unit": "tokens/s", "anchor_is": "Engine.generate in-process, same requests", "wall_s": wall},
-        {"bench": "serve_load.ttft_p50", "ours": percentile(ttfts, 50) if ttfts else None, "anchor": None,
-         "ratio": None, "unit": "s"},
-        {"bench": "serve_load.ttft_p99", "ours": percentile(ttfts, 99) if ttfts else None, "anchor": None,
-         "ratio": None, "unit": "s"},
-        {"bench": "serve_load.cpu_per_token", "ours": cpu, "anchor": anchor_cpu, "ratio": cpu / anchor_cpu,
-         "unit": "CPU s/token", "anchor_is": "Engine.generate in-process, same requests"},
-        {"bench": "serve_load.rss", "ours": rss_after, "anchor": rss_before, "ratio": rss_after / rss_before,
-         "unit": "bytes", "anchor_is": "server RSS before the load"},
+        {
+            "bench": "serve_load.throughput",
+            "ours": ours,
+            "anchor": anchor,
+            "ratio": ours / anchor,
+            "unit": "tokens/s",
+            "anchor_is": "Engine.generate in-process, same requests",
+            "wall_s": wall,
+        },
+        {
+            "bench": "serve_load.ttft_p50",
+            "ours": percentile(ttfts, 50) if ttfts else None,
+            "anchor": None,
+            "ratio": None,
+            "unit": "s",
+        },
+        {
+            "bench": "serve_load.ttft_p99",
+            "ours": percentile(ttfts, 99) if ttfts else None,
+            "anchor": None,
+            "ratio": None,
+            "unit": "s",
+        },
+        {
+            "bench": "serve_load.cpu_per_token",
+            "ours": cpu,
+            "anchor": anchor_cpu,
+            "ratio": cpu / anchor_cpu,
+            "unit": "CPU s/token",
+            "anchor_is": "Engine.generate in-process, same requests",
+        },
+        {
+            "bench": "serve_load.rss",
+            "ours": rss_after,
+            "anchor": rss_before,
+            "ratio": rss_after / rss_before,
+            "unit": "bytes",
+            "anchor_is": "server RSS before the load",
+        },
     ]
     for line in lines:
         print(json.dumps({**line, **common}), flush=True)

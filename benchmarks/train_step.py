@@ -1,9 +1,10 @@
-"""Training-step speed: nanoseek vs transformers' DeepseekV3ForCausalLM on the same weights, and MoE vs dense.
+"""Training-step speed: nanoseek vs transformers' DeepseekV3ForCausalLM on the same weights, and MoE
+vs dense.
 
-Forward + backward + AdamW step on the reference config of the model issue, each side in fp32 and under bf16
-autocast (and compiled with --compile), its best taken. MFU is against the matmul peak in the precision that
-ran (best of 512/1024/2048 square matmuls). Prints JSON lines: the CPU, the peaks, one line per variant, then
-{"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
+Forward + backward + AdamW step on the reference config of the model issue, each side in fp32 and
+under bf16 autocast (and compiled with --compile), its best taken. MFU is against the matmul peak in
+the precision that ran (best of 512/1024/2048 square matmuls). Prints JSON lines: the CPU, the
+peaks, one line per variant, then {"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
 
     python benchmarks/train_step.py [--batch 8] [--seq 256] [--steps 5] [--compile]
 """
@@ -22,14 +23,25 @@ from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.train import precision
 from nanoseek.train.flops import active_matmul_params, measure_matmul_peak, train_flops_per_token
 
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "avx512_vnni", "amx_bf16", "amx_tile")
+FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "avx512_vnni",
+    "amx_bf16",
+    "amx_tile",
+)
 
 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
-    """All layers dense, with the width that gives the same active parameters per token as the MoE model."""
+    """All layers dense, with the width that gives the same active parameters per token as the MoE
+    model."""
     moe_width = cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
-    width = (cfg.first_k_dense_replace * cfg.intermediate_size + cfg.n_moe_layers * moe_width) \
-        // cfg.num_hidden_layers
+    width = (
+        cfg.first_k_dense_replace * cfg.intermediate_size + cfg.n_moe_layers * moe_width
+    ) // cfg.num_hidden_layers
     return cfg.replace(first_k_dense_replace=cfg.num_hidden_layers, intermediate_size=width)
 
 
@@ -44,6 +56,7 @@ def ours_step(model, ids: torch.Tensor, prec: str):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -57,10 +70,13 @@ def hf_step(model, ids: torch.Tensor, prec: str):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
-def time_variants(sides: dict, ids: torch.Tensor, variants, steps: int, peaks: dict, flops: float) -> dict:
+def time_variants(
+    sides: dict, ids: torch.Tensor, variants, steps: int, peaks: dict, flops: float
+) -> dict:
     """Every (side, precision, compiled) variant, each on a fresh copy of its side's weights from
     `sides[name]()`, timed round-robin (one step of each in turn, `steps` rounds, the best step
     kept), so that a machine whose load changes slows them alike. Prints a line each -> {side:
@@ -75,13 +91,30 @@ def time_variants(sides: dict, ids: torch.Tensor, variants, steps: int, peaks: d
             try:
                 step()  # compiles, when compiled
             except Exception as exc:  # noqa: BLE001 - a side that does not compile is reported, not fatal
-                print(json.dumps({"bench": "train_step_variant", "name": name, "precision": prec,
-                                  "compiled": compiled, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}))
+                print(
+                    json.dumps(
+                        {
+                            "bench": "train_step_variant",
+                            "name": name,
+                            "precision": prec,
+                            "compiled": compiled,
+                            "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                        }
+                    )
+                )
                 continue
             first = time.perf_counter() - started
             step()  # warm
-            runs.append({"name": name, "precision": prec, "compiled": compiled, "step": step,
-                         "first_step_s": round(first, 2), "best_s": float("inf")})
+            runs.append(
+                {
+                    "name": name,
+                    "precision": prec,
+                    "compiled": compiled,
+                    "step": step,
+                    "first_step_s": round(first, 2),
+                    "best_s": float("inf"),
+                }
+            )
     for _ in range(steps):
         for run in runs:
             started = time.perf_counter()
@@ -90,9 +123,15 @@ def time_variants(sides: dict, ids: torch.Tensor, variants, steps: int, peaks: d
     best: dict = {}
     for run in runs:
         tps = ids.numel() / run["best_s"]
-        row = {"bench": "train_step_variant", "name": run["name"], "precision": run["precision"],
-               "compiled": run["compiled"], "tokens_per_s": round(tps, 1),
-               "mfu": round(tps * flops / peaks[run["precision"]], 4), "first_step_s": run["first_step_s"]}
+        row = {
+            "bench": "train_step_variant",
+            "name": run["name"],
+            "precision": run["precision"],
+            "compiled": run["compiled"],
+            "tokens_per_s": round(tps, 1),
+            "mfu": round(tps * flops / peaks[run["precision"]], 4),
+            "first_step_s": run["first_step_s"],
+        }
         print(json.dumps(row), flush=True)
         if run["name"] not in best or tps > best[run["name"]]["tokens_per_s"]:
             best[run["name"]] = row
@@ -104,24 +143,47 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd variants (minutes each)")
-    ap.add_argument("--no-anchor", action="store_true", help="skip transformers (when it is not installed)")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time torch.compile'd variants (minutes each)"
+    )
+    ap.add_argument(
+        "--no-anchor", action="store_true", help="skip transformers (when it is not installed)"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = ModelConfig()  # the reference config: ModelConfig's defaults
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
     flags = precision.cpu_flags()
-    print(json.dumps({"bench": "cpu", "name": precision.cpu_name(), "threads": torch.get_num_threads(),
-                      "flags": [f for f in FLAGS if f in flags],
-                      "native_bf16": precision.native_bf16(torch.device("cpu"))}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "cpu",
+                "name": precision.cpu_name(),
+                "threads": torch.get_num_threads(),
+                "flags": [f for f in FLAGS if f in flags],
+                "native_bf16": precision.native_bf16(torch.device("cpu")),
+            }
+        ),
+        flush=True,
+    )
     peaks = {p: 0.0 for p in precision.DTYPES}
     for _ in range(3):  # alternately, the best of each kept: a busy machine slows both alike
         for p, dtype in precision.DTYPES.items():
             peaks[p] = max(peaks[p], measure_matmul_peak("cpu", dtype, seconds=1.0))
-    print(json.dumps({"bench": "matmul_peak", "unit": "GFLOP/s", "sizes": [512, 1024, 2048],
-                      **{p: round(v / 1e9, 1) for p, v in peaks.items()}}), flush=True)
-    variants = [(p, False) for p in precision.DTYPES] + ([(p, True) for p in precision.DTYPES] if args.compile
-                                                         else [])
+    print(
+        json.dumps(
+            {
+                "bench": "matmul_peak",
+                "unit": "GFLOP/s",
+                "sizes": [512, 1024, 2048],
+                **{p: round(v / 1e9, 1) for p, v in peaks.items()},
+            }
+        ),
+        flush=True,
+    )
+    variants = [(p, False) for p in precision.DTYPES] + (
+        [(p, True) for p in precision.DTYPES] if args.compile else []
+    )
     flops = train_flops_per_token(cfg, args.seq)
     conf = f"reference, {args.batch}x{args.seq}, fwd+bwd+AdamW, threads={torch.get_num_threads()}"
 
@@ -139,22 +201,48 @@ def main() -> None:
     best = time_variants(sides, ids, variants, args.steps, peaks, flops)
     ours = best["nanoseek"]
     anchor = best.get("transformers")
-    print(json.dumps({"bench": "train_step_tokens_per_s", "ours": ours["tokens_per_s"],
-                      "anchor": anchor and anchor["tokens_per_s"],
-                      "ratio": anchor and round(ours["tokens_per_s"] / anchor["tokens_per_s"], 2),
-                      "unit": "tokens/s", "anchor_name": "transformers DeepseekV3ForCausalLM", "config": conf,
-                      "ours_best": ours, "anchor_best": anchor, "mfu": ours["mfu"],
-                      "matmul_peak_gflops": round(peaks[ours["precision"]] / 1e9, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "train_step_tokens_per_s",
+                "ours": ours["tokens_per_s"],
+                "anchor": anchor and anchor["tokens_per_s"],
+                "ratio": anchor and round(ours["tokens_per_s"] / anchor["tokens_per_s"], 2),
+                "unit": "tokens/s",
+                "anchor_name": "transformers DeepseekV3ForCausalLM",
+                "config": conf,
+                "ours_best": ours,
+                "anchor_best": anchor,
+                "mfu": ours["mfu"],
+                "matmul_peak_gflops": round(peaks[ours["precision"]] / 1e9, 1),
+            }
+        ),
+        flush=True,
+    )
 
     dense_cfg = dense.config
-    assert abs(active_matmul_params(dense_cfg) - active_matmul_params(cfg)) / active_matmul_params(cfg) < 0.01
+    assert (
+        abs(active_matmul_params(dense_cfg) - active_matmul_params(cfg)) / active_matmul_params(cfg)
+        < 0.01
+    )
     dense_tps = best["nanoseek-dense"]["tokens_per_s"]
     moe_tps = ours["tokens_per_s"]
-    print(json.dumps({"bench": "moe_vs_dense_step_cost", "ours": round(dense_tps / moe_tps, 3), "anchor": 1.0,
-                      "ratio": round(dense_tps / moe_tps, 3), "unit": "MoE step time / dense step time",
-                      "config": conf + f", each at its best, dense intermediate_size={dense_cfg.intermediate_size}",
-                      "moe_tokens_per_s": moe_tps, "dense_tokens_per_s": dense_tps,
-                      "active_params": active_matmul_params(cfg)}))
+    print(
+        json.dumps(
+            {
+                "bench": "moe_vs_dense_step_cost",
+                "ours": round(dense_tps / moe_tps, 3),
+                "anchor": 1.0,
+                "ratio": round(dense_tps / moe_tps, 3),
+                "unit": "MoE step time / dense step time",
+                "config": conf
+                + f", each at its best, dense intermediate_size={dense_cfg.intermediate_size}",
+                "moe_tokens_per_s": moe_tps,
+                "dense_tokens_per_s": dense_tps,
+                "active_params": active_matmul_params(cfg),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Can a base checkpoint copy numbers out of a question? The first thing arithmetic needs, probed without SFT.
+"""Can a base checkpoint copy numbers out of a question? The first thing arithmetic needs, probed
+without SFT.
 
 The pretraining corpus's generated task text writes a problem as
 
@@ -7,8 +8,9 @@ The pretraining corpus's generated task text writes a problem as
     8 + 4
     8+4=12, write 2 carry 1 ...
 
-so a model that learned from it should continue "Question: What is A op B?\\nSolution:\\n" with "A op B". This asks
-for that continuation (greedy) on held-out arithmetic problems and counts the exact copies and the right answers.
+so a model that learned from it should continue "Question: What is A op B?\\nSolution:\\n" with "A
+op B". This asks for that continuation (greedy) on held-out arithmetic problems and counts the exact
+copies and the right answers.
 
     python scripts/copy_probe.py runs/cpu/long_context/final [--difficulty 1] [--n 30]
 """
@@ -36,10 +38,17 @@ def main() -> None:
     args = ap.parse_args()
 
     model, tok = load_model(args.checkpoint, dtype=torch.float32), load_tokenizer(args.checkpoint)
-    problems = get_task("arithmetic").generate(args.n, seed=0, difficulty=args.difficulty, split="test")
-    questions = [p.prompt.removesuffix(FORMAT_INSTRUCTIONS["en"]).strip() for p in problems]  # "What is A op B?"
-    prompts = [[tok.special_ids["bos"], *tok.encode(f"Question: {q}\nSolution:\n")] for q in questions]
-    outputs = Engine(model, tok).generate(prompts, SamplingParams(max_tokens=args.max_new_tokens, temperature=0))
+    problems = get_task("arithmetic").generate(
+        args.n, seed=0, difficulty=args.difficulty, split="test"
+    )
+    # "What is A op B?"
+    questions = [p.prompt.removesuffix(FORMAT_INSTRUCTIONS["en"]).strip() for p in problems]
+    prompts = [
+        [tok.special_ids["bos"], *tok.encode(f"Question: {q}\nSolution:\n")] for q in questions
+    ]
+    outputs = Engine(model, tok).generate(
+        prompts, SamplingParams(max_tokens=args.max_new_tokens, temperature=0)
+    )
     copied = answered = 0
     for i, (p, question, out) in enumerate(zip(problems, questions, outputs)):
         text = out.text
@@ -48,8 +57,17 @@ def main() -> None:
         answered += first_answer == f"Answer: {p.answer}"
         if i < args.show:
             print(f"{question!r} -> {text!r}")
-    print(json.dumps({"checkpoint": args.checkpoint, "difficulty": args.difficulty, "problems": len(problems),
-                      "copied_operands": copied, "right_answers": answered}))
+    print(
+        json.dumps(
+            {
+                "checkpoint": args.checkpoint,
+                "difficulty": args.difficulty,
+                "problems": len(problems),
+                "copied_operands": copied,
+                "right_answers": answered,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

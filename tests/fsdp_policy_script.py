@@ -1,5 +1,6 @@
-"""Run under torchrun (2 gloo ranks): the FSDP2 sharding that CUDA training uses (bf16 blocks, fp32 routers, fp32
-gradient reduction), exercised on CPU with bf16 autocast, tied and untied heads. Prints OK on rank 0."""
+"""Run under torchrun (2 gloo ranks): the FSDP2 sharding that CUDA training uses (bf16 blocks, fp32
+routers, fp32 gradient reduction), exercised on CPU with bf16 autocast, tied and untied heads.
+Prints OK on rank 0."""
 
 import sys
 from pathlib import Path
@@ -23,8 +24,11 @@ for tie in (False, True):
 
     def record(key, tensor_of, seen=seen):
         return lambda module, args: seen.setdefault(key, tensor_of(module).dtype) and None
+
     model.layers[1].mlp.gate.register_forward_pre_hook(record("router", lambda m: m.weight))
-    model.mtp[0].block.register_forward_pre_hook(record("block", lambda m: m.mlp.experts.gate_up_proj))
+    model.mtp[0].block.register_forward_pre_hook(
+        record("block", lambda m: m.mlp.experts.gate_up_proj)
+    )
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     reference = host(x, x, 0.3).loss.item()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -32,7 +36,8 @@ for tie in (False, True):
     loss.backward()
     assert seen == {"router": torch.float32, "block": torch.bfloat16}, seen
     assert abs(loss.item() - reference) < 0.05, (loss.item(), reference)
-    assert {p.grad.dtype for p in model.parameters()} == {torch.float32}  # sharded fp32 master weights and grads
+    # sharded fp32 master weights and grads
+    assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     assert dist.clip_grad_norm_(model.parameters(), 1.0) > 0
     optimizer.step()

@@ -1,7 +1,7 @@
 """What the tests share: tiny model configs and models, small tokenizers and checkpoints, a greedy
-reference decoder, stand-in tokenizers, and the logit-margin check that keeps assertions on what a trained
-tiny model says independent of the CPU's rounding. (pytest's own set-up is in conftest.py; the server harness
-is serve_helpers.py, the schema fuzzer serve_fuzz.py.)"""
+reference decoder, stand-in tokenizers, and the logit-margin check that keeps assertions on what a
+trained tiny model says independent of the CPU's rounding. (pytest's own set-up is in conftest.py;
+the server harness is serve_helpers.py, the schema fuzzer serve_fuzz.py.)"""
 
 from __future__ import annotations
 
@@ -18,22 +18,42 @@ from nanoseek.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------- tiny models
 
+
 def tiny_config(**overrides) -> ModelConfig:
-    """A model small enough that a forward pass takes milliseconds, with every architectural feature on."""
-    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                  num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8, n_shared_experts=1,
-                  num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=32,
-                  q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                  max_position_embeddings=128, routed_scaling_factor=2.5, num_nextn_predict_layers=0)
+    """A model small enough that a forward pass takes milliseconds, with every architectural feature
+    on."""
+    fields = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=128,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=0,
+    )
     fields.update(overrides)
     return ModelConfig(**fields)
 
 
 @torch.no_grad()
 def smallest_margin(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """min over learned positions (targets != IGNORE_INDEX) of (target logit - best other logit); negative where
-    greedy decoding would miss. A test that asserts what a trained tiny model says checks this too: a margin of a
-    nat or more cannot be flipped by another CPU's rounding, a margin of 1e-3 can."""
+    """min over learned positions (targets != IGNORE_INDEX) of (target logit - best other logit);
+    negative where greedy decoding would miss. A test that asserts what a trained tiny model says
+    checks this too: a margin of a nat or more cannot be flipped by another CPU's rounding, a margin
+    of 1e-3 can."""
     logits = model(inputs).float()
     learned = targets != IGNORE_INDEX
     target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -43,8 +63,8 @@ def smallest_margin(model: Transformer, inputs: torch.Tensor, targets: torch.Ten
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Engine tests run single-threaded: their tensors are tiny, and on a busy 2-core machine OpenMP's two
-    threads wait on each other for every op (tens of times slower)."""
+    """Engine tests run single-threaded: their tensors are tiny, and on a busy 2-core machine
+    OpenMP's two threads wait on each other for every op (tens of times slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -52,36 +72,44 @@ def one_thread():
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    """A tiny model with weights ten times the usual init scale: attention then shapes the output (at the
-    default scale it is nearly uniform, and an attention bug can hide under the residual stream)."""
+    """A tiny model with weights ten times the usual init scale: attention then shapes the output
+    (at the default scale it is nearly uniform, and an attention bug can hide under the residual
+    stream)."""
     torch.manual_seed(seed)
     return Transformer(tiny_config(**{"initializer_range": 0.2, **overrides})).eval()
 
 
-# The engine computes the same logits in another order, so they differ from the reference's by float rounding
-# (under 1e-5: test_latent_cache_decode_attention_equals_expanded_attention; other CPUs' kernels round
-# differently again). A greedy choice that the tests compare must win by ten times more.
+# The engine computes the same logits in another order, so they differ from the reference's by float
+# rounding (under 1e-5: test_latent_cache_decode_attention_equals_expanded_attention; other CPUs'
+# kernels round differently again). A greedy choice that the tests compare must win by ten times
+# more.
 MIN_GREEDY_MARGIN = 1e-4
 
 
 @torch.no_grad()
-def reference_greedy(model: Transformer, prompt: list[int], n: int, stop_ids: set[int] = frozenset()) -> list[int]:
-    """Greedy decoding the slow, obviously right way: model(ids) on the whole sequence for every token. Fails if
-    a step is a near-tie, which rounding alone could flip on another CPU: pick another prompt or seed then."""
+def reference_greedy(
+    model: Transformer, prompt: list[int], n: int, stop_ids: set[int] = frozenset()
+) -> list[int]:
+    """Greedy decoding the slow, obviously right way: model(ids) on the whole sequence for every
+    token. Fails if a step is a near-tie, which rounding alone could flip on another CPU: pick
+    another prompt or seed then."""
     ids = list(prompt)
     for step in range(n):
         top2 = model(torch.tensor([ids]))[0, -1].float().topk(2)
         margin = (top2.values[0] - top2.values[1]).item()
-        assert margin >= MIN_GREEDY_MARGIN, f"near-tie at greedy step {step} of {prompt}: margin {margin:.2e}"
+        assert margin >= MIN_GREEDY_MARGIN, (
+            f"near-tie at greedy step {step} of {prompt}: margin {margin:.2e}"
+        )
         ids.append(int(top2.indices[0]))
         if ids[-1] in stop_ids:
             break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 class ByteTokenizer:
-    """A stand-in for the real tokenizer: token i < 256 is byte i, so multi-byte characters span tokens the way
-    byte-level BPE splits them. 0 is BOS and 1 is EOS (special: they decode to nothing)."""
+    """A stand-in for the real tokenizer: token i < 256 is byte i, so multi-byte characters span
+    tokens the way byte-level BPE splits them. 0 is BOS and 1 is EOS (special: they decode to
+    nothing)."""
 
     bos_id, eos_id = 0, 1
 
@@ -90,11 +118,14 @@ class ByteTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         specials = {self.bos_id, self.eos_id} if skip_special_tokens else set()
-        return bytes(i for i in ids if i not in specials and i < 256).decode("utf-8", errors="replace")
+        return bytes(i for i in ids if i not in specials and i < 256).decode(
+            "utf-8", errors="replace"
+        )
 
 
 class CharTokenizer:
-    """One character per token: id t >= 2 is chr(t + 30); 0 is BOS and 1 is EOS. Fits a 128-token vocabulary."""
+    """One character per token: id t >= 2 is chr(t + 30); 0 is BOS and 1 is EOS. Fits a 128-token
+    vocabulary."""
 
     bos_id, eos_id = 0, 1
 
@@ -107,7 +138,13 @@ class CharTokenizer:
 
 # ------------------------------------------------------------ small tokenizers and checkpoints
 
-TASK_MIX = {"arithmetic": [1, 2], "countdown": [1], "word_problems": [1], "code": [1], "passkey": [1]}
+TASK_MIX = {
+    "arithmetic": [1, 2],
+    "countdown": [1],
+    "word_problems": [1],
+    "code": [1],
+    "passkey": [1],
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,8 +157,13 @@ def small_tokenizer() -> Tokenizer:
 
 def save_tiny(path: Path, seed: int = 0, context: int = 512, **overrides) -> Path:
     tok = small_tokenizer()
-    cfg = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=context, bos_token_id=tok.bos_id,
-                      eos_token_id=tok.eos_id, **overrides)
+    cfg = tiny_config(
+        vocab_size=tok.vocab_size,
+        max_position_embeddings=context,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        **overrides,
+    )
     torch.manual_seed(seed)
     save_model(Transformer(cfg), path, tokenizer=tok)
     return path

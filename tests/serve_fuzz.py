@@ -11,10 +11,20 @@ import httpx
 from hypothesis import strategies as st
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
-JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.text(max_size=20)
-               | st.floats(allow_nan=False, allow_infinity=False))
-ANY_JSON = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
-                        | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+JSON_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+ANY_JSON = st.recursive(
+    JSON_LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def request_schema(doc: dict, route: str) -> dict:
@@ -51,11 +61,15 @@ def from_schema(schema: dict) -> st.SearchStrategy:
             return st.dictionaries(st.text(max_size=10), values, max_size=3)
         return st.fixed_dictionaries(
             {k: from_schema(v) for k, v in properties.items() if k in required},
-            optional={k: from_schema(v) for k, v in properties.items() if k not in required})
+            optional={k: from_schema(v) for k, v in properties.items() if k not in required},
+        )
     if kind == "array":
         least = schema.get("minItems", 0)
-        return st.lists(from_schema(schema.get("items", {})), min_size=least,
-                        max_size=schema.get("maxItems", least + 4))
+        return st.lists(
+            from_schema(schema.get("items", {})),
+            min_size=least,
+            max_size=schema.get("maxItems", least + 4),
+        )
     if kind in ("integer", "number"):
         low = schema.get("minimum", schema.get("exclusiveMinimum"))
         high = schema.get("maximum", schema.get("exclusiveMaximum"))
@@ -63,9 +77,14 @@ def from_schema(schema: dict) -> st.SearchStrategy:
             low = None if low is None else low + ("exclusiveMinimum" in schema)
             high = None if high is None else high - ("exclusiveMaximum" in schema)
             return st.integers(low, high)
-        return st.floats(low, high, allow_nan=False, allow_infinity=False,
-                         exclude_min="exclusiveMinimum" in schema,
-                         exclude_max="exclusiveMaximum" in schema)
+        return st.floats(
+            low,
+            high,
+            allow_nan=False,
+            allow_infinity=False,
+            exclude_min="exclusiveMinimum" in schema,
+            exclude_max="exclusiveMaximum" in schema,
+        )
     if kind == "string":
         least = schema.get("minLength", 0)
         return st.text(min_size=least, max_size=schema.get("maxLength", least + 20))
@@ -87,8 +106,9 @@ def bodies(schema: dict) -> st.SearchStrategy:
 
 def requests(doc: dict) -> st.SearchStrategy:
     """(route, body) pairs over every POST route of the API."""
-    return st.one_of(*(st.tuples(st.just(route), bodies(request_schema(doc, route)))
-                       for route in ROUTES))
+    return st.one_of(
+        *(st.tuples(st.just(route), bodies(request_schema(doc, route))) for route in ROUTES)
+    )
 
 
 def send(client: httpx.Client, url: str, route: str, body, headers: dict) -> tuple[int, list[str]]:
@@ -127,9 +147,16 @@ def error_problems(text: str) -> list[str]:
         error = json.loads(text)["error"]
     except (ValueError, KeyError, TypeError):
         return [f"not an error object: {text[:300]}"]
-    shape = {"message": (str,), "type": (str,), "param": (str, type(None)),
-             "code": (str, type(None))}
+    shape = {
+        "message": (str,),
+        "type": (str,),
+        "param": (str, type(None)),
+        "code": (str, type(None)),
+    }
     if not isinstance(error, dict) or set(error) != set(shape):
         return [f"error fields: {text[:300]}"]
-    return [f"error.{k} is {type(error[k]).__name__}" for k, types in shape.items()
-            if not isinstance(error[k], types)]
+    return [
+        f"error.{k} is {type(error[k]).__name__}"
+        for k, types in shape.items()
+        if not isinstance(error[k], types)
+    ]

@@ -1,5 +1,6 @@
-"""Shared pieces of the serving tests: a tiny checkpoint that really answers (a tokenizer trained here on a few KB
-of text, a tiny model trained here to say a few scripted things), and a real `nanoseek serve` subprocess."""
+"""Shared pieces of the serving tests: a tiny checkpoint that really answers (a tokenizer trained
+here on a few KB of text, a tiny model trained here to say a few scripted things), and a real
+`nanoseek serve` subprocess."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from helpers import smallest_margin, tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# (user message, thought, answer): what the test model learns to say. "Sing" never ends (no EOS is learned).
+# (user message, thought, answer): what the test model learns to say. "Sing" never ends (no EOS is
+# learned).
 SCRIPT = [
     ("Hello", "The user greets me.", "Hello! How can I help you today?"),
     ("你好", "用户在打招呼。", "你好！有什么可以帮你的吗？"),
@@ -47,20 +49,24 @@ def build_tokenizer(vocab_size: int = 400) -> Tokenizer:
 
 
 def build_checkpoint(path: Path, steps: int = 100, context: int = 512, margin: float = 2.0) -> Path:
-    """Train the tokenizer and a 2-layer MoE model that has memorised SCRIPT, alone and as two turns (greedy
-    decoding replays it), save both. A few seconds on one CPU thread.
+    """Train the tokenizer and a 2-layer MoE model that has memorised SCRIPT, alone and as two turns
+    (greedy decoding replays it), save both. A few seconds on one CPU thread.
 
-    The tests assert what greedy decoding says, so every learned next token must win by at least `margin`
-    nats over the runner-up: far beyond the rounding of any CPU's kernels. Training goes on, in rounds of
-    `steps`, until it does; it fails loudly rather than hand over a model whose replay is a coin toss."""
+    The tests assert what greedy decoding says, so every learned next token must win by at least
+    `margin` nats over the runner-up: far beyond the rounding of any CPU's kernels. Training goes
+    on, in rounds of `steps`, until it does; it fails loudly rather than hand over a model whose
+    replay is a coin toss."""
     tok = build_tokenizer()
     inputs, targets = _memorised_sequences(tok)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only add overhead (and the machine is shared)
     try:
         torch.manual_seed(0)
-        model = Transformer(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=context,
-                                        num_hidden_layers=2))
+        model = Transformer(
+            tiny_config(
+                vocab_size=tok.vocab_size, max_position_embeddings=context, num_hidden_layers=2
+            )
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(MAX_TRAINING_ROUNDS):
             model.train()
@@ -73,8 +79,10 @@ def build_checkpoint(path: Path, steps: int = 100, context: int = 512, margin: f
             if weakest >= margin:
                 break
         else:
-            raise RuntimeError(f"the test model did not memorise its script: a learned token wins by only "
-                               f"{weakest:.3f} nats after {MAX_TRAINING_ROUNDS * steps} steps")
+            raise RuntimeError(
+                f"the test model did not memorise its script: a learned token wins by only "
+                f"{weakest:.3f} nats after {MAX_TRAINING_ROUNDS * steps} steps"
+            )
     finally:
         torch.set_num_threads(threads)
     save_model(model.eval(), path, tokenizer=tok)
@@ -85,16 +93,21 @@ MAX_TRAINING_ROUNDS = 5
 
 
 def _memorised_sequences(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) [N, T]: each SCRIPT exchange, and two turns where only the second answer is learned.
+    """(inputs, targets) [N, T]: each SCRIPT exchange, and two turns where only the second answer is
+    learned.
 
-    A token is learned only where its context has one answer: what the assistant says, from the token after
-    "<｜Assistant｜>" on. The user's words are not (three different ones follow the same "<｜User｜>"), nor is the
-    first answer of the two-turn conversation: clients send earlier answers back without their thoughts, and were
-    it learned, "<think>" and "Hello!" would both follow "<｜User｜>Hello<｜Assistant｜>", so which one a prompt
-    without a prefilled "<think>" gets would be decided by float rounding."""
+    A token is learned only where its context has one answer: what the assistant says, from the
+    token after "<｜Assistant｜>" on. The user's words are not (three different ones follow the same
+    "<｜User｜>"), nor is the first answer of the two-turn conversation: clients send earlier answers
+    back without their thoughts, and were it learned, "<think>" and "Hello!" would both follow
+    "<｜User｜>Hello<｜Assistant｜>", so which one a prompt without a prefilled "<think>" gets would be
+    decided by float rounding."""
     rows = []  # (ids, position of the last prompt token, learn the final EOS)
     (first_user, _, first_answer) = SCRIPT[0]
-    history = [{"role": "user", "content": first_user}, {"role": "assistant", "content": first_answer}]
+    history = [
+        {"role": "user", "content": first_user},
+        {"role": "assistant", "content": first_answer},
+    ]
     exchanges = [([], exchange) for exchange in SCRIPT] + [(history, SCRIPT[1])]
     for earlier, (user, thought, answer) in exchanges:
         prompt = [*earlier, {"role": "user", "content": user}]
@@ -130,28 +143,62 @@ def build_random_checkpoint(path: Path, context: int = 512) -> Path:
     """Random weights, the same trained tokenizer."""
     tok = build_tokenizer()
     torch.manual_seed(1)
-    save_model(Transformer(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=context)).eval(), path,
-               tokenizer=tok)
+    save_model(
+        Transformer(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=context)).eval(),
+        path,
+        tokenizer=tok,
+    )
     return path
 
 
 def nanoseek(*args, stdin="", timeout=300) -> subprocess.CompletedProcess:
     """`nanoseek ARGS`, run as `python -m nanoseek.cli ARGS` with this checkout's sources."""
-    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], input=stdin, capture_output=True,
-                          text=True, encoding="utf-8", env=env, timeout=timeout)
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        OMP_NUM_THREADS="1",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "nanoseek.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=timeout,
+    )
 
 
 class ServerProcess:
     """`nanoseek serve CKPT --port 0 ...` as a subprocess; .url once /health says ok."""
 
     def __init__(self, checkpoint: Path, *args: str, log_path: Path | None = None):
-        env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.cmd = [sys.executable, "-m", "nanoseek.cli", "serve", str(checkpoint), "--port", "0",
-                    "--threads", "1", *args]
-        self.proc = subprocess.Popen(self.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, encoding="utf-8")
+        env = dict(
+            os.environ,
+            PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "nanoseek.cli",
+            "serve",
+            str(checkpoint),
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+        )
         self.lines: list[str] = []
         self.url: str | None = None
         found = threading.Event()
@@ -211,8 +258,8 @@ class ServerProcess:
 
 
 class InProcessServer:
-    """The app under uvicorn on a thread of this process, on a free port: for tests that reach into the server
-    (hold the engine still, break it) while talking real HTTP to it."""
+    """The app under uvicorn on a thread of this process, on a free port: for tests that reach into
+    the server (hold the engine still, break it) while talking real HTTP to it."""
 
     def __init__(self, app):
         import uvicorn
@@ -221,7 +268,9 @@ class InProcessServer:
         sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.thread.start()
         while not self.server.started:
             if not self.thread.is_alive():

@@ -1,5 +1,5 @@
-"""SFT data: assistant-only targets at exact positions, think traces, the chat JSONL validator, the packed loader,
-and the generated conversations."""
+"""SFT data: assistant-only targets at exact positions, think traces, the chat JSONL validator, the
+packed loader, and the generated conversations."""
 
 import json
 
@@ -17,7 +17,12 @@ from nanoseek.data.chat_tokens import (
     tokenize_conversations,
     validate_messages,
 )
-from nanoseek.data.conversations import chinese_number, corpus_conversations, identity_conversations, task_conversations
+from nanoseek.data.conversations import (
+    chinese_number,
+    corpus_conversations,
+    identity_conversations,
+    task_conversations,
+)
 from nanoseek.model import IGNORE_INDEX
 from nanoseek.tasks import get_task
 
@@ -58,9 +63,13 @@ def test_only_assistant_tokens_are_trainable_at_exact_positions(tok):
     p2 = tok.apply_chat_template(CONV[:4], add_generation_prompt=True, thinking=False)
     assert ids[: len(p1)] == p1 and ids[: len(f1)] == f1 and ids[: len(p2)] == p2
     assert spans(mask) == [(len(p1), len(f1)), (len(p2), len(ids))]
-    assert tok.decode(ids[len(p1) : len(f1)]) == "2 + 3 = 5\n</think>\n<answer>5</answer><｜end▁of▁sentence｜>"
+    assert (
+        tok.decode(ids[len(p1) : len(f1)])
+        == "2 + 3 = 5\n</think>\n<answer>5</answer><｜end▁of▁sentence｜>"
+    )
     assert tok.decode(ids[len(p2) :]) == "Hi!<｜end▁of▁sentence｜>"
-    assert tok.decode(ids[: len(p1)]).endswith("<｜Assistant｜><think>\n")  # the prompt supplies <think>\n
+    # the prompt supplies <think>\n
+    assert tok.decode(ids[: len(p1)]).endswith("<｜Assistant｜><think>\n")
     assert tokenize_conversations(tok, [CONV]) == [(ids, mask)]
 
 
@@ -81,41 +90,66 @@ def test_worked_solutions_match_the_generation_prompt_and_the_grader(tok):
             problem = task.generate(1, seed=3, difficulty=difficulties[-1], lang=lang)[0]
             ids, mask = tokenize_conversation(tok, problem_messages(problem))
             prompt = prompt_ids(tok, problem.prompt)
-            assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)]) and all(mask[len(prompt) :])
+            assert (
+                ids[: len(prompt)] == prompt
+                and not any(mask[: len(prompt)])
+                and all(mask[len(prompt) :])
+            )
             completion = completion_text(tok, ids[len(prompt) :])
-            assert completion.startswith(problem.solution.reasoning) and "</think>" in completion  # think trace
+            # think trace
+            assert completion.startswith(problem.solution.reasoning) and "</think>" in completion
             reward = task.grade(problem, completion, think_prefilled=True)
             assert reward.correct and reward.format == 1.0, (name, lang, reward)
 
 
 def test_reasoning_whitespace_is_normalised(tok):
-    conv = [{"role": "user", "content": "q"},
-            {"role": "assistant", "reasoning_content": "\n  think  \n", "content": "a"}]
+    conv = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "reasoning_content": "\n  think  \n", "content": "a"},
+    ]
     assert validate_messages(conv)[1]["reasoning_content"] == "think"
     ids, mask = tokenize_conversation(tok, conv)
     first = mask.index(True)
     assert tok.decode(ids[first:]) == "think\n</think>\na<｜end▁of▁sentence｜>"
 
 
-@pytest.mark.parametrize("line, message", [
-    ("not json", "not valid JSON"),
-    ('{"msgs": []}', 'expected an object like {"messages"'),
-    ('{"messages": []}', "non-empty list"),
-    ('{"messages": [{"role": "bot", "content": "x"}]}', "role must be one of"),
-    ('{"messages": [{"role": "user", "content": 3}]}', "'content' must be a string"),
-    ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant message"),
-    ('{"messages": [{"role": "user", "content": "q", "reasoning_content": "r"}, '
-     '{"role": "assistant", "content": "a"}]}', "only assistant messages may have"),
-    ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}', "must alternate"),
-    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
-     "assistant message is empty"),
-    ('{"messages": [{"role": "user", "content": "q<｜Assistant｜>"}, {"role": "assistant", "content": "a"}]}',
-     "control token"),
-    ('{"messages": [{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "a"}]}',
-     "unknown field"),
-    ('{"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, '
-     '{"role": "assistant", "content": "a"}]}', "system messages must come before"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not json", "not valid JSON"),
+        ('{"msgs": []}', 'expected an object like {"messages"'),
+        ('{"messages": []}', "non-empty list"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "role must be one of"),
+        ('{"messages": [{"role": "user", "content": 3}]}', "'content' must be a string"),
+        ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant message"),
+        (
+            '{"messages": [{"role": "user", "content": "q", "reasoning_content": "r"}, '
+            '{"role": "assistant", "content": "a"}]}',
+            "only assistant messages may have",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}',
+            "must alternate",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
+            "assistant message is empty",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q<｜Assistant｜>"}, {"role": "assistant", "content": "a"}]}',
+            "control token",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "a"}]}',
+            "unknown field",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, '
+            '{"role": "assistant", "content": "a"}]}',
+            "system messages must come before",
+        ),
+    ],
+)
 def test_chat_jsonl_validator_names_the_line_and_the_problem(tmp_path, line, message):
     good = json.dumps({"messages": CONV[1:3]})
     path = tmp_path / "chat.jsonl"
@@ -140,7 +174,9 @@ def test_chat_jsonl_round_trip_and_file_errors(tmp_path):
 
 
 def examples(tok, n=60):
-    return tokenize_conversations(tok, task_conversations({"arithmetic": [1, 2], "word_problems": [1]}, n))
+    return tokenize_conversations(
+        tok, task_conversations({"arithmetic": [1, 2], "word_problems": [1]}, n)
+    )
 
 
 def test_loader_packs_whole_conversations_and_resumes_exactly(tok):
@@ -176,7 +212,10 @@ def test_loader_packs_whole_conversations_and_resumes_exactly(tok):
 def test_loader_ranks_are_disjoint_and_long_conversations_are_dropped(tok):
     data = examples(tok)
     cut = sorted(len(ids) for ids, _ in data)[len(data) // 2]
-    ranks = [ChatLoader(data, 1, cut - 1, pad_id=tok.pad_id, rank=r, world_size=2, epochs=1) for r in range(2)]
+    ranks = [
+        ChatLoader(data, 1, cut - 1, pad_id=tok.pad_id, rank=r, world_size=2, epochs=1)
+        for r in range(2)
+    ]
     assert ranks[0].dropped == sum(len(ids) > cut for ids, _ in data)
     rows = [[tuple(x[0].tolist()) for x, _ in loader] for loader in ranks]
     assert rows[0] and rows[1] and not set(rows[0]) & set(rows[1])
@@ -191,11 +230,20 @@ def test_generated_conversations_are_deterministic_and_valid(tok):
     assert convs == identity_conversations(30, seed=2)
     assert {c[0]["content"][0].isascii() for c in convs} == {True, False}  # English and Chinese
     records = [
-        {"source": "bible-web", "text": "Genesis 1\n\nIn the beginning, God created the heavens and the earth. The "
-                                        "earth was formless and empty."},
-        {"source": "wikipedia-vital", "text": "Anime\n\nAnime is animation originating from Japan. More text."},
-        {"source": "sanguo", "text": "第一百二十回 荐杜预老将献新谋　降孙皓三分归一统\n\n"
-                                     "却说吴主孙休，闻司马炎已篡魏，知其必将伐吴。"},
+        {
+            "source": "bible-web",
+            "text": "Genesis 1\n\nIn the beginning, God created the heavens and the earth. The "
+            "earth was formless and empty.",
+        },
+        {
+            "source": "wikipedia-vital",
+            "text": "Anime\n\nAnime is animation originating from Japan. More text.",
+        },
+        {
+            "source": "sanguo",
+            "text": "第一百二十回 荐杜预老将献新谋　降孙皓三分归一统\n\n"
+            "却说吴主孙休，闻司马炎已篡魏，知其必将伐吴。",
+        },
         {"source": "python-stdlib", "text": "import os"},
     ]
     qa = corpus_conversations(records, 10)
@@ -215,7 +263,11 @@ def test_task_conversations_are_train_split_and_bilingual():
     convs = task_conversations({"arithmetic": [1, 2]}, 40, seed=0)
     assert len(convs) == 40
     task = get_task("arithmetic")
-    test_prompts = {p.prompt for lang in ("en", "zh") for d in (1, 2)
-                    for p in task.generate(30, seed=0, difficulty=d, split="test", lang=lang)}
+    test_prompts = {
+        p.prompt
+        for lang in ("en", "zh")
+        for d in (1, 2)
+        for p in task.generate(30, seed=0, difficulty=d, split="test", lang=lang)
+    }
     assert not {c[0]["content"] for c in convs} & test_prompts
     assert sum("计算" in c[0]["content"] for c in convs) == 20

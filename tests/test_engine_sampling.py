@@ -13,7 +13,9 @@ PROBS = torch.tensor([0.5, 0.25, 0.15, 0.1])
 
 
 def row(seed: int = 0, prompt=(), output=(), **params) -> Row:
-    return Row(SamplingParams(**params), random.Random(seed), list(prompt) + list(output), len(prompt))
+    return Row(
+        SamplingParams(**params), random.Random(seed), list(prompt) + list(output), len(prompt)
+    )
 
 
 def kept(**params) -> list[int]:
@@ -54,9 +56,15 @@ def test_draws_follow_the_distribution_and_skip_impossible_tokens():
 def test_penalties():
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
     r = row(temperature=0, prompt=[0], output=[1, 2, 2], repetition_penalty=2.0)
-    assert torch.allclose(Sampler().apply_penalties(logits, [r]), torch.tensor([[1.0, -2.0, 0.25, 1.0]]))
-    r = row(temperature=0, prompt=[0], output=[1, 2, 2], presence_penalty=0.5, frequency_penalty=0.25)
-    assert torch.allclose(Sampler().apply_penalties(logits, [r]), torch.tensor([[2.0, -1.75, -0.5, 1.0]]))
+    assert torch.allclose(
+        Sampler().apply_penalties(logits, [r]), torch.tensor([[1.0, -2.0, 0.25, 1.0]])
+    )
+    r = row(
+        temperature=0, prompt=[0], output=[1, 2, 2], presence_penalty=0.5, frequency_penalty=0.25
+    )
+    assert torch.allclose(
+        Sampler().apply_penalties(logits, [r]), torch.tensor([[2.0, -1.75, -0.5, 1.0]])
+    )
     # a penalty can change the greedy choice; without one the logits are untouched
     assert Sampler().sample(logits, [row(temperature=0, prompt=[0], repetition_penalty=4.0)]) == [3]
     assert Sampler().apply_penalties(logits, [row(temperature=0)]) is logits
@@ -68,8 +76,10 @@ def test_greedy_rows_draw_no_randomness_and_seeded_rows_repeat():
     first = Sampler().sample(logits, rows)
     assert first[0] == int(logits[0].argmax())
     assert rows[0].rng.random() == random.Random(5).random()  # untouched by the greedy row
-    again = Sampler().sample(logits, [row(seed=5, temperature=0), row(seed=5, temperature=1.0),
-                                      row(seed=6, temperature=1.0)])
+    again = Sampler().sample(
+        logits,
+        [row(seed=5, temperature=0), row(seed=5, temperature=1.0), row(seed=6, temperature=1.0)],
+    )
     assert again == first
 
 
@@ -84,8 +94,10 @@ def test_logprobs_and_top_alternatives():
 
 class _Seq:
     def __init__(self, seed, **params):
-        self.params, self.rng = SamplingParams(**params), random.Random(seed)
-        self.token_ids, self.num_prompt = [0], 1
+        self.params = SamplingParams(**params)
+        self.rng = random.Random(seed)
+        self.token_ids = [0]
+        self.num_prompt = 1
 
     @property
     def output_ids(self):
@@ -93,8 +105,9 @@ class _Seq:
 
 
 def test_speculative_acceptance_keeps_the_target_distribution():
-    """Draft d accepted with probability P(d), otherwise a draw from P without d: the first token is P-distributed
-    and, after an accepted draft, the second follows the next position's distribution."""
+    """Draft d accepted with probability P(d), otherwise a draw from P without d: the first token is
+    P-distributed and, after an accepted draft, the second follows the next position's
+    distribution."""
     p_first = torch.tensor([0.1, 0.5, 0.3, 0.1])
     p_second = torch.tensor([0.7, 0.1, 0.1, 0.1])
     logits = torch.stack([p_first.log(), p_second.log()])
@@ -102,7 +115,8 @@ def test_speculative_acceptance_keeps_the_target_distribution():
     first, second = torch.zeros(4), torch.zeros(4)
     trials = 20000
     seqs = [_Seq(i, temperature=1.0) for i in range(trials)]
-    outs = spec.verify(logits.repeat(trials, 1), seqs, [2] * trials)  # draft: token 2, which P gives 0.3
+    # draft: token 2, which P gives 0.3
+    outs = spec.verify(logits.repeat(trials, 1), seqs, [2] * trials)
     for i, out in enumerate(outs):
         first[out[0][0]] += 1
         if len(out) == 2:

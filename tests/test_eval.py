@@ -1,5 +1,5 @@
-"""Evaluation: the pass@k estimator, bits-per-byte arithmetic, YaRN extension, and `evaluate` end to end on a tiny
-random model with the engine (API and CLI)."""
+"""Evaluation: the pass@k estimator, bits-per-byte arithmetic, YaRN extension, and `evaluate` end to
+end on a tiny random model with the engine (API and CLI)."""
 
 import json
 import math
@@ -22,15 +22,18 @@ from nanoseek.train.dist import DistInfo
 from helpers import save_tiny, small_tokenizer
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (5, 2, 1, 2 / 5),
-    (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
-    (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
-    (10, 0, 5, 0.0),
-    (4, 4, 2, 1.0),
-    (3, 1, 3, 1.0),  # fewer wrong samples than k: some draw must be right
-    (1, 1, 1, 1.0),
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 2, 1, 2 / 5),
+        (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+        (10, 0, 5, 0.0),
+        (4, 4, 2, 1.0),
+        (3, 1, 3, 1.0),  # fewer wrong samples than k: some draw must be right
+        (1, 1, 1, 1.0),
+    ],
+)
 def test_pass_at_k_matches_hand_computed_values(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -77,7 +80,10 @@ def test_yarn_extension_shares_weights_and_stretches_the_context(tiny):
     model, tok = load_model(tiny), small_tokenizer()
     assert extended(model, 512) is model
     longer = extended(model, 2048)
-    assert longer.config.max_position_embeddings == 2048 and longer.config.yarn_factor == pytest.approx(4.0)
+    assert (
+        longer.config.max_position_embeddings == 2048
+        and longer.config.yarn_factor == pytest.approx(4.0)
+    )
     assert longer.embed_tokens.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
     ids = torch.randint(0, tok.vocab_size, (1, 1500))
     assert torch.isfinite(longer(ids)).all()
@@ -88,12 +94,17 @@ def test_yarn_extension_shares_weights_and_stretches_the_context(tiny):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    docs = {"en": ["The river flows past the old mill. " * 8, "Birds sing in the morning light. " * 8],
-            "zh": ["河水流过老磨坊。鸟儿在清晨歌唱。" * 8, "道路一直向前延伸。" * 8],
-            "code": ["def add(a, b):\n    return a + b\n" * 4, "import os\nprint(os.getcwd())\n" * 4]}
+    docs = {
+        "en": ["The river flows past the old mill. " * 8, "Birds sing in the morning light. " * 8],
+        "zh": ["河水流过老磨坊。鸟儿在清晨歌唱。" * 8, "道路一直向前延伸。" * 8],
+        "code": ["def add(a, b):\n    return a + b\n" * 4, "import os\nprint(os.getcwd())\n" * 4],
+    }
     root = tmp_path_factory.mktemp("corpus")
-    build_corpus(root, [Source(f"s-{lang}", lang, "CC0", "-", lambda d=d: d) for lang, d in docs.items()],
-                 val_fraction=0.5)
+    build_corpus(
+        root,
+        [Source(f"s-{lang}", lang, "CC0", "-", lambda d=d: d) for lang, d in docs.items()],
+        val_fraction=0.5,
+    )
     return root
 
 
@@ -111,34 +122,100 @@ def check_result(r):
 
 
 def test_evaluate_end_to_end_on_a_tiny_model(tiny, corpus):
-    r = evaluate(tiny, tasks=["arithmetic", "countdown"], n_problems=4, n_samples=3, ks=[1, 2], max_new_tokens=24,
-                 corpus_dir=corpus, passkey_lengths=[256, 1024], passkey_keys=1)
+    r = evaluate(
+        tiny,
+        tasks=["arithmetic", "countdown"],
+        n_problems=4,
+        n_samples=3,
+        ks=[1, 2],
+        max_new_tokens=24,
+        corpus_dir=corpus,
+        passkey_lengths=[256, 1024],
+        passkey_keys=1,
+    )
     check_result(r)
-    assert r["tasks"]["arithmetic"]["sampled"]["n"] == 3 and "pass@2" in r["tasks"]["arithmetic"]["sampled"]
-    assert set(r["tasks"]["arithmetic"]["greedy"]["by_group"]) == {"en/d1", "en/d2", "zh/d1", "zh/d2"}
+    assert (
+        r["tasks"]["arithmetic"]["sampled"]["n"] == 3
+        and "pass@2" in r["tasks"]["arithmetic"]["sampled"]
+    )
+    assert set(r["tasks"]["arithmetic"]["greedy"]["by_group"]) == {
+        "en/d1",
+        "en/d2",
+        "zh/d1",
+        "zh/d2",
+    }
     md = to_markdown([r, r], ["a", "b"])
     assert "| a | arithmetic | 4 |" in md and "| b | countdown | 4 |" in md
     assert "Bits per byte" in md and "Passkey" in md and "| a | 1024 |" in md
     # the same seed gives the same figures
-    again = evaluate(tiny, tasks=["arithmetic"], n_problems=4, n_samples=3, ks=[1, 2], max_new_tokens=24,
-                     bpb=False, passkey=False)
+    again = evaluate(
+        tiny,
+        tasks=["arithmetic"],
+        n_problems=4,
+        n_samples=3,
+        ks=[1, 2],
+        max_new_tokens=24,
+        bpb=False,
+        passkey=False,
+    )
     assert again["tasks"]["arithmetic"] == {**r["tasks"]["arithmetic"]}
 
 
 def test_eval_command_writes_json_and_markdown(tiny, corpus, tmp_path):
-    # one thread: a tiny model gains nothing from more, and a busy machine makes OpenMP threads wait on each other
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "nanoseek.cli", "eval", str(tiny), "--tasks", "arithmetic",
-                          "--n-problems", "2", "--samples", "2", "--k", "1", "2", "--max-new-tokens", "8",
-                          "--corpus", str(corpus), "--no-passkey", "--json", str(tmp_path / "r.json"),
-                          "--markdown", str(tmp_path / "r.md")], env=env, capture_output=True, text=True, timeout=600)
+    # one thread: a tiny model gains nothing from more, and a busy machine makes OpenMP threads wait
+    # on each other
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+        "OMP_NUM_THREADS": "1",
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nanoseek.cli",
+            "eval",
+            str(tiny),
+            "--tasks",
+            "arithmetic",
+            "--n-problems",
+            "2",
+            "--samples",
+            "2",
+            "--k",
+            "1",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--corpus",
+            str(corpus),
+            "--no-passkey",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--markdown",
+            str(tmp_path / "r.md"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads((tmp_path / "r.json").read_text())
-    assert set(r["tasks"]) == {"arithmetic"} and set(r["bpb"]) == {"en", "zh", "code"} and "passkey" not in r
+    assert (
+        set(r["tasks"]) == {"arithmetic"}
+        and set(r["bpb"]) == {"en", "zh", "code"}
+        and "passkey" not in r
+    )
     assert r["tasks"]["arithmetic"]["sampled"]["n"] == 2
     assert (tmp_path / "r.md").read_text().strip() == out.stdout.strip()
-    bad = subprocess.run([sys.executable, "-m", "nanoseek.cli", "eval", str(tiny), "--tasks", "nope"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "nanoseek.cli", "eval", str(tiny), "--tasks", "nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode != 0 and "unknown task(s) ['nope']" in bad.stderr
 
 
@@ -146,10 +223,19 @@ def test_eval_stage_compares_the_stages_and_reuses_unchanged_results(tmp_path, c
     run = tmp_path / "run"
     save_tiny(run / "pretrain" / "final", seed=1)
     save_tiny(run / "sft" / "final", seed=2)
-    preset = {"eval": {"tasks": ["arithmetic"], "n_problems": 2, "max_new_tokens": 8, "corpus_dir": str(corpus),
-                       "passkey": False}}
+    preset = {
+        "eval": {
+            "tasks": ["arithmetic"],
+            "n_problems": 2,
+            "max_new_tokens": 8,
+            "corpus_dir": str(corpus),
+            "passkey": False,
+        }
+    }
     summary = eval_stage(run, preset, DistInfo())
-    assert summary["stages"] == ["pretrain", "sft"] and set(summary["pass@1"]["sft"]) == {"arithmetic"}
+    assert summary["stages"] == ["pretrain", "sft"] and set(summary["pass@1"]["sft"]) == {
+        "arithmetic"
+    }
     report = (run / "eval" / "report.md").read_text()
     assert "| pretrain | arithmetic | 2 |" in report and "| sft | arithmetic | 2 |" in report
     stamps = {s: (run / "eval" / f"{s}.json").stat().st_mtime_ns for s in ("pretrain", "sft")}

@@ -33,9 +33,11 @@ from helpers import tiny_config
 # bf16 all within 0.5, 95% within 0.07; q8_0 97% within 1.0, median 0.10).
 TOLERANCE = {"f32": 1e-3, "bf16": 0.5, "q8_0": 1.0}
 
-PASSAGE = ("The river runs to the sea, and the mountain keeps the city. 我们今天学习中文，天气非常好。"
-           "def add(a, b):\n    return a + b  # 12 + 345 = 357\n"
-           "Numbers like 2026, 31415 and 6789 are spelled digit by digit. 话说天下大势，分久必合。")
+PASSAGE = (
+    "The river runs to the sea, and the mountain keeps the city. 我们今天学习中文，天气非常好。"
+    "def add(a, b):\n    return a + b  # 12 + 345 = 357\n"
+    "Numbers like 2026, 31415 and 6789 are spelled digit by digit. 话说天下大势，分久必合。"
+)
 SAMPLES = {
     "english": "The general keeps the city; they would not go to the river when it was dark.",
     "chinese": "话说天下大势，分久必合，合久必分。我们用Python写代码，GPT模型很好。",
@@ -60,8 +62,15 @@ def _corpus() -> list[str]:
 def _yarn_config(vocab_size: int):
     """tiny_config (sigmoid router, groups, a dense first layer) with YaRN: factor 2 over an
     original 64-token context, so the prompts below go past it."""
-    yarn = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "beta_fast": 32,
-            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    yarn = {
+        "type": "yarn",
+        "factor": 2.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
     return tiny_config(vocab_size=vocab_size, max_position_embeddings=256, rope_scaling=yarn)
 
 
@@ -102,27 +111,48 @@ def test_metadata(trained, exported):
     _, model, tok = trained
     cfg = model.config
     r = gguf.GGUFReader(exported["f32"])
-    arch = {"block_count": 3, "context_length": 256, "embedding_length": 64,
-            "feed_forward_length": 96, "attention.head_count": 4, "attention.head_count_kv": 1,
-            "attention.q_lora_rank": 48, "attention.kv_lora_rank": 32,
-            "attention.key_length": 32 + 8, "attention.value_length": 32,
-            "attention.key_length_mla": 16 + 8, "attention.value_length_mla": 16,
-            "rope.dimension_count": 8, "leading_dense_block_count": 1, "expert_count": 8,
-            "expert_used_count": 2, "expert_shared_count": 1, "expert_feed_forward_length": 32,
-            "expert_weights_norm": True,
-            "expert_gating_func": int(gguf.ExpertGatingFuncType.SIGMOID),
-            "expert_group_count": 4, "expert_group_used_count": 2, "rope.scaling.type": "yarn",
-            "rope.scaling.original_context_length": 64, "vocab_size": cfg.vocab_size}
+    arch = {
+        "block_count": 3,
+        "context_length": 256,
+        "embedding_length": 64,
+        "feed_forward_length": 96,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 1,
+        "attention.q_lora_rank": 48,
+        "attention.kv_lora_rank": 32,
+        "attention.key_length": 32 + 8,
+        "attention.value_length": 32,
+        "attention.key_length_mla": 16 + 8,
+        "attention.value_length_mla": 16,
+        "rope.dimension_count": 8,
+        "leading_dense_block_count": 1,
+        "expert_count": 8,
+        "expert_used_count": 2,
+        "expert_shared_count": 1,
+        "expert_feed_forward_length": 32,
+        "expert_weights_norm": True,
+        "expert_gating_func": int(gguf.ExpertGatingFuncType.SIGMOID),
+        "expert_group_count": 4,
+        "expert_group_used_count": 2,
+        "rope.scaling.type": "yarn",
+        "rope.scaling.original_context_length": 64,
+        "vocab_size": cfg.vocab_size,
+    }
     assert {k: _field(r, f"deepseek2.{k}") for k in arch} == arch
     assert _field(r, "deepseek2.expert_weights_scale") == pytest.approx(2.5)
     assert _field(r, "deepseek2.rope.scaling.factor") == pytest.approx(2.0)
     # 0.1 x mscale_all_dim: the loader divides by 0.1
     assert _field(r, "deepseek2.rope.scaling.yarn_log_multiplier") == pytest.approx(0.1)
     assert "deepseek2.nextn_predict_layers" not in r.fields
-    general = {"general.architecture": "deepseek2", "tokenizer.ggml.model": "gpt2",
-               "tokenizer.ggml.pre": LLAMA_CPP_PRE, "tokenizer.ggml.bos_token_id": 0,
-               "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.add_bos_token": True,
-               "general.file_type": int(gguf.LlamaFileType.ALL_F32)}
+    general = {
+        "general.architecture": "deepseek2",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": LLAMA_CPP_PRE,
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.add_bos_token": True,
+        "general.file_type": int(gguf.LlamaFileType.ALL_F32),
+    }
     assert {k: _field(r, k) for k in general} == general
     tokens = _field(r, "tokenizer.ggml.tokens")
     types = _field(r, "tokenizer.ggml.token_type")
@@ -136,11 +166,28 @@ def test_tensors(trained, exported):
     _, model, _ = trained
     r = gguf.GGUFReader(exported["f32"])
     tensors = {t.name: t for t in r.tensors}
-    attn = {"attn_norm", "ffn_norm", "attn_q_a", "attn_q_a_norm", "attn_q_b", "attn_kv_a_mqa",
-            "attn_kv_a_norm", "attn_k_b", "attn_v_b", "attn_output"}
+    attn = {
+        "attn_norm",
+        "ffn_norm",
+        "attn_q_a",
+        "attn_q_a_norm",
+        "attn_q_b",
+        "attn_kv_a_mqa",
+        "attn_kv_a_norm",
+        "attn_k_b",
+        "attn_v_b",
+        "attn_output",
+    }
     dense = {"ffn_gate", "ffn_up", "ffn_down"}
-    moe = {"ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp",
-           "ffn_up_shexp", "ffn_down_shexp"}
+    moe = {
+        "ffn_gate_inp",
+        "ffn_gate_exps",
+        "ffn_up_exps",
+        "ffn_down_exps",
+        "ffn_gate_shexp",
+        "ffn_up_shexp",
+        "ffn_down_shexp",
+    }
     expected = {"token_embd.weight", "output_norm.weight", "output.weight"}
     for i in range(3):
         expected |= {f"blk.{i}.{n}.weight" for n in attn | (dense if i == 0 else moe)}
@@ -183,10 +230,13 @@ def test_old_tokenizer_loads_and_export_warns(trained, tmp_path):
     hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
     # a revision-1 style pre-tokenizer: one CJK-aware regex, then single digits
     old_split = Regex(r"\p{Han}+|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+|\s+|.")
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(old_split, behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(old_split, behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     Tokenizer(hf).save(tmp_path / "ckpt")
     config_file = tmp_path / "ckpt" / "tokenizer_config.json"
     config = json.loads(config_file.read_text("utf-8"))
@@ -208,8 +258,12 @@ def test_export_errors(trained, tmp_path):
     save_model(Transformer(tiny_config(attention_bias=True)), tmp_path / "bias")
     with pytest.raises(ExportError, match="attention_bias"):
         export_gguf(tmp_path / "bias", tmp_path / "x.gguf")
-    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-            "mscale_all_dim": 0.7}
+    yarn = {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "mscale_all_dim": 0.7,
+    }
     save_model(Transformer(tiny_config(rope_scaling=yarn)), tmp_path / "yarn")
     with pytest.raises(ExportError, match="mscale"):
         export_gguf(tmp_path / "yarn", tmp_path / "x.gguf")
@@ -232,11 +286,21 @@ def test_command_line(trained, tmp_path, capsys):
 # ---------------------------------------------------------------------- llama.cpp
 def _llama(path):
     llama_cpp = pytest.importorskip(
-        "llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[test]')")
+        "llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[test]')"
+    )
     # the cache in F32 (default F16), so that the fp32 comparison measures the export alone
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_ubatch=256,
-                           n_threads=1, logits_all=True, type_k=llama_cpp.GGML_TYPE_F32,
-                           type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False, verbose=False)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=256,
+        n_batch=256,
+        n_ubatch=256,
+        n_threads=1,
+        logits_all=True,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        flash_attn=False,
+        verbose=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +324,10 @@ def _routing_margin(model, ids: list[int]) -> float:
     """The smallest gap, over tokens and MoE layers, between a chosen and a passed-over expert's
     biased score (and group score): below float rounding, llama.cpp could pick other experts."""
     captured = []
-    hooks = [moe.gate.register_forward_hook(lambda m, x, out: captured.append((m, out[2])))
-             for moe in model.moe_layers()]
+    hooks = [
+        moe.gate.register_forward_hook(lambda m, x, out: captured.append((m, out[2])))
+        for moe in model.moe_layers()
+    ]
     model(torch.tensor([ids]))
     for h in hooks:
         h.remove()
@@ -327,9 +393,9 @@ def test_llama_cpp_greedy_continuation(trained, llama_f32):
 @pytest.mark.parametrize("type", ["bf16", "q8_0"])
 def test_llama_cpp_low_precision_exports(trained, exported, type):
     """bf16 and q8_0 files load; their logits stay within the tolerance at 90% of the positions of
-    the learned passage, and their top-1 token is nanoseek's at 90% of the positions where its margin
-    exceeds twice the tolerance. Not at all of them: rounded weights can rightly route a token to
-    other experts (seen with AVX2 kernels: an error of 7.5 at a margin of 5.5)."""
+    the learned passage, and their top-1 token is nanoseek's at 90% of the positions where its
+    margin exceeds twice the tolerance. Not at all of them: rounded weights can rightly route a
+    token to other experts (seen with AVX2 kernels: an error of 7.5 at a margin of 5.5)."""
     _, model, tok = trained
     ids = tok.encode(PASSAGE, add_bos=True)
     ours = _nanoseek_logits(model, ids)

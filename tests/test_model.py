@@ -1,4 +1,5 @@
-"""The model's pieces against first-principles references: dropless MoE, routing, MLA's two paths, MTP, balancing."""
+"""The model's pieces against first-principles references: dropless MoE, routing, MLA's two paths,
+MTP, balancing."""
 
 import math
 
@@ -26,7 +27,8 @@ def test_moe_is_dropless_and_equals_a_per_token_reference():
     out, _ = moe(x)
     weights, ids, _ = moe.gate(x.view(-1, cfg.hidden_size))
     ref = torch.zeros(21, cfg.hidden_size)
-    for t, token in enumerate(x.view(-1, cfg.hidden_size)):  # every token, every chosen expert: nothing dropped
+    # every token, every chosen expert: nothing dropped
+    for t, token in enumerate(x.view(-1, cfg.hidden_size)):
         for w, e in zip(weights[t], ids[t]):
             gate, up = (moe.experts.gate_up_proj[e] @ token).chunk(2)
             ref[t] += w * (moe.experts.down_proj[e] @ (F.silu(gate) * up))
@@ -48,7 +50,13 @@ def test_moe_fallback_loop_equals_grouped_matmul(monkeypatch):
 
 
 def test_router_selects_with_bias_but_weights_without_it():
-    cfg = tiny_config(n_group=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=False, routed_scaling_factor=1.0)
+    cfg = tiny_config(
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+    )
     moe = MoE(cfg)
     with torch.no_grad():
         moe.gate.weight.normal_()
@@ -76,8 +84,13 @@ def test_group_limited_routing_uses_only_topk_groups():
 
 
 def test_softmax_routing_for_v2_checkpoints():
-    cfg = tiny_config(scoring_func="softmax", n_group=1, topk_group=1, norm_topk_prob=False,
-                      routed_scaling_factor=1.0)
+    cfg = tiny_config(
+        scoring_func="softmax",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+    )
     moe = MoE(cfg)
     assert not hasattr(moe.gate, "e_score_correction_bias")
     with torch.no_grad():
@@ -122,10 +135,15 @@ def test_aux_free_bias_updates_balance_a_skewed_router():
 NO_GROUPS = dict(n_group=1, topk_group=1)
 
 
-@pytest.mark.parametrize("routing", [dict(),  # V3: sigmoid, 2 of 4 groups, bias, renormalised
-                                     dict(NO_GROUPS, norm_topk_prob=False),
-                                     dict(scoring_func="softmax"),
-                                     dict(NO_GROUPS, scoring_func="softmax", norm_topk_prob=False)])
+@pytest.mark.parametrize(
+    "routing",
+    [
+        dict(),  # V3: sigmoid, 2 of 4 groups, bias, renormalised
+        dict(NO_GROUPS, norm_topk_prob=False),
+        dict(scoring_func="softmax"),
+        dict(NO_GROUPS, scoring_func="softmax", norm_topk_prob=False),
+    ],
+)
 def test_route_one_makes_the_tensor_routers_choices(routing):
     """The one-token Python fast path (Router.route_one) against Router.route, V3 bias included."""
     router = MoE(tiny_config(num_experts_per_tok=3, **routing)).gate
@@ -148,8 +166,13 @@ def test_dispatch_one_equals_dispatch():
         weights, ids, _ = moe.gate(x)
         sorted_path, _ = dispatch(x, weights, ids, moe.n_experts, moe.experts)
         for i in range(5):
-            one = dispatch_one(x[i : i + 1], ids[i].tolist(), weights[i].tolist(),
-                               moe.experts.expert, torch.zeros(1, x.shape[1]))
+            one = dispatch_one(
+                x[i : i + 1],
+                ids[i].tolist(),
+                weights[i].tolist(),
+                moe.experts.expert,
+                torch.zeros(1, x.shape[1]),
+            )
             assert torch.allclose(one, sorted_path[i : i + 1], atol=1e-5)
 
 
@@ -161,7 +184,8 @@ def test_sequence_balance_loss_is_minimal_for_even_routing():
     even = torch.arange(T * 2).view(1, T, 2) % E
     skewed = torch.tensor([[0, 1]]).expand(1, T, 2)
     assert moe.sequence_balance_loss(uniform, even).item() == pytest.approx(1.0)
-    assert moe.sequence_balance_loss(uniform, skewed).item() == pytest.approx(1.0)  # uniform scores: no gradient
+    # uniform scores: no gradient
+    assert moe.sequence_balance_loss(uniform, skewed).item() == pytest.approx(1.0)
     peaked = torch.full((1, T, E), 0.01)
     peaked[..., :2] = 0.99
     assert moe.sequence_balance_loss(peaked, skewed).item() > 3.0
@@ -181,8 +205,15 @@ def absorbed_attention(attn, q_nope, q_rope, c_kv, k_rope, mask):
 
 
 def test_absorbed_attention_equals_expanded_attention():
-    cfg = tiny_config(rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16,
-                                    "mscale": 0.7, "mscale_all_dim": 0.7})
+    cfg = tiny_config(
+        rope_scaling={
+            "type": "yarn",
+            "factor": 2.0,
+            "original_max_position_embeddings": 16,
+            "mscale": 0.7,
+            "mscale_all_dim": 0.7,
+        }
+    )
     model = Transformer(cfg).eval()
     attn = model.layers[0].self_attn
     x = torch.randn(2, 20, cfg.hidden_size)
@@ -210,8 +241,17 @@ def test_rope_rotates_adjacent_pairs_and_preserves_relative_positions():
 
 def test_yarn_keeps_fast_dims_and_interpolates_slow_ones():
     base = tiny_config(qk_rope_head_dim=64, max_position_embeddings=4096)
-    yarn = base.replace(rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+    yarn = base.replace(
+        rope_scaling={
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        }
+    )
     plain, _ = inverse_frequencies(base)
     scaled, magnitude = inverse_frequencies(yarn)
     assert magnitude == 1.0  # mscale == mscale_all_dim: the correction lives in the softmax scale
@@ -219,21 +259,26 @@ def test_yarn_keeps_fast_dims_and_interpolates_slow_ones():
     assert torch.allclose(scaled[23:], plain[23:] / 40)
     assert yarn.softmax_scale / base.softmax_scale == pytest.approx((0.1 * math.log(40) + 1) ** 2)
     v3 = yarn.replace(qk_nope_head_dim=128)
-    assert v3.softmax_scale == pytest.approx(0.135234, abs=1e-6)  # the spec's figure for DeepSeek-V3
+    # the spec's figure for DeepSeek-V3
+    assert v3.softmax_scale == pytest.approx(0.135234, abs=1e-6)
 
 
 def test_mtp_loss_trains_the_mtp_module():
     cfg = tiny_config(num_nextn_predict_layers=1)
     model = Transformer(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (4, 16))
-    ids[:, 1::2] = ids[:, ::2]  # every odd token repeats the one before it: learnable two steps ahead
+    # every odd token repeats the one before it: learnable two steps ahead
+    ids[:, 1::2] = ids[:, ::2]
     targets = ids.roll(-1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = model.compute_loss(ids, targets)
     assert first.mtp_loss is not None and first.balance_loss is not None
     first.loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.mtp.named_parameters()
-               if "experts" not in n and "gate" not in n)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.mtp.named_parameters()
+        if "experts" not in n and "gate" not in n
+    )
     opt.step()
     for _ in range(60):
         opt.zero_grad()

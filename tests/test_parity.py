@@ -1,4 +1,5 @@
-"""nanoseek and transformers' DeepseekV3ForCausalLM give the same logits on the same weights, both ways."""
+"""nanoseek and transformers' DeepseekV3ForCausalLM give the same logits on the same weights, both
+ways."""
 
 import pytest
 import torch
@@ -9,13 +10,22 @@ from helpers import tiny_config
 
 transformers = pytest.importorskip("transformers")
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 VARIANTS = {
     "v3-like": dict(),
     "no-q-lora": dict(q_lora_rank=None),
     "yarn": dict(rope_scaling=YARN),
-    "yarn-default-mscale": dict(rope_scaling={k: v for k, v in YARN.items() if not k.startswith("mscale")}),
+    "yarn-default-mscale": dict(
+        rope_scaling={k: v for k, v in YARN.items() if not k.startswith("mscale")}
+    ),
     "one-group": dict(n_group=1, topk_group=1, num_experts_per_tok=3),
     "no-renorm": dict(norm_topk_prob=False, routed_scaling_factor=1.0),
     "two-shared-tied": dict(n_shared_experts=2, tie_word_embeddings=True),
@@ -24,7 +34,8 @@ VARIANTS = {
 
 
 def _randomise(model: torch.nn.Module) -> None:
-    """Spread the weights out so routing decisions are far from ties, and give the balancing bias values."""
+    """Spread the weights out so routing decisions are far from ties, and give the balancing bias
+    values."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -37,7 +48,9 @@ def _randomise(model: torch.nn.Module) -> None:
 
 
 def _hf_model(cfg):
-    hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in cfg.to_dict().items() if k != "architectures"})
+    hf_cfg = transformers.DeepseekV3Config(
+        **{k: v for k, v in cfg.to_dict().items() if k != "architectures"}
+    )
     return transformers.DeepseekV3ForCausalLM(hf_cfg).float().eval()
 
 
@@ -48,7 +61,8 @@ def test_transformers_checkpoint_loads_in_nanoseek(variant, tmp_path):
     _randomise(hf)
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
-    ids = torch.randint(0, cfg.vocab_size, (2, 40))  # 40 > original_max_position_embeddings: YaRN matters
+    # 40 > original_max_position_embeddings: YaRN matters
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():
         expected = hf(ids).logits
         got = ours(ids)
@@ -81,6 +95,7 @@ def test_mtp_checkpoint_round_trips_and_loads_in_transformers(tmp_path):
     with torch.no_grad():
         a, b = ours.compute_loss(ids, ids.roll(-1, 1)), again.compute_loss(ids, ids.roll(-1, 1))
     assert torch.equal(a.mtp_loss, b.mtp_loss)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()  # ignores the MTP layer
+    # ignores the MTP layer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-4

@@ -1,5 +1,6 @@
-"""The speedrun on the smoke preset, end to end, as a user runs it: one command; then again (every stage skipped);
-then a run killed in the middle of pretraining and restarted, which must end with the same figures."""
+"""The speedrun on the smoke preset, end to end, as a user runs it: one command; then again (every
+stage skipped); then a run killed in the middle of pretraining and restarted, which must end with
+the same figures."""
 
 import json
 import math
@@ -16,16 +17,37 @@ from safetensors.torch import load_file
 
 from serve_helpers import ServerProcess
 
-STAGES = ["corpus", "tokenizer", "shards", "pretrain", "long_context", "sft", "grpo", "eval", "export"]
+STAGES = [
+    "corpus",
+    "tokenizer",
+    "shards",
+    "pretrain",
+    "long_context",
+    "sft",
+    "grpo",
+    "eval",
+    "export",
+]
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def speedrun_cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "nanoseek.cli", "speedrun", "--preset", "smoke", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "nanoseek.cli",
+        "speedrun",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+    ]
 
 
 def nanoseek_speedrun(out: Path) -> str:
-    proc = subprocess.run(speedrun_cmd(out), capture_output=True, text=True, timeout=1200, env=_env())
+    proc = subprocess.run(
+        speedrun_cmd(out), capture_output=True, text=True, timeout=1200, env=_env()
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -49,37 +71,68 @@ def test_every_stage_finishes_and_the_report_is_sane(run):
     assert all(math.isfinite(pre[k]) for k in ("final_loss", "val_loss", "val_bpb", "mfu", "flops"))
     assert 0 < pre["mfu"] < 1 and pre["tokens"] == 80 * 8 * 128
     for stage in ("pretrain", "sft"):  # the training losses fall
-        rows = [json.loads(line) for line in (path / stage / "metrics.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line) for line in (path / stage / "metrics.jsonl").read_text().splitlines()
+        ]
         losses = [r["lm_loss_avg"] for r in rows if "lm_loss_avg" in r]
         assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], stage
     assert stages["long_context"]["context"] == 256 and stages["long_context"]["yarn_factor"] == 2.0
     grpo = stages["grpo"]
-    assert grpo["steps"] == 4 and 0 <= grpo["val_accuracy_before"] <= 1 and 0 <= grpo["val_accuracy"] <= 1
+    assert (
+        grpo["steps"] == 4
+        and 0 <= grpo["val_accuracy_before"] <= 1
+        and 0 <= grpo["val_accuracy"] <= 1
+    )
     assert report["eval"].keys() == {"sft", "grpo"}
     for result in report["eval"].values():
-        assert set(result["bpb"]) == {"en", "zh", "code"} and all(0 < v < 10 for v in result["bpb"].values())
+        assert set(result["bpb"]) == {"en", "zh", "code"} and all(
+            0 < v < 10 for v in result["bpb"].values()
+        )
         assert 0 <= result["tasks"]["arithmetic"]["greedy"]["pass@1"] <= 1
         assert all(0 <= row["accuracy"] <= 1 for row in result["passkey"])
     assert report["model"]["kv_cache_reduction_vs_mha"] > 1
     assert {s["lang"] for s in report["samples"]} == {"en", "zh"}
-    assert all(isinstance(s["reasoning"], str) and isinstance(s["answer"], str) for s in report["samples"])
+    assert all(
+        isinstance(s["reasoning"], str) and isinstance(s["answer"], str) for s in report["samples"]
+    )
     md = (path / "report.md").read_text()
-    for part in ("| pretrain |", "| grpo |", "loss.png", "grpo/reward_curve.png", "Held-out task accuracy",
-                 "Passkey retrieval", "Sample answers", "你好，你是谁？", "estimated cost $"):
+    for part in (
+        "| pretrain |",
+        "| grpo |",
+        "loss.png",
+        "grpo/reward_curve.png",
+        "Held-out task accuracy",
+        "Passkey retrieval",
+        "Sample answers",
+        "你好，你是谁？",
+        "estimated cost $",
+    ):
         assert part in md, part
     for png in ("loss.png", "expert_load.png", "grpo/reward_curve.png"):
         assert (path / png).stat().st_size > 1000
-    assert f"nanoseek serve {path / 'final'}" in stdout and f"nanoseek chat {path / 'final'}" in stdout
+    assert (
+        f"nanoseek serve {path / 'final'}" in stdout and f"nanoseek chat {path / 'final'}" in stdout
+    )
 
 
 def test_the_final_checkpoint_has_a_model_card(run):
     card = (run[0] / "final" / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
-    assert "license: mit" in front and "- en\n- zh" in front and "pipeline_tag: text-generation" in front
-    index = json.loads(next(line for line in front.splitlines() if line.startswith("model-index:"))[12:])
+    assert (
+        "license: mit" in front
+        and "- en\n- zh" in front
+        and "pipeline_tag: text-generation" in front
+    )
+    index = json.loads(
+        next(line for line in front.splitlines() if line.startswith("model-index:"))[12:]
+    )
     metrics = [m for r in index[0]["results"] for m in r["metrics"]]
     assert {"pass@1", "bits_per_byte"} <= {m["type"] for m in metrics}
-    assert "CC BY-SA 4.0" in body and "World English Bible" in body and "Held-out task accuracy" in body
+    assert (
+        "CC BY-SA 4.0" in body
+        and "World English Bible" in body
+        and "Held-out task accuracy" in body
+    )
 
 
 def test_the_final_checkpoint_loads_in_transformers(run):
@@ -91,7 +144,9 @@ def test_the_final_checkpoint_loads_in_transformers(run):
     ours = load_model(final)
     hf = transformers.AutoModelForCausalLM.from_pretrained(final).float().eval()
     tok = transformers.AutoTokenizer.from_pretrained(final)
-    ids = torch.tensor([tok("In the beginning God created the heavens and the earth.")["input_ids"]])
+    ids = torch.tensor(
+        [tok("In the beginning God created the heavens and the earth.")["input_ids"]]
+    )
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-4
     assert hf.config.rope_parameters["rope_type"] == "yarn"
@@ -101,10 +156,18 @@ def test_the_final_checkpoint_serves(run):
     openai = pytest.importorskip("openai")
     with ServerProcess(run[0] / "final") as process:
         server = process.wait_ready()
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=8,
-                                               messages=[{"role": "user", "content": "你好"}])
-        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+        client = openai.OpenAI(
+            base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120
+        )
+        reply = client.chat.completions.create(
+            model=client.models.list().data[0].id,
+            max_tokens=8,
+            messages=[{"role": "user", "content": "你好"}],
+        )
+        assert (
+            reply.choices[0].finish_reason in ("stop", "length")
+            and reply.usage.completion_tokens >= 1
+        )
 
 
 def test_running_again_skips_finished_stages(run):
@@ -120,22 +183,34 @@ def test_running_again_skips_finished_stages(run):
 
 def test_killed_in_pretraining_then_run_again_ends_with_the_same_figures(run, tmp_path):
     path, killed = run[0], tmp_path / "killed"
-    proc = subprocess.Popen(speedrun_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        speedrun_cmd(killed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        start_new_session=True,
+    )
     checkpoint = killed / "pretrain" / "checkpoints" / "step_000040" / "trainer_state.pt"
     deadline = time.monotonic() + 900
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert checkpoint.exists() and not (killed / "pretrain" / "done.json").exists(), "not killed in pretraining"
+    assert checkpoint.exists() and not (killed / "pretrain" / "done.json").exists(), (
+        "not killed in pretraining"
+    )
 
     nanoseek_speedrun(killed)
     a, b = (json.loads((p / "report.json").read_text()) for p in (path, killed))
-    for stage, keys in {"pretrain": ("steps", "tokens", "final_loss", "val_loss", "val_bpb"),
-                        "long_context": ("final_loss", "val_bpb"), "sft": ("final_loss", "val_loss"),
-                        "grpo": ("reward", "val_accuracy_before", "val_accuracy")}.items():
-        assert {k: a["stages"][stage][k] for k in keys} == {k: b["stages"][stage][k] for k in keys}, stage
+    for stage, keys in {
+        "pretrain": ("steps", "tokens", "final_loss", "val_loss", "val_bpb"),
+        "long_context": ("final_loss", "val_bpb"),
+        "sft": ("final_loss", "val_loss"),
+        "grpo": ("reward", "val_accuracy_before", "val_accuracy"),
+    }.items():
+        assert {k: a["stages"][stage][k] for k in keys} == {
+            k: b["stages"][stage][k] for k in keys
+        }, stage
     assert a["eval"] == b["eval"]
     assert [s["completion"] for s in a["samples"]] == [s["completion"] for s in b["samples"]]
     ours, theirs = (load_file(p / "final" / "model.safetensors") for p in (path, killed))

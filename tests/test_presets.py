@@ -27,7 +27,9 @@ def test_every_shipped_preset_builds_every_stage(name):
 
 
 def test_overrides(tmp_path):
-    preset = load_preset("smoke", ["price_per_hour=3", "grpo.group_size=16", 'sft.tasks={"countdown": [2]}'])
+    preset = load_preset(
+        "smoke", ["price_per_hour=3", "grpo.group_size=16", 'sft.tasks={"countdown": [2]}']
+    )
     assert preset["grpo"]["group_size"] == 16 and preset["sft"]["tasks"] == {"countdown": [2]}
     assert preset["pretrain"]["price_per_hour"] == 3 and preset["grpo"]["price_per_hour"] == 3
     with pytest.raises(ValueError, match="SECTION.FIELD=VALUE"):

@@ -1,5 +1,6 @@
-"""The sandbox against hostile programs, in both of its modes: with namespaces (root + util-linux `unshare`) and
-the fallback without them. Every test also checks that nothing the program started is still running."""
+"""The sandbox against hostile programs, in both of its modes: with namespaces (root + util-linux
+`unshare`) and the fallback without them. Every test also checks that nothing the program started is
+still running."""
 
 import errno
 import os
@@ -26,7 +27,9 @@ UNSAFE_ENV = "NANOSEEK_UNSAFE_SANDBOX"
 REPO = pathlib.Path(__file__).resolve().parent.parent
 needs_root = pytest.mark.skipif(not ROOT, reason="the throwaway uid needs root (CI runs as root)")
 
-FORK_BOMB = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+FORK_BOMB = (
+    "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+)
 LOOP = "while True:\n    pass\n"
 ALLOCATE = "chunks = []\nwhile True:\n    chunks.append(bytes(64 << 20))\n"
 
@@ -46,7 +49,8 @@ def no_strays():
 
 
 def sandbox_processes() -> list[int]:
-    """Live processes under the sandbox uids, or with a sandbox working directory on their command line."""
+    """Live processes under the sandbox uids, or with a sandbox working directory on their command
+    line."""
     uids = range(UID_BASE, UID_BASE + UID_COUNT)
     pids = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -64,7 +68,9 @@ def sandbox_processes() -> list[int]:
 
 
 def test_runs_code(sandbox):
-    r = sandbox.run("import os, sys\nprint(sys.stdin.read().upper())\nprint(os.getuid())", stdin="hello")
+    r = sandbox.run(
+        "import os, sys\nprint(sys.stdin.read().upper())\nprint(os.getuid())", stdin="hello"
+    )
     assert r.ok and r.returncode == 0 and not r.timed_out and r.killed is None
     lines = r.stdout.splitlines()
     assert lines[0] == "HELLO"
@@ -102,7 +108,8 @@ def test_infinite_loop_is_killed_at_the_timeout(sandbox):
 
 def test_cpu_limit(sandbox):
     r = sandbox.run(LOOP, timeout=30, cpu_seconds=1)
-    assert not r.ok and r.killed in ("SIGXCPU", "SIGKILL") and not r.timed_out  # the CPU limit, not the clock
+    # the CPU limit, not the clock
+    assert not r.ok and r.killed in ("SIGXCPU", "SIGKILL") and not r.timed_out
 
 
 def test_huge_allocation_fails(sandbox):
@@ -110,14 +117,18 @@ def test_huge_allocation_fails(sandbox):
     assert not r.ok and "MemoryError" in r.stderr
     r = sandbox.run("x = bytearray(16 << 30)")
     assert not r.ok and "MemoryError" in r.stderr
-    assert sandbox.run("print(len(bytearray(50 << 20)))").stdout == f"{50 << 20}\n"  # and it still works
+    # and it still works
+    assert sandbox.run("print(len(bytearray(50 << 20)))").stdout == f"{50 << 20}\n"
 
 
 def test_process_cap_holds(sandbox):
-    """The count of processes a program can start stops at max_processes, even though we are root."""
-    spawn = ("import os, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n"
-             "            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n"
-             "    print(n, type(e).__name__)\n")
+    """The count of processes a program can start stops at max_processes, even though we are
+    root."""
+    spawn = (
+        "import os, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n"
+        "            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n"
+        "    print(n, type(e).__name__)\n"
+    )
     r = sandbox.run(spawn, max_processes=8)
     count, error = r.stdout.split()
     assert int(count) < 8 and error == "BlockingIOError"
@@ -133,14 +144,19 @@ def test_fork_bomb_is_contained(sandbox):
 
 def test_processes_that_leave_the_session_are_killed(sandbox):
     marker = f"escapee-{uuid.uuid4().hex}"
-    escape = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n"
-              f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])\n"
-              "print('parent leaves')\n")
+    escape = (
+        "import os, sys\nif os.fork() == 0:\n    os.setsid()\n"
+        f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])\n"
+        "print('parent leaves')\n"
+    )
     r = sandbox.run(escape)
     assert r.ok and r.stdout == "parent leaves\n"
     time.sleep(0.1)
-    alive = [e for e in filter(str.isdigit, os.listdir("/proc"))
-             if marker.encode() in pathlib.Path(f"/proc/{e}/cmdline").read_bytes()]
+    alive = [
+        e
+        for e in filter(str.isdigit, os.listdir("/proc"))
+        if marker.encode() in pathlib.Path(f"/proc/{e}/cmdline").read_bytes()
+    ]
     assert alive == []
 
 
@@ -162,11 +178,13 @@ print(os.getcwd())
     r = sandbox.run(program)
     assert r.ok, r.stderr
     assert f"refused /{name}" in r.stdout
-    if not str(REPO).startswith(tuple(d + "/" for d in SHARED_DIRS)):  # else the checkout sits under a tmpfs
+    # else the checkout sits under a tmpfs
+    if not str(REPO).startswith(tuple(d + "/" for d in SHARED_DIRS)):
         assert f"refused {REPO / name} PermissionError" in r.stdout
     workdir = r.stdout.splitlines()[-1]
     for path in targets + [workdir]:
-        assert not os.path.exists(path), path  # refused, or written to a private tmpfs, or swept afterwards
+        # refused, or written to a private tmpfs, or swept afterwards
+        assert not os.path.exists(path), path
 
 
 @needs_root
@@ -174,14 +192,17 @@ def test_cannot_read_private_files_or_signal_us(sandbox, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("hunter2")
     secret.chmod(0o600)
-    program = (f"import os, signal\ntry:\n    print(open({str(secret)!r}).read())\nexcept OSError as e:\n"
-               f"    print('no read', type(e).__name__)\ntry:\n    os.kill({os.getpid()}, signal.SIGKILL)\n"
-               "except OSError as e:\n    print('no kill', type(e).__name__)\n"
-               "try:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass  # nothing else we may signal\n"
-               "print('survived kill -1')\n")
+    program = (
+        f"import os, signal\ntry:\n    print(open({str(secret)!r}).read())\nexcept OSError as e:\n"
+        f"    print('no read', type(e).__name__)\ntry:\n    os.kill({os.getpid()}, signal.SIGKILL)\n"
+        "except OSError as e:\n    print('no kill', type(e).__name__)\n"
+        "try:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass  # nothing else we may signal\n"
+        "print('survived kill -1')\n"
+    )
     r = sandbox.run(program)
     assert "hunter2" not in r.stdout and "no read" in r.stdout and "no kill" in r.stdout
-    assert r.stdout.endswith("survived kill -1\n")  # kill(-1) reached only the sandbox's own processes
+    # kill(-1) reached only the sandbox's own processes
+    assert r.stdout.endswith("survived kill -1\n")
 
 
 def test_no_network(sandbox):
@@ -190,8 +211,10 @@ def test_no_network(sandbox):
         server.listen()
         server.settimeout(0.3)
         port = server.getsockname()[1]
-        program = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-                   "    print('connected')\nexcept OSError as e:\n    print('refused', type(e).__name__)\n")
+        program = (
+            f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+            "    print('connected')\nexcept OSError as e:\n    print('refused', type(e).__name__)\n"
+        )
         r = sandbox.run(program)
         assert r.stdout.startswith("refused")
         with pytest.raises(socket.timeout):
@@ -199,12 +222,15 @@ def test_no_network(sandbox):
 
 
 def test_output_is_capped(sandbox):
-    r = sandbox.run("import sys\nwhile True:\n    sys.stdout.write('x' * 4096)\n", max_output_bytes=10_000)
+    r = sandbox.run(
+        "import sys\nwhile True:\n    sys.stdout.write('x' * 4096)\n", max_output_bytes=10_000
+    )
     assert r.killed == "output_limit" and not r.ok and len(r.stdout) <= 10_000
 
 
 def test_concurrent_runs_beside_a_fork_bomb(sandbox):
-    """The trainer grades from a thread pool; one run's fork bomb must not starve the others (one uid each)."""
+    """The trainer grades from a thread pool; one run's fork bomb must not starve the others (one
+    uid each)."""
     with ThreadPoolExecutor(6) as pool:
         bomb = pool.submit(sandbox.run, FORK_BOMB, timeout=1.5)
         results = list(pool.map(lambda i: sandbox.run(f"print({i} * {i})", timeout=10), range(16)))
@@ -218,19 +244,30 @@ def test_limits_defaults():
     assert limits.timeout > 0 and limits.memory_mb >= 256 and limits.max_processes >= 4
 
 
-@pytest.mark.parametrize("prologue", [FORK_BOMB, LOOP, ALLOCATE,
-                                      "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
-                                      "import os\nos.kill(-1, 9)\nos._exit(0)\n"])
+@pytest.mark.parametrize(
+    "prologue",
+    [
+        FORK_BOMB,
+        LOOP,
+        ALLOCATE,
+        "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
+        "import os\nos.kill(-1, 9)\nos._exit(0)\n",
+    ],
+)
 def test_hostile_code_scores_zero(sandbox, prologue):
-    """As a code-task answer, each hostile program scores 0 even with a correct function after it."""
+    """As a code-task answer, each hostile program scores 0 even with a correct function after
+    it."""
     task = Code(sandbox=sandbox, timeout=1.0)
-    problem = next(p for p in get_task("code").generate(20, seed=0) if p.key.startswith("reverse_string"))
+    problem = next(
+        p for p in get_task("code").generate(20, seed=0) if p.key.startswith("reverse_string")
+    )
     code = prologue + "def reverse_string(s):\n    return s[::-1]\n"
     reward = task.grade(problem, f"<think>t</think>\n<answer>```python\n{code}```</answer>")
     assert reward.accuracy == 0.0 and not reward.correct and reward.format == 1.0
 
 
 # -- escapes found by hand (issue 18): each failed before the seccomp filter ---------------------
+
 
 def program(text: str) -> str:
     return textwrap.dedent(text).lstrip("\n")
@@ -262,14 +299,16 @@ def test_no_unix_socket_of_the_host(filtered):
             os.chmod(path, 0o777)
             server.listen()
             server.settimeout(0.3)
-            r = filtered.run(program(f"""
+            r = filtered.run(
+                program(f"""
                 import socket
                 try:
                     socket.socket(socket.AF_UNIX).connect({path!r})
                     print("connected")
                 except OSError as e:
                     print("refused", type(e).__name__)
-                """))
+                """)
+            )
             assert r.stdout.startswith("refused"), r.stdout + r.stderr
             with pytest.raises(socket.timeout):
                 server.accept()
@@ -284,7 +323,8 @@ def test_no_connection_through_ctypes(filtered):
         server.listen()
         server.settimeout(0.3)
         port = server.getsockname()[1]
-        r = filtered.run(program(f"""
+        r = filtered.run(
+            program(f"""
             import ctypes, socket, struct
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
@@ -293,7 +333,8 @@ def test_no_connection_through_ctypes(filtered):
             print("socket", fd, "connect", libc.connect(fd, address, 16) if fd >= 0 else None)
             pair = (ctypes.c_int * 2)()
             print("dgram pair", libc.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM, 0, pair))
-            """))
+            """)
+        )
         assert r.ok, r.stderr
         assert r.stdout == "socket -1 connect None\ndgram pair -1\n"
         with pytest.raises(socket.timeout):
@@ -306,7 +347,8 @@ def test_no_connection_through_ctypes(filtered):
 def test_no_user_namespace(filtered):
     """The program could make a user namespace and be root in it; now unshare and clone with a
     CLONE_NEW* flag fail, and clone3 does not exist (the C library then falls back to clone)."""
-    r = filtered.run(program("""
+    r = filtered.run(
+        program("""
         import ctypes, os, shutil, subprocess
         libc = ctypes.CDLL(None, use_errno=True)
         for flag in (0x10000000, 0x20000, 0x40000000):  # CLONE_NEWUSER, NEWNS, NEWNET
@@ -321,7 +363,8 @@ def test_no_user_namespace(filtered):
                                capture_output=True, text=True)
             print("unshare tool refused", r.returncode != 0 and r.stdout == "")
         print("fork", subprocess.run(["true"]).returncode)
-        """))
+        """)
+    )
     assert r.ok, r.stderr
     lines = r.stdout.splitlines()
     assert lines[:5] == ["unshare -1 1"] * 3 + ["clone -1", "clone3 -1 38"]
@@ -329,11 +372,13 @@ def test_no_user_namespace(filtered):
 
 
 def test_no_ptrace(filtered):
-    r = filtered.run(program("""
+    r = filtered.run(
+        program("""
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         print(libc.ptrace(0, 0, 0, 0), ctypes.get_errno())  # PTRACE_TRACEME
-        """))
+        """)
+    )
     assert r.stdout == "-1 1\n"
 
 
@@ -345,7 +390,8 @@ def test_process_table_is_hidden():
     secret = f"secret-{uuid.uuid4().hex}"
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", secret]) as helper:
         try:
-            r = box.run(program(f"""
+            r = box.run(
+                program(f"""
                 import os
                 found = []
                 for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -355,7 +401,8 @@ def test_process_table_is_hidden():
                     except OSError:
                         pass
                 print(len(found), any(found))
-                """))
+                """)
+            )
         finally:
             helper.kill()
     count, seen = r.stdout.split()
@@ -367,7 +414,8 @@ def test_total_disk_is_capped():
     box = Sandbox()
     if "private-tmpfs" not in box.isolation:
         pytest.skip("no namespaces on this machine (needs root and a working `unshare`)")
-    r = box.run(program("""
+    r = box.run(
+        program("""
         total = 0
         try:
             for i in range(64):
@@ -378,7 +426,10 @@ def test_total_disk_is_capped():
         except OSError as e:
             print(type(e).__name__, e.errno)
         print(total >> 20)
-        """), tmpfs_mb=16, max_file_mb=8)
+        """),
+        tmpfs_mb=16,
+        max_file_mb=8,
+    )
     lines = r.stdout.split()
     assert lines[:2] == ["OSError", str(errno.ENOSPC)] and int(lines[2]) <= 16, r.stdout + r.stderr
 
@@ -409,7 +460,7 @@ ADD = {
     "entry_point": "add",
     "context": 'def add(a: int, b: int) -> int:\n    """Add."""\n',
     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"
-            "    assert candidate(-1, 1) == 0\n",
+    "    assert candidate(-1, 1) == 0\n",
 }
 WRONG_ADD = "def add(a, b):\n    return a - b\n"
 RIGHT_ADD = "def add(a, b):\n    return a + b\n"
@@ -477,8 +528,16 @@ EQUALS_EVERYTHING = [
 
 
 def humaneval_problem(task):
-    return task.problem(key="HumanEval/add", lang="en", prompt="add", answer="", reasoning="",
-                        kind="humaneval", task_id="HumanEval/add", **ADD)
+    return task.problem(
+        key="HumanEval/add",
+        lang="en",
+        prompt="add",
+        answer="",
+        reasoning="",
+        kind="humaneval",
+        task_id="HumanEval/add",
+        **ADD,
+    )
 
 
 def template_problem():
@@ -528,10 +587,17 @@ def test_helpers_of_the_prompt_cannot_be_redefined(sandbox):
     the prompt's own, so a candidate that redefines the helper to make the test trivial fails."""
     task = Code(sandbox=sandbox, timeout=2.0)
     problem = task.problem(
-        key="HumanEval/root", lang="en", prompt="root", answer="", reasoning="", kind="humaneval",
-        task_id="HumanEval/root", entry_point="root",
+        key="HumanEval/root",
+        lang="en",
+        prompt="root",
+        answer="",
+        reasoning="",
+        kind="humaneval",
+        task_id="HumanEval/root",
+        entry_point="root",
         context='def poly(x):\n    return x * x - 4\n\n\ndef root():\n    """A root of poly."""\n',
-        test="def check(candidate):\n    assert poly(candidate()) == 0\n")
+        test="def check(candidate):\n    assert poly(candidate()) == 0\n",
+    )
     assert grade(task, problem, "def root():\n    return 2\n").correct
     forged = "def poly(x):\n    return 0\n\n\ndef root():\n    return 7\n"
     assert grade(task, problem, forged).accuracy == 0.0
@@ -540,7 +606,8 @@ def test_helpers_of_the_prompt_cannot_be_redefined(sandbox):
 def test_no_new_session_and_no_signal_to_every_process(filtered):
     """Without root the program runs as our uid: kill(-1) would reach every process of ours, and a
     new session would take its processes out of the group we kill."""
-    r = filtered.run(program("""
+    r = filtered.run(
+        program("""
         import os, signal
         for call in (os.setsid, lambda: os.setpgid(0, 0), lambda: os.kill(-1, signal.SIGKILL),
                      lambda: os.kill(-2, 0)):  # a process group
@@ -549,5 +616,6 @@ def test_no_new_session_and_no_signal_to_every_process(filtered):
                 print("allowed")
             except OSError as e:
                 print("refused", type(e).__name__)
-        """))
+        """)
+    )
     assert r.stdout.splitlines() == ["refused PermissionError"] * 4, r.stdout + r.stderr

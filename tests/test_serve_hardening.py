@@ -33,8 +33,17 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    with ServerProcess(checkpoint, "--api-key", KEY, "--max-tokens", "4", "--header-timeout", "1",
-                       "--body-timeout", "1") as s:
+    with ServerProcess(
+        checkpoint,
+        "--api-key",
+        KEY,
+        "--max-tokens",
+        "4",
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+    ) as s:
         yield s.wait_ready()
 
 
@@ -88,8 +97,11 @@ def test_connections_that_stall_before_their_headers_are_closed(server):
 
 
 def test_a_body_that_arrives_too_slowly_gets_408(server):
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
-            + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n")
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+        + KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+    )
     stalled = connect(server, head + b'{"messages": ')
     trickle = connect(server, head)
     start = time.monotonic()
@@ -106,8 +118,11 @@ def test_a_body_that_arrives_too_slowly_gets_408(server):
 def test_a_body_nobody_reads_still_has_a_deadline(server):
     """Refused before its body is read (no key), the request's connection still closes once the body
     is late, however steadily the client trickles it."""
-    sock = connect(server, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                           b"application/json\r\nContent-Length: 1000\r\n\r\n{")
+    sock = connect(
+        server,
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+        b"application/json\r\nContent-Length: 1000\r\n\r\n{",
+    )
     start = time.monotonic()
     closed = False
     while time.monotonic() - start < 6 and not closed:
@@ -142,11 +157,21 @@ def test_unread_streams_are_dropped_at_the_request_timeout(checkpoint):
         while httpx.get(url + "/health").status_code != 200:
             assert time.monotonic() < end
             time.sleep(0.1)
-        body = json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": True, "n": 8,
-                           "max_tokens": 450, "ignore_eos": True, "logprobs": True,
-                           "top_logprobs": 20}).encode()
-        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                   b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+        body = json.dumps(
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+                "n": 8,
+                "max_tokens": 450,
+                "ignore_eos": True,
+                "logprobs": True,
+                "top_logprobs": 20,
+            }
+        ).encode()
+        request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        ) + body
         clients = []
         for _ in range(4):
             sock = socket.socket()
@@ -184,8 +209,12 @@ def test_the_default_hosts_follow_the_bound_address():
     named = ServerConfig(host="0.0.0.0", allowed_hosts=("[::1]", " A.example. "))
     assert named.host_names() == {"::1", "a.example"}
     assert ServerConfig(allowed_hosts=("a.example", "*")).host_names() is None
-    for bad in (dict(allowed_hosts=()), dict(allowed_hosts=(" ",)), dict(header_timeout=0),
-                dict(body_timeout=-1)):
+    for bad in (
+        dict(allowed_hosts=()),
+        dict(allowed_hosts=(" ",)),
+        dict(header_timeout=0),
+        dict(body_timeout=-1),
+    ):
         with pytest.raises(ValueError):
             ServerConfig(**bad)
 
@@ -196,20 +225,27 @@ def test_a_foreign_host_header_is_refused(server):
         for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
             r = httpx.get(server.url + path, headers={**AUTH, "Host": host})
             assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed"
-    r = httpx.post(server.url + "/v1/chat/completions", json=CHAT,
-                   headers={**AUTH, "Host": "rebound.example"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json=CHAT, headers={**AUTH, "Host": "rebound.example"}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "Host"
-    for host in (f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", f"[::1]:{port}",
-                 "localhost."):
+    for host in (
+        f"localhost:{port}",
+        "LOCALHOST",
+        f"127.0.0.1:{port}",
+        f"[::1]:{port}",
+        "localhost.",
+    ):
         assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 200
 
 
 def test_allowed_hosts_replace_the_default(checkpoint):
-    cases = [(ServerConfig(allowed_hosts=("API.example.",)),
-              {"api.example:443": 200, "localhost": 400}),
-             (ServerConfig(allowed_hosts=("*",)), {"evil.example": 200, "localhost": 200}),
-             (ServerConfig(host="0.0.0.0"), {"evil.example": 200, "10.1.2.3:80": 200}),
-             (ServerConfig(host="::1"), {"[::1]": 200, "evil.example": 400})]
+    cases = [
+        (ServerConfig(allowed_hosts=("API.example.",)), {"api.example:443": 200, "localhost": 400}),
+        (ServerConfig(allowed_hosts=("*",)), {"evil.example": 200, "localhost": 200}),
+        (ServerConfig(host="0.0.0.0"), {"evil.example": 200, "10.1.2.3:80": 200}),
+        (ServerConfig(host="::1"), {"[::1]": 200, "evil.example": 400}),
+    ]
     for config, expected in cases:
         app = create_app(config, lambda: load_checkpoint(checkpoint))
         with InProcessServer(app) as s:
@@ -220,18 +256,29 @@ def test_allowed_hosts_replace_the_default(checkpoint):
 
 def test_post_bodies_must_be_json(server):
     raw = json.dumps(CHAT).encode()
-    for media in ("text/plain", "application/x-www-form-urlencoded",
-                  "multipart/form-data; boundary=x", "application/json; charset=latin-1",
-                  "application/jsonx", None):
+    for media in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/json; charset=latin-1",
+        "application/jsonx",
+        None,
+    ):
         headers = {**AUTH, **({"Content-Type": media} if media else {})}
         r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=headers)
         assert r.status_code == 415, media
         error = r.json()["error"]
         assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
-    for media in ("application/json", "Application/JSON; charset=UTF-8",
-                  'application/json;charset="utf-8"'):
-        r = httpx.post(server.url + "/v1/chat/completions", content=raw,
-                       headers={**AUTH, "Content-Type": media})
+    for media in (
+        "application/json",
+        "Application/JSON; charset=UTF-8",
+        'application/json;charset="utf-8"',
+    ):
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            content=raw,
+            headers={**AUTH, "Content-Type": media},
+        )
         assert r.status_code == 200, (media, r.text)
 
 
@@ -255,17 +302,39 @@ def openapi(server):
 def test_openapi_describes_the_real_request_bodies(openapi, server):
     chat = serve_fuzz.request_schema(openapi, "/v1/chat/completions")
     completion = serve_fuzz.request_schema(openapi, "/v1/completions")
-    valid = [(chat, CHAT),
-             (chat, {"messages": [{"role": "assistant", "content": [{"type": "text", "text": "x"}],
-                                   "prefix": True}], "thinking": {"type": "disabled"},
-                     "response_format": {"type": "json_object"}, "stream": True,
-                     "stream_options": {"include_usage": True}, "logit_bias": {"5": -100}}),
-             (completion, {"prompt": "x"}), (completion, {"prompt": [[1, 2], [3]], "echo": True}),
-             (completion, {"prompt": ["a", "b"], "n": 2, "stop": ["\n"], "seed": 3})]
-    invalid = [(chat, {}), (chat, {"messages": []}), (chat, {"messages": [{"role": "robot"}]}),
-               (chat, {**CHAT, "n": 0}), (chat, {**CHAT, "temperature": 3}),
-               (completion, {}), (completion, {"prompt": 5}),
-               (completion, {"prompt": "x", "top_p": 0})]
+    valid = [
+        (chat, CHAT),
+        (
+            chat,
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "text", "text": "x"}],
+                        "prefix": True,
+                    }
+                ],
+                "thinking": {"type": "disabled"},
+                "response_format": {"type": "json_object"},
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "logit_bias": {"5": -100},
+            },
+        ),
+        (completion, {"prompt": "x"}),
+        (completion, {"prompt": [[1, 2], [3]], "echo": True}),
+        (completion, {"prompt": ["a", "b"], "n": 2, "stop": ["\n"], "seed": 3}),
+    ]
+    invalid = [
+        (chat, {}),
+        (chat, {"messages": []}),
+        (chat, {"messages": [{"role": "robot"}]}),
+        (chat, {**CHAT, "n": 0}),
+        (chat, {**CHAT, "temperature": 3}),
+        (completion, {}),
+        (completion, {"prompt": 5}),
+        (completion, {"prompt": "x", "top_p": 0}),
+    ]
     for schema, body in valid:
         jsonschema.validate(body, schema)
         route = "/v1/chat/completions" if schema is chat else "/v1/completions"
@@ -287,8 +356,13 @@ def test_schema_fuzzing_finds_no_server_error(openapi, server):
     found = []
     statuses = []
 
-    @settings(max_examples=150, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=150,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(serve_fuzz.requests(openapi))
     def fuzz(request):
         route, body = request

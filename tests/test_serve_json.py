@@ -1,5 +1,6 @@
-"""JSON mode and the other logits processors: the byte automaton, the token-level constraint on a random-weight
-model (its output must parse), logit_bias and min_tokens, and the engine's logits_processors hook."""
+"""JSON mode and the other logits processors: the byte automaton, the token-level constraint on a
+random-weight model (its output must parse), logit_bias and min_tokens, and the engine's
+logits_processors hook."""
 
 import json
 
@@ -9,20 +10,49 @@ import torch
 from nanoseek import Transformer
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.serve.chat_format import EngineTokenizer, TokenTable, chat_prompt, split_reasoning
-from nanoseek.serve.logits import START, JsonObjectProcessor, JsonVocab, LogitBias, MinTokens, need, step
+from nanoseek.serve.logits import (
+    START,
+    JsonObjectProcessor,
+    JsonVocab,
+    LogitBias,
+    MinTokens,
+    need,
+    step,
+)
 
 from helpers import tiny_config
 from serve_helpers import build_tokenizer
 
 VALID = [
-    '{}', '{"a": 1}', ' { "a" : [ ] , "b" : [1, -2.5e+3, 0, 0.25E-1] }', '{"s": "esc \\" \\\\ \\/ \\n \\u00e9"}',
-    '{"t": true, "f": false, "n": null, "nested": {"x": [[], [{}], [[1]]]}}', '{"中文": "汉字 🙂"}',
+    "{}",
+    '{"a": 1}',
+    ' { "a" : [ ] , "b" : [1, -2.5e+3, 0, 0.25E-1] }',
+    '{"s": "esc \\" \\\\ \\/ \\n \\u00e9"}',
+    '{"t": true, "f": false, "n": null, "nested": {"x": [[], [{}], [[1]]]}}',
+    '{"中文": "汉字 🙂"}',
     '{"neg": -0, "exp": 1e5, "frac": 10.01}',
 ]
 INVALID = [
-    b'[1]', b'"top-level string"', b'{"a": 01}', b'{"a" 1}', b'{,}', b'{"a": tru}', b'{"a": "\\x"}',
-    b'{"a": "\x01"}', b'{"a": 1,}', b'{"a": [1,]}', b'{"a": -}', b'{"a": 1.}', b'{"a": .5}', b'{"a": "\xc0\xaf"}',
-    b'{"a": "\xed\xa0\x80"}', b'{"a": "\xff"}', b'{} {}', b'{}x', b'{"a": NaN}', b"{'a': 1}",
+    b"[1]",
+    b'"top-level string"',
+    b'{"a": 01}',
+    b'{"a" 1}',
+    b"{,}",
+    b'{"a": tru}',
+    b'{"a": "\\x"}',
+    b'{"a": "\x01"}',
+    b'{"a": 1,}',
+    b'{"a": [1,]}',
+    b'{"a": -}',
+    b'{"a": 1.}',
+    b'{"a": .5}',
+    b'{"a": "\xc0\xaf"}',
+    b'{"a": "\xed\xa0\x80"}',
+    b'{"a": "\xff"}',
+    b"{} {}",
+    b"{}x",
+    b'{"a": NaN}',
+    b"{'a': 1}",
 ]
 
 
@@ -54,8 +84,8 @@ CLOSERS = bytes(range(256))  # any byte that brings the end closer will do
 
 @pytest.mark.parametrize("doc", VALID)
 def test_need_is_exactly_the_bytes_that_close_every_prefix(doc):
-    """From every prefix, some byte lowers need() by one; following such bytes closes the object in exactly
-    need() bytes, and the result parses."""
+    """From every prefix, some byte lowers need() by one; following such bytes closes the object in
+    exactly need() bytes, and the result parses."""
     data = doc.encode("utf-8")
     for cut in range(len(data) + 1):
         state, out = run(data[:cut]), bytearray(data[:cut])
@@ -63,8 +93,11 @@ def test_need_is_exactly_the_bytes_that_close_every_prefix(doc):
             continue
         todo = need(state)
         for _ in range(todo):
-            state, b = next((step(state, b), b) for b in CLOSERS
-                            if step(state, b) is not None and need(step(state, b)) == need(state) - 1)
+            state, b = next(
+                (step(state, b), b)
+                for b in CLOSERS
+                if step(state, b) is not None and need(step(state, b)) == need(state) - 1
+            )
             out.append(b)
         assert state[0] == "done", out
         assert isinstance(json.loads(out.decode("utf-8")), dict)
@@ -93,8 +126,14 @@ def test_a_random_weight_model_writes_valid_json(random_engine, thinking):
     params = []
     for seed in range(6):
         for max_tokens in (4, 9, 40):
-            params.append(SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed,
-                                         logits_processors=[JsonObjectProcessor(vocab, max_tokens, in_reasoning)]))
+            params.append(
+                SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=1.0,
+                    seed=seed,
+                    logits_processors=[JsonObjectProcessor(vocab, max_tokens, in_reasoning)],
+                )
+            )
     outs = engine.generate([ids] * len(params), params)
     lengths = set()
     for out, p in zip(outs, params):
@@ -104,8 +143,10 @@ def test_a_random_weight_model_writes_valid_json(random_engine, thinking):
         assert len(out.token_ids) <= p.max_tokens and out.token_ids[-1] == tok.eos_id
         assert (reasoning is not None) == thinking
         lengths.add(len(content))
-    if not thinking:  # (a random model never ends its thought: "</think>" is forced when the budget runs out)
-        assert max(lengths) > 2  # not only "{}": the model wrote JSON of its own where the budget allowed
+    # (a random model never ends its thought: "</think>" is forced when the budget runs out)
+    if not thinking:
+        # not only "{}": the model wrote JSON of its own where the budget allowed
+        assert max(lengths) > 2
 
 
 def test_json_needs_no_thought_when_thinking_is_off(random_engine):
@@ -122,13 +163,23 @@ def test_logit_bias_and_min_tokens(random_engine):
     engine, tok = random_engine
     ids = [tok.bos_id, *tok.encode("hello")]
     target = tok.encode("la")[0]
-    out = engine.generate([ids], SamplingParams(max_tokens=5, temperature=0,
-                                                logits_processors=[LogitBias({target: 100.0})]))[0]
+    out = engine.generate(
+        [ids],
+        SamplingParams(max_tokens=5, temperature=0, logits_processors=[LogitBias({target: 100.0})]),
+    )[0]
     assert out.token_ids == [target] * 5
     eos_first = LogitBias({tok.eos_id: 100.0})
-    out = engine.generate([ids], SamplingParams(max_tokens=10, temperature=0,
-                                                logits_processors=[eos_first, MinTokens(4, [tok.eos_id])]))[0]
-    assert len(out.token_ids) == 5 and out.token_ids[-1] == tok.eos_id and tok.eos_id not in out.token_ids[:4]
+    out = engine.generate(
+        [ids],
+        SamplingParams(
+            max_tokens=10, temperature=0, logits_processors=[eos_first, MinTokens(4, [tok.eos_id])]
+        ),
+    )[0]
+    assert (
+        len(out.token_ids) == 5
+        and out.token_ids[-1] == tok.eos_id
+        and tok.eos_id not in out.token_ids[:4]
+    )
 
 
 def test_logprobs_stay_those_of_the_raw_model(random_engine):
@@ -136,8 +187,15 @@ def test_logprobs_stay_those_of_the_raw_model(random_engine):
     ids = [tok.bos_id, *tok.encode("hello")]
     plain = engine.generate([ids], SamplingParams(max_tokens=1, temperature=0, logprobs=0))[0]
     forced_token = (plain.token_ids[0] + 1) % tok.vocab_size
-    biased = engine.generate([ids], SamplingParams(max_tokens=1, temperature=0, logprobs=0,
-                                                   logits_processors=[LogitBias({forced_token: 100.0})]))[0]
+    biased = engine.generate(
+        [ids],
+        SamplingParams(
+            max_tokens=1,
+            temperature=0,
+            logprobs=0,
+            logits_processors=[LogitBias({forced_token: 100.0})],
+        ),
+    )[0]
     assert biased.token_ids == [forced_token]
     assert biased.outputs[0].logprobs[0].logprob < plain.outputs[0].logprobs[0].logprob
 

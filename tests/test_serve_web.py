@@ -1,7 +1,8 @@
-"""The web chat in a real browser: headless Debian Chromium driven by Playwright, against a real `nanoseek serve`.
+"""The web chat in a real browser: headless Debian Chromium driven by Playwright, against a real
+`nanoseek serve`.
 
-Needs /usr/bin/chromium (`apt-get install -y chromium`) and `pip install playwright` (no `playwright install`:
-the system browser is used). Screenshots go to test-artifacts/web/.
+Needs /usr/bin/chromium (`apt-get install -y chromium`) and `pip install playwright` (no `playwright
+install`: the system browser is used). Screenshots go to test-artifacts/web/.
 """
 
 from pathlib import Path
@@ -13,14 +14,25 @@ from serve_helpers import SCRIPT, ServerProcess, metric, shared_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 HELLO, HELLO_THOUGHT, HELLO_ANSWER = SCRIPT[0]
 NIHAO, NIHAO_THOUGHT, NIHAO_ANSWER = SCRIPT[1]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: the browser test needs "
-                                "`apt-get update && apt-get install -y chromium` (and `pip install playwright`)")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="no /usr/bin/chromium: the browser test needs "
+    "`apt-get update && apt-get install -y chromium` (and `pip install playwright`)",
+)
 
 
 KEY = "sekret"
@@ -97,7 +109,8 @@ def test_chat_in_english_and_chinese_with_the_thought_and_a_stop(page, server):
     ask(page, "Sing")  # a song that never ends
     answer = page.locator(".message.assistant").nth(0)
     answer.locator(".content", has_text="la la la").wait_for()
-    page.click("#stop")  # at once: on a loaded machine a screenshot first could outlast the trained song
+    # at once: on a loaded machine a screenshot first could outlast the trained song
+    page.click("#stop")
     answer.locator(".status", has_text="Stopped").wait_for()
     assert page.locator("#send").is_visible() and not page.locator("#stop").is_visible()
     page.screenshot(path=str(ARTIFACTS / "4-stopped.png"))
@@ -108,7 +121,8 @@ def test_chat_in_english_and_chinese_with_the_thought_and_a_stop(page, server):
     page.reload()  # conversations persist in the browser
     page.locator("#conversations li", has_text=HELLO).click()
     page.locator(".message.assistant .content", has_text=NIHAO_ANSWER).wait_for()
-    assert all(url.startswith(server.url) for url in page.requests), page.requests  # nothing from outside
+    # nothing from outside
+    assert all(url.startswith(server.url) for url in page.requests), page.requests
     assert page.errors == []
 
 
@@ -117,11 +131,16 @@ def test_markdown_is_rendered_and_html_is_escaped(page):
         "# Title", "Some **bold**, *italic* and `code <b>`.", "", "- one", "- two", "", "1. first", "",
         "```python", "print('<script>')", "```", "> quoted", "[link](https://example.org/?a=1&b=2)",
         "[bad](javascript:alert(1))", "<img src=x onerror=alert(1)>", "中文 **粗体**"].join("\\n"))""")
-    assert "<h1>Title</h1>" in html and "<strong>bold</strong>" in html and "<em>italic</em>" in html
+    assert (
+        "<h1>Title</h1>" in html and "<strong>bold</strong>" in html and "<em>italic</em>" in html
+    )
     assert "<code>code &lt;b&gt;</code>" in html and "<ul><li>one</li><li>two</li></ul>" in html
     assert "<ol><li>first</li></ol>" in html and "<blockquote>quoted</blockquote>" in html
     assert '<pre><code class="language-python">print(&#39;&lt;script&gt;&#39;)</code></pre>' in html
-    assert '<a href="https://example.org/?a=1&amp;b=2" target="_blank" rel="noopener noreferrer">link</a>' in html
+    assert (
+        '<a href="https://example.org/?a=1&amp;b=2" target="_blank" rel="noopener noreferrer">link</a>'
+        in html
+    )
     assert 'href="javascript' not in html and "[bad](javascript:alert(1))" in html
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "<strong>粗体</strong>" in html
@@ -147,11 +166,14 @@ def test_markdown_is_rendered_and_html_is_escaped(page):
 def test_a_missing_api_key_is_explained_and_the_setting_fixes_it(page):
     ask(page, HELLO)
     page.locator(".message.assistant .status.error", has_text="401").wait_for()
-    assert "set the API key in Settings" in page.locator(".message.assistant .status.error").inner_text()
+    assert (
+        "set the API key in Settings"
+        in page.locator(".message.assistant .status.error").inner_text()
+    )
     page.screenshot(path=str(ARTIFACTS / "5-no-api-key.png"))
     settings(page, api_key=KEY, temperature="0")
     ask(page, HELLO)
-    # The retry asks the question afresh (the failed exchange is not sent as history), so the answer is the one
-    # the test model learned for it.
+    # The retry asks the question afresh (the failed exchange is not sent as history), so the answer
+    # is the one the test model learned for it.
     page.locator(".message.assistant").nth(1).locator(".content", has_text=HELLO_ANSWER).wait_for()
     assert page.locator(".message.assistant .status.error").count() == 1  # the first try only

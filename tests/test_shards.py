@@ -1,4 +1,5 @@
-"""Token shards and the packed loader: exact contents, BOS alignment, coverage, resume, ranks, errors."""
+"""Token shards and the packed loader: exact contents, BOS alignment, coverage, resume, ranks,
+errors."""
 
 import json
 import random
@@ -18,8 +19,10 @@ WORDS = "the quick brown fox jumps over a lazy dog river stone light 山 水 天
 def documents() -> list[str]:
     """Marked documents of very different lengths: some far shorter, some far longer than a row."""
     rng = random.Random(0)
-    return [f"<<doc {i}>> " + " ".join(rng.choice(WORDS) for _ in range(rng.choice([3, 20, 60, 400])))
-            for i in range(240)]
+    return [
+        f"<<doc {i}>> " + " ".join(rng.choice(WORDS) for _ in range(rng.choice([3, 20, 60, 400])))
+        for i in range(240)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,10 @@ def setup(tmp_path_factory):
 
 
 def corpus_texts(root, split):
-    return [json.loads(line)["text"] for line in (root / "corpus" / f"{split}.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line)["text"]
+        for line in (root / "corpus" / f"{split}.jsonl").read_text().splitlines()
+    ]
 
 
 def stream(loader):
@@ -51,7 +57,9 @@ def test_shard_contents(setup):
     expected = [i for t in texts for i in tok.encode(t, add_bos=True)]
     tokens = np.fromfile(root / "train" / meta["shards"][0]["file"], dtype=np.uint16)
     assert tokens.tolist() == expected
-    assert meta["dtype"] == "uint16" and meta["tokens"] == len(expected) and meta["docs"] == len(texts)
+    assert (
+        meta["dtype"] == "uint16" and meta["tokens"] == len(expected) and meta["docs"] == len(texts)
+    )
     assert meta["bytes"] == sum(len(t.encode()) for t in texts) == meta["sources"]["docs"]["bytes"]
     assert meta["tokenizer_sha256"] == tok.sha256 and meta["bos_id"] == tok.bos_id
     assert read_meta(root / "train") == meta
@@ -62,18 +70,25 @@ def test_rewrite_only_when_inputs_change(setup, tmp_path):
     root, tok, meta = setup
     shard = root / "train" / "shard_00000.bin"
     before = shard.stat().st_mtime_ns
-    assert write_shards(root / "corpus" / "train.jsonl", tok, root / "train", progress=False) == meta
+    assert (
+        write_shards(root / "corpus" / "train.jsonl", tok, root / "train", progress=False) == meta
+    )
     assert shard.stat().st_mtime_ns == before  # same corpus, same tokenizer: kept
     other = Tokenizer.train(documents()[:50], vocab_size=300)
     out = tmp_path / "copy"
     write_shards(root / "corpus" / "train.jsonl", tok, out, progress=False)
     rewritten = write_shards(root / "corpus" / "train.jsonl", other, out, progress=False)
-    assert rewritten["tokenizer_sha256"] == other.sha256 and rewritten["vocab_size"] == other.vocab_size
+    assert (
+        rewritten["tokenizer_sha256"] == other.sha256
+        and rewritten["vocab_size"] == other.vocab_size
+    )
 
 
 def test_many_shards_give_the_same_stream(setup, tmp_path):
     root, tok, meta = setup
-    small = write_shards(root / "corpus" / "train.jsonl", tok, tmp_path, shard_tokens=5000, progress=False)
+    small = write_shards(
+        root / "corpus" / "train.jsonl", tok, tmp_path, shard_tokens=5000, progress=False
+    )
     assert len(small["shards"]) > 3 and small["tokens"] == meta["tokens"]
     assert all(s["tokens"] <= 5000 or s["docs"] == 1 for s in small["shards"])
     assert stream(val_loader(tmp_path, 4, 64)) == stream(val_loader(root / "train", 4, 64))
@@ -81,7 +96,9 @@ def test_many_shards_give_the_same_stream(setup, tmp_path):
 
 def test_uint32_for_big_vocabularies(tmp_path):
     class BigTokenizer:  # just what write_shards uses, with ids above 65535
-        vocab_size, bos_id, sha256 = 100_000, 99_999, "x" * 64
+        vocab_size = 100_000
+        bos_id = 99_999
+        sha256 = "x" * 64
 
         def encode_batch(self, texts, add_bos):
             return [[self.bos_id] + [70_000 + ord(c) for c in t] for t in texts]
@@ -111,15 +128,18 @@ def test_validation_pass_covers_every_token_once(setup):
         assert got == text_tokens  # file order, nothing cropped or repeated
     batches = list(val_loader(root / "val", 4, 64))
     assert all(x.shape == (4, 64) and (y >= 0).all() for x, y in batches[:-1])
-    assert (batches[-1][1][-1] == -100).any()  # the end of the data is padded, with nothing to predict
+    # the end of the data is padded, with nothing to predict
+    assert (batches[-1][1][-1] == -100).any()
 
 
 def test_one_epoch_then_stop(setup):
     root, tok, meta = setup
     full = stream(PackedLoader(root / "train", 4, 50, epochs=1, seed=0, pad_last=True))
     text_tokens = [i for t in corpus_texts(root, "train") for i in tok.encode(t)]
-    assert sorted(t for t in full if t != tok.bos_id) == sorted(text_tokens)  # shuffled, each token once
-    cut = stream(PackedLoader(root / "train", 4, 50, epochs=1, seed=0))  # drops the last incomplete batch
+    # shuffled, each token once
+    assert sorted(t for t in full if t != tok.bos_id) == sorted(text_tokens)
+    # drops the last incomplete batch
+    cut = stream(PackedLoader(root / "train", 4, 50, epochs=1, seed=0))
     assert full[: len(cut)] == cut and 0 < len(full) - len(cut) < 4 * 50
     infinite = PackedLoader(root / "train", 4, 50, seed=0)
     for _ in range(3 * len(full) // (4 * 50)):
@@ -158,7 +178,9 @@ def test_ranks_read_disjoint_documents(setup):
     world = 3
     seen = []
     for rank in range(world):
-        loader = PackedLoader(root / "train", 2, 40, rank=rank, world_size=world, seed=5, epochs=1, pad_last=True)
+        loader = PackedLoader(
+            root / "train", 2, 40, rank=rank, world_size=world, seed=5, epochs=1, pad_last=True
+        )
         text = tok.decode([t for t in stream(loader) if t != tok.bos_id])
         seen.append(set(re.findall(r"<<doc (\d+)>>", text)))
     assert all(seen) and not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])

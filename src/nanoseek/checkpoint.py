@@ -1,13 +1,16 @@
-"""Hugging Face DeepseekV3 checkpoint directories: the only module that knows the on-disk tensor names.
+"""Hugging Face DeepseekV3 checkpoint directories: the only module that knows the on-disk tensor
+names.
 
 On disk (what transformers, vLLM and the official DeepSeek releases use):
     model.layers.L.mlp.experts.N.{gate,up,down}_proj.weight    one tensor per expert
-    model.layers.{num_hidden_layers + k}.*                       MTP module k (enorm, hnorm, eh_proj, shared_head,
+    model.layers.{num_hidden_layers + k}.*                       MTP module k (enorm, hnorm,
+    eh_proj, shared_head,
                                                                  and a whole block)
-In memory the experts of a layer are stacked ([E, 2I, d] and [E, d, I]) and MTP lives in `model.mtp`.
+In memory the experts of a layer are stacked ([E, 2I, d] and [E, d, I]) and MTP lives in
+`model.mtp`.
 
-load_checkpoint() is the one loader the commands use: the model (in a dtype, or int8), its tokenizer and its
-sampling defaults.
+load_checkpoint() is the one loader the commands use: the model (in a dtype, or int8), its tokenizer
+and its sampling defaults.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
-SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")  # what a command takes from generation_config.json
+# what a command takes from generation_config.json
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k")
 _EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")  # duplicates of the main embedding and head
+# duplicates of the main embedding and head
+_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 _MTP_OWN = {"enorm.weight", "hnorm.weight", "eh_proj.weight"}
 FP8_BLOCK = 128
 
@@ -61,11 +66,12 @@ def _disk_prefix(cfg: ModelConfig, name: str) -> str:
 
 
 def _disk_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, view into the model's own tensor) for every tensor the model owns on disk: stacked
-    experts as one view per expert, not the MTP layers' copies of embedding and head."""
+    """Yield (HF name, view into the model's own tensor) for every tensor the model owns on disk:
+    stacked experts as one view per expert, not the MTP layers' copies of embedding and head."""
     cfg = model.config
     named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers())  # persistent and not: only the bias survives the filter below
+    # persistent and not: only the bias survives the filter below
+    named.update(model.named_buffers())
     for name, tensor in named.items():
         if name in ("rope_cos", "rope_sin") or name.endswith("expert_load"):
             continue
@@ -88,23 +94,31 @@ def _disk_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
 def to_hf_state_dict(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) for every tensor a checkpoint holds, experts split one by one."""
     yield from _disk_tensors(model)
-    for k in range(len(model.mtp)):  # the official layout repeats embedding and head inside each MTP layer
+    # the official layout repeats embedding and head inside each MTP layer
+    for k in range(len(model.mtp)):
         layer = model.config.num_hidden_layers + k
         yield f"model.layers.{layer}.embed_tokens.weight", model.embed_tokens.weight
         yield f"model.layers.{layer}.shared_head.head.weight", model.lm_head.weight
 
 
 # ---------------------------------------------------------------------- save
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path,
-                      metadata: dict[str, str]) -> None:
+def _save_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
+) -> None:
     with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 
 
-def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, max_shard_size: int = 4 << 30,
-               dtype: torch.dtype | None = None) -> Path:
-    """Write an HF DeepseekV3 directory: config.json, safetensors (sharded past max_shard_size bytes),
-    generation_config.json and, if given, the tokenizer files. Every file is written atomically."""
+def save_model(
+    model: Transformer,
+    path: str | os.PathLike,
+    tokenizer=None,
+    max_shard_size: int = 4 << 30,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write an HF DeepseekV3 directory: config.json, safetensors (sharded past max_shard_size
+    bytes), generation_config.json and, if given, the tokenizer files. Every file is written
+    atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -112,16 +126,23 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, max_
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, t in to_hf_state_dict(model):
         t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+        if (
+            dtype is not None
+            and t.is_floating_point()
+            and not name.endswith("e_score_correction_bias")
+        ):
             t = t.to(dtype)
-        if (t.data_ptr(), tuple(t.shape)) in seen:  # MTP's copies of embedding and head: safetensors wants
-            t = t.clone()                          # one tensor per storage
+        # MTP's copies of embedding and head: safetensors wants
+        if (t.data_ptr(), tuple(t.shape)) in seen:
+            t = t.clone()  # one tensor per storage
         seen.add((t.data_ptr(), tuple(t.shape)))
         tensors[name] = t.contiguous()
     on_disk_dtype = dtype or model.embed_tokens.weight.dtype
     cfg.replace(torch_dtype=str(on_disk_dtype).removeprefix("torch.")).save_pretrained(path)
 
-    shards, current, size = [], {}, 0
+    shards = []
+    current = {}
+    size = 0
     for name in sorted(tensors, key=_natural_key):
         nbytes = tensors[name].numel() * tensors[name].element_size()
         if current and size + nbytes > max_shard_size:
@@ -132,7 +153,9 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, max_
     shards.append(current)
 
     metadata = {"format": "pt"}
-    stale = {p.name for p in path.glob("model*.safetensors")} | {p.name for p in path.glob(INDEX_FILE)}
+    stale = {p.name for p in path.glob("model*.safetensors")} | {
+        p.name for p in path.glob(INDEX_FILE)
+    }
     if len(shards) == 1:
         _save_safetensors(shards[0], path / SINGLE_FILE, metadata)
         written = {SINGLE_FILE}
@@ -145,13 +168,19 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, max_
             written.add(fname)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")  # last: it makes the set valid
+        # last: it makes the set valid
+        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
         written.add(INDEX_FILE)
     for name in stale - written:  # a previous save with another sharding
         (path / name).unlink(missing_ok=True)
 
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": True,
-           "temperature": 0.6, "top_p": 0.95}
+    gen = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.95,
+    }
     atomic_write_text(path / GENERATION_FILE, json.dumps(gen, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(path)
@@ -169,14 +198,18 @@ def _checkpoint_files(path: Path) -> list[Path]:
         files = sorted(set(index["weight_map"].values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
-            raise CheckpointError(f"{path / INDEX_FILE} names shard files that do not exist: {missing}")
+            raise CheckpointError(
+                f"{path / INDEX_FILE} names shard files that do not exist: {missing}"
+            )
         return [path / f for f in files]
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
     found = sorted(path.glob("*.safetensors"))
     if found:
         return found
-    raise FileNotFoundError(f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})")
+    raise FileNotFoundError(
+        f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})"
+    )
 
 
 class _LazyTensors:
@@ -198,20 +231,27 @@ class _LazyTensors:
     def get(self, name: str) -> torch.Tensor:
         t = self.where[name].get_tensor(name)
         scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
-        if scale_name in self.where:  # DeepSeek's FP8 release: 128x128 blocks, each with its own scale
+        # DeepSeek's FP8 release: 128x128 blocks, each with its own scale
+        if scale_name in self.where:
             scale = self.where[scale_name].get_tensor(scale_name).float()
             rows, cols = t.shape
-            scale = scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+            scale = scale.repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[
+                :, :cols
+            ]
             t = t.float() * scale
         return t
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               strict: bool = True) -> Transformer:
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+) -> Transformer:
     """Load any HF DeepseekV3 (or V2) directory. dtype=None keeps the dtype of the tensors on disk.
 
-    Every tensor is checked against the config first; a missing, unexpected or wrongly shaped tensor raises a
-    CheckpointError that lists all of them, before anything is loaded.
+    Every tensor is checked against the config first; a missing, unexpected or wrongly shaped tensor
+    raises a CheckpointError that lists all of them, before anything is loaded.
     """
     path = Path(path)
     if not path.is_dir():
@@ -220,48 +260,73 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     lazy = _LazyTensors(_checkpoint_files(path))
     disk_keys = {k for k in lazy.keys() if not k.endswith(".weight_scale_inv")}
 
-    # MTP weights are optional: transformers' own save_pretrained drops them while keeping the config field.
-    mtp_prefixes = [f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers)]
+    # MTP weights are optional: transformers' own save_pretrained drops them while keeping the
+    # config field.
+    mtp_prefixes = [
+        f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers)
+    ]
     if mtp_prefixes and not any(k.startswith(tuple(mtp_prefixes)) for k in disk_keys):
-        log.info("%s: config has %d MTP module(s) but the weights hold none; loading without MTP",
-                 path, cfg.num_nextn_predict_layers)
+        log.info(
+            "%s: config has %d MTP module(s) but the weights hold none; loading without MTP",
+            path,
+            cfg.num_nextn_predict_layers,
+        )
         cfg = cfg.replace(num_nextn_predict_layers=0)
 
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {name: list(t.shape) for name, t in to_hf_state_dict(model)}
-    disk_keys -= {k for k in disk_keys if k.endswith("rotary_emb.inv_freq")}  # old remote-code checkpoints
+    # old remote-code checkpoints
+    disk_keys -= {k for k in disk_keys if k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
         disk_keys.discard("lm_head.weight")  # some writers store the tied head anyway
     missing = sorted(set(expected) - disk_keys, key=_natural_key)
     unexpected = sorted(disk_keys - set(expected), key=_natural_key)
-    wrong = [f"{k}: checkpoint {lazy.shape(k)} vs model {expected[k]}"
-             for k in sorted(set(expected) & disk_keys, key=_natural_key) if lazy.shape(k) != expected[k]]
-    problems = [("missing", missing), ("unexpected", unexpected if strict else []), ("wrong shape", wrong)]
+    wrong = [
+        f"{k}: checkpoint {lazy.shape(k)} vs model {expected[k]}"
+        for k in sorted(set(expected) & disk_keys, key=_natural_key)
+        if lazy.shape(k) != expected[k]
+    ]
+    problems = [
+        ("missing", missing),
+        ("unexpected", unexpected if strict else []),
+        ("wrong shape", wrong),
+    ]
     if any(items for _, items in problems):
         lines = [f"checkpoint {path} does not match its config.json:"]
         for label, items in problems:
             if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                shown = items[:20] + (
+                    [f"... and {len(items) - 20} more"] if len(items) > 20 else []
+                )
                 lines.append(f"  {label} ({len(items)}): " + ", ".join(shown))
         raise CheckpointError("\n".join(lines))
 
     disk_dtype = getattr(torch, str(cfg.torch_dtype).removeprefix("torch."), torch.float32)
     model = model.to_empty(device=device)
-    model.to(dtype or (disk_dtype if disk_dtype.is_floating_point and disk_dtype.itemsize >= 2 else torch.float32))
+    model.to(
+        dtype
+        or (
+            disk_dtype
+            if disk_dtype.is_floating_point and disk_dtype.itemsize >= 2
+            else torch.float32
+        )
+    )
     model.rebuild_derived_state()
     _copy_into(model, lazy)
     return model.eval()
 
 
 def load_weights_into(model: Transformer, path: str | os.PathLike) -> None:
-    """Overwrite an existing model's weights (and router biases) from a checkpoint directory of the same config."""
+    """Overwrite an existing model's weights (and router biases) from a checkpoint directory of the
+    same config."""
     _copy_into(model, _LazyTensors(_checkpoint_files(Path(path))))
 
 
 @torch.no_grad()
 def _copy_into(model: Transformer, lazy: _LazyTensors) -> None:
-    for disk, target in _disk_tensors(model):  # targets are views: copying into one fills the stacked tensor
+    # targets are views: copying into one fills the stacked tensor
+    for disk, target in _disk_tensors(model):
         target.copy_(lazy.get(disk))
 
 
@@ -275,8 +340,12 @@ class Checkpoint:
     defaults: dict = field(default_factory=dict)  # sampling defaults from generation_config.json
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-                    int8: bool = False, device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    int8: bool = False,
+    device: str | torch.device = "cpu",
+) -> Checkpoint:
     """Load a checkpoint directory's model, tokenizer and sampling defaults. dtype (a torch dtype or
     its name, e.g. "bfloat16") defaults to the dtype on disk; int8 reads model.int8.safetensors when
     the directory has one and quantizes the loaded model otherwise."""

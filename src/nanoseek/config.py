@@ -1,8 +1,9 @@
 """ModelConfig: the architecture, with the field names of Hugging Face's `DeepseekV3Config`.
 
-One dataclass describes every model nanoseek builds, from a 1 M-parameter CPU toy to DeepSeek-V3 itself. It reads
-the config.json of transformers 4.x (`rope_theta` + `rope_scaling`), 5.x (`rope_parameters`) and the official
-DeepSeek releases, and writes one that both transformers generations load.
+One dataclass describes every model nanoseek builds, from a 1 M-parameter CPU toy to DeepSeek-V3
+itself. It reads the config.json of transformers 4.x (`rope_theta` + `rope_scaling`), 5.x
+(`rope_parameters`) and the official DeepSeek releases, and writes one that both transformers
+generations load.
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ from typing import Any
 
 from nanoseek.io import atomic_write_text
 
-# Keys whose value another name carries in some config.json (V2 / transformers aliases -> our field name).
+# Keys whose value another name carries in some config.json (V2 / transformers aliases -> our field
+# name).
 _ALIASES = {
     "num_local_experts": "n_routed_experts",
     "num_experts": "n_routed_experts",
     "num_mtp_layers": "num_nextn_predict_layers",
 }
-_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+_YARN_KEYS = (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
 
 
 class ConfigError(ValueError):
@@ -50,7 +59,8 @@ class ModelConfig:
     scoring_func: str = "sigmoid"  # "sigmoid" (V3, bias-corrected selection) or "softmax" (V2)
     topk_method: str = "noaux_tc"  # written for other runtimes; the router follows scoring_func
     first_k_dense_replace: int = 1  # layers below this index use a dense MLP
-    aux_loss_alpha: float = 1e-4  # α of the complementary sequence-wise balance loss (0 turns it off)
+    # α of the complementary sequence-wise balance loss (0 turns it off)
+    aux_loss_alpha: float = 1e-4
     # --- MLA
     kv_lora_rank: int = 64
     q_lora_rank: int | None = 128  # None: a plain q_proj (V2-Lite style)
@@ -61,7 +71,8 @@ class ModelConfig:
     # --- positions
     max_position_embeddings: int = 1024
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_scaling: dict[str, Any] | None = None
     # --- the rest
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -92,7 +103,8 @@ class ModelConfig:
         return self.num_hidden_layers - self.first_k_dense_replace
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        # An MTP block (index >= num_hidden_layers) is of the kind of the last main layer: MoE in V3.
+        # An MTP block (index >= num_hidden_layers) is of the kind of the last main layer: MoE in
+        # V3.
         return min(layer_idx, self.num_hidden_layers - 1) >= self.first_k_dense_replace
 
     @property
@@ -111,7 +123,8 @@ class ModelConfig:
         return scale
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """Bytes the latent KV cache holds per token: (kv_lora_rank + rope dim) per layer, nothing more."""
+        """Bytes the latent KV cache holds per token: (kv_lora_rank + rope dim) per layer, nothing
+        more."""
         return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers * dtype_bytes
 
     # ------------------------------------------------------------------ validation
@@ -120,44 +133,95 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "v_head_dim", "max_position_embeddings"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
-        need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
-             "must be a positive even number (RoPE rotates pairs of dimensions)")
-        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "must be positive or None")
-        need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
-             f"MLA expands K/V per head, so it must equal num_attention_heads={self.num_attention_heads}")
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ):
+            need(
+                isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                name,
+                "must be a positive integer",
+            )
+        need(
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            "qk_rope_head_dim",
+            "must be a positive even number (RoPE rotates pairs of dimensions)",
+        )
+        need(
+            self.q_lora_rank is None or self.q_lora_rank > 0,
+            "q_lora_rank",
+            "must be positive or None",
+        )
+        need(
+            self.num_key_value_heads == self.num_attention_heads,
+            "num_key_value_heads",
+            f"MLA expands K/V per head, so it must equal num_attention_heads={self.num_attention_heads}",
+        )
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU) is supported")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
-             f"must lie in [0, num_hidden_layers={self.num_hidden_layers}]")
+        need(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            f"must lie in [0, num_hidden_layers={self.num_hidden_layers}]",
+        )
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
-        need(self.first_k_dense_replace == 0 or self.intermediate_size > 0, "intermediate_size",
-             "dense layers need a positive width")
-        if self.n_moe_layers:  # a fully dense model (first_k_dense_replace == num_hidden_layers) has no router
+        need(
+            self.first_k_dense_replace == 0 or self.intermediate_size > 0,
+            "intermediate_size",
+            "dense layers need a positive width",
+        )
+        # a fully dense model (first_k_dense_replace == num_hidden_layers) has no router
+        if self.n_moe_layers:
             need(self.n_routed_experts >= 1, "n_routed_experts", "must be >= 1")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
             need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
-            need(self.scoring_func in ("sigmoid", "softmax"), "scoring_func", "must be 'sigmoid' or 'softmax'")
-            need(self.n_group >= 1 and self.n_routed_experts % self.n_group == 0, "n_group",
-                 f"must divide n_routed_experts={self.n_routed_experts}")
-            need(1 <= self.topk_group <= self.n_group, "topk_group", f"must lie in [1, n_group={self.n_group}]")
+            need(
+                self.scoring_func in ("sigmoid", "softmax"),
+                "scoring_func",
+                "must be 'sigmoid' or 'softmax'",
+            )
+            need(
+                self.n_group >= 1 and self.n_routed_experts % self.n_group == 0,
+                "n_group",
+                f"must divide n_routed_experts={self.n_routed_experts}",
+            )
+            need(
+                1 <= self.topk_group <= self.n_group,
+                "topk_group",
+                f"must lie in [1, n_group={self.n_group}]",
+            )
             per_group = self.n_routed_experts // self.n_group
             allowed = self.topk_group * per_group
-            need(1 <= self.num_experts_per_tok <= allowed, "num_experts_per_tok",
-                 f"must lie in [1, {allowed}]: topk_group={self.topk_group} groups of {per_group} experts")
+            need(
+                1 <= self.num_experts_per_tok <= allowed,
+                "num_experts_per_tok",
+                f"must lie in [1, {allowed}]: topk_group={self.topk_group} groups of {per_group} experts",
+            )
             if self.scoring_func == "sigmoid" and self.n_group > 1:
-                need(per_group >= 2, "n_group", "sigmoid routing scores a group by its top-2 experts, "
-                     f"so each group needs >= 2 experts (n_routed_experts={self.n_routed_experts})")
+                need(
+                    per_group >= 2,
+                    "n_group",
+                    "sigmoid routing scores a group by its top-2 experts, "
+                    f"so each group needs >= 2 experts (n_routed_experts={self.n_routed_experts})",
+                )
             need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             if rs["type"] != "yarn":
-                raise ConfigError(f"rope_scaling.type={rs['type']!r}: only 'yarn' (or no scaling) is supported")
+                raise ConfigError(
+                    f"rope_scaling.type={rs['type']!r}: only 'yarn' (or no scaling) is supported"
+                )
             if not rs.get("factor") or rs["factor"] < 1:
                 raise ConfigError(f"rope_scaling.factor={rs.get('factor')!r}: must be >= 1")
             if not rs.get("original_max_position_embeddings"):
-                raise ConfigError("rope_scaling.original_max_position_embeddings: required for YaRN")
+                raise ConfigError(
+                    "rope_scaling.original_max_position_embeddings: required for YaRN"
+                )
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
@@ -174,8 +238,8 @@ class ModelConfig:
             d.setdefault("rope_theta", rope_params.get("rope_theta", cls.rope_theta))
             if rope_params.get("rope_type", "default") != "default" and not d.get("rope_scaling"):
                 d["rope_scaling"] = rope_params
-        # Configs written without the key mean transformers' default (1 MTP module); the loader drops MTP when
-        # the weights are absent, since transformers' own save never writes them.
+        # Configs written without the key mean transformers' default (1 MTP module); the loader
+        # drops MTP when the weights are absent, since transformers' own save never writes them.
         d.setdefault("num_nextn_predict_layers", 1 if d.get("model_type") == "deepseek_v3" else 0)
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d["dtype"]
@@ -184,18 +248,37 @@ class ModelConfig:
         extra = {k: v for k, v in d.items() if k not in names}
         if known.get("q_lora_rank") == 0:  # the official ModelArgs writes 0 for "none"
             known["q_lora_rank"] = None
-        if isinstance(known.get("rope_scaling"), dict) and _rope_type(known["rope_scaling"]) == "default":
+        if (
+            isinstance(known.get("rope_scaling"), dict)
+            and _rope_type(known["rope_scaling"]) == "default"
+        ):
             known["rope_scaling"] = None
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config.json body: HF DeepseekV3 fields, readable by transformers 4.x and 5.x, vLLM and SGLang."""
+        """The config.json body: HF DeepseekV3 fields, readable by transformers 4.x and 5.x, vLLM
+        and SGLang."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d = {**{k: v for k, v in self.extra.items() if k not in ("rope_parameters", "transformers_version")}, **d}
-        d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], rope_interleave=True,
-                 moe_layer_freq=1, ep_size=1,
-                 topk_method=self.topk_method if self.scoring_func == "sigmoid" else "greedy",
-                 seq_aux=True, use_cache=True, attention_dropout=0.0, pretraining_tp=1)
+        d = {
+            **{
+                k: v
+                for k, v in self.extra.items()
+                if k not in ("rope_parameters", "transformers_version")
+            },
+            **d,
+        }
+        d.update(
+            model_type="deepseek_v3",
+            architectures=["DeepseekV3ForCausalLM"],
+            rope_interleave=True,
+            moe_layer_freq=1,
+            ep_size=1,
+            topk_method=self.topk_method if self.scoring_func == "sigmoid" else "greedy",
+            seq_aux=True,
+            use_cache=True,
+            attention_dropout=0.0,
+            pretraining_tp=1,
+        )
         if self.rope_scaling is None:
             d.pop("rope_scaling")
         return d
@@ -219,7 +302,9 @@ class ModelConfig:
         return cls.from_dict({**data, **overrides})
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        atomic_write_text(Path(path) / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(
+            Path(path) / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        )
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

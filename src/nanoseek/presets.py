@@ -1,13 +1,14 @@
 """Presets: one JSON file per scale (smoke, cpu, gpu-1, gpu-8), with a section per stage.
 
     {"description": str, "price_per_hour": $ per device-hour for the cost estimates,
-     "data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields}, "long_context": {...},
-     "sft": {...}, "grpo": {GRPOConfig fields}, "eval": {keyword arguments of nanoseek.eval.evaluate},
-     "distill": {...}}
+     "data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields}, "long_context":
+     {...}, "sft": {...}, "grpo": {GRPOConfig fields}, "eval": {keyword arguments of
+     nanoseek.eval.evaluate}, "distill": {...}}
 
-A stage section that is absent or null is a stage the speedrun skips (data, model and pretrain are always there).
-`load_preset("smoke")` reads the one shipped in nanoseek/configs/; a path reads your own. `--set section.key=value`
-on the command line overrides any field, `--set price_per_hour=2.5` a top-level one.
+A stage section that is absent or null is a stage the speedrun skips (data, model and pretrain are
+always there). `load_preset("smoke")` reads the one shipped in nanoseek/configs/; a path reads your
+own. `--set section.key=value` on the command line overrides any field, `--set price_per_hour=2.5` a
+top-level one.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ PRICED = ("pretrain", "long_context", "sft", "grpo")  # sections whose cost the 
 
 
 def available_presets() -> list[str]:
-    return sorted(p.name.removesuffix(".json") for p in resources.files("nanoseek.configs").iterdir()
-                  if p.name.endswith(".json"))
+    return sorted(
+        p.name.removesuffix(".json")
+        for p in resources.files("nanoseek.configs").iterdir()
+        if p.name.endswith(".json")
+    )
 
 
 def load_preset(name_or_path: str, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -33,14 +37,20 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> dict[s
     if path.suffix == ".json" and path.is_file():
         text = path.read_text("utf-8")
     elif name_or_path in available_presets():
-        text = resources.files("nanoseek.configs").joinpath(f"{name_or_path}.json").read_text("utf-8")
+        text = (
+            resources.files("nanoseek.configs").joinpath(f"{name_or_path}.json").read_text("utf-8")
+        )
     else:
-        raise ValueError(f"unknown preset {name_or_path!r}: use one of {available_presets()} or a .json file")
+        raise ValueError(
+            f"unknown preset {name_or_path!r}: use one of {available_presets()} or a .json file"
+        )
     preset = json.loads(text)
     unknown = set(preset) - set(SECTIONS) - set(TOP_LEVEL)
     if unknown:
-        raise ValueError(f"preset {name_or_path!r}: unknown key(s) {sorted(unknown)}; sections are {list(SECTIONS)}, "
-                         f"top-level settings {list(TOP_LEVEL)}")
+        raise ValueError(
+            f"preset {name_or_path!r}: unknown key(s) {sorted(unknown)}; sections are {list(SECTIONS)}, "
+            f"top-level settings {list(TOP_LEVEL)}"
+        )
     for section in REQUIRED:
         preset.setdefault(section, {})
     for item in overrides or []:
@@ -58,7 +68,8 @@ def section(preset: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def apply_override(preset: dict[str, Any], item: str) -> None:
-    """'pretrain.max_steps=100' -> preset['pretrain']['max_steps'] = 100 (values parsed as JSON, else strings)."""
+    """'pretrain.max_steps=100' -> preset['pretrain']['max_steps'] = 100 (values parsed as JSON,
+    else strings)."""
     key, sep, raw = item.partition("=")
     name, dot, field = key.partition(".")
     try:
@@ -69,8 +80,10 @@ def apply_override(preset: dict[str, Any], item: str) -> None:
         preset[key] = value
         return
     if not sep or not dot or name not in SECTIONS or not field:
-        raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of {list(SECTIONS)}, "
-                         f"or one of {list(TOP_LEVEL)}=VALUE")
+        raise ValueError(
+            f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of {list(SECTIONS)}, "
+            f"or one of {list(TOP_LEVEL)}=VALUE"
+        )
     if preset.get(name) is None:  # setting a field of a skipped stage turns it on
         preset[name] = {}
     preset[name][field] = value

@@ -1,10 +1,13 @@
-"""The terminal chat behind `nanoseek chat`: multi-turn, streaming, with a local checkpoint or a running server.
+"""The terminal chat behind `nanoseek chat`: multi-turn, streaming, with a local checkpoint or a
+running server.
 
-    nanoseek chat runs/cpu/model                  # loads the model here and runs the engine in this process
-    nanoseek chat --url http://127.0.0.1:8000     # talks to `nanoseek serve` (or any OpenAI-compatible server)
+    nanoseek chat runs/cpu/model                  # loads the model here and runs the engine in this
+    process nanoseek chat --url http://127.0.0.1:8000     # talks to `nanoseek serve` (or any
+    OpenAI-compatible server)
 
-Commands: /reset forgets the conversation, /thinking on|off, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer.
-The thought is shown dimmed on a terminal (between <think> tags otherwise) and is not sent back in later turns.
+Commands: /reset forgets the conversation, /thinking on|off, /exit (or Ctrl-D) leaves; Ctrl-C stops
+an answer. The thought is shown dimmed on a terminal (between <think> tags otherwise) and is not
+sent back in later turns.
 """
 
 from __future__ import annotations
@@ -58,11 +61,15 @@ class LocalBackend:
         ids, in_reasoning = chat_prompt(self.tok, messages, opts["thinking"])
         room = self.engine.max_model_len - len(ids)
         if room < 1:
-            raise ValueError(f"the conversation ({len(ids)} tokens) fills the model's context; /reset to start over")
+            raise ValueError(
+                f"the conversation ({len(ids)} tokens) fills the model's context; /reset to start over"
+            )
         params = SamplingParams(
-            max_tokens=min(opts["max_tokens"] or room, room), seed=opts["seed"],
+            max_tokens=min(opts["max_tokens"] or room, room),
+            seed=opts["seed"],
             temperature=_pick(opts["temperature"], self.defaults.get("temperature"), 1.0),
-            top_p=_pick(opts["top_p"], self.defaults.get("top_p"), 1.0))
+            top_p=_pick(opts["top_p"], self.defaults.get("top_p"), 1.0),
+        )
         parser = ReasoningParser(in_reasoning)
         events = self.engine.stream(ids, params)
         try:
@@ -89,15 +96,23 @@ class RemoteBackend:
             return json.load(resp)
 
     def reply(self, messages: list[dict], opts: dict) -> Iterator[tuple[str, str]]:
-        body = {"model": self.model, "messages": messages, "stream": True,
-                "thinking": {"type": "enabled" if opts["thinking"] else "disabled"}}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "thinking": {"type": "enabled" if opts["thinking"] else "disabled"},
+        }
         for key in ("max_tokens", "temperature", "top_p", "seed"):
             if opts[key] is not None:
                 body[key] = opts[key]
-        req = urllib.request.Request(self.base + "/v1/chat/completions",
-                                     data=json.dumps(body).encode(),
-                                     headers=self.headers, method="POST")
-        with _http(req) as resp:  # leaving early closes the connection: the server cancels the generation
+        req = urllib.request.Request(
+            self.base + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers=self.headers,
+            method="POST",
+        )
+        # leaving early closes the connection: the server cancels the generation
+        with _http(req) as resp:
             for raw in resp:
                 line = raw.decode("utf-8").strip()
                 if not line.startswith("data:"):

@@ -36,7 +36,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek.io import atomic_write_text
 
-# Name -> string. The order fixes the ids of a trained tokenizer: bos 0, eos 1 (as in DeepSeek-V3's config).
+# Name -> string. The order fixes the ids of a trained tokenizer: bos 0, eos 1 (as in DeepSeek-V3's
+# config).
 SPECIAL_TOKENS = {
     "bos": "<｜begin▁of▁sentence｜>",
     "eos": "<｜end▁of▁sentence｜>",  # also the padding token
@@ -68,7 +69,8 @@ SPECIAL_TOKENS = {
     "grounding": "<|grounding|>",
     "vl_pad": "<｜▁pad▁｜>",
 }
-REQUIRED_SPECIALS = ("bos", "eos", "user", "assistant")  # what a loaded tokenizer must have for chat
+# what a loaded tokenizer must have for chat
+REQUIRED_SPECIALS = ("bos", "eos", "user", "assistant")
 
 REVISION = 2  # what Tokenizer.train builds
 LLAMA_CPP_PRE = "deepseek-coder"  # llama.cpp's name for revision 2's pre-tokenizer
@@ -91,7 +93,8 @@ def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([*splits, byte_level])
 
 
-# DeepSeek-R1 style: bos, the system prompts, then <｜User｜>… and <｜Assistant｜>…<｜end▁of▁sentence｜> turns.
+# DeepSeek-R1 style: bos, the system prompts, then <｜User｜>… and <｜Assistant｜>…<｜end▁of▁sentence｜>
+# turns.
 CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- for message in messages if message['role'] == 'system' %}
     {%- if not loop.first %}{{- '\n\n' }}{% endif %}
@@ -120,8 +123,11 @@ class TokenizerError(Exception):
     """A tokenizer cannot be trained or loaded; the message says why."""
 
 
-def _chat_parts(messages: Sequence[Mapping], add_generation_prompt: bool, thinking: bool) -> list[tuple[str, bool]]:
-    """CHAT_TEMPLATE in Python: a list of (text, is_control_token). Missing or None fields render as ''."""
+def _chat_parts(
+    messages: Sequence[Mapping], add_generation_prompt: bool, thinking: bool
+) -> list[tuple[str, bool]]:
+    """CHAT_TEMPLATE in Python: a list of (text, is_control_token). Missing or None fields render as
+    ''."""
     S = SPECIAL_TOKENS
     parts = [(S["bos"], True)]
     systems = [m.get("content") or "" for m in messages if m["role"] == "system"]
@@ -132,8 +138,12 @@ def _chat_parts(messages: Sequence[Mapping], add_generation_prompt: bool, thinki
         elif m["role"] == "assistant":
             parts.append((S["assistant"], True))
             if m.get("reasoning_content"):
-                parts += [(S["think"], True), ("\n" + m["reasoning_content"] + "\n", False),
-                          (S["end_think"], True), ("\n", False)]
+                parts += [
+                    (S["think"], True),
+                    ("\n" + m["reasoning_content"] + "\n", False),
+                    (S["end_think"], True),
+                    ("\n", False),
+                ]
             parts += [(m.get("content") or "", False), (S["eos"], True)]
         elif m["role"] != "system":
             raise ValueError(f"unknown role: {m['role']}")
@@ -145,23 +155,34 @@ def _chat_parts(messages: Sequence[Mapping], add_generation_prompt: bool, thinki
 
 
 class Tokenizer:
-    """Encode/decode text, with special ids by name (`special_ids["think"]`) and the chat template."""
+    """Encode/decode text, with special ids by name (`special_ids["think"]`) and the chat
+    template."""
 
     def __init__(self, tokenizer: HFTokenizer, model_max_length: int = 4096, revision: int = 1):
         json_str = tokenizer.to_str()
         self.revision = revision  # nanoseek's tokenizer revision (see the module docstring)
         # Two copies of the same tokenizer, so neither call path toggles shared state:
-        self._plain = HFTokenizer.from_str(json_str)  # special-token strings in text are ordinary text
+        # special-token strings in text are ordinary text
+        self._plain = HFTokenizer.from_str(json_str)
         self._plain.encode_special_tokens = True
-        self._special = HFTokenizer.from_str(json_str)  # special-token strings in text become special ids
-        self.special_ids = {name: i for name, s in SPECIAL_TOKENS.items()
-                            if (i := tokenizer.token_to_id(s)) is not None}
+        # special-token strings in text become special ids
+        self._special = HFTokenizer.from_str(json_str)
+        self.special_ids = {
+            name: i
+            for name, s in SPECIAL_TOKENS.items()
+            if (i := tokenizer.token_to_id(s)) is not None
+        }
         missing = [SPECIAL_TOKENS[n] for n in REQUIRED_SPECIALS if n not in self.special_ids]
         if missing:
-            raise TokenizerError(f"tokenizer lacks the special tokens nanoseek needs: {', '.join(missing)}")
+            raise TokenizerError(
+                f"tokenizer lacks the special tokens nanoseek needs: {', '.join(missing)}"
+            )
         self.model_max_length = model_max_length
-        specials = sorted((t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special),
-                          key=len, reverse=True)
+        specials = sorted(
+            (t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special),
+            key=len,
+            reverse=True,
+        )
         self._special_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
         self.control_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self.sha256 = hashlib.sha256(json_str.encode("utf-8")).hexdigest()
@@ -169,17 +190,31 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------------------- training
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
-              show_progress: bool = False, length: int | None = None) -> Tokenizer:
-        """Train on an iterator of documents. vocab_size counts the 256 bytes and the special tokens."""
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+        length: int | None = None,
+    ) -> Tokenizer:
+        """Train on an iterator of documents. vocab_size counts the 256 bytes and the special
+        tokens."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise TokenizerError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+            raise TokenizerError(
+                f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}"
+            )
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizer()
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
-            special_tokens=[AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS.values()],
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=show_progress,
+            special_tokens=[
+                AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS.values()
+            ],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         seen = 0
@@ -196,10 +231,14 @@ class Tokenizer:
         # transformers' tokenizer(text) then starts with bos, as our documents do in pretraining.
         bos = SPECIAL_TOKENS["bos"]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tok.token_to_id(bos))],
+        )
         return cls(tok, revision=REVISION)
 
-    # --------------------------------------------------------------------------------------- encode and decode
+    # --------------------------------------------------------------------------------------- encode
+    # and decode
 
     @property
     def vocab_size(self) -> int:
@@ -219,11 +258,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False, allow_special: bool = False) -> list[int]:
         tok = self._special if allow_special else self._plain
-        ids = tok.encode(text, add_special_tokens=False).ids  # bos added here, whatever the post-processor
+        # bos added here, whatever the post-processor
+        ids = tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False,
-                     allow_special: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, allow_special: bool = False
+    ) -> list[list[int]]:
         """Encode many texts at once; `tokenizers` spreads the work over all cores."""
         tok = self._special if allow_special else self._plain
         out = [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
@@ -254,14 +295,21 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------------------ chat
 
-    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False,
-                            thinking: bool = True, tokenize: bool = True, sanitize: bool = False):
-        """Render messages ({"role": system|user|assistant, "content", optional "reasoning_content"}).
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping],
+        add_generation_prompt: bool = False,
+        thinking: bool = True,
+        tokenize: bool = True,
+        sanitize: bool = False,
+    ):
+        """Render messages ({"role": system|user|assistant, "content", optional
+        "reasoning_content"}).
 
-        Returns ids (or the text if tokenize=False), exactly as transformers' apply_chat_template does with the
-        saved template. Like transformers, special-token strings inside message content become special tokens;
-        pass sanitize=True for untrusted content (= transformers' sanitize_control_tokens=True): then only the
-        template's own control tokens are special.
+        Returns ids (or the text if tokenize=False), exactly as transformers' apply_chat_template
+        does with the saved template. Like transformers, special-token strings inside message
+        content become special tokens; pass sanitize=True for untrusted content (= transformers'
+        sanitize_control_tokens=True): then only the template's own control tokens are special.
         """
         parts = _chat_parts(messages, add_generation_prompt, thinking)
         if not tokenize:
@@ -270,7 +318,8 @@ class Tokenizer:
         buf: list[str] = []
         for text, control in parts + [("", True)]:  # a sentinel flushes the last text
             if control:
-                if sanitize:  # special strings in content: plain text, encoded apart (as transformers does)
+                # special strings in content: plain text, encoded apart (as transformers does)
+                if sanitize:
                     for piece in self._special_re.split("".join(buf)):
                         ids += self.encode(piece)
                 elif buf:
@@ -286,49 +335,62 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------------------ save/load
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json so that transformers' AutoTokenizer loads the directory."""
+        """Write tokenizer.json and tokenizer_config.json so that transformers' AutoTokenizer loads
+        the directory."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         eos = SPECIAL_TOKENS["eos"]
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": SPECIAL_TOKENS["bos"], "eos_token": eos, "pad_token": eos,
-            "add_bos_token": True, "add_eos_token": False,
+            "bos_token": SPECIAL_TOKENS["bos"],
+            "eos_token": eos,
+            "pad_token": eos,
+            "add_bos_token": True,
+            "add_eos_token": False,
             "clean_up_tokenization_spaces": False,  # keep decode lossless
             "model_max_length": self.model_max_length,
             "chat_template": CHAT_TEMPLATE,
             "nanoseek_tokenizer_revision": self.revision,
         }
-        for name, text in (("tokenizer.json", self._special.to_str(pretty=True)),
-                           ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))):
+        for name, text in (
+            ("tokenizer.json", self._special.to_str(pretty=True)),
+            ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2)),
+        ):
             atomic_write_text(out / name, text + "\n")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a directory with tokenizer.json (ours, or a DeepSeek one: special tokens are found by their strings)."""
+    """Load a directory with tokenizer.json (ours, or a DeepSeek one: special tokens are found by
+    their strings)."""
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise TokenizerError(f"{path}: no tokenizer.json found")
     tok = HFTokenizer.from_file(str(file))
-    # Make sure every special string we know that the vocabulary has is matched whole (in allow_special mode)
-    # and skipped by decode(skip_special_tokens=True), whatever flags the file gave it.
+    # Make sure every special string we know that the vocabulary has is matched whole (in
+    # allow_special mode) and skipped by decode(skip_special_tokens=True), whatever flags the file
+    # gave it.
     present = [s for s in SPECIAL_TOKENS.values() if tok.token_to_id(s) is not None]
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in present])
     config_file = file.with_name("tokenizer_config.json")
     config = json.loads(config_file.read_text("utf-8")) if config_file.is_file() else {}
     max_len = config.get("model_max_length")
-    if not isinstance(max_len, (int, float)) or max_len >= 1e9:  # transformers writes 1e30 for "no limit"
+    # transformers writes 1e30 for "no limit"
+    if not isinstance(max_len, (int, float)) or max_len >= 1e9:
         max_len = 4096
     try:
-        return Tokenizer(tok, model_max_length=int(max_len),
-                         revision=int(config.get("nanoseek_tokenizer_revision", 1)))
+        return Tokenizer(
+            tok,
+            model_max_length=int(max_len),
+            revision=int(config.get("nanoseek_tokenizer_revision", 1)),
+        )
     except TokenizerError as e:
         raise TokenizerError(f"{file}: {e}") from None
 
 
 def bytes_per_token(tok: Tokenizer, texts_by_lang: Mapping[str, Iterable[str]]) -> dict[str, float]:
-    """UTF-8 bytes per token for each language: the compression the tokenizer gets (higher is better)."""
+    """UTF-8 bytes per token for each language: the compression the tokenizer gets (higher is
+    better)."""
     report = {}
     for lang, texts in texts_by_lang.items():
         texts = list(texts)

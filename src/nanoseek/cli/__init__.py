@@ -14,8 +14,9 @@ from nanoseek.cli import export, infer, pipeline, posttrain, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoseek",
-                                     description="A small, hackable DeepSeek-style LLM system.")
+    parser = argparse.ArgumentParser(
+        prog="nanoseek", description="A small, hackable DeepSeek-style LLM system."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pipeline.add_commands(sub)  # demo, data, tokenizer, pretrain, speedrun, report, info
     posttrain.add_commands(sub)  # sft, grpo, distill, eval
@@ -34,4 +35,3 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # ConfigError, CheckpointError too
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
-

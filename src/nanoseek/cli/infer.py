@@ -25,10 +25,14 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ids", action="store_true",
-                   help="the prompt is token ids; print ids instead of text")
-    p.add_argument("--speculative", action="store_true",
-                   help="draft with the MTP module (if the model has one)")
+    p.add_argument(
+        "--ids", action="store_true", help="the prompt is token ids; print ids instead of text"
+    )
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="draft with the MTP module (if the model has one)",
+    )
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_weight_arguments(p)
@@ -40,17 +44,23 @@ def generate_cli(args: argparse.Namespace) -> int:
     model = ckpt.model
     tok = None if args.ids else ckpt.tokenizer
     if tok is None and not args.ids:
-        print(f"error: no tokenizer in {args.checkpoint}; pass token ids with --ids",
-              file=sys.stderr)
+        print(
+            f"error: no tokenizer in {args.checkpoint}; pass token ids with --ids", file=sys.stderr
+        )
         return 2
     prompt = [int(t) for t in args.prompt.split(",")] if args.ids else args.prompt
     speculative = args.speculative and len(model.mtp) > 0
     if args.speculative and not speculative:
         print("note: this model has no MTP module; decoding without speculation", file=sys.stderr)
     engine = Engine(model, tok, max_batch_size=1, speculative=speculative)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
     if not args.ids:
         print(args.prompt, end="", flush=True)
     start = time.perf_counter()
@@ -79,25 +89,32 @@ def generate_cli(args: argparse.Namespace) -> int:
     extra = ""
     if speculative and stats["spec_drafted"]:
         extra = f", MTP acceptance {stats['spec_acceptance_rate']:.0%}"
-    print(f"[{count} tokens in {end - start:.2f}s: {count / (end - start):.1f} tok/s overall, "
-          f"{decode}; finish: {reason}{extra}]", file=sys.stderr)
+    print(
+        f"[{count} tokens in {end - start:.2f}s: {count / (end - start):.1f} tok/s overall, "
+        f"{decode}; finish: {reason}{extra}]",
+        file=sys.stderr,
+    )
     return 0
 
 
 def add_chat_arguments(p) -> None:
-    p.add_argument("checkpoint", nargs="?",
-                   help="a checkpoint directory to load here (or use --url)")
+    p.add_argument(
+        "checkpoint", nargs="?", help="a checkpoint directory to load here (or use --url)"
+    )
     p.add_argument("--url", help="base URL of a running server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"),
-                   help="(default: $NANOSEEK_API_KEY)")
-    p.add_argument("--model", default=None,
-                   help="model name to ask the server for (default: its first model)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("NANOSEEK_API_KEY"), help="(default: $NANOSEEK_API_KEY)"
+    )
+    p.add_argument(
+        "--model", default=None, help="model name to ask the server for (default: its first model)"
+    )
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--no-thinking", action="store_true", help="answer without a thought")
     p.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's)")
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="(default: what the context leaves)")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="(default: what the context leaves)"
+    )
     p.add_argument("--seed", type=int, default=None)
     add_weight_arguments(p)
 
@@ -108,10 +125,16 @@ def cmd_chat(args) -> int:
     if args.url:
         backend = RemoteBackend(args.url, args.api_key, args.model)
     else:
-        backend = LocalBackend(load_checkpoint(check_checkpoint(args.checkpoint), args.dtype,
-                                               args.int8))
-    opts = dict(thinking=not args.no_thinking, temperature=args.temperature, top_p=args.top_p,
-                max_tokens=args.max_tokens, seed=args.seed)
+        backend = LocalBackend(
+            load_checkpoint(check_checkpoint(args.checkpoint), args.dtype, args.int8)
+        )
+    opts = dict(
+        thinking=not args.no_thinking,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     repl(backend, opts, args.system)
     return 0
 
@@ -121,8 +144,11 @@ def add_commands(sub) -> None:
     p = sub.add_parser("generate", help="stream one completion of PROMPT, then tokens/s")
     add_generate_arguments(p)
     p.set_defaults(func=generate_cli)
-    p = sub.add_parser("chat", help="chat in the terminal with a checkpoint or a running server",
-                       description="Multi-turn chat in the terminal, streaming. /reset forgets the "
-                                   "conversation, /exit leaves; Ctrl-C stops an answer.")
+    p = sub.add_parser(
+        "chat",
+        help="chat in the terminal with a checkpoint or a running server",
+        description="Multi-turn chat in the terminal, streaming. /reset forgets the "
+        "conversation, /exit leaves; Ctrl-C stops an answer.",
+    )
     add_chat_arguments(p)
     p.set_defaults(func=cmd_chat)

@@ -1,22 +1,27 @@
-"""Chat data for supervised fine-tuning: validated conversations → token ids with a loss mask → packed batches.
+"""Chat data for supervised fine-tuning: validated conversations → token ids with a loss mask →
+packed batches.
 
 A conversation is a list of messages, the shape the chat template and the server use:
 
-    {"role": "system" | "user" | "assistant", "content": str, "reasoning_content": str (assistant, optional)}
+    {"role": "system" | "user" | "assistant", "content": str, "reasoning_content": str (assistant,
+    optional)}
 
-Tokens come from the tokenizer's chat template, and only what the assistant writes carries loss. For an assistant
-turn with reasoning the template renders `<｜Assistant｜><think>\\n{reasoning}\\n</think>\\n{content}<eos>`; the
-generation prompt at inference is `<｜Assistant｜><think>\\n`, so the trained span is what follows it:
-`{reasoning}\\n</think>\\n{content}<eos>`. A turn without reasoning is prompted without the think tag (the template's
-`thinking=False`) and trains on `{content}<eos>`. The conversation is rendered once and the spans are located by
-the template's control tokens, which message text may not contain; the reasoning is stripped of surrounding
-whitespace so that `<think>\\n` tokenizes the same way as the generation prompt ends.
+Tokens come from the tokenizer's chat template, and only what the assistant writes carries loss. For
+an assistant turn with reasoning the template renders
+`<｜Assistant｜><think>\\n{reasoning}\\n</think>\\n{content}<eos>`; the generation prompt at inference
+is `<｜Assistant｜><think>\\n`, so the trained span is what follows it:
+`{reasoning}\\n</think>\\n{content}<eos>`. A turn without reasoning is prompted without the think
+tag (the template's `thinking=False`) and trains on `{content}<eos>`. The conversation is rendered
+once and the spans are located by the template's control tokens, which message text may not contain;
+the reasoning is stripped of surrounding whitespace so that `<think>\\n` tokenizes the same way as
+the generation prompt ends.
 
-Message content is rendered like transformers' apply_chat_template: special-token strings in it (`<answer>`,
-`</answer>`) become special tokens. Task prompts are rendered the same way by `prompt_ids` in SFT, evaluation and
-RL, so the three agree.
+Message content is rendered like transformers' apply_chat_template: special-token strings in it
+(`<answer>`, `</answer>`) become special tokens. Task prompts are rendered the same way by
+`prompt_ids` in SFT, evaluation and RL, so the three agree.
 
-Users can bring their own data as JSONL, one `{"messages": [...]}` object per line (`read_chat_jsonl`).
+Users can bring their own data as JSONL, one `{"messages": [...]}` object per line
+(`read_chat_jsonl`).
 """
 
 from __future__ import annotations
@@ -41,30 +46,42 @@ class ChatDataError(ValueError):
     """A conversation or a chat JSONL file is malformed; the message says where and what."""
 
 
-# ---------------------------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------------------------
+# validation
 def validate_messages(messages, where: str = "conversation") -> Messages:
-    """Check one conversation and return it normalised (reasoning stripped of surrounding whitespace, so the
-    template's `<think>\\n` boundary tokenizes the same in training and at inference). Raises ChatDataError."""
+    """Check one conversation and return it normalised (reasoning stripped of surrounding
+    whitespace, so the template's `<think>\\n` boundary tokenizes the same in training and at
+    inference). Raises ChatDataError."""
     if not isinstance(messages, list) or not messages:
         raise ChatDataError(f"{where}: 'messages' must be a non-empty list of message objects")
     out = []
     for i, m in enumerate(messages):
         at = f"{where}: message {i}"
         if not isinstance(m, Mapping):
-            raise ChatDataError(f"{at}: expected an object with 'role' and 'content', got {type(m).__name__}")
+            raise ChatDataError(
+                f"{at}: expected an object with 'role' and 'content', got {type(m).__name__}"
+            )
         role = m.get("role")
         if role not in ROLES:
             raise ChatDataError(f"{at}: role must be one of {list(ROLES)}, got {role!r}")
         unknown = set(m) - {"role", "content", "reasoning_content"}
         if unknown:
-            raise ChatDataError(f"{at}: unknown field(s) {sorted(unknown)}; allowed: role, content, reasoning_content")
+            raise ChatDataError(
+                f"{at}: unknown field(s) {sorted(unknown)}; allowed: role, content, reasoning_content"
+            )
         content, reasoning = m.get("content"), m.get("reasoning_content")
         if not isinstance(content, str):
-            raise ChatDataError(f"{at} ({role}): 'content' must be a string, got {type(content).__name__}")
+            raise ChatDataError(
+                f"{at} ({role}): 'content' must be a string, got {type(content).__name__}"
+            )
         if reasoning is not None and role != "assistant":
-            raise ChatDataError(f"{at} ({role}): only assistant messages may have 'reasoning_content'")
+            raise ChatDataError(
+                f"{at} ({role}): only assistant messages may have 'reasoning_content'"
+            )
         if reasoning is not None and not isinstance(reasoning, str):
-            raise ChatDataError(f"{at}: 'reasoning_content' must be a string, got {type(reasoning).__name__}")
+            raise ChatDataError(
+                f"{at}: 'reasoning_content' must be a string, got {type(reasoning).__name__}"
+            )
         if role == "system" and any(p["role"] != "system" for p in out):
             raise ChatDataError(f"{at}: system messages must come before the conversation starts")
         if role == "assistant" and not (content.strip() or (reasoning or "").strip()):
@@ -72,8 +89,10 @@ def validate_messages(messages, where: str = "conversation") -> Messages:
         for text in (content, reasoning or ""):
             bad = next((t for t in CONTROL_TOKENS if t in text), None)
             if bad:
-                raise ChatDataError(f"{at} ({role}): contains the chat control token {bad!r}; the template writes "
-                                    "those itself")
+                raise ChatDataError(
+                    f"{at} ({role}): contains the chat control token {bad!r}; the template writes "
+                    "those itself"
+                )
         clean = {"role": role, "content": content}
         if reasoning and reasoning.strip():
             clean["reasoning_content"] = reasoning.strip()
@@ -83,13 +102,16 @@ def validate_messages(messages, where: str = "conversation") -> Messages:
         raise ChatDataError(f"{where}: no assistant message, so nothing to learn from")
     for k, role in enumerate(turns):
         if role != ("user" if k % 2 == 0 else "assistant"):
-            raise ChatDataError(f"{where}: after the system messages, turns must alternate user, assistant, user, "
-                                f"...; got {turns}")
+            raise ChatDataError(
+                f"{where}: after the system messages, turns must alternate user, assistant, user, "
+                f"...; got {turns}"
+            )
     return out
 
 
 def read_chat_jsonl(path: str | os.PathLike) -> list[Messages]:
-    """Conversations from a JSONL file with one {"messages": [...]} object per line (blank lines skipped)."""
+    """Conversations from a JSONL file with one {"messages": [...]} object per line (blank lines
+    skipped)."""
     path = Path(path)
     if not path.is_file():
         raise ChatDataError(f"{path}: no such chat JSONL file")
@@ -103,10 +125,14 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[Messages]:
             except UnicodeDecodeError:
                 raise ChatDataError(f"{path}:{n}: not UTF-8 text") from None
             except json.JSONDecodeError as e:
-                raise ChatDataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise ChatDataError(
+                    f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
             if not isinstance(record, dict) or "messages" not in record:
-                raise ChatDataError(f'{path}:{n}: expected an object like {{"messages": [{{"role": "user", '
-                                    f'"content": "..."}}, {{"role": "assistant", "content": "..."}}]}}')
+                raise ChatDataError(
+                    f'{path}:{n}: expected an object like {{"messages": [{{"role": "user", '
+                    f'"content": "..."}}, {{"role": "assistant", "content": "..."}}]}}'
+                )
             conversations.append(validate_messages(record["messages"], f"{path}:{n}"))
     if not conversations:
         raise ChatDataError(f"{path}: no conversations in the file")
@@ -119,15 +145,20 @@ def write_chat_jsonl(path: str | os.PathLike, conversations: Sequence[Messages])
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------- tokenization
+# ----------------------------------------------------------------------------------------------
+# tokenization
 def prompt_ids(tok, prompt: str, thinking: bool = True, system: str | None = None) -> list[int]:
-    """A one-turn prompt, ready for generation: `<bos>[system]<｜User｜>{prompt}<｜Assistant｜><think>\\n`."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    """A one-turn prompt, ready for generation:
+    `<bos>[system]<｜User｜>{prompt}<｜Assistant｜><think>\\n`."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     return tok.apply_chat_template(messages, add_generation_prompt=True, thinking=thinking)
 
 
 def completion_text(tok, token_ids: Sequence[int]) -> str:
-    """Generated ids → the text a grader reads: special tokens such as `<answer>` kept, a final eos dropped."""
+    """Generated ids → the text a grader reads: special tokens such as `<answer>` kept, a final eos
+    dropped."""
     ids = list(token_ids)
     if ids and ids[-1] == tok.eos_id:
         ids.pop()
@@ -135,15 +166,19 @@ def completion_text(tok, token_ids: Sequence[int]) -> str:
 
 
 def tokenize_conversation(tok, messages: Messages) -> tuple[list[int], list[bool]]:
-    """(ids, trainable): trainable[i] is True where ids[i] is written by the assistant (and so is a target)."""
+    """(ids, trainable): trainable[i] is True where ids[i] is written by the assistant (and so is a
+    target)."""
     messages = validate_messages(messages)
     ids = tok.apply_chat_template(messages)
     return ids, _trainable(tok, messages, ids)
 
 
-def tokenize_conversations(tok, conversations: Sequence[Messages]) -> list[tuple[list[int], list[bool]]]:
-    """tokenize_conversation for many at once: the rendered texts are encoded in one batch (special-token strings
-    split the text exactly as the template's piecewise encoding does; checked on the first conversation)."""
+def tokenize_conversations(
+    tok, conversations: Sequence[Messages]
+) -> list[tuple[list[int], list[bool]]]:
+    """tokenize_conversation for many at once: the rendered texts are encoded in one batch
+    (special-token strings split the text exactly as the template's piecewise encoding does; checked
+    on the first conversation)."""
     conversations = [validate_messages(c, f"conversation {i}") for i, c in enumerate(conversations)]
     texts = [tok.apply_chat_template(c, tokenize=False) for c in conversations]
     all_ids = tok.encode_batch(texts, allow_special=True)
@@ -153,23 +188,27 @@ def tokenize_conversations(tok, conversations: Sequence[Messages]) -> list[tuple
 
 
 def _trainable(tok, messages: Messages, ids: list[int]) -> list[bool]:
-    """Each assistant turn starts at its `<｜Assistant｜>` token (text cannot contain one, see validate_messages);
-    its trained span starts after what the generation prompt supplies (`<think>` and the ids of "\\n" when the
-    turn has reasoning) and ends with its eos."""
+    """Each assistant turn starts at its `<｜Assistant｜>` token (text cannot contain one, see
+    validate_messages); its trained span starts after what the generation prompt supplies (`<think>`
+    and the ids of "\\n" when the turn has reasoning) and ends with its eos."""
     trainable = [False] * len(ids)
     assistant, eos = tok.special_ids["assistant"], tok.eos_id
     think = [tok.special_ids["think"], *tok.encode("\n")] if "think" in tok.special_ids else None
     starts = [i for i, t in enumerate(ids) if t == assistant]
     turns = [m for m in messages if m["role"] == "assistant"]
     if len(starts) != len(turns):
-        raise ChatDataError(f"the rendered conversation has {len(starts)} assistant headers for {len(turns)} "
-                            "assistant messages")
+        raise ChatDataError(
+            f"the rendered conversation has {len(starts)} assistant headers for {len(turns)} "
+            "assistant messages"
+        )
     for k, (start, m) in enumerate(zip(starts, turns)):
         begin = start + 1
         if "reasoning_content" in m:
             if think is None or ids[begin : begin + len(think)] != think:
-                raise ChatDataError(f"assistant message {k}: the think block does not start the way the generation "
-                                    "prompt does (<think> then a newline); this tokenizer cannot train it")
+                raise ChatDataError(
+                    f"assistant message {k}: the think block does not start the way the generation "
+                    "prompt does (<think> then a newline); this tokenizer cannot train it"
+                )
             begin += len(think)
         end = ids.index(eos, begin) + 1
         trainable[begin:end] = [True] * (end - begin)
@@ -177,41 +216,75 @@ def _trainable(tok, messages: Messages, ids: list[int]) -> list[bool]:
 
 
 def problem_messages(problem) -> Messages:
-    """A task problem with its worked solution, as the conversation the graders accept after the template's
-    `<think>\\n` prompt: reasoning in the think block, then `<answer>…</answer>` as the content."""
-    return [{"role": "user", "content": problem.prompt},
-            {"role": "assistant", "reasoning_content": problem.solution.reasoning,
-             "content": f"<answer>{problem.solution.answer}</answer>"}]
+    """A task problem with its worked solution, as the conversation the graders accept after the
+    template's `<think>\\n` prompt: reasoning in the think block, then `<answer>…</answer>` as the
+    content."""
+    return [
+        {"role": "user", "content": problem.prompt},
+        {
+            "role": "assistant",
+            "reasoning_content": problem.solution.reasoning,
+            "content": f"<answer>{problem.solution.answer}</answer>",
+        },
+    ]
 
 
-# ---------------------------------------------------------------------------------------------- the loader
+# ---------------------------------------------------------------------------------------------- the
+# loader
 class ChatLoader:
-    """Packs tokenized conversations into rows of seq_len + 1 tokens; yields (inputs[B,T], targets[B,T]).
+    """Packs tokenized conversations into rows of seq_len + 1 tokens; yields (inputs[B,T],
+    targets[B,T]).
 
-    Every row holds whole conversations (each starts with BOS, as documents do in pretraining), placed first-fit
-    among the last `window` open rows in a shuffled order; the rest of a row is padding. Targets are the next token
-    where that token is trainable, IGNORE_INDEX elsewhere (prompts, padding, the next conversation's BOS).
-    Conversations longer than a row are left out and counted in `dropped`.
+    Every row holds whole conversations (each starts with BOS, as documents do in pretraining),
+    placed first-fit among the last `window` open rows in a shuffled order; the rest of a row is
+    padding. Targets are the next token where that token is trainable, IGNORE_INDEX elsewhere
+    (prompts, padding, the next conversation's BOS). Conversations longer than a row are left out
+    and counted in `dropped`.
 
-    The packing of epoch e depends only on (seed, e), so the stream position is (epoch, row): state_dict() /
-    load_state_dict() resume exactly. Rows are dealt round-robin to ranks. epochs=None repeats forever.
+    The packing of epoch e depends only on (seed, e), so the stream position is (epoch, row):
+    state_dict() / load_state_dict() resume exactly. Rows are dealt round-robin to ranks.
+    epochs=None repeats forever.
     """
 
-    def __init__(self, examples: Sequence[tuple[list[int], list[bool]]], batch_size: int, seq_len: int, *,
-                 pad_id: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 epochs: int | None = None, window: int = 32):
+    def __init__(
+        self,
+        examples: Sequence[tuple[list[int], list[bool]]],
+        batch_size: int,
+        seq_len: int,
+        *,
+        pad_id: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        epochs: int | None = None,
+        window: int = 32,
+    ):
         if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+            raise ValueError(
+                f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}"
+            )
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}"
+            )
         kept = [(ids, mask) for ids, mask in examples if len(ids) <= seq_len + 1 and any(mask[1:])]
         self.dropped = len(examples) - len(kept)
         if not kept:
-            raise ValueError(f"none of the {len(examples)} conversations fits in seq_len={seq_len} with something "
-                             "to learn")
-        self.examples, self.batch_size, self.seq_len, self.pad_id = kept, batch_size, seq_len, pad_id
-        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
-        self.epochs, self.window = epochs, window
+            raise ValueError(
+                f"none of the {len(examples)} conversations fits in seq_len={seq_len} with something "
+                "to learn"
+            )
+        self.examples = kept
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.epochs = epochs
+        self.window = window
         self.epoch = self.row = 0
         self._rows_cache: tuple[int, list[list[int]]] | None = None
 
@@ -219,8 +292,13 @@ class ChatLoader:
         """This rank's rows of epoch `epoch`, each a list of example indices."""
         if self._rows_cache is None or self._rows_cache[0] != epoch:
             n = len(self.examples)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            rows, free = [], []  # free[j]: room left in rows[j]; only the last `window` rows take new examples
+            order = (
+                np.random.default_rng([self.seed, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
+            # free[j]: room left in rows[j]; only the last `window` rows take new examples
+            rows, free = [], []
             for i in order.tolist():
                 size = len(self.examples[i][0])
                 start = max(0, len(rows) - self.window)
@@ -232,7 +310,9 @@ class ChatLoader:
                 rows[j].append(i)
                 free[j] -= size
             if len(rows) < self.world_size:
-                raise ValueError(f"{len(rows)} packed rows cannot feed {self.world_size} ranks: more data needed")
+                raise ValueError(
+                    f"{len(rows)} packed rows cannot feed {self.world_size} ranks: more data needed"
+                )
             self._rows_cache = (epoch, rows[self.rank :: self.world_size])
         return self._rows_cache[1]
 
@@ -246,7 +326,8 @@ class ChatLoader:
         n = 0
         for i in indices:
             ids, mask = self.examples[i]
-            tokens[n : n + len(ids)], trainable[n : n + len(ids)] = ids, mask
+            tokens[n : n + len(ids)] = ids
+            trainable[n : n + len(ids)] = mask
             n += len(ids)
         return tokens, trainable
 
@@ -272,13 +353,23 @@ class ChatLoader:
         return inputs, targets
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "row": self.row, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "shuffle": self.shuffle, "examples": len(self.examples),
-                "seq_len": self.seq_len}
+        return {
+            "epoch": self.epoch,
+            "row": self.row,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "examples": len(self.examples),
+            "seq_len": self.seq_len,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         for key in ("seed", "rank", "world_size", "shuffle", "examples", "seq_len"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"loader state is for {key}={state.get(key)!r}, this loader has {mine[key]!r}")
-        self.epoch, self.row = state["epoch"], state["row"]
+                raise ValueError(
+                    f"loader state is for {key}={state.get(key)!r}, this loader has {mine[key]!r}"
+                )
+        self.epoch = state["epoch"]
+        self.row = state["row"]

@@ -1,13 +1,16 @@
 """The SFT mix that nanoseek makes itself: worked task solutions and small bilingual conversations.
 
-    task_conversations(...)     train-split task problems with their worked solutions (reasoning + <answer>)
-    identity_conversations(n)   greetings and questions about the model, in English and Chinese
-    corpus_conversations(...)   simple factual Q&A read off the pretraining corpus: how a Bible chapter begins,
-                                what a Wikipedia subject is, the title or the opening of a 三国演义 chapter
+    task_conversations(...)     train-split task problems with their worked solutions (reasoning +
+    <answer>) identity_conversations(n)   greetings and questions about the model, in English and
+    Chinese corpus_conversations(...)   simple factual Q&A read off the pretraining corpus: how a
+    Bible chapter begins,
+                                what a Wikipedia subject is, the title or the opening of a 三国演义
+                                chapter
 
-Everything is deterministic in its seed. Each answer is either templated or copied verbatim from the corpus text,
-so the assistant never states something the data does not say. Every assistant turn has a short reasoning,
-because the default generation prompt opens a think block and the model should always know how to close it.
+Everything is deterministic in its seed. Each answer is either templated or copied verbatim from the
+corpus text, so the assistant never states something the data does not say. Every assistant turn has
+a short reasoning, because the default generation prompt opens a think block and the model should
+always know how to close it.
 """
 
 from __future__ import annotations
@@ -20,9 +23,16 @@ from nanoseek.data.chat_tokens import Messages, problem_messages
 from nanoseek.tasks import get_task
 
 
-def task_conversations(tasks: dict[str, Sequence[int]], per_task: int, *, langs: Sequence[str] = ("en", "zh"),
-                       seed: int = 0, split: str = "train") -> list[Messages]:
-    """`per_task` problems of each task (name -> difficulties), spread evenly over difficulties and languages."""
+def task_conversations(
+    tasks: dict[str, Sequence[int]],
+    per_task: int,
+    *,
+    langs: Sequence[str] = ("en", "zh"),
+    seed: int = 0,
+    split: str = "train",
+) -> list[Messages]:
+    """`per_task` problems of each task (name -> difficulties), spread evenly over difficulties and
+    languages."""
     out = []
     for name, difficulties in tasks.items():
         task = get_task(name)
@@ -30,46 +40,80 @@ def task_conversations(tasks: dict[str, Sequence[int]], per_task: int, *, langs:
         for k, (difficulty, lang) in enumerate(cells):
             n = per_task // len(cells) + (k < per_task % len(cells))
             if n:
-                out += [problem_messages(p) for p in task.generate(n, seed=seed, difficulty=difficulty,
-                                                                   split=split, lang=lang)]
+                out += [
+                    problem_messages(p)
+                    for p in task.generate(
+                        n, seed=seed, difficulty=difficulty, split=split, lang=lang
+                    )
+                ]
     return out
 
 
-# ---------------------------------------------------------------------------------------------- identity
+# ----------------------------------------------------------------------------------------------
+# identity
 _IDENTITY = {
     "en": {
-        "greetings": ["Hello!", "Hi!", "Hey there.", "Good morning!", "Hello, who are you?", "Hi, what's up?"],
-        "about": ["Who are you?", "What is your name?", "What are you?", "Who made you?", "Which model are you?",
-                  "Tell me about yourself.", "What can you do?", "Can you speak Chinese?"],
+        "greetings": [
+            "Hello!",
+            "Hi!",
+            "Hey there.",
+            "Good morning!",
+            "Hello, who are you?",
+            "Hi, what's up?",
+        ],
+        "about": [
+            "Who are you?",
+            "What is your name?",
+            "What are you?",
+            "Who made you?",
+            "Which model are you?",
+            "Tell me about yourself.",
+            "What can you do?",
+            "Can you speak Chinese?",
+        ],
         "thanks": ["Thank you!", "Thanks a lot.", "Great, thanks!"],
         "think_greet": "The user is greeting me. I should greet them back and offer to help.",
         "think_about": "The user asks about me. I am nanoseek, a small model; I should say so honestly.",
         "think_thanks": "The user is thanking me. A short, friendly reply is enough.",
-        "greet": ["Hello! I'm nanoseek, a small language model. How can I help you?",
-                  "Hi! I'm nanoseek. What would you like to talk about?"],
+        "greet": [
+            "Hello! I'm nanoseek, a small language model. How can I help you?",
+            "Hi! I'm nanoseek. What would you like to talk about?",
+        ],
         "about_answer": "I'm nanoseek, a small DeepSeek-style language model (mixture of experts, multi-head latent "
-                        "attention) trained from scratch with the open nanoseek project. I can chat a little in "
-                        "English and Chinese and try simple arithmetic and puzzles, but I am tiny and often wrong.",
+        "attention) trained from scratch with the open nanoseek project. I can chat a little in "
+        "English and Chinese and try simple arithmetic and puzzles, but I am tiny and often wrong.",
         "thanks_answer": ["You're welcome!", "Glad I could help."],
     },
     "zh": {
         "greetings": ["你好！", "您好。", "嗨！", "早上好！", "你好，你是谁？"],
-        "about": ["你是谁？", "你叫什么名字？", "你是什么模型？", "谁创造了你？", "介绍一下你自己。", "你能做什么？",
-                  "你会说英文吗？"],
+        "about": [
+            "你是谁？",
+            "你叫什么名字？",
+            "你是什么模型？",
+            "谁创造了你？",
+            "介绍一下你自己。",
+            "你能做什么？",
+            "你会说英文吗？",
+        ],
         "thanks": ["谢谢！", "非常感谢。", "好的，谢谢你！"],
         "think_greet": "用户在向我打招呼。我应该回应问候，并表示愿意帮忙。",
         "think_about": "用户在问我是谁。我是 nanoseek，一个很小的模型，应该如实回答。",
         "think_thanks": "用户在道谢。简短友好地回复即可。",
-        "greet": ["你好！我是 nanoseek，一个小型语言模型。有什么可以帮你的吗？", "你好！我是 nanoseek。想聊些什么？"],
+        "greet": [
+            "你好！我是 nanoseek，一个小型语言模型。有什么可以帮你的吗？",
+            "你好！我是 nanoseek。想聊些什么？",
+        ],
         "about_answer": "我是 nanoseek，一个 DeepSeek 风格的小型语言模型（混合专家、多头潜在注意力），由开源项目 "
-                        "nanoseek 从零训练而成。我能用中文和英文简单聊天，也会尝试简单的算术和谜题，但我很小，"
-                        "经常出错。",
+        "nanoseek 从零训练而成。我能用中文和英文简单聊天，也会尝试简单的算术和谜题，但我很小，"
+        "经常出错。",
         "thanks_answer": ["不客气！", "很高兴能帮到你。"],
     },
 }
 
 
-def identity_conversations(n: int, seed: int = 0, langs: Sequence[str] = ("en", "zh")) -> list[Messages]:
+def identity_conversations(
+    n: int, seed: int = 0, langs: Sequence[str] = ("en", "zh")
+) -> list[Messages]:
     """Greetings, questions about the model and thanks; some conversations have two turns."""
     rng = random.Random(f"identity|{seed}")
     out = []
@@ -81,19 +125,24 @@ def identity_conversations(n: int, seed: int = 0, langs: Sequence[str] = ("en", 
         elif kind == "about":
             msgs = [_turn(rng.choice(t["about"]), t["think_about"], t["about_answer"])]
         else:
-            msgs = [_turn(rng.choice(t["greetings"]), t["think_greet"], rng.choice(t["greet"])),
-                    _turn(rng.choice(t["about"]), t["think_about"], t["about_answer"]),
-                    _turn(rng.choice(t["thanks"]), t["think_thanks"], rng.choice(t["thanks_answer"]))]
+            msgs = [
+                _turn(rng.choice(t["greetings"]), t["think_greet"], rng.choice(t["greet"])),
+                _turn(rng.choice(t["about"]), t["think_about"], t["about_answer"]),
+                _turn(rng.choice(t["thanks"]), t["think_thanks"], rng.choice(t["thanks_answer"])),
+            ]
         out.append([m for pair in msgs for m in pair])
     return out
 
 
 def _turn(user: str, reasoning: str, answer: str) -> Messages:
-    return [{"role": "user", "content": user},
-            {"role": "assistant", "reasoning_content": reasoning, "content": answer}]
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "reasoning_content": reasoning, "content": answer},
+    ]
 
 
-# ---------------------------------------------------------------------------------------------- corpus Q&A
+# ----------------------------------------------------------------------------------------------
+# corpus Q&A
 _ZH_DIGITS = {c: i for i, c in enumerate("零一二三四五六七八九")}
 
 
@@ -112,8 +161,8 @@ def chinese_number(text: str) -> int | None:
 
 
 def _first_sentence(text: str, max_chars: int = 240) -> str | None:
-    """The first sentence of a text (up to . ! ? before a space, or 。！？), if it is a reasonable length and its
-    quotation marks are balanced."""
+    """The first sentence of a text (up to . ! ? before a space, or 。！？), if it is a reasonable
+    length and its quotation marks are balanced."""
     m = re.match(r"(.+?(?:[.!?][\"”’]?(?=\s|$)|[。！？][”」]?))", text.strip(), re.S)
     if not m:
         return None
@@ -127,9 +176,18 @@ def _bible_qa(text: str, rng: random.Random) -> Messages | None:
     first = _first_sentence(body)
     if not re.fullmatch(r"[1-3]? ?[A-Z][A-Za-z ]+ \d+", head) or not first:
         return None
-    q = rng.choice([f"How does {head} begin?", f"What is the first sentence of {head} in the Bible?",
-                    f"Quote the opening of {head}."])
-    return _turn(q, f"{head} is a chapter of the Bible. I recall its first sentence.", f"{head} begins: \"{first}\"")
+    q = rng.choice(
+        [
+            f"How does {head} begin?",
+            f"What is the first sentence of {head} in the Bible?",
+            f"Quote the opening of {head}.",
+        ]
+    )
+    return _turn(
+        q,
+        f"{head} is a chapter of the Bible. I recall its first sentence.",
+        f'{head} begins: "{first}"',
+    )
 
 
 def _wiki_qa(text: str, rng: random.Random) -> Messages | None:
@@ -137,7 +195,13 @@ def _wiki_qa(text: str, rng: random.Random) -> Messages | None:
     first = _first_sentence(body)
     if not first or len(title) > 60 or "\n" in title:
         return None
-    q = rng.choice([f"What is {title}?", f"Tell me briefly about {title}.", f"Give me one sentence on {title}."])
+    q = rng.choice(
+        [
+            f"What is {title}?",
+            f"Tell me briefly about {title}.",
+            f"Give me one sentence on {title}.",
+        ]
+    )
     return _turn(q, f"The user asks about {title}. One sentence from what I know is enough.", first)
 
 
@@ -150,25 +214,34 @@ def _sanguo_qa(text: str, rng: random.Random) -> Messages | None:
     title = " ".join(m.group(2).split())
     kind = rng.choice(["title_zh", "title_en", "opening"])
     if kind == "title_zh":
-        return _turn(f"《三国演义》第{m.group(1)}回的回目是什么？",
-                     f"用户问《三国演义》第{m.group(1)}回的回目，我回忆一下。", f"第{m.group(1)}回的回目是“{title}”。")
+        return _turn(
+            f"《三国演义》第{m.group(1)}回的回目是什么？",
+            f"用户问《三国演义》第{m.group(1)}回的回目，我回忆一下。",
+            f"第{m.group(1)}回的回目是“{title}”。",
+        )
     if kind == "title_en":
-        return _turn(f"What is the title of chapter {number} of Romance of the Three Kingdoms?",
-                     f"Chapter {number} is 第{m.group(1)}回 in Chinese. I recall its title.",
-                     f"Chapter {number} (第{m.group(1)}回) is titled “{title}”.")
+        return _turn(
+            f"What is the title of chapter {number} of Romance of the Three Kingdoms?",
+            f"Chapter {number} is 第{m.group(1)}回 in Chinese. I recall its title.",
+            f"Chapter {number} (第{m.group(1)}回) is titled “{title}”.",
+        )
     first = _first_sentence(body, max_chars=120)
     if not first:
         return None
-    return _turn(f"《三国演义》第{m.group(1)}回是怎样开头的？",
-                 f"用户想知道第{m.group(1)}回的开头，我回忆原文的第一句。", f"第{m.group(1)}回开头写道：“{first}”")
+    return _turn(
+        f"《三国演义》第{m.group(1)}回是怎样开头的？",
+        f"用户想知道第{m.group(1)}回的开头，我回忆原文的第一句。",
+        f"第{m.group(1)}回开头写道：“{first}”",
+    )
 
 
 _QA = {"bible-web": _bible_qa, "wikipedia-vital": _wiki_qa, "sanguo": _sanguo_qa}
 
 
 def corpus_conversations(records: Iterable[dict], n: int, seed: int = 0) -> list[Messages]:
-    """Up to `n` factual Q&A built from corpus records ({"text", "source"}, e.g. a run's corpus/train.jsonl),
-    shared between the known sources (bible-web, wikipedia-vital, sanguo) as evenly as they allow."""
+    """Up to `n` factual Q&A built from corpus records ({"text", "source"}, e.g. a run's
+    corpus/train.jsonl), shared between the known sources (bible-web, wikipedia-vital, sanguo) as
+    evenly as they allow."""
     rng = random.Random(f"corpus-qa|{seed}")
     by_source: dict[str, list[Messages]] = {}
     for rec in records:

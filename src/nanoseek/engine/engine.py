@@ -1,15 +1,17 @@
 """The inference engine: requests in, tokens out, many requests at once on one latent KV cache.
 
-    engine = Engine(model, tokenizer)                       # tokenizer may be None: prompts are token ids
-    outs = engine.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=32, temperature=0))
-    rid = engine.add_request([0, 17, 42], params)            # the streaming interface (the server's):
-    events = engine.step()                                   #   one forward for every running request
-    engine.cancel(rid)                                       #   frees its blocks at once
+    engine = Engine(model, tokenizer)                       # tokenizer may be None: prompts are
+    token ids outs = engine.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=32,
+    temperature=0)) rid = engine.add_request([0, 17, 42], params)            # the streaming
+    interface (the server's): events = engine.step()                                   #   one
+    forward for every running request engine.cancel(rid)                                       #
+    frees its blocks at once
 
-Each step: the scheduler picks decode tokens and prefill chunks -> one packed forward (runner) -> a token per
-finished prompt and per decoding sequence (sampler; with MTP speculation, one or two) -> MTP drafts -> stop
-checks, text, events; finished sequences give their blocks back, full blocks are published to the prefix cache.
-Public methods are thread-safe (one lock): a server may add and cancel from one thread while another steps.
+Each step: the scheduler picks decode tokens and prefill chunks -> one packed forward (runner) -> a
+token per finished prompt and per decoding sequence (sampler; with MTP speculation, one or two) ->
+MTP drafts -> stop checks, text, events; finished sequences give their blocks back, full blocks are
+published to the prefix cache. Public methods are thread-safe (one lock): a server may add and
+cancel from one thread while another steps.
 """
 
 from __future__ import annotations
@@ -29,70 +31,115 @@ from nanoseek.engine.sequence import Sequence as Seq
 from nanoseek.engine.speculative import SpeculativeDecoder
 from nanoseek.model.transformer import Transformer
 
-DEFAULT_CACHE_MEMORY = 1 << 30  # bytes of latent cache when neither num_blocks nor cache_memory is given
+# bytes of latent cache when neither num_blocks nor cache_memory is given
+DEFAULT_CACHE_MEMORY = 1 << 30
 
 Prompt = str | Sequence[int]
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer=None, *, max_batch_size: int = 64, block_size: int = 16,
-                 num_blocks: int | None = None, cache_memory: int | None = None,
-                 max_num_batched_tokens: int = 1024, max_model_len: int | None = None,
-                 enable_prefix_cache: bool = True, speculative: bool = False, decode: str = "eager",
-                 decode_dtype: str = "auto"):
-        """model: a nanoseek Transformer (any dtype and device; int8-quantized ones too). num_blocks sizes the
-        cache pool directly; otherwise cache_memory (bytes, default 1 GiB) does, capped at what max_batch_size
-        sequences of max_model_len tokens can use. max_model_len (default: the model's context) is further
-        capped at the pool's capacity, so that any single request fits the pool on its own. decode: "eager",
-        "compiled" (decode steps run one compiled graph, engine/compiled.py) or "auto" (the faster, measured at
-        start and printed); decode_dtype: the compiled graph's weights, "float32", "bfloat16" or "auto"."""
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        *,
+        max_batch_size: int = 64,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        cache_memory: int | None = None,
+        max_num_batched_tokens: int = 1024,
+        max_model_len: int | None = None,
+        enable_prefix_cache: bool = True,
+        speculative: bool = False,
+        decode: str = "eager",
+        decode_dtype: str = "auto",
+    ):
+        """model: a nanoseek Transformer (any dtype and device; int8-quantized ones too). num_blocks
+        sizes the cache pool directly; otherwise cache_memory (bytes, default 1 GiB) does, capped at
+        what max_batch_size sequences of max_model_len tokens can use. max_model_len (default: the
+        model's context) is further capped at the pool's capacity, so that any single request fits
+        the pool on its own. decode: "eager", "compiled" (decode steps run one compiled graph,
+        engine/compiled.py) or "auto" (the faster, measured at start and printed); decode_dtype: the
+        compiled graph's weights, "float32", "bfloat16" or "auto"."""
         cfg = model.config
-        for name, value in (("max_batch_size", max_batch_size), ("block_size", block_size),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("block_size", block_size),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if speculative and not len(model.mtp):
-            raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)")
-        self.model, self.tokenizer, self.config = model, tokenizer, cfg
+            raise ValueError(
+                "speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = cfg
         self.speculative = speculative
         weight = model.embed_tokens.weight
         num_layers = cfg.num_hidden_layers + (1 if speculative else 0)
-        self.cache_bytes_per_token = LatentCache.bytes_per_token(num_layers, cfg.kv_lora_rank,
-                                                                 cfg.qk_rope_head_dim, weight.dtype)
+        self.cache_bytes_per_token = LatentCache.bytes_per_token(
+            num_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, weight.dtype
+        )
         context = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if num_blocks is None:
             budget = DEFAULT_CACHE_MEMORY if cache_memory is None else cache_memory
-            num_blocks = min(budget // (self.cache_bytes_per_token * block_size),
-                             max_batch_size * -(-context // block_size))
+            num_blocks = min(
+                budget // (self.cache_bytes_per_token * block_size),
+                max_batch_size * -(-context // block_size),
+            )
         if num_blocks < 1:
-            raise ValueError(f"the cache pool needs at least one block (num_blocks={num_blocks}, one block of "
-                             f"{block_size} tokens takes {self.cache_bytes_per_token * block_size} bytes)")
+            raise ValueError(
+                f"the cache pool needs at least one block (num_blocks={num_blocks}, one block of "
+                f"{block_size} tokens takes {self.cache_bytes_per_token * block_size} bytes)"
+            )
         self.max_model_len = min(context, num_blocks * block_size)
-        self.cache = LatentCache(num_layers, num_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                                 weight.dtype, weight.device)
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_cache, lookahead=1 if speculative else 0)
-        self.scheduler = Scheduler(self.blocks, max_batch_size, max_num_batched_tokens,
-                                   decode_width=2 if speculative else 1)
+        self.cache = LatentCache(
+            num_layers,
+            num_blocks,
+            block_size,
+            cfg.kv_lora_rank,
+            cfg.qk_rope_head_dim,
+            weight.dtype,
+            weight.device,
+        )
+        self.blocks = BlockManager(
+            num_blocks, block_size, enable_prefix_cache, lookahead=1 if speculative else 0
+        )
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_batch_size,
+            max_num_batched_tokens,
+            decode_width=2 if speculative else 1,
+        )
         self.runner = choose_runner(model, self.cache, num_layers, decode, decode_dtype)
         self.sampler = Sampler()
         self.spec = SpeculativeDecoder(self.sampler) if speculative else None
-        eos = tokenizer.eos_id if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None \
+        eos = (
+            tokenizer.eos_id
+            if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None
             else cfg.eos_token_id
+        )
         self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
         self._requests: dict[str, Request] = {}
-        self._events: list[tuple[StepEvent, Callable | None]] = []  # cancellations, for the next step
+        # cancellations, for the next step
+        self._events: list[tuple[StepEvent, Callable | None]] = []
         self._ids = itertools.count()
         self._lock = threading.RLock()
-        self.counters = dict(steps=0, prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0,
-                             generated_tokens=0)
+        self.counters = dict(
+            steps=0, prompt_tokens=0, cached_prompt_tokens=0, prefill_tokens=0, generated_tokens=0
+        )
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: Prompt) -> tuple[list[int], str | None]:
-        """A prompt -> (token ids, text). Text is encoded with the tokenizer, after its BOS token (the way
-        documents are seen in training) unless the encoding already starts with it."""
+        """A prompt -> (token ids, text). Text is encoded with the tokenizer, after its BOS token
+        (the way documents are seen in training) unless the encoding already starts with it."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer: pass Engine(model, tokenizer) or token ids")
+                raise ValueError(
+                    "a text prompt needs a tokenizer: pass Engine(model, tokenizer) or token ids"
+                )
             ids = list(self.tokenizer.encode(prompt))
             bos = getattr(self.tokenizer, "bos_id", None)
             if bos is not None and (not ids or ids[0] != bos):
@@ -113,24 +160,39 @@ class Engine:
             raise ValueError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+            raise ValueError(
+                f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})"
+            )
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} "
-                             "tokens and leaves no room to generate")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} "
+                "tokens and leaves no room to generate"
+            )
         if params.stop_list and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (use stop_token_ids with token-id prompts)")
+            raise ValueError(
+                "stop strings need a tokenizer (use stop_token_ids with token-id prompts)"
+            )
         if params.logprobs is not None and params.logprobs > self.config.vocab_size:
-            raise ValueError(f"logprobs={params.logprobs} is more than the vocabulary ({self.config.vocab_size})")
+            raise ValueError(
+                f"logprobs={params.logprobs} is more than the vocabulary ({self.config.vocab_size})"
+            )
         if params.n > self.scheduler.max_batch_size:
-            raise ValueError(f"n={params.n} is more than max_batch_size={self.scheduler.max_batch_size}")
+            raise ValueError(
+                f"n={params.n} is more than max_batch_size={self.scheduler.max_batch_size}"
+            )
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    callback: Callable[[StepEvent], None] | None = None,
-                    group: str | None = None) -> str:
-        """Queue a request (text or token ids); it joins the running batch at a coming step. callback, if given,
-        receives each of its StepEvents. group (default: the request id) is whom the scheduler
-        shares the batch between: a server gives every prompt of one client request the same
-        group. -> its request id."""
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        callback: Callable[[StepEvent], None] | None = None,
+        group: str | None = None,
+    ) -> str:
+        """Queue a request (text or token ids); it joins the running batch at a coming step.
+        callback, if given, receives each of its StepEvents. group (default: the request id) is whom
+        the scheduler shares the batch between: a server gives every prompt of one client request
+        the same group. -> its request id."""
         ids, text = self.encode(prompt)
         params = SamplingParams() if params is None else params
         self.check(ids, params)
@@ -149,16 +211,19 @@ class Engine:
             return req
 
     def _sequence(self, req: Request, index: int, token_ids: list[int]) -> Seq:
-        detok = None if self.tokenizer is None else \
-            TextStream(self.tokenizer, req.output.prompt_token_ids, req.params.stop_list)
+        detok = (
+            None
+            if self.tokenizer is None
+            else TextStream(self.tokenizer, req.output.prompt_token_ids, req.params.stop_list)
+        )
         seq = Seq(req, index, token_ids, make_rng(req.params.seed, index), detok)
         req.output.outputs[index].text = None if detok is None else ""
         req.sequences.append(seq)
         return seq
 
     def cancel(self, request_id: str) -> bool:
-        """Stop a request now: its blocks are freed at once; the next step reports it with finish_reason
-        "cancelled". -> False if it is unknown or already finished."""
+        """Stop a request now: its blocks are freed at once; the next step reports it with
+        finish_reason "cancelled". -> False if it is unknown or already finished."""
         with self._lock:
             req = self._requests.pop(request_id, None)
             if req is None:
@@ -171,8 +236,16 @@ class Engine:
             for comp in req.output.outputs:
                 if comp.index not in done:
                     comp.finish_reason = "cancelled"
-                    ev = StepEvent(req.request_id, comp.index, [], None if comp.text is None else "",
-                                   [] if comp.logprobs is not None else None, True, "cancelled", req.output)
+                    ev = StepEvent(
+                        req.request_id,
+                        comp.index,
+                        [],
+                        None if comp.text is None else "",
+                        [] if comp.logprobs is not None else None,
+                        True,
+                        "cancelled",
+                        req.output,
+                    )
                     self._events.append((ev, req.callback))
             return True
 
@@ -181,7 +254,8 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[StepEvent]:
-        """Run one forward for every scheduled request. -> what each completion gained (callbacks get theirs)."""
+        """Run one forward for every scheduled request. -> what each completion gained (callbacks
+        get theirs)."""
         with self._lock, torch.inference_mode():
             pending, self._events = self._events, []
             batch = self.scheduler.schedule()
@@ -196,12 +270,15 @@ class Engine:
     def _run(self, batch) -> list[tuple[StepEvent, Callable | None]]:
         decode, width = batch.decode, self.scheduler.decode_width
         self.cache.copy_blocks(batch.copies)
-        drafts = [s.token_ids[-1] if s.draft is None else s.draft for s in decode] if self.spec else []
+        drafts = (
+            [s.token_ids[-1] if s.draft is None else s.draft for s in decode] if self.spec else []
+        )
         positions = [s.num_computed for s in decode]
         inp = self.runner.prepare(decode, batch.prefill, width, drafts)
         hidden = self.runner.forward(inp)
 
-        completed = []  # (sequence, hidden row of its last prompt token) for prompts this step finishes
+        # (sequence, hidden row of its last prompt token) for prompts this step finishes
+        completed = []
         for (seq, n), chunk in zip(batch.prefill, inp.chunks):
             if not seq.admitted:
                 self._admitted(seq)
@@ -213,16 +290,19 @@ class Engine:
         logits = self.runner.logits(hidden[list(range(nd)) + [row for _, row in completed]])
         new, families = self._sample(decode, drafts, completed, logits)
         results = self._append_tokens(new, logits)
-        if self.spec:  # before any block is freed: the MTP layer's latents go into this step's slots
+        # before any block is freed: the MTP layer's latents go into this step's slots
+        if self.spec:
             self._draft(batch, inp, hidden, positions, new, families, completed)
         for seq, _ in batch.prefill:
             self.blocks.publish(seq)
-        return [(self._finish_step(seq, added, lps, reason), seq.request.callback)
-                for seq, added, lps, reason in results]
+        return [
+            (self._finish_step(seq, added, lps, reason), seq.request.callback)
+            for seq, added, lps, reason in results
+        ]
 
     def _sample(self, decode: list[Seq], drafts: list[int], completed: list, logits: torch.Tensor):
-        """-> new tokens per sequence as (token, logit row) pairs, and the families of completed prompts (the
-        sequence, then the siblings forked off it, which sample from the same row)."""
+        """-> new tokens per sequence as (token, logit row) pairs, and the families of completed
+        prompts (the sequence, then the siblings forked off it, which sample from the same row)."""
         nd = len(decode) * self.scheduler.decode_width
         new: list[tuple[Seq, list[tuple[int, int]]]] = []
         if decode:
@@ -240,7 +320,9 @@ class Engine:
             families.append([seq, *self._fork(seq)])
         rows = [(s, nd + k) for k, family in enumerate(families) for s in family]
         if rows:
-            tokens = self.sampler.sample(logits[[r for _, r in rows]], [self._row(s) for s, _ in rows])
+            tokens = self.sampler.sample(
+                logits[[r for _, r in rows]], [self._row(s) for s, _ in rows]
+            )
             new += [(s, [(t, r)]) for (s, r), t in zip(rows, tokens)]
         return new, families
 
@@ -250,12 +332,17 @@ class Engine:
         wanted = [(s, t, r) for s, toks in new if s.params.logprobs is not None for t, r in toks]
         logprobs = {}
         if wanted:
-            lps = self.sampler.logprobs(logits[[r for _, _, r in wanted]], [t for _, t, _ in wanted],
-                                        [s.params.logprobs for s, _, _ in wanted])
+            lps = self.sampler.logprobs(
+                logits[[r for _, _, r in wanted]],
+                [t for _, t, _ in wanted],
+                [s.params.logprobs for s, _, _ in wanted],
+            )
             logprobs = {(id(s), r): lp for (s, _, r), lp in zip(wanted, lps)}
         results = []
         for seq, toks in new:
-            added, lps, reason = [], [], None
+            added = []
+            lps = []
+            reason = None
             for t, r in toks:
                 added.append(t)
                 lp = logprobs.get((id(seq), r))
@@ -267,12 +354,23 @@ class Engine:
             results.append((seq, added, lps, reason))
         return results
 
-    def _draft(self, batch, inp, hidden: torch.Tensor, positions: list[int], new: list, families: list,
-               completed: list) -> None:
-        """Run the MTP module over the step and set every sequence's next draft. Row i of the step (position q)
-        gets the token at q+1, now known; a rejected draft's row gets a placeholder (its slot is rewritten)."""
+    def _draft(
+        self,
+        batch,
+        inp,
+        hidden: torch.Tensor,
+        positions: list[int],
+        new: list,
+        families: list,
+        completed: list,
+    ) -> None:
+        """Run the MTP module over the step and set every sequence's next draft. Row i of the step
+        (position q) gets the token at q+1, now known; a rejected draft's row gets a placeholder
+        (its slot is rewritten)."""
         width, decode = self.scheduler.decode_width, batch.decode
-        next_ids, rows, owners = [], [], []
+        next_ids = []
+        rows = []
+        owners = []
         for i, (seq, p) in enumerate(zip(decode, positions)):
             ids = seq.token_ids
             next_ids += [ids[p + 1], ids[p + 2] if p + 2 < len(ids) else 0]
@@ -302,7 +400,9 @@ class Engine:
         children = []
         for _ in range(parent.pending_forks):
             child = self._sequence(parent.request, len(parent.request.sequences), parent.token_ids)
-            child.num_computed, child.in_decode, child.admitted = parent.num_computed, True, True
+            child.num_computed = parent.num_computed
+            child.in_decode = True
+            child.admitted = True
             self.blocks.fork(parent, child)
             self.scheduler.add_running(child)
             children.append(child)
@@ -340,17 +440,30 @@ class Engine:
             if all(c.finish_reason for c in req.output.outputs):
                 req.output.finished = True
                 self._requests.pop(req.request_id, None)
-        return StepEvent(req.request_id, seq.index, added, text,
-                         lps if seq.params.logprobs is not None else None, reason is not None, reason, req.output)
+        return StepEvent(
+            req.request_id,
+            seq.index,
+            added,
+            text,
+            lps if seq.params.logprobs is not None else None,
+            reason is not None,
+            reason,
+            req.output,
+        )
 
     # ------------------------------------------------------------------ convenience
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run prompts (texts, or token-id lists) to completion, all batched together. Every prompt and every
-        SamplingParams is checked before any work starts. -> one RequestOutput per prompt, in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and isinstance(prompts[0], int)):
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run prompts (texts, or token-id lists) to completion, all batched together. Every prompt
+        and every SamplingParams is checked before any work starts. -> one RequestOutput per prompt,
+        in order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         prompts = list(prompts)
         if params is None or isinstance(params, SamplingParams):
@@ -370,7 +483,8 @@ class Engine:
         try:
             while not all(r.output.finished for r in reqs):
                 if not self.step() and not self.scheduler.running:
-                    raise RuntimeError("the engine made no progress with requests still waiting")  # a bug
+                    # a bug
+                    raise RuntimeError("the engine made no progress with requests still waiting")
                 if bar is not None:
                     bar.update(sum(r.output.finished for r in reqs) - bar.n)
         except BaseException:
@@ -383,8 +497,9 @@ class Engine:
         return [r.output for r in reqs]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StepEvent]:
-        """Yield one request's events as its tokens come, driving the engine (other requests advance too and
-        get their events through their callbacks). Closing the iterator early cancels the request."""
+        """Yield one request's events as its tokens come, driving the engine (other requests advance
+        too and get their events through their callbacks). Closing the iterator early cancels the
+        request."""
         ids, text = self.encode(prompt)
         params = SamplingParams() if params is None else params
         self.check(ids, params)
@@ -402,12 +517,21 @@ class Engine:
         with self._lock:
             c = self.counters
             return dict(
-                running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                free_blocks=self.blocks.num_free, cached_blocks=len(self.blocks.evictable),
-                total_blocks=self.blocks.num_blocks, block_size=self.blocks.block_size,
-                capacity_tokens=self.cache.capacity_tokens, cache_bytes_per_token=self.cache_bytes_per_token,
-                max_model_len=self.max_model_len, preemptions=self.scheduler.num_preemptions, **c,
-                prefix_cache_hit_rate=c["cached_prompt_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0,
+                running=len(self.scheduler.running),
+                waiting=len(self.scheduler.waiting),
+                free_blocks=self.blocks.num_free,
+                cached_blocks=len(self.blocks.evictable),
+                total_blocks=self.blocks.num_blocks,
+                block_size=self.blocks.block_size,
+                capacity_tokens=self.cache.capacity_tokens,
+                cache_bytes_per_token=self.cache_bytes_per_token,
+                max_model_len=self.max_model_len,
+                preemptions=self.scheduler.num_preemptions,
+                **c,
+                prefix_cache_hit_rate=c["cached_prompt_tokens"] / c["prompt_tokens"]
+                if c["prompt_tokens"]
+                else 0.0,
                 spec_drafted=self.spec.drafted if self.spec else 0,
                 spec_accepted=self.spec.accepted if self.spec else 0,
-                spec_acceptance_rate=self.spec.acceptance_rate if self.spec else None)
+                spec_acceptance_rate=self.spec.acceptance_rate if self.spec else None,
+            )

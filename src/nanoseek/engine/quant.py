@@ -1,19 +1,22 @@
 """int8 weight-only quantization: 4x smaller matrices, activations stay in floating point.
 
 Scheme: symmetric, one scale per output channel. For a matrix W [out, in]:  s = max|W[o, :]| / 127,
-q = round(W / s) clamped to [-127, 127], and W ~ q * s. Quantized: every nn.Linear of the blocks, the MTP module
-and the head (not a head tied to the embedding), and the stacked routed experts (one scale per expert and output
-row). Kept in floating point: embeddings, norms, the router (its choices are discrete) and its bias.
+q = round(W / s) clamped to [-127, 127], and W ~ q * s. Quantized: every nn.Linear of the blocks,
+the MTP module and the head (not a head tied to the embedding), and the stacked routed experts (one
+scale per expert and output row). Kept in floating point: embeddings, norms, the router (its choices
+are discrete) and its bias.
 
-A quantized model is an ordinary Transformer whose Linear modules are Int8Linear and whose experts are
-Int8Experts, so `model(ids)` and the engine both run it. Matrices are stored [in, out] (the layout CPU GEMMs
-read fastest); a matmul converts them to the activation dtype and scales the output columns.
+A quantized model is an ordinary Transformer whose Linear modules are Int8Linear and whose experts
+are Int8Experts, so `model(ids)` and the engine both run it. Matrices are stored [in, out] (the
+layout CPU GEMMs read fastest); a matmul converts them to the activation dtype and scales the output
+columns.
 
-On disk: `model.int8.safetensors` beside the floating-point checkpoint, which stays untouched (transformers still
-loads the directory and ignores the extra file). For each quantized module NAME (our module path, e.g.
-`layers.3.mlp.experts`): NAME.qweight (int8, [out, in] as nn.Linear stores it; [E, out, in] for experts),
-NAME.scale (fp32, [out] or [E, out]), and NAME.bias when the Linear has one. The header metadata says
-{"format": "nanoseek-int8", "scheme": "symmetric per-output-channel weight-only"}.
+On disk: `model.int8.safetensors` beside the floating-point checkpoint, which stays untouched
+(transformers still loads the directory and ignores the extra file). For each quantized module NAME
+(our module path, e.g. `layers.3.mlp.experts`): NAME.qweight (int8, [out, in] as nn.Linear stores
+it; [E, out, in] for experts), NAME.scale (fp32, [out] or [E, out]), and NAME.bias when the Linear
+has one. The header metadata says {"format": "nanoseek-int8", "scheme": "symmetric
+per-output-channel weight-only"}.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ _METADATA = {"format": "nanoseek-int8", "scheme": "symmetric per-output-channel 
 
 
 def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., out, in] -> (q int8 [..., out, in], scale fp32 [..., out]) with w ~ q * scale[..., None]."""
+    """w [..., out, in] -> (q int8 [..., out, in], scale fp32 [..., out]) with w ~ q * scale[...,
+    None]."""
     w = w.detach().float()
     scale = w.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
     q = torch.round(w / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
@@ -45,13 +49,17 @@ def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(
+        self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.dtype = dtype
         self.register_buffer("q_t", q.t().contiguous())  # [in, out]
         self.register_buffer("scale", scale.float())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -60,7 +68,8 @@ class Int8Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized matrix [out, in], for code that reads weights (e.g. refolding attention)."""
+        """The dequantized matrix [out, in], for code that reads weights (e.g. refolding
+        attention)."""
         return (self.q_t.t().float() * self.scale.unsqueeze(-1)).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,10 +81,15 @@ class Int8Linear(nn.Module):
 
 
 class Int8Experts(nn.Module):
-    """Stacked routed experts in int8, with the contract of model.moe.Experts: forward(x sorted by expert, counts)."""
+    """Stacked routed experts in int8, with the contract of model.moe.Experts: forward(x sorted by
+    expert, counts)."""
 
-    def __init__(self, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor],
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        gate_up: tuple[torch.Tensor, torch.Tensor],
+        down: tuple[torch.Tensor, torch.Tensor],
+        dtype: torch.dtype,
+    ):
         super().__init__()
         self.dtype = dtype
         self.register_buffer("gate_up_t", gate_up[0].transpose(1, 2).contiguous())  # [E, d, 2I]
@@ -85,8 +99,11 @@ class Int8Experts(nn.Module):
 
     @classmethod
     def from_experts(cls, experts: nn.Module) -> Int8Experts:
-        return cls(quantize_tensor(experts.gate_up_proj), quantize_tensor(experts.down_proj),
-                   experts.gate_up_proj.dtype)
+        return cls(
+            quantize_tensor(experts.gate_up_proj),
+            quantize_tensor(experts.down_proj),
+            experts.gate_up_proj.dtype,
+        )
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         h = (x @ self.gate_up_t[e].to(x.dtype)) * self.gate_up_scale[e].to(x.dtype)
@@ -134,8 +151,8 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the int8 tensors of a quantized model to path/model.int8.safetensors (the floating-point checkpoint
-    beside it is left alone; save it first with nanoseek.save_model)."""
+    """Write the int8 tensors of a quantized model to path/model.int8.safetensors (the
+    floating-point checkpoint beside it is left alone; save it first with nanoseek.save_model)."""
     tensors = {}
     for name, m in _targets(model):
         if isinstance(m, Int8Linear):
@@ -157,17 +174,20 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     return path / INT8_FILE
 
 
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a checkpoint directory holding model.int8.safetensors: the floating-point model for everything
-    that stays in floating point, with the int8 modules read from the file."""
+def load_quantized(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Load a checkpoint directory holding model.int8.safetensors: the floating-point model for
+    everything that stays in floating point, with the int8 modules read from the file."""
     from nanoseek.checkpoint import load_model
 
     path = Path(path)
     file = path / INT8_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"no {INT8_FILE} in {path}: quantize with nanoseek.engine.quant.quantize_model "
-                                "and save with save_quantized")
+        raise FileNotFoundError(
+            f"no {INT8_FILE} in {path}: quantize with nanoseek.engine.quant.quantize_model "
+            "and save with save_quantized"
+        )
     model = load_model(path, device=device, dtype=dtype)
     dtype = model.embed_tokens.weight.dtype
     with safe_open(str(file), framework="pt", device=str(device)) as f:
@@ -179,17 +199,28 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu",
                 _need(keys, file, f"{name}.qweight", f"{name}.scale")
                 q = f.get_tensor(f"{name}.qweight")
                 if tuple(q.shape) != tuple(m.weight.shape):
-                    raise ValueError(f"{file}: {name}.qweight has shape {list(q.shape)}, "
-                                     f"the model {list(m.weight.shape)}")
+                    raise ValueError(
+                        f"{file}: {name}.qweight has shape {list(q.shape)}, "
+                        f"the model {list(m.weight.shape)}"
+                    )
                 bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None
                 _set(model, name, Int8Linear(q, f.get_tensor(f"{name}.scale"), bias, dtype))
             else:
-                _need(keys, file, *(f"{name}.{p}.{s}" for p in ("gate_up", "down") for s in ("qweight", "scale")))
-                gate_up = (f.get_tensor(f"{name}.gate_up.qweight"), f.get_tensor(f"{name}.gate_up.scale"))
+                _need(
+                    keys,
+                    file,
+                    *(f"{name}.{p}.{s}" for p in ("gate_up", "down") for s in ("qweight", "scale")),
+                )
+                gate_up = (
+                    f.get_tensor(f"{name}.gate_up.qweight"),
+                    f.get_tensor(f"{name}.gate_up.scale"),
+                )
                 down = (f.get_tensor(f"{name}.down.qweight"), f.get_tensor(f"{name}.down.scale"))
                 if tuple(gate_up[0].shape) != tuple(m.gate_up_proj.shape):
-                    raise ValueError(f"{file}: {name}.gate_up.qweight has shape {list(gate_up[0].shape)}, "
-                                     f"the model {list(m.gate_up_proj.shape)}")
+                    raise ValueError(
+                        f"{file}: {name}.gate_up.qweight has shape {list(gate_up[0].shape)}, "
+                        f"the model {list(m.gate_up_proj.shape)}"
+                    )
                 _set(model, name, Int8Experts(gate_up, down, dtype))
     return model.eval()
 
@@ -211,8 +242,8 @@ def weight_bytes(model: nn.Module) -> int:
 # ---------------------------------------------------------------------- quality
 @torch.no_grad()
 def quantization_error(reference: nn.Module, quantized: nn.Module, token_ids: torch.Tensor) -> dict:
-    """What int8 costs on held-out tokens [B, T]: the largest logit difference and the perplexity of the next
-    token under both models (and its relative change)."""
+    """What int8 costs on held-out tokens [B, T]: the largest logit difference and the perplexity of
+    the next token under both models (and its relative change)."""
     ref_logits, q_logits = reference(token_ids).float(), quantized(token_ids).float()
     targets = token_ids[:, 1:].flatten()
 
@@ -220,9 +251,14 @@ def quantization_error(reference: nn.Module, quantized: nn.Module, token_ids: to
         return math.exp(F.cross_entropy(logits[:, :-1].flatten(0, 1), targets).item())
 
     ppl_ref, ppl_q = perplexity(ref_logits), perplexity(q_logits)
-    return {"max_logit_error": (ref_logits - q_logits).abs().max().item(),
-            "mean_logit_error": (ref_logits - q_logits).abs().mean().item(),
-            "logit_scale": ref_logits.abs().mean().item(),
-            "perplexity_fp": ppl_ref, "perplexity_int8": ppl_q, "perplexity_change": ppl_q / ppl_ref - 1,
-            "weight_bytes_fp": weight_bytes(reference), "weight_bytes_int8": weight_bytes(quantized),
-            "tokens": int(targets.numel())}
+    return {
+        "max_logit_error": (ref_logits - q_logits).abs().max().item(),
+        "mean_logit_error": (ref_logits - q_logits).abs().mean().item(),
+        "logit_scale": ref_logits.abs().mean().item(),
+        "perplexity_fp": ppl_ref,
+        "perplexity_int8": ppl_q,
+        "perplexity_change": ppl_q / ppl_ref - 1,
+        "weight_bytes_fp": weight_bytes(reference),
+        "weight_bytes_int8": weight_bytes(quantized),
+        "tokens": int(targets.numel()),
+    }

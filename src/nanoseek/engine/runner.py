@@ -1,14 +1,16 @@
-"""One forward pass over a packed batch: decode tokens and prefill chunks of many sequences, on the latent cache.
+"""One forward pass over a packed batch: decode tokens and prefill chunks of many sequences, on the
+latent cache.
 
-All tokens of a step are laid out in one row [N, d] (decode tokens first, `width` per sequence, then the prefill
-chunks), so every projection, norm and expert runs once per layer for the whole batch. Only attention looks at
-sequences, and only through the cache:
+All tokens of a step are laid out in one row [N, d] (decode tokens first, `width` per sequence, then
+the prefill chunks), so every projection, norm and expert runs once per layer for the whole batch.
+Only attention looks at sequences, and only through the cache:
 - decode: absorbed MLA, the model's own math (model/attention.py). The query moves into latent
   space (W_UK), scores are taken against the cached [c_kv | k_rope] rows gathered for all sequences
   with one index op, the value read is c_kv itself and W_UV maps it back: nothing is expanded per
   head.
-- prefill: expanded MLA with SDPA, as in training; a chunk that continues after cached tokens (prefix-cache hit,
-  chunked prompt) gathers its context latents, expands them and attends with a causal offset mask.
+- prefill: expanded MLA with SDPA, as in training; a chunk that continues after cached tokens
+  (prefix-cache hit, chunked prompt) gathers its context latents, expands them and attends with a
+  causal offset mask.
 The weights come in the inference layout of weights.py (same math, fewer and faster launches).
 """
 
@@ -27,7 +29,8 @@ from nanoseek.model.transformer import Transformer
 
 @dataclass
 class Chunk:
-    """A prefill chunk: rows [start, start + length) of the batch, at positions [cached, cached + length)."""
+    """A prefill chunk: rows [start, start + length) of the batch, at positions [cached, cached +
+    length)."""
 
     start: int
     length: int
@@ -46,25 +49,32 @@ class StepInput:
     decode_slots: torch.Tensor | None  # [B, S] cache rows each decoding sequence attends to
     decode_bias: torch.Tensor | None  # [B, width * H, S] 0 or -inf
     chunks: list[Chunk]
-    cos: torch.Tensor | None = None  # [N, rope]: each position's angles, repeated for both dims of a pair
+    # [N, rope]: each position's angles, repeated for both dims of a pair
+    cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
 
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: LatentCache, num_layers: int):
-        self.model, self.cache = model, cache
-        self.num_layers = num_layers  # cache layers: the main ones, then the MTP block when speculating
+        self.model = model
+        self.cache = cache
+        # cache layers: the main ones, then the MTP block when speculating
+        self.num_layers = num_layers
         self.device = model.embed_tokens.weight.device
         self.n_heads = model.config.num_attention_heads
         self.kv_rank = model.config.kv_lora_rank
         self.weights = InferenceWeights(model, with_mtp=num_layers > len(model.layers))
 
     # ------------------------------------------------------------------ packing
-    def prepare(self, decode: list, prefill: list[tuple[object, int]], width: int, drafts: list[int]) -> StepInput:
-        """Lay out a step: decode holds sequences with one uncomputed token (followed by drafts[i] when
-        width == 2), prefill (sequence, n) pairs whose next n tokens are computed."""
+    def prepare(
+        self, decode: list, prefill: list[tuple[object, int]], width: int, drafts: list[int]
+    ) -> StepInput:
+        """Lay out a step: decode holds sequences with one uncomputed token (followed by drafts[i]
+        when width == 2), prefill (sequence, n) pairs whose next n tokens are computed."""
         bs, dev = self.cache.block_size, self.device
-        ids, positions, blocks = [], [], []
+        ids = []
+        positions = []
+        blocks = []
         for i, seq in enumerate(decode):
             ids += [seq.token_ids[-1], drafts[i]] if width == 2 else [seq.token_ids[-1]]
             for q in range(seq.num_computed, seq.num_computed + width):
@@ -80,7 +90,9 @@ class ModelRunner:
             decode_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)[:, :S]
             visible = torch.arange(S) <= positions[0].view(len(decode), width, 1)  # [B, width, S]
             bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
-            decode_bias = bias.unsqueeze(2).expand(-1, -1, self.n_heads, -1).reshape(len(decode), -1, S)
+            decode_bias = (
+                bias.unsqueeze(2).expand(-1, -1, self.n_heads, -1).reshape(len(decode), -1, S)
+            )
 
         chunks, start = [], len(ids)
         for seq, n in prefill:
@@ -91,18 +103,29 @@ class ModelRunner:
             positions.append(pos)
             slots.append(_slots(table[pos // bs], pos, bs))
             context = mask = None
-            if c:  # the chunk continues after cached tokens: attend over all of them, causally shifted
+            # the chunk continues after cached tokens: attend over all of them, causally shifted
+            if c:
                 ctx = torch.arange(c + n)
-                context, mask = _slots(table[ctx // bs], ctx, bs).to(dev), (ctx <= pos.unsqueeze(1)).to(dev)
+                context, mask = (
+                    _slots(table[ctx // bs], ctx, bs).to(dev),
+                    (ctx <= pos.unsqueeze(1)).to(dev),
+                )
             chunks.append(Chunk(start, n, c, context, mask))
             start += n
         positions = torch.cat(positions).to(dev)
         cos, sin = self.model.rope(positions)
-        return StepInput(ids=torch.tensor(ids, device=dev), positions=positions, slots=torch.cat(slots).to(dev),
-                         num_decode=len(decode), width=width,
-                         decode_slots=None if decode_slots is None else decode_slots.to(dev),
-                         decode_bias=None if decode_bias is None else decode_bias.to(dev), chunks=chunks,
-                         cos=cos.repeat_interleave(2, dim=-1), sin=sin.repeat_interleave(2, dim=-1))
+        return StepInput(
+            ids=torch.tensor(ids, device=dev),
+            positions=positions,
+            slots=torch.cat(slots).to(dev),
+            num_decode=len(decode),
+            width=width,
+            decode_slots=None if decode_slots is None else decode_slots.to(dev),
+            decode_bias=None if decode_bias is None else decode_bias.to(dev),
+            chunks=chunks,
+            cos=cos.repeat_interleave(2, dim=-1),
+            sin=sin.repeat_interleave(2, dim=-1),
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, inp: StepInput) -> torch.Tensor:
@@ -113,11 +136,18 @@ class ModelRunner:
             x = self.block(self.weights.blocks[layer], layer, x, inp)
         return self.model.norm(x)
 
-    def mtp_forward(self, inp: StepInput, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
-        """The first MTP module over the step's tokens: position i sees h_i and token i+1 -> its normed output
-        [N, d], whose head predicts token i+2. Writes the MTP block's latents to the last cache layer."""
-        model, mtp, layer = self.model, self.model.mtp[0], self.num_layers - 1
-        x = self.weights.eh_proj(torch.cat((mtp.enorm(model.embed_tokens(next_ids)), mtp.hnorm(hidden)), dim=-1))
+    def mtp_forward(
+        self, inp: StepInput, hidden: torch.Tensor, next_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The first MTP module over the step's tokens: position i sees h_i and token i+1 -> its
+        normed output [N, d], whose head predicts token i+2. Writes the MTP block's latents to the
+        last cache layer."""
+        model = self.model
+        mtp = self.model.mtp[0]
+        layer = self.num_layers - 1
+        x = self.weights.eh_proj(
+            torch.cat((mtp.enorm(model.embed_tokens(next_ids)), mtp.hnorm(hidden)), dim=-1)
+        )
         return mtp.norm(self.block(self.weights.blocks[layer], layer, x, inp))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -128,8 +158,11 @@ class ModelRunner:
         return x + w.ffn(rms_normalize(x, w.ffn_eps) * w.ffn_norm)
 
     # ------------------------------------------------------------------ attention
-    def attention(self, attn: Attention, layer: int, x: torch.Tensor, inp: StepInput) -> torch.Tensor:
-        """x [N, d] (block input) -> attention output [N, d]; stores the step's latents in the cache first."""
+    def attention(
+        self, attn: Attention, layer: int, x: torch.Tensor, inp: StepInput
+    ) -> torch.Tensor:
+        """x [N, d] (block input) -> attention output [N, d]; stores the step's latents in the cache
+        first."""
         q_nope, q_rope, c_kv, k_rope = attn.project(x, inp.cos, inp.sin)
         self.cache.write(layer, inp.slots, c_kv, k_rope)
         nd, outs = inp.num_decode * inp.width, []
@@ -138,27 +171,51 @@ class ModelRunner:
             outs.append(expand_output(self.decode_attention(attn, layer, q, inp), attn.w_uv_t))
         if inp.chunks:
             q = torch.cat((q_nope[nd:], q_rope[nd:]), dim=-1)
-            outs += [self.prefill_attention(attn, layer, q[ch.start - nd : ch.start - nd + ch.length],
-                                            c_kv[ch.start : ch.start + ch.length],
-                                            k_rope[ch.start : ch.start + ch.length], ch) for ch in inp.chunks]
+            outs += [
+                self.prefill_attention(
+                    attn,
+                    layer,
+                    q[ch.start - nd : ch.start - nd + ch.length],
+                    c_kv[ch.start : ch.start + ch.length],
+                    k_rope[ch.start : ch.start + ch.length],
+                    ch,
+                )
+                for ch in inp.chunks
+            ]
         return attn.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
-    def decode_attention(self, attn: Attention, layer: int, q: torch.Tensor, inp: StepInput) -> torch.Tensor:
-        """Absorbed attention over the paged latents: q [B*width, H, C + rope] -> latent outputs [B*width, H, C]."""
+    def decode_attention(
+        self, attn: Attention, layer: int, q: torch.Tensor, inp: StepInput
+    ) -> torch.Tensor:
+        """Absorbed attention over the paged latents: q [B*width, H, C + rope] -> latent outputs
+        [B*width, H, C]."""
         kv = self.cache.gather(layer, inp.decode_slots)  # [B, S, C + rope]
         q = q.reshape(inp.num_decode, -1, kv.shape[-1])  # [B, width*H, C + rope]
         o_latent = attend_latent(q, kv, inp.decode_bias, attn.scale, self.kv_rank)
         return o_latent.view(-1, self.n_heads, self.kv_rank)
 
-    def prefill_attention(self, attn: Attention, layer: int, q: torch.Tensor, c_kv: torch.Tensor,
-                          k_rope: torch.Tensor, ch: Chunk) -> torch.Tensor:
+    def prefill_attention(
+        self,
+        attn: Attention,
+        layer: int,
+        q: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_rope: torch.Tensor,
+        ch: Chunk,
+    ) -> torch.Tensor:
         """Expanded attention of one chunk: q [T, H, nope + rope] over its context -> [T, H*v]."""
         if ch.cached:
             ctx = self.cache.gather(layer, ch.context)
             c_kv, k_rope = ctx[:, : self.kv_rank], ctx[:, self.kv_rank :]
         k, v = attn.expand(c_kv, k_rope)  # [1, H, S, *]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=ch.mask,
-                                           is_causal=not ch.cached, scale=attn.scale)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k,
+            v,
+            attn_mask=ch.mask,
+            is_causal=not ch.cached,
+            scale=attn.scale,
+        )
         return o[0].transpose(0, 1).flatten(1)
 
 

@@ -1,11 +1,13 @@
-"""Sampling: what a request asks for (SamplingParams) and how a batch of logit rows becomes tokens (Sampler).
+"""Sampling: what a request asks for (SamplingParams) and how a batch of logit rows becomes tokens
+(Sampler).
 
 Every row is processed on its own, so a request's tokens do not depend on what else is in the batch:
     logits -> repetition / presence / frequency penalties -> the request's logits processors
            -> greedy argmax (temperature 0)
-           or  / temperature -> top-k, top-p, min-p masks -> inverse-CDF draw with the request's own uniform
-The uniforms come from a per-sequence `random.Random`: one float per token, no tensor op per row. Logprobs are
-those of the raw model distribution (log_softmax of the logits before any processing).
+           or  / temperature -> top-k, top-p, min-p masks -> inverse-CDF draw with the request's own
+           uniform
+The uniforms come from a per-sequence `random.Random`: one float per token, no tensor op per row.
+Logprobs are those of the raw model distribution (log_softmax of the logits before any processing).
 """
 
 from __future__ import annotations
@@ -24,17 +26,22 @@ class SamplingParams:
     top_k: int | None = None  # keep the k most likely tokens (None = all)
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
-    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens: -= p if the token appeared
+    # OpenAI semantics, over generated tokens: -= p if the token appeared
+    presence_penalty: float = 0.0
     frequency_penalty: float = 0.0  # -= f x (times the token appeared)
-    repetition_penalty: float = 1.0  # CTRL-style, over prompt + generated tokens: logit / r if > 0 else x r
+    # CTRL-style, over prompt + generated tokens: logit / r if > 0 else x r
+    repetition_penalty: float = 1.0
     stop: Sequence[str] | str | None = None  # strings that end the text (not included in it)
-    stop_token_ids: Sequence[int] | None = None  # tokens that end the generation (kept in token_ids)
+    # tokens that end the generation (kept in token_ids)
+    stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
     seed: int | None = None
     n: int = 1  # completions per prompt; they share the prompt's prefill
-    logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob and the top-k alternatives
-    # f(output_ids, logits[V]) -> logits[V], after the penalties: constrained decoding (JSON), logit bias. The
-    # same callables serve all n completions, so they must keep no per-sequence state of their own.
+    # None: no logprobs; k: the chosen token's logprob and the top-k alternatives
+    logprobs: int | None = None
+    # f(output_ids, logits[V]) -> logits[V], after the penalties: constrained decoding (JSON), logit
+    # bias. The same callables serve all n completions, so they must keep no per-sequence state of
+    # their own.
     logits_processors: Sequence[Callable[[Sequence[int], torch.Tensor], torch.Tensor]] = ()
     stop_list: tuple[str, ...] = field(init=False, repr=False)
     stop_ids: frozenset[int] = field(init=False, repr=False)
@@ -44,29 +51,55 @@ class SamplingParams:
             if not cond:
                 raise ValueError(f"SamplingParams: {message}")
 
-        need(_is_int(self.max_tokens) and self.max_tokens >= 1,
-             f"max_tokens={self.max_tokens!r} must be an integer >= 1")
+        need(
+            _is_int(self.max_tokens) and self.max_tokens >= 1,
+            f"max_tokens={self.max_tokens!r} must be an integer >= 1",
+        )
         need(_is_int(self.n) and self.n >= 1, f"n={self.n!r} must be an integer >= 1")
-        need(_is_num(self.temperature) and self.temperature >= 0,
-             f"temperature={self.temperature!r} must be a number >= 0 (0 means greedy)")
-        need(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
-             f"top_k={self.top_k!r} must be None (no limit) or an integer >= 1")
-        need(_is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p={self.top_p!r} must lie in (0, 1]")
-        need(_is_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p={self.min_p!r} must lie in [0, 1]")
+        need(
+            _is_num(self.temperature) and self.temperature >= 0,
+            f"temperature={self.temperature!r} must be a number >= 0 (0 means greedy)",
+        )
+        need(
+            self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+            f"top_k={self.top_k!r} must be None (no limit) or an integer >= 1",
+        )
+        need(
+            _is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p={self.top_p!r} must lie in (0, 1]"
+        )
+        need(
+            _is_num(self.min_p) and 0 <= self.min_p <= 1, f"min_p={self.min_p!r} must lie in [0, 1]"
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             need(_is_num(value) and -2 <= value <= 2, f"{name}={value!r} must lie in [-2, 2]")
-        need(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty={self.repetition_penalty!r} must be > 0 (1 means none)")
-        need(self.seed is None or _is_int(self.seed), f"seed={self.seed!r} must be an integer or None")
-        need(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
-             f"logprobs={self.logprobs!r} must be None or an integer >= 0")
+        need(
+            _is_num(self.repetition_penalty) and self.repetition_penalty > 0,
+            f"repetition_penalty={self.repetition_penalty!r} must be > 0 (1 means none)",
+        )
+        need(
+            self.seed is None or _is_int(self.seed),
+            f"seed={self.seed!r} must be an integer or None",
+        )
+        need(
+            self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+            f"logprobs={self.logprobs!r} must be None or an integer >= 0",
+        )
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
-        need(all(isinstance(s, str) and s for s in stop), f"stop={self.stop!r} must be non-empty strings")
+        need(
+            all(isinstance(s, str) and s for s in stop),
+            f"stop={self.stop!r} must be non-empty strings",
+        )
         ids = list(self.stop_token_ids or ())
-        need(all(_is_int(i) and i >= 0 for i in ids), f"stop_token_ids={self.stop_token_ids!r} must be ints >= 0")
-        need(all(callable(f) for f in self.logits_processors), "logits_processors must be callables")
-        self.stop_list, self.stop_ids = tuple(stop), frozenset(ids)
+        need(
+            all(_is_int(i) and i >= 0 for i in ids),
+            f"stop_token_ids={self.stop_token_ids!r} must be ints >= 0",
+        )
+        need(
+            all(callable(f) for f in self.logits_processors), "logits_processors must be callables"
+        )
+        self.stop_list = tuple(stop)
+        self.stop_ids = frozenset(ids)
 
     @property
     def greedy(self) -> bool:
@@ -74,7 +107,9 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
 
     @property
     def truncates(self) -> bool:
@@ -90,8 +125,8 @@ def _is_num(x) -> bool:
 
 
 def make_rng(seed: int | None, index: int) -> random.Random:
-    """The uniform stream of completion `index` of a request. Completion 0 with seed s draws exactly what a
-    request with n=1 and seed s draws; without a seed the stream is seeded from the OS."""
+    """The uniform stream of completion `index` of a request. Completion 0 with seed s draws exactly
+    what a request with n=1 and seed s draws; without a seed the stream is seeded from the OS."""
     if seed is None:
         return random.Random()
     return random.Random(seed if index == 0 else f"{seed}:{index}")
@@ -129,7 +164,8 @@ class Sampler:
     """Turns logit rows [R, V] into tokens, one independent decision per row."""
 
     def apply_penalties(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-        """Penalties, then logits processors; a new tensor when anything changes (logprobs read the raw one)."""
+        """Penalties, then logits processors; a new tensor when anything changes (logprobs read the
+        raw one)."""
         if not any(r.params.has_penalties or r.params.logits_processors for r in rows):
             return logits
         logits = logits.clone()
@@ -137,9 +173,13 @@ class Sampler:
         for i, r in enumerate(rows):
             p = r.params
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(list({*r.prompt_ids, *r.output_ids}), dtype=torch.long, device=logits.device)
+                seen = torch.tensor(
+                    list({*r.prompt_ids, *r.output_ids}), dtype=torch.long, device=logits.device
+                )
                 vals = logits[i, seen]
-                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                logits[i, seen] = torch.where(
+                    vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+                )
             output = r.output_ids
             if (p.presence_penalty or p.frequency_penalty) and output:
                 counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=V)[:V]
@@ -149,8 +189,11 @@ class Sampler:
         return logits
 
     def probabilities(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-        """Penalised logits [R, V] of sampled (temperature > 0) rows -> the distribution each row draws from."""
-        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(1)
+        """Penalised logits [R, V] of sampled (temperature > 0) rows -> the distribution each row
+        draws from."""
+        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(
+            1
+        )
         logits = logits.float() / temps
         if any(r.params.truncates for r in rows):
             logits = self._truncate(logits, rows)
@@ -164,7 +207,8 @@ class Sampler:
         top_p = torch.tensor([r.params.top_p for r in rows], device=dev).unsqueeze(1)
         min_p = torch.tensor([r.params.min_p for r in rows], device=dev).unsqueeze(1)
         rank = torch.arange(V, device=dev).unsqueeze(0)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above this one
+        # probability of the tokens ranked above this one
+        mass_before = probs.cumsum(dim=-1) - probs
         drop = (rank >= top_k) | (mass_before >= top_p) | (probs < min_p * probs[:, :1])
         drop[:, 0] = False  # the most likely token always survives
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
@@ -172,12 +216,14 @@ class Sampler:
 
     @staticmethod
     def draw(probs: torch.Tensor, uniforms: Sequence[float]) -> torch.Tensor:
-        """Inverse-CDF sampling: row i takes the first token whose cumulative probability exceeds u_i."""
+        """Inverse-CDF sampling: row i takes the first token whose cumulative probability exceeds
+        u_i."""
         cdf = probs.double().cumsum(dim=-1)
         u = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device).unsqueeze(1) * cdf[:, -1:]
         idx = torch.searchsorted(cdf, u, right=True).squeeze(1)  # never a zero-probability token...
         last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
-        return torch.minimum(idx, last)  # ...except past the end, when u x total rounds up to the total
+        # ...except past the end, when u x total rounds up to the total
+        return torch.minimum(idx, last)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[Row]) -> list[int]:
         """logits [R, V] -> one token per row."""
@@ -191,10 +237,16 @@ class Sampler:
         return tokens.tolist()
 
     @staticmethod
-    def logprobs(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]) -> list[TokenLogprob]:
+    def logprobs(
+        logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]
+    ) -> list[TokenLogprob]:
         """Raw-model logprobs of the chosen tokens [R] and the top-k alternatives of each row."""
         logp = logits.float().log_softmax(dim=-1)
-        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1)).squeeze(1).tolist()
+        chosen = (
+            logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1))
+            .squeeze(1)
+            .tolist()
+        )
         kmax = max(ks, default=0)
         top_v, top_i = logp.topk(kmax, dim=-1) if kmax else (None, None)
         out = []

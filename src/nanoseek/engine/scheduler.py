@@ -1,10 +1,10 @@
 """Continuous batching: which sequences compute which tokens in the next step.
 
 Each step mixes two kinds of work in one forward pass:
-- decode: every running sequence whose prompt is done computes its last token (and its MTP draft when
-  speculating) - always scheduled, oldest first;
-- prefill: the rest of the token budget (max_num_batched_tokens) goes to prompts, in chunks: first the ones
-  already admitted, then new ones from the waiting queue.
+- decode: every running sequence whose prompt is done computes its last token (and its MTP draft
+  when speculating) - always scheduled, oldest first;
+- prefill: the rest of the token budget (max_num_batched_tokens) goes to prompts, in chunks: first
+  the ones already admitted, then new ones from the waiting queue.
 
 The batch is shared fairly between groups (a group is a request, or every prompt of one client
 request when the server says so): the next prompt admitted is the oldest of the group with the
@@ -13,11 +13,12 @@ one. And a group with nothing running gets its slots at once if the batch is ful
 their fair share (max_batch_size / groups with work) are preempted down to it, newest first, as far
 as that makes room.
 
-Admission reserves cache blocks for a whole prompt (after prefix-cache hits) and a batch slot for each of its
-n completions; a prompt that does not fit waits, and so does everything behind it. When a decoding sequence
-needs a new block and the pool is empty, the most recently admitted sequence is preempted: its blocks are freed
-and it goes back to the front of the queue, to be recomputed from its tokens later (its published blocks usually
-make that a prefix-cache hit). Since every request fits the pool on its own, the oldest always progresses.
+Admission reserves cache blocks for a whole prompt (after prefix-cache hits) and a batch slot for
+each of its n completions; a prompt that does not fit waits, and so does everything behind it. When
+a decoding sequence needs a new block and the pool is empty, the most recently admitted sequence is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed from
+its tokens later (its published blocks usually make that a prefix-cache hit). Since every request
+fits the pool on its own, the oldest always progresses.
 """
 
 from __future__ import annotations
@@ -32,20 +33,28 @@ from nanoseek.engine.sequence import FINISHED, RUNNING, WAITING, Sequence
 @dataclass
 class Batch:
     decode: list[Sequence] = field(default_factory=list)  # one uncomputed token each (+ a draft)
-    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to compute)
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies, to do first
+    # (sequence, tokens to compute)
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)
+    # copy-on-write block copies, to do first
+    copies: list[tuple[int, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.decode or self.prefill)
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
-                 decode_width: int = 1):
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_batch_size: int,
+        max_num_batched_tokens: int,
+        decode_width: int = 1,
+    ):
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens  # per step, all sequences together
-        self.decode_width = decode_width  # tokens a decoding sequence computes per step (2 with an MTP draft)
+        # tokens a decoding sequence computes per step (2 with an MTP draft)
+        self.decode_width = decode_width
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
@@ -126,7 +135,10 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.free_sequence(seq)
-        seq.num_computed, seq.in_decode, seq.draft, seq.status = 0, False, None, WAITING
+        seq.num_computed = 0
+        seq.in_decode = False
+        seq.draft = None
+        seq.status = WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

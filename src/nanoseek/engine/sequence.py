@@ -1,9 +1,9 @@
-"""Per-request state: a Request holds n Sequences (its completions); what callers get back is a RequestOutput,
-built up in place, and a StepEvent per completion per step.
+"""Per-request state: a Request holds n Sequences (its completions); what callers get back is a
+RequestOutput, built up in place, and a StepEvent per completion per step.
 
-A Sequence's tokens are `token_ids` (prompt, then generated). `num_computed` of them have their latents in the
-cache; while decoding that is all but the last sampled token. Text comes from a TextStream: incremental
-detokenization that holds back text which may still turn into a stop string.
+A Sequence's tokens are `token_ids` (prompt, then generated). `num_computed` of them have their
+latents in the cache; while decoding that is all but the last sampled token. Text comes from a
+TextStream: incremental detokenization that holds back text which may still turn into a stop string.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 from nanoseek.engine.sampling import SamplingParams, TokenLogprob
 
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+WAITING = "waiting"
+RUNNING = "running"
+FINISHED = "finished"
 
 
 @dataclass
@@ -31,7 +33,8 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache (the first completion's admission)
+    # prompt tokens served from the prefix cache (the first completion's admission)
+    cached_tokens: int = 0
     prompt: str | None = None
     finished: bool = False
 
@@ -66,26 +69,31 @@ class StepEvent:
 class TextStream:
     """Incremental detokenization with stop strings.
 
-    Decoding a window of a few tokens before the new ones keeps byte-level merges and multi-byte characters
-    right; text that ends in an incomplete character ("\\ufffd") waits for the next token. `text` is the
-    completion's text so far, cut before a stop string once one appears; `take()` returns what may be shown:
-    everything not yet shown except a tail that is still the beginning of some stop string.
+    Decoding a window of a few tokens before the new ones keeps byte-level merges and multi-byte
+    characters right; text that ends in an incomplete character ("\\ufffd") waits for the next
+    token. `text` is the completion's text so far, cut before a stop string once one appears;
+    `take()` returns what may be shown: everything not yet shown except a tail that is still the
+    beginning of some stop string.
     """
 
     CONTEXT = 4  # prompt tokens decoded along with the first output tokens
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...]):
-        self.tok, self.stop = tokenizer, stop
+        self.tok = tokenizer
+        self.stop = stop
         self.ids = list(prompt_ids[-self.CONTEXT :])
-        self.prefix_offset, self.read_offset = 0, len(self.ids)
-        self.text, self.shown = "", 0
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+        self.shown = 0
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def push(self, token: int) -> bool:
-        """Add a generated token. -> True when a stop string has appeared (text is then cut before it)."""
+        """Add a generated token. -> True when a stop string has appeared (text is then cut before
+        it)."""
         if self.stopped:
             return True
         self.ids.append(token)
@@ -130,20 +138,42 @@ class TextStream:
 
 
 class Request:
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None,
-                 callback: Callable[[StepEvent], None] | None, group: str | None = None):
-        self.request_id, self.params, self.callback = request_id, params, callback
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None,
+        callback: Callable[[StepEvent], None] | None,
+        group: str | None = None,
+    ):
+        self.request_id = request_id
+        self.params = params
+        self.callback = callback
         self.group = request_id if group is None else group  # the batch is shared by group
-        self.output = RequestOutput(request_id, list(prompt_ids),
-                                    [CompletionOutput(i, logprobs=None if params.logprobs is None else [])
-                                     for i in range(params.n)], prompt=prompt)
+        self.output = RequestOutput(
+            request_id,
+            list(prompt_ids),
+            [
+                CompletionOutput(i, logprobs=None if params.logprobs is None else [])
+                for i in range(params.n)
+            ],
+            prompt=prompt,
+        )
         self.sequences: list[Sequence] = []
 
 
 class Sequence:
-    def __init__(self, request: Request, index: int, token_ids: list[int], rng: random.Random,
-                 detok: TextStream | None):
-        self.request, self.index = request, index
+    def __init__(
+        self,
+        request: Request,
+        index: int,
+        token_ids: list[int],
+        rng: random.Random,
+        detok: TextStream | None,
+    ):
+        self.request = request
+        self.index = index
         self.token_ids = list(token_ids)
         self.num_prompt = len(self.request.output.prompt_token_ids)
         self.num_computed = 0
@@ -151,7 +181,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.status = WAITING
         self.in_decode = False  # prefill done: one uncomputed token at the end
-        self.rng, self.detok = rng, detok
+        self.rng = rng
+        self.detok = detok
         self.draft: int | None = None  # MTP's guess for the token after the last one
         self.pending_forks = 0  # siblings to fork off once the prompt is computed (n > 1)
         self.admitted = False

@@ -1,21 +1,24 @@
-"""The model's weights in the layout inference wants: the same math in fewer, faster kernel launches.
+"""The model's weights in the layout inference wants: the same math in fewer, faster kernel
+launches.
 
-Decoding a few tokens per step is bound by launches and by reading weights, not by arithmetic. So once per set of
-weights (and again whenever a parameter changes in place, e.g. after an optimizer step) the runner gets:
-- every matrix stored [in, out] (x @ W_t): CPU GEMMs read it markedly faster than the [out, in] of nn.Linear;
-- norm weights folded into the next matmul where only a matmul reads the normed vector (input_layernorm,
-  q_a_layernorm), so those norms are weightless;
-- RoPE folded into the weights: rotating adjacent pairs is y*cos + (P y)*sin with P the fixed pair swap
-  (y0, y1) -> (-y1, y0), and P y = (P W) x, so each rope projection also emits its P-rotated copy and RoPE is
-  two multiplies and an add;
-- stacked projections: [c_q | c_kv | k_rope | P k_rope] from one matmul, [q_nope | q_rope | P q_rope] from
-  another, [gate | up] of every SwiGLU from one;
+Decoding a few tokens per step is bound by launches and by reading weights, not by arithmetic. So
+once per set of weights (and again whenever a parameter changes in place, e.g. after an optimizer
+step) the runner gets:
+- every matrix stored [in, out] (x @ W_t): CPU GEMMs read it markedly faster than the [out, in] of
+  nn.Linear;
+- norm weights folded into the next matmul where only a matmul reads the normed vector
+  (input_layernorm, q_a_layernorm), so those norms are weightless;
+- RoPE folded into the weights: rotating adjacent pairs is y*cos + (P y)*sin with P the fixed pair
+  swap (y0, y1) -> (-y1, y0), and P y = (P W) x, so each rope projection also emits its P-rotated
+  copy and RoPE is two multiplies and an add;
+- stacked projections: [c_q | c_kv | k_rope | P k_rope] from one matmul, [q_nope | q_rope | P
+  q_rope] from another, [gate | up] of every SwiGLU from one;
 - each routed expert's matrices contiguous, so running one expert is two plain matmuls.
 Routing and the expert dispatch are not written here: model/moe.py's are called with these weights.
-W_UK and W_UV stay separate (views of kv_b_proj): folding them into the query and output projections saves two
-small batched matmuls but makes those weights kv_lora_rank / head_dim times larger.
-Quantized modules (quant.py) are kept as they are and called: their int8 kernels do the work; attention, which
-needs refolded matrices, uses their dequantized weights.
+W_UK and W_UV stay separate (views of kv_b_proj): folding them into the query and output projections
+saves two small batched matmuls but makes those weights kv_lora_rank / head_dim times larger.
+Quantized modules (quant.py) are kept as they are and called: their int8 kernels do the work;
+attention, which needs refolded matrices, uses their dequantized weights.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from nanoseek.model.transformer import Block, Transformer
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [N, dim] / rms(x), computed in fp32; the weight, if any, is applied by the caller. The mean square (+ eps)
-    is one addmm against a constant column: four launches instead of the eight of the textbook form."""
+    """x [N, dim] / rms(x), computed in fp32; the weight, if any, is applied by the caller. The mean
+    square (+ eps) is one addmm against a constant column: four launches instead of the eight of the
+    textbook form."""
     xf = x if x.dtype == torch.float32 else x.float()
     eps_t, mean_col = _norm_constants(x.shape[-1], eps, x.device)
     out = xf * torch.addmm(eps_t, xf * xf, mean_col).rsqrt_()
@@ -43,15 +47,21 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 _NORM_CONSTANTS: dict = {}
 
 
-def _norm_constants(dim: int, eps: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_constants(
+    dim: int, eps: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     key = (dim, eps, device)
     if key not in _NORM_CONSTANTS:
-        _NORM_CONSTANTS[key] = (torch.full((1, 1), eps, device=device), torch.full((dim, 1), 1.0 / dim, device=device))
+        _NORM_CONSTANTS[key] = (
+            torch.full((1, 1), eps, device=device),
+            torch.full((dim, 1), 1.0 / dim, device=device),
+        )
     return _NORM_CONSTANTS[key]
 
 
 def rotate_pairs(w: torch.Tensor) -> torch.Tensor:
-    """P applied along dim -2 of w [..., rope, in] (dim -1 of a bias [rope]): row 2i <- -row 2i+1, 2i+1 <- 2i."""
+    """P applied along dim -2 of w [..., rope, in] (dim -1 of a bias [rope]): row 2i <- -row 2i+1,
+    2i+1 <- 2i."""
     if w.dim() == 1:
         return rotate_pairs(w.unsqueeze(-1)).squeeze(-1)
     pairs = w.unflatten(-2, (-1, 2))
@@ -70,8 +80,12 @@ def _b(module: nn.Module | None, rows: int) -> torch.Tensor:
 class Linear:
     """y = x @ w_t (+ b), w_t [in, out]; or a quantized module, called as it is."""
 
-    def __init__(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 module: Int8Linear | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        module: Int8Linear | None = None,
+    ):
         self.module = module
         if module is None:
             self.w_t = weight.t().contiguous()
@@ -94,7 +108,9 @@ class SwiGLU:
 
     def __init__(self, mlp: MLP):
         if isinstance(mlp.gate_proj, Int8Linear):
-            self.gate_up, self.gate, self.up = None, mlp.gate_proj, mlp.up_proj
+            self.gate_up = None
+            self.gate = mlp.gate_proj
+            self.up = mlp.up_proj
         else:
             self.gate_up = Linear(torch.cat((_w(mlp.gate_proj), _w(mlp.up_proj))))
         self.down = Linear.of(mlp.down_proj)
@@ -110,14 +126,25 @@ class Attention:
     """One MLA layer with its input norm. Built in fp32, stored in the model's dtype."""
 
     def __init__(self, attn: MLA, input_norm: nn.Module):
-        H, n, r, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.kv_rank
-        self.n_heads, self.nope, self.rope, self.kv_rank = H, n, r, C
-        self.scale, self.eps, self.kv_norm_eps = attn.scale, input_norm.eps, attn.kv_a_layernorm.eps
+        H = attn.n_heads
+        n = attn.nope_dim
+        r = attn.rope_dim
+        C = attn.kv_rank
+        self.n_heads = H
+        self.nope = n
+        self.rope = r
+        self.kv_rank = C
+        self.scale = attn.scale
+        self.eps = input_norm.eps
+        self.kv_norm_eps = attn.kv_a_layernorm.eps
         dtype = _w(attn.kv_a_proj_with_mqa).dtype
         ln = _w(input_norm).float()
 
         kv_a, kv_b = _w(attn.kv_a_proj_with_mqa).float(), _b(attn.kv_a_proj_with_mqa, C + r)
-        parts, biases = [kv_a[:C], kv_a[C:], rotate_pairs(kv_a[C:])], [kv_b[:C], kv_b[C:], rotate_pairs(kv_b[C:])]
+        parts, biases = (
+            [kv_a[:C], kv_a[C:], rotate_pairs(kv_a[C:])],
+            [kv_b[:C], kv_b[C:], rotate_pairs(kv_b[C:])],
+        )
         self.q_lora = hasattr(attn, "q_a_proj")
         if self.q_lora:
             Q = attn.q_a_proj.out_features
@@ -130,12 +157,18 @@ class Attention:
             w_q = _w(attn.q_proj).float() * ln  # the query reads the normed input directly
             self.split_in = [C, r, r]
         has_bias = attn.kv_a_proj_with_mqa.bias is not None
-        self.proj_in = Linear((torch.cat(parts) * ln).to(dtype), torch.cat(biases).to(dtype) if has_bias else None)
+        self.proj_in = Linear(
+            (torch.cat(parts) * ln).to(dtype), torch.cat(biases).to(dtype) if has_bias else None
+        )
         self.kv_norm = _w(attn.kv_a_layernorm)
 
         w_q = w_q.unflatten(0, (H, n + r))  # [H, nope + rope, in]
         q_rope = w_q[:, n:]
-        self.proj_q = Linear(torch.cat([p.flatten(0, 1) for p in (w_q[:, :n], q_rope, rotate_pairs(q_rope))]).to(dtype))
+        self.proj_q = Linear(
+            torch.cat([p.flatten(0, 1) for p in (w_q[:, :n], q_rope, rotate_pairs(q_rope))]).to(
+                dtype
+            )
+        )
         w_uk, w_uv = (w.detach() for w in attn.absorbed_weights())  # [H, nope, C], [H, v, C]
         self.w_uk = w_uk.to(dtype).contiguous()
         self.w_uv_t = w_uv.transpose(1, 2).to(dtype).contiguous()  # [H, C, v]
@@ -145,7 +178,9 @@ class Attention:
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [N, d] (the block input, before its norm), cos/sin [N, rope] -> q_nope [N, H, nope],
         q_rope [N, H, rope] (rotated), c_kv [N, C] (normalised), k_rope [N, rope] (rotated)."""
-        H, n, r = self.n_heads, self.nope, self.rope
+        H = self.n_heads
+        n = self.nope
+        r = self.rope
         h = rms_normalize(x, self.eps)
         if self.q_lora:
             c_q, c_kv, k, k_rot = self.proj_in(h).split(self.split_in, dim=-1)
@@ -154,16 +189,19 @@ class Attention:
             c_kv, k, k_rot = self.proj_in(h).split(self.split_in, dim=-1)
             q_in = h
         c_kv = rms_normalize(c_kv, self.kv_norm_eps) * self.kv_norm
-        q_nope, q, q_rot = (t.unflatten(-1, (H, -1)) for t in self.proj_q(q_in).split([H * n, H * r, H * r], -1))
+        q_nope, q, q_rot = (
+            t.unflatten(-1, (H, -1)) for t in self.proj_q(q_in).split([H * n, H * r, H * r], -1)
+        )
         cos_h, sin_h = cos.unsqueeze(1), sin.unsqueeze(1)
-        # cos/sin may be fp32 in a bf16 model (load_model keeps the RoPE tables fp32): rotate in their
-        # precision, as the model does, and hand on the weights' dtype
+        # cos/sin may be fp32 in a bf16 model (load_model keeps the RoPE tables fp32): rotate in
+        # their precision, as the model does, and hand on the weights' dtype
         q_rope = (q * cos_h + q_rot * sin_h).to(q.dtype)
         k_rope = (k * cos + k_rot * sin).to(k.dtype)
         return q_nope, q_rope, c_kv, k_rope
 
     def expand(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents [S, C], [S, rope] -> per-head keys [1, H, S, nope + rope] and values [1, H, S, v]."""
+        """Latents [S, C], [S, rope] -> per-head keys [1, H, S, nope + rope] and values [1, H, S,
+        v]."""
         kv = self.kv_b(c_kv).unflatten(-1, (self.n_heads, -1)).transpose(0, 1)  # [H, S, nope + v]
         k_nope, v = kv.split([self.nope, kv.shape[-1] - self.nope], dim=-1)
         k = torch.cat((k_nope, k_rope.expand(self.n_heads, -1, -1)), dim=-1)
@@ -193,8 +231,9 @@ class Router:
 
 
 class MoEWeights:
-    """Router, routed experts (stacked gate_up [E, d, 2I] and down [E, I, d], so each expert's matrices are
-    contiguous) and shared experts. The dispatch is the model's (moe.dispatch, moe.run_experts)."""
+    """Router, routed experts (stacked gate_up [E, d, 2I] and down [E, I, d], so each expert's
+    matrices are contiguous) and shared experts. The dispatch is the model's (moe.dispatch,
+    moe.run_experts)."""
 
     def __init__(self, moe_layer: moe.MoE):
         self.router = Router(moe_layer.gate)
@@ -208,7 +247,8 @@ class MoEWeights:
             self.quantized = None
             self.gate_up_t = moe_layer.experts.gate_up_proj.detach().transpose(1, 2).contiguous()
             self.down_t = moe_layer.experts.down_proj.detach().transpose(1, 2).contiguous()
-            self.each = list(zip(self.gate_up_t.unbind(0), self.down_t.unbind(0)))  # per-expert views
+            # per-expert views
+            self.each = list(zip(self.gate_up_t.unbind(0), self.down_t.unbind(0)))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
@@ -237,18 +277,21 @@ class BlockWeights:
     def __init__(self, block: Block):
         self.attn = Attention(block.self_attn, block.input_layernorm)
         norm = block.post_attention_layernorm
-        self.ffn_norm, self.ffn_eps = _w(norm), norm.eps
+        self.ffn_norm = _w(norm)
+        self.ffn_eps = norm.eps
         self.ffn = MoEWeights(block.mlp) if block.is_moe else SwiGLU(block.mlp)
 
 
 class InferenceWeights:
-    """Every block (the main ones, then the MTP block if asked) and the head, rebuilt whenever a parameter they
-    come from has changed in place (torch bumps a tensor's version on every in-place write). A parameter
-    replaced by a new object is not seen: call refresh() after load_state_dict(assign=True). `generation` counts
-the rebuilds (a compiled graph over these weights is stale once it moves)."""
+    """Every block (the main ones, then the MTP block if asked) and the head, rebuilt whenever a
+        parameter they come from has changed in place (torch bumps a tensor's version on every
+        in-place write). A parameter replaced by a new object is not seen: call refresh() after
+        load_state_dict(assign=True). `generation` counts
+    the rebuilds (a compiled graph over these weights is stale once it moves)."""
 
     def __init__(self, model: Transformer, with_mtp: bool):
-        self.model, self.with_mtp = model, with_mtp
+        self.model = model
+        self.with_mtp = with_mtp
         self.generation = 0
         self.refresh()
 
@@ -260,7 +303,11 @@ the rebuilds (a compiled graph over these weights is stale once it moves)."""
             self.lm_head = Linear.of(model.lm_head)
             self.eh_proj = Linear.of(model.mtp[0].eh_proj) if self.with_mtp else None
         self.generation += 1
-        self._versions = [(t, t._version) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        self._versions = [
+            (t, t._version)
+            for t in (*model.parameters(), *model.buffers())
+            if t.is_floating_point()
+        ]
 
     def current(self) -> InferenceWeights:
         if any(t._version != v for t, v in self._versions):

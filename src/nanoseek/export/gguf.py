@@ -31,8 +31,9 @@ class ExportError(ValueError):
     """A checkpoint llama.cpp cannot load or would run differently; the message says why."""
 
 
-def export_gguf(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike,
-                type: str = "f32") -> Path:
+def export_gguf(
+    checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f32"
+) -> Path:
     """Write `checkpoint_dir` (a nanoseek / HF DeepseekV3 directory with its tokenizer) to
     `out_path` as GGUF, atomically, and return the path.
 
@@ -61,7 +62,8 @@ def export_gguf(checkpoint_dir: str | os.PathLike, out_path: str | os.PathLike,
             f"pattern llama.cpp does not implement; the GGUF names the closest one, '{pre}', so "
             "llama.cpp will tokenize some text differently from nanoseek (symbols, spaces, runs "
             "of line breaks). Tokenizers trained by this nanoseek version match exactly.",
-            stacklevel=2)
+            stacklevel=2,
+        )
 
     tensors = _tensors(model)
     with atomic_file(out_path) as tmp:
@@ -89,26 +91,35 @@ def check_supported(cfg: ModelConfig) -> None:
     n_layers = cfg.num_hidden_layers
     lite = n_layers in (26, 27) or (n_layers == 48 and cfg.vocab_size == 128256)
     if lite and cfg.q_lora_rank is not None:
-        problems.append(f"num_hidden_layers={n_layers} with q_lora_rank={cfg.q_lora_rank}: "
-                        "llama.cpp takes a model this deep for DeepSeek-V2-Lite (no q_lora_rank)")
+        problems.append(
+            f"num_hidden_layers={n_layers} with q_lora_rank={cfg.q_lora_rank}: "
+            "llama.cpp takes a model this deep for DeepSeek-V2-Lite (no q_lora_rank)"
+        )
     if cfg.n_moe_layers:
         if cfg.n_shared_experts < 1:
             problems.append("n_shared_experts=0: llama.cpp's deepseek2 needs a shared expert")
         if cfg.scoring_func == "softmax" and cfg.topk_group < cfg.n_group:
-            problems.append("softmax routing limited to topk_group groups: nanoseek scores a group "
-                            "by its best expert (V2), llama.cpp by the sum of its best two")
+            problems.append(
+                "softmax routing limited to topk_group groups: nanoseek scores a group "
+                "by its best expert (V2), llama.cpp by the sum of its best two"
+            )
     rs = cfg.rope_scaling
     if rs is not None and cfg.yarn_factor > 1:
         if not rs.get("mscale_all_dim") or rs.get("mscale") != rs.get("mscale_all_dim"):
-            problems.append(f"YaRN with mscale={rs.get('mscale')}, mscale_all_dim="
-                            f"{rs.get('mscale_all_dim')}: llama.cpp scales attention as DeepSeek "
-                            "does only when both are set and equal")
+            problems.append(
+                f"YaRN with mscale={rs.get('mscale')}, mscale_all_dim="
+                f"{rs.get('mscale_all_dim')}: llama.cpp scales attention as DeepSeek "
+                "does only when both are set and equal"
+            )
         if (rs.get("beta_fast") or 32) != 32 or (rs.get("beta_slow") or 1) != 1:
-            problems.append(f"YaRN beta_fast={rs.get('beta_fast')}, beta_slow="
-                            f"{rs.get('beta_slow')}: llama.cpp's deepseek2 always uses 32 and 1")
+            problems.append(
+                f"YaRN beta_fast={rs.get('beta_fast')}, beta_slow="
+                f"{rs.get('beta_slow')}: llama.cpp's deepseek2 always uses 32 and 1"
+            )
     if problems:
-        raise ExportError("llama.cpp cannot run this checkpoint as nanoseek does:\n  "
-                          + "\n  ".join(problems))
+        raise ExportError(
+            "llama.cpp cannot run this checkpoint as nanoseek does:\n  " + "\n  ".join(problems)
+        )
 
 
 # ---------------------------------------------------------------------- metadata
@@ -188,8 +199,10 @@ def _tensors(model) -> list[tuple[str, np.ndarray]]:
     rope tables or load counters."""
     cfg = model.config
     p = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    out = [("token_embd.weight", p["embed_tokens.weight"]),
-           ("output_norm.weight", p["norm.weight"])]
+    out = [
+        ("token_embd.weight", p["embed_tokens.weight"]),
+        ("output_norm.weight", p["norm.weight"]),
+    ]
     if not cfg.tie_word_embeddings:
         out.append(("output.weight", p["lm_head.weight"]))
     H = cfg.num_attention_heads
@@ -198,35 +211,46 @@ def _tensors(model) -> list[tuple[str, np.ndarray]]:
         a = f"layers.{i}."
         b = f"blk.{i}."
         attn = a + "self_attn."
-        out += [(b + "attn_norm.weight", p[a + "input_layernorm.weight"]),
-                (b + "ffn_norm.weight", p[a + "post_attention_layernorm.weight"])]
+        out += [
+            (b + "attn_norm.weight", p[a + "input_layernorm.weight"]),
+            (b + "ffn_norm.weight", p[a + "post_attention_layernorm.weight"]),
+        ]
         if cfg.q_lora_rank is None:
             out.append((b + "attn_q.weight", p[attn + "q_proj.weight"]))
         else:
-            out += [(b + "attn_q_a.weight", p[attn + "q_a_proj.weight"]),
-                    (b + "attn_q_a_norm.weight", p[attn + "q_a_layernorm.weight"]),
-                    (b + "attn_q_b.weight", p[attn + "q_b_proj.weight"])]
+            out += [
+                (b + "attn_q_a.weight", p[attn + "q_a_proj.weight"]),
+                (b + "attn_q_a_norm.weight", p[attn + "q_a_layernorm.weight"]),
+                (b + "attn_q_b.weight", p[attn + "q_b_proj.weight"]),
+            ]
         kv_b = p[attn + "kv_b_proj.weight"].reshape(H, nope + cfg.v_head_dim, cfg.kv_lora_rank)
-        out += [(b + "attn_kv_a_mqa.weight", p[attn + "kv_a_proj_with_mqa.weight"]),
-                (b + "attn_kv_a_norm.weight", p[attn + "kv_a_layernorm.weight"]),
-                (b + "attn_k_b.weight", kv_b[:, :nope].transpose(0, 2, 1)),  # [H, kv_rank, nope]
-                (b + "attn_v_b.weight", kv_b[:, nope:]),  # [H, v, kv_rank]
-                (b + "attn_output.weight", p[attn + "o_proj.weight"])]
+        out += [
+            (b + "attn_kv_a_mqa.weight", p[attn + "kv_a_proj_with_mqa.weight"]),
+            (b + "attn_kv_a_norm.weight", p[attn + "kv_a_layernorm.weight"]),
+            (b + "attn_k_b.weight", kv_b[:, :nope].transpose(0, 2, 1)),  # [H, kv_rank, nope]
+            (b + "attn_v_b.weight", kv_b[:, nope:]),  # [H, v, kv_rank]
+            (b + "attn_output.weight", p[attn + "o_proj.weight"]),
+        ]
         mlp = a + "mlp."
         if not cfg.is_moe_layer(i):
-            out += [(b + f"ffn_{n}.weight", p[mlp + f"{n}_proj.weight"])
-                    for n in ("gate", "up", "down")]
+            out += [
+                (b + f"ffn_{n}.weight", p[mlp + f"{n}_proj.weight"]) for n in ("gate", "up", "down")
+            ]
             continue
         I = cfg.moe_intermediate_size
         gate_up = p[mlp + "experts.gate_up_proj"]  # [E, 2I, d]: gate rows, then up rows
-        out += [(b + "ffn_gate_inp.weight", p[mlp + "gate.weight"]),
-                (b + "ffn_gate_exps.weight", gate_up[:, :I]),
-                (b + "ffn_up_exps.weight", gate_up[:, I:]),
-                (b + "ffn_down_exps.weight", p[mlp + "experts.down_proj"])]
+        out += [
+            (b + "ffn_gate_inp.weight", p[mlp + "gate.weight"]),
+            (b + "ffn_gate_exps.weight", gate_up[:, :I]),
+            (b + "ffn_up_exps.weight", gate_up[:, I:]),
+            (b + "ffn_down_exps.weight", p[mlp + "experts.down_proj"]),
+        ]
         if cfg.scoring_func == "sigmoid":  # the balancing bias: added to the selection scores only
             out.append((b + "exp_probs_b.bias", p[mlp + "gate.e_score_correction_bias"]))
-        out += [(b + f"ffn_{n}_shexp.weight", p[mlp + f"shared_experts.{n}_proj.weight"])
-                for n in ("gate", "up", "down")]
+        out += [
+            (b + f"ffn_{n}_shexp.weight", p[mlp + f"shared_experts.{n}_proj.weight"])
+            for n in ("gate", "up", "down")
+        ]
     return out
 
 

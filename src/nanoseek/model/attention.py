@@ -1,10 +1,10 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3).
 
-Keys and values come from one compressed latent c_kv (kv_lora_rank wide, RMS-normalised) plus one rope key shared
-by all heads. Two ways to use the same weights:
+Keys and values come from one compressed latent c_kv (kv_lora_rank wide, RMS-normalised) plus one
+rope key shared by all heads. Two ways to use the same weights:
 - expanded (training, prefill): up-project the latent to per-head K/V and run causal SDPA;
-- absorbed (decode): fold kv_b_proj into the query and the output, and attend over the latent itself, so a cache
-  holds only kv_lora_rank + qk_rope_head_dim values per token per layer.
+- absorbed (decode): fold kv_b_proj into the query and the output, and attend over the latent
+  itself, so a cache holds only kv_lora_rank + qk_rope_head_dim values per token per layer.
 
 The absorbed math is written once, here, as three functions on token rows (absorb_query,
 attend_latent, expand_output), and the engine calls them: engine/weights.py keeps W_UK and W_UV^T
@@ -29,10 +29,14 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
-        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
         self.kv_rank = cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
-        d, H, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+        d = cfg.hidden_size
+        H = cfg.num_attention_heads
+        bias = cfg.attention_bias
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(d, H * cfg.qk_head_dim, bias=False)
         else:
@@ -41,19 +45,31 @@ class MLA(nn.Module):
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False
+        )
         self.o_proj = nn.Linear(H * cfg.v_head_dim, d, bias=bias)
 
-    # ---------------------------------------------------------------- projections shared by both paths
-    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # ---------------------------------------------------------------- projections shared by both
+    # paths
+    def query(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, d] -> q_nope [B, T, H, nope], q_rope [B, T, H, rope] (rotated)."""
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = (
+            self.q_proj(x)
+            if hasattr(self, "q_proj")
+            else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        )
         q = q.unflatten(-1, (self.n_heads, -1))
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
-    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, d] -> what a cache stores: c_kv [B, T, kv_rank] (normalised), k_rope [B, T, rope] (rotated)."""
+    def latent(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> what a cache stores: c_kv [B, T, kv_rank] (normalised), k_rope [B, T,
+        rope] (rotated)."""
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin)
 
@@ -66,7 +82,8 @@ class MLA(nn.Module):
         return torch.cat((k_nope, k_rope), dim=-1), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over x [B, T, d] with no cache (training, full-sequence scoring)."""
+        """Causal self-attention over x [B, T, d] with no cache (training, full-sequence
+        scoring)."""
         q_nope, q_rope = self.query(x, cos, sin)
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k, v = self.expand(*self.latent(x, cos, sin))
@@ -88,8 +105,9 @@ def absorb_query(q_nope: torch.Tensor, q_rope: torch.Tensor, w_uk: torch.Tensor)
     return torch.cat((q_latent, q_rope), dim=-1)
 
 
-def attend_latent(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: float,
-                  kv_rank: int) -> torch.Tensor:
+def attend_latent(
+    q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, scale: float, kv_rank: int
+) -> torch.Tensor:
     """Absorbed queries q [B, M, kv_rank + rope] (M: every query's heads in a row) over latent rows
     kv [B, S, kv_rank + rope], bias [B, M, S] (0 = may attend, -inf = may not)
     -> attention-weighted latents [B, M, kv_rank]. Scores in fp32; the value read is c_kv itself."""

@@ -7,9 +7,9 @@ routing (softmax, group max) is kept for DeepSeek-V2 checkpoints.
 
 Dispatch: the (token, expert) pairs are sorted by expert so each expert's tokens form one
 contiguous slice, all experts run as one grouped matmul (or a loop over the non-empty experts), and
-the weighted outputs are scatter-added back. No capacity, nothing dropped. Under autocast the grouped
-matmul runs in the autocast dtype; under torch.compile on CPU it is the custom op `cpu_grouped_mm`
-(Inductor cannot lower F.grouped_mm there), which computes the same numbers.
+the weighted outputs are scatter-added back. No capacity, nothing dropped. Under autocast the
+grouped matmul runs in the autocast dtype; under torch.compile on CPU it is the custom op
+`cpu_grouped_mm` (Inductor cannot lower F.grouped_mm there), which computes the same numbers.
 
 This is the one copy of routing and of the expert loop. The engine (engine/weights.py, weights
 stored [in, out]) and the int8 experts (engine/quant.py) call `Router.route`, `dispatch` and
@@ -72,8 +72,9 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float())
         return self.route(logits, self.e_score_correction_bias if self.sigmoid else None)
 
-    def route(self, logits: torch.Tensor, bias: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(
+        self, logits: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """fp32 logits [N, E] and the selection bias [E] (None for softmax routing)
         -> weights [N, K], expert ids [N, K], affinities [N, E]."""
         scores = logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
@@ -95,8 +96,9 @@ class Router(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids, scores
 
-    def route_one(self, logits: torch.Tensor, bias: list[float] | None
-                  ) -> tuple[list[int], list[float]]:
+    def route_one(
+        self, logits: torch.Tensor, bias: list[float] | None
+    ) -> tuple[list[int], list[float]]:
         """`route` for a single token (logits [1, E], the bias as a list), decided in Python on its
         E scores: when decoding one sequence, a dozen tiny tensor ops cost more than the arithmetic.
         The same ids in the same order and the same weights (tests/test_model.py checks).
@@ -123,8 +125,9 @@ RunSorted = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows sorted
 RunOne = Callable[[int, torch.Tensor], torch.Tensor]  # (expert e, its rows)
 
 
-def dispatch(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, n_experts: int,
-             run: RunSorted) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, n_experts: int, run: RunSorted
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_k weights[:, k] · expert_{ids[:, k]}(x), dropless. x [N, d], weights and ids [N, K].
 
     The (token, expert) pairs are sorted by expert, `run(rows, counts)` computes every expert on its
@@ -140,8 +143,9 @@ def dispatch(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, n_expert
     return torch.zeros_like(x).index_add_(0, token, ys), counts
 
 
-def dispatch_one(x: torch.Tensor, ids: list[int], weights: list[float], expert: RunOne,
-                 out: torch.Tensor) -> torch.Tensor:
+def dispatch_one(
+    x: torch.Tensor, ids: list[int], weights: list[float], expert: RunOne, out: torch.Tensor
+) -> torch.Tensor:
     """`dispatch` for one token x [1, d] routed by `Router.route_one`: its K experts run in turn,
     nothing to sort; their weighted outputs are added to out [1, d] in place (the engine passes the
     shared experts')."""
@@ -150,8 +154,13 @@ def dispatch_one(x: torch.Tensor, ids: list[int], weights: list[float], expert: 
     return out
 
 
-def dispatch_gathered(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                      gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def dispatch_gathered(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
     """`dispatch` with every shape static: each token's K experts' matrices are gathered by id and
     run as batched matrix-vector products. x [N, d], weights and ids [N, K], the stacked matrices
     as x @ W (gate_up [E, d, 2I], gate then up; down [E, I, d]) -> Σ_k weights[:, k] ·
@@ -164,9 +173,13 @@ def dispatch_gathered(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
 
 
-def run_experts(xs: torch.Tensor, counts: torch.Tensor, expert: RunOne,
-                gate_up: torch.Tensor | None = None,
-                down: torch.Tensor | None = None) -> torch.Tensor:
+def run_experts(
+    xs: torch.Tensor,
+    counts: torch.Tensor,
+    expert: RunOne,
+    gate_up: torch.Tensor | None = None,
+    down: torch.Tensor | None = None,
+) -> torch.Tensor:
     """xs [M, d], rows sorted by expert, counts [E] rows per expert -> each row through its expert.
 
     With the stacked matrices as x @ W (gate_up [E, d, 2I], gate then up; down [E, I, d]) and
@@ -241,7 +254,9 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        E, d, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        E = cfg.n_routed_experts
+        d = cfg.hidden_size
+        I = cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, I))
 
@@ -289,15 +304,15 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self.expert_load += counts.to(self.expert_load.dtype)
             if self.balance_alpha > 0:
-                balance = self.sequence_balance_loss(scores.view(B, T, -1),
-                                                     ids.view(B, T, -1))
+                balance = self.sequence_balance_loss(scores.view(B, T, -1), ids.view(B, T, -1))
         return out, balance
 
     def sequence_balance_loss(self, scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """V3's complementary loss α·Σ_i f_i·P_i per sequence, averaged over the batch."""
         B, T, E = scores.shape
         picked = torch.zeros(B, E, device=scores.device).scatter_add_(
-            1, ids.flatten(1), torch.ones(B, T * self.top_k, device=scores.device))
+            1, ids.flatten(1), torch.ones(B, T * self.top_k, device=scores.device)
+        )
         f = picked * E / (self.top_k * T)  # 1.0 for every expert when the load is even
         p = (scores / scores.sum(-1, keepdim=True)).mean(dim=1)
         return self.balance_alpha * (f * p).sum(-1).mean()

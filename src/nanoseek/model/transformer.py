@@ -1,9 +1,11 @@
-"""The DeepSeek-V3 decoder: pre-norm blocks of MLA + (dense MLP | MoE), a final norm and head, and the MTP modules.
+"""The DeepSeek-V3 decoder: pre-norm blocks of MLA + (dense MLP | MoE), a final norm and head, and
+the MTP modules.
 
     x = embed(tokens)
-    for each block:  x += MLA(norm(x));  x += FFN(norm(x))        FFN = dense SwiGLU below first_k_dense_replace
-    logits = lm_head(norm(x))                                          else shared + routed experts
-    MTP module k: h_k = Block_k(eh_proj[enorm(embed(t_{i+k})) ; hnorm(h_{k-1})]), predicts t_{i+k+1}
+    for each block:  x += MLA(norm(x));  x += FFN(norm(x))        FFN = dense SwiGLU below
+    first_k_dense_replace logits = lm_head(norm(x))                                          else
+    shared + routed experts MTP module k: h_k = Block_k(eh_proj[enorm(embed(t_{i+k})) ;
+    hnorm(h_{k-1})]), predicts t_{i+k+1}
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # on disk: shared_head.norm
 
     def forward(self, h_prev: torch.Tensor, next_embeds: torch.Tensor, cos, sin):
-        """h_prev [B, T, d] (position i) and embed(t_{i+k}) [B, T, d] -> (h [B, T, d] before norm, balance)."""
+        """h_prev [B, T, d] (position i) and embed(t_{i+k}) [B, T, d] -> (h [B, T, d] before norm,
+        balance)."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h_prev)), dim=-1))
         return self.block(x, cos, sin)
 
@@ -81,8 +84,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k)
-                                 for k in range(cfg.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(
+            MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers)
+        )
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -90,7 +94,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """N(0, initializer_range) everywhere; residual-branch outputs scaled down by sqrt(2·layers) (GPT-2)."""
+        """N(0, initializer_range) everywhere; residual-branch outputs scaled down by sqrt(2·layers)
+        (GPT-2)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * (self.config.num_hidden_layers + len(self.mtp)))
@@ -106,8 +111,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def rebuild_derived_state(self) -> None:
-        """After building on the meta device and `to_empty`: recompute what checkpoints do not hold (rope tables,
-        load counters) and re-tie the head, which `to_empty` unties."""
+        """After building on the meta device and `to_empty`: recompute what checkpoints do not hold
+        (rope tables, load counters) and re-tie the head, which `to_empty` unties."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(self.config)
@@ -119,8 +124,10 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if int(positions.max()) >= self.rope_cos.shape[0]:
-            raise ValueError(f"position {int(positions.max())} is beyond max_position_embeddings="
-                             f"{self.rope_cos.shape[0]}")
+            raise ValueError(
+                f"position {int(positions.max())} is beyond max_position_embeddings="
+                f"{self.rope_cos.shape[0]}"
+            )
         return self.rope_cos[positions], self.rope_sin[positions]
 
     def hidden_states(self, input_ids: torch.Tensor):
@@ -134,17 +141,22 @@ class Transformer(nn.Module):
                 balance = b if balance is None else balance + b
         return self.norm(x), balance
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mtp_weight: float = 0.3):
-        """input_ids [B, T] -> logits [B, T, V]; with targets, the LossOutput of `compute_loss` (so that DDP and
-        FSDP, which wrap `forward`, see the training computation)."""
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mtp_weight: float = 0.3
+    ):
+        """input_ids [B, T] -> logits [B, T, V]; with targets, the LossOutput of `compute_loss` (so
+        that DDP and FSDP, which wrap `forward`, see the training computation)."""
         if targets is not None:
             return self.compute_loss(input_ids, targets, mtp_weight)
         return self.lm_head(self.hidden_states(input_ids)[0])
 
-    def compute_loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3) -> LossOutput:
+    def compute_loss(
+        self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3
+    ) -> LossOutput:
         """Next-token cross-entropy, plus λ·MTP loss and the MoE balance loss when they are on.
 
-        targets[b, t] is the token that follows input_ids[b, t]; IGNORE_INDEX marks positions without loss.
+        targets[b, t] is the token that follows input_ids[b, t]; IGNORE_INDEX marks positions
+        without loss.
         """
         h, balance = self.hidden_states(input_ids)
         lm_loss = _cross_entropy(self.lm_head(h), targets)
@@ -156,7 +168,8 @@ class Transformer(nn.Module):
                 if T - k < 1:
                     break
                 cos, sin = self.rope(torch.arange(T - k, device=input_ids.device))
-                # depth k at position i sees h_{k-1}[i] and the token t_{i+k}, and predicts t_{i+k+1}
+                # depth k at position i sees h_{k-1}[i] and the token t_{i+k}, and predicts
+                # t_{i+k+1}
                 h, b = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
                 if b is not None:
                     balance = b if balance is None else balance + b
@@ -175,19 +188,22 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def expert_load(self) -> torch.Tensor:
-        """Tokens routed to each expert since the last bias update: [n_moe_layers (+ MTP), n_routed_experts]."""
+        """Tokens routed to each expert since the last bias update: [n_moe_layers (+ MTP),
+        n_routed_experts]."""
         layers = self.moe_layers()
         return torch.stack([m.expert_load for m in layers]) if layers else torch.zeros(0)
 
     @torch.no_grad()
     def update_router_biases(self, gamma: float, loads: torch.Tensor | None = None) -> None:
-        """After an optimizer step: b_i += γ·sign(mean load − load_i) in every MoE layer, then reset the counts."""
+        """After an optimizer step: b_i += γ·sign(mean load − load_i) in every MoE layer, then reset
+        the counts."""
         for i, moe in enumerate(self.moe_layers()):
             moe.update_bias(gamma, None if loads is None else loads[i])
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, active: bool = False) -> int:
-        """Unique parameters; with active=True, those one token uses (top-k of the routed experts), MTP excluded."""
+        """Unique parameters; with active=True, those one token uses (top-k of the routed experts),
+        MTP excluded."""
         total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
         if not active:
             return total
@@ -200,4 +216,6 @@ class Transformer(nn.Module):
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+    )

@@ -1,7 +1,8 @@
-"""The report card of a run: `runs/NAME/report.md` + `report.json` + PNG plots, from the files the stages wrote.
+"""The report card of a run: `runs/NAME/report.md` + `report.json` + PNG plots, from the files the
+stages wrote.
 
-It reads only what is on disk (done.json, metrics.jsonl, checkpoints), so it can be rebuilt at any time with
-`nanoseek report runs/NAME`, and it shows every stage that has finished.
+It reads only what is on disk (done.json, metrics.jsonl, checkpoints), so it can be rebuilt at any
+time with `nanoseek report runs/NAME`, and it shows every stage that has finished.
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ def machine() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "os": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+    }
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -53,11 +60,16 @@ def eval_results(run: Path) -> dict[str, dict]:
     """{stage: the eval stage's result for that stage's checkpoint}, in pipeline order."""
     from nanoseek.stages.eval import STAGES as EVALUATED
 
-    return {s: _read_json(run / "eval" / f"{s}.json") for s in EVALUATED if (run / "eval" / f"{s}.json").is_file()}
+    return {
+        s: _read_json(run / "eval" / f"{s}.json")
+        for s in EVALUATED
+        if (run / "eval" / f"{s}.json").is_file()
+    }
 
 
 def stage_cost(s: dict, price_per_hour: float | None) -> float | None:
-    """The trainer's estimate where there is one, else wall time at the run's price for one device."""
+    """The trainer's estimate where there is one, else wall time at the run's price for one
+    device."""
     if s.get("estimated_cost") is not None:
         return s["estimated_cost"]
     return None if price_per_hour is None else round(s.get("wall_s", 0) / 3600 * price_per_hour, 4)
@@ -66,8 +78,13 @@ def stage_cost(s: dict, price_per_hour: float | None) -> float | None:
 def collect(run: Path) -> dict:
     """Every figure of the run, as one JSON-able dict."""
     preset = _read_json(run / "preset.json")
-    data: dict = {"run": str(run), "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-                  "machine": machine(), "price_per_hour": preset.get("price_per_hour"), "stages": {}}
+    data: dict = {
+        "run": str(run),
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "price_per_hour": preset.get("price_per_hour"),
+        "stages": {},
+    }
     for stage in STAGES:
         done = _done(run / stage)
         if done is not None:
@@ -76,15 +93,24 @@ def collect(run: Path) -> dict:
     if final is not None:
         cfg = ModelConfig.from_pretrained(final)
         pre = data["stages"].get("pretrain", {})
-        mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 2
-        data["model"] = {"checkpoint": str(final), "params": pre.get("params"),
-                         "active_params": pre.get("active_params"), "layers": cfg.num_hidden_layers,
-                         "hidden_size": cfg.hidden_size, "routed_experts": cfg.n_routed_experts,
-                         "experts_per_token": cfg.num_experts_per_tok, "shared_experts": cfg.n_shared_experts,
-                         "mtp_modules": cfg.num_nextn_predict_layers, "context": cfg.max_position_embeddings,
-                         "kv_cache_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
-                         "mha_cache_bytes_per_token_bf16": mha,
-                         "kv_cache_reduction_vs_mha": round(mha / cfg.kv_cache_bytes_per_token(2), 1)}
+        mha = (
+            cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 2
+        )
+        data["model"] = {
+            "checkpoint": str(final),
+            "params": pre.get("params"),
+            "active_params": pre.get("active_params"),
+            "layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+            "routed_experts": cfg.n_routed_experts,
+            "experts_per_token": cfg.num_experts_per_tok,
+            "shared_experts": cfg.n_shared_experts,
+            "mtp_modules": cfg.num_nextn_predict_layers,
+            "context": cfg.max_position_embeddings,
+            "kv_cache_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
+            "mha_cache_bytes_per_token_bf16": mha,
+            "kv_cache_reduction_vs_mha": round(mha / cfg.kv_cache_bytes_per_token(2), 1),
+        }
     return data
 
 
@@ -132,8 +158,11 @@ def plot_expert_load(run: Path, out: Path) -> str | None:
     load = torch.tensor(rows[-1]["expert_load"])
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * load.shape[0]))
     im = ax.imshow(load * load.shape[1], cmap="viridis", aspect="auto", vmin=0)
-    ax.set(xlabel="expert", ylabel="MoE layer (last = MTP)",
-           title=f"Expert load at step {rows[-1]['step']} (1.0 = even share)")
+    ax.set(
+        xlabel="expert",
+        ylabel="MoE layer (last = MTP)",
+        title=f"Expert load at step {rows[-1]['step']} (1.0 = even share)",
+    )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out / "expert_load.png", dpi=110)
@@ -158,12 +187,16 @@ def _stage_result(name: str, s: dict) -> str:
     if name == "shards":
         return f"{_fmt(s.get('tokens'))} train tokens"
     if name == "grpo":
-        return (f"held-out accuracy {_pct(s.get('val_accuracy_before'))} → {_pct(s.get('val_accuracy'))}, "
-                f"final reward {_fmt(s.get('reward'))}")
+        return (
+            f"held-out accuracy {_pct(s.get('val_accuracy_before'))} → {_pct(s.get('val_accuracy'))}, "
+            f"final reward {_fmt(s.get('reward'))}"
+        )
     if name == "eval":
         return f"{', '.join(s.get('stages', []))} evaluated"
     if name == "export":
-        return f"`{s.get('checkpoint')}` with model card, from {Path(s.get('source', '')).parent.name}"
+        return (
+            f"`{s.get('checkpoint')}` with model card, from {Path(s.get('source', '')).parent.name}"
+        )
     if name == "sft":
         return f"loss {_fmt(s.get('final_loss'))}, held-out answer loss {_fmt(s.get('val_loss'))}"
     return f"loss {_fmt(s.get('final_loss'))}, val bpb {_fmt(s.get('val_bpb'))}"
@@ -173,51 +206,102 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def render(data: dict, plots: list[str], evals: dict[str, dict] | None = None,
-           samples: list[dict] | None = None) -> str:
+def render(
+    data: dict,
+    plots: list[str],
+    evals: dict[str, dict] | None = None,
+    samples: list[dict] | None = None,
+) -> str:
     m, stages = data["machine"], data["stages"]
     gpu = f", {m['gpu']}" if m["gpu"] else ""
-    lines = [f"# nanoseek report: {data['run']}", "", f"Generated {data['generated']} on {m['cpu']} "
-             f"({m['cores']} cores{gpu}), torch {m['torch']}, Python {m['python']}.", ""]
-    lines += ["## Stages", "", "| stage | wall (s) | tokens | FLOPs | MFU | est. cost ($) | result |",
-              "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# nanoseek report: {data['run']}",
+        "",
+        f"Generated {data['generated']} on {m['cpu']} "
+        f"({m['cores']} cores{gpu}), torch {m['torch']}, Python {m['python']}.",
+        "",
+    ]
+    lines += [
+        "## Stages",
+        "",
+        "| stage | wall (s) | tokens | FLOPs | MFU | est. cost ($) | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in stages.items():
-        lines.append(f"| {name} | {_fmt(s.get('wall_s'))} | {_fmt(s.get('tokens'))} | {_fmt(s.get('flops'))} | "
-                     f"{_fmt(s.get('mfu'))} | {_fmt(stage_cost(s, data.get('price_per_hour')))} | "
-                     f"{_stage_result(name, s)} |")
+        lines.append(
+            f"| {name} | {_fmt(s.get('wall_s'))} | {_fmt(s.get('tokens'))} | {_fmt(s.get('flops'))} | "
+            f"{_fmt(s.get('mfu'))} | {_fmt(stage_cost(s, data.get('price_per_hour')))} | "
+            f"{_stage_result(name, s)} |"
+        )
     total = sum(s.get("wall_s", 0) for s in stages.values())
-    costs = [c for c in (stage_cost(s, data.get("price_per_hour")) for s in stages.values()) if c is not None]
+    costs = [
+        c
+        for c in (stage_cost(s, data.get("price_per_hour")) for s in stages.values())
+        if c is not None
+    ]
     price = data.get("price_per_hour")
-    lines += ["", f"Total wall time: {total:.0f} s ({total / 60:.1f} min)"
-              + (f", estimated cost ${sum(costs):.4f} at ${price}/device-hour" if price is not None else "")
-              + ". MFU is measured against a matmul peak taken at the start of each stage.", ""]
+    lines += [
+        "",
+        f"Total wall time: {total:.0f} s ({total / 60:.1f} min)"
+        + (
+            f", estimated cost ${sum(costs):.4f} at ${price}/device-hour"
+            if price is not None
+            else ""
+        )
+        + ". MFU is measured against a matmul peak taken at the start of each stage.",
+        "",
+    ]
     if "model" in data:
         md = data["model"]
-        lines += ["## Model", "", f"- {_fmt(md['params'])} parameters, {_fmt(md['active_params'])} active per token "
-                  f"({md['layers']} layers, d={md['hidden_size']}, {md['routed_experts']} routed experts with "
-                  f"top-{md['experts_per_token']} + {md['shared_experts']} shared, {md['mtp_modules']} MTP module)",
-                  f"- latent KV cache: {md['kv_cache_bytes_per_token_bf16']:,} bytes/token in bf16, "
-                  f"{md['kv_cache_reduction_vs_mha']}× less than an expanded multi-head cache "
-                  f"({md['mha_cache_bytes_per_token_bf16']:,} bytes/token)",
-                  f"- context {md['context']} tokens; checkpoint `{md['checkpoint']}`", ""]
+        lines += [
+            "## Model",
+            "",
+            f"- {_fmt(md['params'])} parameters, {_fmt(md['active_params'])} active per token "
+            f"({md['layers']} layers, d={md['hidden_size']}, {md['routed_experts']} routed experts with "
+            f"top-{md['experts_per_token']} + {md['shared_experts']} shared, {md['mtp_modules']} MTP module)",
+            f"- latent KV cache: {md['kv_cache_bytes_per_token_bf16']:,} bytes/token in bf16, "
+            f"{md['kv_cache_reduction_vs_mha']}× less than an expanded multi-head cache "
+            f"({md['mha_cache_bytes_per_token_bf16']:,} bytes/token)",
+            f"- context {md['context']} tokens; checkpoint `{md['checkpoint']}`",
+            "",
+        ]
     pre = stages.get("pretrain")
     if pre and pre.get("unigram_entropy") and pre.get("val_loss"):
-        lines += [f"Pretraining validation loss {pre['val_loss']:.3f} nats/token vs the corpus' unigram entropy "
-                  f"{pre['unigram_entropy']:.3f}.", ""]
+        lines += [
+            f"Pretraining validation loss {pre['val_loss']:.3f} nats/token vs the corpus' unigram entropy "
+            f"{pre['unigram_entropy']:.3f}.",
+            "",
+        ]
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     if evals:
         from nanoseek.eval.quality import to_markdown
 
-        lines += ["## Evaluation", "", "Held-out data only: the corpus' validation split and the tasks' test split.",
-                  "", to_markdown(list(evals.values()), list(evals)).replace("### ", "#### "), ""]
+        lines += [
+            "## Evaluation",
+            "",
+            "Held-out data only: the corpus' validation split and the tasks' test split.",
+            "",
+            to_markdown(list(evals.values()), list(evals)).replace("### ", "#### "),
+            "",
+        ]
     if samples:
         lines += ["## Sample answers of the final model (greedy)", ""]
         for s in samples:
-            verdict = "" if "correct" not in s else (" — correct" if s["correct"] else
-                                                     f" — wrong (expected {s['expected']})")
-            lines += [f"**[{s['lang']}] {s['prompt']}**{verdict}", "", "```", f"<think>{s['reasoning']}</think>",
-                      s["answer"], "```", ""]
+            verdict = (
+                ""
+                if "correct" not in s
+                else (" — correct" if s["correct"] else f" — wrong (expected {s['expected']})")
+            )
+            lines += [
+                f"**[{s['lang']}] {s['prompt']}**{verdict}",
+                "",
+                "```",
+                f"<think>{s['reasoning']}</think>",
+                s["answer"],
+                "```",
+                "",
+            ]
     return "\n".join(lines)
 
 
@@ -225,13 +309,26 @@ def write_report(run: str | os.PathLike) -> Path:
     run = Path(run)
     data = collect(run)
     reward_plot = run / "grpo" / "reward_curve.png"
-    plots = [p for p in (plot_losses(run, run), plot_expert_load(run, run),
-                         "grpo/reward_curve.png" if reward_plot.is_file() else None) if p]
+    plots = [
+        p
+        for p in (
+            plot_losses(run, run),
+            plot_expert_load(run, run),
+            "grpo/reward_curve.png" if reward_plot.is_file() else None,
+        )
+        if p
+    ]
     evals = eval_results(run)
-    samples = json.loads((run / "export" / "samples.json").read_text("utf-8")) \
-        if (run / "export" / "samples.json").is_file() else []
-    data.update(plots=plots, eval={s: {k: r.get(k) for k in ("bpb", "tasks", "passkey")} for s, r in evals.items()},
-                samples=samples)
+    samples = (
+        json.loads((run / "export" / "samples.json").read_text("utf-8"))
+        if (run / "export" / "samples.json").is_file()
+        else []
+    )
+    data.update(
+        plots=plots,
+        eval={s: {k: r.get(k) for k in ("bpb", "tasks", "passkey")} for s, r in evals.items()},
+        samples=samples,
+    )
     atomic_write_text(run / "report.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(run / "report.md", render(data, plots, evals, samples) + "\n")
     return run / "report.md"

@@ -33,8 +33,10 @@ from nanoseek.serve.server import Server
 
 log = logging.getLogger("nanoseek.serve")
 WEB = Path(__file__).parent / "web"
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-       "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 class _CountRequests:
@@ -63,9 +65,12 @@ class _CountRequests:
             self.metrics.count_request(path if path in self.endpoints else "other", status)
 
 
-def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
-               engine_options: dict | None = None,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+def create_app(
+    config: ServerConfig,
+    load: Callable[[], Checkpoint],
+    engine_options: dict | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
     server = Server(config, load, engine_options)
     api = OpenAIAPI(server)
 
@@ -82,8 +87,13 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
         yield
         server.close()
 
-    app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json")
+    app = FastAPI(
+        title="nanoseek",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     app.openapi = lambda: _openapi(app)
     app.state.server = server
 
@@ -94,8 +104,9 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, e: ClientDisconnect):  # mid-body: no one to answer
-        return await api_error(request, APIError(499, "the client closed the connection",
-                                                 code="client_closed"))
+        return await api_error(
+            request, APIError(499, "the client closed the connection", code="client_closed")
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -104,24 +115,32 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
         if e.status_code in (404, 405):
             message = f"no route {request.method} {request.url.path}"
         server.metrics.count_error(kind)
-        return JSONResponse(APIError(e.status_code, message, kind).body(),
-                            status_code=e.status_code)
+        return JSONResponse(
+            APIError(e.status_code, message, kind).body(), status_code=e.status_code
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
         server.metrics.count_error("server_error")
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}",
-                                     "server_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            APIError(500, f"internal error: {type(e).__name__}", "server_error").body(),
+            status_code=500,
+        )
 
-    @app.post("/v1/chat/completions", openapi_extra=_body(protocol.ChatCompletionRequest),
-              responses=_responses(protocol.ChatCompletion, stream=True))
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=_body(protocol.ChatCompletionRequest),
+        responses=_responses(protocol.ChatCompletion, stream=True),
+    )
     async def chat_completions(request: Request):
         return await api.chat_completions(request)
 
-    @app.post("/v1/completions", openapi_extra=_body(protocol.CompletionRequest),
-              responses=_responses(protocol.Completion, stream=True))
+    @app.post(
+        "/v1/completions",
+        openapi_extra=_body(protocol.CompletionRequest),
+        responses=_responses(protocol.Completion, stream=True),
+    )
     async def completions(request: Request):
         return await api.completions(request)
 
@@ -136,59 +155,94 @@ def create_app(config: ServerConfig, load: Callable[[], Checkpoint],
 
     @app.get("/metrics")
     async def metrics():
-        gauges = {"requests_running": ("Requests holding a slot.", server.active),
-                  "requests_queued": ("Requests waiting for a slot.", server.queued),
-                  "sequences_admitted": ("Prompts x n of the requests running or queued.",
-                                         server.sequences),
-                  "tokens_admitted": ("(Prompt + max_tokens) x n of the same.", server.tokens)}
+        gauges = {
+            "requests_running": ("Requests holding a slot.", server.active),
+            "requests_queued": ("Requests waiting for a slot.", server.queued),
+            "sequences_admitted": (
+                "Prompts x n of the requests running or queued.",
+                server.sequences,
+            ),
+            "tokens_admitted": ("(Prompt + max_tokens) x n of the same.", server.tokens),
+        }
         counters = {}
         if server.status == "ok":
             s = server.engine_stats()
             gauges |= {
                 "engine_sequences_running": ("Sequences in the engine's batch.", s["running"]),
-                "engine_sequences_waiting": ("Sequences waiting in the engine's queue.",
-                                             s["waiting"]),
-                "queue_depth": ("Requests and sequences waiting, server and engine.",
-                                server.queued + s["waiting"]),
+                "engine_sequences_waiting": (
+                    "Sequences waiting in the engine's queue.",
+                    s["waiting"],
+                ),
+                "queue_depth": (
+                    "Requests and sequences waiting, server and engine.",
+                    server.queued + s["waiting"],
+                ),
                 "kv_cache_free_blocks": ("Free blocks of the latent KV cache.", s["free_blocks"]),
                 "kv_cache_total_blocks": ("Blocks of the latent KV cache.", s["total_blocks"]),
-                "prefix_cache_hit_rate": ("Prompt tokens served from the prefix cache / all.",
-                                          s["prefix_cache_hit_rate"])}
+                "prefix_cache_hit_rate": (
+                    "Prompt tokens served from the prefix cache / all.",
+                    s["prefix_cache_hit_rate"],
+                ),
+            }
             counters = {
                 "engine_steps_total": ("Engine steps (forward passes).", s["steps"]),
-                "engine_generated_tokens_total": ("Tokens the engine generated, cancelled "
-                                                  "requests included.", s["generated_tokens"]),
-                "engine_preemptions_total": ("Sequences preempted for lack of cache blocks.",
-                                             s["preemptions"])}
-        return Response(server.metrics.render(gauges, counters),
-                        media_type="text/plain; version=0.0.4")
+                "engine_generated_tokens_total": (
+                    "Tokens the engine generated, cancelled requests included.",
+                    s["generated_tokens"],
+                ),
+                "engine_preemptions_total": (
+                    "Sequences preempted for lack of cache blocks.",
+                    s["preemptions"],
+                ),
+            }
+        return Response(
+            server.metrics.render(gauges, counters), media_type="text/plain; version=0.0.4"
+        )
 
     @app.get("/")
     async def index():
-        return FileResponse(WEB / "index.html", headers={"Content-Security-Policy": CSP,
-                                                         "X-Content-Type-Options": "nosniff"})
+        return FileResponse(
+            WEB / "index.html",
+            headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"},
+        )
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
     app.add_middleware(Guard, config=config, on_error=server.metrics.count_error)
-    app.add_middleware(_CountRequests, metrics=server.metrics,
-                       endpoints={"/v1/chat/completions", "/v1/completions", "/v1/models",
-                                  "/health", "/metrics", "/", "/openapi.json"})
+    app.add_middleware(
+        _CountRequests,
+        metrics=server.metrics,
+        endpoints={
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/models",
+            "/health",
+            "/metrics",
+            "/",
+            "/openapi.json",
+        },
+    )
     return app
 
 
 SCHEMAS = "#/components/schemas/{model}"
 REQUEST_MODELS = (protocol.ChatCompletionRequest, protocol.CompletionRequest)
-ERRORS = {400: "invalid request", 401: "no valid API key", 404: "unknown model or route",
-          408: "the body arrived too slowly", 413: "body too large",
-          415: "the body is not application/json", 429: "queue full",
-          503: "loading, engine failed or no slot in time", 504: "past the request timeout"}
+ERRORS = {
+    400: "invalid request",
+    401: "no valid API key",
+    404: "unknown model or route",
+    408: "the body arrived too slowly",
+    413: "body too large",
+    415: "the body is not application/json",
+    429: "queue full",
+    503: "loading, engine failed or no slot in time",
+    504: "past the request timeout",
+}
 
 
 def _body(model: type[protocol.SamplingRequest]) -> dict:
     """The OpenAPI requestBody of a route that parses `model` from its JSON body itself."""
     schema = {"$ref": SCHEMAS.format(model=model.__name__)}
-    return {"requestBody": {"required": True,
-                            "content": {"application/json": {"schema": schema}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _responses(model: type, stream: bool = False) -> dict:
@@ -196,15 +250,21 @@ def _responses(model: type, stream: bool = False) -> dict:
     if stream:
         ok["description"] += "; with stream=true, server-sent events of its chunks"
         ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
-    errors = {code: {"model": protocol.ErrorResponse, "description": why} for code, why in ERRORS.items()}
+    errors = {
+        code: {"model": protocol.ErrorResponse, "description": why} for code, why in ERRORS.items()
+    }
     return {200: ok} | errors
 
 
 def _openapi(app: FastAPI) -> dict:
     """FastAPI's schema of the routes, with the request models the routes parse themselves."""
     if app.openapi_schema is None:
-        schema = get_openapi(title="nanoseek", version="0.1.0", routes=app.routes,
-                             description="An OpenAI-compatible API with DeepSeek extras.")
+        schema = get_openapi(
+            title="nanoseek",
+            version="0.1.0",
+            routes=app.routes,
+            description="An OpenAI-compatible API with DeepSeek extras.",
+        )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for model in REQUEST_MODELS:
             model_schema = model.model_json_schema(ref_template=SCHEMAS)

@@ -1,14 +1,14 @@
 """The engine on its own thread, and the async side that HTTP handlers use.
 
-One thread owns the engine: it takes new requests and cancellations from an inbox between steps and runs
-engine.step() while anything is unfinished. Handlers never call the engine, so a long step never blocks the event
-loop and the event loop never waits on the engine's lock: after each step the thread
-publishes the engine's stats, which /metrics reads as they are. Each request's StepEvents go
+One thread owns the engine: it takes new requests and cancellations from an inbox between steps and
+runs engine.step() while anything is unfinished. Handlers never call the engine, so a long step
+never blocks the event loop and the event loop never waits on the engine's lock: after each step the
+thread publishes the engine's stats, which /metrics reads as they are. Each request's StepEvents go
 onto the asyncio.Queue its handler reads; a step's events travel together, in one
 loop.call_soon_threadsafe (one wake-up per step, not per token per request).
 
-If a step raises, the engine is marked dead: every waiting handler gets an EngineDead item, /health turns 503,
-and new requests are refused; the process keeps answering.
+If a step raises, the engine is marked dead: every waiting handler gets an EngineDead item, /health
+turns 503, and new requests are refused; the process keeps answering.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ class EngineBridge:
         self.error: str | None = None  # why the engine died
         self._inbox: deque[tuple] = deque()
         self._wake = threading.Event()
-        self._sinks: dict[str, tuple[Sink, int]] = {}  # request id -> (where its events go, completions running)
-        self._outbox: list[tuple[Sink, object]] = []  # events of this step, delivered together after it
+        # request id -> (where its events go, completions running)
+        self._sinks: dict[str, tuple[Sink, int]] = {}
+        # events of this step, delivered together after it
+        self._outbox: list[tuple[Sink, object]] = []
         self._closing = False
         self.stats: dict = engine.stats()  # the engine's figures after its latest step
         self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
@@ -61,11 +63,17 @@ class EngineBridge:
         self._wake.set()
         self._thread.join(timeout)
 
-    def submit(self, ids: list[int], params: SamplingParams, request_id: str, queue: asyncio.Queue,
-               group: str | None = None) -> None:
-        """Queue a request; its StepEvents (or EngineDead / Rejected) arrive on `queue`. Several requests may
-        share one queue; requests of one group share one fair part of the batch. Call from the
-        event loop."""
+    def submit(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        queue: asyncio.Queue,
+        group: str | None = None,
+    ) -> None:
+        """Queue a request; its StepEvents (or EngineDead / Rejected) arrive on `queue`. Several
+        requests may share one queue; requests of one group share one fair part of the batch. Call
+        from the event loop."""
         sink = Sink(asyncio.get_running_loop(), queue)
         self._post(("add", ids, params, request_id, group, sink))
 
@@ -79,7 +87,8 @@ class EngineBridge:
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
         while not self._closing:
-            self._wake.clear()  # before draining, so a post that lands after the drain still wakes us
+            # before draining, so a post that lands after the drain still wakes us
+            self._wake.clear()
             try:
                 while self._inbox:
                     self._apply(self._inbox.popleft())
@@ -91,7 +100,8 @@ class EngineBridge:
                     self._flush()
                     self._wake.wait()
                     continue
-            except Exception as e:  # the engine's state is unknown now: fail loudly, keep the server up
+            # the engine's state is unknown now: fail loudly, keep the server up
+            except Exception as e:
                 self._die(f"{type(e).__name__}: {e}", traceback.format_exc())
             self._flush()
 
@@ -118,8 +128,9 @@ class EngineBridge:
             return
         self._sinks[rid] = (sink, params.n)
         try:
-            self.engine.add_request(ids, params, request_id=rid, callback=self._on_event,
-                                    group=group)
+            self.engine.add_request(
+                ids, params, request_id=rid, callback=self._on_event, group=group
+            )
         except ValueError as e:
             self._sinks.pop(rid, None)
             self._outbox.append((sink, Rejected(rid, str(e))))

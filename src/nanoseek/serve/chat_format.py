@@ -1,11 +1,14 @@
-"""The chat format as the server speaks it: requests -> prompt token ids, generated text -> reasoning + answer.
+"""The chat format as the server speaks it: requests -> prompt token ids, generated text ->
+reasoning + answer.
 
-- Prompts: messages go through the tokenizer's chat template, whose generation prompt already opens `<think>\\n`
-  when thinking is on. An assistant message with `prefix: true` at the end (DeepSeek's chat prefix completion)
-  is continued instead of answered. /v1/completions with a `suffix` is fill-in-the-middle with the FIM tokens.
-- Reasoning: the engine decodes through `EngineTokenizer`, which keeps `<think>` and `</think>` in the text, and
-  `ReasoningParser` splits that text at `</think>` while it streams.
-- Token bytes: `TokenTable` knows each token's exact bytes (byte-level BPE), for logprobs and for JSON mode.
+- Prompts: messages go through the tokenizer's chat template, whose generation prompt already opens
+  `<think>\\n` when thinking is on. An assistant message with `prefix: true` at the end (DeepSeek's
+  chat prefix completion) is continued instead of answered. /v1/completions with a `suffix` is
+  fill-in-the-middle with the FIM tokens.
+- Reasoning: the engine decodes through `EngineTokenizer`, which keeps `<think>` and `</think>` in
+  the text, and `ReasoningParser` splits that text at `</think>` while it streams.
+- Token bytes: `TokenTable` knows each token's exact bytes (byte-level BPE), for logprobs and for
+  JSON mode.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ class FormatError(ValueError):
 
 
 def chat_prompt(tok, messages: Sequence[Mapping], thinking: bool) -> tuple[list[int], bool]:
-    """messages ({"role", "content", optional "reasoning_content", "prefix"}) -> (prompt ids, whether generation
-    starts inside a thought). Message contents are untrusted: special-token strings in them stay plain text.
+    """messages ({"role", "content", optional "reasoning_content", "prefix"}) -> (prompt ids,
+    whether generation starts inside a thought). Message contents are untrusted: special-token
+    strings in them stay plain text.
 
-    Reasoning of earlier assistant turns is dropped, as DeepSeek-R1 does: the answers carry the conversation.
-    A final assistant message with prefix=True is continued: its reasoning_content (if given) reopens the
-    thought, and its content, if any, follows the closed thought; no `<think>` is added for it otherwise.
+    Reasoning of earlier assistant turns is dropped, as DeepSeek-R1 does: the answers carry the
+    conversation. A final assistant message with prefix=True is continued: its reasoning_content (if
+    given) reopens the thought, and its content, if any, follows the closed thought; no `<think>` is
+    added for it otherwise.
     """
     if not messages:
         raise FormatError("messages must not be empty", "messages")
@@ -42,10 +47,17 @@ def chat_prompt(tok, messages: Sequence[Mapping], thinking: bool) -> tuple[list[
         if m.get("prefix"):
             raise FormatError("only the last message may have prefix=true", f"messages.{i}.prefix")
     if last.get("prefix") and not prefix:
-        raise FormatError("prefix=true is for an assistant message", f"messages.{len(history)}.prefix")
-    turns = [{"role": m["role"], "content": m.get("content") or ""} for m in (history if prefix else messages)]
+        raise FormatError(
+            "prefix=true is for an assistant message", f"messages.{len(history)}.prefix"
+        )
+    turns = [
+        {"role": m["role"], "content": m.get("content") or ""}
+        for m in (history if prefix else messages)
+    ]
     if not prefix:
-        return tok.apply_chat_template(turns, add_generation_prompt=True, thinking=thinking, sanitize=True), thinking
+        return tok.apply_chat_template(
+            turns, add_generation_prompt=True, thinking=thinking, sanitize=True
+        ), thinking
 
     ids = tok.apply_chat_template(turns, add_generation_prompt=True, thinking=False, sanitize=True)
     reasoning, content = last.get("reasoning_content"), last.get("content") or ""
@@ -59,8 +71,9 @@ def chat_prompt(tok, messages: Sequence[Mapping], thinking: bool) -> tuple[list[
 
 
 def completion_prompt(tok, prompt: str | Sequence[int], suffix: str | None) -> list[int]:
-    """A /v1/completions prompt -> ids. Text starts with BOS, as documents do in training; token ids are taken
-    as they are. With a suffix: <bos><｜fim▁begin｜>prompt<｜fim▁hole｜>suffix<｜fim▁end｜>, the middle follows."""
+    """A /v1/completions prompt -> ids. Text starts with BOS, as documents do in training; token ids
+    are taken as they are. With a suffix: <bos><｜fim▁begin｜>prompt<｜fim▁hole｜>suffix<｜fim▁end｜>, the
+    middle follows."""
     if suffix is None:
         return list(prompt) if not isinstance(prompt, str) else [tok.bos_id, *tok.encode(prompt)]
     if not isinstance(prompt, str):
@@ -79,13 +92,17 @@ def _special(tok, name: str, param: str | None = None) -> int:
 
 
 class EngineTokenizer:
-    """The tokenizer as the serving engine sees it: decode(skip_special_tokens=True) drops special tokens except
-    <think> and </think>, so that the streamed text still shows where the reasoning ends."""
+    """The tokenizer as the serving engine sees it: decode(skip_special_tokens=True) drops special
+    tokens except <think> and </think>, so that the streamed text still shows where the reasoning
+    ends."""
 
     def __init__(self, tok):
         self.tok = tok
-        self._tags = {i: s for name, s in (("think", THINK), ("end_think", END_THINK))
-                      if (i := tok.special_ids.get(name)) is not None}
+        self._tags = {
+            i: s
+            for name, s in (("think", THINK), ("end_think", END_THINK))
+            if (i := tok.special_ids.get(name)) is not None
+        }
 
     def __getattr__(self, name):
         return getattr(self.tok, name)
@@ -106,10 +123,11 @@ class EngineTokenizer:
 class ReasoningParser:
     """Splits generated text into (reasoning, content) at `</think>`, piece by piece as it streams.
 
-    Started inside a thought (the prompt opened `<think>`), everything before `</think>` is reasoning; otherwise
-    the text is content unless it opens with `<think>` itself. The newlines the chat format puts around the tags
-    are dropped. Feeding the same text in any pieces gives the same result: text that may still become a tag,
-    or newlines that may still precede `</think>`, wait for the next piece (or for finish()).
+    Started inside a thought (the prompt opened `<think>`), everything before `</think>` is
+    reasoning; otherwise the text is content unless it opens with `<think>` itself. The newlines the
+    chat format puts around the tags are dropped. Feeding the same text in any pieces gives the same
+    result: text that may still become a tag, or newlines that may still precede `</think>`, wait
+    for the next piece (or for finish()).
     """
 
     def __init__(self, in_reasoning: bool):
@@ -131,7 +149,9 @@ class ReasoningParser:
             if state == "start":
                 head = buf.lstrip()
                 if head.startswith(THINK):
-                    self.buf, self.state, self.saw_reasoning = head[len(THINK):], "reasoning_start", True
+                    self.buf = head[len(THINK) :]
+                    self.state = "reasoning_start"
+                    self.saw_reasoning = True
                 elif THINK.startswith(head) and not final:
                     return reasoning, content  # could still be "<think>"
                 else:
@@ -140,16 +160,18 @@ class ReasoningParser:
                 body = buf.lstrip("\n")
                 if not body and not final:
                     return reasoning, content
-                self.buf, self.state = body, state.removesuffix("_start")
+                self.buf = body
+                self.state = state.removesuffix("_start")
             elif state == "reasoning":
                 end = buf.find(END_THINK)
                 if end >= 0:
                     reasoning += buf[:end].rstrip("\n")
-                    self.buf, self.state = buf[end + len(END_THINK):], "content_start"
+                    self.buf = buf[end + len(END_THINK) :]
+                    self.state = "content_start"
                     continue
                 keep = 0 if final else _pending_tail(buf)
                 reasoning += buf[: len(buf) - keep]
-                self.buf = buf[len(buf) - keep:]
+                self.buf = buf[len(buf) - keep :]
                 return reasoning, content
             else:
                 content += buf
@@ -158,9 +180,16 @@ class ReasoningParser:
 
 
 def _pending_tail(text: str) -> int:
-    """Length of the tail that may still turn into newlines + `</think>`: trailing newlines and a tag prefix."""
-    part = next((k for k in range(min(len(END_THINK) - 1, len(text)), 0, -1)
-                 if END_THINK.startswith(text[-k:])), 0)
+    """Length of the tail that may still turn into newlines + `</think>`: trailing newlines and a
+    tag prefix."""
+    part = next(
+        (
+            k
+            for k in range(min(len(END_THINK) - 1, len(text)), 0, -1)
+            if END_THINK.startswith(text[-k:])
+        ),
+        0,
+    )
     rest = text[: len(text) - part]
     return part + len(rest) - len(rest.rstrip("\n"))
 
@@ -173,12 +202,13 @@ def split_reasoning(text: str, in_reasoning: bool) -> tuple[str | None, str]:
     return (r1 + r2 if parser.saw_reasoning else None), c1 + c2
 
 
-# ------------------------------------------------------------------------------------------------- token bytes
+# -------------------------------------------------------------------------------------------------
+# token bytes
 
 
 def _byte_alphabet() -> dict[str, int]:
-    """Byte-level BPE spells byte b as one printable character: printable Latin-1 bytes as themselves, the others
-    as chr(256 + k) in byte order. -> character -> byte."""
+    """Byte-level BPE spells byte b as one printable character: printable Latin-1 bytes as
+    themselves, the others as chr(256 + k) in byte order. -> character -> byte."""
     printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
     table, shifted = {}, 0
     for b in range(256):
@@ -210,7 +240,8 @@ class TokenTable:
                 self.bytes.append(tok.decode([i]).encode("utf-8"))
 
     def text(self, i: int) -> str:
-        """What a token shows as: its text, a special token's name, "\\xe4"-style escapes for partial characters."""
+        """What a token shows as: its text, a special token's name, "\\xe4"-style escapes for
+        partial characters."""
         b = self.bytes[i]
         return self.names[i] if b is None else b.decode("utf-8", errors="backslashreplace")
 

@@ -1,4 +1,5 @@
-"""ServerConfig: where the server listens, who may use it, and the limits that keep one client from hurting others."""
+"""ServerConfig: where the server listens, who may use it, and the limits that keep one client from
+hurting others."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback only unless told otherwise
     port: int = 8000  # 0: any free port (the URL is printed)
-    api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer KEY" (or "X-Api-Key: KEY")
+    # if set, /v1/* needs "Authorization: Bearer KEY" (or "X-Api-Key: KEY")
+    api_key: str | None = None
     model_name: str = "nanoseek"  # what /v1/models lists and requests must name (if they name one)
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_tokens: int = 4096  # the most tokens one completion may ask for
@@ -21,8 +23,10 @@ class ServerConfig:
     max_sequences_per_request: int = 1024  # prompts x n of one request; more: 429 (lm-eval fits)
     max_queued_sequences: int = 4096  # prompts x n of all requests running or queued; more get 429
     max_queued_tokens: int = 1 << 23  # (prompt + max_tokens) x n of all of them; more get 429
-    request_timeout: float = 600.0  # seconds from arrival to the last token; then the request is cancelled
-    keepalive: float = 15.0  # seconds between SSE keep-alive comments while a stream has nothing to send
+    # seconds from arrival to the last token; then the request is cancelled
+    request_timeout: float = 600.0
+    # seconds between SSE keep-alive comments while a stream has nothing to send
+    keepalive: float = 15.0
     thinking: bool = True  # thinking mode when a request does not say
     # seconds for a request's line and headers to arrive (from the connection, or the end of the
     # previous response); then the connection closes
@@ -35,9 +39,18 @@ class ServerConfig:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("max_body_bytes", "max_tokens", "max_concurrent_requests",
-                          "max_sequences_per_request", "max_queued_sequences",
-                          "max_queued_tokens") and value < 1:
+            if (
+                f.name
+                in (
+                    "max_body_bytes",
+                    "max_tokens",
+                    "max_concurrent_requests",
+                    "max_sequences_per_request",
+                    "max_queued_sequences",
+                    "max_queued_tokens",
+                )
+                and value < 1
+            ):
                 raise ValueError(f"ServerConfig.{f.name}={value!r} must be >= 1")
             if f.name in ("max_queue",) and value < 0:
                 raise ValueError(f"ServerConfig.{f.name}={value!r} must be >= 0")
@@ -46,8 +59,10 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{f.name}={value!r} must be > 0")
         if self.max_sequences_per_request > self.max_queued_sequences:
             per_request = self.max_sequences_per_request
-            raise ValueError(f"ServerConfig.max_sequences_per_request={per_request} must not "
-                             f"exceed max_queued_sequences={self.max_queued_sequences}")
+            raise ValueError(
+                f"ServerConfig.max_sequences_per_request={per_request} must not "
+                f"exceed max_queued_sequences={self.max_queued_sequences}"
+            )
         if not 0 <= self.port < 65536:
             raise ValueError(f"ServerConfig.port={self.port!r} must lie in [0, 65535]")
         if self.allowed_hosts is not None:

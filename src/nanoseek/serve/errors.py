@@ -8,9 +8,15 @@ from nanoseek.serve import protocol
 class APIError(Exception):
     """Any refusal: becomes {"error": {"message", "type", "param", "code"}} with this status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -22,5 +28,8 @@ class APIError(Exception):
             self.headers.setdefault("WWW-Authenticate", "Bearer")
 
     def body(self) -> dict:
-        return {"error": protocol.ErrorBody(message=self.message, type=self.type, param=self.param,
-                                     code=self.code).model_dump()}
+        return {
+            "error": protocol.ErrorBody(
+                message=self.message, type=self.type, param=self.param, code=self.code
+            ).model_dump()
+        }

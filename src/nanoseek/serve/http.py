@@ -34,9 +34,15 @@ LINGER = 5.0  # seconds a closed connection may take to hand over what it has bu
 
 def uvicorn_config(app, config: ServerConfig, **kwargs) -> uvicorn.Config:
     """A uvicorn.Config for `app` whose connections keep `config`'s timeouts."""
-    protocol = type("Protocol", (TimedH11Protocol,),
-                    {"header_timeout": config.header_timeout, "body_timeout": config.body_timeout,
-                     "request_timeout": config.request_timeout})
+    protocol = type(
+        "Protocol",
+        (TimedH11Protocol,),
+        {
+            "header_timeout": config.header_timeout,
+            "body_timeout": config.body_timeout,
+            "request_timeout": config.request_timeout,
+        },
+    )
     return uvicorn.Config(app, http=protocol, **kwargs)
 
 
@@ -97,8 +103,7 @@ class TimedH11Protocol(H11Protocol):
         if phase == "headers":
             self._read_timer = self.loop.call_later(self.header_timeout, self._read_late)
         elif phase == "body":
-            self._read_timer = self.loop.call_later(self.body_timeout + BODY_GRACE,
-                                                    self._read_late)
+            self._read_timer = self.loop.call_later(self.body_timeout + BODY_GRACE, self._read_late)
 
     def _read_late(self) -> None:
         self._read_timer = None
@@ -124,8 +129,11 @@ class TimedH11Protocol(H11Protocol):
 
     def _abort(self) -> None:
         """Drop the connection now: close() would wait for the unread response to drain."""
-        log.info("dropping the connection from %s: its response outlived the request timeout and "
-                 "the client stopped reading", _address(self.client))
+        log.info(
+            "dropping the connection from %s: its response outlived the request timeout and "
+            "the client stopped reading",
+            _address(self.client),
+        )
         self.transport.abort()
 
     def _cancel_read_timer(self) -> None:
@@ -147,13 +155,16 @@ def _address(client: tuple[str, int] | None) -> str:
 def _raw_response(error: APIError) -> bytes:
     """A whole HTTP/1.1 response for an error, for where no request was parsed to answer."""
     body = json.dumps(error.body()).encode()
-    head = (f"HTTP/1.1 {error.status} Request Timeout\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {error.status} Request Timeout\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
-_REQUEST_TIMEOUT = _raw_response(APIError(408, "the request's headers did not arrive in time",
-                                          code="header_timeout"))
+_REQUEST_TIMEOUT = _raw_response(
+    APIError(408, "the request's headers did not arrive in time", code="header_timeout")
+)
 
 
 class Guard:
@@ -185,9 +196,12 @@ class Guard:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                raise APIError(408, f"the request body did not arrive within "
-                                    f"{self.body_timeout:g} s", code="body_timeout",
-                               headers={"Connection": "close"}) from None
+                raise APIError(
+                    408,
+                    f"the request body did not arrive within {self.body_timeout:g} s",
+                    code="body_timeout",
+                    headers={"Connection": "close"},
+                ) from None
             body_done = message["type"] != "http.request" or not message.get("more_body")
             return message
 
@@ -197,22 +211,32 @@ class Guard:
         if self.hosts is not None and b"host" in headers:  # browsers always send one
             host = headers[b"host"].decode("latin-1")
             if _host_of(host) not in self.hosts:
-                return APIError(400, f"the Host header {host[:100]!r} does not name this server "
-                                     f"(see --allowed-hosts)", param="Host",
-                                code="host_not_allowed")
+                return APIError(
+                    400,
+                    f"the Host header {host[:100]!r} does not name this server "
+                    f"(see --allowed-hosts)",
+                    param="Host",
+                    code="host_not_allowed",
+                )
         if method == "POST":
             media = headers.get(b"content-type", b"").decode("latin-1")
             if not _is_json(media):
-                return APIError(415, f"the request body must be JSON, sent with 'Content-Type: "
-                                     f"application/json'; got {media[:100]!r}",
-                                param="Content-Type", code="unsupported_media_type")
+                return APIError(
+                    415,
+                    f"the request body must be JSON, sent with 'Content-Type: "
+                    f"application/json'; got {media[:100]!r}",
+                    param="Content-Type",
+                    code="unsupported_media_type",
+                )
         return None
 
     async def refuse(self, error: APIError, send) -> None:
         self.on_error(error.type)
         body = json.dumps(error.body()).encode()
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
         headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
         await send({"type": "http.response.start", "status": error.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

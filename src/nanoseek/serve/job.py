@@ -67,18 +67,23 @@ class Job:
     echo: list[str] | None = None
     first_token: float | None = None
     choices: list[Choice] = field(init=False)  # every prompt's n completions, in response order
-    requests: dict[str,
-                   EngineRequest] = field(init=False)  # engine request id -> its prompt and choices
+    requests: dict[str, EngineRequest] = field(
+        init=False
+    )  # engine request id -> its prompt and choices
 
     def __post_init__(self):
         n = self.params.n
-        self.choices = [Choice(p * n + i, self.make_parser(), self.echo[p] if self.echo else "")
-                        for p in range(len(self.prompts)) for i in range(n)]
+        self.choices = [
+            Choice(p * n + i, self.make_parser(), self.echo[p] if self.echo else "")
+            for p in range(len(self.prompts))
+            for i in range(n)
+        ]
         self.requests = {}
         for p, ids in enumerate(self.prompts):
             request_id = f"{self.id}-{p}"
-            self.requests[request_id] = EngineRequest(request_id, ids,
-                                                      self.choices[p * n:(p + 1) * n])
+            self.requests[request_id] = EngineRequest(
+                request_id, ids, self.choices[p * n : (p + 1) * n]
+            )
 
     def choice(self, ev: StepEvent) -> Choice:
         """The choice an engine event belongs to (and note the prompt's cached tokens)."""

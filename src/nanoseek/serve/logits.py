@@ -1,14 +1,16 @@
 """Logits processors behind API fields: `response_format: json_object`, `logit_bias`, `min_tokens`.
 
-Each is a callable f(output_ids, logits[V]) -> logits[V] for SamplingParams.logits_processors. The engine calls
-it for every completion (n > 1 shares one), so a processor derives everything from the output ids it is given.
+Each is a callable f(output_ids, logits[V]) -> logits[V] for SamplingParams.logits_processors. The
+engine calls it for every completion (n > 1 shares one), so a processor derives everything from the
+output ids it is given.
 
-JSON mode is a token-level constraint: a pushdown automaton over the bytes of valid JSON says, for the output so
-far, which tokens keep it a prefix of one JSON object; all others are masked. Once the object closes, only EOS
-remains. To be sure the object closes within max_tokens, each state knows how many bytes it still needs at least
-(one closing byte per open container, a quote for an open string, ...), and a token is allowed only if what it
-leaves needed still fits in the tokens left (every byte is a token in byte-level BPE). With thinking on, the
-thought comes first, unconstrained but for a forced `</think>` when the budget runs short; JSON follows it.
+JSON mode is a token-level constraint: a pushdown automaton over the bytes of valid JSON says, for
+the output so far, which tokens keep it a prefix of one JSON object; all others are masked. Once the
+object closes, only EOS remains. To be sure the object closes within max_tokens, each state knows
+how many bytes it still needs at least (one closing byte per open container, a quote for an open
+string, ...), and a token is allowed only if what it leaves needed still fits in the tokens left
+(every byte is a token in byte-level BPE). With thinking on, the thought comes first, unconstrained
+but for a forced `</think>` when the budget runs short; JSON follows it.
 """
 
 from __future__ import annotations
@@ -25,14 +27,23 @@ DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
 LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
-# UTF-8 lead byte -> (continuation bytes, allowed range of the first one); excludes overlongs and surrogates.
-UTF8 = {**{b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}, 0xE0: (2, 0xA0, 0xBF),
-        **{b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}, 0xED: (2, 0x80, 0x9F),
-        0xF0: (3, 0x90, 0xBF), 0xF1: (3, 0x80, 0xBF), 0xF2: (3, 0x80, 0xBF), 0xF3: (3, 0x80, 0xBF),
-        0xF4: (3, 0x80, 0x8F)}
+# UTF-8 lead byte -> (continuation bytes, allowed range of the first one); excludes overlongs and
+# surrogates.
+UTF8 = {
+    **{b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)},
+    0xE0: (2, 0xA0, 0xBF),
+    **{b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)},
+    0xED: (2, 0x80, 0x9F),
+    0xF0: (3, 0x90, 0xBF),
+    0xF1: (3, 0x80, 0xBF),
+    0xF2: (3, 0x80, 0xBF),
+    0xF3: (3, 0x80, 0xBF),
+    0xF4: (3, 0x80, 0x8F),
+}
 NUMBER_DONE = {"int0", "int", "frac", "exp"}  # number states that may end here
 
-# A state is (mode, stack, aux): stack holds the open containers ("{" or "["), aux depends on the mode.
+# A state is (mode, stack, aux): stack holds the open containers ("{" or "["), aux depends on the
+# mode.
 State = tuple
 START: State = ("top", "", None)
 
@@ -121,7 +132,14 @@ def _number(mode: str, b: int) -> str | None:
     if mode == "e" and b in b"+-":
         return "esign"
     if digit:
-        return {"int": "int", "dot": "frac", "frac": "frac", "e": "exp", "esign": "exp", "exp": "exp"}.get(mode)
+        return {
+            "int": "int",
+            "dot": "frac",
+            "frac": "frac",
+            "e": "exp",
+            "esign": "exp",
+            "exp": "exp",
+        }.get(mode)
     return None
 
 
@@ -160,13 +178,18 @@ class _Trie:
 
 
 class JsonVocab:
-    """What JSON mode needs to know about a vocabulary, built once per tokenizer: a byte trie of the tokens and,
-    per automaton state, each token's `need` after it (a shared LRU cache: states repeat across requests)."""
+    """What JSON mode needs to know about a vocabulary, built once per tokenizer: a byte trie of the
+    tokens and, per automaton state, each token's `need` after it (a shared LRU cache: states repeat
+    across requests)."""
 
     NEVER = 1 << 30
 
-    def __init__(self, table: TokenTable, eos_id: int, end_think_id: int | None, cache_size: int = 512):
-        self.size, self.eos_id, self.end_think_id = table.size, eos_id, end_think_id
+    def __init__(
+        self, table: TokenTable, eos_id: int, end_think_id: int | None, cache_size: int = 512
+    ):
+        self.size = table.size
+        self.eos_id = eos_id
+        self.end_think_id = end_think_id
         self.table = table
         self.root = _Trie()
         for i, b in enumerate(table.bytes):
@@ -189,7 +212,8 @@ class JsonVocab:
         return state
 
     def needs_after(self, state: State) -> torch.Tensor:
-        """int64 [V]: need() after each token from `state` (NEVER where the token is not allowed)."""
+        """int64 [V]: need() after each token from `state` (NEVER where the token is not
+        allowed)."""
         hit = self._masks.get(state)
         if hit is not None:
             self._masks.move_to_end(state)
@@ -218,19 +242,23 @@ class JsonVocab:
 
 
 class JsonObjectProcessor:
-    """Constrain the output (or, with thinking, what follows `</think>`) to one JSON object within max_tokens."""
+    """Constrain the output (or, with thinking, what follows `</think>`) to one JSON object within
+    max_tokens."""
 
     def __init__(self, vocab: JsonVocab, max_tokens: int, thinking: bool):
-        self.vocab, self.max_tokens = vocab, max_tokens
+        self.vocab = vocab
+        self.max_tokens = max_tokens
         self.thinking = thinking and vocab.end_think_id is not None
-        # JSON state after a run of JSON tokens, keyed by (length, hash): each call extends the previous one.
+        # JSON state after a run of JSON tokens, keyed by (length, hash): each call extends the
+        # previous one.
         self._states: OrderedDict[tuple[int, int], State | None] = OrderedDict()
 
     def state(self, output_ids: Sequence[int]) -> State | None:
-        """The JSON state after these output tokens; None if the output can no longer be valid JSON."""
+        """The JSON state after these output tokens; None if the output can no longer be valid
+        JSON."""
         ids = tuple(output_ids)
         if self.thinking:
-            ids = ids[ids.index(self.vocab.end_think_id) + 1:]
+            ids = ids[ids.index(self.vocab.end_think_id) + 1 :]
         key = (len(ids), hash(ids))
         if key in self._states:
             return self._states[key]
@@ -284,7 +312,8 @@ class MinTokens:
     """vLLM's min_tokens: EOS and stop tokens are masked until the output has this many tokens."""
 
     def __init__(self, min_tokens: int, stop_ids: Sequence[int]):
-        self.min_tokens, self.stop_ids = min_tokens, torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        self.min_tokens = min_tokens
+        self.stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
 
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         if len(output_ids) >= self.min_tokens:

@@ -1,9 +1,10 @@
-"""Prometheus text exposition for /metrics, without a client library: counters, gauges and histograms.
+"""Prometheus text exposition for /metrics, without a client library: counters, gauges and
+histograms.
 
-Series (all prefixed nanoseek_): requests_total{endpoint,status}, errors_total{type}, prompt_tokens_total,
-generation_tokens_total, prompt_cache_hit_tokens_total, time_to_first_token_seconds, time_per_output_token_seconds,
-request_duration_seconds, and gauges for running and queued requests, the sequences and tokens
-they hold, and the engine's cache.
+Series (all prefixed nanoseek_): requests_total{endpoint,status}, errors_total{type},
+prompt_tokens_total, generation_tokens_total, prompt_cache_hit_tokens_total,
+time_to_first_token_seconds, time_per_output_token_seconds, request_duration_seconds, and gauges for
+running and queued requests, the sequences and tokens they hold, and the engine's cache.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class Histogram:
     def __init__(self, buckets: tuple[float, ...]):
         self.buckets = buckets
         self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self.sum, self.count = 0.0, 0
+        self.sum = 0.0
+        self.count = 0
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
@@ -37,7 +39,8 @@ class Histogram:
 
 
 class Metrics:
-    """Everything /metrics reports that the server itself measures (the engine's figures come from its stats)."""
+    """Everything /metrics reports that the server itself measures (the engine's figures come from
+    its stats)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -56,8 +59,15 @@ class Metrics:
         with self._lock:
             self.errors[error_type] += 1
 
-    def generation_done(self, prompt: int, cached: int, generated: int, ttft: float | None, duration: float,
-                        decode_time: float | None) -> None:
+    def generation_done(
+        self,
+        prompt: int,
+        cached: int,
+        generated: int,
+        ttft: float | None,
+        duration: float,
+        decode_time: float | None,
+    ) -> None:
         with self._lock:
             self.tokens["prompt"] += prompt
             self.tokens["prompt_cache_hit"] += cached
@@ -68,27 +78,68 @@ class Metrics:
                 self.tpot.observe(decode_time / (generated - 1))
             self.duration.observe(duration)
 
-    def render(self, gauges: dict[str, tuple[str, float]], counters: dict[str, tuple[str, float]] | None = None) -> str:
-        """gauges and counters kept elsewhere (the engine's): name -> (help, value), sampled now by the caller."""
+    def render(
+        self,
+        gauges: dict[str, tuple[str, float]],
+        counters: dict[str, tuple[str, float]] | None = None,
+    ) -> str:
+        """gauges and counters kept elsewhere (the engine's): name -> (help, value), sampled now by
+        the caller."""
         with self._lock:
             lines: list[str] = []
 
             def family(name, kind, help_text, samples):
-                lines.extend([f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} {kind}", *samples])
+                lines.extend(
+                    [
+                        f"# HELP {PREFIX}{name} {help_text}",
+                        f"# TYPE {PREFIX}{name} {kind}",
+                        *samples,
+                    ]
+                )
 
-            family("requests_total", "counter", "HTTP requests by endpoint and status code.",
-                   [f'{PREFIX}requests_total{{endpoint="{e}",status="{s}"}} {n}'
-                    for (e, s), n in sorted(self.requests.items())])
-            family("errors_total", "counter", "Error responses by OpenAI error type.",
-                   [f'{PREFIX}errors_total{{type="{t}"}} {n}' for t, n in sorted(self.errors.items())])
-            for key, help_text in (("prompt", "Prompt tokens of finished generations."),
-                                   ("generation", "Generated tokens."),
-                                   ("prompt_cache_hit", "Prompt tokens served from the prefix cache.")):
-                family(f"{key}_tokens_total", "counter", help_text, [f"{PREFIX}{key}_tokens_total {self.tokens[key]}"])
+            family(
+                "requests_total",
+                "counter",
+                "HTTP requests by endpoint and status code.",
+                [
+                    f'{PREFIX}requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                    for (e, s), n in sorted(self.requests.items())
+                ],
+            )
+            family(
+                "errors_total",
+                "counter",
+                "Error responses by OpenAI error type.",
+                [f'{PREFIX}errors_total{{type="{t}"}} {n}' for t, n in sorted(self.errors.items())],
+            )
+            for key, help_text in (
+                ("prompt", "Prompt tokens of finished generations."),
+                ("generation", "Generated tokens."),
+                ("prompt_cache_hit", "Prompt tokens served from the prefix cache."),
+            ):
+                family(
+                    f"{key}_tokens_total",
+                    "counter",
+                    help_text,
+                    [f"{PREFIX}{key}_tokens_total {self.tokens[key]}"],
+                )
             for name, hist, help_text in (
-                    ("time_to_first_token_seconds", self.ttft, "From request arrival to the first generated token."),
-                    ("time_per_output_token_seconds", self.tpot, "Mean time between tokens after the first."),
-                    ("request_duration_seconds", self.duration, "From request arrival to the last token.")):
+                (
+                    "time_to_first_token_seconds",
+                    self.ttft,
+                    "From request arrival to the first generated token.",
+                ),
+                (
+                    "time_per_output_token_seconds",
+                    self.tpot,
+                    "Mean time between tokens after the first.",
+                ),
+                (
+                    "request_duration_seconds",
+                    self.duration,
+                    "From request arrival to the last token.",
+                ),
+            ):
                 family(name, "histogram", help_text, hist.lines(PREFIX + name))
             for kind, series in (("gauge", gauges), ("counter", counters or {})):
                 for name, (help_text, value) in series.items():

@@ -38,12 +38,22 @@ class OpenAIAPI:
     def models(self, request: Request) -> Response:
         self.server.authorize(request)
         context = self.server.engine.max_model_len if self.server.status == "ok" else None
-        return _json(protocol.ModelList(data=[protocol.ModelCard(id=self.config.model_name,
-                                                   created=self.server.created,
-                                                   max_model_len=context)]))
+        return _json(
+            protocol.ModelList(
+                data=[
+                    protocol.ModelCard(
+                        id=self.config.model_name,
+                        created=self.server.created,
+                        max_model_len=context,
+                    )
+                ]
+            )
+        )
 
     # ------------------------------------------------------------------ request -> SamplingParams
-    async def admit(self, request: Request, model: type[protocol.SamplingRequest]) -> protocol.SamplingRequest:
+    async def admit(
+        self, request: Request, model: type[protocol.SamplingRequest]
+    ) -> protocol.SamplingRequest:
         """The server's admission checks, then the body parsed and checked as `model`."""
         self.server.authorize(request)
         self.server.ready()
@@ -53,30 +63,48 @@ class OpenAIAPI:
         except protocol.ProtocolError as e:
             raise APIError(400, str(e), param=e.param) from None
         if req.model is not None and req.model != self.config.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist. This server serves "
-                           f"`{self.config.model_name}`.", "not_found_error", "model",
-                           "model_not_found")
+            raise APIError(
+                404,
+                f"The model `{req.model}` does not exist. This server serves "
+                f"`{self.config.model_name}`.",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
         ignored = protocol.unknown_fields(req)
         if ignored:
             log.warning("ignoring unknown request fields: %s", ", ".join(ignored))
         return req
 
-    def sampling(self, req: protocol.SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
-                 default_max: int, logprobs: int | None, json_thinking: bool | None = None,
-                 param: str = "messages") -> SamplingParams:
+    def sampling(
+        self,
+        req: protocol.SamplingRequest,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        default_max: int,
+        logprobs: int | None,
+        json_thinking: bool | None = None,
+        param: str = "messages",
+    ) -> SamplingParams:
         """The request's SamplingParams, after every limit check (json_thinking: None = no JSON
         mode, else whether the output starts with a thought)."""
         limit = self.config.max_tokens
         if max_tokens is not None and max_tokens > limit:
-            raise APIError(400,
-                           f"max_tokens={max_tokens} is more than this server allows ({limit})",
-                           param="max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens={max_tokens} is more than this server allows ({limit})",
+                param="max_tokens",
+            )
         context = self.server.engine.max_model_len
         longest = max(map(len, prompts))
         if longest >= context:
-            raise APIError(400, f"the prompt has {longest} tokens; this model's context is "
-                                f"{context} tokens and leaves no room to generate", param=param,
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {longest} tokens; this model's context is "
+                f"{context} tokens and leaves no room to generate",
+                param=param,
+                code="context_length_exceeded",
+            )
         # max_tokens beyond the context is cut to what fits: finish_reason "length" says so.
         budget = min(max_tokens or default_max, limit, context - longest)
         vocab = self.server.table.size
@@ -84,13 +112,19 @@ class OpenAIAPI:
         if req.logit_bias:
             bias = {int(k): v for k, v in req.logit_bias.items()}
             if max(bias) >= vocab:
-                raise APIError(400, f"logit_bias: token id {max(bias)} is outside the vocabulary "
-                                    f"({vocab})", param="logit_bias")
+                raise APIError(
+                    400,
+                    f"logit_bias: token id {max(bias)} is outside the vocabulary ({vocab})",
+                    param="logit_bias",
+                )
             processors.append(LogitBias(bias))
         if req.min_tokens:
             if req.min_tokens > budget:
-                raise APIError(400, f"min_tokens={req.min_tokens} is more than max_tokens={budget}",
-                               param="min_tokens")
+                raise APIError(
+                    400,
+                    f"min_tokens={req.min_tokens} is more than max_tokens={budget}",
+                    param="min_tokens",
+                )
             stop_ids = [self.server.tok.eos_id, *(req.stop_token_ids or [])]
             processors.append(MinTokens(req.min_tokens, stop_ids))
         if json_thinking is not None:
@@ -99,21 +133,32 @@ class OpenAIAPI:
                 raise APIError(400, f"JSON mode needs max_tokens >= {need}", param="max_tokens")
             processors.append(JsonObjectProcessor(self.server.json_vocab, budget, json_thinking))
         if any(t >= vocab for t in req.stop_token_ids or []):
-            raise APIError(400, f"stop_token_ids must be below the vocabulary size {vocab}",
-                           param="stop_token_ids")
+            raise APIError(
+                400,
+                f"stop_token_ids must be below the vocabulary size {vocab}",
+                param="stop_token_ids",
+            )
         d = self.server.defaults
         try:
             params = SamplingParams(
-                max_tokens=budget, n=req.n, seed=req.seed, logprobs=logprobs,
-                temperature=req.temperature if req.temperature is not None else d.get("temperature",
-                                                                                      1.0),
+                max_tokens=budget,
+                n=req.n,
+                seed=req.seed,
+                logprobs=logprobs,
+                temperature=req.temperature
+                if req.temperature is not None
+                else d.get("temperature", 1.0),
                 top_p=req.top_p if req.top_p is not None else d.get("top_p", 1.0),
                 top_k=req.top_k if req.top_k is not None and req.top_k > 0 else None,
-                min_p=req.min_p or 0.0, presence_penalty=req.presence_penalty,
+                min_p=req.min_p or 0.0,
+                presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 repetition_penalty=req.repetition_penalty or 1.0,
-                stop=req.stop_list, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-                logits_processors=processors)
+                stop=req.stop_list,
+                stop_token_ids=req.stop_token_ids,
+                ignore_eos=req.ignore_eos,
+                logits_processors=processors,
+            )
             for ids in prompts:
                 self.server.engine.check(ids, params)
         except ValueError as e:
@@ -124,19 +169,34 @@ class OpenAIAPI:
         reasoning = None
         if chat:
             end = self.server.tok.special_ids.get("end_think")
-            reasoning = sum((c.token_ids.index(end) + 1 if end in c.token_ids else len(c.token_ids))
-                            for c in job.choices if c.parser and c.parser.saw_reasoning)
-        return protocol.Usage.of(sum(map(len, job.prompts)), sum(len(c.token_ids) for c in job.choices),
-                          job.cached, reasoning)
+            reasoning = sum(
+                (c.token_ids.index(end) + 1 if end in c.token_ids else len(c.token_ids))
+                for c in job.choices
+                if c.parser and c.parser.saw_reasoning
+            )
+        return protocol.Usage.of(
+            sum(map(len, job.prompts)),
+            sum(len(c.token_ids) for c in job.choices),
+            job.cached,
+            reasoning,
+        )
 
     def chat_logprobs(self, lps) -> protocol.ChatLogprobs:
         t = self.server.table
-        return protocol.ChatLogprobs(content=[
-            protocol.TokenLogprob(token=t.text(lp.token_id), logprob=_finite(lp.logprob),
-                           bytes=t.raw(lp.token_id),
-                           top_logprobs=[protocol.TopLogprob(token=t.text(i), logprob=_finite(v),
-                                                      bytes=t.raw(i))
-                                         for i, v in lp.top]) for lp in lps])
+        return protocol.ChatLogprobs(
+            content=[
+                protocol.TokenLogprob(
+                    token=t.text(lp.token_id),
+                    logprob=_finite(lp.logprob),
+                    bytes=t.raw(lp.token_id),
+                    top_logprobs=[
+                        protocol.TopLogprob(token=t.text(i), logprob=_finite(v), bytes=t.raw(i))
+                        for i, v in lp.top
+                    ],
+                )
+                for lp in lps
+            ]
+        )
 
     def completion_logprobs(self, lps, offset: int) -> protocol.CompletionLogprobs:
         t = self.server.table
@@ -146,54 +206,94 @@ class OpenAIAPI:
             offsets.append(offset)
             offset += len(s)
         top = [{t.text(i): _finite(v) for i, v in lp.top} for lp in lps]
-        return protocol.CompletionLogprobs(tokens=tokens,
-                                    token_logprobs=[_finite(lp.logprob) for lp in lps],
-                                    top_logprobs=top, text_offset=offsets)
+        return protocol.CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[_finite(lp.logprob) for lp in lps],
+            top_logprobs=top,
+            text_offset=offsets,
+        )
 
     # ------------------------------------------------------------------ endpoints
     async def chat_completions(self, request: Request) -> Response:
         start = time.perf_counter()
-        req: protocol.ChatCompletionRequest = await self.admit(request, protocol.ChatCompletionRequest)
+        req: protocol.ChatCompletionRequest = await self.admit(
+            request, protocol.ChatCompletionRequest
+        )
         thinking = req.thinking_enabled(self.config.thinking)
         self.server.check_size(1, req.n)
         messages = [m.as_dict() for m in req.messages]
         text = [[m.get("content"), m.get("reasoning_content")] for m in messages]
         self.server.check_bytes(_text_bytes(text), "messages")
         try:
-            ids, in_reasoning = await asyncio.to_thread(chat_prompt, self.server.tok, messages,
-                                                        thinking)
+            ids, in_reasoning = await asyncio.to_thread(
+                chat_prompt, self.server.tok, messages, thinking
+            )
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
-        params = self.sampling(req, [ids], req.max_completion_tokens or req.max_tokens,
-                               self.config.max_tokens,
-                               (req.top_logprobs or 0) if req.logprobs else None,
-                               json_thinking=in_reasoning if req.json_mode else None)
-        job = Job(f"chatcmpl-{uuid.uuid4().hex}", [ids], params,
-                  lambda: ReasoningParser(in_reasoning), start,
-                  start + self.config.request_timeout)
+        params = self.sampling(
+            req,
+            [ids],
+            req.max_completion_tokens or req.max_tokens,
+            self.config.max_tokens,
+            (req.top_logprobs or 0) if req.logprobs else None,
+            json_thinking=in_reasoning if req.json_mode else None,
+        )
+        job = Job(
+            f"chatcmpl-{uuid.uuid4().hex}",
+            [ids],
+            params,
+            lambda: ReasoningParser(in_reasoning),
+            start,
+            start + self.config.request_timeout,
+        )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.server.stream(request, job, self.chat_chunks(job, include_usage))
         await self.server.run(request, job)
-        choices = [protocol.ChatChoice(index=c.index, finish_reason=c.finish_reason,
-                                message=_assistant_message(c),
-                                logprobs=self.chat_logprobs(c.logprobs) if req.logprobs else None)
-                   for c in job.choices]
-        return _json(protocol.ChatCompletion(id=job.id, created=int(time.time()),
-                                      model=self.config.model_name,
-                                      system_fingerprint=FINGERPRINT, choices=choices,
-                                      usage=self.usage(job, chat=True)))
+        choices = [
+            protocol.ChatChoice(
+                index=c.index,
+                finish_reason=c.finish_reason,
+                message=_assistant_message(c),
+                logprobs=self.chat_logprobs(c.logprobs) if req.logprobs else None,
+            )
+            for c in job.choices
+        ]
+        return _json(
+            protocol.ChatCompletion(
+                id=job.id,
+                created=int(time.time()),
+                model=self.config.model_name,
+                system_fingerprint=FINGERPRINT,
+                choices=choices,
+                usage=self.usage(job, chat=True),
+            )
+        )
 
     async def chat_chunks(self, job: Job, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         name = self.config.model_name
 
         def chunk(choices, usage=None) -> str:
-            return _sse(protocol.ChatCompletionChunk(id=job.id, created=created, model=name, usage=usage,
-                                              system_fingerprint=FINGERPRINT, choices=choices))
+            return _sse(
+                protocol.ChatCompletionChunk(
+                    id=job.id,
+                    created=created,
+                    model=name,
+                    usage=usage,
+                    system_fingerprint=FINGERPRINT,
+                    choices=choices,
+                )
+            )
 
         for c in job.choices:
-            yield chunk([protocol.ChunkChoice(index=c.index, delta=protocol.Delta(role="assistant", content=""))])
+            yield chunk(
+                [
+                    protocol.ChunkChoice(
+                        index=c.index, delta=protocol.Delta(role="assistant", content="")
+                    )
+                ]
+            )
         async with aclosing(self.server.events(job)) as events:
             async for item in events:
                 if item is None:
@@ -202,15 +302,32 @@ class OpenAIAPI:
                 c, ev, r, text = item
                 lps = self.chat_logprobs(ev.logprobs) if ev.logprobs else None
                 if r:
-                    yield chunk([protocol.ChunkChoice(index=c.index, delta=protocol.Delta(reasoning_content=r),
-                                               logprobs=lps)])
+                    yield chunk(
+                        [
+                            protocol.ChunkChoice(
+                                index=c.index,
+                                delta=protocol.Delta(reasoning_content=r),
+                                logprobs=lps,
+                            )
+                        ]
+                    )
                     lps = None
                 if text or lps:
-                    yield chunk([protocol.ChunkChoice(index=c.index, delta=protocol.Delta(content=text),
-                                               logprobs=lps)])
+                    yield chunk(
+                        [
+                            protocol.ChunkChoice(
+                                index=c.index, delta=protocol.Delta(content=text), logprobs=lps
+                            )
+                        ]
+                    )
                 if ev.finished:
-                    yield chunk([protocol.ChunkChoice(index=c.index, delta=protocol.Delta(),
-                                               finish_reason=c.finish_reason)])
+                    yield chunk(
+                        [
+                            protocol.ChunkChoice(
+                                index=c.index, delta=protocol.Delta(), finish_reason=c.finish_reason
+                            )
+                        ]
+                    )
         if include_usage:
             yield chunk([], self.usage(job, chat=True))
 
@@ -224,29 +341,52 @@ class OpenAIAPI:
             if isinstance(p, str):
                 self.server.check_bytes(_text_bytes(p) + suffix, "prompt")
             elif not all(0 <= t < vocab for t in p):
-                raise APIError(400, f"prompt token ids must lie in [0, {vocab}), the vocabulary",
-                               param="prompt")
+                raise APIError(
+                    400,
+                    f"prompt token ids must lie in [0, {vocab}), the vocabulary",
+                    param="prompt",
+                )
         try:
             prompts = await asyncio.to_thread(self._completion_prompts, req)
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
         params = self.sampling(req, prompts, req.max_tokens, 16, req.logprobs, param="prompt")
         echo = await asyncio.to_thread(self._echo, req) if req.echo else None
-        job = Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, lambda: None, start,
-                  start + self.config.request_timeout, echo)
+        job = Job(
+            f"cmpl-{uuid.uuid4().hex}",
+            prompts,
+            params,
+            lambda: None,
+            start,
+            start + self.config.request_timeout,
+            echo,
+        )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             chunks = self.completion_chunks(job, include_usage, req.logprobs)
             return await self.server.stream(request, job, chunks)
         await self.server.run(request, job)
-        choices = [protocol.CompletionChoice(
-            index=c.index, text=c.prefix_text + "".join(c.content), finish_reason=c.finish_reason,
-            logprobs=None if req.logprobs is None else self.completion_logprobs(c.logprobs,
-                                                                                len(c.prefix_text)))
-            for c in job.choices]
-        return _json(protocol.Completion(id=job.id, created=int(time.time()), model=self.config.model_name,
-                                  system_fingerprint=FINGERPRINT, choices=choices,
-                                  usage=self.usage(job, chat=False)))
+        choices = [
+            protocol.CompletionChoice(
+                index=c.index,
+                text=c.prefix_text + "".join(c.content),
+                finish_reason=c.finish_reason,
+                logprobs=None
+                if req.logprobs is None
+                else self.completion_logprobs(c.logprobs, len(c.prefix_text)),
+            )
+            for c in job.choices
+        ]
+        return _json(
+            protocol.Completion(
+                id=job.id,
+                created=int(time.time()),
+                model=self.config.model_name,
+                system_fingerprint=FINGERPRINT,
+                choices=choices,
+                usage=self.usage(job, chat=False),
+            )
+        )
 
     def _completion_prompts(self, req: protocol.CompletionRequest) -> list[list[int]]:
         """Every prompt's ids (tokenizing: on a worker thread)."""
@@ -254,19 +394,29 @@ class OpenAIAPI:
 
     def _echo(self, req: protocol.CompletionRequest) -> list[str]:
         """Every prompt as text, for echo (decoding: on a worker thread)."""
-        return [p if isinstance(p, str) else self.server.tok.decode(p, skip_special_tokens=True)
-                for p in req.prompts]
+        return [
+            p if isinstance(p, str) else self.server.tok.decode(p, skip_special_tokens=True)
+            for p in req.prompts
+        ]
 
-    async def completion_chunks(self, job: Job, include_usage: bool,
-                                logprobs: int | None) -> AsyncIterator[str]:
+    async def completion_chunks(
+        self, job: Job, include_usage: bool, logprobs: int | None
+    ) -> AsyncIterator[str]:
         created = int(time.time())
         name = self.config.model_name
         offsets = {c.index: len(c.prefix_text) for c in job.choices}
 
         def chunk(choices, usage=None) -> str:
-            return _sse(protocol.Completion(id=job.id, created=created, model=name,
-                                     system_fingerprint=FINGERPRINT,
-                                     choices=choices, usage=usage))
+            return _sse(
+                protocol.Completion(
+                    id=job.id,
+                    created=created,
+                    model=name,
+                    system_fingerprint=FINGERPRINT,
+                    choices=choices,
+                    usage=usage,
+                )
+            )
 
         for c in job.choices:
             if c.prefix_text:
@@ -283,8 +433,13 @@ class OpenAIAPI:
                     offsets[c.index] += sum(map(len, lps.tokens))
                 if text or lps or ev.finished:
                     finish_reason = c.finish_reason if ev.finished else None
-                    yield chunk([protocol.CompletionChoice(index=c.index, text=text, logprobs=lps,
-                                                    finish_reason=finish_reason)])
+                    yield chunk(
+                        [
+                            protocol.CompletionChoice(
+                                index=c.index, text=text, logprobs=lps, finish_reason=finish_reason
+                            )
+                        ]
+                    )
         if include_usage:
             yield chunk([], self.usage(job, chat=False))
 

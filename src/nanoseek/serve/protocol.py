@@ -1,8 +1,9 @@
-"""The HTTP API's shapes: OpenAI chat/completions requests and responses with vLLM and DeepSeek extras.
+"""The HTTP API's shapes: OpenAI chat/completions requests and responses with vLLM and DeepSeek
+extras.
 
-Requests are validated strictly from the JSON body (no "1" for 1); unknown fields are allowed and ignored, with a
-warning in the log, as vLLM does. `check()` holds the rules that involve several fields. Any ValidationError or
-ProtocolError becomes a 400 whose `param` names the field.
+Requests are validated strictly from the JSON body (no "1" for 1); unknown fields are allowed and
+ignored, with a warning in the log, as vLLM does. `check()` holds the rules that involve several
+fields. Any ValidationError or ProtocolError becomes a 400 whose `param` names the field.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 MAX_STOP = 16  # stop strings per request
-TOKEN_ID = re.compile(r"[0-9]{1,10}")  # a logit_bias key: ASCII digits (str.isdigit also takes "²" and "١")
+# a logit_bias key: ASCII digits (str.isdigit also takes "²" and "١")
+TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 
 class ProtocolError(ValueError):
@@ -38,15 +40,24 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
-    reasoning_content: str | None = None  # DeepSeek: the thought, for a prefix message (dropped from history)
+    # DeepSeek: the thought, for a prefix message (dropped from history)
+    reasoning_content: str | None = None
     prefix: bool = False  # DeepSeek chat prefix completion: continue this (last, assistant) message
     name: str | None = None
 
     def as_dict(self) -> dict:
-        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        content = (
+            self.content
+            if not isinstance(self.content, list)
+            else "".join(p.text for p in self.content)
+        )
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content, "reasoning_content": self.reasoning_content,
-                "prefix": self.prefix}
+        return {
+            "role": role,
+            "content": content,
+            "reasoning_content": self.reasoning_content,
+            "prefix": self.prefix,
+        }
 
 
 class StreamOptions(_Strict):
@@ -96,8 +107,10 @@ class SamplingRequest(_Strict):
             raise ProtocolError(f"stop takes up to {MAX_STOP} non-empty strings", "stop")
         for key in self.logit_bias or {}:
             if not TOKEN_ID.fullmatch(key):
-                raise ProtocolError(f"logit_bias keys are token ids (up to 10 digits 0-9), got {key[:20]!r}",
-                                    "logit_bias")
+                raise ProtocolError(
+                    f"logit_bias keys are token ids (up to 10 digits 0-9), got {key[:20]!r}",
+                    "logit_bias",
+                )
 
     @property
     def stop_list(self) -> list[str]:
@@ -111,7 +124,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     thinking: Thinking | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
-    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: {"thinking": bool} (or "enable_thinking")
+    # vLLM: {"thinking": bool} (or "enable_thinking")
+    chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
 
@@ -122,14 +136,20 @@ class ChatCompletionRequest(SamplingRequest):
         if self.tools:
             raise ProtocolError("this server does not support tools (function calling)", "tools")
         if self.tool_choice not in (None, "none"):
-            raise ProtocolError("tool_choice needs tools, which this server does not support", "tool_choice")
+            raise ProtocolError(
+                "tool_choice needs tools, which this server does not support", "tool_choice"
+            )
         if self.response_format is not None and self.response_format.type == "json_schema":
-            raise ProtocolError("response_format json_schema is not supported; use json_object",
-                                "response_format.type")
+            raise ProtocolError(
+                "response_format json_schema is not supported; use json_object",
+                "response_format.type",
+            )
         for key in ("thinking", "enable_thinking"):
             value = (self.chat_template_kwargs or {}).get(key)
             if value is not None and not isinstance(value, bool):
-                raise ProtocolError(f"chat_template_kwargs.{key} must be a boolean", f"chat_template_kwargs.{key}")
+                raise ProtocolError(
+                    f"chat_template_kwargs.{key} must be a boolean", f"chat_template_kwargs.{key}"
+                )
 
     def thinking_enabled(self, default: bool) -> bool:
         if self.thinking is not None:
@@ -153,7 +173,9 @@ class CompletionRequest(SamplingRequest):
 
     def check(self) -> None:
         super().check()
-        if isinstance(self.prompt, list) and (not self.prompt or any(p in ("", []) for p in self.prompt)):
+        if isinstance(self.prompt, list) and (
+            not self.prompt or any(p in ("", []) for p in self.prompt)
+        ):
             raise ProtocolError("prompt must not be empty", "prompt")
         if self.echo and self.suffix is not None:
             raise ProtocolError("echo and suffix cannot be used together", "echo")
@@ -183,15 +205,18 @@ def _describe(e: ValidationError) -> tuple[str, str | None]:
     if not errors[0]["loc"]:
         return "the request body must be a JSON object", None
 
-    def path(err) -> list[str]:  # union members add their type to the location ("content.str"): drop those
+    # union members add their type to the location ("content.str"): drop those
+    def path(err) -> list[str]:
         return [str(x) for x in err["loc"] if not _TYPE_TAG.fullmatch(str(x))]
 
-    err = max(errors, key=lambda err: len(path(err)))  # of a union's failures, the one that got furthest
+    # of a union's failures, the one that got furthest
+    err = max(errors, key=lambda err: len(path(err)))
     param = ".".join(path(err))
     return f"{param}: {err['msg']}", param or None
 
 
-# "str", "int", "list[int]", "function-after[...]", a model's class name: never a field name (those are lowercase).
+# "str", "int", "list[int]", "function-after[...]", a model's class name: never a field name (those
+# are lowercase).
 _TYPE_TAG = re.compile(r"str|int|float|bool|none|[\w-]+\[.*\]|[A-Z]\w*")
 
 
@@ -208,7 +233,8 @@ def unknown_fields(req: BaseModel, path: str = "") -> list[str]:
     return out
 
 
-# -------------------------------------------------------------------------------------------------- responses
+# --------------------------------------------------------------------------------------------------
+# responses
 
 
 class _DropNone(BaseModel):
@@ -241,10 +267,17 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt: int, completion: int, cached: int, reasoning: int | None = None) -> Usage:
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details={"cached_tokens": cached},
-                   completion_tokens_details=None if reasoning is None else {"reasoning_tokens": reasoning},
-                   prompt_cache_hit_tokens=cached, prompt_cache_miss_tokens=prompt - cached)
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details={"cached_tokens": cached},
+            completion_tokens_details=None
+            if reasoning is None
+            else {"reasoning_tokens": reasoning},
+            prompt_cache_hit_tokens=cached,
+            prompt_cache_miss_tokens=prompt - cached,
+        )
 
 
 class TopLogprob(BaseModel):
@@ -275,8 +308,8 @@ class ChatChoice(BaseModel):
 
 
 class _Envelope(BaseModel):
-    """What every generation response and chunk carries besides its choices and usage (a subclass fixes
-    `object`; the field keeps its place in the JSON)."""
+    """What every generation response and chunk carries besides its choices and usage (a subclass
+    fixes `object`; the field keeps its place in the JSON)."""
 
     id: str
     object: str

@@ -40,8 +40,12 @@ ASCII_DIGITS = re.compile(r"[0-9]+")  # str.isdigit also takes "²", which int()
 class Server:
     """The loaded model, its engine thread, the admission state and the metrics of one app."""
 
-    def __init__(self, config: ServerConfig, load: Callable[[], Checkpoint],
-                 engine_options: dict | None = None):
+    def __init__(
+        self,
+        config: ServerConfig,
+        load: Callable[[], Checkpoint],
+        engine_options: dict | None = None,
+    ):
         self.config = config
         self._load = load
         self.engine_options = dict(engine_options or {})
@@ -69,8 +73,9 @@ class Server:
             # a prompt of more bytes than this has more tokens than the context holds (+1: a token
             # decoded alone may lose a leading space)
             self.max_prompt_bytes = self.engine.max_model_len * (longest + 1)
-            self.json_vocab = JsonVocab(self.table, ckpt.tokenizer.eos_id,
-                                        ckpt.tokenizer.special_ids.get("end_think"))
+            self.json_vocab = JsonVocab(
+                self.table, ckpt.tokenizer.eos_id, ckpt.tokenizer.special_ids.get("end_think")
+            )
             self.bridge = EngineBridge(self.engine)
             self.bridge.start()
             self.status = "ok"
@@ -103,30 +108,44 @@ class Server:
         if auth[:7].lower() == "bearer ":
             given = auth[7:].strip()
         if given is None or not hmac.compare_digest(given.encode(), key.encode()):
-            raise APIError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'",
-                           "authentication_error", code="invalid_api_key")
+            raise APIError(
+                401,
+                "a valid API key is needed: send 'Authorization: Bearer KEY'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
 
     def ready(self) -> None:
         code, body = self.health
         if code != 200:
-            message = ("the model is still loading" if body["status"] == "loading"
-                       else f"the model is unavailable: {body.get('error')}")
-            raise APIError(503, message, "unavailable_error", code="model_not_ready",
-                           headers={"Retry-After": "5"})
+            message = (
+                "the model is still loading"
+                if body["status"] == "loading"
+                else f"the model is unavailable: {body.get('error')}"
+            )
+            raise APIError(
+                503,
+                message,
+                "unavailable_error",
+                code="model_not_ready",
+                headers={"Retry-After": "5"},
+            )
 
     async def body(self, request: Request) -> bytes:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and _declared_over(declared, limit):
-            raise APIError(413, f"the request body is larger than {limit} bytes",
-                           code="body_too_large")
+            raise APIError(
+                413, f"the request body is larger than {limit} bytes", code="body_too_large"
+            )
         chunks = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise APIError(413, f"the request body is larger than {limit} bytes",
-                               code="body_too_large")
+                raise APIError(
+                    413, f"the request body is larger than {limit} bytes", code="body_too_large"
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -135,18 +154,27 @@ class Server:
         context's tokens can hold (the longest token's bytes each), it cannot fit."""
         if size >= self.max_prompt_bytes:
             context = self.engine.max_model_len
-            raise APIError(400, f"the prompt has {size} bytes; this model's context of {context} "
-                                f"tokens holds less than {self.max_prompt_bytes} bytes",
-                           param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {size} bytes; this model's context of {context} "
+                f"tokens holds less than {self.max_prompt_bytes} bytes",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def check_size(self, prompts: int, n: int) -> None:
         """Refuse a request of more sequences (prompts x n) than one request may have (429)."""
         limit = self.config.max_sequences_per_request
         if prompts * n > limit:
-            raise APIError(429, f"the request asks for {prompts} prompts x n={n} = {prompts * n} "
-                                f"sequences; this server takes at most {limit} per request: send "
-                                "fewer prompts or a smaller n", "rate_limit_error",
-                           code="too_many_sequences", headers={"x-should-retry": "false"})
+            raise APIError(
+                429,
+                f"the request asks for {prompts} prompts x n={n} = {prompts * n} "
+                f"sequences; this server takes at most {limit} per request: send "
+                "fewer prompts or a smaller n",
+                "rate_limit_error",
+                code="too_many_sequences",
+                headers={"x-should-retry": "false"},
+            )
 
     def engine_stats(self) -> dict:
         """The engine's figures after its latest step, as its thread published them: no lock."""
@@ -171,18 +199,30 @@ class Server:
     def _reserve(self, job: Job) -> None:
         c = self.config
         if job.tokens > c.max_queued_tokens:
-            raise APIError(429, f"the request may need {job.tokens} tokens of sequences ((prompt "
-                                f"+ max_tokens) x n); this server holds at most "
-                                f"{c.max_queued_tokens}: send fewer prompts, a smaller n or "
-                                "max_tokens", "rate_limit_error",
-                           code="too_many_tokens", headers={"x-should-retry": "false"})
-        if (self.sequences + job.sequences > c.max_queued_sequences
-                or self.tokens + job.tokens > c.max_queued_tokens):
-            raise APIError(429, f"the server is busy: the requests admitted hold {self.sequences} "
-                                f"sequences and {self.tokens} tokens (at most "
-                                f"{c.max_queued_sequences} and {c.max_queued_tokens}); this one "
-                                f"needs {job.sequences} and {job.tokens}: retry later",
-                           "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the request may need {job.tokens} tokens of sequences ((prompt "
+                f"+ max_tokens) x n); this server holds at most "
+                f"{c.max_queued_tokens}: send fewer prompts, a smaller n or "
+                "max_tokens",
+                "rate_limit_error",
+                code="too_many_tokens",
+                headers={"x-should-retry": "false"},
+            )
+        if (
+            self.sequences + job.sequences > c.max_queued_sequences
+            or self.tokens + job.tokens > c.max_queued_tokens
+        ):
+            raise APIError(
+                429,
+                f"the server is busy: the requests admitted hold {self.sequences} "
+                f"sequences and {self.tokens} tokens (at most "
+                f"{c.max_queued_sequences} and {c.max_queued_tokens}); this one "
+                f"needs {job.sequences} and {job.tokens}: retry later",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
         self.sequences += job.sequences
         self.tokens += job.tokens
 
@@ -191,16 +231,23 @@ class Server:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
         if self._slots.locked() and self.queued >= self.config.max_queue:
-            raise APIError(429, f"the server is busy: {self.active} requests running and "
-                                f"{self.queued} queued; retry later", "rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the server is busy: {self.active} requests running and "
+                f"{self.queued} queued; retry later",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
         self.queued += 1
         acquire = asyncio.ensure_future(self._slots.acquire())
         gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait([acquire, gone],
-                               timeout=max(0.0, job.deadline - time.perf_counter()),
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [acquire, gone],
+                timeout=max(0.0, job.deadline - time.perf_counter()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             self.queued -= 1
             gone.cancel()
@@ -208,9 +255,13 @@ class Server:
         if not acquire.done() or acquire.cancelled():
             if gone.done() and not gone.cancelled():
                 raise APIError(499, "the client closed the connection", code="client_closed")
-            raise APIError(503, "no slot freed up within the request timeout; retry later",
-                           "unavailable_error",
-                           code="queue_timeout", headers={"Retry-After": "1"})
+            raise APIError(
+                503,
+                "no slot freed up within the request timeout; retry later",
+                "unavailable_error",
+                code="queue_timeout",
+                headers={"Retry-After": "1"},
+            )
         self.active += 1
         try:
             yield
@@ -231,15 +282,23 @@ class Server:
                 left = job.deadline - time.perf_counter()
                 if left <= 0:
                     timeout = self.config.request_timeout
-                    raise APIError(504, f"the request took longer than {timeout:g} s",
-                                   "timeout_error", code="request_timeout")
+                    raise APIError(
+                        504,
+                        f"the request took longer than {timeout:g} s",
+                        "timeout_error",
+                        code="request_timeout",
+                    )
                 item = await _next(queue, min(left, self.config.keepalive))
                 if item is None:
                     yield None
                     continue
                 if isinstance(item, EngineDead):
-                    raise APIError(503, f"the engine failed: {item.reason}", "unavailable_error",
-                                   code="engine_dead")
+                    raise APIError(
+                        503,
+                        f"the engine failed: {item.reason}",
+                        "unavailable_error",
+                        code="engine_dead",
+                    )
                 if isinstance(item, Rejected):
                     raise APIError(400, item.reason)
                 if item.token_ids and job.first_token is None:
@@ -261,10 +320,13 @@ class Server:
         end = time.perf_counter()
         generated = sum(len(c.token_ids) for c in job.choices)
         self.metrics.generation_done(
-            prompt=sum(map(len, job.prompts)), cached=job.cached, generated=generated,
+            prompt=sum(map(len, job.prompts)),
+            cached=job.cached,
+            generated=generated,
             ttft=None if job.first_token is None else job.first_token - job.start,
             duration=end - job.start,
-            decode_time=None if job.first_token is None else end - job.first_token)
+            decode_time=None if job.first_token is None else end - job.first_token,
+        )
 
     async def run(self, request: Request, job: Job) -> None:
         """Run a non-streaming job to its end in a slot."""
@@ -273,6 +335,7 @@ class Server:
 
     async def until_done(self, request: Request, job: Job) -> None:
         """Run a non-streaming job to its end; if the client disconnects first, cancel it."""
+
         async def run():
             async with aclosing(self.events(job)) as events:
                 async for _ in events:
@@ -317,8 +380,11 @@ class SSEResponse(StreamingResponse):
     disconnected."""
 
     def __init__(self, content, on_close):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send):

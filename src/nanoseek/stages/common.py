@@ -35,8 +35,9 @@ def write_done(path: Path, summary: dict) -> dict:
     return summary
 
 
-def run_stage(name: str, path: Path, info: dist.DistInfo, work: Callable[[], dict],
-              main_only: bool = True) -> dict:
+def run_stage(
+    name: str, path: Path, info: dist.DistInfo, work: Callable[[], dict], main_only: bool = True
+) -> dict:
     """Run `work` unless the stage is complete; with main_only, rank 0 works and the others wait for
     its result."""
     summary = stage_done(path)
@@ -48,13 +49,28 @@ def run_stage(name: str, path: Path, info: dist.DistInfo, work: Callable[[], dic
         summary["wall_s"] = round(max(summary.get("wall_s", 0.0), time.perf_counter() - start), 2)
         if info.is_main:
             write_done(path, summary)
-        print(f"[{name}] done in {summary['wall_s']:.1f}s: " + ", ".join(
-            f"{k}={v}" for k, v in summary.items() if k in _HEADLINE), flush=True)
+        print(
+            f"[{name}] done in {summary['wall_s']:.1f}s: "
+            + ", ".join(f"{k}={v}" for k, v in summary.items() if k in _HEADLINE),
+            flush=True,
+        )
     elif summary is not None and info.is_main:
         print(f"[{name}] already complete ({path}), skipped", flush=True)
     dist.barrier(info)
     return summary if summary is not None else stage_done(path)
 
 
-_HEADLINE = ("docs", "bytes", "vocab_size", "bytes_per_token", "tokens", "steps", "final_loss",
-             "val_bpb", "mfu", "val_accuracy_before", "val_accuracy", "checkpoint")
+_HEADLINE = (
+    "docs",
+    "bytes",
+    "vocab_size",
+    "bytes_per_token",
+    "tokens",
+    "steps",
+    "final_loss",
+    "val_bpb",
+    "mfu",
+    "val_accuracy_before",
+    "val_accuracy",
+    "checkpoint",
+)

@@ -44,24 +44,38 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
             r = json.loads(cached.read_text("utf-8")) if cached.is_file() else {}
             if r.get("fingerprint") != stamp or r.get("settings_requested") != settings:
                 print(f"[eval] {ckpt}", flush=True)
-                r = {**evaluate(ckpt, **settings), "fingerprint": stamp,
-                     "settings_requested": settings}
+                r = {
+                    **evaluate(ckpt, **settings),
+                    "fingerprint": stamp,
+                    "settings_requested": settings,
+                }
                 atomic_write_text(cached, json.dumps(r, indent=2, ensure_ascii=False) + "\n")
             results.append(r)
             names.append(stage)
         if not results:
-            raise FileNotFoundError(f"{run}: no finished checkpoint to evaluate "
-                                    f"(looked for {list(stages)})")
+            raise FileNotFoundError(
+                f"{run}: no finished checkpoint to evaluate (looked for {list(stages)})"
+            )
         atomic_write_text(out / "report.md", to_markdown(results, names) + "\n")
-        summary = {"stages": names, "report": str(out / "report.md"),
-                   "wall_s": round(sum(r.get("wall_s", 0.0) for r in results), 1),
-                   "pass@1": {n: {t: v.get("greedy", {}).get("pass@1")
-                                  for t, v in r.get("tasks", {}).items()}
-                              for n, r in zip(names, results)},
-                   "bpb": {n: r.get("bpb") for n, r in zip(names, results)}}
+        summary = {
+            "stages": names,
+            "report": str(out / "report.md"),
+            "wall_s": round(sum(r.get("wall_s", 0.0) for r in results), 1),
+            "pass@1": {
+                n: {t: v.get("greedy", {}).get("pass@1") for t, v in r.get("tasks", {}).items()}
+                for n, r in zip(names, results)
+            },
+            "bpb": {n: r.get("bpb") for n, r in zip(names, results)},
+        }
         write_done(out, summary)
-        print(f"[eval] done in {summary['wall_s']:.1f}s: " + ", ".join(
-            f"{n} pass@1 " + " ".join(f"{t}={v}" for t, v in p.items())
-            for n, p in summary["pass@1"].items()) + f"; tables in {out / 'report.md'}", flush=True)
+        print(
+            f"[eval] done in {summary['wall_s']:.1f}s: "
+            + ", ".join(
+                f"{n} pass@1 " + " ".join(f"{t}={v}" for t, v in p.items())
+                for n, p in summary["pass@1"].items()
+            )
+            + f"; tables in {out / 'report.md'}",
+            flush=True,
+        )
     dist.barrier(info)
     return stage_done(out)

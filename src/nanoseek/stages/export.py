@@ -21,13 +21,18 @@ SAMPLE_PROMPTS = [  # (language, prompt): chat in both languages, a recall quest
     ("zh", "你好，你是谁？"),
     ("en", "How does Genesis 1 begin?"),
 ]
-SAMPLE_TASKS = [("arithmetic", 1, "en"), ("arithmetic", 1, "zh"), ("countdown", 1, "en"),
-                ("word_problems", 1, "zh")]
+SAMPLE_TASKS = [
+    ("arithmetic", 1, "en"),
+    ("arithmetic", 1, "zh"),
+    ("countdown", 1, "en"),
+    ("word_problems", 1, "zh"),
+]
 
 
 def export_stage(run: Path, preset: dict, info: DistInfo) -> dict:
     """The run's last checkpoint copied to runs/NAME/final with a model card (README.md); sample
     answers in runs/NAME/export/samples.json."""
+
     def work():
         source = latest_checkpoint(run)
         if source is None:
@@ -40,6 +45,7 @@ def export_stage(run: Path, preset: dict, info: DistInfo) -> dict:
             atomic_write_text(run / "export" / "samples.json", samples_json)
             write_model_card(run, tmp, preset, samples)
         return {"source": str(source), "checkpoint": str(final), "samples": len(samples)}
+
     return run_stage("export", run / "export", info, work)
 
 
@@ -59,20 +65,26 @@ def sample_answers(ckpt: Path, max_new_tokens: int = 200) -> list[dict]:
         task = get_task(name)
         problem = task.generate(1, seed=0, difficulty=difficulty, split="test", lang=lang)[0]
         problems.append((len(items), problem))
-        items.append({"lang": lang, "prompt": problem.prompt, "task": name,
-                      "expected": problem.answer})
+        items.append(
+            {"lang": lang, "prompt": problem.prompt, "task": name, "expected": problem.answer}
+        )
     engine = Engine(model, None, max_batch_size=len(items))
     prompts = [prompt_ids(tok, it["prompt"]) for it in items]
     room = engine.max_model_len - max(len(p) for p in prompts)
-    params = SamplingParams(max_tokens=max(1, min(max_new_tokens, room)), temperature=0.0,
-                            stop_token_ids=[tok.eos_id])
+    params = SamplingParams(
+        max_tokens=max(1, min(max_new_tokens, room)), temperature=0.0, stop_token_ids=[tok.eos_id]
+    )
     outputs = engine.generate(prompts, params)
     for it, out in zip(items, outputs):
         ids = [t for t in out.outputs[0].token_ids if t != tok.eos_id]
         text = tok.decode(ids)  # special tokens kept: the grader reads <answer>…</answer>
         reasoning, answer = split_reasoning(text, True)  # the prompt opened <think>
-        it.update(reasoning=(reasoning or "").strip(), answer=answer.strip(), completion=text,
-                  finish_reason=out.outputs[0].finish_reason)
+        it.update(
+            reasoning=(reasoning or "").strip(),
+            answer=answer.strip(),
+            completion=text,
+            finish_reason=out.outputs[0].finish_reason,
+        )
     for index, problem in problems:
         completion = items[index]["completion"]
         reward = get_task(problem.task).grade(problem, completion, think_prefilled=True)

@@ -23,19 +23,27 @@ def grpo_stage(run: Path, preset: dict, info: DistInfo, init: str | Path | None 
 
     def work():
         if not (source / "config.json").is_file():
-            raise FileNotFoundError(f"{source} is not a checkpoint: run the SFT stage first, "
-                                    "or pass --init CKPT")
+            raise FileNotFoundError(
+                f"{source} is not a checkpoint: run the SFT stage first, or pass --init CKPT"
+            )
         model, tok = load_model(source), load_tokenizer(source)
         cfg = GRPOConfig(**{**section, "out_dir": str(run / "grpo")})
         result = GRPOTrainer(model, cfg, tok, dist_info=info).fit()
         if info.is_main:
             export_checkpoint(model, run / "grpo" / "final", tok)
         first = _first_eval(run / "grpo" / "metrics.jsonl")
-        return {"init": str(source), "steps": result["steps"], "reward": result.get("reward"),
-                "val_accuracy_before": first, "val_accuracy": result.get("val_accuracy"),
-                "rollout_tok_s": result.get("rollout_tok_s"), "wall_s": result["wall_s"],
-                "estimated_cost": result["estimated_cost"],
-                "reward_plot": str(run / "grpo" / REWARD_PLOT)}
+        return {
+            "init": str(source),
+            "steps": result["steps"],
+            "reward": result.get("reward"),
+            "val_accuracy_before": first,
+            "val_accuracy": result.get("val_accuracy"),
+            "rollout_tok_s": result.get("rollout_tok_s"),
+            "wall_s": result["wall_s"],
+            "estimated_cost": result["estimated_cost"],
+            "reward_plot": str(run / "grpo" / REWARD_PLOT),
+        }
+
     return run_stage("grpo", run / "grpo", info, work, main_only=False)
 
 

@@ -15,8 +15,9 @@ def base_checkpoint(run: Path) -> Path:
     base = latest_checkpoint(run, ("pretrain", "long_context"))
     if base is not None:
         return base
-    raise FileNotFoundError(f"{run}: no long_context/final or pretrain/final checkpoint; "
-                            "run `nanoseek pretrain` first")
+    raise FileNotFoundError(
+        f"{run}: no long_context/final or pretrain/final checkpoint; run `nanoseek pretrain` first"
+    )
 
 
 def sft_stage(run: Path, preset: dict, info: DistInfo, base: str | Path | None = None) -> dict:
@@ -27,8 +28,10 @@ def sft_stage(run: Path, preset: dict, info: DistInfo, base: str | Path | None =
     def work():
         start = Path(base) if base else base_checkpoint(run)
         convs = sft_mix(data, run / "corpus")
-        summary = run_sft(start, run / "sft", convs, train, val_conversations=val_mix(data),
-                          info=info)
+        summary = run_sft(
+            start, run / "sft", convs, train, val_conversations=val_mix(data), info=info
+        )
         summary["data"] = {k: v for k, v in data.items()}
         return summary
+
     return run_stage("sft", run / "sft", info, work, main_only=False)

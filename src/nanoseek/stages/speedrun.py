@@ -32,8 +32,9 @@ from nanoseek.train import dist
 from nanoseek.train.trainer import TrainConfig
 
 
-def run_speedrun(run: str | os.PathLike, preset: dict, *,
-                 text_paths: list[str] | None = None) -> dict:
+def run_speedrun(
+    run: str | os.PathLike, preset: dict, *, text_paths: list[str] | None = None
+) -> dict:
     """Every stage of the preset, then the report card. Works under torchrun: training stages run on
     every rank, evaluation, export and the report on rank 0. -> {stage: summary}."""
     run = Path(run)
@@ -59,20 +60,32 @@ def run_speedrun(run: str | os.PathLike, preset: dict, *,
         dist.shutdown(info)
 
 
-def pretraining_stages(run: Path, preset: dict, info: dist.DistInfo,
-                       text_paths: list[str] | None = None, long_context: bool = True) -> dict:
+def pretraining_stages(
+    run: Path,
+    preset: dict,
+    info: dist.DistInfo,
+    text_paths: list[str] | None = None,
+    long_context: bool = True,
+) -> dict:
     """corpus → tokenizer → shards → pretrain (→ long_context when the preset has that section)."""
-    summaries = {"corpus": corpus_stage(run, preset, info, text_paths),
-                 "tokenizer": tokenizer_stage(run, preset, info),
-                 "shards": shards_stage(run, preset, info),
-                 "pretrain": pretrain_stage(run, preset, info)}
+    summaries = {
+        "corpus": corpus_stage(run, preset, info, text_paths),
+        "tokenizer": tokenizer_stage(run, preset, info),
+        "shards": shards_stage(run, preset, info),
+        "pretrain": pretrain_stage(run, preset, info),
+    }
     if long_context and preset.get("long_context"):
         summaries["long_context"] = long_context_stage(run, preset, info)
     return summaries
 
 
-def run_pretraining(run: str | os.PathLike, preset: dict, *, text_paths: list[str] | None = None,
-                    long_context: bool = True) -> dict:
+def run_pretraining(
+    run: str | os.PathLike,
+    preset: dict,
+    *,
+    text_paths: list[str] | None = None,
+    long_context: bool = True,
+) -> dict:
     """The pretraining stages as one call. Works under torchrun too."""
     info = dist.init_distributed(TrainConfig(**preset["pretrain"]).resolved_device)
     try:

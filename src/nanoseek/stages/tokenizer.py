@@ -1,5 +1,5 @@
-"""The tokenizer stage: a byte-level BPE trained on the corpus' train split -> runs/NAME/tokenizer/.
-"""
+"""The tokenizer stage: a byte-level BPE trained on the corpus' train split ->
+runs/NAME/tokenizer/."""
 
 from __future__ import annotations
 
@@ -22,4 +22,5 @@ def tokenizer_stage(run: Path, preset: dict, info: DistInfo) -> dict:
             rec = json.loads(line)
             by_lang.setdefault(rec["lang"], []).append(rec["text"])
         return {"vocab_size": tok.vocab_size, "bytes_per_token": bytes_per_token(tok, by_lang)}
+
     return run_stage("tokenizer", run / "tokenizer", info, work)

@@ -1,11 +1,13 @@
 """Countdown (TinyZero): combine the given numbers with + - × ÷ and parentheses to reach a target.
 
-Each given number may be used at most once (TinyZero demands all of them; "at most" is the classic game and
-keeps more puzzles solvable). The generator builds the target from a random expression over all the numbers,
-so every puzzle is solvable and comes with one solution. Difficulty: 1 -> 3 numbers, 2 -> 4, 3 -> 5, ...
+Each given number may be used at most once (TinyZero demands all of them; "at most" is the classic
+game and keeps more puzzles solvable). The generator builds the target from a random expression over
+all the numbers, so every puzzle is solvable and comes with one solution. Difficulty: 1 -> 3
+numbers, 2 -> 4, 3 -> 5, ...
 
-Answers are evaluated by a tiny evaluator over Python's `ast` with a whitelist (integer literals, + - * /,
-parentheses), in exact rational arithmetic: no eval, no names, no calls, no powers, no unary minus.
+Answers are evaluated by a tiny evaluator over Python's `ast` with a whitelist (integer literals, +
+- * /, parentheses), in exact rational arithmetic: no eval, no names, no calls, no powers, no unary
+  minus.
 """
 
 import ast
@@ -33,7 +35,8 @@ class InvalidExpression(ValueError):
 
 
 def evaluate(expr: str) -> tuple[Fraction, list[int]]:
-    """The exact value of an arithmetic expression and the integers it uses, or InvalidExpression."""
+    """The exact value of an arithmetic expression and the integers it uses, or
+    InvalidExpression."""
     expr = expr.replace("×", "*").replace("÷", "/").replace("−", "-")
     if len(expr) > MAX_EXPR_CHARS:
         raise InvalidExpression("too long")
@@ -67,16 +70,23 @@ def evaluate(expr: str) -> tuple[Fraction, list[int]]:
 
 
 def _build(rng: random.Random, numbers: list[int]) -> tuple[str, Fraction, list[str]]:
-    """A random expression over all `numbers` with an integer value at every step; (text, value, steps)."""
+    """A random expression over all `numbers` with an integer value at every step; (text, value,
+    steps)."""
     items = [(str(n), Fraction(n)) for n in numbers]
     steps = []
     while len(items) > 1:
-        (ta, va), (tb, vb) = items.pop(rng.randrange(len(items))), items.pop(rng.randrange(len(items)))
+        (ta, va), (tb, vb) = (
+            items.pop(rng.randrange(len(items))),
+            items.pop(rng.randrange(len(items))),
+        )
         if va < vb:
-            (ta, va), (tb, vb) = (tb, vb), (ta, va)  # larger first: no negative intermediate results
+            # larger first: no negative intermediate results
+            (ta, va), (tb, vb) = (tb, vb), (ta, va)
         choices = ["+", "-", "*"] + (["/"] if vb != 0 and va % vb == 0 else [])
         op = rng.choice(choices)
-        value = va + vb if op == "+" else va - vb if op == "-" else va * vb if op == "*" else va / vb
+        value = (
+            va + vb if op == "+" else va - vb if op == "-" else va * vb if op == "*" else va / vb
+        )
         steps.append(f"{va} {op} {vb} = {value}")
         items.append((f"({ta} {op} {tb})" if items else f"{ta} {op} {tb}", value))
     text, value = items[0]
@@ -98,16 +108,21 @@ class Countdown(Task):
         nums = ", ".join(map(str, numbers))
         reasoning = "\n".join([REASON[lang], *steps, f"{expr} = {target}"])
         return self.problem(
-            key=f"{sorted(numbers)}->{target}", lang=lang,
+            key=f"{sorted(numbers)}->{target}",
+            lang=lang,
             prompt=f"{QUESTION[lang].format(nums=nums, target=target)} {FORMAT_INSTRUCTIONS[lang]}",
-            answer=expr, reasoning=reasoning, numbers=numbers, target=target,
+            answer=expr,
+            reasoning=reasoning,
+            numbers=numbers,
+            target=target,
         )
 
     def score(self, problem: Problem, answer: str) -> tuple[float, str | None]:
-        """1 for a valid expression hitting the target; 0.1 for a valid expression that misses (TinyZero's credit
-        for a well-formed equation); 0 for anything that breaks the rules."""
+        """1 for a valid expression hitting the target; 0.1 for a valid expression that misses
+        (TinyZero's credit for a well-formed equation); 0 for anything that breaks the rules."""
         lhs, eq, rhs = answer.partition("=")
-        if eq and parse_int(rhs) != problem.metadata["target"]:  # "expr = target" is accepted, nothing else
+        # "expr = target" is accepted, nothing else
+        if eq and parse_int(rhs) != problem.metadata["target"]:
             return 0.0, "bad_equation"
         try:
             value, used = evaluate(lhs.strip())

@@ -1,9 +1,11 @@
-"""Passkey retrieval: a number hidden at a chosen depth in repetitive filler text; graded by exact match.
+"""Passkey retrieval: a number hidden at a chosen depth in repetitive filler text; graded by exact
+match.
 
-`Passkey().make(length, depth)` builds one prompt of about `length` characters (within one filler sentence) with
-the key at `depth` (0 = start, 1 = end of the filler); evaluation sweeps both. `generate` draws depths at random
-and takes the length from the difficulty: 500 characters at difficulty 1, times 4 per level. Characters, not
-tokens, so the task does not depend on a tokenizer: divide by the tokenizer's characters per token to convert.
+`Passkey().make(length, depth)` builds one prompt of about `length` characters (within one filler
+sentence) with the key at `depth` (0 = start, 1 = end of the filler); evaluation sweeps both.
+`generate` draws depths at random and takes the length from the difficulty: 500 characters at
+difficulty 1, times 4 per level. Characters, not tokens, so the task does not depend on a tokenizer:
+divide by the tokenizer's characters per token to convert.
 """
 
 import random
@@ -34,8 +36,12 @@ TEXT = {
 
 def _filler(text: dict, n_chars: int) -> str:
     """Whole filler sentences, about n_chars long."""
-    sentences = [s for s in text["filler"].replace("。", "。\0").replace(". ", ". \0").split("\0") if s]
-    out, size, i = [], 0, 0
+    sentences = [
+        s for s in text["filler"].replace("。", "。\0").replace(". ", ". \0").split("\0") if s
+    ]
+    out = []
+    size = 0
+    i = 0
     while size < n_chars:
         out.append(sentences[i % len(sentences)])
         size += len(out[-1])
@@ -47,24 +53,38 @@ class Passkey(Task):
     name = "passkey"
     max_answer_chars = 20
 
-    def make(self, length: int, depth: float, key: str | None = None, lang: str = "en", seed: int = 0) -> Problem:
+    def make(
+        self, length: int, depth: float, key: str | None = None, lang: str = "en", seed: int = 0
+    ) -> Problem:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"depth must be in [0, 1], got {depth}")
         key = key or str(random.Random(f"passkey|{seed}|{length}|{depth}").randint(10000, 99999))
         t = TEXT[lang]
         instructions = " " + FORMAT_INSTRUCTIONS[lang]
         needle = t["needle"].format(key=key)
-        budget = max(0, length - len(t["intro"]) - len(needle) - len(t["question"]) - len(instructions))
+        budget = max(
+            0, length - len(t["intro"]) - len(needle) - len(t["question"]) - len(instructions)
+        )
         before = _filler(t, round(budget * depth)) if depth > 0 else ""
         after = _filler(t, budget - len(before)) if budget > len(before) else ""
         prompt = t["intro"] + before + needle + after + t["question"] + instructions
         return self.problem(
-            key=f"{key}@{depth:.4f}/{length}", lang=lang, prompt=prompt, answer=key,
-            reasoning=t["reasoning"].format(key=key), length=len(prompt), depth=depth,
+            key=f"{key}@{depth:.4f}/{length}",
+            lang=lang,
+            prompt=prompt,
+            answer=key,
+            reasoning=t["reasoning"].format(key=key),
+            length=len(prompt),
+            depth=depth,
         )
 
     def sample(self, rng: random.Random, difficulty: int, lang: str) -> Problem:
-        return self.make(500 * 4 ** (difficulty - 1), round(rng.random(), 4), str(rng.randint(10000, 99999)), lang)
+        return self.make(
+            500 * 4 ** (difficulty - 1),
+            round(rng.random(), 4),
+            str(rng.randint(10000, 99999)),
+            lang,
+        )
 
     def score(self, problem: Problem, answer: str) -> tuple[float, str | None]:
         ok = unicodedata.normalize("NFKC", answer).strip() == problem.answer

@@ -1,20 +1,23 @@
 """Run untrusted Python (model-written code) in a separate, locked-down process.
 
 Layers, strongest first; `SandboxResult.isolation` names the ones that were in force for a run:
-  - namespaces (root with util-linux `unshare`): a new network namespace (no interfaces but a downed loopback,
-    so no connection anywhere, 127.0.0.1 included), a pid namespace (the program cannot see or signal other
-    processes, and when the sandbox's init exits the kernel kills everything left in it), a mount namespace with a
-    fresh size-capped tmpfs over the working directory and every world-writable directory (/tmp, /var/tmp,
-    /dev/shm, /run/lock), and private IPC and hostname;
-  - a throwaway uid (root): each concurrent run gets its own unprivileged uid from a pool, leased across threads
-    and processes. Root ignores RLIMIT_NPROC; an unprivileged uid does not, and with one uid per run the
-    process cap holds per run (a fork bomb stops at `max_processes`). The uid also cannot write to the repository
-    or anything else it does not own, cannot signal our processes, and no_new_privs keeps setuid binaries inert;
+  - namespaces (root with util-linux `unshare`): a new network namespace (no interfaces but a downed
+    loopback, so no connection anywhere, 127.0.0.1 included), a pid namespace (the program cannot
+    see or signal other processes, and when the sandbox's init exits the kernel kills everything
+    left in it), a mount namespace with a fresh size-capped tmpfs over the working directory and
+    every world-writable directory (/tmp, /var/tmp, /dev/shm, /run/lock), and private IPC and
+    hostname;
+  - a throwaway uid (root): each concurrent run gets its own unprivileged uid from a pool, leased
+    across threads and processes. Root ignores RLIMIT_NPROC; an unprivileged uid does not, and with
+    one uid per run the process cap holds per run (a fork bomb stops at `max_processes`). The uid
+    also cannot write to the repository or anything else it does not own, cannot signal our
+    processes, and no_new_privs keeps setuid binaries inert;
   - resource limits: CPU seconds, address space, processes, file size, open files, no core dumps;
-  - a wall-clock timeout and an output cap, enforced here: on either, the whole session is killed, then every
-    process still running under the run's uid (this catches programs that left the session with setsid);
-  - a scrubbed environment (no inherited variables, `python -I`) and a temporary working directory that is
-    deleted afterwards.
+  - a wall-clock timeout and an output cap, enforced here: on either, the whole session is killed,
+    then every process still running under the run's uid (this catches programs that left the
+    session with setsid);
+  - a scrubbed environment (no inherited variables, `python -I`) and a temporary working directory
+    that is deleted afterwards.
   - a seccomp filter (libseccomp, when installed; see sandbox_init.py): no socket, no new namespace
     (so no user namespace in which the program would be root), no ptrace, io_uring, bpf or keyrings.
 Without namespaces (no root, no `unshare`, or a container without CAP_SYS_ADMIN) the seccomp filter
@@ -59,10 +62,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_init.py")
-NAMESPACE_FLAGS = ["--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
-SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # world-writable: covered by tmpfs or swept
+NAMESPACE_FLAGS = [
+    "--net",
+    "--pid",
+    "--mount",
+    "--ipc",
+    "--uts",
+    "--fork",
+    "--kill-child",
+    "--mount-proc",
+]
+# world-writable: covered by tmpfs or swept
+SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-UID_BASE, UID_COUNT = 60100, 64  # unassigned uids (Debian's on-demand range); ones in /etc/passwd are skipped
+# unassigned uids (Debian's on-demand range); ones in /etc/passwd are skipped
+UID_BASE, UID_COUNT = 60100, 64
 SECCOMP_LIBRARY = "libseccomp.so.2"
 TALK_GRACE = 1.0  # seconds the program has to exit once the conversation is over
 MAX_LINE = 1 << 20  # bytes of one reply on the channel
@@ -111,7 +125,7 @@ class Channel:
         while view:  # a pipe that polls writable takes PIPE_BUF bytes without blocking
             self._wait(self.send_fd, selectors.EVENT_WRITE)
             try:
-                view = view[os.write(self.send_fd, view[:select.PIPE_BUF]):]
+                view = view[os.write(self.send_fd, view[: select.PIPE_BUF]) :]
             except BrokenPipeError as e:
                 raise ChannelClosed("the program closed its requests") from e
 
@@ -206,7 +220,8 @@ class _Conversation:
 
 
 class _UidPool:
-    """Hands out one uid per concurrent run: a free-list for threads plus an flock per uid for processes."""
+    """Hands out one uid per concurrent run: a free-list for threads plus an flock per uid for
+    processes."""
 
     def __init__(self, base: int, count: int):
         self.uids = [u for u in range(base, base + count) if not _in_passwd(u)]
@@ -215,9 +230,14 @@ class _UidPool:
         self.lock_dir = None
 
     def _try_lock(self, uid: int) -> int | None:
-        if self.lock_dir is None:  # a fixed place, so that every process on the machine agrees (TMPDIR may differ)
-            self.lock_dir = _private_dir(f"{'/run' if os.path.isdir('/run') else '/tmp'}/nanoseek-sandbox-uids")
-        fd = os.open(os.path.join(self.lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # a fixed place, so that every process on the machine agrees (TMPDIR may differ)
+        if self.lock_dir is None:
+            self.lock_dir = _private_dir(
+                f"{'/run' if os.path.isdir('/run') else '/tmp'}/nanoseek-sandbox-uids"
+            )
+        fd = os.open(
+            os.path.join(self.lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
@@ -228,7 +248,9 @@ class _UidPool:
     @contextlib.contextmanager
     def lease(self):
         if not self.uids:
-            raise SandboxError(f"every uid from {UID_BASE} to {UID_BASE + UID_COUNT - 1} is a real user")
+            raise SandboxError(
+                f"every uid from {UID_BASE} to {UID_BASE + UID_COUNT - 1} is a real user"
+            )
         while True:
             with self.cond:
                 while not self.free:
@@ -259,11 +281,17 @@ def _in_passwd(uid: int) -> bool:
 
 
 def _private_dir(path: str) -> str:
-    """A directory only we can write to; refuses one that someone else (a sandboxed program) made first."""
+    """A directory only we can write to; refuses one that someone else (a sandboxed program) made
+    first."""
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     st = os.lstat(path)
-    if not (os.path.isdir(path) and not os.path.islink(path) and st.st_uid == os.geteuid() and st.st_mode & 0o077 == 0):
+    if not (
+        os.path.isdir(path)
+        and not os.path.islink(path)
+        and st.st_uid == os.geteuid()
+        and st.st_mode & 0o077 == 0
+    ):
         raise SandboxError(f"{path} exists but is not a private directory of uid {os.geteuid()}")
     return path
 
@@ -279,7 +307,9 @@ def _processes_of(uid: int) -> list[int]:
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
         except OSError:
             continue  # exited meanwhile
-        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(("Z", "X")):
+        if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith(
+            ("Z", "X")
+        ):
             pids.append(int(entry))
     return pids
 
@@ -296,7 +326,8 @@ def _task_count(uid: int) -> int:
 
 
 def _kill_uid(uid: int) -> None:
-    for _ in range(200):  # a fork bomb may still be forking: repeat until none is left (NPROC bounds it)
+    # a fork bomb may still be forking: repeat until none is left (NPROC bounds it)
+    for _ in range(200):
         pids = _processes_of(uid)
         if not pids:
             return
@@ -308,8 +339,8 @@ def _kill_uid(uid: int) -> None:
 
 
 def _remove_files_of(uid: int, dirs=SHARED_DIRS) -> None:
-    """Without a private tmpfs, delete what the run's uid left in world-writable directories (the only places
-    outside its working directory where it can create anything)."""
+    """Without a private tmpfs, delete what the run's uid left in world-writable directories (the
+    only places outside its working directory where it can create anything)."""
     for top in dirs:
         for root, subdirs, files in os.walk(top):
             for name in list(subdirs) + files:
@@ -330,19 +361,30 @@ _UIDS = _UidPool(UID_BASE, UID_COUNT)
 
 
 class Sandbox:
-    def __init__(self, limits: Limits = Limits(), namespaces: bool = True, python: str | None = None):
-        """`namespaces=False` forces the fallback; `python` picks the interpreter that runs the code (default: the
-        first of ours and the system's that works under the throwaway uid)."""
-        self.limits, self.namespaces, self.python = limits, namespaces, python
+    def __init__(
+        self, limits: Limits = Limits(), namespaces: bool = True, python: str | None = None
+    ):
+        """`namespaces=False` forces the fallback; `python` picks the interpreter that runs the code
+        (default: the first of ours and the system's that works under the throwaway uid)."""
+        self.limits = limits
+        self.namespaces = namespaces
+        self.python = python
         self.unshare: str | None = None
         self.seccomp = _seccomp_library()
         self.root = os.geteuid() == 0
-        self._ready, self._lock = False, threading.Lock()
+        self._ready = False
+        self._lock = threading.Lock()
 
-    def run(self, code: str, stdin: str = "", files: dict[str, str] | None = None,
-            talk: Callable[[Channel], None] | None = None, **limits) -> SandboxResult:
-        """Run `code` as main.py in a fresh working directory, with `files` beside it; `limits` override fields of
-        this sandbox's Limits (timeout=..., memory_mb=...).
+    def run(
+        self,
+        code: str,
+        stdin: str = "",
+        files: dict[str, str] | None = None,
+        talk: Callable[[Channel], None] | None = None,
+        **limits,
+    ) -> SandboxResult:
+        """Run `code` as main.py in a fresh working directory, with `files` beside it; `limits`
+        override fields of this sandbox's Limits (timeout=..., memory_mb=...).
 
         With `talk`, the program gets a channel (fds 3 and 4) and `talk(channel)` runs in a thread
         of ours meanwhile; when it returns, the program's fd 3 reads end of file and the program has
@@ -356,7 +398,11 @@ class Sandbox:
         return self._isolation()
 
     def _isolation(self) -> tuple[str, ...]:
-        net = ("net-namespace", "pid-namespace", "private-tmpfs") if self.unshare else ("net-audit-hook",)
+        net = (
+            ("net-namespace", "pid-namespace", "private-tmpfs")
+            if self.unshare
+            else ("net-audit-hook",)
+        )
         uid = ("throwaway-uid",) if self.root else ()
         seccomp = ("seccomp",) if self.seccomp else ()
         return (*net, *uid, *seccomp, "rlimits", "timeout", "scrubbed-env")
@@ -371,17 +417,28 @@ class Sandbox:
                 "them a program can see every process on the host, fill the disk, or (without "
                 "root) reach our own processes, and RL learns to exploit such holes. Run as root "
                 f"with util-linux `unshare` and libseccomp, or set {UNSAFE_ENV}=1 to accept the "
-                "risk on a machine you do not mind losing.")
+                "risk on a machine you do not mind losing."
+            )
 
     def _setup(self) -> None:
         with self._lock:
             if self._ready:
                 return
             if self.namespaces and self.root and (unshare := shutil.which("unshare")):
-                probe = subprocess.run([unshare, *NAMESPACE_FLAGS, "--", "true"], capture_output=True, env=ENV)
+                probe = subprocess.run(
+                    [unshare, *NAMESPACE_FLAGS, "--", "true"], capture_output=True, env=ENV
+                )
                 self.unshare = unshare if probe.returncode == 0 else None
-            candidates = [self.python] if self.python else [
-                sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
+            candidates = (
+                [self.python]
+                if self.python
+                else [
+                    sys.executable,
+                    os.path.realpath(sys.executable),
+                    "/usr/bin/python3",
+                    "/usr/local/bin/python3",
+                ]
+            )
             # A kernel that refuses the seccomp filter: run without it (RL then refuses the box).
             for seccomp in dict.fromkeys([self.seccomp, None]):
                 self.seccomp = seccomp
@@ -392,11 +449,19 @@ class Sandbox:
                         if result.ok and result.stdout == "ok\n":
                             self._ready = True
                             return
-            raise SandboxError(f"no Python interpreter runs inside the sandbox (tried {candidates})")
+            raise SandboxError(
+                f"no Python interpreter runs inside the sandbox (tried {candidates})"
+            )
 
-    def _run(self, code: str, stdin: str, files: dict[str, str], limits: Limits,
-             talk: Callable[[Channel], None] | None = None) -> SandboxResult:
-        with (_UIDS.lease() if self.root else contextlib.nullcontext()) as uid:
+    def _run(
+        self,
+        code: str,
+        stdin: str,
+        files: dict[str, str],
+        limits: Limits,
+        talk: Callable[[Channel], None] | None = None,
+    ) -> SandboxResult:
+        with _UIDS.lease() if self.root else contextlib.nullcontext() as uid:
             workdir = tempfile.mkdtemp(prefix="nanoseek-sandbox-")
             try:
                 for name, text in {**files, "main.py": code}.items():
@@ -408,26 +473,52 @@ class Sandbox:
                 return self._launch(workdir, uid, stdin, limits, talk)
             finally:
                 if uid is not None:
-                    _kill_uid(uid)  # nothing of this run outlives its lease, and nothing writes while we clean up
+                    # nothing of this run outlives its lease, and nothing writes while we clean up
+                    _kill_uid(uid)
                 shutil.rmtree(workdir, ignore_errors=True)
                 if uid is not None and not self.unshare:
                     _remove_files_of(uid)
 
-    def _launch(self, workdir: str, uid: int | None, stdin: str, limits: Limits,
-                talk: Callable[[Channel], None] | None) -> SandboxResult:
+    def _launch(
+        self,
+        workdir: str,
+        uid: int | None,
+        stdin: str,
+        limits: Limits,
+        talk: Callable[[Channel], None] | None,
+    ) -> SandboxResult:
         cpu = limits.cpu_seconds or math.ceil(limits.timeout) + 1
-        # Without our own uid, RLIMIT_NPROC counts every task of the user: allow what already runs, plus the cap.
+        # Without our own uid, RLIMIT_NPROC counts every task of the user: allow what already runs,
+        # plus the cap.
         nproc = limits.max_processes + (0 if uid is not None else _task_count(os.getuid()))
-        rlimits = {"RLIMIT_CPU": cpu, "RLIMIT_AS": limits.memory_mb << 20, "RLIMIT_NPROC": nproc,
-                   "RLIMIT_FSIZE": limits.max_file_mb << 20, "RLIMIT_NOFILE": limits.max_open_files, "RLIMIT_CORE": 0}
-        program = [self.python, "-I", "main.py"] if self.unshare else [self.python, "-I", "-c", NET_GUARD]
+        rlimits = {
+            "RLIMIT_CPU": cpu,
+            "RLIMIT_AS": limits.memory_mb << 20,
+            "RLIMIT_NPROC": nproc,
+            "RLIMIT_FSIZE": limits.max_file_mb << 20,
+            "RLIMIT_NOFILE": limits.max_open_files,
+            "RLIMIT_CORE": 0,
+        }
+        program = (
+            [self.python, "-I", "main.py"] if self.unshare else [self.python, "-I", "-c", NET_GUARD]
+        )
         start = time.monotonic()
         conversation = _Conversation(talk, start + limits.timeout) if talk else None
         child_fds = conversation.child_fds if conversation else []
         status_r, status_w = os.pipe()  # our init reports the program's exit status here
-        cfg = dict(workdir=workdir, uid=uid, status_fd=status_w, private_fs=bool(self.unshare),
-                   tmpfs_mb=limits.tmpfs_mb, shared_dirs=SHARED_DIRS, rlimits=rlimits, argv=program,
-                   env={**ENV, "HOME": workdir}, channel=child_fds, seccomp=self.seccomp)
+        cfg = dict(
+            workdir=workdir,
+            uid=uid,
+            status_fd=status_w,
+            private_fs=bool(self.unshare),
+            tmpfs_mb=limits.tmpfs_mb,
+            shared_dirs=SHARED_DIRS,
+            rlimits=rlimits,
+            argv=program,
+            env={**ENV, "HOME": workdir},
+            channel=child_fds,
+            seccomp=self.seccomp,
+        )
         argv = [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg)]
         if self.unshare:
             argv = [self.unshare, *NAMESPACE_FLAGS, "--", *argv]
@@ -436,8 +527,15 @@ class Sandbox:
                 stdin_file.write(stdin.encode())
                 stdin_file.seek(0)
                 proc = subprocess.Popen(
-                    argv, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
-                    env=ENV, pass_fds=(status_w, *child_fds), start_new_session=True)
+                    argv,
+                    stdin=stdin_file,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd="/",
+                    env=ENV,
+                    pass_fds=(status_w, *child_fds),
+                    start_new_session=True,
+                )
         except BaseException:
             os.close(status_r)
             if conversation:
@@ -471,9 +569,14 @@ class Sandbox:
             killed = _signal_name(-returncode)
         cap = limits.max_output_bytes
         return SandboxResult(
-            ok=killed is None and returncode == 0, returncode=returncode,
-            stdout=out[:cap].decode(errors="replace"), stderr=err[:cap].decode(errors="replace"),
-            timed_out=killed == "timeout", killed=killed, duration=duration, isolation=self._isolation(),
+            ok=killed is None and returncode == 0,
+            returncode=returncode,
+            stdout=out[:cap].decode(errors="replace"),
+            stderr=err[:cap].decode(errors="replace"),
+            timed_out=killed == "timeout",
+            killed=killed,
+            duration=duration,
+            isolation=self._isolation(),
         )
 
 
@@ -494,8 +597,8 @@ def _signal_name(number: int) -> str:
 
 
 def _exited(proc: subprocess.Popen) -> bool:
-    """Has the process exited? Without reaping it: a zombie leader keeps its process group id from being reused,
-    so the killpg that follows cannot hit an unrelated group."""
+    """Has the process exited? Without reaping it: a zombie leader keeps its process group id from
+    being reused, so the killpg that follows cannot hit an unrelated group."""
     return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
@@ -505,8 +608,12 @@ def _kill_session(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _collect(proc: subprocess.Popen, limits: Limits, deadline: float,
-             talk_done: threading.Event | None = None) -> tuple[bytes, bytes, str | None]:
+def _collect(
+    proc: subprocess.Popen,
+    limits: Limits,
+    deadline: float,
+    talk_done: threading.Event | None = None,
+) -> tuple[bytes, bytes, str | None]:
     """Read stdout and stderr until both close, the process exits, the deadline passes, the output
     cap is hit or the program outlives its conversation by TALK_GRACE; then end the session and
     take what is left in the pipes."""
@@ -540,7 +647,9 @@ def _collect(proc: subprocess.Popen, limits: Limits, deadline: float,
         for key in list(sel.get_map().values()):  # the writers are gone: drain without blocking
             os.set_blocking(key.fd, False)
             with contextlib.suppress(BlockingIOError):
-                while (chunk := os.read(key.fd, 1 << 16)) and len(bufs[key.fileobj]) <= limits.max_output_bytes:
+                while (chunk := os.read(key.fd, 1 << 16)) and len(
+                    bufs[key.fileobj]
+                ) <= limits.max_output_bytes:
                     bufs[key.fileobj] += chunk
     proc.stdout.close()
     proc.stderr.close()
@@ -551,10 +660,13 @@ _DEFAULT = Sandbox()
 
 
 def default_sandbox() -> Sandbox:
-    """The shared sandbox with default limits (its one-time set-up probe is paid once per process)."""
+    """The shared sandbox with default limits (its one-time set-up probe is paid once per
+    process)."""
     return _DEFAULT
 
 
-def run_python(code: str, stdin: str = "", files: dict[str, str] | None = None, **limits) -> SandboxResult:
+def run_python(
+    code: str, stdin: str = "", files: dict[str, str] | None = None, **limits
+) -> SandboxResult:
     """Run `code` in the default sandbox (see Sandbox.run)."""
     return _DEFAULT.run(code, stdin, files, **limits)

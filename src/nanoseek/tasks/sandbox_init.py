@@ -1,5 +1,6 @@
-"""First process of a sandbox: runs as root (inside fresh namespaces when sandbox.py could make them), prepares
-the filesystem, then forks the untrusted program under a throwaway uid and waits for it.
+"""First process of a sandbox: runs as root (inside fresh namespaces when sandbox.py could make
+them), prepares the filesystem, then forks the untrusted program under a throwaway uid and waits for
+it.
 
 Run by sandbox.py as `python -I -S sandbox_init.py CONFIG_JSON`; never imported. It stays small and
 uses only the standard library (plus libseccomp through ctypes), since it runs with privileges. As
@@ -31,7 +32,10 @@ import os
 import resource
 import sys
 
-MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 CHANNEL_FDS = (3, 4)  # the program's request (read) and reply (write) pipes, when it has them
 SCMP_ACT_ALLOW = 0x7FFF0000
@@ -46,10 +50,29 @@ SOCK_TYPE_MASK = 0xF  # the type without SOCK_CLOEXEC / SOCK_NONBLOCK
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 CLONE_NEW_FLAGS = (0x20000, 0x2000000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000)
 DENIED = (
-    "socket", "unshare", "setns", "ptrace", "process_vm_readv", "process_vm_writev", "bpf",
-    "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key", "io_uring_setup",
-    "io_uring_enter", "io_uring_register", "mount", "umount2", "pivot_root", "chroot",
-    "name_to_handle_at", "open_by_handle_at", "setsid", "setpgid",
+    "socket",
+    "unshare",
+    "setns",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "setsid",
+    "setpgid",
 )
 PID_SIGN = 0x80000000  # kill() with a negative pid signals a process group, -1 every process we may
 libc = ctypes.CDLL(None, use_errno=True)
@@ -59,8 +82,12 @@ class ArgCmp(ctypes.Structure):
     """libseccomp's struct scmp_arg_cmp: compare system call argument `arg` with `a` (or, under
     the mask `a`, with `b`)."""
 
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
-                ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("a", ctypes.c_uint64),
+        ("b", ctypes.c_uint64),
+    ]
 
 
 def check(rc: int, what: str) -> None:
@@ -71,18 +98,23 @@ def check(rc: int, what: str) -> None:
 
 def mount_tmpfs(path: str, size_mb: int) -> None:
     options = f"size={size_mb}m,nr_inodes=4096,mode=1777".encode()
-    check(libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options), f"mount tmpfs on {path}")
+    check(
+        libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options),
+        f"mount tmpfs on {path}",
+    )
 
 
 def private_filesystem(cfg: dict) -> None:
-    """Only in a private mount namespace: a fresh, size-capped tmpfs over every world-writable directory and over
-    the working directory itself, so whatever the program writes stays in memory and vanishes with it."""
+    """Only in a private mount namespace: a fresh, size-capped tmpfs over every world-writable
+    directory and over the working directory itself, so whatever the program writes stays in memory
+    and vanishes with it."""
     workdir = cfg["workdir"]
     files = {}
     for name in os.listdir(workdir):  # read the staged files before the mounts hide them
         with open(os.path.join(workdir, name), "rb") as f:
             files[name] = f.read()
-    check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")  # nothing leaks out
+    # nothing leaks out
+    check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
     for d in cfg["shared_dirs"]:
         if os.path.isdir(d) and not os.path.islink(d):
             mount_tmpfs(d, cfg["tmpfs_mb"])
@@ -105,7 +137,12 @@ def seccomp_filter(library: str) -> None:
     seccomp.seccomp_init.restype = ctypes.c_void_p
     seccomp.seccomp_init.argtypes = [ctypes.c_uint32]
     seccomp.seccomp_rule_add_array.argtypes = [
-        ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(ArgCmp)]
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(ArgCmp),
+    ]
     seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
     seccomp.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
     ctx = seccomp.seccomp_init(SCMP_ACT_ALLOW)
@@ -147,16 +184,18 @@ def attach_channel(fds: list[int]) -> None:
 
 
 def exec_program(cfg: dict) -> None:
-    """In the forked child: limits, then the throwaway uid, then the program. Hard limits equal soft ones, and an
-    unprivileged process cannot raise them again."""
+    """In the forked child: limits, then the throwaway uid, then the program. Hard limits equal soft
+    ones, and an unprivileged process cannot raise them again."""
     for name, value in cfg["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
     if cfg["uid"] is not None:
         os.setgroups([])
         os.setgid(cfg["uid"])
         os.setuid(cfg["uid"])
-    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")  # setuid binaries cannot give root back
-    check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "pdeathsig")  # dies with us (set after setuid: it resets)
+    # setuid binaries cannot give root back
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    # dies with us (set after setuid: it resets)
+    check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "pdeathsig")
     if cfg["channel"]:
         attach_channel(cfg["channel"])
     if cfg["seccomp"]:
@@ -167,7 +206,8 @@ def exec_program(cfg: dict) -> None:
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     status_fd = cfg["status_fd"]
-    os.set_inheritable(status_fd, False)  # the program must not be able to forge its own exit status
+    # the program must not be able to forge its own exit status
+    os.set_inheritable(status_fd, False)
     if cfg["private_fs"]:
         private_filesystem(cfg)
     os.chdir(cfg["workdir"])

@@ -1,8 +1,8 @@
 """torch.distributed set-up from torchrun's environment, DDP and FSDP2. Nothing home-made.
 
-DDP (the default) keeps a whole model on every rank. FSDP2 (`fully_shard`) shards every parameter across the ranks
-as a DTensor (each decoder block and each MTP block its own all-gather unit, the rest with the root), so a model
-that does not fit one device trains on several.
+DDP (the default) keeps a whole model on every rank. FSDP2 (`fully_shard`) shards every parameter
+across the ranks as a DTensor (each decoder block and each MTP block its own all-gather unit, the
+rest with the root), so a model that does not fit one device trains on several.
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ class DistInfo:
 
 
 def init_distributed(device: str) -> DistInfo:
-    """Join the process group that torchrun describes (gloo on CPU, NCCL on CUDA); a plain run is world size 1."""
+    """Join the process group that torchrun describes (gloo on CPU, NCCL on CUDA); a plain run is
+    world size 1."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    info = DistInfo(
+        int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    )
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
@@ -49,8 +52,9 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    # broadcast_buffers=False: the routers' load counters are per rank (they are all-reduced before the bias
-    # update), and the biases themselves stay identical because every rank applies the same update.
+    # broadcast_buffers=False: the routers' load counters are per rank (they are all-reduced before
+    # the bias update), and the biases themselves stay identical because every rank applies the same
+    # update.
     device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
@@ -58,14 +62,18 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
 PARALLEL = ("ddp", "fsdp")
 
 
-def shard_model(model: nn.Module, info: DistInfo, device: torch.device, mixed_precision: bool = False) -> nn.Module:
-    """FSDP2: a sharded twin of `model` on `device`, built on the meta device and filled from `model`'s weights.
+def shard_model(
+    model: nn.Module, info: DistInfo, device: torch.device, mixed_precision: bool = False
+) -> nn.Module:
+    """FSDP2: a sharded twin of `model` on `device`, built on the meta device and filled from
+    `model`'s weights.
 
-    The caller's `model` is left a plain module (the trainer writes full weights back into it at each checkpoint,
-    so whoever saves it afterwards gets a whole model). Each decoder block and each MTP block is sharded on its
-    own, then the root (embedding, head, final norm, the MTP projections) with what is left. Buffers (the routers'
-    correction biases, the load counters, the rope tables) are not sharded: every rank keeps its copy.
-    mixed_precision: bf16 parameters in forward/backward, fp32 gradient reduction (on CUDA, with autocast)."""
+    The caller's `model` is left a plain module (the trainer writes full weights back into it at
+    each checkpoint, so whoever saves it afterwards gets a whole model). Each decoder block and each
+    MTP block is sharded on its own, then the root (embedding, head, final norm, the MTP
+    projections) with what is left. Buffers (the routers' correction biases, the load counters, the
+    rope tables) are not sharded: every rank keeps its copy. mixed_precision: bf16 parameters in
+    forward/backward, fp32 gradient reduction (on CUDA, with autocast)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -74,10 +82,12 @@ def shard_model(model: nn.Module, info: DistInfo, device: torch.device, mixed_pr
     with torch.device("meta"):
         sharded = type(model)(model.config)
     if mixed_precision:
-        # blocks: bf16 weights, fp32 gradient reduction; their float inputs are left alone (autocast casts the
-        # matmuls; the rope tables stay fp32). The routers keep fp32 weights, as routing is decided in fp32.
-        block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                            cast_forward_inputs=False)
+        # blocks: bf16 weights, fp32 gradient reduction; their float inputs are left alone (autocast
+        # casts the matmuls; the rope tables stay fp32). The routers keep fp32 weights, as routing
+        # is decided in fp32.
+        block_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for moe in sharded.moe_layers():
             fully_shard(moe.gate, mesh=mesh, mp_policy=MixedPrecisionPolicy())
@@ -88,8 +98,11 @@ def shard_model(model: nn.Module, info: DistInfo, device: torch.device, mixed_pr
     fully_shard(sharded, mesh=mesh, mp_policy=policy)
     sharded.to_empty(device=device)
     sharded.rebuild_derived_state()  # rope tables, load counters, tied head
-    # every rank holds the full weights in `model`: each keeps its own shard of them, no communication
-    set_model_state_dict(sharded, model.state_dict(), options=StateDictOptions(full_state_dict=True))
+    # every rank holds the full weights in `model`: each keeps its own shard of them, no
+    # communication
+    set_model_state_dict(
+        sharded, model.state_dict(), options=StateDictOptions(full_state_dict=True)
+    )
     return sharded
 
 
@@ -100,8 +113,9 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ in its two steps, so that it also works on FSDP's DTensor gradients: the global norm
-    (a DTensor partial over the shards) is reduced to a plain tensor before scaling."""
+    """torch's clip_grad_norm_ in its two steps, so that it also works on FSDP's DTensor gradients:
+    the global norm (a DTensor partial over the shards) is reduced to a plain tensor before
+    scaling."""
     from torch.distributed.tensor import DTensor
 
     params = [p for p in parameters if p.grad is not None]
@@ -113,19 +127,32 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """FSDP: the whole model and optimizer state, gathered to CPU on rank 0 (other ranks get empty dicts); a
-    collective: every rank calls it. Keys are parameter names, as in the unsharded model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    """FSDP: the whole model and optimizer state, gathered to CPU on rank 0 (other ranks get empty
+    dicts); a collective: every rank calls it. Keys are parameter names, as in the unsharded
+    model."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, optimizer, options=options),
+    )
 
 
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                          optimizer_state: dict) -> None:
-    """FSDP: load whole (unsharded) model and optimizer state, which every rank holds, into the sharded ones."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+def load_full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict
+) -> None:
+    """FSDP: load whole (unsharded) model and optimizer state, which every rank holds, into the
+    sharded ones."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
@@ -146,8 +173,8 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
-        # Every rank waits for the others first: a gloo rank that tears down its connections while a peer is still
-        # working (rank 0 gathering a checkpoint, say) can abort the peer ("terminate called without an active
-        # exception"), failing a run that finished.
+        # Every rank waits for the others first: a gloo rank that tears down its connections while a
+        # peer is still working (rank 0 gathering a checkpoint, say) can abort the peer ("terminate
+        # called without an active exception"), failing a run that finished.
         dist.barrier()
         dist.destroy_process_group()

@@ -1,11 +1,13 @@
-"""The math of GRPO: group-normalised advantages and the clipped policy-gradient loss, with the known fixes.
+"""The math of GRPO: group-normalised advantages and the clipped policy-gradient loss, with the
+known fixes.
 
-For a prompt q the policy samples a group of G completions o_1..o_G with rewards r_1..r_G. Every token of o_i
-gets the same advantage
+For a prompt q the policy samples a group of G completions o_1..o_G with rewards r_1..r_G. Every
+token of o_i gets the same advantage
 
     A_i = (r_i - mean(r)) / (std(r) + eps)        scale="group"  (DeepSeekMath, R1)
-    A_i = (r_i - mean(r)) / (std(r_batch) + eps)  scale="batch"  (mean per group, std over the whole batch)
-    A_i =  r_i - mean(r)                          scale="none"   (Dr. GRPO: the std division favours questions
+    A_i = (r_i - mean(r)) / (std(r_batch) + eps)  scale="batch"  (mean per group, std over the whole
+    batch) A_i =  r_i - mean(r)                          scale="none"   (Dr. GRPO: the std division
+    favours questions
                                                                   that are too easy or too hard)
 
 and the loss of token t of o_i, with ρ = π_θ / π_old (π_old: the policy that sampled the batch), is
@@ -13,15 +15,16 @@ and the loss of token t of o_i, with ρ = π_θ / π_old (π_old: the policy tha
     ℓ_it = -min(ρ·A_i, clip(ρ, 1 - ε_low, 1 + ε_high)·A_i) + β·KL_it
     KL_it = π_ref/π_θ - log(π_ref/π_θ) - 1        (the k3 estimator: unbiased, never negative)
 
-ε_high > ε_low is DAPO's clip-higher (rare tokens may grow, entropy does not collapse). The token losses become
-one number in one of three ways:
+ε_high > ε_low is DAPO's clip-higher (rare tokens may grow, entropy does not collapse). The token
+losses become one number in one of three ways:
 
-    aggregation="token"     Σ ℓ / (completion tokens in the batch)           DAPO: every token weighs the same
-    aggregation="sequence"  mean over sequences of (Σ_t ℓ_it / |o_i|)       GRPO as published: length-biased
-    aggregation="constant"  Σ ℓ / (sequences · max completion tokens)       Dr. GRPO: no length normalisation
+    aggregation="token"     Σ ℓ / (completion tokens in the batch)           DAPO: every token
+    weighs the same aggregation="sequence"  mean over sequences of (Σ_t ℓ_it / |o_i|)       GRPO as
+    published: length-biased aggregation="constant"  Σ ℓ / (sequences · max completion tokens)
+    Dr. GRPO: no length normalisation
 
-The functions work on one micro-batch at a time; the `num_*` arguments give the totals of the whole batch so
-that micro-batch losses add up to the batch loss.
+The functions work on one micro-batch at a time; the `num_*` arguments give the totals of the whole
+batch so that micro-batch losses add up to the batch loss.
 """
 
 from __future__ import annotations
@@ -37,12 +40,17 @@ SCALES = ("group", "batch", "none")
 AGGREGATIONS = ("token", "sequence", "constant")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
-    """rewards [num_groups * G], each group contiguous -> advantages of the same shape (std: unbiased, as TRL)."""
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """rewards [num_groups * G], each group contiguous -> advantages of the same shape (std:
+    unbiased, as TRL)."""
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r}: must be one of {SCALES}")
     if group_size < 2 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size} (need G >= 2)")
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of {group_size} (need G >= 2)"
+        )
     r = rewards.float().view(-1, group_size)
     centred = r - r.mean(dim=1, keepdim=True)
     if scale == "group":
@@ -53,16 +61,19 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int, tol: float = 1e-6) -> torch.Tensor:
-    """[num_groups] bool: groups whose rewards are all equal. Their advantages are zero: no learning signal."""
+    """[num_groups] bool: groups whose rewards are all equal. Their advantages are zero: no learning
+    signal."""
     r = rewards.float().view(-1, group_size)
     return (r.max(dim=1).values - r.min(dim=1).values) <= tol
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, T, V], targets [B, T] (IGNORE_INDEX where no token is scored) -> (log π(target) [B, T] with
-    gradient, entropy of π [B, T] without); both 0 at ignored positions. π is softmax(logits / temperature): the
-    policy that sampled the completions, so a rollout at temperature T stays on-policy."""
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V], targets [B, T] (IGNORE_INDEX where no token is scored) -> (log π(target)
+    [B, T] with gradient, entropy of π [B, T] without); both 0 at ignored positions. π is
+    softmax(logits / temperature): the policy that sampled the completions, so a rollout at
+    temperature T stays on-policy."""
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
     mask = targets != IGNORE_INDEX
     logp = logp_all.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
@@ -82,20 +93,32 @@ class PolicyLoss:
     loss: torch.Tensor  # this micro-batch's share of the batch loss (what to backpropagate)
     per_token: torch.Tensor  # [B, T] the token losses ℓ (0 where masked)
     ratio: torch.Tensor  # [B, T] ρ, detached
-    clipped_low: torch.Tensor  # [B, T] bool: A < 0 and ρ < 1 - ε_low (the clip removes the gradient)
+    # [B, T] bool: A < 0 and ρ < 1 - ε_low (the clip removes the gradient)
+    clipped_low: torch.Tensor
     clipped_high: torch.Tensor  # [B, T] bool: A > 0 and ρ > 1 + ε_high
     kl: torch.Tensor | None  # [B, T] k3 estimate, detached; None without a reference
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                eps_low: float = 0.2, eps_high: float | None = None, beta: float = 0.0,
-                ref_logp: torch.Tensor | None = None, aggregation: str = "token", num_sequences: int | None = None,
-                num_tokens: int | None = None, max_completion_tokens: int | None = None) -> PolicyLoss:
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    aggregation: str = "token",
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+    max_completion_tokens: int | None = None,
+) -> PolicyLoss:
     """The clipped GRPO objective (negated, to minimise) for a micro-batch.
 
     logp, old_logp, ref_logp, mask: [B, T] over the scored (completion) tokens; advantages: [B].
-    num_sequences / num_tokens: the whole batch's sequences and scored tokens (default: this micro-batch's);
-    max_completion_tokens: the constant of aggregation="constant".
+    num_sequences / num_tokens: the whole batch's sequences and scored tokens (default: this
+    micro-batch's); max_completion_tokens: the constant of aggregation="constant".
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r}: must be one of {AGGREGATIONS}")
@@ -126,6 +149,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
     r = ratio.detach()
     on = mask.bool()
-    return PolicyLoss(loss=loss, per_token=per_token, ratio=r,
-                      clipped_low=on & (adv < 0) & (r < 1 - eps_low), clipped_high=on & (adv > 0) & (r > 1 + eps_high),
-                      kl=None if kl is None else (kl * mask).detach())
+    return PolicyLoss(
+        loss=loss,
+        per_token=per_token,
+        ratio=r,
+        clipped_low=on & (adv < 0) & (r < 1 - eps_low),
+        clipped_high=on & (adv > 0) & (r > 1 + eps_high),
+        kl=None if kl is None else (kl * mask).detach(),
+    )

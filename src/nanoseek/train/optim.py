@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules.
 
-AdamW for everything by default. Muon (momentum + Newton–Schulz orthogonalisation) is an option for the hidden
-matrices, stacked expert tensors included (one orthogonalisation per expert); embeddings, the head, norms and the
-router stay on AdamW, as in the Muon and Moonlight recipes.
+AdamW for everything by default. Muon (momentum + Newton–Schulz orthogonalisation) is an option for
+the hidden matrices, stacked expert tensors included (one orthogonalisation per expert); embeddings,
+the head, norms and the router stay on AdamW, as in the Muon and Moonlight recipes.
 """
 
 from __future__ import annotations
@@ -13,12 +13,20 @@ import torch
 from torch import nn
 
 
-def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str = "cosine", min_ratio: float = 0.1,
-                  decay_fraction: float = 0.2) -> float:
+def lr_multiplier(
+    step: int,
+    *,
+    warmup: int,
+    total: int,
+    schedule: str = "cosine",
+    min_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+) -> float:
     """Multiplier of the peak learning rate at `step` (0-based).
 
     cosine: linear warm-up, then cosine down to min_ratio at `total`.
-    wsd:    warm-up, stable at the peak, then linear decay to min_ratio over the last `decay_fraction` of steps.
+    wsd:    warm-up, stable at the peak, then linear decay to min_ratio over the last
+    `decay_fraction` of steps.
     """
     if step < warmup:
         return (step + 1) / warmup
@@ -34,8 +42,11 @@ def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str = "cosine
 
 
 def _newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise the last two dims of g (quintic iteration, coefficients of Keller Jordan's Muon)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    """Approximately orthogonalise the last two dims of g (quintic iteration, coefficients of Keller
+    Jordan's Muon)."""
+    a = 3.4445
+    b = -4.7750
+    c = 2.0315
     x = g.float()
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
@@ -48,7 +59,8 @@ def _newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD with Nesterov momentum whose update is orthogonalised, scaled so its RMS matches AdamW's (≈ 0.2·lr)."""
+    """SGD with Nesterov momentum whose update is orthogonalised, scaled so its RMS matches AdamW's
+    (≈ 0.2·lr)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -69,7 +81,8 @@ class Muon(torch.optim.Optimizer):
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
-    """Several optimizers stepping together, seen as one (one state_dict, one set of param_groups)."""
+    """Several optimizers stepping together, seen as one (one state_dict, one set of
+    param_groups)."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         self.optimizers = optimizers
@@ -93,13 +106,24 @@ class CombinedOptimizer(torch.optim.Optimizer):
             opt.load_state_dict(s)
 
 
-def build_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 3e-3, weight_decay: float = 0.1,
-                    betas: tuple[float, float] = (0.9, 0.95), muon_lr: float = 0.02,
-                    router_lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """AdamW (decay on matrices only) or Muon for hidden matrices + AdamW for the rest. Each param group keeps its
-    peak rate in `initial_lr` so a schedule can scale it. The routers are a group of their own (AdamW, no weight
-    decay, router_lr_scale × lr), so their rate can be tuned against the balancing bias's speed γ."""
-    matrices, embeddings, routers, others = [], [], [], []
+def build_optimizer(
+    model: nn.Module,
+    *,
+    name: str = "adamw",
+    lr: float = 3e-3,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    muon_lr: float = 0.02,
+    router_lr_scale: float = 1.0,
+) -> torch.optim.Optimizer:
+    """AdamW (decay on matrices only) or Muon for hidden matrices + AdamW for the rest. Each param
+    group keeps its peak rate in `initial_lr` so a schedule can scale it. The routers are a group of
+    their own (AdamW, no weight decay, router_lr_scale × lr), so their rate can be tuned against the
+    balancing bias's speed γ."""
+    matrices = []
+    embeddings = []
+    routers = []
+    others = []
     for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -114,12 +138,23 @@ def build_optimizer(model: nn.Module, *, name: str = "adamw", lr: float = 3e-3, 
     fused = {"foreach": True}
     router_group = dict(params=routers, weight_decay=0.0, lr=lr * router_lr_scale)
     if name == "adamw":
-        groups = [dict(params=matrices + embeddings, weight_decay=weight_decay), router_group,
-                  dict(params=others, weight_decay=0.0)]
+        groups = [
+            dict(params=matrices + embeddings, weight_decay=weight_decay),
+            router_group,
+            dict(params=others, weight_decay=0.0),
+        ]
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas, **fused)
     elif name == "muon":
-        adam = torch.optim.AdamW([dict(params=embeddings, weight_decay=weight_decay), router_group,
-                                  dict(params=others, weight_decay=0.0)], lr=lr, betas=betas, **fused)
+        adam = torch.optim.AdamW(
+            [
+                dict(params=embeddings, weight_decay=weight_decay),
+                router_group,
+                dict(params=others, weight_decay=0.0),
+            ],
+            lr=lr,
+            betas=betas,
+            **fused,
+        )
         opt = CombinedOptimizer([Muon(matrices, lr=muon_lr, weight_decay=weight_decay), adam])
     else:
         raise ValueError(f"optimizer={name!r}: must be 'adamw' or 'muon'")

@@ -1,12 +1,12 @@
 """The precision a training step runs in, chosen by measuring this machine.
 
 "fp32" runs everything in fp32; "bf16" runs forward and backward under bf16 autocast. Either way the
-master weights, gradients and optimizer state stay fp32. "auto" (TrainConfig's default) takes bf16 on
-CUDA; on a CPU that runs bf16 natively (AVX512_BF16 or AMX) it times forward + backward of the model
-in both precisions, interleaved, on a copy of the model and on random tokens (so the run's weights,
-data position and random state are untouched), and takes bf16 only when it is at least `MARGIN`
-faster; fp32 on every other CPU. A matmul's speed-up alone misleads: the step is mostly not large
-matmuls.
+master weights, gradients and optimizer state stay fp32. "auto" (TrainConfig's default) takes bf16
+on CUDA; on a CPU that runs bf16 natively (AVX512_BF16 or AMX) it times forward + backward of the
+model in both precisions, interleaved, on a copy of the model and on random tokens (so the run's
+weights, data position and random state are untouched), and takes bf16 only when it is at least
+`MARGIN` faster; fp32 on every other CPU. A matmul's speed-up alone misleads: the step is mostly not
+large matmuls.
 
 The choice is cached per machine, model and batch shape (`cache_path`), so that the same seed on
 the same machine trains the same way run after run; a resumed run reuses the choice its checkpoint
@@ -73,8 +73,9 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def train_pass(model: torch.nn.Module, device: torch.device, precision: str, batch_size: int,
-               seq_len: int) -> float:
+def train_pass(
+    model: torch.nn.Module, device: torch.device, precision: str, batch_size: int, seq_len: int
+) -> float:
     """Seconds of one forward + backward of `model` (a copy: its gradients go nowhere) on random
     tokens [batch_size, seq_len] in `precision`. -> the loss."""
     vocab = model.config.vocab_size
@@ -89,8 +90,9 @@ def train_pass(model: torch.nn.Module, device: torch.device, precision: str, bat
     return loss.item()
 
 
-def measure(model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int,
-            rounds: int = 3) -> dict[str, float]:
+def measure(
+    model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int, rounds: int = 3
+) -> dict[str, float]:
     """Best seconds per forward + backward in each precision, measured alternately (fp32, bf16,
     fp32, ...) after one warm-up each, so that a busy machine slows both alike."""
     twin = copy.deepcopy(model).train()
@@ -111,14 +113,22 @@ def cache_path() -> Path:
 
 def cache_key(model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int) -> str:
     """This machine, torch build, thread count, model and batch shape."""
-    parts = [cpu_name(), torch.__version__, str(torch.get_num_threads()), str(device.type),
-             json.dumps(model.config.to_dict(), sort_keys=True, default=str), f"{batch_size}x{seq_len}"]
+    parts = [
+        cpu_name(),
+        torch.__version__,
+        str(torch.get_num_threads()),
+        str(device.type),
+        json.dumps(model.config.to_dict(), sort_keys=True, default=str),
+        f"{batch_size}x{seq_len}",
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def choose(model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int
-           ) -> tuple[str, dict]:
-    """`auto`'s choice for this model and batch on this device -> (precision, how it was decided)."""
+def choose(
+    model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int
+) -> tuple[str, dict]:
+    """`auto`'s choice for this model and batch on this device -> (precision, how it was
+    decided)."""
     if device.type == "cuda":
         return "bf16", {"reason": "cuda"}
     if not native_bf16(device):

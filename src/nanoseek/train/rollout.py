@@ -1,17 +1,19 @@
-"""Rollouts for GRPO: task problems -> chat prompts -> G completions each from the Engine -> graded samples.
+"""Rollouts for GRPO: task problems -> chat prompts -> G completions each from the Engine -> graded
+samples.
 
     stream = PromptStream([TaskSpec("arithmetic", difficulty=1)], langs=("en", "zh"), seed=0)
     problems = stream.next(8, progress=0.0)                  # deterministic, resumable (state_dict)
-    samples = generate_groups(engine, tok, problems, graders, SamplingParams(n=8, max_tokens=96, seed=1))
-    inputs, targets = collate(samples, tok.pad_id)            # for the training model's forward
+    samples = generate_groups(engine, tok, problems, graders, SamplingParams(n=8, max_tokens=96,
+    seed=1)) inputs, targets = collate(samples, tok.pad_id)            # for the training model's
+    forward
 
-Prompts are rendered by data.chat_tokens.prompt_ids (as SFT and evaluation render them), with the chat
-template's generation prompt, which ends in "<think>\\n": completions start inside the reasoning and
-are graded with think_prefilled=True. The G completions of a prompt come from one request with n=G,
-so the prompt is prefilled once and its cache blocks are shared by the group. Held-out accuracy is
-eval/'s (eval.quality.task_accuracy).
-Completion text is decoded from the token ids with special tokens kept (the engine's own text drops them, and
-with them the <think>/<answer> tags that the graders read).
+Prompts are rendered by data.chat_tokens.prompt_ids (as SFT and evaluation render them), with the
+chat template's generation prompt, which ends in "<think>\\n": completions start inside the
+reasoning and are graded with think_prefilled=True. The G completions of a prompt come from one
+request with n=G, so the prompt is prefilled once and its cache blocks are shared by the group.
+Held-out accuracy is eval/'s (eval.quality.task_accuracy).
+Completion text is decoded from the token ids with special tokens kept (the engine's own text drops
+them, and with them the <think>/<answer> tags that the graders read).
 """
 
 from __future__ import annotations
@@ -33,20 +35,28 @@ Grader = Callable[[list[Problem], list[str]], list[Reward]]
 
 @dataclass
 class TaskSpec:
-    """One task of the training mix. The difficulty ramps linearly from `difficulty` to `max_difficulty` (if set)
-    over the run: a curriculum that keeps the problems near the edge of what the model can do."""
+    """One task of the training mix. The difficulty ramps linearly from `difficulty` to
+    `max_difficulty` (if set) over the run: a curriculum that keeps the problems near the edge of
+    what the model can do."""
 
     name: str
     weight: float = 1.0
     difficulty: int = 1
     max_difficulty: int | None = None
-    kwargs: dict = field(default_factory=dict)  # for the task's constructor (accuracy_weight, partial_credit...)
+    # for the task's constructor (accuracy_weight, partial_credit...)
+    kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.name not in TASKS:
             raise ValueError(f"unknown task {self.name!r}; known: {sorted(TASKS)}")
-        if self.weight <= 0 or self.difficulty < 1 or (self.max_difficulty or self.difficulty) < self.difficulty:
-            raise ValueError(f"task {self.name!r}: need weight > 0 and 1 <= difficulty <= max_difficulty")
+        if (
+            self.weight <= 0
+            or self.difficulty < 1
+            or (self.max_difficulty or self.difficulty) < self.difficulty
+        ):
+            raise ValueError(
+                f"task {self.name!r}: need weight > 0 and 1 <= difficulty <= max_difficulty"
+            )
 
     def difficulty_at(self, progress: float) -> int:
         top = self.max_difficulty or self.difficulty
@@ -54,7 +64,8 @@ class TaskSpec:
 
     @classmethod
     def parse(cls, spec: str | dict | TaskSpec) -> TaskSpec:
-        """A TaskSpec from a dict, or from "name[:difficulty[-max]][@weight]", e.g. "arithmetic:1-2@3"."""
+        """A TaskSpec from a dict, or from "name[:difficulty[-max]][@weight]", e.g.
+        "arithmetic:1-2@3"."""
         if isinstance(spec, TaskSpec):
             return spec
         if isinstance(spec, dict):
@@ -65,7 +76,9 @@ class TaskSpec:
         try:
             numbers = float(weight or 1), int(low or 1), int(high) if high else None
         except ValueError:
-            raise ValueError(f"task spec {spec!r}: expected NAME[:DIFFICULTY[-MAX]][@WEIGHT]") from None
+            raise ValueError(
+                f"task spec {spec!r}: expected NAME[:DIFFICULTY[-MAX]][@WEIGHT]"
+            ) from None
         return cls(name, *numbers)
 
 
@@ -74,13 +87,16 @@ def build_tasks(specs: Sequence[TaskSpec]) -> dict[str, Task]:
 
 
 class PromptStream:
-    """Training problems drawn from the tasks' train split: the k-th draw depends only on (seed, k), so the
-    position (`draws`) is all a checkpoint needs to continue the same sequence of problems."""
+    """Training problems drawn from the tasks' train split: the k-th draw depends only on (seed, k),
+    so the position (`draws`) is all a checkpoint needs to continue the same sequence of
+    problems."""
 
     def __init__(self, specs: Sequence[TaskSpec], langs: Sequence[str] = ("en",), seed: int = 0):
         if not specs or not langs:
             raise ValueError("a prompt stream needs at least one task and one language")
-        self.specs, self.langs, self.seed = list(specs), list(langs), seed
+        self.specs = list(specs)
+        self.langs = list(langs)
+        self.seed = seed
         self.tasks = build_tasks(self.specs)
         for task in self.tasks.values():
             if isinstance(task, Code):  # RL optimises any hole: refuse the sandbox's fallback mode
@@ -88,7 +104,8 @@ class PromptStream:
         self.draws = 0
 
     def next(self, n: int, progress: float = 0.0) -> list[Problem]:
-        """n problems; progress in [0, 1] (the run's completed fraction) sets each task's difficulty."""
+        """n problems; progress in [0, 1] (the run's completed fraction) sets each task's
+        difficulty."""
         out = []
         for _ in range(n):
             rng = random.Random(f"grpo|{self.seed}|{self.draws}")
@@ -96,8 +113,15 @@ class PromptStream:
             spec = rng.choices(self.specs, weights=[s.weight for s in self.specs])[0]
             lang = rng.choice(self.langs)
             problem_seed = rng.randrange(2**31)
-            out.append(self.tasks[spec.name].generate(1, seed=problem_seed, difficulty=spec.difficulty_at(progress),
-                                                      split="train", lang=lang)[0])
+            out.append(
+                self.tasks[spec.name].generate(
+                    1,
+                    seed=problem_seed,
+                    difficulty=spec.difficulty_at(progress),
+                    split="train",
+                    lang=lang,
+                )[0]
+            )
         return out
 
     def state_dict(self) -> dict:
@@ -109,14 +133,18 @@ class PromptStream:
 
 def task_grader(tasks: dict[str, Task]) -> Grader:
     """Grade each completion with its problem's task (think prefilled, as the prompts are)."""
+
     def grade(problems: list[Problem], texts: list[str]) -> list[Reward]:
         rewards: list[Reward | None] = [None] * len(problems)
         for name in dict.fromkeys(p.task for p in problems):
             idx = [i for i, p in enumerate(problems) if p.task == name]
-            graded = tasks[name].grade_many([problems[i] for i in idx], [texts[i] for i in idx], think_prefilled=True)
+            graded = tasks[name].grade_many(
+                [problems[i] for i in idx], [texts[i] for i in idx], think_prefilled=True
+            )
             for i, r in zip(idx, graded):
                 rewards[i] = r
         return rewards
+
     return grade
 
 
@@ -137,8 +165,9 @@ class Rollout:
     seconds: float
 
 
-def generate_groups(engine: Engine, tokenizer, problems: list[Problem], grader: Grader,
-                    params: SamplingParams) -> Rollout:
+def generate_groups(
+    engine: Engine, tokenizer, problems: list[Problem], grader: Grader, params: SamplingParams
+) -> Rollout:
     """params.n completions for each problem (seeded per problem from params.seed), graded."""
     prompts = [prompt_ids(tokenizer, p.prompt) for p in problems]
     base = params.seed if params.seed is not None else random.randrange(2**62)
@@ -150,21 +179,36 @@ def generate_groups(engine: Engine, tokenizer, problems: list[Problem], grader: 
     samples = []
     for problem, ids, out in zip(problems, prompts, outputs):
         for comp in out.outputs:
-            body = comp.token_ids[:-1] if comp.token_ids and comp.token_ids[-1] == eos else comp.token_ids
-            samples.append(Sample(problem, ids, list(comp.token_ids), tokenizer.decode(body), comp.finish_reason))
+            body = (
+                comp.token_ids[:-1]
+                if comp.token_ids and comp.token_ids[-1] == eos
+                else comp.token_ids
+            )
+            samples.append(
+                Sample(
+                    problem, ids, list(comp.token_ids), tokenizer.decode(body), comp.finish_reason
+                )
+            )
     for s, r in zip(samples, grader([s.problem for s in samples], [s.text for s in samples])):
         s.reward = r
     return Rollout(samples, sum(len(s.completion_ids) for s in samples), seconds)
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:
-    fields = {k: getattr(params, k) for k in SamplingParams.__dataclass_fields__ if k not in ("stop_list", "stop_ids")}
+    fields = {
+        k: getattr(params, k)
+        for k in SamplingParams.__dataclass_fields__
+        if k not in ("stop_list", "stop_ids")
+    }
     return SamplingParams(**{**fields, **changes})
 
 
-def collate(samples: Sequence[Sample], pad_id: int, mask_truncated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> inputs [N, L] (prompt + completion, right-padded) and targets [N, L]: the next token where it is a
-    completion token, IGNORE_INDEX elsewhere (prompt, padding, and truncated completions if mask_truncated)."""
+def collate(
+    samples: Sequence[Sample], pad_id: int, mask_truncated: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> inputs [N, L] (prompt + completion, right-padded) and targets [N, L]: the next token where
+    it is a completion token, IGNORE_INDEX elsewhere (prompt, padding, and truncated completions if
+    mask_truncated)."""
     seqs = [s.prompt_ids + s.completion_ids for s in samples]
     length = max(len(q) for q in seqs) - 1
     inputs = torch.full((len(seqs), length), pad_id, dtype=torch.long)
@@ -178,15 +222,25 @@ def collate(samples: Sequence[Sample], pad_id: int, mask_truncated: bool = False
 
 
 def summarize(samples: Sequence[Sample]) -> dict:
-    """Accuracy (exactly right), mean partial accuracy, format rate (all four format checks), mean completion
-    length, overall and per task."""
+    """Accuracy (exactly right), mean partial accuracy, format rate (all four format checks), mean
+    completion length, overall and per task."""
+
     def stats(group: list[Sample]) -> dict:
         k = max(1, len(group))
-        return {"accuracy": sum(s.reward.correct for s in group) / k,
-                "partial_accuracy": sum(s.reward.accuracy for s in group) / k,
-                "format": sum(s.reward.format >= 1.0 for s in group) / k,
-                "length": sum(len(s.completion_ids) for s in group) / k, "n": len(group)}
+        return {
+            "accuracy": sum(s.reward.correct for s in group) / k,
+            "partial_accuracy": sum(s.reward.accuracy for s in group) / k,
+            "format": sum(s.reward.format >= 1.0 for s in group) / k,
+            "length": sum(len(s.completion_ids) for s in group) / k,
+            "n": len(group),
+        }
+
     out = stats(list(samples))
     for name in dict.fromkeys(s.problem.task for s in samples):
-        out.update({f"{name}/{k}": v for k, v in stats([s for s in samples if s.problem.task == name]).items()})
+        out.update(
+            {
+                f"{name}/{k}": v
+                for k, v in stats([s for s in samples if s.problem.task == name]).items()
+            }
+        )
     return out

@@ -1,25 +1,29 @@
 """One training loop for every stage.
 
-    for step in steps:                       gradient accumulation over micro-batches (DDP/FSDP sync on the last)
-        loss = lm + λ·MTP + balance          fp32, or bf16 autocast where measured faster (precision.py)
-        clip, optimizer step at the scheduled rate, then the routers' bias update (γ, all-reduced loads)
-        every log_every: JSONL metrics + progress bar (loss, tokens/s, MFU)
+    for step in steps:                       gradient accumulation over micro-batches (DDP/FSDP sync
+    on the last)
+        loss = lm + λ·MTP + balance          fp32, or bf16 autocast where measured faster
+        (precision.py) clip, optimizer step at the scheduled rate, then the routers' bias update (γ,
+        all-reduced loads) every log_every: JSONL metrics + progress bar (loss, tokens/s, MFU)
         every eval_every: validation loss and bits per byte
-        every save_every, at the end, on Ctrl-C: an atomic checkpoint that a restarted run resumes exactly
+        every save_every, at the end, on Ctrl-C: an atomic checkpoint that a restarted run resumes
+        exactly
 
-A checkpoint is `out_dir/checkpoints/step_NNNNNN/`: an HF model directory plus `trainer_state.pt` (optimizer,
-loader position of every rank, RNG states, counters). It is written under a temporary name and renamed when
-complete, so a run killed while saving resumes from the previous one. It records the precision the run
-chose, which a resumed run reuses.
+A checkpoint is `out_dir/checkpoints/step_NNNNNN/`: an HF model directory plus `trainer_state.pt`
+(optimizer, loader position of every rank, RNG states, counters). It is written under a temporary
+name and renamed when complete, so a run killed while saving resumes from the previous one. It
+records the precision the run chose, which a resumed run reuses.
 
-With `compile` the model's forward and backward are compiled by torch.compile (Inductor: its C++ backend
-on CPU); without a C++ compiler, or when the first step fails to compile, the run goes on eagerly after one
-warning. cost.json reports the precision, the matmul peak's dtype and the compile time.
+With `compile` the model's forward and backward are compiled by torch.compile (Inductor: its C++
+backend on CPU); without a C++ compiler, or when the first step fails to compile, the run goes on
+eagerly after one warning. cost.json reports the precision, the matmul peak's dtype and the compile
+time.
 
-Under torchrun the model is replicated (parallel="ddp") or sharded (parallel="fsdp": FSDP2, see dist.py). With FSDP
-the trainer trains a sharded twin of the model it is given; checkpoints gather the full weights and optimizer state
-to rank 0, which writes the same files as DDP, and the given model receives the full weights there, so after `fit`
-rank 0 holds the trained model in it for whoever saves it.
+Under torchrun the model is replicated (parallel="ddp") or sharded (parallel="fsdp": FSDP2, see
+dist.py). With FSDP the trainer trains a sharded twin of the model it is given; checkpoints gather
+the full weights and optimizer state to rank 0, which writes the same files as DDP, and the given
+model receives the full weights there, so after `fit` rank 0 holds the trained model in it for
+whoever saves it.
 """
 
 from __future__ import annotations
@@ -56,9 +60,11 @@ STATE_FILE = "trainer_state.pt"
 class TrainConfig:
     out_dir: str = "runs/pretrain"
     max_steps: int = 1000
-    max_time: float | None = None  # seconds of training (across restarts); stops early with a checkpoint
+    # seconds of training (across restarts); stops early with a checkpoint
+    max_time: float | None = None
     batch_size: int = 8  # sequences per rank per micro-step
-    global_batch_size: int | None = None  # if set: sequences per optimizer step over all ranks (sets batch_size)
+    # if set: sequences per optimizer step over all ranks (sets batch_size)
+    global_batch_size: int | None = None
     grad_accum: int = 1
     seq_len: int = 256
     optimizer: str = "adamw"  # or "muon" (hidden matrices) + AdamW (the rest)
@@ -81,7 +87,8 @@ class TrainConfig:
     device: str = "auto"  # "cuda" when available, else "cpu"
     compile: bool = False  # torch.compile forward + backward (Inductor; on CPU its C++ backend)
     precision: str = "auto"  # "fp32", "bf16" (autocast; fp32 master weights) or "auto" (measured)
-    parallel: str = "ddp"  # under torchrun: "ddp" (a whole model per rank) or "fsdp" (FSDP2: sharded across ranks)
+    # under torchrun: "ddp" (a whole model per rank) or "fsdp" (FSDP2: sharded across ranks)
+    parallel: str = "ddp"
     price_per_hour: float = 0.0  # $ per device-hour, for the cost report
     progress: bool = True
 
@@ -89,10 +96,20 @@ class TrainConfig:
         if self.global_batch_size is not None:
             per_step = world_size * self.grad_accum
             if self.global_batch_size % per_step:
-                raise ValueError(f"global_batch_size={self.global_batch_size} does not divide across {world_size} "
-                                 f"rank(s) x grad_accum={self.grad_accum}")
+                raise ValueError(
+                    f"global_batch_size={self.global_batch_size} does not divide across {world_size} "
+                    f"rank(s) x grad_accum={self.grad_accum}"
+                )
             self.batch_size = self.global_batch_size // per_step
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "save_every"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "log_every",
+            "eval_every",
+            "save_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.lr <= 0:
@@ -108,9 +125,11 @@ class TrainConfig:
         if self.parallel not in dist.PARALLEL:
             raise ValueError(f"parallel={self.parallel!r}: must be one of {dist.PARALLEL}")
         if self.parallel == "fsdp" and self.optimizer == "muon":
-            raise ValueError("optimizer='muon' does not run with parallel='fsdp': its Newton-Schulz step needs each "
-                             "whole matrix, and FSDP gives every rank a slice of it; use optimizer='adamw' with FSDP, "
-                             "or Muon with parallel='ddp'")
+            raise ValueError(
+                "optimizer='muon' does not run with parallel='fsdp': its Newton-Schulz step needs each "
+                "whole matrix, and FSDP gives every rank a slice of it; use optimizer='adamw' with FSDP, "
+                "or Muon with parallel='ddp'"
+            )
 
     @property
     def resolved_device(self) -> str:
@@ -129,32 +148,57 @@ class Trainer:
     peak_seconds = 1.0  # how long the matmul peak (MFU's denominator) is measured
     supports_fsdp = True  # False: the subclass uses the whole model outside forward/backward
 
-    def __init__(self, model: Transformer, cfg: TrainConfig, train_loader: Iterator,
-                 val_batches: Callable[[], Iterable] | None = None, val_bytes_per_token: float | None = None,
-                 tokenizer=None, dist_info: dist.DistInfo | None = None):
-        """train_loader yields (inputs [B, T], targets [B, T]) and has state_dict()/load_state_dict() so a
-        restarted run continues from the same position. val_batches() returns a fresh pass over validation."""
-        self.cfg, self.info = cfg, dist_info or dist.DistInfo()
+    def __init__(
+        self,
+        model: Transformer,
+        cfg: TrainConfig,
+        train_loader: Iterator,
+        val_batches: Callable[[], Iterable] | None = None,
+        val_bytes_per_token: float | None = None,
+        tokenizer=None,
+        dist_info: dist.DistInfo | None = None,
+    ):
+        """train_loader yields (inputs [B, T], targets [B, T]) and has
+        state_dict()/load_state_dict() so a restarted run continues from the same position.
+        val_batches() returns a fresh pass over validation."""
+        self.cfg = cfg
+        self.info = dist_info or dist.DistInfo()
         cfg.validate(self.info.world_size)
-        self.device = torch.device(cfg.resolved_device if self.info.world_size == 1 or cfg.resolved_device == "cpu"
-                                   else f"cuda:{self.info.local_rank}")
+        self.device = torch.device(
+            cfg.resolved_device
+            if self.info.world_size == 1 or cfg.resolved_device == "cpu"
+            else f"cuda:{self.info.local_rank}"
+        )
         # FSDP only means something across ranks; one process trains the plain model either way
         self.fsdp = cfg.parallel == "fsdp" and self.info.enabled
         if self.fsdp and not self.supports_fsdp:
-            raise ValueError(f"{type(self).__name__} does not support parallel='fsdp' (its loop uses the whole model "
-                             "outside forward/backward); use parallel='ddp'")
-        # self.host: the model as given, plain (under FSDP it gets the full weights at each checkpoint, on rank 0);
-        # self.model: what trains (the same module, or its FSDP-sharded twin); self.wrapped: what runs forward
+            raise ValueError(
+                f"{type(self).__name__} does not support parallel='fsdp' (its loop uses the whole model "
+                "outside forward/backward); use parallel='ddp'"
+            )
+        # self.host: the model as given, plain (under FSDP it gets the full weights at each
+        # checkpoint, on rank 0); self.model: what trains (the same module, or its FSDP-sharded
+        # twin); self.wrapped: what runs forward
         self.host = model
         if self.fsdp:
-            self.model = dist.shard_model(model, self.info, self.device, mixed_precision=self.device.type == "cuda")
+            self.model = dist.shard_model(
+                model, self.info, self.device, mixed_precision=self.device.type == "cuda"
+            )
         else:
             self.model = model.to(self.device)
-        self.loader, self.val_batches, self.val_bytes_per_token = train_loader, val_batches, val_bytes_per_token
+        self.loader = train_loader
+        self.val_batches = val_batches
+        self.val_bytes_per_token = val_bytes_per_token
         self.tokenizer = tokenizer
         self.out = Path(cfg.out_dir)
-        self.optimizer = build_optimizer(self.model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                         muon_lr=cfg.muon_lr, router_lr_scale=cfg.router_lr_scale)
+        self.optimizer = build_optimizer(
+            self.model,
+            name=cfg.optimizer,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            muon_lr=cfg.muon_lr,
+            router_lr_scale=cfg.router_lr_scale,
+        )
         self.eager = self.model if self.fsdp else dist.wrap_model(self.model, self.info)
         self.wrapped = self.eager
         self.compiled = cfg.compile and _compiler_available(self.device)
@@ -168,11 +212,13 @@ class Trainer:
         self.precision_how: dict = {"reason": "forced"} if cfg.precision != "auto" else {}
         self._resumed_precision: str | None = None
         self.autocast = precision.autocast(self.device, self.precision)
-        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.info.world_size
         self.flops_per_token = train_flops_per_token(model.config, cfg.seq_len)
-        # the losses of the steps since the last log row (their mean is logged): saved with each checkpoint, so a
-        # run resumed between two rows logs the figures of an uninterrupted one
+        # the losses of the steps since the last log row (their mean is logged): saved with each
+        # checkpoint, so a run resumed between two rows logs the figures of an uninterrupted one
         self._window_losses: list[float] = []
         self._stop_requested = False
 
@@ -182,18 +228,29 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.info.rank)
         resumed = self.resume()
         self.choose_precision()
-        peak = measure_matmul_peak(self.device, precision.DTYPES[self.precision], seconds=self.peak_seconds)
+        peak = measure_matmul_peak(
+            self.device, precision.DTYPES[self.precision], seconds=self.peak_seconds
+        )
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+            atomic_write_text(
+                self.out / "train_config.json", json.dumps(asdict(cfg), indent=2) + "\n"
+            )
         previous = signal.signal(signal.SIGINT, self._request_stop) if _main_thread() else None
-        self.bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step",
-                        desc=f"{self.progress_name} {self.out.name}", dynamic_ncols=True,
-                        disable=not (cfg.progress and self.info.is_main))
+        self.bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            unit="step",
+            desc=f"{self.progress_name} {self.out.name}",
+            dynamic_ncols=True,
+            disable=not (cfg.progress and self.info.is_main),
+        )
         metrics: dict = {}
         try:
             self.before_loop(resumed, peak)
-            while self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested:
+            while (
+                self.step < cfg.max_steps and not self._out_of_time() and not self._stop_requested
+            ):
                 started = time.perf_counter()
                 metrics = self.first_step() if self.compile_s is None else self.run_step()
                 self.elapsed += time.perf_counter() - started
@@ -214,7 +271,9 @@ class Trainer:
         if self.info.is_main:
             atomic_write_text(self.out / "cost.json", json.dumps(report, indent=2) + "\n")
         if self._stop_requested:
-            raise KeyboardInterrupt(f"stopped at step {self.step}; run again to resume from {self.out}")
+            raise KeyboardInterrupt(
+                f"stopped at step {self.step}; run again to resume from {self.out}"
+            )
         return {**metrics, **report}
 
     def choose_precision(self) -> None:
@@ -233,16 +292,22 @@ class Trainer:
             self.precision, self.precision_how = chosen[0]
         self.autocast = precision.autocast(self.device, self.precision)
         if self.compiled and self.device.type == "cpu" and self.precision == "bf16":
-            warnings.warn("compile=True with bf16 on CPU: Inductor's compiled bf16 training step gave NaN losses "
-                          "(torch 2.13); training eagerly in bf16", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "compile=True with bf16 on CPU: Inductor's compiled bf16 training step gave NaN losses "
+                "(torch 2.13); training eagerly in bf16",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             self.compiled = False
             self.wrapped = self.eager
         if self.info.is_main and cfg.progress:
             timing = {k: v for k, v in self.precision_how.items() if k in precision.DTYPES}
             said = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timing.items())
-            tqdm.write(f"precision: {self.precision} ({self.precision_how.get('reason', '')}"
-                       f"{': forward+backward ' + said if said else ''})"
-                       f"{'; compiled' if self.compiled else ''}")
+            tqdm.write(
+                f"precision: {self.precision} ({self.precision_how.get('reason', '')}"
+                f"{': forward+backward ' + said if said else ''})"
+                f"{'; compiled' if self.compiled else ''}"
+            )
 
     def first_step(self) -> dict:
         """This process's first step. Compiled, it compiles; should that fail, the data position,
@@ -256,8 +321,11 @@ class Trainer:
         try:
             metrics = self.run_step()
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, say why once
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:300]}); training "
-                          "eagerly", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"torch.compile failed ({type(exc).__name__}: {str(exc)[:300]}); training eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             self.loader.load_state_dict(loader_state)
             torch.set_rng_state(rng)
             self.optimizer.zero_grad(set_to_none=True)
@@ -276,7 +344,8 @@ class Trainer:
         loss)."""
         self._peak = peak
         self._window_start = time.perf_counter()
-        self._window_tokens = 0  # this process's: tokens/s measures what it did since the window opened
+        # this process's: tokens/s measures what it did since the window opened
+        self._window_tokens = 0
 
     def run_step(self) -> dict:
         """One optimizer step -> its metrics."""
@@ -299,17 +368,25 @@ class Trainer:
             # the step's own losses are noisy across documents: also log the window's mean
             mean_loss = sum(self._window_losses) / len(self._window_losses)
             mfu = tps * self.flops_per_token / (self._peak * self.info.world_size)
-            metrics.update(lm_loss_avg=round(mean_loss, 5), tokens=self.tokens,
-                           tokens_per_s=round(tps, 1), elapsed_s=round(self.elapsed, 2),
-                           mfu=round(mfu, 4))
+            metrics.update(
+                lm_loss_avg=round(mean_loss, 5),
+                tokens=self.tokens,
+                tokens_per_s=round(tps, 1),
+                elapsed_s=round(self.elapsed, 2),
+                mfu=round(mfu, 4),
+            )
             self._window_start = time.perf_counter()
             self._window_tokens = 0
             self._window_losses = []
             if self.val_batches is not None and (self.step % cfg.eval_every == 0 or last):
                 metrics.update(self.evaluate())
             self.log(metrics)
-            self.bar.set_postfix(loss=f"{metrics['lm_loss_avg']:.3f}", tok_s=f"{tps:.0f}",
-                                 mfu=f"{metrics['mfu']:.2f}", prec=self.precision)
+            self.bar.set_postfix(
+                loss=f"{metrics['lm_loss_avg']:.3f}",
+                tok_s=f"{tps:.0f}",
+                mfu=f"{metrics['mfu']:.2f}",
+                prec=self.precision,
+            )
 
     def on_save(self) -> None:
         """After each checkpoint: files a subclass writes beside it (none here)."""
@@ -329,7 +406,7 @@ class Trainer:
             sync = micro == cfg.grad_accum - 1 or not self.info.enabled
             if self.fsdp:  # FSDP2's no_sync: keep unsharded gradients until the last micro-batch
                 self.model.set_requires_gradient_sync(sync)
-            with (nullcontext() if sync or self.fsdp else self.wrapped.no_sync()), self.autocast:
+            with nullcontext() if sync or self.fsdp else self.wrapped.no_sync(), self.autocast:
                 out = self.wrapped(inputs, targets, cfg.mtp_weight)
                 (out.loss / cfg.grad_accum).backward()
             for key in sums:
@@ -340,15 +417,24 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loads = model.expert_load()
-        metrics = {"step": self.step + 1, "lr_scale": round(lr_scale, 5), "grad_norm": round(grad_norm.item(), 4)}
+        metrics = {
+            "step": self.step + 1,
+            "lr_scale": round(lr_scale, 5),
+            "grad_norm": round(grad_norm.item(), 4),
+        }
         if loads.numel():
             loads = dist.all_reduce_sum(loads, self.info)
             model.update_router_biases(cfg.bias_update_speed, loads)
             share = loads / loads.sum(1, keepdim=True).clamp_min(1)
-            metrics["load_imbalance"] = round((share.max(1).values * share.shape[1]).max().item(), 3)
-            metrics["expert_load"] = share.round(decimals=4).tolist()  # [moe layer][expert]: fraction of tokens
+            metrics["load_imbalance"] = round(
+                (share.max(1).values * share.shape[1]).max().item(), 3
+            )
+            # [moe layer][expert]: fraction of tokens
+            metrics["expert_load"] = share.round(decimals=4).tolist()
         if self.info.enabled:  # the logged losses are global means
-            t = dist.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64), self.info)
+            t = dist.all_reduce_sum(
+                torch.tensor(list(sums.values()), dtype=torch.float64), self.info
+            )
             sums = dict(zip(sums, (t / self.info.world_size).tolist()))
         metrics.update({k: round(v, 5) for k, v in sums.items()})
         return metrics
@@ -356,22 +442,34 @@ class Trainer:
     def schedule_lr(self) -> float:
         """Set this step's learning rate from the schedule. -> its multiplier of the base rate."""
         cfg = self.cfg
-        lr_scale = lr_multiplier(self.step, warmup=cfg.warmup_steps, total=cfg.max_steps,
-                                 schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+        lr_scale = lr_multiplier(
+            self.step,
+            warmup=cfg.warmup_steps,
+            total=cfg.max_steps,
+            schedule=cfg.schedule,
+            min_ratio=cfg.min_lr_ratio,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_scale
         return lr_scale
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss in nats per token and, given the bytes per token of the validation text, bits per byte."""
+        """Validation loss in nats per token and, given the bytes per token of the validation text,
+        bits per byte."""
         self.model.eval()
         nats, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         batches = iter(self.val_batches())
         for _ in range(self.cfg.eval_batches):
             batch = next(batches, None)
-            if self.fsdp:  # every forward all-gathers weights: the ranks run as many as the one with the most data
-                if dist.all_reduce_sum(torch.tensor(float(batch is not None), device=self.device), self.info) == 0:
+            # every forward all-gathers weights: the ranks run as many as the one with the most data
+            if self.fsdp:
+                if (
+                    dist.all_reduce_sum(
+                        torch.tensor(float(batch is not None), device=self.device), self.info
+                    )
+                    == 0
+                ):
                     break
                 if batch is None:
                     with self.autocast:
@@ -382,8 +480,12 @@ class Trainer:
             inputs, targets = (t.to(self.device) for t in batch)
             with self.autocast:
                 logits = self.model(inputs)
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1),
+                targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
             nats += loss.double().cpu()
             count += (targets != IGNORE_INDEX).sum().cpu()
         nats, count = dist.all_reduce_sum(nats, self.info), dist.all_reduce_sum(count, self.info)
@@ -402,14 +504,26 @@ class Trainer:
     def cost_report(self, peak: float) -> dict:
         flops = self.tokens * self.flops_per_token
         device_hours = self.elapsed * self.info.world_size / 3600
-        return {"steps": self.step, "tokens": self.tokens, "flops": flops, "wall_s": round(self.elapsed, 2),
-                "mfu": round(flops / max(self.elapsed, 1e-9) / (peak * self.info.world_size), 4),
-                "matmul_peak_flops": peak, "matmul_peak_dtype": self.precision, "precision": self.precision,
-                "precision_choice": self.precision_how, "compiled": self.compiled, "compile_s": self.compile_s,
-                "devices": self.info.world_size, "device": str(self.device.type),
-                "device_hours": round(device_hours, 5), "price_per_device_hour": self.cfg.price_per_hour,
-                "estimated_cost": round(device_hours * self.cfg.price_per_hour, 4),
-                "active_params": self.host.num_parameters(active=True), "params": self.host.num_parameters()}
+        return {
+            "steps": self.step,
+            "tokens": self.tokens,
+            "flops": flops,
+            "wall_s": round(self.elapsed, 2),
+            "mfu": round(flops / max(self.elapsed, 1e-9) / (peak * self.info.world_size), 4),
+            "matmul_peak_flops": peak,
+            "matmul_peak_dtype": self.precision,
+            "precision": self.precision,
+            "precision_choice": self.precision_how,
+            "compiled": self.compiled,
+            "compile_s": self.compile_s,
+            "devices": self.info.world_size,
+            "device": str(self.device.type),
+            "device_hours": round(device_hours, 5),
+            "price_per_device_hour": self.cfg.price_per_hour,
+            "estimated_cost": round(device_hours * self.cfg.price_per_hour, 4),
+            "active_params": self.host.num_parameters(active=True),
+            "params": self.host.num_parameters(),
+        }
 
     def _out_of_time(self) -> bool:
         return self.cfg.max_time is not None and self.elapsed >= self.cfg.max_time
@@ -428,25 +542,37 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Everything a restart needs, written under a temporary name and renamed once complete."""
         loader_states = [self.loader.state_dict()]
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-               else None}
-        if self.info.enabled:  # every rank's data position and RNG go into the one file rank 0 writes
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        # every rank's data position and RNG go into the one file rank 0 writes
+        if self.info.enabled:
             gathered: list = [None] * self.info.world_size
             torch.distributed.all_gather_object(gathered, (loader_states[0], rng))
             loader_states, rngs = [g[0] for g in gathered], [g[1] for g in gathered]
         else:
             rngs = [rng]
-        if self.fsdp:  # gathered to rank 0; the given model receives the weights there and is saved as usual
+        # gathered to rank 0; the given model receives the weights there and is saved as usual
+        if self.fsdp:
             weights, optimizer_state = dist.full_state_dicts(self.model, self.optimizer)
             if self.info.is_main:
                 self.host.load_state_dict(weights)
         final = self.checkpoint_dir / f"step_{self.step:06d}"
         if self.info.is_main:
-            state = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-                     "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
-                     "loaders": loader_states, "rng": rngs, "world_size": self.info.world_size,
-                     "parallel": "fsdp" if self.fsdp else "ddp", "config": asdict(self.cfg),
-                     "window_losses": list(self._window_losses), "precision": self.precision}
+            state = {
+                "step": self.step,
+                "tokens": self.tokens,
+                "elapsed": self.elapsed,
+                "optimizer": optimizer_state if self.fsdp else self.optimizer.state_dict(),
+                "loaders": loader_states,
+                "rng": rngs,
+                "world_size": self.info.world_size,
+                "parallel": "fsdp" if self.fsdp else "ddp",
+                "config": asdict(self.cfg),
+                "window_losses": list(self._window_losses),
+                "precision": self.precision,
+            }
             with atomic_dir(final) as tmp:
                 save_model(self.host, tmp, tokenizer=self.tokenizer)
                 torch.save(state, tmp / STATE_FILE)
@@ -460,8 +586,8 @@ class Trainer:
         return done[-1] if done else None
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint in out_dir, if any, after removing what killed
-        saves left behind."""
+        """Continue from the newest complete checkpoint in out_dir, if any, after removing what
+        killed saves left behind."""
         if self.info.is_main and self.checkpoint_dir.is_dir():
             for leftover in self.checkpoint_dir.glob(".*"):  # temporaries of a save or a rotation
                 _remove_dir(leftover)
@@ -471,18 +597,25 @@ class Trainer:
         path = self.latest_checkpoint()
         if path is None:
             return False
-        # weights_only: tensors and plain containers only, so a run directory from elsewhere cannot run code here
+        # weights_only: tensors and plain containers only, so a run directory from elsewhere cannot
+        # run code here
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         if state["world_size"] != self.info.world_size:
-            raise RuntimeError(f"{path} was written by {state['world_size']} ranks; resume it with the same number "
-                               f"(this run has {self.info.world_size})")
+            raise RuntimeError(
+                f"{path} was written by {state['world_size']} ranks; resume it with the same number "
+                f"(this run has {self.info.world_size})"
+            )
         parallel = "fsdp" if self.fsdp else "ddp"
         if state.get("parallel", "ddp") != parallel:
-            raise RuntimeError(f"{path} was written with parallel={state.get('parallel', 'ddp')!r}; its optimizer "
-                               f"state does not load into a {parallel!r} run: resume it with the same setting")
+            raise RuntimeError(
+                f"{path} was written with parallel={state.get('parallel', 'ddp')!r}; its optimizer "
+                f"state does not load into a {parallel!r} run: resume it with the same setting"
+            )
         load_weights_into(self.host, path)
         if self.fsdp:  # every rank read the whole checkpoint: each keeps its shard
-            dist.load_full_state_dicts(self.model, self.optimizer, self.host.state_dict(), state["optimizer"])
+            dist.load_full_state_dicts(
+                self.model, self.optimizer, self.host.state_dict(), state["optimizer"]
+            )
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loaders"][self.info.rank])
@@ -490,7 +623,9 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.step = state["step"]
+        self.tokens = state["tokens"]
+        self.elapsed = state["elapsed"]
         self._window_losses = list(state.get("window_losses", []))
         self._resumed_precision = state.get("precision")
         if self.info.is_main:
@@ -528,7 +663,6 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-
 def _compiler_available(device: torch.device) -> bool:
     """Whether torch.compile can build kernels here: on CPU, Inductor needs a C++ compiler (CXX or
     c++/g++/clang++ on PATH). Without one: a warning, and the run stays eager."""
@@ -537,6 +671,10 @@ def _compiler_available(device: torch.device) -> bool:
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
     if any(shutil.which(name) for name in names):
         return True
-    warnings.warn("compile=True but no C++ compiler was found for torch.compile on CPU (set CXX or install "
-                  "g++); training eagerly", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        "compile=True but no C++ compiler was found for torch.compile on CPU (set CXX or install "
+        "g++); training eagerly",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return False
