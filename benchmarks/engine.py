@@ -284,8 +284,8 @@ def main() -> None:
         # the reference config: ModelConfig's defaults, plus one MTP module
         model = Transformer(ModelConfig(num_nextn_predict_layers=1))
         conf = (
-            f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained {args.train_steps} steps of "
-            f"{args.train_batch}x{args.train_seq} source bytes"
+            f"reference + 1 MTP module, fp32, CPU, threads={args.threads}, trained "
+            f"{args.train_steps} steps of {args.train_batch}x{args.train_seq} source bytes"
         )
         t0 = time.perf_counter()
         loss = (
@@ -294,7 +294,8 @@ def main() -> None:
             else float("nan")
         )
         print(
-            f"# trained {args.train_steps} steps in {time.perf_counter() - t0:.0f}s, lm loss {loss:.3f}",
+            f"# trained {args.train_steps} steps in "
+            f"{time.perf_counter() - t0:.0f}s, lm loss {loss:.3f}",
             file=sys.stderr,
         )
         if args.save_trained:
@@ -375,8 +376,8 @@ def main() -> None:
         anchor=mha,
         ratio=round(mha / latent, 2),
         unit="bytes",
-        config=f"fp32, (kv_lora_rank {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} "
-        "layers x 4 B, vs an expanded MHA cache (K and V per head)",
+        config=f"fp32, (kv_lora_rank {cfg.kv_lora_rank} + rope {cfg.qk_rope_head_dim}) x "
+        f"{cfg.num_hidden_layers} layers x 4 B, vs an expanded MHA cache (K and V per head)",
         formula_bytes=(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * fp,
     )
 
@@ -439,8 +440,8 @@ def main() -> None:
         bench="speculative_ceiling_tokens_per_s",
         **speeds(n, m["oracle"], m["plain"]),
         unit="tokens/s",
-        config=conf
-        + ", MTP drafts replaced by the right token: the cost of verifying 2 tokens on this machine",
+        config=conf + ", MTP drafts replaced by the right token: "
+        "the cost of verifying 2 tokens on this machine",
         acceptance_rate=round(oracle.stats()["spec_acceptance_rate"], 3),
         same_tokens=m["oracle"][2] == reference_tokens,
     )

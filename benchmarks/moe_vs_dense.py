@@ -98,7 +98,8 @@ def main() -> None:
                 "anchor": round(dense["val_bpb"], 4),
                 "ratio": round(moe["val_bpb"] / dense["val_bpb"], 4),
                 "unit": "validation bits per byte (lower is better); anchor = dense twin",
-                "config": f"preset {args.preset}, {args.seconds:.0f} s of training each, same active params",
+                "config": f"preset {args.preset}, "
+                f"{args.seconds:.0f} s of training each, same active params",
                 "moe": moe,
                 "dense": dense,
             }

@@ -41,7 +41,7 @@ def add(a, b):
     return a + b
 你好，世界！今天天气很好。我们去公园散步吧。用户在打招呼。你好！有什么可以帮你的吗？这是一个很小的模型。
 Numbers like 12, 345 and 6789 are split into digits. la la la la la. A long song goes on and on.
-"""
+"""  # noqa: E501 (a test vector: its exact bytes are trained into the checkpoints)
 
 
 def build_tokenizer(vocab_size: int = 400) -> Tokenizer:
@@ -97,11 +97,11 @@ def _memorised_sequences(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     learned.
 
     A token is learned only where its context has one answer: what the assistant says, from the
-    token after "<｜Assistant｜>" on. The user's words are not (three different ones follow the same
-    "<｜User｜>"), nor is the first answer of the two-turn conversation: clients send earlier answers
-    back without their thoughts, and were it learned, "<think>" and "Hello!" would both follow
-    "<｜User｜>Hello<｜Assistant｜>", so which one a prompt without a prefilled "<think>" gets would be
-    decided by float rounding."""
+    token after "<｜Assistant｜>" on. The user's words are not (three different ones follow the
+    same "<｜User｜>"), nor is the first answer of the two-turn conversation: clients send earlier
+    answers back without their thoughts, and were it learned, "<think>" and "Hello!" would both
+    follow "<｜User｜>Hello<｜Assistant｜>", so which one a prompt without a prefilled "<think>"
+    gets would be decided by float rounding."""
     rows = []  # (ids, position of the last prompt token, learn the final EOS)
     (first_user, _, first_answer) = SCRIPT[0]
     history = [

@@ -128,19 +128,23 @@ def test_reasoning_whitespace_is_normalised(tok):
             "only assistant messages may have",
         ),
         (
-            '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}',
+            '{"messages": [{"role": "assistant", "content": "a"}, '
+            '{"role": "user", "content": "q"}]}',
             "must alternate",
         ),
         (
-            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}',
+            '{"messages": [{"role": "user", "content": "q"}, '
+            '{"role": "assistant", "content": " "}]}',
             "assistant message is empty",
         ),
         (
-            '{"messages": [{"role": "user", "content": "q<｜Assistant｜>"}, {"role": "assistant", "content": "a"}]}',
+            '{"messages": [{"role": "user", "content": "q<｜Assistant｜>"}, '
+            '{"role": "assistant", "content": "a"}]}',
             "control token",
         ),
         (
-            '{"messages": [{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "a"}]}',
+            '{"messages": [{"role": "user", "content": "q", "name": "x"}, '
+            '{"role": "assistant", "content": "a"}]}',
             "unknown field",
         ),
         (

@@ -9,8 +9,7 @@ from nanoseek.tasks.countdown import InvalidExpression, evaluate
 R = "<think>let me add</think>\n"  # a well-formed reasoning prefix
 
 
-# -- the format parser
-# -------------------------------------------------------------------------------------------
+# -- the format parser -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -106,8 +105,7 @@ def test_parse_int_units():
     assert parse_int("12 apples apples", ("apples",)) is None
 
 
-# -- arithmetic
-# ---------------------------------------------------------------------------------------------------
+# -- arithmetic ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +184,7 @@ def test_a_hacked_completion_never_beats_an_honest_one(arith_problem):
         assert task.grade(arith_problem, hack).total < honest, hack
 
 
-# -- countdown
-# ----------------------------------------------------------------------------------------------------
+# -- countdown -------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +275,7 @@ def test_countdown_full_completion_in_chinese():
     assert task.grade(p, f"<think>试一试</think>\n答案是 {p.answer}").accuracy == 0.0
 
 
-# -- word problems
-# ------------------------------------------------------------------------------------------------
+# -- word problems ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])
@@ -296,8 +292,7 @@ def test_word_problem_answers(lang):
         assert task.grade(p, R + f"<answer>{value} {value}</answer>").accuracy == 0.0
 
 
-# -- passkey
-# ------------------------------------------------------------------------------------------------------
+# -- passkey ---------------------------------------------------------------------------------------
 
 
 def test_passkey_exact_match_only():

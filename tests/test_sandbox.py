@@ -125,8 +125,15 @@ def test_process_cap_holds(sandbox):
     """The count of processes a program can start stops at max_processes, even though we are
     root."""
     spawn = (
-        "import os, time\nn = 0\ntry:\n    for _ in range(200):\n        if os.fork() == 0:\n"
-        "            time.sleep(30)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n"
+        "import os, time\n"
+        "n = 0\n"
+        "try:\n"
+        "    for _ in range(200):\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(30)\n"
+        "            os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError as e:\n"
         "    print(n, type(e).__name__)\n"
     )
     r = sandbox.run(spawn, max_processes=8)
@@ -146,7 +153,8 @@ def test_processes_that_leave_the_session_are_killed(sandbox):
     marker = f"escapee-{uuid.uuid4().hex}"
     escape = (
         "import os, sys\nif os.fork() == 0:\n    os.setsid()\n"
-        f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{marker}'])\n"
+        "    os.execv(sys.executable, [sys.executable, '-c', "
+        f"'import time; time.sleep(60)', '{marker}'])\n"
         "print('parent leaves')\n"
     )
     r = sandbox.run(escape)
@@ -193,10 +201,19 @@ def test_cannot_read_private_files_or_signal_us(sandbox, tmp_path):
     secret.write_text("hunter2")
     secret.chmod(0o600)
     program = (
-        f"import os, signal\ntry:\n    print(open({str(secret)!r}).read())\nexcept OSError as e:\n"
-        f"    print('no read', type(e).__name__)\ntry:\n    os.kill({os.getpid()}, signal.SIGKILL)\n"
-        "except OSError as e:\n    print('no kill', type(e).__name__)\n"
-        "try:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass  # nothing else we may signal\n"
+        "import os, signal\n"
+        "try:\n"
+        f"    print(open({str(secret)!r}).read())\n"
+        "except OSError as e:\n"
+        "    print('no read', type(e).__name__)\n"
+        "try:\n"
+        f"    os.kill({os.getpid()}, signal.SIGKILL)\n"
+        "except OSError as e:\n"
+        "    print('no kill', type(e).__name__)\n"
+        "try:\n"
+        "    os.kill(-1, signal.SIGKILL)\n"
+        "except OSError:\n"
+        "    pass  # nothing else we may signal\n"
         "print('survived kill -1')\n"
     )
     r = sandbox.run(program)

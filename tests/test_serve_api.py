@@ -78,8 +78,7 @@ def sse(server, body):
         return [line for line in r.iter_lines() if line]
 
 
-# ---------------------------------------------------------------------------------------------
-# happy paths
+# -------------------------------------------------------------------------------------- happy paths
 
 
 @pytest.mark.parametrize(
@@ -426,8 +425,7 @@ def test_terminal_chat_with_the_server_keeps_the_conversation(server):
     assert bad.returncode == 2 and "401" in bad.stderr
 
 
-# ----------------------------------------------------------------------------------------------
-# error paths
+# -------------------------------------------------------------------------------------- error paths
 
 
 def error_of(r, status):

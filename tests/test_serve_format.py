@@ -26,8 +26,7 @@ def tok():
     return build_tokenizer()
 
 
-# -------------------------------------------------------------------------------------------------
-# reasoning
+# ---------------------------------------------------------------------------------------- reasoning
 
 SPLITS = [  # (text, starts in a thought, reasoning, content)
     ("I think.\n</think>\n\nThe answer.", True, "I think.", "The answer."),
@@ -73,7 +72,7 @@ def test_reasoning_is_streamed_before_the_tag_arrives():
     assert parser.feed("swer") == ("", "swer")
 
 
-# --------------------------------------------------------------------------------------------------- prompts
+# ------------------------------------------------------------------------------------------ prompts
 
 
 def test_chat_prompt_follows_the_template_with_and_without_thinking(tok):
@@ -165,8 +164,7 @@ def test_completion_prompts_and_fill_in_the_middle(tok):
         completion_prompt(tok, [5, 6], "suffix")
 
 
-# -----------------------------------------------------------------------------------------------
-# token bytes
+# -------------------------------------------------------------------------------------- token bytes
 
 
 def test_token_table_has_the_exact_bytes_of_every_token(tok):
@@ -196,8 +194,7 @@ def test_engine_tokenizer_keeps_the_thinking_tags_and_drops_other_specials(tok):
     assert view.eos_id == tok.eos_id
 
 
-# ----------------------------------------------------------------------------------------------
-# validation
+# --------------------------------------------------------------------------------------- validation
 
 
 def _chat(**fields):
@@ -272,8 +269,7 @@ def test_completion_prompt_shapes():
         assert len(parse(CompletionRequest, json.dumps({"prompt": prompt}).encode()).prompts) == n
 
 
-# --------------------------------------------------------------------------------------------
-# metrics, config
+# ---------------------------------------------------------------------------------- metrics, config
 
 
 def test_histogram_buckets_are_cumulative():

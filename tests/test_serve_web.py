@@ -130,7 +130,7 @@ def test_markdown_is_rendered_and_html_is_escaped(page):
     html = page.evaluate("""() => markdown([
         "# Title", "Some **bold**, *italic* and `code <b>`.", "", "- one", "- two", "", "1. first", "",
         "```python", "print('<script>')", "```", "> quoted", "[link](https://example.org/?a=1&b=2)",
-        "[bad](javascript:alert(1))", "<img src=x onerror=alert(1)>", "中文 **粗体**"].join("\\n"))""")
+        "[bad](javascript:alert(1))", "<img src=x onerror=alert(1)>", "中文 **粗体**"].join("\\n"))""")  # noqa: E501 (JavaScript source, kept as written)
     assert (
         "<h1>Title</h1>" in html and "<strong>bold</strong>" in html and "<em>italic</em>" in html
     )
@@ -138,8 +138,8 @@ def test_markdown_is_rendered_and_html_is_escaped(page):
     assert "<ol><li>first</li></ol>" in html and "<blockquote>quoted</blockquote>" in html
     assert '<pre><code class="language-python">print(&#39;&lt;script&gt;&#39;)</code></pre>' in html
     assert (
-        '<a href="https://example.org/?a=1&amp;b=2" target="_blank" rel="noopener noreferrer">link</a>'
-        in html
+        '<a href="https://example.org/?a=1&amp;b=2" '
+        'target="_blank" rel="noopener noreferrer">link</a>' in html
     )
     assert 'href="javascript' not in html and "[bad](javascript:alert(1))" in html
     assert "<img" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
@@ -153,7 +153,7 @@ def test_markdown_is_rendered_and_html_is_escaped(page):
     page.evaluate("""() => localStorage.setItem("nanoseek.chat.v1", JSON.stringify({current: "md", conversations: [
         {id: "md", title: "Markdown", messages: [{role: "user", content: "Show me code"},
          {role: "assistant", reasoning: "The user wants code.", thinkingOpen: false, content:
-          "## Adding numbers\\nUse **`sum`**:\\n\\n```python\\nprint(sum([1, 2, 3]))\\n```\\n- fast\\n- 简单"}]}]}))""")
+          "## Adding numbers\\nUse **`sum`**:\\n\\n```python\\nprint(sum([1, 2, 3]))\\n```\\n- fast\\n- 简单"}]}]}))""")  # noqa: E501 (JavaScript source, kept as written)
     page.reload()
     answer = page.locator(".message.assistant .content")
     assert answer.locator("h2").inner_text() == "Adding numbers"

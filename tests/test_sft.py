@@ -81,7 +81,10 @@ def test_sft_teaches_memorised_problems_to_the_engine(tmp_path):
 def test_sft_stage_runs_once_on_a_run_directory(tmp_path):
     run = tmp_path / "run"
     save_tiny(run / "pretrain" / "final", context=256)
-    bible = "Genesis 1\n\nIn the beginning, God created the heavens and the earth. The earth was formless."
+    bible = (
+        "Genesis 1\n\nIn the beginning, God created the heavens and the earth. "
+        "The earth was formless."
+    )
     build_corpus(
         run / "corpus",
         [Source("bible-web", "en", "PD", "-", lambda: [bible, bible.replace("1", "2")])],

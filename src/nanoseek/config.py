@@ -161,7 +161,8 @@ class ModelConfig:
         need(
             self.num_key_value_heads == self.num_attention_heads,
             "num_key_value_heads",
-            f"MLA expands K/V per head, so it must equal num_attention_heads={self.num_attention_heads}",
+            "MLA expands K/V per head, so it must equal "
+            f"num_attention_heads={self.num_attention_heads}",
         )
         need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU) is supported")
         need(
@@ -200,7 +201,8 @@ class ModelConfig:
             need(
                 1 <= self.num_experts_per_tok <= allowed,
                 "num_experts_per_tok",
-                f"must lie in [1, {allowed}]: topk_group={self.topk_group} groups of {per_group} experts",
+                f"must lie in [1, {allowed}]: topk_group={self.topk_group} "
+                f"groups of {per_group} experts",
             )
             if self.scoring_func == "sigmoid" and self.n_group > 1:
                 need(

@@ -57,8 +57,9 @@ def run(out: str | Path = "runs/demo", steps: int = 80, seed: int = 0) -> dict:
     cfg = ModelConfig(**DEMO_CONFIG)
     model = Transformer(cfg).train()
     print(
-        f"model: {model.num_parameters() / 1e6:.2f} M parameters, {model.num_parameters(active=True) / 1e6:.2f} M "
-        f"active per token; latent KV cache {cfg.kv_cache_bytes_per_token(4)} B/token in fp32"
+        f"model: {model.num_parameters() / 1e6:.2f} M parameters, "
+        f"{model.num_parameters(active=True) / 1e6:.2f} M active per token; "
+        f"latent KV cache {cfg.kv_cache_bytes_per_token(4)} B/token in fp32"
     )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     start, bar = time.perf_counter(), tqdm(range(steps), desc="train", unit="step")
@@ -83,12 +84,14 @@ def run(out: str | Path = "runs/demo", steps: int = 80, seed: int = 0) -> dict:
     continuation = greedy(loaded, prompt, 12)
     expected = [(prompt[-1] + 1 + i) % cfg.vocab_size for i in range(12)]
     print(
-        f"trained {steps} steps in {train_s:.1f}s; final loss {out_.lm_loss.item():.4f} (uniform guess: "
-        f"{torch.log(torch.tensor(float(cfg.vocab_size))).item():.2f}), MTP loss {out_.mtp_loss.item():.4f}"
+        f"trained {steps} steps in {train_s:.1f}s; final loss {out_.lm_loss.item():.4f} "
+        f"(uniform guess: {torch.log(torch.tensor(float(cfg.vocab_size))).item():.2f}), "
+        f"MTP loss {out_.mtp_loss.item():.4f}"
     )
     print(f"saved a Hugging Face DeepseekV3 checkpoint to {path}/ and loaded it back")
     print(
-        f"prompt {prompt} -> {continuation} ({'correct' if continuation == expected else 'not yet right'})"
+        f"prompt {prompt} -> {continuation} "
+        f"({'correct' if continuation == expected else 'not yet right'})"
     )
     return {
         "loss": out_.lm_loss.item(),

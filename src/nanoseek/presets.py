@@ -48,8 +48,8 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> dict[s
     unknown = set(preset) - set(SECTIONS) - set(TOP_LEVEL)
     if unknown:
         raise ValueError(
-            f"preset {name_or_path!r}: unknown key(s) {sorted(unknown)}; sections are {list(SECTIONS)}, "
-            f"top-level settings {list(TOP_LEVEL)}"
+            f"preset {name_or_path!r}: unknown key(s) {sorted(unknown)}; "
+            f"sections are {list(SECTIONS)}, top-level settings {list(TOP_LEVEL)}"
         )
     for section in REQUIRED:
         preset.setdefault(section, {})

@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nanoseek.checkpoint import Checkpoint
 
-HELP = "commands: /reset (new conversation), /thinking on|off, /exit (or Ctrl-D); Ctrl-C stops an answer"
+HELP = (
+    "commands: /reset (new conversation), /thinking on|off, /exit (or Ctrl-D); "
+    "Ctrl-C stops an answer"
+)
 
 
 class Stop:
@@ -62,7 +65,8 @@ class LocalBackend:
         room = self.engine.max_model_len - len(ids)
         if room < 1:
             raise ValueError(
-                f"the conversation ({len(ids)} tokens) fills the model's context; /reset to start over"
+                f"the conversation ({len(ids)} tokens) fills "
+                "the model's context; /reset to start over"
             )
         params = SamplingParams(
             max_tokens=min(opts["max_tokens"] or room, room),

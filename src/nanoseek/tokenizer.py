@@ -93,8 +93,8 @@ def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([*splits, byte_level])
 
 
-# DeepSeek-R1 style: bos, the system prompts, then <｜User｜>… and <｜Assistant｜>…<｜end▁of▁sentence｜>
-# turns.
+# DeepSeek-R1 style: bos, the system prompts, then <｜User｜>… and
+# <｜Assistant｜>…<｜end▁of▁sentence｜> turns.
 CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- for message in messages if message['role'] == 'system' %}
     {%- if not loop.first %}{{- '\n\n' }}{% endif %}
@@ -116,7 +116,7 @@ CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- if add_generation_prompt %}
     {{- '<｜Assistant｜>' }}
     {%- if thinking is not defined or thinking %}{{- '<think>' }}{{- '\n' }}{% endif %}
-{%- endif %}"""
+{%- endif %}"""  # noqa: E501 (the template text is saved with every tokenizer)
 
 
 class TokenizerError(Exception):
@@ -187,7 +187,7 @@ class Tokenizer:
         self.control_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self.sha256 = hashlib.sha256(json_str.encode("utf-8")).hexdigest()
 
-    # ------------------------------------------------------------------------------------------------- training
+    # ------------------------------------------------------------------------------------- training
 
     @classmethod
     def train(
@@ -237,8 +237,7 @@ class Tokenizer:
         )
         return cls(tok, revision=REVISION)
 
-    # --------------------------------------------------------------------------------------- encode
-    # and decode
+    # ---------------------------------------------------------------------------- encode and decode
 
     @property
     def vocab_size(self) -> int:
@@ -293,7 +292,7 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._plain.token_to_id(token)
 
-    # ------------------------------------------------------------------------------------------------------ chat
+    # ----------------------------------------------------------------------------------------- chat
 
     def apply_chat_template(
         self,
@@ -332,7 +331,7 @@ class Tokenizer:
                 buf.append(text)
         return ids
 
-    # ------------------------------------------------------------------------------------------------ save/load
+    # ------------------------------------------------------------------------------------ save/load
 
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json so that transformers' AutoTokenizer loads

@@ -3,13 +3,13 @@ packed batches.
 
 A conversation is a list of messages, the shape the chat template and the server use:
 
-    {"role": "system" | "user" | "assistant", "content": str, "reasoning_content": str (assistant,
-    optional)}
+    {"role": "system" | "user" | "assistant", "content": str,
+     "reasoning_content": str (assistant, optional)}
 
 Tokens come from the tokenizer's chat template, and only what the assistant writes carries loss. For
 an assistant turn with reasoning the template renders
-`<｜Assistant｜><think>\\n{reasoning}\\n</think>\\n{content}<eos>`; the generation prompt at inference
-is `<｜Assistant｜><think>\\n`, so the trained span is what follows it:
+`<｜Assistant｜><think>\\n{reasoning}\\n</think>\\n{content}<eos>`; the generation prompt at
+inference is `<｜Assistant｜><think>\\n`, so the trained span is what follows it:
 `{reasoning}\\n</think>\\n{content}<eos>`. A turn without reasoning is prompted without the think
 tag (the template's `thinking=False`) and trains on `{content}<eos>`. The conversation is rendered
 once and the spans are located by the template's control tokens, which message text may not contain;
@@ -46,8 +46,7 @@ class ChatDataError(ValueError):
     """A conversation or a chat JSONL file is malformed; the message says where and what."""
 
 
-# ----------------------------------------------------------------------------------------------
-# validation
+# --------------------------------------------------------------------------------------- validation
 def validate_messages(messages, where: str = "conversation") -> Messages:
     """Check one conversation and return it normalised (reasoning stripped of surrounding
     whitespace, so the template's `<think>\\n` boundary tokenizes the same in training and at
@@ -67,7 +66,8 @@ def validate_messages(messages, where: str = "conversation") -> Messages:
         unknown = set(m) - {"role", "content", "reasoning_content"}
         if unknown:
             raise ChatDataError(
-                f"{at}: unknown field(s) {sorted(unknown)}; allowed: role, content, reasoning_content"
+                f"{at}: unknown field(s) {sorted(unknown)}; "
+                "allowed: role, content, reasoning_content"
             )
         content, reasoning = m.get("content"), m.get("reasoning_content")
         if not isinstance(content, str):
@@ -145,8 +145,7 @@ def write_chat_jsonl(path: str | os.PathLike, conversations: Sequence[Messages])
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------
-# tokenization
+# ------------------------------------------------------------------------------------- tokenization
 def prompt_ids(tok, prompt: str, thinking: bool = True, system: str | None = None) -> list[int]:
     """A one-turn prompt, ready for generation:
     `<bos>[system]<｜User｜>{prompt}<｜Assistant｜><think>\\n`."""
@@ -229,8 +228,7 @@ def problem_messages(problem) -> Messages:
     ]
 
 
-# ---------------------------------------------------------------------------------------------- the
-# loader
+# --------------------------------------------------------------------------------------- the loader
 class ChatLoader:
     """Packs tokenized conversations into rows of seq_len + 1 tokens; yields (inputs[B,T],
     targets[B,T]).
@@ -272,8 +270,8 @@ class ChatLoader:
         self.dropped = len(examples) - len(kept)
         if not kept:
             raise ValueError(
-                f"none of the {len(examples)} conversations fits in seq_len={seq_len} with something "
-                "to learn"
+                f"none of the {len(examples)} conversations fits "
+                f"in seq_len={seq_len} with something to learn"
             )
         self.examples = kept
         self.batch_size = batch_size

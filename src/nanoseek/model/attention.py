@@ -50,8 +50,7 @@ class MLA(nn.Module):
         )
         self.o_proj = nn.Linear(H * cfg.v_head_dim, d, bias=bias)
 
-    # ---------------------------------------------------------------- projections shared by both
-    # paths
+    # ------------------------------------------------------------- projections shared by both paths
     def query(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

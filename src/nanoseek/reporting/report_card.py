@@ -188,8 +188,8 @@ def _stage_result(name: str, s: dict) -> str:
         return f"{_fmt(s.get('tokens'))} train tokens"
     if name == "grpo":
         return (
-            f"held-out accuracy {_pct(s.get('val_accuracy_before'))} → {_pct(s.get('val_accuracy'))}, "
-            f"final reward {_fmt(s.get('reward'))}"
+            f"held-out accuracy {_pct(s.get('val_accuracy_before'))} → "
+            f"{_pct(s.get('val_accuracy'))}, final reward {_fmt(s.get('reward'))}"
         )
     if name == "eval":
         return f"{', '.join(s.get('stages', []))} evaluated"
@@ -229,9 +229,9 @@ def render(
     ]
     for name, s in stages.items():
         lines.append(
-            f"| {name} | {_fmt(s.get('wall_s'))} | {_fmt(s.get('tokens'))} | {_fmt(s.get('flops'))} | "
-            f"{_fmt(s.get('mfu'))} | {_fmt(stage_cost(s, data.get('price_per_hour')))} | "
-            f"{_stage_result(name, s)} |"
+            f"| {name} | {_fmt(s.get('wall_s'))} | {_fmt(s.get('tokens'))} | "
+            f"{_fmt(s.get('flops'))} | {_fmt(s.get('mfu'))} | "
+            f"{_fmt(stage_cost(s, data.get('price_per_hour')))} | {_stage_result(name, s)} |"
         )
     total = sum(s.get("wall_s", 0) for s in stages.values())
     costs = [
@@ -256,9 +256,10 @@ def render(
         lines += [
             "## Model",
             "",
-            f"- {_fmt(md['params'])} parameters, {_fmt(md['active_params'])} active per token "
-            f"({md['layers']} layers, d={md['hidden_size']}, {md['routed_experts']} routed experts with "
-            f"top-{md['experts_per_token']} + {md['shared_experts']} shared, {md['mtp_modules']} MTP module)",
+            f"- {_fmt(md['params'])} parameters, {_fmt(md['active_params'])} active "
+            f"per token ({md['layers']} layers, d={md['hidden_size']}, "
+            f"{md['routed_experts']} routed experts with top-{md['experts_per_token']} "
+            f"+ {md['shared_experts']} shared, {md['mtp_modules']} MTP module)",
             f"- latent KV cache: {md['kv_cache_bytes_per_token_bf16']:,} bytes/token in bf16, "
             f"{md['kv_cache_reduction_vs_mha']}× less than an expanded multi-head cache "
             f"({md['mha_cache_bytes_per_token_bf16']:,} bytes/token)",
@@ -268,8 +269,8 @@ def render(
     pre = stages.get("pretrain")
     if pre and pre.get("unigram_entropy") and pre.get("val_loss"):
         lines += [
-            f"Pretraining validation loss {pre['val_loss']:.3f} nats/token vs the corpus' unigram entropy "
-            f"{pre['unigram_entropy']:.3f}.",
+            f"Pretraining validation loss {pre['val_loss']:.3f} nats/token "
+            f"vs the corpus' unigram entropy {pre['unigram_entropy']:.3f}.",
             "",
         ]
     for plot in plots:

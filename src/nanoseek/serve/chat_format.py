@@ -26,7 +26,7 @@ class FormatError(ValueError):
         self.param = param
 
 
-# ------------------------------------------------------------------------------------------------------ prompts
+# ------------------------------------------------------------------------------------------ prompts
 
 
 def chat_prompt(tok, messages: Sequence[Mapping], thinking: bool) -> tuple[list[int], bool]:
@@ -72,8 +72,8 @@ def chat_prompt(tok, messages: Sequence[Mapping], thinking: bool) -> tuple[list[
 
 def completion_prompt(tok, prompt: str | Sequence[int], suffix: str | None) -> list[int]:
     """A /v1/completions prompt -> ids. Text starts with BOS, as documents do in training; token ids
-    are taken as they are. With a suffix: <bos><｜fim▁begin｜>prompt<｜fim▁hole｜>suffix<｜fim▁end｜>, the
-    middle follows."""
+    are taken as they are. With a suffix:
+    <bos><｜fim▁begin｜>prompt<｜fim▁hole｜>suffix<｜fim▁end｜>, the middle follows."""
     if suffix is None:
         return list(prompt) if not isinstance(prompt, str) else [tok.bos_id, *tok.encode(prompt)]
     if not isinstance(prompt, str):
@@ -88,7 +88,7 @@ def _special(tok, name: str, param: str | None = None) -> int:
     return tok.special_ids[name]
 
 
-# ---------------------------------------------------------------------------------------------------- reasoning
+# ---------------------------------------------------------------------------------------- reasoning
 
 
 class EngineTokenizer:
@@ -202,8 +202,7 @@ def split_reasoning(text: str, in_reasoning: bool) -> tuple[str | None, str]:
     return (r1 + r2 if parser.saw_reasoning else None), c1 + c2
 
 
-# -------------------------------------------------------------------------------------------------
-# token bytes
+# -------------------------------------------------------------------------------------- token bytes
 
 
 def _byte_alphabet() -> dict[str, int]:

@@ -29,7 +29,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
-# --------------------------------------------------------------------------------------------------- requests
+# ----------------------------------------------------------------------------------------- requests
 
 
 class TextPart(_Strict):
@@ -233,8 +233,7 @@ def unknown_fields(req: BaseModel, path: str = "") -> list[str]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# responses
+# ---------------------------------------------------------------------------------------- responses
 
 
 class _DropNone(BaseModel):

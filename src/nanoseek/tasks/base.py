@@ -72,8 +72,7 @@ class Task:
         self.accuracy_weight = accuracy_weight
         self.format_weight = format_weight
 
-    # -- to implement
-    # ----------------------------------------------------------------------------------------
+    # -- to implement ------------------------------------------------------------------------------
     def sample(self, rng: random.Random, difficulty: int, lang: str) -> Problem:
         raise NotImplementedError
 
@@ -81,8 +80,7 @@ class Task:
         """Accuracy in 0..1 of an extracted answer, and a short reason when it is not 1."""
         raise NotImplementedError
 
-    # -- shared
-    # ----------------------------------------------------------------------------------------------
+    # -- shared ------------------------------------------------------------------------------------
     def generate(
         self, n: int, seed: int = 0, difficulty: int = 1, split: str = "train", lang: str = "en"
     ) -> list[Problem]:

@@ -19,10 +19,11 @@ from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.format import FORMAT_INSTRUCTIONS, parse_int
 
 QUESTION = {
-    "en": "Using the numbers {nums}, create an equation that equals {target}. You can use + - * / and parentheses, "
-    "and each number at most once. Write just the expression as the answer, for example (1 + 2) / 3.",
-    "zh": "用数字 {nums} 组成一个等于 {target} 的算式。可以使用 + - * / 和括号，每个数字最多用一次。"
-    "答案只写算式，例如 (1 + 2) / 3。",
+    "en": "Using the numbers {nums}, create an equation that equals {target}. "
+    "You can use + - * / and parentheses, and each number at most once. "
+    "Write just the expression as the answer, for example (1 + 2) / 3.",
+    "zh": "用数字 {nums} 组成一个等于 {target} 的算式。"
+    "可以使用 + - * / 和括号，每个数字最多用一次。答案只写算式，例如 (1 + 2) / 3。",
 }
 REASON = {"en": "Try combining the numbers step by step:", "zh": "逐步组合这些数字："}
 BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}

@@ -39,7 +39,8 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 FORMAT_INSTRUCTIONS = {
-    "en": "Think step by step inside <think> </think>, then give only the final answer inside <answer> </answer>.",
+    "en": "Think step by step inside <think> </think>, then "
+    "give only the final answer inside <answer> </answer>.",
     "zh": "请先在 <think> </think> 中逐步思考，然后只在 <answer> </answer> 中给出最终答案。",
 }
 

@@ -16,17 +16,18 @@ from nanoseek.tasks.format import FORMAT_INSTRUCTIONS
 
 TEXT = {
     "en": {
-        "intro": "There is an important piece of information hidden inside a lot of irrelevant text. "
-        "Find it and remember it.\n",
-        "filler": "The river flows past the old mill. Birds sing in the morning. The road goes on and on. "
-        "A cat sleeps by the window. Clouds drift over the hills. ",
+        "intro": "There is an important piece of information hidden "
+        "inside a lot of irrelevant text. Find it and remember it.\n",
+        "filler": "The river flows past the old mill. Birds sing in the morning. "
+        "The road goes on and on. A cat sleeps by the window. Clouds drift over the hills. ",
         "needle": "The pass key is {key}. Remember it. {key} is the pass key. ",
         "question": "\nWhat is the pass key?",
         "reasoning": "The text says: the pass key is {key}.",
     },
     "zh": {
         "intro": "下面的大量无关文字中藏着一条重要信息，请找到并记住它。\n",
-        "filler": "河水流过老磨坊。鸟儿在清晨歌唱。道路一直向前延伸。一只猫在窗边睡觉。云朵飘过山丘。",
+        "filler": "河水流过老磨坊。鸟儿在清晨歌唱。道路一直向前延伸。"
+        "一只猫在窗边睡觉。云朵飘过山丘。",
         "needle": "通行密码是{key}。记住它。{key}就是通行密码。",
         "question": "\n通行密码是多少？",
         "reasoning": "文中写道：通行密码是{key}。",

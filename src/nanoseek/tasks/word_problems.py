@@ -118,14 +118,19 @@ TEMPLATES = [
         "speed",
         _speed,
         {
-            "en": "A car drives at {v1} km per hour for {t1} hours, then at {v2} km per hour for {t2} hours. "
+            "en": "A car drives at {v1} km per hour for {t1} hours, "
+            "then at {v2} km per hour for {t2} hours. "
             "How many kilometres does it drive in total?",
-            "zh": "一辆汽车以每小时{v1}千米的速度行驶了{t1}小时，然后以每小时{v2}千米的速度行驶了{t2}小时。"
-            "一共行驶了多少千米？",
+            "zh": "一辆汽车以每小时{v1}千米的速度行驶了{t1}小时，"
+            "然后以每小时{v2}千米的速度行驶了{t2}小时。一共行驶了多少千米？",
         },
         {
-            "en": "First part: {v1} × {t1} = {d1}.\nSecond part: {v2} × {t2} = {d2}.\nTotal: {d1} + {d2} = {ans}.",
-            "zh": "第一段：{v1} × {t1} = {d1}。\n第二段：{v2} × {t2} = {d2}。\n一共：{d1} + {d2} = {ans}。",
+            "en": "First part: {v1} × {t1} = {d1}.\n"
+            "Second part: {v2} × {t2} = {d2}.\n"
+            "Total: {d1} + {d2} = {ans}.",
+            "zh": "第一段：{v1} × {t1} = {d1}。\n"
+            "第二段：{v2} × {t2} = {d2}。\n"
+            "一共：{d1} + {d2} = {ans}。",
         },
         {"en": ("km", "kilometres", "kilometers"), "zh": ("千米", "公里")},
     ),
@@ -133,8 +138,8 @@ TEMPLATES = [
         "sharing",
         _sharing,
         {
-            "en": "{total} candies are shared equally among {k} children, each getting as many as possible. "
-            "How many candies does each child get?",
+            "en": "{total} candies are shared equally among {k} children, "
+            "each getting as many as possible. How many candies does each child get?",
             "zh": "把{total}颗糖平均分给{k}个小朋友，每人尽量多分。每个小朋友分到几颗？",
         },
         {
@@ -147,8 +152,8 @@ TEMPLATES = [
         "fence",
         _fence,
         {
-            "en": "A rectangular garden is {l} metres long and {w} metres wide. A fence goes all the way around "
-            "it. How many metres of fence are needed?",
+            "en": "A rectangular garden is {l} metres long and {w} metres wide. "
+            "A fence goes all the way around it. How many metres of fence are needed?",
             "zh": "一个长方形花园长{l}米，宽{w}米。沿花园四周围一圈篱笆，需要多少米篱笆？",
         },
         {
@@ -161,8 +166,8 @@ TEMPLATES = [
         "savings",
         _savings,
         {
-            "en": "{name} saves {s} dollars every week for {wk} weeks, then spends {c} dollars on a gift. "
-            "How many dollars are left?",
+            "en": "{name} saves {s} dollars every week for {wk} weeks, "
+            "then spends {c} dollars on a gift. How many dollars are left?",
             "zh": "{name}每周存{s}元，存了{wk}周，然后花{c}元买了一份礼物。还剩多少元？",
         },
         {
@@ -175,7 +180,8 @@ TEMPLATES = [
         "factory",
         _factory,
         {
-            "en": "A machine makes {r} toys per hour. How many toys do {m} such machines make in {h} hours?",
+            "en": "A machine makes {r} toys per hour. "
+            "How many toys do {m} such machines make in {h} hours?",
             "zh": "一台机器每小时生产{r}个玩具。{m}台这样的机器{h}小时一共生产多少个玩具？",
         },
         {
@@ -188,7 +194,8 @@ TEMPLATES = [
         "reading",
         _reading,
         {
-            "en": "A book has {p} pages. {name} reads {r} pages a day. How many pages are left after {d} days?",
+            "en": "A book has {p} pages. {name} reads {r} pages a day. "
+            "How many pages are left after {d} days?",
             "zh": "一本书有{p}页，{name}每天读{r}页。{d}天后还剩多少页？",
         },
         {

@@ -128,7 +128,8 @@ class GRPOConfig(TrainConfig):
             )
         if self.beta < 0 or self.temperature <= 0:
             raise ValueError(
-                f"beta={self.beta}, temperature={self.temperature}: need beta >= 0 and temperature > 0"
+                f"beta={self.beta}, temperature={self.temperature}: "
+                "need beta >= 0 and temperature > 0"
             )
         if self.eval_problems < 0:
             raise ValueError(f"eval_problems={self.eval_problems}: must be >= 0")
@@ -284,8 +285,8 @@ class GRPOTrainer(Trainer):
         room = engine.max_model_len - longest
         if room < 1:
             raise ValueError(
-                f"a prompt has {longest} tokens but the context ({engine.max_model_len} tokens: seq_len "
-                f"and the model's max_position_embeddings) leaves no room to generate"
+                f"a prompt has {longest} tokens but the context ({engine.max_model_len} tokens: "
+                "seq_len and the model's max_position_embeddings) leaves no room to generate"
             )
         return SamplingParams(
             n=cfg.group_size,

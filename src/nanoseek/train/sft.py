@@ -68,8 +68,8 @@ def split_section(section: dict) -> tuple[dict, dict]:
     unknown = set(section) - set(DATA_DEFAULTS) - train_fields
     if unknown:
         raise ValueError(
-            f"sft: unknown setting(s) {sorted(unknown)}; data settings are {sorted(DATA_DEFAULTS)}, "
-            "the rest must be TrainConfig fields"
+            f"sft: unknown setting(s) {sorted(unknown)}; data settings are "
+            f"{sorted(DATA_DEFAULTS)}, the rest must be TrainConfig fields"
         )
     data = {**DATA_DEFAULTS, **{k: v for k, v in section.items() if k in DATA_DEFAULTS}}
     train = {**TRAIN_DEFAULTS, **{k: v for k, v in section.items() if k in train_fields}}

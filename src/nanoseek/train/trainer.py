@@ -97,8 +97,8 @@ class TrainConfig:
             per_step = world_size * self.grad_accum
             if self.global_batch_size % per_step:
                 raise ValueError(
-                    f"global_batch_size={self.global_batch_size} does not divide across {world_size} "
-                    f"rank(s) x grad_accum={self.grad_accum}"
+                    f"global_batch_size={self.global_batch_size} does not divide "
+                    f"across {world_size} rank(s) x grad_accum={self.grad_accum}"
                 )
             self.batch_size = self.global_batch_size // per_step
         for name in (
@@ -126,9 +126,9 @@ class TrainConfig:
             raise ValueError(f"parallel={self.parallel!r}: must be one of {dist.PARALLEL}")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise ValueError(
-                "optimizer='muon' does not run with parallel='fsdp': its Newton-Schulz step needs each "
-                "whole matrix, and FSDP gives every rank a slice of it; use optimizer='adamw' with FSDP, "
-                "or Muon with parallel='ddp'"
+                "optimizer='muon' does not run with parallel='fsdp': its Newton-Schulz "
+                "step needs each whole matrix, and FSDP gives every rank a slice of "
+                "it; use optimizer='adamw' with FSDP, or Muon with parallel='ddp'"
             )
 
     @property
@@ -173,8 +173,8 @@ class Trainer:
         self.fsdp = cfg.parallel == "fsdp" and self.info.enabled
         if self.fsdp and not self.supports_fsdp:
             raise ValueError(
-                f"{type(self).__name__} does not support parallel='fsdp' (its loop uses the whole model "
-                "outside forward/backward); use parallel='ddp'"
+                f"{type(self).__name__} does not support parallel='fsdp' (its loop "
+                "uses the whole model outside forward/backward); use parallel='ddp'"
             )
         # self.host: the model as given, plain (under FSDP it gets the full weights at each
         # checkpoint, on rank 0); self.model: what trains (the same module, or its FSDP-sharded
@@ -293,8 +293,8 @@ class Trainer:
         self.autocast = precision.autocast(self.device, self.precision)
         if self.compiled and self.device.type == "cpu" and self.precision == "bf16":
             warnings.warn(
-                "compile=True with bf16 on CPU: Inductor's compiled bf16 training step gave NaN losses "
-                "(torch 2.13); training eagerly in bf16",
+                "compile=True with bf16 on CPU: Inductor's compiled bf16 training "
+                "step gave NaN losses (torch 2.13); training eagerly in bf16",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -602,8 +602,8 @@ class Trainer:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         if state["world_size"] != self.info.world_size:
             raise RuntimeError(
-                f"{path} was written by {state['world_size']} ranks; resume it with the same number "
-                f"(this run has {self.info.world_size})"
+                f"{path} was written by {state['world_size']} ranks; resume it "
+                f"with the same number (this run has {self.info.world_size})"
             )
         parallel = "fsdp" if self.fsdp else "ddp"
         if state.get("parallel", "ddp") != parallel:
