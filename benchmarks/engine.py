@@ -1,16 +1,16 @@
-"""Inference speed: the nanoseek engine vs transformers' generate on the same weights, batching,
-cache size, int8, MTP speculation, and the compiled decode step (fp32 and bf16) against the eager
-one.
+"""Inference speed: the nanoseek engine vs transformers' generate on the same
+weights, batching, cache size, int8, MTP speculation, and the compiled decode step
+(fp32 and bf16) against the eager one.
 
 The reference config of the model issue, fp32, CPU. The model (with one MTP module) is first trained
 for a few hundred steps on Python source bytes, so that greedy decoding is not noise and the MTP
 head has something to predict; every figure below uses those same weights, in the same run. Prints
 JSON lines: {"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
 
-    python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8] [--train-seq
-    128]
-                                [--new-tokens 128] [--batch 16] [--no-anchor] [--save-trained DIR |
-                                --checkpoint DIR] [--no-compiled] [--decode-only]
+    python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8]
+                                [--train-seq 128] [--new-tokens 128] [--batch 16] [--no-anchor]
+                                [--save-trained DIR | --checkpoint DIR] [--no-compiled]
+                                [--decode-only]
 
 The compiled rows print each graph's compile time (Inductor caches it: a second run compiles in
 seconds).
@@ -36,8 +36,8 @@ from nanoseek.engine.weights import MoEWeights
 
 
 def source_bytes(names: list[str]) -> torch.Tensor:
-    """Token ids = the bytes of some standard-library modules (a corpus every Python install
-    has)."""
+    """Token ids = the bytes of some standard-library modules (a
+    corpus every Python install has)."""
     root = Path(argparse.__file__).parent
     return torch.tensor(list(b"".join((root / n).read_bytes() for n in names)), dtype=torch.long)
 
@@ -88,10 +88,10 @@ def train_briefly(
 
 
 def measure(runs: dict, rounds: int = 3) -> dict:
-    """Time the callables of `runs` in turns (one warm-up, then `rounds` rounds, each running every
-    callable once), so that a shared machine's changing load hits them alike. -> name -> (best wall
-    s, best CPU s, last result). Everything runs in this one process and thread count, so CPU time
-    is comparable too."""
+    """Time the callables of `runs` in turns (one warm-up, then `rounds` rounds, each
+    running every callable once), so that a shared machine's changing load hits them alike.
+    -> name -> (best wall s, best CPU s, last result). Everything runs in this one process
+    and thread count, so CPU time is comparable too."""
     results = {name: fn() for name, fn in runs.items()}
     wall, cpu = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
@@ -104,8 +104,8 @@ def measure(runs: dict, rounds: int = 3) -> dict:
 
 
 def speeds(tokens: int, ours, anchor) -> dict:
-    """A JSON row's numbers: tokens/s of both (wall clock), their ratio, and the ratio in CPU
-    time."""
+    """A JSON row's numbers: tokens/s of both (wall clock), their
+    ratio, and the ratio in CPU time."""
     return dict(
         ours=round(tokens / ours[0], 1),
         anchor=round(tokens / anchor[0], 1),
@@ -407,8 +407,8 @@ def main() -> None:
     )
 
     # 5. MTP speculative decoding vs plain, batch 1, greedy; and its ceiling here: the MTP module
-    # run as usual but its draft replaced by the right token (read off the plain greedy output), so
-    # every draft is accepted
+    # run as usual but its draft replaced by the right token (read off the plain
+    # greedy output), so every draft is accepted
     spec, oracle = (
         Engine(model, max_batch_size=1, speculative=True),
         Engine(model, max_batch_size=1, speculative=True),

@@ -1,6 +1,6 @@
-"""Does MoE pay off? A MoE model and a dense model with the same active parameters per token,
-trained for the same wall-clock time on the embedded corpus, compared on validation bits per byte
-(DeepSeek's claim).
+"""Does MoE pay off? A MoE model and a dense model with the same active parameters per
+token, trained for the same wall-clock time on the embedded corpus, compared on
+validation bits per byte (DeepSeek's claim).
 
     python benchmarks/moe_vs_dense.py [--preset smoke] [--seconds 300] [--run runs/moe-vs-dense]
 

@@ -57,8 +57,8 @@ def small_body(i: int, max_tokens: int) -> dict:
 
 
 async def small_request(client: httpx.AsyncClient, url: str, body: dict, leave: bool) -> dict:
-    """One streaming chat request -> {"ttft"} or {"error"}; with `leave`, close after the first
-    token."""
+    """One streaming chat request -> {"ttft"} or {"error"}; with
+    `leave`, close after the first token."""
     start = time.perf_counter()
     first = None
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:

@@ -1,23 +1,22 @@
-"""Serving under load: many concurrent streaming clients against a real `nanoseek serve` on
-127.0.0.1.
+"""Serving under load: many concurrent streaming clients against a
+real `nanoseek serve` on 127.0.0.1.
 
 A fixed number of chat requests (each generating exactly --max-tokens tokens: ignore_eos) is shared
 by --clients concurrent streaming clients. Reported as JSON lines {"bench", "ours", "anchor",
 "ratio", "unit", "config", ...}:
   throughput   generated tokens/s through HTTP; anchor: the same requests through Engine.generate
-  in-process
-               with max_batch_size = clients, so the ratio is what the server keeps of the engine's
-               own speed
+               in-process with max_batch_size = clients, so the ratio is what the server keeps of
+               the engine's own speed
   ttft_p50/99  seconds from sending a request to its first token chunk
-  cpu          CPU seconds per generated token, the server process's (all threads) vs the in-process
-  engine's:
-               unlike wall time, this does not depend on what else runs on the machine
+  cpu          CPU seconds per generated token, the server process's (all threads) vs the
+               in-process engine's: unlike wall time, this does not depend on what else runs on
+               the machine
   rss          the server's resident memory after the load; anchor: before it
 Every request must succeed (status 200, usage and [DONE] present, exactly --max-tokens tokens): the
 exit status is 1 otherwise.
 
-    python benchmarks/serve_load.py [--clients 32] [--requests 128] [--max-tokens 32] [--checkpoint
-    DIR]
+    python benchmarks/serve_load.py [--clients 32] [--requests 128] [--max-tokens 32]
+                                    [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ from nanoseek import ModelConfig, Transformer, save_model  # noqa: E402
 
 from serve_helpers import ServerProcess, build_tokenizer  # noqa: E402  (after the path is set)
 
-# The "cpu" preset's model shape with a small trained tokenizer; random weights (speed does not need
-# skill).
+# The "cpu" preset's model shape with a small trained tokenizer; random
+# weights (speed does not need skill).
 MODEL = dict(
     hidden_size=192,
     intermediate_size=576,
@@ -188,7 +187,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=32)

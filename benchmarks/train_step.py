@@ -1,5 +1,5 @@
-"""Training-step speed: nanoseek vs transformers' DeepseekV3ForCausalLM on the same weights, and MoE
-vs dense.
+"""Training-step speed: nanoseek vs transformers' DeepseekV3ForCausalLM on
+the same weights, and MoE vs dense.
 
 Forward + backward + AdamW step on the reference config of the model issue, each side in fp32 and
 under bf16 autocast (and compiled with --compile), its best taken. MFU is against the matmul peak in
@@ -36,8 +36,8 @@ FLAGS = (
 
 
 def dense_twin(cfg: ModelConfig) -> ModelConfig:
-    """All layers dense, with the width that gives the same active parameters per token as the MoE
-    model."""
+    """All layers dense, with the width that gives the same active
+    parameters per token as the MoE model."""
     moe_width = cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
     width = (
         cfg.first_k_dense_replace * cfg.intermediate_size + cfg.n_moe_layers * moe_width

@@ -1,5 +1,5 @@
-"""Can a base checkpoint copy numbers out of a question? The first thing arithmetic needs, probed
-without SFT.
+"""Can a base checkpoint copy numbers out of a question? The first thing
+arithmetic needs, probed without SFT.
 
 The pretraining corpus's generated task text writes a problem as
 

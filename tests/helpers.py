@@ -20,8 +20,8 @@ from nanoseek.tokenizer import Tokenizer
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    """A model small enough that a forward pass takes milliseconds, with every architectural feature
-    on."""
+    """A model small enough that a forward pass takes milliseconds, with
+    every architectural feature on."""
     fields = dict(
         vocab_size=128,
         hidden_size=64,
@@ -50,10 +50,10 @@ def tiny_config(**overrides) -> ModelConfig:
 
 @torch.no_grad()
 def smallest_margin(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """min over learned positions (targets != IGNORE_INDEX) of (target logit - best other logit);
-    negative where greedy decoding would miss. A test that asserts what a trained tiny model says
-    checks this too: a margin of a nat or more cannot be flipped by another CPU's rounding, a margin
-    of 1e-3 can."""
+    """min over learned positions (targets != IGNORE_INDEX) of (target logit - best other
+    logit); negative where greedy decoding would miss. A test that asserts what a trained
+    tiny model says checks this too: a margin of a nat or more cannot be flipped by
+    another CPU's rounding, a margin of 1e-3 can."""
     logits = model(inputs).float()
     learned = targets != IGNORE_INDEX
     target_logit = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -72,17 +72,17 @@ def one_thread():
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
-    """A tiny model with weights ten times the usual init scale: attention then shapes the output
-    (at the default scale it is nearly uniform, and an attention bug can hide under the residual
-    stream)."""
+    """A tiny model with weights ten times the usual init scale: attention then
+    shapes the output (at the default scale it is nearly uniform, and an attention
+    bug can hide under the residual stream)."""
     torch.manual_seed(seed)
     return Transformer(tiny_config(**{"initializer_range": 0.2, **overrides})).eval()
 
 
-# The engine computes the same logits in another order, so they differ from the reference's by float
-# rounding (under 1e-5: test_latent_cache_decode_attention_equals_expanded_attention; other CPUs'
-# kernels round differently again). A greedy choice that the tests compare must win by ten times
-# more.
+# The engine computes the same logits in another order, so they differ from the reference's by
+# float rounding (under 1e-5: test_latent_cache_decode_attention_equals_expanded_attention;
+# other CPUs' kernels round differently again). A greedy choice that the tests compare must win
+# by ten times more.
 MIN_GREEDY_MARGIN = 1e-4
 
 
@@ -107,9 +107,9 @@ def reference_greedy(
 
 
 class ByteTokenizer:
-    """A stand-in for the real tokenizer: token i < 256 is byte i, so multi-byte characters span
-    tokens the way byte-level BPE splits them. 0 is BOS and 1 is EOS (special: they decode to
-    nothing)."""
+    """A stand-in for the real tokenizer: token i < 256 is byte i, so multi-byte
+    characters span tokens the way byte-level BPE splits them. 0 is BOS and 1 is
+    EOS (special: they decode to nothing)."""
 
     bos_id, eos_id = 0, 1
 
@@ -124,8 +124,8 @@ class ByteTokenizer:
 
 
 class CharTokenizer:
-    """One character per token: id t >= 2 is chr(t + 30); 0 is BOS and 1 is EOS. Fits a 128-token
-    vocabulary."""
+    """One character per token: id t >= 2 is chr(t + 30); 0 is BOS and 1 is
+    EOS. Fits a 128-token vocabulary."""
 
     bos_id, eos_id = 0, 1
 

@@ -27,8 +27,8 @@ from helpers import smallest_margin, tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# (user message, thought, answer): what the test model learns to say. "Sing" never ends (no EOS is
-# learned).
+# (user message, thought, answer): what the test model learns to say.
+# "Sing" never ends (no EOS is learned).
 SCRIPT = [
     ("Hello", "The user greets me.", "Hello! How can I help you today?"),
     ("你好", "用户在打招呼。", "你好！有什么可以帮你的吗？"),
@@ -93,8 +93,8 @@ MAX_TRAINING_ROUNDS = 5
 
 
 def _memorised_sequences(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) [N, T]: each SCRIPT exchange, and two turns where only the second answer is
-    learned.
+    """(inputs, targets) [N, T]: each SCRIPT exchange, and two turns where
+    only the second answer is learned.
 
     A token is learned only where its context has one answer: what the assistant says, from the
     token after "<｜Assistant｜>" on. The user's words are not (three different ones follow the

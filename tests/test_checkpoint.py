@@ -1,5 +1,5 @@
-"""Checkpoint directories: layout on disk, sharding, dtype, FP8 dequantization, and loud
-failures."""
+"""Checkpoint directories: layout on disk, sharding, dtype, FP8
+dequantization, and loud failures."""
 
 import json
 

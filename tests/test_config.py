@@ -1,5 +1,5 @@
-"""ModelConfig reads what transformers 4.x, 5.x and DeepSeek write, writes what they read, and
-refuses nonsense."""
+"""ModelConfig reads what transformers 4.x, 5.x and DeepSeek write, writes
+what they read, and refuses nonsense."""
 
 import json
 

@@ -1,5 +1,5 @@
-"""Corpus: cleaning, dedup, caps, the train/val split, the manifest, user text, errors, and the
-default sources."""
+"""Corpus: cleaning, dedup, caps, the train/val split, the manifest, user
+text, errors, and the default sources."""
 
 import importlib.util
 import json
@@ -90,8 +90,8 @@ def test_build_is_deterministic_and_split_is_by_content(tmp_path):
     assert m1 == m2
     for name in ("train.jsonl", "val.jsonl", "manifest.json"):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
-    # The split depends on a document's content only: adding a source does not move the others'
-    # documents.
+    # The split depends on a document's content only: adding a source does
+    # not move the others' documents.
     build_corpus(tmp_path / "three", sources + [make_source("z", 100, seed=9)])
     val = {r["text"] for r in read_split(tmp_path / "three", "val") if r["source"] != "z"}
     assert val == {r["text"] for r in read_split(tmp_path / "one", "val")}
@@ -162,8 +162,8 @@ def test_task_documents_are_worked_train_problems_in_both_languages():
             a, op, b = question.removeprefix("Question: What is ").removesuffix("?").split()
             want = {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
             assert answer == f"Answer: {want}"
-    # 400 draws cover the one-digit train space, yet no held-out problem appears: only the train
-    # split is used
+    # 400 draws cover the one-digit train space, yet no held-out problem
+    # appears: only the train split is used
     held_out = get_task("arithmetic").generate(20, difficulty=1, split="test")
     text = "\n".join(docs)
     assert all(f"Question: {p.prompt.split('?')[0]}?\n" not in text for p in held_out)

@@ -161,8 +161,8 @@ def test_distill_trains_the_student_on_the_traces(tmp_path):
 
 
 def test_set_applies_without_a_preset(tmp_path):
-    """`nanoseek distill --set distill.X=…` with no --preset must not be ignored: a bad value is
-    refused."""
+    """`nanoseek distill --set distill.X=…` with no --preset must not be
+    ignored: a bad value is refused."""
     out = subprocess.run(
         [
             sys.executable,

@@ -1,5 +1,5 @@
-"""The engine against a decoder that recomputes the whole sequence with model(ids) for every
-token."""
+"""The engine against a decoder that recomputes the whole sequence
+with model(ids) for every token."""
 
 import pytest
 import torch
@@ -62,8 +62,8 @@ def test_batched_equals_unbatched():
 
 
 def test_latent_cache_decode_attention_equals_expanded_attention():
-    """The absorbed decode over paged latents gives the expanded (training) attention output within
-    1e-5."""
+    """The absorbed decode over paged latents gives the expanded
+    (training) attention output within 1e-5."""
     from nanoseek.engine.cache import LatentCache
     from nanoseek.engine.runner import ModelRunner
 
@@ -93,8 +93,8 @@ def test_latent_cache_decode_attention_equals_expanded_attention():
     attn, fused = model.layers[0].self_attn, runner.weights.blocks[0].attn
     with torch.no_grad():
         expanded = attn(model.layers[0].input_layernorm(x), *model.rope(torch.arange(T)))
-        # store the first T-1 tokens' latents as a prefill would, then decode token T-1 of both at
-        # once
+        # store the first T-1 tokens' latents as a prefill would, then
+        # decode token T-1 of both at once
         inp = runner.prepare([], [(s, T - 1) for s in seqs], 1, [])
         _, _, c_kv, k_rope = fused.project(x[:, : T - 1].flatten(0, 1), inp.cos, inp.sin)
         cache.write(0, inp.slots, c_kv, k_rope)
@@ -525,8 +525,8 @@ def test_a_bfloat16_model_runs_with_a_bfloat16_cache(made_by, tmp_path):
         model = model.to(torch.bfloat16)
     else:
         model = load_model(save_model(model, tmp_path / "ckpt"), dtype=torch.bfloat16).eval()
-    # measured: up to 0.05 cast, 0.11 loaded (the model's forward rotates in fp32, multiplies in
-    # another order)
+    # measured: up to 0.05 cast, 0.11 loaded (the model's forward rotates in
+    # fp32, multiplies in another order)
     tolerance = 0.1 if made_by == "cast" else 0.15
     prompt = list(range(3, 30))
     for speculative in (False, True):

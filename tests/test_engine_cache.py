@@ -1,5 +1,5 @@
-"""Block bookkeeping: allocation, sharing, copy-on-write, publication under chain hashes, LRU
-eviction."""
+"""Block bookkeeping: allocation, sharing, copy-on-write, publication
+under chain hashes, LRU eviction."""
 
 import torch
 
@@ -15,8 +15,8 @@ class Seq:
 
 
 def prefilled(bm: BlockManager, tokens) -> Seq:
-    """A sequence allocated in `bm` with every token computed and its full blocks published, as
-    after a prefill."""
+    """A sequence allocated in `bm` with every token computed and its full
+    blocks published, as after a prefill."""
     s = Seq(tokens)
     bm.allocate(s)
     s.num_computed = len(s.token_ids)

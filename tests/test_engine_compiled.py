@@ -20,9 +20,9 @@ from nanoseek.model import moe
 
 from helpers import one_thread, tiny_model  # noqa: F401
 
-# fp32: the graph computes the same sums in another order (and Inductor fuses them differently
-# again), so its logits differ from the eager engine's and the recompute's by rounding only;
-# measured under 2e-5 here.
+# fp32: the graph computes the same sums in another order (and Inductor fuses them
+# differently again), so its logits differ from the eager engine's and the recompute's by
+# rounding only; measured under 2e-5 here.
 FP32_TOL = 1e-4
 # bf16 matrices and activations: about 3 significant digits per product. Most rows stay within
 # BF16_TOL (the median error is ~0.1 on logits of magnitude ~7 here), but routing is discrete: a

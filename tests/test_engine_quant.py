@@ -1,5 +1,5 @@
-"""int8 weight-only quantization: error bounds, quality on held-out tokens, the on-disk round trip,
-the engine."""
+"""int8 weight-only quantization: error bounds, quality on held-out tokens,
+the on-disk round trip, the engine."""
 
 import pytest
 import torch
@@ -58,8 +58,8 @@ def test_int8_round_trip_through_the_checkpoint_directory(tmp_path):
     ids = torch.randint(2, 128, (2, 20))
     with torch.no_grad():
         assert torch.equal(q(ids), loaded(ids))
-    # the floating-point checkpoint in the same directory is untouched and still loads in
-    # transformers
+    # the floating-point checkpoint in the same directory is untouched
+    # and still loads in transformers
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():

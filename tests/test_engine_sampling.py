@@ -105,9 +105,9 @@ class _Seq:
 
 
 def test_speculative_acceptance_keeps_the_target_distribution():
-    """Draft d accepted with probability P(d), otherwise a draw from P without d: the first token is
-    P-distributed and, after an accepted draft, the second follows the next position's
-    distribution."""
+    """Draft d accepted with probability P(d), otherwise a draw from P without d:
+    the first token is P-distributed and, after an accepted draft, the second
+    follows the next position's distribution."""
     p_first = torch.tensor([0.1, 0.5, 0.3, 0.1])
     p_second = torch.tensor([0.7, 0.1, 0.1, 0.1])
     logits = torch.stack([p_first.log(), p_second.log()])

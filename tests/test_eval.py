@@ -162,8 +162,8 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny, corpus):
 
 
 def test_eval_command_writes_json_and_markdown(tiny, corpus, tmp_path):
-    # one thread: a tiny model gains nothing from more, and a busy machine makes OpenMP threads wait
-    # on each other
+    # one thread: a tiny model gains nothing from more, and a busy machine
+    # makes OpenMP threads wait on each other
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(__file__).parents[1] / "src"),

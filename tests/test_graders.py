@@ -1,5 +1,5 @@
-"""The shared R1 parser and each grader, against tables of tricky completions (the reward hacks of
-spec A.5)."""
+"""The shared R1 parser and each grader, against tables of tricky
+completions (the reward hacks of spec A.5)."""
 
 import pytest
 

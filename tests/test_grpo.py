@@ -55,8 +55,8 @@ def test_group_advantages_match_hand_computed_values():
 
 
 def _two_sequences():
-    """Sequence 0 (A = +1): ratios 1.5, 1.0, 1.1. Sequence 1 (A = -1): ratios 0.5, 1.25, then a
-    masked slot."""
+    """Sequence 0 (A = +1): ratios 1.5, 1.0, 1.1. Sequence 1 (A = -1):
+    ratios 0.5, 1.25, then a masked slot."""
     old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, -3.0]])
     ratios = torch.tensor([[1.5, 1.0, 1.1], [0.5, 1.25, 7.0]])
     logp = (old + ratios.log()).requires_grad_(True)
@@ -66,8 +66,8 @@ def _two_sequences():
 
 def test_clipped_loss_matches_hand_computed_values_for_each_aggregation():
     logp, old, adv, mask = _two_sequences()
-    # ε = 0.2: token losses -min(ρA, clip(ρ)A): seq 0: -1.2 (clipped), -1.0, -1.1; seq 1: 0.8
-    # (clipped), 1.25
+    # ε = 0.2: token losses -min(ρA, clip(ρ)A):
+    # seq 0: -1.2 (clipped), -1.0, -1.1; seq 1: 0.8 (clipped), 1.25
     token = policy_loss(logp, old, adv, mask, aggregation="token")
     # DAPO: over all 5 tokens
     assert token.loss.item() == pytest.approx((-1.2 - 1.0 - 1.1 + 0.8 + 1.25) / 5)
@@ -92,8 +92,8 @@ def test_clip_higher_lets_a_positive_advantage_grow_further():
 
 
 def test_on_policy_gradient_is_minus_the_advantage_per_token():
-    """μ = 1: π_old is π_θ detached, so ρ = 1, nothing clips, and ∂loss/∂logp = -A / tokens
-    (REINFORCE)."""
+    """μ = 1: π_old is π_θ detached, so ρ = 1, nothing clips, and
+    ∂loss/∂logp = -A / tokens (REINFORCE)."""
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, -3.0]], requires_grad=True)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     out = policy_loss(logp, logp.detach(), torch.tensor([2.0, -1.0]), mask, aggregation="token")
@@ -122,8 +122,8 @@ def test_token_logprobs_and_entropy():
     logp, ent = token_logprobs(logits, torch.tensor([[1, IGNORE_INDEX]]))
     assert logp[0].tolist() == pytest.approx([math.log(0.5), 0.0])
     assert ent[0].tolist() == pytest.approx([math.log(2), 0.0])
-    # at temperature 2 the policy is softmax(logits / 2): log 3 / 2 vs 0 gives p = √3 / (√3 + 1) to
-    # token 0
+    # at temperature 2 the policy is softmax(logits / 2): log 3 / 2 vs 0
+    # gives p = √3 / (√3 + 1) to token 0
     logp, _ = token_logprobs(logits, torch.tensor([[IGNORE_INDEX, 1]]), temperature=2.0)
     assert logp[0, 1].item() == pytest.approx(math.log(1 / (math.sqrt(3) + 1)))
 

@@ -1,5 +1,5 @@
-"""The model's pieces against first-principles references: dropless MoE, routing, MLA's two paths,
-MTP, balancing."""
+"""The model's pieces against first-principles references: dropless MoE,
+routing, MLA's two paths, MTP, balancing."""
 
 import math
 

@@ -1,5 +1,5 @@
-"""nanoseek and transformers' DeepseekV3ForCausalLM give the same logits on the same weights, both
-ways."""
+"""nanoseek and transformers' DeepseekV3ForCausalLM give the same
+logits on the same weights, both ways."""
 
 import pytest
 import torch
@@ -34,8 +34,8 @@ VARIANTS = {
 
 
 def _randomise(model: torch.nn.Module) -> None:
-    """Spread the weights out so routing decisions are far from ties, and give the balancing bias
-    values."""
+    """Spread the weights out so routing decisions are far from ties, and
+    give the balancing bias values."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:

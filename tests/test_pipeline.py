@@ -1,6 +1,6 @@
-"""The speedrun on the smoke preset, end to end, as a user runs it: one command; then again (every
-stage skipped); then a run killed in the middle of pretraining and restarted, which must end with
-the same figures."""
+"""The speedrun on the smoke preset, end to end, as a user runs it: one command; then
+again (every stage skipped); then a run killed in the middle of pretraining and
+restarted, which must end with the same figures."""
 
 import json
 import math

@@ -1,6 +1,6 @@
-"""The sandbox against hostile programs, in both of its modes: with namespaces (root + util-linux
-`unshare`) and the fallback without them. Every test also checks that nothing the program started is
-still running."""
+"""The sandbox against hostile programs, in both of its modes: with namespaces (root +
+util-linux `unshare`) and the fallback without them. Every test also checks that
+nothing the program started is still running."""
 
 import errno
 import os
@@ -49,8 +49,8 @@ def no_strays():
 
 
 def sandbox_processes() -> list[int]:
-    """Live processes under the sandbox uids, or with a sandbox working directory on their command
-    line."""
+    """Live processes under the sandbox uids, or with a sandbox working
+    directory on their command line."""
     uids = range(UID_BASE, UID_BASE + UID_COUNT)
     pids = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -122,8 +122,8 @@ def test_huge_allocation_fails(sandbox):
 
 
 def test_process_cap_holds(sandbox):
-    """The count of processes a program can start stops at max_processes, even though we are
-    root."""
+    """The count of processes a program can start stops at
+    max_processes, even though we are root."""
     spawn = (
         "import os, time\n"
         "n = 0\n"
@@ -246,8 +246,8 @@ def test_output_is_capped(sandbox):
 
 
 def test_concurrent_runs_beside_a_fork_bomb(sandbox):
-    """The trainer grades from a thread pool; one run's fork bomb must not starve the others (one
-    uid each)."""
+    """The trainer grades from a thread pool; one run's fork bomb must not
+    starve the others (one uid each)."""
     with ThreadPoolExecutor(6) as pool:
         bomb = pool.submit(sandbox.run, FORK_BOMB, timeout=1.5)
         results = list(pool.map(lambda i: sandbox.run(f"print({i} * {i})", timeout=10), range(16)))
@@ -272,8 +272,8 @@ def test_limits_defaults():
     ],
 )
 def test_hostile_code_scores_zero(sandbox, prologue):
-    """As a code-task answer, each hostile program scores 0 even with a correct function after
-    it."""
+    """As a code-task answer, each hostile program scores 0 even with
+    a correct function after it."""
     task = Code(sandbox=sandbox, timeout=1.0)
     problem = next(
         p for p in get_task("code").generate(20, seed=0) if p.key.startswith("reverse_string")

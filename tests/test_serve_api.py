@@ -592,8 +592,8 @@ def test_bad_requests_do_not_disturb_a_running_stream(server, client):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
-# The tests below run the app in this process, to hold its engine still or break it; still real
-# HTTP.
+# The tests below run the app in this process, to hold its engine
+# still or break it; still real HTTP.
 
 
 def test_a_full_queue_gets_429_with_retry_after(checkpoint):
@@ -718,9 +718,9 @@ def test_a_request_out_of_time_gets_504_and_is_cancelled(checkpoint):
 
 
 async def asgi_post(app, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
-    """One request handed straight to the ASGI app with the headers as given (uvicorn's HTTP parsers
-    refuse a malformed Content-Length before the app sees it; other ASGI servers may pass one
-    on)."""
+    """One request handed straight to the ASGI app with the headers as given
+    (uvicorn's HTTP parsers refuse a malformed Content-Length before the app sees
+    it; other ASGI servers may pass one on)."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},

@@ -72,8 +72,8 @@ def test_load_checkpoint_gives_what_every_command_needs(checkpoint):
 
 
 def with_a_foreign_int8_file(checkpoint, tmp_path):
-    """A copy of the checkpoint whose model.int8.safetensors is not ours: --int8 must fail on it, by
-    name."""
+    """A copy of the checkpoint whose model.int8.safetensors is not ours:
+    --int8 must fail on it, by name."""
     copy = tmp_path / "ckpt"
     shutil.copytree(checkpoint, copy)
     save_file({"x": torch.zeros(1)}, copy / INT8_FILE, metadata={"format": "other"})

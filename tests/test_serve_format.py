@@ -1,5 +1,5 @@
-"""Serving pieces without a server: prompts, the reasoning split, token bytes, request validation,
-metrics."""
+"""Serving pieces without a server: prompts, the reasoning split, token
+bytes, request validation, metrics."""
 
 import random
 

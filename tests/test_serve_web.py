@@ -1,5 +1,5 @@
-"""The web chat in a real browser: headless Debian Chromium driven by Playwright, against a real
-`nanoseek serve`.
+"""The web chat in a real browser: headless Debian Chromium driven by
+Playwright, against a real `nanoseek serve`.
 
 Needs /usr/bin/chromium (`apt-get install -y chromium`) and `pip install playwright` (no `playwright
 install`: the system browser is used). Screenshots go to test-artifacts/web/.

@@ -1,5 +1,5 @@
-"""Token shards and the packed loader: exact contents, BOS alignment, coverage, resume, ranks,
-errors."""
+"""Token shards and the packed loader: exact contents, BOS alignment,
+coverage, resume, ranks, errors."""
 
 import json
 import random

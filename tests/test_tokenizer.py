@@ -1,5 +1,5 @@
-"""Tokenizer: lossless round trips, digits, CJK, special tokens, save/load, and agreement with
-transformers."""
+"""Tokenizer: lossless round trips, digits, CJK, special tokens,
+save/load, and agreement with transformers."""
 
 import inspect
 import json
@@ -36,8 +36,8 @@ def english(rng: random.Random, n_words: int) -> str:
 
 
 def chinese(rng: random.Random, n_sentences: int) -> str:
-    """Sentences of common words, now and then with an English word glued in (as in mixed real
-    text)."""
+    """Sentences of common words, now and then with an English word
+    glued in (as in mixed real text)."""
     words = ZH_WORDS * 6 + ["Python", "GPT", "AI"]
     return "".join(
         "".join(rng.choice(words) for _ in range(rng.randint(3, 8))) + rng.choice("，。！？")
@@ -46,8 +46,8 @@ def chinese(rng: random.Random, n_sentences: int) -> str:
 
 
 def sample_texts(seed: int = 0) -> list[str]:
-    """About 300 KB: stdlib code (real English in its docstrings) and generated English and
-    Chinese."""
+    """About 300 KB: stdlib code (real English in its docstrings) and
+    generated English and Chinese."""
     rng = random.Random(seed)
     code = [p.read_text("utf-8") for p in stdlib_files()[:400:10]]
     return code + [english(rng, 200) for _ in range(150)] + [chinese(rng, 60) for _ in range(150)]
@@ -120,8 +120,8 @@ def test_digits_are_single_tokens(tok):
 
 
 def test_no_token_mixes_cjk_and_latin():
-    # Text where the same mixed strings repeat: a Latin-word regex alone would merge
-    # "用Python写代码" whole.
+    # Text where the same mixed strings repeat: a Latin-word regex alone
+    # would merge "用Python写代码" whole.
     rng = random.Random(2)
     texts = [f"我们用Python写代码，{chinese(rng, 3)}GPT模型很好。" for _ in range(300)]
     tok = Tokenizer.train(texts, vocab_size=600)
@@ -214,8 +214,8 @@ def test_load_errors(tmp_path):
 
 
 def test_load_deepseek_style_tokenizer(tmp_path):
-    # Special tokens at other ids, <think> registered as a non-special added token, no <answer>: as
-    # DeepSeek's.
+    # Special tokens at other ids, <think> registered as a non-special added
+    # token, no <answer>: as DeepSeek's.
     S = SPECIAL_TOKENS
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,5 +1,5 @@
-"""The training loop: it learns, it resumes exactly after SIGKILL, and torchrun with 2 ranks equals
-1 rank."""
+"""The training loop: it learns, it resumes exactly after SIGKILL, and
+torchrun with 2 ranks equals 1 rank."""
 
 import json
 import os
@@ -238,8 +238,8 @@ def test_fsdp_two_ranks_match_one_process_and_resume_exactly(tmp_path):
 
 
 def test_fsdp_mixed_precision_sharding_runs(tmp_path):
-    """The CUDA policy (bf16 blocks, fp32 routers and reduction) on gloo with CPU autocast: NCCL is
-    not tested here."""
+    """The CUDA policy (bf16 blocks, fp32 routers and reduction) on gloo with CPU
+    autocast: NCCL is not tested here."""
     torchrun = [
         sys.executable,
         "-m",
@@ -338,9 +338,9 @@ def _fit(out: Path, steps: int = 30, **overrides) -> dict:
 
 
 def test_bf16_trains_like_fp32_and_says_so(tmp_path):
-    """bf16 autocast (on any CPU: without native support it is only slower) against fp32, same seed,
-    30 steps: the final window's mean loss within 2%. cost.json names the precision and the peak's
-    dtype."""
+    """bf16 autocast (on any CPU: without native support it is only slower) against
+    fp32, same seed, 30 steps: the final window's mean loss within 2%. cost.json
+    names the precision and the peak's dtype."""
     fp32 = _fit(tmp_path / "fp32", precision="fp32")
     bf16 = _fit(tmp_path / "bf16", precision="bf16")
     assert bf16["lm_loss_avg"] == pytest.approx(fp32["lm_loss_avg"], rel=0.02)
@@ -385,9 +385,9 @@ def test_auto_measures_only_where_bf16_is_native_and_remembers_its_choice(monkey
 
 
 def test_auto_precision_is_recorded_and_a_resumed_run_reuses_it_bitwise(tmp_path, monkeypatch):
-    """Whatever auto picks is written into the checkpoint; a resumed run takes it from there (it
-    does not time again: timing could pick otherwise) and ends bitwise equal to an uninterrupted
-    run."""
+    """Whatever auto picks is written into the checkpoint; a resumed run takes it
+    from there (it does not time again: timing could pick otherwise) and ends
+    bitwise equal to an uninterrupted run."""
     from nanoseek.train import precision
 
     monkeypatch.setattr(precision, "choose", lambda *a: ("bf16", {"reason": "timed"}))
@@ -434,9 +434,9 @@ def test_the_expert_grouped_matmul_op_equals_grouped_mm_in_both_precisions():
 
 
 def test_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):
-    """No C++ compiler: a warning and an eager run. A compiler that fails on the first step: a
-    warning, and the step reruns eagerly from the same data and random state, so the run equals an
-    eager one exactly."""
+    """No C++ compiler: a warning and an eager run. A compiler that fails on the first
+    step: a warning, and the step reruns eagerly from the same data and random state,
+    so the run equals an eager one exactly."""
     eager = _fit(tmp_path / "eager", steps=4, precision="fp32")
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):

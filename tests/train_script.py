@@ -1,5 +1,5 @@
-"""A small training run for the resume and torchrun tests: `python tests/train_script.py OUT
-[--steps N] ...`.
+"""A small training run for the resume and torchrun tests: `python
+tests/train_script.py OUT [--steps N] ...`.
 
 Its data is a seeded stream of counting sequences; rank r of w takes rows r::w of each global batch,
 so one process with the global batch and w processes with 1/w of it each see the same tokens.
@@ -20,9 +20,9 @@ from helpers import tiny_config  # noqa: E402
 
 
 class CountingLoader:
-    """Each step's global batch comes from a generator seeded by the step; rank r of w at micro-step
-    m of a takes rows (r·a + m)::(w·a), so every split of the same global batch sees the same
-    rows."""
+    """Each step's global batch comes from a generator seeded by the step; rank r
+    of w at micro-step m of a takes rows (r·a + m)::(w·a), so every split of the
+    same global batch sees the same rows."""
 
     def __init__(
         self,

@@ -1,11 +1,11 @@
-"""Hugging Face DeepseekV3 checkpoint directories: the only module that knows the on-disk tensor
-names.
+"""Hugging Face DeepseekV3 checkpoint directories: the only module that
+knows the on-disk tensor names.
 
 On disk (what transformers, vLLM and the official DeepSeek releases use):
-    model.layers.L.mlp.experts.N.{gate,up,down}_proj.weight    one tensor per expert
-    model.layers.{num_hidden_layers + k}.*                       MTP module k (enorm, hnorm,
-    eh_proj, shared_head,
-                                                                 and a whole block)
+    model.layers.L.mlp.experts.N.{gate,up,down}_proj.weight   one tensor per expert
+    model.layers.{num_hidden_layers + k}.*                      MTP module k (enorm, hnorm,
+                                                                eh_proj, shared_head, and a
+                                                                whole block)
 In memory the experts of a layer are stacked ([E, 2I, d] and [E, d, I]) and MTP lives in
 `model.mtp`.
 
@@ -116,9 +116,9 @@ def save_model(
     max_shard_size: int = 4 << 30,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write an HF DeepseekV3 directory: config.json, safetensors (sharded past max_shard_size
-    bytes), generation_config.json and, if given, the tokenizer files. Every file is written
-    atomically."""
+    """Write an HF DeepseekV3 directory: config.json, safetensors (sharded past
+    max_shard_size bytes), generation_config.json and, if given, the tokenizer
+    files. Every file is written atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -132,9 +132,9 @@ def save_model(
             and not name.endswith("e_score_correction_bias")
         ):
             t = t.to(dtype)
-        # MTP's copies of embedding and head: safetensors wants
+        # MTP's copies of embedding and head: safetensors wants one tensor per storage
         if (t.data_ptr(), tuple(t.shape)) in seen:
-            t = t.clone()  # one tensor per storage
+            t = t.clone()
         seen.add((t.data_ptr(), tuple(t.shape)))
         tensors[name] = t.contiguous()
     on_disk_dtype = dtype or model.embed_tokens.weight.dtype
@@ -260,8 +260,8 @@ def load_model(
     lazy = _LazyTensors(_checkpoint_files(path))
     disk_keys = {k for k in lazy.keys() if not k.endswith(".weight_scale_inv")}
 
-    # MTP weights are optional: transformers' own save_pretrained drops them while keeping the
-    # config field.
+    # MTP weights are optional: transformers' own save_pretrained drops
+    # them while keeping the config field.
     mtp_prefixes = [
         f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers)
     ]
@@ -318,8 +318,8 @@ def load_model(
 
 
 def load_weights_into(model: Transformer, path: str | os.PathLike) -> None:
-    """Overwrite an existing model's weights (and router biases) from a checkpoint directory of the
-    same config."""
+    """Overwrite an existing model's weights (and router biases) from a
+    checkpoint directory of the same config."""
     _copy_into(model, _LazyTensors(_checkpoint_files(Path(path))))
 
 

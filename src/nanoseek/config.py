@@ -18,8 +18,8 @@ from typing import Any
 
 from nanoseek.io import atomic_write_text
 
-# Keys whose value another name carries in some config.json (V2 / transformers aliases -> our field
-# name).
+# Keys whose value another name carries in some config.json
+# (V2 / transformers aliases -> our field name).
 _ALIASES = {
     "num_local_experts": "n_routed_experts",
     "num_experts": "n_routed_experts",
@@ -103,8 +103,8 @@ class ModelConfig:
         return self.num_hidden_layers - self.first_k_dense_replace
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        # An MTP block (index >= num_hidden_layers) is of the kind of the last main layer: MoE in
-        # V3.
+        # An MTP block (index >= num_hidden_layers) is of the kind of
+        # the last main layer: MoE in V3.
         return min(layer_idx, self.num_hidden_layers - 1) >= self.first_k_dense_replace
 
     @property
@@ -123,8 +123,8 @@ class ModelConfig:
         return scale
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """Bytes the latent KV cache holds per token: (kv_lora_rank + rope dim) per layer, nothing
-        more."""
+        """Bytes the latent KV cache holds per token: (kv_lora_rank + rope
+        dim) per layer, nothing more."""
         return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers * dtype_bytes
 
     # ------------------------------------------------------------------ validation
@@ -258,8 +258,8 @@ class ModelConfig:
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config.json body: HF DeepseekV3 fields, readable by transformers 4.x and 5.x, vLLM
-        and SGLang."""
+        """The config.json body: HF DeepseekV3 fields, readable by
+        transformers 4.x and 5.x, vLLM and SGLang."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         d = {
             **{

@@ -35,8 +35,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path` to write; on success it becomes `path`, on an error it
-    is removed."""
+    """Yield a temporary path beside `path` to write; on success it becomes
+    `path`, on an error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

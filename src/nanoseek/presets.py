@@ -1,9 +1,9 @@
 """Presets: one JSON file per scale (smoke, cpu, gpu-1, gpu-8), with a section per stage.
 
     {"description": str, "price_per_hour": $ per device-hour for the cost estimates,
-     "data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields}, "long_context":
-     {...}, "sft": {...}, "grpo": {GRPOConfig fields}, "eval": {keyword arguments of
-     nanoseek.eval.evaluate}, "distill": {...}}
+     "data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields},
+     "long_context": {...}, "sft": {...}, "grpo": {GRPOConfig fields},
+     "eval": {keyword arguments of nanoseek.eval.evaluate}, "distill": {...}}
 
 A stage section that is absent or null is a stage the speedrun skips (data, model and pretrain are
 always there). `load_preset("smoke")` reads the one shipped in nanoseek/configs/; a path reads your
@@ -68,8 +68,8 @@ def section(preset: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def apply_override(preset: dict[str, Any], item: str) -> None:
-    """'pretrain.max_steps=100' -> preset['pretrain']['max_steps'] = 100 (values parsed as JSON,
-    else strings)."""
+    """'pretrain.max_steps=100' -> preset['pretrain']['max_steps'] = 100
+    (values parsed as JSON, else strings)."""
     key, sep, raw = item.partition("=")
     name, dot, field = key.partition(".")
     try:

@@ -1,9 +1,9 @@
-"""The terminal chat behind `nanoseek chat`: multi-turn, streaming, with a local checkpoint or a
-running server.
+"""The terminal chat behind `nanoseek chat`: multi-turn, streaming, with a
+local checkpoint or a running server.
 
-    nanoseek chat runs/cpu/model                  # loads the model here and runs the engine in this
-    process nanoseek chat --url http://127.0.0.1:8000     # talks to `nanoseek serve` (or any
-    OpenAI-compatible server)
+    nanoseek chat runs/cpu/model               # loads the model and runs the engine in-process
+    nanoseek chat --url http://127.0.0.1:8000  # talks to `nanoseek serve` (or any OpenAI-
+                                               # compatible server)
 
 Commands: /reset forgets the conversation, /thinking on|off, /exit (or Ctrl-D) leaves; Ctrl-C stops
 an answer. The thought is shown dimmed on a terminal (between <think> tags otherwise) and is not

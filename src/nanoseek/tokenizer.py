@@ -36,8 +36,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek.io import atomic_write_text
 
-# Name -> string. The order fixes the ids of a trained tokenizer: bos 0, eos 1 (as in DeepSeek-V3's
-# config).
+# Name -> string. The order fixes the ids of a trained tokenizer: bos 0,
+# eos 1 (as in DeepSeek-V3's config).
 SPECIAL_TOKENS = {
     "bos": "<｜begin▁of▁sentence｜>",
     "eos": "<｜end▁of▁sentence｜>",  # also the padding token
@@ -74,9 +74,9 @@ REQUIRED_SPECIALS = ("bos", "eos", "user", "assistant")
 
 REVISION = 2  # what Tokenizer.train builds
 LLAMA_CPP_PRE = "deepseek-coder"  # llama.cpp's name for revision 2's pre-tokenizer
-# llama.cpp's deepseek-coder regexes (src/llama-vocab.cpp), in its order: line breaks, letter
-# runs, punctuation runs, CJK and Hangul runs (U+4E00-U+9FA5, U+0800-U+4E00, U+AC00-U+D7FF),
-# single digits.
+# llama.cpp's deepseek-coder regexes (src/llama-vocab.cpp), in its order: line
+# breaks, letter runs, punctuation runs, CJK and Hangul runs (U+4E00-U+9FA5,
+# U+0800-U+4E00, U+AC00-U+D7FF), single digits.
 SPLIT_PATTERNS = (
     r"[\r\n]",
     r"\s?\p{L}+",
@@ -126,8 +126,8 @@ class TokenizerError(Exception):
 def _chat_parts(
     messages: Sequence[Mapping], add_generation_prompt: bool, thinking: bool
 ) -> list[tuple[str, bool]]:
-    """CHAT_TEMPLATE in Python: a list of (text, is_control_token). Missing or None fields render as
-    ''."""
+    """CHAT_TEMPLATE in Python: a list of (text, is_control_token).
+    Missing or None fields render as ''."""
     S = SPECIAL_TOKENS
     parts = [(S["bos"], True)]
     systems = [m.get("content") or "" for m in messages if m["role"] == "system"]
@@ -155,8 +155,8 @@ def _chat_parts(
 
 
 class Tokenizer:
-    """Encode/decode text, with special ids by name (`special_ids["think"]`) and the chat
-    template."""
+    """Encode/decode text, with special ids by name
+    (`special_ids["think"]`) and the chat template."""
 
     def __init__(self, tokenizer: HFTokenizer, model_max_length: int = 4096, revision: int = 1):
         json_str = tokenizer.to_str()
@@ -199,8 +199,8 @@ class Tokenizer:
         show_progress: bool = False,
         length: int | None = None,
     ) -> Tokenizer:
-        """Train on an iterator of documents. vocab_size counts the 256 bytes and the special
-        tokens."""
+        """Train on an iterator of documents. vocab_size counts the 256
+        bytes and the special tokens."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
             raise TokenizerError(
                 f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}"
@@ -334,8 +334,8 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------ save/load
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json so that transformers' AutoTokenizer loads
-        the directory."""
+        """Write tokenizer.json and tokenizer_config.json so that transformers'
+        AutoTokenizer loads the directory."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         eos = SPECIAL_TOKENS["eos"]
@@ -359,16 +359,16 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a directory with tokenizer.json (ours, or a DeepSeek one: special tokens are found by
-    their strings)."""
+    """Load a directory with tokenizer.json (ours, or a DeepSeek one: special
+    tokens are found by their strings)."""
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise TokenizerError(f"{path}: no tokenizer.json found")
     tok = HFTokenizer.from_file(str(file))
     # Make sure every special string we know that the vocabulary has is matched whole (in
-    # allow_special mode) and skipped by decode(skip_special_tokens=True), whatever flags the file
-    # gave it.
+    # allow_special mode) and skipped by decode(skip_special_tokens=True), whatever flags the
+    # file gave it.
     present = [s for s in SPECIAL_TOKENS.values() if tok.token_to_id(s) is not None]
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in present])
     config_file = file.with_name("tokenizer_config.json")
@@ -388,8 +388,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def bytes_per_token(tok: Tokenizer, texts_by_lang: Mapping[str, Iterable[str]]) -> dict[str, float]:
-    """UTF-8 bytes per token for each language: the compression the tokenizer gets (higher is
-    better)."""
+    """UTF-8 bytes per token for each language: the compression the
+    tokenizer gets (higher is better)."""
     report = {}
     for lang, texts in texts_by_lang.items():
         texts = list(texts)

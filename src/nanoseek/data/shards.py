@@ -1,10 +1,11 @@
 """Token shards on disk, and a packed, BOS-aligned, resumable loader over them.
 
 A shard directory (one per split) holds:
-    shard_00000.bin ...  raw token ids (uint16 when the vocabulary fits, else uint32); each document
-    starts with BOS meta.json            dtype, vocab_size, bos_id, tokenizer and corpus sha256,
-    tokens, docs, bytes, per source
-                         counts, and the shard list. `bytes` is the UTF-8 size of the text, so
+    shard_00000.bin ...  raw token ids (uint16 when the vocabulary fits, else uint32); each
+                         document starts with BOS
+    meta.json            dtype, vocab_size, bos_id, tokenizer and corpus sha256, tokens, docs,
+                         bytes, per source counts, and the shard list. `bytes` is the UTF-8
+                         size of the text, so
                          bits per byte = mean loss (nats/token) * tokens / (ln 2 * bytes).
 
 Packing (PackedLoader): every row of T+1 tokens starts with BOS and is filled completely, with
@@ -47,9 +48,9 @@ def _file_sha256(path: Path) -> str:
 
 
 class _ShardWriter:
-    """Appends documents to shard_00000.bin, shard_00001.bin, ... (each an atomic_file entered on
-    `files`, so they all appear when `files` closes, or none does); a shard closes at
-    shard_tokens."""
+    """Appends documents to shard_00000.bin, shard_00001.bin, ... (each an
+    atomic_file entered on `files`, so they all appear when `files` closes, or none
+    does); a shard closes at shard_tokens."""
 
     def __init__(self, out: Path, dtype, shard_tokens: int, files: ExitStack):
         self.out = out
@@ -196,8 +197,8 @@ def read_meta(shard_dir: str | os.PathLike) -> dict:
 
 
 class PackedLoader:
-    """Yields (inputs[B,T], targets[B,T]) int64 tensors from a shard directory; see the module
-    docstring.
+    """Yields (inputs[B,T], targets[B,T]) int64 tensors from a shard
+    directory; see the module docstring.
 
     - rank/world_size: each epoch's document order is dealt out round-robin, so ranks read disjoint
       documents.
@@ -250,8 +251,8 @@ class PackedLoader:
         self.bos = meta["bos_id"]
         self.meta = meta
 
-        # Document index: shard number, start and length of every document, found at the BOS
-        # positions.
+        # Document index: shard number, start and length of every
+        # document, found at the BOS positions.
         self._shards = []
         shard_of = []
         starts = []
@@ -295,8 +296,8 @@ class PackedLoader:
         return self._order_cache[1]
 
     def _fill_row(self, row: np.ndarray) -> int:
-        """Fill row from the stream; returns how many tokens it got (less than len(row) only at the
-        end)."""
+        """Fill row from the stream; returns how many tokens it got (less
+        than len(row) only at the end)."""
         n = 0
         while n < len(row) and (self.epochs is None or self.epoch < self.epochs):
             d = self._order(self.epoch)[self.pos]
@@ -311,9 +312,11 @@ class PackedLoader:
             n += take
             self.offset += take
             if self.offset == len(doc):
-                self.offset, self.pos = 0, self.pos + 1
+                self.offset = 0
+                self.pos += 1
                 if self.pos == len(self._order(self.epoch)):
-                    self.epoch, self.pos = self.epoch + 1, 0
+                    self.epoch += 1
+                    self.pos = 0
         return n
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,5 +1,5 @@
-"""The latent KV cache: a pool of fixed-size blocks, and the bookkeeping that lends them to
-sequences.
+"""The latent KV cache: a pool of fixed-size blocks, and the
+bookkeeping that lends them to sequences.
 
 Per token and layer the pool holds what absorbed MLA needs and nothing more, side by side in one
 row:
@@ -26,8 +26,8 @@ import torch
 
 
 class LatentCache:
-    """kv [layers, num_blocks * block_size, kv_rank + rope_dim]: every layer's latents, one row per
-    slot."""
+    """kv [layers, num_blocks * block_size, kv_rank + rope_dim]: every
+    layer's latents, one row per slot."""
 
     def __init__(
         self,
@@ -77,8 +77,8 @@ def chain_hash(parent: bytes, tokens: list[int]) -> bytes:
 
 
 class BlockManager:
-    """Who owns which block. Works on sequences with .token_ids, .num_computed, .block_table,
-    .block_hashes."""
+    """Who owns which block. Works on sequences with .token_ids,
+    .num_computed, .block_table, .block_hashes."""
 
     def __init__(
         self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True, lookahead: int = 0
@@ -168,8 +168,8 @@ class BlockManager:
         seq.block_hashes = []
 
     def fork(self, parent, child) -> None:
-        """child shares every block of parent (the partial last one is copied on its first
-        write)."""
+        """child shares every block of parent (the partial last one is
+        copied on its first write)."""
         for block in parent.block_table:
             self._share(block)
         child.block_table = list(parent.block_table)
@@ -199,8 +199,8 @@ class BlockManager:
         return copies
 
     def publish(self, seq) -> None:
-        """After a step: publish the blocks that have become full (and whose lookahead tokens are
-        known)."""
+        """After a step: publish the blocks that have become full (and
+        whose lookahead tokens are known)."""
         if not self.enable_prefix_cache:
             return
         bs = self.block_size

@@ -114,9 +114,9 @@ class _AttentionGraph(_Params):
         self.put("o_proj_b", a.o_proj.b, torch.float32)
 
     def forward(self, x, cos, sin, cache_rows, bias):
-        """x [B, d] fp32, cos/sin [B, rope], cache_rows [B, S, C + rope] (the positions before each
-        token's), bias [B, S + 1] -> (attention output [B, d] fp32, the step's latents
-        [B, C + rope])."""
+        """x [B, d] fp32, cos/sin [B, rope], cache_rows [B, S, C + rope] (the
+        positions before each token's), bias [B, S + 1] -> (attention output [B, d]
+        fp32, the step's latents [B, C + rope])."""
         H = self.n_heads
         n = self.nope
         r = self.rope

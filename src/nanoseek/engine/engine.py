@@ -1,11 +1,10 @@
 """The inference engine: requests in, tokens out, many requests at once on one latent KV cache.
 
-    engine = Engine(model, tokenizer)                       # tokenizer may be None: prompts are
-    token ids outs = engine.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=32,
-    temperature=0)) rid = engine.add_request([0, 17, 42], params)            # the streaming
-    interface (the server's): events = engine.step()                                   #   one
-    forward for every running request engine.cancel(rid)                                       #
-    frees its blocks at once
+    engine = Engine(model, tokenizer)              # tokenizer may be None: prompts are token ids
+    outs = engine.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=32, temperature=0))
+    rid = engine.add_request([0, 17, 42], params)  # the streaming interface (the server's):
+    events = engine.step()                         #   one forward for every running request
+    engine.cancel(rid)                             #   frees its blocks at once
 
 Each step: the scheduler picks decode tokens and prefill chunks -> one packed forward (runner) -> a
 token per finished prompt and per decoding sequence (sampler; with MTP speculation, one or two) ->
@@ -254,10 +253,11 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[StepEvent]:
-        """Run one forward for every scheduled request. -> what each completion gained (callbacks
-        get theirs)."""
+        """Run one forward for every scheduled request. -> what each
+        completion gained (callbacks get theirs)."""
         with self._lock, torch.inference_mode():
-            pending, self._events = self._events, []
+            pending = self._events
+            self._events = []
             batch = self.scheduler.schedule()
             if batch:
                 pending += self._run(batch)
@@ -458,9 +458,9 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Run prompts (texts, or token-id lists) to completion, all batched together. Every prompt
-        and every SamplingParams is checked before any work starts. -> one RequestOutput per prompt,
-        in order."""
+        """Run prompts (texts, or token-id lists) to completion, all batched together.
+        Every prompt and every SamplingParams is checked before any work starts. ->
+        one RequestOutput per prompt, in order."""
         if isinstance(prompts, str) or (
             isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
         ):
@@ -497,9 +497,9 @@ class Engine:
         return [r.output for r in reqs]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StepEvent]:
-        """Yield one request's events as its tokens come, driving the engine (other requests advance
-        too and get their events through their callbacks). Closing the iterator early cancels the
-        request."""
+        """Yield one request's events as its tokens come, driving the engine (other
+        requests advance too and get their events through their callbacks). Closing
+        the iterator early cancels the request."""
         ids, text = self.encode(prompt)
         params = SamplingParams() if params is None else params
         self.check(ids, params)

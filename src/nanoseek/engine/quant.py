@@ -40,8 +40,8 @@ _METADATA = {"format": "nanoseek-int8", "scheme": "symmetric per-output-channel 
 
 
 def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., out, in] -> (q int8 [..., out, in], scale fp32 [..., out]) with w ~ q * scale[...,
-    None]."""
+    """w [..., out, in] -> (q int8 [..., out, in], scale fp32 [..., out])
+    with w ~ q * scale[..., None]."""
     w = w.detach().float()
     scale = w.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
     q = torch.round(w / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
@@ -68,8 +68,8 @@ class Int8Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized matrix [out, in], for code that reads weights (e.g. refolding
-        attention)."""
+        """The dequantized matrix [out, in], for code that reads
+        weights (e.g. refolding attention)."""
         return (self.q_t.t().float() * self.scale.unsqueeze(-1)).to(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +81,8 @@ class Int8Linear(nn.Module):
 
 
 class Int8Experts(nn.Module):
-    """Stacked routed experts in int8, with the contract of model.moe.Experts: forward(x sorted by
-    expert, counts)."""
+    """Stacked routed experts in int8, with the contract of model.moe.Experts:
+    forward(x sorted by expert, counts)."""
 
     def __init__(
         self,

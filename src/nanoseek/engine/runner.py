@@ -1,5 +1,5 @@
-"""One forward pass over a packed batch: decode tokens and prefill chunks of many sequences, on the
-latent cache.
+"""One forward pass over a packed batch: decode tokens and prefill chunks of
+many sequences, on the latent cache.
 
 All tokens of a step are laid out in one row [N, d] (decode tokens first, `width` per sequence, then
 the prefill chunks), so every projection, norm and expert runs once per layer for the whole batch.
@@ -29,8 +29,8 @@ from nanoseek.model.transformer import Transformer
 
 @dataclass
 class Chunk:
-    """A prefill chunk: rows [start, start + length) of the batch, at positions [cached, cached +
-    length)."""
+    """A prefill chunk: rows [start, start + length) of the batch, at
+    positions [cached, cached + length)."""
 
     start: int
     length: int
@@ -139,9 +139,9 @@ class ModelRunner:
     def mtp_forward(
         self, inp: StepInput, hidden: torch.Tensor, next_ids: torch.Tensor
     ) -> torch.Tensor:
-        """The first MTP module over the step's tokens: position i sees h_i and token i+1 -> its
-        normed output [N, d], whose head predicts token i+2. Writes the MTP block's latents to the
-        last cache layer."""
+        """The first MTP module over the step's tokens: position i sees h_i and token i+1
+        -> its normed output [N, d], whose head predicts token i+2. Writes the MTP
+        block's latents to the last cache layer."""
         model = self.model
         mtp = self.model.mtp[0]
         layer = self.num_layers - 1
@@ -161,8 +161,8 @@ class ModelRunner:
     def attention(
         self, attn: Attention, layer: int, x: torch.Tensor, inp: StepInput
     ) -> torch.Tensor:
-        """x [N, d] (block input) -> attention output [N, d]; stores the step's latents in the cache
-        first."""
+        """x [N, d] (block input) -> attention output [N, d]; stores the
+        step's latents in the cache first."""
         q_nope, q_rope, c_kv, k_rope = attn.project(x, inp.cos, inp.sin)
         self.cache.write(layer, inp.slots, c_kv, k_rope)
         nd, outs = inp.num_decode * inp.width, []
@@ -187,8 +187,8 @@ class ModelRunner:
     def decode_attention(
         self, attn: Attention, layer: int, q: torch.Tensor, inp: StepInput
     ) -> torch.Tensor:
-        """Absorbed attention over the paged latents: q [B*width, H, C + rope] -> latent outputs
-        [B*width, H, C]."""
+        """Absorbed attention over the paged latents: q [B*width, H, C + rope]
+        -> latent outputs [B*width, H, C]."""
         kv = self.cache.gather(layer, inp.decode_slots)  # [B, S, C + rope]
         q = q.reshape(inp.num_decode, -1, kv.shape[-1])  # [B, width*H, C + rope]
         o_latent = attend_latent(q, kv, inp.decode_bias, attn.scale, self.kv_rank)

@@ -1,11 +1,11 @@
-"""Sampling: what a request asks for (SamplingParams) and how a batch of logit rows becomes tokens
-(Sampler).
+"""Sampling: what a request asks for (SamplingParams) and how a batch of
+logit rows becomes tokens (Sampler).
 
 Every row is processed on its own, so a request's tokens do not depend on what else is in the batch:
     logits -> repetition / presence / frequency penalties -> the request's logits processors
            -> greedy argmax (temperature 0)
-           or  / temperature -> top-k, top-p, min-p masks -> inverse-CDF draw with the request's own
-           uniform
+           or  / temperature -> top-k, top-p, min-p masks
+               -> inverse-CDF draw with the request's own uniform
 The uniforms come from a per-sequence `random.Random`: one float per token, no tensor op per row.
 Logprobs are those of the raw model distribution (log_softmax of the logits before any processing).
 """
@@ -39,9 +39,9 @@ class SamplingParams:
     n: int = 1  # completions per prompt; they share the prompt's prefill
     # None: no logprobs; k: the chosen token's logprob and the top-k alternatives
     logprobs: int | None = None
-    # f(output_ids, logits[V]) -> logits[V], after the penalties: constrained decoding (JSON), logit
-    # bias. The same callables serve all n completions, so they must keep no per-sequence state of
-    # their own.
+    # f(output_ids, logits[V]) -> logits[V], after the penalties: constrained decoding
+    # (JSON), logit bias. The same callables serve all n completions, so they must
+    # keep no per-sequence state of their own.
     logits_processors: Sequence[Callable[[Sequence[int], torch.Tensor], torch.Tensor]] = ()
     stop_list: tuple[str, ...] = field(init=False, repr=False)
     stop_ids: frozenset[int] = field(init=False, repr=False)
@@ -164,8 +164,8 @@ class Sampler:
     """Turns logit rows [R, V] into tokens, one independent decision per row."""
 
     def apply_penalties(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-        """Penalties, then logits processors; a new tensor when anything changes (logprobs read the
-        raw one)."""
+        """Penalties, then logits processors; a new tensor when anything
+        changes (logprobs read the raw one)."""
         if not any(r.params.has_penalties or r.params.logits_processors for r in rows):
             return logits
         logits = logits.clone()
@@ -189,8 +189,8 @@ class Sampler:
         return logits
 
     def probabilities(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-        """Penalised logits [R, V] of sampled (temperature > 0) rows -> the distribution each row
-        draws from."""
+        """Penalised logits [R, V] of sampled (temperature > 0) rows -> the
+        distribution each row draws from."""
         temps = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(
             1
         )
@@ -216,8 +216,8 @@ class Sampler:
 
     @staticmethod
     def draw(probs: torch.Tensor, uniforms: Sequence[float]) -> torch.Tensor:
-        """Inverse-CDF sampling: row i takes the first token whose cumulative probability exceeds
-        u_i."""
+        """Inverse-CDF sampling: row i takes the first token whose
+        cumulative probability exceeds u_i."""
         cdf = probs.double().cumsum(dim=-1)
         u = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device).unsqueeze(1) * cdf[:, -1:]
         idx = torch.searchsorted(cdf, u, right=True).squeeze(1)  # never a zero-probability token...

@@ -92,8 +92,8 @@ class TextStream:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def push(self, token: int) -> bool:
-        """Add a generated token. -> True when a stop string has appeared (text is then cut before
-        it)."""
+        """Add a generated token. -> True when a stop string has appeared
+        (text is then cut before it)."""
         if self.stopped:
             return True
         self.ids.append(token)
@@ -103,7 +103,8 @@ class TextStream:
             return False
         before = len(self.text)
         self.text += full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
         return self._find_stop(before)
 
     def _find_stop(self, before: int) -> bool:
@@ -112,7 +113,8 @@ class TextStream:
         start = max(0, before - max(map(len, self.stop)) + 1)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
+            self.text = self.text[: min(hits)]
+            self.stopped = True
         return self.stopped
 
     def finish(self) -> None:

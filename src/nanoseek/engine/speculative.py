@@ -1,5 +1,5 @@
-"""MTP speculative decoding: the model's own MTP module drafts one token; the next step checks it
-for free.
+"""MTP speculative decoding: the model's own MTP module drafts one token;
+the next step checks it for free.
 
 A decoding sequence with last token t at position p and draft d feeds [t, d] at positions p, p+1 in
 one forward. The logits at p give token p+1; when d is accepted, the logits at p+1 give token p+2 as
@@ -37,9 +37,9 @@ class SpeculativeDecoder:
     def verify(
         self, logits: torch.Tensor, seqs: list, drafts: list[int]
     ) -> list[list[tuple[int, int]]]:
-        """logits [2B, V]: rows 2i and 2i+1 are seqs[i] at p and p+1. -> per sequence, its new
-        tokens as (token, logits row) pairs: [(d, 2i), (next, 2i+1)] when the draft is accepted,
-        else [(other, 2i)]."""
+        """logits [2B, V]: rows 2i and 2i+1 are seqs[i] at p and p+1. -> per sequence,
+        its new tokens as (token, logits row) pairs: [(d, 2i), (next, 2i+1)] when the
+        draft is accepted, else [(other, 2i)]."""
         sampler = self.sampler
         rows = [Row(s.params, s.rng, s.token_ids, s.num_prompt) for s in seqs]
         first = sampler.apply_penalties(logits[0::2], rows)
@@ -95,7 +95,7 @@ class SpeculativeDecoder:
         next_ids: list[int],
         rows: list[int],
     ) -> list[int]:
-        """Run the MTP module over the step (next_ids[i]: the token after row i's) -> drafts from
-        `rows`."""
+        """Run the MTP module over the step (next_ids[i]: the token after
+        row i's) -> drafts from `rows`."""
         h = runner.mtp_forward(inp, hidden, torch.tensor(next_ids, device=hidden.device))
         return runner.logits(h[rows]).argmax(dim=-1).tolist() if rows else []

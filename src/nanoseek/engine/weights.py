@@ -1,5 +1,5 @@
-"""The model's weights in the layout inference wants: the same math in fewer, faster kernel
-launches.
+"""The model's weights in the layout inference wants: the same math
+in fewer, faster kernel launches.
 
 Decoding a few tokens per step is bound by launches and by reading weights, not by arithmetic. So
 once per set of weights (and again whenever a parameter changes in place, e.g. after an optimizer
@@ -35,9 +35,9 @@ from nanoseek.model.transformer import Block, Transformer
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [N, dim] / rms(x), computed in fp32; the weight, if any, is applied by the caller. The mean
-    square (+ eps) is one addmm against a constant column: four launches instead of the eight of the
-    textbook form."""
+    """x [N, dim] / rms(x), computed in fp32; the weight, if any, is applied by the
+    caller. The mean square (+ eps) is one addmm against a constant column: four launches
+    instead of the eight of the textbook form."""
     xf = x if x.dtype == torch.float32 else x.float()
     eps_t, mean_col = _norm_constants(x.shape[-1], eps, x.device)
     out = xf * torch.addmm(eps_t, xf * xf, mean_col).rsqrt_()
@@ -60,8 +60,8 @@ def _norm_constants(
 
 
 def rotate_pairs(w: torch.Tensor) -> torch.Tensor:
-    """P applied along dim -2 of w [..., rope, in] (dim -1 of a bias [rope]): row 2i <- -row 2i+1,
-    2i+1 <- 2i."""
+    """P applied along dim -2 of w [..., rope, in] (dim -1 of a bias [rope]):
+    row 2i <- -row 2i+1, 2i+1 <- 2i."""
     if w.dim() == 1:
         return rotate_pairs(w.unsqueeze(-1)).squeeze(-1)
     pairs = w.unflatten(-2, (-1, 2))
@@ -200,8 +200,8 @@ class Attention:
         return q_nope, q_rope, c_kv, k_rope
 
     def expand(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents [S, C], [S, rope] -> per-head keys [1, H, S, nope + rope] and values [1, H, S,
-        v]."""
+        """Latents [S, C], [S, rope] -> per-head keys [1, H, S, nope +
+        rope] and values [1, H, S, v]."""
         kv = self.kv_b(c_kv).unflatten(-1, (self.n_heads, -1)).transpose(0, 1)  # [H, S, nope + v]
         k_nope, v = kv.split([self.nope, kv.shape[-1] - self.nope], dim=-1)
         k = torch.cat((k_nope, k_rope.expand(self.n_heads, -1, -1)), dim=-1)
@@ -231,9 +231,9 @@ class Router:
 
 
 class MoEWeights:
-    """Router, routed experts (stacked gate_up [E, d, 2I] and down [E, I, d], so each expert's
-    matrices are contiguous) and shared experts. The dispatch is the model's (moe.dispatch,
-    moe.run_experts)."""
+    """Router, routed experts (stacked gate_up [E, d, 2I] and down [E, I, d], so
+    each expert's matrices are contiguous) and shared experts. The dispatch is the
+    model's (moe.dispatch, moe.run_experts)."""
 
     def __init__(self, moe_layer: moe.MoE):
         self.router = Router(moe_layer.gate)
@@ -258,8 +258,8 @@ class MoEWeights:
         return torch.mm(F.silu(gate) * up, down)
 
     def run(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by expert through their experts: one grouped matmul per stacked matrix when
-        it can."""
+        """Rows sorted by expert through their experts: one grouped matmul
+        per stacked matrix when it can."""
         return moe.run_experts(xs, counts, self.expert, self.gate_up_t, self.down_t)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Task accuracy on held-out problems: greedy pass@1, and pass@k from n sampled completions per
-problem.
+"""Task accuracy on held-out problems: greedy pass@1, and pass@k from n
+sampled completions per problem.
 
 Prompts are rendered with the chat template and its `<think>\\n` generation prompt
 (data.chat_tokens.prompt_ids), the completions are generated in one batch by the engine, and the
@@ -23,8 +23,8 @@ from nanoseek.tasks import Problem, Task
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples drawn without replacement from n (c correct) is
-    correct."""
+    """Probability that at least one of k samples drawn without
+    replacement from n (c correct) is correct."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -33,8 +33,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def token_budget(tok, problem: Problem, max_new_tokens: int) -> int:
-    """Room to generate: twice the reference completion, at least 32 tokens, at most
-    max_new_tokens."""
+    """Room to generate: twice the reference completion, at least 32
+    tokens, at most max_new_tokens."""
     ref = len(tok.encode(problem.solution.completion(think_prefilled=True), allow_special=True))
     return max(32, min(max_new_tokens, 2 * ref + 16))
 

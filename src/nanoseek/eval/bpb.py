@@ -1,5 +1,5 @@
-"""Bits per byte on held-out text: a tokenizer-independent measure of how well a model predicts
-language.
+"""Bits per byte on held-out text: a tokenizer-independent measure of
+how well a model predicts language.
 
     bpb = (Σ over predicted tokens of −ln p(token | context)) / (ln 2 × UTF-8 bytes of the text)
 

@@ -1,10 +1,11 @@
-"""`evaluate(checkpoint)`: every quality figure of one model as a dict, and `to_markdown` for
-people.
+"""`evaluate(checkpoint)`: every quality figure of one model as a
+dict, and `to_markdown` for people.
 
     bpb       bits per byte on held-out English, Chinese and code text
     tasks     held-out (test-split) problems of each verifiable task: greedy pass@1, accuracy,
-    format, pass@k passkey   retrieval accuracy at several context lengths, up to and beyond the
-    model's context (YaRN)
+              format, pass@k
+    passkey   retrieval accuracy at several context lengths, up to and beyond the model's
+              context (YaRN)
 
 The eval stage (stages/eval.py) runs it on every finished checkpoint of a run.
 """
@@ -37,8 +38,8 @@ DEFAULT_TASKS = {
 def task_problems(
     name: str, difficulties: Sequence[int], n_problems: int, langs: Sequence[str], seed: int = 0
 ):
-    """n_problems test-split problems, spread over difficulties × languages. -> (problems,
-    labels)."""
+    """n_problems test-split problems, spread over difficulties ×
+    languages. -> (problems, labels)."""
     task = get_task(name)
     problems = []
     labels = []
@@ -109,10 +110,10 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """All quality figures of the checkpoint at ckpt_dir. tasks: names (default difficulties) or
-    {name: [difficulty, ...]}; None = every task. corpus_dir: where val.jsonl is (default: the run's
-    corpus next to the checkpoint, else the default corpus built on the fly). progress: a progress
-    bar per task."""
+    """All quality figures of the checkpoint at ckpt_dir. tasks: names (default
+    difficulties) or {name: [difficulty, ...]}; None = every task. corpus_dir: where
+    val.jsonl is (default: the run's corpus next to the checkpoint, else the default corpus
+    built on the fly). progress: a progress bar per task."""
     ckpt_dir = Path(ckpt_dir)
     wanted = _task_spec(tasks)  # fail on a bad task name before any work
     started = time.perf_counter()

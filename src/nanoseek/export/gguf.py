@@ -255,8 +255,8 @@ def _tensors(model) -> list[tuple[str, np.ndarray]]:
 
 
 def _encode(gguf, name: str, array: np.ndarray, type: str):
-    """(data, GGML type) to store: 1-D tensors and the router stay F32, as llama.cpp's converter
-    keeps them."""
+    """(data, GGML type) to store: 1-D tensors and the router stay F32, as
+    llama.cpp's converter keeps them."""
     F32 = gguf.GGMLQuantizationType.F32
     array = np.ascontiguousarray(array, dtype=np.float32)
     if type == "f32" or array.ndim == 1 or name.endswith("ffn_gate_inp.weight"):

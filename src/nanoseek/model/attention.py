@@ -67,8 +67,8 @@ class MLA(nn.Module):
     def latent(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, d] -> what a cache stores: c_kv [B, T, kv_rank] (normalised), k_rope [B, T,
-        rope] (rotated)."""
+        """x [B, T, d] -> what a cache stores: c_kv [B, T, kv_rank]
+        (normalised), k_rope [B, T, rope] (rotated)."""
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin)
 
@@ -81,8 +81,8 @@ class MLA(nn.Module):
         return torch.cat((k_nope, k_rope), dim=-1), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Causal self-attention over x [B, T, d] with no cache (training, full-sequence
-        scoring)."""
+        """Causal self-attention over x [B, T, d] with no cache
+        (training, full-sequence scoring)."""
         q_nope, q_rope = self.query(x, cos, sin)
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k, v = self.expand(*self.latent(x, cos, sin))

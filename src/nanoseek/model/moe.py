@@ -34,9 +34,9 @@ from nanoseek.model.layers import MLP
 
 
 class Router(nn.Module):
-    """Which experts a token uses, and with what weights: `route` (tensors, any number of tokens)
-    and `route_one` (Python, one token). The engine keeps its own copy of the weight and calls both
-    on its logits."""
+    """Which experts a token uses, and with what weights: `route` (tensors, any number
+    of tokens) and `route_one` (Python, one token). The engine keeps its own copy of
+    the weight and calls both on its logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -53,8 +53,8 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", bias)
 
     def _apply(self, fn, recurse=True):
-        # The bias stays fp32 whatever dtype the model is cast to (bf16 would round away updates of
-        # size γ).
+        # The bias stays fp32 whatever dtype the model is cast to (bf16
+        # would round away updates of size γ).
         bias = getattr(self, "e_score_correction_bias", None)
         super()._apply(fn, recurse)
         if bias is not None:
@@ -137,8 +137,8 @@ def dispatch(
     counts = torch.bincount(flat, minlength=n_experts)
     order = flat.argsort(stable=True)
     token = order // ids.shape[1]
-    # index_select rather than x[token]: its backward is a fast index_add, not an accumulating
-    # index_put
+    # index_select rather than x[token]: its backward is a fast
+    # index_add, not an accumulating index_put
     ys = run(x.index_select(0, token), counts) * weights.flatten()[order].unsqueeze(-1).type_as(x)
     return torch.zeros_like(x).index_add_(0, token, ys), counts
 
@@ -146,9 +146,9 @@ def dispatch(
 def dispatch_one(
     x: torch.Tensor, ids: list[int], weights: list[float], expert: RunOne, out: torch.Tensor
 ) -> torch.Tensor:
-    """`dispatch` for one token x [1, d] routed by `Router.route_one`: its K experts run in turn,
-    nothing to sort; their weighted outputs are added to out [1, d] in place (the engine passes the
-    shared experts')."""
+    """`dispatch` for one token x [1, d] routed by `Router.route_one`: its K experts run
+    in turn, nothing to sort; their weighted outputs are added to out [1, d] in place
+    (the engine passes the shared experts')."""
     for e, w in zip(ids, weights):
         out.add_(expert(e, x), alpha=w)
     return out
@@ -218,9 +218,9 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 
 @torch.library.custom_op("nanoseek::cpu_grouped_mm", mutates_args=())
 def cpu_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """F.grouped_mm as an opaque op that torch.compile calls rather than traces: a [M, K] @ b
-    [E, K, N] by row groups -> [M, N], or a [K, M] @ b [M, N] by groups of M -> [E, K, N] (the
-    weight gradient)."""
+    """F.grouped_mm as an opaque op that torch.compile calls rather than traces: a
+    [M, K] @ b [E, K, N] by row groups -> [M, N], or a [K, M] @ b [M, N] by groups of
+    M -> [E, K, N] (the weight gradient)."""
     return F.grouped_mm(a, b, offs=offsets)
 
 
@@ -284,8 +284,8 @@ class MoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
-        # Always present, as in transformers: with n_shared_experts=0 it is zero-wide and adds
-        # nothing.
+        # Always present, as in transformers: with n_shared_experts=0 it
+        # is zero-wide and adds nothing.
         shared_width = cfg.n_shared_experts * cfg.moe_intermediate_size
         self.shared_experts = MLP(cfg.hidden_size, shared_width)
         self.balance_alpha = cfg.aux_loss_alpha
@@ -319,8 +319,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, gamma: float, load: torch.Tensor | None = None) -> None:
-        """Aux-loss-free balancing: nudge each expert's bias by γ toward the mean load, then reset
-        the counts.
+        """Aux-loss-free balancing: nudge each expert's bias by γ toward the
+        mean load, then reset the counts.
 
         `load` overrides the local counts (a data-parallel trainer passes the all-reduced ones).
         """

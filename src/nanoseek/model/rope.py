@@ -19,8 +19,8 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """ω_i for the rope dims, and the magnitude factor that multiplies cos/sin (1.0 unless YaRN says
-    otherwise)."""
+    """ω_i for the rope dims, and the magnitude factor that multiplies cos/sin
+    (1.0 unless YaRN says otherwise)."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     inv_freq = 1.0 / pos_freqs
@@ -39,9 +39,9 @@ def inverse_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     else:
         attention_factor = _yarn_mscale(factor)
 
-    # Dims that turn more than beta_fast times over the original context keep their frequency, dims
-    # that turn less than beta_slow times are interpolated by 1/factor, and a linear ramp blends the
-    # ones in between.
+    # Dims that turn more than beta_fast times over the original context keep their
+    # frequency, dims that turn less than beta_slow times are interpolated by 1/factor, and
+    # a linear ramp blends the ones in between.
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
@@ -63,8 +63,8 @@ def rope_tables(cfg: ModelConfig, length: int | None = None) -> tuple[torch.Tens
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of x [..., T, (heads,) rope_dim] by cos/sin broadcastable to [..., T,
-    (1,) rope_dim/2]."""
+    """Rotate adjacent pairs of x [..., T, (heads,) rope_dim] by cos/sin
+    broadcastable to [..., T, (1,) rope_dim/2]."""
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)

@@ -1,5 +1,5 @@
-"""The DeepSeek-V3 decoder: pre-norm blocks of MLA + (dense MLP | MoE), a final norm and head, and
-the MTP modules.
+"""The DeepSeek-V3 decoder: pre-norm blocks of MLA + (dense MLP | MoE), a final
+norm and head, and the MTP modules.
 
     x = embed(tokens)
     for each block:  x += MLA(norm(x));  x += FFN(norm(x))        FFN = dense SwiGLU below
@@ -60,8 +60,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # on disk: shared_head.norm
 
     def forward(self, h_prev: torch.Tensor, next_embeds: torch.Tensor, cos, sin):
-        """h_prev [B, T, d] (position i) and embed(t_{i+k}) [B, T, d] -> (h [B, T, d] before norm,
-        balance)."""
+        """h_prev [B, T, d] (position i) and embed(t_{i+k}) [B, T, d] -> (h
+        [B, T, d] before norm, balance)."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(h_prev)), dim=-1))
         return self.block(x, cos, sin)
 
@@ -94,8 +94,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """N(0, initializer_range) everywhere; residual-branch outputs scaled down by sqrt(2·layers)
-        (GPT-2)."""
+        """N(0, initializer_range) everywhere; residual-branch outputs scaled
+        down by sqrt(2·layers) (GPT-2)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * (self.config.num_hidden_layers + len(self.mtp)))
@@ -168,8 +168,8 @@ class Transformer(nn.Module):
                 if T - k < 1:
                     break
                 cos, sin = self.rope(torch.arange(T - k, device=input_ids.device))
-                # depth k at position i sees h_{k-1}[i] and the token t_{i+k}, and predicts
-                # t_{i+k+1}
+                # depth k at position i sees h_{k-1}[i] and the token
+                # t_{i+k}, and predicts t_{i+k+1}
                 h, b = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
                 if b is not None:
                     balance = b if balance is None else balance + b
@@ -188,22 +188,22 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def expert_load(self) -> torch.Tensor:
-        """Tokens routed to each expert since the last bias update: [n_moe_layers (+ MTP),
-        n_routed_experts]."""
+        """Tokens routed to each expert since the last bias update:
+        [n_moe_layers (+ MTP), n_routed_experts]."""
         layers = self.moe_layers()
         return torch.stack([m.expert_load for m in layers]) if layers else torch.zeros(0)
 
     @torch.no_grad()
     def update_router_biases(self, gamma: float, loads: torch.Tensor | None = None) -> None:
-        """After an optimizer step: b_i += γ·sign(mean load − load_i) in every MoE layer, then reset
-        the counts."""
+        """After an optimizer step: b_i += γ·sign(mean load − load_i) in every
+        MoE layer, then reset the counts."""
         for i, moe in enumerate(self.moe_layers()):
             moe.update_bias(gamma, None if loads is None else loads[i])
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, active: bool = False) -> int:
-        """Unique parameters; with active=True, those one token uses (top-k of the routed experts),
-        MTP excluded."""
+        """Unique parameters; with active=True, those one token uses (top-k of
+        the routed experts), MTP excluded."""
         total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
         if not active:
             return total

@@ -1,5 +1,5 @@
-"""The report card of a run: `runs/NAME/report.md` + `report.json` + PNG plots, from the files the
-stages wrote.
+"""The report card of a run: `runs/NAME/report.md` + `report.json` + PNG
+plots, from the files the stages wrote.
 
 It reads only what is on disk (done.json, metrics.jsonl, checkpoints), so it can be rebuilt at any
 time with `nanoseek report runs/NAME`, and it shows every stage that has finished.
@@ -68,8 +68,8 @@ def eval_results(run: Path) -> dict[str, dict]:
 
 
 def stage_cost(s: dict, price_per_hour: float | None) -> float | None:
-    """The trainer's estimate where there is one, else wall time at the run's price for one
-    device."""
+    """The trainer's estimate where there is one, else wall time at
+    the run's price for one device."""
     if s.get("estimated_cost") is not None:
         return s["estimated_cost"]
     return None if price_per_hour is None else round(s.get("wall_s", 0) / 3600 * price_per_hour, 4)

@@ -1,5 +1,5 @@
-"""The chat format as the server speaks it: requests -> prompt token ids, generated text ->
-reasoning + answer.
+"""The chat format as the server speaks it: requests -> prompt token ids,
+generated text -> reasoning + answer.
 
 - Prompts: messages go through the tokenizer's chat template, whose generation prompt already opens
   `<think>\\n` when thinking is on. An assistant message with `prefix: true` at the end (DeepSeek's
@@ -92,9 +92,9 @@ def _special(tok, name: str, param: str | None = None) -> int:
 
 
 class EngineTokenizer:
-    """The tokenizer as the serving engine sees it: decode(skip_special_tokens=True) drops special
-    tokens except <think> and </think>, so that the streamed text still shows where the reasoning
-    ends."""
+    """The tokenizer as the serving engine sees it: decode(skip_special_tokens=True)
+    drops special tokens except <think> and </think>, so that the streamed text
+    still shows where the reasoning ends."""
 
     def __init__(self, tok):
         self.tok = tok
@@ -180,8 +180,8 @@ class ReasoningParser:
 
 
 def _pending_tail(text: str) -> int:
-    """Length of the tail that may still turn into newlines + `</think>`: trailing newlines and a
-    tag prefix."""
+    """Length of the tail that may still turn into newlines + `</think>`:
+    trailing newlines and a tag prefix."""
     part = next(
         (
             k
@@ -239,8 +239,8 @@ class TokenTable:
                 self.bytes.append(tok.decode([i]).encode("utf-8"))
 
     def text(self, i: int) -> str:
-        """What a token shows as: its text, a special token's name, "\\xe4"-style escapes for
-        partial characters."""
+        """What a token shows as: its text, a special token's name,
+        "\\xe4"-style escapes for partial characters."""
         b = self.bytes[i]
         return self.names[i] if b is None else b.decode("utf-8", errors="backslashreplace")
 

@@ -1,5 +1,5 @@
-"""ServerConfig: where the server listens, who may use it, and the limits that keep one client from
-hurting others."""
+"""ServerConfig: where the server listens, who may use it, and the limits that
+keep one client from hurting others."""
 
 from __future__ import annotations
 
@@ -85,6 +85,6 @@ class ServerConfig:
 
 
 def host_name(host: str) -> str:
-    """A host as Host headers are compared: lowercase, no brackets around an IPv6 address, no
-    trailing dot."""
+    """A host as Host headers are compared: lowercase, no brackets around
+    an IPv6 address, no trailing dot."""
     return host.strip().lower().strip("[]").rstrip(".")

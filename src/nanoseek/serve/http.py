@@ -47,8 +47,8 @@ def uvicorn_config(app, config: ServerConfig, **kwargs) -> uvicorn.Config:
 
 
 class TimedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with header, body and unread-response deadlines (class attributes,
-    seconds)."""
+    """uvicorn's h11 protocol with header, body and unread-response
+    deadlines (class attributes, seconds)."""
 
     header_timeout = 30.0
     body_timeout = 30.0

@@ -98,8 +98,8 @@ class Job:
 
     @property
     def tokens(self) -> int:
-        """The most tokens its sequences can hold: (prompt + max_tokens) x n, all prompts
-        together."""
+        """The most tokens its sequences can hold: (prompt +
+        max_tokens) x n, all prompts together."""
         generated = len(self.prompts) * self.params.max_tokens
         return (sum(map(len, self.prompts)) + generated) * self.params.n
 

@@ -27,8 +27,8 @@ DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
 LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
-# UTF-8 lead byte -> (continuation bytes, allowed range of the first one); excludes overlongs and
-# surrogates.
+# UTF-8 lead byte -> (continuation bytes, allowed range of the first one);
+# excludes overlongs and surrogates.
 UTF8 = {
     **{b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)},
     0xE0: (2, 0xA0, 0xBF),
@@ -42,8 +42,8 @@ UTF8 = {
 }
 NUMBER_DONE = {"int0", "int", "frac", "exp"}  # number states that may end here
 
-# A state is (mode, stack, aux): stack holds the open containers ("{" or "["), aux depends on the
-# mode.
+# A state is (mode, stack, aux): stack holds the open containers
+# ("{" or "["), aux depends on the mode.
 State = tuple
 START: State = ("top", "", None)
 
@@ -178,9 +178,9 @@ class _Trie:
 
 
 class JsonVocab:
-    """What JSON mode needs to know about a vocabulary, built once per tokenizer: a byte trie of the
-    tokens and, per automaton state, each token's `need` after it (a shared LRU cache: states repeat
-    across requests)."""
+    """What JSON mode needs to know about a vocabulary, built once per tokenizer: a byte
+    trie of the tokens and, per automaton state, each token's `need` after it (a shared
+    LRU cache: states repeat across requests)."""
 
     NEVER = 1 << 30
 
@@ -212,8 +212,8 @@ class JsonVocab:
         return state
 
     def needs_after(self, state: State) -> torch.Tensor:
-        """int64 [V]: need() after each token from `state` (NEVER where the token is not
-        allowed)."""
+        """int64 [V]: need() after each token from `state` (NEVER
+        where the token is not allowed)."""
         hit = self._masks.get(state)
         if hit is not None:
             self._masks.move_to_end(state)
@@ -242,20 +242,20 @@ class JsonVocab:
 
 
 class JsonObjectProcessor:
-    """Constrain the output (or, with thinking, what follows `</think>`) to one JSON object within
-    max_tokens."""
+    """Constrain the output (or, with thinking, what follows `</think>`) to
+    one JSON object within max_tokens."""
 
     def __init__(self, vocab: JsonVocab, max_tokens: int, thinking: bool):
         self.vocab = vocab
         self.max_tokens = max_tokens
         self.thinking = thinking and vocab.end_think_id is not None
-        # JSON state after a run of JSON tokens, keyed by (length, hash): each call extends the
-        # previous one.
+        # JSON state after a run of JSON tokens, keyed by (length, hash):
+        # each call extends the previous one.
         self._states: OrderedDict[tuple[int, int], State | None] = OrderedDict()
 
     def state(self, output_ids: Sequence[int]) -> State | None:
-        """The JSON state after these output tokens; None if the output can no longer be valid
-        JSON."""
+        """The JSON state after these output tokens; None if the output
+        can no longer be valid JSON."""
         ids = tuple(output_ids)
         if self.thinking:
             ids = ids[ids.index(self.vocab.end_think_id) + 1 :]

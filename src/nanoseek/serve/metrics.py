@@ -1,5 +1,5 @@
-"""Prometheus text exposition for /metrics, without a client library: counters, gauges and
-histograms.
+"""Prometheus text exposition for /metrics, without a client library:
+counters, gauges and histograms.
 
 Series (all prefixed nanoseek_): requests_total{endpoint,status}, errors_total{type},
 prompt_tokens_total, generation_tokens_total, prompt_cache_hit_tokens_total,
@@ -39,8 +39,8 @@ class Histogram:
 
 
 class Metrics:
-    """Everything /metrics reports that the server itself measures (the engine's figures come from
-    its stats)."""
+    """Everything /metrics reports that the server itself measures (the
+    engine's figures come from its stats)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -83,8 +83,8 @@ class Metrics:
         gauges: dict[str, tuple[str, float]],
         counters: dict[str, tuple[str, float]] | None = None,
     ) -> str:
-        """gauges and counters kept elsewhere (the engine's): name -> (help, value), sampled now by
-        the caller."""
+        """gauges and counters kept elsewhere (the engine's): name -> (help,
+        value), sampled now by the caller."""
         with self._lock:
             lines: list[str] = []
 

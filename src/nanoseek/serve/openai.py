@@ -1,8 +1,8 @@
-"""The OpenAI translation: a request's JSON -> prompt ids, SamplingParams and a Job (every limit
-checked), and the job's engine events -> OpenAI JSON or SSE chunks (chat with DeepSeek's
-reasoning_content, and completions). Prompts are measured in bytes before they are tokenized,
-and tokenized on a worker thread: a huge prompt neither stalls the event loop nor gets tokenized
-at all."""
+"""The OpenAI translation: a request's JSON -> prompt ids, SamplingParams and a Job
+(every limit checked), and the job's engine events -> OpenAI JSON or SSE chunks (chat
+with DeepSeek's reasoning_content, and completions). Prompts are measured in bytes
+before they are tokenized, and tokenized on a worker thread: a huge prompt neither
+stalls the event loop nor gets tokenized at all."""
 
 from __future__ import annotations
 

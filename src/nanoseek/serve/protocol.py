@@ -1,5 +1,5 @@
-"""The HTTP API's shapes: OpenAI chat/completions requests and responses with vLLM and DeepSeek
-extras.
+"""The HTTP API's shapes: OpenAI chat/completions requests and
+responses with vLLM and DeepSeek extras.
 
 Requests are validated strictly from the JSON body (no "1" for 1); unknown fields are allowed and
 ignored, with a warning in the log, as vLLM does. `check()` holds the rules that involve several
@@ -215,8 +215,8 @@ def _describe(e: ValidationError) -> tuple[str, str | None]:
     return f"{param}: {err['msg']}", param or None
 
 
-# "str", "int", "list[int]", "function-after[...]", a model's class name: never a field name (those
-# are lowercase).
+# "str", "int", "list[int]", "function-after[...]", a model's class name: never
+# a field name (those are lowercase).
 _TYPE_TAG = re.compile(r"str|int|float|bool|none|[\w-]+\[.*\]|[A-Z]\w*")
 
 

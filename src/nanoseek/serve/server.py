@@ -376,8 +376,8 @@ class Server:
 
 
 class SSEResponse(StreamingResponse):
-    """A text/event-stream whose clean-up runs however the response ends: finished, failed or
-    disconnected."""
+    """A text/event-stream whose clean-up runs however the response ends:
+    finished, failed or disconnected."""
 
     def __init__(self, content, on_close):
         super().__init__(

@@ -38,14 +38,14 @@ def write_done(path: Path, summary: dict) -> dict:
 def run_stage(
     name: str, path: Path, info: dist.DistInfo, work: Callable[[], dict], main_only: bool = True
 ) -> dict:
-    """Run `work` unless the stage is complete; with main_only, rank 0 works and the others wait for
-    its result."""
+    """Run `work` unless the stage is complete; with main_only, rank 0 works
+    and the others wait for its result."""
     summary = stage_done(path)
     if summary is None and (info.is_main or not main_only):
         start = time.perf_counter()
         summary = work()
-        # the trainer's own clock spans restarts; this one includes set-up and evaluations:
-        # keep the larger
+        # the trainer's own clock spans restarts; this one includes set-up
+        # and evaluations: keep the larger
         summary["wall_s"] = round(max(summary.get("wall_s", 0.0), time.perf_counter() - start), 2)
         if info.is_main:
             write_done(path, summary)

@@ -1,5 +1,5 @@
-"""The corpus stage: bilingual text (the default sources, or the user's files) ->
-runs/NAME/corpus/."""
+"""The corpus stage: bilingual text (the default sources, or the
+user's files) -> runs/NAME/corpus/."""
 
 from __future__ import annotations
 

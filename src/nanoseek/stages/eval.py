@@ -1,6 +1,6 @@
-"""The eval stage: `evaluate` (eval/quality.py) on every finished checkpoint of a run (pretrain,
-long_context, sft, grpo, distill) into runs/NAME/eval/<stage>.json, plus report.md, tables that
-compare them."""
+"""The eval stage: `evaluate` (eval/quality.py) on every finished checkpoint of a
+run (pretrain, long_context, sft, grpo, distill) into runs/NAME/eval/<stage>.json,
+plus report.md, tables that compare them."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ STAGES = ("pretrain", "long_context", "sft", "grpo", "distill")
 
 
 def fingerprint(ckpt: Path) -> str:
-    """Changes whenever the checkpoint is rewritten (its files' names, sizes and modification
-    times)."""
+    """Changes whenever the checkpoint is rewritten (its files' names,
+    sizes and modification times)."""
     files = sorted(p for p in ckpt.iterdir() if p.is_file())
     stamp = "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files)
     return hashlib.sha256(stamp.encode()).hexdigest()[:16]

@@ -9,6 +9,6 @@ from nanoseek.reporting.report_card import write_report
 
 
 def report_stage(run: Path) -> str:
-    """runs/NAME/report.md (and report.json, plots) -> its path. Rank 0 only: it reads files, trains
-    nothing."""
+    """runs/NAME/report.md (and report.json, plots) -> its path. Rank 0
+    only: it reads files, trains nothing."""
     return str(write_report(run))

@@ -1,5 +1,5 @@
-"""Verifiable tasks for SFT, GRPO and evaluation: generators with a fixed held-out split, and strict
-graders.
+"""Verifiable tasks for SFT, GRPO and evaluation: generators with a fixed
+held-out split, and strict graders.
 
     task = get_task("countdown")
     problems = task.generate(64, seed=0, difficulty=1, split="train", lang="en")

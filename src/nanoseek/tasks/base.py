@@ -1,5 +1,5 @@
-"""The common shape of a verifiable task: seeded problem generation with a fixed held-out split, and
-grading.
+"""The common shape of a verifiable task: seeded problem generation with a
+fixed held-out split, and grading.
 
 A task draws problems from a seeded `random.Random`; each problem has a canonical `key` (its
 operands, say) that is independent of language and wording. The split is a hash of that key, so a
@@ -20,8 +20,8 @@ LANGS = ("en", "zh")
 
 @dataclass(frozen=True)
 class Solution:
-    """A worked solution: short reasoning and the final answer, for SFT and for the pretraining
-    corpus."""
+    """A worked solution: short reasoning and the final answer, for SFT
+    and for the pretraining corpus."""
 
     reasoning: str
     answer: str
@@ -61,8 +61,8 @@ def split_of(task: str, key: str, test_fraction: float) -> str:
 
 
 class Task:
-    """Subclasses set `name` and implement `sample` (one problem from an rng) and `score` (accuracy
-    of an answer)."""
+    """Subclasses set `name` and implement `sample` (one problem from an rng)
+    and `score` (accuracy of an answer)."""
 
     name: str = ""
     test_fraction: float = 0.1  # share of the problem space that is held out
@@ -84,9 +84,9 @@ class Task:
     def generate(
         self, n: int, seed: int = 0, difficulty: int = 1, split: str = "train", lang: str = "en"
     ) -> list[Problem]:
-        """`n` problems, the same for the same arguments. The language is not part of the seed, so
-        the "zh" set is the "en" set translated. Duplicates are avoided while the problem space
-        allows it."""
+        """`n` problems, the same for the same arguments. The language is not part
+        of the seed, so the "zh" set is the "en" set translated. Duplicates are
+        avoided while the problem space allows it."""
         if split not in SPLITS or lang not in LANGS or difficulty < 1:
             raise ValueError(
                 f"bad arguments: split={split!r} lang={lang!r} difficulty={difficulty}"
@@ -130,8 +130,8 @@ class Task:
         think_prefilled: bool | None = None,
         workers: int = 4,
     ) -> list[Reward]:
-        """Grade a batch from a small thread pool: code grading mostly waits on its sandboxed
-        subprocess."""
+        """Grade a batch from a small thread pool: code grading mostly
+        waits on its sandboxed subprocess."""
         if len(problems) != len(completions):
             raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
         with ThreadPoolExecutor(workers) as pool:

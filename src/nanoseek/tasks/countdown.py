@@ -36,8 +36,8 @@ class InvalidExpression(ValueError):
 
 
 def evaluate(expr: str) -> tuple[Fraction, list[int]]:
-    """The exact value of an arithmetic expression and the integers it uses, or
-    InvalidExpression."""
+    """The exact value of an arithmetic expression and the integers
+    it uses, or InvalidExpression."""
     expr = expr.replace("×", "*").replace("÷", "/").replace("−", "-")
     if len(expr) > MAX_EXPR_CHARS:
         raise InvalidExpression("too long")
@@ -71,8 +71,8 @@ def evaluate(expr: str) -> tuple[Fraction, list[int]]:
 
 
 def _build(rng: random.Random, numbers: list[int]) -> tuple[str, Fraction, list[str]]:
-    """A random expression over all `numbers` with an integer value at every step; (text, value,
-    steps)."""
+    """A random expression over all `numbers` with an integer value at
+    every step; (text, value, steps)."""
     items = [(str(n), Fraction(n)) for n in numbers]
     steps = []
     while len(items) > 1:

@@ -18,8 +18,7 @@ Rules (each one closes a reward hack seen in public GRPO runs, spec A.5):
     - the answer block must come after the reasoning (an answer written inside <think> is not an
       answer);
     - the answer may be at most `max_answer_chars` long (a long list of guesses is not an answer).
-  format (four checks worth 0.25 each, so a model gets a gradient toward the format before it is
-  right)
+  format (four checks, 0.25 each: a model gets a gradient toward the format before it is right)
     - think_tags: exactly one think block: one </think>, and one <think> at the very start (none if
       prefilled);
     - empty_think: the reasoning (up to the first </think>) is not empty: an empty think must not

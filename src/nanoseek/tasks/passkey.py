@@ -1,5 +1,5 @@
-"""Passkey retrieval: a number hidden at a chosen depth in repetitive filler text; graded by exact
-match.
+"""Passkey retrieval: a number hidden at a chosen depth in repetitive
+filler text; graded by exact match.
 
 `Passkey().make(length, depth)` builds one prompt of about `length` characters (within one filler
 sentence) with the key at `depth` (0 = start, 1 = end of the filler); evaluation sweeps both.

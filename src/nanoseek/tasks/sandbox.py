@@ -220,8 +220,8 @@ class _Conversation:
 
 
 class _UidPool:
-    """Hands out one uid per concurrent run: a free-list for threads plus an flock per uid for
-    processes."""
+    """Hands out one uid per concurrent run: a free-list for threads plus
+    an flock per uid for processes."""
 
     def __init__(self, base: int, count: int):
         self.uids = [u for u in range(base, base + count) if not _in_passwd(u)]
@@ -281,8 +281,8 @@ def _in_passwd(uid: int) -> bool:
 
 
 def _private_dir(path: str) -> str:
-    """A directory only we can write to; refuses one that someone else (a sandboxed program) made
-    first."""
+    """A directory only we can write to; refuses one that someone else (a
+    sandboxed program) made first."""
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     st = os.lstat(path)
@@ -488,8 +488,8 @@ class Sandbox:
         talk: Callable[[Channel], None] | None,
     ) -> SandboxResult:
         cpu = limits.cpu_seconds or math.ceil(limits.timeout) + 1
-        # Without our own uid, RLIMIT_NPROC counts every task of the user: allow what already runs,
-        # plus the cap.
+        # Without our own uid, RLIMIT_NPROC counts every task of the user: allow
+        # what already runs, plus the cap.
         nproc = limits.max_processes + (0 if uid is not None else _task_count(os.getuid()))
         rlimits = {
             "RLIMIT_CPU": cpu,
@@ -660,8 +660,8 @@ _DEFAULT = Sandbox()
 
 
 def default_sandbox() -> Sandbox:
-    """The shared sandbox with default limits (its one-time set-up probe is paid once per
-    process)."""
+    """The shared sandbox with default limits (its one-time set-up
+    probe is paid once per process)."""
     return _DEFAULT
 
 

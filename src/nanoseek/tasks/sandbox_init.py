@@ -1,6 +1,6 @@
-"""First process of a sandbox: runs as root (inside fresh namespaces when sandbox.py could make
-them), prepares the filesystem, then forks the untrusted program under a throwaway uid and waits for
-it.
+"""First process of a sandbox: runs as root (inside fresh namespaces when
+sandbox.py could make them), prepares the filesystem, then forks the untrusted
+program under a throwaway uid and waits for it.
 
 Run by sandbox.py as `python -I -S sandbox_init.py CONFIG_JSON`; never imported. It stays small and
 uses only the standard library (plus libseccomp through ctypes), since it runs with privileges. As

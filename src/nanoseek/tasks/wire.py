@@ -1,5 +1,5 @@
-"""Plain Python values as one line of JSON, for the calls that code grading makes across the
-sandbox's channel.
+"""Plain Python values as one line of JSON, for the calls that code grading
+makes across the sandbox's channel.
 
 Only builtin value types cross: None, bool, int, float, str, bytes, list, tuple, dict, set,
 frozenset, each kept apart (a tuple stays a tuple, True stays True). `decode` builds fresh builtin

@@ -1,5 +1,5 @@
-"""Short templated word problems (shopping, ages, speed, sharing, ...) in English and Chinese,
-integer answers.
+"""Short templated word problems (shopping, ages, speed, sharing, ...) in
+English and Chinese, integer answers.
 
 Each template draws its numbers (and the intermediate values of the worked solution) into one dict,
 which fills the question and the reasoning in either language. Difficulty scales the size of the

@@ -1,2 +1,2 @@
-"""Training: one loop for every stage, the optimizers, distributed set-up, FLOPs and cost
-accounting."""
+"""Training: one loop for every stage, the optimizers, distributed
+set-up, FLOPs and cost accounting."""

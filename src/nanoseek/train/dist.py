@@ -31,8 +31,8 @@ class DistInfo:
 
 
 def init_distributed(device: str) -> DistInfo:
-    """Join the process group that torchrun describes (gloo on CPU, NCCL on CUDA); a plain run is
-    world size 1."""
+    """Join the process group that torchrun describes (gloo on CPU, NCCL on
+    CUDA); a plain run is world size 1."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistInfo()
     info = DistInfo(
@@ -52,9 +52,9 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    # broadcast_buffers=False: the routers' load counters are per rank (they are all-reduced before
-    # the bias update), and the biases themselves stay identical because every rank applies the same
-    # update.
+    # broadcast_buffers=False: the routers' load counters are per rank (they are
+    # all-reduced before the bias update), and the biases themselves stay identical
+    # because every rank applies the same update.
     device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
@@ -65,8 +65,8 @@ PARALLEL = ("ddp", "fsdp")
 def shard_model(
     model: nn.Module, info: DistInfo, device: torch.device, mixed_precision: bool = False
 ) -> nn.Module:
-    """FSDP2: a sharded twin of `model` on `device`, built on the meta device and filled from
-    `model`'s weights.
+    """FSDP2: a sharded twin of `model` on `device`, built on the meta device
+    and filled from `model`'s weights.
 
     The caller's `model` is left a plain module (the trainer writes full weights back into it at
     each checkpoint, so whoever saves it afterwards gets a whole model). Each decoder block and each
@@ -82,9 +82,9 @@ def shard_model(
     with torch.device("meta"):
         sharded = type(model)(model.config)
     if mixed_precision:
-        # blocks: bf16 weights, fp32 gradient reduction; their float inputs are left alone (autocast
-        # casts the matmuls; the rope tables stay fp32). The routers keep fp32 weights, as routing
-        # is decided in fp32.
+        # blocks: bf16 weights, fp32 gradient reduction; their float inputs are left alone
+        # (autocast casts the matmuls; the rope tables stay fp32). The routers keep fp32
+        # weights, as routing is decided in fp32.
         block_policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
         )
@@ -98,8 +98,8 @@ def shard_model(
     fully_shard(sharded, mesh=mesh, mp_policy=policy)
     sharded.to_empty(device=device)
     sharded.rebuild_derived_state()  # rope tables, load counters, tied head
-    # every rank holds the full weights in `model`: each keeps its own shard of them, no
-    # communication
+    # every rank holds the full weights in `model`: each keeps its own
+    # shard of them, no communication
     set_model_state_dict(
         sharded, model.state_dict(), options=StateDictOptions(full_state_dict=True)
     )
@@ -113,9 +113,9 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ in its two steps, so that it also works on FSDP's DTensor gradients:
-    the global norm (a DTensor partial over the shards) is reduced to a plain tensor before
-    scaling."""
+    """torch's clip_grad_norm_ in its two steps, so that it also works on FSDP's
+    DTensor gradients: the global norm (a DTensor partial over the shards) is
+    reduced to a plain tensor before scaling."""
     from torch.distributed.tensor import DTensor
 
     params = [p for p in parameters if p.grad is not None]
@@ -127,9 +127,9 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
 
 
 def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """FSDP: the whole model and optimizer state, gathered to CPU on rank 0 (other ranks get empty
-    dicts); a collective: every rank calls it. Keys are parameter names, as in the unsharded
-    model."""
+    """FSDP: the whole model and optimizer state, gathered to CPU on rank 0
+    (other ranks get empty dicts); a collective: every rank calls it. Keys are
+    parameter names, as in the unsharded model."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -146,8 +146,8 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 def load_full_state_dicts(
     model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict
 ) -> None:
-    """FSDP: load whole (unsharded) model and optimizer state, which every rank holds, into the
-    sharded ones."""
+    """FSDP: load whole (unsharded) model and optimizer state, which every
+    rank holds, into the sharded ones."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,

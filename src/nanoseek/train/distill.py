@@ -1,8 +1,8 @@
 """R1-Distill at our scale: a teacher writes reasoning traces, the task grader keeps the correct
 ones, and a student learns them by SFT.
 
-    train-split problems ─► teacher (engine, n samples each, temperature) ─► grader: correct and
-    well formed?
+    train-split problems ─► teacher (engine, n samples each, temperature)
+        ─► grader: correct and well formed?
         ─► kept traces as chat JSONL (out/traces.jsonl) ─► SFT of the student on them ─► out/final
 
 `answer_only_conversations` builds the control experiment: the same prompts with the gold answer and
@@ -41,8 +41,8 @@ ANSWER_ONLY_REASONING = {"en": "I will give the answer directly.", "zh": "我直
 
 
 def trace_messages(problem: Problem, completion: str) -> Messages:
-    """A verified completion (think prefilled) as a training conversation in the chat template's
-    shape."""
+    """A verified completion (think prefilled) as a training
+    conversation in the chat template's shape."""
     parsed = parse_completion(completion, think_prefilled=True)
     return [
         {"role": "user", "content": problem.prompt},
@@ -108,8 +108,8 @@ def train_problems(cfg: dict) -> dict[str, list[Problem]]:
 
 
 def teacher_traces(teacher: str | Path, cfg: dict) -> tuple[list[Messages], dict]:
-    """The teacher samples `samples` completions per train problem; the verified ones become
-    conversations."""
+    """The teacher samples `samples` completions per train problem; the
+    verified ones become conversations."""
     model = load_model(teacher, dtype=torch.float32)
     tok = load_tokenizer(teacher)
     engine = Engine(model, None, max_batch_size=64, max_num_batched_tokens=2048)
@@ -133,8 +133,8 @@ def teacher_traces(teacher: str | Path, cfg: dict) -> tuple[list[Messages], dict
 
 
 def answer_only_conversations(conversations: Sequence[Messages]) -> list[Messages]:
-    """The same prompts and answers with a fixed one-line reasoning instead of the worked trace: the
-    control."""
+    """The same prompts and answers with a fixed one-line reasoning instead
+    of the worked trace: the control."""
     out = []
     for conv in conversations:
         user, assistant = conv[0], conv[-1]

@@ -1,14 +1,15 @@
-"""The math of GRPO: group-normalised advantages and the clipped policy-gradient loss, with the
-known fixes.
+"""The math of GRPO: group-normalised advantages and the clipped
+policy-gradient loss, with the known fixes.
 
 For a prompt q the policy samples a group of G completions o_1..o_G with rewards r_1..r_G. Every
 token of o_i gets the same advantage
 
     A_i = (r_i - mean(r)) / (std(r) + eps)        scale="group"  (DeepSeekMath, R1)
-    A_i = (r_i - mean(r)) / (std(r_batch) + eps)  scale="batch"  (mean per group, std over the whole
-    batch) A_i =  r_i - mean(r)                          scale="none"   (Dr. GRPO: the std division
-    favours questions
-                                                                  that are too easy or too hard)
+    A_i = (r_i - mean(r)) / (std(r_batch) + eps)  scale="batch"  (mean per group, std over the
+                                                                  whole batch)
+    A_i =  r_i - mean(r)                          scale="none"   (Dr. GRPO: the std division
+                                                                  favours questions that are too
+                                                                  easy or too hard)
 
 and the loss of token t of o_i, with ρ = π_θ / π_old (π_old: the policy that sampled the batch), is
 
@@ -18,10 +19,12 @@ and the loss of token t of o_i, with ρ = π_θ / π_old (π_old: the policy tha
 ε_high > ε_low is DAPO's clip-higher (rare tokens may grow, entropy does not collapse). The token
 losses become one number in one of three ways:
 
-    aggregation="token"     Σ ℓ / (completion tokens in the batch)           DAPO: every token
-    weighs the same aggregation="sequence"  mean over sequences of (Σ_t ℓ_it / |o_i|)       GRPO as
-    published: length-biased aggregation="constant"  Σ ℓ / (sequences · max completion tokens)
-    Dr. GRPO: no length normalisation
+    aggregation="token"     Σ ℓ / (completion tokens in the batch)      DAPO: every token weighs
+                                                                        the same
+    aggregation="sequence"  mean over sequences of (Σ_t ℓ_it / |o_i|)  GRPO as published:
+                                                                        length-biased
+    aggregation="constant"  Σ ℓ / (sequences · max completion tokens)  Dr. GRPO: no length
+                                                                        normalisation
 
 The functions work on one micro-batch at a time; the `num_*` arguments give the totals of the whole
 batch so that micro-batch losses add up to the batch loss.
@@ -43,8 +46,8 @@ AGGREGATIONS = ("token", "sequence", "constant")
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
 ) -> torch.Tensor:
-    """rewards [num_groups * G], each group contiguous -> advantages of the same shape (std:
-    unbiased, as TRL)."""
+    """rewards [num_groups * G], each group contiguous -> advantages of the
+    same shape (std: unbiased, as TRL)."""
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r}: must be one of {SCALES}")
     if group_size < 2 or rewards.numel() % group_size:
@@ -61,8 +64,8 @@ def group_advantages(
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int, tol: float = 1e-6) -> torch.Tensor:
-    """[num_groups] bool: groups whose rewards are all equal. Their advantages are zero: no learning
-    signal."""
+    """[num_groups] bool: groups whose rewards are all equal. Their
+    advantages are zero: no learning signal."""
     r = rewards.float().view(-1, group_size)
     return (r.max(dim=1).values - r.min(dim=1).values) <= tol
 

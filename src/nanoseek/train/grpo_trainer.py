@@ -1,13 +1,17 @@
 """R1-style reinforcement learning with verifiable rewards: the GRPO loop and its command.
 
     for step in steps:
-        problems from the tasks' train split (a mix of tasks and languages, optionally a difficulty
-        ramp) the Engine samples G completions per prompt (one n=G request: the prompt is prefilled
-        once, shared) the task graders give each completion a reward; advantages are normalised
-        within each group (dynamic sampling: groups whose rewards are all equal are dropped and more
-        prompts are drawn) π_old (and π_ref when β > 0) log-probs from the training model, then μ
-        optimizer steps on the clipped loss JSONL metrics + progress bar; held-out greedy accuracy
-        every eval_every; reward curve PNG; checkpoints
+        problems from the tasks' train split (a mix of tasks and languages, optionally a
+            difficulty ramp)
+        the Engine samples G completions per prompt (one n=G request: the prompt is prefilled
+            once, shared)
+        the task graders give each completion a reward; advantages are normalised within each
+            group (dynamic sampling: groups whose rewards are all equal are dropped and more
+            prompts are drawn)
+        π_old (and π_ref when β > 0) log-probs from the training model, then μ optimizer steps on
+            the clipped loss
+        JSONL metrics + progress bar; held-out greedy accuracy every eval_every; reward curve PNG;
+            checkpoints
 
 GRPOTrainer is a Trainer: the loop (Trainer.fit), optimizer, learning-rate schedule, router-bias
 updates, DDP wrapping, metric log and the atomic checkpoints with exact resume are the Trainer's
@@ -150,9 +154,9 @@ class GRPOTrainer(Trainer):
         grader: Grader | None = None,
         dist_info: dist.DistInfo | None = None,
     ):
-        """model: the policy, trained in place (its starting weights are also the KL reference when
-        beta > 0). grader(problems, completion texts) -> Rewards; default: each problem's task
-        grader."""
+        """model: the policy, trained in place (its starting weights are also the KL
+        reference when beta > 0). grader(problems, completion texts) -> Rewards;
+        default: each problem's task grader."""
         info = dist_info or dist.DistInfo()
         self.specs = [TaskSpec.parse(t) for t in cfg.tasks]
         stream = PromptStream(self.specs, cfg.langs, seed=cfg.seed + 7919 * info.rank)
@@ -210,8 +214,8 @@ class GRPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ rollouts
     def rollout(self) -> tuple[list[Sample], dict]:
-        """A batch of prompts_per_step groups of G graded samples (fewer if dynamic sampling ran out
-        of rounds)."""
+        """A batch of prompts_per_step groups of G graded samples (fewer if
+        dynamic sampling ran out of rounds)."""
         cfg, G = self.cfg, self.cfg.group_size
         engine = Engine(
             self.model,
@@ -244,11 +248,9 @@ class GRPOTrainer(Trainer):
                 self.grader,
                 self._sampling(engine, problems, seed),
             )
-            gen_tokens, gen_seconds, rounds = (
-                gen_tokens + ro.generated_tokens,
-                gen_seconds + ro.seconds,
-                rounds + 1,
-            )
+            gen_tokens += ro.generated_tokens
+            gen_seconds += ro.seconds
+            rounds += 1
             generated += ro.samples
             zero = zero_variance_groups(
                 torch.tensor([s.reward.total for s in ro.samples]), G
@@ -379,9 +381,9 @@ class GRPOTrainer(Trainer):
 
     @torch.no_grad()
     def _frozen_logprobs(self, model, inputs, targets, micro) -> list[torch.Tensor]:
-        """Per-micro-batch log-probs of the sampled tokens under a fixed model (π_old before the
-        first update, or π_ref). Eval mode: the forward is the same, but it does not count toward
-        the routers' load."""
+        """Per-micro-batch log-probs of the sampled tokens under a fixed model (π_old
+        before the first update, or π_ref). Eval mode: the forward is the same, but it
+        does not count toward the routers' load."""
         was_training = model.training
         model.eval()
         out = []
@@ -451,16 +453,16 @@ class GRPOTrainer(Trainer):
 
 
 def _trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns after the micro-batch's last scored token: padding costs compute for
-    nothing."""
+    """Drop the columns after the micro-batch's last scored token:
+    padding costs compute for nothing."""
     cols = (y != IGNORE_INDEX).any(0).nonzero()
     end = int(cols.max()) + 1 if len(cols) else 1
     return x[:, :end], y[:, :end]
 
 
 def plot_rewards(metrics_path: Path, png_path: Path) -> Path | None:
-    """Reward, training accuracy and held-out accuracy against the step, as a PNG (needs
-    matplotlib)."""
+    """Reward, training accuracy and held-out accuracy against the
+    step, as a PNG (needs matplotlib)."""
     try:
         import matplotlib
 

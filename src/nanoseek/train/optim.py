@@ -42,8 +42,8 @@ def lr_multiplier(
 
 
 def _newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise the last two dims of g (quintic iteration, coefficients of Keller
-    Jordan's Muon)."""
+    """Approximately orthogonalise the last two dims of g (quintic iteration,
+    coefficients of Keller Jordan's Muon)."""
     a = 3.4445
     b = -4.7750
     c = 2.0315
@@ -59,8 +59,8 @@ def _newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD with Nesterov momentum whose update is orthogonalised, scaled so its RMS matches AdamW's
-    (≈ 0.2·lr)."""
+    """SGD with Nesterov momentum whose update is orthogonalised, scaled so
+    its RMS matches AdamW's (≈ 0.2·lr)."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -81,8 +81,8 @@ class Muon(torch.optim.Optimizer):
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
-    """Several optimizers stepping together, seen as one (one state_dict, one set of
-    param_groups)."""
+    """Several optimizers stepping together, seen as one (one
+    state_dict, one set of param_groups)."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]):
         self.optimizers = optimizers

@@ -127,8 +127,8 @@ def cache_key(model: torch.nn.Module, device: torch.device, batch_size: int, seq
 def choose(
     model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int
 ) -> tuple[str, dict]:
-    """`auto`'s choice for this model and batch on this device -> (precision, how it was
-    decided)."""
+    """`auto`'s choice for this model and batch on this device ->
+    (precision, how it was decided)."""
     if device.type == "cuda":
         return "bf16", {"reason": "cuda"}
     if not native_bf16(device):

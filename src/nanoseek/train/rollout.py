@@ -1,11 +1,11 @@
-"""Rollouts for GRPO: task problems -> chat prompts -> G completions each from the Engine -> graded
-samples.
+"""Rollouts for GRPO: task problems -> chat prompts -> G completions each
+from the Engine -> graded samples.
 
     stream = PromptStream([TaskSpec("arithmetic", difficulty=1)], langs=("en", "zh"), seed=0)
     problems = stream.next(8, progress=0.0)                  # deterministic, resumable (state_dict)
-    samples = generate_groups(engine, tok, problems, graders, SamplingParams(n=8, max_tokens=96,
-    seed=1)) inputs, targets = collate(samples, tok.pad_id)            # for the training model's
-    forward
+    params = SamplingParams(n=8, max_tokens=96, seed=1)
+    samples = generate_groups(engine, tok, problems, graders, params)
+    inputs, targets = collate(samples, tok.pad_id)            # for the training model's forward
 
 Prompts are rendered by data.chat_tokens.prompt_ids (as SFT and evaluation render them), with the
 chat template's generation prompt, which ends in "<think>\\n": completions start inside the
@@ -64,8 +64,8 @@ class TaskSpec:
 
     @classmethod
     def parse(cls, spec: str | dict | TaskSpec) -> TaskSpec:
-        """A TaskSpec from a dict, or from "name[:difficulty[-max]][@weight]", e.g.
-        "arithmetic:1-2@3"."""
+        """A TaskSpec from a dict, or from
+        "name[:difficulty[-max]][@weight]", e.g. "arithmetic:1-2@3"."""
         if isinstance(spec, TaskSpec):
             return spec
         if isinstance(spec, dict):
@@ -87,9 +87,9 @@ def build_tasks(specs: Sequence[TaskSpec]) -> dict[str, Task]:
 
 
 class PromptStream:
-    """Training problems drawn from the tasks' train split: the k-th draw depends only on (seed, k),
-    so the position (`draws`) is all a checkpoint needs to continue the same sequence of
-    problems."""
+    """Training problems drawn from the tasks' train split: the k-th draw depends
+    only on (seed, k), so the position (`draws`) is all a checkpoint needs to
+    continue the same sequence of problems."""
 
     def __init__(self, specs: Sequence[TaskSpec], langs: Sequence[str] = ("en",), seed: int = 0):
         if not specs or not langs:
@@ -104,8 +104,8 @@ class PromptStream:
         self.draws = 0
 
     def next(self, n: int, progress: float = 0.0) -> list[Problem]:
-        """n problems; progress in [0, 1] (the run's completed fraction) sets each task's
-        difficulty."""
+        """n problems; progress in [0, 1] (the run's completed fraction)
+        sets each task's difficulty."""
         out = []
         for _ in range(n):
             rng = random.Random(f"grpo|{self.seed}|{self.draws}")
@@ -206,9 +206,9 @@ def _replace(params: SamplingParams, **changes) -> SamplingParams:
 def collate(
     samples: Sequence[Sample], pad_id: int, mask_truncated: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> inputs [N, L] (prompt + completion, right-padded) and targets [N, L]: the next token where
-    it is a completion token, IGNORE_INDEX elsewhere (prompt, padding, and truncated completions if
-    mask_truncated)."""
+    """-> inputs [N, L] (prompt + completion, right-padded) and targets [N, L]: the next
+    token where it is a completion token, IGNORE_INDEX elsewhere (prompt, padding, and
+    truncated completions if mask_truncated)."""
     seqs = [s.prompt_ids + s.completion_ids for s in samples]
     length = max(len(q) for q in seqs) - 1
     inputs = torch.full((len(seqs), length), pad_id, dtype=torch.long)

@@ -1,8 +1,8 @@
 """Supervised fine-tuning: a pretrained checkpoint learns the chat format and the R1 answer format.
 
-    conversations (worked task solutions, generated chat, your JSONL) ─► ids + assistant mask ─►
-    packed rows ─► Trainer (the same loop as pretraining; loss on assistant tokens only) ─►
-    OUT/final
+    conversations (worked task solutions, generated chat, your JSONL) ─► ids + assistant mask
+    ─► packed rows ─► Trainer (the same loop as pretraining; loss on assistant tokens only)
+    ─► OUT/final
 
 The preset's "sft" section holds TrainConfig fields plus the data knobs below (DATA_DEFAULTS);
 everything is optional. Validation loss is measured on held-out (test-split) task problems, on
@@ -62,8 +62,8 @@ TRAIN_DEFAULTS = {
 
 
 def split_section(section: dict) -> tuple[dict, dict]:
-    """A preset section -> (data knobs, TrainConfig fields), defaults filled in; unknown keys are an
-    error."""
+    """A preset section -> (data knobs, TrainConfig fields), defaults
+    filled in; unknown keys are an error."""
     train_fields = {f.name for f in fields(TrainConfig)}
     unknown = set(section) - set(DATA_DEFAULTS) - train_fields
     if unknown:
@@ -112,9 +112,9 @@ def run_sft(
     val_conversations: list[Messages] | None = None,
     info: dist.DistInfo | None = None,
 ) -> dict:
-    """Fine-tune the checkpoint `base` on `conversations`; checkpoints go to out/checkpoints, the
-    result to out/final. Resumes from out/checkpoints when a previous run stopped. -> a summary
-    dict."""
+    """Fine-tune the checkpoint `base` on `conversations`; checkpoints go to
+    out/checkpoints, the result to out/final. Resumes from out/checkpoints when a
+    previous run stopped. -> a summary dict."""
     info = info or dist.DistInfo()
     out = Path(out)
     tok = load_tokenizer(base)

@@ -1,13 +1,14 @@
 """One training loop for every stage.
 
-    for step in steps:                       gradient accumulation over micro-batches (DDP/FSDP sync
-    on the last)
-        loss = lm + λ·MTP + balance          fp32, or bf16 autocast where measured faster
-        (precision.py) clip, optimizer step at the scheduled rate, then the routers' bias update (γ,
-        all-reduced loads) every log_every: JSONL metrics + progress bar (loss, tokens/s, MFU)
+    for step in steps:               gradient accumulation over micro-batches (DDP/FSDP sync on
+                                     the last)
+        loss = lm + λ·MTP + balance  fp32, or bf16 autocast where measured faster (precision.py)
+        clip, optimizer step at the scheduled rate, then the routers' bias update (γ, all-reduced
+            loads)
+        every log_every: JSONL metrics + progress bar (loss, tokens/s, MFU)
         every eval_every: validation loss and bits per byte
         every save_every, at the end, on Ctrl-C: an atomic checkpoint that a restarted run resumes
-        exactly
+            exactly
 
 A checkpoint is `out_dir/checkpoints/step_NNNNNN/`: an HF model directory plus `trainer_state.pt`
 (optimizer, loader position of every rank, RNG states, counters). It is written under a temporary
@@ -340,8 +341,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the hooks
     def before_loop(self, resumed: bool, peak: float) -> None:
-        """After the resume, before the first step: open the logging window (tokens/s, MFU, mean
-        loss)."""
+        """After the resume, before the first step: open the logging
+        window (tokens/s, MFU, mean loss)."""
         self._peak = peak
         self._window_start = time.perf_counter()
         # this process's: tokens/s measures what it did since the window opened
@@ -354,9 +355,9 @@ class Trainer:
         return metrics
 
     def record(self, metrics: dict, started: float) -> None:
-        """After step `self.step` (begun at `started`): every log_every the window's figures,
-        validation at eval_every, a metrics.jsonl row and the progress bar; always at the last
-        step."""
+        """After step `self.step` (begun at `started`): every log_every the
+        window's figures, validation at eval_every, a metrics.jsonl row and the
+        progress bar; always at the last step."""
         cfg = self.cfg
         self._window_losses.append(metrics["lm_loss"])
         self._window_tokens += self.tokens_per_step
@@ -455,8 +456,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss in nats per token and, given the bytes per token of the validation text,
-        bits per byte."""
+        """Validation loss in nats per token and, given the bytes per token of
+        the validation text, bits per byte."""
         self.model.eval()
         nats, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         batches = iter(self.val_batches())
@@ -597,8 +598,8 @@ class Trainer:
         path = self.latest_checkpoint()
         if path is None:
             return False
-        # weights_only: tensors and plain containers only, so a run directory from elsewhere cannot
-        # run code here
+        # weights_only: tensors and plain containers only, so a run directory
+        # from elsewhere cannot run code here
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         if state["world_size"] != self.info.world_size:
             raise RuntimeError(
@@ -645,8 +646,8 @@ def _remove_dir(path: Path) -> None:
 
 
 def export_checkpoint(model: Transformer, path: Path, tokenizer) -> None:
-    """A trained model as an HF directory (with the tokenizer's files), swapped into place once
-    complete."""
+    """A trained model as an HF directory (with the tokenizer's files),
+    swapped into place once complete."""
     with atomic_dir(path) as tmp:
         save_model(model, tmp, tokenizer=tokenizer)
 
