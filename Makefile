@@ -37,6 +37,7 @@ test: install-test lint
 
 lint: install-test
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 test-all: install-test
 	$(BIN)/python -m pytest -q -m ''
