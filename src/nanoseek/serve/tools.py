@@ -105,6 +105,8 @@ def _check_schema(schema: Mapping, param: str) -> None:
     2020-12) of an object."""
     import jsonschema
 
+    if not isinstance(schema.get("$schema", ""), str):
+        raise ToolError(f"{param}.$schema: must be a string (a draft's URI)", param)
     try:
         jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator).check_schema(
             schema
@@ -112,6 +114,8 @@ def _check_schema(schema: Mapping, param: str) -> None:
     except jsonschema.SchemaError as e:
         where = "".join(f".{p}" for p in e.path)
         raise ToolError(f"{param}{where}: not a valid JSON schema: {e.message}", param) from None
+    except RecursionError:
+        raise ToolError(f"{param}: the schema is nested too deeply", param) from None
     kind = schema.get("type", "object")
     if kind != "object":
         raise ToolError(f"{param}: the arguments must be an object, not {kind!r}", param)
