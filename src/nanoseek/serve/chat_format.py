@@ -67,15 +67,15 @@ def chat_prompt(
         else:
             at = max((i + 1 for i, m in enumerate(turns) if m["role"] == "system"), default=0)
             turns.insert(at, {"role": "system", "content": tool_declaration(tools)})
+    think = thinking and not prefix
+    if tok.chat_template is not None:  # the switch's other name (Qwen3's templates read it)
+        kwargs["enable_thinking"] = think
     try:
-        if not prefix:
-            ids = tok.apply_chat_template(
-                turns, add_generation_prompt=True, thinking=thinking, sanitize=True, **kwargs
-            )
-            return ids, _opens_thought(tok, ids)
         ids = tok.apply_chat_template(
-            turns, add_generation_prompt=True, thinking=False, sanitize=True, **kwargs
+            turns, add_generation_prompt=True, thinking=think, sanitize=True, **kwargs
         )
+        if not prefix:
+            return ids, _opens_thought(tok, ids)
     except chat_template.TemplateError as e:
         raise FormatError(f"this model's chat template: {e}", "messages") from None
     reasoning, content = last.get("reasoning_content"), last.get("content") or ""
