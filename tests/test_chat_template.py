@@ -327,3 +327,25 @@ def test_parser_edges():
     assert generation_prefix("fenced", "required") == "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
     assert generation_prefix("fenced", "weather").endswith("weather\n```json\n")
     assert generation_prefix("raw", "auto") == generation_prefix("raw", "none") == ""
+
+
+@pytest.mark.parametrize("name", ["v3", "v3.1"])
+def test_forced_prefix_continues_the_prompt_as_the_template_writes_calls(tmp_path, name):
+    """The server's prompt for a forced call (generation prompt without a thought + the prefix) is
+    the start of how the checkpoint's own template renders that call in history."""
+    tok = load_tokenizer(checkpoint_tokenizer(tmp_path, TEMPLATES[name]))
+    fmt = tool_format(tok)
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    ids, in_reasoning = chat_prompt(tok, ask, thinking=False)
+    prompt = tok.decode(ids) + generation_prefix(fmt, "weather")
+    history = tok.apply_chat_template(
+        [*ask, {"role": "assistant", "content": None, "tool_calls": [call(1, "weather", WEATHER)]}],
+        tokenize=False,
+        thinking=False,
+    )
+    assert history.startswith(prompt) and not in_reasoning
+    assert history[len(prompt) :].startswith(WEATHER)
+    whole, calls = parse_in_pieces(
+        fmt, history[len(prompt) :], 5, generation_prefix(fmt, "weather")
+    )
+    assert calls == [("weather", WEATHER)]
