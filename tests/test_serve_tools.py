@@ -354,3 +354,14 @@ def test_checkpoint_with_its_own_template(tmp_path):
             url + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=60
         )
         assert r.status_code == 200, r.text
+
+
+def test_round_trip_sending_back_the_clients_message_object(client):
+    """The pattern of OpenAI's guide: append the response's message object itself."""
+    messages = [{"role": "user", "content": WEATHER_Q}]
+    kw = {"model": "nanoseek", "tools": TOOLS, "temperature": 0, "max_tokens": 80}
+    message = client.chat.completions.create(messages=messages, **kw).choices[0].message
+    [tool_call] = message.tool_calls
+    messages += [message, {"role": "tool", "tool_call_id": tool_call.id, "content": RESULT}]
+    reply = client.chat.completions.create(messages=messages, **kw).choices[0]
+    assert (reply.message.content, reply.finish_reason) == (ANSWER, "stop")
