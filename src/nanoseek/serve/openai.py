@@ -273,7 +273,7 @@ class OpenAIAPI:
         make_tools = None
         if all(name in tok.special_ids for name in TOOL_TOKEN_NAMES):  # the text shows them
             parse = fmt if tools and choice != "none" else None
-            make_tools = lambda: ToolParser(parse, prefix)  # noqa: E731
+            make_tools = lambda: ToolParser(parse, prefix)
         job = Job(
             f"chatcmpl-{uuid.uuid4().hex}",
             [ids],

@@ -94,8 +94,9 @@ class Tool(_Strict):
     function: FunctionDefinition
 
     def as_dict(self) -> dict:
-        """As the chat template gets it: only the fields the client sent."""
-        return {"type": self.type, "function": self.function.model_dump(exclude_unset=True)}
+        """As the chat template gets it: only the fields the client sent (and not null)."""
+        function = self.function.model_dump(exclude_unset=True, exclude_none=True)
+        return {"type": self.type, "function": function}
 
 
 class FunctionName(_Strict):

@@ -87,7 +87,7 @@ def check_request(tools: Sequence[Mapping], choice: str, messages: Sequence[Mapp
         if name in names:
             raise ToolError(f"two tools are named {name!r}", f"tools.{i}.function.name")
         names.add(name)
-        if "parameters" in function:
+        if function.get("parameters") is not None:
             _check_schema(function["parameters"], f"tools.{i}.function.parameters")
     if choice == "required" and not tools:
         raise ToolError('tool_choice "required" needs tools', "tool_choice")
