@@ -17,8 +17,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek import Transformer, save_model
 from nanoseek.serve import protocol
-from nanoseek.serve.chat_format import chat_prompt
-from nanoseek.serve.tools import ToolCallRules, generation_prefix
+from nanoseek.serve.chat_format import EngineTokenizer, chat_prompt
+from nanoseek.serve.tools import ToolCallRules, ToolParser, generation_prefix
 from nanoseek.tokenizer import load_tokenizer
 
 from helpers import tiny_config
@@ -365,3 +365,14 @@ def test_round_trip_sending_back_the_clients_message_object(client):
     messages += [message, {"role": "tool", "tool_call_id": tool_call.id, "content": RESULT}]
     reply = client.chat.completions.create(messages=messages, **kw).choices[0]
     assert (reply.message.content, reply.finish_reason) == (ANSWER, "stop")
+
+
+def test_engine_text_keeps_tool_tokens_and_plain_requests_drop_them():
+    tok = build_tokenizer()
+    ids = tok.encode("a<｜tool▁sep｜>b<｜tool▁calls▁begin｜>c", allow_special=True)
+    text = EngineTokenizer(tok).decode(ids, skip_special_tokens=True)
+    assert text == "a<｜tool▁sep｜>b<｜tool▁calls▁begin｜>c"  # what the parser reads
+    assert tok.decode(ids, skip_special_tokens=True) == "abc"
+    parser = ToolParser(None)  # a request without tools (chat or completions)
+    shown = [parser.feed(piece)[0] for piece in (text[:3], text[3:12], text[12:])]
+    assert "".join(shown) + parser.finish()[0] == "abc" and parser.calls == []

@@ -270,10 +270,7 @@ class OpenAIAPI:
             json_thinking=in_reasoning if req.json_mode else None,
             extra_processors=rules,
         )
-        make_tools = None
-        if all(name in tok.special_ids for name in TOOL_TOKEN_NAMES):  # the text shows them
-            parse = fmt if tools and choice != "none" else None
-            make_tools = lambda: ToolParser(parse, prefix)
+        make_tools = self._tool_parser(fmt if tools and choice != "none" else None, prefix)
         job = Job(
             f"chatcmpl-{uuid.uuid4().hex}",
             [ids],
@@ -306,6 +303,13 @@ class OpenAIAPI:
                 usage=self.usage(job, chat=True),
             )
         )
+
+    def _tool_parser(self, fmt: str | None, prefix: str):
+        """A factory of ToolParsers for a job's choices, if the engine's text shows tool tokens
+        (fmt None: they are only removed from the text, as other special tokens are)."""
+        if not all(name in self.server.tok.special_ids for name in TOOL_TOKEN_NAMES):
+            return None
+        return lambda: ToolParser(fmt, prefix)
 
     def _tool_format(self, messages: list[dict], tools: list[dict]) -> str | None:
         """How this model writes calls; a 400 if the request uses tools and the model cannot."""
@@ -443,6 +447,7 @@ class OpenAIAPI:
             start,
             start + self.config.request_timeout,
             echo,
+            make_tools=self._tool_parser(None, ""),
         )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
