@@ -58,6 +58,21 @@ def build_checkpoint(path: Path, steps: int = 100, context: int = 512, margin: f
     replay is a coin toss."""
     tok = build_tokenizer()
     inputs, targets = _memorised_sequences(tok)
+    model = train_to_margin(tok, inputs, targets, steps, context, margin)
+    save_model(model.eval(), path, tokenizer=tok)
+    return path
+
+
+def train_to_margin(
+    tok: Tokenizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int = 100,
+    context: int = 512,
+    margin: float = 2.0,
+) -> Transformer:
+    """A 2-layer MoE model trained on (inputs, targets) until every learned token wins by
+    `margin` nats (see build_checkpoint)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only add overhead (and the machine is shared)
     try:
@@ -85,8 +100,7 @@ def build_checkpoint(path: Path, steps: int = 100, context: int = 512, margin: f
             )
     finally:
         torch.set_num_threads(threads)
-    save_model(model.eval(), path, tokenizer=tok)
-    return path
+    return model
 
 
 MAX_TRAINING_ROUNDS = 5
@@ -116,8 +130,16 @@ def _memorised_sequences(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
         ids = tok.apply_chat_template([*prompt, reply])
         assert ids[: len(context)] == context
         rows.append((ids, len(context) - 1, not answer.startswith("la ")))  # "Sing" never ends
+    return memorised_tensors(rows, tok.eos_id)
+
+
+def memorised_tensors(
+    rows: list[tuple[list[int], int, bool]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) [N, T] of rows (ids, position of the last prompt token, learn the final
+    token): what follows the prompt is learned."""
     T = max(len(ids) for ids, _, _ in rows)
-    inputs = torch.full((len(rows), T), tok.eos_id)
+    inputs = torch.full((len(rows), T), pad)
     targets = torch.full((len(rows), T), IGNORE_INDEX)
     for i, (ids, last_prompt, learn_eos) in enumerate(rows):
         inputs[i, : len(ids) - 1] = torch.tensor(ids[:-1])

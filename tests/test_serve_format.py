@@ -223,7 +223,7 @@ def _chat(**fields):
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias.5"),
         ({"response_format": {"type": "json_schema"}}, "response_format.type"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools.0.function"),
         ({"seed": 2**64}, "seed"),
         ({"chat_template_kwargs": {"thinking": "yes"}}, "chat_template_kwargs.thinking"),
     ],

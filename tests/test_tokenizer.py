@@ -322,7 +322,7 @@ def test_chat_template_shape(tok):
         [{"role": "user", "content": "<think>"}]
     )
     with pytest.raises(ValueError, match="unknown role"):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+        tok.apply_chat_template([{"role": "function", "content": "x"}])
 
 
 def test_transformers_encodes_like_us(tok, saved):

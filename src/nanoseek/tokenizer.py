@@ -34,6 +34,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanoseek import chat_template as chat_template_module
 from nanoseek.io import atomic_write_text
 
 # Name -> string. The order fixes the ids of a trained tokenizer: bos 0,
@@ -93,13 +94,23 @@ def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([*splits, byte_level])
 
 
-# DeepSeek-R1 style: bos, the system prompts, then <｜User｜>… and
-# <｜Assistant｜>…<｜end▁of▁sentence｜> turns.
+# DeepSeek-R1 style: bos, the system prompts (then the tool list, if any), then <｜User｜>… and
+# <｜Assistant｜>…<｜end▁of▁sentence｜> turns. Tool calls follow DeepSeek-V3.1's form (name, then
+# the raw JSON arguments); each tool result is one <｜tool▁output▁begin｜>…<｜tool▁output▁end｜>
+# block, and the next assistant turn opens with <｜Assistant｜> as any other (docs/serving.md).
 CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- for message in messages if message['role'] == 'system' %}
     {%- if not loop.first %}{{- '\n\n' }}{% endif %}
     {{- message['content'] }}
 {%- endfor %}
+{%- if tools %}
+    {%- if messages | selectattr('role', 'equalto', 'system') | list %}{{- '\n\n' }}{% endif %}
+    {{- '## Tools\nYou can call these functions. Each line is one function: its name, '
+        ~ 'what it does, and a JSON schema of its arguments.' }}
+    {%- for tool in tools %}
+        {{- '\n' }}{{- (tool['function'] if tool['function'] is defined else tool) | tojson }}
+    {%- endfor %}
+{%- endif %}
 {%- for message in messages %}
     {%- if message['role'] == 'user' %}
         {{- '<｜User｜>' }}{{- message['content'] }}
@@ -108,7 +119,21 @@ CHAT_TEMPLATE = r"""{{- bos_token }}
         {%- if message['reasoning_content'] %}
             {{- '<think>' }}{{- '\n' }}{{- message['reasoning_content'] }}{{- '\n' }}{{- '</think>' }}{{- '\n' }}
         {%- endif %}
-        {{- message['content'] }}{{- eos_token }}
+        {{- message['content'] or '' }}
+        {%- if message['tool_calls'] %}
+            {{- '<｜tool▁calls▁begin｜>' }}
+            {%- for call in message['tool_calls'] %}
+                {%- set function = call['function'] if call['function'] is defined else call %}
+                {{- '<｜tool▁call▁begin｜>' }}{{- function['name'] }}{{- '<｜tool▁sep｜>' }}
+                {%- if function['arguments'] is string %}{{- function['arguments'] }}
+                {%- else %}{{- function['arguments'] | tojson }}{% endif %}
+                {{- '<｜tool▁call▁end｜>' }}
+            {%- endfor %}
+            {{- '<｜tool▁calls▁end｜>' }}
+        {%- endif %}
+        {{- eos_token }}
+    {%- elif message['role'] == 'tool' %}
+        {{- '<｜tool▁output▁begin｜>' }}{{- message['content'] }}{{- '<｜tool▁output▁end｜>' }}
     {%- elif message['role'] != 'system' %}
         {{- raise_exception('unknown role: ' ~ message['role']) }}
     {%- endif %}
@@ -117,6 +142,27 @@ CHAT_TEMPLATE = r"""{{- bos_token }}
     {{- '<｜Assistant｜>' }}
     {%- if thinking is not defined or thinking %}{{- '<think>' }}{{- '\n' }}{% endif %}
 {%- endif %}"""  # noqa: E501 (the template text is saved with every tokenizer)
+# Earlier versions of CHAT_TEMPLATE (sha256 of the text): a checkpoint that saved one of them uses
+# nanoseek's own renderer, which renders everything they rendered the same way.
+LEGACY_CHAT_TEMPLATES = frozenset(
+    {"5fda978504f806532beccaedd5e6958624843bc1a5e705987584b4b67e419da5"}
+)
+TOOLS_HEADER = (
+    "## Tools\nYou can call these functions. Each line is one function: its name, what it does, "
+    "and a JSON schema of its arguments."
+)
+
+
+def tool_declaration(tools: Sequence[Mapping]) -> str:
+    """The tool list as CHAT_TEMPLATE writes it after the system prompts (OpenAI-shaped tools
+    {"type": "function", "function": {...}}, or the function objects themselves)."""
+    lines = [json.dumps(t.get("function", t), ensure_ascii=False) for t in tools]
+    return "\n".join([TOOLS_HEADER, *lines])
+
+
+def tool_arguments(arguments) -> str:
+    """A call's arguments as the template writes them: a string as it is, else JSON."""
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
 class TokenizerError(Exception):
@@ -124,14 +170,20 @@ class TokenizerError(Exception):
 
 
 def _chat_parts(
-    messages: Sequence[Mapping], add_generation_prompt: bool, thinking: bool
+    messages: Sequence[Mapping],
+    add_generation_prompt: bool,
+    thinking: bool,
+    tools: Sequence[Mapping] | None = None,
 ) -> list[tuple[str, bool]]:
     """CHAT_TEMPLATE in Python: a list of (text, is_control_token).
     Missing or None fields render as ''."""
     S = SPECIAL_TOKENS
     parts = [(S["bos"], True)]
     systems = [m.get("content") or "" for m in messages if m["role"] == "system"]
-    parts.append(("\n\n".join(systems), False))
+    system = "\n\n".join(systems)
+    if tools:
+        system += ("\n\n" if systems else "") + tool_declaration(tools)
+    parts.append((system, False))
     for m in messages:
         if m["role"] == "user":
             parts += [(S["user"], True), (m.get("content") or "", False)]
@@ -144,7 +196,26 @@ def _chat_parts(
                     (S["end_think"], True),
                     ("\n", False),
                 ]
-            parts += [(m.get("content") or "", False), (S["eos"], True)]
+            parts.append((m.get("content") or "", False))
+            if m.get("tool_calls"):
+                parts.append((S["tool_calls_begin"], True))
+                for call in m["tool_calls"]:
+                    function = call.get("function", call)
+                    parts += [
+                        (S["tool_call_begin"], True),
+                        (function["name"], False),
+                        (S["tool_sep"], True),
+                        (tool_arguments(function["arguments"]), False),
+                        (S["tool_call_end"], True),
+                    ]
+                parts.append((S["tool_calls_end"], True))
+            parts.append((S["eos"], True))
+        elif m["role"] == "tool":
+            parts += [
+                (S["tool_output_begin"], True),
+                (m.get("content") or "", False),
+                (S["tool_output_end"], True),
+            ]
         elif m["role"] != "system":
             raise ValueError(f"unknown role: {m['role']}")
     if add_generation_prompt:
@@ -154,11 +225,40 @@ def _chat_parts(
     return parts
 
 
+# sanitizing a checkpoint's own template: special-token strings in untrusted text, between markers
+# from Unicode's supplementary private use area
+_MARK_OPEN = "\U000f0000"
+_MARK_CLOSE = "\U000f0001"
+_MARKED = re.compile(f"{_MARK_OPEN}(.*?){_MARK_CLOSE}", re.S)
+
+
+def _mark(value, special_re: re.Pattern):
+    """Every string in a JSON value with its special-token strings wrapped in markers."""
+    if isinstance(value, str):
+        clean = value.replace(_MARK_OPEN, "").replace(_MARK_CLOSE, "")
+        return special_re.sub(lambda m: _MARK_OPEN + m.group(0) + _MARK_CLOSE, clean)
+    if isinstance(value, Mapping):
+        return {k: _mark(v, special_re) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark(v, special_re) for v in value]
+    return value
+
+
 class Tokenizer:
     """Encode/decode text, with special ids by name
     (`special_ids["think"]`) and the chat template."""
 
-    def __init__(self, tokenizer: HFTokenizer, model_max_length: int = 4096, revision: int = 1):
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        model_max_length: int = 4096,
+        revision: int = 1,
+        chat_template: str | None = None,
+        template_tokens: Mapping[str, str] | None = None,
+    ):
+        """chat_template: a checkpoint's own Jinja template (None: nanoseek's, rendered in Python);
+        template_tokens: its tokenizer_config's special tokens by name ("bos_token": "<s>", ...),
+        which also say which tokens are BOS and EOS."""
         json_str = tokenizer.to_str()
         self.revision = revision  # nanoseek's tokenizer revision (see the module docstring)
         # Two copies of the same tokenizer, so neither call path toggles shared state:
@@ -172,7 +272,22 @@ class Tokenizer:
             for name, s in SPECIAL_TOKENS.items()
             if (i := tokenizer.token_to_id(s)) is not None
         }
-        missing = [SPECIAL_TOKENS[n] for n in REQUIRED_SPECIALS if n not in self.special_ids]
+        self.chat_template = chat_template
+        self.template_tokens = {
+            name: text
+            for name, text in (template_tokens or {}).items()
+            if tokenizer.token_to_id(text) is not None
+        }
+        for name in ("bos", "eos"):  # the config's BOS and EOS, whatever their strings
+            if f"{name}_token" in self.template_tokens:
+                self.special_ids[name] = tokenizer.token_to_id(
+                    self.template_tokens[f"{name}_token"]
+                )
+        if chat_template is not None:
+            chat_template_module.check(chat_template)
+        # with its own template, a tokenizer needs only an EOS to stop generation
+        required = REQUIRED_SPECIALS if chat_template is None else ("eos",)
+        missing = [SPECIAL_TOKENS[n] for n in required if n not in self.special_ids]
         if missing:
             raise TokenizerError(
                 f"tokenizer lacks the special tokens nanoseek needs: {', '.join(missing)}"
@@ -244,8 +359,9 @@ class Tokenizer:
         return self._plain.get_vocab_size(with_added_tokens=True)
 
     @property
-    def bos_id(self) -> int:
-        return self.special_ids["bos"]
+    def bos_id(self) -> int | None:
+        """None only for a tokenizer with a template of its own and no BOS (such as Qwen's)."""
+        return self.special_ids.get("bos")
 
     @property
     def eos_id(self) -> int:
@@ -259,7 +375,7 @@ class Tokenizer:
         tok = self._special if allow_special else self._plain
         # bos added here, whatever the post-processor
         ids = tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if add_bos else ids
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
     def encode_batch(
         self, texts: Sequence[str], add_bos: bool = False, allow_special: bool = False
@@ -267,7 +383,9 @@ class Tokenizer:
         """Encode many texts at once; `tokenizers` spreads the work over all cores."""
         tok = self._special if allow_special else self._plain
         out = [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
-        return [[self.bos_id, *ids] for ids in out] if add_bos else out
+        if not add_bos or self.bos_id is None:
+            return out
+        return [[self.bos_id, *ids] for ids in out]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._plain.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -301,16 +419,29 @@ class Tokenizer:
         thinking: bool = True,
         tokenize: bool = True,
         sanitize: bool = False,
+        tools: Sequence[Mapping] | None = None,
+        **template_kwargs,
     ):
-        """Render messages ({"role": system|user|assistant, "content", optional
-        "reasoning_content"}).
+        """Render messages ({"role": system|user|assistant|tool, "content", optional
+        "reasoning_content", "tool_calls"}) and tools (OpenAI-shaped function definitions).
 
         Returns ids (or the text if tokenize=False), exactly as transformers' apply_chat_template
         does with the saved template. Like transformers, special-token strings inside message
         content become special tokens; pass sanitize=True for untrusted content (= transformers'
         sanitize_control_tokens=True): then only the template's own control tokens are special.
+        With a checkpoint's own template, `thinking` and template_kwargs are template variables.
         """
-        parts = _chat_parts(messages, add_generation_prompt, thinking)
+        if self.chat_template is not None:
+            return self._apply_own_template(
+                messages,
+                add_generation_prompt,
+                tokenize,
+                sanitize,
+                tools,
+                thinking=thinking,
+                **template_kwargs,
+            )
+        parts = _chat_parts(messages, add_generation_prompt, thinking, tools)
         if not tokenize:
             return "".join(text for text, _ in parts)
         ids: list[int] = []
@@ -331,6 +462,31 @@ class Tokenizer:
                 buf.append(text)
         return ids
 
+    def _apply_own_template(self, messages, add_generation_prompt, tokenize, sanitize, tools, **kw):
+        """A checkpoint's own Jinja template. sanitize: special-token strings in the messages
+        and tools are wrapped in private-use markers before rendering, and encoded as plain text
+        after."""
+        if sanitize and tokenize:
+            messages = _mark(messages, self._special_re)
+            tools = _mark(tools, self._special_re)
+        text = chat_template_module.render(
+            self.chat_template,
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.template_tokens,
+            **kw,
+        )
+        if not tokenize:
+            return text
+        if not sanitize:
+            return self.encode(text, allow_special=True)
+        ids: list[int] = []
+        for i, piece in enumerate(_MARKED.split(text)):
+            if piece:  # odd pieces were marked: plain text
+                ids += self.encode(piece) if i % 2 else self.encode(piece, allow_special=True)
+        return ids
+
     # ------------------------------------------------------------------------------------ save/load
 
     def save(self, path: str | os.PathLike) -> None:
@@ -338,17 +494,18 @@ class Tokenizer:
         AutoTokenizer loads the directory."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        eos = SPECIAL_TOKENS["eos"]
+        bos = self.template_tokens.get("bos_token", SPECIAL_TOKENS["bos"])
+        eos = self.template_tokens.get("eos_token", SPECIAL_TOKENS["eos"])
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": SPECIAL_TOKENS["bos"],
+            "bos_token": bos if self.bos_id is not None else None,
             "eos_token": eos,
-            "pad_token": eos,
+            "pad_token": self.template_tokens.get("pad_token", eos),
             "add_bos_token": True,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,  # keep decode lossless
             "model_max_length": self.model_max_length,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template or CHAT_TEMPLATE,
             "nanoseek_tokenizer_revision": self.revision,
         }
         for name, text in (
@@ -377,14 +534,46 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     # transformers writes 1e30 for "no limit"
     if not isinstance(max_len, (int, float)) or max_len >= 1e9:
         max_len = 4096
+    template = _own_template(file.with_name("chat_template.jinja"), config)
     try:
         return Tokenizer(
             tok,
             model_max_length=int(max_len),
             revision=int(config.get("nanoseek_tokenizer_revision", 1)),
+            chat_template=template,
+            template_tokens=_template_tokens(config) if template is not None else None,
         )
-    except TokenizerError as e:
+    except (TokenizerError, chat_template_module.TemplateError) as e:
         raise TokenizerError(f"{file}: {e}") from None
+
+
+def _own_template(jinja_file: Path, config: Mapping) -> str | None:
+    """A checkpoint's own chat template (chat_template.jinja, as transformers 5 saves it, else
+    tokenizer_config.json's "chat_template", a string or a list of named ones: "default"), or None
+    when it has none or it is nanoseek's (any version)."""
+    template = config.get("chat_template")
+    if jinja_file.is_file():
+        template = jinja_file.read_text("utf-8")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        template = named.get("default")
+    if not isinstance(template, str) or not template:
+        return None
+    digest = hashlib.sha256(template.encode("utf-8")).hexdigest()
+    return None if template == CHAT_TEMPLATE or digest in LEGACY_CHAT_TEMPLATES else template
+
+
+def _template_tokens(config: Mapping) -> dict[str, str]:
+    """tokenizer_config.json's special tokens as transformers hands them to a template: strings
+    by name (a token may be written as {"content": ...})."""
+    out = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token"):
+        value = config.get(name)
+        if isinstance(value, Mapping):
+            value = value.get("content")
+        if isinstance(value, str):
+            out[name] = value
+    return out
 
 
 def bytes_per_token(tok: Tokenizer, texts_by_lang: Mapping[str, Iterable[str]]) -> dict[str, float]:

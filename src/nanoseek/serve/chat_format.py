@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-THINK, END_THINK = "<think>", "</think>"
+from nanoseek import chat_template
+from nanoseek.serve.tools import TOKEN_NAMES as TOOL_TOKEN_NAMES
+from nanoseek.tokenizer import SPECIAL_TOKENS, tool_declaration
+
+THINK = "<think>"
+END_THINK = "</think>"
 
 
 class FormatError(ValueError):
@@ -29,15 +34,18 @@ class FormatError(ValueError):
 # ------------------------------------------------------------------------------------------ prompts
 
 
-def chat_prompt(tok, messages: Sequence[Mapping], thinking: bool) -> tuple[list[int], bool]:
-    """messages ({"role", "content", optional "reasoning_content", "prefix"}) -> (prompt ids,
-    whether generation starts inside a thought). Message contents are untrusted: special-token
-    strings in them stay plain text.
+def chat_prompt(
+    tok, messages: Sequence[Mapping], thinking: bool, tools: Sequence[Mapping] | None = None
+) -> tuple[list[int], bool]:
+    """messages ({"role", "content", optional "reasoning_content", "prefix", "tool_calls",
+    "tool_call_id"}) and tools (OpenAI-shaped) -> (prompt ids, whether generation starts inside a
+    thought). Message contents are untrusted: special-token strings in them stay plain text.
 
     Reasoning of earlier assistant turns is dropped, as DeepSeek-R1 does: the answers carry the
     conversation. A final assistant message with prefix=True is continued: its reasoning_content (if
     given) reopens the thought, and its content, if any, follows the closed thought; no `<think>` is
-    added for it otherwise.
+    added for it otherwise. A checkpoint's own template whose text never reads `tools` (DeepSeek's
+    released ones) gets the tool list as one more system message, in nanoseek's words.
     """
     if not messages:
         raise FormatError("messages must not be empty", "messages")
@@ -50,16 +58,26 @@ def chat_prompt(tok, messages: Sequence[Mapping], thinking: bool) -> tuple[list[
         raise FormatError(
             "prefix=true is for an assistant message", f"messages.{len(history)}.prefix"
         )
-    turns = [
-        {"role": m["role"], "content": m.get("content") or ""}
-        for m in (history if prefix else messages)
-    ]
-    if not prefix:
-        return tok.apply_chat_template(
-            turns, add_generation_prompt=True, thinking=thinking, sanitize=True
-        ), thinking
-
-    ids = tok.apply_chat_template(turns, add_generation_prompt=True, thinking=False, sanitize=True)
+    turns = [_turn(m) for m in (history if prefix else messages)]
+    kwargs = {}
+    if tools:
+        template = tok.chat_template
+        if template is None or chat_template.reads_tools(template):
+            kwargs["tools"] = list(tools)
+        else:
+            at = max((i + 1 for i, m in enumerate(turns) if m["role"] == "system"), default=0)
+            turns.insert(at, {"role": "system", "content": tool_declaration(tools)})
+    think = thinking and not prefix
+    if tok.chat_template is not None:  # the switch's other name (Qwen3's templates read it)
+        kwargs["enable_thinking"] = think
+    try:
+        ids = tok.apply_chat_template(
+            turns, add_generation_prompt=True, thinking=think, sanitize=True, **kwargs
+        )
+        if not prefix:
+            return ids, _opens_thought(tok, ids)
+    except chat_template.TemplateError as e:
+        raise FormatError(f"this model's chat template: {e}", "messages") from None
     reasoning, content = last.get("reasoning_content"), last.get("content") or ""
     if reasoning is None:
         return ids + tok.encode(content), False
@@ -70,16 +88,43 @@ def chat_prompt(tok, messages: Sequence[Mapping], thinking: bool) -> tuple[list[
     return ids + thought + [_special(tok, "end_think")] + tok.encode("\n" + content), False
 
 
+def _turn(m: Mapping) -> dict:
+    """A message as the template gets it: an assistant message of only tool calls keeps content
+    None (DeepSeek-V3's template renders the calls only then)."""
+    turn = {"role": m["role"], "content": m.get("content") or ""}
+    if m.get("tool_calls"):
+        turn["content"] = m.get("content") or None
+        turn["tool_calls"] = m["tool_calls"]
+    if m.get("tool_call_id") is not None:
+        turn["tool_call_id"] = m["tool_call_id"]
+    return turn
+
+
+def _opens_thought(tok, ids: Sequence[int]) -> bool:
+    """Whether the generation prompt ends in an open thought (`<think>`, maybe a newline)."""
+    think = tok.special_ids.get("think")
+    return think is not None and think in ids[-2:]
+
+
+def tool_format(tok) -> str | None:
+    """How this model writes tool calls ("raw", "fenced"), or None if it cannot: its tokenizer
+    lacks the tool tokens, or its own template renders no calls."""
+    if not all(name in tok.special_ids for name in TOOL_TOKEN_NAMES):
+        return None
+    return "raw" if tok.chat_template is None else chat_template.tool_format(tok.chat_template)
+
+
 def completion_prompt(tok, prompt: str | Sequence[int], suffix: str | None) -> list[int]:
     """A /v1/completions prompt -> ids. Text starts with BOS, as documents do in training; token ids
     are taken as they are. With a suffix:
     <bos><｜fim▁begin｜>prompt<｜fim▁hole｜>suffix<｜fim▁end｜>, the middle follows."""
     if suffix is None:
-        return list(prompt) if not isinstance(prompt, str) else [tok.bos_id, *tok.encode(prompt)]
+        return list(prompt) if not isinstance(prompt, str) else tok.encode(prompt, add_bos=True)
     if not isinstance(prompt, str):
         raise FormatError("suffix needs a text prompt", "suffix")
     begin, hole, end = (_special(tok, n, "suffix") for n in ("fim_begin", "fim_hole", "fim_end"))
-    return [tok.bos_id, begin, *tok.encode(prompt), hole, *tok.encode(suffix), end]
+    bos = [] if tok.bos_id is None else [tok.bos_id]  # a checkpoint's own tokenizer may have none
+    return [*bos, begin, *tok.encode(prompt), hole, *tok.encode(suffix), end]
 
 
 def _special(tok, name: str, param: str | None = None) -> int:
@@ -92,17 +137,15 @@ def _special(tok, name: str, param: str | None = None) -> int:
 
 
 class EngineTokenizer:
-    """The tokenizer as the serving engine sees it: decode(skip_special_tokens=True)
-    drops special tokens except <think> and </think>, so that the streamed text
-    still shows where the reasoning ends."""
+    """The tokenizer as the serving engine sees it: decode(skip_special_tokens=True) drops special
+    tokens except <think>, </think> and the tool-call tokens, so that the streamed text still shows
+    where the reasoning ends and where calls begin (serve/tools.py parses them)."""
 
     def __init__(self, tok):
         self.tok = tok
-        self._tags = {
-            i: s
-            for name, s in (("think", THINK), ("end_think", END_THINK))
-            if (i := tok.special_ids.get(name)) is not None
-        }
+        kept = [("think", THINK), ("end_think", END_THINK)]
+        kept += [(name, SPECIAL_TOKENS[name]) for name in TOOL_TOKEN_NAMES]
+        self._tags = {i: s for name, s in kept if (i := tok.special_ids.get(name)) is not None}
 
     def __getattr__(self, name):
         return getattr(self.tok, name)

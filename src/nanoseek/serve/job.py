@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from nanoseek.engine import SamplingParams, StepEvent
 from nanoseek.serve.chat_format import ReasoningParser
+from nanoseek.serve.tools import CallDelta, ToolParser
 
 
 @dataclass
@@ -22,19 +23,30 @@ class Choice:
     reasoning: list[str] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
+    tools: ToolParser | None = None  # chat: splits tool calls from the content
+    tool_deltas: list[CallDelta] = field(default_factory=list)  # what the latest event added
 
     def add(self, ev: StepEvent) -> tuple[str, str]:
-        """-> (reasoning, content) this event adds."""
+        """-> (reasoning, content) this event adds (and its pieces of calls in tool_deltas)."""
         self.token_ids += ev.token_ids
         self.logprobs += ev.logprobs or []
         text = ev.text or ""
         reasoning, content = self.parser.feed(text) if self.parser else ("", text)
+        if ev.finished and self.parser:
+            tail_reasoning, tail_content = self.parser.finish()
+            reasoning += tail_reasoning
+            content += tail_content
+        self.tool_deltas = []
+        if self.tools is not None:
+            content, self.tool_deltas = self.tools.feed(content)
+            if ev.finished:
+                tail_content, tail_deltas = self.tools.finish()
+                content += tail_content
+                self.tool_deltas += tail_deltas
         if ev.finished:
             self.finish_reason = ev.finish_reason
-            if self.parser:
-                tail_reasoning, tail_content = self.parser.finish()
-                reasoning += tail_reasoning
-                content += tail_content
+            if self.tools is not None and self.tools.calls and ev.finish_reason == "stop":
+                self.finish_reason = "tool_calls"
         self.reasoning.append(reasoning)
         self.content.append(content)
         return reasoning, content
@@ -65,6 +77,7 @@ class Job:
     start: float  # when the request arrived (time.perf_counter)
     deadline: float  # when it must be done
     echo: list[str] | None = None
+    make_tools: Callable[[], ToolParser | None] | None = None  # chat: a tool-call parser
     first_token: float | None = None
     choices: list[Choice] = field(init=False)  # every prompt's n completions, in response order
     requests: dict[str, EngineRequest] = field(
@@ -74,7 +87,12 @@ class Job:
     def __post_init__(self):
         n = self.params.n
         self.choices = [
-            Choice(p * n + i, self.make_parser(), self.echo[p] if self.echo else "")
+            Choice(
+                p * n + i,
+                self.make_parser(),
+                self.echo[p] if self.echo else "",
+                tools=self.make_tools() if self.make_tools else None,
+            )
             for p in range(len(self.prompts))
             for i in range(n)
         ]

@@ -16,13 +16,22 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import Response
 
+from nanoseek import chat_template
 from nanoseek.engine import SamplingParams
 from nanoseek.serve import protocol
-from nanoseek.serve.chat_format import FormatError, ReasoningParser, chat_prompt, completion_prompt
+from nanoseek.serve.chat_format import (
+    TOOL_TOKEN_NAMES,
+    FormatError,
+    ReasoningParser,
+    chat_prompt,
+    completion_prompt,
+    tool_format,
+)
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.job import Choice, Job
 from nanoseek.serve.logits import JsonObjectProcessor, LogitBias, MinTokens
 from nanoseek.serve.server import Server
+from nanoseek.serve.tools import ToolCallRules, ToolParser, generation_prefix
 
 log = logging.getLogger("nanoseek.serve")
 FINGERPRINT = "nanoseek-0.1"
@@ -85,6 +94,7 @@ class OpenAIAPI:
         logprobs: int | None,
         json_thinking: bool | None = None,
         param: str = "messages",
+        extra_processors: tuple = (),
     ) -> SamplingParams:
         """The request's SamplingParams, after every limit check (json_thinking: None = no JSON
         mode, else whether the output starts with a thought)."""
@@ -108,7 +118,7 @@ class OpenAIAPI:
         # max_tokens beyond the context is cut to what fits: finish_reason "length" says so.
         budget = min(max_tokens or default_max, limit, context - longest)
         vocab = self.server.table.size
-        processors = []
+        processors = list(extra_processors)
         if req.logit_bias:
             bias = {int(k): v for k, v in req.logit_bias.items()}
             if max(bias) >= vocab:
@@ -219,17 +229,38 @@ class OpenAIAPI:
         req: protocol.ChatCompletionRequest = await self.admit(
             request, protocol.ChatCompletionRequest
         )
+        tok = self.server.tok
         thinking = req.thinking_enabled(self.config.thinking)
+        self._check_thinking_switch(req)
         self.server.check_size(1, req.n)
         messages = [m.as_dict() for m in req.messages]
-        text = [[m.get("content"), m.get("reasoning_content")] for m in messages]
-        self.server.check_bytes(_text_bytes(text), "messages")
+        tools = [t.as_dict() for t in req.tools or []]
+        choice = req.tool_choice_name
+        fmt = self._tool_format(messages, tools)
+        forced = choice not in ("auto", "none")
+        if forced and (messages[-1].get("prefix") or req.json_mode):
+            raise APIError(
+                400,
+                f"tool_choice {choice!r} forces a call; it cannot go with "
+                + ("a prefix message" if messages[-1].get("prefix") else "response_format"),
+                param="tool_choice",
+            )
+        text = [
+            [m.get("content"), m.get("reasoning_content"), m.get("tool_calls")] for m in messages
+        ]
+        self.server.check_bytes(_text_bytes([text, tools]), "messages")
         try:
+            # a forced call starts at once, without a thought (as DeepSeek-V3.1's calls do)
             ids, in_reasoning = await asyncio.to_thread(
-                chat_prompt, self.server.tok, messages, thinking
+                chat_prompt, tok, messages, thinking and not forced, tools
             )
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
+        prefix = generation_prefix(fmt, choice) if tools else ""
+        ids = ids + tok.encode(prefix, allow_special=True)
+        rules = ()
+        if tools:
+            rules = (ToolCallRules(tok.special_ids, choice != "none", req.parallel_tool_calls),)
         params = self.sampling(
             req,
             [ids],
@@ -237,7 +268,9 @@ class OpenAIAPI:
             self.config.max_tokens,
             (req.top_logprobs or 0) if req.logprobs else None,
             json_thinking=in_reasoning if req.json_mode else None,
+            extra_processors=rules,
         )
+        make_tools = self._tool_parser(fmt if tools and choice != "none" else None, prefix)
         job = Job(
             f"chatcmpl-{uuid.uuid4().hex}",
             [ids],
@@ -245,6 +278,7 @@ class OpenAIAPI:
             lambda: ReasoningParser(in_reasoning),
             start,
             start + self.config.request_timeout,
+            make_tools=make_tools,
         )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -269,6 +303,45 @@ class OpenAIAPI:
                 usage=self.usage(job, chat=True),
             )
         )
+
+    def _tool_parser(self, fmt: str | None, prefix: str):
+        """A factory of ToolParsers for a job's choices, if the engine's text shows tool tokens
+        (fmt None: they are only removed from the text, as other special tokens are)."""
+        if not all(name in self.server.tok.special_ids for name in TOOL_TOKEN_NAMES):
+            return None
+        return lambda: ToolParser(fmt, prefix)
+
+    def _tool_format(self, messages: list[dict], tools: list[dict]) -> str | None:
+        """How this model writes calls; a 400 if the request uses tools and the model cannot."""
+        fmt = tool_format(self.server.tok)
+        history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        if fmt is None and (tools or history):
+            why = (
+                "its tokenizer has no tool-call tokens (<｜tool▁calls▁begin｜> and the rest)"
+                if self.server.tok.chat_template is None
+                or "tool_sep" not in self.server.tok.special_ids
+                else "its chat template renders no tool calls"
+            )
+            raise APIError(
+                400, f"this model cannot call tools: {why}", param="tools" if tools else "messages"
+            )
+        return fmt
+
+    def _check_thinking_switch(self, req: protocol.ChatCompletionRequest) -> None:
+        """A thinking switch the model cannot honour is a 400 (a request that leaves it unset
+        gets the model's own behaviour)."""
+        kwargs = req.chat_template_kwargs or {}
+        param = "thinking" if req.thinking is not None else None
+        for key in ("thinking", "enable_thinking"):
+            if param is None and kwargs.get(key) is not None:
+                param = f"chat_template_kwargs.{key}"
+        if param is None:
+            return
+        tok = self.server.tok
+        if "think" not in tok.special_ids:
+            raise APIError(400, "this model's tokenizer has no <think> token", param=param)
+        if tok.chat_template is not None and not chat_template.reads_thinking(tok.chat_template):
+            raise APIError(400, "this model's chat template has no thinking switch", param=param)
 
     async def chat_chunks(self, job: Job, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
@@ -320,6 +393,20 @@ class OpenAIAPI:
                             )
                         ]
                     )
+                for d in c.tool_deltas:  # one piece of one call per chunk, as OpenAI sends them
+                    call = protocol.ToolCallDelta(
+                        index=d.index,
+                        id=d.id,
+                        type="function" if d.id else None,
+                        function=protocol.FunctionCallOut(name=d.name, arguments=d.arguments),
+                    )
+                    yield chunk(
+                        [
+                            protocol.ChunkChoice(
+                                index=c.index, delta=protocol.Delta(tool_calls=[call])
+                            )
+                        ]
+                    )
                 if ev.finished:
                     yield chunk(
                         [
@@ -360,6 +447,7 @@ class OpenAIAPI:
             start,
             start + self.config.request_timeout,
             echo,
+            make_tools=self._tool_parser(None, ""),
         )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -446,7 +534,19 @@ class OpenAIAPI:
 
 def _assistant_message(c: Choice) -> protocol.AssistantMessage:
     reasoning = "".join(c.reasoning) if c.parser.saw_reasoning else None
-    return protocol.AssistantMessage(content="".join(c.content), reasoning_content=reasoning)
+    content = "".join(c.content)
+    calls = c.tools.calls if c.tools is not None else []
+    tool_calls = [
+        protocol.ToolCallOut(
+            id=call.id, function=protocol.FunctionCallOut(name=call.name, arguments=call.arguments)
+        )
+        for call in calls
+    ]
+    return protocol.AssistantMessage(
+        content=content if content or not calls else None,
+        reasoning_content=reasoning,
+        tool_calls=tool_calls or None,
+    )
 
 
 def _text_bytes(value) -> int:

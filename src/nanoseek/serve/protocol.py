@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
+from nanoseek.serve import tools
+
 MAX_STOP = 16  # stop strings per request
 # a logit_bias key: ASCII digits (str.isdigit also takes "²" and "١")
 TOKEN_ID = re.compile(r"[0-9]{1,10}")
@@ -37,13 +39,28 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Strict):
+    """A call in an assistant message of the history (OpenAI's shape)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     # DeepSeek: the thought, for a prefix message (dropped from history)
     reasoning_content: str | None = None
     prefix: bool = False  # DeepSeek chat prefix completion: continue this (last, assistant) message
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
     def as_dict(self) -> dict:
         content = (
@@ -52,12 +69,43 @@ class Message(_Strict):
             else "".join(p.text for p in self.content)
         )
         role = "system" if self.role == "developer" else self.role
-        return {
+        out = {
             "role": role,
             "content": content,
             "reasoning_content": self.reasoning_content,
             "prefix": self.prefix,
         }
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments (an object)
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def as_dict(self) -> dict:
+        """As the chat template gets it: only the fields the client sent (and not null)."""
+        function = self.function.model_dump(exclude_unset=True, exclude_none=True)
+        return {"type": self.type, "function": function}
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(_Strict):
@@ -126,19 +174,22 @@ class ChatCompletionRequest(SamplingRequest):
     thinking: Thinking | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
     # vLLM: {"thinking": bool} (or "enable_thinking")
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs=true", "top_logprobs")
-        if self.tools:
-            raise ProtocolError("this server does not support tools (function calling)", "tools")
-        if self.tool_choice not in (None, "none"):
-            raise ProtocolError(
-                "tool_choice needs tools, which this server does not support", "tool_choice"
+        try:
+            tools.check_request(
+                [t.as_dict() for t in self.tools or []],
+                self.tool_choice_name,
+                [m.as_dict() for m in self.messages],
             )
+        except tools.ToolError as e:
+            raise ProtocolError(str(e), e.param) from None
         if self.response_format is not None and self.response_format.type == "json_schema":
             raise ProtocolError(
                 "response_format json_schema is not supported; use json_object",
@@ -159,6 +210,14 @@ class ChatCompletionRequest(SamplingRequest):
             if kwargs.get(key) is not None:
                 return kwargs[key]
         return default
+
+    @property
+    def tool_choice_name(self) -> str:
+        """ "none", "auto", "required" or the named function; by default "auto" with tools and
+        "none" without, as OpenAI."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or ("auto" if self.tools else "none")
 
     @property
     def json_mode(self) -> bool:
@@ -293,10 +352,32 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCallOut(_DropNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
+    """content is null when the message is only tool calls; tool_calls is left out when there are
+    none."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler):
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -323,10 +404,21 @@ class ChatCompletion(_Envelope):
     usage: Usage
 
 
+class ToolCallDelta(_DropNone):
+    """A streamed piece of a call: the first carries id, type and name (and arguments ""), later
+    ones the next piece of the arguments; `index` says which call."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallOut
+
+
 class Delta(_DropNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
