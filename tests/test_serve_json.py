@@ -26,7 +26,8 @@ from serve_helpers import build_tokenizer
 VALID = [
     "{}",
     '{"a": 1}',
-    ' { "a" : [ ] , "b" : [1, -2.5e+3, 0, 0.25E-1] }',
+    '{ "a" : [ ] , "b" : [1, -2.5e+3, 0, 0.25E-1] }',
+    '{\n  "a": {\n    "b": [\n      1\n    ]\n  }\n}',
     '{"s": "esc \\" \\\\ \\/ \\n \\u00e9"}',
     '{"t": true, "f": false, "n": null, "nested": {"x": [[], [{}], [[1]]]}}',
     '{"中文": "汉字 🙂"}',
@@ -53,6 +54,8 @@ INVALID = [
     b"{}x",
     b'{"a": NaN}',
     b"{'a': 1}",
+    b' {"leading": "whitespace"}',
+    b'{"a":' + b" " * 21 + b"1}",  # a run of whitespace over WS_MAX
 ]
 
 
