@@ -20,6 +20,7 @@ from nanoseek.engine import SamplingParams
 from nanoseek.serve import protocol
 from nanoseek.serve.chat_format import FormatError, ReasoningParser, chat_prompt, completion_prompt
 from nanoseek.serve.errors import APIError
+from nanoseek.serve.grammar import Grammar, GrammarError, GrammarProcessor
 from nanoseek.serve.job import Choice, Job
 from nanoseek.serve.logits import JsonObjectProcessor, LogitBias, MinTokens
 from nanoseek.serve.server import Server
@@ -85,9 +86,12 @@ class OpenAIAPI:
         logprobs: int | None,
         json_thinking: bool | None = None,
         param: str = "messages",
+        grammar: Grammar | None = None,
+        thinking: bool = False,
     ) -> SamplingParams:
         """The request's SamplingParams, after every limit check (json_thinking: None = no JSON
-        mode, else whether the output starts with a thought)."""
+        mode, else whether the output starts with a thought; grammar: a structured-output mode's,
+        applied after the thought if `thinking`)."""
         limit = self.config.max_tokens
         if max_tokens is not None and max_tokens > limit:
             raise APIError(
@@ -119,6 +123,14 @@ class OpenAIAPI:
                 )
             processors.append(LogitBias(bias))
         if req.min_tokens:
+            structured = req.structured_mode()
+            if structured is not None:
+                raise APIError(
+                    400,
+                    f"min_tokens cannot be combined with {structured[2]} (its output may end "
+                    "sooner)",
+                    param="min_tokens",
+                )
             if req.min_tokens > budget:
                 raise APIError(
                     400,
@@ -132,6 +144,8 @@ class OpenAIAPI:
             if budget < need:
                 raise APIError(400, f"JSON mode needs max_tokens >= {need}", param="max_tokens")
             processors.append(JsonObjectProcessor(self.server.json_vocab, budget, json_thinking))
+        if grammar is not None:
+            processors.append(GrammarProcessor(self.server.grammar_vocab, grammar, thinking))
         if any(t >= vocab for t in req.stop_token_ids or []):
             raise APIError(
                 400,
@@ -164,6 +178,18 @@ class OpenAIAPI:
         except ValueError as e:
             raise APIError(400, str(e).removeprefix("SamplingParams: ")) from None
         return params
+
+    async def grammar(self, req: protocol.SamplingRequest) -> Grammar | None:
+        """The request's structured-output grammar, compiled on a worker thread (a large schema
+        takes a while); None for no mode or json_object (logits.py's automaton)."""
+        mode = req.structured_mode()
+        if mode is None or mode[0] == "json_object":
+            return None
+        kind, value, param = mode
+        try:
+            return await asyncio.to_thread(self.server.grammar_vocab.build, kind, value, param)
+        except GrammarError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
     def usage(self, job: Job, chat: bool) -> protocol.Usage:
         reasoning = None
@@ -230,13 +256,17 @@ class OpenAIAPI:
             )
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
+        mode = req.structured_mode()
+        grammar = await self.grammar(req)
         params = self.sampling(
             req,
             [ids],
             req.max_completion_tokens or req.max_tokens,
             self.config.max_tokens,
             (req.top_logprobs or 0) if req.logprobs else None,
-            json_thinking=in_reasoning if req.json_mode else None,
+            json_thinking=in_reasoning if mode and mode[0] == "json_object" else None,
+            grammar=grammar,
+            thinking=in_reasoning,
         )
         job = Job(
             f"chatcmpl-{uuid.uuid4().hex}",
@@ -350,7 +380,10 @@ class OpenAIAPI:
             prompts = await asyncio.to_thread(self._completion_prompts, req)
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
-        params = self.sampling(req, prompts, req.max_tokens, 16, req.logprobs, param="prompt")
+        grammar = await self.grammar(req)
+        params = self.sampling(
+            req, prompts, req.max_tokens, 16, req.logprobs, param="prompt", grammar=grammar
+        )
         echo = await asyncio.to_thread(self._echo, req) if req.echo else None
         job = Job(
             f"cmpl-{uuid.uuid4().hex}",

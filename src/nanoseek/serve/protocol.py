@@ -8,6 +8,7 @@ fields. Any ValidationError or ProtocolError becomes a 400 whose `param` names t
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 MAX_STOP = 16  # stop strings per request
 # a logit_bias key: ASCII digits (str.isdigit also takes "²" and "١")
 TOKEN_ID = re.compile(r"[0-9]{1,10}")
+JSON_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for response_format names
 
 
 class ProtocolError(ValueError):
@@ -65,8 +67,28 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False  # accepted; usage comes once, at the end
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's response_format.json_schema. `strict` is accepted either way: the schema is always
+    enforced as the grammar engine compiles it, and what it cannot compile is a 400."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extra (v0.12 on; older releases: the guided_* fields)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class Thinking(_Strict):
@@ -98,8 +120,63 @@ class SamplingRequest(_Strict):
     min_tokens: int = Field(0, ge=0)  # vLLM extra
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM extra
     user: str | None = None
+    # vLLM's structured-output extras (at most one mode per request)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def structured_mode(self) -> tuple[str, Any, str] | None:
+        """(kind, value, param) of the request's structured-output mode, if any: kind is
+        json_object, json_schema, regex, choice or grammar; param names the field."""
+        modes = self._modes()
+        if len(modes) > 1:
+            raise ProtocolError(
+                "use at most one structured-output mode, got " + ", ".join(m[2] for m in modes),
+                modes[1][2],
+            )
+        if not modes:
+            return None
+        kind, value, param = modes[0]
+        if kind == "json_schema" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ProtocolError(f"{param} must be a JSON schema", param) from None
+            if not isinstance(value, dict | bool):
+                raise ProtocolError(f"{param} must be a JSON schema (an object)", param)
+        if kind == "choice" and (not value or not all(value)):
+            raise ProtocolError(f"{param} must be a list of non-empty strings", param)
+        if kind in ("regex", "grammar") and not value:
+            raise ProtocolError(f"{param} must not be empty", param)
+        return kind, value, param
+
+    def _modes(self) -> list[tuple[str, Any, str]]:
+        modes = []
+        for kind, field in (
+            ("json_schema", "guided_json"),
+            ("regex", "guided_regex"),
+            ("choice", "guided_choice"),
+            ("grammar", "guided_grammar"),
+        ):
+            if getattr(self, field) is not None:
+                modes.append((kind, getattr(self, field), field))
+        so = self.structured_outputs
+        if so is not None:
+            for kind, field in (
+                ("json_schema", "json_"),
+                ("regex", "regex"),
+                ("choice", "choice"),
+                ("grammar", "grammar"),
+            ):
+                if getattr(so, field) is not None:
+                    name = field.rstrip("_")
+                    modes.append((kind, getattr(so, field), f"structured_outputs.{name}"))
+        return modes
 
     def check(self) -> None:
+        self.structured_mode()
         if self.stream_options is not None and not self.stream:
             raise ProtocolError("stream_options is only allowed with stream=true", "stream_options")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -130,6 +207,23 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
 
     def check(self) -> None:
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise ProtocolError(
+                    "response_format json_schema needs a json_schema object",
+                    "response_format.json_schema",
+                )
+            if not JSON_SCHEMA_NAME.fullmatch(rf.json_schema.name):
+                raise ProtocolError(
+                    "response_format.json_schema.name must be 1-64 of a-z, A-Z, 0-9, _ and -",
+                    "response_format.json_schema.name",
+                )
+            if rf.json_schema.schema_ is None:
+                raise ProtocolError(
+                    "response_format.json_schema.schema is required",
+                    "response_format.json_schema.schema",
+                )
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs=true", "top_logprobs")
@@ -138,11 +232,6 @@ class ChatCompletionRequest(SamplingRequest):
         if self.tool_choice not in (None, "none"):
             raise ProtocolError(
                 "tool_choice needs tools, which this server does not support", "tool_choice"
-            )
-        if self.response_format is not None and self.response_format.type == "json_schema":
-            raise ProtocolError(
-                "response_format json_schema is not supported; use json_object",
-                "response_format.type",
             )
         for key in ("thinking", "enable_thinking"):
             value = (self.chat_template_kwargs or {}).get(key)
@@ -160,9 +249,16 @@ class ChatCompletionRequest(SamplingRequest):
                 return kwargs[key]
         return default
 
-    @property
-    def json_mode(self) -> bool:
-        return self.response_format is not None and self.response_format.type == "json_object"
+    def _modes(self) -> list[tuple[str, Any, str]]:
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return super()._modes()
+        if rf.type == "json_object":
+            mode = ("json_object", None, "response_format")
+        else:
+            schema = rf.json_schema.schema_ if rf.json_schema else None
+            mode = ("json_schema", schema, "response_format.json_schema.schema")
+        return [mode, *super()._modes()]
 
 
 class CompletionRequest(SamplingRequest):
