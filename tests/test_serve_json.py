@@ -162,6 +162,23 @@ def test_json_needs_no_thought_when_thinking_is_off(random_engine):
     assert tok.special_ids["think"] not in allowed and tok.eos_id not in allowed
 
 
+def test_json_follows_the_templates_newline_after_the_thought(random_engine):
+    engine, tok = random_engine
+    table = TokenTable(tok)
+    vocab = JsonVocab(table, tok.eos_id, tok.special_ids["end_think"])
+    proc = JsonObjectProcessor(vocab, 20, thinking=True)
+    logits = torch.zeros(engine.config.vocab_size)
+    closed = [*tok.encode("hmm"), tok.special_ids["end_think"]]
+    newline = table.bytes.index(b"\n")
+
+    def allowed(ids):
+        return torch.isfinite(proc(ids, logits)).nonzero().flatten().tolist()
+
+    assert newline in allowed(closed)
+    assert allowed([*closed, newline]) == [i for i in allowed(closed) if i != newline]
+    assert all(table.bytes[i].startswith(b"{") for i in allowed([*closed, newline]))
+
+
 def test_logit_bias_and_min_tokens(random_engine):
     engine, tok = random_engine
     ids = [tok.bos_id, *tok.encode("hello")]

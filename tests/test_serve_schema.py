@@ -14,7 +14,9 @@ import pydantic
 import pytest
 import torch
 
-from nanoseek.serve.chat_format import TokenTable
+from nanoseek import Transformer
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.serve.chat_format import EngineTokenizer, TokenTable, chat_prompt
 from nanoseek.serve.grammar import (
     WS_MAX,
     GrammarError,
@@ -25,6 +27,7 @@ from nanoseek.serve.grammar import (
     wrapped_json_grammar,
 )
 
+from helpers import tiny_config
 from serve_helpers import (
     SCRIPT,
     ServerProcess,
@@ -36,9 +39,10 @@ from serve_helpers import (
 HELLO, HELLO_THOUGHT, _ = SCRIPT[0]
 
 # A nested object, an array, an enum, bounded integers, maxLength strings, optional fields (and a
-# nullable one). Every string is bounded, so the longest document the schema allows is known: at
-# most 12 bytes a character (a \uXXXX surrogate pair), WS_MAX whitespace bytes in each of the ~45
-# gaps between tokens, ~100 bytes of keys and punctuation: under 1500 bytes, so under 1500 tokens.
+# nullable one). Every string is bounded, so the longest document the schema allows is known: 36
+# characters of strings at most 12 bytes each (a \uXXXX\uXXXX surrogate pair), WS_MAX whitespace
+# bytes in each of the 38 gaps between tokens, ~100 bytes of keys and punctuation: under 1300
+# bytes, so under 1300 tokens (none is empty).
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -221,8 +225,49 @@ def test_thinking_leaves_the_thought_free_but_for_eos(vocab, tok):
     thought = tok.encode("hmm")
     free = allowed(proc, thought, tok.vocab_size)
     assert tok.eos_id not in free and len(free) == tok.vocab_size - 1
-    answer = allowed(proc, [*thought, tok.special_ids["end_think"]], tok.vocab_size)
-    assert answer and all(TokenTable(tok).bytes[i] in (b'"', b'"y', b'"n') for i in answer)
+    table = TokenTable(tok)
+    newline = table.bytes.index(b"\n")
+    closed = [*thought, tok.special_ids["end_think"]]
+    answer = allowed(proc, closed, tok.vocab_size)
+    # the newline the chat template puts after the thought, or the answer itself
+    assert newline in answer
+    assert all(table.bytes[i] in (b"\n", b'"', b'"y', b'"n') for i in answer)
+    after_newline = allowed(proc, [*closed, newline], tok.vocab_size)
+    assert after_newline == [i for i in answer if i != newline]
+
+
+SMALL = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": -5, "maximum": 5},
+        "words": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+    },
+    "required": ["ok"],
+    "additionalProperties": False,
+}  # its longest document: 38 bytes and 16 gaps of up to WS_MAX whitespace, < 400 tokens
+
+
+def test_speculative_decoding_keeps_the_grammar(tok, vocab):
+    """With MTP drafts the engine asks about a draft's position too (and drafts that the mask
+    refuses are rejected): shared processors, branching prefixes, sampled and greedy rows."""
+    torch.manual_seed(5)
+    config = tiny_config(
+        vocab_size=tok.vocab_size, max_position_embeddings=1024, num_nextn_predict_layers=1
+    )
+    engine = Engine(Transformer(config).eval(), EngineTokenizer(tok), speculative=True)
+    grammar = vocab.build("json_schema", SMALL)
+    ids, _ = chat_prompt(tok, [{"role": "user", "content": "JSON"}], thinking=False)
+    proc = GrammarProcessor(vocab, grammar)  # one for all, as the server shares it among n
+    params = [
+        SamplingParams(max_tokens=600, temperature=t, seed=seed, logits_processors=[proc])
+        for t, seed in [(0.0, 0), *((1.0, s) for s in range(6))]
+    ]
+    outs = engine.generate([ids] * len(params), params)
+    for out in outs:
+        assert out.finish_reason == "stop" and out.token_ids[-1] == tok.eos_id
+        jsonschema.validate(json.loads(out.text), SMALL)
+    assert engine.stats()["spec_drafted"] > 0
 
 
 # ----------------------------------------------------------------------------------- the server

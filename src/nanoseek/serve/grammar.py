@@ -8,7 +8,8 @@ and llguidance's reason. `GrammarProcessor` is a SamplingParams logits processor
 llguidance matcher per output prefix (the engine shares one processor among a request's n
 completions and may ask about speculative drafts), so it derives everything from the ids it is
 given. With thinking on, the thought is free (but EOS is masked: the answer must follow) and the
-grammar applies to what follows `</think>`; a `trigger` token (a tool call's opener under
+grammar applies to what follows `</think>` (and the newline the chat template puts after it, if
+the model writes it); a `trigger` token (a tool call's opener under
 tool_choice auto) likewise leaves the output free until the model writes it.
 
 When max_tokens runs out before the grammar is complete, the output stops there: finish_reason
@@ -76,6 +77,8 @@ class GrammarVocab:
         self.eos_id = tok.eos_id
         self.end_think_id = tok.special_ids.get("end_think")
         self.special_ids = dict(tok.special_ids)
+        # the newline the chat template puts after `</think>`: allowed there, before the grammar
+        self.newline_id = next((i for i, b in enumerate(table.bytes) if b == b"\n"), None)
         wrapper = TokenizerWrapper(_Tokens(table, tok.encode, tok.eos_id, tok.bos_id))
         self.tokenizer = LLTokenizer(wrapper, n_vocab=table.size, eos_token=tok.eos_id)
 
@@ -271,12 +274,16 @@ class GrammarProcessor:
     def constrained(self, output_ids: Sequence[int]) -> list[int] | None:
         """The part of the output the grammar reads; None while it is not engaged yet."""
         ids = list(output_ids)
-        for marker, on in ((self.vocab.end_think_id, self.thinking), (self.trigger, True)):
-            if marker is None or not on:
-                continue
-            if marker not in ids:
+        if self.thinking:
+            if self.vocab.end_think_id not in ids:
                 return None
-            ids = ids[ids.index(marker) + 1 :]
+            ids = ids[ids.index(self.vocab.end_think_id) + 1 :]
+            if ids[:1] == [self.vocab.newline_id]:
+                ids = ids[1:]
+        if self.trigger is not None:
+            if self.trigger not in ids:
+                return None
+            ids = ids[ids.index(self.trigger) + 1 :]
         return ids
 
     def matcher(self, ids: list[int]) -> LLMatcher:
@@ -311,4 +318,7 @@ class GrammarProcessor:
             allowed[self.vocab.eos_id] = True
         else:
             allowed = self.vocab.mask(m, logits.shape[-1], logits.device)
+            just_thought = self.thinking and output_ids[-1] == self.vocab.end_think_id
+            if just_thought and self.trigger is None and self.vocab.newline_id is not None:
+                allowed[self.vocab.newline_id] = True
         return logits.masked_fill(~allowed, float("-inf"))

@@ -11,8 +11,9 @@ object closes, only EOS remains. To be sure the object closes within max_tokens,
 how many bytes it still needs at least (one closing byte per open container, a quote for an open
 string, ...), and a token is allowed only if what it leaves needed still fits in the tokens left
 (every byte is a token in byte-level BPE). With thinking on, the thought comes first, unconstrained
-but for a forced `</think>` when the budget runs short; JSON follows it. Whitespace: none before
-the object, at most grammar.WS_MAX bytes in a row elsewhere (as in json_schema mode).
+but for a forced `</think>` when the budget runs short; JSON follows it (after the newline the
+chat template puts there, if the model writes it). Whitespace: none before the object, at most
+grammar.WS_MAX bytes in a row elsewhere (as in json_schema mode).
 
 Why json_object keeps this automaton rather than running on llguidance like json_schema: that
 property. llguidance answers "which tokens may come next", never "how many tokens does the shortest
@@ -212,6 +213,8 @@ class JsonVocab:
         self.eos_id = eos_id
         self.end_think_id = end_think_id
         self.table = table
+        # the newline the chat template puts after `</think>` (the answer's JSON follows it)
+        self.newline_id = next((i for i, b in enumerate(table.bytes) if b == b"\n"), None)
         self.root = _Trie()
         for i, b in enumerate(table.bytes):
             if b:  # special tokens (None) and empty tokens never advance JSON
@@ -280,6 +283,8 @@ class JsonObjectProcessor:
         ids = tuple(output_ids)
         if self.thinking:
             ids = ids[ids.index(self.vocab.end_think_id) + 1 :]
+            if ids[:1] == (self.vocab.newline_id,):  # the template's newline after the thought
+                ids = ids[1:]
         key = (len(ids), hash(ids))
         if key in self._states:
             return self._states[key]
@@ -311,6 +316,9 @@ class JsonObjectProcessor:
             st = self.state(output_ids)
             if st is not None:
                 allowed[: vocab.size] = (vocab.needs_after(st) <= left - 2).to(logits.device)
+            just_thought = self.thinking and output_ids[-1] == vocab.end_think_id
+            if just_thought and vocab.newline_id is not None and need(START) <= left - 2:
+                allowed[vocab.newline_id] = True
         if not allowed.any():  # cannot happen with the budget kept; end rather than emit junk
             allowed[vocab.eos_id] = True
         return logits.masked_fill(~allowed, float("-inf"))
