@@ -181,6 +181,7 @@ def test_tool_call_grammar_on_hand_built_tokens(vocab, tok, style, opened):
 
     assert run([*head, *first, s["tool_calls_end"]])
     assert run([*head, *first, *between, *second, s["tool_calls_end"]])
+    assert run([*head, *first, *second, s["tool_calls_end"]])  # R1 leaves the newline out
     assert not run([*head, *first, *between, *second, s["tool_calls_end"]], parallel=False)
     assert not run(
         [*head, *tool_call(tok, style, "get_weather", '{"days": 3}'), s["tool_calls_end"]]
@@ -217,6 +218,28 @@ def test_a_prefix_a_schema_and_a_suffix(vocab, tok):
     assert allowed(proc, ids, tok.vocab_size) == [s["tool_call_end"]]
     m = grammar.start.deep_copy()
     assert not m.consume_tokens([*ids[:-1], *tok.encode(',"c":3}')])
+
+
+def test_outputs_sharing_a_processor_each_get_their_own_mask(vocab, tok):
+    """Interleaved outputs, and a cache too small to keep their prefixes (so they are replayed):
+    every mask equals the one a processor of each output's own gives."""
+    grammar = vocab.build("json_schema", SCHEMA)
+    docs = [
+        {"name": "Tom", "kind": "cat", "age": 7, "home": {"city": "Oslo"}},
+        {"name": "Rex", "kind": "dog", "age": 12, "tags": ["x"], "home": {"city": "Rome"}},
+    ]
+    outputs = [tok.encode(json.dumps(d)) for d in docs]
+    shared = GrammarProcessor(vocab, grammar, sequences=2)
+    shared.capacity = 3
+    own = [GrammarProcessor(vocab, grammar) for _ in outputs]
+    for k in range(max(map(len, outputs)) + 1):
+        for ids, alone in zip(outputs, own):
+            if k <= len(ids):
+                assert allowed(shared, ids[:k], tok.vocab_size) == allowed(
+                    alone, ids[:k], tok.vocab_size
+                )
+                assert k == len(ids) or ids[k] in allowed(alone, ids[:k], tok.vocab_size)
+    assert allowed(own[0], outputs[0], tok.vocab_size) == [tok.eos_id]
 
 
 def test_thinking_leaves_the_thought_free_but_for_eos(vocab, tok):

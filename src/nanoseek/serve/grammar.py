@@ -38,7 +38,9 @@ from nanoseek.serve.chat_format import TokenTable
 WS_MAX = 20  # whitespace bytes between two JSON tokens (json_object mode uses the same cap)
 WHITESPACE = rf"[\x20\x0A\x0D\x09]{{0,{WS_MAX}}}"
 JSON_OPTIONS = {"whitespace_pattern": WHITESPACE}
-MATCHERS = 256  # matchers kept per request: one per live output prefix, and a few spare
+# matchers a processor keeps: 4 per sequence sharing it (its prefix, the one before, a draft's),
+# plus this many; an evicted prefix is replayed from the start
+MATCHERS = 64
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -217,11 +219,11 @@ def tool_calls_grammar(
     tools: (name, parameters schema) pairs; the model may call any of them. With CB, CE, SEP for
     `<｜tool▁call▁begin｜>`, `<｜tool▁call▁end｜>`, `<｜tool▁sep｜>`: style "v3" writes each call as
     CB "function" SEP NAME "\\n```json\\n" ARGS "\\n```" CE, later calls after a newline (V3's
-    and R1's templates); "v31" as CB NAME SEP ARGS CE, chained (V3.1's). All calls sit between
-    `<｜tool▁calls▁begin｜>` and `<｜tool▁calls▁end｜>`; after that only EOS. parallel=False:
-    exactly one call. opened=True: the grammar starts after `<｜tool▁calls▁begin｜>` (the
-    processor's trigger, for tool_choice auto); else it starts with it (tool_choice required or a
-    named function)."""
+    template; R1's has none, also allowed); "v31" as CB NAME SEP ARGS CE, chained (V3.1's). All
+    calls sit between `<｜tool▁calls▁begin｜>` and `<｜tool▁calls▁end｜>`; after that only EOS.
+    parallel=False: exactly one call. opened=True: the grammar starts after
+    `<｜tool▁calls▁begin｜>` (the processor's trigger, for tool_choice auto); else it starts with it
+    (tool_choice required or a named function)."""
     if style not in ("v3", "v31"):
         raise ValueError(f"tool-call style is v3 or v31, not {style!r}")
     if not tools:
@@ -244,7 +246,7 @@ def tool_calls_grammar(
             parts = [call_begin, name, sep, schema, call_end]
         rules.append(f"call_{k}: " + _sequence(vocab, parts, f"args_{k}"))
         names.append(f"call_{k}")
-    separator = '"\\n" ' if style == "v3" else ""
+    separator = '"\\n"? ' if style == "v3" else ""  # R1's template leaves the newline out
     calls = f"call ({separator}call)*" if parallel else "call"
     head = "" if opened else f"{begin} "
     lines = [f"start: {head}{calls} {end}", "call: " + " | ".join(names), *rules]
@@ -264,8 +266,11 @@ class GrammarProcessor:
         grammar: Grammar,
         thinking: bool = False,
         trigger: int | None = None,
+        sequences: int = 1,
     ):
+        """sequences: how many outputs share this processor (prompts x n), to size its cache."""
         self.vocab = vocab
+        self.capacity = 4 * sequences + MATCHERS
         self.grammar = grammar
         self.thinking = thinking and vocab.end_think_id is not None
         self.trigger = trigger
@@ -301,7 +306,7 @@ class GrammarProcessor:
             m = self.grammar.start.deep_copy()
             m.consume_tokens(ids)
         self._matchers[key] = m
-        if len(self._matchers) > MATCHERS:
+        if len(self._matchers) > self.capacity:
             self._matchers.popitem(last=False)
         return m
 

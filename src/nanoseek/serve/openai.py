@@ -145,7 +145,9 @@ class OpenAIAPI:
                 raise APIError(400, f"JSON mode needs max_tokens >= {need}", param="max_tokens")
             processors.append(JsonObjectProcessor(self.server.json_vocab, budget, json_thinking))
         if grammar is not None:
-            processors.append(GrammarProcessor(self.server.grammar_vocab, grammar, thinking))
+            vocab = self.server.grammar_vocab
+            shared = len(prompts) * req.n
+            processors.append(GrammarProcessor(vocab, grammar, thinking, sequences=shared))
         if any(t >= vocab for t in req.stop_token_ids or []):
             raise APIError(
                 400,
