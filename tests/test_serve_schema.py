@@ -545,6 +545,29 @@ def test_completions_take_the_extras_too(random_server):
         extra_body={"structured_outputs": {"choice": ["left", "right"]}},
     )
     assert {c.text for c in r.choices} <= {"left", "right"}
+    r = client.completions.create(
+        model="nanoseek",
+        prompt="Pet:",
+        temperature=1.0,
+        seed=9,
+        n=2,
+        max_tokens=WORST_CASE_TOKENS + 50,
+        extra_body={"response_format": json_schema(SCHEMA)},
+    )
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.text), SCHEMA)
+    r = client.completions.create(
+        model="nanoseek",
+        prompt="Object:",
+        temperature=1.0,
+        seed=10,
+        n=3,
+        max_tokens=12,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    for c in r.choices:  # json_object mode closes within max_tokens
+        assert c.finish_reason == "stop" and isinstance(json.loads(c.text), dict)
     grammar = 'start: "x" DIGIT DIGIT\nDIGIT: /[0-9]/'
     r = client.completions.create(
         model="nanoseek",

@@ -382,9 +382,17 @@ class OpenAIAPI:
             prompts = await asyncio.to_thread(self._completion_prompts, req)
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
+        mode = req.structured_mode()
         grammar = await self.grammar(req)
         params = self.sampling(
-            req, prompts, req.max_tokens, 16, req.logprobs, param="prompt", grammar=grammar
+            req,
+            prompts,
+            req.max_tokens,
+            16,
+            req.logprobs,
+            json_thinking=False if mode and mode[0] == "json_object" else None,
+            param="prompt",
+            grammar=grammar,
         )
         echo = await asyncio.to_thread(self._echo, req) if req.echo else None
         job = Job(

@@ -126,6 +126,7 @@ class SamplingRequest(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputs | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's (chat); vLLM takes it on completions
 
     def structured_mode(self) -> tuple[str, Any, str] | None:
         """(kind, value, param) of the request's structured-output mode, if any: kind is
@@ -154,6 +155,12 @@ class SamplingRequest(_Strict):
 
     def _modes(self) -> list[tuple[str, Any, str]]:
         modes = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            modes.append(("json_object", None, "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            schema = rf.json_schema.schema_ if rf.json_schema else None
+            modes.append(("json_schema", schema, "response_format.json_schema.schema"))
         for kind, field in (
             ("json_schema", "guided_json"),
             ("regex", "guided_regex"),
@@ -176,6 +183,23 @@ class SamplingRequest(_Strict):
         return modes
 
     def check(self) -> None:
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise ProtocolError(
+                    "response_format json_schema needs a json_schema object",
+                    "response_format.json_schema",
+                )
+            if not JSON_SCHEMA_NAME.fullmatch(rf.json_schema.name):
+                raise ProtocolError(
+                    "response_format.json_schema.name must be 1-64 of a-z, A-Z, 0-9, _ and -",
+                    "response_format.json_schema.name",
+                )
+            if rf.json_schema.schema_ is None:
+                raise ProtocolError(
+                    "response_format.json_schema.schema is required",
+                    "response_format.json_schema.schema",
+                )
         self.structured_mode()
         if self.stream_options is not None and not self.stream:
             raise ProtocolError("stream_options is only allowed with stream=true", "stream_options")
@@ -199,7 +223,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     thinking: Thinking | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
     # vLLM: {"thinking": bool} (or "enable_thinking")
     chat_template_kwargs: dict[str, Any] | None = None
@@ -207,23 +230,6 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
 
     def check(self) -> None:
-        rf = self.response_format
-        if rf is not None and rf.type == "json_schema":
-            if rf.json_schema is None:
-                raise ProtocolError(
-                    "response_format json_schema needs a json_schema object",
-                    "response_format.json_schema",
-                )
-            if not JSON_SCHEMA_NAME.fullmatch(rf.json_schema.name):
-                raise ProtocolError(
-                    "response_format.json_schema.name must be 1-64 of a-z, A-Z, 0-9, _ and -",
-                    "response_format.json_schema.name",
-                )
-            if rf.json_schema.schema_ is None:
-                raise ProtocolError(
-                    "response_format.json_schema.schema is required",
-                    "response_format.json_schema.schema",
-                )
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs=true", "top_logprobs")
@@ -248,17 +254,6 @@ class ChatCompletionRequest(SamplingRequest):
             if kwargs.get(key) is not None:
                 return kwargs[key]
         return default
-
-    def _modes(self) -> list[tuple[str, Any, str]]:
-        rf = self.response_format
-        if rf is None or rf.type == "text":
-            return super()._modes()
-        if rf.type == "json_object":
-            mode = ("json_object", None, "response_format")
-        else:
-            schema = rf.json_schema.schema_ if rf.json_schema else None
-            mode = ("json_schema", schema, "response_format.json_schema.schema")
-        return [mode, *super()._modes()]
 
 
 class CompletionRequest(SamplingRequest):
