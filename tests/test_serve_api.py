@@ -471,7 +471,7 @@ def test_api_key_is_required_on_v1_only(server):
         ({"messages": user("x"), "logit_bias": {"١": 5}}, "logit_bias"),
         (
             {"messages": user("x"), "response_format": {"type": "json_schema"}},
-            "response_format.type",
+            "response_format.json_schema",
         ),
         (
             {"messages": [{"role": "assistant", "content": "x", "prefix": True}, *user("y")]},

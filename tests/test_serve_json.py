@@ -26,7 +26,8 @@ from serve_helpers import build_tokenizer
 VALID = [
     "{}",
     '{"a": 1}',
-    ' { "a" : [ ] , "b" : [1, -2.5e+3, 0, 0.25E-1] }',
+    '{ "a" : [ ] , "b" : [1, -2.5e+3, 0, 0.25E-1] }',
+    '{\n  "a": {\n    "b": [\n      1\n    ]\n  }\n}',
     '{"s": "esc \\" \\\\ \\/ \\n \\u00e9"}',
     '{"t": true, "f": false, "n": null, "nested": {"x": [[], [{}], [[1]]]}}',
     '{"中文": "汉字 🙂"}',
@@ -53,6 +54,8 @@ INVALID = [
     b"{}x",
     b'{"a": NaN}',
     b"{'a': 1}",
+    b' {"leading": "whitespace"}',
+    b'{"a":' + b" " * 21 + b"1}",  # a run of whitespace over WS_MAX
 ]
 
 
@@ -157,6 +160,23 @@ def test_json_needs_no_thought_when_thinking_is_off(random_engine):
     allowed = torch.isfinite(proc([], logits)).nonzero().flatten().tolist()
     assert allowed and all(TokenTable(tok).bytes[i].strip() in (b"{", b"") for i in allowed)
     assert tok.special_ids["think"] not in allowed and tok.eos_id not in allowed
+
+
+def test_json_follows_the_templates_newline_after_the_thought(random_engine):
+    engine, tok = random_engine
+    table = TokenTable(tok)
+    vocab = JsonVocab(table, tok.eos_id, tok.special_ids["end_think"])
+    proc = JsonObjectProcessor(vocab, 20, thinking=True)
+    logits = torch.zeros(engine.config.vocab_size)
+    closed = [*tok.encode("hmm"), tok.special_ids["end_think"]]
+    newline = table.bytes.index(b"\n")
+
+    def allowed(ids):
+        return torch.isfinite(proc(ids, logits)).nonzero().flatten().tolist()
+
+    assert newline in allowed(closed)
+    assert allowed([*closed, newline]) == [i for i in allowed(closed) if i != newline]
+    assert all(table.bytes[i].startswith(b"{") for i in allowed([*closed, newline]))
 
 
 def test_logit_bias_and_min_tokens(random_engine):

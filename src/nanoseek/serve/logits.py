@@ -1,4 +1,5 @@
 """Logits processors behind API fields: `response_format: json_object`, `logit_bias`, `min_tokens`.
+(json_schema, regexes, choices, grammars and tool calls: grammar.py, on llguidance.)
 
 Each is a callable f(output_ids, logits[V]) -> logits[V] for SamplingParams.logits_processors. The
 engine calls it for every completion (n > 1 shares one), so a processor derives everything from the
@@ -10,7 +11,18 @@ object closes, only EOS remains. To be sure the object closes within max_tokens,
 how many bytes it still needs at least (one closing byte per open container, a quote for an open
 string, ...), and a token is allowed only if what it leaves needed still fits in the tokens left
 (every byte is a token in byte-level BPE). With thinking on, the thought comes first, unconstrained
-but for a forced `</think>` when the budget runs short; JSON follows it.
+but for a forced `</think>` when the budget runs short; JSON follows it (after the newline the
+chat template puts there, if the model writes it). Whitespace: none before the object, at most
+grammar.WS_MAX bytes in a row elsewhere (as in json_schema mode).
+
+Why json_object keeps this automaton rather than running on llguidance like json_schema: that
+property. llguidance answers "which tokens may come next", never "how many tokens does the shortest
+completion from here take" (its matcher offers masks, forced tokens and rollback, nothing about
+lengths), so on it a JSON object can run out of max_tokens half-written, which is what json_schema
+does (finish_reason "length"). The price, measured on this CPU (benchmarks/grammar_mask.py,
+docs/serving.md): the automaton's mask costs about as much as llguidance's for a 400-token
+vocabulary (0.18 vs 0.14 ms a token) but 17 ms against 0.3 ms for a 32K one (up to 220 ms for a
+new state), until its per-state mask cache is warm.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from nanoseek.serve.chat_format import TokenTable
+from nanoseek.serve.grammar import WS_MAX
 
 WS = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
@@ -42,14 +55,23 @@ UTF8 = {
 }
 NUMBER_DONE = {"int0", "int", "frac", "exp"}  # number states that may end here
 
-# A state is (mode, stack, aux): stack holds the open containers
-# ("{" or "["), aux depends on the mode.
+# A state is (mode, stack, aux, ws): stack holds the open containers ("{" or "["), aux depends on
+# the mode, ws counts the whitespace bytes just written (outside strings).
 State = tuple
-START: State = ("top", "", None)
+START: State = ("top", "", None, 0)
 
 
 def step(state: State, b: int) -> State | None:
     """The automaton after one more byte, or None if the byte cannot come next."""
+    nxt = _step(state[:3], b)
+    if nxt is None:
+        return None
+    if b in WS and nxt[0] != "str":  # whitespace between tokens (not inside a string)
+        return (*nxt, state[3] + 1) if state[3] < WS_MAX else None
+    return (*nxt, 0)
+
+
+def _step(state: tuple, b: int) -> tuple | None:
     mode, stack, aux = state
     if mode == "str":  # aux: (is_key, continuation bytes pending, lo, hi)
         key, pending, lo, hi = aux
@@ -82,9 +104,9 @@ def step(state: State, b: int) -> State | None:
         nxt = _number(mode, b)
         if nxt is not None:
             return (nxt, stack, None)
-        return step(("after", stack, None), b) if mode in NUMBER_DONE else None
+        return _step(("after", stack, None), b) if mode in NUMBER_DONE else None
     if b in WS:
-        return state if mode != "done" else None
+        return state if mode not in ("done", "top") else None
     if mode == "top":
         return ("key?", "{", None) if b == ord("{") else None
     if mode == "val":
@@ -149,7 +171,7 @@ def _close(stack: str) -> State:
 
 def need(state: State) -> int:
     """The fewest bytes that complete the object from here."""
-    mode, stack, aux = state
+    mode, stack, aux = state[:3]
     if mode == "str":
         key, pending = aux[0], aux[1]
         lexical = pending + (3 if key else 1)  # '"', then ':0' for a key
@@ -191,6 +213,8 @@ class JsonVocab:
         self.eos_id = eos_id
         self.end_think_id = end_think_id
         self.table = table
+        # the newline the chat template puts after `</think>` (the answer's JSON follows it)
+        self.newline_id = next((i for i, b in enumerate(table.bytes) if b == b"\n"), None)
         self.root = _Trie()
         for i, b in enumerate(table.bytes):
             if b:  # special tokens (None) and empty tokens never advance JSON
@@ -259,6 +283,8 @@ class JsonObjectProcessor:
         ids = tuple(output_ids)
         if self.thinking:
             ids = ids[ids.index(self.vocab.end_think_id) + 1 :]
+            if ids[:1] == (self.vocab.newline_id,):  # the template's newline after the thought
+                ids = ids[1:]
         key = (len(ids), hash(ids))
         if key in self._states:
             return self._states[key]
@@ -290,6 +316,9 @@ class JsonObjectProcessor:
             st = self.state(output_ids)
             if st is not None:
                 allowed[: vocab.size] = (vocab.needs_after(st) <= left - 2).to(logits.device)
+            just_thought = self.thinking and output_ids[-1] == vocab.end_think_id
+            if just_thought and vocab.newline_id is not None and need(START) <= left - 2:
+                allowed[vocab.newline_id] = True
         if not allowed.any():  # cannot happen with the budget kept; end rather than emit junk
             allowed[vocab.eos_id] = True
         return logits.masked_fill(~allowed, float("-inf"))

@@ -28,6 +28,7 @@ from nanoseek.serve.chat_format import (
     tool_format,
 )
 from nanoseek.serve.errors import APIError
+from nanoseek.serve.grammar import Grammar, GrammarError, GrammarProcessor
 from nanoseek.serve.job import Choice, Job
 from nanoseek.serve.logits import JsonObjectProcessor, LogitBias, MinTokens
 from nanoseek.serve.server import Server
@@ -95,9 +96,12 @@ class OpenAIAPI:
         json_thinking: bool | None = None,
         param: str = "messages",
         extra_processors: tuple = (),
+        grammar: Grammar | None = None,
+        thinking: bool = False,
     ) -> SamplingParams:
         """The request's SamplingParams, after every limit check (json_thinking: None = no JSON
-        mode, else whether the output starts with a thought)."""
+        mode, else whether the output starts with a thought; grammar: a structured-output mode's,
+        applied after the thought if `thinking`)."""
         limit = self.config.max_tokens
         if max_tokens is not None and max_tokens > limit:
             raise APIError(
@@ -129,6 +133,14 @@ class OpenAIAPI:
                 )
             processors.append(LogitBias(bias))
         if req.min_tokens:
+            structured = req.structured_mode()
+            if structured is not None:
+                raise APIError(
+                    400,
+                    f"min_tokens cannot be combined with {structured[2]} (its output may end "
+                    "sooner)",
+                    param="min_tokens",
+                )
             if req.min_tokens > budget:
                 raise APIError(
                     400,
@@ -142,6 +154,10 @@ class OpenAIAPI:
             if budget < need:
                 raise APIError(400, f"JSON mode needs max_tokens >= {need}", param="max_tokens")
             processors.append(JsonObjectProcessor(self.server.json_vocab, budget, json_thinking))
+        if grammar is not None:
+            vocab = self.server.grammar_vocab
+            shared = len(prompts) * req.n
+            processors.append(GrammarProcessor(vocab, grammar, thinking, sequences=shared))
         if any(t >= vocab for t in req.stop_token_ids or []):
             raise APIError(
                 400,
@@ -174,6 +190,18 @@ class OpenAIAPI:
         except ValueError as e:
             raise APIError(400, str(e).removeprefix("SamplingParams: ")) from None
         return params
+
+    async def grammar(self, req: protocol.SamplingRequest) -> Grammar | None:
+        """The request's structured-output grammar, compiled on a worker thread (a large schema
+        takes a while); None for no mode or json_object (logits.py's automaton)."""
+        mode = req.structured_mode()
+        if mode is None or mode[0] == "json_object":
+            return None
+        kind, value, param = mode
+        try:
+            return await asyncio.to_thread(self.server.grammar_vocab.build, kind, value, param)
+        except GrammarError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
     def usage(self, job: Job, chat: bool) -> protocol.Usage:
         reasoning = None
@@ -238,11 +266,12 @@ class OpenAIAPI:
         choice = req.tool_choice_name
         fmt = self._tool_format(messages, tools)
         forced = choice not in ("auto", "none")
-        if forced and (messages[-1].get("prefix") or req.json_mode):
+        mode = req.structured_mode()
+        if forced and (messages[-1].get("prefix") or mode):
             raise APIError(
                 400,
                 f"tool_choice {choice!r} forces a call; it cannot go with "
-                + ("a prefix message" if messages[-1].get("prefix") else "response_format"),
+                + ("a prefix message" if messages[-1].get("prefix") else mode[2]),
                 param="tool_choice",
             )
         text = [
@@ -261,13 +290,16 @@ class OpenAIAPI:
         rules = ()
         if tools:
             rules = (ToolCallRules(tok.special_ids, choice != "none", req.parallel_tool_calls),)
+        grammar = await self.grammar(req)
         params = self.sampling(
             req,
             [ids],
             req.max_completion_tokens or req.max_tokens,
             self.config.max_tokens,
             (req.top_logprobs or 0) if req.logprobs else None,
-            json_thinking=in_reasoning if req.json_mode else None,
+            json_thinking=in_reasoning if mode and mode[0] == "json_object" else None,
+            grammar=grammar,
+            thinking=in_reasoning,
             extra_processors=rules,
         )
         make_tools = self._tool_parser(fmt if tools and choice != "none" else None, prefix)
@@ -437,7 +469,18 @@ class OpenAIAPI:
             prompts = await asyncio.to_thread(self._completion_prompts, req)
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
-        params = self.sampling(req, prompts, req.max_tokens, 16, req.logprobs, param="prompt")
+        mode = req.structured_mode()
+        grammar = await self.grammar(req)
+        params = self.sampling(
+            req,
+            prompts,
+            req.max_tokens,
+            16,
+            req.logprobs,
+            json_thinking=False if mode and mode[0] == "json_object" else None,
+            param="prompt",
+            grammar=grammar,
+        )
         echo = await asyncio.to_thread(self._echo, req) if req.echo else None
         job = Job(
             f"cmpl-{uuid.uuid4().hex}",

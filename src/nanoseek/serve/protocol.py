@@ -8,6 +8,7 @@ fields. Any ValidationError or ProtocolError becomes a 400 whose `param` names t
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from nanoseek.serve import tools
 MAX_STOP = 16  # stop strings per request
 # a logit_bias key: ASCII digits (str.isdigit also takes "²" and "١")
 TOKEN_ID = re.compile(r"[0-9]{1,10}")
+JSON_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for response_format names
 
 
 class ProtocolError(ValueError):
@@ -113,8 +115,28 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False  # accepted; usage comes once, at the end
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's response_format.json_schema. `strict` is accepted either way: the schema is always
+    enforced as the grammar engine compiles it, and what it cannot compile is a 400."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extra (v0.12 on; older releases: the guided_* fields)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class Thinking(_Strict):
@@ -146,8 +168,87 @@ class SamplingRequest(_Strict):
     min_tokens: int = Field(0, ge=0)  # vLLM extra
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM extra
     user: str | None = None
+    # vLLM's structured-output extras (at most one mode per request)
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's (chat); vLLM takes it on completions
+
+    def structured_mode(self) -> tuple[str, Any, str] | None:
+        """(kind, value, param) of the request's structured-output mode, if any: kind is
+        json_object, json_schema, regex, choice or grammar; param names the field."""
+        modes = self._modes()
+        if len(modes) > 1:
+            raise ProtocolError(
+                "use at most one structured-output mode, got " + ", ".join(m[2] for m in modes),
+                modes[1][2],
+            )
+        if not modes:
+            return None
+        kind, value, param = modes[0]
+        if kind == "json_schema" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ProtocolError(f"{param} must be a JSON schema", param) from None
+            if not isinstance(value, dict | bool):
+                raise ProtocolError(f"{param} must be a JSON schema (an object)", param)
+        if kind == "choice" and (not value or not all(value)):
+            raise ProtocolError(f"{param} must be a list of non-empty strings", param)
+        if kind in ("regex", "grammar") and not value:
+            raise ProtocolError(f"{param} must not be empty", param)
+        return kind, value, param
+
+    def _modes(self) -> list[tuple[str, Any, str]]:
+        modes = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            modes.append(("json_object", None, "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            schema = rf.json_schema.schema_ if rf.json_schema else None
+            modes.append(("json_schema", schema, "response_format.json_schema.schema"))
+        for kind, field in (
+            ("json_schema", "guided_json"),
+            ("regex", "guided_regex"),
+            ("choice", "guided_choice"),
+            ("grammar", "guided_grammar"),
+        ):
+            if getattr(self, field) is not None:
+                modes.append((kind, getattr(self, field), field))
+        so = self.structured_outputs
+        if so is not None:
+            for kind, field in (
+                ("json_schema", "json_"),
+                ("regex", "regex"),
+                ("choice", "choice"),
+                ("grammar", "grammar"),
+            ):
+                if getattr(so, field) is not None:
+                    name = field.rstrip("_")
+                    modes.append((kind, getattr(so, field), f"structured_outputs.{name}"))
+        return modes
 
     def check(self) -> None:
+        rf = self.response_format
+        if rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise ProtocolError(
+                    "response_format json_schema needs a json_schema object",
+                    "response_format.json_schema",
+                )
+            if not JSON_SCHEMA_NAME.fullmatch(rf.json_schema.name):
+                raise ProtocolError(
+                    "response_format.json_schema.name must be 1-64 of a-z, A-Z, 0-9, _ and -",
+                    "response_format.json_schema.name",
+                )
+            if rf.json_schema.schema_ is None:
+                raise ProtocolError(
+                    "response_format.json_schema.schema is required",
+                    "response_format.json_schema.schema",
+                )
+        self.structured_mode()
         if self.stream_options is not None and not self.stream:
             raise ProtocolError("stream_options is only allowed with stream=true", "stream_options")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -170,7 +271,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     thinking: Thinking | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
     # vLLM: {"thinking": bool} (or "enable_thinking")
     chat_template_kwargs: dict[str, Any] | None = None
@@ -190,11 +290,6 @@ class ChatCompletionRequest(SamplingRequest):
             )
         except tools.ToolError as e:
             raise ProtocolError(str(e), e.param) from None
-        if self.response_format is not None and self.response_format.type == "json_schema":
-            raise ProtocolError(
-                "response_format json_schema is not supported; use json_object",
-                "response_format.type",
-            )
         for key in ("thinking", "enable_thinking"):
             value = (self.chat_template_kwargs or {}).get(key)
             if value is not None and not isinstance(value, bool):
@@ -218,10 +313,6 @@ class ChatCompletionRequest(SamplingRequest):
         if isinstance(self.tool_choice, NamedToolChoice):
             return self.tool_choice.function.name
         return self.tool_choice or ("auto" if self.tools else "none")
-
-    @property
-    def json_mode(self) -> bool:
-        return self.response_format is not None and self.response_format.type == "json_object"
 
 
 class CompletionRequest(SamplingRequest):

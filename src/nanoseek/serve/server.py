@@ -29,6 +29,7 @@ from nanoseek.serve.bridge import EngineBridge, EngineDead, Rejected
 from nanoseek.serve.chat_format import EngineTokenizer, TokenTable
 from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.errors import APIError
+from nanoseek.serve.grammar import GrammarVocab
 from nanoseek.serve.job import Choice, Job
 from nanoseek.serve.logits import JsonVocab
 from nanoseek.serve.metrics import Metrics
@@ -76,6 +77,7 @@ class Server:
             self.json_vocab = JsonVocab(
                 self.table, ckpt.tokenizer.eos_id, ckpt.tokenizer.special_ids.get("end_think")
             )
+            self.grammar_vocab = GrammarVocab(self.table, ckpt.tokenizer)
             self.bridge = EngineBridge(self.engine)
             self.bridge.start()
             self.status = "ok"
