@@ -39,6 +39,10 @@ class SamplingParams:
     n: int = 1  # completions per prompt; they share the prompt's prefill
     # None: no logprobs; k: the chosen token's logprob and the top-k alternatives
     logprobs: int | None = None
+    # vLLM's prompt_logprobs: None, or k = every prompt token's logprob given the tokens before it
+    # (the first has none) with the top-k alternatives. The whole prompt is then computed: a
+    # prefix-cache hit would skip positions.
+    prompt_logprobs: int | None = None
     # f(output_ids, logits[V]) -> logits[V], after the penalties: constrained decoding (JSON), logit
     # bias. The same callables serve all n completions, so they must keep no per-sequence state of
     # their own.
@@ -52,8 +56,8 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams: {message}")
 
         need(
-            _is_int(self.max_tokens) and self.max_tokens >= 1,
-            f"max_tokens={self.max_tokens!r} must be an integer >= 1",
+            _is_int(self.max_tokens) and self.max_tokens >= 0,
+            f"max_tokens={self.max_tokens!r} must be an integer >= 0 (0: score the prompt only)",
         )
         need(_is_int(self.n) and self.n >= 1, f"n={self.n!r} must be an integer >= 1")
         need(
@@ -81,10 +85,12 @@ class SamplingParams:
             self.seed is None or _is_int(self.seed),
             f"seed={self.seed!r} must be an integer or None",
         )
-        need(
-            self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
-            f"logprobs={self.logprobs!r} must be None or an integer >= 0",
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            need(
+                value is None or (_is_int(value) and value >= 0),
+                f"{name}={value!r} must be None or an integer >= 0",
+            )
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         need(
             all(isinstance(s, str) and s for s in stop),
