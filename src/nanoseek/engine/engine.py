@@ -563,6 +563,7 @@ class Engine:
                 prefix_cache_hit_rate=c["cached_prompt_tokens"] / c["prompt_tokens"]
                 if c["prompt_tokens"]
                 else 0.0,
+                speculative=self.spec is not None,
                 spec_drafted=self.spec.drafted if self.spec else 0,
                 spec_accepted=self.spec.accepted if self.spec else 0,
                 spec_acceptance_rate=self.spec.acceptance_rate if self.spec else None,

@@ -140,11 +140,13 @@ def make_rng(seed: int | None, index: int) -> random.Random:
 
 @dataclass
 class TokenLogprob:
-    """The chosen token's log-probability under the model, and the top alternatives, best first."""
+    """The chosen token's log-probability under the model, and the top alternatives, best first.
+    rank: 1 + the number of tokens more likely than the chosen one."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None
 
 
 @dataclass
@@ -248,15 +250,13 @@ class Sampler:
     ) -> list[TokenLogprob]:
         """Raw-model logprobs of the chosen tokens [R] and the top-k alternatives of each row."""
         logp = logits.float().log_softmax(dim=-1)
-        chosen = (
-            logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1))
-            .squeeze(1)
-            .tolist()
-        )
+        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1))
+        ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+        chosen = chosen.squeeze(1).tolist()
         kmax = max(ks, default=0)
         top_v, top_i = logp.topk(kmax, dim=-1) if kmax else (None, None)
         out = []
         for r, (tok, lp, k) in enumerate(zip(tokens, chosen, ks)):
             top = list(zip(top_i[r, :k].tolist(), top_v[r, :k].tolist())) if k else []
-            out.append(TokenLogprob(tok, lp, top))
+            out.append(TokenLogprob(tok, lp, top, ranks[r]))
         return out
