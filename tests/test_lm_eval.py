@@ -28,7 +28,7 @@ from nanoseek.tokenizer import load_tokenizer
 
 from serve_helpers import SCRIPT, ServerProcess, metric, shared_checkpoint
 
-pytest.importorskip("lm_eval")
+pytest.importorskip("lm_eval", reason="pip install 'lm-eval[api]' (in the test extra)")
 
 NAME = "nanoseek-lm-eval"
 MAX_GEN = 48
