@@ -130,7 +130,14 @@ def tokens_of(tok, texts: list[str]) -> list[int]:
 def test_echo_logprobs_cover_the_prompt_then_the_completion(server, model, tok):
     """lm-evaluation-harness's loglikelihood request: echo, logprobs=1, max_tokens=1, temperature 0,
     a text prompt and then a batch of token-id prompts (one longer than a prefill chunk)."""
-    body = {"prompt": TEXT, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0}
+    body = {
+        "prompt": TEXT,
+        "echo": True,
+        "logprobs": 1,
+        "max_tokens": 1,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     out = ok(post(server, "/v1/completions", {"model": NAME, **body}))
     choice = out["choices"][0]
     prompt = [tok.bos_id, *tok.encode(TEXT)]
@@ -142,6 +149,7 @@ def test_echo_logprobs_cover_the_prompt_then_the_completion(server, model, tok):
 
     batch = [tok.encode("lazy dog jumps"), tok.encode(TEXT * 2)[:40], [5, 6]]
     body = {"prompt": batch, "echo": True, "logprobs": 3, "max_tokens": 2, "temperature": 0}
+    body["ignore_eos"] = True
     out = ok(post(server, "/v1/completions", body))
     assert [c["index"] for c in out["choices"]] == [0, 1, 2]
     for prompt, choice in zip(batch, out["choices"]):
@@ -208,8 +216,10 @@ def test_prompt_logprobs_in_vllms_shape(server, model, tok):
     assert "prompt_logprobs" not in ok(post(server, "/v1/chat/completions", {"messages": messages}))
 
 
-def test_streamed_echo_logprobs_equal_the_response(server):
-    body = {"prompt": TEXT, "echo": True, "logprobs": 1, "max_tokens": 4, "temperature": 0}
+@pytest.mark.parametrize("max_tokens", [4, 0])
+def test_streamed_echo_logprobs_equal_the_response(server, max_tokens):
+    body = {"prompt": TEXT, "echo": True, "logprobs": 1, "max_tokens": max_tokens}
+    body |= {"temperature": 0, "ignore_eos": True}
     whole = ok(post(server, "/v1/completions", body))["choices"][0]
     chunks = []
     with httpx.stream(
@@ -226,6 +236,7 @@ def test_streamed_echo_logprobs_equal_the_response(server):
             merged[key] += (c["logprobs"] or {}).get(key, [])
     assert merged == whole["logprobs"]
     assert chunks[0]["text"] == TEXT and chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == ["length"]
 
 
 def test_tokenize_and_detokenize_in_vllms_shapes(server, tok):
@@ -315,3 +326,23 @@ def test_metrics_report_cache_usage_and_mtp_acceptance(server):
     assert usage == 1 - stats["free_blocks"] / stats["total_blocks"] and 0 <= usage <= 1
     assert metric(text, "nanoseek_kv_cache_capacity_tokens") == stats["capacity_tokens"]
     assert "# TYPE nanoseek_kv_cache_usage_ratio gauge" in text
+
+
+def test_tokenizer_routes_need_the_api_key_when_one_is_set(checkpoint):
+    """The key guards /tokenize, /detokenize and /tokenizer_info as it guards /v1/*; lm-eval's
+    remote tokenizer sends it as a Bearer token (its auth_token model argument)."""
+    app = create_app(ServerConfig(api_key="k3y"), lambda: load_checkpoint(checkpoint))
+    with InProcessServer(app) as s:
+        while httpx.get(s.url + "/health").status_code != 200:
+            pass
+        for method, path, body in [
+            ("POST", "/tokenize", {"prompt": "a"}),
+            ("POST", "/detokenize", {"tokens": [5]}),
+            ("GET", "/tokenizer_info", None),
+        ]:
+            r = httpx.request(method, s.url + path, json=body)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            r = httpx.request(
+                method, s.url + path, json=body, headers={"Authorization": "Bearer k3y"}
+            )
+            assert r.status_code == 200, r.text
