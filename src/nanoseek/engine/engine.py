@@ -1,17 +1,18 @@
 """The inference engine: requests in, tokens out, many requests at once on one latent KV cache.
 
-    engine = Engine(model, tokenizer)                       # tokenizer may be None: prompts are
-    token ids outs = engine.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=32,
-    temperature=0)) rid = engine.add_request([0, 17, 42], params)            # the streaming
-    interface (the server's): events = engine.step()                                   #   one
-    forward for every running request engine.cancel(rid)                                       #
-    frees its blocks at once
+    engine = Engine(model, tokenizer)        # tokenizer may be None: prompts are token ids
+    outs = engine.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=32, temperature=0))
+    rid = engine.add_request([0, 17, 42], params)   # the streaming interface (the server's):
+    events = engine.step()                          #   one forward for every running request
+    engine.cancel(rid)                              #   frees its blocks at once
 
 Each step: the scheduler picks decode tokens and prefill chunks -> one packed forward (runner) -> a
 token per finished prompt and per decoding sequence (sampler; with MTP speculation, one or two) ->
 MTP drafts -> stop checks, text, events; finished sequences give their blocks back, full blocks are
-published to the prefix cache. Public methods are thread-safe (one lock): a server may add and
-cancel from one thread while another steps.
+published to the prefix cache. A prompt that asks for prompt_logprobs also turns each of its
+chunks' positions into its tokens' logprobs; one with max_tokens=0 ends once computed (scoring).
+Public methods are thread-safe (one lock): a server may add and cancel from one thread while
+another steps.
 """
 
 from __future__ import annotations

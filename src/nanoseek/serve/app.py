@@ -148,7 +148,7 @@ def create_app(
 
     @app.post(
         "/tokenize",
-        openapi_extra=_body(protocol.TokenizeCompletionRequest),
+        openapi_extra=_body(protocol.TokenizeCompletionRequest, protocol.TokenizeChatRequest),
         responses=_responses(protocol.TokenizeResponse),
     )
     async def tokenize(request: Request):
@@ -283,6 +283,7 @@ REQUEST_MODELS = (
     protocol.ChatCompletionRequest,
     protocol.CompletionRequest,
     protocol.TokenizeCompletionRequest,
+    protocol.TokenizeChatRequest,
     protocol.DetokenizeRequest,
 )
 ERRORS = {
@@ -298,9 +299,10 @@ ERRORS = {
 }
 
 
-def _body(model: type[protocol.SamplingRequest]) -> dict:
-    """The OpenAPI requestBody of a route that parses `model` from its JSON body itself."""
-    schema = {"$ref": SCHEMAS.format(model=model.__name__)}
+def _body(*models: type) -> dict:
+    """The OpenAPI requestBody of a route that parses one of `models` from its JSON body itself."""
+    refs = [{"$ref": SCHEMAS.format(model=m.__name__)} for m in models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
