@@ -1,6 +1,6 @@
 """Schema fuzzing at length: --cases request bodies drawn from a real `nanoseek serve`'s own
 /openapi.json (valid ones, ones with wrong values in the schema's fields, and any JSON at all; the
-strategies of tests/serve_fuzz.py), sent one by one to both POST routes. The test suite runs 150 of
+strategies of tests/serve_fuzz.py), sent one by one to every POST route. The test suite runs 150 of
 them; this runs thousands.
 
 Reported as one JSON line {"bench": "serve_fuzz", "cases", "server_errors", "malformed_errors",

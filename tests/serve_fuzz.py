@@ -10,7 +10,7 @@ import json
 import httpx
 from hypothesis import strategies as st
 
-ROUTES = ("/v1/chat/completions", "/v1/completions")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize")
 JSON_LEAVES = (
     st.none()
     | st.booleans()
@@ -97,7 +97,8 @@ def from_schema(schema: dict) -> st.SearchStrategy:
 
 def bodies(schema: dict) -> st.SearchStrategy:
     """A route's request bodies: valid ones, its fields with any JSON values, and any JSON."""
-    fields = sorted(schema.get("properties", {}))
+    shapes = schema.get("anyOf", [schema])  # a route may take one of several bodies (/tokenize)
+    fields = sorted({name for shape in shapes for name in shape.get("properties", {})})
     valid = from_schema(schema)
     wrong_values = st.dictionaries(st.sampled_from(fields), ANY_JSON, max_size=6)
     mixed = st.tuples(valid, wrong_values).map(lambda pair: {**pair[0], **pair[1]})

@@ -347,12 +347,13 @@ def test_bad_input_is_refused_before_any_work():
         dict(top_p=0.0),
         dict(top_p=1.5),
         dict(n=0),
-        dict(max_tokens=0),
+        dict(max_tokens=-1),
         dict(top_k=0),
         dict(min_p=2.0),
         dict(presence_penalty=3.0),
         dict(repetition_penalty=0.0),
         dict(logprobs=-1),
+        dict(prompt_logprobs=-1),
         dict(stop=[""]),
         dict(stop_token_ids=[-3]),
         dict(temperature=float("nan")),
@@ -601,3 +602,74 @@ def test_admission_takes_the_group_with_the_fewest_running_sequences():
         finished += [ev.request_id for ev in engine.step() if ev.output.finished]
     assert finished.index("b") <= 3  # first come, first served: 6th
     assert engine.stats()["preemptions"] == 0  # one slot each is the fair share: no preemption
+
+
+def _assert_prompt_logprobs(model, prompt: list[int], got, k: int) -> None:
+    """got (RequestOutput.prompt_logprobs) against log_softmax of model(prompt): entry i is the
+    logprob of prompt[i] given prompt[:i], with the top-k alternatives (1e-4); the first is None."""
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([prompt]))[0].float(), dim=-1)
+    assert len(got) == len(prompt) and got[0] is None
+    for i in range(1, len(prompt)):
+        lp, row = got[i], logp[i - 1]
+        assert lp.token_id == prompt[i] and abs(lp.logprob - row[prompt[i]].item()) < 1e-4
+        best = row.topk(k) if k else None
+        assert [t for t, _ in lp.top] == ([] if best is None else best.indices.tolist())
+        if k:
+            assert max(abs(a - b) for (_, a), b in zip(lp.top, best.values.tolist())) < 1e-4
+
+
+def test_prompt_logprobs_are_the_prompts_log_softmax_with_chunks_and_cached_prefixes():
+    """prompt_logprobs: every prompt token's logprob (fp32) equals log_softmax of model(ids) at the
+    position before it, for prompts longer than one prefill chunk (the chunks stitch), for a prompt
+    whose prefix another request has put in the prefix cache (it computes its whole prompt anyway:
+    no hit), batched with speculation on; the outputs stay what plain greedy decoding gives."""
+    model = tiny_model(num_nextn_predict_layers=1)
+    prompts = prompts_with_shared_prefixes()
+    engine = Engine(
+        model, block_size=4, max_num_batched_tokens=16, max_batch_size=3, speculative=True
+    )
+    # warm the prefix cache with the shared 37-token base, then score prompts that extend it
+    engine.generate([prompts[0]], SamplingParams(max_tokens=2, **GREEDY))
+    before = engine.stats()["cached_prompt_tokens"]
+    params = [SamplingParams(max_tokens=6, prompt_logprobs=k, **GREEDY) for k in (0, 3, 1, 2, 5)]
+    outs = engine.generate(prompts, params)
+    assert engine.stats()["cached_prompt_tokens"] == before  # nothing served from the cache
+    for prompt, out, sp in zip(prompts, outs, params):
+        _assert_prompt_logprobs(model, prompt, out.prompt_logprobs, sp.prompt_logprobs)
+        assert out.token_ids == reference_greedy(model, prompt, 6)
+    # without prompt_logprobs the same prompts do hit the cache, and report none
+    again = engine.generate(prompts, SamplingParams(max_tokens=1, **GREEDY))
+    assert engine.stats()["cached_prompt_tokens"] > before
+    assert all(o.prompt_logprobs is None for o in again)
+
+
+def test_max_tokens_zero_scores_the_prompt_and_generates_nothing():
+    """max_tokens=0: the prompt is computed (its logprobs come back), nothing is sampled, the
+    completion ends with "length"; n completions all end so; a prompt may fill the whole context;
+    the blocks all come back."""
+    model = tiny_model(num_nextn_predict_layers=1)
+    engine = Engine(
+        model, block_size=4, max_num_batched_tokens=8, max_model_len=40, speculative=True
+    )
+    prompt = prompts_with_shared_prefixes()[0] + [3, 4, 5]  # 40 tokens: the whole context
+    outs = engine.generate(
+        [prompt, [42, 43]],
+        [
+            SamplingParams(max_tokens=0, prompt_logprobs=2),
+            SamplingParams(max_tokens=0, prompt_logprobs=0, n=3),
+        ],
+    )
+    _assert_prompt_logprobs(model, prompt, outs[0].prompt_logprobs, 2)
+    _assert_prompt_logprobs(model, [42, 43], outs[1].prompt_logprobs, 0)
+    for out in outs:
+        assert [(c.token_ids, c.finish_reason) for c in out.outputs] == [([], "length")] * len(
+            out.outputs
+        )
+    assert len(outs[1].outputs) == 3
+    stats = engine.stats()
+    assert stats["generated_tokens"] == 0 and stats["free_blocks"] == stats["total_blocks"]
+    with pytest.raises(ValueError, match="no room to generate"):
+        engine.generate([prompt], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="context is 40 tokens and is shorter"):
+        engine.generate([prompt + [1]], SamplingParams(max_tokens=0, prompt_logprobs=0))

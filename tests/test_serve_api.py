@@ -349,9 +349,14 @@ def test_completions_batches_echo_and_logprobs(client, tok):
     assert r.usage.prompt_tokens == len(completion_prompt(tok, "The quick", None)) + len(
         completion_prompt(tok, "你好", None)
     )
+    # echo: the prompt's tokens come first (the first without a logprob), then the 6 generated
     lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
-    assert lp.text_offset[0] == len("The quick") and all(len(t) <= 2 for t in lp.top_logprobs)
+    n = len(completion_prompt(tok, "The quick", None))
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n + 6
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(isinstance(x, float) for x in lp.token_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset[n] == len("The quick")
+    assert all(len(t) <= 2 for t in lp.top_logprobs[1:])
     ids = client.completions.create(
         model=NAME, prompt=tok.encode("The quick", add_bos=True), max_tokens=6, temperature=0
     )

@@ -133,15 +133,16 @@ class BlockManager:
             keys.append(chain_hash(keys[-1] if keys else b"", tokens[k * bs : (k + 1) * bs + la]))
         return keys
 
-    def allocate(self, seq) -> bool:
-        """Admit a sequence: reuse published blocks for its longest cached prefix, then take fresh
-        blocks for the rest of its known tokens. All or nothing; sets num_computed to the cached
-        tokens. At least one token is always left to compute (its logits are needed)."""
+    def allocate(self, seq, use_prefix_cache: bool = True) -> bool:
+        """Admit a sequence: reuse published blocks for its longest cached prefix (unless
+        use_prefix_cache is False: every position is then computed), then take fresh blocks for the
+        rest of its known tokens. All or nothing; sets num_computed to the cached tokens. At least
+        one token is always left to compute (its logits are needed)."""
         assert not seq.block_table
         n_tokens = len(seq.token_ids)
         hits: list[int] = []
         keys: list[bytes] = []
-        if self.enable_prefix_cache:
+        if self.enable_prefix_cache and use_prefix_cache:
             max_hit = (n_tokens - max(self.lookahead, 1)) // self.block_size
             keys = self._block_keys(seq.token_ids, max_hit, [])
             for key in keys:

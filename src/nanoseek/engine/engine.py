@@ -1,16 +1,18 @@
 """The inference engine: requests in, tokens out, many requests at once on one latent KV cache.
 
-    engine = Engine(model, tokenizer)              # tokenizer may be None: prompts are token ids
+    engine = Engine(model, tokenizer)        # tokenizer may be None: prompts are token ids
     outs = engine.generate(["Hello", "Bonjour"], SamplingParams(max_tokens=32, temperature=0))
-    rid = engine.add_request([0, 17, 42], params)  # the streaming interface (the server's):
-    events = engine.step()                         #   one forward for every running request
-    engine.cancel(rid)                             #   frees its blocks at once
+    rid = engine.add_request([0, 17, 42], params)   # the streaming interface (the server's):
+    events = engine.step()                          #   one forward for every running request
+    engine.cancel(rid)                              #   frees its blocks at once
 
 Each step: the scheduler picks decode tokens and prefill chunks -> one packed forward (runner) -> a
 token per finished prompt and per decoding sequence (sampler; with MTP speculation, one or two) ->
 MTP drafts -> stop checks, text, events; finished sequences give their blocks back, full blocks are
-published to the prefix cache. Public methods are thread-safe (one lock): a server may add and
-cancel from one thread while another steps.
+published to the prefix cache. A prompt that asks for prompt_logprobs also turns each of its
+chunks' positions into its tokens' logprobs; one with max_tokens=0 ends once computed (scoring).
+Public methods are thread-safe (one lock): a server may add and cancel from one thread while
+another steps.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from nanoseek.model.transformer import Transformer
 
 # bytes of latent cache when neither num_blocks nor cache_memory is given
 DEFAULT_CACHE_MEMORY = 1 << 30
+# prompt positions whose logits are taken at once for prompt logprobs (bounds [rows, vocab] floats)
+PROMPT_LOGPROB_ROWS = 256
 
 Prompt = str | Sequence[int]
 
@@ -162,19 +166,23 @@ class Engine:
             raise ValueError(
                 f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})"
             )
-        if len(ids) >= self.max_model_len:
+        # a prompt may fill the context only when it is scored alone (max_tokens=0)
+        if len(ids) > self.max_model_len or (len(ids) == self.max_model_len and params.max_tokens):
+            room = "is shorter" if len(ids) > self.max_model_len else "leaves no room to generate"
             raise ValueError(
                 f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} "
-                "tokens and leaves no room to generate"
+                f"tokens and {room}"
             )
         if params.stop_list and self.tokenizer is None:
             raise ValueError(
                 "stop strings need a tokenizer (use stop_token_ids with token-id prompts)"
             )
-        if params.logprobs is not None and params.logprobs > self.config.vocab_size:
-            raise ValueError(
-                f"logprobs={params.logprobs} is more than the vocabulary ({self.config.vocab_size})"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.config.vocab_size:
+                raise ValueError(
+                    f"{name}={k} is more than the vocabulary ({self.config.vocab_size})"
+                )
         if params.n > self.scheduler.max_batch_size:
             raise ValueError(
                 f"n={params.n} is more than max_batch_size={self.scheduler.max_batch_size}"
@@ -277,19 +285,29 @@ class Engine:
         inp = self.runner.prepare(decode, batch.prefill, width, drafts)
         hidden = self.runner.forward(inp)
 
-        # (sequence, hidden row of its last prompt token) for prompts this step finishes
+        # (sequence, hidden row of its last prompt token) for prompts this step finishes; those
+        # with max_tokens=0 are scored only: they end here, nothing is sampled
         completed = []
+        scored = []
         for (seq, n), chunk in zip(batch.prefill, inp.chunks):
             if not seq.admitted:
                 self._admitted(seq)
+            if seq.needs_prompt_logprobs:
+                self._prompt_logprobs(seq, chunk, hidden)
             seq.num_computed += n
             self.counters["prefill_tokens"] += n
             if seq.num_computed == len(seq.token_ids):
-                completed.append((seq, chunk.start + n - 1))
+                seq.request.prompt_logprobs_done = True
+                if seq.params.max_tokens == 0:
+                    scored.append(seq)
+                else:
+                    completed.append((seq, chunk.start + n - 1))
         nd = len(decode) * width
         logits = self.runner.logits(hidden[list(range(nd)) + [row for _, row in completed]])
         new, families = self._sample(decode, drafts, completed, logits)
         results = self._append_tokens(new, logits)
+        for seq in scored:
+            results += [(s, [], [], "length") for s in (seq, *self._fork(seq))]
         # before any block is freed: the MTP layer's latents go into this step's slots
         if self.spec:
             self._draft(batch, inp, hidden, positions, new, families, completed)
@@ -299,6 +317,21 @@ class Engine:
             (self._finish_step(seq, added, lps, reason), seq.request.callback)
             for seq, added, lps, reason in results
         ]
+
+    def _prompt_logprobs(self, seq: Seq, chunk, hidden: torch.Tensor) -> None:
+        """Record the logprobs of the prompt tokens this prefill chunk predicts: its row at position
+        p gives token p + 1 (the last prompt position predicts the first output token, not a
+        prompt token). In slices, so that a long chunk never holds all its [rows, vocab] logits."""
+        out = seq.request.output.prompt_logprobs
+        k = seq.params.prompt_logprobs
+        start = chunk.cached
+        stop = min(chunk.cached + chunk.length, seq.num_prompt - 1)
+        for p in range(start, stop, PROMPT_LOGPROB_ROWS):
+            q = min(p + PROMPT_LOGPROB_ROWS, stop)
+            row = chunk.start + p - chunk.cached
+            logits = self.runner.logits(hidden[row : row + q - p])
+            targets = seq.token_ids[p + 1 : q + 1]
+            out[p + 1 : q + 1] = self.sampler.logprobs(logits, targets, [k] * len(targets))
 
     def _sample(self, decode: list[Seq], drafts: list[int], completed: list, logits: torch.Tensor):
         """-> new tokens per sequence as (token, logit row) pairs, and the families of completed
@@ -377,7 +410,8 @@ class Engine:
             rows.append(width * i + len(new[i][1]) - 1)  # the last accepted position
             owners.append([seq])
         for (seq, n), chunk in zip(batch.prefill, inp.chunks):
-            next_ids += seq.token_ids[chunk.cached + 1 : chunk.cached + n + 1]
+            ids = seq.token_ids[chunk.cached + 1 : chunk.cached + n + 1]
+            next_ids += ids + [0] * (n - len(ids))  # a scored-only prompt has no next token
         for family, (_, row) in zip(families, completed):
             rows.append(row)
             owners.append(family)  # siblings start from the parent's draft (it is only a guess)
@@ -531,6 +565,7 @@ class Engine:
                 prefix_cache_hit_rate=c["cached_prompt_tokens"] / c["prompt_tokens"]
                 if c["prompt_tokens"]
                 else 0.0,
+                speculative=self.spec is not None,
                 spec_drafted=self.spec.drafted if self.spec else 0,
                 spec_accepted=self.spec.accepted if self.spec else 0,
                 spec_acceptance_rate=self.spec.acceptance_rate if self.spec else None,

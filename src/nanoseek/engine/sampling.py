@@ -39,9 +39,13 @@ class SamplingParams:
     n: int = 1  # completions per prompt; they share the prompt's prefill
     # None: no logprobs; k: the chosen token's logprob and the top-k alternatives
     logprobs: int | None = None
-    # f(output_ids, logits[V]) -> logits[V], after the penalties: constrained decoding
-    # (JSON), logit bias. The same callables serve all n completions, so they must
-    # keep no per-sequence state of their own.
+    # vLLM's prompt_logprobs: None, or k = every prompt token's logprob given the tokens before it
+    # (the first has none) with the top-k alternatives. The whole prompt is then computed: a
+    # prefix-cache hit would skip positions.
+    prompt_logprobs: int | None = None
+    # f(output_ids, logits[V]) -> logits[V], after the penalties: constrained decoding (JSON), logit
+    # bias. The same callables serve all n completions, so they must keep no per-sequence state of
+    # their own.
     logits_processors: Sequence[Callable[[Sequence[int], torch.Tensor], torch.Tensor]] = ()
     stop_list: tuple[str, ...] = field(init=False, repr=False)
     stop_ids: frozenset[int] = field(init=False, repr=False)
@@ -52,8 +56,8 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams: {message}")
 
         need(
-            _is_int(self.max_tokens) and self.max_tokens >= 1,
-            f"max_tokens={self.max_tokens!r} must be an integer >= 1",
+            _is_int(self.max_tokens) and self.max_tokens >= 0,
+            f"max_tokens={self.max_tokens!r} must be an integer >= 0 (0: score the prompt only)",
         )
         need(_is_int(self.n) and self.n >= 1, f"n={self.n!r} must be an integer >= 1")
         need(
@@ -81,10 +85,12 @@ class SamplingParams:
             self.seed is None or _is_int(self.seed),
             f"seed={self.seed!r} must be an integer or None",
         )
-        need(
-            self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
-            f"logprobs={self.logprobs!r} must be None or an integer >= 0",
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            need(
+                value is None or (_is_int(value) and value >= 0),
+                f"{name}={value!r} must be None or an integer >= 0",
+            )
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
         need(
             all(isinstance(s, str) and s for s in stop),
@@ -134,11 +140,13 @@ def make_rng(seed: int | None, index: int) -> random.Random:
 
 @dataclass
 class TokenLogprob:
-    """The chosen token's log-probability under the model, and the top alternatives, best first."""
+    """The chosen token's log-probability under the model, and the top alternatives, best first.
+    rank: 1 + the number of tokens more likely than the chosen one."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None
 
 
 @dataclass
@@ -242,15 +250,13 @@ class Sampler:
     ) -> list[TokenLogprob]:
         """Raw-model logprobs of the chosen tokens [R] and the top-k alternatives of each row."""
         logp = logits.float().log_softmax(dim=-1)
-        chosen = (
-            logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1))
-            .squeeze(1)
-            .tolist()
-        )
+        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1))
+        ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+        chosen = chosen.squeeze(1).tolist()
         kmax = max(ks, default=0)
         top_v, top_i = logp.topk(kmax, dim=-1) if kmax else (None, None)
         out = []
         for r, (tok, lp, k) in enumerate(zip(tokens, chosen, ks)):
             top = list(zip(top_i[r, :k].tolist(), top_v[r, :k].tolist())) if k else []
-            out.append(TokenLogprob(tok, lp, top))
+            out.append(TokenLogprob(tok, lp, top, ranks[r]))
         return out

@@ -13,7 +13,8 @@ one. And a group with nothing running gets its slots at once if the batch is ful
 their fair share (max_batch_size / groups with work) are preempted down to it, newest first, as far
 as that makes room.
 
-Admission reserves cache blocks for a whole prompt (after prefix-cache hits) and a batch slot for
+Admission reserves cache blocks for a whole prompt (after prefix-cache hits; a prompt whose logprobs
+are asked for takes none, since every position must be computed) and a batch slot for
 each of its n completions; a prompt that does not fit waits, and so does everything behind it. When
 a decoding sequence needs a new block and the pool is empty, the most recently admitted sequence is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed from
@@ -86,7 +87,9 @@ class Scheduler:
         while self.waiting and budget > 0:
             seq = self._next_waiting(counts)
             slots = sum(counts.values()) + 1 + seq.pending_forks
-            if slots > self.max_batch_size or not self.blocks.allocate(seq):
+            if slots > self.max_batch_size or not self.blocks.allocate(
+                seq, use_prefix_cache=not seq.needs_prompt_logprobs
+            ):
                 break
             self.waiting.remove(seq)
             seq.status = RUNNING

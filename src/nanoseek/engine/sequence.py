@@ -37,6 +37,9 @@ class RequestOutput:
     cached_tokens: int = 0
     prompt: str | None = None
     finished: bool = False
+    # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing
+    # precedes it); filled as prefill chunks compute, complete once the first token is sampled
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     # the first completion, for the common n == 1 case
     @property
@@ -162,6 +165,9 @@ class Request:
             ],
             prompt=prompt,
         )
+        if params.prompt_logprobs is not None:
+            self.output.prompt_logprobs = [None] * len(prompt_ids)
+        self.prompt_logprobs_done = params.prompt_logprobs is None
         self.sequences: list[Sequence] = []
 
 
@@ -196,6 +202,12 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt :]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prefill must compute every prompt position (no prefix-cache hits) and record each
+        one's logprob: the request asked for prompt logprobs, and they are not complete yet."""
+        return self.index == 0 and not self.request.prompt_logprobs_done
 
     @property
     def completion(self) -> CompletionOutput:

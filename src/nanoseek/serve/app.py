@@ -30,6 +30,7 @@ from nanoseek.serve.http import Guard
 from nanoseek.serve.metrics import Metrics
 from nanoseek.serve.openai import OpenAIAPI
 from nanoseek.serve.server import Server
+from nanoseek.serve.tokenize import TokenizerAPI
 
 log = logging.getLogger("nanoseek.serve")
 WEB = Path(__file__).parent / "web"
@@ -73,6 +74,7 @@ def create_app(
 ) -> FastAPI:
     server = Server(config, load, engine_options)
     api = OpenAIAPI(server)
+    tokenizer_api = TokenizerAPI(api)
 
     def load_in_background():
         try:
@@ -144,6 +146,26 @@ def create_app(
     async def completions(request: Request):
         return await api.completions(request)
 
+    @app.post(
+        "/tokenize",
+        openapi_extra=_body(protocol.TokenizeCompletionRequest, protocol.TokenizeChatRequest),
+        responses=_responses(protocol.TokenizeResponse),
+    )
+    async def tokenize(request: Request):
+        return await tokenizer_api.tokenize(request)
+
+    @app.post(
+        "/detokenize",
+        openapi_extra=_body(protocol.DetokenizeRequest),
+        responses=_responses(protocol.DetokenizeResponse),
+    )
+    async def detokenize(request: Request):
+        return await tokenizer_api.detokenize(request)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request):
+        return tokenizer_api.tokenizer_info(request)
+
     @app.get("/v1/models", responses=_responses(protocol.ModelList))
     async def models(request: Request):
         return api.models(request)
@@ -179,6 +201,19 @@ def create_app(
                 ),
                 "kv_cache_free_blocks": ("Free blocks of the latent KV cache.", s["free_blocks"]),
                 "kv_cache_total_blocks": ("Blocks of the latent KV cache.", s["total_blocks"]),
+                "kv_cache_usage_ratio": (
+                    "Share of the latent KV cache's blocks that sequences hold (cached prefixes "
+                    "that none holds count as free).",
+                    1 - s["free_blocks"] / s["total_blocks"],
+                ),
+                "kv_cache_cached_blocks": (
+                    "Blocks that hold published prefixes and no sequence (reusable, evictable).",
+                    s["cached_blocks"],
+                ),
+                "kv_cache_capacity_tokens": (
+                    "Tokens the latent KV cache holds.",
+                    s["capacity_tokens"],
+                ),
                 "prefix_cache_hit_rate": (
                     "Prompt tokens served from the prefix cache / all.",
                     s["prefix_cache_hit_rate"],
@@ -195,6 +230,22 @@ def create_app(
                     s["preemptions"],
                 ),
             }
+            if s["speculative"]:
+                counters |= {
+                    "spec_decode_draft_tokens_total": (
+                        "Tokens the MTP module drafted and the model checked.",
+                        s["spec_drafted"],
+                    ),
+                    "spec_decode_accepted_tokens_total": (
+                        "Drafted tokens the model accepted.",
+                        s["spec_accepted"],
+                    ),
+                }
+                if s["spec_acceptance_rate"] is not None:
+                    gauges["spec_decode_acceptance_rate"] = (
+                        "Accepted / drafted MTP tokens since the start.",
+                        s["spec_acceptance_rate"],
+                    )
         return Response(
             server.metrics.render(gauges, counters), media_type="text/plain; version=0.0.4"
         )
@@ -215,6 +266,9 @@ def create_app(
             "/v1/chat/completions",
             "/v1/completions",
             "/v1/models",
+            "/tokenize",
+            "/detokenize",
+            "/tokenizer_info",
             "/health",
             "/metrics",
             "/",
@@ -225,7 +279,13 @@ def create_app(
 
 
 SCHEMAS = "#/components/schemas/{model}"
-REQUEST_MODELS = (protocol.ChatCompletionRequest, protocol.CompletionRequest)
+REQUEST_MODELS = (
+    protocol.ChatCompletionRequest,
+    protocol.CompletionRequest,
+    protocol.TokenizeCompletionRequest,
+    protocol.TokenizeChatRequest,
+    protocol.DetokenizeRequest,
+)
 ERRORS = {
     400: "invalid request",
     401: "no valid API key",
@@ -239,9 +299,10 @@ ERRORS = {
 }
 
 
-def _body(model: type[protocol.SamplingRequest]) -> dict:
-    """The OpenAPI requestBody of a route that parses `model` from its JSON body itself."""
-    schema = {"$ref": SCHEMAS.format(model=model.__name__)}
+def _body(*models: type) -> dict:
+    """The OpenAPI requestBody of a route that parses one of `models` from its JSON body itself."""
+    refs = [{"$ref": SCHEMAS.format(model=m.__name__)} for m in models]
+    schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 

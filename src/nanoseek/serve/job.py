@@ -60,6 +60,8 @@ class EngineRequest:
     prompt: list[int]
     choices: list[Choice]  # its n completions, by the engine's completion index
     cached: int = 0  # prompt tokens the prefix cache served
+    # with SamplingParams.prompt_logprobs: the engine's per-prompt-token logprobs (first None)
+    prompt_logprobs: list | None = None
 
     @property
     def done(self) -> bool:
@@ -104,9 +106,11 @@ class Job:
             )
 
     def choice(self, ev: StepEvent) -> Choice:
-        """The choice an engine event belongs to (and note the prompt's cached tokens)."""
+        """The choice an engine event belongs to (and note the prompt's cached tokens and
+        logprobs)."""
         request = self.requests[ev.request_id]
         request.cached = ev.output.cached_tokens
+        request.prompt_logprobs = ev.output.prompt_logprobs
         return request.choices[ev.index]
 
     @property

@@ -4,7 +4,9 @@ counters, gauges and histograms.
 Series (all prefixed nanoseek_): requests_total{endpoint,status}, errors_total{type},
 prompt_tokens_total, generation_tokens_total, prompt_cache_hit_tokens_total,
 time_to_first_token_seconds, time_per_output_token_seconds, request_duration_seconds, and gauges for
-running and queued requests, the sequences and tokens they hold, and the engine's cache.
+running and queued requests, the sequences and tokens they hold, and the engine's latent cache
+(usage, blocks, prefix hits) and MTP speculation (drafted, accepted, acceptance rate), which
+serve/app.py samples from the engine's stats.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ stalls the event loop nor gets tokenized at all."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import time
 import uuid
@@ -98,10 +99,12 @@ class OpenAIAPI:
         extra_processors: tuple = (),
         grammar: Grammar | None = None,
         thinking: bool = False,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The request's SamplingParams, after every limit check (json_thinking: None = no JSON
         mode, else whether the output starts with a thought; grammar: a structured-output mode's,
-        applied after the thought if `thinking`)."""
+        applied after the thought if `thinking`). max_tokens=0 scores the prompt only: it may then
+        fill the whole context."""
         limit = self.config.max_tokens
         if max_tokens is not None and max_tokens > limit:
             raise APIError(
@@ -111,16 +114,17 @@ class OpenAIAPI:
             )
         context = self.server.engine.max_model_len
         longest = max(map(len, prompts))
-        if longest >= context:
+        if longest > context or (longest == context and max_tokens != 0):
+            room = "is shorter" if longest > context else "leaves no room to generate"
             raise APIError(
                 400,
                 f"the prompt has {longest} tokens; this model's context is "
-                f"{context} tokens and leaves no room to generate",
+                f"{context} tokens and {room}",
                 param=param,
                 code="context_length_exceeded",
             )
         # max_tokens beyond the context is cut to what fits: finish_reason "length" says so.
-        budget = min(max_tokens or default_max, limit, context - longest)
+        budget = min(default_max if max_tokens is None else max_tokens, limit, context - longest)
         vocab = self.server.table.size
         processors = list(extra_processors)
         if req.logit_bias:
@@ -171,6 +175,7 @@ class OpenAIAPI:
                 n=req.n,
                 seed=req.seed,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 temperature=req.temperature
                 if req.temperature is not None
                 else d.get("temperature", 1.0),
@@ -234,6 +239,68 @@ class OpenAIAPI:
                 )
                 for lp in lps
             ]
+        )
+
+    def prompt_logprobs(self, lps: list | None) -> protocol.PromptLogprobs | None:
+        """The engine's prompt logprobs in vLLM's shape: per prompt token None (the first) or
+        {token id: {logprob, rank, decoded_token}} for the prompt's token and its top
+        alternatives."""
+        if lps is None:
+            return None
+        t = self.server.table
+        out = []
+        for lp in lps:
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {
+                str(lp.token_id): protocol.PromptLogprob(
+                    logprob=_finite(lp.logprob), rank=lp.rank, decoded_token=t.text(lp.token_id)
+                )
+            }
+            for rank, (i, v) in enumerate(lp.top, 1):
+                entry.setdefault(
+                    str(i),
+                    protocol.PromptLogprob(logprob=_finite(v), rank=rank, decoded_token=t.text(i)),
+                )
+            out.append(entry)
+        return out
+
+    def echo_logprobs(self, ids: list[int], lps: list) -> protocol.CompletionLogprobs:
+        """The prompt's tokens in the legacy completions shape, for echo: the first token has no
+        logprob (null, and null top_logprobs), the others their logprob given the tokens before
+        them. text_offset is each token's character offset in the echoed text (the prompt decoded
+        without special tokens, which take no characters): a token that starts inside a character
+        points at that character."""
+        t = self.server.table
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        offsets = []
+        offset = 0
+        for i in ids:
+            offsets.append(offset)
+            if t.bytes[i] is not None:
+                offset += len(decoder.decode(t.bytes[i]))
+        return protocol.CompletionLogprobs(
+            tokens=[t.text(i) for i in ids],
+            token_logprobs=[None if lp is None else _finite(lp.logprob) for lp in lps],
+            top_logprobs=[
+                None if lp is None else {t.text(i): _finite(v) for i, v in lp.top} for lp in lps
+            ],
+            text_offset=offsets,
+        )
+
+    def choice_logprobs(
+        self, echo: protocol.CompletionLogprobs | None, lps: list, offset: int
+    ) -> protocol.CompletionLogprobs:
+        """A completion's logprobs: the echoed prompt's (if any), then its own tokens'."""
+        own = self.completion_logprobs(lps, offset)
+        if echo is None:
+            return own
+        return protocol.CompletionLogprobs(
+            tokens=echo.tokens + own.tokens,
+            token_logprobs=echo.token_logprobs + own.token_logprobs,
+            top_logprobs=echo.top_logprobs + own.top_logprobs,
+            text_offset=echo.text_offset + own.text_offset,
         )
 
     def completion_logprobs(self, lps, offset: int) -> protocol.CompletionLogprobs:
@@ -301,6 +368,7 @@ class OpenAIAPI:
             grammar=grammar,
             thinking=in_reasoning,
             extra_processors=rules,
+            prompt_logprobs=req.prompt_logprobs,
         )
         make_tools = self._tool_parser(fmt if tools and choice != "none" else None, prefix)
         job = Job(
@@ -333,6 +401,9 @@ class OpenAIAPI:
                 system_fingerprint=FINGERPRINT,
                 choices=choices,
                 usage=self.usage(job, chat=True),
+                prompt_logprobs=self.prompt_logprobs(
+                    next(iter(job.requests.values())).prompt_logprobs
+                ),
             )
         )
 
@@ -480,6 +551,7 @@ class OpenAIAPI:
             json_thinking=False if mode and mode[0] == "json_object" else None,
             param="prompt",
             grammar=grammar,
+            prompt_logprobs=req.prompt_logprob_count,
         )
         echo = await asyncio.to_thread(self._echo, req) if req.echo else None
         job = Job(
@@ -494,20 +566,29 @@ class OpenAIAPI:
         )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            chunks = self.completion_chunks(job, include_usage, req.logprobs)
+            chunks = self.completion_chunks(job, include_usage, req.logprobs, req.echo)
             return await self.server.stream(request, job, chunks)
         await self.server.run(request, job)
-        choices = [
-            protocol.CompletionChoice(
-                index=c.index,
-                text=c.prefix_text + "".join(c.content),
-                finish_reason=c.finish_reason,
-                logprobs=None
-                if req.logprobs is None
-                else self.completion_logprobs(c.logprobs, len(c.prefix_text)),
+        choices = []
+        for r in job.requests.values():
+            echoed = None
+            if req.echo and req.logprobs is not None:
+                echoed = self.echo_logprobs(r.prompt, r.prompt_logprobs)
+            prompt_lps = (
+                self.prompt_logprobs(r.prompt_logprobs) if req.prompt_logprobs is not None else None
             )
-            for c in job.choices
-        ]
+            choices += [
+                protocol.CompletionChoice(
+                    index=c.index,
+                    text=c.prefix_text + "".join(c.content),
+                    finish_reason=c.finish_reason,
+                    logprobs=None
+                    if req.logprobs is None
+                    else self.choice_logprobs(echoed, c.logprobs, len(c.prefix_text)),
+                    prompt_logprobs=prompt_lps,
+                )
+                for c in r.choices
+            ]
         return _json(
             protocol.Completion(
                 id=job.id,
@@ -531,11 +612,15 @@ class OpenAIAPI:
         ]
 
     async def completion_chunks(
-        self, job: Job, include_usage: bool, logprobs: int | None
+        self, job: Job, include_usage: bool, logprobs: int | None, echo: bool = False
     ) -> AsyncIterator[str]:
+        """SSE chunks of a completion. With echo the prompt comes first; with echo and logprobs it
+        comes once the prompt is computed, with its tokens' logprobs."""
         created = int(time.time())
         name = self.config.model_name
         offsets = {c.index: len(c.prefix_text) for c in job.choices}
+        # choices whose echoed prompt waits for its logprobs
+        echo_pending = {c.index for c in job.choices} if echo and logprobs is not None else set()
 
         def chunk(choices, usage=None) -> str:
             return _sse(
@@ -550,7 +635,7 @@ class OpenAIAPI:
             )
 
         for c in job.choices:
-            if c.prefix_text:
+            if c.prefix_text and c.index not in echo_pending:
                 yield chunk([protocol.CompletionChoice(index=c.index, text=c.prefix_text)])
         async with aclosing(self.server.events(job)) as events:
             async for item in events:
@@ -558,6 +643,13 @@ class OpenAIAPI:
                     yield ": keep-alive\n\n"
                     continue
                 c, ev, _, text = item
+                if c.index in echo_pending:
+                    echo_pending.discard(c.index)
+                    ids = ev.output.prompt_token_ids
+                    lps = self.echo_logprobs(ids, ev.output.prompt_logprobs)
+                    yield chunk(
+                        [protocol.CompletionChoice(index=c.index, text=c.prefix_text, logprobs=lps)]
+                    )
                 lps = None
                 if logprobs is not None and ev.logprobs:
                     lps = self.completion_logprobs(ev.logprobs, offsets[c.index])

@@ -271,6 +271,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM extra
     thinking: Thinking | None = None  # DeepSeek: {"type": "enabled" | "disabled"}
     # vLLM: {"thinking": bool} (or "enable_thinking")
     chat_template_kwargs: dict[str, Any] | None = None
@@ -282,6 +283,8 @@ class ChatCompletionRequest(SamplingRequest):
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs=true", "top_logprobs")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ProtocolError("prompt_logprobs cannot be streamed", "prompt_logprobs")
         try:
             tools.check_request(
                 [t.as_dict() for t in self.tools or []],
@@ -317,12 +320,23 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 with echo (or prompt_logprobs): score the prompt, generate nothing
+    max_tokens: int | None = Field(None, ge=0)
     suffix: str | None = None  # fill in the middle
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM extra
 
     def check(self) -> None:
         super().check()
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise ProtocolError(
+                "max_tokens=0 generates nothing: use it with echo=true or prompt_logprobs to score "
+                "the prompt",
+                "max_tokens",
+            )
+        if self.prompt_logprobs is not None and self.stream:
+            raise ProtocolError("prompt_logprobs cannot be streamed", "prompt_logprobs")
         if isinstance(self.prompt, list) and (
             not self.prompt or any(p in ("", []) for p in self.prompt)
         ):
@@ -331,11 +345,79 @@ class CompletionRequest(SamplingRequest):
             raise ProtocolError("echo and suffix cannot be used together", "echo")
 
     @property
+    def prompt_logprob_count(self) -> int | None:
+        """The top alternatives each prompt token's logprob comes with, or None for no prompt
+        logprobs: prompt_logprobs, else with echo the logprobs (as vLLM does)."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
+
+    @property
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)
+
+
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's /tokenize for text: with add_special_tokens (the default) the ids start with BOS, as
+    a /v1/completions text prompt does."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        pass
+
+
+class TokenizeChatRequest(_Strict):
+    """vLLM's /tokenize for messages: the ids /v1/chat/completions would run (the chat template
+    brings its own BOS; add_special_tokens adds one only where it is missing)."""
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    thinking: Thinking | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ProtocolError(
+                "continue_final_message and add_generation_prompt cannot both be true "
+                "(set add_generation_prompt=false)",
+                "continue_final_message",
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ProtocolError(
+                "continue_final_message needs an assistant message last", "continue_final_message"
+            )
+
+    thinking_enabled = ChatCompletionRequest.thinking_enabled
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+    def check(self) -> None:
+        pass
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 def parse(model: type[SamplingRequest], body: bytes) -> SamplingRequest:
@@ -429,6 +511,19 @@ class Usage(BaseModel):
         )
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry: one token's logprob, rank and text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# per prompt token: None for the first, else {token id: PromptLogprob} for the prompt's token and
+# the top alternatives
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class TopLogprob(BaseModel):
     token: str
     logprob: float
@@ -493,6 +588,14 @@ class ChatCompletion(_Envelope):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM extra: only when asked for
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_prompt_logprobs(self, handler):
+        out = handler(self)
+        if out.get("prompt_logprobs") is None:
+            out.pop("prompt_logprobs", None)
+        return out
 
 
 class ToolCallDelta(_DropNone):
@@ -526,9 +629,12 @@ class ChatCompletionChunk(_Envelope):
 
 
 class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape; with echo the prompt's tokens come first, the very first without a
+    logprob (null)."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -537,6 +643,16 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+    @model_serializer(mode="wrap")
+    def _keep_openai_nulls(self, handler):
+        """logprobs and finish_reason are null when absent, as OpenAI sends them; vLLM's
+        prompt_logprobs appears only when asked for."""
+        out = handler(self)
+        if out.get("prompt_logprobs") is None:
+            out.pop("prompt_logprobs", None)
+        return out
 
 
 class Completion(_Envelope):
