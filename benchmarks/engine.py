@@ -1,6 +1,6 @@
-"""Inference speed: the nanoseek engine vs transformers' generate on the same
-weights, batching, cache size, int8, MTP speculation, and the compiled decode step
-(fp32 and bf16) against the eager one.
+"""Inference speed: the nanoseek engine vs transformers' generate and llama.cpp on the same
+weights, batching, cache size, int8, MTP speculation, and the compiled decode step (fp32 and bf16)
+against the eager one.
 
 The reference config of the model issue, fp32, CPU. The model (with one MTP module) is first trained
 for a few hundred steps on Python source bytes, so that greedy decoding is not noise and the MTP
@@ -10,17 +10,21 @@ JSON lines: {"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
     python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8]
                                 [--train-seq 128] [--new-tokens 128] [--batch 16] [--no-anchor]
                                 [--save-trained DIR | --checkpoint DIR] [--no-compiled]
-                                [--decode-only]
+                                [--no-llama-cpp] [--decode-only]
 
 The compiled rows print each graph's compile time (Inductor caches it: a second run compiles in
-seconds).
+seconds). The llama.cpp rows export the same weights to GGUF (f32, bf16, q8_0) and time llama.cpp
+with benchmarks/llama_cpp_anchor.py in a process of its own, before and after nanoseek's paths.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -250,6 +254,88 @@ def compiled_quality(engines: dict, eager: Engine, held_out: torch.Tensor, conf:
         )
 
 
+def llama_cpp(gguf: Path, threads: int, prompt: int, new: int, depth: int) -> dict:
+    """llama.cpp's figures from benchmarks/llama_cpp_anchor.py, in a process of its own (so that
+    neither library's thread pool waits on the other's)."""
+    cmd = [sys.executable, str(Path(__file__).with_name("llama_cpp_anchor.py")), str(gguf)]
+    cmd += ["--threads", str(threads), "--prompt", str(prompt), "--new", str(new)]
+    cmd += ["--depth", str(depth)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_rows(
+    model: Transformer, engines: dict, prompt: list[int], n: int, conf: str, threads: int
+):
+    """The same weights in llama.cpp (GGUF f32, bf16, q8_0 exported by nanoseek), timed as
+    llama-bench times them, before and after nanoseek's own paths (best of both, so that a
+    drifting load favours neither). engines: name -> Engine (batch 1)."""
+    from llama_cpp_anchor import export_for_llama_cpp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ggufs = export_for_llama_cpp(model, Path(tmp), ("f32", "bf16", "q8_0"))
+
+        def anchor() -> dict:
+            return {t: llama_cpp(g, threads, 256, n, len(prompt)) for t, g in ggufs.items()}
+
+        before = anchor()
+        greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        runs = {k: (lambda e=e: e.generate([prompt], greedy)) for k, e in engines.items()}
+        decode = measure(runs)
+        # a fresh 256-token prompt each time: a repeated one would hit the prefix cache
+        fresh = itertools.count()
+
+        def prefill_once(e: Engine):
+            rng = random.Random(next(fresh))
+            vocab = model.config.vocab_size
+            return e.generate([[rng.randrange(vocab) for _ in range(256)]], one)
+
+        one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        prefill = measure({k: (lambda e=e: prefill_once(e)) for k, e in engines.items()})
+        after = anchor()
+    best = {
+        t: {key: max(before[t][key], after[t][key]) for key in ("prefill_tok_s", "decode_tok_s")}
+        for t in ggufs
+    }
+    ours = {k: n / decode[k][0] for k in engines}
+    ours_prefill = {k: 256 / prefill[k][0] for k in engines}
+    fastest = max(ours, key=ours.get)
+    anchor_fastest = max(("bf16", "q8_0"), key=lambda t: best[t]["decode_tok_s"])
+    setting = f", prompt {len(prompt)} (llama.cpp: depth {len(prompt)}), {n} new tokens, greedy"
+    name = "llama.cpp (llama-cpp-python 0.3.36, a llama_decode loop as llama-bench times it)"
+    emit(
+        bench="decode_batch1_vs_llama_cpp_f32",
+        ours=round(ours["eager float32"], 1),
+        anchor=round(best["f32"]["decode_tok_s"], 1),
+        ratio=round(ours["eager float32"] / best["f32"]["decode_tok_s"], 2),
+        unit="tokens/s",
+        config=conf + setting + ", Engine defaults vs GGUF f32",
+        anchor_name=name,
+        every_path={k: round(v, 1) for k, v in ours.items()},
+    )
+    emit(
+        bench="decode_batch1_fastest_vs_llama_cpp_fastest",
+        ours=round(ours[fastest], 1),
+        anchor=round(best[anchor_fastest]["decode_tok_s"], 1),
+        ratio=round(ours[fastest] / best[anchor_fastest]["decode_tok_s"], 2),
+        unit="tokens/s",
+        config=conf + setting + f", nanoseek {fastest} vs GGUF {anchor_fastest}",
+        anchor_name=name,
+        llama_cpp={t: round(b["decode_tok_s"], 1) for t, b in best.items()},
+    )
+    for ours_path, gguf_type in (("eager float32", "f32"), (fastest, anchor_fastest)):
+        emit(
+            bench=f"prefill_256_vs_llama_cpp_{gguf_type}",
+            ours=round(ours_prefill[ours_path], 1),
+            anchor=round(best[gguf_type]["prefill_tok_s"], 1),
+            ratio=round(ours_prefill[ours_path] / best[gguf_type]["prefill_tok_s"], 2),
+            unit="tokens/s",
+            config=conf + f", a 256-token prompt, nanoseek {ours_path} (prefill and one sampled "
+            f"token) vs llama.cpp GGUF {gguf_type} (one batch of 256)",
+            anchor_name=name,
+        )
+
+
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
@@ -271,6 +357,7 @@ def main() -> None:
         "--save-trained", help="save the briefly trained model here (to measure it again later)"
     )
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp anchor")
     ap.add_argument("--decode-only", action="store_true", help="stop after the batch-1 decode rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -344,6 +431,15 @@ def main() -> None:
     if not args.no_compiled:
         engines = compiled_decode(model, prompts[0], greedy, conf, engine, runs.get("anchor"))
         compiled_quality(engines, engine, held_out, conf)
+    if not args.no_llama_cpp:
+        paths = {"eager float32": engine}
+        if not args.no_compiled:
+            paths.update({f"compiled {dtype}": e for dtype, e in engines.items()})
+        paths["eager int8"] = Engine(quantize_model(model), max_batch_size=1)
+        try:
+            llama_cpp_rows(model, paths, prompts[0], n, conf, args.threads)
+        except ImportError:
+            print("# llama-cpp-python is not installed: no llama.cpp rows", file=sys.stderr)
     if args.decode_only:
         return
 
