@@ -201,7 +201,8 @@ class VisionTower(nn.Module):
 
     def forward(self, images: ImageInput) -> torch.Tensor:
         """-> [total image tokens, d]: every image's sequence (image_token_count), concatenated."""
-        tiles = self.tile_embeddings(images.pixel_values)
+        weight = self.vision_model.embeddings.patch_embedding.weight
+        tiles = self.tile_embeddings(images.pixel_values.to(weight.device, weight.dtype))
         out = []
         start = 0
         for tw, th in images.grids:

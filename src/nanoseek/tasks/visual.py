@@ -254,9 +254,10 @@ class VisualColour(VisualTask):
 
     def _render(self, problem, size, rng):
         m = problem.metadata
-        # the largest fills most of its cell; the others at most 55% of the side (area < 1/2.6)
+        # the largest fills 90-100% of its cell's side, the others at most 45%: even a largest
+        # triangle (half its box) has twice the area of the biggest other square
         items = [(m["shapes"][0], m["colours"][0], rng.uniform(0.9, 1.0))]
-        items += [(s, c, rng.uniform(0.3, 0.55)) for s, c in zip(m["shapes"][1:], m["colours"][1:])]
+        items += [(s, c, rng.uniform(0.3, 0.45)) for s, c in zip(m["shapes"][1:], m["colours"][1:])]
         return _draw_scene(items, size, rng)
 
     def score(self, problem, answer):
