@@ -429,7 +429,7 @@ def test_tiny_vision_language_model_learns_a_visual_task():
         idx = rng.sample(range(len(train)), 16)
         tiles = torch.cat([images.pixel_values[2 * i : 2 * i + 2] for i in idx])
         batch = ImageInput(tiles, [(1, 1)] * len(idx))
-        out = vlm.compute_loss(x[idx], y[idx], batch, mtp_weight=0.0)
+        out = vlm(x[idx], y[idx], 0.0, images=batch)  # the trainer's call, plus the images
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -438,3 +438,21 @@ def test_tiny_vision_language_model_learns_a_visual_task():
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.1 * first, (first, last)
     assert after < 0.3 * blind < before, (before, after, blind)
+
+
+def test_loss_is_on_text_targets_only_and_freezing_selects_what_trains():
+    vlm, tok = _vlm()
+    image_id = tok.special_ids["image"]
+    ids = torch.tensor([[tok.bos_id, 7, *[image_id] * 13, 9, 11]])
+    images = image_input([Image.new("RGB", (32, 32), (0, 200, 0))], vlm.vision.config)
+    naive = torch.cat([ids[:, 1:], torch.tensor([[5]])], dim=1)  # targets that include the image
+    clean = naive.masked_fill(naive == image_id, IGNORE_INDEX)
+    a = vlm(ids, naive, 0.0, images=images).lm_loss
+    b = vlm(ids, clean, 0.0, images=images).lm_loss
+    torch.testing.assert_close(a, b)
+    vlm.freeze(language=True)  # VL2's first stage: encoder and adaptor train, the LM does not
+    vlm(ids, clean, 0.0, images=images).loss.backward()
+    assert all(p.grad is None for p in vlm.language_model.parameters())
+    assert vlm.vision.projector.layers[0].weight.grad is not None
+    assert vlm.vision.image_newline.grad is not None
+    assert vlm.vision.vision_model.embeddings.patch_embedding.weight.grad is not None

@@ -271,12 +271,14 @@ class VisionLanguageModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
-        images: ImageInput | None = None,
         mtp_weight: float = 0.3,
+        images: ImageInput | None = None,
     ):
-        """input_ids [B, T] -> logits [B, T, V]; with targets, compute_loss's LossOutput."""
+        """input_ids [B, T] -> logits [B, T, V]; with targets, compute_loss's LossOutput. The
+        positional arguments are the Transformer's, so the trainer's `model(x, y, mtp_weight)`
+        call works unchanged; images come by keyword."""
         if targets is not None:
-            return self.compute_loss(input_ids, targets, images, mtp_weight)
+            return self.compute_loss(input_ids, targets, mtp_weight, images=images)
         embeds = self.embed(input_ids, images)
         h, _ = self.language_model.hidden_states(input_ids, inputs_embeds=embeds)
         return self.language_model.lm_head(h)
@@ -285,8 +287,8 @@ class VisionLanguageModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         targets: torch.Tensor,
-        images: ImageInput | None = None,
         mtp_weight: float = 0.3,
+        images: ImageInput | None = None,
     ) -> LossOutput:
         """The language model's loss, on text targets only: a target that is an image position
         carries no loss, whatever the data said."""
@@ -295,6 +297,16 @@ class VisionLanguageModel(nn.Module):
         return self.language_model.compute_loss(
             input_ids, targets, mtp_weight, inputs_embeds=embeds
         )
+
+    # the MoE bookkeeping the trainer calls after each step: the language model's
+    def moe_layers(self):
+        return self.language_model.moe_layers()
+
+    def expert_load(self) -> torch.Tensor:
+        return self.language_model.expert_load()
+
+    def update_router_biases(self, gamma: float, loads: torch.Tensor | None = None) -> None:
+        self.language_model.update_router_biases(gamma, loads)
 
     def freeze(self, *, encoder: bool = False, projector: bool = False, language: bool = False):
         """Set which parts train (VL2's stage 1 trains encoder + adaptor with the LM frozen)."""
