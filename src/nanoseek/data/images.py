@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from nanoseek.config import VisionConfig
 from nanoseek.model.vision import ImageInput, image_token_count
 
-ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "WEBP", "BMP")  # MPO: phone cameras' JPEG
 MAX_IMAGE_BYTES = 20 << 20  # 20 MiB of encoded data
 MAX_CROPPING_IMAGES = 2  # VL2 tiles an image only when the prompt has at most this many
 
