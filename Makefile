@@ -4,17 +4,17 @@ VENV    ?= .venv
 BIN      = $(VENV)/bin
 PIP      = $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install install-test browser speedrun smoke demo test lint test-all bench clean
+.PHONY: install install-test browser fonts speedrun smoke demo test lint test-all bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-install: $(BIN)/python
+install: $(BIN)/python fonts
 	$(PIP) install -e .
 	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
 # llama-cpp-python (test extra) compiles llama.cpp from source; its multimodal library is not needed here.
-install-test: $(BIN)/python browser
+install-test: $(BIN)/python browser fonts
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" $(PIP) install -e '.[test]'
 	$(PIP) install --no-deps --no-compile -r requirements-corpus.txt
 
@@ -22,6 +22,11 @@ install-test: $(BIN)/python browser
 browser:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium fonts-wqy-zenhei >/dev/null) \
 		|| echo "warning: /usr/bin/chromium missing and not root: the browser test will be skipped"; }
+
+# The visual tasks render Chinese words with a CJK font (nanoseek.tasks.visual); Debian's WenQuanYi Zen Hei.
+fonts:
+	@test -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq fonts-wqy-zenhei >/dev/null) \
+		|| echo "warning: fonts-wqy-zenhei missing and not root: Chinese visual tasks will refuse to render"; }
 
 speedrun: install
 	$(BIN)/nanoseek speedrun --preset cpu --out runs/cpu

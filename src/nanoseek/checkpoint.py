@@ -11,6 +11,13 @@ In memory the experts of a layer are stacked ([E, 2I, d] and [E, d, I]) and MTP 
 
 load_checkpoint() is the one loader the commands use: the model (in a dtype, or int8), its tokenizer
 and its sampling defaults.
+
+A vision-language model (model/vision.py) is the same directory plus its vision tower: config.json
+gains `vision_config` and `image_token_id`, `vision.safetensors` holds the tower (keys
+`vision_model.*` as transformers' SiglipVisionModel names them, `projector.layers.{0,2}.*`,
+`image_newline`, `view_seperator`), and `preprocessor_config.json` the image settings. The language
+part stays a complete DeepseekV3 checkpoint: load_model (and transformers, and GGUF export) read it
+and leave the tower alone (docs/multimodal.md).
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ from nanoseek.tokenizer import Tokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
+VISION_FILE = "vision.safetensors"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+VISION_KEYS = ("vision_config", "image_token_id")  # what config.json adds for a vision tower
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_FILE = "generation_config.json"
 # what a command takes from generation_config.json
@@ -257,6 +267,13 @@ def load_model(
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = ModelConfig.from_pretrained(path)
+    if "vision_config" in cfg.extra:
+        log.info(
+            "%s: a vision-language checkpoint; load_model loads its language model only (text in, "
+            "text out); load_vision_language_model loads the vision tower too",
+            path,
+        )
+        cfg.extra = {k: v for k, v in cfg.extra.items() if k not in VISION_KEYS}
     lazy = _LazyTensors(_checkpoint_files(path))
     disk_keys = {k for k in lazy.keys() if not k.endswith(".weight_scale_inv")}
 
@@ -366,3 +383,85 @@ def load_checkpoint(
     saved = json.loads(gen.read_text("utf-8")) if gen.is_file() else {}
     defaults = {k: saved[k] for k in SAMPLING_DEFAULTS if k in saved}
     return Checkpoint(model, tokenizer, defaults)
+
+
+# ---------------------------------------------------------------------- vision-language models
+def save_vision_language_model(
+    vlm, path: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None
+) -> Path:
+    """A DeepseekV3 directory (save_model; its config.json carries `vision_config`), plus
+    vision.safetensors and preprocessor_config.json."""
+    from nanoseek.data.images import MAX_CROPPING_IMAGES
+
+    path = save_model(vlm.language_model, path, tokenizer=tokenizer, dtype=dtype)
+    tensors = {}
+    for name, t in vlm.vision.state_dict().items():
+        t = t.detach().to("cpu")
+        tensors[name] = (t.to(dtype) if dtype is not None else t).contiguous()
+    _save_safetensors(tensors, path / VISION_FILE, {"format": "pt"})
+    v = vlm.vision.config
+    processor = {  # VL2's processor keys, for readers outside nanoseek (config.json rules)
+        "processor_class": "nanoseek.data.images",
+        "candidate_resolutions": [list(r) for r in v.candidate_resolutions],
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "downsample_ratio": v.downsample_ratio,
+        "image_mean": list(v.image_mean),
+        "image_std": list(v.image_std),
+        "background_color": list(v.pad_color),
+        "cropping_max_images": MAX_CROPPING_IMAGES,
+        "image_token": v.image_token,
+        "image_token_id": vlm.image_token_id,
+        "max_image_pixels": v.max_image_pixels,
+        "tile_tag": "2D",
+        "global_view_pos": "head",
+    }
+    atomic_write_text(path / PREPROCESSOR_FILE, json.dumps(processor, indent=2) + "\n")
+    return path
+
+
+def load_vision_language_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+):
+    """Load a directory that save_vision_language_model wrote: the language model (load_model,
+    checked as always) and the vision tower, checked tensor by tensor against vision_config."""
+    from nanoseek.config import VisionConfig
+    from nanoseek.model.vision import VisionLanguageModel, VisionTower
+
+    path = Path(path)
+    cfg = ModelConfig.from_pretrained(path)
+    vcfg = VisionConfig.of(cfg)
+    if vcfg is None:
+        raise CheckpointError(f"{path} is a text-only checkpoint: config.json has no vision_config")
+    image_token_id = cfg.extra.get("image_token_id")
+    if not isinstance(image_token_id, int):
+        raise CheckpointError(
+            f"{path}/config.json: vision_config without an integer image_token_id"
+        )
+    if not (path / VISION_FILE).is_file():
+        raise CheckpointError(f"{path}: config.json has a vision_config but no {VISION_FILE}")
+    lm = load_model(path, device=device, dtype=dtype)
+    with torch.device("meta"):
+        tower = VisionTower(vcfg, cfg.hidden_size)
+    expected = {k: list(t.shape) for k, t in tower.state_dict().items()}
+    lazy = _LazyTensors([path / VISION_FILE])
+    disk = lazy.keys()
+    missing = sorted(set(expected) - disk)
+    unexpected = sorted(disk - set(expected))
+    wrong = [
+        f"{k}: checkpoint {lazy.shape(k)} vs model {expected[k]}"
+        for k in sorted(set(expected) & disk)
+        if lazy.shape(k) != expected[k]
+    ]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path / VISION_FILE} does not match vision_config: missing {missing}, "
+            f"unexpected {unexpected}, wrong shape {wrong}"
+        )
+    tower = tower.to_empty(device=device).to(dtype or lm.embed_tokens.weight.dtype)
+    with torch.no_grad():
+        for k, t in tower.state_dict(keep_vars=True).items():
+            t.copy_(lazy.get(k))
+    return VisionLanguageModel(lm, tower, image_token_id).eval()

@@ -321,3 +321,121 @@ def _normalise_rope_scaling(rs: dict[str, Any]) -> dict[str, Any]:
     out = {"type": _rope_type(rs)}
     out.update({k: rs[k] for k in _YARN_KEYS if rs.get(k) is not None})
     return out
+
+
+# ---------------------------------------------------------------------------------------- vision
+@dataclass
+class VisionConfig:
+    """The vision tower of a vision-language model (DeepSeek-VL2 style), stored as the
+    `vision_config` key of config.json. The encoder fields are SigLIP's (transformers'
+    `SiglipVisionConfig` reads them); the rest describe VL2's adaptor, tiling and preprocessing.
+
+    DeepSeek-VL2 itself: hidden 1152, 27 layers, 16 heads, image_size 384, patch_size 14,
+    candidate grids m x n with m*n <= 9 (max_tiles=9)."""
+
+    hidden_size: int = 64  # ViT width
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_channels: int = 3
+    image_size: int = 32  # side of one tile (and of the global thumbnail), pixels
+    patch_size: int = 8
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    model_type: str = "siglip_vision_model"
+    downsample_ratio: int = 2  # VL2's pixel shuffle: 2x2 patches -> one token
+    projector_type: str = "downsample_mlp_gelu"
+    max_tiles: int = 4  # local tiles per image: candidate grids m x n with m*n <= max_tiles
+    image_token: str = "<image>"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pad_color: tuple[int, int, int] = (127, 127, 127)  # letterbox fill (the mean colour)
+    max_image_pixels: int = 16_000_000  # images larger than this are refused before decoding
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+        self.pad_color = tuple(self.pad_color)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, name: str, why: str):
+            if not cond:
+                raise ConfigError(f"vision_config.{name}={getattr(self, name)!r}: {why}")
+
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_size",
+            "max_tiles",
+            "max_image_pixels",
+        ):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value > 0, name, "must be a positive integer")
+        need(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            f"must divide hidden_size={self.hidden_size}",
+        )
+        need(
+            self.patch_size <= self.image_size,
+            "patch_size",
+            f"must be at most image_size={self.image_size} (a remainder is dropped, as in VL2)",
+        )
+        need(self.num_channels == 3, "num_channels", "images are RGB: must be 3")
+        need(self.downsample_ratio == 2, "downsample_ratio", "only VL2's 2x2 pixel shuffle")
+        need(
+            self.projector_type == "downsample_mlp_gelu",
+            "projector_type",
+            "only 'downsample_mlp_gelu' (VL2's adaptor)",
+        )
+        need(self.hidden_act == "gelu_pytorch_tanh", "hidden_act", "only 'gelu_pytorch_tanh'")
+        need(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean", "3 values")
+        need(all(s > 0 for s in self.image_std), "image_std", "must be positive")
+
+    @property
+    def patch_grid(self) -> int:
+        """Patches along one side of a tile (VL2: 384 / 14 -> 27)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def token_grid(self) -> int:
+        """Tokens along one side of a tile after the 2x2 pixel shuffle (VL2: ceil(27/2) = 14)."""
+        return math.ceil(self.patch_grid / self.downsample_ratio)
+
+    @property
+    def candidate_resolutions(self) -> list[tuple[int, int]]:
+        """VL2's candidate (width, height) in pixels: (m*S, n*S) for m*n <= max_tiles."""
+        s = self.image_size
+        return [
+            (m * s, n * s)
+            for m in range(1, self.max_tiles + 1)
+            for n in range(1, self.max_tiles + 1)
+            if m * n <= self.max_tiles
+        ]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("image_mean", "image_std", "pad_color"):
+            d[k] = list(d[k])
+        d["candidate_resolutions"] = [list(r) for r in self.candidate_resolutions]
+        return d
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> VisionConfig | None:
+        """The vision config a (language) ModelConfig carries in config.json, or None."""
+        d = cfg.extra.get("vision_config")
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            raise ConfigError(f"vision_config must be an object, got {type(d).__name__}")
+        return cls.from_dict(d)

@@ -46,6 +46,13 @@ def export_gguf(
     if type not in TYPES:
         raise ExportError(f"type={type!r}: choose one of {', '.join(TYPES)}")
     checkpoint_dir = Path(checkpoint_dir)
+    config_file = checkpoint_dir / "config.json"
+    if config_file.is_file() and "vision_config" in json.loads(config_file.read_text("utf-8")):
+        warnings.warn(
+            f"{checkpoint_dir} is a vision-language checkpoint: the GGUF file holds its language "
+            "model only (llama.cpp has no projector for this vision tower; docs/multimodal.md)",
+            stacklevel=2,
+        )
     model = load_model(checkpoint_dir, dtype=torch.float32)
     cfg = model.config
     check_supported(cfg)

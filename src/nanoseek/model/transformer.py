@@ -130,10 +130,12 @@ class Transformer(nn.Module):
             )
         return self.rope_cos[positions], self.rope_sin[positions]
 
-    def hidden_states(self, input_ids: torch.Tensor):
-        """input_ids [B, T] -> (final-normed hidden [B, T, d], summed balance loss or None)."""
+    def hidden_states(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None):
+        """input_ids [B, T] -> (final-normed hidden [B, T, d], summed balance loss or None).
+        inputs_embeds [B, T, d], when given, replaces embed(input_ids) (a vision-language model
+        passes its image features this way)."""
         cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         balance = None
         for layer in self.layers:
             x, b = layer(x, cos, sin)
@@ -151,14 +153,19 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(input_ids)[0])
 
     def compute_loss(
-        self, input_ids: torch.Tensor, targets: torch.Tensor, mtp_weight: float = 0.3
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        mtp_weight: float = 0.3,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> LossOutput:
         """Next-token cross-entropy, plus λ·MTP loss and the MoE balance loss when they are on.
 
         targets[b, t] is the token that follows input_ids[b, t]; IGNORE_INDEX marks positions
-        without loss.
+        without loss. inputs_embeds: as in `hidden_states` (MTP then reads its later tokens' inputs
+        from it too).
         """
-        h, balance = self.hidden_states(input_ids)
+        h, balance = self.hidden_states(input_ids, inputs_embeds)
         lm_loss = _cross_entropy(self.lm_head(h), targets)
         mtp_loss = None
         if len(self.mtp) and mtp_weight > 0:
@@ -170,7 +177,12 @@ class Transformer(nn.Module):
                 cos, sin = self.rope(torch.arange(T - k, device=input_ids.device))
                 # depth k at position i sees h_{k-1}[i] and the token
                 # t_{i+k}, and predicts t_{i+k+1}
-                h, b = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
+                later = (
+                    self.embed_tokens(input_ids[:, k:])
+                    if inputs_embeds is None
+                    else inputs_embeds[:, k:]
+                )
+                h, b = module(h[:, : T - k], later, cos, sin)
                 if b is not None:
                     balance = b if balance is None else balance + b
                 losses.append(_cross_entropy(self.lm_head(module.norm(h)), targets[:, k:]))

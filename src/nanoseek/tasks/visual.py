@@ -1,0 +1,303 @@
+"""Visual tasks: images rendered here with Pillow, each with a question and a verifiable answer.
+
+    visual_equation  read "37 + 45 = ?" and compute it           key: the equation ("37+45")
+    visual_count     how many red circles (among distractors)     key: count|shape|colour
+    visual_colour    the colour of the largest shape               key: the scene (colours, shapes)
+    visual_word      read a short English or Chinese word          key: the word
+
+Problems are `tasks.base.Problem`s, so the held-out split is the shared hash of the key: every
+rendering of a held-out equation is held out, whatever the seed, size or language. The picture is a
+function of (key, render seed) only: `task.render(problem, seed)` draws the same key differently
+for different seeds (positions, sizes, distractors), identically for the same one. Prompts start
+with one `<image>` placeholder (data/images.py expands it).
+
+Fonts: Latin text uses matplotlib's bundled DejaVu Sans (always installed with nanoseek); Chinese
+needs a CJK font, looked up among Debian's (`fonts-wqy-zenhei`, `make fonts` installs it) and
+Noto CJK paths, else FontError says what to install.
+"""
+
+from __future__ import annotations
+
+import random
+import unicodedata
+from functools import cache
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from nanoseek.tasks.arithmetic import SYMBOL, solve
+from nanoseek.tasks.base import Problem, Task
+from nanoseek.tasks.format import FORMAT_INSTRUCTIONS, parse_int
+
+IMAGE = "<image>"
+COLOURS = {  # name -> (RGB, Chinese name)
+    "red": ((220, 30, 30), "红色"),
+    "green": ((30, 160, 50), "绿色"),
+    "blue": ((30, 70, 220), "蓝色"),
+    "yellow": ((235, 200, 20), "黄色"),
+    "purple": ((140, 40, 170), "紫色"),
+    "orange": ((245, 130, 20), "橙色"),
+}
+SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+WORDS_EN = (
+    "cat dog sun moon tree fish bird book milk rain snow star ship lamp door road "
+    "king cake rice wind fire gold ring bell frog duck lion bear wolf desk shoe hat "
+    "map box cup pen key egg apple river house green"
+).split()
+WORDS_ZH = (
+    "太阳 月亮 大树 小鱼 飞鸟 书本 牛奶 下雨 雪花 星星 轮船 台灯 大门 马路 国王 蛋糕 "
+    "米饭 大风 火车 黄金 戒指 铃铛 青蛙 鸭子 狮子 熊猫 老虎 桌子 鞋子 帽子 地图 箱子 "
+    "茶杯 钢笔 钥匙 鸡蛋 苹果 河流 房子 花园"
+).split()
+CJK_FONTS = (
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+)
+BACKGROUND = (255, 255, 255)
+
+
+class FontError(RuntimeError):
+    """No font that can draw the text; the message says what to install."""
+
+
+@cache
+def _font_file(cjk: bool) -> str:
+    if cjk:
+        for f in CJK_FONTS:
+            if Path(f).is_file():
+                return f
+        raise FontError(
+            "no CJK font found (looked for " + ", ".join(CJK_FONTS) + "); install Debian's "
+            "fonts-wqy-zenhei (`apt-get install fonts-wqy-zenhei`, or `make fonts`)"
+        )
+    import matplotlib  # a dependency; it ships DejaVu Sans, the same file on every machine
+
+    return str(Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf")
+
+
+def font(size: int, cjk: bool = False) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(_font_file(cjk), size)
+
+
+def is_cjk(text: str) -> bool:
+    return any("\u4e00" <= c <= "\u9fff" for c in text)
+
+
+def _draw_text(text: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """Text centred (with a little jitter) on a white canvas, in a dark random colour."""
+    W, H = size
+    img = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    f = font(max(8, int(H * rng.uniform(0.45, 0.6))), cjk=is_cjk(text))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
+    x = (W - (right - left)) / 2 - left + rng.uniform(-0.1, 0.1) * W
+    y = (H - (bottom - top)) / 2 - top + rng.uniform(-0.1, 0.1) * H
+    ink = tuple(rng.randint(0, 70) for _ in range(3))
+    draw.text((x, y), text, font=f, fill=ink)
+    return img
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
+def _draw_scene(items, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """items: [(shape, colour name, relative size 0..1)] (at most 9), each in its own cell of a
+    1x1, 2x2 or 3x3 grid (the smallest that holds them; so shapes never overlap), jittered inside
+    it."""
+    cells = next(c for c in (1, 2, 3) if len(items) <= c * c)
+    W, H = size
+    img = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    cw = W / cells
+    ch = H / cells
+    for (shape, colour, rel), cell in zip(items, rng.sample(range(cells * cells), len(items))):
+        side = rel * min(cw, ch)
+        cx = (cell % cells) * cw + rng.uniform(side / 2, cw - side / 2)
+        cy = (cell // cells) * ch + rng.uniform(side / 2, ch - side / 2)
+        box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+        _draw_shape(draw, shape, box, COLOURS[colour][0])
+    return img
+
+
+class VisualTask(Task):
+    """A task whose problems come with a picture: `render(problem, seed)`."""
+
+    default_size: tuple[int, int] = (128, 128)
+
+    def render(
+        self, problem: Problem, seed: int = 0, size: tuple[int, int] | None = None
+    ) -> Image.Image:
+        rng = random.Random(f"{self.name}|{problem.key}|{seed}")
+        return self._render(problem, size or self.default_size, rng)
+
+    def _render(self, problem: Problem, size, rng: random.Random) -> Image.Image:
+        raise NotImplementedError
+
+
+class VisualEquation(VisualTask):
+    name = "visual_equation"
+    max_answer_chars = 40
+    default_size = (192, 64)
+    QUESTION = {
+        "en": "Read the equation in the image and compute it.",
+        "zh": "读出图中的算式并计算结果。",
+    }
+
+    def sample(self, rng: random.Random, difficulty: int, lang: str) -> Problem:
+        op = rng.choice(("+", "-", "*"))
+        a = rng.randint(0, 10**difficulty - 1)
+        b = rng.randint(0, 10 ** max(1, (difficulty + 1) // 2 if op == "*" else difficulty) - 1)
+        answer, steps = solve(a, op, b, lang)
+        return self.problem(
+            key=f"{a}{op}{b}",
+            lang=lang,
+            prompt=f"{IMAGE}\n{self.QUESTION[lang]} {FORMAT_INSTRUCTIONS[lang]}",
+            answer=str(answer),
+            reasoning=f"{a} {SYMBOL[op]} {b}\n{steps}\n= {answer}",
+            a=a,
+            b=b,
+            op=op,
+        )
+
+    def _render(self, problem, size, rng):
+        m = problem.metadata
+        return _draw_text(f"{m['a']} {SYMBOL[m['op']]} {m['b']} = ?", size, rng)
+
+    def score(self, problem, answer):
+        value = parse_int(answer)
+        if value is None:
+            return 0.0, "not_an_integer"
+        return (1.0, None) if value == int(problem.answer) else (0.0, "wrong")
+
+
+class VisualCount(VisualTask):
+    name = "visual_count"
+    max_answer_chars = 20
+    QUESTION = {
+        "en": "How many {colour} {plural} are in the image?",
+        "zh": "图中有几个{colour_zh}的{shape_zh}？",
+    }
+
+    def sample(self, rng: random.Random, difficulty: int, lang: str) -> Problem:
+        n = rng.randint(1, min(6, 2 + 2 * difficulty))
+        shape = rng.choice(list(SHAPES))
+        colour = rng.choice(list(COLOURS))
+        question = self.QUESTION[lang].format(
+            colour=colour,
+            plural=PLURAL[shape],
+            colour_zh=COLOURS[colour][1],
+            shape_zh=SHAPES[shape],
+        )
+        what = f"{colour} {PLURAL[shape]}" if lang == "en" else COLOURS[colour][1] + SHAPES[shape]
+        return self.problem(
+            key=f"{n}|{shape}|{colour}",
+            lang=lang,
+            prompt=f"{IMAGE}\n{question} {FORMAT_INSTRUCTIONS[lang]}",
+            answer=str(n),
+            reasoning=f"{what}: " + ", ".join(str(i) for i in range(1, n + 1)),
+            n=n,
+            shape=shape,
+            colour=colour,
+        )
+
+    def _render(self, problem, size, rng):
+        m = problem.metadata
+        items = [(m["shape"], m["colour"], rng.uniform(0.5, 0.8)) for _ in range(m["n"])]
+        for _ in range(rng.randint(0, 9 - m["n"] if m["n"] < 9 else 0)):
+            shape = rng.choice(list(SHAPES))
+            colour = rng.choice(list(COLOURS))
+            if (shape, colour) == (m["shape"], m["colour"]):  # a distractor must differ
+                colour = next(c for c in COLOURS if c != m["colour"])
+            items.append((shape, colour, rng.uniform(0.5, 0.8)))
+        return _draw_scene(items[:9], size, rng)
+
+    def score(self, problem, answer):
+        value = parse_int(answer)
+        if value is None:
+            return 0.0, "not_an_integer"
+        return (1.0, None) if value == int(problem.answer) else (0.0, "wrong")
+
+
+class VisualColour(VisualTask):
+    name = "visual_colour"
+    max_answer_chars = 20
+    QUESTION = {
+        "en": "What colour is the largest shape in the image?",
+        "zh": "图中最大的图形是什么颜色？",
+    }
+
+    def sample(self, rng: random.Random, difficulty: int, lang: str) -> Problem:
+        k = rng.randint(1, min(len(COLOURS), difficulty))  # difficulty 1: one shape
+        colours = rng.sample(list(COLOURS), k)  # colours[0] is the largest shape's
+        shapes = [rng.choice(list(SHAPES)) for _ in colours]
+        answer = colours[0] if lang == "en" else COLOURS[colours[0]][1]
+        scene = ",".join(f"{c} {s}" for c, s in zip(colours, shapes))
+        return self.problem(
+            key=scene,
+            lang=lang,
+            prompt=f"{IMAGE}\n{self.QUESTION[lang]} {FORMAT_INSTRUCTIONS[lang]}",
+            answer=answer,
+            reasoning=f"{scene.split(',')[0]}",
+            colours=colours,
+            shapes=shapes,
+        )
+
+    def _render(self, problem, size, rng):
+        m = problem.metadata
+        # the largest fills 90-100% of its cell's side, the others at most 45%: even a largest
+        # triangle (half its box) has twice the area of the biggest other square
+        items = [(m["shapes"][0], m["colours"][0], rng.uniform(0.9, 1.0))]
+        items += [(s, c, rng.uniform(0.3, 0.45)) for s, c in zip(m["shapes"][1:], m["colours"][1:])]
+        return _draw_scene(items, size, rng)
+
+    def score(self, problem, answer):
+        said = unicodedata.normalize("NFKC", answer).strip().casefold().removesuffix(".")
+        truth = problem.metadata["colours"][0]
+        names = {truth, COLOURS[truth][1], COLOURS[truth][1].removesuffix("色")}
+        return (1.0, None) if said in names else (0.0, "wrong")
+
+
+class VisualWord(VisualTask):
+    name = "visual_word"
+    max_answer_chars = 40
+    default_size = (160, 64)
+    QUESTION = {"en": "What word is written in the image?", "zh": "图中写的是什么词？"}
+
+    def sample(self, rng: random.Random, difficulty: int, lang: str) -> Problem:
+        word = rng.choice(WORDS_EN + WORDS_ZH)
+        return self.problem(
+            key=word,
+            lang=lang,
+            prompt=f"{IMAGE}\n{self.QUESTION[lang]} {FORMAT_INSTRUCTIONS[lang]}",
+            answer=word,
+            reasoning=" ".join(word),
+            word=word,
+        )
+
+    def _render(self, problem, size, rng):
+        return _draw_text(problem.metadata["word"], size, rng)
+
+    def score(self, problem, answer):
+        said = unicodedata.normalize("NFKC", answer).strip().casefold()
+        return (1.0, None) if said == problem.answer.casefold() else (0.0, "wrong")
+
+
+VISUAL_TASKS: dict[str, type[VisualTask]] = {
+    t.name: t for t in (VisualEquation, VisualCount, VisualColour, VisualWord)
+}
+
+
+def get_visual_task(name: str, **kwargs) -> VisualTask:
+    if name not in VISUAL_TASKS:
+        raise KeyError(f"unknown visual task {name!r}; known: {sorted(VISUAL_TASKS)}")
+    return VISUAL_TASKS[name](**kwargs)
