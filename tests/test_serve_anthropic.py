@@ -12,12 +12,14 @@ import json
 import anthropic
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from nanoseek import save_model
 from nanoseek.serve import protocol
 from nanoseek.serve.chat_format import chat_prompt
 from nanoseek.serve.tools import generation_prefix
 
+import serve_fuzz
 from serve_helpers import ServerProcess, build_tokenizer, memorised_tensors, train_to_margin
 
 TOOLS = [  # Anthropic's shape
@@ -445,3 +447,57 @@ def test_refusals_before_the_route_are_anthropic_shaped(server):
         headers={"x-api-key": KEY, "content-type": "application/json"},
     )
     assert r.status_code == 400 and r.json()["type"] == "error"
+
+
+def anthropic_problems(status: int, text: str, media: str) -> list[str]:
+    """What is wrong with an answer of /v1/messages: a 5xx, an error that is not Anthropic's error
+    object, a stream whose events are not named as their data's type."""
+    if status >= 500:
+        return [f"{status}: {text[:300]}"]
+    if status >= 400:
+        body = json.loads(text)
+        error = body.get("error") if isinstance(body, dict) else None
+        if body.get("type") != "error" or not isinstance(error, dict):
+            return [f"not an error object: {text[:300]}"]
+        if set(error) != {"type", "message"} or not all(isinstance(v, str) for v in error.values()):
+            return [f"error fields: {text[:300]}"]
+        return []
+    if not media.startswith("text/event-stream"):
+        return [] if json.loads(text)["type"] == "message" else [f"not a message: {text[:300]}"]
+    found = []
+    for chunk in filter(str.strip, text.split("\n\n")):
+        name, data = chunk.split("\n")
+        if json.loads(data.removeprefix("data: "))["type"] != name.removeprefix("event: "):
+            found.append(f"event {chunk[:300]}")
+    return found
+
+
+def test_schema_fuzzing_finds_no_server_error(server):
+    """Bodies drawn from the served /openapi.json's schema of /v1/messages (valid, wrong values in
+    its fields, any JSON): no 5xx, every error Anthropic's error object."""
+    doc = httpx.get(server.url + "/openapi.json").json()
+    schema = serve_fuzz.request_schema(doc, "/v1/messages")
+    client = httpx.Client(timeout=60)
+    found = []
+    statuses = []
+
+    @settings(
+        max_examples=100,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(serve_fuzz.bodies(schema))
+    def fuzz(body):
+        headers = {"x-api-key": KEY, "Content-Type": "application/json"}
+        raw = json.dumps(body).encode()
+        with client.stream("POST", server.url + "/v1/messages", content=raw, headers=headers) as r:
+            text = r.read().decode("utf-8", "replace")
+            media = r.headers.get("content-type", "")
+        statuses.append(r.status_code)
+        found.extend(anthropic_problems(r.status_code, text, media))
+
+    fuzz()
+    assert not found, found[:5]
+    assert 200 in statuses and 400 in statuses
