@@ -8,6 +8,7 @@ and bad requests (an Anthropic error object, 400, naming the field; the server s
 from __future__ import annotations
 
 import json
+import time
 
 import anthropic
 import httpx
@@ -15,12 +16,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from nanoseek import save_model
+from nanoseek.checkpoint import load_checkpoint
 from nanoseek.serve import protocol
+from nanoseek.serve.app import create_app
 from nanoseek.serve.chat_format import chat_prompt
+from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.tools import generation_prefix
 
 import serve_fuzz
-from serve_helpers import ServerProcess, build_tokenizer, memorised_tensors, train_to_margin
+from serve_helpers import (
+    InProcessServer,
+    ServerProcess,
+    build_tokenizer,
+    memorised_tensors,
+    train_to_margin,
+)
 
 TOOLS = [  # Anthropic's shape
     {
@@ -101,9 +111,13 @@ def build_checkpoint(path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    ckpt = build_checkpoint(tmp_path_factory.mktemp("anthropic") / "model")
-    with ServerProcess(ckpt, "--max-tokens", "200", "--api-key", KEY) as s:
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("anthropic") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with ServerProcess(checkpoint, "--max-tokens", "200", "--api-key", KEY) as s:
         yield s.wait_ready()
 
 
@@ -501,3 +515,24 @@ def test_schema_fuzzing_finds_no_server_error(server):
     fuzz()
     assert not found, found[:5]
     assert 200 in statuses and 400 in statuses
+
+
+def test_an_error_mid_stream_is_an_error_event(checkpoint):
+    """Past the request timeout (the engine held still): a 504 as Anthropic's error object, and in
+    a stream an `event: error` that ends it (no OpenAI [DONE])."""
+    config = ServerConfig(request_timeout=1.0)
+    with InProcessServer(create_app(config, lambda: load_checkpoint(checkpoint))) as s:
+        while httpx.get(s.url + "/health").status_code != 200:
+            time.sleep(0.05)
+        body = {"model": "nanoseek", "max_tokens": 50, "messages": user(HELLO)}
+        with s.state.engine._lock:  # the engine cannot step: nothing can finish in time
+            r = httpx.post(s.url + "/v1/messages", json=body, timeout=60)
+            assert r.status_code == 504
+            assert r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+            streamed = {**body, "stream": True}
+            text = httpx.post(s.url + "/v1/messages", json=streamed, timeout=60).text
+        events = [chunk.split("\n") for chunk in text.split("\n\n") if chunk.strip()]
+        name, data = events[-1]
+        assert name == "event: error" and "[DONE]" not in text
+        error = json.loads(data.removeprefix("data: "))
+        assert error["type"] == "error" and "took longer" in error["error"]["message"]

@@ -112,7 +112,7 @@ class Server:
         if given is None or not hmac.compare_digest(given.encode(), key.encode()):
             raise APIError(
                 401,
-                "a valid API key is needed: send 'Authorization: Bearer KEY'",
+                "a valid API key is needed: send 'Authorization: Bearer KEY' (or 'x-api-key: KEY')",
                 "authentication_error",
                 code="invalid_api_key",
             )
