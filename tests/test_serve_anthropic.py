@@ -151,6 +151,21 @@ def test_plain_message(client):
     )
 
 
+def test_system_prompt_and_prefill(client):
+    # a system string and the same text as a block are the same prompt
+    counts = []
+    for system in ("Be brief.", [{"type": "text", "text": "Be brief."}]):
+        m = create(client, user(HELLO), system=system, max_tokens=1)
+        counts.append(m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0))
+    plain = create(client, user(HELLO), max_tokens=1).usage
+    assert counts[0] == counts[1] > plain.input_tokens + (plain.cache_read_input_tokens or 0)
+    # a last assistant message is continued (DeepSeek's prefix completion): the answer's rest
+    head = HELLO_ANSWER[: HELLO_ANSWER.index(" help")]
+    m = create(client, [*user(HELLO), {"role": "assistant", "content": head}])
+    assert [(b.type, b.text) for b in m.content] == [("text", HELLO_ANSWER[len(head) :])]
+    assert m.stop_reason == "end_turn"
+
+
 def test_stop_sequence_and_max_tokens(client):
     m = create(client, user(HELLO), stop_sequences=["zzz", "help"])
     assert m.content[0].text == HELLO_ANSWER[: HELLO_ANSWER.index("help")]
