@@ -349,8 +349,9 @@ def test_forced_tool_choices(client):
     assert [(b.type, b.name, b.input) for b in m.content] == [("tool_use", "get_weather", ARGS)]
     # "none": the tools stay declared, but no call can be made
     m = create(client, user(WEATHER_Q), tool_choice={"type": "none"}, max_tokens=20, **kw)
-    assert all(b.type == "text" for b in m.content) and m.stop_reason in ("end_turn", "max_tokens")
-    assert not any("tool▁" in b.text for b in m.content)
+    assert all(b.type != "tool_use" for b in m.content)
+    assert m.stop_reason in ("end_turn", "max_tokens")
+    assert not any("tool▁" in b.text for b in m.content if b.type == "text")
 
 
 def test_api_key(server):
