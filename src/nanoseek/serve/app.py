@@ -4,7 +4,7 @@ serve/openai.py do the work.
     app = create_app(ServerConfig(...), load=lambda: load_checkpoint("runs/cpu/model"))
 
 The app starts answering at once and loads the model on a thread: until it is ready /health and the
-API say 503. Errors are OpenAI error objects.
+API say 503. Errors are OpenAI error objects (Anthropic's on /v1/messages).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from nanoseek.checkpoint import Checkpoint
-from nanoseek.serve import protocol
+from nanoseek.serve import anthropic_protocol, protocol
+from nanoseek.serve.anthropic import AnthropicAPI
 from nanoseek.serve.config import ServerConfig
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.http import Guard
@@ -75,6 +76,7 @@ def create_app(
     server = Server(config, load, engine_options)
     api = OpenAIAPI(server)
     tokenizer_api = TokenizerAPI(api)
+    anthropic_api = AnthropicAPI(api)
 
     def load_in_background():
         try:
@@ -102,7 +104,7 @@ def create_app(
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         server.metrics.count_error(e.type)
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return JSONResponse(e.body_for(request.url.path), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, e: ClientDisconnect):  # mid-body: no one to answer
@@ -118,7 +120,8 @@ def create_app(
             message = f"no route {request.method} {request.url.path}"
         server.metrics.count_error(kind)
         return JSONResponse(
-            APIError(e.status_code, message, kind).body(), status_code=e.status_code
+            APIError(e.status_code, message, kind).body_for(request.url.path),
+            status_code=e.status_code,
         )
 
     @app.exception_handler(Exception)
@@ -126,7 +129,9 @@ def create_app(
         log.exception("internal error on %s %s", request.method, request.url.path)
         server.metrics.count_error("server_error")
         return JSONResponse(
-            APIError(500, f"internal error: {type(e).__name__}", "server_error").body(),
+            APIError(500, f"internal error: {type(e).__name__}", "server_error").body_for(
+                request.url.path
+            ),
             status_code=500,
         )
 
@@ -145,6 +150,24 @@ def create_app(
     )
     async def completions(request: Request):
         return await api.completions(request)
+
+    @app.post(
+        "/v1/messages",
+        openapi_extra=_body(anthropic_protocol.MessagesRequest),
+        responses={
+            200: {
+                "description": "an Anthropic message; with stream=true, Anthropic's named SSE "
+                "events (serve/anthropic.py)",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            }
+        }
+        | {
+            code: {"description": f"{why} (an Anthropic error object)"}
+            for code, why in ERRORS.items()
+        },
+    )
+    async def messages(request: Request):
+        return await anthropic_api.messages(request)
 
     @app.post(
         "/tokenize",
@@ -265,6 +288,7 @@ def create_app(
         endpoints={
             "/v1/chat/completions",
             "/v1/completions",
+            "/v1/messages",
             "/v1/models",
             "/tokenize",
             "/detokenize",
@@ -285,6 +309,7 @@ REQUEST_MODELS = (
     protocol.TokenizeCompletionRequest,
     protocol.TokenizeChatRequest,
     protocol.DetokenizeRequest,
+    anthropic_protocol.MessagesRequest,
 )
 ERRORS = {
     400: "invalid request",

@@ -1,8 +1,23 @@
-"""APIError: any refusal, as an OpenAI error object with its HTTP status."""
+"""APIError: any refusal, as an OpenAI error object with its HTTP status (or, on the Anthropic
+routes, as an Anthropic error object)."""
 
 from __future__ import annotations
 
 from nanoseek.serve import protocol
+
+ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+# Anthropic's error types by status; other statuses (408, 415, 503, 504, ...) as below
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
 
 
 class APIError(Exception):
@@ -33,3 +48,16 @@ class APIError(Exception):
                 message=self.message, type=self.type, param=self.param, code=self.code
             ).model_dump()
         }
+
+    def anthropic_body(self) -> dict:
+        """{"type": "error", "error": {"type", "message"}}: Anthropic's shape, which has no param
+        field, so the message names the field."""
+        message = self.message
+        if self.param and not message.startswith(self.param):
+            message = f"{self.param}: {message}"
+        kind = ANTHROPIC_TYPES.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+
+    def body_for(self, path: str) -> dict:
+        """The error object the route at `path` speaks."""
+        return self.anthropic_body() if path in ANTHROPIC_PATHS else self.body()

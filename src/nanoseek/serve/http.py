@@ -184,7 +184,7 @@ class Guard:
         headers = dict(scope["headers"])  # the last of a repeated header (latin-1 bytes)
         refusal = self.refusal(scope["method"], headers)
         if refusal is not None:
-            return await self.refuse(refusal, send)
+            return await self.refuse(refusal, send, scope["path"])
         deadline = asyncio.get_running_loop().time() + self.body_timeout
         body_done = False
 
@@ -230,9 +230,9 @@ class Guard:
                 )
         return None
 
-    async def refuse(self, error: APIError, send) -> None:
+    async def refuse(self, error: APIError, send, path: str = "") -> None:
         self.on_error(error.type)
-        body = json.dumps(error.body()).encode()
+        body = json.dumps(error.body_for(path)).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

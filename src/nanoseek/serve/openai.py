@@ -324,6 +324,12 @@ class OpenAIAPI:
         req: protocol.ChatCompletionRequest = await self.admit(
             request, protocol.ChatCompletionRequest
         )
+        job = await self.chat_job(req, start)
+        return await self.chat_response(request, req, job)
+
+    async def chat_job(self, req: protocol.ChatCompletionRequest, start: float) -> Job:
+        """A checked chat request -> its Job (prompt, SamplingParams, reasoning and tool parsers);
+        /v1/messages (serve/anthropic.py) translates onto this too."""
         tok = self.server.tok
         thinking = req.thinking_enabled(self.config.thinking)
         self._check_thinking_switch(req)
@@ -380,6 +386,11 @@ class OpenAIAPI:
             start + self.config.request_timeout,
             make_tools=make_tools,
         )
+        return job
+
+    async def chat_response(
+        self, request: Request, req: protocol.ChatCompletionRequest, job: Job
+    ) -> Response:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self.server.stream(request, job, self.chat_chunks(job, include_usage))

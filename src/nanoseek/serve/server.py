@@ -112,7 +112,7 @@ class Server:
         if given is None or not hmac.compare_digest(given.encode(), key.encode()):
             raise APIError(
                 401,
-                "a valid API key is needed: send 'Authorization: Bearer KEY'",
+                "a valid API key is needed: send 'Authorization: Bearer KEY' (or 'x-api-key: KEY')",
                 "authentication_error",
                 code="invalid_api_key",
             )
@@ -356,8 +356,17 @@ class Server:
         if not job.done:
             raise APIError(499, "the client closed the connection", code="client_closed")
 
-    async def stream(self, request: Request, job: Job, chunks: AsyncIterator[str]) -> Response:
-        """Take a slot now (so that a full queue is a 429, not a broken stream), then stream SSE."""
+    async def stream(
+        self,
+        request: Request,
+        job: Job,
+        chunks: AsyncIterator[str],
+        error_event: Callable[[APIError], str] | None = None,
+        done: str = "data: [DONE]\n\n",
+    ) -> Response:
+        """Take a slot now (so that a full queue is a 429, not a broken stream), then stream SSE
+        (error_event: how a mid-stream error is sent, OpenAI's way by default; done: the last
+        event, if any)."""
         slot = self.slot(request, job)
         await slot.__aenter__()
 
@@ -367,8 +376,9 @@ class Server:
                     yield piece
             except APIError as e:
                 self.metrics.count_error(e.type)
-                yield f"data: {json.dumps(e.body())}\n\n"
-            yield "data: [DONE]\n\n"
+                yield error_event(e) if error_event else f"data: {json.dumps(e.body())}\n\n"
+            if done:
+                yield done
 
         async def close():
             await chunks.aclose()  # cancels the engine requests if the stream ended early
