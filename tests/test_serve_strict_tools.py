@@ -378,6 +378,15 @@ def test_tokenize_checks_tools_as_the_chat_endpoint_does(random_server):
     }
     r = httpx.post(random_server.url + "/tokenize", json=fields, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice.function.name"
+    continued = {
+        "messages": [*user("x"), {"role": "assistant", "content": "Sure"}],
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+    }
+    r = httpx.post(random_server.url + "/tokenize", json=continued, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
 
 
 # --------------------------------------------------------------------------- auto, a trained model

@@ -404,6 +404,12 @@ class TokenizeChatRequest(_Strict):
                 "(set add_generation_prompt=false)",
                 "continue_final_message",
             )
+        if self.continue_final_message and self.tool_choice_name not in ("auto", "none"):
+            raise ProtocolError(
+                f"tool_choice {self.tool_choice_name!r} forces a call; it cannot go with "
+                "continue_final_message (as on chat, with a prefix message)",
+                "tool_choice",
+            )
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise ProtocolError(
                 "continue_final_message needs an assistant message last", "continue_final_message"
