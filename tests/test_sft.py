@@ -101,8 +101,8 @@ def test_sft_stage_runs_once_on_a_run_directory(tmp_path):
         }
     }
     summary = sft_stage(run, preset, DistInfo())
-    # one corpus doc is in val
-    assert summary["steps"] == 2 and summary["conversations"] == 8 + 4 + 1
+    # one corpus doc is in val; tool use: 15% of the mix, round(0.15 / 0.85 * 13) = 2 (one problem)
+    assert summary["steps"] == 2 and summary["conversations"] == 8 + 4 + 1 + 2
     assert summary["base"] == str(run / "pretrain" / "final")
     assert (run / "sft" / "final" / "config.json").is_file() and (
         run / "sft" / "done.json"

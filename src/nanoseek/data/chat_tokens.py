@@ -3,8 +3,18 @@ with a loss mask → packed batches.
 
 A conversation is a list of messages, the shape the chat template and the server use:
 
-    {"role": "system" | "user" | "assistant", "content": str,
-     "reasoning_content": str (assistant, optional)}
+    {"role": "system" | "user" | "assistant" | "tool", "content": str,
+     "reasoning_content": str (assistant, optional),
+     "tool_calls": [{"id", "type": "function", "function": {"name", "arguments": JSON text}}]
+                   (assistant, optional; its content may then be ""),
+     "tool_call_id": str (tool: the call it answers),
+     "weight": 0 | 1 (assistant, optional, as in OpenAI's fine-tuning files: 0 = context only,
+                      not trained)}
+
+The tools a conversation may call are declared the way the chat template declares them: a last
+system message holding `tokenizer.tool_declaration(tools)` (`with_tools`), which renders byte for
+byte what `apply_chat_template(..., tools=tools)` and so the server render. An assistant message
+with tool_calls is followed by one tool message per call, then the next assistant message.
 
 Tokens come from the tokenizer's chat template, and only what the assistant writes carries loss. For
 an assistant turn with reasoning the template renders
@@ -35,9 +45,10 @@ import numpy as np
 import torch
 
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.tokenizer import SPECIAL_TOKENS
+from nanoseek.tokenizer import SPECIAL_TOKENS, tool_declaration
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+FIELDS = {"role", "content", "reasoning_content", "tool_calls", "tool_call_id", "weight"}
 CONTROL_TOKENS = tuple(SPECIAL_TOKENS[name] for name in ("bos", "eos", "user", "assistant"))
 Messages = list[dict]
 
@@ -63,11 +74,10 @@ def validate_messages(messages, where: str = "conversation") -> Messages:
         role = m.get("role")
         if role not in ROLES:
             raise ChatDataError(f"{at}: role must be one of {list(ROLES)}, got {role!r}")
-        unknown = set(m) - {"role", "content", "reasoning_content"}
+        unknown = set(m) - FIELDS
         if unknown:
             raise ChatDataError(
-                f"{at}: unknown field(s) {sorted(unknown)}; "
-                "allowed: role, content, reasoning_content"
+                f"{at}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(sorted(FIELDS))}"
             )
         content, reasoning = m.get("content"), m.get("reasoning_content")
         if not isinstance(content, str):
@@ -84,9 +94,26 @@ def validate_messages(messages, where: str = "conversation") -> Messages:
             )
         if role == "system" and any(p["role"] != "system" for p in out):
             raise ChatDataError(f"{at}: system messages must come before the conversation starts")
-        if role == "assistant" and not (content.strip() or (reasoning or "").strip()):
+        calls = _tool_calls(m.get("tool_calls"), at) if role == "assistant" else None
+        if m.get("tool_calls") is not None and role != "assistant":
+            raise ChatDataError(f"{at} ({role}): only assistant messages may have 'tool_calls'")
+        if role == "assistant" and not (content.strip() or (reasoning or "").strip() or calls):
             raise ChatDataError(f"{at}: the assistant message is empty")
-        for text in (content, reasoning or ""):
+        call_id = m.get("tool_call_id")
+        if role == "tool" and not isinstance(call_id, str):
+            raise ChatDataError(f"{at} (tool): 'tool_call_id' must be a string")
+        if role != "tool" and call_id is not None:
+            raise ChatDataError(f"{at} ({role}): only tool messages may have 'tool_call_id'")
+        weight = m.get("weight", 1)
+        if (
+            weight not in (0, 1)
+            or isinstance(weight, bool)
+            or (role != "assistant" and "weight" in m)
+        ):
+            raise ChatDataError(f"{at} ({role}): 'weight' is 0 or 1, on assistant messages only")
+        texts = [content, reasoning or ""]
+        texts += [c["function"]["name"] + c["function"]["arguments"] for c in calls or []]
+        for text in texts:
             bad = next((t for t in CONTROL_TOKENS if t in text), None)
             if bad:
                 raise ChatDataError(
@@ -96,17 +123,97 @@ def validate_messages(messages, where: str = "conversation") -> Messages:
         clean = {"role": role, "content": content}
         if reasoning and reasoning.strip():
             clean["reasoning_content"] = reasoning.strip()
+        if calls:
+            clean["tool_calls"] = calls
+        if role == "tool":
+            clean["tool_call_id"] = call_id
+        if role == "assistant" and weight == 0:
+            clean["weight"] = 0
         out.append(clean)
-    turns = [m["role"] for m in out if m["role"] != "system"]
-    if "assistant" not in turns:
+    _check_turns(out, where)
+    return out
+
+
+def _tool_calls(calls, at: str) -> list[dict] | None:
+    """An assistant message's tool_calls, checked (OpenAI's shape; arguments as JSON text)."""
+    if calls is None:
+        return None
+    if not isinstance(calls, list) or not calls:
+        raise ChatDataError(f"{at}: 'tool_calls' must be a non-empty list")
+    out = []
+    for k, c in enumerate(calls):
+        function = c.get("function") if isinstance(c, Mapping) else None
+        if (
+            not isinstance(function, Mapping)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+            or not isinstance(c.get("id"), str)
+        ):
+            raise ChatDataError(
+                f'{at}: tool call {k} must look like {{"id": "...", "type": "function", '
+                '"function": {"name": "...", "arguments": "<JSON text>"}}'
+            )
+        try:
+            json.loads(function["arguments"])
+        except ValueError:
+            raise ChatDataError(f"{at}: tool call {k}: 'arguments' is not JSON text") from None
+        out.append(
+            {
+                "id": c["id"],
+                "type": "function",
+                "function": {"name": function["name"], "arguments": function["arguments"]},
+            }
+        )
+    return out
+
+
+def _check_turns(messages: Messages, where: str) -> None:
+    """After the system messages: user, then assistant; an assistant message with tool calls is
+    followed by one tool message per call (answering them), then an assistant message."""
+    turns = [m for m in messages if m["role"] != "system"]
+    roles = [m["role"] for m in turns]
+    if "assistant" not in roles:
         raise ChatDataError(f"{where}: no assistant message, so nothing to learn from")
-    for k, role in enumerate(turns):
-        if role != ("user" if k % 2 == 0 else "assistant"):
+    expected = {"user"}
+    pending: list[str] = []
+    for m in turns:
+        if m["role"] not in expected:
             raise ChatDataError(
                 f"{where}: after the system messages, turns must alternate user, assistant, user, "
-                f"...; got {turns}"
+                "... (an assistant message with tool calls is followed by one tool message per "
+                f"call, then an assistant message); got {roles}"
             )
-    return out
+        if m["role"] == "tool":
+            if m["tool_call_id"] not in pending:
+                raise ChatDataError(
+                    f"{where}: tool_call_id {m['tool_call_id']!r} answers no open call"
+                )
+            pending.remove(m["tool_call_id"])
+            expected = {"tool"} if pending else {"assistant"}
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            pending = [c["id"] for c in m["tool_calls"]]
+            expected = {"tool"}
+        else:
+            expected = {"assistant"} if m["role"] == "user" else {"user"}
+
+
+def with_tools(messages: Messages, tools: Sequence[Mapping]) -> Messages:
+    """The conversation with its tools declared as the chat template declares them (after the
+    system messages: see the module doc)."""
+    if not all(isinstance(t, Mapping) for t in tools):
+        raise ChatDataError(
+            "tools must be function objects ({'type': 'function', 'function': ...})"
+        )
+    at = next(
+        (
+            i
+            for i, m in enumerate(messages)
+            if not (isinstance(m, Mapping) and m.get("role") == "system")
+        ),
+        len(messages),
+    )
+    declaration = {"role": "system", "content": tool_declaration(tools)}
+    return [*messages[:at], declaration, *messages[at:]]
 
 
 def read_chat_jsonl(path: str | os.PathLike) -> list[Messages]:
@@ -133,7 +240,12 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[Messages]:
                     f'{path}:{n}: expected an object like {{"messages": [{{"role": "user", '
                     f'"content": "..."}}, {{"role": "assistant", "content": "..."}}]}}'
                 )
-            conversations.append(validate_messages(record["messages"], f"{path}:{n}"))
+            messages = record["messages"]
+            if record.get("tools"):  # OpenAI's fine-tuning files carry them beside the messages
+                if not isinstance(messages, list) or not isinstance(record["tools"], list):
+                    raise ChatDataError(f"{path}:{n}: 'messages' and 'tools' must be lists")
+                messages = with_tools(messages, record["tools"])
+            conversations.append(validate_messages(messages, f"{path}:{n}"))
     if not conversations:
         raise ChatDataError(f"{path}: no conversations in the file")
     return conversations
@@ -201,6 +313,8 @@ def _trainable(tok, messages: Messages, ids: list[int]) -> list[bool]:
             "assistant messages"
         )
     for k, (start, m) in enumerate(zip(starts, turns)):
+        if m.get("weight", 1) == 0:
+            continue
         begin = start + 1
         if "reasoning_content" in m:
             if think is None or ids[begin : begin + len(think)] != think:

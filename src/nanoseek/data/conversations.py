@@ -3,6 +3,8 @@
     task_conversations(...)     train-split task problems with their worked solutions
                                 (reasoning + <answer>)
     identity_conversations(n)   greetings and questions about the model, in English and Chinese
+    tool_conversations(...)     train-split arithmetic and word problems solved with a calculator
+                                tool the conversation declares (and greetings that need none)
     corpus_conversations(...)   simple factual Q&A read off the pretraining corpus: how a Bible
                                 chapter begins, what a Wikipedia subject is, the title or the
                                 opening of a 三国演义 chapter
@@ -15,11 +17,15 @@ always know how to close it.
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import json
+import operator
 import random
 import re
 from collections.abc import Iterable, Sequence
 
-from nanoseek.data.chat_tokens import Messages, problem_messages
+from nanoseek.data.chat_tokens import Messages, problem_messages, with_tools
 from nanoseek.tasks import get_task
 
 
@@ -33,6 +39,21 @@ def task_conversations(
 ) -> list[Messages]:
     """`per_task` problems of each task (name -> difficulties), spread evenly
     over difficulties and languages."""
+    return [
+        problem_messages(p)
+        for p in task_problems(tasks, per_task, langs=langs, seed=seed, split=split)
+    ]
+
+
+def task_problems(
+    tasks: dict[str, Sequence[int]],
+    per_task: int,
+    *,
+    langs: Sequence[str] = ("en", "zh"),
+    seed: int = 0,
+    split: str = "train",
+):
+    """The problems task_conversations solves."""
     out = []
     for name, difficulties in tasks.items():
         task = get_task(name)
@@ -40,13 +61,131 @@ def task_conversations(
         for k, (difficulty, lang) in enumerate(cells):
             n = per_task // len(cells) + (k < per_task % len(cells))
             if n:
-                out += [
-                    problem_messages(p)
-                    for p in task.generate(
-                        n, seed=seed, difficulty=difficulty, split=split, lang=lang
-                    )
-                ]
+                out += task.generate(n, seed=seed, difficulty=difficulty, split=split, lang=lang)
     return out
+
+
+# ---------------------------------------------------------------------------------------- tool use
+CALCULATOR = {  # short: JSON costs a small tokenizer many tokens, and SFT rows are 256 long
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Exact integer arithmetic: + - * // % ( )",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        },
+    },
+}
+TOOL_TASKS = ("arithmetic", "word_problems")  # the tasks whose answer is one expression's value
+_TOOL_WORDS = {
+    "en": {
+        "call": "Exact arithmetic: I use the calculator.",
+        "answer": "The calculator says {value}.",
+    },
+    "zh": {
+        "call": "需要精确计算，我用计算器。",
+        "answer": "计算器算出 {value}。",
+    },
+}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
+
+
+def calculate(expression: str) -> int:
+    """The calculator tool: an integer expression (+ - * // %, unary minus, parentheses) evaluated
+    by Python, nothing else (ValueError otherwise)."""
+
+    def value(node) -> int:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            inner = value(node.operand)
+            return -inner if isinstance(node.op, ast.USub) else inner
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(f"the calculator takes integers, + - * // % and parentheses: {expression}")
+
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError:
+        raise ValueError(f"not an expression: {expression!r}") from None
+    return value(tree.body)
+
+
+def tool_conversations(
+    tasks: dict[str, Sequence[int]],
+    n: int,
+    *,
+    langs: Sequence[str] = ("en", "zh"),
+    seed: int = 0,
+) -> list[Messages]:
+    """About `n` conversations in which CALCULATOR is declared (as the chat template declares
+    tools) and the assistant uses it. Four in five come in pairs from one train-split problem of
+    the TOOL_TASKS among `tasks` (name -> difficulties):
+      1. the problem; the assistant thinks, then calls the calculator with the problem's expression;
+      2. the same problem, the call as history (weight 0: clients send it back without its thought,
+         which the server drops anyway), the tool's result (computed here by `calculate`, checked
+         against the problem's answer); the assistant thinks and answers in the task's format.
+    Each is what the server's prompt for that turn is, so the model learns the exact format. The
+    fifth is a greeting with the calculator declared and no call: a tool is used when it helps."""
+    chosen = {name: d for name, d in tasks.items() if name in TOOL_TASKS}
+    if not chosen or n <= 0:
+        return []
+    greetings = n // 5
+    per_task = -(-(n - greetings) // (2 * len(chosen)))
+    out = []
+    for problem in task_problems(chosen, per_task, langs=langs, seed=seed + 10_000):
+        out += _tool_pair(problem)
+    rng = random.Random(f"tool-greetings|{seed}")
+    for i in range(greetings):
+        t = _IDENTITY[langs[i % len(langs)]]
+        greeting = _turn(rng.choice(t["greetings"]), t["think_greet"], rng.choice(t["greet"]))
+        out.append(with_tools(greeting, [CALCULATOR]))
+    return out
+
+
+def _tool_pair(problem) -> list[Messages]:
+    """The call, and the answer from the tool's result, for one problem (see tool_conversations)."""
+    expression = problem.metadata["expression"]
+    value = calculate(expression)
+    if str(value) != problem.answer:
+        raise ValueError(
+            f"{problem.id}: {expression} = {value}, but the answer is {problem.answer}"
+        )
+    words = _TOOL_WORDS[problem.lang]
+    digest = hashlib.sha256(problem.id.encode()).hexdigest()[:24]
+    call = {
+        "id": f"call_{digest}",
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "arguments": json.dumps({"expression": expression}, ensure_ascii=False),
+        },
+    }
+    user = {"role": "user", "content": problem.prompt}
+    calling = {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": words["call"].format(expression=expression),
+        "tool_calls": [call],
+    }
+    answering = [
+        {"role": "assistant", "content": "", "tool_calls": [call], "weight": 0},
+        {"role": "tool", "tool_call_id": call["id"], "content": str(value)},
+        {
+            "role": "assistant",
+            "reasoning_content": words["answer"].format(expression=expression, value=value),
+            "content": f"<answer>{value}</answer>",
+        },
+    ]
+    return [with_tools([user, calling], [CALCULATOR]), with_tools([user, *answering], [CALCULATOR])]
 
 
 # ----------------------------------------------------------------------------------------- identity

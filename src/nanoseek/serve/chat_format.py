@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from nanoseek import chat_template
 from nanoseek.serve.tools import TOKEN_NAMES as TOOL_TOKEN_NAMES
+from nanoseek.serve.tools import generation_prefix
 from nanoseek.tokenizer import SPECIAL_TOKENS, tool_declaration
 
 THINK = "<think>"
@@ -58,15 +59,9 @@ def chat_prompt(
         raise FormatError(
             "prefix=true is for an assistant message", f"messages.{len(history)}.prefix"
         )
-    turns = [_turn(m) for m in (history if prefix else messages)]
-    kwargs = {}
-    if tools:
-        template = tok.chat_template
-        if template is None or chat_template.reads_tools(template):
-            kwargs["tools"] = list(tools)
-        else:
-            at = max((i + 1 for i, m in enumerate(turns) if m["role"] == "system"), default=0)
-            turns.insert(at, {"role": "system", "content": tool_declaration(tools)})
+    turns, kwargs = with_tools(
+        tok, [chat_turn(m) for m in (history if prefix else messages)], tools
+    )
     think = thinking and not prefix
     if tok.chat_template is not None:  # the switch's other name (Qwen3's templates read it)
         kwargs["enable_thinking"] = think
@@ -88,7 +83,45 @@ def chat_prompt(
     return ids + thought + [_special(tok, "end_think")] + tok.encode("\n" + content), False
 
 
-def _turn(m: Mapping) -> dict:
+def chat_request_prompt(
+    tok,
+    messages: Sequence[Mapping],
+    thinking: bool,
+    tools: Sequence[Mapping] | None = None,
+    choice: str = "none",
+) -> tuple[list[int], bool, str]:
+    """The ids a chat request runs (/v1/chat/completions, and /tokenize counts the same):
+    chat_prompt, then what the tool_choice prefills (serve.tools.generation_prefix). A forced call
+    (required, a named function) starts at once, without a thought, as DeepSeek-V3.1's calls do.
+    -> (ids, whether generation starts inside a thought, the prefilled text)."""
+    forced = bool(tools) and choice not in ("auto", "none")
+    ids, in_reasoning = chat_prompt(tok, messages, thinking and not forced, tools)
+    prefix = generation_prefix(tool_format(tok) or "raw", choice) if tools else ""
+    if prefix:
+        ids = ids + tok.encode(prefix, allow_special=True)
+    return ids, in_reasoning, prefix
+
+
+def with_tools(tok, turns: list[dict], tools: Sequence[Mapping] | None) -> tuple[list[dict], dict]:
+    """Template turns and keyword arguments that declare the tools: as the template's `tools`
+    variable, or, for a checkpoint's own template whose text never reads `tools` (DeepSeek's
+    released ones), as one more system message in nanoseek's words."""
+    kwargs = {}
+    if tools:
+        template = tok.chat_template
+        if template is None or chat_template.reads_tools(template):
+            kwargs["tools"] = list(tools)
+        else:
+            at = max((i + 1 for i, m in enumerate(turns) if m["role"] == "system"), default=0)
+            turns = [
+                *turns[:at],
+                {"role": "system", "content": tool_declaration(tools)},
+                *turns[at:],
+            ]
+    return turns, kwargs
+
+
+def chat_turn(m: Mapping) -> dict:
     """A message as the template gets it: an assistant message of only tool calls keeps content
     None (DeepSeek-V3's template renders the calls only then)."""
     turn = {"role": m["role"], "content": m.get("content") or ""}

@@ -213,6 +213,7 @@ def tool_calls_grammar(
     style: str = "v3",
     parallel: bool = True,
     opened: bool = False,
+    prefilled: str | None = None,
 ) -> str:
     """DeepSeek tool calls whose arguments match each function's parameter schema.
 
@@ -221,11 +222,20 @@ def tool_calls_grammar(
     CB "function" SEP NAME "\\n```json\\n" ARGS "\\n```" CE, later calls after a newline (V3's
     template; R1's has none, also allowed); "v31" as CB NAME SEP ARGS CE, chained (V3.1's). All
     calls sit between `<｜tool▁calls▁begin｜>` and `<｜tool▁calls▁end｜>`; after that only EOS.
-    parallel=False: exactly one call. opened=True: the grammar starts after
-    `<｜tool▁calls▁begin｜>` (the processor's trigger, for tool_choice auto); else it starts with it
-    (tool_choice required or a named function)."""
+    parallel=False: exactly one call. Where the grammar starts (what is already written, by the
+    model or by a prompt the server prefilled), `prefilled`:
+      "none"       it starts with `<｜tool▁calls▁begin｜>` (the default; opened=False);
+      "calls"      after `<｜tool▁calls▁begin｜>` (opened=True: the processor's trigger, for
+                   tool_choice auto);
+      "call"       after `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>` (tool_choice required);
+      "arguments"  after the head of a call of the first tool, up to its arguments (a named
+                   tool_choice: serve.tools.generation_prefix), so only that function's arguments
+                   and the close follow; with parallel, more calls of any of the tools may too."""
     if style not in ("v3", "v31"):
         raise ValueError(f"tool-call style is v3 or v31, not {style!r}")
+    prefilled = prefilled or ("calls" if opened else "none")
+    if prefilled not in ("none", "calls", "call", "arguments"):
+        raise ValueError(f"prefilled is none, calls, call or arguments, not {prefilled!r}")
     if not tools:
         raise GrammarError("no tools to call")
     begin = _token(vocab, "tool_calls_begin")
@@ -237,6 +247,7 @@ def tool_calls_grammar(
         raise GrammarError("the tokenizer lacks DeepSeek's tool-call tokens")
     rules = []
     names = []
+    firsts = []
     for k, (name, schema) in enumerate(tools):
         if not FUNCTION_NAME.fullmatch(name):
             raise GrammarError(f"function name {name!r} is not [A-Za-z0-9_-]{{1,64}}")
@@ -246,10 +257,22 @@ def tool_calls_grammar(
             parts = [call_begin, name, sep, schema, call_end]
         rules.append(f"call_{k}: " + _sequence(vocab, parts, f"args_{k}"))
         names.append(f"call_{k}")
+        # the first call, for a grammar that starts inside it
+        if prefilled == "call":
+            rest = parts[1:]
+        elif prefilled == "arguments" and k == 0:
+            rest = parts[next(i for i, p in enumerate(parts) if isinstance(p, dict)) :]
+        else:
+            continue
+        rules.append(f"first_{k}: " + _sequence(vocab, rest, f"first_args_{k}"))
+        firsts.append(f"first_{k}")
     separator = '"\\n"? ' if style == "v3" else ""  # R1's template leaves the newline out
-    calls = f"call ({separator}call)*" if parallel else "call"
-    head = "" if opened else f"{begin} "
+    first = "call" if prefilled in ("none", "calls") else "first"
+    calls = f"{first} ({separator}call)*" if parallel else first
+    head = f"{begin} " if prefilled == "none" else ""
     lines = [f"start: {head}{calls} {end}", "call: " + " | ".join(names), *rules]
+    if firsts:
+        lines.append("first: " + " | ".join(firsts))
     return LLMatcher.grammar_from_lark("\n".join(lines))
 
 

@@ -24,16 +24,16 @@ from nanoseek.serve.chat_format import (
     TOOL_TOKEN_NAMES,
     FormatError,
     ReasoningParser,
-    chat_prompt,
+    chat_request_prompt,
     completion_prompt,
     tool_format,
 )
 from nanoseek.serve.errors import APIError
-from nanoseek.serve.grammar import Grammar, GrammarError, GrammarProcessor
+from nanoseek.serve.grammar import Grammar, GrammarError, GrammarProcessor, tool_calls_grammar
 from nanoseek.serve.job import Choice, Job
 from nanoseek.serve.logits import JsonObjectProcessor, LogitBias, MinTokens
 from nanoseek.serve.server import Server
-from nanoseek.serve.tools import ToolCallRules, ToolParser, generation_prefix
+from nanoseek.serve.tools import ToolCallRules, ToolParser
 
 log = logging.getLogger("nanoseek.serve")
 FINGERPRINT = "nanoseek-0.1"
@@ -352,17 +352,28 @@ class OpenAIAPI:
         ]
         self.server.check_bytes(_text_bytes([text, tools]), "messages")
         try:
-            # a forced call starts at once, without a thought (as DeepSeek-V3.1's calls do)
-            ids, in_reasoning = await asyncio.to_thread(
-                chat_prompt, tok, messages, thinking and not forced, tools
+            ids, in_reasoning, prefix = await asyncio.to_thread(
+                chat_request_prompt, tok, messages, thinking, tools, choice
             )
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
-        prefix = generation_prefix(fmt, choice) if tools else ""
-        ids = ids + tok.encode(prefix, allow_special=True)
-        rules = ()
+        rules = []
         if tools:
-            rules = (ToolCallRules(tok.special_ids, choice != "none", req.parallel_tool_calls),)
+            rules.append(ToolCallRules(tok.special_ids, choice != "none", req.parallel_tool_calls))
+        calls = await self.tool_grammar(tools, choice, fmt, req.parallel_tool_calls)
+        if calls is not None:
+            if req.min_tokens:
+                raise APIError(
+                    400,
+                    "min_tokens cannot be combined with a constrained tool call (tool_choice "
+                    "required or named, or a strict function): its grammar may end sooner",
+                    param="min_tokens",
+                )
+            vocab = self.server.grammar_vocab
+            trigger = tok.special_ids["tool_calls_begin"] if choice == "auto" else None
+            rules.append(
+                GrammarProcessor(vocab, calls, in_reasoning, trigger=trigger, sequences=req.n)
+            )
         grammar = await self.grammar(req)
         params = self.sampling(
             req,
@@ -373,7 +384,7 @@ class OpenAIAPI:
             json_thinking=in_reasoning if mode and mode[0] == "json_object" else None,
             grammar=grammar,
             thinking=in_reasoning,
-            extra_processors=rules,
+            extra_processors=tuple(rules),
             prompt_logprobs=req.prompt_logprobs,
         )
         make_tools = self._tool_parser(fmt if tools and choice != "none" else None, prefix)
@@ -417,6 +428,58 @@ class OpenAIAPI:
                 ),
             )
         )
+
+    async def tool_grammar(
+        self, tools: list[dict], choice: str, fmt: str | None, parallel: bool
+    ) -> Grammar | None:
+        """The grammar of a request's tool calls, or None when they are free.
+
+        required: the prompt ends in `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>`; the grammar
+        picks one of the tools' names, then that function's arguments by its schema, then more
+        calls if parallel, then the close. A named function: the prompt ends where its arguments
+        begin; the grammar is its arguments, then the close (exactly one call). auto, with at least
+        one `strict` function: the output is free until the model writes
+        `<｜tool▁calls▁begin｜>` (the processor's trigger), then the whole block is constrained:
+        names among the tools, a strict function's arguments by its schema, a non-strict one's as
+        any JSON object. Forced calls use every function's schema, strict or not (as vLLM does).
+        A schema the engine cannot compile: a 400 naming `tools.N.function.parameters`."""
+        if not tools or choice == "none" or fmt is None:
+            return None
+        forced = choice != "auto"
+        entries = []  # (index, name, schema, constrained)
+        for i, tool in enumerate(tools):
+            function = tool["function"]
+            if choice not in ("auto", "required") and function["name"] != choice:
+                continue
+            constrained = forced or bool(function.get("strict"))
+            schema = {"type": "object"}
+            if constrained:
+                schema = {"type": "object", **(function.get("parameters") or {})}
+            entries.append((i, function["name"], schema, constrained))
+        if not any(constrained for *_, constrained in entries):
+            return None
+        named = choice not in ("auto", "required")
+        prefilled = "calls" if choice == "auto" else "arguments" if named else "call"
+        vocab = self.server.grammar_vocab
+
+        def build() -> Grammar:
+            for i, _, schema, constrained in entries:
+                if constrained:  # each schema alone first, so that an error names its tool
+                    vocab.build("json_schema", schema, f"tools.{i}.function.parameters")
+            text = tool_calls_grammar(
+                vocab,
+                [(name, schema) for _, name, schema, _ in entries],
+                style="v3" if fmt == "fenced" else "v31",
+                parallel=parallel and not named,
+                prefilled=prefilled,
+            )
+            return vocab.compile(text, "tools")
+
+        try:
+            return await asyncio.to_thread(build)
+        except GrammarError as e:
+            param = e.param or "tools"
+            raise APIError(400, f"{param}: {e}", param=param) from None
 
     def _tool_parser(self, fmt: str | None, prefix: str):
         """A factory of ToolParsers for a job's choices, if the engine's text shows tool tokens

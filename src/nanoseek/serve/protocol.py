@@ -385,13 +385,30 @@ class TokenizeChatRequest(_Strict):
     return_token_strs: bool = False
     thinking: Thinking | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # as the chat endpoint takes them: the tools' declaration and a forced call's prefilled opening
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     def check(self) -> None:
+        try:
+            tools.check_request(
+                [t.as_dict() for t in self.tools or []],
+                self.tool_choice_name,
+                [m.as_dict() for m in self.messages],
+            )
+        except tools.ToolError as e:
+            raise ProtocolError(str(e), e.param) from None
         if self.continue_final_message and self.add_generation_prompt:
             raise ProtocolError(
                 "continue_final_message and add_generation_prompt cannot both be true "
                 "(set add_generation_prompt=false)",
                 "continue_final_message",
+            )
+        if self.continue_final_message and self.tool_choice_name not in ("auto", "none"):
+            raise ProtocolError(
+                f"tool_choice {self.tool_choice_name!r} forces a call; it cannot go with "
+                "continue_final_message (as on chat, with a prefix message)",
+                "tool_choice",
             )
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise ProtocolError(
@@ -399,6 +416,7 @@ class TokenizeChatRequest(_Strict):
             )
 
     thinking_enabled = ChatCompletionRequest.thinking_enabled
+    tool_choice_name = ChatCompletionRequest.tool_choice_name
 
 
 class TokenizeResponse(BaseModel):

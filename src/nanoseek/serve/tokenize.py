@@ -12,7 +12,13 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from nanoseek.serve import protocol
-from nanoseek.serve.chat_format import FormatError, chat_prompt, completion_prompt
+from nanoseek.serve.chat_format import (
+    FormatError,
+    chat_request_prompt,
+    chat_turn,
+    completion_prompt,
+    with_tools,
+)
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.openai import OpenAIAPI, _json, _text_bytes
 from nanoseek.tokenizer import CHAT_TEMPLATE
@@ -34,8 +40,13 @@ class TokenizerAPI:
         req = self._parse(model, body)
         if chat:
             messages = [m.as_dict() for m in req.messages]
-            text = [[m.get("content"), m.get("reasoning_content")] for m in messages]
-            self.server.check_bytes(_text_bytes(text), "messages")
+            tools = [t.as_dict() for t in req.tools or []]
+            text = [
+                [m.get("content"), m.get("reasoning_content"), m.get("tool_calls")]
+                for m in messages
+            ]
+            self.server.check_bytes(_text_bytes([text, tools]), "messages")
+            self.api._tool_format(messages, tools)  # a model that cannot call tools: 400
         else:
             self.server.check_bytes(_text_bytes(req.prompt), "prompt")
         try:
@@ -60,16 +71,17 @@ class TokenizerAPI:
             return tok.encode(req.prompt)
         thinking = req.thinking_enabled(self.api.config.thinking)
         messages = [m.as_dict() for m in req.messages]
+        tools = [t.as_dict() for t in req.tools or []]
         if req.continue_final_message:
             messages[-1]["prefix"] = True
         if req.add_generation_prompt or req.continue_final_message:
-            ids, _ = chat_prompt(tok, messages, thinking)
+            # the chat endpoint's own function: the same prompt, tools and prefilled call
+            ids, _, _ = chat_request_prompt(tok, messages, thinking, tools, req.tool_choice_name)
         else:
-            turns = [
-                {"role": m["role"], "content": m["content"] or "", **_reasoning(m)}
-                for m in messages
-            ]
-            ids = tok.apply_chat_template(turns, thinking=thinking, sanitize=True)
+            turns, kwargs = with_tools(
+                tok, [{**chat_turn(m), **_reasoning(m)} for m in messages], tools
+            )
+            ids = tok.apply_chat_template(turns, thinking=thinking, sanitize=True, **kwargs)
         if req.add_special_tokens and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)
         return ids

@@ -118,6 +118,7 @@ class Arithmetic(Task):
             a=a,
             b=b,
             op=op,
+            expression=f"{a} {op} {b}",
         )
 
     def score(self, problem: Problem, answer: str) -> tuple[float, str | None]:

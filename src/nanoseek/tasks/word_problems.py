@@ -207,6 +207,20 @@ TEMPLATES = [
 ]
 
 
+# each template's answer as one arithmetic expression of its numbers (what a calculator tool is
+# asked in the SFT's tool-use conversations, data/conversations.py)
+EXPRESSIONS = {
+    "shopping": "{bill} - {n} * {p}",
+    "ages": "{a} * {k} + {y}",
+    "speed": "{v1} * {t1} + {v2} * {t2}",
+    "sharing": "{total} // {k}",
+    "fence": "2 * ({l} + {w})",
+    "savings": "{s} * {wk} - {c}",
+    "factory": "{r} * {m} * {h}",
+    "reading": "{p} - {r} * {d}",
+}
+
+
 class WordProblems(Task):
     name = "word_problems"
     max_answer_chars = 40
@@ -226,6 +240,7 @@ class WordProblems(Task):
             reasoning=template.steps[lang].format(**values),
             template=template.name,
             units=template.units[lang],
+            expression=EXPRESSIONS[template.name].format(**values),
         )
 
     def score(self, problem: Problem, answer: str) -> tuple[float, str | None]:

@@ -22,6 +22,7 @@ from nanoseek.data.conversations import (
     corpus_conversations,
     identity_conversations,
     task_conversations,
+    tool_conversations,
 )
 from nanoseek.data.corpus import iter_records
 from nanoseek.tokenizer import load_tokenizer
@@ -41,6 +42,9 @@ DATA_DEFAULTS = {
     "langs": ["en", "zh"],
     "identity": 200,  # generated greetings / questions about the model
     "corpus_qa": 300,  # factual Q&A read off the run's pretraining corpus (train split)
+    # the share of the generated mix that is tool use (a declared calculator, called for arithmetic
+    # and word problems of the train split; data/conversations.py tool_conversations)
+    "tool_use": 0.15,
     "chat_jsonl": [],  # your own {"messages": [...]} files, added to the mix
     "val_problems": 16,  # held-out (test-split) problems per task for the validation loss
     "data_seed": 0,
@@ -86,6 +90,11 @@ def sft_mix(data: dict, corpus_dir: str | Path | None = None) -> list[Messages]:
     train_file = Path(corpus_dir) / "train.jsonl" if corpus_dir else None
     if data["corpus_qa"] and train_file is not None and train_file.is_file():
         convs += corpus_conversations(iter_records(train_file), data["corpus_qa"], seed=seed)
+    share = data["tool_use"]
+    if not 0 <= share < 1:
+        raise ValueError(f"sft: tool_use is a share of the mix in [0, 1), got {share!r}")
+    n_tools = round(share / (1 - share) * len(convs))
+    convs += tool_conversations(data["tasks"], n_tools, langs=data["langs"], seed=seed)
     for path in data["chat_jsonl"] or []:
         convs += read_chat_jsonl(path)
     return convs
