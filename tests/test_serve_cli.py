@@ -116,6 +116,19 @@ def test_generate_loads_in_the_dtype_or_int8_asked(checkpoint, flags):
     assert r.stdout.startswith(HELLO) and "finish: length" in r.stderr
 
 
+def test_generate_and_chat_pass_the_decode_path_to_the_engine(checkpoint):
+    """--decode reaches the Engine: int8 weights have no compiled step, so asking for one falls
+    back to eager with one warning that names why (and nothing compiles here)."""
+    why = "no int8 kernels); decoding runs eager"
+    r = nanoseek(
+        "generate", str(checkpoint), HELLO, "--max-tokens", "4", "--int8", "--decode", "compiled"
+    )
+    assert r.returncode == 0 and why in r.stderr, r.stderr
+    r = nanoseek("chat", str(checkpoint), "--int8", "--decode", "auto", stdin="/exit\n")
+    assert r.returncode == 0 and why in r.stderr, r.stderr
+    assert why not in nanoseek("chat", str(checkpoint), "--int8", stdin="/exit\n").stderr
+
+
 def test_serve_int8(checkpoint, tmp_path):
     with ServerProcess(checkpoint, "--int8").wait_ready() as server:
         r = httpx.post(

@@ -49,13 +49,15 @@ class Stop:
 class LocalBackend:
     """The engine in this process."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, engine_options: dict | None = None):
+        """engine_options: Engine keyword arguments (the decode path, say)."""
         from nanoseek.engine import Engine
         from nanoseek.serve.chat_format import EngineTokenizer
 
         self.tok = ckpt.tokenizer
         self.defaults = ckpt.defaults
-        self.engine = Engine(ckpt.model, EngineTokenizer(ckpt.tokenizer), max_batch_size=1)
+        tok = EngineTokenizer(ckpt.tokenizer)
+        self.engine = Engine(ckpt.model, tok, max_batch_size=1, **(engine_options or {}))
 
     def reply(self, messages: list[dict], opts: dict) -> Iterator[tuple[str, str]]:
         from nanoseek.engine import SamplingParams

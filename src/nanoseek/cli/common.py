@@ -1,5 +1,5 @@
-"""What several command families share: the weight flags (--dtype, --int8) and the check for a
-servable checkpoint."""
+"""What several command families share: the weight flags (--dtype, --int8), the decode-path flags
+(--decode, --decode-dtype) and the check for a servable checkpoint."""
 
 from __future__ import annotations
 
@@ -21,6 +21,29 @@ def add_weight_arguments(p) -> None:
         action="store_true",
         help="int8 weights: model.int8.safetensors when present, else quantized at load",
     )
+
+
+def add_decode_arguments(p) -> None:
+    """--decode and --decode-dtype: the Engine's decode path (engine/compiled.py)."""
+    p.add_argument(
+        "--decode",
+        choices=("eager", "compiled", "auto"),
+        default="eager",
+        help="decode step: eager PyTorch (default), compiled (Inductor, one graph per batch and "
+        "context bucket; the first start compiles for about a minute, later ones read the cache), "
+        "or auto (times each on this CPU at start and keeps the fastest)",
+    )
+    p.add_argument(
+        "--decode-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="the compiled step's matrices (auto: bfloat16 is tried only where the CPU has it)",
+    )
+
+
+def decode_options(args) -> dict:
+    """The Engine keyword arguments of --decode and --decode-dtype."""
+    return {"decode": args.decode, "decode_dtype": args.decode_dtype}
 
 
 def check_checkpoint(path: str | Path) -> Path:

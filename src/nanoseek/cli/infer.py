@@ -11,7 +11,12 @@ import time
 import torch
 
 from nanoseek.checkpoint import load_checkpoint
-from nanoseek.cli.common import add_weight_arguments, check_checkpoint
+from nanoseek.cli.common import (
+    add_decode_arguments,
+    add_weight_arguments,
+    check_checkpoint,
+    decode_options,
+)
 from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.terminal_chat import LocalBackend, RemoteBackend, repl
@@ -36,6 +41,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_weight_arguments(p)
+    add_decode_arguments(p)
     return p
 
 
@@ -52,7 +58,7 @@ def generate_cli(args: argparse.Namespace) -> int:
     speculative = args.speculative and len(model.mtp) > 0
     if args.speculative and not speculative:
         print("note: this model has no MTP module; decoding without speculation", file=sys.stderr)
-    engine = Engine(model, tok, max_batch_size=1, speculative=speculative)
+    engine = Engine(model, tok, max_batch_size=1, speculative=speculative, **decode_options(args))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -117,6 +123,7 @@ def add_chat_arguments(p) -> None:
     )
     p.add_argument("--seed", type=int, default=None)
     add_weight_arguments(p)
+    add_decode_arguments(p)
 
 
 def cmd_chat(args) -> int:
@@ -126,7 +133,8 @@ def cmd_chat(args) -> int:
         backend = RemoteBackend(args.url, args.api_key, args.model)
     else:
         backend = LocalBackend(
-            load_checkpoint(check_checkpoint(args.checkpoint), args.dtype, args.int8)
+            load_checkpoint(check_checkpoint(args.checkpoint), args.dtype, args.int8),
+            decode_options(args),
         )
     opts = dict(
         thinking=not args.no_thinking,

@@ -7,7 +7,12 @@ import os
 import socket
 import sys
 
-from nanoseek.cli.common import add_weight_arguments, check_checkpoint
+from nanoseek.cli.common import (
+    add_decode_arguments,
+    add_weight_arguments,
+    check_checkpoint,
+    decode_options,
+)
 
 
 def add_commands(subparsers) -> None:
@@ -89,6 +94,7 @@ def add_commands(subparsers) -> None:
         "--cache-memory", type=float, default=None, help="GiB for the latent KV cache (default: 1)"
     )
     add_weight_arguments(eng)
+    add_decode_arguments(eng)
     eng.add_argument(
         "--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)"
     )
@@ -169,6 +175,7 @@ def cmd_serve(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         speculative=args.speculative,
         enable_prefix_cache=not args.no_prefix_cache,
+        **decode_options(args),
     )
     if args.cache_memory is not None:
         engine_options["cache_memory"] = int(args.cache_memory * (1 << 30))
