@@ -7,7 +7,6 @@ stalls the event loop nor gets tokenized at all."""
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import time
 import uuid
@@ -32,6 +31,13 @@ from nanoseek.serve.errors import APIError
 from nanoseek.serve.grammar import Grammar, GrammarError, GrammarProcessor, tool_calls_grammar
 from nanoseek.serve.job import Choice, Job
 from nanoseek.serve.logits import JsonObjectProcessor, LogitBias, MinTokens
+from nanoseek.serve.logprobs import (
+    chat_logprobs,
+    choice_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    vllm_prompt_logprobs,
+)
 from nanoseek.serve.server import Server
 from nanoseek.serve.tools import ToolCallRules, ToolParser
 
@@ -224,100 +230,6 @@ class OpenAIAPI:
             reasoning,
         )
 
-    def chat_logprobs(self, lps) -> protocol.ChatLogprobs:
-        t = self.server.table
-        return protocol.ChatLogprobs(
-            content=[
-                protocol.TokenLogprob(
-                    token=t.text(lp.token_id),
-                    logprob=_finite(lp.logprob),
-                    bytes=t.raw(lp.token_id),
-                    top_logprobs=[
-                        protocol.TopLogprob(token=t.text(i), logprob=_finite(v), bytes=t.raw(i))
-                        for i, v in lp.top
-                    ],
-                )
-                for lp in lps
-            ]
-        )
-
-    def prompt_logprobs(self, lps: list | None) -> protocol.PromptLogprobs | None:
-        """The engine's prompt logprobs in vLLM's shape: per prompt token None (the first) or
-        {token id: {logprob, rank, decoded_token}} for the prompt's token and its top
-        alternatives."""
-        if lps is None:
-            return None
-        t = self.server.table
-        out = []
-        for lp in lps:
-            if lp is None:
-                out.append(None)
-                continue
-            entry = {
-                str(lp.token_id): protocol.PromptLogprob(
-                    logprob=_finite(lp.logprob), rank=lp.rank, decoded_token=t.text(lp.token_id)
-                )
-            }
-            for rank, (i, v) in enumerate(lp.top, 1):
-                entry.setdefault(
-                    str(i),
-                    protocol.PromptLogprob(logprob=_finite(v), rank=rank, decoded_token=t.text(i)),
-                )
-            out.append(entry)
-        return out
-
-    def echo_logprobs(self, ids: list[int], lps: list) -> protocol.CompletionLogprobs:
-        """The prompt's tokens in the legacy completions shape, for echo: the first token has no
-        logprob (null, and null top_logprobs), the others their logprob given the tokens before
-        them. text_offset is each token's character offset in the echoed text (the prompt decoded
-        without special tokens, which take no characters): a token that starts inside a character
-        points at that character."""
-        t = self.server.table
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        offsets = []
-        offset = 0
-        for i in ids:
-            offsets.append(offset)
-            if t.bytes[i] is not None:
-                offset += len(decoder.decode(t.bytes[i]))
-        return protocol.CompletionLogprobs(
-            tokens=[t.text(i) for i in ids],
-            token_logprobs=[None if lp is None else _finite(lp.logprob) for lp in lps],
-            top_logprobs=[
-                None if lp is None else {t.text(i): _finite(v) for i, v in lp.top} for lp in lps
-            ],
-            text_offset=offsets,
-        )
-
-    def choice_logprobs(
-        self, echo: protocol.CompletionLogprobs | None, lps: list, offset: int
-    ) -> protocol.CompletionLogprobs:
-        """A completion's logprobs: the echoed prompt's (if any), then its own tokens'."""
-        own = self.completion_logprobs(lps, offset)
-        if echo is None:
-            return own
-        return protocol.CompletionLogprobs(
-            tokens=echo.tokens + own.tokens,
-            token_logprobs=echo.token_logprobs + own.token_logprobs,
-            top_logprobs=echo.top_logprobs + own.top_logprobs,
-            text_offset=echo.text_offset + own.text_offset,
-        )
-
-    def completion_logprobs(self, lps, offset: int) -> protocol.CompletionLogprobs:
-        t = self.server.table
-        tokens = [t.text(lp.token_id) for lp in lps]
-        offsets = []
-        for s in tokens:
-            offsets.append(offset)
-            offset += len(s)
-        top = [{t.text(i): _finite(v) for i, v in lp.top} for lp in lps]
-        return protocol.CompletionLogprobs(
-            tokens=tokens,
-            token_logprobs=[_finite(lp.logprob) for lp in lps],
-            top_logprobs=top,
-            text_offset=offsets,
-        )
-
     # ------------------------------------------------------------------ endpoints
     async def chat_completions(self, request: Request) -> Response:
         start = time.perf_counter()
@@ -411,7 +323,7 @@ class OpenAIAPI:
                 index=c.index,
                 finish_reason=c.finish_reason,
                 message=_assistant_message(c),
-                logprobs=self.chat_logprobs(c.logprobs) if req.logprobs else None,
+                logprobs=chat_logprobs(self.server.table, c.logprobs) if req.logprobs else None,
             )
             for c in job.choices
         ]
@@ -423,8 +335,8 @@ class OpenAIAPI:
                 system_fingerprint=FINGERPRINT,
                 choices=choices,
                 usage=self.usage(job, chat=True),
-                prompt_logprobs=self.prompt_logprobs(
-                    next(iter(job.requests.values())).prompt_logprobs
+                prompt_logprobs=vllm_prompt_logprobs(
+                    self.server.table, next(iter(job.requests.values())).prompt_logprobs
                 ),
             )
         )
@@ -550,7 +462,7 @@ class OpenAIAPI:
                     yield ": keep-alive\n\n"
                     continue
                 c, ev, r, text = item
-                lps = self.chat_logprobs(ev.logprobs) if ev.logprobs else None
+                lps = chat_logprobs(self.server.table, ev.logprobs) if ev.logprobs else None
                 if r:
                     yield chunk(
                         [
@@ -647,9 +559,11 @@ class OpenAIAPI:
         for r in job.requests.values():
             echoed = None
             if req.echo and req.logprobs is not None:
-                echoed = self.echo_logprobs(r.prompt, r.prompt_logprobs)
+                echoed = echo_logprobs(self.server.table, r.prompt, r.prompt_logprobs)
             prompt_lps = (
-                self.prompt_logprobs(r.prompt_logprobs) if req.prompt_logprobs is not None else None
+                vllm_prompt_logprobs(self.server.table, r.prompt_logprobs)
+                if req.prompt_logprobs is not None
+                else None
             )
             choices += [
                 protocol.CompletionChoice(
@@ -658,7 +572,7 @@ class OpenAIAPI:
                     finish_reason=c.finish_reason,
                     logprobs=None
                     if req.logprobs is None
-                    else self.choice_logprobs(echoed, c.logprobs, len(c.prefix_text)),
+                    else choice_logprobs(self.server.table, echoed, c.logprobs, len(c.prefix_text)),
                     prompt_logprobs=prompt_lps,
                 )
                 for c in r.choices
@@ -720,13 +634,13 @@ class OpenAIAPI:
                 if c.index in echo_pending:
                     echo_pending.discard(c.index)
                     ids = ev.output.prompt_token_ids
-                    lps = self.echo_logprobs(ids, ev.output.prompt_logprobs)
+                    lps = echo_logprobs(self.server.table, ids, ev.output.prompt_logprobs)
                     yield chunk(
                         [protocol.CompletionChoice(index=c.index, text=c.prefix_text, logprobs=lps)]
                     )
                 lps = None
                 if logprobs is not None and ev.logprobs:
-                    lps = self.completion_logprobs(ev.logprobs, offsets[c.index])
+                    lps = completion_logprobs(self.server.table, ev.logprobs, offsets[c.index])
                     offsets[c.index] += sum(map(len, lps.tokens))
                 if text or lps or ev.finished:
                     finish_reason = c.finish_reason if ev.finished else None
@@ -767,10 +681,6 @@ def _text_bytes(value) -> int:
     if isinstance(value, list):
         return sum(map(_text_bytes, value))
     return 0
-
-
-def _finite(x: float) -> float:
-    return max(x, -9999.0)  # JSON has no -inf
 
 
 def _json(model, status: int = 200) -> Response:
