@@ -136,3 +136,16 @@ def test_vision_stage_runs_once(stage):
     run, base, summary = stage
     again = vision_stage(run, {"vision": SECTION}, DistInfo(), init=base)
     assert again == json.loads((run / "vision" / DONE).read_text())
+
+
+def test_the_report_card_shows_the_visual_tasks_and_samples(stage):
+    from nanoseek.reporting.report_card import write_report
+
+    run, _, summary = stage
+    text = write_report(run).read_text("utf-8")
+    assert "## Vision" in text and "| visual_colour | 6 (" in text
+    r = summary["tasks"]["visual_colour"]["after"]
+    lo, hi = r["wilson95"]
+    assert f"[{100 * lo:.1f}%, {100 * hi:.1f}%]" in text
+    for s in summary["samples"]:
+        assert f"](vision/{s['image']})" in text and (run / "vision" / s["image"]).is_file()
