@@ -149,3 +149,9 @@ def test_the_report_card_shows_the_visual_tasks_and_samples(stage):
     assert f"[{100 * lo:.1f}%, {100 * hi:.1f}%]" in text
     for s in summary["samples"]:
         assert f"](vision/{s['image']})" in text and (run / "vision" / s["image"]).is_file()
+
+
+def test_held_out_problems_have_distinct_keys_in_both_languages():
+    probs = visual_problems({"visual_count": [2]}, 200, split="test", seed=1)
+    assert len({p.key for p in probs}) == 200
+    assert {p.lang for p in probs} == {"en", "zh"}

@@ -40,16 +40,21 @@ def visual_problems(
     seed: int = 0,
     langs: Sequence[str] = ("en", "zh"),
 ) -> list:
-    """`per_task` problems of each visual task (name -> difficulties), spread over difficulties and
-    languages; the split is the task's (by problem key)."""
+    """`per_task` problems of each visual task (name -> difficulties), spread over difficulties,
+    with distinct keys within a difficulty (as far as its space allows): the languages alternate
+    over one list of problems (the task's "zh" set is its "en" set translated, so drawing each
+    language separately would repeat every key). The split is the task's (by problem key)."""
     out = []
     for name, difficulties in tasks.items():
         task = get_visual_task(name)
-        cells = [(d, lang) for d in difficulties for lang in langs]
-        for k, (d, lang) in enumerate(cells):
-            n = per_task // len(cells) + (k < per_task % len(cells))
-            if n:
-                out += task.generate(n, seed=seed, difficulty=d, split=split, lang=lang)
+        for k, d in enumerate(difficulties):
+            n = per_task // len(difficulties) + (k < per_task % len(difficulties))
+            if not n:
+                continue
+            by_lang = [
+                task.generate(n, seed=seed, difficulty=d, split=split, lang=lang) for lang in langs
+            ]
+            out += [by_lang[i % len(langs)][i] for i in range(n)]
     return out
 
 
