@@ -155,3 +155,21 @@ def test_held_out_problems_have_distinct_keys_in_both_languages():
     probs = visual_problems({"visual_count": [2]}, 200, split="test", seed=1)
     assert len({p.key for p in probs}) == 200
     assert {p.lang for p in probs} == {"en", "zh"}
+
+
+def test_an_unfinished_stage_resumes_from_its_checkpoints(stage, tmp_path):
+    """Without done.json (a kill after training) the stage runs again: both phases resume at their
+    last checkpoint (no step is trained twice) and the final weights are the same."""
+    import shutil
+
+    run, base, summary = stage
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "vision" / DONE).unlink()
+    shutil.rmtree(copy / "vision" / "final")
+    again = vision_stage(copy, {"vision": SECTION}, DistInfo(), init=base)
+    assert again["align"]["steps"] == 6 and again["sft"]["steps"] == 10
+    a = load_file(str(run / "vision" / "final" / "model.safetensors"))
+    b = load_file(str(copy / "vision" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again["tasks"] == summary["tasks"]
