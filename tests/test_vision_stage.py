@@ -173,3 +173,18 @@ def test_an_unfinished_stage_resumes_from_its_checkpoints(stage, tmp_path):
     b = load_file(str(copy / "vision" / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert again["tasks"] == summary["tasks"]
+
+
+def test_nanoseek_vision_command(stage, tmp_path, capsys):
+    from nanoseek.cli import main
+
+    _, base, _ = stage
+    preset = tmp_path / "tiny-vision.json"
+    preset.write_text(json.dumps({"description": "test", "price_per_hour": 0.1, "vision": SECTION}))
+    run = tmp_path / "run"
+    assert main(["vision", str(run), "--preset", str(preset), "--init", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "[vision] done in" in out
+    assert json.loads(out[out.index("\n{") + 1 :])["sft"]["steps"] == 10
+    assert (run / "vision" / DONE).is_file()
+    assert main(["vision", str(tmp_path / "nothing"), "--preset", str(preset)]) == 2  # no sft/final

@@ -101,7 +101,7 @@ def cmd_vision(args) -> int:
     from nanoseek.stages.vision import vision_stage
     from nanoseek.train.dist import DistInfo
 
-    run = Path(args.run)
+    run = Path(args.out)
     summary = vision_stage(run, load_preset(args.preset, args.set), DistInfo(), init=args.init)
     print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))
     if (run / "report.md").is_file():
@@ -192,7 +192,9 @@ def add_commands(sub) -> None:
         help="add a vision stage to a run: a DeepSeek-VL2-style vision-language model on its "
         "post-trained checkpoint (adaptor alignment, joint SFT, held-out visual tasks)",
     )
-    p.add_argument("run", help="a run directory with sft/final (or grpo/final), e.g. runs/cpu")
+    p.add_argument(
+        "out", metavar="RUN", help="a run directory with sft/final (or grpo/final), e.g. runs/cpu"
+    )
     p.add_argument(
         "--preset", default="vision", help="preset with a vision section (default: vision)"
     )
