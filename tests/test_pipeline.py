@@ -25,6 +25,7 @@ STAGES = [
     "long_context",
     "sft",
     "grpo",
+    "vision",
     "eval",
     "export",
 ]
@@ -83,6 +84,14 @@ def test_every_stage_finishes_and_the_report_is_sane(run):
         and 0 <= grpo["val_accuracy_before"] <= 1
         and 0 <= grpo["val_accuracy"] <= 1
     )
+    vision = stages["vision"]  # the tiny vision stage: alignment, joint SFT, before/after
+    assert vision["align"]["steps"] == 8 and vision["sft"]["steps"] == 12
+    for r in vision["tasks"].values():
+        for when in ("before", "after"):
+            lo, hi = r[when]["wilson95"]
+            assert r[when]["problems"] == 8 and lo <= r[when]["accuracy"] <= hi
+    assert (path / "vision" / "final" / "vision.safetensors").is_file()
+    assert all((path / "vision" / s["image"]).is_file() for s in vision["samples"])
     assert report["eval"].keys() == {"sft", "grpo"}
     for result in report["eval"].values():
         assert set(result["bpb"]) == {"en", "zh", "code"} and all(
@@ -104,6 +113,7 @@ def test_every_stage_finishes_and_the_report_is_sane(run):
         "Held-out task accuracy",
         "Passkey retrieval",
         "Sample answers",
+        "## Vision",
         "你好，你是谁？",
         "estimated cost $",
     ):

@@ -12,7 +12,7 @@ from nanoseek.train.sft import split_section
 from nanoseek.train.trainer import TrainConfig
 
 
-@pytest.mark.parametrize("name", available_presets())
+@pytest.mark.parametrize("name", available_presets(stage_presets=False))
 def test_every_shipped_preset_builds_every_stage(name):
     preset = load_preset(name)
     assert preset["description"] and preset["price_per_hour"] > 0
@@ -50,3 +50,18 @@ def test_a_null_section_is_a_skipped_stage_and_setting_a_field_turns_it_on(tmp_p
     path.write_text(json.dumps({**own, "trainer": {}}))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['trainer'\]"):
         load_preset(str(path))
+
+
+def test_the_vision_presets_build_their_stage():
+    from nanoseek.config import VisionConfig
+    from nanoseek.tasks.visual import get_visual_task
+
+    for name in ("vision", "smoke"):
+        section = load_preset(name)["vision"]
+        VisionConfig(**section["vision"])
+        for phase in ("align", "sft"):
+            TrainConfig(**section[phase]).validate()
+        for task in section["tasks"]:
+            get_visual_task(task)
+    # the bar: n >= 200 held-out problems per task
+    assert load_preset("vision")["vision"]["eval_problems"] >= 200

@@ -174,3 +174,30 @@ def test_missing_cjk_font_is_a_clear_error(monkeypatch):
     finally:
         monkeypatch.undo()
         visual._font_file.cache_clear()
+
+
+@pytest.mark.parametrize("name", sorted(VISUAL_TASKS))
+def test_every_task_has_200_distinct_held_out_problems_at_difficulty_2(name):
+    """The issue's bar for accuracy figures: n >= 200 distinct held-out problems per task. The
+    keys are the scene, not the drawing: the count's distractors and the colour scene's other
+    shapes are sorted into the key, so the same scene cannot land in both splits."""
+    task = get_visual_task(name)
+    test = task.generate(200, seed=0, difficulty=2, split="test")
+    assert len({p.key for p in test}) == 200
+    train = task.generate(400, seed=0, difficulty=2, split="train")
+    assert not {p.key for p in train} & {p.key for p in test}
+    assert 0.0 <= visual.CHANCE[name] <= 1 / 6
+
+
+def test_scene_keys_are_canonical():
+    count = get_visual_task("visual_count")
+    colour = get_visual_task("visual_colour")
+    for p in count.generate(50, seed=2, difficulty=2):
+        m = p.metadata
+        assert m["distractors"] == sorted(m["distractors"])
+        assert all(d != f"{m['colour']} {m['shape']}" for d in m["distractors"])
+        assert p.key.startswith(f"{m['n']}|{m['shape']}|{m['colour']}|")
+    for p in colour.generate(50, seed=2, difficulty=2):
+        m = p.metadata
+        rest = list(zip(m["colours"][1:], m["shapes"][1:]))
+        assert rest == sorted(rest) and m["colours"][0] not in m["colours"][1:]

@@ -3,7 +3,8 @@
     {"description": str, "price_per_hour": $ per device-hour for the cost estimates,
      "data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields},
      "long_context": {...}, "sft": {...}, "grpo": {GRPOConfig fields},
-     "eval": {keyword arguments of nanoseek.eval.evaluate}, "distill": {...}}
+     "eval": {keyword arguments of nanoseek.eval.evaluate}, "distill": {...},
+     "vision": {stages/vision.py's section}}
 
 A stage section that is absent or null is a stage the speedrun skips (data, model and pretrain are
 always there). `load_preset("smoke")` reads the one shipped in nanoseek/configs/; a path reads your
@@ -18,17 +19,31 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("data", "model", "pretrain", "long_context", "sft", "grpo", "eval", "distill")
+SECTIONS = (
+    "data",
+    "model",
+    "pretrain",
+    "long_context",
+    "sft",
+    "grpo",
+    "eval",
+    "distill",
+    "vision",
+)
+# presets that hold only a stage to run on top of an existing run (`nanoseek vision RUN`)
+STAGE_PRESETS = ("vision",)
 REQUIRED = ("data", "model", "pretrain")
 TOP_LEVEL = ("description", "price_per_hour")
 PRICED = ("pretrain", "long_context", "sft", "grpo")  # sections whose cost the trainer estimates
 
 
-def available_presets() -> list[str]:
+def available_presets(stage_presets: bool = True) -> list[str]:
+    """The shipped presets; stage_presets=False leaves out those that are not whole runs."""
     return sorted(
         p.name.removesuffix(".json")
         for p in resources.files("nanoseek.configs").iterdir()
         if p.name.endswith(".json")
+        and (stage_presets or p.name.removesuffix(".json") not in STAGE_PRESETS)
     )
 
 

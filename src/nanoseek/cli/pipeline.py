@@ -95,6 +95,20 @@ def cmd_speedrun(args) -> int:
     return 0
 
 
+def cmd_vision(args) -> int:
+    from nanoseek.presets import load_preset
+    from nanoseek.reporting.report_card import write_report
+    from nanoseek.stages.vision import vision_stage
+    from nanoseek.train.dist import DistInfo
+
+    run = Path(args.out)
+    summary = vision_stage(run, load_preset(args.preset, args.set), DistInfo(), init=args.init)
+    print(json.dumps({k: v for k, v in summary.items() if k != "samples"}, indent=2))
+    if (run / "report.md").is_file():
+        print(f"report card: {write_report(run)}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from nanoseek.reporting.report_card import write_report
 
@@ -172,6 +186,27 @@ def add_commands(sub) -> None:
     )
     _run_args(p)
     p.set_defaults(func=cmd_speedrun)
+
+    p = sub.add_parser(
+        "vision",
+        help="add a vision stage to a run: a DeepSeek-VL2-style vision-language model on its "
+        "post-trained checkpoint (adaptor alignment, joint SFT, held-out visual tasks)",
+    )
+    p.add_argument(
+        "out", metavar="RUN", help="a run directory with sft/final (or grpo/final), e.g. runs/cpu"
+    )
+    p.add_argument(
+        "--preset", default="vision", help="preset with a vision section (default: vision)"
+    )
+    p.add_argument("--init", default=None, help="start from this language checkpoint instead")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="vision.FIELD=VALUE",
+        help="override a field of the preset's vision section (repeatable)",
+    )
+    p.set_defaults(func=cmd_vision)
 
     p = sub.add_parser(
         "report", help="(re)build runs/NAME/report.md, report.json and plots from a run directory"

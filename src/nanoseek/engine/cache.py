@@ -72,8 +72,15 @@ class LatentCache:
             self.kv[:, dst * bs : (dst + 1) * bs] = self.kv[:, src * bs : (src + 1) * bs]
 
 
-def chain_hash(parent: bytes, tokens: list[int]) -> bytes:
-    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+def chain_hash(parent: bytes, tokens: list[int], extra: bytes = b"") -> bytes:
+    """A block's key: its parent's key, its tokens, and `extra`, the content hashes of the images
+    whose positions it holds (so the same ids with another image never match)."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes() + extra, digest_size=16).digest()
+
+
+def _image_extra(spans, lo: int, hi: int) -> bytes:
+    """The hashes of the images (start, end, hash) with a position in [lo, hi)."""
+    return b"".join(h for start, end, h in spans if start < hi and end > lo)
 
 
 class BlockManager:
@@ -126,11 +133,18 @@ class BlockManager:
         self.ref[block] += 1
 
     # ------------------------------------------------------------------ sequences
-    def _block_keys(self, tokens: list[int], num_blocks: int, keys: list[bytes]) -> list[bytes]:
-        """Extend `keys` (the chain so far) to cover the first num_blocks full blocks of tokens."""
+    def _block_keys(
+        self, tokens: list[int], num_blocks: int, keys: list[bytes], spans=()
+    ) -> list[bytes]:
+        """Extend `keys` (the chain so far) to cover the first num_blocks full blocks of tokens.
+        spans: the prompt's images as (start, end, content hash); a block holding (or looking ahead
+        into) an image's positions mixes that image's hash into its key."""
         bs, la = self.block_size, self.lookahead
         for k in range(len(keys), num_blocks):
-            keys.append(chain_hash(keys[-1] if keys else b"", tokens[k * bs : (k + 1) * bs + la]))
+            lo = k * bs
+            hi = (k + 1) * bs + la
+            extra = _image_extra(spans, lo, hi) if spans else b""
+            keys.append(chain_hash(keys[-1] if keys else b"", tokens[lo:hi], extra))
         return keys
 
     def allocate(self, seq, use_prefix_cache: bool = True) -> bool:
@@ -144,7 +158,7 @@ class BlockManager:
         keys: list[bytes] = []
         if self.enable_prefix_cache and use_prefix_cache:
             max_hit = (n_tokens - max(self.lookahead, 1)) // self.block_size
-            keys = self._block_keys(seq.token_ids, max_hit, [])
+            keys = self._block_keys(seq.token_ids, max_hit, [], _spans(seq))
             for key in keys:
                 block = self.published.get(key)
                 if block is None:
@@ -209,9 +223,15 @@ class BlockManager:
         if full <= len(seq.block_hashes):
             return
         start = len(seq.block_hashes)
-        self._block_keys(seq.token_ids, full, seq.block_hashes)
+        self._block_keys(seq.token_ids, full, seq.block_hashes, _spans(seq))
         for k in range(start, full):
             block, key = seq.block_table[k], seq.block_hashes[k]
             if self.key[block] is None and key not in self.published:
                 self.key[block] = key
                 self.published[key] = block
+
+
+def _spans(seq) -> tuple:
+    """The image spans of a sequence's prompt (none for a text prompt)."""
+    images = getattr(seq, "images", None)
+    return images.spans if images is not None else ()

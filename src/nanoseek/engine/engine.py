@@ -13,10 +13,20 @@ published to the prefix cache. A prompt that asks for prompt_logprobs also turns
 chunks' positions into its tokens' logprobs; one with max_tokens=0 ends once computed (scoring).
 Public methods are thread-safe (one lock): a server may add and cancel from one thread while
 another steps.
+
+Images: given a VisionLanguageModel, a request may carry images (an ImageInput, or PIL images that
+are tiled here the VL2 way) for the `<image>` runs of its prompt (data/images.py
+`image_prompt_ids` expands each placeholder). The tower encodes them once when the request is added;
+at prefill their embeddings replace the image positions' token embeddings, and the latents land in
+the cache like any prompt token's. The prefix cache mixes each image's content hash into the key of
+every block that holds one of its positions, so the same ids with another image never share blocks.
+(With MTP speculation the draft module sees the placeholder's embedding at image positions: drafts
+only, the output is still the model's.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -27,10 +37,18 @@ from nanoseek.engine.cache import BlockManager, LatentCache
 from nanoseek.engine.compiled import choose_runner
 from nanoseek.engine.sampling import Row, Sampler, SamplingParams, make_rng
 from nanoseek.engine.scheduler import Scheduler
-from nanoseek.engine.sequence import FINISHED, Request, RequestOutput, StepEvent, TextStream
+from nanoseek.engine.sequence import (
+    FINISHED,
+    PromptImages,
+    Request,
+    RequestOutput,
+    StepEvent,
+    TextStream,
+)
 from nanoseek.engine.sequence import Sequence as Seq
 from nanoseek.engine.speculative import SpeculativeDecoder
 from nanoseek.model.transformer import Transformer
+from nanoseek.model.vision import ImageInput, VisionLanguageModel, image_token_count
 
 # bytes of latent cache when neither num_blocks nor cache_memory is given
 DEFAULT_CACHE_MEMORY = 1 << 30
@@ -43,7 +61,7 @@ Prompt = str | Sequence[int]
 class Engine:
     def __init__(
         self,
-        model: Transformer,
+        model: Transformer | VisionLanguageModel,
         tokenizer=None,
         *,
         max_batch_size: int = 64,
@@ -61,9 +79,16 @@ class Engine:
         sizes the cache pool directly; otherwise cache_memory (bytes, default 1 GiB) does, capped at
         what max_batch_size sequences of max_model_len tokens can use. max_model_len (default: the
         model's context) is further capped at the pool's capacity, so that any single request fits
-        the pool on its own. decode: "eager", "compiled" (decode steps run one compiled graph,
-        engine/compiled.py) or "auto" (the faster, measured at start and printed); decode_dtype: the
-        compiled graph's weights, "float32", "bfloat16" or "auto"."""
+        the pool on its own. A VisionLanguageModel's language model runs the engine and its tower
+        encodes the requests' images. decode: "eager", "compiled" (decode steps run one compiled
+        graph, engine/compiled.py) or "auto" (the faster, measured at start and printed);
+        decode_dtype: the compiled graph's weights, "float32", "bfloat16" or "auto"."""
+        self.vision = None
+        self.image_token_id = None
+        if isinstance(model, VisionLanguageModel):
+            self.vision = model.vision
+            self.image_token_id = model.image_token_id
+            model = model.language_model
         cfg = model.config
         for name, value in (
             ("max_batch_size", max_batch_size),
@@ -188,6 +213,47 @@ class Engine:
                 f"n={params.n} is more than max_batch_size={self.scheduler.max_batch_size}"
             )
 
+    def images_of(self, ids: list[int], images) -> PromptImages | None:
+        """A prompt's images (None, an ImageInput, or PIL images) -> their embeddings and spans,
+        checked against the prompt's image positions. ValueError names what does not pair up."""
+        image_id = self.image_token_id
+        n_slots = 0 if image_id is None else sum(t == image_id for t in ids)
+        if images is None or (not isinstance(images, ImageInput) and not len(images)):
+            if n_slots:
+                raise ValueError(f"the prompt has {n_slots} <image> positions but no images")
+            return None
+        if self.vision is None:
+            raise ValueError("images need a vision-language model; this engine's model reads text")
+        vcfg = self.vision.config
+        if not isinstance(images, ImageInput):
+            from nanoseek.data.images import image_input
+
+            images = image_input(list(images), vcfg)
+        counts = [image_token_count(vcfg, g) for g in images.grids]
+        if sum(counts) != n_slots:
+            raise ValueError(
+                f"the {len(counts)} image(s) take {sum(counts)} positions but the prompt has "
+                f"{n_slots} <image> positions (expand each placeholder with data/images.py "
+                "expand_image_tokens or image_prompt_ids)"
+            )
+        with torch.inference_mode():
+            embeds = self.vision(images)
+        positions = [i for i, t in enumerate(ids) if t == image_id]
+        index = torch.full((len(ids),), -1, dtype=torch.long)
+        index[positions] = torch.arange(len(positions))
+        spans = []
+        tile = 0
+        pos = 0
+        for (tw, th), n in zip(images.grids, counts):
+            pixels = images.pixel_values[tile : tile + 1 + tw * th]
+            tile += 1 + tw * th
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(repr((tw, th, tuple(pixels.shape), str(pixels.dtype))).encode())
+            digest.update(pixels.detach().cpu().contiguous().numpy().tobytes())
+            spans.append((positions[pos], positions[pos + n - 1] + 1, digest.digest()))
+            pos += n
+        return PromptImages(embeds, index, tuple(spans))
+
     def add_request(
         self,
         prompt: Prompt,
@@ -195,22 +261,25 @@ class Engine:
         request_id: str | None = None,
         callback: Callable[[StepEvent], None] | None = None,
         group: str | None = None,
+        images=None,
     ) -> str:
         """Queue a request (text or token ids); it joins the running batch at a coming step.
         callback, if given, receives each of its StepEvents. group (default: the request id) is whom
         the scheduler shares the batch between: a server gives every prompt of one client request
-        the same group. -> its request id."""
+        the same group. images: for a vision-language model, the prompt's images in placeholder
+        order (an ImageInput or PIL images). -> its request id."""
         ids, text = self.encode(prompt)
         params = SamplingParams() if params is None else params
         self.check(ids, params)
-        return self._add(ids, text, params, request_id, callback, group).request_id
+        pimages = self.images_of(ids, images)
+        return self._add(ids, text, params, request_id, callback, group, pimages).request_id
 
-    def _add(self, ids, text, params, request_id, callback, group=None) -> Request:
+    def _add(self, ids, text, params, request_id, callback, group=None, images=None) -> Request:
         with self._lock:
             rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
             if rid in self._requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-            req = Request(rid, ids, params, text, callback, group)
+            req = Request(rid, ids, params, text, callback, group, images)
             seq = self._sequence(req, 0, ids)
             seq.pending_forks = params.n - 1
             self._requests[rid] = req
@@ -491,8 +560,10 @@ class Engine:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        images: Sequence | None = None,
     ) -> list[RequestOutput]:
         """Run prompts (texts, or token-id lists) to completion, all batched together.
+        images: one entry per prompt (None, an ImageInput or PIL images; see add_request).
         Every prompt and every SamplingParams is checked before any work starts. ->
         one RequestOutput per prompt, in order."""
         if isinstance(prompts, str) or (
@@ -505,10 +576,17 @@ class Engine:
         params = list(params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image entries for {len(prompts)} prompts")
         encoded = [self.encode(p) for p in prompts]
         for (ids, _), sp in zip(encoded, params):
             self.check(ids, sp)
-        reqs = [self._add(ids, text, sp, None, None) for (ids, text), sp in zip(encoded, params)]
+        pimages = [self.images_of(ids, im) for (ids, _), im in zip(encoded, images)]
+        reqs = [
+            self._add(ids, text, sp, None, None, None, pi)
+            for (ids, text), sp, pi in zip(encoded, params, pimages)
+        ]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -530,14 +608,16 @@ class Engine:
                 bar.close()
         return [r.output for r in reqs]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StepEvent]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, images=None
+    ) -> Iterator[StepEvent]:
         """Yield one request's events as its tokens come, driving the engine (other
         requests advance too and get their events through their callbacks). Closing
         the iterator early cancels the request."""
         ids, text = self.encode(prompt)
         params = SamplingParams() if params is None else params
         self.check(ids, params)
-        req = self._add(ids, text, params, None, None)
+        req = self._add(ids, text, params, None, None, None, self.images_of(ids, images))
         try:
             while not req.output.finished:
                 for ev in self.step():

@@ -12,6 +12,8 @@ Only attention looks at sequences, and only through the cache:
   (prefix-cache hit, chunked prompt) gathers its context latents, expands them and attends with a
   causal offset mask.
 The weights come in the inference layout of weights.py (same math, fewer and faster launches).
+A prompt's image positions (a vision-language model's `<image>` run) get the image embeddings in
+place of the token embedding at prefill; decode tokens are always text.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class StepInput:
     # [N, rope]: each position's angles, repeated for both dims of a pair
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    # prefill rows that are image positions [M], and the embeddings that replace theirs [M, d]
+    image_rows: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -95,9 +100,18 @@ class ModelRunner:
             )
 
         chunks, start = [], len(ids)
+        image_rows = []
+        image_embeds = []
         for seq, n in prefill:
             c = seq.num_computed
             ids += seq.token_ids[c : c + n]
+            images = getattr(seq, "images", None)
+            if images is not None:  # the chunk's image positions take the image's embeddings
+                index = images.index[c : c + n]
+                rows = (index >= 0).nonzero().flatten()
+                if len(rows):
+                    image_rows.append(rows + start)
+                    image_embeds.append(images.embeds[index[rows]])
             pos = torch.arange(c, c + n)
             table = torch.tensor(seq.block_table)
             positions.append(pos)
@@ -125,6 +139,8 @@ class ModelRunner:
             chunks=chunks,
             cos=cos.repeat_interleave(2, dim=-1),
             sin=sin.repeat_interleave(2, dim=-1),
+            image_rows=torch.cat(image_rows).to(dev) if image_rows else None,
+            image_embeds=torch.cat(image_embeds).to(dev) if image_embeds else None,
         )
 
     # ------------------------------------------------------------------ forward
@@ -132,6 +148,8 @@ class ModelRunner:
         """-> final-normed hidden states [N, d] of every token of the step."""
         self.weights.current()  # refolds if the model's weights changed since the last step
         x = self.model.embed_tokens(inp.ids)
+        if inp.image_rows is not None:
+            x = x.index_copy(0, inp.image_rows, inp.image_embeds.to(x.dtype))
         for layer in range(len(self.model.layers)):
             x = self.block(self.weights.blocks[layer], layer, x, inp)
         return self.model.norm(x)

@@ -4,6 +4,8 @@ RequestOutput, built up in place, and a StepEvent per completion per step.
 A Sequence's tokens are `token_ids` (prompt, then generated). `num_computed` of them have their
 latents in the cache; while decoding that is all but the last sampled token. Text comes from a
 TextStream: incremental detokenization that holds back text which may still turn into a stop string.
+A prompt with images carries PromptImages: the image embeddings that replace its `<image>`
+positions at prefill, and each image's span and content hash (the prefix cache's key).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from nanoseek.engine.sampling import SamplingParams, TokenLogprob
 
@@ -53,6 +57,15 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+
+@dataclass
+class PromptImages:
+    """A prompt's images, encoded once when the request is added."""
+
+    embeds: torch.Tensor  # [image positions, d]: the vision tower's output, in placeholder order
+    index: torch.Tensor  # [prompt length] long: row of embeds for an image position, else -1
+    spans: tuple[tuple[int, int, bytes], ...]  # per image: (first position, end, content hash)
 
 
 @dataclass
@@ -151,8 +164,10 @@ class Request:
         prompt: str | None,
         callback: Callable[[StepEvent], None] | None,
         group: str | None = None,
+        images: PromptImages | None = None,
     ):
         self.request_id = request_id
+        self.images = images
         self.params = params
         self.callback = callback
         self.group = request_id if group is None else group  # the batch is shared by group
@@ -198,6 +213,10 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    @property
+    def images(self) -> PromptImages | None:
+        return self.request.images
 
     @property
     def output_ids(self) -> list[int]:

@@ -298,6 +298,11 @@ class VisionLanguageModel(nn.Module):
             input_ids, targets, mtp_weight, inputs_embeds=embeds
         )
 
+    def num_parameters(self, active: bool = False) -> int:
+        """The language model's count (see Transformer.num_parameters) plus the whole tower."""
+        tower = sum(p.numel() for p in self.vision.parameters())
+        return self.language_model.num_parameters(active=active) + tower
+
     # the MoE bookkeeping the trainer calls after each step: the language model's
     def moe_layers(self):
         return self.language_model.moe_layers()

@@ -19,7 +19,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.io import atomic_write_text
 from nanoseek.stages.common import TRAINED_STAGES, latest_checkpoint
 
-STAGES = ("corpus", "tokenizer", "shards", *TRAINED_STAGES, "eval", "export")
+STAGES = ("corpus", "tokenizer", "shards", *TRAINED_STAGES, "vision", "eval", "export")
 
 
 def machine() -> dict:
@@ -191,6 +191,11 @@ def _stage_result(name: str, s: dict) -> str:
             f"held-out accuracy {_pct(s.get('val_accuracy_before'))} → "
             f"{_pct(s.get('val_accuracy'))}, final reward {_fmt(s.get('reward'))}"
         )
+    if name == "vision":
+        return (
+            f"held-out visual accuracy (mean over tasks) {_pct(s.get('val_accuracy_before'))} → "
+            f"{_pct(s.get('val_accuracy'))}"
+        )
     if name == "eval":
         return f"{', '.join(s.get('stages', []))} evaluated"
     if name == "export":
@@ -286,6 +291,8 @@ def render(
             to_markdown(list(evals.values()), list(evals)).replace("### ", "#### "),
             "",
         ]
+    if "vision" in stages:
+        lines += vision_section(stages["vision"])
     if samples:
         lines += ["## Sample answers of the final model (greedy)", ""]
         for s in samples:
@@ -304,6 +311,49 @@ def render(
                 "",
             ]
     return "\n".join(lines)
+
+
+def vision_section(v: dict) -> list[str]:
+    """The vision stage: held-out visual-task accuracy before and after, with 95% Wilson
+    intervals and chance, then sample images with their questions and the model's answers."""
+    lines = [
+        "## Vision",
+        "",
+        f"A DeepSeek-VL2-style vision-language model on `{v.get('init')}` "
+        f"(encoder {'trained' if v.get('train_encoder') else 'frozen'} in joint SFT): "
+        f"`{v.get('checkpoint')}`. Held-out problems (split by problem key, rendered afresh), "
+        "greedy through the engine; 95% Wilson intervals.",
+        "",
+        "| task | problems (distinct) | chance | before | after |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in (v.get("tasks") or {}).items():
+        b = r["before"]
+        a = r["after"]
+        lines.append(
+            f"| {name} | {a['problems']} ({a.get('distinct_keys', '–')}) | {_pct(a['chance'])} | "
+            f"{_interval(b)} | {_interval(a)} |"
+        )
+    lines.append("")
+    for s in v.get("samples") or []:
+        verdict = "correct" if s["correct"] else f"wrong (expected {s['answer']})"
+        completion = s["completion"].strip().replace("\n", " ")
+        lines += [
+            f"![{s['task']}](vision/{s['image']})",
+            "",
+            f"**{s['question'].removeprefix('<image>').strip()}** — {verdict}",
+            "",
+            "```",
+            completion[:300],
+            "```",
+            "",
+        ]
+    return lines
+
+
+def _interval(r: dict) -> str:
+    lo, hi = r["wilson95"]
+    return f"{_pct(r['accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
 
 
 def write_report(run: str | os.PathLike) -> Path:

@@ -1,7 +1,10 @@
 """The speedrun: raw bilingual text to a served reasoning model in one command, and its report card.
 
-    corpus ─► tokenizer ─► shards ─► pretrain ─► long_context ─► sft ─► grpo
+    corpus ─► tokenizer ─► shards ─► pretrain ─► long_context ─► sft ─► grpo ─► [vision]
            ─► eval ─► export (runs/NAME/final/: weights + model card) ─► report (report.md)
+
+(vision: a vision-language model built on the post-trained one, runs/NAME/vision/final; only when
+the preset has a "vision" section, e.g. smoke; `nanoseek vision RUN` adds it to a finished run)
 
 Every stage writes into runs/NAME/<stage>/ and leaves done.json when it finishes; running the
 speedrun again skips finished stages and resumes an interrupted one from its last checkpoint. A
@@ -28,6 +31,7 @@ from nanoseek.stages.report import report_stage
 from nanoseek.stages.sft import sft_stage
 from nanoseek.stages.shards import shards_stage
 from nanoseek.stages.tokenizer import tokenizer_stage
+from nanoseek.stages.vision import vision_stage
 from nanoseek.train import dist
 from nanoseek.train.trainer import TrainConfig
 
@@ -50,6 +54,8 @@ def run_speedrun(
         if preset.get("grpo") is not None:
             init = latest_checkpoint(run, ("pretrain", "long_context", "sft"))
             summaries["grpo"] = grpo_stage(run, preset, info, init=init)
+        if preset.get("vision") is not None:
+            summaries["vision"] = vision_stage(run, preset, info)
         if preset.get("eval") is not None:
             summaries["eval"] = eval_stage(run, preset, info)
         summaries["export"] = export_stage(run, preset, info)

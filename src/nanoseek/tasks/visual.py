@@ -1,9 +1,17 @@
 """Visual tasks: images rendered here with Pillow, each with a question and a verifiable answer.
 
     visual_equation  read "37 + 45 = ?" and compute it           key: the equation ("37+45")
-    visual_count     how many red circles (among distractors)     key: count|shape|colour
-    visual_colour    the colour of the largest shape               key: the scene (colours, shapes)
-    visual_word      read a short English or Chinese word          key: the word
+    visual_count     how many red circles (among distractors)     key: count|shape|colour|the
+                                                                  distractors (a sorted multiset)
+    visual_colour    the colour of the largest shape               key: the scene (the largest,
+                                                                  then the others sorted)
+    visual_word      read a short English or Chinese word          key: the word (difficulty 1) or
+                     (difficulty 1) or phrase (2+)                 phrase ("red cat", "红苹果")
+
+Held-out problem space (distinct test keys, about a tenth of each space): at difficulty 2 every
+task has more than 200 (tests/test_vision_data.py counts them); at difficulty 1 the equation,
+colour and word spaces are small (29, 4 and 9 keys), a warm-up, not an evaluation. Chance, for a
+model that ignores the image: `CHANCE` (the best constant guess at difficulty 2).
 
 Problems are `tasks.base.Problem`s, so the held-out split is the shared hash of the key: every
 rendering of a held-out equation is held out, whatever the seed, size or language. The picture is a
@@ -50,6 +58,24 @@ WORDS_ZH = (
     "米饭 大风 火车 黄金 戒指 铃铛 青蛙 鸭子 狮子 熊猫 老虎 桌子 鞋子 帽子 地图 箱子 "
     "茶杯 钢笔 钥匙 鸡蛋 苹果 河流 房子 花园"
 ).split()
+# difficulty 2+: "adjective noun" phrases (Chinese: the modifier written before the noun)
+ADJECTIVES_EN = (
+    "red blue green big small old new hot cold warm dark soft fast slow tall short long happy "
+    "sad wild tiny sweet quiet loud bright round wet dry young brave"
+).split()
+NOUNS_EN = (
+    "cat dog sun moon tree fish bird book rain snow star ship lamp door road king cake wind "
+    "fire ring bell frog duck lion bear wolf desk shoe hat map box cup pen key egg apple river "
+    "house horse goat cow pig boat car bus train hill lake sea rock leaf rose seed coat bag ball "
+    "drum kite"
+).split()
+ADJECTIVES_ZH = list("红绿蓝黄紫白黑大小老新长高短冷热甜美好快")
+CHANCE = {  # the best answer without looking, at difficulty 2 (equations, words: open answers)
+    "visual_equation": 0.0,
+    "visual_count": 1 / 6,
+    "visual_colour": 1 / 6,
+    "visual_word": 0.0,
+}
 CJK_FONTS = (
     "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
     "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
@@ -192,6 +218,11 @@ class VisualCount(VisualTask):
         n = rng.randint(1, min(6, 2 + 2 * difficulty))
         shape = rng.choice(list(SHAPES))
         colour = rng.choice(list(COLOURS))
+        # the distractors are part of the problem (the scene), so they decide the split too
+        others = [(s, c) for s in SHAPES for c in COLOURS if (s, c) != (shape, colour)]
+        distractors = sorted(
+            f"{c} {s}" for s, c in (rng.choice(others) for _ in range(rng.randint(0, 9 - n)))
+        )
         question = self.QUESTION[lang].format(
             colour=colour,
             plural=PLURAL[shape],
@@ -200,7 +231,7 @@ class VisualCount(VisualTask):
         )
         what = f"{colour} {PLURAL[shape]}" if lang == "en" else COLOURS[colour][1] + SHAPES[shape]
         return self.problem(
-            key=f"{n}|{shape}|{colour}",
+            key=f"{n}|{shape}|{colour}|" + ",".join(distractors),
             lang=lang,
             prompt=f"{IMAGE}\n{question} {FORMAT_INSTRUCTIONS[lang]}",
             answer=str(n),
@@ -208,18 +239,16 @@ class VisualCount(VisualTask):
             n=n,
             shape=shape,
             colour=colour,
+            distractors=distractors,
         )
 
     def _render(self, problem, size, rng):
         m = problem.metadata
         items = [(m["shape"], m["colour"], rng.uniform(0.5, 0.8)) for _ in range(m["n"])]
-        for _ in range(rng.randint(0, 9 - m["n"] if m["n"] < 9 else 0)):
-            shape = rng.choice(list(SHAPES))
-            colour = rng.choice(list(COLOURS))
-            if (shape, colour) == (m["shape"], m["colour"]):  # a distractor must differ
-                colour = next(c for c in COLOURS if c != m["colour"])
+        for d in m["distractors"]:
+            colour, shape = d.split(" ")
             items.append((shape, colour, rng.uniform(0.5, 0.8)))
-        return _draw_scene(items[:9], size, rng)
+        return _draw_scene(items, size, rng)
 
     def score(self, problem, answer):
         value = parse_int(answer)
@@ -237,9 +266,16 @@ class VisualColour(VisualTask):
     }
 
     def sample(self, rng: random.Random, difficulty: int, lang: str) -> Problem:
-        k = rng.randint(1, min(len(COLOURS), difficulty))  # difficulty 1: one shape
-        colours = rng.sample(list(COLOURS), k)  # colours[0] is the largest shape's
-        shapes = [rng.choice(list(SHAPES)) for _ in colours]
+        # difficulty 1: one shape; d: up to 2d - 1. colours[0] is the largest shape's; the others
+        # have any other colour (repeats allowed), listed sorted: the key is the scene, not an order
+        k = rng.randint(1, min(9, 2 * difficulty - 1))
+        first = rng.choice(list(COLOURS))
+        rest = sorted(
+            (rng.choice([c for c in COLOURS if c != first]), rng.choice(list(SHAPES)))
+            for _ in range(k - 1)
+        )
+        colours = [first] + [c for c, _ in rest]
+        shapes = [rng.choice(list(SHAPES))] + [s for _, s in rest]
         answer = colours[0] if lang == "en" else COLOURS[colours[0]][1]
         scene = ",".join(f"{c} {s}" for c, s in zip(colours, shapes))
         return self.problem(
@@ -274,7 +310,14 @@ class VisualWord(VisualTask):
     QUESTION = {"en": "What word is written in the image?", "zh": "图中写的是什么词？"}
 
     def sample(self, rng: random.Random, difficulty: int, lang: str) -> Problem:
-        word = rng.choice(WORDS_EN + WORDS_ZH)
+        if difficulty == 1:
+            word = rng.choice(WORDS_EN + WORDS_ZH)
+        elif rng.random() < len(ADJECTIVES_EN) * len(NOUNS_EN) / (
+            len(ADJECTIVES_EN) * len(NOUNS_EN) + len(ADJECTIVES_ZH) * len(WORDS_ZH)
+        ):  # uniform over all phrases
+            word = f"{rng.choice(ADJECTIVES_EN)} {rng.choice(NOUNS_EN)}"
+        else:
+            word = rng.choice(ADJECTIVES_ZH) + rng.choice(WORDS_ZH)
         return self.problem(
             key=word,
             lang=lang,

@@ -403,12 +403,12 @@ class Trainer:
         model.train()
         sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         for micro in range(cfg.grad_accum):
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in next(self.loader))
+            inputs, targets, extra = self.unpack(next(self.loader))
             sync = micro == cfg.grad_accum - 1 or not self.info.enabled
             if self.fsdp:  # FSDP2's no_sync: keep unsharded gradients until the last micro-batch
                 self.model.set_requires_gradient_sync(sync)
             with nullcontext() if sync or self.fsdp else self.wrapped.no_sync(), self.autocast:
-                out = self.wrapped(inputs, targets, cfg.mtp_weight)
+                out = self.wrapped(inputs, targets, cfg.mtp_weight, **extra)
                 (out.loss / cfg.grad_accum).backward()
             for key in sums:
                 value = getattr(out, key)
@@ -439,6 +439,12 @@ class Trainer:
             sums = dict(zip(sums, (t / self.info.world_size).tolist()))
         metrics.update({k: round(v, 5) for k, v in sums.items()})
         return metrics
+
+    def unpack(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """A loader's batch -> (inputs, targets, keyword arguments of the model's forward) on the
+        device. (inputs, targets) here; a vision loader adds the images (train/vision.py)."""
+        inputs, targets = (t.to(self.device, non_blocking=True) for t in batch)
+        return inputs, targets, {}
 
     def schedule_lr(self) -> float:
         """Set this step's learning rate from the schedule. -> its multiplier of the base rate."""
@@ -478,9 +484,9 @@ class Trainer:
                     continue
             elif batch is None:
                 break
-            inputs, targets = (t.to(self.device) for t in batch)
+            inputs, targets, extra = self.unpack(batch)
             with self.autocast:
-                logits = self.model(inputs)
+                logits = self.model(inputs, **extra)
             loss = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1),
                 targets.flatten(),
@@ -575,12 +581,19 @@ class Trainer:
                 "precision": self.precision,
             }
             with atomic_dir(final) as tmp:
-                save_model(self.host, tmp, tokenizer=self.tokenizer)
+                self.save_weights(tmp)
                 torch.save(state, tmp / STATE_FILE)
             for old in sorted(self.checkpoint_dir.glob("step_*"))[: -self.cfg.keep_checkpoints]:
                 _remove_dir(old)
         dist.barrier(self.info)
         return final
+
+    def save_weights(self, path: Path) -> None:
+        """The model's files in a checkpoint directory (a vision trainer adds the tower's)."""
+        save_model(self.host, path, tokenizer=self.tokenizer)
+
+    def load_weights(self, path: Path) -> None:
+        load_weights_into(self.host, path)
 
     def latest_checkpoint(self) -> Path | None:
         done = sorted(p for p in self.checkpoint_dir.glob("step_*") if (p / STATE_FILE).is_file())
@@ -612,7 +625,7 @@ class Trainer:
                 f"{path} was written with parallel={state.get('parallel', 'ddp')!r}; its optimizer "
                 f"state does not load into a {parallel!r} run: resume it with the same setting"
             )
-        load_weights_into(self.host, path)
+        self.load_weights(path)
         if self.fsdp:  # every rank read the whole checkpoint: each keeps its shard
             dist.load_full_state_dicts(
                 self.model, self.optimizer, self.host.state_dict(), state["optimizer"]
