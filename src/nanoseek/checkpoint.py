@@ -362,17 +362,26 @@ def load_checkpoint(
     dtype: torch.dtype | str | None = None,
     int8: bool = False,
     device: str | torch.device = "cpu",
+    vision: bool = False,
 ) -> Checkpoint:
     """Load a checkpoint directory's model, tokenizer and sampling defaults. dtype (a torch dtype or
     its name, e.g. "bfloat16") defaults to the dtype on disk; int8 reads model.int8.safetensors when
-    the directory has one and quantizes the loaded model otherwise."""
+    the directory has one and quantizes the loaded model otherwise.
+
+    vision=True (the commands that can take images: serve, chat): a checkpoint whose config.json
+    has a `vision_config` loads as a VisionLanguageModel, tower included (its language model int8
+    if asked). Otherwise, and for text-only checkpoints, the model is the language model alone."""
     # imported here: engine/ builds on this module (quant.load_quantized calls load_model)
     from nanoseek.engine.quant import INT8_FILE, load_quantized, quantize_model
 
     path = Path(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    if int8 and (path / INT8_FILE).is_file():
+    if vision and "vision_config" in ModelConfig.from_pretrained(path).extra:
+        model = load_vision_language_model(path, device=device, dtype=dtype)
+        if int8:
+            quantize_model(model.language_model, inplace=True)
+    elif int8 and (path / INT8_FILE).is_file():
         model = load_quantized(path, device=device, dtype=dtype)
     else:
         model = load_model(path, device=device, dtype=dtype)

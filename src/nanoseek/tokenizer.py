@@ -113,7 +113,13 @@ CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- endif %}
 {%- for message in messages %}
     {%- if message['role'] == 'user' %}
-        {{- '<｜User｜>' }}{{- message['content'] }}
+        {{- '<｜User｜>' }}
+        {%- if message['content'] is string %}{{- message['content'] }}
+        {%- else %}
+            {%- for part in message['content'] %}
+                {%- if part['type'] == 'text' %}{{- part['text'] }}{% else %}{{- '<image>' }}{% endif %}
+            {%- endfor %}
+        {%- endif %}
     {%- elif message['role'] == 'assistant' %}
         {{- '<｜Assistant｜>' }}
         {%- if message['reasoning_content'] %}
@@ -145,7 +151,11 @@ CHAT_TEMPLATE = r"""{{- bos_token }}
 # Earlier versions of CHAT_TEMPLATE (sha256 of the text): a checkpoint that saved one of them uses
 # nanoseek's own renderer, which renders everything they rendered the same way.
 LEGACY_CHAT_TEMPLATES = frozenset(
-    {"5fda978504f806532beccaedd5e6958624843bc1a5e705987584b4b67e419da5"}
+    {
+        "5fda978504f806532beccaedd5e6958624843bc1a5e705987584b4b67e419da5",
+        # before image content parts
+        "3123150506d98d37dac4fa9993278871c707dea1c685c0af7a99a3a3c0d5222a",
+    }
 )
 TOOLS_HEADER = (
     "## Tools\nYou can call these functions. Each line is one function: its name, what it does, "
@@ -186,7 +196,14 @@ def _chat_parts(
     parts.append((system, False))
     for m in messages:
         if m["role"] == "user":
-            parts += [(S["user"], True), (m.get("content") or "", False)]
+            parts.append((S["user"], True))
+            content = m.get("content") or ""
+            if isinstance(content, str):
+                parts.append((content, False))
+            else:  # content parts: text, and an image as one <image> control token where it stands
+                for part in content:
+                    text = part["type"] == "text"
+                    parts.append((part["text"], False) if text else (S["image"], True))
         elif m["role"] == "assistant":
             parts.append((S["assistant"], True))
             if m.get("reasoning_content"):

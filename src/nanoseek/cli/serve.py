@@ -81,6 +81,13 @@ def add_commands(subparsers) -> None:
         f"(default: {d.max_queued_tokens})",
     )
     lim.add_argument(
+        "--max-images-per-request",
+        type=int,
+        default=d.max_images_per_request,
+        help="image content parts in one chat request (vision checkpoints); beyond, 400 "
+        f"(default: {d.max_images_per_request})",
+    )
+    lim.add_argument(
         "--request-timeout", type=float, default=d.request_timeout, help="seconds per request"
     )
     eng = p.add_argument_group("engine")
@@ -161,6 +168,7 @@ def cmd_serve(args) -> int:
         max_sequences_per_request=args.max_sequences_per_request,
         max_queued_sequences=args.max_queued_sequences,
         max_queued_tokens=args.max_queued_tokens,
+        max_images_per_request=args.max_images_per_request,
         request_timeout=args.request_timeout,
         thinking=not args.no_thinking,
         header_timeout=args.header_timeout,
@@ -193,7 +201,10 @@ def cmd_serve(args) -> int:
         server.should_exit = True
 
     app = create_app(
-        config, lambda: load_checkpoint(ckpt, args.dtype, args.int8), engine_options, on_load_error
+        config,
+        lambda: load_checkpoint(ckpt, args.dtype, args.int8, vision=True),
+        engine_options,
+        on_load_error,
     )
     server = uvicorn.Server(
         uvicorn_config(

@@ -70,12 +70,13 @@ class EngineBridge:
         request_id: str,
         queue: asyncio.Queue,
         group: str | None = None,
+        images=None,
     ) -> None:
         """Queue a request; its StepEvents (or EngineDead / Rejected) arrive on `queue`. Several
         requests may share one queue; requests of one group share one fair part of the batch. Call
         from the event loop."""
         sink = Sink(asyncio.get_running_loop(), queue)
-        self._post(("add", ids, params, request_id, group, sink))
+        self._post(("add", ids, params, request_id, group, sink, images))
 
     def cancel(self, request_id: str) -> None:
         self._post(("cancel", request_id))
@@ -122,14 +123,14 @@ class EngineBridge:
             if self.error is None:
                 self.engine.cancel(op[1])
             return
-        _, ids, params, rid, group, sink = op
+        _, ids, params, rid, group, sink, images = op
         if self.error is not None:
             self._outbox.append((sink, EngineDead(self.error)))
             return
         self._sinks[rid] = (sink, params.n)
         try:
             self.engine.add_request(
-                ids, params, request_id=rid, callback=self._on_event, group=group
+                ids, params, request_id=rid, callback=self._on_event, group=group, images=images
             )
         except ValueError as e:
             self._sinks.pop(rid, None)

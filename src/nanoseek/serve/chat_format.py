@@ -59,6 +59,12 @@ def chat_prompt(
         raise FormatError(
             "prefix=true is for an assistant message", f"messages.{len(history)}.prefix"
         )
+    if tok.chat_template is not None:
+        for i, m in enumerate(messages):
+            if isinstance(m.get("content"), list):
+                raise FormatError(
+                    "this model's own chat template cannot place images", f"messages.{i}.content"
+                )
     turns, kwargs = with_tools(
         tok, [chat_turn(m) for m in (history if prefix else messages)], tools
     )
@@ -89,13 +95,24 @@ def chat_request_prompt(
     thinking: bool,
     tools: Sequence[Mapping] | None = None,
     choice: str = "none",
+    images=None,
+    vision_config=None,
 ) -> tuple[list[int], bool, str]:
     """The ids a chat request runs (/v1/chat/completions, and /tokenize counts the same):
     chat_prompt, then what the tool_choice prefills (serve.tools.generation_prefix). A forced call
     (required, a named function) starts at once, without a thought, as DeepSeek-V3.1's calls do.
+    images (an ImageInput, in prompt order; serve/images.py) expand each image part's `<image>`
+    into the image's positions (data.images.expand_image_tokens, with vision_config).
     -> (ids, whether generation starts inside a thought, the prefilled text)."""
     forced = bool(tools) and choice not in ("auto", "none")
     ids, in_reasoning = chat_prompt(tok, messages, thinking and not forced, tools)
+    if images is not None and images.grids:
+        from nanoseek.data.images import ImageError, expand_image_tokens, image_id_of
+
+        try:
+            ids, _ = expand_image_tokens(ids, images.grids, image_id_of(tok), vision_config)
+        except ImageError as e:
+            raise FormatError(str(e), "messages") from None
     prefix = generation_prefix(tool_format(tok) or "raw", choice) if tools else ""
     if prefix:
         ids = ids + tok.encode(prefix, allow_special=True)

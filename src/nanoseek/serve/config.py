@@ -23,6 +23,7 @@ class ServerConfig:
     max_sequences_per_request: int = 1024  # prompts x n of one request; more: 429 (lm-eval fits)
     max_queued_sequences: int = 4096  # prompts x n of all requests running or queued; more get 429
     max_queued_tokens: int = 1 << 23  # (prompt + max_tokens) x n of all of them; more get 429
+    max_images_per_request: int = 4  # image content parts in one chat request; more get 400
     # seconds from arrival to the last token; then the request is cancelled
     request_timeout: float = 600.0
     # seconds between SSE keep-alive comments while a stream has nothing to send
@@ -48,6 +49,7 @@ class ServerConfig:
                     "max_sequences_per_request",
                     "max_queued_sequences",
                     "max_queued_tokens",
+                    "max_images_per_request",
                 )
                 and value < 1
             ):

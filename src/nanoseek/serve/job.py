@@ -59,6 +59,7 @@ class EngineRequest:
     request_id: str
     prompt: list[int]
     choices: list[Choice]  # its n completions, by the engine's completion index
+    images: object = None  # the prompt's images (an ImageInput), for a vision-language model
     cached: int = 0  # prompt tokens the prefix cache served
     # with SamplingParams.prompt_logprobs: the engine's per-prompt-token logprobs (first None)
     prompt_logprobs: list | None = None
@@ -80,6 +81,7 @@ class Job:
     deadline: float  # when it must be done
     echo: list[str] | None = None
     make_tools: Callable[[], ToolParser | None] | None = None  # chat: a tool-call parser
+    images: list | None = None  # per prompt: its images (an ImageInput) or None
     first_token: float | None = None
     choices: list[Choice] = field(init=False)  # every prompt's n completions, in response order
     requests: dict[str, EngineRequest] = field(
@@ -102,7 +104,10 @@ class Job:
         for p, ids in enumerate(self.prompts):
             request_id = f"{self.id}-{p}"
             self.requests[request_id] = EngineRequest(
-                request_id, ids, self.choices[p * n : (p + 1) * n]
+                request_id,
+                ids,
+                self.choices[p * n : (p + 1) * n],
+                images=self.images[p] if self.images else None,
             )
 
     def choice(self, ev: StepEvent) -> Choice:

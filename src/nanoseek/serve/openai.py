@@ -29,6 +29,7 @@ from nanoseek.serve.chat_format import (
 )
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.grammar import Grammar, GrammarError, GrammarProcessor, tool_calls_grammar
+from nanoseek.serve.images import check_urls, image_urls, load_request_images
 from nanoseek.serve.job import Choice, Job
 from nanoseek.serve.logits import JsonObjectProcessor, LogitBias, MinTokens
 from nanoseek.serve.logprobs import (
@@ -264,8 +265,9 @@ class OpenAIAPI:
         ]
         self.server.check_bytes(_text_bytes([text, tools]), "messages")
         try:
+            images = await self.request_images(req.messages)
             ids, in_reasoning, prefix = await asyncio.to_thread(
-                chat_request_prompt, tok, messages, thinking, tools, choice
+                chat_request_prompt, tok, messages, thinking, tools, choice, *images
             )
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
@@ -308,8 +310,20 @@ class OpenAIAPI:
             start,
             start + self.config.request_timeout,
             make_tools=make_tools,
+            images=[images[0]],
         )
         return job
+
+    async def request_images(self, messages: list[protocol.Message]) -> tuple:
+        """A chat request's image parts -> (ImageInput or None, the vision config) for
+        chat_request_prompt: checked (a model that reads images, the count, data URLs), then
+        decoded on a worker thread (serve/images.py). Raises FormatError naming the field."""
+        urls = image_urls(messages)
+        vision = self.server.engine.vision
+        check_urls(urls, self.config.max_images_per_request, vision)
+        if not urls:
+            return None, None
+        return await asyncio.to_thread(load_request_images, urls, vision.config), vision.config
 
     async def chat_response(
         self, request: Request, req: protocol.ChatCompletionRequest, job: Job

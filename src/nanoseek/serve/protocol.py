@@ -41,6 +41,18 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageURL(_Strict):
+    url: str  # a data: URL (base64); remote URLs are refused
+    detail: Literal["auto", "low", "high"] | None = None  # accepted, not used: tiling is VL2's
+
+
+class ImageURLPart(_Strict):
+    """OpenAI's image content part (user messages only)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(_Strict):
     name: str
     arguments: str  # JSON text, as the model wrote it
@@ -56,7 +68,7 @@ class ToolCall(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImageURLPart] | None = None
     # DeepSeek: the thought, for a prefix message (dropped from history)
     reasoning_content: str | None = None
     prefix: bool = False  # DeepSeek chat prefix completion: continue this (last, assistant) message
@@ -65,11 +77,20 @@ class Message(_Strict):
     tool_call_id: str | None = None  # tool: the call this is the result of
 
     def as_dict(self) -> dict:
-        content = (
-            self.content
-            if not isinstance(self.content, list)
-            else "".join(p.text for p in self.content)
-        )
+        """The message as serve/chat_format.py takes it: text parts joined into one string, or,
+        with images, a list of {"type": "text", "text"} and {"type": "image"} parts (the images
+        themselves are read from the request by serve/images.py)."""
+        content = self.content
+        if isinstance(content, list):
+            if any(isinstance(p, ImageURLPart) for p in content):
+                content = [
+                    {"type": "text", "text": p.text}
+                    if isinstance(p, TextPart)
+                    else {"type": "image"}
+                    for p in content
+                ]
+            else:
+                content = "".join(p.text for p in content)
         role = "system" if self.role == "developer" else self.role
         out = {
             "role": role,

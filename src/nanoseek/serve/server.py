@@ -278,7 +278,9 @@ class Server:
         end, an error, a client gone, the deadline), engine requests still running are cancelled."""
         queue: asyncio.Queue = asyncio.Queue()
         for request in job.requests.values():
-            self.bridge.submit(request.prompt, job.params, request.request_id, queue, job.id)
+            self.bridge.submit(
+                request.prompt, job.params, request.request_id, queue, job.id, request.images
+            )
         try:
             while not job.done:
                 left = job.deadline - time.perf_counter()

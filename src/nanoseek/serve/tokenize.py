@@ -50,7 +50,8 @@ class TokenizerAPI:
         else:
             self.server.check_bytes(_text_bytes(req.prompt), "prompt")
         try:
-            ids = await asyncio.to_thread(self._ids, req)
+            images = await self.api.request_images(req.messages) if chat else (None, None)
+            ids = await asyncio.to_thread(self._ids, req, images)
         except FormatError as e:
             raise APIError(400, str(e), param=e.param) from None
         tok = self.server.tok
@@ -63,7 +64,7 @@ class TokenizerAPI:
             )
         )
 
-    def _ids(self, req) -> list[int]:
+    def _ids(self, req, images=(None, None)) -> list[int]:
         tok = self.server.tok
         if isinstance(req, protocol.TokenizeCompletionRequest):
             if req.add_special_tokens:
@@ -76,8 +77,16 @@ class TokenizerAPI:
             messages[-1]["prefix"] = True
         if req.add_generation_prompt or req.continue_final_message:
             # the chat endpoint's own function: the same prompt, tools and prefilled call
-            ids, _, _ = chat_request_prompt(tok, messages, thinking, tools, req.tool_choice_name)
+            ids, _, _ = chat_request_prompt(
+                tok, messages, thinking, tools, req.tool_choice_name, *images
+            )
         else:
+            if images[0] is not None:
+                raise FormatError(
+                    "images are counted with add_generation_prompt or continue_final_message "
+                    "(as the chat endpoint runs them)",
+                    "messages",
+                )
             turns, kwargs = with_tools(
                 tok, [{**chat_turn(m), **_reasoning(m)} for m in messages], tools
             )

@@ -1,0 +1,235 @@
+"""Images through the API: a real `nanoseek serve` on a tiny vision-language checkpoint built here.
+
+The official `openai` client sends an image as a data URL (streaming and not); the server's greedy
+tokens equal an in-process Engine on the same prompt ids (the same code path on the same machine);
+the prefix cache serves a repeated image and not another image behind the same text; the chat
+template renders an image part as one `<image>` in the Python renderer and the Jinja template
+alike; every bad image is a 400 naming its field, and the server stays up."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from nanoseek.checkpoint import (
+    load_checkpoint,
+    load_vision_language_model,
+    save_vision_language_model,
+)
+from nanoseek.config import VisionConfig
+from nanoseek.data.images import image_input, image_prompt_ids
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model.vision import VisionLanguageModel
+from nanoseek.serve.chat_format import EngineTokenizer, TokenTable, chat_request_prompt
+
+from helpers import small_tokenizer, tiny_config
+from serve_helpers import ServerProcess, build_random_checkpoint
+
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    max_tiles=4,
+    max_image_pixels=64 * 64,  # small, so that a "decompression bomb" is cheap to make
+)
+QUESTION = "\nWhat colour is it?"
+MAX_TOKENS = 6
+
+
+def _png(size=(32, 32), colour=(255, 0, 0)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def _messages(url: str, text: str = QUESTION) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+    return [{"role": "user", "content": parts}]
+
+
+@pytest.fixture(scope="module")
+def vlm_checkpoint(tmp_path_factory):
+    tok = small_tokenizer()
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    vlm = VisionLanguageModel.build(cfg, VisionConfig(**TINY_VISION), tok.special_ids["image"])
+    with torch.no_grad():  # the default init gives tiny image features: make the image matter
+        for p in vlm.vision.projector.parameters():
+            p.mul_(30.0)
+    return save_vision_language_model(vlm.eval(), tmp_path_factory.mktemp("vlm"), tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def server(vlm_checkpoint):
+    with ServerProcess(vlm_checkpoint, "--max-images-per-request", "2") as s:
+        yield s.wait_ready()
+
+
+def _reference(path, image: bytes) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy ids) from an in-process Engine on the same checkpoint."""
+    vlm = load_vision_language_model(path).eval()
+    tok = load_checkpoint(path).tokenizer
+    vcfg = vlm.vision.config
+    images = image_input([Image.open(io.BytesIO(image)).convert("RGB")], vcfg)
+    ids, _, _ = chat_request_prompt(tok, _messages_for_template(), True, [], "none", images, vcfg)
+    engine = Engine(vlm, EngineTokenizer(tok))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    out = engine.generate([ids], params, images=[images])[0]
+    return ids, out.token_ids
+
+
+def _messages_for_template() -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+
+
+def test_an_image_part_renders_as_one_placeholder_in_both_renderers(vlm_checkpoint):
+    tok = load_checkpoint(vlm_checkpoint).tokenizer
+    vcfg = load_vision_language_model(vlm_checkpoint).vision.config
+    img = Image.new("RGB", (32, 32), (255, 0, 0))
+    images = image_input([img], vcfg)
+    ids, _, _ = chat_request_prompt(tok, _messages_for_template(), True, [], "none", images, vcfg)
+    # the training path's one-turn prompt, "<image>" written where the image goes
+    expected, _ = image_prompt_ids(tok, "<image>" + QUESTION, [img], vcfg)
+    assert ids == expected
+    # "<image>" typed by a user stays text
+    typed = [{"role": "user", "content": "<image>" + QUESTION}]
+    plain = tok.apply_chat_template(typed, add_generation_prompt=True, sanitize=True)
+    assert tok.special_ids["image"] not in plain
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(vlm_checkpoint)
+    text = tok.apply_chat_template(
+        _messages_for_template(), add_generation_prompt=True, tokenize=False
+    )
+    assert text.count("<image>") == 1
+    assert (
+        hf.apply_chat_template(_messages_for_template(), add_generation_prompt=True, tokenize=False)
+        == text
+    )
+
+
+def test_openai_client_sends_an_image_and_the_server_matches_the_engine(server, vlm_checkpoint):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    red = _png()
+    ids, greedy = _reference(vlm_checkpoint, red)
+    tok = load_checkpoint(vlm_checkpoint).tokenizer
+    table = TokenTable(tok)
+    counted = httpx.post(server.url + "/tokenize", json={"messages": _messages(_data_url(red))})
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["tokens"] == ids
+    kwargs = dict(
+        model="nanoseek",
+        messages=_messages(_data_url(red)),
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
+    resp = client.chat.completions.create(**kwargs)
+    assert resp.usage.prompt_tokens == len(ids)
+    assert [t.token for t in resp.choices[0].logprobs.content] == [table.text(i) for i in greedy]
+    # the same image again: served from the prefix cache, and the same tokens streamed
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    streamed = [
+        t.token
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert streamed == [table.text(i) for i in greedy]
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+    # another image behind the same text: no block of the prompt is shared
+    kwargs["messages"] = _messages(_data_url(_png(colour=(0, 0, 255))))
+    other = client.chat.completions.create(**kwargs)
+    assert other.usage.prompt_tokens == len(ids)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["corrupt", "truncated", "bomb", "unsupported", "remote", "not_data", "bad_base64", "too_many"],
+)
+def test_bad_images_are_400s_naming_the_field(server, case):
+    png = _png((48, 48))
+    param = "messages.0.content.0.image_url"
+    if case == "corrupt":
+        urls = [_data_url(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)]
+    elif case == "truncated":
+        noisy = Image.frombytes("RGB", (48, 48), bytes(range(256)) * 27)
+        buf = io.BytesIO()
+        noisy.save(buf, format="PNG")
+        urls = [_data_url(buf.getvalue()[: len(buf.getvalue()) // 2])]
+    elif case == "bomb":
+        urls = [_data_url(_png((128, 128)))]  # over the checkpoint's 64 x 64 pixel limit
+    elif case == "unsupported":
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(buf, format="TIFF")
+        urls = [_data_url(buf.getvalue(), "image/tiff")]
+    elif case == "remote":
+        urls = ["https://example.com/cat.png"]
+    elif case == "not_data":
+        urls = ["file:///etc/passwd"]
+    elif case == "bad_base64":
+        urls = ["data:image/png;base64,@@@not base64@@@"]
+    else:
+        urls = [_data_url(png)] * 3
+        param = "messages.0.content.2.image_url"
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    body = {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "hi"}]}]}
+    r = httpx.post(server.url + "/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    words = {
+        "corrupt": "image",
+        "truncated": "image",
+        "bomb": "pixels",
+        "unsupported": "TIFF",
+        "remote": "remote images are refused",
+        "not_data": "data: URL",
+        "bad_base64": "base64",
+        "too_many": "at most 2",
+    }
+    assert words[case] in error["message"]
+    ok = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": _messages(_data_url(_png())), "max_tokens": 2},
+        timeout=60,
+    )
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_text_only_checkpoint_refuses_images(tmp_path):
+    path = build_random_checkpoint(tmp_path / "text")
+    with ServerProcess(path) as s:
+        s.wait_ready()
+        r = httpx.post(
+            s.url + "/v1/chat/completions",
+            json={"messages": _messages(_data_url(_png())), "max_tokens": 2},
+            timeout=60,
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "messages.0.content.0.image_url"
+        assert "does not read images" in r.json()["error"]["message"]
+        text = httpx.post(
+            s.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            timeout=60,
+        )
+        assert text.status_code == 200
