@@ -28,7 +28,7 @@ from nanoseek.model.vision import VisionLanguageModel
 from nanoseek.serve.chat_format import EngineTokenizer, TokenTable, chat_request_prompt
 
 from helpers import small_tokenizer, tiny_config
-from serve_helpers import ServerProcess, build_random_checkpoint
+from serve_helpers import ServerProcess, build_random_checkpoint, nanoseek
 
 TINY_VISION = dict(
     hidden_size=32,
@@ -233,3 +233,33 @@ def test_a_text_only_checkpoint_refuses_images(tmp_path):
             timeout=60,
         )
         assert text.status_code == 200
+
+
+def test_chat_cli_attaches_an_image(vlm_checkpoint, tmp_path):
+    red = tmp_path / "red.png"
+    red.write_bytes(_png())
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(_png()[:40])
+    stdin = (
+        f"/image {tmp_path / 'missing.png'}\n/image {broken}\n/image {red}\nWhat colour?\n/exit\n"
+    )
+    r = nanoseek(
+        "chat", str(vlm_checkpoint), "--temperature", "0", "--max-tokens", "3", stdin=stdin
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert f"error: {tmp_path / 'missing.png'}: no image file" in out
+    assert f"error: {broken}:" in out
+    assert f"(image {red} goes with your next message)" in out
+    # the image reached the engine: a prompt with <image> positions and no image would be an error
+    assert out.count("error:") == 2
+    assert "assistant> " in out
+
+
+def test_chat_cli_with_a_text_only_model_refuses_an_image(tmp_path):
+    path = build_random_checkpoint(tmp_path / "text")
+    red = tmp_path / "red.png"
+    red.write_bytes(_png())
+    r = nanoseek("chat", str(path), stdin=f"/image {red}\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "error: this model does not read images" in r.stdout

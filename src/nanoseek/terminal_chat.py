@@ -5,9 +5,10 @@ local checkpoint or a running server.
     nanoseek chat --url http://127.0.0.1:8000  # talks to `nanoseek serve` (or any OpenAI-
                                                # compatible server)
 
-Commands: /reset forgets the conversation, /thinking on|off, /exit (or Ctrl-D) leaves; Ctrl-C stops
-an answer. The thought is shown dimmed on a terminal (between <think> tags otherwise) and is not
-sent back in later turns.
+Commands: /reset forgets the conversation, /thinking on|off, /image PATH attaches an image to the
+next message (a vision-language checkpoint, or a server that serves one), /exit (or Ctrl-D) leaves;
+Ctrl-C stops an answer. The thought is shown dimmed on a terminal (between <think> tags otherwise)
+and is not sent back in later turns.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ if TYPE_CHECKING:
     from nanoseek.checkpoint import Checkpoint
 
 HELP = (
-    "commands: /reset (new conversation), /thinking on|off, /exit (or Ctrl-D); "
-    "Ctrl-C stops an answer"
+    "commands: /reset (new conversation), /thinking on|off, /image PATH (attach to the next "
+    "message), /exit (or Ctrl-D); Ctrl-C stops an answer"
 )
 
 
@@ -59,11 +60,29 @@ class LocalBackend:
         tok = EngineTokenizer(ckpt.tokenizer)
         self.engine = Engine(ckpt.model, tok, max_batch_size=1, **(engine_options or {}))
 
+    def image_part(self, path: str) -> dict:
+        """An image file -> its content part, checked here (ValueError: a text-only model, or a
+        file that is not a usable image)."""
+        from nanoseek.serve.images import TEXT_ONLY
+
+        if self.engine.vision is None:
+            raise ValueError(TEXT_ONLY)
+        return image_part(path, self.engine.vision.config.max_image_pixels)
+
     def reply(self, messages: list[dict], opts: dict) -> Iterator[tuple[str, str]]:
         from nanoseek.engine import SamplingParams
-        from nanoseek.serve.chat_format import ReasoningParser, chat_prompt
+        from nanoseek.serve.chat_format import ReasoningParser, chat_request_prompt
+        from nanoseek.serve.images import load_request_images
 
-        ids, in_reasoning = chat_prompt(self.tok, messages, opts["thinking"])
+        turns, urls = _template_turns(messages)
+        images = None
+        vcfg = None
+        if urls:
+            vcfg = self.engine.vision.config
+            images = load_request_images(urls, vcfg)
+        ids, in_reasoning, _ = chat_request_prompt(
+            self.tok, turns, opts["thinking"], images=images, vision_config=vcfg
+        )
         room = self.engine.max_model_len - len(ids)
         if room < 1:
             raise ValueError(
@@ -77,7 +96,7 @@ class LocalBackend:
             top_p=_pick(opts["top_p"], self.defaults.get("top_p"), 1.0),
         )
         parser = ReasoningParser(in_reasoning)
-        events = self.engine.stream(ids, params)
+        events = self.engine.stream(ids, params, images=images)
         try:
             for ev in events:
                 yield parser.feed(ev.text or "")
@@ -95,6 +114,10 @@ class RemoteBackend:
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.model = model or self._get("/v1/models")["data"][0]["id"]
+
+    def image_part(self, path: str) -> dict:
+        """An image file -> its content part (whether the model reads images, the server says)."""
+        return image_part(path)
 
     def _get(self, path: str) -> dict:
         req = urllib.request.Request(self.base + path, headers=self.headers)
@@ -149,6 +172,46 @@ def _http(req):
         raise RuntimeError(f"cannot reach {req.full_url}: {e.reason}") from None
 
 
+def image_part(path: str, max_pixels: int | None = None) -> dict:
+    """An image file -> an OpenAI image content part (a base64 data URL), checked with load_image
+    (ValueError naming the problem)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from nanoseek.data.images import ImageError, load_image
+
+    try:
+        load_image(path, **({"max_pixels": max_pixels} if max_pixels else {}))
+        data = open(path, "rb").read()
+    except (ImageError, OSError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
+    url = f"data:image/{fmt};base64," + base64.b64encode(data).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _template_turns(messages: list[dict]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Messages with OpenAI image parts -> (the chat template's messages, with {"type": "image"}
+    parts, and (field, URL) of each image in order)."""
+    turns = []
+    urls = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if part["type"] == "image_url":
+                    urls.append((f"messages.{i}.content.{j}.image_url", part["image_url"]["url"]))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append(part)
+            m = {**m, "content": parts}
+        turns.append(m)
+    return turns, urls
+
+
 def _pick(*values):
     return next(v for v in values if v is not None)
 
@@ -187,6 +250,7 @@ def repl(backend, opts: dict, system: str | None = None, out=sys.stdout) -> None
     messages = list(system_turn)
     stop = Stop()
     printer = Printer(out)
+    pending: list[dict] = []  # /image parts for the next user message
     print(HELP, file=out)
     while True:
         try:
@@ -203,16 +267,34 @@ def repl(backend, opts: dict, system: str | None = None, out=sys.stdout) -> None
             break
         if text == "/reset":
             messages = list(system_turn)
+            pending = []
             print("(new conversation)", file=out)
             continue
         if text.startswith("/thinking"):
             opts["thinking"] = text.split()[-1] != "off"
             print(f"(thinking {'on' if opts['thinking'] else 'off'})", file=out)
             continue
+        if text.startswith("/image"):
+            path = text[len("/image") :].strip()
+            if not path:
+                print("usage: /image PATH (the next message carries that image)", file=out)
+                continue
+            try:
+                pending.append(backend.image_part(path))
+            except ValueError as e:
+                print(f"error: {e}", file=out)
+                continue
+            print(f"(image {path} goes with your next message)", file=out)
+            continue
         if text.startswith("/"):
             print(HELP, file=out)
             continue
-        messages.append({"role": "user", "content": text})
+        if pending:
+            content = [*pending, {"type": "text", "text": text}]
+            pending = []
+        else:
+            content = text
+        messages.append({"role": "user", "content": content})
         answer = []
         out.write("assistant> ")
         try:

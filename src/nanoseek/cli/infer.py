@@ -133,7 +133,7 @@ def cmd_chat(args) -> int:
         backend = RemoteBackend(args.url, args.api_key, args.model)
     else:
         backend = LocalBackend(
-            load_checkpoint(check_checkpoint(args.checkpoint), args.dtype, args.int8),
+            load_checkpoint(check_checkpoint(args.checkpoint), args.dtype, args.int8, vision=True),
             decode_options(args),
         )
     opts = dict(
@@ -156,7 +156,8 @@ def add_commands(sub) -> None:
         "chat",
         help="chat in the terminal with a checkpoint or a running server",
         description="Multi-turn chat in the terminal, streaming. /reset forgets the "
-        "conversation, /exit leaves; Ctrl-C stops an answer.",
+        "conversation, /image PATH attaches an image to the next message (a vision-language "
+        "checkpoint), /exit leaves; Ctrl-C stops an answer.",
     )
     add_chat_arguments(p)
     p.set_defaults(func=cmd_chat)
