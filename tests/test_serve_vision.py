@@ -263,3 +263,39 @@ def test_chat_cli_with_a_text_only_model_refuses_an_image(tmp_path):
     r = nanoseek("chat", str(path), stdin=f"/image {red}\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert "error: this model does not read images" in r.stdout
+
+
+def test_anthropic_image_blocks_take_the_same_path(server):
+    anthropic = pytest.importorskip("anthropic")
+    client = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0)
+    data = base64.b64encode(_png(colour=(0, 255, 0))).decode()
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+    kwargs = dict(
+        model="nanoseek",
+        max_tokens=MAX_TOKENS,
+        extra_body={"temperature": 0},  # the SDK has no temperature argument any more
+        thinking={"type": "disabled"},
+        messages=[{"role": "user", "content": [image, {"type": "text", "text": QUESTION}]}],
+    )
+    first = client.messages.create(**kwargs)
+    openai_body = {
+        "messages": _messages(_data_url(base64.b64decode(data))),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "thinking": {"type": "disabled"},
+    }
+    chat = httpx.post(server.url + "/v1/chat/completions", json=openai_body, timeout=60).json()
+    assert first.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    text = "".join(b.text for b in first.content if b.type == "text")
+    assert text == (chat["choices"][0]["message"]["content"] or "")
+    again = client.messages.create(**kwargs)
+    assert again.usage.cache_read_input_tokens > 0
+    # a corrupt image, a remote one: 400s naming the block (Anthropic errors name it in the text)
+    kwargs["messages"][0]["content"][0]["source"]["data"] = base64.b64encode(b"junk").decode()
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.messages.create(**kwargs)
+    assert "messages.0.content.0.source" in str(bad.value)
+    kwargs["messages"][0]["content"][0]["source"] = {"type": "url", "url": "https://x.test/a.png"}
+    with pytest.raises(anthropic.BadRequestError) as remote:
+        client.messages.create(**kwargs)
+    assert "remote images are refused" in str(remote.value)

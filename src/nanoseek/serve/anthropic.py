@@ -68,8 +68,13 @@ class AnthropicAPI:
         ignored = protocol.unknown_fields(req)
         if ignored:
             log.warning("ignoring unknown request fields: %s", ", ".join(ignored))
-        chat = self.chat_request(req)
-        job = await self.api.chat_job(chat, start)
+        chat, images = self.chat_request(req)
+        try:
+            job = await self.api.chat_job(chat, start)
+        except APIError as e:  # an image's field, in the names the client sent
+            if e.param in images:
+                e.param = images[e.param]
+            raise
         if req.thinking is not None and req.thinking.budget_tokens is not None:
             self._cap_thought(job, req.thinking.budget_tokens)
         if req.stream:
@@ -88,9 +93,13 @@ class AnthropicAPI:
         return Response(json.dumps(message, ensure_ascii=False), media_type="application/json")
 
     # ------------------------------------------------------------------ request -> chat request
-    def chat_request(self, req: MessagesRequest) -> protocol.ChatCompletionRequest:
-        """The chat request this message request means (both already checked)."""
+    def chat_request(
+        self, req: MessagesRequest
+    ) -> tuple[protocol.ChatCompletionRequest, dict[str, str]]:
+        """The chat request this message request means (both already checked), and the field of
+        each image in it -> the image block's field (`messages.I.content.J.source`)."""
         messages = []
+        images = {}
         if req.system is not None:
             system = [req.system] if isinstance(req.system, str) else [b.text for b in req.system]
             messages += [{"role": "system", "content": text} for text in system]
@@ -107,7 +116,18 @@ class AnthropicAPI:
                         messages.append(
                             {"role": "tool", "tool_call_id": b.tool_use_id, "content": content}
                         )
-                if text or not any(b.type == "tool_result" for b in blocks):
+                if any(b.type == "image" for b in blocks):
+                    parts = []
+                    for j, b in enumerate(blocks):
+                        if b.type == "text":
+                            parts.append({"type": "text", "text": b.text})
+                        elif b.type == "image":
+                            chat_field = f"messages.{len(messages)}.content.{len(parts)}.image_url"
+                            images[chat_field] = f"messages.{i}.content.{j}.source"
+                            url = f"data:{b.source['media_type']};base64,{b.source['data']}"
+                            parts.append({"type": "image_url", "image_url": {"url": url}})
+                    messages.append({"role": "user", "content": parts})
+                elif text or not any(b.type == "tool_result" for b in blocks):
                     messages.append({"role": "user", "content": text})
                 continue
             out = {"role": "assistant", "content": text or None}
@@ -163,7 +183,7 @@ class AnthropicAPI:
             chat["thinking"] = {"type": "disabled"}
         try:
             body = json.dumps(chat, ensure_ascii=False).encode()
-            return protocol.parse(protocol.ChatCompletionRequest, body)
+            return protocol.parse(protocol.ChatCompletionRequest, body), images
         except protocol.ProtocolError as e:  # what MessagesRequest.check leaves to the chat path
             param = _anthropic_names(e.param) if e.param else None
             raise APIError(400, _anthropic_names(str(e)), param=param) from None

@@ -19,7 +19,8 @@ class TextBlock(_Strict):
 
 
 class ImageBlock(_Strict):
-    """Parsed so that the refusal can name it: this server takes no images yet."""
+    """An image: `source` {"type": "base64", "media_type", "data"} in a user message (served by a
+    vision-language checkpoint, as the chat path's image_url parts); a "url" source is refused."""
 
     type: Literal["image"]
     source: dict[str, Any]
@@ -181,8 +182,8 @@ class MessagesRequest(_Strict):
     def _check_messages(self) -> None:
         """Roles and blocks in order: the first message is the user's; tool_use only in assistant
         messages, tool_result only in user messages; every tool_use of an assistant message is
-        answered, once, by a tool_result in the user message right after it; no images and no
-        redacted thoughts (not offered)."""
+        answered, once, by a tool_result in the user message right after it; images only in user
+        messages, as base64 (none inside tool results); no redacted thoughts (not offered)."""
         if self.messages[0].role != "user":
             raise ProtocolError("the first message must be the user's", "messages.0.role")
         last = len(self.messages) - 1
@@ -192,12 +193,14 @@ class MessagesRequest(_Strict):
             calls: list[str] = []
             for j, b in enumerate(m.blocks):
                 where = f"messages.{i}.content.{j}"
-                if b.type == "image" or (
+                if b.type == "image":
+                    _check_image(b, m.role, where)
+                if (
                     b.type == "tool_result"
                     and isinstance(b.content, list)
                     and any(p.type == "image" for p in b.content)
                 ):
-                    raise ProtocolError("image blocks are not supported by this server", where)
+                    raise ProtocolError("images in tool results are not supported", where)
                 if b.type == "redacted_thinking":
                     raise ProtocolError("redacted_thinking blocks are not supported", where)
                 if b.type == "tool_use":
@@ -232,3 +235,24 @@ class MessagesRequest(_Strict):
                     f"messages.{i}.content",
                 )
             open_ids = set(calls)
+
+
+def _check_image(b: ImageBlock, role: str, where: str) -> None:
+    if role != "user":
+        raise ProtocolError("image blocks belong in user messages", where)
+    source = b.source
+    if source.get("type") == "url":
+        raise ProtocolError(
+            "remote images are refused: this server fetches nothing from outside; send the image "
+            'as {"type": "base64", "media_type", "data"}',
+            f"{where}.source",
+        )
+    if (
+        source.get("type") != "base64"
+        or not isinstance(source.get("media_type"), str)
+        or not isinstance(source.get("data"), str)
+    ):
+        raise ProtocolError(
+            'an image source must be {"type": "base64", "media_type": "image/png", "data": ...}',
+            f"{where}.source",
+        )
