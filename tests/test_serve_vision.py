@@ -299,3 +299,23 @@ def test_anthropic_image_blocks_take_the_same_path(server):
     with pytest.raises(anthropic.BadRequestError) as remote:
         client.messages.create(**kwargs)
     assert "remote images are refused" in str(remote.value)
+
+
+def test_load_checkpoint_loads_the_tower_only_when_asked(vlm_checkpoint):
+    assert isinstance(load_checkpoint(vlm_checkpoint, vision=True).model, VisionLanguageModel)
+    text_only = load_checkpoint(vlm_checkpoint).model  # export and the other text commands
+    assert not isinstance(text_only, VisionLanguageModel)
+    assert not any(name.startswith("vision") for name, _ in text_only.named_parameters())
+
+
+def test_an_image_outside_a_user_message_is_a_400(server):
+    part = {"type": "image_url", "image_url": {"url": _data_url(_png())}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [part]},
+        {"role": "user", "content": "and?"},
+    ]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages.1.content.0.image_url"
+    assert "user messages" in r.json()["error"]["message"]
