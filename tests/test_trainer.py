@@ -257,6 +257,16 @@ def test_fsdp_mixed_precision_sharding_runs(tmp_path):
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
 
 
+def test_a_failing_rank_ends_the_run_instead_of_hanging_it():
+    """dist.shutdown waits for every rank only on the normal path: a rank that leaves with an
+    exception must not wait at a barrier that its peers, blocked in a collective, never reach."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    torchrun += ["--master_port", str(26500 + os.getpid() % 1000)]
+    script = str(Path(__file__).parent / "dist_fail_script.py")
+    out = subprocess.run([*torchrun, script], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "rank 1 fails on purpose" in out.stderr, out.stderr
+
+
 def _untimed(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("tokens_per_s", "elapsed_s", "mfu")}
 

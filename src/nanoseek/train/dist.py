@@ -8,6 +8,7 @@ rest with the root), so a model that does not fit one device trains on several.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -173,8 +174,12 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
-        # Every rank waits for the others first: a gloo rank that tears down its connections while a
-        # peer is still working (rank 0 gathering a checkpoint, say) can abort the peer ("terminate
-        # called without an active exception"), failing a run that finished.
-        dist.barrier()
+        # On the normal path every rank waits for the others first: a gloo rank that tears down
+        # its connections while a peer is still working (rank 0 gathering a checkpoint, say) can
+        # abort the peer ("terminate called without an active exception"), failing a run that
+        # finished. A rank leaving with an exception (shutdown runs in a `finally`) must not wait:
+        # its peers may be blocked in a collective it will never join; torchrun stops them once it
+        # exits.
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
