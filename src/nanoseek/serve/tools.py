@@ -8,8 +8,9 @@ and in the fenced form (DeepSeek-V3 and R1), each call as
     <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\n{JSON}\\n```<｜tool▁call▁end｜>
 with a newline between calls. `generation_prefix` says what a required or named tool_choice
 prefills; `ToolParser` turns text back into content and calls. Arguments are passed through as the
-model wrote them (never re-serialised). Strict argument constraints hook in between the two: the
-text after the prefix, up to `<｜tool▁call▁end｜>`, is the arguments' JSON (docs/serving.md).
+model wrote them (never re-serialised). Constrained calls (strict functions, required and named
+choices) are generated through serve/grammar.py's `tool_calls_grammar`, which writes the same forms
+(docs/serving.md).
 """
 
 from __future__ import annotations
