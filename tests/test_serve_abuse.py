@@ -61,7 +61,7 @@ class RecordingBridge:
         self.queues: list[asyncio.Queue] = []
         self.cancelled: list[str] = []
 
-    def submit(self, ids, params, request_id, queue, group=None):
+    def submit(self, ids, params, request_id, queue, group=None, images=None):
         self.queues.append(queue)
 
     def cancel(self, request_id):
