@@ -6,10 +6,13 @@ the server harness is serve_helpers.py, the schema fuzzer serve_fuzz.py.)"""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek import ModelConfig, Transformer, save_model
 from nanoseek.data.conversations import identity_conversations, task_conversations
@@ -167,3 +170,31 @@ def save_tiny(path: Path, seed: int = 0, context: int = 512, **overrides) -> Pat
     torch.manual_seed(seed)
     save_model(Transformer(cfg), path, tokenizer=tok)
     return path
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def foreign_tokenizer(directory: Path) -> Path:
+    """A ChatML-style tokenizer written to `directory`: none of nanoseek's special tokens (no tool
+    tokens, no <think>, no FIM), a chat template of its own (CHATML_TEMPLATE)."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    hf.train_from_iterator(
+        ["hello world, how are you? fine thanks"] * 20,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=[AddedToken(s, special=True) for s in specials],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHATML_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
+    return directory

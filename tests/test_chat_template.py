@@ -9,14 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek import chat_template
 from nanoseek.serve.chat_format import FormatError, chat_prompt, completion_prompt, tool_format
 from nanoseek.serve.tools import ToolParser, generation_prefix
 from nanoseek.tokenizer import TokenizerError, load_tokenizer
 
+from helpers import foreign_tokenizer
 from serve_helpers import build_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -194,30 +193,6 @@ def test_own_template_with_tools_matches_transformers(tmp_path, messages):
             assert safe == hf.apply_chat_template(
                 hf_messages, return_dict=False, sanitize_control_tokens=True, tools=tools, **kw
             )
-
-
-def foreign_tokenizer(tmp_path: Path) -> Path:
-    """A ChatML-style tokenizer: none of nanoseek's special tokens, a template of its own."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    hf.train_from_iterator(
-        ["hello world, how are you? fine thanks"] * 20,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=[AddedToken(s, special=True) for s in specials],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    hf.save(str(tmp_path / "tokenizer.json"))
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
-    return tmp_path
 
 
 def test_tokenizer_without_nanoseek_tokens_loads_with_its_template(tmp_path):

@@ -12,8 +12,6 @@ import httpx
 import openai
 import pytest
 import torch
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek import Transformer, save_model
 from nanoseek.serve import protocol
@@ -21,7 +19,7 @@ from nanoseek.serve.chat_format import EngineTokenizer, chat_prompt
 from nanoseek.serve.tools import ToolCallRules, ToolParser, generation_prefix
 from nanoseek.tokenizer import load_tokenizer
 
-from helpers import tiny_config
+from helpers import CHATML_TEMPLATE, foreign_tokenizer, tiny_config
 from serve_helpers import ServerProcess, build_tokenizer, memorised_tensors, train_to_margin
 
 TOOLS = [
@@ -294,31 +292,12 @@ def test_bad_tool_requests_name_the_field(server, fields, param):
 def foreign_checkpoint(path):
     """Random weights; a ChatML-style tokenizer with its own template: no nanoseek tokens, no tool
     tokens, no <think>, no FIM tokens."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    hf.train_from_iterator(
-        ["hello world, how are you? fine thanks"] * 20,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=[AddedToken(s, special=True) for s in specials],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    path.mkdir(parents=True)
-    hf.save(str(path / "tokenizer.json"))
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
-    (path / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
+    foreign_tokenizer(path)
     tok = load_tokenizer(path)
     torch.manual_seed(0)
     model = Transformer(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=256))
     save_model(model.eval(), path, tokenizer=tok)
-    assert load_tokenizer(path).chat_template == template  # saved back as it was
+    assert load_tokenizer(path).chat_template == CHATML_TEMPLATE  # saved back as it was
     return path
 
 
