@@ -6,7 +6,6 @@ Wilson interval itself."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from safetensors.torch import load_file
 
 from nanoseek.checkpoint import load_vision_language_model
 from nanoseek.config import VisionConfig
-from nanoseek.eval.visual import wilson_interval
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.model.vision import image_token_count
 from nanoseek.stages.common import DONE
@@ -52,18 +50,6 @@ SECTION = {
         "progress": False,
     },
 }
-
-
-def test_wilson_interval_known_values():
-    lo, hi = wilson_interval(5, 10)
-    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
-    z2 = 1.959963984540054**2
-    assert wilson_interval(0, 8) == (0.0, pytest.approx(z2 / (8 + z2)))
-    assert wilson_interval(8, 8) == (pytest.approx(8 / (8 + z2)), 1.0)
-    lo, hi = wilson_interval(150, 200)
-    assert lo < 0.75 < hi and math.isclose(lo + hi, 2 * (0.75 + z2 / 400) / (1 + z2 / 200))
-    with pytest.raises(ValueError):
-        wilson_interval(3, 2)
 
 
 def test_loader_targets_only_answers_and_resumes():

@@ -3,35 +3,19 @@
 
 Each held-out problem is rendered with its own seed (never a training rendering), prompted with the
 chat template's `<think>\\n` generation prompt like the text tasks (eval/accuracy.py), and graded
-with think prefilled. Wilson's interval for k successes in n trials at z = 1.96:
-    (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),  p = k/n.
+with think prefilled (the interval: eval/stats.py).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from nanoseek.data.chat_tokens import completion_text
 from nanoseek.data.images import image_prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.accuracy import token_budget
+from nanoseek.eval.stats import wilson_interval
 from nanoseek.tasks.visual import CHANCE, get_visual_task
-
-Z95 = 1.959963984540054
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion k/n (0, 1 when n == 0)."""
-    if not 0 <= k <= n:
-        raise ValueError(f"wilson_interval needs 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    denom = 1 + z * z / n
-    return max(0.0, (centre - spread) / denom), min(1.0, (centre + spread) / denom)
 
 
 def evaluate_visual_task(
