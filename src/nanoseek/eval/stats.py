@@ -1,14 +1,14 @@
 """The statistics behind every accuracy figure nanoseek reports: a 95% interval for one proportion,
 and for the change between two evaluations of the same problems.
 
-    wilson_interval(k, n)         Wilson's score interval of k successes in n trials:
-                                  (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),  p = k/n
+    wilson_interval(k, n)
+        Wilson's score interval of k successes in n trials:
+        (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n),  p = k/n
     paired_difference(before, after)
-                                  the same problems graded twice (e.g. after SFT and after GRPO): the
-                                  gain after - before = (gained - lost)/n with Newcombe's hybrid score
-                                  interval (his method 10, 1998), which builds on the two Wilson
-                                  intervals and the correlation of the paired outcomes, and the exact
-                                  McNemar test's two-sided p-value on the discordant pairs.
+        the same problems graded twice (e.g. after SFT and after GRPO): the gain after - before =
+        (gained - lost)/n with Newcombe's hybrid score interval (his method 10, 1998), which builds
+        on the two Wilson intervals and the correlation of the paired outcomes, and the exact
+        McNemar test's two-sided p-value on the discordant pairs.
 
 Paired, because an unpaired interval would throw away that both figures come from the same problems:
 the discordant pairs alone carry the change.
@@ -52,7 +52,8 @@ def paired_difference(before: Sequence[bool], after: Sequence[bool], z: float = 
     gain and its interval are fractions (0.12 = +12 points)."""
     if len(before) != len(after):
         raise ValueError(
-            f"paired_difference needs the same problems twice: {len(before)} != {len(after)} results"
+            "paired_difference needs the same problems twice: "
+            f"{len(before)} != {len(after)} results"
         )
     n = len(before)
     if n == 0:
