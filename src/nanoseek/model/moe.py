@@ -134,7 +134,9 @@ def dispatch(
     contiguous slice of rows (counts [E] rows per expert; `run_experts` does it), and the weighted
     outputs are scatter-added back per token. -> (output [N, d], counts)."""
     flat = ids.flatten()
-    counts = torch.bincount(flat, minlength=n_experts)
+    # rather than bincount, whose output size depends on the data (a graph break when compiled)
+    counts = torch.zeros(n_experts, dtype=flat.dtype, device=flat.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))
     order = flat.argsort(stable=True)
     token = order // ids.shape[1]
     # index_select rather than x[token]: its backward is a fast

@@ -130,11 +130,20 @@ class Transformer(nn.Module):
             )
         return self.rope_cos[positions], self.rope_sin[positions]
 
+    def rope_prefix(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rope tables of positions 0..length-1: `rope(arange(length))` checked on the static
+        length, so that a compiled forward has no data-dependent branch."""
+        if length > self.rope_cos.shape[0]:
+            raise ValueError(
+                f"position {length - 1} is beyond max_position_embeddings={self.rope_cos.shape[0]}"
+            )
+        return self.rope_cos[:length], self.rope_sin[:length]
+
     def hidden_states(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None):
         """input_ids [B, T] -> (final-normed hidden [B, T, d], summed balance loss or None).
         inputs_embeds [B, T, d], when given, replaces embed(input_ids) (a vision-language model
         passes its image features this way)."""
-        cos, sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
+        cos, sin = self.rope_prefix(input_ids.shape[1])
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         balance = None
         for layer in self.layers:
@@ -174,7 +183,7 @@ class Transformer(nn.Module):
             for k, module in enumerate(self.mtp, start=1):
                 if T - k < 1:
                     break
-                cos, sin = self.rope(torch.arange(T - k, device=input_ids.device))
+                cos, sin = self.rope_prefix(T - k)
                 # depth k at position i sees h_{k-1}[i] and the token
                 # t_{i+k}, and predicts t_{i+k+1}
                 later = (

@@ -135,7 +135,7 @@ def build_optimizer(
             matrices.append(p)
         else:
             others.append(p)
-    fused = {"foreach": True}
+    fused = adamw_kernel(list(model.parameters()))
     router_group = dict(params=routers, weight_decay=0.0, lr=lr * router_lr_scale)
     if name == "adamw":
         groups = [
@@ -161,3 +161,18 @@ def build_optimizer(
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
     return opt
+
+
+def adamw_kernel(params: list[torch.Tensor]) -> dict:
+    """AdamW's fused kernel (one pass over each tensor; several times faster than the foreach
+    kernels on CPU, docs/training.md) wherever it runs: plain float tensors on CPU or CUDA.
+    Sharded (DTensor) parameters keep the foreach kernels."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a build without distributed
+        DTensor = ()  # noqa: N806
+    plain = all(
+        not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+        for p in params
+    )
+    return {"fused": True} if plain else {"foreach": True}
