@@ -427,3 +427,46 @@ def test_the_graders_reward_reaches_the_loss_through_the_picture(tmp_path, rewar
     assert any(n.startswith("vision.projector.") for n in moved)
     assert any(n.startswith("language_model.") for n in moved)
     assert not any(n.startswith("vision.vision_model.") for n in moved)
+
+
+def test_a_stopped_visual_grpo_run_resumes_bit_for_bit(tmp_path):
+    """Stopped after its first step and resumed on a differently initialised model, a visual GRPO
+    run ends with the weights (tower included) and the log of the uninterrupted one: the pictures
+    are rendered from the prompt stream's position, which the checkpoint keeps. The in-run held-out
+    evaluation (step 0 and each step) is logged too."""
+    tok = small_tokenizer()
+    cfg = dict(max_steps=2, eval_problems=2, eval_every=1, eval_max_new_tokens=4)
+    straight = VisualGRPOTrainer(
+        tiny_vlm(tok), visual_cfg(tmp_path / "a", **cfg), tok, size=(32, 32)
+    )
+    straight.fit()
+    stopped = VisualGRPOTrainer(
+        tiny_vlm(tok), visual_cfg(tmp_path / "b", **cfg), tok, size=(32, 32)
+    )
+    step = stopped.train_step
+
+    def stop_after_one(samples):
+        out = step(samples)
+        stopped._stop_requested = True
+        return out
+
+    stopped.train_step = stop_after_one
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit()
+    resumed = VisualGRPOTrainer(
+        tiny_vlm(tok, seed=1), visual_cfg(tmp_path / "b", **cfg), tok, size=(32, 32)
+    )
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("step_s", "elapsed_s", "rollout_tok_s")
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        ]
+        for d in ("a", "b")
+    ]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == [0, 1, 2]
+    assert all(r["val_problems"] == 4 and 0 <= r["val_accuracy"] <= 1 for r in rows[0])
+    assert (tmp_path / "b" / "checkpoints" / "step_000002" / "vision.safetensors").is_file()
