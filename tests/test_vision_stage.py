@@ -470,3 +470,23 @@ def test_a_stopped_visual_grpo_run_resumes_bit_for_bit(tmp_path):
     assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == [0, 1, 2]
     assert all(r["val_problems"] == 4 and 0 <= r["val_accuracy"] <= 1 for r in rows[0])
     assert (tmp_path / "b" / "checkpoints" / "step_000002" / "vision.safetensors").is_file()
+
+
+def test_the_presets_grpo_phase_and_text_measurements_are_valid(tmp_path):
+    from nanoseek.presets import load_preset
+    from nanoseek.stages.vision import grpo_phase_config, text_eval_settings
+    from nanoseek.train.rollout import TaskSpec
+
+    for name in ("vision", "smoke"):
+        preset = load_preset(name)
+        section = preset["vision"]
+        cfg = grpo_phase_config(section, section["tasks"], tmp_path, preset["price_per_hour"])
+        cfg.validate()
+        specs = [TaskSpec.parse(t) for t in cfg.tasks]
+        assert [s.name for s in specs] == list(section["tasks"])
+        assert cfg.out_dir == str(tmp_path / "grpo") and cfg.eval_problems == 0
+        assert text_eval_settings(section)["tasks"]
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bpb'\]"):
+        text_eval_settings({"text_eval": {"bpb": 1000}})
+    with pytest.raises(ValueError, match=r"unknown text task\(s\) \['visual_colour'\]"):
+        text_eval_settings({"text_eval": {"tasks": {"visual_colour": [1]}}})

@@ -56,6 +56,7 @@ from nanoseek.eval.visual import evaluate_visual_task
 from nanoseek.io import atomic_write_text
 from nanoseek.model.vision import VisionLanguageModel, VisionTower
 from nanoseek.stages.common import latest_checkpoint, run_stage
+from nanoseek.tasks import TASKS
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.dist import DistInfo
 from nanoseek.train.grpo_trainer import REWARD_PLOT, GRPOConfig
@@ -151,6 +152,11 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
     tasks = {k: list(v) for k, v in (section.get("tasks") or {"visual_colour": [1, 2]}).items()}
     size = tuple(section["size"]) if section.get("size") else None
     price = (preset or {}).get("price_per_hour")
+    # the later phases' settings are checked before any training
+    text_eval = text_eval_settings(section)
+    grpo_cfg = grpo_phase_config(section, tasks, out, price) if section.get("grpo") else None
+    if grpo_cfg is not None:
+        grpo_cfg.validate()
 
     problems = visual_problems(tasks, section.get("problems_per_task", 200), split="train")
     examples = visual_examples(tok, vcfg, problems, renders=section.get("renders", 1), size=size)
@@ -177,7 +183,6 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
         vlm.train()
         return results
 
-    text_eval = {**TEXT_EVAL_DEFAULTS, **dict(section.get("text_eval") or {})}
     corpus = _text_corpus(text_eval["corpus"], out.parent, source)
     texts = {}
     if corpus is not None and text_eval["bpb_bytes"]:
@@ -208,10 +213,9 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
     # (c) GRPO on the visual tasks: the policy is the whole model that SFT trained, the same
     # parts train (the answers' errors are mostly misreadings: the tower must be able to move)
     grpo = None
-    after_sft = evaluate(samples=0 if section.get("grpo") else n_samples)
+    after_sft = evaluate(samples=0 if grpo_cfg is not None else n_samples)
     after = after_sft
-    if section.get("grpo"):
-        grpo_cfg = _grpo_config(section, tasks, out, price)
+    if grpo_cfg is not None:
         grpo = VisualGRPOTrainer(vlm, grpo_cfg, tok, size=size).fit()
         after = evaluate(samples=n_samples)
     vlm.freeze()
@@ -253,7 +257,7 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
     return summary
 
 
-def _grpo_config(section: dict, tasks: dict, out: Path, price: float | None) -> GRPOConfig:
+def grpo_phase_config(section: dict, tasks: dict, out: Path, price: float | None) -> GRPOConfig:
     """The GRPO phase's settings: the section's "grpo" part over GRPO_DEFAULTS; the tasks default
     to the stage's (difficulty ramping from the lowest to the highest), the longest answer to the
     stage's max_new_tokens."""
@@ -267,6 +271,24 @@ def _grpo_config(section: dict, tasks: dict, out: Path, price: float | None) -> 
     if price is not None:
         fields.setdefault("price_per_hour", price)
     return GRPOConfig(**fields)
+
+
+def text_eval_settings(section: dict) -> dict:
+    """The section's "text_eval" part over TEXT_EVAL_DEFAULTS; an unknown key or task is an error
+    before any training."""
+    given = dict(section.get("text_eval") or {})
+    unknown = sorted(set(given) - set(TEXT_EVAL_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"vision.text_eval: unknown key(s) {unknown}; known: {sorted(TEXT_EVAL_DEFAULTS)}"
+        )
+    settings = {**TEXT_EVAL_DEFAULTS, **given}
+    bad = sorted(set(settings["tasks"] or {}) - set(TASKS))
+    if bad:
+        raise ValueError(
+            f"vision.text_eval.tasks: unknown text task(s) {bad}; known: {sorted(TASKS)}"
+        )
+    return settings
 
 
 def _text_corpus(given, run: Path, source: Path) -> Path | None:
