@@ -305,7 +305,7 @@ class GRPOTrainer(Trainer):
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """One micro-batch's rows -> (inputs, targets, keyword arguments of the model's forward),
         trimmed after the last scored column; text needs no keyword arguments."""
-        x, y = _trim(inputs, targets)
+        x, y = trim_columns(inputs, targets)
         return x, y, {}
 
     def _sampling(self, engine: Engine, prompts, seed: int) -> SamplingParams:
@@ -481,7 +481,9 @@ class GRPOTrainer(Trainer):
         return None
 
 
-def _trim(x: torch.Tensor, y: torch.Tensor, min_end: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def trim_columns(
+    x: torch.Tensor, y: torch.Tensor, min_end: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the columns after the micro-batch's last scored token (but keep at least min_end):
     padding costs compute for nothing."""
     cols = (y != IGNORE_INDEX).any(0).nonzero()

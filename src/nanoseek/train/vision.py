@@ -41,7 +41,7 @@ from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.model.vision import ImageInput, VisionLanguageModel
 from nanoseek.tasks.visual import VISUAL_TASKS, get_visual_task
 from nanoseek.train import dist
-from nanoseek.train.grpo_trainer import GRPOConfig, GRPOTrainer, _trim
+from nanoseek.train.grpo_trainer import GRPOConfig, GRPOTrainer, trim_columns
 from nanoseek.train.rollout import Grader, Sample, collate_images
 from nanoseek.train.trainer import Trainer
 
@@ -236,7 +236,7 @@ class VisualGRPOTrainer(TowerCheckpoints, GRPOTrainer):
         """The rows' images go with them; the trim keeps every image position (they precede the
         completions, but a micro-batch with nothing to score would otherwise be cut to a column)."""
         image_cols = (inputs == self.image_id).any(0).nonzero()
-        x, y = _trim(inputs, targets, int(image_cols.max()) + 1 if len(image_cols) else 1)
+        x, y = trim_columns(inputs, targets, int(image_cols.max()) + 1 if len(image_cols) else 1)
         images = collate_images(samples)
         if images is None:
             return x, y, {}
