@@ -457,3 +457,59 @@ def test_task_specs_parse_and_ramp():
     stream.load_state_dict({"draws": 0})
     assert [p.id for p in stream.next(6)] == [p.id for p in first]
     assert {p.task for p in first} == {"arithmetic", "countdown"}
+
+
+def test_visual_tasks_are_known_to_the_mix_but_a_text_trainer_refuses_them(tok, tmp_path):
+    """The task mix names visual tasks too (their problems are the tasks/visual.py ones, graded by
+    their own grader); a text policy cannot see their pictures, so GRPOTrainer says where to go
+    (train.vision.VisualGRPOTrainer) instead of training on prompts without an image."""
+    from nanoseek.tasks.visual import VisualTask
+
+    spec = TaskSpec.parse("visual_count:1-2")
+    assert (spec.name, spec.difficulty, spec.max_difficulty) == ("visual_count", 1, 2)
+    stream = PromptStream([spec], langs=["en", "zh"], seed=0)
+    assert isinstance(stream.tasks["visual_count"], VisualTask)
+    problems = stream.next(4)
+    assert all(p.task == "visual_count" and p.prompt.startswith("<image>\n") for p in problems)
+    with pytest.raises(ValueError, match="unknown task 'visual_nope'.*visual_colour"):
+        TaskSpec.parse("visual_nope")
+    with pytest.raises(ValueError, match=r"\['visual_count'\] are visual.*VisualGRPOTrainer"):
+        GRPOTrainer(
+            tiny_policy(tok),
+            tiny_cfg(tmp_path, tasks=["arithmetic:1", "visual_count:1"]),
+            tok,
+            grader=length_grader,
+        )
+
+
+def test_text_rollouts_with_prompts_given_equal_the_default_encoding(tok):
+    """generate_groups(prompts=...) is how the trainer passes its encoded prompts; for text they are
+    the chat template's ids without images, and the samples are the ones it always made."""
+    from nanoseek.engine import Engine, SamplingParams
+
+    model = tiny_policy(tok)
+    problems = PromptStream([TaskSpec("arithmetic")], seed=2).next(2)
+    params = SamplingParams(n=3, max_tokens=5, seed=9, stop_token_ids=[tok.eos_id])
+    runs = [
+        generate_groups(
+            Engine(model, None, max_batch_size=6, max_model_len=160),
+            tok,
+            problems,
+            length_grader,
+            params,
+            prompts=prompts,
+        )
+        for prompts in (None, [(prompt_ids(tok, p.prompt), None) for p in problems])
+    ]
+    a, b = (r.samples for r in runs)
+    assert [s.completion_ids for s in a] == [s.completion_ids for s in b]
+    assert all(s.images is None for s in a + b)
+    with pytest.raises(ValueError, match="1 prompts for 2 problems"):
+        generate_groups(
+            Engine(model, None, max_batch_size=6, max_model_len=160),
+            tok,
+            problems,
+            length_grader,
+            params,
+            prompts=[(prompt_ids(tok, problems[0].prompt), None)],
+        )

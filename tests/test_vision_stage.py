@@ -1,7 +1,10 @@
 """The vision stage on a tiny language checkpoint: adaptor alignment (encoder and language model
-frozen) then joint SFT through the project's Trainer, held-out accuracy before and after through the
-engine with Wilson intervals, done.json and resume; plus the image-conversation loader and the
-Wilson interval itself."""
+frozen), joint SFT through the project's Trainer, then GRPO on the visual tasks; held-out accuracy
+before, after SFT and after GRPO on the same problems through the engine, with Wilson intervals and
+the paired interval of GRPO's change; what vision costs the language model on text (bits per byte,
+text-task accuracy); done.json and resume; the report card's section. Plus the image-conversation
+loader, and GRPO on a visual task in isolation: the rollouts carry each prompt's picture into the
+update, and the grader's reward reaches the loss."""
 
 from __future__ import annotations
 
@@ -11,16 +14,30 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanoseek.checkpoint import load_vision_language_model
+from nanoseek import Transformer
+from nanoseek.checkpoint import load_model, load_vision_language_model
 from nanoseek.config import VisionConfig
+from nanoseek.data.images import image_id_of, image_prompt_ids
+from nanoseek.eval.bpb import bits_per_byte, heldout_texts
+from nanoseek.eval.stats import paired_difference
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.model.vision import image_token_count
+from nanoseek.model.vision import VisionLanguageModel, VisionTower, image_token_count
 from nanoseek.stages.common import DONE
-from nanoseek.stages.vision import vision_stage
+from nanoseek.stages.vision import OUTCOMES, vision_stage
+from nanoseek.tasks.visual import COLOURS, get_visual_task
+from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.dist import DistInfo
-from nanoseek.train.vision import ImageConversationLoader, visual_examples, visual_problems
+from nanoseek.train.grpo_loss import token_logprobs
+from nanoseek.train.grpo_trainer import GRPOConfig
+from nanoseek.train.rollout import Sample, collate
+from nanoseek.train.vision import (
+    ImageConversationLoader,
+    VisualGRPOTrainer,
+    visual_examples,
+    visual_problems,
+)
 
-from helpers import save_tiny, small_tokenizer
+from helpers import save_tiny, small_tokenizer, tiny_config
 
 TOWER = dict(
     hidden_size=32,
@@ -49,7 +66,28 @@ SECTION = {
         "log_every": 1,
         "progress": False,
     },
+    "grpo": {
+        "max_steps": 3,
+        "prompts_per_step": 3,
+        "group_size": 4,
+        "batch_size": 12,
+        "lr": 0.003,
+        "save_every": 2,
+        "progress": False,
+    },
+    "text_eval": {
+        "bpb_bytes": 2000,
+        "tasks": {"arithmetic": [1]},
+        "n_problems": 6,
+        "max_new_tokens": 16,
+    },
 }
+# a run's held-out text (runs/NAME/corpus/val.jsonl), one short document per language
+HELD_OUT_TEXT = [
+    {"lang": "en", "text": "A small boat crossed the river at dawn, and the birds woke up. " * 4},
+    {"lang": "zh", "text": "清晨的小船慢慢划过河面，岸边的鸟儿都醒了。" * 4},
+    {"lang": "code", "text": "def area(w, h):\n    return w * h\n\nprint(area(3, 4))\n" * 4},
+]
 
 
 def test_loader_targets_only_answers_and_resumes():
@@ -75,6 +113,12 @@ def stage(tmp_path_factory):
     root = tmp_path_factory.mktemp("vision")
     base = save_tiny(root / "lm")
     run = root / "run"
+    (run / "corpus").mkdir(parents=True)
+    (run / "corpus" / "val.jsonl").write_text(
+        "".join(
+            json.dumps({**r, "source": "test"}, ensure_ascii=False) + "\n" for r in HELD_OUT_TEXT
+        )
+    )
     summary = vision_stage(run, {"vision": SECTION}, DistInfo(), init=base)
     return run, base, summary
 
@@ -84,6 +128,7 @@ def test_vision_stage_aligns_then_fine_tunes_and_evaluates(stage):
     out = run / "vision"
     assert json.loads((out / DONE).read_text())["checkpoint"] == str(out / "final")
     assert summary["align"]["steps"] == 6 and summary["sft"]["steps"] == 10
+    assert summary["grpo"]["steps"] == 3
     # (a) alignment left the language model and the encoder as they were
     lm0 = load_file(str(base / "model.safetensors"))
     align = out / "align" / "checkpoints" / "step_000006"
@@ -97,14 +142,15 @@ def test_vision_stage_aligns_then_fine_tunes_and_evaluates(stage):
         tower["projector.layers.0.weight"], final_tower["projector.layers.0.weight"]
     )
     # (b) joint SFT moved the language model and its loss fell
-    lm2 = load_file(str(out / "final" / "model.safetensors"))
+    lm2 = load_file(str(out / "sft" / "checkpoints" / "step_000010" / "model.safetensors"))
     assert any(not torch.equal(lm0[k], lm2[k]) for k in lm0)
     rows = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 10 and sum(losses[-3:]) < 0.9 * sum(losses[:3])
-    # before and after: held-out accuracy with a Wilson interval around it, and chance stated
+    # before, after SFT, after GRPO: held-out accuracy with a Wilson interval, chance stated
     for r in summary["tasks"].values():
-        for when in ("before", "after"):
+        assert r.keys() == {"before", "sft", "after", "grpo_change"}
+        for when in ("before", "sft", "after"):
             e = r[when]
             lo, hi = e["wilson95"]
             assert (
@@ -116,6 +162,63 @@ def test_vision_stage_aligns_then_fine_tunes_and_evaluates(stage):
     assert all((out / s["image"]).is_file() for s in summary["samples"])
     vlm = load_vision_language_model(out / "final")
     assert vlm.vision.config.image_size == 32
+
+
+def test_the_grpo_phase_follows_sft_and_is_scored_on_the_same_problems(stage):
+    run, _, summary = stage
+    out = run / "vision"
+    rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3]
+    assert summary["grpo"]["reward"] == rows[-1]["reward"]
+    # the final model is GRPO's last checkpoint, language model and tower
+    last = out / "grpo" / "checkpoints" / "step_000003"
+    for name in ("model.safetensors", "vision.safetensors"):
+        a = load_file(str(last / name))
+        b = load_file(str(out / "final" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # one row per held-out problem, the same problems (keys, order) at every point
+    outcomes = [json.loads(x) for x in (out / OUTCOMES).read_text("utf-8").splitlines()]
+    visual = [r for r in outcomes if r["kind"] == "visual"]
+    held_out = visual_problems({"visual_colour": [1]}, 6, split="test", seed=1)
+    assert [(r["key"], r["lang"]) for r in visual] == [(p.key, p.lang) for p in held_out]
+    r = summary["tasks"]["visual_colour"]
+    for when, point in (("before", "before"), ("sft", "sft"), ("grpo", "after")):
+        assert sum(row[when] for row in visual) == r[point]["correct"]
+    # GRPO's change: the paired interval of exactly these outcomes
+    d = paired_difference([row["sft"] for row in visual], [row["grpo"] for row in visual])
+    change = r["grpo_change"]
+    assert change["gain"] == pytest.approx(d["gain"], abs=1e-4)
+    assert change["interval95"] == pytest.approx(list(d["interval95"]), abs=1e-4)
+    lo, hi = change["interval95"]
+    assert lo <= change["gain"] <= hi and (change["gained"], change["lost"]) == (
+        d["gained"],
+        d["lost"],
+    )
+    assert (out / "grpo" / "reward_curve.png").stat().st_size > 1000
+
+
+def test_what_vision_costs_text_is_measured_on_both_language_models(stage):
+    """Bits per byte of the starting checkpoint and of the final model's language part, exactly as
+    eval/bpb.py measures each on the run's held-out text; text-task outcomes before and after."""
+    run, base, summary = stage
+    t = summary["text"]
+    texts = heldout_texts(run / "corpus", 2000)
+    assert set(texts) == {"en", "zh", "code"} and t["bpb_source"] == str(run / "corpus")
+    tok = load_tokenizer(base)
+    for key, ckpt in (("bpb_before", base), ("bpb_after", run / "vision" / "final")):
+        lm = load_model(ckpt, dtype=torch.float32)
+        want = {lang: bits_per_byte(lm, tok, x)["bpb"] for lang, x in texts.items()}
+        assert t[key] == pytest.approx(want, abs=2e-4)
+    assert t["bpb_before"] != t["bpb_after"]  # joint SFT trained the language model
+    a = t["tasks"]["arithmetic"]
+    outcomes = [json.loads(x) for x in (run / "vision" / OUTCOMES).read_text().splitlines()]
+    text = [r for r in outcomes if r["kind"] == "text"]
+    assert a["before"]["problems"] == a["after"]["problems"] == len(text) == 6
+    assert {r["lang"] for r in text} == {"en", "zh"}
+    assert sum(r["before"] for r in text) == a["before"]["correct"]
+    assert sum(r["after"] for r in text) == a["after"]["correct"]
+    lo, hi = a["change"]["interval95"]
+    assert lo <= a["change"]["gain"] <= hi
 
 
 def test_vision_stage_runs_once(stage):
@@ -130,9 +233,22 @@ def test_the_report_card_shows_the_visual_tasks_and_samples(stage):
     run, _, summary = stage
     text = write_report(run).read_text("utf-8")
     assert "## Vision" in text and "| visual_colour | 6 (" in text
-    r = summary["tasks"]["visual_colour"]["after"]
-    lo, hi = r["wilson95"]
-    assert f"[{100 * lo:.1f}%, {100 * hi:.1f}%]" in text
+    assert "| after SFT | after GRPO | GRPO − SFT [95% paired] |" in text
+    r = summary["tasks"]["visual_colour"]
+    row = next(x for x in text.splitlines() if x.startswith("| visual_colour |"))
+    for when in ("before", "sft", "after"):
+        lo, hi = r[when]["wilson95"]
+        assert f"{100 * r[when]['accuracy']:.1f}% [{100 * lo:.1f}%, {100 * hi:.1f}%]" in row
+    lo, hi = r["grpo_change"]["interval95"]
+    assert f"{100 * r['grpo_change']['gain']:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}]" in row
+    assert "](vision/grpo/reward_curve.png)" in text
+    # what vision costs text
+    assert "### What vision costs text" in text
+    t = summary["text"]
+    for when, label in (("bpb_before", "before vision"), ("bpb_after", "after vision")):
+        cells = " | ".join(f"{t[when][x]:.3f}" for x in ("en", "zh", "code"))
+        assert f"| {label} | {cells} |" in text
+    assert "| arithmetic | 6 |" in text
     for s in summary["samples"]:
         assert f"](vision/{s['image']})" in text and (run / "vision" / s["image"]).is_file()
 
@@ -155,10 +271,13 @@ def test_an_unfinished_stage_resumes_from_its_checkpoints(stage, tmp_path):
     shutil.rmtree(copy / "vision" / "final")
     again = vision_stage(copy, {"vision": SECTION}, DistInfo(), init=base)
     assert again["align"]["steps"] == 6 and again["sft"]["steps"] == 10
+    assert again["grpo"]["steps"] == 3
     a = load_file(str(run / "vision" / "final" / "model.safetensors"))
     b = load_file(str(copy / "vision" / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert again["tasks"] == summary["tasks"]
+    assert {**again["text"], "bpb_source": None} == {**summary["text"], "bpb_source": None}
+    assert again["text"]["bpb_source"] == str(copy / "corpus")
 
 
 def test_nanoseek_vision_command(stage, tmp_path, capsys):
@@ -174,3 +293,200 @@ def test_nanoseek_vision_command(stage, tmp_path, capsys):
     assert json.loads(out[out.index("\n{") + 1 :])["sft"]["steps"] == 10
     assert (run / "vision" / DONE).is_file()
     assert main(["vision", str(tmp_path / "nothing"), "--preset", str(preset)]) == 2  # no sft/final
+
+
+# ----------------------------------------------------------------------- GRPO on a visual task
+def tiny_vlm(tok, seed: int = 0) -> VisionLanguageModel:
+    torch.manual_seed(seed)
+    lm = Transformer(
+        tiny_config(
+            vocab_size=tok.vocab_size,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+            max_position_embeddings=256,
+        )
+    )
+    tower = VisionTower(VisionConfig(**TOWER), lm.config.hidden_size)
+    return VisionLanguageModel(lm, tower, image_id_of(tok))
+
+
+def visual_cfg(tmp_path, **overrides) -> GRPOConfig:
+    fields = dict(
+        out_dir=str(tmp_path),
+        tasks=["visual_colour:1"],
+        max_steps=2,
+        prompts_per_step=3,
+        group_size=4,
+        max_new_tokens=8,
+        seq_len=256,
+        batch_size=5,
+        eval_problems=0,
+        save_every=100,
+        progress=False,
+        lr=1e-3,
+        weight_decay=0.0,
+    )
+    fields.update(overrides)
+    return GRPOConfig(**fields)
+
+
+def test_visual_rollouts_carry_each_prompts_picture_into_the_update(tmp_path):
+    tok = small_tokenizer()
+    vlm = tiny_vlm(tok)
+    trainer = VisualGRPOTrainer(vlm, visual_cfg(tmp_path), tok, size=(32, 32))
+    samples, stats = trainer.rollout()
+    assert len(samples) == 12 and stats["rollout_tokens"] > 0
+    image_id = image_id_of(tok)
+    n_image = image_token_count(vlm.vision.config, (1, 1))
+    for g in range(3):
+        group = samples[4 * g : 4 * g + 4]
+        assert all(s.images is group[0].images for s in group)  # one picture per prompt
+        assert group[0].prompt_ids.count(image_id) == n_image
+    # each draw is rendered afresh (another scene, or the same scene drawn differently)
+    assert not torch.equal(samples[0].images.pixel_values, samples[4].images.pixel_values)
+    # a second trainer (a resumed run) renders and samples exactly the same
+    again, _ = VisualGRPOTrainer(
+        tiny_vlm(tok), visual_cfg(tmp_path / "again"), tok, size=(32, 32)
+    ).rollout()
+    assert [s.completion_ids for s in again] == [s.completion_ids for s in samples]
+    assert all(
+        torch.equal(a.images.pixel_values, b.images.pixel_values) for a, b in zip(again, samples)
+    )
+
+    # the update's forward, in micro-batches of 5 that mix prompts of different lengths, gives each
+    # row the log-probs of the model on its own prompt and picture
+    inputs, targets = collate(samples, tok.pad_id)
+    micro = [slice(i, i + 5) for i in range(0, len(samples), 5)]
+    batched = trainer._frozen_logprobs(vlm, inputs, targets, micro, samples)
+    vlm.eval()
+    for i, s in enumerate(samples):
+        ids = torch.tensor([s.prompt_ids + s.completion_ids])
+        y = torch.full_like(ids, IGNORE_INDEX)[:, :-1]
+        p = len(s.prompt_ids)
+        y[0, p - 1 :] = torch.tensor(s.completion_ids)
+        with torch.no_grad():
+            alone, _ = token_logprobs(vlm(ids[:, :-1], images=s.images), y)
+        row = batched[i // 5][i % 5]
+        got = row[p - 1 : p - 1 + len(s.completion_ids)]
+        assert torch.allclose(got, alone[0, p - 1 :], atol=1e-5), i
+    # and the picture is what it reads: another prompt's picture changes the log-probs
+    swapped = [Sample(**{**s.__dict__, "images": samples[4].images}) for s in samples[:4]]
+    inputs, targets = collate(swapped, tok.pad_id)
+    other = trainer._frozen_logprobs(vlm, inputs, targets, [slice(0, 4)], swapped)
+    inputs, targets = collate(samples[:4], tok.pad_id)
+    own = trainer._frozen_logprobs(vlm, inputs, targets, [slice(0, 4)], samples[:4])
+    assert (other[0] - own[0]).abs().max() > 1e-4
+
+
+def _sequence_logprobs(vlm, samples) -> list[float]:
+    vlm.eval()
+    out = []
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.prompt_ids + s.completion_ids])
+            y = torch.full_like(ids, IGNORE_INDEX)[:, :-1]
+            y[0, len(s.prompt_ids) - 1 :] = torch.tensor(s.completion_ids)
+            out.append(token_logprobs(vlm(ids[:, :-1], images=s.images), y)[0].sum().item())
+    return out
+
+
+@pytest.mark.parametrize("rewarded", [0, 1])
+def test_the_graders_reward_reaches_the_loss_through_the_picture(tmp_path, rewarded):
+    """A group of two completions of one pictured colour question, the right answer and a wrong
+    one, rewarded by the task's grader (rewarded=0) or the other way round (rewarded=1): one GRPO
+    update raises the log-probability of the rewarded completion and lowers the other's, and it
+    moves the adaptor and the language model but not the frozen encoder. Deterministic: no
+    sampling, one step."""
+    tok = small_tokenizer()
+    vlm = tiny_vlm(tok)
+    vlm.freeze(encoder=True)
+    trainer = VisualGRPOTrainer(vlm, visual_cfg(tmp_path, group_size=2), tok, size=(32, 32))
+    task = get_visual_task("visual_colour")
+    problem = task.generate(1, seed=0, difficulty=1, split="train", lang="en")[0]
+    right = problem.solution.completion(think_prefilled=True)
+    wrong = right.replace(problem.answer, next(c for c in COLOURS if c != problem.answer))
+    ids, images = image_prompt_ids(
+        tok, problem.prompt, [task.render(problem, seed=3, size=(32, 32))], vlm.vision.config
+    )
+    rewards = trainer.grader([problem, problem], [right, wrong])
+    assert rewards[0].correct and not rewards[1].correct and rewards[0].total > rewards[1].total
+    if rewarded == 1:
+        rewards = rewards[::-1]
+    samples = [
+        Sample(problem, ids, tok.encode(t, allow_special=True) + [tok.eos_id], t, "stop", r, images)
+        for t, r in zip((right, wrong), rewards)
+    ]
+    before = _sequence_logprobs(vlm, samples)
+    weights = {n: p.detach().clone() for n, p in vlm.named_parameters()}
+    metrics = trainer.train_step(samples)
+    after = _sequence_logprobs(vlm, samples)
+    assert metrics["adv_abs"] > 0 and metrics["grad_norm"] > 0
+    assert after[rewarded] > before[rewarded] + 0.05, (before, after)
+    assert after[1 - rewarded] < before[1 - rewarded] - 0.05, (before, after)
+    moved = {n for n, p in vlm.named_parameters() if not torch.equal(p, weights[n])}
+    assert any(n.startswith("vision.projector.") for n in moved)
+    assert any(n.startswith("language_model.") for n in moved)
+    assert not any(n.startswith("vision.vision_model.") for n in moved)
+
+
+def test_a_stopped_visual_grpo_run_resumes_bit_for_bit(tmp_path):
+    """Stopped after its first step and resumed on a differently initialised model, a visual GRPO
+    run ends with the weights (tower included) and the log of the uninterrupted one: the pictures
+    are rendered from the prompt stream's position, which the checkpoint keeps. The in-run held-out
+    evaluation (step 0 and each step) is logged too."""
+    tok = small_tokenizer()
+    cfg = dict(max_steps=2, eval_problems=2, eval_every=1, eval_max_new_tokens=4)
+    straight = VisualGRPOTrainer(
+        tiny_vlm(tok), visual_cfg(tmp_path / "a", **cfg), tok, size=(32, 32)
+    )
+    straight.fit()
+    stopped = VisualGRPOTrainer(
+        tiny_vlm(tok), visual_cfg(tmp_path / "b", **cfg), tok, size=(32, 32)
+    )
+    step = stopped.train_step
+
+    def stop_after_one(samples):
+        out = step(samples)
+        stopped._stop_requested = True
+        return out
+
+    stopped.train_step = stop_after_one
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit()
+    resumed = VisualGRPOTrainer(
+        tiny_vlm(tok, seed=1), visual_cfg(tmp_path / "b", **cfg), tok, size=(32, 32)
+    )
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("step_s", "elapsed_s", "rollout_tok_s")
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        ]
+        for d in ("a", "b")
+    ]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == [0, 1, 2]
+    assert all(r["val_problems"] == 4 and 0 <= r["val_accuracy"] <= 1 for r in rows[0])
+    assert (tmp_path / "b" / "checkpoints" / "step_000002" / "vision.safetensors").is_file()
+
+
+def test_the_presets_grpo_phase_and_text_measurements_are_valid(tmp_path):
+    from nanoseek.presets import load_preset
+    from nanoseek.stages.vision import grpo_phase_config, text_eval_settings
+    from nanoseek.train.rollout import TaskSpec
+
+    for name in ("vision", "smoke"):
+        preset = load_preset(name)
+        section = preset["vision"]
+        cfg = grpo_phase_config(section, section["tasks"], tmp_path, preset["price_per_hour"])
+        cfg.validate()
+        specs = [TaskSpec.parse(t) for t in cfg.tasks]
+        assert [s.name for s in specs] == list(section["tasks"])
+        assert cfg.out_dir == str(tmp_path / "grpo") and cfg.eval_problems == 0
+        assert text_eval_settings(section)["tasks"]
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bpb'\]"):
+        text_eval_settings({"text_eval": {"bpb": 1000}})
+    with pytest.raises(ValueError, match=r"unknown text task\(s\) \['visual_colour'\]"):
+        text_eval_settings({"text_eval": {"tasks": {"visual_colour": [1]}}})

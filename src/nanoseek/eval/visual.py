@@ -29,7 +29,8 @@ def evaluate_visual_task(
     samples: int = 0,
 ) -> dict:
     """Greedy pass@1 over `problems` (all of one visual task) -> {problems, correct, accuracy,
-    wilson95, chance, samples: the first few (image, question, completion, correct)}."""
+    wilson95, chance, outcomes: each problem's correctness in order, samples: the first few
+    (image, question, completion, correct)}."""
     if not problems:
         raise ValueError("no problems to evaluate")
     task = get_visual_task(problems[0].task)
@@ -58,6 +59,7 @@ def evaluate_visual_task(
         "accuracy": round(correct / len(problems), 4),
         "wilson95": [round(lo, 4), round(hi, 4)],
         "chance": round(CHANCE[task.name], 4),
+        "outcomes": [bool(r.correct) for r in rewards],
         "samples": [
             {
                 "image": img,

@@ -192,9 +192,14 @@ def _stage_result(name: str, s: dict) -> str:
             f"{_pct(s.get('val_accuracy'))}, final reward {_fmt(s.get('reward'))}"
         )
     if name == "vision":
+        sft = (
+            f"{_pct(s.get('val_accuracy_sft'))} after SFT → "
+            if s.get("grpo") and "val_accuracy_sft" in s
+            else ""
+        )
         return (
             f"held-out visual accuracy (mean over tasks) {_pct(s.get('val_accuracy_before'))} → "
-            f"{_pct(s.get('val_accuracy'))}"
+            f"{sft}{_pct(s.get('val_accuracy'))}" + (" after GRPO" if sft else "")
         )
     if name == "eval":
         return f"{', '.join(s.get('stages', []))} evaluated"
@@ -314,27 +319,55 @@ def render(
 
 
 def vision_section(v: dict) -> list[str]:
-    """The vision stage: held-out visual-task accuracy before and after, with 95% Wilson
-    intervals and chance, then sample images with their questions and the model's answers."""
+    """The vision stage: held-out visual-task accuracy before training, after joint SFT and after
+    GRPO, with 95% Wilson intervals, chance, and GRPO's change with its paired interval; the GRPO
+    reward curve; what vision cost the language model on text; then sample images with their
+    questions and the model's answers."""
+    grpo = v.get("grpo")
     lines = [
         "## Vision",
         "",
         f"A DeepSeek-VL2-style vision-language model on `{v.get('init')}` "
-        f"(encoder {'trained' if v.get('train_encoder') else 'frozen'} in joint SFT): "
-        f"`{v.get('checkpoint')}`. Held-out problems (split by problem key, rendered afresh), "
-        "greedy through the engine; 95% Wilson intervals.",
+        f"(encoder {'trained' if v.get('train_encoder') else 'frozen'} in joint SFT"
+        + (f", then {grpo['steps']} GRPO steps on the visual tasks" if grpo else "")
+        + f"): `{v.get('checkpoint')}`. Held-out problems (split by problem key, rendered "
+        "afresh), the same problems and pictures at every point, greedy through the engine; "
+        "95% Wilson intervals"
+        + (
+            "; GRPO's change is paired (the same problems after SFT and after GRPO: Newcombe's "
+            "interval, exact McNemar p)."
+            if grpo
+            else "."
+        ),
         "",
-        "| task | problems (distinct) | chance | before | after |",
-        "|---|---|---|---|---|",
     ]
+    head = ["task", "problems (distinct)", "chance", "before", "after SFT"]
+    if grpo:
+        head += ["after GRPO", "GRPO − SFT [95% paired]"]
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, r in (v.get("tasks") or {}).items():
-        b = r["before"]
-        a = r["after"]
-        lines.append(
-            f"| {name} | {a['problems']} ({a.get('distinct_keys', '–')}) | {_pct(a['chance'])} | "
-            f"{_interval(b)} | {_interval(a)} |"
-        )
+        a = r["after"]  # the final model: after GRPO when the stage ran it, else after SFT
+        row = [
+            name,
+            f"{a['problems']} ({a.get('distinct_keys', '–')})",
+            _pct(a["chance"]),
+            _interval(r["before"]),
+            _interval(r.get("sft", a)),
+        ]
+        if grpo:
+            row += [_interval(a), _change(r.get("grpo_change"))]
+        lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    if grpo:
+        lines += [
+            f"GRPO: {grpo['steps']} steps, mean reward {_fmt(grpo.get('reward_first'))} at the "
+            f"first step, {_fmt(grpo.get('reward'))} at the last; "
+            f"{_pct(grpo.get('zero_var_frac'))} of the groups had equal rewards (no signal).",
+            "",
+        ]
+        if grpo.get("reward_plot"):
+            lines += ["![vision GRPO reward](vision/grpo/reward_curve.png)", ""]
+    lines += _text_cost_lines(v.get("text"))
     for s in v.get("samples") or []:
         verdict = "correct" if s["correct"] else f"wrong (expected {s['answer']})"
         completion = s["completion"].strip().replace("\n", " ")
@@ -351,9 +384,63 @@ def vision_section(v: dict) -> list[str]:
     return lines
 
 
+def _text_cost_lines(t: dict | None) -> list[str]:
+    """What vision costs text: the language model's bits per byte and text-task accuracy on the
+    starting checkpoint and on the vision model's language part."""
+    if not t:
+        return []
+    lines = [
+        "### What vision costs text",
+        "",
+        "The language model alone, before the vision stage (its starting checkpoint) and after it "
+        "(the vision model's language part), on held-out text.",
+        "",
+    ]
+    before = t.get("bpb_before") or {}
+    after = t.get("bpb_after") or {}
+    langs = [lang for lang in before if lang in after]
+    if langs:
+        lines += [
+            "| bits per byte (lower is better) | " + " | ".join(langs) + " |",
+            "|---" * (len(langs) + 1) + "|",
+            "| before vision | " + " | ".join(f"{before[x]:.3f}" for x in langs) + " |",
+            "| after vision | " + " | ".join(f"{after[x]:.3f}" for x in langs) + " |",
+            "| change | " + " | ".join(f"{after[x] - before[x]:+.3f}" for x in langs) + " |",
+            "",
+            f"Held-out text: `{t.get('bpb_source')}`, up to {t.get('bpb_bytes')} bytes per "
+            "language.",
+            "",
+        ]
+    else:
+        lines += ["No held-out corpus was found for bits per byte.", ""]
+    if t.get("tasks"):
+        lines += [
+            "| text task | problems | before vision | after vision | change [95% paired] |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in t["tasks"].items():
+            lines.append(
+                f"| {name} | {r['after']['problems']} | {_interval(r['before'])} | "
+                f"{_interval(r['after'])} | {_change(r.get('change'))} |"
+            )
+        lines.append("")
+    return lines
+
+
 def _interval(r: dict) -> str:
     lo, hi = r["wilson95"]
     return f"{_pct(r['accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _change(c: dict | None) -> str:
+    """A paired change in points: +5.0 [-2.1, +12.0] (McNemar p 0.31)."""
+    if not c:
+        return "–"
+    lo, hi = c["interval95"]
+    return (
+        f"{100 * c['gain']:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+        f"(+{c['gained']}/−{c['lost']}, p {c['mcnemar_p']:.2g})"
+    )
 
 
 def write_report(run: str | os.PathLike) -> Path:

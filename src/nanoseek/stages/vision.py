@@ -5,18 +5,35 @@ sft/final) -> a DeepSeek-VL2-style vision-language model -> runs/NAME/vision/fin
                 conversations with the encoder and the language model frozen (router biases too)
     (b) sft:    joint SFT on the same conversations: the language model and the adaptor train, the
                 encoder too when the preset's `train_encoder` says so
+    (c) grpo:   GRPO on the visual tasks (train/vision.py VisualGRPOTrainer: the text GRPO loop,
+                the pictures in the prompts, each task's grader as the reward); the same parts
+                train as in (b). Only when the section has a "grpo" part.
 
-Both phases are `Trainer.fit` (train/vision.py VisionTrainer) on the rendered visual tasks' train
-split; held-out problems (a different split by key, rendered with their own seeds) are answered
-greedily through the engine before and after, with 95% Wilson intervals (eval/visual.py). Like the
-other stages it leaves done.json, resumes an interrupted phase from its checkpoints, and writes a
-few sample images with their questions and answers under vision/samples/ for the report card.
+(a) and (b) are `Trainer.fit` (train/vision.py VisionTrainer) on the rendered visual tasks' train
+split, (c) is `GRPOTrainer.fit`; held-out problems (a different split by key, rendered with their
+own seeds) are answered greedily through the engine before training, after SFT and after GRPO, the
+same problems with the same pictures each time, with 95% Wilson intervals (eval/visual.py) and the
+paired interval of GRPO's change (eval/stats.py paired_difference). Every problem's outcomes go to
+vision/outcomes.jsonl.
+
+What vision costs text: the language model's bits per byte on the run's held-out text (en, zh,
+code; eval/bpb.py) and its greedy accuracy on a few held-out text-task problems (eval/accuracy.py),
+measured on the starting checkpoint and on the final model's language part, the task change with
+its paired interval.
+
+Like the other stages it leaves done.json, resumes an interrupted phase from its checkpoints, and
+writes a few sample images with their questions and answers under vision/samples/ for the report
+card.
 
 The preset's "vision" section:
     {"vision": {VisionConfig fields}, "tasks": {task: [difficulties]}, "problems_per_task": int,
      "renders": int, "size": [w, h] or null (each task's own), "eval_problems": int,
      "eval_tasks": {task: difficulty} (default: each task's highest), "max_new_tokens": int,
-     "train_encoder": bool, "samples": int, "align": {TrainConfig fields}, "sft": {...}}
+     "train_encoder": bool, "samples": int, "align": {TrainConfig fields}, "sft": {...},
+     "grpo": {GRPOConfig fields; tasks default to the section's, "name:lowest-highest"},
+     "text_eval": {"bpb_bytes": int per language (0: none), "tasks": {task: [difficulties]},
+                   "n_problems": int per task, "langs": [...], "max_new_tokens": int,
+                   "corpus": a corpus directory (default: the run's, else none: no bpb)}}
 """
 
 from __future__ import annotations
@@ -31,16 +48,23 @@ from nanoseek.checkpoint import load_model, save_vision_language_model
 from nanoseek.config import VisionConfig
 from nanoseek.data.images import image_id_of
 from nanoseek.engine import Engine
+from nanoseek.eval.accuracy import generate_completions
+from nanoseek.eval.bpb import bits_per_byte, heldout_texts
+from nanoseek.eval.quality import task_problems
+from nanoseek.eval.stats import paired_difference, wilson_interval
 from nanoseek.eval.visual import evaluate_visual_task
 from nanoseek.io import atomic_write_text
 from nanoseek.model.vision import VisionLanguageModel, VisionTower
 from nanoseek.stages.common import latest_checkpoint, run_stage
+from nanoseek.tasks import TASKS
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.dist import DistInfo
+from nanoseek.train.grpo_trainer import REWARD_PLOT, GRPOConfig
 from nanoseek.train.trainer import TrainConfig
 from nanoseek.train.vision import (
     ImageConversationLoader,
     VisionTrainer,
+    VisualGRPOTrainer,
     visual_examples,
     visual_problems,
 )
@@ -56,6 +80,22 @@ PHASE_DEFAULTS = {
     "eval_every": 10**9,  # no validation loss: the stage evaluates accuracy itself
     "weight_decay": 0.0,
 }
+GRPO_DEFAULTS = {
+    "eval_problems": 0,  # the stage evaluates the held-out problems itself, before and after
+    "log_every": 1,
+    "save_every": 10,
+    "scale_rewards": "batch",
+    "epsilon_high": 0.28,
+}
+TEXT_EVAL_DEFAULTS = {
+    "bpb_bytes": 20_000,
+    "tasks": {"arithmetic": [1]},
+    "n_problems": 32,
+    "langs": ["en", "zh"],
+    "max_new_tokens": 64,
+    "corpus": None,
+}
+OUTCOMES = "outcomes.jsonl"
 
 
 def source_checkpoint(run: Path) -> Path:
@@ -112,6 +152,11 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
     tasks = {k: list(v) for k, v in (section.get("tasks") or {"visual_colour": [1, 2]}).items()}
     size = tuple(section["size"]) if section.get("size") else None
     price = (preset or {}).get("price_per_hour")
+    # the later phases' settings are checked before any training
+    text_eval = text_eval_settings(section)
+    grpo_cfg = grpo_phase_config(section, tasks, out, price) if section.get("grpo") else None
+    if grpo_cfg is not None:
+        grpo_cfg.validate()
 
     problems = visual_problems(tasks, section.get("problems_per_task", 200), split="train")
     examples = visual_examples(tok, vcfg, problems, renders=section.get("renders", 1), size=size)
@@ -138,6 +183,11 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
         vlm.train()
         return results
 
+    corpus = _text_corpus(text_eval["corpus"], out.parent, source)
+    texts = {}
+    if corpus is not None and text_eval["bpb_bytes"]:
+        texts = heldout_texts(corpus, text_eval["bpb_bytes"])
+    text_before = text_figures(vlm.language_model, tok, texts, text_eval)
     before = evaluate()
     summary: dict = {"init": str(source), "examples": len(examples)}
 
@@ -158,31 +208,207 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
         examples, sft_cfg.batch_size, sft_cfg.seq_len, tok.pad_id, seed=sft_cfg.seed + 1
     )
     sft = VisionTrainer(vlm, sft_cfg, loader, tokenizer=tok).fit()
+    n_samples = section.get("samples", 3)
+
+    # (c) GRPO on the visual tasks: the policy is the whole model that SFT trained, the same
+    # parts train (the answers' errors are mostly misreadings: the tower must be able to move)
+    grpo = None
+    after_sft = evaluate(samples=0 if grpo_cfg is not None else n_samples)
+    after = after_sft
+    if grpo_cfg is not None:
+        grpo = VisualGRPOTrainer(vlm, grpo_cfg, tok, size=size).fit()
+        after = evaluate(samples=n_samples)
     vlm.freeze()
 
-    after = evaluate(samples=section.get("samples", 3))
+    text_after = text_figures(vlm.language_model, tok, texts, text_eval)
     save_vision_language_model(vlm, out / "final", tokenizer=tok)
     samples = _write_samples(out / "samples", after)
     results = {}
     for name in held_out:
-        a = {k: v for k, v in after[name].items() if k != "samples"}
-        b = {k: v for k, v in before[name].items() if k != "samples"}
-        results[name] = {"before": b, "after": a}
+        # "after" is the final model (after GRPO when it ran); "sft" the point between
+        r = {"before": _figures(before[name])}
+        if grpo is not None:
+            r["sft"] = _figures(after_sft[name])
+        r["after"] = _figures(after[name])
+        if grpo is not None:
+            r["grpo_change"] = _paired(after_sft[name]["outcomes"], after[name]["outcomes"])
+        results[name] = r
+    final = after if grpo is not None else None
+    _write_outcomes(out / OUTCOMES, held_out, before, after_sft, final, text_before, text_after)
     summary.update(
         {
             "dropped_too_long": loader.dropped,
             "train_encoder": train_encoder,
             "align": _phase_summary(align),
             "sft": _phase_summary(sft),
+            **({"grpo": _grpo_summary(grpo, out / "grpo")} if grpo is not None else {}),
             "tasks": results,
+            "text": _text_summary(text_before, text_after, corpus, text_eval),
             "samples": samples,
             "checkpoint": str(out / "final"),
             "val_accuracy_before": _mean(r["before"]["accuracy"] for r in results.values()),
+            "val_accuracy_sft": _mean(
+                r.get("sft", r["after"])["accuracy"] for r in results.values()
+            ),
             "val_accuracy": _mean(r["after"]["accuracy"] for r in results.values()),
             "wall_s": round(time.perf_counter() - start, 2),
         }
     )
     return summary
+
+
+def grpo_phase_config(section: dict, tasks: dict, out: Path, price: float | None) -> GRPOConfig:
+    """The GRPO phase's settings: the section's "grpo" part over GRPO_DEFAULTS; the tasks default
+    to the stage's (difficulty ramping from the lowest to the highest), the longest answer to the
+    stage's max_new_tokens."""
+    fields = {
+        **GRPO_DEFAULTS,
+        "tasks": [f"{name}:{min(d)}-{max(d)}" for name, d in tasks.items()],
+        "max_new_tokens": section.get("max_new_tokens", 64),
+        **dict(section["grpo"]),
+        "out_dir": str(out / "grpo"),
+    }
+    if price is not None:
+        fields.setdefault("price_per_hour", price)
+    return GRPOConfig(**fields)
+
+
+def text_eval_settings(section: dict) -> dict:
+    """The section's "text_eval" part over TEXT_EVAL_DEFAULTS; an unknown key or task is an error
+    before any training."""
+    given = dict(section.get("text_eval") or {})
+    unknown = sorted(set(given) - set(TEXT_EVAL_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"vision.text_eval: unknown key(s) {unknown}; known: {sorted(TEXT_EVAL_DEFAULTS)}"
+        )
+    settings = {**TEXT_EVAL_DEFAULTS, **given}
+    bad = sorted(set(settings["tasks"] or {}) - set(TASKS))
+    if bad:
+        raise ValueError(
+            f"vision.text_eval.tasks: unknown text task(s) {bad}; known: {sorted(TASKS)}"
+        )
+    return settings
+
+
+def _text_corpus(given, run: Path, source: Path) -> Path | None:
+    """Where the held-out text is: the section's corpus, else the run's (runs/NAME/corpus), else
+    one beside the starting checkpoint's run; None: no bits per byte (nothing is built here)."""
+    if given:
+        path = Path(given)
+        if not (path / "val.jsonl").is_file():
+            raise FileNotFoundError(f"text_eval.corpus={given}: no val.jsonl there")
+        return path
+    for parent in [run, *list(Path(source).resolve().parents)[:3]]:
+        if (parent / "corpus" / "val.jsonl").is_file():
+            return parent / "corpus"
+    return None
+
+
+def text_figures(lm, tok, texts: dict[str, list[str]], settings: dict) -> dict:
+    """The language model alone, as a text model: bits per byte per language, and greedy pass@1 of
+    held-out text-task problems with each problem's outcome (the problems that fit the context)."""
+    bpb = {lang: round(bits_per_byte(lm, tok, t)["bpb"], 4) for lang, t in texts.items()}
+    lm.eval()
+    engine = Engine(lm, None, max_batch_size=64, max_num_batched_tokens=2048)
+    tasks = {}
+    for name, difficulties in (settings.get("tasks") or {}).items():
+        task, problems, _ = task_problems(
+            name, difficulties, settings["n_problems"], settings["langs"]
+        )
+        completions, fits = generate_completions(
+            engine, tok, problems, max_new_tokens=settings["max_new_tokens"]
+        )
+        kept = [(p, c[0]) for p, c, ok in zip(problems, completions, fits) if ok]
+        rewards = task.grade_many([p for p, _ in kept], [c for _, c in kept], think_prefilled=True)
+        correct = sum(r.correct for r in rewards)
+        lo, hi = wilson_interval(correct, len(kept))
+        tasks[name] = {
+            "difficulties": list(difficulties),
+            "problems": len(kept),
+            "correct": correct,
+            "accuracy": round(correct / max(1, len(kept)), 4),
+            "wilson95": [round(lo, 4), round(hi, 4)],
+            "keys": [(p.key, p.lang) for p, _ in kept],
+            "outcomes": [bool(r.correct) for r in rewards],
+        }
+    return {"bpb": bpb, "tasks": tasks}
+
+
+def _figures(result: dict) -> dict:
+    """An evaluation's figures without its pictures and per-problem outcomes (those go to
+    outcomes.jsonl)."""
+    return {k: v for k, v in result.items() if k not in ("samples", "outcomes", "keys")}
+
+
+def _paired(before: list[bool], after: list[bool]) -> dict:
+    d = paired_difference(before, after)
+    return {
+        "gain": round(d["gain"], 4),
+        "interval95": [round(x, 4) for x in d["interval95"]],
+        "gained": d["gained"],
+        "lost": d["lost"],
+        "mcnemar_p": round(d["mcnemar_p"], 4),
+    }
+
+
+def _text_summary(before: dict, after: dict, corpus: Path | None, settings: dict) -> dict:
+    tasks = {}
+    for name, b in before["tasks"].items():
+        a = after["tasks"][name]
+        tasks[name] = {
+            "before": _figures(b),
+            "after": _figures(a),
+            "change": _paired(b["outcomes"], a["outcomes"]) if b["problems"] else None,
+        }
+    return {
+        "bpb_before": before["bpb"],
+        "bpb_after": after["bpb"],
+        "bpb_source": str(corpus) if corpus else None,
+        "bpb_bytes": settings["bpb_bytes"] if corpus else 0,
+        "tasks": tasks,
+    }
+
+
+def _grpo_summary(result: dict, path: Path) -> dict:
+    rows = [
+        json.loads(line)
+        for line in (path / "metrics.jsonl").read_text("utf-8").splitlines()
+        if line.strip()
+    ]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    return {
+        **_phase_summary(result),
+        "reward_first": rewards[0] if rewards else None,
+        "reward": rewards[-1] if rewards else None,
+        "zero_var_frac": _mean(r["zero_var_frac"] for r in rows if "zero_var_frac" in r),
+        "reward_plot": str(path / REWARD_PLOT) if (path / REWARD_PLOT).is_file() else None,
+    }
+
+
+def _write_outcomes(path: Path, held_out, before, sft, grpo, text_before, text_after) -> None:
+    """One JSON row per held-out problem and evaluation point: the pairs behind every interval."""
+    rows = []
+    for name, problems in held_out.items():
+        for i, p in enumerate(problems):
+            row = {
+                "kind": "visual",
+                "task": name,
+                "key": p.key,
+                "lang": p.lang,
+                "before": before[name]["outcomes"][i],
+                "sft": sft[name]["outcomes"][i],
+            }
+            if grpo is not None:
+                row["grpo"] = grpo[name]["outcomes"][i]
+            rows.append(row)
+    for name, b in text_before["tasks"].items():
+        a = text_after["tasks"][name]
+        for (key, lang), x, y in zip(b["keys"], b["outcomes"], a["outcomes"]):
+            rows.append(
+                {"kind": "text", "task": name, "key": key, "lang": lang, "before": x, "after": y}
+            )
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _phase_summary(result: dict) -> dict:

@@ -19,6 +19,11 @@ own; it supplies the hooks (the step, what is logged, the reward plot beside eac
 last evaluation after the loop). What a checkpoint adds here is the prompt stream's position;
 rollouts are seeded from it, so a resumed run samples exactly what the uninterrupted one did. The
 objective's math is in grpo_loss.py, rollouts in rollout.py, held-out accuracy in eval/.
+
+The same loop trains a vision-language model on the visual tasks (train/vision.py
+VisualGRPOTrainer): it overrides three hooks, `encode_prompts` (render each problem's picture and
+expand its `<image>`), `micro_batch` (the forward's images) and `evaluate`; the text path is the
+one below, unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.quality import task_accuracy
 from nanoseek.io import atomic_file
 from nanoseek.model import IGNORE_INDEX
+from nanoseek.tasks.visual import VISUAL_TASKS
 from nanoseek.train import dist
 from nanoseek.train.grpo_loss import (
     AGGREGATIONS,
@@ -145,6 +151,7 @@ class GRPOTrainer(Trainer):
     peak_seconds = 0.25  # rollouts dominate a GRPO step, so its MFU is a rough figure anyway
     # rollouts and frozen log-probs use the whole model outside forward/backward
     supports_fsdp = False
+    takes_images = False  # a subclass that renders the visual tasks' pictures sets it
 
     def __init__(
         self,
@@ -159,6 +166,12 @@ class GRPOTrainer(Trainer):
         default: each problem's task grader."""
         info = dist_info or dist.DistInfo()
         self.specs = [TaskSpec.parse(t) for t in cfg.tasks]
+        visual = [s.name for s in self.specs if s.name in VISUAL_TASKS]
+        if visual and not self.takes_images:
+            raise ValueError(
+                f"tasks {visual} are visual: they need a vision-language model and its pictures "
+                "(train.vision.VisualGRPOTrainer, or the vision stage's GRPO phase)"
+            )
         stream = PromptStream(self.specs, cfg.langs, seed=cfg.seed + 7919 * info.rank)
         super().__init__(model, cfg, stream, tokenizer=tokenizer, dist_info=info)
         self.grader = grader or task_grader(stream.tasks)
@@ -237,16 +250,17 @@ class GRPOTrainer(Trainer):
                 missing = min(
                     4 * cfg.prompts_per_step, -(-missing * groups // max(1, groups - zero_groups))
                 )
-            seed = random.Random(f"{cfg.seed}|{self.info.rank}|{self.loader.draws}").randrange(
-                2**62
-            )
+            first_draw = self.loader.draws
+            seed = random.Random(f"{cfg.seed}|{self.info.rank}|{first_draw}").randrange(2**62)
             problems = self.loader.next(missing, progress=self.step / cfg.max_steps)
+            prompts = self.encode_prompts(problems, first_draw)
             ro = generate_groups(
                 engine,
                 self.tokenizer,
                 problems,
                 self.grader,
-                self._sampling(engine, problems, seed),
+                self._sampling(engine, prompts, seed),
+                prompts=prompts,
             )
             gen_tokens += ro.generated_tokens
             gen_seconds += ro.seconds
@@ -281,9 +295,22 @@ class GRPOTrainer(Trainer):
             "rollout_tok_s": round(gen_tokens / max(gen_seconds, 1e-9), 1),
         }
 
-    def _sampling(self, engine: Engine, problems, seed: int) -> SamplingParams:
+    def encode_prompts(self, problems, first_draw: int) -> list[tuple[list[int], None]]:
+        """Each problem's prompt as (token ids, images): the chat template's, no images.
+        first_draw: the prompt stream's position of problems[0] (a subclass seeds renders by it)."""
+        return [(prompt_ids(self.tokenizer, p.prompt), None) for p in problems]
+
+    def micro_batch(
+        self, inputs: torch.Tensor, targets: torch.Tensor, samples: list[Sample]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """One micro-batch's rows -> (inputs, targets, keyword arguments of the model's forward),
+        trimmed after the last scored column; text needs no keyword arguments."""
+        x, y = trim_columns(inputs, targets)
+        return x, y, {}
+
+    def _sampling(self, engine: Engine, prompts, seed: int) -> SamplingParams:
         cfg = self.cfg
-        longest = max(len(prompt_ids(self.tokenizer, p.prompt)) for p in problems)
+        longest = max(len(ids) for ids, _ in prompts)
         room = engine.max_model_len - longest
         if room < 1:
             raise ValueError(
@@ -313,10 +340,12 @@ class GRPOTrainer(Trainer):
         micro = [slice(i, i + cfg.batch_size) for i in range(0, len(samples), cfg.batch_size)]
         num_tokens = int((targets != IGNORE_INDEX).sum())
         old = (
-            self._frozen_logprobs(model, inputs, targets, micro) if cfg.num_iterations > 1 else None
+            self._frozen_logprobs(model, inputs, targets, micro, samples)
+            if cfg.num_iterations > 1
+            else None
         )
         ref = (
-            self._frozen_logprobs(self.reference, inputs, targets, micro)
+            self._frozen_logprobs(self.reference, inputs, targets, micro, samples)
             if self.reference is not None
             else None
         )
@@ -326,11 +355,11 @@ class GRPOTrainer(Trainer):
         model.train()
         for _ in range(cfg.num_iterations):
             for k, mb in enumerate(micro):
-                x, y = _trim(inputs[mb], targets[mb])
+                x, y, extra = self.micro_batch(inputs[mb], targets[mb], samples[mb])
                 x, y = x.to(self.device), y.to(self.device)
                 sync = k == len(micro) - 1 or not self.info.enabled
                 with nullcontext() if sync else self.wrapped.no_sync(), self.autocast:
-                    logp, entropy = token_logprobs(self.wrapped(x), y, cfg.temperature)
+                    logp, entropy = token_logprobs(self.wrapped(x, **extra), y, cfg.temperature)
                     mask = y != IGNORE_INDEX
                     out = policy_loss(
                         logp,
@@ -380,7 +409,7 @@ class GRPOTrainer(Trainer):
         return metrics
 
     @torch.no_grad()
-    def _frozen_logprobs(self, model, inputs, targets, micro) -> list[torch.Tensor]:
+    def _frozen_logprobs(self, model, inputs, targets, micro, samples) -> list[torch.Tensor]:
         """Per-micro-batch log-probs of the sampled tokens under a fixed model (π_old
         before the first update, or π_ref). Eval mode: the forward is the same, but it
         does not count toward the routers' load."""
@@ -388,11 +417,11 @@ class GRPOTrainer(Trainer):
         model.eval()
         out = []
         for mb in micro:
-            x, y = _trim(inputs[mb], targets[mb])
+            x, y, extra = self.micro_batch(inputs[mb], targets[mb], samples[mb])
             with self.autocast:
                 out.append(
                     token_logprobs(
-                        model(x.to(self.device)), y.to(self.device), self.cfg.temperature
+                        model(x.to(self.device), **extra), y.to(self.device), self.cfg.temperature
                     )[0].cpu()
                 )
         model.train(was_training)
@@ -452,11 +481,13 @@ class GRPOTrainer(Trainer):
         return None
 
 
-def _trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns after the micro-batch's last scored token:
+def trim_columns(
+    x: torch.Tensor, y: torch.Tensor, min_end: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns after the micro-batch's last scored token (but keep at least min_end):
     padding costs compute for nothing."""
     cols = (y != IGNORE_INDEX).any(0).nonzero()
-    end = int(cols.max()) + 1 if len(cols) else 1
+    end = max(int(cols.max()) + 1 if len(cols) else 1, min_end)
     return x[:, :end], y[:, :end]
 
 

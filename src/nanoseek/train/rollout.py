@@ -12,6 +12,10 @@ chat template's generation prompt, which ends in "<think>\\n": completions start
 reasoning and are graded with think_prefilled=True. The G completions of a prompt come from one
 request with n=G, so the prompt is prefilled once and its cache blocks are shared by the group.
 Held-out accuracy is eval/'s (eval.quality.task_accuracy).
+Visual tasks (tasks/visual.py) take part too: their problems need a picture, so the caller encodes
+the prompts itself (`generate_groups(..., prompts=[(ids, ImageInput), ...])`, with each `<image>`
+expanded, data/images.py image_prompt_ids); every sample of a group then carries its prompt's
+images, and `collate_images` gives a micro-batch's images in row order for the policy's forward.
 Completion text is decoded from the token ids with special tokens kept (the engine's own text drops
 them, and with them the <think>/<answer> tags that the graders read).
 """
@@ -26,9 +30,12 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.data.chat_tokens import prompt_ids
+from nanoseek.data.images import merge_inputs
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model import IGNORE_INDEX
+from nanoseek.model.vision import ImageInput
 from nanoseek.tasks import TASKS, Code, Problem, Reward, Task, get_task
+from nanoseek.tasks.visual import VISUAL_TASKS, get_visual_task
 
 Grader = Callable[[list[Problem], list[str]], list[Reward]]
 
@@ -47,8 +54,11 @@ class TaskSpec:
     kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.name not in TASKS:
-            raise ValueError(f"unknown task {self.name!r}; known: {sorted(TASKS)}")
+        if self.name not in TASKS and self.name not in VISUAL_TASKS:
+            raise ValueError(
+                f"unknown task {self.name!r}; known: {sorted(TASKS)}, "
+                f"visual (a vision-language model): {sorted(VISUAL_TASKS)}"
+            )
         if (
             self.weight <= 0
             or self.difficulty < 1
@@ -83,7 +93,10 @@ class TaskSpec:
 
 
 def build_tasks(specs: Sequence[TaskSpec]) -> dict[str, Task]:
-    return {s.name: get_task(s.name, **s.kwargs) for s in specs}
+    return {
+        s.name: (get_visual_task if s.name in VISUAL_TASKS else get_task)(s.name, **s.kwargs)
+        for s in specs
+    }
 
 
 class PromptStream:
@@ -156,6 +169,7 @@ class Sample:
     text: str  # the completion decoded with special tokens, EOS removed
     finish_reason: str  # "stop" or "length" (truncated)
     reward: Reward | None = None
+    images: ImageInput | None = None  # the prompt's images (visual tasks), shared by the group
 
 
 @dataclass
@@ -166,18 +180,32 @@ class Rollout:
 
 
 def generate_groups(
-    engine: Engine, tokenizer, problems: list[Problem], grader: Grader, params: SamplingParams
+    engine: Engine,
+    tokenizer,
+    problems: list[Problem],
+    grader: Grader,
+    params: SamplingParams,
+    prompts: Sequence[tuple[list[int], ImageInput | None]] | None = None,
 ) -> Rollout:
-    """params.n completions for each problem (seeded per problem from params.seed), graded."""
-    prompts = [prompt_ids(tokenizer, p.prompt) for p in problems]
+    """params.n completions for each problem (seeded per problem from params.seed), graded.
+    prompts: each problem's (ids, images or None), already encoded; default: the text prompts."""
+    if prompts is None:
+        prompts = [(prompt_ids(tokenizer, p.prompt), None) for p in problems]
+    if len(prompts) != len(problems):
+        raise ValueError(f"{len(prompts)} prompts for {len(problems)} problems")
+    ids_of = [ids for ids, _ in prompts]
+    images = [im for _, im in prompts]
     base = params.seed if params.seed is not None else random.randrange(2**62)
     per_prompt = [_replace(params, seed=base + i) for i in range(len(problems))]
     start = time.perf_counter()
-    outputs = engine.generate(prompts, per_prompt)
+    if any(im is not None for im in images):
+        outputs = engine.generate(ids_of, per_prompt, images=images)
+    else:
+        outputs = engine.generate(ids_of, per_prompt)
     seconds = time.perf_counter() - start
     eos = tokenizer.eos_id
     samples = []
-    for problem, ids, out in zip(problems, prompts, outputs):
+    for problem, ids, im, out in zip(problems, ids_of, images, outputs):
         for comp in out.outputs:
             body = (
                 comp.token_ids[:-1]
@@ -186,7 +214,12 @@ def generate_groups(
             )
             samples.append(
                 Sample(
-                    problem, ids, list(comp.token_ids), tokenizer.decode(body), comp.finish_reason
+                    problem,
+                    ids,
+                    list(comp.token_ids),
+                    tokenizer.decode(body),
+                    comp.finish_reason,
+                    images=im,
                 )
             )
     for s, r in zip(samples, grader([s.problem for s in samples], [s.text for s in samples])):
@@ -219,6 +252,13 @@ def collate(
             p = len(s.prompt_ids)
             targets[i, p - 1 : len(q) - 1] = torch.tensor(s.completion_ids)
     return inputs, targets
+
+
+def collate_images(samples: Sequence[Sample]) -> ImageInput | None:
+    """The images of the samples that have any, in row order (as collate's rows and the model's
+    `<image>` positions read them), or None when no sample has one."""
+    images = [s.images for s in samples if s.images is not None]
+    return merge_inputs(images) if images else None
 
 
 def summarize(samples: Sequence[Sample]) -> dict:

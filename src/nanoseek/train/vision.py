@@ -1,14 +1,24 @@
-"""Training a vision-language model with the project's Trainer: image conversations from the
-rendered visual tasks, a loader that yields (inputs, targets, images), and the Trainer subclass that
-passes the images to the model and saves the vision tower beside the language model.
+"""Training a vision-language model with the project's trainers: image conversations from the
+rendered visual tasks, a loader that yields (inputs, targets, images), the Trainer subclass that
+passes the images to the model and saves the vision tower beside the language model, and GRPO on
+the visual tasks (the text GRPO trainer with three hooks of its own).
 
     examples = visual_examples(tok, vcfg, {"visual_colour": [2]}, per_task=200, renders=2)
     loader = ImageConversationLoader(examples, batch_size=8, seq_len=256, pad_id=tok.pad_id)
     VisionTrainer(vlm, TrainConfig(...), loader, tokenizer=tok).fit()
+    VisualGRPOTrainer(vlm, GRPOConfig(tasks=["visual_colour:1-2"], ...), tok).fit()
 
 A conversation is a task problem with its worked solution (data/chat_tokens.py problem_messages:
 the user turn starts with `<image>\\n`), its placeholder expanded to the image's token count; only
 the assistant's tokens are targets. Rows of a batch are padded to the longest (targets ignored).
+
+GRPO: each drawn problem is rendered (a fresh picture for every draw, seeded by the prompt stream's
+position, so a resumed run renders what the uninterrupted one did), its `<image>` expanded, and the
+G completions of its group come from one engine request with the image in the prompt. The update's
+forward is the SFT forward: the same tiles through the tower, the features written over the
+`<image>` positions (VisionLanguageModel.embed), the log-probabilities of the completion tokens
+only. The rewards are each visual task's own grader. Which parts train is set beforehand, as for
+SFT (`vlm.freeze`).
 """
 
 from __future__ import annotations
@@ -19,14 +29,20 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from nanoseek.checkpoint import VISION_FILE, load_weights_into, save_vision_language_model
 from nanoseek.config import VisionConfig
-from nanoseek.data.chat_tokens import problem_messages
-from nanoseek.data.images import encode_image_conversation, merge_inputs
+from nanoseek.data.chat_tokens import problem_messages, prompt_ids
+from nanoseek.data.images import encode_image_conversation, image_prompt_ids, merge_inputs
+from nanoseek.engine import Engine
+from nanoseek.eval.visual import evaluate_visual_task
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.model.vision import ImageInput
-from nanoseek.tasks.visual import get_visual_task
+from nanoseek.model.vision import ImageInput, VisionLanguageModel
+from nanoseek.tasks.visual import VISUAL_TASKS, get_visual_task
+from nanoseek.train import dist
+from nanoseek.train.grpo_trainer import GRPOConfig, GRPOTrainer, trim_columns
+from nanoseek.train.rollout import Grader, Sample, collate_images
 from nanoseek.train.trainer import Trainer
 
 Example = tuple[list[int], list[bool], ImageInput]
@@ -142,7 +158,19 @@ class ImageConversationLoader:
         return x, y, merge_inputs([im for _, _, im in rows])
 
 
-class VisionTrainer(Trainer):
+class TowerCheckpoints:
+    """For a Trainer on a VisionLanguageModel: checkpoints carry the tower (vision.safetensors)
+    beside the language model, and a resume loads both."""
+
+    def save_weights(self, path: Path) -> None:
+        save_vision_language_model(self.host, path, tokenizer=self.tokenizer)
+
+    def load_weights(self, path: Path) -> None:
+        load_weights_into(self.host.language_model, path)
+        self.host.vision.load_state_dict(load_file(str(Path(path) / VISION_FILE)))
+
+
+class VisionTrainer(TowerCheckpoints, Trainer):
     """Trainer.fit on a VisionLanguageModel: the batches carry images, checkpoints carry the tower
     (vision.safetensors) beside the language model. Which parts train is set beforehand
     (`vlm.freeze`); frozen parameters get no optimizer state."""
@@ -155,9 +183,107 @@ class VisionTrainer(Trainer):
         images = ImageInput(images.pixel_values.to(self.device), images.grids)
         return inputs.to(self.device), targets.to(self.device), {"images": images}
 
-    def save_weights(self, path: Path) -> None:
-        save_vision_language_model(self.host, path, tokenizer=self.tokenizer)
 
-    def load_weights(self, path: Path) -> None:
-        load_weights_into(self.host.language_model, path)
-        self.host.vision.load_state_dict(load_file(str(Path(path) / VISION_FILE)))
+RENDER_SEED = 1_000_000  # GRPO's pictures: seed RENDER_SEED + the draw's position in the stream
+
+
+class VisualGRPOTrainer(TowerCheckpoints, GRPOTrainer):
+    """GRPOTrainer on a VisionLanguageModel and the visual tasks (text tasks may join the mix: their
+    prompts simply carry no image). Rollouts, advantages, the clipped loss, dynamic sampling, the
+    KL reference, checkpoints and exact resume are GRPOTrainer's; this class renders the pictures
+    (`encode_prompts`), gives the update's forward each row's images (`micro_batch`) and measures
+    held-out visual accuracy (`evaluate`, eval/visual.py, as the vision stage does). Which parts of
+    the model train is set beforehand (`vlm.freeze`)."""
+
+    progress_name = "vision-grpo"
+    takes_images = True
+
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        cfg: GRPOConfig,
+        tokenizer,
+        grader: Grader | None = None,
+        dist_info: dist.DistInfo | None = None,
+        size: tuple[int, int] | None = None,
+    ):
+        """size: the rendered pictures' (w, h); None: each task's own."""
+        if not isinstance(model, VisionLanguageModel):
+            raise ValueError("VisualGRPOTrainer trains a VisionLanguageModel")
+        if cfg.precision == "auto":  # its timing probe runs random ids, which may hold <image>
+            cfg.precision = "bf16" if torch.cuda.is_available() else "fp32"
+        self.size = tuple(size) if size else None
+        self.vcfg = model.vision.config
+        super().__init__(model, cfg, tokenizer, grader=grader, dist_info=dist_info)
+        self.image_id = model.image_token_id
+        self._held_out: dict | None = None
+
+    def encode_prompts(self, problems, first_draw: int) -> list[tuple[list[int], ImageInput]]:
+        """A visual problem -> its picture, rendered afresh for this draw, and the prompt with the
+        `<image>` expanded; a text problem -> its text prompt, no image."""
+        out = []
+        for i, p in enumerate(problems):
+            if p.task not in VISUAL_TASKS:
+                out.append((prompt_ids(self.tokenizer, p.prompt), None))
+                continue
+            img = self.loader.tasks[p.task].render(
+                p, seed=RENDER_SEED + first_draw + i, size=self.size
+            )
+            out.append(image_prompt_ids(self.tokenizer, p.prompt, [img], self.vcfg))
+        return out
+
+    def micro_batch(self, inputs, targets, samples: list[Sample]):
+        """The rows' images go with them; the trim keeps every image position (they precede the
+        completions, but a micro-batch with nothing to score would otherwise be cut to a column)."""
+        image_cols = (inputs == self.image_id).any(0).nonzero()
+        x, y = trim_columns(inputs, targets, int(image_cols.max()) + 1 if len(image_cols) else 1)
+        images = collate_images(samples)
+        if images is None:
+            return x, y, {}
+        return x, y, {"images": ImageInput(images.pixel_values.to(self.device), images.grids)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out greedy accuracy on the visual tasks' test split, as the vision stage measures
+        it (eval.visual.evaluate_visual_task): eval_problems per task and language, at each task's
+        highest difficulty, distinct keys. Text tasks in the mix are not evaluated here. ->
+        val_accuracy, val_problems, val_<task>/accuracy."""
+        if not self.info.is_main:
+            return {}
+        cfg = self.cfg
+        if self._held_out is None:
+            self._held_out = {
+                s.name: visual_problems(
+                    {s.name: [s.max_difficulty or s.difficulty]},
+                    cfg.eval_problems * len(cfg.langs),
+                    split="test",
+                    seed=1,
+                    langs=cfg.langs,
+                )
+                for s in self.specs
+                if s.name in VISUAL_TASKS
+            }
+        engine = Engine(self.model, self.tokenizer, max_batch_size=64, max_model_len=cfg.seq_len)
+        was_training = self.model.training
+        self.model.eval()
+        budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
+        results = {
+            name: evaluate_visual_task(
+                engine, self.tokenizer, probs, size=self.size, max_new_tokens=budget
+            )
+            for name, probs in self._held_out.items()
+        }
+        self.model.train(was_training)
+        problems = sum(r["problems"] for r in results.values())
+        correct = sum(r["correct"] for r in results.values())
+        figures = {
+            "val_accuracy": round(correct / max(1, problems), 4),
+            "val_problems": problems,
+            **{f"val_{name}/accuracy": r["accuracy"] for name, r in results.items()},
+        }
+        self.last_eval = {"step": self.step, **figures}
+        tqdm.write(
+            f"[vision-grpo] step {self.step}: "
+            f"held-out visual accuracy {figures['val_accuracy']:.3f}"
+        )
+        return figures
