@@ -111,8 +111,9 @@ def test_the_guard_sees_passkey_wording():
     assert shares_passkey_wording("Tell me: what is the pass key today?")
     assert not shares_passkey_wording("The key of the house is under the mat.")
     pool = prose_pool([f"{EN_PROSE[0]} {en}. The end came soon."])
-    assert all(not shares_passkey_wording(s) for doc in pool for s in doc)
-    assert sum(len(doc) for doc in pool) == len(sentences(EN_PROSE[0])) + 1
+    assert f"{en}." in pool[0]  # in the pool, but never quoted
+    docs = [retrieval_document(random.Random(i), "en", pool)[0] for i in range(20)]
+    assert "The end came soon." in "".join(docs) and en not in "".join(docs)
     with pytest.raises(AssertionError):  # the test's own check fails on passkey text
         assert_no_passkey_wording("x " + PASSKEY_TEXT["zh"]["filler"])
 

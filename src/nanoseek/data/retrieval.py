@@ -26,6 +26,7 @@ them; prose sentences and whole documents that contain one are dropped, and the 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -43,9 +44,10 @@ CHARS_PER_TOKEN = {"en": 3.6, "zh": 1.1}
 # 1024-token row; a longer lag cannot be learnt from rows of 1024 but shows the model more text.
 LAG_TOKENS = (4, 1536)
 PROSE_TOKENS = (10, 400)  # one stretch of prose between facts
-# The default budget: about 10% of the cpu preset's pretraining tokens (the default corpus holds
-# about 8.7 M tokens; 3.2 MB of this text is about 1 M tokens). Presets set data.retrieval_bytes.
-RETRIEVAL_BYTES = 3_200_000
+# The default budget: about 1 M tokens (digits and names tokenize finely: ~2.8 bytes a token), next
+# to the 7.6 M tokens of the other default sources (the 2026-11-22 cpu run), so ≈11% of what
+# pretraining reads. Presets set data.retrieval_bytes.
+RETRIEVAL_BYTES = 2_800_000
 SEED = 0
 
 # --------------------------------------------------------------------------------------- vocabulary
@@ -159,21 +161,23 @@ _JOIN = {"en": " ", "zh": ""}
 
 
 # ------------------------------------------------------------------------------------ passkey guard
-def passkey_ngrams() -> dict[str, set]:
+@functools.lru_cache(maxsize=1)
+def passkey_ngrams() -> dict[str, frozenset]:
     """The word 4-grams (English) and 4-character sequences (Chinese) of every string in
     tasks/passkey.py's TEXT, read piecewise around its {key} placeholders. Nothing this module
     writes may contain one. -> {"en": {("the", "pass", "key", "is"), ...}, "zh": {"通行密码", ...}}
     """
     from nanoseek.tasks.passkey import TEXT
 
-    out: dict[str, set] = {"en": set(), "zh": set()}
+    en: set = set()
+    zh: set = set()
     for template in TEXT["en"].values():
         for piece in template.split("{key}"):
-            out["en"] |= word_ngrams(piece)
+            en |= word_ngrams(piece)
     for template in TEXT["zh"].values():
         for piece in template.split("{key}"):
-            out["zh"] |= char_ngrams(piece)
-    return out
+            zh |= char_ngrams(piece)
+    return {"en": frozenset(en), "zh": frozenset(zh)}
 
 
 def word_ngrams(text: str, n: int = 4) -> set[tuple[str, ...]]:
@@ -194,7 +198,7 @@ def char_ngrams(text: str, n: int = 4) -> set[str]:
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
-def shares_passkey_wording(text: str, grams: dict[str, set] | None = None) -> bool:
+def shares_passkey_wording(text: str, grams: dict[str, frozenset] | None = None) -> bool:
     grams = grams or passkey_ngrams()
     return bool(word_ngrams(text) & grams["en"]) or bool(char_ngrams(text) & grams["zh"])
 
@@ -207,14 +211,13 @@ def sentences(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def prose_pool(documents: Iterable[str], grams: dict[str, set] | None = None) -> list[list[str]]:
-    """Documents as lists of sentences, the title line dropped, without any sentence that shares
-    passkey wording."""
-    grams = grams or passkey_ngrams()
+def prose_pool(documents: Iterable[str]) -> list[list[str]]:
+    """Documents as lists of sentences, the title line dropped. (Sentences that share passkey
+    wording are skipped when a passage is cut, `_passage`: cheaper than checking them all.)"""
     pool = []
     for doc in documents:
         head, _, body = doc.partition("\n\n")
-        sents = [s for s in sentences(body or head) if not shares_passkey_wording(s, grams)]
+        sents = sentences(body or head)
         if sents:
             pool.append(sents)
     return pool
@@ -239,26 +242,28 @@ def corpus_prose(val_margin: float = 0.05) -> dict[str, list[list[str]]]:
             if not _is_val(_sha(text), val_margin):
                 yield text
 
-    grams = passkey_ngrams()
-    en = prose_pool(train_only(_bible_chapters()), grams) + prose_pool(
-        train_only(_wiki_articles()), grams
-    )
-    return {"en": en, "zh": prose_pool(train_only(_sanguo_chapters()), grams)}
+    en = prose_pool(train_only(_bible_chapters())) + prose_pool(train_only(_wiki_articles()))
+    return {"en": en, "zh": prose_pool(train_only(_sanguo_chapters()))}
 
 
 def _passage(pool: list[list[str]], chars: int, rng: random.Random, lang: str) -> str:
     """Consecutive sentences of a prose document from a random start, about `chars` long; at the
-    end of a document it goes on with another one (no sentence twice in a row)."""
+    end of a document it goes on with another one. A sentence that shares passkey wording is
+    left out."""
+    grams = passkey_ngrams()
     out = []
     size = 0
     doc = rng.choice(pool)
     i = rng.randrange(len(doc))
-    while size < chars:
+    for _ in range(10_000):  # a pool of nothing but passkey wording must not loop forever
+        if size >= chars:
+            break
         if i == len(doc):
             doc = rng.choice(pool)
             i = 0
-        out.append(doc[i])
-        size += len(doc[i]) + 1
+        if not shares_passkey_wording(doc[i], grams):
+            out.append(doc[i])
+            size += len(doc[i]) + 1
         i += 1
     return _JOIN[lang].join(out)
 
