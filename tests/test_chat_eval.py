@@ -228,3 +228,5 @@ def test_eval_stage_runs_the_chat_eval_on_chat_models_once(tmp_path, monkeypatch
         eval_stage(run, {"eval": {**preset["eval"], "chat": {"n_questions": 2}}}, DistInfo())
     off = {"eval": {**preset["eval"], "chat": False}}
     eval_stage(run, off, DistInfo())  # switched off: nothing runs
+    absent = {"eval": {k: v for k, v in preset["eval"].items() if k != "chat"}}
+    eval_stage(run, absent, DistInfo())  # not asked for: nothing runs

@@ -260,10 +260,10 @@ CHAT_STAGES = ("sft", "grpo", "distill")  # the chat models of a run
 
 def needs_chat_eval(result: dict, stage: str, settings: dict | bool) -> bool:
     """Whether the eval stage should (re)run chat_eval_checkpoint for `stage` (preset
-    eval.chat: its keyword arguments, or false for none): a chat model without a chat result
-    for these settings."""
+    eval.chat: its keyword arguments, {} for the defaults; absent or false for none): a chat
+    model without a chat result for these settings."""
     return (
-        settings is not False
+        settings not in (False, None)
         and stage in CHAT_STAGES
         and (result.get("chat") is None or result.get("chat_settings") != settings)
     )
@@ -278,16 +278,24 @@ def chat_eval_checkpoint(
     import torch
 
     from nanoseek.checkpoint import load_model
-    from nanoseek.data.corpus import iter_records
+    from nanoseek.data.corpus import CorpusError, iter_records
     from nanoseek.tokenizer import load_tokenizer
 
     model = load_model(ckpt_dir, dtype=torch.float32)
     tok = load_tokenizer(ckpt_dir)
+    note = None
     if corpus_dir is not None and (Path(corpus_dir) / "train.jsonl").is_file():
         records = list(iter_records(Path(corpus_dir) / "train.jsonl"))
     else:
-        records = _default_records()
-    return chat_eval(model, tok, records, **kwargs)
+        try:
+            records = _default_records()
+        except CorpusError as e:  # no run corpus and no corpus packages: identity only
+            records = []
+            note = f"no chapters to ask about: {str(e).splitlines()[0]}"
+    result = chat_eval(model, tok, records, **kwargs)
+    if note:
+        result["openings"]["note"] = note
+    return result
 
 
 def _default_records() -> list[dict]:

@@ -34,7 +34,7 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
     run, out = Path(run), Path(run) / "eval"
     settings = dict(preset.get("eval") or {})
     stages = settings.pop("stages", list(STAGES))
-    chat = settings.pop("chat", {})  # eval/chat.py on the chat models: its settings, or false
+    chat = settings.pop("chat", False)  # eval/chat.py on the chat models: its settings, or false
     results, names = [], []
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
