@@ -211,19 +211,37 @@ def sentences(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def prose_pool(documents: Iterable[str]) -> list[list[str]]:
-    """Documents as lists of sentences, the title line dropped. (Sentences that share passkey
-    wording are skipped when a passage is cut, `_passage`: cheaper than checking them all.)"""
-    pool = []
-    for doc in documents:
-        head, _, body = doc.partition("\n\n")
-        sents = sentences(body or head)
-        if sents:
-            pool.append(sents)
-    return pool
+class ProsePool(Sequence):
+    """Documents as lists of sentences (the title line dropped), each cut when first used: a
+    build quotes a small part of the 13 MB of default prose. Sentences that share passkey
+    wording are skipped when a passage is cut (`_passage`)."""
+
+    def __init__(self, documents: Iterable[str]):
+        self.docs = [d for d in documents if d.strip()]
+        self._cut: dict[int, list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        if i not in self._cut:
+            head, _, body = self.docs[i].partition("\n\n")
+            self._cut[i] = sentences(body or head) or [head.strip()]
+        return self._cut[i]
+
+    def __add__(self, other: ProsePool) -> ProsePool:
+        return ProsePool(self.docs + other.docs)
 
 
-def corpus_prose(val_margin: float = 0.05) -> dict[str, list[list[str]]]:
+def prose_pool(documents: Iterable[str]) -> ProsePool:
+    """A ProsePool of these documents."""
+    return ProsePool(documents)
+
+
+def corpus_prose(val_margin: float = 0.05) -> dict[str, ProsePool]:
     """English (Bible chapters, Wikipedia leads) and Chinese (三国演义 chapters) prose from the
     default corpus's packages, without any document whose content hash could put it in a
     validation split of up to `val_margin` (the default build holds out 1%; see corpus._is_val)."""
@@ -246,7 +264,7 @@ def corpus_prose(val_margin: float = 0.05) -> dict[str, list[list[str]]]:
     return {"en": en, "zh": prose_pool(train_only(_sanguo_chapters()))}
 
 
-def _passage(pool: list[list[str]], chars: int, rng: random.Random, lang: str) -> str:
+def _passage(pool: Sequence[Sequence[str]], chars: int, rng: random.Random, lang: str) -> str:
     """Consecutive sentences of a prose document from a random start, about `chars` long; at the
     end of a document it goes on with another one. A sentence that shares passkey wording is
     left out."""
@@ -336,7 +354,7 @@ def _fact(rng: random.Random, lang: str, subjects: _Subjects) -> dict:
 
 
 def retrieval_document(
-    rng: random.Random, lang: str, prose: list[list[str]], tokens: int | None = None
+    rng: random.Random, lang: str, prose: Sequence[Sequence[str]], tokens: int | None = None
 ) -> tuple[str, list[dict]]:
     """One document of about `tokens` tokens (default: drawn from DOC_TOKENS) ->
     (text, the facts with the character offsets where each was stated and asked)."""
@@ -385,7 +403,7 @@ def retrieval_document(
 
 def retrieval_documents(
     max_bytes: int = RETRIEVAL_BYTES,
-    prose: dict[str, list[list[str]]] | None = None,
+    prose: dict[str, Sequence[Sequence[str]]] | None = None,
     *,
     seed: int = SEED,
     langs: Sequence[str] = ("en", "zh"),
