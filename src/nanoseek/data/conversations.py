@@ -7,7 +7,10 @@
                                 tool the conversation declares (and greetings that need none)
     corpus_conversations(...)   simple factual Q&A read off the pretraining corpus: how a Bible
                                 chapter begins, what a Wikipedia subject is, the title or the
-                                opening of a 三国演义 chapter
+                                opening of a 三国演义 chapter; never about a held-out chapter
+    opening_questions(...)      the chat eval's questions: how each held-out Bible / 三国演义
+                                chapter begins (`held_out`: a fixed share of chapters, chosen by a
+                                hash of the chapter's heading, that SFT never asks about)
 
 Everything is deterministic in its seed. Each answer is either templated or copied verbatim from the
 corpus text, so the assistant never states something the data does not say. Every assistant turn has
@@ -310,18 +313,23 @@ def _first_sentence(text: str, max_chars: int = 240) -> str | None:
     return s if 12 <= len(s) <= max_chars and balanced else None
 
 
+BIBLE_HEADING = r"[1-3]? ?[A-Z][A-Za-z ]+ \d+"
+# how SFT asks for a Bible chapter's opening; the chat eval asks the same way
+BIBLE_OPENING_QUESTIONS = (
+    "How does {head} begin?",
+    "What is the first sentence of {head} in the Bible?",
+    "Quote the opening of {head}.",
+)
+SANGUO_OPENING_QUESTION = "《三国演义》第{number}回是怎样开头的？"
+SANGUO_HEADING = r"第([零一二三四五六七八九十百]+)回\s*(.+)"
+
+
 def _bible_qa(text: str, rng: random.Random) -> Messages | None:
     head, _, body = text.partition("\n\n")
     first = _first_sentence(body)
-    if not re.fullmatch(r"[1-3]? ?[A-Z][A-Za-z ]+ \d+", head) or not first:
+    if not re.fullmatch(BIBLE_HEADING, head) or not first:
         return None
-    q = rng.choice(
-        [
-            f"How does {head} begin?",
-            f"What is the first sentence of {head} in the Bible?",
-            f"Quote the opening of {head}.",
-        ]
-    )
+    q = rng.choice(BIBLE_OPENING_QUESTIONS).format(head=head)
     return _turn(
         q,
         f"{head} is a chapter of the Bible. I recall its first sentence.",
@@ -346,7 +354,7 @@ def _wiki_qa(text: str, rng: random.Random) -> Messages | None:
 
 def _sanguo_qa(text: str, rng: random.Random) -> Messages | None:
     head, _, body = text.partition("\n\n")
-    m = re.fullmatch(r"第([零一二三四五六七八九十百]+)回\s*(.+)", head.strip())
+    m = re.fullmatch(SANGUO_HEADING, head.strip())
     number = chinese_number(m.group(1)) if m else None
     if number is None:
         return None
@@ -368,7 +376,7 @@ def _sanguo_qa(text: str, rng: random.Random) -> Messages | None:
     if not first:
         return None
     return _turn(
-        f"《三国演义》第{m.group(1)}回是怎样开头的？",
+        SANGUO_OPENING_QUESTION.format(number=m.group(1)),
         f"用户想知道第{m.group(1)}回的开头，我回忆原文的第一句。",
         f"第{m.group(1)}回开头写道：“{first}”",
     )
@@ -380,11 +388,14 @@ _QA = {"bible-web": _bible_qa, "wikipedia-vital": _wiki_qa, "sanguo": _sanguo_qa
 def corpus_conversations(records: Iterable[dict], n: int, seed: int = 0) -> list[Messages]:
     """Up to `n` factual Q&A built from corpus records ({"text", "source"}, e.g. a run's
     corpus/train.jsonl), shared between the known sources (bible-web, wikipedia-vital, sanguo) as
-    evenly as they allow."""
+    evenly as they allow. Held-out chapters (`held_out`) are left out: the chat eval asks about
+    them."""
     rng = random.Random(f"corpus-qa|{seed}")
     by_source: dict[str, list[Messages]] = {}
     for rec in records:
         make = _QA.get(rec.get("source"))
+        if make and held_out(rec["source"], rec["text"]):
+            continue
         conv = make(rec["text"], rng) if make else None
         if conv:
             by_source.setdefault(rec["source"], []).append(conv)
@@ -396,3 +407,81 @@ def corpus_conversations(records: Iterable[dict], n: int, seed: int = 0) -> list
             if pool and len(out) < n:
                 out.append(pool.pop())
     return out
+
+
+# ------------------------------------------------------------------------ held-out chapters (eval)
+# The share of each source's chapters that SFT never asks about: about 180 of the 1189 Bible
+# chapters and 30 of the 120 三国演义 chapters. Not all have a usable opening sentence (see
+# _first_sentence), and 1% of the corpus is validation text; what is left gives the chat eval
+# well over 100 questions.
+HELD_OUT_SHARE = {"bible-web": 0.15, "sanguo": 0.25}
+
+
+def chapter_key(source: str, text: str) -> str | None:
+    """A chapter's identity, its heading: 'Genesis 1', '第一百二十回'; None for other records."""
+    head = text.partition("\n\n")[0].strip()
+    if source == "bible-web" and re.fullmatch(BIBLE_HEADING, head):
+        return head
+    m = re.match(SANGUO_HEADING, head) if source == "sanguo" else None
+    return f"第{m.group(1)}回" if m else None
+
+
+def held_out(source: str, text: str) -> bool:
+    """Whether a chapter is held out of the SFT Q&A: the first 32 bits of
+    sha256('held-out|source|heading') below HELD_OUT_SHARE of 2**32. It depends on the chapter's
+    identity only, so it is the same whatever the corpus build, its cap or the SFT seed."""
+    key = chapter_key(source, text)
+    share = HELD_OUT_SHARE.get(source)
+    if key is None or share is None:
+        return False
+    digest = hashlib.sha256(f"held-out|{source}|{key}".encode()).hexdigest()
+    return int(digest[:8], 16) < share * 2**32
+
+
+def opening_questions(records: Iterable[dict], n: int | None = None, seed: int = 0) -> list[dict]:
+    """The chat eval's questions: for each held-out chapter among `records` (e.g. a run's
+    corpus/train.jsonl, the text the model pretrained on), how it begins, asked as SFT asks about
+    the other chapters. Sources alternate; at most `n` (None: all). -> [{"source", "chapter",
+    "lang", "question", "opening", "text"}]."""
+    rng = random.Random(f"opening-questions|{seed}")
+    by_source: dict[str, list[dict]] = {}
+    for rec in records:
+        source = rec.get("source")
+        if source not in HELD_OUT_SHARE or not held_out(source, rec["text"]):
+            continue
+        key = chapter_key(source, rec["text"])
+        body = rec["text"].partition("\n\n")[2]
+        if source == "bible-web":
+            opening = _first_sentence(body)
+            question = rng.choice(BIBLE_OPENING_QUESTIONS).format(head=key)
+        else:
+            opening = _first_sentence(body, max_chars=120)
+            question = SANGUO_OPENING_QUESTION.format(number=key[1:-1])
+        if opening:
+            by_source.setdefault(source, []).append(
+                {
+                    "source": source,
+                    "chapter": key,
+                    "lang": "en" if source == "bible-web" else "zh",
+                    "question": question,
+                    "opening": opening,
+                    "text": rec["text"],
+                }
+            )
+    out = []
+    pools = [by_source[s] for s in sorted(by_source)]
+    while any(pools) and (n is None or len(out) < n):
+        for pool in pools:
+            if pool and (n is None or len(out) < n):
+                out.append(pool.pop(0))
+    return out
+
+
+def identity_questions(langs: Sequence[str] = ("en", "zh")) -> list[dict]:
+    """Every question about the model that SFT trains, with the trained answer.
+    -> [{"lang", "question", "answer"}]."""
+    return [
+        {"lang": lang, "question": q, "answer": _IDENTITY[lang]["about_answer"]}
+        for lang in langs
+        for q in _IDENTITY[lang]["about"]
+    ]

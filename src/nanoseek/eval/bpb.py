@@ -73,7 +73,9 @@ def heldout_texts(
     documents are held out of every default-corpus build, whatever its size cap."""
     if corpus_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            build_corpus(tmp, default_sources(code_max_bytes=4_000_000), max_bytes=12_000_000)
+            # the held-out text is en/zh/code only: no need to generate the retrieval text
+            sources = default_sources(code_max_bytes=4_000_000, retrieval_bytes=0)
+            build_corpus(tmp, sources, max_bytes=12_000_000)
             return heldout_texts(tmp, max_bytes, langs)
     texts: dict[str, list[str]] = {lang: [] for lang in langs}
     left = {lang: max_bytes for lang in langs}

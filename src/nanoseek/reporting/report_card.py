@@ -286,6 +286,7 @@ def render(
     for plot in plots:
         lines += [f"![{plot}]({plot})", ""]
     if evals:
+        from nanoseek.eval.chat import chat_markdown
         from nanoseek.eval.quality import to_markdown
 
         lines += [
@@ -295,6 +296,7 @@ def render(
             "",
             to_markdown(list(evals.values()), list(evals)).replace("### ", "#### "),
             "",
+            *chat_markdown(evals),
         ]
     if "vision" in stages:
         lines += vision_section(stages["vision"])
@@ -464,7 +466,9 @@ def write_report(run: str | os.PathLike) -> Path:
     )
     data.update(
         plots=plots,
-        eval={s: {k: r.get(k) for k in ("bpb", "tasks", "passkey")} for s, r in evals.items()},
+        eval={
+            s: {k: r.get(k) for k in ("bpb", "tasks", "passkey", "chat")} for s, r in evals.items()
+        },
         samples=samples,
     )
     atomic_write_text(run / "report.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")

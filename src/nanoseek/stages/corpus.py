@@ -16,7 +16,11 @@ def corpus_stage(
     data = preset["data"]
 
     def work():
-        sources = user_sources(text_paths) if text_paths else default_sources()
+        sources = (
+            user_sources(text_paths)
+            if text_paths
+            else default_sources(retrieval_bytes=data.get("retrieval_bytes"))
+        )
         manifest = build_corpus(run / "corpus", sources, max_bytes=data.get("max_bytes"))
         totals = manifest.get("totals", {})
         return {

@@ -8,6 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from nanoseek.eval.chat import chat_eval_checkpoint, needs_chat_eval
 from nanoseek.eval.quality import evaluate, to_markdown
 from nanoseek.io import atomic_write_text
 from nanoseek.stages.common import stage_done, write_done
@@ -33,6 +34,7 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
     run, out = Path(run), Path(run) / "eval"
     settings = dict(preset.get("eval") or {})
     stages = settings.pop("stages", list(STAGES))
+    chat = settings.pop("chat", False)  # eval/chat.py on the chat models: its settings, or false
     results, names = [], []
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,11 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
                     "fingerprint": stamp,
                     "settings_requested": settings,
                 }
+                atomic_write_text(cached, json.dumps(r, indent=2, ensure_ascii=False) + "\n")
+            if needs_chat_eval(r, stage, chat):
+                r.update(
+                    chat=chat_eval_checkpoint(ckpt, run / "corpus", **chat), chat_settings=chat
+                )
                 atomic_write_text(cached, json.dumps(r, indent=2, ensure_ascii=False) + "\n")
             results.append(r)
             names.append(stage)
