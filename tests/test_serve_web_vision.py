@@ -298,3 +298,41 @@ def test_a_text_only_model_disables_attach(browser, text_server, files):
     assert page.locator("#attachments").is_hidden()
     page.screenshot(path=str(ARTIFACTS / "10-text-only.png"))
     assert page.errors == []
+
+
+def test_a_full_browser_storage_drops_the_oldest_images_first(browser, text_server, files):
+    page = open_page(browser, text_server.url)
+
+    def conversation(key, picture):
+        image = {"url": data_url(files[picture]), "name": files[picture].name}
+        user = {"role": "user", "content": f"look {key}", "images": [image]}
+        return {"id": key, "title": key, "messages": [user, {"role": "assistant", "content": "ok"}]}
+
+    state = {
+        "current": "recent",
+        "conversations": [conversation("recent", RED), conversation("older", BLUE)],
+    }
+    stored = json.dumps(state)
+    page.evaluate("(s) => localStorage.setItem('nanoseek.chat.v1', s)", stored)
+    page.reload()
+    # a storage quota that holds the text and one of the two images, not both
+    quota = len(stored) - len(data_url(files[BLUE])) // 2
+    page.evaluate(
+        """(quota) => {
+            const setItem = Storage.prototype.setItem;
+            Storage.prototype.setItem = function (key, value) {
+                if (value.length > quota) throw new DOMException("full", "QuotaExceededError");
+                return setItem.call(this, key, value);
+            };
+        }""",
+        quota,
+    )
+    page.click("#new-chat")  # saves
+    kept = json.loads(page.evaluate("localStorage.getItem('nanoseek.chat.v1')"))
+    images = {c["id"]: c["messages"][0]["images"][0]["url"] for c in kept["conversations"][1:]}
+    assert images == {"recent": data_url(files[RED]), "older": None}
+    page.locator("#conversations li", has_text="older").click()
+    page.locator(".message.user .thumb.missing", has_text="image not kept").wait_for()
+    page.locator("#conversations li", has_text="recent").click()
+    assert page.locator(".message.user img.thumb").get_attribute("src") == data_url(files[RED])
+    assert page.errors == []
