@@ -16,7 +16,7 @@ let modelName = null;
 // What /v1/models said about images: null until it answered; then { images: bool, limits }.
 let vision = null;
 let visionProblem = ""; // why the page does not know yet (e.g. the API key is missing)
-let attached = []; // images waiting to go with the next message: { url, name, size }
+let attached = []; // images waiting to go with the next message: { url (a data: URL), name }
 const shown = new Map(); // message object -> its element, for the conversation on screen
 
 function load(key, fallback) {
