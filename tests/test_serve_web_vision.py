@@ -141,10 +141,11 @@ def paste(page, path: Path):
     )
 
 
-def drop(page, path: Path, kind: str = "image/png"):
+def drop(page, path: Path, kind: str = "image/png", target: str = "#input"):
     dt = file_in_page(page, path, kind)
-    page.dispatch_event("#composer", "dragover", {"dataTransfer": dt})
-    page.dispatch_event("#composer", "drop", {"dataTransfer": dt})
+    page.dispatch_event(target, "dragover", {"dataTransfer": dt})
+    assert "dragging" in page.get_attribute("#composer", "class")
+    page.dispatch_event(target, "drop", {"dataTransfer": dt})
 
 
 def ask(page, text: str):
@@ -204,7 +205,7 @@ def test_attached_images_get_their_trained_answers(browser, vision_server, files
 
     # 3. a dropped image, and a follow-up that re-sends it as history
     page.click("#new-chat")
-    drop(page, files[RED])
+    drop(page, files[RED], target="#messages")  # anywhere on the page, not only on the box
     page.locator("#attachments img.thumb").wait_for()
     ask(page, RED_QUESTION)
     page.locator(".message.assistant").nth(0).locator(".content", has_text=RED_ANSWER).wait_for()

@@ -425,7 +425,8 @@ async function fetchModel() {
       modelName = card?.id ?? null;
       if (modelName) $("model-name").textContent = modelName;
       if (card?.input_modalities) {
-        vision = { images: card.input_modalities.includes("image"), limits: card.image_limits ?? null };
+        const limits = card.image_limits ?? null;
+        vision = { images: card.input_modalities.includes("image") && limits !== null, limits };
         visionProblem = "";
       } else {
         loading = true; // the checkpoint is still loading
@@ -579,16 +580,19 @@ function wireImages() {
     e.preventDefault();
     addFiles(files);
   });
+  // Files dropped anywhere on the page attach (the composer lights up); the browser never navigates to them.
   const composer = $("composer");
   const hasFiles = (e) => [...(e.dataTransfer?.types ?? [])].includes("Files");
-  composer.addEventListener("dragover", (e) => {
+  document.addEventListener("dragover", (e) => {
     if (!hasFiles(e)) return;
     e.preventDefault();
     e.dataTransfer.dropEffect = vision?.images ? "copy" : "none";
     composer.classList.add("dragging");
   });
-  composer.addEventListener("dragleave", () => composer.classList.remove("dragging"));
-  composer.addEventListener("drop", (e) => {
+  document.addEventListener("dragleave", (e) => {
+    if (!e.relatedTarget) composer.classList.remove("dragging"); // left the window
+  });
+  document.addEventListener("drop", (e) => {
     composer.classList.remove("dragging");
     if (!e.dataTransfer?.files?.length) return;
     e.preventDefault();
