@@ -26,6 +26,19 @@ from nanoseek.tokenizer import Tokenizer
 from helpers import smallest_margin, tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+# The browser tests (test_serve_web*.py): Debian's Chromium through Playwright, screenshots here.
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 # (user message, thought, answer): what the test model learns to say.
 # "Sing" never ends (no EOS is learned).
@@ -147,6 +160,112 @@ def memorised_tensors(
         if not learn_eos:
             targets[i, len(ids) - 2] = IGNORE_INDEX
     return inputs, targets
+
+
+# (image, question, thought, answer): what the vision test model learns. Each picture is a shape
+# drawn on white (PICTURES): only the image tells the two questions apart.
+VISION_SCRIPT = [
+    ("red circle", "What is this?", "A round shape.", "A red circle."),
+    ("blue square", "What is this?", "A shape with corners.", "A blue square."),
+]
+# A small vision tower, and a pixel limit low enough that a "too large" image is cheap to make.
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    max_tiles=4,
+    max_image_pixels=96 * 96,
+)
+
+
+def picture(name: str, size: int = 32):
+    """One of VISION_SCRIPT's pictures: "red circle" or "blue square", on white, as a PIL image."""
+    from PIL import Image, ImageDraw
+
+    colour, shape = name.split()
+    img = Image.new("RGB", (size, size), "white")
+    box = (size // 8, size // 8, size - size // 8, size - size // 8)
+    draw = ImageDraw.Draw(img)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
+    return img
+
+
+def picture_png(name: str, size: int = 32) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    picture(name, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_vision_checkpoint(
+    path: Path, steps: int = 100, context: int = 256, margin: float = 2.0
+) -> Path:
+    """A vision-language checkpoint (build_tokenizer's tokenizer, a 2-layer MoE language model, a
+    one-block vision tower) trained whole until, for each VISION_SCRIPT picture, the chat prompt
+    a client sends (the image part, then the question) is answered with that picture's thought
+    and answer, every learned token winning by `margin` nats (see build_checkpoint). Seconds on
+    one CPU thread."""
+    import functools
+
+    from nanoseek.checkpoint import save_vision_language_model
+    from nanoseek.config import VisionConfig
+    from nanoseek.data.images import expand_image_tokens, image_input, merge_inputs
+    from nanoseek.model.vision import VisionLanguageModel
+
+    tok = build_tokenizer()
+    vcfg = VisionConfig(**TINY_VISION)
+    image_id = tok.special_ids["image"]
+    rows = []
+    inputs_per_row = []
+    for name, question, thought, answer in VISION_SCRIPT:
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        reply = {"role": "assistant", "content": answer, "reasoning_content": thought}
+        images = image_input([picture(name)], vcfg)
+        prompt = tok.apply_chat_template([user], add_generation_prompt=True, thinking=False)
+        prompt, _ = expand_image_tokens(prompt, images.grids, image_id, vcfg)
+        ids, _ = expand_image_tokens(
+            tok.apply_chat_template([user, reply]), images.grids, image_id, vcfg
+        )
+        assert ids[: len(prompt)] == prompt
+        rows.append((ids, len(prompt) - 1, True))
+        inputs_per_row.append(images)
+    inputs, targets = memorised_tensors(rows, tok.eos_id)
+    images = merge_inputs(inputs_per_row)  # row order is placeholder order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        cfg = tiny_config(
+            vocab_size=tok.vocab_size,
+            max_position_embeddings=context,
+            num_hidden_layers=2,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+        )
+        vlm = VisionLanguageModel.build(cfg, vcfg, image_id)
+        opt = torch.optim.AdamW(vlm.parameters(), lr=1e-2)
+        for _ in range(MAX_TRAINING_ROUNDS):
+            vlm.train()
+            for _ in range(steps):
+                loss = vlm.compute_loss(inputs, targets, images=images).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            weakest = smallest_margin(functools.partial(vlm.eval(), images=images), inputs, targets)
+            if weakest >= margin:
+                break
+        else:
+            raise RuntimeError(
+                f"the vision test model did not learn its pictures: a learned token wins by only "
+                f"{weakest:.3f} nats after {MAX_TRAINING_ROUNDS * steps} steps"
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return save_vision_language_model(vlm.eval(), path, tokenizer=tok)
 
 
 _SHARED: dict[str, Path] = {}

@@ -22,7 +22,7 @@ from nanoseek.checkpoint import (
     save_vision_language_model,
 )
 from nanoseek.config import VisionConfig
-from nanoseek.data.images import image_input, image_prompt_ids
+from nanoseek.data.images import MAX_IMAGE_BYTES, image_input, image_prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model.vision import VisionLanguageModel
 from nanoseek.serve.chat_format import EngineTokenizer, TokenTable, chat_request_prompt
@@ -215,10 +215,24 @@ def test_bad_images_are_400s_naming_the_field(server, case):
     assert ok.status_code == 200, ok.text
 
 
+def test_models_says_the_model_reads_images_and_the_limits(server):
+    card = httpx.get(server.url + "/v1/models").json()["data"][0]
+    assert card["input_modalities"] == ["text", "image"]
+    assert card["image_limits"] == {
+        "max_images_per_request": 2,  # the server's flag
+        "max_image_pixels": TINY_VISION["max_image_pixels"],  # the checkpoint's vision_config
+        "max_image_bytes": MAX_IMAGE_BYTES,
+        "max_body_bytes": 1 << 20,
+        "formats": ["image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"],
+    }
+
+
 def test_a_text_only_checkpoint_refuses_images(tmp_path):
     path = build_random_checkpoint(tmp_path / "text")
     with ServerProcess(path) as s:
         s.wait_ready()
+        card = httpx.get(s.url + "/v1/models").json()["data"][0]
+        assert card["input_modalities"] == ["text"] and card["image_limits"] is None
         r = httpx.post(
             s.url + "/v1/chat/completions",
             json={"messages": _messages(_data_url(_png())), "max_tokens": 2},

@@ -5,25 +5,18 @@ Needs /usr/bin/chromium (`apt-get install -y chromium`) and `pip install playwri
 install`: the system browser is used). Screenshots go to test-artifacts/web/.
 """
 
-from pathlib import Path
-
 import httpx
 import pytest
 
-from serve_helpers import SCRIPT, ServerProcess, metric, shared_checkpoint
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "web"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from serve_helpers import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    SCRIPT,
+    ServerProcess,
+    metric,
+    shared_checkpoint,
+)
 
 HELLO, HELLO_THOUGHT, HELLO_ANSWER = SCRIPT[0]
 NIHAO, NIHAO_THOUGHT, NIHAO_ANSWER = SCRIPT[1]
@@ -48,7 +41,7 @@ def server():
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
 

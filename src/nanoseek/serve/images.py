@@ -13,11 +13,42 @@ import base64
 import binascii
 from collections.abc import Sequence
 
-from nanoseek.data.images import ImageError, image_input, load_image
+from nanoseek.data.images import (
+    ALLOWED_FORMATS,
+    MAX_IMAGE_BYTES,
+    ImageError,
+    image_input,
+    load_image,
+)
 from nanoseek.serve.chat_format import FormatError
-from nanoseek.serve.protocol import ImageURLPart, Message
+from nanoseek.serve.protocol import ImageLimits, ImageURLPart, Message
 
 TEXT_ONLY = "this model does not read images (its checkpoint has no vision tower)"
+
+
+# the MIME type of each format data.images.load_image reads (MPO is a JPEG a camera wrote)
+MIME_TYPES = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+}
+
+
+def image_limits(config, vcfg) -> ImageLimits:
+    """The limits a request's images meet (GET /v1/models shows them, so a client such as the web
+    chat can check an image before it sends it). config: ServerConfig; vcfg: VisionConfig."""
+    return ImageLimits(
+        max_images_per_request=config.max_images_per_request,
+        max_image_pixels=vcfg.max_image_pixels,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        max_body_bytes=config.max_body_bytes,
+        formats=list(
+            dict.fromkeys(MIME_TYPES.get(f, f"image/{f.lower()}") for f in ALLOWED_FORMATS)
+        ),
+    )
 
 
 def image_urls(messages: Sequence[Message]) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ from nanoseek.serve.chat_format import (
 )
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.grammar import Grammar, GrammarError, GrammarProcessor, tool_calls_grammar
-from nanoseek.serve.images import check_urls, image_urls, load_request_images
+from nanoseek.serve.images import check_urls, image_limits, image_urls, load_request_images
 from nanoseek.serve.job import Choice, Job
 from nanoseek.serve.logits import JsonObjectProcessor, LogitBias, MinTokens
 from nanoseek.serve.logprobs import (
@@ -55,18 +55,14 @@ class OpenAIAPI:
 
     def models(self, request: Request) -> Response:
         self.server.authorize(request)
-        context = self.server.engine.max_model_len if self.server.status == "ok" else None
-        return _json(
-            protocol.ModelList(
-                data=[
-                    protocol.ModelCard(
-                        id=self.config.model_name,
-                        created=self.server.created,
-                        max_model_len=context,
-                    )
-                ]
-            )
-        )
+        card = protocol.ModelCard(id=self.config.model_name, created=self.server.created)
+        if self.server.status == "ok":
+            card.max_model_len = self.server.engine.max_model_len
+            vision = self.server.engine.vision
+            card.input_modalities = ["text"] if vision is None else ["text", "image"]
+            if vision is not None:
+                card.image_limits = image_limits(self.config, vision.config)
+        return _json(protocol.ModelList(data=[card]))
 
     # ------------------------------------------------------------------ request -> SamplingParams
     async def admit(

@@ -700,12 +700,27 @@ class Completion(_Envelope):
     usage: Usage | None = None
 
 
+class ImageLimits(BaseModel):
+    """What a vision-language checkpoint's server takes in one chat request (a client checks an
+    image against these before sending it; the server checks them again)."""
+
+    max_images_per_request: int
+    max_image_pixels: int  # width x height of one image
+    max_image_bytes: int  # encoded bytes of one image
+    max_body_bytes: int  # the whole request body, the base64 data URLs included
+    formats: list[str]  # the MIME types the image loader reads
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "nanoseek"
     max_model_len: int | None = None
+    # nanoseek extras, known once the checkpoint has loaded (null before): ["text"] or
+    # ["text", "image"] (OpenRouter's word), and for images the limits above
+    input_modalities: list[str] | None = None
+    image_limits: ImageLimits | None = None
 
 
 class ModelList(BaseModel):

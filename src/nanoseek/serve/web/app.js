@@ -2,6 +2,8 @@
 // nanoseek web chat. Conversations live in localStorage; answers stream from /v1/chat/completions (SSE read
 // with fetch), the thought (reasoning_content) in a collapsible block above the answer. Markdown is rendered by
 // the small renderer below: the text is HTML-escaped first, so only the tags written here reach innerHTML.
+// Images (button, paste, drop) go with a message as OpenAI image_url parts holding data: URLs, when the served
+// model reads images (GET /v1/models says so, with the server's limits, which are checked here first).
 
 const $ = (id) => document.getElementById(id);
 const STORE = "nanoseek.chat.v1";
@@ -11,13 +13,36 @@ const FIELDS = ["temperature", "top_p", "top_k", "max_tokens", "seed", "api_key"
 let state = load(STORE, { conversations: [], current: null });
 let controller = null; // the running request's AbortController
 let modelName = null;
+// What /v1/models said about images: null until it answered; then { images: bool, limits }.
+let vision = null;
+let visionProblem = ""; // why the page does not know yet (e.g. the API key is missing)
+let attached = []; // images waiting to go with the next message: { url (a data: URL), name }
 const shown = new Map(); // message object -> its element, for the conversation on screen
 
 function load(key, fallback) {
   try { return JSON.parse(localStorage.getItem(key)) ?? fallback; } catch { return fallback; }
 }
 function save() {
-  localStorage.setItem(STORE, JSON.stringify(state, (k, v) => (k === "streaming" ? undefined : v)));
+  // Images make conversations large: when the browser's storage is full, the oldest images give up their
+  // data (shown as "image not kept", never sent again) until the rest fits.
+  for (;;) {
+    try {
+      localStorage.setItem(STORE, JSON.stringify(state, (k, v) => (k === "streaming" ? undefined : v)));
+      return;
+    } catch (e) {
+      if (!dropOldestImage()) throw e;
+    }
+  }
+}
+
+function dropOldestImage() {
+  for (const conv of [...state.conversations].reverse()) { // the newest conversation is first
+    for (const msg of conv.messages) {
+      const img = msg.images?.find((i) => i.url);
+      if (img) { img.url = null; return true; }
+    }
+  }
+  return false;
 }
 
 // ------------------------------------------------------------------------------------------------ Markdown
@@ -110,7 +135,13 @@ function renderMessage(msg) {
   box.className = `message ${msg.role}`;
   box.replaceChildren();
   if (msg.role === "user") {
-    box.append(el("div", "content", msg.content));
+    if (msg.images?.length) {
+      const strip = el("div", "images");
+      for (const img of msg.images) strip.append(thumbnail(img));
+      box.append(strip);
+    }
+    if (msg.content || !msg.images?.length) box.append(el("div", "content", msg.content));
+    if (msg.note) box.append(el("div", "status", msg.note));
     return;
   }
   if (msg.reasoning) {
@@ -129,6 +160,19 @@ function renderMessage(msg) {
   if (msg.error) box.append(el("div", "status error", msg.error));
   else if (msg.stopped) box.append(el("div", "status", "Stopped"));
   else if (msg.finish === "length") box.append(el("div", "status", "Stopped at the token limit"));
+}
+
+function thumbnail(img) {
+  if (!img.url) {
+    const gone = el("span", "thumb missing", "image not kept (browser storage full)");
+    gone.title = img.name;
+    return gone;
+  }
+  const e = el("img", "thumb");
+  e.src = img.url; // a data: URL (the page's CSP allows data: images and nothing else outside)
+  e.alt = img.name;
+  e.title = img.name;
+  return e;
 }
 
 function renderAll() {
@@ -195,29 +239,79 @@ function setBusy(busy) {
   $("stop").hidden = !busy;
 }
 
-async function send(text) {
+// A user message as the API takes it: its text alone, or its images (those in `sent`) then the text.
+function apiContent(msg, sent) {
+  const images = (msg.images ?? []).filter((img) => sent.has(img));
+  if (!images.length) return msg.content;
+  const parts = images.map((img) => ({ type: "image_url", image_url: { url: img.url } }));
+  if (msg.content) parts.push({ type: "text", text: msg.content });
+  return parts;
+}
+
+// Which images a request carries: all of the new message's, then earlier ones, newest first, while the
+// server's limits (images per request, body bytes) allow; an earlier image left out is not sent again.
+function imagesToSend(history, message, bodyBytes) {
+  const sent = new Set(message.images ?? []);
+  const limits = vision?.limits;
+  if (!limits) return sent; // a text-only model: no image reaches here
+  let count = sent.size;
+  let size = bodyBytes;
+  for (const img of sent) size += img.url.length;
+  for (const msg of [...history].reverse()) {
+    for (const img of [...(msg.images ?? [])].reverse()) {
+      if (!img.url) continue;
+      if (count + 1 > limits.max_images_per_request || size + img.url.length > limits.max_body_bytes) continue;
+      sent.add(img);
+      count += 1;
+      size += img.url.length;
+    }
+  }
+  return sent;
+}
+
+async function send(text, images = []) {
   const conv = current() || newConversation();
   // A question whose answer failed (e.g. a 401) is not sent again as history: the retry asks it afresh.
   const answered = (m, i, all) => m.role === "user" ? !all[i + 1]?.error : !m.error && m.content;
-  const history = conv.messages.filter(answered).map((m) => ({ role: m.role, content: m.content }));
-  conv.messages.push({ role: "user", content: text });
-  if (conv.title === "New chat") conv.title = text.slice(0, 40);
+  const history = conv.messages.filter(answered);
+  const message = { role: "user", content: text };
+  if (images.length) message.images = images;
+  conv.messages.push(message);
+  if (conv.title === "New chat") conv.title = (text || `Image: ${images[0].name}`).slice(0, 40);
   const reply = { role: "assistant", content: "", reasoning: "", streaming: true };
   conv.messages.push(reply);
-  save();
-  renderAll();
 
   const s = settings();
+  const textOnly = (m) => ({ role: m.role, content: m.content });
   const body = {
     stream: true,
-    messages: [...(s.system ? [{ role: "system", content: s.system }] : []), ...history,
-               { role: "user", content: text }],
+    messages: [...(s.system ? [{ role: "system", content: s.system }] : []), ...history.map(textOnly),
+               textOnly(message)],
     thinking: { type: $("thinking").checked ? "enabled" : "disabled" },
   };
   if (modelName) body.model = modelName;
   for (const k of ["temperature", "top_p", "top_k", "max_tokens", "seed"]) {
     if (s[k] !== undefined && !Number.isNaN(s[k])) body[k] = s[k];
   }
+  // the body without images, plus a margin for the parts' JSON around each URL
+  const base = new TextEncoder().encode(JSON.stringify(body)).length + 64 * (history.length + 1);
+  const sent = imagesToSend(history, message, base);
+  const earlier = history.flatMap((m) => m.images ?? []).filter((img) => img.url);
+  const left = earlier.filter((img) => !sent.has(img)).length;
+  if (left) {
+    const limits = vision?.limits;
+    const plural = left > 1 ? "s" : "";
+    message.note = !limits ? `${left} earlier image${plural} not sent: this model reads text only`
+      : `${left} earlier image${plural} not sent again: this server takes at most ` +
+        `${limits.max_images_per_request} image${limits.max_images_per_request > 1 ? "s" : ""} and ` +
+        `${bytes(limits.max_body_bytes)} per request`;
+  }
+  const offset = s.system ? 1 : 0;
+  [...history, message].forEach((m, i) => {
+    if (m.role === "user") body.messages[offset + i].content = apiContent(m, sent);
+  });
+  save();
+  renderAll();
 
   controller = new AbortController();
   setBusy(true);
@@ -298,10 +392,17 @@ function init() {
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = input.value.trim();
-    if (!text || controller) return;
+    if ((!text && !attached.length) || controller) return;
+    const problem = attachedProblem();
+    if (problem) { note(problem); return; }
     input.value = "";
-    send(text);
+    const images = attached;
+    attached = [];
+    renderAttached();
+    note("");
+    send(text, images);
   });
+  wireImages();
   input.addEventListener("keydown", (e) => { // Enter sends, Shift+Enter breaks the line; never mid-IME
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) {
       e.preventDefault();
@@ -313,13 +414,190 @@ function init() {
   input.focus();
 }
 
+let modelRetry = null;
 async function fetchModel() {
+  clearTimeout(modelRetry);
+  let loading = false;
   try {
     const res = await fetch("/v1/models", { headers: headers() });
-    if (!res.ok) return;
-    modelName = (await res.json()).data[0]?.id ?? null;
-    if (modelName) $("model-name").textContent = modelName;
+    if (res.ok) {
+      const card = (await res.json()).data[0];
+      modelName = card?.id ?? null;
+      if (modelName) $("model-name").textContent = modelName;
+      if (card?.input_modalities) {
+        const limits = card.image_limits ?? null;
+        vision = { images: card.input_modalities.includes("image") && limits !== null, limits };
+        visionProblem = "";
+      } else {
+        loading = true; // the checkpoint is still loading
+      }
+    } else if (res.status === 401) {
+      visionProblem = "Set the API key in Settings: without it the page cannot ask whether this model reads images";
+    } else {
+      loading = res.status === 503;
+      visionProblem = `The server did not say whether this model reads images (${res.status})`;
+    }
   } catch { /* the page still works; requests name no model */ }
+  if (loading) modelRetry = setTimeout(fetchModel, 1000);
+  updateAttach();
+}
+
+// ------------------------------------------------------------------------------------------------ images
+function bytes(n) {
+  return n >= 1 << 20 ? `${+(n / (1 << 20)).toFixed(1)} MiB` : n >= 1024 ? `${+(n / 1024).toFixed(1)} KiB` : `${n} bytes`;
+}
+const FORMAT_NAMES = { "image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WebP",
+                       "image/bmp": "BMP" };
+function formatList(types) { return types.map((t) => FORMAT_NAMES[t] ?? t).join(", "); }
+
+function updateAttach() {
+  const button = $("attach");
+  button.disabled = !vision?.images;
+  if (vision?.images) {
+    const l = vision.limits;
+    button.title = `Attach images (${formatList(l.formats)}; up to ${l.max_images_per_request} per message, ` +
+      `${l.max_image_pixels} pixels each); you can also paste or drop them here`;
+  } else if (vision) {
+    button.title = "This model reads text only: it cannot take images";
+  } else {
+    button.title = visionProblem || "Checking whether this model reads images…";
+  }
+  $("attach-tip").title = button.title; // some browsers show no tooltip on a disabled button
+}
+
+function note(text) {
+  const p = $("attach-note");
+  p.textContent = text;
+  p.hidden = !text;
+}
+
+function renderAttached() {
+  const tray = $("attachments");
+  tray.replaceChildren();
+  for (const img of attached) {
+    const fig = el("figure");
+    const remove = el("button", "", "×");
+    remove.type = "button";
+    remove.title = `Remove ${img.name}`;
+    remove.setAttribute("aria-label", `Remove ${img.name}`);
+    remove.addEventListener("click", () => {
+      attached = attached.filter((a) => a !== img);
+      renderAttached();
+    });
+    fig.append(thumbnail(img), remove);
+    tray.append(fig);
+  }
+  tray.hidden = !attached.length;
+}
+
+// The attached images together, under the server's limits (each was checked alone when attached).
+function attachedProblem() {
+  if (!attached.length) return "";
+  if (!vision?.images) return vision ? "This model reads text only: remove the images to send" : "";
+  const l = vision.limits;
+  const total = attached.reduce((n, img) => n + img.url.length, 0);
+  if (total > l.max_body_bytes - 4096) {
+    return `These images are ${bytes(total)} as base64 together, and this server takes requests of up to ` +
+      `${bytes(l.max_body_bytes)}: remove some`;
+  }
+  return "";
+}
+
+function readDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function imageSize(url) { // { width, height }, or null when the browser cannot decode it
+  return new Promise((resolve) => {
+    const img = new Image();
+    img.onload = () => resolve({ width: img.naturalWidth, height: img.naturalHeight });
+    img.onerror = () => resolve(null);
+    img.src = url;
+  });
+}
+
+// One file's problem under the server's limits, or "" when it may go. The server checks again (and decodes:
+// a corrupt file the browser cannot judge is sent, and the server's 400 says what is wrong with it).
+function fileProblem(file, l) {
+  const name = file.name || "the pasted image";
+  if (!file.type.startsWith("image/")) return `${name} is not an image (${file.type || "unknown type"})`;
+  if (!l.formats.includes(file.type)) {
+    return `${name}: ${file.type} is not a format this server reads (${formatList(l.formats)})`;
+  }
+  if (file.size > l.max_image_bytes) {
+    return `${name} is too large: ${bytes(file.size)}, over the server's limit of ${bytes(l.max_image_bytes)}`;
+  }
+  const encoded = 4 * Math.ceil(file.size / 3) + file.type.length + 13;
+  if (encoded > l.max_body_bytes - 4096) {
+    return `${name} is too large to send: ${bytes(encoded)} as base64, and this server takes requests of up to ` +
+      `${bytes(l.max_body_bytes)} (nanoseek serve --max-body-bytes)`;
+  }
+  return "";
+}
+
+async function addFiles(files) {
+  files = [...files];
+  if (!files.length) return;
+  if (!vision?.images) {
+    note(vision ? "This model reads text only: it cannot take images" : (visionProblem ||
+      "The server has not said yet whether this model reads images"));
+    return;
+  }
+  const l = vision.limits;
+  const problems = [];
+  for (const file of files) {
+    let problem = fileProblem(file, l);
+    if (!problem && attached.length >= l.max_images_per_request) {
+      problem = `${file.name || "the pasted image"} not attached: this server takes at most ` +
+        `${l.max_images_per_request} images per message`;
+    }
+    if (problem) { problems.push(problem); continue; }
+    const url = await readDataUrl(file);
+    const size = await imageSize(url);
+    if (size && size.width * size.height > l.max_image_pixels) {
+      problems.push(`${file.name || "the pasted image"} is too large: ${size.width}×${size.height} = ` +
+        `${size.width * size.height} pixels, over the server's limit of ${l.max_image_pixels}`);
+      continue;
+    }
+    attached.push({ url, name: file.name || "pasted image" });
+  }
+  note(problems.join("; "));
+  renderAttached();
+}
+
+function wireImages() {
+  const picker = $("attach-input");
+  $("attach").addEventListener("click", () => picker.click());
+  picker.addEventListener("change", () => { addFiles(picker.files); picker.value = ""; });
+  $("input").addEventListener("paste", (e) => {
+    const files = [...(e.clipboardData?.files ?? [])];
+    if (!files.length) return; // text pastes as text
+    e.preventDefault();
+    addFiles(files);
+  });
+  // Files dropped anywhere on the page attach (the composer lights up); the browser never navigates to them.
+  const composer = $("composer");
+  const hasFiles = (e) => [...(e.dataTransfer?.types ?? [])].includes("Files");
+  document.addEventListener("dragover", (e) => {
+    if (!hasFiles(e)) return;
+    e.preventDefault();
+    e.dataTransfer.dropEffect = vision?.images ? "copy" : "none";
+    composer.classList.add("dragging");
+  });
+  document.addEventListener("dragleave", (e) => {
+    if (!e.relatedTarget) composer.classList.remove("dragging"); // left the window
+  });
+  document.addEventListener("drop", (e) => {
+    composer.classList.remove("dragging");
+    if (!e.dataTransfer?.files?.length) return;
+    e.preventDefault();
+    addFiles(e.dataTransfer.files);
+  });
 }
 
 init();
