@@ -51,3 +51,11 @@ def test_bad_settings_are_refused(tmp_path):
         sft_control_stage(tmp_path, {"sft_control": {"stepz": 3}}, DistInfo())
     with pytest.raises(FileNotFoundError, match="the control needs the SFT's"):
         sft_control_stage(tmp_path, {"sft_control": {"steps": 3}}, DistInfo())
+
+
+def test_under_torchrun_the_planned_steps_alone_bound_it(tmp_path):
+    """Each rank's trainer reads its own clock: a time limit could stop ranks at different steps."""
+    _record(tmp_path, "grpo", wall_s=30.0)
+    _record(tmp_path, "sft", wall_s=10.0, steps=20)
+    budget = control_budget(tmp_path, {}, {}, world_size=8)
+    assert budget["max_steps"] == 60 and budget["max_time"] is None

@@ -7,11 +7,12 @@ The budget is GRPO's recorded training time (runs/NAME/grpo/cost.json: the train
 counts training steps across restarts and leaves out set-up and in-run evaluations; the control's
 clock counts the same way). It becomes a step plan through the SFT's own measured seconds per
 step (runs/NAME/sft/cost.json); the control stops at whichever of the time and the planned steps
-comes first. The learning rate restarts: the SFT's warm-up (at most a fifth of the plan) to the
-SFT's peak, then the SFT's cosine down to the same floor over the planned steps. A continuation at
-the SFT's final (floor) rate would barely move the weights and make the control a straw man; a
-warm restart is the strongest plain "more SFT" at that budget. The data loader reshuffles
-(seed + 1), so the control does not replay the SFT's first batches.
+comes first (under torchrun, at the planned steps: ranks must stop together). The learning rate
+restarts: the SFT's warm-up (at most a fifth of the plan) to the SFT's peak, then the SFT's cosine
+down to the same floor over the planned steps. A continuation at the SFT's final (floor) rate
+would barely move the weights and make the control a straw man; a warm restart is the strongest
+plain "more SFT" at that budget. The data loader reshuffles (seed + 1), so the control does not
+replay the SFT's first batches.
 
 The preset section "sft_control" holds "steps" (null: match GRPO's time; a number: exactly that many
 steps, reproducible across runs — the smoke preset uses it so that its exact-resume test compares
@@ -39,9 +40,11 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text("utf-8")) if path.is_file() else {}
 
 
-def control_budget(run: Path, section: dict, sft_train: dict) -> dict:
+def control_budget(run: Path, section: dict, sft_train: dict, world_size: int = 1) -> dict:
     """How long the control trains: {"max_steps", "max_time" (s or None), "matched" ("grpo_time" or
-    "steps"), "grpo_train_s", "sft_s_per_step"}."""
+    "steps"), "grpo_train_s", "sft_s_per_step"}. Under torchrun (world_size > 1) the planned steps
+    alone bound it: each rank's trainer reads its own clock, and ranks that stopped at different
+    steps would wait on each other for ever."""
     run = Path(run)
     if section.get("steps") is not None:
         steps = int(section["steps"])
@@ -65,7 +68,7 @@ def control_budget(run: Path, section: dict, sft_train: dict) -> dict:
     )
     return {
         "max_steps": planned,
-        "max_time": seconds,
+        "max_time": seconds if world_size == 1 else None,
         "matched": "grpo_time",
         "grpo_train_s": seconds,
         "sft_s_per_step": round(per_step, 4) if per_step else None,
@@ -90,7 +93,7 @@ def sft_control_stage(run: Path, preset: dict, info: DistInfo) -> dict:
     def work():
         if not (source / "config.json").is_file():
             raise FileNotFoundError(f"{source} is not a checkpoint: the control needs the SFT's")
-        budget = control_budget(run, section, train)
+        budget = control_budget(run, section, train, info.world_size)
         overrides = {k: v for k, v in section.items() if k != "steps"}
         control = {
             **train,
