@@ -16,6 +16,7 @@ from nanoseek import load_model
 from nanoseek.data.corpus import Source, build_corpus
 from nanoseek.eval import bits_per_byte, evaluate, pass_at_k, to_markdown
 from nanoseek.eval.passkey import extended, passkey_prompts
+from nanoseek.eval.stats import wilson_interval
 from nanoseek.stages.eval import eval_stage
 from nanoseek.train.dist import DistInfo
 
@@ -115,9 +116,19 @@ def check_result(r):
         for value in (*t["greedy"].values(), *t.get("sampled", {}).values()):
             if isinstance(value, float):
                 assert 0.0 <= value <= 1.0
-    assert [row["length"] for row in r["passkey"]] == [256, 1024]
-    assert [row["beyond_trained"] for row in r["passkey"]] == [False, True]
-    assert all(0.0 <= row["accuracy"] <= 1.0 for row in r["passkey"])
+    # one row per length and language, each with its trials and Wilson interval
+    assert [(row["length"], row["lang"]) for row in r["passkey"]] == [
+        (256, "en"),
+        (256, "zh"),
+        (1024, "en"),
+        (1024, "zh"),
+    ]
+    assert [row["beyond_trained"] for row in r["passkey"]] == [False, False, True, True]
+    for row in r["passkey"]:
+        assert row["trials"] == len(row["outcomes"]) == 4
+        assert row["accuracy"] == pytest.approx(sum(row["outcomes"]) / 4, abs=1e-4)
+        lo, hi = row["wilson95"]
+        assert (lo, hi) == pytest.approx(wilson_interval(sum(row["outcomes"]), 4), abs=1e-4)
     json.dumps(r)
 
 
@@ -131,7 +142,7 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny, corpus):
         max_new_tokens=24,
         corpus_dir=corpus,
         passkey_lengths=[256, 1024],
-        passkey_keys=1,
+        passkey_trials=4,
     )
     check_result(r)
     assert (

@@ -5,6 +5,7 @@ restarted, which must end with the same figures."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ STAGES = [
     "long_context",
     "sft",
     "grpo",
+    "sft_control",
     "vision",
     "eval",
     "export",
@@ -84,6 +86,10 @@ def test_every_stage_finishes_and_the_report_is_sane(run):
         and 0 <= grpo["val_accuracy_before"] <= 1
         and 0 <= grpo["val_accuracy"] <= 1
     )
+    control = stages["sft_control"]  # GRPO's control: the SFT continued (smoke: a fixed 4 steps)
+    assert control["steps"] == 4 and control["budget"]["matched"] == "steps"
+    assert control["base"] == str(path / "sft" / "final")
+    assert (path / "sft_control" / "final" / "config.json").is_file()
     vision = stages["vision"]  # the tiny vision stage: alignment, joint SFT, before/after
     assert vision["align"]["steps"] == 8 and vision["sft"]["steps"] == 12
     for r in vision["tasks"].values():
@@ -92,13 +98,26 @@ def test_every_stage_finishes_and_the_report_is_sane(run):
             assert r[when]["problems"] == 8 and lo <= r[when]["accuracy"] <= hi
     assert (path / "vision" / "final" / "vision.safetensors").is_file()
     assert all((path / "vision" / s["image"]).is_file() for s in vision["samples"])
-    assert report["eval"].keys() == {"sft", "grpo"}
+    assert report["eval"].keys() == {"sft", "sft_control", "grpo"}
     for result in report["eval"].values():
         assert set(result["bpb"]) == {"en", "zh", "code"} and all(
             0 < v < 10 for v in result["bpb"].values()
         )
-        assert 0 <= result["tasks"]["arithmetic"]["greedy"]["pass@1"] <= 1
+        arithmetic = result["tasks"]["arithmetic"]
+        lo, hi = arithmetic["greedy"]["wilson95"]
+        assert lo <= arithmetic["greedy"]["pass@1"] <= hi
+        assert arithmetic["distinct"] == 16 and len(set(arithmetic["outcomes"])) == 16
+        assert {(row["length"], row["lang"], row["trials"]) for row in result["passkey"]} == {
+            (n, lang, 3) for n in (128, 512) for lang in ("en", "zh")
+        }
         assert all(0 <= row["accuracy"] <= 1 for row in result["passkey"])
+    # the three stages were graded on the same 16 problems: every change pairs all of them
+    assert {change: set(v) for change, v in report["paired"].items()} == {
+        "sft -> grpo": {"arithmetic"},
+        "sft -> sft_control": {"arithmetic"},
+        "sft_control -> grpo": {"arithmetic"},
+    }
+    assert all(v["arithmetic"]["n"] == 16 for v in report["paired"].values())
     assert report["model"]["kv_cache_reduction_vs_mha"] > 1
     assert {s["lang"] for s in report["samples"]} == {"en", "zh"}
     assert all(
@@ -108,6 +127,9 @@ def test_every_stage_finishes_and_the_report_is_sane(run):
     for part in (
         "| pretrain |",
         "| grpo |",
+        "| sft_control |",
+        "| arithmetic | sft → grpo | 16 |",
+        "| arithmetic | sft_control → grpo | 16 |",
         "loss.png",
         "grpo/reward_curve.png",
         "Held-out task accuracy",
@@ -217,6 +239,7 @@ def test_killed_in_pretraining_then_run_again_ends_with_the_same_figures(run, tm
         "long_context": ("final_loss", "val_bpb"),
         "sft": ("final_loss", "val_loss"),
         "grpo": ("reward", "val_accuracy_before", "val_accuracy"),
+        "sft_control": ("steps", "final_loss", "val_loss"),
     }.items():
         assert {k: a["stages"][stage][k] for k in keys} == {
             k: b["stages"][stage][k] for k in keys
@@ -225,3 +248,35 @@ def test_killed_in_pretraining_then_run_again_ends_with_the_same_figures(run, tm
     assert [s["completion"] for s in a["samples"]] == [s["completion"] for s in b["samples"]]
     ours, theirs = (load_file(p / "final" / "model.safetensors") for p in (path, killed))
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_the_control_matches_grpos_training_time(run, tmp_path):
+    """The cpu and gpu presets' control (steps: null) trains for GRPO's recorded time: here a copy
+    of the smoke run's SFT, with a GRPO record of 2 s."""
+    from nanoseek.presets import load_preset
+    from nanoseek.stages.sft_control import sft_control_stage
+    from nanoseek.train.dist import DistInfo
+
+    path, copy = run[0], tmp_path / "run"
+    shutil.copytree(path / "sft" / "final", copy / "sft" / "final")
+    shutil.copytree(path / "corpus", copy / "corpus")
+    shutil.copy(path / "sft" / "cost.json", copy / "sft" / "cost.json")
+    (copy / "grpo").mkdir()
+    (copy / "grpo" / "cost.json").write_text(json.dumps({"wall_s": 2.0, "steps": 4}))
+    preset = load_preset("smoke", ["sft_control.steps=null", "sft_control.progress=false"])
+    summary = sft_control_stage(copy, preset, DistInfo())
+    sft = json.loads((path / "sft" / "cost.json").read_text())
+    planned = math.ceil(2.0 / (sft["wall_s"] / sft["steps"]))
+    assert summary["budget"] == {
+        "max_steps": planned,
+        "max_time": 2.0,
+        "matched": "grpo_time",
+        "grpo_train_s": 2.0,
+        "sft_s_per_step": round(sft["wall_s"] / sft["steps"], 4),
+    }
+    # it stops at GRPO's time or at the planned steps, whichever comes first
+    assert 1 <= summary["steps"] <= planned
+    assert summary["stopped_by"] == ("steps" if summary["steps"] == planned else "time")
+    assert (copy / "sft_control" / "final" / "config.json").is_file()
+    again = sft_control_stage(copy, preset, DistInfo())  # finished: skipped, same summary
+    assert again == summary

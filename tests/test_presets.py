@@ -22,6 +22,11 @@ def test_every_shipped_preset_builds_every_stage(name):
     split_section(preset["sft"])
     GRPOConfig(**preset["grpo"]).validate()
     _task_spec(preset["eval"].get("tasks"))
+    # GRPO's control: time-matched (steps null) except in smoke, and evaluated with SFT and GRPO
+    control = preset["sft_control"]
+    assert set(control) <= {"steps", "price_per_hour"}
+    assert (control["steps"] is None) == (name != "smoke")
+    assert {"sft", "sft_control", "grpo"} <= set(preset["eval"]["stages"])
     for section in PRICED:  # one price for the whole run
         assert preset[section]["price_per_hour"] == preset["price_per_hour"]
 

@@ -3,6 +3,7 @@
     {"description": str, "price_per_hour": $ per device-hour for the cost estimates,
      "data": {...}, "model": {ModelConfig fields}, "pretrain": {TrainConfig fields},
      "long_context": {...}, "sft": {...}, "grpo": {GRPOConfig fields},
+     "sft_control": {"steps": null or N, TrainConfig overrides} (GRPO's control),
      "eval": {keyword arguments of nanoseek.eval.evaluate}, "distill": {...},
      "vision": {stages/vision.py's section}}
 
@@ -26,6 +27,7 @@ SECTIONS = (
     "long_context",
     "sft",
     "grpo",
+    "sft_control",
     "eval",
     "distill",
     "vision",
@@ -34,7 +36,8 @@ SECTIONS = (
 STAGE_PRESETS = ("vision",)
 REQUIRED = ("data", "model", "pretrain")
 TOP_LEVEL = ("description", "price_per_hour")
-PRICED = ("pretrain", "long_context", "sft", "grpo")  # sections whose cost the trainer estimates
+# sections whose cost the trainer estimates
+PRICED = ("pretrain", "long_context", "sft", "grpo", "sft_control")
 
 
 def available_presets(stage_presets: bool = True) -> list[str]:

@@ -59,6 +59,7 @@ def cmd_eval(args) -> int:
         corpus_dir=args.corpus,
         passkey=not args.no_passkey,
         passkey_lengths=args.passkey_lengths,
+        passkey_trials=args.passkey_trials,
         seed=args.seed,
     )
     markdown = to_markdown(result)
@@ -192,7 +193,10 @@ def add_commands(subparsers) -> None:
         "--tasks", nargs="*", default=None, help="task names (default: all); none to skip tasks"
     )
     p.add_argument(
-        "--n-problems", type=int, default=50, help="held-out problems per task (default: 50)"
+        "--n-problems",
+        type=int,
+        default=50,
+        help="distinct held-out problems per task (default: 50; fewer when the split holds fewer)",
     )
     p.add_argument("--langs", nargs="+", default=["en", "zh"], choices=["en", "zh"])
     p.add_argument(
@@ -226,6 +230,13 @@ def add_commands(subparsers) -> None:
         default=None,
         metavar="TOKENS",
         help="context lengths for the passkey sweep (default: context/4, /2, ×1, ×2)",
+    )
+    p.add_argument(
+        "--passkey-trials",
+        type=int,
+        default=50,
+        metavar="N",
+        help="passkey keys per length and language (default: 50)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="write the full results as JSON")

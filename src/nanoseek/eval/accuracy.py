@@ -19,6 +19,7 @@ import numpy as np
 
 from nanoseek.data.chat_tokens import completion_text, prompt_ids
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.eval.stats import wilson_interval
 from nanoseek.tasks import Problem, Task
 
 
@@ -96,9 +97,10 @@ def evaluate_task(
     examples: int = 2,
     progress: bool = False,
 ) -> dict:
-    """Greedy pass@1 (plus mean partial-credit accuracy and format score), and with n_samples > 0
-    sampled pass@k. `labels` (e.g. "en/d1") break greedy pass@1 down by group. Scores are over the
-    problems that fit the context; `skipped` counts the others."""
+    """Greedy pass@1 with its 95% Wilson interval (plus mean partial-credit accuracy and format
+    score), each problem's greedy outcome (`outcomes`), and with n_samples > 0 sampled pass@k.
+    `labels` (e.g. "en/d1") break greedy pass@1 down by group. Scores are over the problems that
+    fit the context; `skipped` counts the others."""
     labels = list(labels) if labels is not None else [p.lang for p in problems]
     texts, fits = generate_completions(
         engine, tok, problems, max_new_tokens=max_new_tokens, seed=seed, progress=progress
@@ -111,6 +113,7 @@ def evaluate_task(
     rewards = task.grade_many([p for p, _ in kept], [t for _, t in kept], think_prefilled=True)
     result["greedy"] = {
         "pass@1": _mean(r.correct for r in rewards),
+        "wilson95": _wilson([r.correct for r in rewards]),
         "accuracy": _mean(r.accuracy for r in rewards),
         "format": _mean(r.format for r in rewards),
     }
@@ -118,7 +121,13 @@ def evaluate_task(
     for label, r in zip(kept_labels, rewards):
         groups[label].append(r.correct)
     result["greedy"]["by_group"] = {
-        g: {"pass@1": _mean(v), "problems": len(v)} for g, v in sorted(groups.items())
+        g: {"pass@1": _mean(v), "wilson95": _wilson(v), "problems": len(v)}
+        for g, v in sorted(groups.items())
+    }
+    # problem -> greedy pass@1, keyed by the language-independent part of its id (the digest of
+    # its key): two checkpoints graded on the same problems pair up (eval.quality.paired_gain)
+    result["outcomes"] = {
+        p.id.rsplit("/", 1)[-1]: bool(r.correct) for (p, _), r in zip(kept, rewards)
     }
     result["examples"] = [
         {"prompt": p.prompt[:300], "completion": t[:500], "correct": r.correct}
@@ -151,6 +160,11 @@ def evaluate_task(
             },
         }
     return result
+
+
+def _wilson(correct: Sequence[bool]) -> list[float]:
+    lo, hi = wilson_interval(sum(bool(c) for c in correct), len(correct))
+    return [round(lo, 4), round(hi, 4)]
 
 
 def _mean(values) -> float:

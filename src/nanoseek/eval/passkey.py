@@ -1,5 +1,6 @@
 """Long-context passkey retrieval: a 5-digit key hidden at several depths in filler text of several
-lengths, up to and beyond the context the model was trained for.
+lengths, up to and beyond the context the model was trained for, in each language; every length ×
+language gets its number of trials and a 95% Wilson interval.
 
 Lengths beyond the trained context are reached with YaRN at inference: the rope scaling factor grows
 by length / context (the original pretraining length stays the same), which is how a YaRN model is
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from nanoseek.data.chat_tokens import completion_text, prompt_ids
 from nanoseek.engine import Engine, SamplingParams
+from nanoseek.eval.stats import wilson_interval
 from nanoseek.model import Transformer
 from nanoseek.tasks import Passkey
 
@@ -73,49 +75,67 @@ def passkey_sweep(
     lengths: Sequence[int],
     *,
     depths: Sequence[float] = (0.1, 0.5, 0.9),
-    keys_per_depth: int = 2,
+    trials: int = 50,
+    langs: Sequence[str] = ("en",),
     trained_context: int | None = None,
-    lang: str = "en",
     seed: int = 0,
 ) -> list[dict]:
-    """Greedy retrieval accuracy per length. -> [{"length", "prompt_tokens", "beyond_trained",
-    "yarn_factor", "accuracy", "by_depth"}]."""
+    """Greedy retrieval accuracy per length and language, over `trials` keys each (spread evenly
+    over the depths), with its 95% Wilson interval. -> [{"length", "lang", "prompt_tokens",
+    "beyond_trained", "yarn_factor", "trials", "accuracy", "wilson95", "by_depth", "outcomes"}]
+    (outcomes: each trial's result, in a fixed order, so two checkpoints pair up)."""
+    if trials < 1:
+        raise ValueError(f"passkey trials={trials}: must be >= 1")
     trained = trained_context or model.config.max_position_embeddings
     task, rows = Passkey(), []
+    per_depth = [trials // len(depths) + (j < trials % len(depths)) for j in range(len(depths))]
     for length in lengths:
         m = extended(model, length)
-        items = passkey_prompts(tok, length, depths, keys_per_depth, lang, seed)
+        items = {
+            lang: [
+                item
+                for depth, keys in zip(depths, per_depth)
+                if keys
+                for item in passkey_prompts(tok, length, [depth], keys, lang, seed)
+            ]
+            for lang in langs
+        }
+        flat = [item for lang in langs for item in items[lang]]
         engine = Engine(
             m,
             None,
-            max_batch_size=max(1, len(items)),
+            max_batch_size=min(64, len(flat)),
             max_model_len=length,
             max_num_batched_tokens=max(1024, length),
         )
         params = SamplingParams(
             max_tokens=ANSWER_TOKENS, temperature=0.0, stop_token_ids=[tok.eos_id]
         )
-        outs = engine.generate([ids for _, ids in items], params)
-        rewards = [
-            task.grade(p, completion_text(tok, o.token_ids), think_prefilled=True)
-            for (p, _), o in zip(items, outs)
-        ]
-        by_depth = {
-            f"{d:g}": round(
-                sum(r.correct for (p, _), r in zip(items, rewards) if p.metadata["depth"] == d)
-                / keys_per_depth,
-                4,
+        outs = iter(engine.generate([ids for _, ids in flat], params))
+        for lang in langs:
+            graded = [
+                (p, task.grade(p, completion_text(tok, next(outs).token_ids), think_prefilled=True))
+                for p, _ in items[lang]
+            ]
+            correct = [r.correct for _, r in graded]
+            lo, hi = wilson_interval(sum(correct), len(correct))
+            by_depth = {}
+            for d in depths:
+                at = [r.correct for p, r in graded if p.metadata["depth"] == d]
+                if at:
+                    by_depth[f"{d:g}"] = round(sum(at) / len(at), 4)
+            rows.append(
+                {
+                    "length": length,
+                    "lang": lang,
+                    "prompt_tokens": max(len(ids) for _, ids in items[lang]),
+                    "beyond_trained": length > trained,
+                    "yarn_factor": round(m.config.yarn_factor, 4),
+                    "trials": len(correct),
+                    "accuracy": round(sum(correct) / len(correct), 4),
+                    "wilson95": [round(lo, 4), round(hi, 4)],
+                    "by_depth": by_depth,
+                    "outcomes": [bool(c) for c in correct],
+                }
             )
-            for d in depths
-        }
-        rows.append(
-            {
-                "length": length,
-                "prompt_tokens": max(len(ids) for _, ids in items),
-                "beyond_trained": length > trained,
-                "yarn_factor": round(m.config.yarn_factor, 4),
-                "accuracy": round(sum(r.correct for r in rewards) / len(rewards), 4),
-                "by_depth": by_depth,
-            }
-        )
     return rows

@@ -19,7 +19,17 @@ from nanoseek.config import ModelConfig
 from nanoseek.io import atomic_write_text
 from nanoseek.stages.common import TRAINED_STAGES, latest_checkpoint
 
-STAGES = ("corpus", "tokenizer", "shards", *TRAINED_STAGES, "vision", "eval", "export")
+# sft_control (GRPO's control) is evaluated, never the model handed on: not a TRAINED_STAGE
+STAGES = (
+    "corpus",
+    "tokenizer",
+    "shards",
+    *TRAINED_STAGES,
+    "sft_control",
+    "vision",
+    "eval",
+    "export",
+)
 
 
 def machine() -> dict:
@@ -209,6 +219,18 @@ def _stage_result(name: str, s: dict) -> str:
         )
     if name == "sft":
         return f"loss {_fmt(s.get('final_loss'))}, held-out answer loss {_fmt(s.get('val_loss'))}"
+    if name == "sft_control":
+        budget = s.get("budget") or {}
+        matched = (
+            f"GRPO's {_fmt(budget.get('grpo_train_s'))} s of training"
+            if budget.get("matched") == "grpo_time"
+            else f"a fixed {budget.get('max_steps')} steps"
+        )
+        return (
+            f"GRPO's control: the SFT continued {_fmt(s.get('steps'))} steps in "
+            f"{_fmt(s.get('train_s'))} s ({matched}), held-out answer loss "
+            f"{_fmt(s.get('val_loss'))}"
+        )
     return f"loss {_fmt(s.get('final_loss'))}, val bpb {_fmt(s.get('val_bpb'))}"
 
 
@@ -288,13 +310,16 @@ def render(
     if evals:
         from nanoseek.eval.chat import chat_markdown
         from nanoseek.eval.quality import to_markdown
+        from nanoseek.stages.eval import PAIRS
 
         lines += [
             "## Evaluation",
             "",
-            "Held-out data only: the corpus' validation split and the tasks' test split.",
+            "Held-out data only: the corpus' validation split and the tasks' test split. Each "
+            "accuracy is over distinct problems with its 95% Wilson interval; the changes between "
+            "stages pair the same problems (docs/post-training.md, how the figures are computed).",
             "",
-            to_markdown(list(evals.values()), list(evals)).replace("### ", "#### "),
+            to_markdown(list(evals.values()), list(evals), PAIRS).replace("### ", "#### "),
             "",
             *chat_markdown(evals),
         ]
@@ -464,11 +489,15 @@ def write_report(run: str | os.PathLike) -> Path:
         if (run / "export" / "samples.json").is_file()
         else []
     )
+    from nanoseek.eval.quality import paired_gains
+    from nanoseek.stages.eval import PAIRS
+
     data.update(
         plots=plots,
         eval={
             s: {k: r.get(k) for k in ("bpb", "tasks", "passkey", "chat")} for s, r in evals.items()
         },
+        paired=paired_gains(evals, PAIRS),
         samples=samples,
     )
     atomic_write_text(run / "report.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")

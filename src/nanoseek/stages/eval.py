@@ -1,6 +1,6 @@
 """The eval stage: `evaluate` (eval/quality.py) on every finished checkpoint of a
-run (pretrain, long_context, sft, grpo, distill) into runs/NAME/eval/<stage>.json,
-plus report.md, tables that compare them."""
+run (pretrain, long_context, sft, sft_control, grpo, distill) into runs/NAME/eval/<stage>.json,
+plus report.md, tables that compare them (with the paired changes of PAIRS)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,21 @@ import json
 from pathlib import Path
 
 from nanoseek.eval.chat import chat_eval_checkpoint, needs_chat_eval
-from nanoseek.eval.quality import evaluate, to_markdown
+from nanoseek.eval.quality import evaluate, paired_gains, to_markdown
 from nanoseek.io import atomic_write_text
 from nanoseek.stages.common import stage_done, write_done
 from nanoseek.train import dist
 
-STAGES = ("pretrain", "long_context", "sft", "grpo", "distill")
+# in table order; the last evaluated one is the model handed on (reporting/model_card.py), so
+# GRPO's control (sft_control) comes before GRPO
+STAGES = ("pretrain", "long_context", "sft", "sft_control", "grpo", "distill")
+# (before, after) stages whose task results are compared problem by problem
+# (eval.quality.paired_gains): what GRPO adds, what more SFT for GRPO's time adds, and GRPO
+# against that control
+PAIRS = (("sft", "grpo"), ("sft", "sft_control"), ("sft_control", "grpo"))
+# how the figures are drawn: a cached result of an older method is evaluated again (2: distinct
+# problems, per-problem outcomes, intervals, passkey per language)
+METHOD = 2
 
 
 def fingerprint(ckpt: Path) -> str:
@@ -44,12 +53,17 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
                 continue
             cached, stamp = out / f"{stage}.json", fingerprint(ckpt)
             r = json.loads(cached.read_text("utf-8")) if cached.is_file() else {}
-            if r.get("fingerprint") != stamp or r.get("settings_requested") != settings:
+            if (
+                r.get("fingerprint") != stamp
+                or r.get("settings_requested") != settings
+                or r.get("method") != METHOD
+            ):
                 print(f"[eval] {ckpt}", flush=True)
                 r = {
                     **evaluate(ckpt, **settings),
                     "fingerprint": stamp,
                     "settings_requested": settings,
+                    "method": METHOD,
                 }
                 atomic_write_text(cached, json.dumps(r, indent=2, ensure_ascii=False) + "\n")
             if needs_chat_eval(r, stage, chat):
@@ -63,7 +77,7 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
             raise FileNotFoundError(
                 f"{run}: no finished checkpoint to evaluate (looked for {list(stages)})"
             )
-        atomic_write_text(out / "report.md", to_markdown(results, names) + "\n")
+        atomic_write_text(out / "report.md", to_markdown(results, names, PAIRS) + "\n")
         summary = {
             "stages": names,
             "report": str(out / "report.md"),
@@ -73,6 +87,13 @@ def eval_stage(run: Path, preset: dict, info) -> dict:
                 for n, r in zip(names, results)
             },
             "bpb": {n: r.get("bpb") for n, r in zip(names, results)},
+            "paired": {
+                change: {
+                    t: {k: d[k] for k in ("n", "gain", "interval95", "mcnemar_p")}
+                    for t, d in gains.items()
+                }
+                for change, gains in paired_gains(dict(zip(names, results)), PAIRS).items()
+            },
         }
         write_done(out, summary)
         print(

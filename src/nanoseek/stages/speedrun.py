@@ -1,7 +1,11 @@
 """The speedrun: raw bilingual text to a served reasoning model in one command, and its report card.
 
-    corpus ─► tokenizer ─► shards ─► pretrain ─► long_context ─► sft ─► grpo ─► [vision]
-           ─► eval ─► export (runs/NAME/final/: weights + model card) ─► report (report.md)
+    corpus ─► tokenizer ─► shards ─► pretrain ─► long_context ─► sft ─► grpo ─► [sft_control]
+           ─► [vision] ─► eval ─► export (runs/NAME/final/: weights + model card)
+           ─► report (report.md)
+
+(sft_control: GRPO's control, the SFT continued for GRPO's training time, evaluated on the same
+problems; stages/sft_control.py)
 
 (vision: a vision-language model built on the post-trained one, runs/NAME/vision/final; only when
 the preset has a "vision" section, e.g. smoke; `nanoseek vision RUN` adds it to a finished run)
@@ -29,6 +33,7 @@ from nanoseek.stages.long_context import long_context_stage
 from nanoseek.stages.pretrain import pretrain_stage
 from nanoseek.stages.report import report_stage
 from nanoseek.stages.sft import sft_stage
+from nanoseek.stages.sft_control import sft_control_stage
 from nanoseek.stages.shards import shards_stage
 from nanoseek.stages.tokenizer import tokenizer_stage
 from nanoseek.stages.vision import vision_stage
@@ -54,6 +59,8 @@ def run_speedrun(
         if preset.get("grpo") is not None:
             init = latest_checkpoint(run, ("pretrain", "long_context", "sft"))
             summaries["grpo"] = grpo_stage(run, preset, info, init=init)
+            if preset.get("sft_control") is not None and preset.get("sft") is not None:
+                summaries["sft_control"] = sft_control_stage(run, preset, info)
         if preset.get("vision") is not None:
             summaries["vision"] = vision_stage(run, preset, info)
         if preset.get("eval") is not None:
