@@ -531,6 +531,39 @@ def test_visual_rollouts_carry_each_prompts_picture_into_the_update(tmp_path):
     assert (other[0] - own[0]).abs().max() > 1e-4
 
 
+def test_visual_grpo_rollouts_never_sample_the_image_token(tmp_path):
+    """A sampled `<image>` has no picture behind it, and the update's forward (image features over
+    every `<image>` position) would find one position too many: the rollouts' sampling forbids it.
+    A model that wants `<image>` (its logit raised by 50) draws it under plain sampling and never
+    under the trainer's."""
+    import dataclasses
+
+    from nanoseek.engine import Engine
+
+    tok = small_tokenizer()
+    vlm = tiny_vlm(tok)
+    image_id = image_id_of(tok)
+    trainer = VisualGRPOTrainer(vlm, visual_cfg(tmp_path), tok, size=(32, 32))
+    prompts = trainer.encode_prompts(visual_problems({"visual_colour": [1]}, 2), 0)
+    engine = Engine(vlm, tok, max_model_len=256)
+    params = trainer._sampling(engine, prompts, seed=0)
+
+    def wants_image(output_ids, logits):
+        logits[image_id] += 50.0
+        return logits
+
+    def sampled(processors) -> list[int]:
+        p = dataclasses.replace(params, logits_processors=processors)
+        outs = engine.generate(
+            [ids for ids, _ in prompts], [p] * len(prompts), images=[im for _, im in prompts]
+        )
+        return [t for o in outs for c in o.outputs for t in c.token_ids]
+
+    assert image_id in sampled((wants_image,))
+    tokens = sampled((wants_image, *params.logits_processors))
+    assert tokens and image_id not in tokens
+
+
 def _sequence_logprobs(vlm, samples) -> list[float]:
     vlm.eval()
     out = []
