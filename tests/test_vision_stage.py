@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from nanoseek import Transformer
 from nanoseek.checkpoint import load_model, load_vision_language_model
 from nanoseek.config import VisionConfig
+from nanoseek.data.chat_tokens import tokenize_conversation
+from nanoseek.data.conversations import task_conversations
 from nanoseek.data.images import image_id_of, image_prompt_ids
 from nanoseek.eval.bpb import bits_per_byte, heldout_texts
 from nanoseek.eval.stats import paired_difference
@@ -33,6 +35,7 @@ from nanoseek.train.rollout import Sample, collate
 from nanoseek.train.vision import (
     ImageConversationLoader,
     VisualGRPOTrainer,
+    text_examples,
     visual_examples,
     visual_problems,
 )
@@ -75,6 +78,15 @@ SECTION = {
         "save_every": 2,
         "progress": False,
     },
+    # joint SFT's text-only conversations: a quarter of each epoch, from the text SFT's own mix
+    "text_share": 0.25,
+    "text_mix": {
+        "tasks": {"arithmetic": [1]},
+        "problems_per_task": 12,
+        "identity": 4,
+        "corpus_qa": 0,
+        "tool_use": 0.0,
+    },
     "text_eval": {
         "bpb_bytes": 2000,
         "tasks": {"arithmetic": [1]},
@@ -108,6 +120,132 @@ def test_loader_targets_only_answers_and_resumes():
     assert torch.equal(a[0], b[0]) and torch.equal(a[2].pixel_values, b[2].pixel_values)
 
 
+def _mixed_loader(tok, share: float, batch_size: int = 4, seed: int = 3, n_images: int = 12):
+    vcfg = VisionConfig(**TOWER)
+    images = visual_examples(
+        tok, vcfg, visual_problems({"visual_colour": [1]}, n_images), renders=1
+    )
+    convs = task_conversations({"arithmetic": [1]}, 10, seed=0)
+    text = text_examples(tok, convs)
+    loader = ImageConversationLoader(
+        images,
+        batch_size,
+        512,
+        tok.pad_id,
+        seed=seed,
+        text_examples=text,
+        text_share=share,
+    )
+    return loader, images, text, convs
+
+
+def test_a_text_row_carries_no_image_and_targets_the_assistant_tokens():
+    """Joint SFT's text-only conversations: a text row in a mixed batch has no <image> position
+    and no image in the batch's ImageInput; its targets are exactly the assistant's tokens of the
+    conversation; the vision model's logits on it are the language model's alone. A batch of text
+    rows only has no images at all."""
+    tok = small_tokenizer()
+    image_id = tok.special_ids["image"]
+    loader, images, text, convs = _mixed_loader(tok, 0.5)
+    by_ids = {tuple(ids): c for (ids, _, _), c in zip(text, convs)}
+    seen_text = 0
+    vlm = tiny_vlm(tok)
+    vlm.eval()
+    for _ in range(loader.epoch_size // loader.batch_size):
+        x, y, batch_images = next(loader)
+        is_image = (x == image_id).any(1)
+        n_image = int(is_image.sum())
+        assert len(batch_images.grids if batch_images else []) == n_image
+        for r in range(x.shape[0]):
+            if is_image[r]:
+                continue
+            seen_text += 1
+            ids = [t for t in x[r].tolist()]
+            key = next(k for k in by_ids if list(k[:-1]) == ids[: len(k) - 1])
+            want_ids, want_mask = tokenize_conversation(tok, by_ids[key])
+            assert list(key) == want_ids
+            want = [t if m else IGNORE_INDEX for t, m in zip(want_ids[1:], want_mask[1:])]
+            got = y[r, : len(want)].tolist()
+            assert got == want and (y[r, len(want) :] == IGNORE_INDEX).all()
+            answer = tok.decode([t for t in got if t != IGNORE_INDEX])
+            assert by_ids[key][-1]["content"] in answer and "<image>" not in answer
+        with torch.no_grad():
+            logits = vlm(x, images=batch_images)
+            lm_logits = vlm.language_model(x[~is_image])
+        torch.testing.assert_close(logits[~is_image], lm_logits, atol=1e-5, rtol=1e-5)
+    assert seen_text == loader.text_per_epoch == len(images)
+    only_text = ImageConversationLoader(
+        images[:1], 2, 512, tok.pad_id, text_examples=text, text_share=0.9
+    )
+    batches = [next(only_text) for _ in range(only_text.epoch_size // 2)]
+    assert any(b[2] is None for b in batches)
+    x, y, none = next(b for b in batches if b[2] is None)
+    assert not (x == image_id).any()
+    loss = vlm.compute_loss(x, y, 0.0, images=none).loss
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5])
+def test_the_text_share_is_honoured_over_each_epoch(share):
+    """Every epoch holds every image conversation once and round(share / (1 - share) * images)
+    text ones; the next epoch takes the text pool's next conversations (wrapping round)."""
+    tok = small_tokenizer()
+    image_id = tok.special_ids["image"]
+    loader, images, text, _ = _mixed_loader(tok, share, batch_size=5, n_images=12)
+    want_text = round(share / (1 - share) * 12)
+    assert loader.text_per_epoch == want_text and loader.epoch_size == 12 + want_text
+    pool_seen = []
+    for epoch in range(3):
+        rows = []
+        while len(rows) < loader.epoch_size:
+            x, _, batch_images = next(loader)
+            assert loader.epoch == epoch
+            rows += [tuple(r.tolist()) for r in x]
+            assert len(batch_images.grids if batch_images else []) == int(
+                (x == image_id).any(1).sum()
+            )
+        n_image = sum(image_id in r for r in rows)
+        assert n_image == 12 and len(rows) - n_image == want_text
+        image_targets, text_targets = loader.target_tokens(epoch)
+        assert image_targets == sum(sum(m[1:]) for _, m, _ in images)
+        assert (text_targets > 0) == (want_text > 0)
+        assert abs((len(rows) - n_image) / len(rows) - share) <= 0.5 / len(rows)
+        epoch_rows = loader.epoch_examples(epoch)
+        assert sorted(id(e) for e in epoch_rows if e[2] is not None) == sorted(
+            id(e) for e in images
+        )
+        pool_seen += [e for e in epoch_rows if e[2] is None]
+    if want_text:  # three epochs walk through the pool in turn: no repeat before it is used up
+        distinct = len({id(e) for e in pool_seen})
+        assert distinct == min(len(text), len(pool_seen))
+    with pytest.raises(ValueError, match="text_share"):
+        ImageConversationLoader(images, 4, 512, tok.pad_id, text_examples=text, text_share=1.0)
+    with pytest.raises(ValueError, match="no text conversation fits"):
+        ImageConversationLoader(images, 4, 512, tok.pad_id, text_share=0.3)
+
+
+def test_the_mixed_loader_resumes_exactly():
+    """Stopped mid-epoch (and across an epoch boundary, where the text window moves on), a fresh
+    loader given the state yields exactly the batches the uninterrupted one does."""
+    tok = small_tokenizer()
+    loader, images, text, _ = _mixed_loader(tok, 0.3, batch_size=4)
+    reference = [next(loader) for _ in range(12)]
+    for stop in (3, 5, 9):
+        first, _, _, _ = _mixed_loader(tok, 0.3, batch_size=4)
+        for _ in range(stop):
+            next(first)
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed, _, _, _ = _mixed_loader(tok, 0.3, batch_size=4)
+        resumed.load_state_dict(state)
+        for want in reference[stop:]:
+            got = next(resumed)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            assert (got[2] is None) == (want[2] is None)
+            if want[2] is not None:
+                assert torch.equal(got[2].pixel_values, want[2].pixel_values)
+                assert got[2].grids == want[2].grids
+
+
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory):
     root = tmp_path_factory.mktemp("vision")
@@ -129,6 +267,14 @@ def test_vision_stage_aligns_then_fine_tunes_and_evaluates(stage):
     assert json.loads((out / DONE).read_text())["checkpoint"] == str(out / "final")
     assert summary["align"]["steps"] == 6 and summary["sft"]["steps"] == 10
     assert summary["grpo"]["steps"] == 3
+    # 80 image conversations (40 problems x 2 renders) and 80 / 3 text ones per epoch, from a
+    # pool of the 12 arithmetic problems and 4 identity conversations that text_mix asks for (those
+    # longer than the phase's seq_len are left out)
+    mix = dict(summary["text_mix"])
+    assert 0.25 < mix.pop("text_target_share") < 1  # a text answer is longer than a colour's
+    assert mix.pop("text_pool") + mix.pop("text_dropped_too_long") == 16
+    assert summary["text_mix"]["text_pool"] > 0
+    assert mix == {"share": 0.25, "image_per_epoch": 80, "text_per_epoch": 27}
     # (a) alignment left the language model and the encoder as they were
     lm0 = load_file(str(base / "model.safetensors"))
     align = out / "align" / "checkpoints" / "step_000006"
@@ -205,11 +351,18 @@ def test_what_vision_costs_text_is_measured_on_both_language_models(stage):
     texts = heldout_texts(run / "corpus", 2000)
     assert set(texts) == {"en", "zh", "code"} and t["bpb_source"] == str(run / "corpus")
     tok = load_tokenizer(base)
-    for key, ckpt in (("bpb_before", base), ("bpb_after", run / "vision" / "final")):
+    sft_end = run / "vision" / "sft" / "checkpoints" / "step_000010"
+    checkpoints = (
+        ("bpb_before", base),
+        ("bpb_sft", sft_end),
+        ("bpb_after", run / "vision" / "final"),
+    )
+    for key, ckpt in checkpoints:
         lm = load_model(ckpt, dtype=torch.float32)
         want = {lang: bits_per_byte(lm, tok, x)["bpb"] for lang, x in texts.items()}
         assert t[key] == pytest.approx(want, abs=2e-4)
     assert t["bpb_before"] != t["bpb_after"]  # joint SFT trained the language model
+    assert t["bpb_sft"] != t["bpb_after"]  # and GRPO after it
     a = t["tasks"]["arithmetic"]
     outcomes = [json.loads(x) for x in (run / "vision" / OUTCOMES).read_text().splitlines()]
     text = [r for r in outcomes if r["kind"] == "text"]
@@ -378,6 +531,39 @@ def test_visual_rollouts_carry_each_prompts_picture_into_the_update(tmp_path):
     assert (other[0] - own[0]).abs().max() > 1e-4
 
 
+def test_visual_grpo_rollouts_never_sample_the_image_token(tmp_path):
+    """A sampled `<image>` has no picture behind it, and the update's forward (image features over
+    every `<image>` position) would find one position too many: the rollouts' sampling forbids it.
+    A model that wants `<image>` (its logit raised by 50) draws it under plain sampling and never
+    under the trainer's."""
+    import dataclasses
+
+    from nanoseek.engine import Engine
+
+    tok = small_tokenizer()
+    vlm = tiny_vlm(tok)
+    image_id = image_id_of(tok)
+    trainer = VisualGRPOTrainer(vlm, visual_cfg(tmp_path), tok, size=(32, 32))
+    prompts = trainer.encode_prompts(visual_problems({"visual_colour": [1]}, 2), 0)
+    engine = Engine(vlm, tok, max_model_len=256)
+    params = trainer._sampling(engine, prompts, seed=0)
+
+    def wants_image(output_ids, logits):
+        logits[image_id] += 50.0
+        return logits
+
+    def sampled(processors) -> list[int]:
+        p = dataclasses.replace(params, logits_processors=processors)
+        outs = engine.generate(
+            [ids for ids, _ in prompts], [p] * len(prompts), images=[im for _, im in prompts]
+        )
+        return [t for o in outs for c in o.outputs for t in c.token_ids]
+
+    assert image_id in sampled((wants_image,))
+    tokens = sampled((wants_image, *params.logits_processors))
+    assert tokens and image_id not in tokens
+
+
 def _sequence_logprobs(vlm, samples) -> list[float]:
     vlm.eval()
     out = []
@@ -474,8 +660,9 @@ def test_a_stopped_visual_grpo_run_resumes_bit_for_bit(tmp_path):
 
 def test_the_presets_grpo_phase_and_text_measurements_are_valid(tmp_path):
     from nanoseek.presets import load_preset
-    from nanoseek.stages.vision import grpo_phase_config, text_eval_settings
+    from nanoseek.stages.vision import grpo_phase_config, text_eval_settings, text_mix_settings
     from nanoseek.train.rollout import TaskSpec
+    from nanoseek.train.sft import DATA_DEFAULTS
 
     for name in ("vision", "smoke"):
         preset = load_preset(name)
@@ -486,6 +673,19 @@ def test_the_presets_grpo_phase_and_text_measurements_are_valid(tmp_path):
         assert [s.name for s in specs] == list(section["tasks"])
         assert cfg.out_dir == str(tmp_path / "grpo") and cfg.eval_problems == 0
         assert text_eval_settings(section)["tasks"]
+        share, data = text_mix_settings(section, preset)
+        assert 0 < share < 1 and set(data) == set(DATA_DEFAULTS)
+    # the text SFT's settings: the preset's, else the run's own preset.json, else the defaults
+    assert text_mix_settings({}, None) == (0.0, DATA_DEFAULTS)
+    smoke = load_preset("smoke")
+    (tmp_path / "preset.json").write_text(json.dumps(smoke))
+    _, data = text_mix_settings({"text_share": 0.3, "text_mix": {"identity": 5}}, {}, tmp_path)
+    assert data["tasks"] == smoke["sft"]["tasks"] and data["identity"] == 5
+    assert data["problems_per_task"] == smoke["sft"]["problems_per_task"]
+    with pytest.raises(ValueError, match=r"vision.text_share"):
+        text_mix_settings({"text_share": 1.0}, None)
+    with pytest.raises(ValueError, match=r"vision.text_mix: unknown key\(s\) \['share'\]"):
+        text_mix_settings({"text_mix": {"share": 0.3}}, None)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['bpb'\]"):
         text_eval_settings({"text_eval": {"bpb": 1000}})
     with pytest.raises(ValueError, match=r"unknown text task\(s\) \['visual_colour'\]"):

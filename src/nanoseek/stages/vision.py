@@ -4,7 +4,10 @@ sft/final) -> a DeepSeek-VL2-style vision-language model -> runs/NAME/vision/fin
     (a) align:  the adaptor (projector, newline and separator vectors) trains on image
                 conversations with the encoder and the language model frozen (router biases too)
     (b) sft:    joint SFT on the same conversations: the language model and the adaptor train, the
-                encoder too when the preset's `train_encoder` says so
+                encoder too when the preset's `train_encoder` says so; `text_share` of the epoch's
+                conversations are text-only ones from the text SFT's own mix (train/sft.py sft_mix,
+                the run's corpus), so that the language model keeps its text (DeepSeek-VL2 keeps
+                about 30% text-only data in its VL mix)
     (c) grpo:   GRPO on the visual tasks (train/vision.py VisualGRPOTrainer: the text GRPO loop,
                 the pictures in the prompts, each task's grader as the reward); the same parts
                 train as in (b). Only when the section has a "grpo" part.
@@ -19,7 +22,7 @@ vision/outcomes.jsonl.
 What vision costs text: the language model's bits per byte on the run's held-out text (en, zh,
 code; eval/bpb.py) and its greedy accuracy on a few held-out text-task problems (eval/accuracy.py),
 measured on the starting checkpoint and on the final model's language part, the task change with
-its paired interval.
+its paired interval; with a GRPO phase, the bits per byte after SFT too (what GRPO adds to it).
 
 Like the other stages it leaves done.json, resumes an interrupted phase from its checkpoints, and
 writes a few sample images with their questions and answers under vision/samples/ for the report
@@ -30,6 +33,8 @@ The preset's "vision" section:
      "renders": int, "size": [w, h] or null (each task's own), "eval_problems": int,
      "eval_tasks": {task: difficulty} (default: each task's highest), "max_new_tokens": int,
      "train_encoder": bool, "samples": int, "align": {TrainConfig fields}, "sft": {...},
+     "text_share": float in [0, 1) (joint SFT's text-only share; default 0: images only),
+     "text_mix": {train/sft.py DATA_DEFAULTS fields over the preset's own "sft" data settings},
      "grpo": {GRPOConfig fields; tasks default to the section's, "name:lowest-highest"},
      "text_eval": {"bpb_bytes": int per language (0: none), "tasks": {task: [difficulties]},
                    "n_problems": int per task, "langs": [...], "max_new_tokens": int,
@@ -60,11 +65,13 @@ from nanoseek.tasks import TASKS
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.dist import DistInfo
 from nanoseek.train.grpo_trainer import REWARD_PLOT, GRPOConfig
+from nanoseek.train.sft import DATA_DEFAULTS, sft_mix, split_section
 from nanoseek.train.trainer import TrainConfig
 from nanoseek.train.vision import (
     ImageConversationLoader,
     VisionTrainer,
     VisualGRPOTrainer,
+    text_examples,
     visual_examples,
     visual_problems,
 )
@@ -154,6 +161,7 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
     price = (preset or {}).get("price_per_hour")
     # the later phases' settings are checked before any training
     text_eval = text_eval_settings(section)
+    text_share, mix_data = text_mix_settings(section, preset, out.parent)
     grpo_cfg = grpo_phase_config(section, tasks, out, price) if section.get("grpo") else None
     if grpo_cfg is not None:
         grpo_cfg.validate()
@@ -184,6 +192,9 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
         return results
 
     corpus = _text_corpus(text_eval["corpus"], out.parent, source)
+    text_pool = []
+    if text_share:  # the text SFT's own kinds of conversation, corpus Q&A from the run's corpus
+        text_pool = text_examples(tok, sft_mix(mix_data, corpus))
     texts = {}
     if corpus is not None and text_eval["bpb_bytes"]:
         texts = heldout_texts(corpus, text_eval["bpb_bytes"])
@@ -205,17 +216,35 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
     vlm.freeze(encoder=not train_encoder, projector=False, language=False)
     sft_cfg = _phase_config(section, "sft", out, price)
     loader = ImageConversationLoader(
-        examples, sft_cfg.batch_size, sft_cfg.seq_len, tok.pad_id, seed=sft_cfg.seed + 1
+        examples,
+        sft_cfg.batch_size,
+        sft_cfg.seq_len,
+        tok.pad_id,
+        seed=sft_cfg.seed + 1,
+        text_examples=text_pool,
+        text_share=text_share,
     )
     sft = VisionTrainer(vlm, sft_cfg, loader, tokenizer=tok).fit()
     n_samples = section.get("samples", 3)
+    image_targets, text_targets = loader.target_tokens()
+    text_mix = {
+        "share": text_share,
+        "text_target_share": round(text_targets / max(1, image_targets + text_targets), 4),
+        "image_per_epoch": len(loader.examples),
+        "text_per_epoch": loader.text_per_epoch,
+        "text_pool": len(loader.text_examples),
+        "text_dropped_too_long": loader.text_dropped,
+    }
 
     # (c) GRPO on the visual tasks: the policy is the whole model that SFT trained, the same
     # parts train (the answers' errors are mostly misreadings: the tower must be able to move)
     grpo = None
     after_sft = evaluate(samples=0 if grpo_cfg is not None else n_samples)
     after = after_sft
+    bpb_sft = None
     if grpo_cfg is not None:
+        bpb_sft = text_bpb(vlm.language_model, tok, texts)  # what GRPO adds to SFT's text cost
+        vlm.train()
         grpo = VisualGRPOTrainer(vlm, grpo_cfg, tok, size=size).fit()
         after = evaluate(samples=n_samples)
     vlm.freeze()
@@ -241,9 +270,10 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
             "train_encoder": train_encoder,
             "align": _phase_summary(align),
             "sft": _phase_summary(sft),
+            "text_mix": text_mix,
             **({"grpo": _grpo_summary(grpo, out / "grpo")} if grpo is not None else {}),
             "tasks": results,
-            "text": _text_summary(text_before, text_after, corpus, text_eval),
+            "text": _text_summary(text_before, text_after, corpus, text_eval, bpb_sft),
             "samples": samples,
             "checkpoint": str(out / "final"),
             "val_accuracy_before": _mean(r["before"]["accuracy"] for r in results.values()),
@@ -291,6 +321,32 @@ def text_eval_settings(section: dict) -> dict:
     return settings
 
 
+def text_mix_settings(
+    section: dict, preset: dict | None, run: Path | None = None
+) -> tuple[float, dict]:
+    """(text_share, the text SFT data settings of joint SFT's text-only conversations): the "sft"
+    data settings of the preset, else of the run's own preset (runs/NAME/preset.json: what its text
+    SFT used), train/sft.py DATA_DEFAULTS where neither has them, the section's "text_mix" over
+    them; an unknown key or a share outside [0, 1) is an error before training."""
+    share = section.get("text_share", 0.0)
+    if not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise ValueError(
+            f"vision.text_share: a share of joint SFT's conversations in [0, 1), got {share!r}"
+        )
+    given = dict(section.get("text_mix") or {})
+    unknown = sorted(set(given) - set(DATA_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"vision.text_mix: unknown key(s) {unknown}; known: {sorted(DATA_DEFAULTS)}"
+        )
+    sft = (preset or {}).get("sft")
+    run_preset = Path(run) / "preset.json" if run is not None else None
+    if sft is None and run_preset is not None and run_preset.is_file():
+        sft = json.loads(run_preset.read_text("utf-8")).get("sft")
+    data, _ = split_section(dict(sft or {}))
+    return float(share), {**data, **given}
+
+
 def _text_corpus(given, run: Path, source: Path) -> Path | None:
     """Where the held-out text is: the section's corpus, else the run's (runs/NAME/corpus), else
     one beside the starting checkpoint's run; None: no bits per byte (nothing is built here)."""
@@ -308,7 +364,7 @@ def _text_corpus(given, run: Path, source: Path) -> Path | None:
 def text_figures(lm, tok, texts: dict[str, list[str]], settings: dict) -> dict:
     """The language model alone, as a text model: bits per byte per language, and greedy pass@1 of
     held-out text-task problems with each problem's outcome (the problems that fit the context)."""
-    bpb = {lang: round(bits_per_byte(lm, tok, t)["bpb"], 4) for lang, t in texts.items()}
+    bpb = text_bpb(lm, tok, texts)
     lm.eval()
     engine = Engine(lm, None, max_batch_size=64, max_num_batched_tokens=2048)
     tasks = {}
@@ -335,6 +391,11 @@ def text_figures(lm, tok, texts: dict[str, list[str]], settings: dict) -> dict:
     return {"bpb": bpb, "tasks": tasks}
 
 
+def text_bpb(lm, tok, texts: dict[str, list[str]]) -> dict:
+    """Bits per byte of the language model on each language's held-out text."""
+    return {lang: round(bits_per_byte(lm, tok, t)["bpb"], 4) for lang, t in texts.items()}
+
+
 def _figures(result: dict) -> dict:
     """An evaluation's figures without its pictures and per-problem outcomes (those go to
     outcomes.jsonl)."""
@@ -352,7 +413,9 @@ def _paired(before: list[bool], after: list[bool]) -> dict:
     }
 
 
-def _text_summary(before: dict, after: dict, corpus: Path | None, settings: dict) -> dict:
+def _text_summary(
+    before: dict, after: dict, corpus: Path | None, settings: dict, bpb_sft: dict | None = None
+) -> dict:
     tasks = {}
     for name, b in before["tasks"].items():
         a = after["tasks"][name]
@@ -363,6 +426,7 @@ def _text_summary(before: dict, after: dict, corpus: Path | None, settings: dict
         }
     return {
         "bpb_before": before["bpb"],
+        **({"bpb_sft": bpb_sft} if bpb_sft is not None else {}),
         "bpb_after": after["bpb"],
         "bpb_source": str(corpus) if corpus else None,
         "bpb_bytes": settings["bpb_bytes"] if corpus else 0,

@@ -11,6 +11,9 @@ the visual tasks (the text GRPO trainer with three hooks of its own).
 A conversation is a task problem with its worked solution (data/chat_tokens.py problem_messages:
 the user turn starts with `<image>\\n`), its placeholder expanded to the image's token count; only
 the assistant's tokens are targets. Rows of a batch are padded to the longest (targets ignored).
+Joint SFT may mix in text-only conversations (`text_examples`, the text SFT's kinds; a share of each
+epoch, `text_share`) so that the language model keeps its text while it learns images: a text row
+simply has no image.
 
 GRPO: each drawn problem is rendered (a fresh picture for every draw, seeded by the prompt stream's
 position, so a resumed run renders what the uninterrupted one did), its `<image>` expanded, and the
@@ -23,6 +26,7 @@ SFT (`vlm.freeze`).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,9 +37,9 @@ from tqdm import tqdm
 
 from nanoseek.checkpoint import VISION_FILE, load_weights_into, save_vision_language_model
 from nanoseek.config import VisionConfig
-from nanoseek.data.chat_tokens import problem_messages, prompt_ids
+from nanoseek.data.chat_tokens import problem_messages, prompt_ids, tokenize_conversations
 from nanoseek.data.images import encode_image_conversation, image_prompt_ids, merge_inputs
-from nanoseek.engine import Engine
+from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.visual import evaluate_visual_task
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.model.vision import ImageInput, VisionLanguageModel
@@ -45,7 +49,7 @@ from nanoseek.train.grpo_trainer import GRPOConfig, GRPOTrainer, trim_columns
 from nanoseek.train.rollout import Grader, Sample, collate_images
 from nanoseek.train.trainer import Trainer
 
-Example = tuple[list[int], list[bool], ImageInput]
+Example = tuple[list[int], list[bool], ImageInput | None]  # None: a text-only conversation
 
 
 def visual_problems(
@@ -95,9 +99,17 @@ def visual_examples(
 
 
 class ImageConversationLoader:
-    """Batches of image conversations, reshuffled each epoch, resumable: yields (inputs [B, T],
-    targets [B, T], ImageInput of the batch's images in row order). T is the batch's longest
-    conversation minus one; conversations longer than seq_len + 1 tokens are dropped (counted)."""
+    """Batches of image conversations, optionally mixed with text-only ones, reshuffled each epoch,
+    resumable: yields (inputs [B, T], targets [B, T], ImageInput of the batch's images in row order,
+    or None when no row has one). T is the batch's longest conversation minus one; conversations
+    longer than seq_len + 1 tokens are dropped (counted in `dropped`).
+
+    text_examples / text_share: an epoch holds every image conversation plus
+    round(share / (1 - share) * images) text-only conversations (so text is `text_share` of the
+    epoch's conversations), taken in turn from a fixed seeded permutation of the text pool: each
+    epoch continues where the previous one stopped, wrapping round when the pool runs out. A text
+    example is (ids, trainable, None): no image, its targets the assistant's tokens. The state is
+    (epoch, pos) as without text; the epoch's order is a function of the seed and the epoch."""
 
     def __init__(
         self,
@@ -108,11 +120,28 @@ class ImageConversationLoader:
         seed: int = 0,
         shuffle: bool = True,
         epochs: int | None = None,
+        text_examples: Sequence[Example] = (),
+        text_share: float = 0.0,
     ):
+        if not 0 <= text_share < 1:
+            raise ValueError(
+                f"text_share is a share of the conversations in [0, 1), got {text_share!r}"
+            )
         self.examples = [e for e in examples if len(e[0]) <= seq_len + 1]
+        self.text_examples = [e for e in text_examples if len(e[0]) <= seq_len + 1]
         self.dropped = len(examples) - len(self.examples)
+        self.text_dropped = len(text_examples) - len(self.text_examples)
         if not self.examples:
             raise ValueError(f"no image conversation fits seq_len={seq_len}")
+        if text_share and not self.text_examples:
+            raise ValueError(
+                f"text_share={text_share} but no text conversation fits seq_len={seq_len}"
+            )
+        self.text_per_epoch = (
+            round(text_share / (1 - text_share) * len(self.examples)) if text_share else 0
+        )
+        self.text_pool = list(range(len(self.text_examples)))
+        random.Random(seed * 1_000_003 + 999_983).shuffle(self.text_pool)
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
@@ -121,6 +150,11 @@ class ImageConversationLoader:
         self.epoch = 0
         self.pos = 0
 
+    @property
+    def epoch_size(self) -> int:
+        """Conversations per epoch: every image conversation plus the epoch's text ones."""
+        return len(self.examples) + self.text_per_epoch
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 
@@ -128,23 +162,38 @@ class ImageConversationLoader:
         self.epoch = state["epoch"]
         self.pos = state["pos"]
 
-    def _order(self) -> list[int]:
-        order = list(range(len(self.examples)))
+    def epoch_examples(self, epoch: int) -> list[Example]:
+        """The conversations of one epoch in the order it yields them."""
+        n_text = self.text_per_epoch
+        start = epoch * n_text
+        text = [
+            self.text_examples[self.text_pool[(start + k) % len(self.text_pool)]]
+            for k in range(n_text)
+        ]
+        rows = [*self.examples, *text]
+        order = list(range(len(rows)))
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return [rows[i] for i in order]
+
+    def target_tokens(self, epoch: int = 0) -> tuple[int, int]:
+        """(image conversations', text conversations') target tokens in one epoch: text's share of
+        the loss, larger than its share of the conversations when its answers are longer."""
+        rows = self.epoch_examples(epoch)
+        image = sum(sum(m[1:]) for _, m, im in rows if im is not None)
+        text = sum(sum(m[1:]) for _, m, im in rows if im is None)
+        return image, text
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, ImageInput]:
-        if self.pos >= len(self.examples):
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, ImageInput | None]:
+        if self.pos >= self.epoch_size:
             self.epoch += 1
             self.pos = 0
         if self.epochs is not None and self.epoch >= self.epochs:
             raise StopIteration
-        order = self._order()
-        rows = [self.examples[i] for i in order[self.pos : self.pos + self.batch_size]]
+        rows = self.epoch_examples(self.epoch)[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
         T = max(len(ids) for ids, _, _ in rows) - 1
         x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
@@ -155,7 +204,14 @@ class ImageConversationLoader:
             y[r, :n] = torch.tensor(
                 [t if m else IGNORE_INDEX for t, m in zip(ids[1:], trainable[1:])]
             )
-        return x, y, merge_inputs([im for _, _, im in rows])
+        images = [im for _, _, im in rows if im is not None]
+        return x, y, merge_inputs(images) if images else None
+
+
+def text_examples(tok, conversations: Sequence) -> list[Example]:
+    """Text-only conversations (data/chat_tokens.py Messages) as loader examples: no image, the
+    assistant's tokens trainable."""
+    return [(ids, mask, None) for ids, mask in tokenize_conversations(tok, conversations)]
 
 
 class TowerCheckpoints:
@@ -180,8 +236,20 @@ class VisionTrainer(TowerCheckpoints, Trainer):
 
     def unpack(self, batch):
         inputs, targets, images = batch
-        images = ImageInput(images.pixel_values.to(self.device), images.grids)
+        if images is not None:  # None: a batch of text-only conversations
+            images = ImageInput(images.pixel_values.to(self.device), images.grids)
         return inputs.to(self.device), targets.to(self.device), {"images": images}
+
+
+class NoToken:
+    """A logits processor that never lets `token` be drawn."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, output_ids, logits: torch.Tensor) -> torch.Tensor:
+        logits[self.token] = float("-inf")
+        return logits
 
 
 RENDER_SEED = 1_000_000  # GRPO's pictures: seed RENDER_SEED + the draw's position in the stream
@@ -231,6 +299,14 @@ class VisualGRPOTrainer(TowerCheckpoints, GRPOTrainer):
             )
             out.append(image_prompt_ids(self.tokenizer, p.prompt, [img], self.vcfg))
         return out
+
+    def _sampling(self, engine: Engine, prompts, seed: int) -> SamplingParams:
+        """GRPOTrainer's sampling, never drawing `<image>`: a sampled placeholder has no picture
+        behind it (the engine embeds it as a token), while the update's forward writes image
+        features over every `<image>` position and would find one position too many."""
+        params = super()._sampling(engine, prompts, seed)
+        no_image = NoToken(self.image_id)
+        return dataclasses.replace(params, logits_processors=(*params.logits_processors, no_image))
 
     def micro_batch(self, inputs, targets, samples: list[Sample]):
         """The rows' images go with them; the trim keeps every image position (they precede the
