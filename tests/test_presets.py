@@ -45,6 +45,14 @@ def test_overrides(tmp_path):
         load_preset("nope")
 
 
+def test_nested_overrides_reach_sub_sections():
+    preset = load_preset("smoke", ["vision.sft.max_steps=5", "vision.grpo.lr=0.001"])
+    assert preset["vision"]["sft"]["max_steps"] == 5 and preset["vision"]["grpo"]["lr"] == 0.001
+    assert "sft.max_steps" not in preset["vision"]  # not a flat key with a dot in it
+    with pytest.raises(ValueError, match="vision.text_share is a value"):
+        load_preset("smoke", ["vision.text_share.x=1"])
+
+
 def test_a_null_section_is_a_skipped_stage_and_setting_a_field_turns_it_on(tmp_path):
     own = json.loads(json.dumps(load_preset("smoke")))
     own.update(grpo=None, price_per_hour=None)

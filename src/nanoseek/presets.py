@@ -86,8 +86,8 @@ def section(preset: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def apply_override(preset: dict[str, Any], item: str) -> None:
-    """'pretrain.max_steps=100' -> preset['pretrain']['max_steps'] = 100
-    (values parsed as JSON, else strings)."""
+    """'pretrain.max_steps=100' -> preset['pretrain']['max_steps'] = 100, and deeper for nested
+    sections ('vision.sft.max_steps=5'); values parsed as JSON, else strings."""
     key, sep, raw = item.partition("=")
     name, dot, field = key.partition(".")
     try:
@@ -104,4 +104,14 @@ def apply_override(preset: dict[str, Any], item: str) -> None:
         )
     if preset.get(name) is None:  # setting a field of a skipped stage turns it on
         preset[name] = {}
-    preset[name][field] = value
+    # a nested field ('vision.sft.max_steps=5') walks the section's sub-sections
+    *path, last = field.split(".")
+    target = preset[name]
+    for i, part in enumerate(path):
+        if target.get(part) is None:
+            target[part] = {}
+        if not isinstance(target[part], dict) or not part or not last:
+            where = ".".join([name, *path[: i + 1]])
+            raise ValueError(f"--set {item!r}: {where} is a value, not a section with fields")
+        target = target[part]
+    target[last] = value
