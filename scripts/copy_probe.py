@@ -10,7 +10,8 @@ The pretraining corpus's generated task text writes a problem as
 
 so a model that learned from it should continue "Question: What is A op B?\\nSolution:\\n" with "A
 op B". This asks for that continuation (greedy) on held-out arithmetic problems and counts the exact
-copies and the right answers.
+copies and the right answers, and (teacher-forced) the share of the copied line's tokens the model
+predicts and their mean negative log-likelihood: a graded measure for bases that do not copy yet.
 
     python scripts/copy_probe.py runs/cpu/long_context/final [--difficulty 1] [--n 30]
 """
@@ -49,6 +50,20 @@ def main() -> None:
     outputs = Engine(model, tok).generate(
         prompts, SamplingParams(max_tokens=args.max_new_tokens, temperature=0)
     )
+    # graded, teacher-forced: how well the model predicts the copied line "A op B" token by token
+    # (a base that has not learned to copy yet still scores 0 above; this shows how close it is)
+    lines = [q.removeprefix("What is ").removesuffix("?") + "\n" for q in questions]
+    hits = total = 0
+    nll = 0.0
+    with torch.no_grad():
+        for prompt, line in zip(prompts, lines):
+            target = tok.encode(line)
+            ids = torch.tensor([prompt + target])
+            logits = model(ids).float()[0, len(prompt) - 1 : -1]
+            tgt = torch.tensor(target)
+            hits += int((logits.argmax(-1) == tgt).sum())
+            nll += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
+            total += len(target)
     copied = answered = 0
     for i, (p, question, out) in enumerate(zip(problems, questions, outputs)):
         text = out.text
@@ -65,6 +80,8 @@ def main() -> None:
                 "problems": len(problems),
                 "copied_operands": copied,
                 "right_answers": answered,
+                "copy_token_accuracy": round(hits / total, 4),
+                "copy_nll_per_token": round(nll / total, 4),
             }
         )
     )

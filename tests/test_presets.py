@@ -5,6 +5,7 @@ import json
 import pytest
 
 from nanoseek.config import ModelConfig
+from nanoseek.data.corpus import default_sources
 from nanoseek.eval.quality import _task_spec
 from nanoseek.presets import PRICED, available_presets, load_preset
 from nanoseek.train.grpo_trainer import GRPOConfig
@@ -17,6 +18,12 @@ def test_every_shipped_preset_builds_every_stage(name):
     preset = load_preset(name)
     assert preset["description"] and preset["price_per_hour"] > 0
     ModelConfig(**{**preset["model"], "vocab_size": preset["data"]["vocab_size"]})
+    data = preset["data"]
+    default_sources(  # the data knobs are valid (no text is read here)
+        retrieval_bytes=data.get("retrieval_bytes"),
+        task_text=data.get("task_text"),
+        source_max_bytes=data.get("source_max_bytes"),
+    )
     for section in ("pretrain", "long_context"):
         TrainConfig(**{k: v for k, v in preset[section].items() if k != "factor"}).validate()
     split_section(preset["sft"])

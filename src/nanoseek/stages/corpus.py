@@ -19,7 +19,11 @@ def corpus_stage(
         sources = (
             user_sources(text_paths)
             if text_paths
-            else default_sources(retrieval_bytes=data.get("retrieval_bytes"))
+            else default_sources(
+                retrieval_bytes=data.get("retrieval_bytes"),
+                task_text=data.get("task_text"),
+                source_max_bytes=data.get("source_max_bytes"),
+            )
         )
         manifest = build_corpus(run / "corpus", sources, max_bytes=data.get("max_bytes"))
         totals = manifest.get("totals", {})
