@@ -22,6 +22,18 @@ from nanoseek.tokenizer import Tokenizer
 # ----------------------------------------------------------------------------------- tiny models
 
 
+# The tests' vision tower: one block, 32x32 tiles of 8x8 patches, up to 4 local tiles.
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+    max_tiles=4,
+)
+
+
 def tiny_config(**overrides) -> ModelConfig:
     """A model small enough that a forward pass takes milliseconds, with
     every architectural feature on."""

@@ -23,6 +23,7 @@ from nanoseek import Transformer, save_model
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.tokenizer import Tokenizer
 
+from helpers import TINY_VISION as TEST_VISION_TOWER
 from helpers import smallest_margin, tiny_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -169,16 +170,7 @@ VISION_SCRIPT = [
     ("blue square", "What is this?", "A shape with corners.", "A blue square."),
 ]
 # A small vision tower, and a pixel limit low enough that a "too large" image is cheap to make.
-TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=8,
-    max_tiles=4,
-    max_image_pixels=96 * 96,
-)
+TINY_VISION = {**TEST_VISION_TOWER, "max_image_pixels": 96 * 96}
 
 
 def picture(name: str, size: int = 32):

@@ -16,17 +16,8 @@ from nanoseek.data.images import image_input
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model.vision import VisionLanguageModel
 
-from helpers import small_tokenizer, tiny_config, tiny_model
+from helpers import TINY_VISION, small_tokenizer, tiny_config, tiny_model
 
-TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=8,
-    max_tiles=4,
-)
 TOL = 1e-4  # fp32 logprobs: the engine's packed, paged forward against the plain forward
 
 

@@ -27,19 +27,12 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model.vision import VisionLanguageModel
 from nanoseek.serve.chat_format import EngineTokenizer, TokenTable, chat_request_prompt
 
+import helpers
 from helpers import small_tokenizer, tiny_config
 from serve_helpers import ServerProcess, build_random_checkpoint, nanoseek
 
-TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=8,
-    max_tiles=4,
-    max_image_pixels=64 * 64,  # small, so that a "decompression bomb" is cheap to make
-)
+# a small pixel limit, so that a "decompression bomb" is cheap to make
+TINY_VISION = {**helpers.TINY_VISION, "max_image_pixels": 64 * 64}
 QUESTION = "\nWhat colour is it?"
 MAX_TOKENS = 6
 

@@ -45,7 +45,7 @@ from nanoseek.model.vision import (
 from nanoseek.tasks.visual import COLOURS, get_visual_task
 from nanoseek.tokenizer import load_tokenizer
 
-from helpers import small_tokenizer, tiny_config
+from helpers import TINY_VISION, small_tokenizer, tiny_config
 
 VL2 = VisionConfig(
     hidden_size=1152 // 16,  # widths do not change counts; keep it cheap
@@ -57,15 +57,7 @@ VL2 = VisionConfig(
 
 
 def tiny_vision(**overrides) -> VisionConfig:
-    fields = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        max_tiles=4,
-    )
+    fields = dict(TINY_VISION)
     fields.update(overrides)
     return VisionConfig(**fields)
 
