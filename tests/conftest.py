@@ -10,6 +10,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's, through Playwright) for the web chat's tests."""
+    from serve_helpers import CHROMIUM, CHROMIUM_ARGS
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
 # Tiny models gain nothing from a second thread, and on a busy 2-core machine two
 # threads per process make them 20-30x slower (measured by the serving tests).
 # Subprocesses started by tests choose their own.

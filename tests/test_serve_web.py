@@ -11,7 +11,6 @@ import pytest
 from serve_helpers import (
     ARTIFACTS,
     CHROMIUM,
-    CHROMIUM_ARGS,
     SCRIPT,
     ServerProcess,
     metric,
@@ -35,15 +34,6 @@ KEY = "sekret"
 def server():
     with ServerProcess(shared_checkpoint(), "--api-key", KEY) as s:
         yield s.wait_ready()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
