@@ -1,6 +1,7 @@
 """The generated retrieval text (data/retrieval.py): deterministic, bilingual, every question
 answerable from what came before, lags from a few tokens to beyond 1024, registered as a corpus
-source with a byte budget, and no wording shared with the passkey eval."""
+source with a byte budget, and no wording shared with the passkey eval; the same for SFT's retrieval
+conversations."""
 
 import importlib.util
 import random
@@ -13,6 +14,7 @@ from nanoseek.data.retrieval import (
     CHARS_PER_TOKEN,
     corpus_prose,
     prose_pool,
+    retrieval_conversations,
     retrieval_document,
     retrieval_documents,
     sentences,
@@ -154,3 +156,34 @@ def test_corpus_prose_text_shares_no_wording_with_passkey():
     firsts = {doc[0] for doc in prose["en"]}
     val = [clean(c) for c in _bible_chapters() if _is_val(_sha(clean(c)), 0.01)]
     assert val and not any(sentences(c.partition("\n\n")[2])[0] in firsts for c in val)
+
+
+def test_retrieval_conversations_ask_about_what_the_passage_states():
+    convs = retrieval_conversations(40, SMALL_PROSE, seed=2)
+    assert convs == retrieval_conversations(40, SMALL_PROSE, seed=2)
+    assert convs != retrieval_conversations(40, SMALL_PROSE, seed=3)
+    langs = {"en": 0, "zh": 0}
+    for user, assistant in convs:
+        prompt = user["content"]
+        passage, _, question = prompt.rpartition("\n")
+        statement = assistant["reasoning_content"]
+        value = re.fullmatch(r"<answer>(.+)</answer>", assistant["content"]).group(1)
+        # the quoted fact is in the passage, the answer is in the fact, the question comes last
+        assert statement in passage and value in statement
+        assert question.endswith("</answer> 中给出最终答案。") or question.endswith("</answer>.")
+        langs["zh" if re.search(r"[\u4e00-\u9fff]", question) else "en"] += 1
+        assert_no_passkey_wording(prompt + statement)
+    assert langs == {"en": 20, "zh": 20}
+
+
+@pytest.mark.skipif(not have_packages, reason="corpus packages not installed")
+def test_sft_mix_takes_retrieval_conversations():
+    from nanoseek.train.sft import split_section, sft_mix
+
+    data, _ = split_section({"tasks": {}, "identity": 0, "corpus_qa": 0, "tool_use": 0.0})
+    assert sft_mix(data) == []
+    data, _ = split_section(
+        {"tasks": {}, "identity": 0, "corpus_qa": 0, "tool_use": 0.0, "retrieval": 6}
+    )
+    convs = sft_mix(data)
+    assert len(convs) == 6 and all(c[1]["content"].startswith("<answer>") for c in convs)

@@ -422,3 +422,74 @@ def retrieval_documents(
             continue
         used += len(text.encode("utf-8"))
         yield text
+
+
+# ------------------------------------------------------------------------------------ conversations
+# SFT's retrieval questions: a short passage with facts inside prose, then one fact asked for in the
+# chat format, answered by quoting the statement (reasoning) and giving the value (<answer>). This is
+# what the passkey eval asks of a chat model, in other words: pretraining's streams teach copying
+# from far back, these teach answering a question about the text in the R1 format.
+CONVERSATION_TOKENS = (40, 180)  # the passage's length, log-uniformly: it fits SFT's 256-token rows
+
+
+def retrieval_conversation(
+    rng: random.Random, lang: str, prose: Sequence[Sequence[str]], tokens: int
+) -> tuple[str, dict]:
+    """One passage of about `tokens` tokens with one to three facts at random depths ->
+    (the user's prompt, the fact that it asks for)."""
+    from nanoseek.tasks.format import FORMAT_INSTRUCTIONS
+
+    cpt = CHARS_PER_TOKEN[lang]
+    subjects = _Subjects(rng, lang)
+    facts = [_fact(rng, lang, subjects) for _ in range(rng.choice((1, 1, 2, 3)))]
+    prose_chars = max(0, int(tokens * cpt) - sum(len(f["statement"]) for f in facts))
+    cuts = sorted(rng.random() for _ in facts)
+    shares = [b - a for a, b in zip([0.0, *cuts], [*cuts, 1.0])]
+    parts = []
+    for i, share in enumerate(shares):
+        if int(share * prose_chars) > 0:
+            parts.append(_passage(prose, int(share * prose_chars), rng, lang))
+        if i < len(facts):
+            parts.append(facts[i]["statement"])
+    asked = rng.choice(facts)
+    text = _JOIN[lang].join(p for p in parts if p)
+    prompt = f"{rng.choice(_HEADINGS[lang])}\n{text}\n{asked['question']} {FORMAT_INSTRUCTIONS[lang]}"
+    return prompt, asked
+
+
+def retrieval_conversations(
+    n: int,
+    prose: dict[str, Sequence[Sequence[str]]] | None = None,
+    *,
+    seed: int = SEED,
+    langs: Sequence[str] = ("en", "zh"),
+) -> list[list[dict]]:
+    """`n` SFT conversations (alternating languages), each a passage with facts and one question
+    about it: reasoning quotes the fact's statement, the answer is its value. Deterministic in
+    `seed` and the prose (default: corpus_prose()); none shares wording with the passkey eval."""
+    if n <= 0:
+        return []
+    prose = corpus_prose() if prose is None else prose
+    grams = passkey_ngrams()
+    out = []
+    i = 0
+    while len(out) < n:
+        lang = langs[i % len(langs)]
+        rng = random.Random(f"retrieval-chat|{seed}|{i}")
+        i += 1
+        prompt, fact = retrieval_conversation(
+            rng, lang, prose[lang], round(_log_uniform(rng, *CONVERSATION_TOKENS))
+        )
+        if shares_passkey_wording(prompt, grams):
+            continue
+        out.append(
+            [
+                {"role": "user", "content": prompt},
+                {
+                    "role": "assistant",
+                    "reasoning_content": fact["statement"],
+                    "content": f"<answer>{fact['value']}</answer>",
+                },
+            ]
+        )
+    return out

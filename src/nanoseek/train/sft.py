@@ -25,6 +25,7 @@ from nanoseek.data.conversations import (
     tool_conversations,
 )
 from nanoseek.data.corpus import iter_records
+from nanoseek.data.retrieval import retrieval_conversations
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train import dist
 from nanoseek.train.trainer import TrainConfig, Trainer, export_checkpoint
@@ -42,6 +43,9 @@ DATA_DEFAULTS = {
     "langs": ["en", "zh"],
     "identity": 200,  # generated greetings / questions about the model
     "corpus_qa": 300,  # factual Q&A read off the run's pretraining corpus (train split)
+    # questions about facts stated inside a passage of prose (data/retrieval.py
+    # retrieval_conversations): the passkey eval's skill in other words
+    "retrieval": 0,
     # the share of the generated mix that is tool use (a declared calculator, called for arithmetic
     # and word problems of the train split; data/conversations.py tool_conversations)
     "tool_use": 0.15,
@@ -90,6 +94,7 @@ def sft_mix(data: dict, corpus_dir: str | Path | None = None) -> list[Messages]:
     train_file = Path(corpus_dir) / "train.jsonl" if corpus_dir else None
     if data["corpus_qa"] and train_file is not None and train_file.is_file():
         convs += corpus_conversations(iter_records(train_file), data["corpus_qa"], seed=seed)
+    convs += retrieval_conversations(data["retrieval"], seed=seed, langs=data["langs"])
     share = data["tool_use"]
     if not 0 <= share < 1:
         raise ValueError(f"sft: tool_use is a share of the mix in [0, 1), got {share!r}")
