@@ -178,7 +178,7 @@ def test_retrieval_conversations_ask_about_what_the_passage_states():
 
 @pytest.mark.skipif(not have_packages, reason="corpus packages not installed")
 def test_sft_mix_takes_retrieval_conversations():
-    from nanoseek.train.sft import split_section, sft_mix
+    from nanoseek.train.sft import sft_mix, split_section
 
     data, _ = split_section({"tasks": {}, "identity": 0, "corpus_qa": 0, "tool_use": 0.0})
     assert sft_mix(data) == []

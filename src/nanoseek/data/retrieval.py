@@ -425,10 +425,10 @@ def retrieval_documents(
 
 
 # ------------------------------------------------------------------------------------ conversations
-# SFT's retrieval questions: a short passage with facts inside prose, then one fact asked for in the
-# chat format, answered by quoting the statement (reasoning) and giving the value (<answer>). This is
-# what the passkey eval asks of a chat model, in other words: pretraining's streams teach copying
-# from far back, these teach answering a question about the text in the R1 format.
+# SFT's retrieval questions: a short passage with facts inside prose, then one fact asked for in
+# the chat format, answered by quoting the statement (reasoning) and giving the value (<answer>).
+# This is what the passkey eval asks of a chat model, in other words: pretraining's streams teach
+# copying from far back, these teach answering a question about the text in the R1 format.
 CONVERSATION_TOKENS = (40, 180)  # the passage's length, log-uniformly: it fits SFT's 256-token rows
 
 
@@ -453,7 +453,9 @@ def retrieval_conversation(
             parts.append(facts[i]["statement"])
     asked = rng.choice(facts)
     text = _JOIN[lang].join(p for p in parts if p)
-    prompt = f"{rng.choice(_HEADINGS[lang])}\n{text}\n{asked['question']} {FORMAT_INSTRUCTIONS[lang]}"
+    prompt = (
+        f"{rng.choice(_HEADINGS[lang])}\n{text}\n{asked['question']} {FORMAT_INSTRUCTIONS[lang]}"
+    )
     return prompt, asked
 
 
