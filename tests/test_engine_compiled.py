@@ -7,6 +7,7 @@ per graph on a busy 2-core machine)."""
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,6 +148,80 @@ def test_dispatch_gathered_equals_dropless_dispatch(dtype):
 def test_buckets():
     assert [bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
     assert bucket(3, 256) == 256 and bucket(300, 256) == 512
+
+
+def test_padded_rows_rebuilt_when_a_block_is_replaced():
+    """A row that advances one token keeps its columns only while its earlier blocks stay the
+    same: a copied-on-write block (same sequence, next position, another block id) rebuilds it."""
+    rope = torch.arange(40.0).unsqueeze(1).expand(-1, 4).contiguous().numpy()
+    seq = SimpleNamespace(token_ids=[1] * 7, num_computed=6, block_table=[3, 5])
+    kept = compiled_mod._Padded(2, 8, 4)
+
+    def same_as_fresh() -> None:
+        fresh = compiled_mod._Padded(2, 8, 4)
+        fresh.fill([seq], rope, rope)
+        kept.fill([seq], rope, rope)
+        for a, b in zip(kept.tensors, fresh.tensors):
+            assert torch.equal(a, b)
+
+    same_as_fresh()
+    seq.token_ids.append(2)
+    seq.num_computed = 7
+    same_as_fresh()  # one more column
+    seq.token_ids.append(2)
+    seq.num_computed = 8
+    seq.block_table = [3, 9, 4]  # block 5 was copied to 9 (copy-on-write)
+    same_as_fresh()
+    assert kept.tensors[3][0, 4:8].tolist() == [36, 37, 38, 39]
+
+
+def test_padded_inputs_kept_between_steps_equal_a_fresh_layout(monkeypatch):
+    """The graph's inputs that the compiled runner keeps between steps (one new context column a
+    step) equal the layout built afresh from the eager runner's prepare at every step: batches that
+    shrink as requests finish, n=2 forks (copy-on-write blocks), preemptions (a pool too small for
+    the batch) and context buckets that grow (CONTEXT_MIN lowered to 4)."""
+    uncompiled(monkeypatch)
+    monkeypatch.setattr(compiled_mod, "CONTEXT_MIN", 4)
+    fast = Engine(
+        tiny_model(),
+        max_batch_size=4,
+        block_size=4,
+        num_blocks=10,
+        decode="compiled",
+        decode_dtype="float32",
+    )
+    runner = fast.runner
+    checked = []
+
+    def prepare(decode, prefill, width, drafts):
+        inp = CompiledRunner.prepare(runner, decode, prefill, width, drafts)
+        if inp.padded is None:
+            return inp
+        want = compiled_mod._pad(ModelRunner.prepare(runner, decode, prefill, width, drafts))
+        ids, cos, sin, context, bias = inp.padded
+        assert [t.shape for t in inp.padded] == [t.shape for t in want]
+        assert torch.equal(bias, want[4])
+        assert torch.equal(ids, want[0]) and torch.equal(cos, want[1]) and torch.equal(sin, want[2])
+        visible = bias[:, :-1] == 0
+        assert torch.equal(context[visible], want[3][visible])
+        checked.append((len(decode), context.shape))
+        return inp
+
+    runner.prepare = prepare
+    params = [
+        SamplingParams(max_tokens=k, temperature=0, ignore_eos=True, n=n)
+        for k, n in ((24, 1), (17, 2), (4, 1))
+    ]
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17], [21, 22]]
+    outs = fast.generate(prompts, params)
+    assert fast.stats()["preemptions"] > 0
+    assert {b for b, _ in checked} >= {1, 2, 3} and len({s for _, s in checked}) >= 3
+    want = Engine(tiny_model(), max_batch_size=4, block_size=4, num_blocks=10).generate(
+        prompts, params
+    )
+    assert [[c.token_ids for c in o.outputs] for o in outs] == [
+        [c.token_ids for c in o.outputs] for o in want
+    ]
 
 
 @pytest.mark.parametrize("dtype,tol,within", PATHS)

@@ -27,6 +27,7 @@ import time
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -231,6 +232,48 @@ class CompiledRunner(ModelRunner):
         self._generation = -1
         self._compiled: dict[tuple[int, int], object] = {}
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's hidden, logits
+        self._pads: dict[tuple[int, int], _Padded] = {}  # the graph's input buffers, by bucket
+        self._rope: tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray] | None = None
+
+    def prepare(
+        self, decode: list, prefill: list[tuple[object, int]], width: int, drafts: list[int]
+    ) -> StepInput:
+        """A pure-decode step is laid out straight into its bucket's padded buffers (see
+        _Padded); any other step as the eager runner lays it out."""
+        if prefill or width != 1 or not decode or self.device.type != "cpu":
+            return super().prepare(decode, prefill, width, drafts)
+        B = len(decode)
+        Bp = bucket(B)
+        Sp = bucket(max(seq.num_computed for seq in decode), CONTEXT_MIN)
+        pad = self._pads.get((Bp, Sp))
+        if pad is None:
+            pad = self._pads[(Bp, Sp)] = _Padded(Bp, Sp, self.cache.block_size)
+        cos, sin = self._rope_tables()
+        pad.fill(decode, cos, sin)
+        ids, cos, sin, context, bias = pad.tensors
+        return StepInput(
+            ids=ids[:B],
+            positions=pad.positions[:B],
+            slots=pad.slots[:B],
+            num_decode=B,
+            width=1,
+            decode_slots=context[:B],
+            decode_bias=None,
+            chunks=[],
+            cos=cos[:B],
+            sin=sin[:B],
+            padded=pad.tensors,
+        )
+
+    def _rope_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """The model's rope tables with each angle repeated for both dims of its pair (as prepare
+        lays them out), fp32, as numpy views; rebuilt if the model's tables are replaced."""
+        model = self.model
+        if self._rope is None or self._rope[0] is not model.rope_cos:
+            cos = model.rope_cos.float().repeat_interleave(2, dim=-1).contiguous()
+            sin = model.rope_sin.float().repeat_interleave(2, dim=-1).contiguous()
+            self._rope = (model.rope_cos, model.rope_sin, cos.numpy(), sin.numpy())
+        return self._rope[2], self._rope[3]
 
     def handles(self, inp: StepInput) -> bool:
         return not inp.chunks and inp.width == 1 and inp.num_decode > 0
@@ -246,7 +289,9 @@ class CompiledRunner(ModelRunner):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The graph's own logits when asked for exactly the rows it computed, else eager's."""
         last = self._last
-        if last is not None and hidden.shape == last[0].shape and torch.equal(hidden, last[0]):
+        if last is not None and (
+            hidden is last[0] or (hidden.shape == last[0].shape and torch.equal(hidden, last[0]))
+        ):
             return last[1]
         return super().logits(hidden)
 
@@ -276,39 +321,128 @@ class CompiledRunner(ModelRunner):
         """A pure-decode step through the compiled graph of its bucket; writes its latents to the
         cache. -> (hidden [B, d], logits [B, V]) of the real rows."""
         B = inp.num_decode
-        S = inp.decode_slots.shape[1] - 1  # cache rows before the newest token
-        Bp = bucket(B)
-        Sp = bucket(S, CONTEXT_MIN)
-        dev = self.device
-        context = torch.zeros(Bp, Sp, dtype=torch.long, device=dev)
-        context[:B, :S] = inp.decode_slots[:, :S]
-        bias = torch.full((Bp, Sp + 1), float("-inf"), device=dev)
-        bias[:, Sp] = 0.0
-        before = torch.arange(Sp, device=dev) < inp.positions[:B, None]
-        bias[:B, :Sp].masked_fill_(before, 0.0)
-        ids = F.pad(inp.ids, (0, Bp - B))
-        cos = F.pad(inp.cos.float(), (0, 0, 0, Bp - B))
-        sin = F.pad(inp.sin.float(), (0, 0, 0, Bp - B))
+        ids, cos, sin, context, bias = inp.padded if inp.padded is not None else _pad(inp)
+        Bp, Sp = context.shape
         fn = self.compiled(Bp, Sp)
         first = (Bp, Sp) not in self.compile_seconds
-        start = time.perf_counter()
-        # the first call compiles; each bucket is a recompilation of one forward, hence the limits
-        limits = dict(recompile_limit=64, accumulated_recompile_limit=4096)
         if first:
+            start = time.perf_counter()
+            # the first call compiles; each bucket is a recompilation of one forward, hence the
+            # limits
+            limits = dict(recompile_limit=64, accumulated_recompile_limit=4096)
             with torch._dynamo.config.patch(**limits), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
                 hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
-        else:
-            hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
-        if first:
             seconds = time.perf_counter() - start
             self.compile_seconds[(Bp, Sp)] = seconds
             log(
                 f"compiled the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)})"
                 f" in {seconds:.1f} s (cached in {inductor_cache_dir()})"
             )
-        self.cache.kv.index_copy_(1, inp.slots, latents[:, :B])
-        return hidden[:B].to(self.model.embed_tokens.weight.dtype), logits[:B]
+        else:
+            hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
+        self.cache.kv.index_copy_(1, inp.slots, latents[:, :B] if B < Bp else latents)
+        if B < Bp:
+            hidden = hidden[:B]
+            logits = logits[:B]
+        dtype = self.model.embed_tokens.weight.dtype
+        return (hidden if hidden.dtype == dtype else hidden.to(dtype)), logits
+
+
+class _Padded:
+    """One bucket's graph inputs, kept between steps: ids, cos, sin [Bp], context [Bp, Sp] (the
+    cache rows before each token) and bias [Bp, Sp + 1] (0 where a row may attend, -inf elsewhere;
+    the last column, the token itself, 0), plus the real rows' positions and slots. Written through
+    numpy views of the same memory. A row that continues the sequence it held at the last step
+    (one token further, the same blocks) only gains one context column; any other row is rebuilt.
+    Padded rows attend to themselves only."""
+
+    def __init__(self, Bp: int, Sp: int, block_size: int):
+        self.block_size = block_size
+        self.Sp = Sp
+        ids = torch.zeros(Bp, dtype=torch.long)
+        cos = torch.zeros(Bp, 0)  # sized at the first fill (the rope width)
+        context = torch.zeros(Bp, Sp, dtype=torch.long)
+        bias = torch.full((Bp, Sp + 1), float("-inf"))
+        bias[:, Sp] = 0.0
+        self.positions = torch.zeros(Bp, dtype=torch.long)
+        self.slots = torch.zeros(Bp, dtype=torch.long)
+        self.tensors = (ids, cos, cos, context, bias)
+        self._ids = ids.numpy()
+        self._context = context.numpy()
+        self._bias = bias.numpy()
+        self._positions = self.positions.numpy()
+        self._slots = self.slots.numpy()
+        self._cos = self._sin = None
+        # what each row holds: (sequence, computed tokens, its blocks then) or None (padding)
+        self.rows: list[tuple | None] = [None] * Bp
+
+    def fill(self, decode: list, cos_table: np.ndarray, sin_table: np.ndarray) -> None:
+        if self._cos is None:
+            Bp = len(self.rows)
+            cos = torch.zeros(Bp, cos_table.shape[1])
+            sin = torch.zeros(Bp, sin_table.shape[1])
+            self.tensors = (self.tensors[0], cos, sin, *self.tensors[3:])
+            self._cos = cos.numpy()
+            self._sin = sin.numpy()
+        bs = self.block_size
+        for i, seq in enumerate(decode):
+            n = seq.num_computed  # the new token's position; the cache holds positions < n
+            table = seq.block_table
+            self._ids[i] = seq.token_ids[-1]
+            self._positions[i] = n
+            self._slots[i] = table[n // bs] * bs + n % bs
+            held = self.rows[i]
+            nb = -(-n // bs)  # blocks of positions < n
+            if (
+                held is not None
+                and held[0] is seq
+                and held[1] == n - 1
+                and len(held[2]) <= nb
+                and held[2] == table[: len(held[2])]
+            ):  # one more column
+                self._context[i, n - 1] = table[(n - 1) // bs] * bs + (n - 1) % bs
+                self._bias[i, n - 1] = 0.0
+            else:
+                pos = np.arange(n)
+                self._context[i, :n] = np.asarray(table[:nb], dtype=np.int64)[pos // bs] * bs + (
+                    pos % bs
+                )
+                self._context[i, n:] = 0
+                self._bias[i, :n] = 0.0
+                self._bias[i, n : self.Sp] = float("-inf")
+            self.rows[i] = (seq, n, table[:nb])
+        for i in range(len(decode), len(self.rows)):
+            if self.rows[i] is not None:  # a row that held a sequence now pads
+                self._ids[i] = 0
+                self._positions[i] = 0
+                self._cos[i] = 0.0
+                self._sin[i] = 0.0
+                self._context[i] = 0
+                self._bias[i, : self.Sp] = float("-inf")
+                self.rows[i] = None
+        B = len(decode)
+        np.take(cos_table, self._positions[:B], axis=0, out=self._cos[:B])
+        np.take(sin_table, self._positions[:B], axis=0, out=self._sin[:B])
+
+
+def _pad(inp: StepInput) -> tuple[torch.Tensor, ...]:
+    """The graph's padded inputs of a decode step laid out by the eager runner's prepare."""
+    B = inp.num_decode
+    S = inp.decode_slots.shape[1] - 1  # cache rows before the newest token
+    Bp = bucket(B)
+    Sp = bucket(S, CONTEXT_MIN)
+    dev = inp.ids.device
+    context = torch.zeros(Bp, Sp, dtype=torch.long, device=dev)
+    context[:B, :S] = inp.decode_slots[:, :S]
+    bias = torch.full((Bp, Sp + 1), float("-inf"), device=dev)
+    bias[:, Sp] = 0.0
+    before = torch.arange(Sp, device=dev) < inp.positions[:B, None]
+    bias[:B, :Sp].masked_fill_(before, 0.0)
+    ids = F.pad(inp.ids, (0, Bp - B))
+    cos = F.pad(inp.cos.float(), (0, 0, 0, Bp - B))
+    sin = F.pad(inp.sin.float(), (0, 0, 0, Bp - B))
+    return ids, cos, sin, context, bias
 
 
 def inductor_cache_dir() -> str:
