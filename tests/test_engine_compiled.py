@@ -240,15 +240,50 @@ def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(
     compare(got, recomputed(model), tol, within)
 
 
+def test_compiled_function_called_directly_after_dynamo(monkeypatch):
+    """Each bucket goes through Dynamo once (which compiles it); every later step of that bucket
+    calls the compiled function directly with the same tensors, and the logits stay eager's.
+    Dynamo traces for real here; the backend runs Dynamo's graph module instead of Inductor."""
+    monkeypatch.setattr(compiled_mod, "_inductor", lambda gm, example_inputs: gm)
+    armed = []
+    arm = compiled_mod._Direct._arm
+
+    def counted(self, args, out):
+        arm(self, args, out)
+        armed.append(self.direct is not None)
+
+    monkeypatch.setattr(compiled_mod._Direct, "_arm", counted)
+    model = tiny_model(**YARN)
+    eager = teacher_forced(engine(model))
+    fast = engine(model, decode="compiled", decode_dtype="float32")
+    steps = []
+    decode = fast.runner.decode
+    fast.runner.decode = lambda inp: steps.append(inp.num_decode) or decode(inp)
+    got = teacher_forced(fast)
+    compare(got, eager, FP32_TOL)
+    buckets = fast.runner._compiled
+    assert buckets and all(d.direct is not None for d in buckets.values())
+    assert all(armed) and len(armed) == len(buckets) < len(steps) // 10
+    # a weight update (GRPO's) is copied into the graph's inputs: no new trace, eager's logits.
+    # (Weights after the last layer's attention: the prefix cache's latents stay valid.)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+        model.layers[-1].mlp.experts.gate_up_proj.mul_(1.5)
+    compare(teacher_forced(fast), teacher_forced(engine(model)), FP32_TOL)
+    assert fast.runner._compiled is buckets and len(armed) == len(buckets)
+
+
 def test_decode_graph_follows_weight_updates(monkeypatch):
     uncompiled(monkeypatch)
     model = tiny_model()
     fast = engine(model, decode="compiled", decode_dtype="float32")
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     before = fast.generate([[5, 6, 7]], params)[0].token_ids
+    graph = fast.runner._graph
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
     after = fast.generate([[5, 6, 7]], params)[0].token_ids
+    assert fast.runner._graph is graph  # updated in place, not rebuilt
     assert after == engine(model).generate([[5, 6, 7]], params)[0].token_ids
     assert before != after
 

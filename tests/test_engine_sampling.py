@@ -133,3 +133,21 @@ def test_greedy_speculation_accepts_exactly_the_argmax():
     assert spec.verify(logits, [_Seq(0, temperature=0)], [1]) == [[(1, 0), (0, 1)]]
     assert spec.verify(logits, [_Seq(0, temperature=0)], [2]) == [[(1, 0)]]
     assert spec.drafted == 2 and spec.accepted == 1
+
+
+def test_greedy_argmax_is_torch_argmax_with_ties_and_nan():
+    """The sampler's greedy pick (numpy for fp32 CPU rows) is torch.argmax's: the first of tied
+    maxima, the first NaN when there is one, in fp32 and bf16, for strided rows too."""
+    from nanoseek.engine.sampling import _argmax
+
+    rows = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, -2.0, 0.5],
+            [0.0, float("nan"), 5.0, float("nan"), 1.0],
+            [float("-inf"), float("-inf"), -1.0, -1.0, float("-inf")],
+            [2.0, 2.0, 2.0, 2.0, 2.0],
+        ]
+    )
+    rows = torch.cat([rows, torch.randn(6, 5, generator=torch.Generator().manual_seed(0))])
+    for x in (rows, rows.bfloat16(), rows.t().contiguous().t(), rows[::2]):
+        assert _argmax(x) == x.argmax(dim=-1).tolist()
