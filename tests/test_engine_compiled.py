@@ -325,6 +325,13 @@ def test_compiled_teacher_forced_logits_equal_eager_and_recompute(dtype, tol, wi
     assert fast.runner.compile_seconds  # each bucket's compile time, reported
     compare(got, eager, tol, within)
     compare(got, recomputed(model), tol, within)
+    # a weight update is copied into the compiled graph's inputs: eager's logits, no recompilation
+    buckets = fast.runner._compiled
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+        model.layers[-1].mlp.experts.gate_up_proj.mul_(1.5)
+    compare(teacher_forced(fast), teacher_forced(engine(model)), tol, within)
+    assert fast.runner._compiled is buckets
 
 
 @pytest.mark.slow
