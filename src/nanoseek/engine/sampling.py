@@ -229,7 +229,10 @@ class Sampler:
         cdf = probs.double().cumsum(dim=-1)
         u = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device).unsqueeze(1) * cdf[:, -1:]
         idx = torch.searchsorted(cdf, u, right=True).squeeze(1)  # never a zero-probability token...
-        last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
+        V = probs.shape[-1]
+        if int(idx.max()) < V:  # (the cdf is flat after the last nonzero one: idx is at most it)
+            return idx
+        last = V - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
         # ...except past the end, when u x total rounds up to the total
         return torch.minimum(idx, last)
 
@@ -239,7 +242,8 @@ class Sampler:
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         tokens = _argmax(logits) if len(sampled) < len(rows) else [0] * len(rows)
         if sampled:
-            probs = self.probabilities(logits[sampled], [rows[i] for i in sampled])
+            some = logits if len(sampled) == len(rows) else logits[sampled]
+            probs = self.probabilities(some, [rows[i] for i in sampled])
             drawn = self.draw(probs, [rows[i].rng.random() for i in sampled])
             for i, t in zip(sampled, drawn.tolist()):
                 tokens[i] = t
