@@ -439,9 +439,10 @@ class _Padded:
     """One bucket's graph inputs, kept between steps: ids, cos, sin [Bp], context [Bp, Sp] (the
     cache rows before each token) and bias [Bp, Sp + 1] (0 where a row may attend, -inf elsewhere;
     the last column, the token itself, 0), plus the real rows' positions and slots. Written through
-    numpy views of the same memory. A row that continues the sequence it held at the last step
-    (one token further, the same blocks) only gains one context column; any other row is rebuilt.
-    Padded rows attend to themselves only."""
+    numpy views of the same memory. A row's context and bias depend only on its position and its
+    blocks: a row one position further than at its last fill, over the same blocks (the sequence
+    moved one token), only gains one context column; any other row is rebuilt. Padded rows attend
+    to themselves only."""
 
     def __init__(self, Bp: int, Sp: int, block_size: int):
         self.block_size = block_size
@@ -459,8 +460,9 @@ class _Padded:
         self._bias = bias.numpy()
         self._positions = self.positions.numpy()
         self._slots = self.slots.numpy()
-        self._cos = self._sin = None
-        # what each row holds: (sequence, computed tokens, its blocks then) or None (padding)
+        self._cos = None
+        self._sin = None
+        # what each row was last filled for: (computed tokens, their blocks) or None (padding)
         self.rows: list[tuple | None] = [None] * Bp
 
     def fill(self, decode: list, cos_table: np.ndarray, sin_table: np.ndarray) -> None:
@@ -482,10 +484,9 @@ class _Padded:
             nb = -(-n // bs)  # blocks of positions < n
             if (
                 held is not None
-                and held[0] is seq
-                and held[1] == n - 1
-                and len(held[2]) <= nb
-                and held[2] == table[: len(held[2])]
+                and held[0] == n - 1
+                and len(held[1]) <= nb
+                and held[1] == table[: len(held[1])]
             ):  # one more column
                 self._context[i, n - 1] = table[(n - 1) // bs] * bs + (n - 1) % bs
                 self._bias[i, n - 1] = 0.0
@@ -497,7 +498,7 @@ class _Padded:
                 self._context[i, n:] = 0
                 self._bias[i, :n] = 0.0
                 self._bias[i, n : self.Sp] = float("-inf")
-            self.rows[i] = (seq, n, table[:nb])
+            self.rows[i] = (n, table[:nb])
         for i in range(len(decode), len(self.rows)):
             if self.rows[i] is not None:  # a row that held a sequence now pads
                 self._ids[i] = 0
