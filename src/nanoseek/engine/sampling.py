@@ -230,7 +230,7 @@ class Sampler:
         u = torch.tensor(uniforms, dtype=cdf.dtype, device=cdf.device).unsqueeze(1) * cdf[:, -1:]
         idx = torch.searchsorted(cdf, u, right=True).squeeze(1)  # never a zero-probability token...
         V = probs.shape[-1]
-        if int(idx.max()) < V:  # (the cdf is flat after the last nonzero one: idx is at most it)
+        if not idx.numel() or int(idx.max()) < V:  # (the cdf is flat after the last nonzero one)
             return idx
         last = V - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
         # ...except past the end, when u x total rounds up to the total
