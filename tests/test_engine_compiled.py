@@ -342,3 +342,20 @@ def test_auto_measures_and_says_which_path_runs(capfd):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     want = engine(tiny_model()).generate([[5, 6, 7]], params)[0].token_ids
     assert e.generate([[5, 6, 7]], params)[0].token_ids == want
+
+
+def test_frozen_weights_are_rebuilt_not_copied(monkeypatch):
+    """With Inductor's freezing on (the weights constants of the compiled code), a weight change
+    rebuilds the graph (a recompilation) instead of copying into tensors the code does not read."""
+    uncompiled(monkeypatch)
+    monkeypatch.setitem(compiled_mod.INDUCTOR_OPTIONS, "freezing", True)
+    model = tiny_model()
+    fast = engine(model, decode="compiled", decode_dtype="float32")
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    fast.generate([[5, 6, 7]], params)
+    graph = fast.runner._graph
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    after = fast.generate([[5, 6, 7]], params)[0].token_ids
+    assert fast.runner._graph is not graph
+    assert after == engine(model).generate([[5, 6, 7]], params)[0].token_ids

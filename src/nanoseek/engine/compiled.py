@@ -315,7 +315,9 @@ class CompiledRunner(ModelRunner):
             return self._graph
         with torch.no_grad():
             graph = DecodeGraph(self.model, weights, self.dtype).eval()
-        if self._graph is not None and _same_tensors(self._graph, graph):
+        # frozen weights are constants of the compiled code: only a new compilation sees new ones
+        in_place = not INDUCTOR_OPTIONS.get("freezing", False)
+        if self._graph is not None and in_place and _same_tensors(self._graph, graph):
             with torch.inference_mode():
                 for old, new in zip(self._graph.buffers(), graph.buffers()):
                     if old.data_ptr() != new.data_ptr():
