@@ -7,6 +7,7 @@ per graph on a busy 2-core machine)."""
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -149,6 +150,80 @@ def test_buckets():
     assert bucket(3, 256) == 256 and bucket(300, 256) == 512
 
 
+def test_padded_rows_rebuilt_when_a_block_is_replaced():
+    """A row that advances one token keeps its columns only while its earlier blocks stay the
+    same: a copied-on-write block (same sequence, next position, another block id) rebuilds it."""
+    rope = torch.arange(40.0).unsqueeze(1).expand(-1, 4).contiguous().numpy()
+    seq = SimpleNamespace(token_ids=[1] * 7, num_computed=6, block_table=[3, 5])
+    kept = compiled_mod._Padded(2, 8, 4)
+
+    def same_as_fresh() -> None:
+        fresh = compiled_mod._Padded(2, 8, 4)
+        fresh.fill([seq], rope, rope)
+        kept.fill([seq], rope, rope)
+        for a, b in zip(kept.tensors, fresh.tensors):
+            assert torch.equal(a, b)
+
+    same_as_fresh()
+    seq.token_ids.append(2)
+    seq.num_computed = 7
+    same_as_fresh()  # one more column
+    seq.token_ids.append(2)
+    seq.num_computed = 8
+    seq.block_table = [3, 9, 4]  # block 5 was copied to 9 (copy-on-write)
+    same_as_fresh()
+    assert kept.tensors[3][0, 4:8].tolist() == [36, 37, 38, 39]
+
+
+def test_padded_inputs_kept_between_steps_equal_a_fresh_layout(monkeypatch):
+    """The graph's inputs that the compiled runner keeps between steps (one new context column a
+    step) equal the layout built afresh from the eager runner's prepare at every step: batches that
+    shrink as requests finish, n=2 forks (copy-on-write blocks), preemptions (a pool too small for
+    the batch) and context buckets that grow (CONTEXT_MIN lowered to 4)."""
+    uncompiled(monkeypatch)
+    monkeypatch.setattr(compiled_mod, "CONTEXT_MIN", 4)
+    fast = Engine(
+        tiny_model(),
+        max_batch_size=4,
+        block_size=4,
+        num_blocks=10,
+        decode="compiled",
+        decode_dtype="float32",
+    )
+    runner = fast.runner
+    checked = []
+
+    def prepare(decode, prefill, width, drafts):
+        inp = CompiledRunner.prepare(runner, decode, prefill, width, drafts)
+        if inp.padded is None:
+            return inp
+        want = compiled_mod._pad(ModelRunner.prepare(runner, decode, prefill, width, drafts))
+        ids, cos, sin, context, bias = inp.padded
+        assert [t.shape for t in inp.padded] == [t.shape for t in want]
+        assert torch.equal(bias, want[4])
+        assert torch.equal(ids, want[0]) and torch.equal(cos, want[1]) and torch.equal(sin, want[2])
+        visible = bias[:, :-1] == 0
+        assert torch.equal(context[visible], want[3][visible])
+        checked.append((len(decode), context.shape))
+        return inp
+
+    runner.prepare = prepare
+    params = [
+        SamplingParams(max_tokens=k, temperature=0, ignore_eos=True, n=n)
+        for k, n in ((24, 1), (17, 2), (4, 1))
+    ]
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17], [21, 22]]
+    outs = fast.generate(prompts, params)
+    assert fast.stats()["preemptions"] > 0
+    assert {b for b, _ in checked} >= {1, 2, 3} and len({s for _, s in checked}) >= 3
+    want = Engine(tiny_model(), max_batch_size=4, block_size=4, num_blocks=10).generate(
+        prompts, params
+    )
+    assert [[c.token_ids for c in o.outputs] for o in outs] == [
+        [c.token_ids for c in o.outputs] for o in want
+    ]
+
+
 @pytest.mark.parametrize("dtype,tol,within", PATHS)
 def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(
     monkeypatch, dtype, tol, within
@@ -165,15 +240,50 @@ def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(
     compare(got, recomputed(model), tol, within)
 
 
+def test_compiled_function_called_directly_after_dynamo(monkeypatch):
+    """Each bucket goes through Dynamo once (which compiles it); every later step of that bucket
+    calls the compiled function directly with the same tensors, and the logits stay eager's.
+    Dynamo traces for real here; the backend runs Dynamo's graph module instead of Inductor."""
+    monkeypatch.setattr(compiled_mod, "_inductor", lambda gm, example_inputs: gm)
+    armed = []
+    arm = compiled_mod._Direct._arm
+
+    def counted(self, args, out):
+        arm(self, args, out)
+        armed.append(self.direct is not None)
+
+    monkeypatch.setattr(compiled_mod._Direct, "_arm", counted)
+    model = tiny_model(**YARN)
+    eager = teacher_forced(engine(model))
+    fast = engine(model, decode="compiled", decode_dtype="float32")
+    steps = []
+    decode = fast.runner.decode
+    fast.runner.decode = lambda inp: steps.append(inp.num_decode) or decode(inp)
+    got = teacher_forced(fast)
+    compare(got, eager, FP32_TOL)
+    buckets = fast.runner._compiled
+    assert buckets and all(d.direct is not None for d in buckets.values())
+    assert all(armed) and len(armed) == len(buckets) < len(steps) // 10
+    # a weight update (GRPO's) is copied into the graph's inputs: no new trace, eager's logits.
+    # (Weights after the last layer's attention: the prefix cache's latents stay valid.)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+        model.layers[-1].mlp.experts.gate_up_proj.mul_(1.5)
+    compare(teacher_forced(fast), teacher_forced(engine(model)), FP32_TOL)
+    assert fast.runner._compiled is buckets and len(armed) == len(buckets)
+
+
 def test_decode_graph_follows_weight_updates(monkeypatch):
     uncompiled(monkeypatch)
     model = tiny_model()
     fast = engine(model, decode="compiled", decode_dtype="float32")
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     before = fast.generate([[5, 6, 7]], params)[0].token_ids
+    graph = fast.runner._graph
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
     after = fast.generate([[5, 6, 7]], params)[0].token_ids
+    assert fast.runner._graph is graph  # updated in place, not rebuilt
     assert after == engine(model).generate([[5, 6, 7]], params)[0].token_ids
     assert before != after
 
@@ -215,6 +325,13 @@ def test_compiled_teacher_forced_logits_equal_eager_and_recompute(dtype, tol, wi
     assert fast.runner.compile_seconds  # each bucket's compile time, reported
     compare(got, eager, tol, within)
     compare(got, recomputed(model), tol, within)
+    # a weight update is copied into the compiled graph's inputs: eager's logits, no recompilation
+    buckets = fast.runner._compiled
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+        model.layers[-1].mlp.experts.gate_up_proj.mul_(1.5)
+    compare(teacher_forced(fast), teacher_forced(engine(model)), tol, within)
+    assert fast.runner._compiled is buckets
 
 
 @pytest.mark.slow
@@ -225,3 +342,20 @@ def test_auto_measures_and_says_which_path_runs(capfd):
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     want = engine(tiny_model()).generate([[5, 6, 7]], params)[0].token_ids
     assert e.generate([[5, 6, 7]], params)[0].token_ids == want
+
+
+def test_frozen_weights_are_rebuilt_not_copied(monkeypatch):
+    """With Inductor's freezing on (the weights constants of the compiled code), a weight change
+    rebuilds the graph (a recompilation) instead of copying into tensors the code does not read."""
+    uncompiled(monkeypatch)
+    monkeypatch.setitem(compiled_mod.INDUCTOR_OPTIONS, "freezing", True)
+    model = tiny_model()
+    fast = engine(model, decode="compiled", decode_dtype="float32")
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    fast.generate([[5, 6, 7]], params)
+    graph = fast.runner._graph
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)
+    after = fast.generate([[5, 6, 7]], params)[0].token_ids
+    assert fast.runner._graph is not graph
+    assert after == engine(model).generate([[5, 6, 7]], params)[0].token_ids

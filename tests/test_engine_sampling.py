@@ -133,3 +133,41 @@ def test_greedy_speculation_accepts_exactly_the_argmax():
     assert spec.verify(logits, [_Seq(0, temperature=0)], [1]) == [[(1, 0), (0, 1)]]
     assert spec.verify(logits, [_Seq(0, temperature=0)], [2]) == [[(1, 0)]]
     assert spec.drafted == 2 and spec.accepted == 1
+
+
+def test_greedy_argmax_is_torch_argmax_with_ties_and_nan():
+    """The sampler's greedy pick (numpy for fp32 CPU rows) is torch.argmax's: the first of tied
+    maxima, the first NaN when there is one, in fp32 and bf16, for strided rows too."""
+    from nanoseek.engine.sampling import _argmax
+
+    rows = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, -2.0, 0.5],
+            [0.0, float("nan"), 5.0, float("nan"), 1.0],
+            [float("-inf"), float("-inf"), -1.0, -1.0, float("-inf")],
+            [2.0, 2.0, 2.0, 2.0, 2.0],
+        ]
+    )
+    rows = torch.cat([rows, torch.randn(6, 5, generator=torch.Generator().manual_seed(0))])
+    for x in (rows, rows.bfloat16(), rows.t().contiguous().t(), rows[::2]):
+        assert _argmax(x) == x.argmax(dim=-1).tolist()
+
+
+def test_draw_equals_the_full_inverse_cdf_formula():
+    """draw skips the last-possible-token search when no row ran past the end; its tokens equal the
+    full formula's (first cdf entry above u x total, capped at the last nonzero token) for rows with
+    zeros inside and at the end, and uniforms at 0 and next to 1."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, 50, generator=gen)
+    probs[probs < 0.4] = 0.0
+    probs[:, -7:] = 0.0
+    probs /= probs.sum(-1, keepdim=True)
+    uniforms = torch.rand(64, generator=gen).tolist()
+    uniforms[:3] = [0.0, 1.0 - 2**-53, 1.0]
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.tensor(uniforms, dtype=torch.float64).unsqueeze(1) * cdf[:, -1:]
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1)
+    want = torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(1), last)
+    assert Sampler.draw(probs, uniforms).tolist() == want.tolist()
+    for i in range(64):  # one row at a time too: most rows take the shortcut alone
+        assert Sampler.draw(probs[i : i + 1], uniforms[i : i + 1]).tolist() == [want[i].item()]

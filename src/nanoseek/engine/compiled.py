@@ -1,14 +1,21 @@
-"""The decode step compiled: one graph per (batch, context) bucket, the weights frozen into it.
+"""The decode step compiled: one graph per (batch, context) bucket, called without Dynamo.
 
 A step whose every token is one sequence's next token (no prefill chunk, no speculation) is the
 engine's hot loop; eager, it is hundreds of small launches and matrix-vector products that read
 weights at a fraction of the memory bandwidth. Here the whole step (embedding, every block: absorbed
 MLA over the gathered cache rows, routing, the experts gathered by id with model/moe.py's
 `dispatch_gathered`; final norm, LM head) is one tensor program with static shapes, compiled by
-Inductor with its C++ wrapper and max-autotune over frozen weights, which picks its C++ GEMM
-templates (shared/spec/cpu-decode-probe.md: the default mode gains nothing). The batch is padded
-to a power of two, the context to a power of two of at least CONTEXT_MIN rows, so a few
-compilations serve a whole generation.
+Inductor with its C++ wrapper and max-autotune, which picks its C++ GEMM templates
+(shared/spec/cpu-decode-probe.md: the default mode gains nothing). The batch is padded to a power of
+two, the context to a power of two of at least CONTEXT_MIN rows, so a few compilations serve a whole
+generation.
+
+Around the graph, a step costs little: the runner lays a pure-decode step straight into its
+bucket's input buffers, kept between steps (one new context column per sequence; _Padded), and
+once Dynamo has compiled a bucket, later steps call Inductor's function directly with those same
+tensors (_Direct: no guards, no frame hook). The weights are graph inputs, not constants: when the
+model's weights change (GRPO), the new values are copied into the graph's tensors and nothing is
+recompiled.
 
 The graph reads the latent cache (an input: it changes every step) and returns the step's latents;
 the runner writes them with one index_copy_ over all layers, for the real rows only. Padded rows
@@ -27,6 +34,7 @@ import time
 import warnings
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +50,9 @@ from nanoseek.model.transformer import Transformer
 CONTEXT_MIN = 256  # the smallest context bucket: cache rows before a decoding token
 INDUCTOR_OPTIONS = {
     "max_autotune": True,
-    "freezing": True,
+    # the weights are graph inputs, not constants: a weight update is copied in place and needs no
+    # recompilation (freezing them measured no faster here: 1.75-1.78 ms a step either way)
+    "freezing": False,
     "cpp_wrapper": True,
     "autotune_num_choices_displayed": 0,
     "max_autotune_report_choices_stats": False,
@@ -84,7 +94,8 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class _Params(nn.Module):
-    """Tensors as buffers, so that freezing makes them constants of the graph."""
+    """Tensors as buffers: inputs of the compiled graph, which the runner updates in place when
+    the model's weights change."""
 
     def put(self, name: str, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> None:
         t = None if t is None else t.detach().to(dtype or t.dtype).contiguous()
@@ -231,6 +242,48 @@ class CompiledRunner(ModelRunner):
         self._generation = -1
         self._compiled: dict[tuple[int, int], object] = {}
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's hidden, logits
+        self._pads: dict[tuple[int, int], _Padded] = {}  # the graph's input buffers, by bucket
+        self._rope: tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray] | None = None
+
+    def prepare(
+        self, decode: list, prefill: list[tuple[object, int]], width: int, drafts: list[int]
+    ) -> StepInput:
+        """A pure-decode step is laid out straight into its bucket's padded buffers (see
+        _Padded); any other step as the eager runner lays it out."""
+        if prefill or width != 1 or not decode or self.device.type != "cpu":
+            return super().prepare(decode, prefill, width, drafts)
+        B = len(decode)
+        Bp = bucket(B)
+        Sp = bucket(max(seq.num_computed for seq in decode), CONTEXT_MIN)
+        pad = self._pads.get((Bp, Sp))
+        if pad is None:
+            pad = self._pads[(Bp, Sp)] = _Padded(Bp, Sp, self.cache.block_size)
+        cos, sin = self._rope_tables()
+        pad.fill(decode, cos, sin)
+        ids, cos, sin, context, bias = pad.tensors
+        return StepInput(
+            ids=ids[:B],
+            positions=pad.positions[:B],
+            slots=pad.slots[:B],
+            num_decode=B,
+            width=1,
+            decode_slots=context[:B],
+            decode_bias=None,
+            chunks=[],
+            cos=cos[:B],
+            sin=sin[:B],
+            padded=pad.tensors,
+        )
+
+    def _rope_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """The model's rope tables with each angle repeated for both dims of its pair (as prepare
+        lays them out), fp32, as numpy views; rebuilt if the model's tables are replaced."""
+        model = self.model
+        if self._rope is None or self._rope[0] is not model.rope_cos:
+            cos = model.rope_cos.float().repeat_interleave(2, dim=-1).contiguous()
+            sin = model.rope_sin.float().repeat_interleave(2, dim=-1).contiguous()
+            self._rope = (model.rope_cos, model.rope_sin, cos.numpy(), sin.numpy())
+        return self._rope[2], self._rope[3]
 
     def handles(self, inp: StepInput) -> bool:
         return not inp.chunks and inp.width == 1 and inp.num_decode > 0
@@ -246,69 +299,239 @@ class CompiledRunner(ModelRunner):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The graph's own logits when asked for exactly the rows it computed, else eager's."""
         last = self._last
-        if last is not None and hidden.shape == last[0].shape and torch.equal(hidden, last[0]):
+        if last is not None and (
+            hidden is last[0] or (hidden.shape == last[0].shape and torch.equal(hidden, last[0]))
+        ):
             return last[1]
         return super().logits(hidden)
 
     def graph(self) -> DecodeGraph:
-        """The graph over the current weights; rebuilt (and recompiled) when they change."""
+        """The graph over the current weights. When they change (GRPO updates the policy between
+        rollouts), the new values are copied into the graph's own tensors: the compiled code reads
+        them as inputs, so nothing is recompiled. A graph whose tensors no longer match (another
+        layout) is rebuilt and recompiled."""
         weights = self.weights.current()
-        if self._graph is None or weights.generation != self._generation:
+        if self._graph is not None and weights.generation == self._generation:
+            return self._graph
+        with torch.no_grad():
+            graph = DecodeGraph(self.model, weights, self.dtype).eval()
+        # frozen weights are constants of the compiled code: only a new compilation sees new ones
+        in_place = not INDUCTOR_OPTIONS.get("freezing", False)
+        if self._graph is not None and in_place and _same_tensors(self._graph, graph):
+            with torch.inference_mode():
+                for old, new in zip(self._graph.buffers(), graph.buffers()):
+                    if old.data_ptr() != new.data_ptr():
+                        old.copy_(new)
+            log("the model's weights changed: copied into the compiled decode step")
+        else:
             if self._graph is not None:
                 log("the model's weights changed: the compiled decode step is rebuilt")
-            with torch.no_grad():
-                self._graph = DecodeGraph(self.model, weights, self.dtype).eval()
-            self._generation = weights.generation
+            self._graph = graph
             self._compiled = {}
             self.compile_seconds = {}
+        self._generation = weights.generation
         return self._graph
 
     def compiled(self, batch: int, context: int):
         graph = self.graph()
         key = (batch, context)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(
-                graph, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS
-            )
+            self._compiled[key] = _Direct(graph)
         return self._compiled[key]
 
     def decode(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
         """A pure-decode step through the compiled graph of its bucket; writes its latents to the
         cache. -> (hidden [B, d], logits [B, V]) of the real rows."""
         B = inp.num_decode
-        S = inp.decode_slots.shape[1] - 1  # cache rows before the newest token
-        Bp = bucket(B)
-        Sp = bucket(S, CONTEXT_MIN)
-        dev = self.device
-        context = torch.zeros(Bp, Sp, dtype=torch.long, device=dev)
-        context[:B, :S] = inp.decode_slots[:, :S]
-        bias = torch.full((Bp, Sp + 1), float("-inf"), device=dev)
-        bias[:, Sp] = 0.0
-        before = torch.arange(Sp, device=dev) < inp.positions[:B, None]
-        bias[:B, :Sp].masked_fill_(before, 0.0)
-        ids = F.pad(inp.ids, (0, Bp - B))
-        cos = F.pad(inp.cos.float(), (0, 0, 0, Bp - B))
-        sin = F.pad(inp.sin.float(), (0, 0, 0, Bp - B))
+        ids, cos, sin, context, bias = inp.padded if inp.padded is not None else _pad(inp)
+        Bp, Sp = context.shape
         fn = self.compiled(Bp, Sp)
         first = (Bp, Sp) not in self.compile_seconds
-        start = time.perf_counter()
-        # the first call compiles; each bucket is a recompilation of one forward, hence the limits
-        limits = dict(recompile_limit=64, accumulated_recompile_limit=4096)
         if first:
+            start = time.perf_counter()
+            # the first call compiles; each bucket is a recompilation of one forward, hence the
+            # limits
+            limits = dict(recompile_limit=64, accumulated_recompile_limit=4096)
             with torch._dynamo.config.patch(**limits), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
                 hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
-        else:
-            hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
-        if first:
             seconds = time.perf_counter() - start
             self.compile_seconds[(Bp, Sp)] = seconds
             log(
                 f"compiled the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)})"
                 f" in {seconds:.1f} s (cached in {inductor_cache_dir()})"
             )
-        self.cache.kv.index_copy_(1, inp.slots, latents[:, :B])
-        return hidden[:B].to(self.model.embed_tokens.weight.dtype), logits[:B]
+        else:
+            hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
+        self.cache.kv.index_copy_(1, inp.slots, latents[:, :B] if B < Bp else latents)
+        if B < Bp:
+            hidden = hidden[:B]
+            logits = logits[:B]
+        dtype = self.model.embed_tokens.weight.dtype
+        return (hidden if hidden.dtype == dtype else hidden.to(dtype)), logits
+
+
+def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two graphs hold tensors of the same names, shapes and dtypes, in the same order."""
+    one = [(n, t.shape, t.dtype) for n, t in a.named_buffers()]
+    return one == [(n, t.shape, t.dtype) for n, t in b.named_buffers()]
+
+
+def _inductor(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+    """Inductor over Dynamo's graph, as torch.compile(options=INDUCTOR_OPTIONS) runs it."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=INDUCTOR_OPTIONS)
+
+
+class _Direct:
+    """One bucket's graph, compiled by torch.compile and then called without Dynamo.
+
+    The first call goes through torch.compile (Dynamo traces the graph, Inductor compiles it, or
+    loads it from its on-disk cache) with a backend that keeps what Inductor returns and the
+    inputs it was compiled for: the graph's weights (the same tensors at every call) and the step's
+    inputs. The runner passes the same tensors at every step of a bucket (its padded buffers and the
+    cache pool, written in place), so later calls hand Inductor's function that same input list
+    directly: no guard evaluation, no frame hook, no module call. Guards would only re-check what
+    cannot change here (the tensors are the same objects, shapes fixed by the bucket, the weights
+    frozen: a weight change builds a new graph); any call with other tensors goes through Dynamo.
+    """
+
+    def __init__(self, graph: DecodeGraph):
+        self.captured: tuple[object, list] | None = None  # the compiled fn, its last inputs
+        self.direct: tuple[object, list, tuple] | None = None  # fn, its inputs, the step's args
+        self.dynamo = torch.compile(graph, backend=self._backend, dynamic=False, fullgraph=True)
+
+    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list):
+        fn = _inductor(gm, example_inputs)
+        self.direct = None
+
+        def recorded(*args):  # what Dynamo's frame hands the compiled function at a call
+            self.captured = (fn, list(args))
+            return fn(*args)
+
+        return recorded
+
+    def __call__(self, *args: torch.Tensor):
+        direct = self.direct
+        if direct is not None and all(a is b for a, b in zip(args, direct[2])):
+            return tuple(direct[0](*direct[1]))
+        self.captured = None
+        out = self.dynamo(*args)
+        self._arm(args, out)
+        return out
+
+    def _arm(self, args: tuple, out) -> None:
+        """After a call through Dynamo: call directly from now on if every input that the compiled
+        function was handed is a weight or one of these args, and it returned the three
+        outputs."""
+        captured = self.captured
+        self.captured = None
+        if captured is None or not (isinstance(out, tuple) and len(out) == 3):
+            return
+        fn, inputs = captured
+        if not all(isinstance(t, torch.Tensor) for t in inputs):
+            return
+        if not {id(a) for a in args} <= {id(t) for t in inputs}:
+            return
+        self.direct = (fn, inputs, args)
+
+
+class _Padded:
+    """One bucket's graph inputs, kept between steps: ids, cos, sin [Bp], context [Bp, Sp] (the
+    cache rows before each token) and bias [Bp, Sp + 1] (0 where a row may attend, -inf elsewhere;
+    the last column, the token itself, 0), plus the real rows' positions and slots. Written through
+    numpy views of the same memory. A row's context and bias depend only on its position and its
+    blocks: a row one position further than at its last fill, over the same blocks (the sequence
+    moved one token), only gains one context column; any other row is rebuilt. Padded rows attend
+    to themselves only."""
+
+    def __init__(self, Bp: int, Sp: int, block_size: int):
+        self.block_size = block_size
+        self.Sp = Sp
+        ids = torch.zeros(Bp, dtype=torch.long)
+        cos = torch.zeros(Bp, 0)  # sized at the first fill (the rope width)
+        context = torch.zeros(Bp, Sp, dtype=torch.long)
+        bias = torch.full((Bp, Sp + 1), float("-inf"))
+        bias[:, Sp] = 0.0
+        self.positions = torch.zeros(Bp, dtype=torch.long)
+        self.slots = torch.zeros(Bp, dtype=torch.long)
+        self.tensors = (ids, cos, cos, context, bias)
+        self._ids = ids.numpy()
+        self._context = context.numpy()
+        self._bias = bias.numpy()
+        self._positions = self.positions.numpy()
+        self._slots = self.slots.numpy()
+        self._cos = None
+        self._sin = None
+        # what each row was last filled for: (computed tokens, their blocks) or None (padding)
+        self.rows: list[tuple | None] = [None] * Bp
+
+    def fill(self, decode: list, cos_table: np.ndarray, sin_table: np.ndarray) -> None:
+        if self._cos is None:
+            Bp = len(self.rows)
+            cos = torch.zeros(Bp, cos_table.shape[1])
+            sin = torch.zeros(Bp, sin_table.shape[1])
+            self.tensors = (self.tensors[0], cos, sin, *self.tensors[3:])
+            self._cos = cos.numpy()
+            self._sin = sin.numpy()
+        bs = self.block_size
+        for i, seq in enumerate(decode):
+            n = seq.num_computed  # the new token's position; the cache holds positions < n
+            table = seq.block_table
+            self._ids[i] = seq.token_ids[-1]
+            self._positions[i] = n
+            self._slots[i] = table[n // bs] * bs + n % bs
+            held = self.rows[i]
+            nb = -(-n // bs)  # blocks of positions < n
+            if (
+                held is not None
+                and held[0] == n - 1
+                and len(held[1]) <= nb
+                and held[1] == table[: len(held[1])]
+            ):  # one more column
+                self._context[i, n - 1] = table[(n - 1) // bs] * bs + (n - 1) % bs
+                self._bias[i, n - 1] = 0.0
+            else:
+                pos = np.arange(n)
+                self._context[i, :n] = np.asarray(table[:nb], dtype=np.int64)[pos // bs] * bs + (
+                    pos % bs
+                )
+                self._context[i, n:] = 0
+                self._bias[i, :n] = 0.0
+                self._bias[i, n : self.Sp] = float("-inf")
+            self.rows[i] = (n, table[:nb])
+        for i in range(len(decode), len(self.rows)):
+            if self.rows[i] is not None:  # a row that held a sequence now pads
+                self._ids[i] = 0
+                self._positions[i] = 0
+                self._cos[i] = 0.0
+                self._sin[i] = 0.0
+                self._context[i] = 0
+                self._bias[i, : self.Sp] = float("-inf")
+                self.rows[i] = None
+        B = len(decode)
+        np.take(cos_table, self._positions[:B], axis=0, out=self._cos[:B])
+        np.take(sin_table, self._positions[:B], axis=0, out=self._sin[:B])
+
+
+def _pad(inp: StepInput) -> tuple[torch.Tensor, ...]:
+    """The graph's padded inputs of a decode step laid out by the eager runner's prepare."""
+    B = inp.num_decode
+    S = inp.decode_slots.shape[1] - 1  # cache rows before the newest token
+    Bp = bucket(B)
+    Sp = bucket(S, CONTEXT_MIN)
+    dev = inp.ids.device
+    context = torch.zeros(Bp, Sp, dtype=torch.long, device=dev)
+    context[:B, :S] = inp.decode_slots[:, :S]
+    bias = torch.full((Bp, Sp + 1), float("-inf"), device=dev)
+    bias[:, Sp] = 0.0
+    before = torch.arange(Sp, device=dev) < inp.positions[:B, None]
+    bias[:B, :Sp].masked_fill_(before, 0.0)
+    ids = F.pad(inp.ids, (0, Bp - B))
+    cos = F.pad(inp.cos.float(), (0, 0, 0, Bp - B))
+    sin = F.pad(inp.sin.float(), (0, 0, 0, Bp - B))
+    return ids, cos, sin, context, bias
 
 
 def inductor_cache_dir() -> str:

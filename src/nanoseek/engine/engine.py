@@ -372,7 +372,11 @@ class Engine:
                 else:
                     completed.append((seq, chunk.start + n - 1))
         nd = len(decode) * width
-        logits = self.runner.logits(hidden[list(range(nd)) + [row for _, row in completed]])
+        # a pure-decode step needs every row: no copy
+        wanted = hidden if not completed and nd == len(hidden) else None
+        if wanted is None:
+            wanted = hidden[list(range(nd)) + [row for _, row in completed]]
+        logits = self.runner.logits(wanted)
         new, families = self._sample(decode, drafts, completed, logits)
         results = self._append_tokens(new, logits)
         for seq in scored:

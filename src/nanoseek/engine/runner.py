@@ -57,6 +57,9 @@ class StepInput:
     # prefill rows that are image positions [M], and the embeddings that replace theirs [M, d]
     image_rows: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
+    # a compiled runner's pure-decode step: the graph's padded inputs (ids, cos, sin, context,
+    # bias); such a step has no decode_bias (engine/compiled.py)
+    padded: tuple | None = None
 
 
 class ModelRunner:
