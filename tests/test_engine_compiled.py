@@ -119,17 +119,19 @@ def uncompiled(monkeypatch) -> None:
 
 # ---------------------------------------------------------------------- experts gathered by id
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dispatch_gathered_equals_dropless_dispatch(dtype):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("dispatch", [moe.dispatch_gathered, moe.dispatch_dense])
+def test_gathered_and_dense_dispatch_equal_dropless_dispatch(dtype, n, dispatch):
+    torch.manual_seed(n)
     E = 8
     K = 3
     d = 16
     inner = 12
-    x = torch.randn(5, d, dtype=dtype)
+    x = torch.randn(n, d, dtype=dtype)
     gate_up = torch.randn(E, d, 2 * inner, dtype=dtype) / 4
     down = torch.randn(E, inner, d, dtype=dtype) / 4
-    ids = torch.stack([torch.randperm(E)[:K] for _ in range(5)])
-    weights = torch.rand(5, K)
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(n)])
+    weights = torch.rand(n, K)
 
     def expert(e, rows):
         gate, up = (rows @ gate_up[e]).chunk(2, dim=-1)
@@ -139,9 +141,43 @@ def test_dispatch_gathered_equals_dropless_dispatch(dtype):
         return moe.run_experts(xs, counts, expert)
 
     want, _ = moe.dispatch(x, weights, ids, E, run)
-    got = moe.dispatch_gathered(x, weights, ids, gate_up, down)
+    got = dispatch(x, weights, ids, gate_up, down)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_dense_dispatch_keeps_only_each_tokens_own_experts():
+    """An expert that overflows on a token not routed to it must not reach that token (masked,
+    not multiplied by a zero weight: 0 * inf is nan)."""
+    E = 4
+    d = 2
+    x = torch.ones(2, d)
+    gate_up = torch.ones(E, d, 2)
+    down = torch.ones(E, 1, d)
+    gate_up[3] = 1e30  # expert 3 gives inf on any input
+    ids = torch.tensor([[0, 1], [3, 2]])
+    weights = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    got = moe.dispatch_dense(x, weights, ids, gate_up, down)
+    assert torch.isfinite(got[0]).all() and torch.isinf(got[1]).all()
+    torch.testing.assert_close(got[0], moe.dispatch_gathered(x, weights, ids, gate_up, down)[0])
+
+
+def test_moe_graph_takes_dense_dispatch_once_pairs_reach_the_experts(monkeypatch):
+    model = tiny_model()
+    weights = engine(model).runner.weights.current()
+    graph = compiled_mod.DecodeGraph(model, weights, torch.float32)
+    moe_graph = next(b.ffn for b in graph.blocks if isinstance(b.ffn, compiled_mod._MoEGraph))
+    E = moe_graph.gate_up.shape[0]
+    K = moe_graph.gate.top_k
+    called = []
+    for name in ("dispatch_gathered", "dispatch_dense"):
+        real = getattr(moe, name)
+        monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=real: called.append(_n) or _f(*a))
+    d = model.config.hidden_size
+    with torch.no_grad():
+        for n in (1, -(-E // K)):  # 1 token: K pairs < E; ceil(E / K) tokens: >= E pairs
+            moe_graph(torch.randn(n, d))
+    assert called == ["dispatch_gathered", "dispatch_dense"]
 
 
 # ---------------------------------------------------------------------- the graph's math (fast)

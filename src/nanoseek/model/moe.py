@@ -18,7 +18,9 @@ alone takes the fast variants beside them, `Router.route_one` and `dispatch_one`
 ops, no sorting), which tests/test_model.py checks against the tensor path. The compiled decode
 step (engine/compiled.py) takes `dispatch_gathered`: every shape fixed by the batch and top-k, no
 data-dependent sizes, so routing and experts stay in one graph (tests/test_engine_compiled.py
-checks it against `dispatch`).
+checks it against `dispatch`); a batch with at least as many (token, expert) pairs as experts
+takes `dispatch_dense` (every expert on every token, the unchosen outputs masked), which reads each
+expert's weights once instead of once per pair.
 """
 
 from __future__ import annotations
@@ -173,6 +175,29 @@ def dispatch_gathered(
     gate, up = torch.bmm(xs, gate_up.index_select(0, flat)).chunk(2, dim=-1)
     ys = torch.bmm(F.silu(gate) * up, down.index_select(0, flat)).view(n, k, -1)
     return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
+
+
+def dispatch_dense(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """`dispatch_gathered` for a batch whose N·K (token, expert) pairs reach the number of experts
+    E: every expert runs on every token (one batched matmul per matrix, each expert's weights read
+    once) and each token keeps the outputs of its own K experts, weighted; the others are masked
+    out, never multiplied by zero (an expert's output on a token not routed to it may overflow).
+    Same arguments and result as `dispatch_gathered`; E/K times its arithmetic, a fraction of its
+    weight reads once N·K > E."""
+    n, _ = ids.shape
+    e = gate_up.shape[0]
+    chosen = torch.zeros(n, e, dtype=torch.bool, device=ids.device).scatter(1, ids, True)
+    dense = torch.zeros(n, e, dtype=weights.dtype, device=ids.device).scatter(1, ids, weights)
+    gate, up = torch.bmm(x.unsqueeze(0).expand(e, n, x.shape[-1]), gate_up).chunk(2, dim=-1)
+    ys = torch.bmm(F.silu(gate) * up, down)  # [E, N, d]
+    picked = torch.where(chosen.t().unsqueeze(-1), ys * dense.t().unsqueeze(-1).to(ys.dtype), 0)
+    return picked.sum(0)
 
 
 def run_experts(
