@@ -18,9 +18,9 @@ alone takes the fast variants beside them, `Router.route_one` and `dispatch_one`
 ops, no sorting), which tests/test_model.py checks against the tensor path. The compiled decode
 step (engine/compiled.py) takes `dispatch_gathered`: every shape fixed by the batch and top-k, no
 data-dependent sizes, so routing and experts stay in one graph (tests/test_engine_compiled.py
-checks it against `dispatch`); a batch with at least as many (token, expert) pairs as experts
-takes `dispatch_dense` (every expert on every token, the unchosen outputs masked), which reads each
-expert's weights once instead of once per pair.
+checks it against `dispatch`); with fp32 matrices, a batch with at least as many (token, expert)
+pairs as experts takes `dispatch_dense` (every expert on every token, the unchosen outputs
+masked), which reads each expert's weights once instead of once per pair.
 """
 
 from __future__ import annotations
