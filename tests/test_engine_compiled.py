@@ -306,8 +306,10 @@ def test_compiled_function_called_directly_after_dynamo(monkeypatch):
     buckets = fast.runner._compiled
     assert buckets and all(d.direct is not None for d in buckets.values())
     assert all(armed) and len(armed) == len(buckets) < len(steps) // 10
-    # a weight update (GRPO's) is copied into the graph's inputs: no new trace, eager's logits.
-    # (Weights after the last layer's attention: the prefix cache's latents stay valid.)
+    # with freezing off, a weight update (GRPO's) is copied into the graph's inputs: no new trace,
+    # eager's logits. (Weights after the last layer's attention: the prefix cache's latents stay
+    # valid.)
+    monkeypatch.setitem(compiled_mod.INDUCTOR_OPTIONS, "freezing", False)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
         model.layers[-1].mlp.experts.gate_up_proj.mul_(1.5)
@@ -316,7 +318,9 @@ def test_compiled_function_called_directly_after_dynamo(monkeypatch):
 
 
 def test_decode_graph_follows_weight_updates(monkeypatch):
+    """With freezing off (the weights graph inputs), a weight change is copied in place."""
     uncompiled(monkeypatch)
+    monkeypatch.setitem(compiled_mod.INDUCTOR_OPTIONS, "freezing", False)
     model = tiny_model()
     fast = engine(model, decode="compiled", decode_dtype="float32")
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
@@ -367,13 +371,14 @@ def test_compiled_teacher_forced_logits_equal_eager_and_recompute(dtype, tol, wi
     assert fast.runner.compile_seconds  # each bucket's compile time, reported
     compare(got, eager, tol, within)
     compare(got, recomputed(model), tol, within)
-    # a weight update is copied into the compiled graph's inputs: eager's logits, no recompilation
+    # frozen weights (the default) are constants of the code: a weight update rebuilds and
+    # recompiles the graph, and the logits follow eager's
     buckets = fast.runner._compiled
     with torch.no_grad():
         model.lm_head.weight.mul_(-1)
         model.layers[-1].mlp.experts.gate_up_proj.mul_(1.5)
     compare(teacher_forced(fast), teacher_forced(engine(model)), tol, within)
-    assert fast.runner._compiled is buckets
+    assert fast.runner._compiled is not buckets
 
 
 @pytest.mark.slow
@@ -387,10 +392,11 @@ def test_auto_measures_and_says_which_path_runs(capfd):
 
 
 def test_frozen_weights_are_rebuilt_not_copied(monkeypatch):
-    """With Inductor's freezing on (the weights constants of the compiled code), a weight change
-    rebuilds the graph (a recompilation) instead of copying into tensors the code does not read."""
+    """With Inductor's freezing on (the default: the weights constants of the compiled code), a
+    weight change rebuilds the graph (a recompilation) instead of copying into tensors the code
+    does not read."""
     uncompiled(monkeypatch)
-    monkeypatch.setitem(compiled_mod.INDUCTOR_OPTIONS, "freezing", True)
+    assert compiled_mod.INDUCTOR_OPTIONS["freezing"]
     model = tiny_model()
     fast = engine(model, decode="compiled", decode_dtype="float32")
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)

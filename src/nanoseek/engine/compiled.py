@@ -13,10 +13,10 @@ generation.
 Around the graph, a step costs little: the runner lays a pure-decode step straight into its
 bucket's input buffers, kept between steps (one new context column per sequence; _Padded), and
 once Dynamo has compiled a bucket, later steps call Inductor's function directly with those same
-tensors (_Direct: no guards, no frame hook). The weights are graph inputs, not constants: when the
-model's weights change (GRPO), the new values are copied into the graph's tensors and nothing is
-recompiled (with INDUCTOR_OPTIONS["freezing"] they are frozen instead: constants of the compiled
-code, and a weight change rebuilds and recompiles the graph).
+tensors (_Direct: no guards, no frame hook). The weights are frozen: constants of the compiled code,
+which max-autotune packs for its C++ GEMM templates, so a weight change rebuilds and recompiles the
+graph. With INDUCTOR_OPTIONS["freezing"] off they are graph inputs instead: a weight change (GRPO) is
+copied into the graph's tensors and nothing is recompiled, at some speed (docs/engine.md).
 
 The graph reads the latent cache (an input: it changes every step) and returns the step's latents;
 the runner writes them with one index_copy_ over all layers, for the real rows only. Padded rows
@@ -51,11 +51,11 @@ from nanoseek.model.transformer import Transformer
 CONTEXT_MIN = 256  # the smallest context bucket: cache rows before a decoding token
 INDUCTOR_OPTIONS = {
     "max_autotune": True,
-    # the weights are graph inputs, not constants: a weight update is copied in place and needs no
-    # recompilation. True makes them constants that max-autotune packs for its C++ GEMM templates
-    # (a batch-1 step, one thread: 1.93 -> 1.80 ms in fp32, 2.48 -> 1.33 ms in bf16) at the price
-    # of a recompilation at every weight change
-    "freezing": False,
+    # the weights are constants that max-autotune packs for its C++ GEMM templates (a batch-1
+    # step, one thread: 1.93 -> 1.80 ms in fp32, 2.48 -> 1.33 ms in bf16), at the price of a
+    # recompilation at every weight change. False makes them graph inputs: a weight update is then
+    # copied in place with no recompilation (for a policy that changes between rollouts)
+    "freezing": True,
     "cpp_wrapper": True,
     "autotune_num_choices_displayed": 0,
     "max_autotune_report_choices_stats": False,
