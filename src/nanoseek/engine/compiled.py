@@ -15,8 +15,8 @@ bucket's input buffers, kept between steps (one new context column per sequence;
 once Dynamo has compiled a bucket, later steps call Inductor's function directly with those same
 tensors (_Direct: no guards, no frame hook). The weights are frozen: constants of the compiled code,
 which max-autotune packs for its C++ GEMM templates, so a weight change rebuilds and recompiles the
-graph. With INDUCTOR_OPTIONS["freezing"] off they are graph inputs instead: a weight change (GRPO) is
-copied into the graph's tensors and nothing is recompiled, at some speed (docs/engine.md).
+graph. With INDUCTOR_OPTIONS["freezing"] off they are graph inputs instead: a weight change (GRPO)
+is copied into the graph's tensors and nothing is recompiled, for a slower step (docs/engine.md).
 
 The graph reads the latent cache (an input: it changes every step) and returns the step's latents;
 the runner writes them with one index_copy_ over all layers, for the real rows only. Padded rows
