@@ -197,10 +197,10 @@ def test_padded_rows_rebuilt_when_a_block_is_replaced():
     same: a copied-on-write block (same sequence, next position, another block id) rebuilds it."""
     rope = torch.arange(40.0).unsqueeze(1).expand(-1, 4).contiguous().numpy()
     seq = SimpleNamespace(token_ids=[1] * 7, num_computed=6, block_table=[3, 5])
-    kept = compiled_mod._Padded(2, 8, 4)
+    kept = compiled_mod._Padded(2, 8, 4, rope.shape[1])
 
     def same_as_fresh() -> None:
-        fresh = compiled_mod._Padded(2, 8, 4)
+        fresh = compiled_mod._Padded(2, 8, 4, rope.shape[1])
         fresh.fill([seq], rope, rope)
         kept.fill([seq], rope, rope)
         for a, b in zip(kept.tensors, fresh.tensors):

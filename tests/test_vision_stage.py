@@ -40,17 +40,9 @@ from nanoseek.train.vision import (
     visual_problems,
 )
 
-from helpers import save_tiny, small_tokenizer, tiny_config
+from helpers import TINY_VISION, save_tiny, small_tokenizer, tiny_config
 
-TOWER = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    image_size=32,
-    patch_size=8,
-    max_tiles=1,
-)
+TOWER = {**TINY_VISION, "max_tiles": 1}
 SECTION = {
     "vision": TOWER,
     "tasks": {"visual_colour": [1]},

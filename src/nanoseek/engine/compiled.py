@@ -264,10 +264,10 @@ class CompiledRunner(ModelRunner):
         B = len(decode)
         Bp = bucket(B)
         Sp = bucket(max(seq.num_computed for seq in decode), CONTEXT_MIN)
+        cos, sin = self._rope_tables()
         pad = self._pads.get((Bp, Sp))
         if pad is None:
-            pad = self._pads[(Bp, Sp)] = _Padded(Bp, Sp, self.cache.block_size)
-        cos, sin = self._rope_tables()
+            pad = self._pads[(Bp, Sp)] = _Padded(Bp, Sp, self.cache.block_size, cos.shape[1])
         pad.fill(decode, cos, sin)
         ids, cos, sin, context, bias = pad.tensors
         return StepInput(
@@ -458,35 +458,29 @@ class _Padded:
     moved one token), only gains one context column; any other row is rebuilt. Padded rows attend
     to themselves only."""
 
-    def __init__(self, Bp: int, Sp: int, block_size: int):
+    def __init__(self, Bp: int, Sp: int, block_size: int, rope_width: int):
         self.block_size = block_size
         self.Sp = Sp
         ids = torch.zeros(Bp, dtype=torch.long)
-        cos = torch.zeros(Bp, 0)  # sized at the first fill (the rope width)
+        cos = torch.zeros(Bp, rope_width)
+        sin = torch.zeros(Bp, rope_width)
         context = torch.zeros(Bp, Sp, dtype=torch.long)
         bias = torch.full((Bp, Sp + 1), float("-inf"))
         bias[:, Sp] = 0.0
         self.positions = torch.zeros(Bp, dtype=torch.long)
         self.slots = torch.zeros(Bp, dtype=torch.long)
-        self.tensors = (ids, cos, cos, context, bias)
+        self.tensors = (ids, cos, sin, context, bias)
         self._ids = ids.numpy()
         self._context = context.numpy()
         self._bias = bias.numpy()
         self._positions = self.positions.numpy()
         self._slots = self.slots.numpy()
-        self._cos = None
-        self._sin = None
+        self._cos = cos.numpy()
+        self._sin = sin.numpy()
         # what each row was last filled for: (computed tokens, their blocks) or None (padding)
         self.rows: list[tuple | None] = [None] * Bp
 
     def fill(self, decode: list, cos_table: np.ndarray, sin_table: np.ndarray) -> None:
-        if self._cos is None:
-            Bp = len(self.rows)
-            cos = torch.zeros(Bp, cos_table.shape[1])
-            sin = torch.zeros(Bp, sin_table.shape[1])
-            self.tensors = (self.tensors[0], cos, sin, *self.tensors[3:])
-            self._cos = cos.numpy()
-            self._sin = sin.numpy()
         bs = self.block_size
         for i, seq in enumerate(decode):
             n = seq.num_computed  # the new token's position; the cache holds positions < n

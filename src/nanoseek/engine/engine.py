@@ -372,9 +372,8 @@ class Engine:
                 else:
                     completed.append((seq, chunk.start + n - 1))
         nd = len(decode) * width
-        # a pure-decode step needs every row: no copy
-        wanted = hidden if not completed and nd == len(hidden) else None
-        if wanted is None:
+        wanted = hidden  # a pure-decode step needs every row: no copy
+        if completed or nd != len(hidden):
             wanted = hidden[list(range(nd)) + [row for _, row in completed]]
         logits = self.runner.logits(wanted)
         new, families = self._sample(decode, drafts, completed, logits)
