@@ -393,9 +393,81 @@ def test_the_report_card_shows_the_visual_tasks_and_samples(stage):
     for when, label in (("bpb_before", "before vision"), ("bpb_after", "after vision")):
         cells = " | ".join(f"{t[when][x]:.3f}" for x in ("en", "zh", "code"))
         assert f"| {label} | {cells} |" in text
+    cells = " | ".join(f"{t['bpb_sft'][x]:.3f}" for x in ("en", "zh", "code"))
+    assert f"| after joint SFT | {cells} |" in text
+    assert "Joint SFT trained with a text share of 25.0%" in text
     assert "| arithmetic | 6 |" in text
     for s in summary["samples"]:
         assert f"](vision/{s['image']})" in text and (run / "vision" / s["image"]).is_file()
+
+
+def _vision_summary(grpo: bool, share: float) -> dict:
+    """A vision stage summary as stages/vision.py writes it (the fields the report card reads)."""
+    figures = {"problems": 200, "distinct_keys": 200, "chance": 1 / 6}
+    text_mix = {
+        "share": share,
+        "text_target_share": 0.4123 if share else 0.0,
+        "image_per_epoch": 600,
+        "text_per_epoch": round(share / (1 - share) * 600),
+        "text_pool": 450 if share else 0,
+        "text_dropped_too_long": 3 if share else 0,
+    }
+    text = {
+        "bpb_before": {"en": 1.5, "zh": 2.25, "code": 1.125},
+        "bpb_after": {"en": 1.625, "zh": 2.5, "code": 1.25},
+        "bpb_source": "runs/x/corpus",
+        "bpb_bytes": 20000,
+        "tasks": {},
+    }
+    if grpo:
+        text["bpb_sft"] = {"en": 1.5625, "zh": 2.375, "code": 1.1875}
+    task = {
+        "before": {**figures, "accuracy": 0.1, "wilson95": [0.07, 0.15]},
+        "after": {**figures, "accuracy": 0.6, "wilson95": [0.53, 0.67]},
+    }
+    return {
+        "init": "runs/x/grpo/final",
+        "checkpoint": "runs/x/vision/final",
+        "train_encoder": True,
+        "text_mix": text_mix,
+        "tasks": {"visual_count": task},
+        "text": text,
+        "samples": [],
+        **({"grpo": {"steps": 4, "reward_first": 0.2, "reward": 0.5}} if grpo else {}),
+    }
+
+
+@pytest.mark.parametrize("grpo", [True, False])
+def test_the_report_cards_text_cost_rows_from_a_summary(grpo):
+    """The report card's "What vision costs text": bits per byte before vision, after joint SFT
+    (only where a GRPO phase followed it, so that the after-SFT point differs from the final
+    one), after vision, in that order; and a sentence naming joint SFT's text share."""
+    from nanoseek.reporting.report_card import vision_section
+
+    lines = vision_section(_vision_summary(grpo, share=0.3))
+    start = lines.index("| bits per byte (lower is better) | en | zh | code |")
+    rows = [x for x in lines[start + 2 :] if x.startswith("| ")][: 4 if grpo else 3]
+    want = ["| before vision | 1.500 | 2.250 | 1.125 |"]
+    if grpo:
+        want.append("| after joint SFT | 1.562 | 2.375 | 1.188 |")
+    want += [
+        "| after vision | 1.625 | 2.500 | 1.250 |",
+        "| change | +0.125 | +0.250 | +0.125 |",
+    ]
+    assert rows == want
+    share = next(x for x in lines if x.startswith("Joint SFT trained"))
+    assert share == (
+        "Joint SFT trained with a text share of 30.0%: 257 text-only conversations (from the "
+        "text SFT's own mix, a pool of 450) beside 600 image conversations per epoch, 41.2% of "
+        "the trained answer tokens."
+    )
+    assert lines.index(share) < start  # the share comes before the table it explains
+    images_only = vision_section(_vision_summary(grpo, share=0.0))
+    assert "Joint SFT trained on image conversations only (text share 0%)." in images_only
+    # a summary without the text mix (a run from before it was recorded): no sentence, no error
+    older = _vision_summary(grpo, share=0.0)
+    del older["text_mix"]
+    assert not any(x.startswith("Joint SFT trained") for x in vision_section(older))
 
 
 def test_held_out_problems_have_distinct_keys_in_both_languages():

@@ -394,7 +394,7 @@ def vision_section(v: dict) -> list[str]:
         ]
         if grpo.get("reward_plot"):
             lines += ["![vision GRPO reward](vision/grpo/reward_curve.png)", ""]
-    lines += _text_cost_lines(v.get("text"))
+    lines += _text_cost_lines(v.get("text"), v.get("text_mix"))
     for s in v.get("samples") or []:
         verdict = "correct" if s["correct"] else f"wrong (expected {s['answer']})"
         completion = s["completion"].strip().replace("\n", " ")
@@ -411,9 +411,10 @@ def vision_section(v: dict) -> list[str]:
     return lines
 
 
-def _text_cost_lines(t: dict | None) -> list[str]:
-    """What vision costs text: the language model's bits per byte and text-task accuracy on the
-    starting checkpoint and on the vision model's language part."""
+def _text_cost_lines(t: dict | None, mix: dict | None = None) -> list[str]:
+    """What vision costs text: the language model's bits per byte (before the stage, after joint
+    SFT when a GRPO phase followed it, after the stage) and text-task accuracy on the starting
+    checkpoint and on the vision model's language part; the text share joint SFT trained with."""
     if not t:
         return []
     lines = [
@@ -423,19 +424,33 @@ def _text_cost_lines(t: dict | None) -> list[str]:
         "(the vision model's language part), on held-out text.",
         "",
     ]
+    lines += _text_share_lines(mix)
     before = t.get("bpb_before") or {}
+    sft = t.get("bpb_sft") or {}
     after = t.get("bpb_after") or {}
     langs = [lang for lang in before if lang in after]
     if langs:
+        rows = [("before vision", before)]
+        if all(lang in sft for lang in langs):
+            rows.append(("after joint SFT", sft))
+        rows.append(("after vision", after))
         lines += [
             "| bits per byte (lower is better) | " + " | ".join(langs) + " |",
             "|---" * (len(langs) + 1) + "|",
-            "| before vision | " + " | ".join(f"{before[x]:.3f}" for x in langs) + " |",
-            "| after vision | " + " | ".join(f"{after[x]:.3f}" for x in langs) + " |",
+            *(
+                "| " + label + " | " + " | ".join(f"{b[x]:.3f}" for x in langs) + " |"
+                for label, b in rows
+            ),
             "| change | " + " | ".join(f"{after[x] - before[x]:+.3f}" for x in langs) + " |",
             "",
             f"Held-out text: `{t.get('bpb_source')}`, up to {t.get('bpb_bytes')} bytes per "
-            "language.",
+            "language"
+            + (
+                "; “after joint SFT” is the language model before the GRPO phase, “after vision” "
+                "the final one."
+                if len(rows) == 3
+                else "."
+            ),
             "",
         ]
     else:
@@ -452,6 +467,24 @@ def _text_cost_lines(t: dict | None) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _text_share_lines(mix: dict | None) -> list[str]:
+    """The sentence naming joint SFT's text share (the stage's `text_mix` summary)."""
+    if not mix:
+        return []
+    share = mix.get("share") or 0.0
+    if not share:
+        return ["Joint SFT trained on image conversations only (text share 0%).", ""]
+    tokens = mix.get("text_target_share")
+    return [
+        f"Joint SFT trained with a text share of {_pct(share)}: {_fmt(mix.get('text_per_epoch'))} "
+        f"text-only conversations (from the text SFT's own mix, a pool of "
+        f"{_fmt(mix.get('text_pool'))}) beside {_fmt(mix.get('image_per_epoch'))} image "
+        "conversations per epoch"
+        + (f", {_pct(tokens)} of the trained answer tokens." if tokens is not None else "."),
+        "",
+    ]
 
 
 def _interval(r: dict) -> str:
