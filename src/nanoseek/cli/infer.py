@@ -1,5 +1,12 @@
 """Inference commands: `nanoseek generate CKPT PROMPT` streams one completion to the terminal, then
-the speed; `nanoseek chat CKPT | --url URL` is the terminal chat of nanoseek/terminal_chat.py."""
+the speed; `nanoseek chat CKPT | --url URL` is the terminal chat of nanoseek/terminal_chat.py.
+
+`generate --image PATH` (repeatable) gives a vision-language checkpoint images: the k-th image fills
+the prompt's k-th `<image>`, or, in a prompt without one, the images go in front of the text (one
+`<image>` each, as the chat template puts an image part before its text). Each file is checked by
+data.images.load_image, the loader the server and the terminal chat use (format, byte and pixel
+limits, truncated or corrupt data), before the weights load; a bad one is one error line naming it
+(exit code 2)."""
 
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from nanoseek.engine.engine import Engine
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.terminal_chat import LocalBackend, RemoteBackend, repl
 
+IMAGE = "<image>"
+
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory (Hugging Face DeepseekV3 layout)")
@@ -39,6 +48,14 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="draft with the MTP module (if the model has one)",
     )
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image file for a vision-language checkpoint (repeatable, in order): each fills "
+        "one <image> of the prompt, or, when the prompt has none, goes in front of it",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_weight_arguments(p)
     add_decode_arguments(p)
@@ -46,7 +63,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def generate_cli(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.checkpoint, args.dtype, args.int8, device=args.device)
+    pictures = load_image_files(args.checkpoint, args.image) if args.image else []
+    ckpt = load_checkpoint(
+        args.checkpoint, args.dtype, args.int8, device=args.device, vision=bool(pictures)
+    )
     model = ckpt.model
     tok = None if args.ids else ckpt.tokenizer
     if tok is None and not args.ids:
@@ -55,7 +75,10 @@ def generate_cli(args: argparse.Namespace) -> int:
         )
         return 2
     prompt = [int(t) for t in args.prompt.split(",")] if args.ids else args.prompt
-    speculative = args.speculative and len(model.mtp) > 0
+    images = None
+    if pictures:
+        prompt, images = image_prompt(model, ckpt.tokenizer, prompt, pictures)
+    speculative = args.speculative and len(getattr(model, "language_model", model).mtp) > 0
     if args.speculative and not speculative:
         print("note: this model has no MTP module; decoding without speculation", file=sys.stderr)
     engine = Engine(model, tok, max_batch_size=1, speculative=speculative, **decode_options(args))
@@ -74,7 +97,7 @@ def generate_cli(args: argparse.Namespace) -> int:
     count = 0
     reason = None
     try:
-        for ev in engine.stream(prompt, params):
+        for ev in engine.stream(prompt, params, images=images):
             first = first or time.perf_counter()
             count += len(ev.token_ids)
             if args.ids:
@@ -101,6 +124,58 @@ def generate_cli(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def load_image_files(checkpoint: str, paths: list[str]) -> list:
+    """--image files -> RGB images, checked against the checkpoint's pixel limit before its
+    weights load. ValueError (one line): a text-only checkpoint, or a file that is not a usable
+    image (named)."""
+    from nanoseek.config import ModelConfig, VisionConfig
+    from nanoseek.data.images import ImageError, load_image
+    from nanoseek.serve.images import TEXT_ONLY
+
+    vcfg = VisionConfig.of(ModelConfig.from_pretrained(checkpoint))
+    if vcfg is None:
+        raise ValueError(f"--image: {checkpoint}: {TEXT_ONLY}")
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(path, max_pixels=vcfg.max_image_pixels))
+        except (ImageError, OSError) as e:
+            message = str(e)
+            raise ValueError(message if path in message else f"--image {path}: {message}") from None
+    return images
+
+
+def image_prompt(model, tok, prompt: str | list[int], images: list):
+    """A text (or token-id) prompt and its images -> (token ids with each `<image>` expanded to
+    its image's positions, the images' ImageInput). `<image>` in the text is the placeholder
+    token; the rest is encoded as plain text. A prompt without placeholders gets one per image
+    in front (after the BOS token); any other count is a ValueError."""
+    from nanoseek.data.images import expand_image_tokens, image_input
+
+    image_id = model.image_token_id
+    if isinstance(prompt, str):
+        pieces = prompt.split(IMAGE)
+        if len(pieces) == 1:
+            pieces = [""] * len(images) + pieces
+        ids = [tok.bos_id] if tok.bos_id is not None else []
+        for i, piece in enumerate(pieces):
+            ids += ([image_id] if i else []) + tok.encode(piece)
+    else:
+        ids = list(prompt)
+        if image_id not in ids:
+            at = 1 if ids and tok is not None and ids[0] == tok.bos_id else 0
+            ids[at:at] = [image_id] * len(images)
+    slots = ids.count(image_id)
+    if slots != len(images):
+        raise ValueError(
+            f"the prompt has {slots} {IMAGE} placeholder(s) for {len(images)} --image file(s)"
+        )
+    vcfg = model.vision.config
+    inputs = image_input(images, vcfg)
+    ids, _ = expand_image_tokens(ids, inputs.grids, image_id, vcfg)
+    return ids, inputs
 
 
 def add_chat_arguments(p) -> None:
