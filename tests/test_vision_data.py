@@ -12,7 +12,7 @@ from PIL import Image
 
 from nanoseek.config import VisionConfig
 from nanoseek.data.images import ImageError, load_image
-from nanoseek.tasks import split_of, visual
+from nanoseek.tasks import photos, split_of, visual
 from nanoseek.tasks.visual import VISUAL_TASKS, FontError, get_visual_task
 
 
@@ -201,3 +201,152 @@ def test_scene_keys_are_canonical():
         m = p.metadata
         rest = list(zip(m["colours"][1:], m["shapes"][1:]))
         assert rest == sorted(rest) and m["colours"][0] not in m["colours"][1:]
+
+
+# ------------------------------------------------------------------ photographs behind the scenes
+PHOTO_TASKS = ("visual_count", "visual_colour", "visual_word")
+
+
+def _inside(box, x: int, y: int) -> bool:
+    x0, y0, x1, y1 = box
+    return x0 - 1 <= x <= x1 + 1 and y0 - 1 <= y <= y1 + 1
+
+
+def _interior(item) -> tuple[int, int]:
+    """A pixel well inside a drawn shape: the centre (a triangle's lower middle)."""
+    x0, y0, x1, y1 = item["box"]
+    y = y0 + 0.7 * (y1 - y0) if item["shape"] == "triangle" else (y0 + y1) / 2
+    return round((x0 + x1) / 2), round(y)
+
+
+@pytest.mark.parametrize("name", PHOTO_TASKS)
+def test_photo_pictures_are_deterministic_and_leave_the_scene_as_it_was(name):
+    """Same key and render seed -> the same bytes; the photo changes the background and nothing
+    of the scene (positions, sizes, ink come from the scene's own rng); with photo_share 0 the
+    picture is the plain one, byte for byte."""
+    plain = get_visual_task(name, photo_share=0.0)
+    photo = get_visual_task(name, photo_share=1.0)
+    for i, p in enumerate(photo.generate(6, seed=4, difficulty=2)):
+        a, layout = photo.render_layout(p, seed=i)
+        b, again = get_visual_task(name, photo_share=1.0).render_layout(p, seed=i)
+        assert (
+            _png(a) == _png(b)
+            and layout == again
+            and layout["photo"] in {s.name for s in photos.sources_for(name)}
+        )
+        c, plain_layout = plain.render_layout(p, seed=i)
+        assert plain_layout["photo"] is None and _png(c) == _png(plain.render(p, seed=i))
+        assert plain_layout["items"] == layout["items"] and _png(a) != _png(c)
+        assert _png(photo.render(p, seed=i + 100)) != _png(a)  # another seed, another picture
+
+
+def test_difficulty_1_stays_plain_and_difficulty_2_has_photos_by_default():
+    for name in VISUAL_TASKS:
+        task = get_visual_task(name)
+        easy = task.generate(30, seed=0, difficulty=1)
+        assert all(task.render_layout(p, seed=i)[1]["photo"] is None for i, p in enumerate(easy))
+        hard = task.generate(200, seed=0, difficulty=2)
+        used = [task.render_layout(p, seed=i)[1]["photo"] for i, p in enumerate(hard)]
+        share = sum(u is not None for u in used) / len(used)
+        if name == "visual_equation":  # no photo source for it
+            assert share == 0 and task.share_of_photos(2) == 0
+        else:
+            assert task.share_of_photos(2) == visual.PHOTO_SHARE
+            assert abs(share - visual.PHOTO_SHARE) < 0.1, share
+    with pytest.raises(ValueError, match="photo_share must be in"):
+        get_visual_task("visual_count", photo_share=1.5)
+
+
+@pytest.mark.parametrize("name", PHOTO_TASKS)
+def test_the_split_does_not_depend_on_photos(name):
+    """photo_share changes pictures, never problems: the same keys, answers and split."""
+    default = get_visual_task(name)
+    photo = get_visual_task(name, photo_share=1.0)
+    for split in ("train", "test"):
+        a = default.generate(40, seed=2, difficulty=2, split=split)
+        b = photo.generate(40, seed=2, difficulty=2, split=split)
+        assert [(p.key, p.answer, p.prompt) for p in a] == [(p.key, p.answer, p.prompt) for p in b]
+        assert all(split_of(name, p.key, default.test_fraction) == split for p in b)
+
+
+def test_over_a_photo_the_answer_is_what_the_renderer_drew():
+    """The renderer's own ground truth (its layout) agrees with the answer, each shape's interior
+    is exactly its colour, and the photo, lightened, has no pixel that could pass for a drawn
+    colour: every background channel is at least photos.MIN_BACKGROUND while every drawn colour
+    has a channel of at most 70."""
+    assert all(min(rgb) <= 70 for rgb, _ in visual.COLOURS.values())
+    count = get_visual_task("visual_count", photo_share=1.0)
+    colour = get_visual_task("visual_colour", photo_share=1.0)
+    seen = set()
+    for task in (count, colour):
+        for i, p in enumerate(task.generate(25, seed=5, difficulty=2)):
+            img, layout = task.render_layout(p, seed=i)
+            seen.add(layout["photo"])
+            items = layout["items"]
+            for item in items:
+                x, y = _interior(item)
+                assert img.getpixel((x, y)) == visual.COLOURS[item["colour"]][0]
+                # walking left from inside, the black outline comes before the photo
+                row = [img.getpixel((u, y)) for u in range(x, max(-1, int(item["box"][0]) - 2), -1)]
+                assert visual.OUTLINE in row, row
+            m = p.metadata
+            if task is count:
+                asked = [x for x in items if (x["shape"], x["colour"]) == (m["shape"], m["colour"])]
+                assert len(asked) == int(p.answer)
+            else:
+                area = [(x["box"][2] - x["box"][0]) * (x["box"][3] - x["box"][1]) for x in items]
+                largest = items[area.index(max(area))]
+                assert largest["colour"] == m["colours"][0] == p.answer or p.lang == "zh"
+                assert task.score(p, largest["colour"]) == (1.0, None)
+            W, H = img.size
+            for y in range(0, H, 3):
+                for x in range(0, W, 3):
+                    if not any(_inside(it["box"], x, y) for it in items):
+                        assert min(img.getpixel((x, y))) >= photos.MIN_BACKGROUND
+    assert seen == {s.name for s in photos.PHOTOS}  # both sources turn up
+
+
+def test_a_word_over_a_photo_is_drawn_in_its_ink():
+    word = get_visual_task("visual_word", photo_share=1.0)
+    for i, p in enumerate(word.generate(10, seed=6, difficulty=2)):
+        img, layout = word.render_layout(p, seed=i)
+        (text,) = layout["items"]
+        assert text["text"] == p.answer
+        inked = [
+            (x, y)
+            for y in range(img.height)
+            for x in range(img.width)
+            if img.getpixel((x, y)) == text["ink"]
+        ]
+        assert len(inked) >= 20 and all(_inside(text["box"], x, y) for x, y in inked)
+        for y in range(img.height):
+            for x in range(img.width):
+                if not _inside(text["box"], x, y):
+                    assert min(img.getpixel((x, y))) >= photos.MIN_BACKGROUND
+
+
+def test_the_photo_manifest_names_each_source_and_its_licence():
+    """Every photo comes from an installed package's file, recorded with the package's version,
+    the file's sha256 and a named licence; Minduka_Present_Blue_Pack.png, whose licence matplotlib
+    does not state, is not among them."""
+    import hashlib
+    import importlib.metadata
+    from pathlib import Path
+
+    from nanoseek.stages.vision import data_manifest
+
+    rows = photos.photo_manifest()
+    assert [r["name"] for r in rows] == [s.name for s in photos.PHOTOS]
+    for r in rows:
+        assert r["license"] and r["attribution"] and r["tasks"]
+        assert r["version"] == importlib.metadata.version(r["package"])
+        assert r["sha256"] == hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest()
+        assert Path(r["path"]).as_posix().endswith(r["file"])
+    assert "public domain" in rows[0]["license"] and "matplotlib license" in rows[1]["license"]
+    assert not any("Minduka" in r["file"] for r in rows)
+    # the vision stage's manifest: only the photos its tasks can draw over, at their difficulties
+    manifest = data_manifest({"visual_word": [1, 2], "visual_equation": [2]})
+    assert manifest["tasks"]["visual_word"]["photo_share"] == {"1": 0.0, "2": visual.PHOTO_SHARE}
+    assert manifest["tasks"]["visual_equation"]["photo_share"] == {"2": 0.0}
+    assert [r["name"] for r in manifest["photos"]] == ["grace_hopper"]
+    assert data_manifest({"visual_colour": [1]})["photos"] == []

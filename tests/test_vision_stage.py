@@ -25,7 +25,7 @@ from nanoseek.eval.stats import paired_difference
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.model.vision import VisionLanguageModel, VisionTower, image_token_count
 from nanoseek.stages.common import DONE
-from nanoseek.stages.vision import OUTCOMES, vision_stage
+from nanoseek.stages.vision import MANIFEST, OUTCOMES, data_manifest, vision_stage
 from nanoseek.tasks.visual import COLOURS, get_visual_task
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.dist import DistInfo
@@ -300,6 +300,11 @@ def test_vision_stage_aligns_then_fine_tunes_and_evaluates(stage):
     assert all((out / s["image"]).is_file() for s in summary["samples"])
     vlm = load_vision_language_model(out / "final")
     assert vlm.vision.config.image_size == 32
+    # the data manifest: the tasks' photo shares (difficulty 1: none), so no photo source
+    manifest = json.loads((out / MANIFEST).read_text("utf-8"))
+    assert summary["manifest"] == str(out / MANIFEST) and summary["photos"] == []
+    assert manifest == json.loads(json.dumps(data_manifest({"visual_colour": [1]})))
+    assert manifest["tasks"] == {"visual_colour": {"difficulties": [1], "photo_share": {"1": 0.0}}}
 
 
 def test_the_grpo_phase_follows_sft_and_is_scored_on_the_same_problems(stage):

@@ -24,6 +24,10 @@ code; eval/bpb.py) and its greedy accuracy on a few held-out text-task problems 
 measured on the starting checkpoint and on the final model's language part, the task change with
 its paired interval; with a GRPO phase, the bits per byte after SFT too (what GRPO adds to it).
 
+The data: vision/manifest.json records, like the corpus's manifest, where the pictures come from:
+each task's difficulties and share of photo backgrounds, and every real photo that those can draw
+over (tasks/photos.py), with its package, version, file, sha256, licence and attribution.
+
 Like the other stages it leaves done.json, resumes an interrupted phase from its checkpoints, and
 writes a few sample images with their questions and answers under vision/samples/ for the report
 card.
@@ -62,6 +66,8 @@ from nanoseek.io import atomic_write_text
 from nanoseek.model.vision import VisionLanguageModel, VisionTower
 from nanoseek.stages.common import latest_checkpoint, run_stage
 from nanoseek.tasks import TASKS
+from nanoseek.tasks.photos import photo_manifest
+from nanoseek.tasks.visual import get_visual_task
 from nanoseek.tokenizer import load_tokenizer
 from nanoseek.train.dist import DistInfo
 from nanoseek.train.grpo_trainer import REWARD_PLOT, GRPOConfig
@@ -103,6 +109,8 @@ TEXT_EVAL_DEFAULTS = {
     "corpus": None,
 }
 OUTCOMES = "outcomes.jsonl"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "nanoseek-vision-data-v1"
 
 
 def source_checkpoint(run: Path) -> Path:
@@ -166,6 +174,9 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
     if grpo_cfg is not None:
         grpo_cfg.validate()
 
+    manifest = data_manifest(tasks)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
     problems = visual_problems(tasks, section.get("problems_per_task", 200), split="train")
     examples = visual_examples(tok, vcfg, problems, renders=section.get("renders", 1), size=size)
     eval_tasks = section.get("eval_tasks") or {k: max(v) for k, v in tasks.items()}
@@ -275,6 +286,8 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
             "tasks": results,
             "text": _text_summary(text_before, text_after, corpus, text_eval, bpb_sft),
             "samples": samples,
+            "manifest": str(out / MANIFEST),
+            "photos": [p["name"] for p in manifest["photos"]],
             "checkpoint": str(out / "final"),
             "val_accuracy_before": _mean(r["before"]["accuracy"] for r in results.values()),
             "val_accuracy_sft": _mean(
@@ -285,6 +298,27 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
         }
     )
     return summary
+
+
+def data_manifest(tasks: dict) -> dict:
+    """Where the stage's pictures come from: per visual task its difficulties and the share of
+    pictures drawn over a photo at each; the photos that any of them can draw over, with package,
+    version, sha256 and licence (tasks/photos.py photo_manifest)."""
+    entries = {}
+    for name, difficulties in tasks.items():
+        task = get_visual_task(name)
+        entries[name] = {
+            "difficulties": list(difficulties),
+            "photo_share": {str(d): task.share_of_photos(d) for d in difficulties},
+        }
+    with_photos = [name for name, e in entries.items() if any(e["photo_share"].values())]
+    return {
+        "format": MANIFEST_FORMAT,
+        "tasks": entries,
+        "photos": photo_manifest(with_photos) if with_photos else [],
+        "note": "every picture is rendered here with Pillow (tasks/visual.py); the photos are "
+        "files that installed packages ship, read in place",
+    }
 
 
 def grpo_phase_config(section: dict, tasks: dict, out: Path, price: float | None) -> GRPOConfig:

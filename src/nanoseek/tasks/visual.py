@@ -19,6 +19,18 @@ function of (key, render seed) only: `task.render(problem, seed)` draws the same
 for different seeds (positions, sizes, distractors), identically for the same one. Prompts start
 with one `<image>` placeholder (data/images.py expands it).
 
+Photographs: behind a share of the count, colour and word pictures the scene is drawn over a real
+photograph that an installed package ships (tasks/photos.py: the sources, their licences, the
+crop), so that a model learns to read content off photographs, not only off white. The task option
+`photo_share` is that share; by default 0 at difficulty 1 (the warm-up stays plain) and
+`PHOTO_SHARE` (a quarter) from difficulty 2 on (a problem records its difficulty in its metadata).
+Whether a picture has a photo, which one and its crop come from their own rng, seeded like the
+picture's (task, key, render seed): plain pictures are byte for byte what they were before photos
+existed, and the key and the split do not change. Over a photo, shapes get a black outline and text
+a white halo; the photo is lightened so that no background pixel can match a drawn colour
+(photos.py). `render_layout` returns, with the picture, what the renderer drew where (its ground
+truth, for tests).
+
 Fonts: Latin text uses matplotlib's bundled DejaVu Sans (always installed with nanoseek); Chinese
 needs a CJK font, looked up among Debian's (`fonts-wqy-zenhei`, `make fonts` installs it) and
 Noto CJK paths, else FontError says what to install.
@@ -33,6 +45,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from nanoseek.tasks import photos
 from nanoseek.tasks.arithmetic import SYMBOL, solve
 from nanoseek.tasks.base import Problem, Task
 from nanoseek.tasks.format import FORMAT_INSTRUCTIONS, parse_int
@@ -83,6 +96,9 @@ CJK_FONTS = (
     "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
 )
 BACKGROUND = (255, 255, 255)
+PHOTO_SHARE = 0.25  # the default share of pictures drawn over a photo, from difficulty 2 on
+OUTLINE = (0, 0, 0)  # around a shape drawn over a photo
+HALO = (255, 255, 255)  # around text drawn over a photo
 
 
 class FontError(RuntimeError):
@@ -112,61 +128,112 @@ def is_cjk(text: str) -> bool:
     return any("\u4e00" <= c <= "\u9fff" for c in text)
 
 
-def _draw_text(text: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
-    """Text centred (with a little jitter) on a white canvas, in a dark random colour."""
+def _canvas(size: tuple[int, int], photo: Image.Image | None) -> Image.Image:
+    return photo.copy() if photo is not None else Image.new("RGB", size, BACKGROUND)
+
+
+def _draw_text(
+    text: str, size: tuple[int, int], rng: random.Random, photo: Image.Image | None = None
+) -> tuple[Image.Image, list[dict]]:
+    """Text centred (with a little jitter) on a white canvas (or the photo, with a white halo),
+    in a dark random colour -> (picture, [{"text", "box", "ink"}])."""
     W, H = size
-    img = Image.new("RGB", size, BACKGROUND)
+    img = _canvas(size, photo)
     draw = ImageDraw.Draw(img)
     f = font(max(8, int(H * rng.uniform(0.45, 0.6))), cjk=is_cjk(text))
     left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
     x = (W - (right - left)) / 2 - left + rng.uniform(-0.1, 0.1) * W
     y = (H - (bottom - top)) / 2 - top + rng.uniform(-0.1, 0.1) * H
     ink = tuple(rng.randint(0, 70) for _ in range(3))
-    draw.text((x, y), text, font=f, fill=ink)
-    return img
+    halo = {} if photo is None else {"stroke_width": max(1, f.size // 12), "stroke_fill": HALO}
+    draw.text((x, y), text, font=f, fill=ink, **halo)
+    box = draw.textbbox((x, y), text, font=f)  # the letters' own box (the halo reaches beyond)
+    return img, [{"text": text, "box": box, "ink": ink}]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, colour, outline=None) -> None:
     x0, y0, x1, y1 = box
+    line = {} if outline is None else {"outline": outline, "width": 2}
     if shape == "circle":
-        draw.ellipse(box, fill=colour)
+        draw.ellipse(box, fill=colour, **line)
     elif shape == "square":
-        draw.rectangle(box, fill=colour)
+        draw.rectangle(box, fill=colour, **line)
     else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour, **line)
 
 
-def _draw_scene(items, size: tuple[int, int], rng: random.Random) -> Image.Image:
+def _draw_scene(
+    items, size: tuple[int, int], rng: random.Random, photo: Image.Image | None = None
+) -> tuple[Image.Image, list[dict]]:
     """items: [(shape, colour name, relative size 0..1)] (at most 9), each in its own cell of a
     1x1, 2x2 or 3x3 grid (the smallest that holds them; so shapes never overlap), jittered inside
-    it."""
+    it; over a photo each gets a black outline -> (picture, [{"shape", "colour", "box"}])."""
     cells = next(c for c in (1, 2, 3) if len(items) <= c * c)
     W, H = size
-    img = Image.new("RGB", size, BACKGROUND)
+    img = _canvas(size, photo)
     draw = ImageDraw.Draw(img)
     cw = W / cells
     ch = H / cells
+    layout = []
     for (shape, colour, rel), cell in zip(items, rng.sample(range(cells * cells), len(items))):
         side = rel * min(cw, ch)
         cx = (cell % cells) * cw + rng.uniform(side / 2, cw - side / 2)
         cy = (cell // cells) * ch + rng.uniform(side / 2, ch - side / 2)
         box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-        _draw_shape(draw, shape, box, COLOURS[colour][0])
-    return img
+        _draw_shape(draw, shape, box, COLOURS[colour][0], None if photo is None else OUTLINE)
+        layout.append({"shape": shape, "colour": colour, "box": box})
+    return img, layout
 
 
 class VisualTask(Task):
-    """A task whose problems come with a picture: `render(problem, seed)`."""
+    """A task whose problems come with a picture: `render(problem, seed)`.
+
+    photo_share: the share of pictures drawn over a photograph (tasks/photos.py), in [0, 1];
+    None (the default): 0 at difficulty 1, PHOTO_SHARE from difficulty 2 on. A task without photo
+    sources (visual_equation) draws none whatever it is given."""
 
     default_size: tuple[int, int] = (128, 128)
+
+    def __init__(self, photo_share: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if photo_share is not None and not (
+            isinstance(photo_share, (int, float)) and 0 <= photo_share <= 1
+        ):
+            raise ValueError(f"{self.name}: photo_share must be in [0, 1], got {photo_share!r}")
+        self.photo_share = photo_share
+
+    def share_of_photos(self, difficulty: int) -> float:
+        if not photos.sources_for(self.name):
+            return 0.0
+        if self.photo_share is not None:
+            return float(self.photo_share)
+        return 0.0 if difficulty <= 1 else PHOTO_SHARE
 
     def render(
         self, problem: Problem, seed: int = 0, size: tuple[int, int] | None = None
     ) -> Image.Image:
-        rng = random.Random(f"{self.name}|{problem.key}|{seed}")
-        return self._render(problem, size or self.default_size, rng)
+        return self.render_layout(problem, seed, size)[0]
 
-    def _render(self, problem: Problem, size, rng: random.Random) -> Image.Image:
+    def render_layout(
+        self, problem: Problem, seed: int = 0, size: tuple[int, int] | None = None
+    ) -> tuple[Image.Image, dict]:
+        """(the picture, what was drawn: {"photo": a source name or None, "items": [the shapes
+        with their boxes, or the text with its box and ink]})."""
+        size = tuple(size or self.default_size)
+        rng = random.Random(f"{self.name}|{problem.key}|{seed}")
+        # the photo's own rng: the plain pictures' draws are untouched by it
+        photo_rng = random.Random(f"{self.name}|{problem.key}|{seed}|photo")
+        share = self.share_of_photos(problem.metadata.get("difficulty", 1))
+        photo = None
+        source = None
+        if share and photo_rng.random() < share:
+            photo, source = photos.background(self.name, size, photo_rng)
+        img, items = self._render(problem, size, rng, photo)
+        return img, {"photo": source, "items": items}
+
+    def _render(
+        self, problem: Problem, size, rng: random.Random, photo: Image.Image | None
+    ) -> tuple[Image.Image, list[dict]]:
         raise NotImplementedError
 
 
@@ -193,11 +260,12 @@ class VisualEquation(VisualTask):
             a=a,
             b=b,
             op=op,
+            difficulty=difficulty,
         )
 
-    def _render(self, problem, size, rng):
+    def _render(self, problem, size, rng, photo):
         m = problem.metadata
-        return _draw_text(f"{m['a']} {SYMBOL[m['op']]} {m['b']} = ?", size, rng)
+        return _draw_text(f"{m['a']} {SYMBOL[m['op']]} {m['b']} = ?", size, rng, photo)
 
     def score(self, problem, answer):
         value = parse_int(answer)
@@ -240,15 +308,16 @@ class VisualCount(VisualTask):
             shape=shape,
             colour=colour,
             distractors=distractors,
+            difficulty=difficulty,
         )
 
-    def _render(self, problem, size, rng):
+    def _render(self, problem, size, rng, photo):
         m = problem.metadata
         items = [(m["shape"], m["colour"], rng.uniform(0.5, 0.8)) for _ in range(m["n"])]
         for d in m["distractors"]:
             colour, shape = d.split(" ")
             items.append((shape, colour, rng.uniform(0.5, 0.8)))
-        return _draw_scene(items, size, rng)
+        return _draw_scene(items, size, rng, photo)
 
     def score(self, problem, answer):
         value = parse_int(answer)
@@ -286,15 +355,16 @@ class VisualColour(VisualTask):
             reasoning=f"{scene.split(',')[0]}",
             colours=colours,
             shapes=shapes,
+            difficulty=difficulty,
         )
 
-    def _render(self, problem, size, rng):
+    def _render(self, problem, size, rng, photo):
         m = problem.metadata
         # the largest fills 90-100% of its cell's side, the others at most 45%: even a largest
         # triangle (half its box) has twice the area of the biggest other square
         items = [(m["shapes"][0], m["colours"][0], rng.uniform(0.9, 1.0))]
         items += [(s, c, rng.uniform(0.3, 0.45)) for s, c in zip(m["shapes"][1:], m["colours"][1:])]
-        return _draw_scene(items, size, rng)
+        return _draw_scene(items, size, rng, photo)
 
     def score(self, problem, answer):
         said = unicodedata.normalize("NFKC", answer).strip().casefold().removesuffix(".")
@@ -325,10 +395,11 @@ class VisualWord(VisualTask):
             answer=word,
             reasoning=" ".join(word),
             word=word,
+            difficulty=difficulty,
         )
 
-    def _render(self, problem, size, rng):
-        return _draw_text(problem.metadata["word"], size, rng)
+    def _render(self, problem, size, rng, photo):
+        return _draw_text(problem.metadata["word"], size, rng, photo)
 
     def score(self, problem, answer):
         said = unicodedata.normalize("NFKC", answer).strip().casefold()
