@@ -475,6 +475,20 @@ def test_compiled_teacher_forced_logits_equal_eager_and_recompute(dtype, tol, wi
 
 
 @pytest.mark.slow
+def test_compiled_sorted_experts_equal_eager_and_recompute(monkeypatch):
+    """The sorted experts (the grouped product as the custom op, compiled for real), fp32."""
+    called = []
+    real = moe.dispatch_sorted
+    monkeypatch.setattr(moe, "dispatch_sorted", lambda *a: called.append(len(a[0])) or real(*a))
+    model = tiny_model(**FEW_EXPERTS, **YARN)
+    eager = teacher_forced(engine(model))
+    got = teacher_forced(engine(model, decode="compiled", decode_dtype="float32"))
+    assert 4 in called  # traced into the batch-4 graph
+    compare(got, eager, FP32_TOL)
+    compare(got, recomputed(model), FP32_TOL)
+
+
+@pytest.mark.slow
 def test_auto_measures_and_says_which_path_runs(capfd):
     e = engine(tiny_model(), decode="auto")
     err = capfd.readouterr().err
