@@ -177,6 +177,11 @@ def test_moe_graph_sorts_the_pairs_once_they_outnumber_the_experts(monkeypatch, 
 def test_buckets():
     assert [bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
     assert bucket(3, 256) == 256 and bucket(300, 256) == 512
+    # a few sequences: contexts from 256 rows; a batch of BATCHED or more: from 64
+    assert [compiled_mod.context_bucket(b, 3) for b in (1, 4, 8, 16)] == [256, 256, 64, 64]
+    assert (
+        compiled_mod.context_bucket(16, 100) == 128 and compiled_mod.context_bucket(4, 300) == 512
+    )
 
 
 def test_padded_rows_rebuilt_when_a_block_is_replaced():
