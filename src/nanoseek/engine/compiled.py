@@ -398,9 +398,12 @@ class CompiledRunner(ModelRunner):
         fn = self.compiled(Bp, Sp)
         first = (Bp, Sp) not in self.compile_seconds
         if first:
+            # Inductor's cache keeps no graph with frozen weights (constants): those compile at
+            # every start; weights as inputs come from the cache in seconds after the first time
+            when = "at every start" if self.frozen else "the first time, cached afterwards"
             log(
                 f"compiling the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)}"
-                "): about a minute the first time, cached afterwards"
+                f"): up to about a minute {when}"
             )
             start = time.perf_counter()
             # the first call compiles; each bucket is a recompilation of one forward, hence the
@@ -416,7 +419,12 @@ class CompiledRunner(ModelRunner):
             self.compile_seconds[(Bp, Sp)] = seconds
             log(
                 f"compiled the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)})"
-                f" in {seconds:.1f} s (cached in {inductor_cache_dir()})"
+                f" in {seconds:.1f} s "
+                + (
+                    "(frozen weights: not cached)"
+                    if self.frozen
+                    else f"(cached in {inductor_cache_dir()})"
+                )
             )
         else:
             hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)

@@ -82,8 +82,8 @@ class Engine:
         model's context) is further capped at the pool's capacity, so that any single request fits
         the pool on its own. A VisionLanguageModel's language model runs the engine and its tower
         encodes the requests' images. decode: "eager", "compiled" (decode steps run one compiled
-        graph, engine/compiled.py) or "auto" (the faster, measured at start and printed; a
-        compilation takes about a minute the first time, Inductor's cache serves later starts);
+        graph, engine/compiled.py) or "auto" (the faster, measured at start and printed; a graph
+        compiles in up to about a minute, at every start while its weights are frozen);
         None (the default): $NANOSEEK_DECODE if set, else "auto". An engine whose model is being
         trained or that serves one batch passes "eager". decode_dtype: the compiled graph's
         weights, "float32", "bfloat16" or "auto". decode_frozen: the compiled graph's weights
