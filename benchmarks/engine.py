@@ -10,7 +10,7 @@ JSON lines: {"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
     python benchmarks/engine.py [--threads 1] [--train-steps 300] [--train-batch 8]
                                 [--train-seq 128] [--new-tokens 128] [--batch 16] [--no-anchor]
                                 [--save-trained DIR | --checkpoint DIR] [--no-compiled]
-                                [--no-llama-cpp] [--decode-only]
+                                [--no-llama-cpp] [--decode-only] [--concurrent-only]
 
 The compiled rows print each graph's compile time (Inductor caches it: a second run compiles in
 seconds). The llama.cpp rows export the same weights to GGUF (f32, bf16, q8_0) and time llama.cpp
@@ -34,7 +34,7 @@ import torch
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.compiled import inductor_cache_dir
+from nanoseek.engine.compiled import inductor_cache_dir, native_bf16
 from nanoseek.engine.quant import quantization_error, quantize_model
 from nanoseek.engine.weights import MoEWeights
 
@@ -209,6 +209,57 @@ def compiled_decode(
     return engines
 
 
+def concurrent(
+    model: Transformer,
+    eager: Engine,
+    prompts: list[list[int]],
+    greedy: SamplingParams,
+    batch: int,
+    conf: str,
+    with_compiled: bool = True,
+) -> None:
+    """len(prompts) requests at once against the same engine at batch 1, for the eager engine
+    and the compiled step (fp32, and bf16 where this CPU has it natively), each engine with
+    max_batch_size=batch. The compiled engines compile their batch-1 and batch-`batch` buckets
+    in the warm-up round (not timed)."""
+    n = greedy.max_tokens
+    engines = {"eager": eager}
+    if with_compiled:
+        for dtype in ["float32"] + (["bfloat16"] if native_bf16() else []):
+            engines[f"compiled {dtype}"] = Engine(
+                model, max_batch_size=batch, decode="compiled", decode_dtype=dtype
+            )
+    for name, engine in engines.items():
+        m = measure(
+            {
+                "batch": lambda e=engine: e.generate(prompts, greedy),
+                "one": lambda e=engine: e.generate([prompts[0]], greedy),
+            },
+            rounds=2,
+        )
+        per_request = (m["batch"][0] / len(prompts), m["batch"][1] / len(prompts))
+        row = dict(
+            bench=f"throughput_{len(prompts)}_concurrent"
+            + ("" if name == "eager" else "_" + name.replace(" ", "_")),
+            **speeds(n, per_request, m["one"]),
+            unit="tokens/s",
+            config=conf + f", {len(prompts)} requests x {n} tokens vs the same engine ({name}) at "
+            "batch 1; ours: total tokens/s of the batch",
+            same_tokens_as_alone=m["batch"][2][0].outputs[0].token_ids
+            == m["one"][2][0].outputs[0].token_ids,
+        )
+        if name == "eager":
+            floor_batch = min(matmul_floor(engine, len(prompts))[0] for _ in range(3))
+            row.update(matmul_floor_tokens_per_s=round(len(prompts) / floor_batch, 1))
+        else:
+            seconds = getattr(engine.runner, "compile_seconds", {})  # none: it fell back to eager
+            row.update(
+                compiled=hasattr(engine.runner, "compile_seconds"),
+                compile_seconds={f"{b}x{c}": round(t, 1) for (b, c), t in seconds.items()},
+            )
+        emit(**row)
+
+
 def forced_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
     """Teacher forcing through the engine: prompt tokens[0], then every next token of `tokens`
     whatever the logits say. -> the logit rows that predicted tokens[1:] [len - 1, V]."""
@@ -303,13 +354,15 @@ def llama_cpp_rows(
     anchor_fastest = max(("bf16", "q8_0"), key=lambda t: best[t]["decode_tok_s"])
     setting = f", prompt {len(prompt)} (llama.cpp: depth {len(prompt)}), {n} new tokens, greedy"
     name = "llama.cpp (llama-cpp-python 0.3.36, a llama_decode loop as llama-bench times it)"
+    # fp32 as the Engine's default (auto) runs it on this CPU: compiled, when the run has it
+    f32 = "compiled float32" if "compiled float32" in ours else "eager float32"
     emit(
         bench="decode_batch1_vs_llama_cpp_f32",
-        ours=round(ours["eager float32"], 1),
+        ours=round(ours[f32], 1),
         anchor=round(best["f32"]["decode_tok_s"], 1),
-        ratio=round(ours["eager float32"] / best["f32"]["decode_tok_s"], 2),
+        ratio=round(ours[f32] / best["f32"]["decode_tok_s"], 2),
         unit="tokens/s",
-        config=conf + setting + ", Engine defaults vs GGUF f32",
+        config=conf + setting + f", nanoseek {f32} vs GGUF f32",
         anchor_name=name,
         every_path={k: round(v, 1) for k, v in ours.items()},
     )
@@ -359,6 +412,11 @@ def main() -> None:
     ap.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp anchor")
     ap.add_argument("--decode-only", action="store_true", help="stop after the batch-1 decode rows")
+    ap.add_argument(
+        "--concurrent-only",
+        action="store_true",
+        help="only the concurrent-requests rows (eager and compiled), then stop",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -393,8 +451,13 @@ def main() -> None:
     prompts = [held_out[i * 997 : i * 997 + 32].tolist() for i in range(args.batch)]
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
+    # the eager engine, the reference of every row (the Engine's default is "auto")
+    engine = Engine(model, max_batch_size=args.batch, decode="eager")
+    if args.concurrent_only:
+        concurrent(model, engine, prompts, greedy, args.batch, conf, not args.no_compiled)
+        return
+
     # 1. decode at batch 1: engine vs transformers' generate
-    engine = Engine(model, max_batch_size=args.batch)
     runs = {"ours": lambda: engine.generate([prompts[0]], greedy)[0].token_ids}
     if not args.no_anchor:
         import transformers
@@ -435,7 +498,7 @@ def main() -> None:
         paths = {"eager float32": engine}
         if not args.no_compiled:
             paths.update({f"compiled {dtype}": e for dtype, e in engines.items()})
-        paths["eager int8"] = Engine(quantize_model(model), max_batch_size=1)
+        paths["eager int8"] = Engine(quantize_model(model), max_batch_size=1, decode="eager")
         try:
             llama_cpp_rows(model, paths, prompts[0], n, conf, args.threads)
         except ImportError:
@@ -443,24 +506,8 @@ def main() -> None:
     if args.decode_only:
         return
 
-    # 2. many requests at once vs one at a time, same engine
-    m = measure(
-        {
-            "batch": lambda: engine.generate(prompts, greedy),
-            "one": lambda: engine.generate([prompts[0]], greedy),
-        },
-        rounds=2,
-    )
-    per_request = (m["batch"][0] / args.batch, m["batch"][1] / args.batch)
-    floor_batch = min(matmul_floor(engine, args.batch)[0] for _ in range(3))
-    emit(
-        bench=f"throughput_{args.batch}_concurrent",
-        **speeds(n, per_request, m["one"]),
-        unit="tokens/s",
-        config=conf + f", {args.batch} requests x {n} tokens vs the same engine at batch 1",
-        same_tokens_as_alone=m["batch"][2][0].token_ids == reference_tokens,
-        matmul_floor_tokens_per_s=round(args.batch / floor_batch, 1),
-    )
+    # 2. many requests at once vs one at a time, same engine: eager, and compiled
+    concurrent(model, engine, prompts, greedy, args.batch, conf, not args.no_compiled)
 
     # 3. cache bytes per token
     fp = 4
@@ -479,7 +526,8 @@ def main() -> None:
 
     # 4. int8 weights: speed and quality
     q = quantize_model(model)
-    q_engine, fp_engine = Engine(q, max_batch_size=1), Engine(model, max_batch_size=1)
+    q_engine = Engine(q, max_batch_size=1, decode="eager")
+    fp_engine = Engine(model, max_batch_size=1, decode="eager")
     m = measure(
         {
             "int8": lambda: q_engine.generate([prompts[0]], greedy)[0].token_ids,
@@ -505,10 +553,8 @@ def main() -> None:
     # 5. MTP speculative decoding vs plain, batch 1, greedy; and its ceiling here: the MTP module
     # run as usual but its draft replaced by the right token (read off the plain
     # greedy output), so every draft is accepted
-    spec, oracle = (
-        Engine(model, max_batch_size=1, speculative=True),
-        Engine(model, max_batch_size=1, speculative=True),
-    )
+    spec = Engine(model, max_batch_size=1, speculative=True, decode="eager")
+    oracle = Engine(model, max_batch_size=1, speculative=True, decode="eager")
     mtp_draft = oracle.spec.draft
 
     def right_draft(runner, inp, hidden, next_ids, rows):

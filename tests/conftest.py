@@ -1,8 +1,15 @@
-"""pytest's set-up for the whole suite: a fixed seed per test and one thread.
-Shared test code lives in helpers.py."""
+"""pytest's set-up for the whole suite: a fixed seed per test, one thread, and eager decoding
+by default. Shared test code lives in helpers.py."""
+
+import os
 
 import pytest
 import torch
+
+# Engines built without a decode path decode eager here (the Engine's own default, "auto",
+# compiles a graph for about a minute the first time); servers started as subprocesses inherit
+# it. Tests of the compiled step ask for it explicitly, and tests of the default unset it.
+os.environ.setdefault("NANOSEEK_DECODE", "eager")
 
 
 @pytest.fixture(autouse=True)

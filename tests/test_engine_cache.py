@@ -135,3 +135,20 @@ def test_unreferenced_published_blocks_are_evicted_oldest_first():
     assert bm.allocate(hit_b) and hit_b.num_computed == 2
     miss_a = Seq([1, 2, 3])
     assert bm.allocate(miss_a) and miss_a.num_computed == 0
+
+
+def test_forgotten_prefixes_are_never_found_and_their_free_blocks_return():
+    """forget_prefixes (a weight change): no published block is found again; unreferenced ones
+    are free, held ones stay with their sequence and are freed plainly."""
+    bm = BlockManager(num_blocks=6, block_size=4)
+    held = prefilled(bm, range(9))  # two full blocks published, still held
+    done = prefilled(bm, range(100, 109))
+    bm.free_sequence(done)  # its two full blocks: published, unreferenced
+    assert len(bm.evictable) == 2 and len(bm.published) == 4
+    bm.forget_prefixes()
+    assert not bm.published and not bm.evictable and bm.num_free == 3
+    again = Seq(range(100, 109))
+    assert bm.allocate(again) and again.num_computed == 0  # no hit
+    bm.free_sequence(held)
+    bm.free_sequence(again)
+    assert bm.num_free == 6 and len(set(bm.free)) == 6

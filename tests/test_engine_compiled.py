@@ -120,8 +120,8 @@ def uncompiled(monkeypatch) -> None:
 # ---------------------------------------------------------------------- experts gathered by id
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 2, 5])
-@pytest.mark.parametrize("dispatch", [moe.dispatch_gathered, moe.dispatch_dense])
-def test_gathered_and_dense_dispatch_equal_dropless_dispatch(dtype, n, dispatch):
+@pytest.mark.parametrize("dispatch", [moe.dispatch_gathered, moe.dispatch_sorted])
+def test_gathered_and_sorted_dispatch_equal_dropless_dispatch(dtype, n, dispatch):
     torch.manual_seed(n)
     E = 8
     K = 3
@@ -146,29 +146,11 @@ def test_gathered_and_dense_dispatch_equal_dropless_dispatch(dtype, n, dispatch)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-def test_dense_dispatch_keeps_only_each_tokens_own_experts():
-    """An expert that overflows on a token not routed to it must not reach that token (masked,
-    not multiplied by a zero weight: 0 * inf is nan)."""
-    E = 4
-    d = 2
-    x = torch.ones(2, d)
-    gate_up = torch.ones(E, d, 2)
-    down = torch.ones(E, 1, d)
-    gate_up[3] = 1e30  # expert 3 gives inf on any input
-    ids = torch.tensor([[0, 1], [3, 2]])
-    weights = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
-    got = moe.dispatch_dense(x, weights, ids, gate_up, down)
-    assert torch.isfinite(got[0]).all() and torch.isinf(got[1]).all()
-    torch.testing.assert_close(got[0], moe.dispatch_gathered(x, weights, ids, gate_up, down)[0])
-
-
-@pytest.mark.parametrize(
-    "dtype,second",
-    [(torch.float32, "dispatch_dense"), (torch.bfloat16, "dispatch_gathered")],
-)
-def test_moe_graph_takes_dense_dispatch_once_pairs_reach_the_experts(monkeypatch, dtype, second):
-    """fp32: gathered for 1 token, dense once the batch's pairs reach the experts; bf16: always
-    gathered (its dense products measured slower)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_graph_sorts_the_pairs_once_they_outnumber_the_experts(monkeypatch, dtype):
+    """Gathered (in the graph's dtype) while the batch's (token, expert) pairs are no more than
+    the experts, sorted by expert beyond, with fp32 matrices in a bf16 graph too (its grouped
+    products measured slower)."""
     model = tiny_model()
     weights = engine(model).runner.weights.current()
     graph = compiled_mod.DecodeGraph(model, weights, dtype)
@@ -176,20 +158,30 @@ def test_moe_graph_takes_dense_dispatch_once_pairs_reach_the_experts(monkeypatch
     E = moe_graph.gate_up.shape[0]
     K = moe_graph.gate.top_k
     called = []
-    for name in ("dispatch_gathered", "dispatch_dense"):
+    for name in ("dispatch_gathered", "dispatch_sorted"):
         real = getattr(moe, name)
-        monkeypatch.setattr(moe, name, lambda *a, _n=name, _f=real: called.append(_n) or _f(*a))
+
+        def spy(x, w, ids, gate_up, down, _n=name, _f=real):
+            called.append((_n, gate_up.dtype))
+            return _f(x, w, ids, gate_up, down)
+
+        monkeypatch.setattr(moe, name, spy)
     d = model.config.hidden_size
     with torch.no_grad():
-        for n in (1, -(-E // K)):  # 1 token: K pairs < E; ceil(E / K) tokens: >= E pairs
+        for n in (E // K, E // K + 1):  # E pairs; then more than E
             moe_graph(torch.randn(n, d))
-    assert called == ["dispatch_gathered", second]
+    assert called == [("dispatch_gathered", dtype), ("dispatch_sorted", torch.float32)]
 
 
 # ---------------------------------------------------------------------- the graph's math (fast)
 def test_buckets():
     assert [bucket(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
     assert bucket(3, 256) == 256 and bucket(300, 256) == 512
+    # a few sequences: contexts from 256 rows; a batch of BATCHED or more: from 64
+    assert [compiled_mod.context_bucket(b, 3) for b in (1, 4, 8, 16)] == [256, 256, 64, 64]
+    assert (
+        compiled_mod.context_bucket(16, 100) == 128 and compiled_mod.context_bucket(4, 300) == 512
+    )
 
 
 def test_padded_rows_rebuilt_when_a_block_is_replaced():
@@ -282,6 +274,28 @@ def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(
     compare(got, recomputed(model), tol, within)
 
 
+# four experts, two per token: a batch of three (bucket 4) has more pairs than experts
+FEW_EXPERTS = dict(n_routed_experts=4, n_group=2, topk_group=1)
+
+
+@pytest.mark.parametrize("dtype,tol,within", PATHS)
+def test_decode_graph_with_sorted_experts_equals_eager_and_recompute(
+    monkeypatch, dtype, tol, within
+):
+    """The graph's experts sorted by id (more (token, expert) pairs than experts; in fp32 in a
+    bf16 graph too) give the eager engine's and a full recompute's logits."""
+    uncompiled(monkeypatch)
+    called = []
+    real = moe.dispatch_sorted
+    monkeypatch.setattr(moe, "dispatch_sorted", lambda *a: called.append(len(a[0])) or real(*a))
+    model = tiny_model(**FEW_EXPERTS, **YARN)
+    eager = teacher_forced(engine(model))
+    got = teacher_forced(engine(model, decode="compiled", decode_dtype=dtype))
+    assert called and set(called) == {4}  # the padded batch of 4 sorts; smaller ones gather
+    compare(got, eager, tol, within)
+    compare(got, recomputed(model), tol, within)
+
+
 def test_compiled_function_called_directly_after_dynamo(monkeypatch):
     """Each bucket goes through Dynamo once (which compiles it); every later step of that bucket
     calls the compiled function directly with the same tensors, and the logits stay eager's.
@@ -334,6 +348,30 @@ def test_decode_graph_follows_weight_updates(monkeypatch):
     assert before != after
 
 
+@pytest.mark.parametrize("decode", ["eager", "compiled"])
+def test_a_weight_change_drops_the_prefix_cache(monkeypatch, decode):
+    """An engine kept while its model is trained (GRPO's rollouts): after a weight change that
+    moves every cached latent, no prompt reuses a block cached before it, and the logits are a
+    fresh eager engine's. compiled: weights as graph inputs, the change copied in."""
+    uncompiled(monkeypatch)
+    monkeypatch.setitem(compiled_mod.INDUCTOR_OPTIONS, "freezing", False)
+    model = tiny_model()
+    e = engine(model, decode=decode, decode_dtype="float32")
+    teacher_forced(e)
+    hits = e.stats()["cached_prompt_tokens"]
+    assert hits > 0
+    graph = getattr(e.runner, "_graph", None)
+    with torch.no_grad():
+        model.layers[0].self_attn.kv_a_proj_with_mqa.weight.mul_(1.5)
+        model.lm_head.weight.mul_(-1)
+    got = teacher_forced(e, rounds=1)
+    assert e.stats()["cached_prompt_tokens"] == hits  # nothing cached before the change
+    compare(got, teacher_forced(engine(model, decode="eager"), rounds=1), FP32_TOL)
+    assert getattr(e.runner, "_graph", None) is graph  # compiled: copied in, not rebuilt
+    teacher_forced(e, rounds=1)
+    assert e.stats()["cached_prompt_tokens"] > hits  # the new weights' blocks serve again
+
+
 def test_no_compiler_or_int8_weights_decode_eager_with_one_warning(monkeypatch):
     model = tiny_model()
     monkeypatch.setattr(compiled_mod, "compiler_missing", lambda: "no C++ compiler found")
@@ -359,6 +397,66 @@ def test_no_compiler_or_int8_weights_decode_eager_with_one_warning(monkeypatch):
         engine(model, decode="fast")
 
 
+def test_default_decode_path_is_auto_unless_the_environment_says(monkeypatch):
+    """Engine(decode=None), the default, asks for $NANOSEEK_DECODE when set, else "auto"; an
+    explicit decode wins; a bad value names the variable. (choose_runner is stood in for: what
+    is asked is recorded, and the eager runner is built, so nothing compiles.)"""
+    from nanoseek.engine import engine as engine_mod
+
+    asked = []
+
+    def choose(model, cache, num_layers, decode, decode_dtype, freeze=None):
+        asked.append(compiled_mod.resolve_decode(decode))
+        return ModelRunner(model, cache, num_layers)
+
+    monkeypatch.setattr(engine_mod, "choose_runner", choose)
+    model = tiny_model()
+    monkeypatch.delenv(compiled_mod.DECODE_ENV, raising=False)
+    engine(model)
+    monkeypatch.setenv(compiled_mod.DECODE_ENV, "")
+    engine(model)
+    monkeypatch.setenv(compiled_mod.DECODE_ENV, "compiled")
+    engine(model)
+    engine(model, decode="eager")
+    assert asked == ["auto", "auto", "compiled", "eager"]
+    monkeypatch.setenv(compiled_mod.DECODE_ENV, "fast")
+    with pytest.raises(ValueError, match="NANOSEEK_DECODE='fast'"):
+        engine(model)
+    assert engine(model, decode="auto") and asked[-1] == "auto"
+    # the real choice: the environment's eager builds the eager runner, with nothing compiled
+    monkeypatch.undo()
+    monkeypatch.setenv(compiled_mod.DECODE_ENV, "eager")
+    assert type(engine(model).runner) is ModelRunner
+
+
+def test_cli_decode_default_is_the_engines(monkeypatch):
+    """--decode left out passes decode=None (the Engine's default: the environment, else auto)."""
+    import argparse
+
+    from nanoseek.cli.common import add_decode_arguments, decode_options
+
+    p = argparse.ArgumentParser()
+    add_decode_arguments(p)
+    assert decode_options(p.parse_args([])) == {"decode": None, "decode_dtype": "auto"}
+    got = decode_options(p.parse_args(["--decode", "compiled", "--decode-dtype", "float32"]))
+    assert got == {"decode": "compiled", "decode_dtype": "float32"}
+    assert "auto" in p.format_help() and "NANOSEEK_DECODE" in p.format_help()
+
+
+def test_auto_decodes_eager_off_the_cpu(monkeypatch, capfd):
+    """auto builds no compiled step for a model that is not on the CPU (said on stderr)."""
+
+    class Elsewhere(ModelRunner):  # the eager runner, as if its model were on another device
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.device = torch.device("meta")
+
+    monkeypatch.setattr(compiled_mod, "ModelRunner", Elsewhere)
+    e = engine(tiny_model(), decode="auto")
+    assert type(e.runner) is Elsewhere
+    assert "decode path: eager (the model is on meta" in capfd.readouterr().err
+
+
 # ---------------------------------------------------------------------- compiled for real (slow)
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,tol,within", PATHS)
@@ -379,6 +477,20 @@ def test_compiled_teacher_forced_logits_equal_eager_and_recompute(dtype, tol, wi
         model.layers[-1].mlp.experts.gate_up_proj.mul_(1.5)
     compare(teacher_forced(fast), teacher_forced(engine(model)), tol, within)
     assert fast.runner._compiled is not buckets
+
+
+@pytest.mark.slow
+def test_compiled_sorted_experts_equal_eager_and_recompute(monkeypatch):
+    """The sorted experts (the grouped product as the custom op, compiled for real), fp32."""
+    called = []
+    real = moe.dispatch_sorted
+    monkeypatch.setattr(moe, "dispatch_sorted", lambda *a: called.append(len(a[0])) or real(*a))
+    model = tiny_model(**FEW_EXPERTS, **YARN)
+    eager = teacher_forced(engine(model))
+    got = teacher_forced(engine(model, decode="compiled", decode_dtype="float32"))
+    assert 4 in called  # traced into the batch-4 graph
+    compare(got, eager, FP32_TOL)
+    compare(got, recomputed(model), FP32_TOL)
 
 
 @pytest.mark.slow

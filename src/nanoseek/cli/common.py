@@ -28,10 +28,13 @@ def add_decode_arguments(p) -> None:
     p.add_argument(
         "--decode",
         choices=("eager", "compiled", "auto"),
-        default="eager",
-        help="decode step: eager PyTorch (default), compiled (Inductor, one graph per batch and "
-        "context bucket; the first start compiles for about a minute, later ones read the cache), "
-        "or auto (times each on this CPU at start and keeps the fastest)",
+        default=None,
+        help="decode step: auto (the default, or $NANOSEEK_DECODE when set) compiles the step "
+        "and times it against eager PyTorch on this CPU at start, then keeps the faster; "
+        "compiled (Inductor, one graph per batch and context bucket) or eager (no compilation) "
+        "force one. Compiling costs up to about a minute per graph, at every start: the "
+        "weights are frozen into the graph (the faster step), and Inductor's on-disk cache "
+        "does not keep such graphs. Use eager for a quick one-off run",
     )
     p.add_argument(
         "--decode-dtype",

@@ -213,6 +213,15 @@ class BlockManager:
         seq.block_table.extend(self._take() for _ in range(grow))
         return copies
 
+    def forget_prefixes(self) -> None:
+        """Unpublish every block (their latents came from weights that have changed since):
+        blocks that sequences hold stay theirs, unreferenced ones become free."""
+        for block in self.published.values():
+            self.key[block] = None
+        self.free.extend(self.evictable)
+        self.evictable.clear()
+        self.published.clear()
+
     def publish(self, seq) -> None:
         """After a step: publish the blocks that have become full (and
         whose lookahead tokens are known)."""

@@ -7,8 +7,9 @@ MLA over the gathered cache rows, routing, the experts gathered by id with model
 `dispatch_gathered`; final norm, LM head) is one tensor program with static shapes, compiled by
 Inductor with its C++ wrapper and max-autotune, which picks its C++ GEMM templates
 (shared/spec/cpu-decode-probe.md: the default mode gains nothing). The batch is padded to a power of
-two, the context to a power of two of at least CONTEXT_MIN rows, so a few compilations serve a whole
-generation.
+two, the context to a power of two of at least CONTEXT_MIN rows (CONTEXT_MIN_BATCHED for a batch
+of BATCHED or more, whose step spends more on attention over the padding), so a few compilations
+serve a whole generation.
 
 Around the graph, a step costs little: the runner lays a pure-decode step straight into its
 bucket's input buffers, kept between steps (one new context column per sequence; _Padded), and
@@ -49,6 +50,11 @@ from nanoseek.model.attention import absorb_query, attend_latent, expand_output
 from nanoseek.model.transformer import Transformer
 
 CONTEXT_MIN = 256  # the smallest context bucket: cache rows before a decoding token
+# ... for a padded batch of BATCHED sequences or more, whose attention over padded rows is a large
+# share of the step
+# (16 requests x 128 tokens, one thread: 3.6-4.0x the batch-1 speed with 256, 4.8x with 64)
+CONTEXT_MIN_BATCHED = 64
+BATCHED = 8
 INDUCTOR_OPTIONS = {
     "max_autotune": True,
     # the weights are constants that max-autotune packs for its C++ GEMM templates (a batch-1
@@ -69,6 +75,12 @@ def log(message: str) -> None:
 def bucket(n: int, least: int = 1) -> int:
     """The smallest power of two >= max(n, least)."""
     return 1 << (max(n, least) - 1).bit_length()
+
+
+def context_bucket(batch: int, rows: int) -> int:
+    """The context bucket of a padded batch whose longest context has `rows` cache rows."""
+    least = CONTEXT_MIN if batch < BATCHED else min(CONTEXT_MIN, CONTEXT_MIN_BATCHED)
+    return bucket(rows, least)
 
 
 def compiler_missing() -> str | None:
@@ -175,17 +187,26 @@ class _MoEGraph(_Params):
         self.shared = _SwiGLUGraph(m.shared, dtype)
         self.put("gate_up", m.gate_up_t, dtype)
         self.put("down", m.down_t, dtype)
+        # the sorted experts' matrices: fp32 whatever the graph's dtype (see forward)
+        self.put("gate_up32", m.gate_up_t if dtype != torch.float32 else None, torch.float32)
+        self.put("down32", m.down_t if dtype != torch.float32 else None, torch.float32)
 
     def forward(self, x):
         weights, ids, _ = self.gate.route(torch.mm(x, self.router), self.router_bias)
-        xw = x.to(self.gate_up.dtype)
-        # each expert's weights read once per (token, expert) pair, or once for the whole batch;
-        # fp32 only: with bf16 matrices the batched products over all experts measured slower
-        # (batch 16, one thread: a step 10.1 -> 12.4 ms, where fp32 went 11.3 -> 9.6 ms)
-        fp32 = self.gate_up.dtype == torch.float32
-        dense = fp32 and ids.numel() >= self.gate_up.shape[0]
-        dispatch = moe.dispatch_dense if dense else moe.dispatch_gathered
-        routed = dispatch(xw, weights, ids, self.gate_up, self.down)
+        # each expert's weights read once per (token, expert) pair while the pairs are no more
+        # than the experts; beyond, the pairs sorted by expert, each expert's weights read once
+        # for the whole batch (five MoE layers of the reference config, fp32, one thread: 16
+        # tokens 4.0 ms gathered, 2.6 every expert on every token, 2.15 sorted). Sorted in fp32
+        # even in a bf16 graph: bf16 grouped products are slow here (16 tokens: 8.8 ms sorted,
+        # 4.1 gathered)
+        if ids.numel() > self.gate_up.shape[0]:
+            if self.gate_up32 is None:
+                routed = moe.dispatch_sorted(x, weights, ids, self.gate_up, self.down)
+            else:
+                routed = moe.dispatch_sorted(x, weights, ids, self.gate_up32, self.down32)
+        else:
+            xw = x.to(self.gate_up.dtype)
+            routed = moe.dispatch_gathered(xw, weights, ids, self.gate_up, self.down)
         return self.shared(x) + routed.float()
 
 
@@ -234,9 +255,18 @@ class DecodeGraph(_Params):
 
 class CompiledRunner(ModelRunner):
     """ModelRunner whose pure-decode steps run a compiled DecodeGraph (eager for everything else).
-    dtype: the graph's matrices (torch.float32 or torch.bfloat16)."""
+    dtype: the graph's matrices (torch.float32 or torch.bfloat16). freeze: the weights are
+    constants of the compiled code (a weight change recompiles) or, False, graph inputs (a weight
+    change is copied in place); None follows INDUCTOR_OPTIONS["freezing"]."""
 
-    def __init__(self, model: Transformer, cache: LatentCache, num_layers: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: Transformer,
+        cache: LatentCache,
+        num_layers: int,
+        dtype: torch.dtype,
+        freeze: bool | None = None,
+    ):
         super().__init__(model, cache, num_layers)
         if num_layers != len(model.layers):
             raise ValueError("the compiled decode step has no speculation (MTP) layer")
@@ -246,6 +276,8 @@ class CompiledRunner(ModelRunner):
         if why:
             raise RuntimeError(why)
         self.dtype = dtype
+        self.freeze = freeze
+        self._copies = 0  # weight changes copied into the graph in place
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._graph: DecodeGraph | None = None
         self._generation = -1
@@ -263,7 +295,7 @@ class CompiledRunner(ModelRunner):
             return super().prepare(decode, prefill, width, drafts)
         B = len(decode)
         Bp = bucket(B)
-        Sp = bucket(max(seq.num_computed for seq in decode), CONTEXT_MIN)
+        Sp = context_bucket(Bp, max(seq.num_computed for seq in decode))
         cos, sin = self._rope_tables()
         pad = self._pads.get((Bp, Sp))
         if pad is None:
@@ -325,13 +357,15 @@ class CompiledRunner(ModelRunner):
         with torch.no_grad():
             graph = DecodeGraph(self.model, weights, self.dtype).eval()
         # frozen weights are constants of the compiled code: only a new compilation sees new ones
-        in_place = not INDUCTOR_OPTIONS.get("freezing", False)
+        in_place = not self.frozen
         if self._graph is not None and in_place and _same_tensors(self._graph, graph):
             with torch.inference_mode():
                 for old, new in zip(self._graph.buffers(), graph.buffers()):
                     if old.data_ptr() != new.data_ptr():
                         old.copy_(new)
-            log("the model's weights changed: copied into the compiled decode step")
+            if not self._copies:  # once: a policy being trained changes at every rollout
+                log("the model's weights changed: copied into the compiled decode step")
+            self._copies += 1
         else:
             if self._graph is not None:
                 log("the model's weights changed: the compiled decode step is rebuilt")
@@ -340,6 +374,13 @@ class CompiledRunner(ModelRunner):
             self.compile_seconds = {}
         self._generation = weights.generation
         return self._graph
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the graph's weights are compiled in as constants."""
+        if self.freeze is None:
+            return bool(INDUCTOR_OPTIONS.get("freezing", False))
+        return self.freeze
 
     def compiled(self, batch: int, context: int):
         graph = self.graph()
@@ -357,13 +398,20 @@ class CompiledRunner(ModelRunner):
         fn = self.compiled(Bp, Sp)
         first = (Bp, Sp) not in self.compile_seconds
         if first:
+            # Inductor's cache keeps no graph with frozen weights (constants): those compile at
+            # every start; weights as inputs come from the cache in seconds after the first time
+            when = "at every start" if self.frozen else "the first time, cached afterwards"
+            log(
+                f"compiling the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)}"
+                f"): up to about a minute {when}"
+            )
             start = time.perf_counter()
             # the first call compiles; each bucket is a recompilation of one forward, hence the
             # limits. Freezing must be on while Dynamo traces, not only in Inductor's options:
             # otherwise the weights reach the graph as inputs and max-autotune has no constants
             # to pack for its C++ GEMM templates
             limits = dict(recompile_limit=64, accumulated_recompile_limit=4096)
-            freezing = torch._inductor.config.patch(freezing=INDUCTOR_OPTIONS["freezing"])
+            freezing = torch._inductor.config.patch(freezing=self.frozen)
             with torch._dynamo.config.patch(**limits), freezing, warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
                 hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
@@ -371,7 +419,12 @@ class CompiledRunner(ModelRunner):
             self.compile_seconds[(Bp, Sp)] = seconds
             log(
                 f"compiled the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)})"
-                f" in {seconds:.1f} s (cached in {inductor_cache_dir()})"
+                f" in {seconds:.1f} s "
+                + (
+                    "(frozen weights: not cached)"
+                    if self.frozen
+                    else f"(cached in {inductor_cache_dir()})"
+                )
             )
         else:
             hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
@@ -390,10 +443,12 @@ def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
 
 
 def _inductor(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-    """Inductor over Dynamo's graph, as torch.compile(options=INDUCTOR_OPTIONS) runs it."""
+    """Inductor over Dynamo's graph, as torch.compile(options=INDUCTOR_OPTIONS) runs it, with
+    freezing as the runner set it around the tracing call (CompiledRunner.decode)."""
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=INDUCTOR_OPTIONS)
+    options = {**INDUCTOR_OPTIONS, "freezing": bool(torch._inductor.config.freezing)}
+    return compile_fx(gm, example_inputs, config_patches=options)
 
 
 class _Direct:
@@ -526,7 +581,7 @@ def _pad(inp: StepInput) -> tuple[torch.Tensor, ...]:
     B = inp.num_decode
     S = inp.decode_slots.shape[1] - 1  # cache rows before the newest token
     Bp = bucket(B)
-    Sp = bucket(S, CONTEXT_MIN)
+    Sp = context_bucket(Bp, S)
     dev = inp.ids.device
     context = torch.zeros(Bp, Sp, dtype=torch.long, device=dev)
     context[:B, :S] = inp.decode_slots[:, :S]
@@ -551,14 +606,43 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------- choosing a path at start
+DECODE_PATHS = ("auto", "eager", "compiled")
+# the decode path of an Engine built without one (decode=None); unset: "auto"
+DECODE_ENV = "NANOSEEK_DECODE"
+
+
+def resolve_decode(decode: str | None) -> str:
+    """An Engine's decode option -> the path asked for: decode itself when given, else
+    $NANOSEEK_DECODE when set (checked), else "auto"."""
+    if decode is not None:
+        return decode
+    value = os.environ.get(DECODE_ENV, "").strip()
+    if not value:
+        return "auto"
+    if value not in DECODE_PATHS:
+        raise ValueError(
+            f"{DECODE_ENV}={value!r}: expected one of {', '.join(DECODE_PATHS)} (or unset: auto)"
+        )
+    return value
+
+
 def choose_runner(
-    model: Transformer, cache: LatentCache, num_layers: int, decode: str, decode_dtype: str
+    model: Transformer,
+    cache: LatentCache,
+    num_layers: int,
+    decode: str | None,
+    decode_dtype: str,
+    freeze: bool | None = None,
 ) -> ModelRunner:
-    """The runner the Engine options ask for: decode "eager" | "compiled" | "auto", decode_dtype
-    "auto" | "float32" | "bfloat16" (the compiled graph's matrices). "auto" times a batch-1 decode
-    step of every candidate and keeps the fastest; the choice is printed. A compiled path that
-    cannot run falls back to eager with one warning."""
-    if decode not in ("auto", "eager", "compiled"):
+    """The runner the Engine options ask for: decode "eager" | "compiled" | "auto" (None: see
+    resolve_decode), decode_dtype "auto" | "float32" | "bfloat16" (the compiled graph's
+    matrices). "auto" times a batch-1 decode step of every candidate and keeps the fastest; the
+    choice is printed. A compiled path that cannot run falls back to eager with one warning.
+    "auto" decodes eager on a model that is not on the CPU (the compiled step is built for it).
+    freeze: the compiled graph's weights frozen (None: INDUCTOR_OPTIONS["freezing"]) or graph
+    inputs that a weight change is copied into (CompiledRunner)."""
+    decode = resolve_decode(decode)
+    if decode not in DECODE_PATHS:
         raise ValueError(f"decode={decode!r}: expected 'auto', 'eager' or 'compiled'")
     if decode_dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"decode_dtype={decode_dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
@@ -571,13 +655,19 @@ def choose_runner(
             "step for that)"
         )
         return eager
+    if decode == "auto" and eager.device.type != "cpu":
+        log(
+            f"decode path: eager (the model is on {eager.device.type}; the compiled step is "
+            "for CPU)"
+        )
+        return eager
     if decode_dtype == "auto":
         dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
     else:
         dtypes = [getattr(torch, decode_dtype)]
     try:
         candidates = {
-            f"compiled {_dtype_name(d)}": CompiledRunner(model, cache, num_layers, d)
+            f"compiled {_dtype_name(d)}": CompiledRunner(model, cache, num_layers, d, freeze)
             for d in dtypes
         }
         if decode == "compiled" and len(candidates) == 1:

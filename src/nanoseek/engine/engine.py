@@ -72,8 +72,9 @@ class Engine:
         max_model_len: int | None = None,
         enable_prefix_cache: bool = True,
         speculative: bool = False,
-        decode: str = "eager",
+        decode: str | None = None,
         decode_dtype: str = "auto",
+        decode_frozen: bool | None = None,
     ):
         """model: a nanoseek Transformer (any dtype and device; int8-quantized ones too). num_blocks
         sizes the cache pool directly; otherwise cache_memory (bytes, default 1 GiB) does, capped at
@@ -81,8 +82,14 @@ class Engine:
         model's context) is further capped at the pool's capacity, so that any single request fits
         the pool on its own. A VisionLanguageModel's language model runs the engine and its tower
         encodes the requests' images. decode: "eager", "compiled" (decode steps run one compiled
-        graph, engine/compiled.py) or "auto" (the faster, measured at start and printed);
-        decode_dtype: the compiled graph's weights, "float32", "bfloat16" or "auto"."""
+        graph, engine/compiled.py) or "auto" (the faster, measured at start and printed; a graph
+        compiles in up to about a minute, at every start while its weights are frozen);
+        None (the default): $NANOSEEK_DECODE if set, else "auto". An engine whose model is being
+        trained or that serves one batch passes "eager". decode_dtype: the compiled graph's
+        weights, "float32", "bfloat16" or "auto". decode_frozen: the compiled graph's weights
+        compiled in as constants (faster; a weight change recompiles) or, False, graph inputs (a
+        weight change is copied in, nothing recompiled: a policy trained between rollouts); None:
+        compiled.INDUCTOR_OPTIONS["freezing"] (on)."""
         self.vision = None
         self.image_token_id = None
         if isinstance(model, VisionLanguageModel):
@@ -141,7 +148,11 @@ class Engine:
             max_num_batched_tokens,
             decode_width=2 if speculative else 1,
         )
-        self.runner = choose_runner(model, self.cache, num_layers, decode, decode_dtype)
+        self.runner = choose_runner(
+            model, self.cache, num_layers, decode, decode_dtype, decode_frozen
+        )
+        # the weights' version the prefix cache's latents come from (weights.py counts rebuilds)
+        self._cache_generation = self.runner.weights.generation
         self.sampler = Sampler()
         self.spec = SpeculativeDecoder(self.sampler) if speculative else None
         eos = (
@@ -335,6 +346,8 @@ class Engine:
         with self._lock, torch.inference_mode():
             pending = self._events
             self._events = []
+            if self.scheduler.waiting and self.blocks.published:
+                self._drop_stale_prefixes()
             batch = self.scheduler.schedule()
             if batch:
                 pending += self._run(batch)
@@ -343,6 +356,14 @@ class Engine:
                 if callback is not None:
                     callback(ev)
             return [ev for ev, _ in pending]
+
+    def _drop_stale_prefixes(self) -> None:
+        """Before prompts are admitted: if the model's weights changed since the cached prefixes
+        were computed (a policy trained between rollouts), forget them all."""
+        generation = self.runner.weights.current().generation
+        if generation != self._cache_generation:
+            self.blocks.forget_prefixes()
+            self._cache_generation = generation
 
     def _run(self, batch) -> list[tuple[StepEvent, Callable | None]]:
         decode, width = batch.decode, self.scheduler.decode_width

@@ -151,7 +151,9 @@ def _generate(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     budget = min(max_new_tokens, context - max(len(x) for x in ids))
     if budget < 1:
         raise ValueError(f"the chat eval's questions do not fit the model's context ({context})")
-    engine = Engine(model, None, max_batch_size=64, max_num_batched_tokens=max(2048, context))
+    engine = Engine(
+        model, None, max_batch_size=64, max_num_batched_tokens=max(2048, context), decode="eager"
+    )
     params = SamplingParams(max_tokens=budget, temperature=0.0, stop_token_ids=[tok.eos_id])
     return [completion_text(tok, o.token_ids) for o in engine.generate(ids, params)]
 

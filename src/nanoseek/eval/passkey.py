@@ -107,6 +107,7 @@ def passkey_sweep(
             max_batch_size=min(64, len(flat)),
             max_model_len=length,
             max_num_batched_tokens=max(1024, length),
+            decode="eager",
         )
         params = SamplingParams(
             max_tokens=ANSWER_TOKENS, temperature=0.0, stop_token_ids=[tok.eos_id]

@@ -200,7 +200,7 @@ def evaluate(
             str(corpus_dir) if corpus_dir else "default corpus (built for this evaluation)"
         )
     if wanted:
-        engine = Engine(model, None, max_batch_size=64, max_num_batched_tokens=2048)
+        engine = Engine(model, None, max_batch_size=64, max_num_batched_tokens=2048, decode="eager")
         result["tasks"] = task_accuracy(
             engine,
             tok,

@@ -18,9 +18,9 @@ alone takes the fast variants beside them, `Router.route_one` and `dispatch_one`
 ops, no sorting), which tests/test_model.py checks against the tensor path. The compiled decode
 step (engine/compiled.py) takes `dispatch_gathered`: every shape fixed by the batch and top-k, no
 data-dependent sizes, so routing and experts stay in one graph (tests/test_engine_compiled.py
-checks it against `dispatch`); with fp32 matrices, a batch with at least as many (token, expert)
-pairs as experts takes `dispatch_dense` (every expert on every token, the unchosen outputs
-masked), which reads each expert's weights once instead of once per pair.
+checks it against `dispatch`); with fp32 matrices, a batch with more (token, expert) pairs than
+experts takes `dispatch_sorted` (the pairs sorted by expert, one grouped product per matrix, every
+shape still static), which reads each expert's weights once instead of once per pair.
 """
 
 from __future__ import annotations
@@ -177,27 +177,32 @@ def dispatch_gathered(
     return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
 
 
-def dispatch_dense(
+def dispatch_sorted(
     x: torch.Tensor,
     weights: torch.Tensor,
     ids: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
 ) -> torch.Tensor:
-    """`dispatch_gathered` for a batch whose N·K (token, expert) pairs reach the number of experts
-    E: every expert runs on every token (one batched matmul per matrix, each expert's weights read
-    once) and each token keeps the outputs of its own K experts, weighted; the others are masked
-    out, never multiplied by zero (an expert's output on a token not routed to it may overflow).
-    Same arguments and result as `dispatch_gathered`; E/K times its arithmetic, a fraction of its
-    weight reads once N·K > E."""
-    n, _ = ids.shape
-    e = gate_up.shape[0]
-    chosen = torch.zeros(n, e, dtype=torch.bool, device=ids.device).scatter(1, ids, True)
-    dense = torch.zeros(n, e, dtype=weights.dtype, device=ids.device).scatter(1, ids, weights)
-    gate, up = torch.bmm(x.unsqueeze(0).expand(e, n, x.shape[-1]), gate_up).chunk(2, dim=-1)
-    ys = torch.bmm(F.silu(gate) * up, down)  # [E, N, d]
-    picked = torch.where(chosen.t().unsqueeze(-1), ys * dense.t().unsqueeze(-1).to(ys.dtype), 0)
-    return picked.sum(0)
+    """`dispatch` with every shape static, for many tokens: the N·K (token, expert) pairs sorted by
+    expert, every expert run on its own pairs only by one grouped product per matrix (each pair
+    computed once, each expert's weights read once), the outputs put back in pair order by the
+    inverse permutation and summed per token, weighted. Same arguments and result as
+    `dispatch_gathered`. Counts by comparison rather than bincount or index_add (data-dependent
+    sizes, or no compiled kernel), so that the whole of it lowers into one compiled graph."""
+    n, k = ids.shape
+    flat = ids.flatten()
+    experts = torch.arange(gate_up.shape[0], device=ids.device)
+    counts = (flat.unsqueeze(1) == experts).sum(0)
+    order = flat.argsort(stable=True)
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:  # shapes grouped_mm cannot take
+        gate, up = (rows @ gate_up[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ down[e]
+
+    ys = run_experts(x.index_select(0, order // k), counts, expert, gate_up, down)
+    ys = ys.index_select(0, order.argsort()).view(n, k, -1)  # back in (token, k) order
+    return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
 
 
 def run_experts(
@@ -212,7 +217,7 @@ def run_experts(
     With the stacked matrices as x @ W (gate_up [E, d, 2I], gate then up; down [E, I, d]) and
     `grouped_mm_ok`: one grouped matmul per matrix for all experts. Otherwise `expert(e, rows)` on
     each non-empty slice."""
-    if gate_up is not None and grouped_mm_ok(xs, gate_up):
+    if gate_up is not None and grouped_mm_ok(xs, gate_up) and _rows_aligned(gate_up, down):
         offsets = counts.cumsum(0).to(torch.int32)
         gate, up = _grouped_mm(xs, gate_up, offsets).chunk(2, dim=-1)
         return _grouped_mm(F.silu(gate) * up, down, offsets)
@@ -231,6 +236,12 @@ def grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or x.dtype != w.dtype:
         return False
     return x.dtype == torch.bfloat16 or x.device.type == "cpu"
+
+
+def _rows_aligned(*ts: torch.Tensor) -> bool:
+    """Whether both inner dimensions of these stacked matrices are multiples of 16 bytes, as
+    grouped_mm's kernels require of its operands' strides."""
+    return all(t.shape[i] * t.element_size() % 16 == 0 for t in ts for i in (-2, -1))
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

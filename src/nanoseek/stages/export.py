@@ -68,7 +68,7 @@ def sample_answers(ckpt: Path, max_new_tokens: int = 200) -> list[dict]:
         items.append(
             {"lang": lang, "prompt": problem.prompt, "task": name, "expected": problem.answer}
         )
-    engine = Engine(model, None, max_batch_size=len(items))
+    engine = Engine(model, None, max_batch_size=len(items), decode="eager")
     prompts = [prompt_ids(tok, it["prompt"]) for it in items]
     room = engine.max_model_len - max(len(p) for p in prompts)
     params = SamplingParams(

@@ -187,7 +187,7 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
 
     def evaluate(samples: int = 0) -> dict:
         vlm.eval()
-        engine = Engine(vlm, tok, max_batch_size=64, max_num_batched_tokens=2048)
+        engine = Engine(vlm, tok, max_batch_size=64, max_num_batched_tokens=2048, decode="eager")
         results = {
             name: evaluate_visual_task(
                 engine,
@@ -400,7 +400,7 @@ def text_figures(lm, tok, texts: dict[str, list[str]], settings: dict) -> dict:
     held-out text-task problems with each problem's outcome (the problems that fit the context)."""
     bpb = text_bpb(lm, tok, texts)
     lm.eval()
-    engine = Engine(lm, None, max_batch_size=64, max_num_batched_tokens=2048)
+    engine = Engine(lm, None, max_batch_size=64, max_num_batched_tokens=2048, decode="eager")
     tasks = {}
     for name, difficulties in (settings.get("tasks") or {}).items():
         task, problems, _ = task_problems(

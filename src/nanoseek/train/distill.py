@@ -112,7 +112,7 @@ def teacher_traces(teacher: str | Path, cfg: dict) -> tuple[list[Messages], dict
     verified ones become conversations."""
     model = load_model(teacher, dtype=torch.float32)
     tok = load_tokenizer(teacher)
-    engine = Engine(model, None, max_batch_size=64, max_num_batched_tokens=2048)
+    engine = Engine(model, None, max_batch_size=64, max_num_batched_tokens=2048, decode="eager")
     conversations, stats = [], {}
     for name, problems in train_problems(cfg).items():
         completions, _ = generate_completions(

@@ -236,6 +236,7 @@ class GRPOTrainer(Trainer):
             max_batch_size=max(G, min(256, cfg.prompts_per_step * G)),
             # fresh each step: cached prefixes hold the old weights' latents
             max_model_len=cfg.seq_len,
+            decode="eager",  # the policy changes every step: no compilation
         )
         kept: list[Sample] = []
         generated: list[Sample] = []
@@ -439,7 +440,9 @@ class GRPOTrainer(Trainer):
             return {}
         cfg = self.cfg
         tasks = {s.name: [s.max_difficulty or s.difficulty] for s in self.specs}
-        engine = Engine(self.model, None, max_batch_size=64, max_model_len=cfg.seq_len)
+        engine = Engine(
+            self.model, None, max_batch_size=64, max_model_len=cfg.seq_len, decode="eager"
+        )
         was_training = self.model.training
         self.model.eval()
         n_problems = cfg.eval_problems * len(cfg.langs)

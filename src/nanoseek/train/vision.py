@@ -339,7 +339,9 @@ class VisualGRPOTrainer(TowerCheckpoints, GRPOTrainer):
                 for s in self.specs
                 if s.name in VISUAL_TASKS
             }
-        engine = Engine(self.model, self.tokenizer, max_batch_size=64, max_model_len=cfg.seq_len)
+        engine = Engine(
+            self.model, self.tokenizer, max_batch_size=64, max_model_len=cfg.seq_len, decode="eager"
+        )
         was_training = self.model.training
         self.model.eval()
         budget = cfg.eval_max_new_tokens or cfg.max_new_tokens
