@@ -132,19 +132,46 @@ def dispatch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_k weights[:, k] · expert_{ids[:, k]}(x), dropless. x [N, d], weights and ids [N, K].
 
-    The (token, expert) pairs are sorted by expert, `run(rows, counts)` computes every expert on its
-    contiguous slice of rows (counts [E] rows per expert; `run_experts` does it), and the weighted
-    outputs are scatter-added back per token. -> (output [N, d], counts)."""
+    The N·K (token, expert) pairs are sorted by expert, `run(rows, counts)` computes every expert
+    on its contiguous slice of rows (counts [E] rows per expert; `run_experts` does it), and the
+    outputs go back to (token, k) order by the inverse permutation and are summed per token,
+    weighted.
+    Permutations both ways, never a scatter-add: a compiled index_add runs with atomic adds, which
+    on two CPU threads took longer than on one. -> (output [N, d], counts)."""
+    n, k = ids.shape
     flat = ids.flatten()
     # rather than bincount, whose output size depends on the data (a graph break when compiled)
     counts = torch.zeros(n_experts, dtype=flat.dtype, device=flat.device)
     counts.index_add_(0, flat, torch.ones_like(flat))
     order = flat.argsort(stable=True)
-    token = order // ids.shape[1]
-    # index_select rather than x[token]: its backward is a fast
-    # index_add, not an accumulating index_put
-    ys = run(x.index_select(0, token), counts) * weights.flatten()[order].unsqueeze(-1).type_as(x)
-    return torch.zeros_like(x).index_add_(0, token, ys), counts
+    inverse = order.argsort()
+    pairs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, -1)  # row i·K + j: token i
+    ys = run(permute_rows(pairs, order, inverse), counts)
+    ys = permute_rows(ys, inverse, order).view(n, k, -1)
+    return (ys * weights.unsqueeze(-1).type_as(ys)).sum(1), counts
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows[perm] whose gradient is the gradient's rows[inverse]: a gather both ways."""
+
+    @staticmethod
+    def forward(rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """rows [M, ...] reordered by the permutation perm (inverse: its inverse), differentiably
+    without a scatter."""
+    return _PermuteRows.apply(rows, perm, inverse)
 
 
 def dispatch_one(
