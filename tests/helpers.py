@@ -184,6 +184,23 @@ def save_tiny(path: Path, seed: int = 0, context: int = 512, **overrides) -> Pat
     return path
 
 
+def save_untrained_vision(path: Path, vision: dict) -> Path:
+    """An untrained tiny vision-language checkpoint (seed 0, tower `vision`) whose images still move
+    the logits: the default init gives tiny image features, so the projector is scaled up."""
+    from nanoseek.checkpoint import save_vision_language_model
+    from nanoseek.config import VisionConfig
+    from nanoseek.model.vision import VisionLanguageModel
+
+    tok = small_tokenizer()
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    vlm = VisionLanguageModel.build(cfg, VisionConfig(**vision), tok.special_ids["image"])
+    with torch.no_grad():
+        for p in vlm.vision.projector.parameters():
+            p.mul_(30.0)
+    return save_vision_language_model(vlm.eval(), path, tokenizer=tok)
+
+
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

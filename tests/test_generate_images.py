@@ -14,14 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from nanoseek.checkpoint import load_checkpoint, save_vision_language_model
-from nanoseek.config import VisionConfig
+from nanoseek.checkpoint import load_checkpoint
 from nanoseek.data.images import expand_image_tokens, image_input
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.model.vision import VisionLanguageModel
 
 import helpers
-from helpers import save_tiny, small_tokenizer, tiny_config
+from helpers import save_tiny
 
 # a small pixel limit, so that an over-limit picture is cheap to make
 VISION = {**helpers.TINY_VISION, "max_image_pixels": 64 * 64}
@@ -41,14 +39,7 @@ def generate(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tok = small_tokenizer()
-    torch.manual_seed(0)
-    cfg = tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    vlm = VisionLanguageModel.build(cfg, VisionConfig(**VISION), tok.special_ids["image"])
-    with torch.no_grad():  # the default init gives tiny image features: make the image matter
-        for p in vlm.vision.projector.parameters():
-            p.mul_(30.0)
-    return save_vision_language_model(vlm.eval(), tmp_path_factory.mktemp("vlm"), tokenizer=tok)
+    return helpers.save_untrained_vision(tmp_path_factory.mktemp("vlm"), vision=VISION)
 
 
 @pytest.fixture(scope="module")

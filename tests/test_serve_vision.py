@@ -13,22 +13,18 @@ import io
 
 import httpx
 import pytest
-import torch
 from PIL import Image
 
 from nanoseek.checkpoint import (
     load_checkpoint,
     load_vision_language_model,
-    save_vision_language_model,
 )
-from nanoseek.config import VisionConfig
 from nanoseek.data.images import MAX_IMAGE_BYTES, image_input, image_prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.model.vision import VisionLanguageModel
 from nanoseek.serve.chat_format import EngineTokenizer, TokenTable, chat_request_prompt
 
 import helpers
-from helpers import small_tokenizer, tiny_config
 from serve_helpers import ServerProcess, build_random_checkpoint, nanoseek
 
 # a small pixel limit, so that a "decompression bomb" is cheap to make
@@ -54,14 +50,7 @@ def _messages(url: str, text: str = QUESTION) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def vlm_checkpoint(tmp_path_factory):
-    tok = small_tokenizer()
-    torch.manual_seed(0)
-    cfg = tiny_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    vlm = VisionLanguageModel.build(cfg, VisionConfig(**TINY_VISION), tok.special_ids["image"])
-    with torch.no_grad():  # the default init gives tiny image features: make the image matter
-        for p in vlm.vision.projector.parameters():
-            p.mul_(30.0)
-    return save_vision_language_model(vlm.eval(), tmp_path_factory.mktemp("vlm"), tokenizer=tok)
+    return helpers.save_untrained_vision(tmp_path_factory.mktemp("vlm"), vision=TINY_VISION)
 
 
 @pytest.fixture(scope="module")
