@@ -37,6 +37,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.compiled import inductor_cache_dir, native_bf16
 from nanoseek.engine.quant import quantization_error, quantize_model
 from nanoseek.engine.weights import MoEWeights
+from nanoseek.hostmem import keep_freed_memory
 
 
 def source_bytes(names: list[str]) -> torch.Tensor:
@@ -418,6 +419,7 @@ def main() -> None:
         help="only the concurrent-requests rows (eager and compiled), then stop",
     )
     args = ap.parse_args()
+    keep_freed_memory()  # as the nanoseek CLI does (nanoseek/hostmem.py)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n = args.new_tokens

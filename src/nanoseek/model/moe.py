@@ -299,8 +299,13 @@ def _(a, b, offsets):
 def _grouped_mm_backward(ctx, grad):
     a, b = ctx.saved_tensors
     grad = grad.contiguous()
-    grad_a = cpu_grouped_mm(grad, b.transpose(-2, -1), ctx.offsets)
-    grad_b = cpu_grouped_mm(a.t(), grad, ctx.offsets)
+    grad_a = cpu_grouped_mm(grad, b.mT, ctx.offsets)
+    if b.dim() == 3 and b.mT.is_contiguous():
+        # b is a stacked parameter used transposed (Experts: x @ W.mT): its gradient made in W's
+        # own layout, so that autograd need not copy a transposed [E, K, N] into it
+        grad_b = cpu_grouped_mm(grad.t(), a, ctx.offsets).mT
+    else:
+        grad_b = cpu_grouped_mm(a.t(), grad, ctx.offsets)
     return grad_a, grad_b, None
 
 
