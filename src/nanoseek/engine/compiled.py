@@ -11,13 +11,23 @@ two, the context to a power of two of at least CONTEXT_MIN rows (CONTEXT_MIN_BAT
 of BATCHED or more, whose step spends more on attention over the padding), so a few compilations
 serve a whole generation.
 
+A graph with frozen weights is compiled ahead of time by AOTInductor (COMPILER "aot": the exported
+graph, its weights packed in, one package per bucket) and kept on disk under package_dir(), keyed
+by a hash of the weights, the bucket's input shapes, the dtype, the traced code, torch's version and
+the CPU's flags, so that a later process with the same weights loads it in a fraction of a second
+instead of compiling it again (_Packaged); its call has no Python and no per-call constant handles
+between kernels. COMPILER "jit" (and any graph with the weights as inputs) goes through
+torch.compile with Inductor's C++ wrapper instead (_Direct).
+
 Around the graph, a step costs little: the runner lays a pure-decode step straight into its
 bucket's input buffers, kept between steps (one new context column per sequence; _Padded), and
-once Dynamo has compiled a bucket, later steps call Inductor's function directly with those same
-tensors (_Direct: no guards, no frame hook). The weights are frozen: constants of the compiled code,
-which max-autotune packs for its C++ GEMM templates, so a weight change rebuilds and recompiles the
-graph. With INDUCTOR_OPTIONS["freezing"] off they are graph inputs instead: a weight change (GRPO)
-is copied into the graph's tensors and nothing is recompiled, for a slower step (docs/engine.md).
+calls the compiled code with those same tensors (_Packaged's loaded package; _Direct, once Dynamo
+has compiled a bucket, Inductor's function directly: no guards, no frame hook). The weights are
+frozen: constants of the compiled code, which max-autotune packs for its C++ GEMM templates, so a
+weight change rebuilds and recompiles the graph (or loads it from package_dir(), if these weights
+were compiled before). With INDUCTOR_OPTIONS["freezing"] off they are graph inputs instead: a weight
+change (GRPO) is copied into the graph's tensors and nothing is recompiled, for a slower step
+(docs/engine.md).
 
 The graph reads the latent cache (an input: it changes every step) and returns the step's latents;
 the runner writes them with one index_copy_ over all layers, for the real rows only. Padded rows
@@ -29,11 +39,16 @@ stay fp32.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import shutil
 import sys
 import time
+import uuid
 import warnings
+import zipfile
+from functools import cache
 from types import SimpleNamespace
 
 import numpy as np
@@ -45,7 +60,7 @@ from nanoseek.engine.cache import LatentCache
 from nanoseek.engine.quant import is_quantized
 from nanoseek.engine.runner import ModelRunner, StepInput
 from nanoseek.engine.weights import Attention, BlockWeights, InferenceWeights, MoEWeights, SwiGLU
-from nanoseek.model import moe
+from nanoseek.model import attention, moe
 from nanoseek.model.attention import absorb_query, attend_latent, expand_output
 from nanoseek.model.transformer import Transformer
 
@@ -66,6 +81,16 @@ INDUCTOR_OPTIONS = {
     "autotune_num_choices_displayed": 0,
     "max_autotune_report_choices_stats": False,
 }
+# How a graph with frozen weights is compiled: "aot", AOTInductor (torch.export, then
+# aoti_compile_and_package; the package cached on disk, _Packaged), or "jit", torch.compile with the
+# C++ wrapper (_Direct). A batch-1 graph call, one thread, best of 12 interleaved rounds: fp32
+# 1.54-1.62 ms jit vs 1.42-1.45 aot, bf16 1.16-1.20 vs 0.98-1.04 (docs/engine.md). Graphs with the
+# weights as inputs always take "jit": Inductor's own cache serves those
+COMPILER = "aot"
+COMPILERS = ("aot", "jit")
+# packages kept in package_dir() (the least recently used beyond are deleted): one is 40-70 MB for
+# the reference config, one per (weights, bucket, dtype)
+PACKAGES_KEPT = 24
 
 
 def log(message: str) -> None:
@@ -257,7 +282,8 @@ class CompiledRunner(ModelRunner):
     """ModelRunner whose pure-decode steps run a compiled DecodeGraph (eager for everything else).
     dtype: the graph's matrices (torch.float32 or torch.bfloat16). freeze: the weights are
     constants of the compiled code (a weight change recompiles) or, False, graph inputs (a weight
-    change is copied in place); None follows INDUCTOR_OPTIONS["freezing"]."""
+    change is copied in place); None follows INDUCTOR_OPTIONS["freezing"]. compiler: "aot" or
+    "jit" for a graph with frozen weights (see COMPILER, which None follows)."""
 
     def __init__(
         self,
@@ -266,8 +292,11 @@ class CompiledRunner(ModelRunner):
         num_layers: int,
         dtype: torch.dtype,
         freeze: bool | None = None,
+        compiler: str | None = None,
     ):
         super().__init__(model, cache, num_layers)
+        if compiler not in (None, *COMPILERS):
+            raise ValueError(f"compiler={compiler!r}: expected one of {', '.join(COMPILERS)}")
         if num_layers != len(model.layers):
             raise ValueError("the compiled decode step has no speculation (MTP) layer")
         if is_quantized(model):
@@ -277,6 +306,8 @@ class CompiledRunner(ModelRunner):
             raise RuntimeError(why)
         self.dtype = dtype
         self.freeze = freeze
+        self.compiler = compiler
+        self._digest: tuple[DecodeGraph, str] | None = None  # a graph, its weights' hash
         self._copies = 0  # weight changes copied into the graph in place
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._graph: DecodeGraph | None = None
@@ -382,12 +413,30 @@ class CompiledRunner(ModelRunner):
             return bool(INDUCTOR_OPTIONS.get("freezing", False))
         return self.freeze
 
+    @property
+    def ahead_of_time(self) -> bool:
+        """Whether the graph is compiled by AOTInductor into a package cached on disk."""
+        return self.frozen and (self.compiler or COMPILER) == "aot"
+
     def compiled(self, batch: int, context: int):
         graph = self.graph()
         key = (batch, context)
         if key not in self._compiled:
-            self._compiled[key] = _Direct(graph)
+            if self.ahead_of_time:
+                what = (
+                    f"the decode step for batch {batch}, context {context} "
+                    f"({_dtype_name(self.dtype)})"
+                )
+                self._compiled[key] = _Packaged(graph, lambda: self._weights_digest(graph), what)
+            else:
+                self._compiled[key] = _Direct(graph)
         return self._compiled[key]
+
+    def _weights_digest(self, graph: DecodeGraph) -> str:
+        """The hash of a graph's tensors, computed once per graph (every bucket's key has it)."""
+        if self._digest is None or self._digest[0] is not graph:
+            self._digest = (graph, weights_digest(graph))
+        return self._digest[1]
 
     def decode(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
         """A pure-decode step through the compiled graph of its bucket; writes its latents to the
@@ -396,8 +445,15 @@ class CompiledRunner(ModelRunner):
         ids, cos, sin, context, bias = inp.padded if inp.padded is not None else _pad(inp)
         Bp, Sp = context.shape
         fn = self.compiled(Bp, Sp)
+        args = (ids, cos, sin, self.cache.kv, context, bias)
         first = (Bp, Sp) not in self.compile_seconds
-        if first:
+        if first and isinstance(fn, _Packaged):
+            # loaded from package_dir(), or exported, compiled and written there (_Packaged says
+            # which); in inference mode or not, the export runs outside it
+            start = time.perf_counter()
+            hidden, logits, latents = fn(*args)
+            self.compile_seconds[(Bp, Sp)] = time.perf_counter() - start
+        elif first:
             # Inductor's cache keeps no graph with frozen weights (constants): those compile at
             # every start; weights as inputs come from the cache in seconds after the first time
             when = "at every start" if self.frozen else "the first time, cached afterwards"
@@ -414,7 +470,7 @@ class CompiledRunner(ModelRunner):
             freezing = torch._inductor.config.patch(freezing=self.frozen)
             with torch._dynamo.config.patch(**limits), freezing, warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
-                hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
+                hidden, logits, latents = fn(*args)
             seconds = time.perf_counter() - start
             self.compile_seconds[(Bp, Sp)] = seconds
             log(
@@ -427,7 +483,7 @@ class CompiledRunner(ModelRunner):
                 )
             )
         else:
-            hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
+            hidden, logits, latents = fn(*args)
         self.cache.kv.index_copy_(1, inp.slots, latents[:, :B] if B < Bp else latents)
         if B < Bp:
             hidden = hidden[:B]
@@ -502,6 +558,219 @@ class _Direct:
         if not {id(a) for a in args} <= {id(t) for t in inputs}:
             return
         self.direct = (fn, inputs, args)
+
+
+class _Packaged:
+    """One bucket's graph compiled ahead of time by AOTInductor, its package cached on disk.
+
+    The first call looks for the package of this graph and these inputs in package_dir() (named by
+    package_key: the weights' hash, the inputs' shapes and dtypes, the graph's settings, the traced
+    code, the compile options, torch's version and the CPU) and loads it; failing that, it exports
+    the graph (torch.export), compiles it with INDUCTOR_OPTIONS (frozen: the weights are constants,
+    packed for the C++ GEMM templates, inside the package), writes the package to a temporary file
+    renamed into place (a reader never sees half a package; two processes compiling the same key
+    both write whole ones) and loads it. A package that fails to load (truncated or corrupt: its
+    zip's CRCs are checked first) is compiled again, with a warning. Later calls hand the step's
+    tensors to the loaded model: no Python, guards or per-call constant handles between kernels."""
+
+    def __init__(self, graph: DecodeGraph, digest, what: str):
+        self.graph = graph
+        self.digest = digest  # () -> the hash of the graph's weights
+        self.what = what  # "the decode step for batch ..., context ... (dtype)", for the log
+        self.path: str | None = None  # the package, once found or written
+        self.source: str | None = None  # "cache" or "compiled", once loaded
+        self.run = None  # the loaded model's run: a list of the step's tensors -> the outputs
+
+    def __call__(self, *args: torch.Tensor):
+        run = self.run
+        if run is None:
+            run = self._load_or_compile(args)
+        return tuple(run(list(args)))
+
+    def _load_or_compile(self, args: tuple):
+        start = time.perf_counter()
+        folder = package_dir()
+        path = os.path.join(folder, package_key(self.graph, self.digest(), args) + ".pt2")
+        if os.path.exists(path):
+            try:
+                self.run = _load_package(path)
+            except Exception as err:  # truncated, corrupt, written by another build
+                warnings.warn(
+                    f"the cached {self.what} in {path} cannot be loaded ({type(err).__name__}: "
+                    f"{str(err)[:200]}); compiling it again",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                _remove(path)
+            else:
+                _touch(path)
+                self.path = path
+                self.source = "cache"
+                log(f"loaded {self.what} from {path} in {time.perf_counter() - start:.1f} s")
+                return self.run
+        log(f"compiling {self.what}: up to about a minute the first time, cached afterwards")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{path[: -len('.pt2')]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.pt2"
+            self._compile(args, tmp)
+            os.replace(tmp, path)
+        except OSError as err:  # the cache folder cannot be written: compile, but only for now
+            warnings.warn(
+                f"cannot write to {folder} ({err}); the decode step is compiled without caching",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            path = os.path.join(_scratch_dir(), os.path.basename(path))
+            self._compile(args, path)
+        finally:
+            if "tmp" in locals():
+                _remove(tmp)
+        self.run = _load_package(path)
+        self.path = path
+        self.source = "compiled"
+        log(
+            f"compiled {self.what} in {time.perf_counter() - start:.1f} s (cached in "
+            f"{os.path.dirname(path)})"
+        )
+        _prune(folder, PACKAGES_KEPT)
+        return self.run
+
+    def _compile(self, args: tuple, path: str) -> None:
+        """Export the graph over copies of the step's tensors (outside inference mode, which
+        export does not trace under) and compile it into a package at path."""
+        options = {k: v for k, v in INDUCTOR_OPTIONS.items() if k != "cpp_wrapper"}  # AOT's own
+        options["freezing"] = True
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
+            warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # torch's pytree
+            example = tuple(a.clone() for a in args)
+            program = torch.export.export(self.graph, example, strict=False)
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=path, inductor_configs=options
+            )
+
+
+def package_dir() -> str:
+    """Where the decode step's AOTInductor packages are cached: beside Inductor's own cache."""
+    return os.path.join(inductor_cache_dir(), "nanoseek_decode")
+
+
+@cache
+def _scratch_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="nanoseek_decode_")
+
+
+def weights_digest(graph: nn.Module) -> str:
+    """sha256 over a graph's tensors: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, t in (*graph.named_parameters(), *graph.named_buffers()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+        flat = t.detach().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+def package_key(graph: nn.Module, digest: str, args: tuple) -> str:
+    """A package's name: what its compiled code depends on besides the weights' hash `digest`:
+    the inputs' shapes and dtypes (the bucket and the cache pool), every setting the graph's
+    modules hold (heads, ranks, norms' eps, the router's), the source of the modules it traces,
+    the compile options, torch's version and this CPU's instruction sets."""
+    settings = [
+        (type(m).__name__, sorted((k, repr(v)) for k, v in vars(m).items() if _plain(v)))
+        for m in graph.modules()
+    ]
+    h = hashlib.sha256()
+    for part in (
+        "nanoseek decode package 1",
+        digest,
+        repr([(tuple(a.shape), str(a.dtype)) for a in args]),
+        repr(settings),
+        repr(sorted(INDUCTOR_OPTIONS.items())),
+        torch.__version__,
+        _machine(),
+        _traced_code(),
+    ):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:32]
+
+
+def _plain(v: object) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str, list, tuple))
+
+
+@cache
+def _machine() -> str:
+    """This CPU's instruction sets, as the kernels compiled for it depend on them."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {flags}"
+
+
+@cache
+def _traced_code() -> str:
+    """The source of the modules whose code the graph runs."""
+    h = hashlib.sha256()
+    for module in (sys.modules[__name__], moe, attention):
+        with open(module.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _load_package(path: str):
+    """A package's loaded model's run, after its zip's CRCs check (a package cut short or damaged
+    fails here, not in the loader)."""
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise zipfile.BadZipFile(f"{bad} fails its CRC check")
+    return torch._inductor.aoti_load_package(path).loader.run
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _touch(path: str) -> None:
+    """Mark a package used (the pruning keeps the most recently used)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _prune(folder: str, keep: int) -> None:
+    """Delete the least recently used packages beyond `keep` (and temporary files a crashed
+    compilation left over a day ago)."""
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.endswith(".pt2")]
+    except OSError:
+        return
+    now = time.time()
+    packages = []
+    for e in entries:
+        try:
+            mtime = e.stat().st_mtime
+        except OSError:
+            continue
+        if e.name.endswith(".tmp.pt2"):
+            if now - mtime > 86400:
+                _remove(e.path)
+        else:
+            packages.append((mtime, e.path))
+    for _, path in sorted(packages, reverse=True)[keep:]:
+        _remove(path)
 
 
 class _Padded:
