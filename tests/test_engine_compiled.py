@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine import compiled as compiled_mod
@@ -35,7 +36,16 @@ FP32_TOL = 1e-4
 # rows (0.82 measured), and to greedy agreement on those.
 BF16_TOL = 0.15
 BF16_WITHIN = 0.7
-PATHS = [("float32", FP32_TOL, 1.0), ("bfloat16", BF16_TOL, BF16_WITHIN)]
+# int8 (weight-only dense products and LM head, on top of bf16): each of those matrices rounded to
+# 1/127 of its rows' largest weight moves the logits about twice as much as bf16 alone (median
+# ~0.16 here; 87-93% of the rows within 0.3); held like bf16, to INT8_TOL on INT8_WITHIN of the rows
+INT8_TOL = 0.3
+INT8_WITHIN = 0.7
+PATHS = [
+    ("float32", FP32_TOL, 1.0),
+    ("bfloat16", BF16_TOL, BF16_WITHIN),
+    ("int8", INT8_TOL, INT8_WITHIN),
+]
 YARN = dict(
     rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
     max_position_embeddings=128,
@@ -488,6 +498,31 @@ def test_auto_decodes_eager_off_the_cpu(monkeypatch, capfd):
     assert "decode path: eager (the model is on meta" in capfd.readouterr().err
 
 
+def test_int8_graph_holds_int8_dense_matrices_and_bf16_experts():
+    """decode_dtype="int8": the dense products and the LM head as int8 [out, in] with one bf16
+    scale per output channel, within int8's rounding of the weights; the absorbed attention's
+    per-head matrices and the routed experts in bf16."""
+    model = tiny_model()
+    weights = InferenceWeights(model, False)
+    graph = compiled_mod.DecodeGraph(model, weights, torch.int8)
+    attn = graph.blocks[1].attn
+    for holder, name, w_t in (
+        (attn, "proj_in", weights.blocks[1].attn.proj_in.w_t),
+        (attn, "o_proj", weights.blocks[1].attn.o_proj.w_t),
+        (graph.blocks[1].ffn.shared, "down", weights.blocks[1].ffn.shared.down.w_t),
+        (graph, "lm_head", weights.lm_head.w_t),
+    ):
+        q = getattr(holder, name)
+        scale = getattr(holder, name + "_s")
+        assert q.dtype == torch.int8 and q.shape == w_t.t().shape and scale.dtype == torch.bfloat16
+        back = q.float() * scale.float().unsqueeze(-1)
+        assert (back - w_t.t()).abs().max() <= 0.5 * scale.float().max() * (1 + 1e-6)
+    assert attn.w_uk.dtype == torch.bfloat16 and graph.blocks[1].ffn.gate_up.dtype == torch.bfloat16
+    assert compiled_mod.DecodeGraph(model, weights, torch.float32).lm_head_s is None
+    with pytest.raises(ValueError, match="decode_dtype='float16'"):
+        engine(model, decode="compiled", decode_dtype="float16")
+
+
 # ---------------------------------------------------------------------- AOTInductor packages
 def _graph_args(graph_context: int = 256, slots: int = 64) -> tuple[torch.Tensor, ...]:
     """A batch-1 step's inputs for the tiny config (package_key reads their shapes and dtypes)."""
@@ -606,8 +641,11 @@ def test_compiled_teacher_forced_logits_equal_eager_and_recompute(
     monkeypatch.setattr(compiled_mod, "COMPILER", compiler)
     model = tiny_model(**YARN)
     eager = teacher_forced(engine(model))
+    counters.clear()
     fast = engine(model, decode="compiled", decode_dtype=dtype)
     got = teacher_forced(fast)
+    if dtype == "int8":  # every dense product and the LM head: Inductor's int8 GEMM (2 layers)
+        assert counters["inductor"]["woq_matcher_count"] >= 2 * 5 + 1
     assert "decode path: compiled" in capfd.readouterr().err
     assert fast.runner.compile_seconds  # each bucket's compile time, reported
     compare(got, eager, tol, within)

@@ -34,7 +34,8 @@ the runner writes them with one index_copy_ over all layers, for the real rows o
 attend to themselves alone. Everything else (prefill, mixed steps, speculation, int8 weights) runs
 the eager runner, which stays the reference. dtype bfloat16 stores the graph's matrices in bf16 and
 feeds them bf16 activations; norms, routing, attention scores, the residual stream and the logits
-stay fp32.
+stay fp32. dtype int8 is bfloat16 with the dense products and the LM head in weight-only int8 (one
+bf16 scale per output channel; Inductor's int8 GEMM over frozen weights).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.engine.cache import LatentCache
-from nanoseek.engine.quant import is_quantized
+from nanoseek.engine.quant import is_quantized, quantize_tensor
 from nanoseek.engine.runner import ModelRunner, StepInput
 from nanoseek.engine.weights import Attention, BlockWeights, InferenceWeights, MoEWeights, SwiGLU
 from nanoseek.model import attention, moe
@@ -122,9 +123,16 @@ def native_bf16() -> bool:
     return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w (+ b) in w's dtype, handed back in fp32."""
-    y = torch.mm(x.to(w.dtype), w)
+def _mm(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, s: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ w (+ b) in w's dtype, handed back in fp32. With s (bf16 scales, one per output
+    channel), w is int8 [out, in] (weight-only): bf16 activations times w converted to bf16, the
+    product scaled, the pattern that Inductor's freezing passes turn into its int8 GEMM."""
+    if s is None:
+        y = torch.mm(x.to(w.dtype), w)
+    else:
+        y = torch.mm(x.to(s.dtype), w.t().to(s.dtype)) * s
     y = y.float()
     return y if b is None else y + b
 
@@ -141,6 +149,23 @@ class _Params(nn.Module):
         t = None if t is None else t.detach().to(dtype or t.dtype).contiguous()
         self.register_buffer(name, t, persistent=False)
 
+    def matrix(self, name: str, w_t: torch.Tensor, dtype: torch.dtype) -> None:
+        """A matrix w_t [in, out] for _mm, as `name`, in dtype; torch.int8: weight-only int8, stored
+        [out, in] with its per-output-channel scales (bf16) as `name`_s (None otherwise)."""
+        if dtype == torch.int8:
+            q, scale = quantize_tensor(w_t.t(), torch.bfloat16)
+            self.put(name, q)
+            self.put(name + "_s", scale)
+        else:
+            self.put(name, w_t, dtype)
+            self.put(name + "_s", None)
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the matrices that an int8 graph keeps in floating point (the absorbed
+    attention's per-head products, the routed experts): bf16."""
+    return torch.bfloat16 if dtype == torch.int8 else dtype
+
 
 class _AttentionGraph(_Params):
     def __init__(self, a: Attention, dtype: torch.dtype):
@@ -155,13 +180,13 @@ class _AttentionGraph(_Params):
         self.q_lora = a.q_lora
         self.q_norm_eps = a.q_norm_eps if a.q_lora else None
         self.split_in = list(a.split_in)
-        self.put("proj_in", a.proj_in.w_t, dtype)
+        self.matrix("proj_in", a.proj_in.w_t, dtype)
         self.put("proj_in_b", a.proj_in.b, torch.float32)
         self.put("kv_norm", a.kv_norm, torch.float32)
-        self.put("proj_q", a.proj_q.w_t, dtype)
-        self.put("w_uk", a.w_uk, dtype)
-        self.put("w_uv_t", a.w_uv_t, dtype)
-        self.put("o_proj", a.o_proj.w_t, dtype)
+        self.matrix("proj_q", a.proj_q.w_t, dtype)
+        self.put("w_uk", a.w_uk, _float_dtype(dtype))
+        self.put("w_uv_t", a.w_uv_t, _float_dtype(dtype))
+        self.matrix("o_proj", a.o_proj.w_t, dtype)
         self.put("o_proj_b", a.o_proj.b, torch.float32)
 
     def forward(self, x, cos, sin, cache_rows, bias):
@@ -173,13 +198,17 @@ class _AttentionGraph(_Params):
         r = self.rope
         h = _rms(x, self.eps)
         if self.q_lora:
-            c_q, c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b).split(self.split_in, dim=-1)
+            c_q, c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b, self.proj_in_s).split(
+                self.split_in, dim=-1
+            )
             q_in = _rms(c_q, self.q_norm_eps)
         else:
-            c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b).split(self.split_in, dim=-1)
+            c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b, self.proj_in_s).split(
+                self.split_in, dim=-1
+            )
             q_in = h
         c_kv = _rms(c_kv, self.kv_norm_eps) * self.kv_norm
-        parts = _mm(q_in, self.proj_q).split([H * n, H * r, H * r], -1)
+        parts = _mm(q_in, self.proj_q, None, self.proj_q_s).split([H * n, H * r, H * r], -1)
         q_nope, q, q_rot = (t.unflatten(-1, (H, -1)) for t in parts)
         q_rope = q * cos.unsqueeze(1) + q_rot * sin.unsqueeze(1)
         latent = torch.cat((c_kv, k * cos + k_rot * sin), dim=-1)
@@ -189,18 +218,18 @@ class _AttentionGraph(_Params):
         mask = bias.unsqueeze(1).expand(-1, H, -1)
         o = attend_latent(q_lat, kv, mask, self.scale, self.kv_rank)  # [B, H, C]
         out = expand_output(o.to(self.w_uv_t.dtype), self.w_uv_t)
-        return _mm(out, self.o_proj, self.o_proj_b), latent
+        return _mm(out, self.o_proj, self.o_proj_b, self.o_proj_s), latent
 
 
 class _SwiGLUGraph(_Params):
     def __init__(self, mlp: SwiGLU, dtype: torch.dtype):
         super().__init__()
-        self.put("gate_up", mlp.gate_up.w_t, dtype)
-        self.put("down", mlp.down.w_t, dtype)
+        self.matrix("gate_up", mlp.gate_up.w_t, dtype)
+        self.matrix("down", mlp.down.w_t, dtype)
 
     def forward(self, x):
-        gate, up = _mm(x, self.gate_up).chunk(2, dim=-1)
-        return _mm(F.silu(gate) * up, self.down)
+        gate, up = _mm(x, self.gate_up, None, self.gate_up_s).chunk(2, dim=-1)
+        return _mm(F.silu(gate) * up, self.down, None, self.down_s)
 
 
 class _MoEGraph(_Params):
@@ -210,8 +239,8 @@ class _MoEGraph(_Params):
         self.put("router", m.router.w_t, torch.float32)
         self.put("router_bias", m.router.bias, torch.float32)
         self.shared = _SwiGLUGraph(m.shared, dtype)
-        self.put("gate_up", m.gate_up_t, dtype)
-        self.put("down", m.down_t, dtype)
+        self.put("gate_up", m.gate_up_t, _float_dtype(dtype))
+        self.put("down", m.down_t, _float_dtype(dtype))
         # the sorted experts' matrices: fp32 whatever the graph's dtype (see forward)
         self.put("gate_up32", m.gate_up_t if dtype != torch.float32 else None, torch.float32)
         self.put("down32", m.down_t if dtype != torch.float32 else None, torch.float32)
@@ -261,7 +290,7 @@ class DecodeGraph(_Params):
         self.blocks = nn.ModuleList(_BlockGraph(b, dtype) for b in blocks)
         self.norm_eps = model.norm.eps
         self.put("norm", model.norm.weight, torch.float32)
-        self.put("lm_head", weights.lm_head.w_t, dtype)
+        self.matrix("lm_head", weights.lm_head.w_t, dtype)
 
     def forward(self, ids, cos, sin, kv, context, bias):
         """ids [B], cos/sin [B, rope] (fp32), kv [layers, slots, C + rope] (the cache), context
@@ -275,12 +304,13 @@ class DecodeGraph(_Params):
             x, latent = block(x, cos, sin, rows, bias)
             latents.append(latent)
         h = _rms(x, self.norm_eps) * self.norm
-        return h, _mm(h, self.lm_head), torch.stack(latents).to(kv.dtype)
+        return h, _mm(h, self.lm_head, None, self.lm_head_s), torch.stack(latents).to(kv.dtype)
 
 
 class CompiledRunner(ModelRunner):
     """ModelRunner whose pure-decode steps run a compiled DecodeGraph (eager for everything else).
-    dtype: the graph's matrices (torch.float32 or torch.bfloat16). freeze: the weights are
+    dtype: the graph's matrices (torch.float32, torch.bfloat16, or torch.int8: weight-only int8
+    dense products and LM head, see DECODE_DTYPES). freeze: the weights are
     constants of the compiled code (a weight change recompiles) or, False, graph inputs (a weight
     change is copied in place); None follows INDUCTOR_OPTIONS["freezing"]. compiler: "aot" or
     "jit" for a graph with frozen weights (see COMPILER, which None follows)."""
@@ -300,7 +330,10 @@ class CompiledRunner(ModelRunner):
         if num_layers != len(model.layers):
             raise ValueError("the compiled decode step has no speculation (MTP) layer")
         if is_quantized(model):
-            raise ValueError("the compiled decode step has no int8 kernels")
+            raise ValueError(
+                'the compiled decode step reads floating-point weights (decode_dtype="int8" '
+                "quantizes them itself), not an int8-quantized model's: no int8 kernels"
+            )
         why = compiler_missing()
         if why:
             raise RuntimeError(why)
@@ -645,9 +678,21 @@ class _Packaged:
             warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # torch's pytree
             example = tuple(a.clone() for a in args)
             program = torch.export.export(self.graph, example, strict=False)
+            _drop_dtype_asserts(program)
             torch._inductor.aoti_compile_and_package(
                 program, package_path=path, inductor_configs=options
             )
+
+
+def _drop_dtype_asserts(program: torch.export.ExportedProgram) -> None:
+    """Remove the dtype checks that export puts after each `.to()` (they compute nothing). On an
+    int8 weight, `w.t().to(bfloat16)`, one would be a second user of the transpose, and freezing's
+    constant folding would then fold the conversion: bf16 weights in the package, not int8."""
+    graph = program.graph
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
+    program.graph_module.recompile()
 
 
 def package_dir() -> str:
@@ -876,6 +921,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------------- choosing a path at start
 DECODE_PATHS = ("auto", "eager", "compiled")
+# the compiled graph's matrices: "int8" is weight-only int8 for the dense products and the LM head
+# (bf16 activations; the absorbed attention's per-head products and the routed experts in bf16),
+# taken only when asked for: "auto" compares float32 and, where the CPU has it, bfloat16
+DECODE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 # the decode path of an Engine built without one (decode=None); unset: "auto"
 DECODE_ENV = "NANOSEEK_DECODE"
 
@@ -904,17 +953,19 @@ def choose_runner(
     freeze: bool | None = None,
 ) -> ModelRunner:
     """The runner the Engine options ask for: decode "eager" | "compiled" | "auto" (None: see
-    resolve_decode), decode_dtype "auto" | "float32" | "bfloat16" (the compiled graph's
-    matrices). "auto" times a batch-1 decode step of every candidate and keeps the fastest; the
-    choice is printed. A compiled path that cannot run falls back to eager with one warning.
-    "auto" decodes eager on a model that is not on the CPU (the compiled step is built for it).
-    freeze: the compiled graph's weights frozen (None: INDUCTOR_OPTIONS["freezing"]) or graph
-    inputs that a weight change is copied into (CompiledRunner)."""
+    resolve_decode), decode_dtype "auto" | "float32" | "bfloat16" | "int8" (the compiled graph's
+    matrices, DECODE_DTYPES). "auto" times a batch-1 decode step of every candidate and keeps the
+    fastest; the choice is printed. A compiled path that cannot run falls back to eager with one
+    warning. "auto" decodes eager on a model that is not on the CPU (the compiled step is built
+    for it). freeze: the compiled graph's weights frozen (None: INDUCTOR_OPTIONS["freezing"]) or
+    graph inputs that a weight change is copied into (CompiledRunner)."""
     decode = resolve_decode(decode)
     if decode not in DECODE_PATHS:
         raise ValueError(f"decode={decode!r}: expected 'auto', 'eager' or 'compiled'")
-    if decode_dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"decode_dtype={decode_dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
+    if decode_dtype not in DECODE_DTYPES:
+        raise ValueError(
+            f"decode_dtype={decode_dtype!r}: expected one of {', '.join(DECODE_DTYPES)}"
+        )
     eager = ModelRunner(model, cache, num_layers)
     if decode == "eager":
         return eager
@@ -949,7 +1000,7 @@ def choose_runner(
         if decode == "auto":
             candidates["eager"] = eager
         times = {name: _time_step(r) for name, r in candidates.items()}
-    except Exception as err:  # no compiler, an Inductor failure, int8: eager is always right
+    except Exception as err:  # no compiler, an Inductor failure, an int8 model: eager is right
         warnings.warn(
             f"the compiled decode step is unavailable ({type(err).__name__}: "
             f"{str(err)[:300]}); decoding runs eager",
