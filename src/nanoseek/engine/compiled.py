@@ -642,12 +642,11 @@ class _Packaged:
                 log(f"loaded {self.what} from {path} in {time.perf_counter() - start:.1f} s")
                 return self.run
         log(f"compiling {self.what}: up to about a minute the first time, cached afterwards")
+        tmp = f"{path[: -len('.pt2')]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.pt2"
         try:
             os.makedirs(folder, exist_ok=True)
-            tmp = f"{path[: -len('.pt2')]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.pt2"
-            self._compile(args, tmp)
-            os.replace(tmp, path)
-        except OSError as err:  # the cache folder cannot be written: compile, but only for now
+            open(tmp, "wb").close()  # the folder is writable (the package overwrites this)
+        except OSError as err:  # it is not: compile, but only for this process
             warnings.warn(
                 f"cannot write to {folder} ({err}); the decode step is compiled without caching",
                 RuntimeWarning,
@@ -655,8 +654,11 @@ class _Packaged:
             )
             path = os.path.join(_scratch_dir(), os.path.basename(path))
             self._compile(args, path)
-        finally:
-            if "tmp" in locals():
+        else:
+            try:
+                self._compile(args, tmp)
+                os.replace(tmp, path)
+            finally:
                 _remove(tmp)
         self.run = _load_package(path)
         self.path = path
