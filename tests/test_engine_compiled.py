@@ -612,6 +612,26 @@ def test_aot_packages_cached_on_disk_and_damaged_ones_compiled_again(monkeypatch
     assert tokens == want
 
 
+def test_a_graph_aotinductor_cannot_compile_goes_through_torch_compile(monkeypatch):
+    uncompiled(monkeypatch)
+
+    def fails(self, args, path):
+        raise RuntimeError("an operator export cannot trace")
+
+    monkeypatch.setattr(compiled_mod._Packaged, "_compile", fails)
+    model = tiny_model()
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with pytest.warns(RuntimeWarning, match="AOTInductor could not compile .* cannot trace"):
+        fast = engine(model, decode="compiled", decode_dtype="float32")
+    assert fast.generate([[5, 6, 7]], params)[0].token_ids == (
+        engine(model).generate([[5, 6, 7]], params)[0].token_ids
+    )
+    assert [type(b) for b in fast.runner._compiled.values()] == [compiled_mod._Direct]
+    assert not os.path.exists(compiled_mod.package_dir()) or not os.listdir(
+        compiled_mod.package_dir()
+    )
+
+
 def test_packages_beyond_the_limit_least_recently_used_first(tmp_path):
     folder = tmp_path / "packages"
     folder.mkdir()

@@ -484,7 +484,17 @@ class CompiledRunner(ModelRunner):
             # loaded from package_dir(), or exported, compiled and written there (_Packaged says
             # which); in inference mode or not, the export runs outside it
             start = time.perf_counter()
-            hidden, logits, latents = fn(*args)
+            try:
+                hidden, logits, latents = fn(*args)
+            except Exception as err:  # export or AOTInductor failed: torch.compile for this one
+                warnings.warn(
+                    f"AOTInductor could not compile {fn.what} ({type(err).__name__}: "
+                    f"{str(err)[:300]}); compiling it with torch.compile instead (not cached)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._compiled[(Bp, Sp)] = _Direct(fn.graph)
+                return self.decode(inp)
             self.compile_seconds[(Bp, Sp)] = time.perf_counter() - start
         elif first:
             # Inductor's cache keeps no graph with frozen weights (constants): those compile at
