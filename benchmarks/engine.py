@@ -1,6 +1,6 @@
 """Inference speed: the nanoseek engine vs transformers' generate and llama.cpp on the same
-weights, batching, cache size, int8, MTP speculation, and the compiled decode step (fp32 and bf16)
-against the eager one.
+weights, batching, cache size, int8, MTP speculation, and the compiled decode step (fp32, bf16 and
+weight-only int8) against the eager one.
 
 The reference config of the model issue, fp32, CPU. The model (with one MTP module) is first trained
 for a few hundred steps on Python source bytes, so that greedy decoding is not noise and the MTP
@@ -12,9 +12,10 @@ JSON lines: {"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
                                 [--save-trained DIR | --checkpoint DIR] [--no-compiled]
                                 [--no-llama-cpp] [--decode-only] [--concurrent-only]
 
-The compiled rows print each graph's compile time (Inductor caches it: a second run compiles in
-seconds). The llama.cpp rows export the same weights to GGUF (f32, bf16, q8_0) and time llama.cpp
-with benchmarks/llama_cpp_anchor.py in a process of its own, before and after nanoseek's paths.
+The compiled rows print each graph's compile time (its package is cached on disk: a second run
+with the same weights loads it in about a second). The llama.cpp rows export the same weights to
+GGUF (f32, bf16, q8_0) and time llama.cpp with benchmarks/llama_cpp_anchor.py in a process of its
+own, before and after nanoseek's paths.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.compiled import inductor_cache_dir, native_bf16
+from nanoseek.engine.compiled import native_bf16, package_dir
 from nanoseek.engine.quant import quantization_error, quantize_model
 from nanoseek.engine.weights import MoEWeights
 from nanoseek.hostmem import keep_freed_memory
@@ -171,12 +172,12 @@ def compiled_decode(
     eager: Engine,
     anchor=None,
 ) -> dict:
-    """Batch-1 decode through Engine.generate: the compiled step in fp32 and in bf16 (both forced,
-    whatever this CPU would pick) against the eager engine and transformers, timed in turns.
-    -> the compiled engines, by dtype."""
+    """Batch-1 decode through Engine.generate: the compiled step in fp32, bf16 and int8 (each
+    forced, whatever this CPU would pick) against the eager engine and transformers, timed in
+    turns. -> the compiled engines, by dtype."""
     n = greedy.max_tokens
     engines = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "int8"):
         start = time.perf_counter()
         engines[dtype] = Engine(model, max_batch_size=1, decode="compiled", decode_dtype=dtype)
         engines[dtype].generate([prompt], greedy)  # compiles every bucket the generation meets
@@ -206,7 +207,7 @@ def compiled_decode(
         if "anchor" in m:
             row.update(vs_transformers=speeds(n, m[dtype], m["anchor"]))
         emit(**row)
-    print(f"# Inductor's cache: {inductor_cache_dir()}", file=sys.stderr)
+    print(f"# the compiled graphs' cache: {package_dir()}", file=sys.stderr)
     return engines
 
 

@@ -6,17 +6,21 @@ per graph on a busy 2-core machine)."""
 
 from __future__ import annotations
 
+import os
 import warnings
+import zipfile
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine import compiled as compiled_mod
 from nanoseek.engine.compiled import CompiledRunner, bucket
 from nanoseek.engine.quant import quantize_model
 from nanoseek.engine.runner import ModelRunner
+from nanoseek.engine.weights import InferenceWeights
 from nanoseek.model import moe
 
 from helpers import one_thread, tiny_model  # noqa: F401
@@ -32,7 +36,17 @@ FP32_TOL = 1e-4
 # rows (0.82 measured), and to greedy agreement on those.
 BF16_TOL = 0.15
 BF16_WITHIN = 0.7
-PATHS = [("float32", FP32_TOL, 1.0), ("bfloat16", BF16_TOL, BF16_WITHIN)]
+# int8 (weight-only dense products, LM head and experts, on top of bf16): each of those matrices
+# rounded to 1/127 of its rows' largest weight moves the logits about twice as much as bf16 alone
+# (median ~0.16 here; 84-93% of the rows within 0.3); held like bf16, to INT8_TOL on INT8_WITHIN
+# of the rows
+INT8_TOL = 0.3
+INT8_WITHIN = 0.7
+PATHS = [
+    ("float32", FP32_TOL, 1.0),
+    ("bfloat16", BF16_TOL, BF16_WITHIN),
+    ("int8", INT8_TOL, INT8_WITHIN),
+]
 YARN = dict(
     rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
     max_position_embeddings=128,
@@ -112,9 +126,35 @@ def engine(model, **kw) -> Engine:
     return Engine(model, max_batch_size=4, block_size=4, num_blocks=96, **kw)
 
 
-def uncompiled(monkeypatch) -> None:
-    """Run the decode graph as a plain module: the same math, none of the compile time."""
+@pytest.fixture(autouse=True)
+def _packages(monkeypatch, tmp_path):
+    """Each test's AOTInductor packages in a folder of its own, never the user's cache."""
+    monkeypatch.setattr(compiled_mod, "package_dir", lambda: str(tmp_path / "packages"))
+
+
+def uncompiled(monkeypatch) -> list[str]:
+    """Run the decode graph as a plain module: the same math, none of the compile time. On the
+    ahead-of-time path (frozen weights, compiled.COMPILER "aot") a package is a small zip naming
+    the graph it stands for, loaded as that graph's forward: the cache's files, names and checks
+    stay real. -> the packages "compiled" (paths), in order."""
     monkeypatch.setattr(compiled_mod.torch, "compile", lambda graph, **kw: graph)
+    graphs = {}
+    compiles = []
+
+    def compile_package(self, args, path):
+        graphs[str(id(self.graph))] = self.graph
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("graph", f"{id(self.graph)}")
+        compiles.append(path)
+
+    def load_package(path):
+        with zipfile.ZipFile(path) as z:
+            graph = graphs[z.read("graph").decode()]
+        return SimpleNamespace(loader=SimpleNamespace(run=lambda inputs: list(graph(*inputs))))
+
+    monkeypatch.setattr(compiled_mod._Packaged, "_compile", compile_package)
+    monkeypatch.setattr(compiled_mod.torch._inductor, "aoti_load_package", load_package)
+    return compiles
 
 
 # ---------------------------------------------------------------------- experts gathered by id
@@ -299,7 +339,9 @@ def test_decode_graph_with_sorted_experts_equals_eager_and_recompute(
 def test_compiled_function_called_directly_after_dynamo(monkeypatch):
     """Each bucket goes through Dynamo once (which compiles it); every later step of that bucket
     calls the compiled function directly with the same tensors, and the logits stay eager's.
-    Dynamo traces for real here; the backend runs Dynamo's graph module instead of Inductor."""
+    Dynamo traces for real here; the backend runs Dynamo's graph module instead of Inductor.
+    (compiler "jit": frozen graphs take "aot" by default.)"""
+    monkeypatch.setattr(compiled_mod, "COMPILER", "jit")
     monkeypatch.setattr(compiled_mod, "_inductor", lambda gm, example_inputs: gm)
     armed = []
     arm = compiled_mod._Direct._arm
@@ -457,14 +499,179 @@ def test_auto_decodes_eager_off_the_cpu(monkeypatch, capfd):
     assert "decode path: eager (the model is on meta" in capfd.readouterr().err
 
 
+def test_int8_graph_holds_int8_matrices_within_their_rounding():
+    """decode_dtype="int8": the dense products and the LM head as int8 [out, in], the routed
+    experts as int8 [E, in, out], with one bf16 scale per output channel (and expert), each weight
+    within half a step of int8's rounding; the absorbed attention's per-head matrices in bf16."""
+    model = tiny_model()
+    weights = InferenceWeights(model, False)
+    graph = compiled_mod.DecodeGraph(model, weights, torch.int8)
+    attn = graph.blocks[1].attn
+    moe_graph = graph.blocks[1].ffn
+    moe_weights = weights.blocks[1].ffn
+    for holder, name, w in (
+        (attn, "proj_in", weights.blocks[1].attn.proj_in.w_t.t()),
+        (attn, "o_proj", weights.blocks[1].attn.o_proj.w_t.t()),
+        (moe_graph.shared, "down", moe_weights.shared.down.w_t.t()),
+        (graph, "lm_head", weights.lm_head.w_t.t()),
+        (moe_graph, "gate_up", moe_weights.gate_up_t.transpose(1, 2)),
+        (moe_graph, "down", moe_weights.down_t.transpose(1, 2)),
+    ):
+        q = getattr(holder, name)
+        scale = getattr(holder, name + "_s").float().unsqueeze(-1)  # [..., out, 1]
+        if q.dim() == 3:  # experts: stored [E, in, out], as x @ W reads them
+            q = q.transpose(1, 2)
+        assert q.dtype == torch.int8 and q.shape == w.shape, name
+        assert ((q.float() * scale - w).abs() <= 0.5 * scale * (1 + 1e-5)).all(), name
+    assert attn.w_uk.dtype == torch.bfloat16 and attn.w_uv_t.dtype == torch.bfloat16
+    assert compiled_mod.DecodeGraph(model, weights, torch.float32).lm_head_s is None
+    with pytest.raises(ValueError, match="decode_dtype='float16'"):
+        engine(model, decode="compiled", decode_dtype="float16")
+
+
+# ---------------------------------------------------------------------- AOTInductor packages
+def _graph_args(graph_context: int = 256, slots: int = 64) -> tuple[torch.Tensor, ...]:
+    """A batch-1 step's inputs for the tiny config (package_key reads their shapes and dtypes)."""
+    return (
+        torch.zeros(1, dtype=torch.long),
+        torch.zeros(1, 8),
+        torch.zeros(1, 8),
+        torch.zeros(2, slots, 24),
+        torch.zeros(1, graph_context, dtype=torch.long),
+        torch.zeros(1, graph_context + 1),
+    )
+
+
+def test_package_key_follows_weights_inputs_settings_and_dtype():
+    """Two graphs over the same weights share a package; another weight value, dtype, bucket or
+    cache pool, or a setting a module holds, names another one."""
+    model = tiny_model()
+    weights = InferenceWeights(model, False)
+
+    def key(graph, args=None):
+        args = _graph_args() if args is None else args
+        return compiled_mod.package_key(graph, compiled_mod.weights_digest(graph), args)
+
+    def graph(dtype=torch.float32):
+        return compiled_mod.DecodeGraph(model, weights.current(), dtype)
+
+    base = key(graph())
+    assert key(graph()) == base
+    assert key(graph(torch.bfloat16)) != base
+    assert key(graph(), _graph_args(graph_context=512)) != base
+    assert key(graph(), _graph_args(slots=128)) != base
+    changed = graph()
+    changed.blocks[0].attn.eps = 1e-5
+    assert key(changed) != base
+    with torch.no_grad():
+        model.layers[1].mlp.experts.down_proj[0, 0, 0] += 1e-3  # one routed expert's weight
+    assert key(graph()) != base
+
+
+def test_aot_packages_cached_on_disk_and_damaged_ones_compiled_again(monkeypatch, capfd):
+    """A second engine over the same weights loads each bucket's package instead of compiling
+    it; a truncated or overwritten package is compiled again with a warning, never a crash; an
+    unwritable folder compiles without caching. The logits stay eager's throughout."""
+    compiles = uncompiled(monkeypatch)
+    assert compiled_mod.COMPILER == "aot"
+    model = tiny_model()
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = engine(model).generate([[5, 6, 7]], params)[0].token_ids
+
+    def run() -> tuple[Engine, list[int]]:
+        e = engine(model, decode="compiled", decode_dtype="float32")
+        return e, e.generate([[5, 6, 7]], params)[0].token_ids
+
+    first, tokens = run()
+    (pack,) = first.runner._compiled.values()  # batch 1, context 256: one bucket
+    assert tokens == want and pack.source == "compiled" and len(compiles) == 1
+    assert os.path.dirname(pack.path) == compiled_mod.package_dir()
+    assert os.listdir(compiled_mod.package_dir()) == [os.path.basename(pack.path)]  # no tmp left
+    again, tokens = run()
+    (hit,) = again.runner._compiled.values()
+    assert tokens == want and hit.source == "cache" and hit.path == pack.path
+    assert len(compiles) == 1
+    assert "loaded the decode step for batch 1, context 256 (float32)" in capfd.readouterr().err
+    size = os.path.getsize(pack.path)
+    with open(pack.path, "r+b") as f:
+        f.truncate(size // 2)
+    for damage in ("truncated", "overwritten"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            e, tokens = run()
+        (p,) = e.runner._compiled.values()
+        assert tokens == want and p.source == "compiled"
+        assert any("cannot be loaded" in str(w.message) for w in caught), damage
+        with open(p.path, "r+b") as f:  # now damage the new one's bytes (a CRC mismatch)
+            raw = bytearray(f.read())
+            at = raw.index(b"graph") + len(b"graph") + 2  # the member's data: after its name
+            raw[at] ^= 0xFF
+            f.seek(0)
+            f.write(raw)
+    assert len(compiles) == 3
+    # a folder that cannot be created: compiled for this process only, with a warning
+    blocker = os.path.join(compiled_mod.package_dir(), "blocker")
+    open(blocker, "w").close()
+    monkeypatch.setattr(compiled_mod, "package_dir", lambda: os.path.join(blocker, "packages"))
+    with pytest.warns(RuntimeWarning, match="without caching"):
+        _, tokens = run()
+    assert tokens == want
+
+
+def test_a_graph_aotinductor_cannot_compile_goes_through_torch_compile(monkeypatch):
+    uncompiled(monkeypatch)
+
+    def fails(self, args, path):
+        raise RuntimeError("an operator export cannot trace")
+
+    monkeypatch.setattr(compiled_mod._Packaged, "_compile", fails)
+    model = tiny_model()
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with pytest.warns(RuntimeWarning, match="AOTInductor could not compile .* cannot trace"):
+        fast = engine(model, decode="compiled", decode_dtype="float32")
+    assert fast.generate([[5, 6, 7]], params)[0].token_ids == (
+        engine(model).generate([[5, 6, 7]], params)[0].token_ids
+    )
+    assert [type(b) for b in fast.runner._compiled.values()] == [compiled_mod._Direct]
+    assert not os.path.exists(compiled_mod.package_dir()) or not os.listdir(
+        compiled_mod.package_dir()
+    )
+
+
+def test_packages_beyond_the_limit_least_recently_used_first(tmp_path):
+    folder = tmp_path / "packages"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.pt2").write_bytes(b"x")
+        os.utime(folder / f"{i}.pt2", (1000 + i, 1000 + i))
+    (folder / "old.1-ab.tmp.pt2").write_bytes(b"x")  # a crashed compilation's, long ago
+    os.utime(folder / "old.1-ab.tmp.pt2", (1000, 1000))
+    (folder / "new.2-cd.tmp.pt2").write_bytes(b"x")  # another process compiling now
+    compiled_mod._prune(str(folder), 3)
+    assert sorted(os.listdir(folder)) == ["2.pt2", "3.pt2", "4.pt2", "new.2-cd.tmp.pt2"]
+
+
 # ---------------------------------------------------------------------- compiled for real (slow)
+COMPILED = [(d, tol, within, "aot") for d, tol, within in PATHS] + [
+    ("float32", FP32_TOL, 1.0, "jit")
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,tol,within", PATHS)
-def test_compiled_teacher_forced_logits_equal_eager_and_recompute(dtype, tol, within, capfd):
+@pytest.mark.parametrize("dtype,tol,within,compiler", COMPILED)
+def test_compiled_teacher_forced_logits_equal_eager_and_recompute(
+    monkeypatch, dtype, tol, within, compiler, capfd
+):
+    """Compiled by AOTInductor (the default for frozen weights) and by torch.compile's C++
+    wrapper (compiled.COMPILER "jit")."""
+    monkeypatch.setattr(compiled_mod, "COMPILER", compiler)
     model = tiny_model(**YARN)
     eager = teacher_forced(engine(model))
+    counters.clear()
     fast = engine(model, decode="compiled", decode_dtype=dtype)
     got = teacher_forced(fast)
+    if dtype == "int8":  # every dense product and the LM head: Inductor's int8 GEMM (2 layers)
+        assert counters["inductor"]["woq_matcher_count"] >= 2 * 5 + 1
     assert "decode path: compiled" in capfd.readouterr().err
     assert fast.runner.compile_seconds  # each bucket's compile time, reported
     compare(got, eager, tol, within)
@@ -477,6 +684,32 @@ def test_compiled_teacher_forced_logits_equal_eager_and_recompute(dtype, tol, wi
         model.layers[-1].mlp.experts.gate_up_proj.mul_(1.5)
     compare(teacher_forced(fast), teacher_forced(engine(model)), tol, within)
     assert fast.runner._compiled is not buckets
+    kind = compiled_mod._Packaged if compiler == "aot" else compiled_mod._Direct
+    assert all(type(b) is kind for b in buckets.values())
+
+
+@pytest.mark.slow
+def test_aot_package_from_disk_gives_the_same_logits():
+    """AOTInductor for real: a second engine over the same weights loads the first one's packages
+    (no compilation) and computes the same logits, bit for bit; a truncated package is compiled
+    again, with a warning."""
+    model = tiny_model(**YARN)
+    eager = teacher_forced(engine(model))
+    first = engine(model, decode="compiled", decode_dtype="float32")
+    got = teacher_forced(first)
+    compare(got, eager, FP32_TOL)
+    packs = first.runner._compiled
+    assert packs and all(p.source == "compiled" for p in packs.values())
+    again = engine(model, decode="compiled", decode_dtype="float32")
+    assert all(torch.equal(a, got[k]) for k, a in teacher_forced(again).items())
+    assert [p.source for p in again.runner._compiled.values()] == ["cache"] * len(packs)
+    for p in packs.values():
+        with open(p.path, "r+b") as f:
+            f.truncate(os.path.getsize(p.path) - 1000)
+    with pytest.warns(RuntimeWarning, match="cannot be loaded"):
+        third = engine(model, decode="compiled", decode_dtype="float32")
+        compare(teacher_forced(third), eager, FP32_TOL)
+    assert all(p.source == "compiled" for p in third.runner._compiled.values())
 
 
 @pytest.mark.slow

@@ -32,15 +32,16 @@ def add_decode_arguments(p) -> None:
         help="decode step: auto (the default, or $NANOSEEK_DECODE when set) compiles the step "
         "and times it against eager PyTorch on this CPU at start, then keeps the faster; "
         "compiled (Inductor, one graph per batch and context bucket) or eager (no compilation) "
-        "force one. Compiling costs up to about a minute per graph, at every start: the "
-        "weights are frozen into the graph (the faster step), and Inductor's on-disk cache "
-        "does not keep such graphs. Use eager for a quick one-off run",
+        "force one. Compiling costs up to about a minute per graph the first time; the "
+        "compiled graphs are cached on disk (AOTInductor packages beside Inductor's cache), so "
+        "a later start with the same weights loads them in about a second",
     )
     p.add_argument(
         "--decode-dtype",
-        choices=("auto", "float32", "bfloat16"),
+        choices=("auto", "float32", "bfloat16", "int8"),  # engine/compiled.py DECODE_DTYPES
         default="auto",
-        help="the compiled step's matrices (auto: bfloat16 is tried only where the CPU has it)",
+        help="the compiled step's matrices (auto: bfloat16 is tried only where the CPU has it; "
+        "int8, weight-only int8 dense products and LM head, only when asked for)",
     )
 
 

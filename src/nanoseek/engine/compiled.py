@@ -11,29 +11,46 @@ two, the context to a power of two of at least CONTEXT_MIN rows (CONTEXT_MIN_BAT
 of BATCHED or more, whose step spends more on attention over the padding), so a few compilations
 serve a whole generation.
 
+A graph with frozen weights is compiled ahead of time by AOTInductor (COMPILER "aot": the exported
+graph, its weights packed in, one package per bucket) and kept on disk under package_dir(), keyed
+by a hash of the weights, the bucket's input shapes, the dtype, the traced code, torch's version and
+the CPU's flags, so that a later process with the same weights loads it (about 2 s for its first
+package, 0.1 s for each further one) instead of compiling it again (_Packaged); its call has no
+Python and no per-call constant handles between kernels. COMPILER "jit" (and any graph with the
+weights as inputs) goes through torch.compile with Inductor's C++ wrapper instead (_Direct).
+
 Around the graph, a step costs little: the runner lays a pure-decode step straight into its
 bucket's input buffers, kept between steps (one new context column per sequence; _Padded), and
-once Dynamo has compiled a bucket, later steps call Inductor's function directly with those same
-tensors (_Direct: no guards, no frame hook). The weights are frozen: constants of the compiled code,
-which max-autotune packs for its C++ GEMM templates, so a weight change rebuilds and recompiles the
-graph. With INDUCTOR_OPTIONS["freezing"] off they are graph inputs instead: a weight change (GRPO)
-is copied into the graph's tensors and nothing is recompiled, for a slower step (docs/engine.md).
+calls the compiled code with those same tensors (_Packaged's loaded package; _Direct, once Dynamo
+has compiled a bucket, Inductor's function directly: no guards, no frame hook). The weights are
+frozen: constants of the compiled code, which max-autotune packs for its C++ GEMM templates, so a
+weight change rebuilds and recompiles the graph (or loads it from package_dir(), if these weights
+were compiled before). With INDUCTOR_OPTIONS["freezing"] off they are graph inputs instead: a weight
+change (GRPO) is copied into the graph's tensors and nothing is recompiled, for a slower step
+(docs/engine.md).
 
 The graph reads the latent cache (an input: it changes every step) and returns the step's latents;
 the runner writes them with one index_copy_ over all layers, for the real rows only. Padded rows
 attend to themselves alone. Everything else (prefill, mixed steps, speculation, int8 weights) runs
 the eager runner, which stays the reference. dtype bfloat16 stores the graph's matrices in bf16 and
 feeds them bf16 activations; norms, routing, attention scores, the residual stream and the logits
-stay fp32.
+stay fp32. dtype int8 is bfloat16 with the dense products, the LM head and the gathered routed
+experts in weight-only int8 (one bf16 scale per output channel; the dense products through
+Inductor's int8 GEMM over frozen weights).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import shutil
 import sys
 import time
+import uuid
 import warnings
+import zipfile
+from functools import cache
 from types import SimpleNamespace
 
 import numpy as np
@@ -42,10 +59,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.engine.cache import LatentCache
-from nanoseek.engine.quant import is_quantized
+from nanoseek.engine.quant import is_quantized, quantize_tensor
 from nanoseek.engine.runner import ModelRunner, StepInput
 from nanoseek.engine.weights import Attention, BlockWeights, InferenceWeights, MoEWeights, SwiGLU
-from nanoseek.model import moe
+from nanoseek.model import attention, moe
 from nanoseek.model.attention import absorb_query, attend_latent, expand_output
 from nanoseek.model.transformer import Transformer
 
@@ -66,6 +83,16 @@ INDUCTOR_OPTIONS = {
     "autotune_num_choices_displayed": 0,
     "max_autotune_report_choices_stats": False,
 }
+# How a graph with frozen weights is compiled: "aot", AOTInductor (torch.export, then
+# aoti_compile_and_package; the package cached on disk, _Packaged), or "jit", torch.compile with the
+# C++ wrapper (_Direct). A batch-1 graph call, one thread, best of 12 interleaved rounds: fp32
+# 1.54-1.62 ms jit vs 1.42-1.45 aot, bf16 1.16-1.20 vs 0.98-1.04 (docs/engine.md). Graphs with the
+# weights as inputs always take "jit": Inductor's own cache serves those
+COMPILER = "aot"
+COMPILERS = ("aot", "jit")
+# packages kept in package_dir() (the least recently used beyond are deleted): one is 40-70 MB for
+# the reference config, one per (weights, bucket, dtype)
+PACKAGES_KEPT = 24
 
 
 def log(message: str) -> None:
@@ -97,9 +124,16 @@ def native_bf16() -> bool:
     return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w (+ b) in w's dtype, handed back in fp32."""
-    y = torch.mm(x.to(w.dtype), w)
+def _mm(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, s: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ w (+ b) in w's dtype, handed back in fp32. With s (bf16 scales, one per output
+    channel), w is int8 [out, in] (weight-only): bf16 activations times w converted to bf16, the
+    product scaled, the pattern that Inductor's freezing passes turn into its int8 GEMM."""
+    if s is None:
+        y = torch.mm(x.to(w.dtype), w)
+    else:
+        y = torch.mm(x.to(s.dtype), w.t().to(s.dtype)) * s
     y = y.float()
     return y if b is None else y + b
 
@@ -116,6 +150,23 @@ class _Params(nn.Module):
         t = None if t is None else t.detach().to(dtype or t.dtype).contiguous()
         self.register_buffer(name, t, persistent=False)
 
+    def matrix(self, name: str, w_t: torch.Tensor, dtype: torch.dtype) -> None:
+        """A matrix w_t [in, out] for _mm, as `name`, in dtype; torch.int8: weight-only int8, stored
+        [out, in] with its per-output-channel scales (bf16) as `name`_s (None otherwise)."""
+        if dtype == torch.int8:
+            q, scale = quantize_tensor(w_t.t(), torch.bfloat16)
+            self.put(name, q)
+            self.put(name + "_s", scale)
+        else:
+            self.put(name, w_t, dtype)
+            self.put(name + "_s", None)
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the matrices that an int8 graph keeps in floating point (the absorbed
+    attention's per-head products): bf16."""
+    return torch.bfloat16 if dtype == torch.int8 else dtype
+
 
 class _AttentionGraph(_Params):
     def __init__(self, a: Attention, dtype: torch.dtype):
@@ -130,13 +181,13 @@ class _AttentionGraph(_Params):
         self.q_lora = a.q_lora
         self.q_norm_eps = a.q_norm_eps if a.q_lora else None
         self.split_in = list(a.split_in)
-        self.put("proj_in", a.proj_in.w_t, dtype)
+        self.matrix("proj_in", a.proj_in.w_t, dtype)
         self.put("proj_in_b", a.proj_in.b, torch.float32)
         self.put("kv_norm", a.kv_norm, torch.float32)
-        self.put("proj_q", a.proj_q.w_t, dtype)
-        self.put("w_uk", a.w_uk, dtype)
-        self.put("w_uv_t", a.w_uv_t, dtype)
-        self.put("o_proj", a.o_proj.w_t, dtype)
+        self.matrix("proj_q", a.proj_q.w_t, dtype)
+        self.put("w_uk", a.w_uk, _float_dtype(dtype))
+        self.put("w_uv_t", a.w_uv_t, _float_dtype(dtype))
+        self.matrix("o_proj", a.o_proj.w_t, dtype)
         self.put("o_proj_b", a.o_proj.b, torch.float32)
 
     def forward(self, x, cos, sin, cache_rows, bias):
@@ -148,13 +199,17 @@ class _AttentionGraph(_Params):
         r = self.rope
         h = _rms(x, self.eps)
         if self.q_lora:
-            c_q, c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b).split(self.split_in, dim=-1)
+            c_q, c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b, self.proj_in_s).split(
+                self.split_in, dim=-1
+            )
             q_in = _rms(c_q, self.q_norm_eps)
         else:
-            c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b).split(self.split_in, dim=-1)
+            c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b, self.proj_in_s).split(
+                self.split_in, dim=-1
+            )
             q_in = h
         c_kv = _rms(c_kv, self.kv_norm_eps) * self.kv_norm
-        parts = _mm(q_in, self.proj_q).split([H * n, H * r, H * r], -1)
+        parts = _mm(q_in, self.proj_q, None, self.proj_q_s).split([H * n, H * r, H * r], -1)
         q_nope, q, q_rot = (t.unflatten(-1, (H, -1)) for t in parts)
         q_rope = q * cos.unsqueeze(1) + q_rot * sin.unsqueeze(1)
         latent = torch.cat((c_kv, k * cos + k_rot * sin), dim=-1)
@@ -164,18 +219,18 @@ class _AttentionGraph(_Params):
         mask = bias.unsqueeze(1).expand(-1, H, -1)
         o = attend_latent(q_lat, kv, mask, self.scale, self.kv_rank)  # [B, H, C]
         out = expand_output(o.to(self.w_uv_t.dtype), self.w_uv_t)
-        return _mm(out, self.o_proj, self.o_proj_b), latent
+        return _mm(out, self.o_proj, self.o_proj_b, self.o_proj_s), latent
 
 
 class _SwiGLUGraph(_Params):
     def __init__(self, mlp: SwiGLU, dtype: torch.dtype):
         super().__init__()
-        self.put("gate_up", mlp.gate_up.w_t, dtype)
-        self.put("down", mlp.down.w_t, dtype)
+        self.matrix("gate_up", mlp.gate_up.w_t, dtype)
+        self.matrix("down", mlp.down.w_t, dtype)
 
     def forward(self, x):
-        gate, up = _mm(x, self.gate_up).chunk(2, dim=-1)
-        return _mm(F.silu(gate) * up, self.down)
+        gate, up = _mm(x, self.gate_up, None, self.gate_up_s).chunk(2, dim=-1)
+        return _mm(F.silu(gate) * up, self.down, None, self.down_s)
 
 
 class _MoEGraph(_Params):
@@ -185,8 +240,18 @@ class _MoEGraph(_Params):
         self.put("router", m.router.w_t, torch.float32)
         self.put("router_bias", m.router.bias, torch.float32)
         self.shared = _SwiGLUGraph(m.shared, dtype)
-        self.put("gate_up", m.gate_up_t, dtype)
-        self.put("down", m.down_t, dtype)
+        if dtype == torch.int8:
+            # [E, in, out] int8 (the x @ W layout) with [E, out] bf16 scales, per expert and row
+            # (batch 1, one thread: graph call 0.91 ms with bf16 experts, 0.81 with int8)
+            for name, w_t in (("gate_up", m.gate_up_t), ("down", m.down_t)):
+                q, scale = quantize_tensor(w_t.transpose(1, 2), torch.bfloat16)
+                self.put(name, q.transpose(1, 2))
+                self.put(name + "_s", scale)
+        else:
+            self.put("gate_up", m.gate_up_t, _float_dtype(dtype))
+            self.put("down", m.down_t, _float_dtype(dtype))
+            self.put("gate_up_s", None)
+            self.put("down_s", None)
         # the sorted experts' matrices: fp32 whatever the graph's dtype (see forward)
         self.put("gate_up32", m.gate_up_t if dtype != torch.float32 else None, torch.float32)
         self.put("down32", m.down_t if dtype != torch.float32 else None, torch.float32)
@@ -204,10 +269,29 @@ class _MoEGraph(_Params):
                 routed = moe.dispatch_sorted(x, weights, ids, self.gate_up, self.down)
             else:
                 routed = moe.dispatch_sorted(x, weights, ids, self.gate_up32, self.down32)
+        elif self.gate_up_s is not None:
+            routed = _gathered_int8(
+                x, weights, ids, self.gate_up, self.gate_up_s, self.down, self.down_s
+            )
         else:
             xw = x.to(self.gate_up.dtype)
             routed = moe.dispatch_gathered(xw, weights, ids, self.gate_up, self.down)
         return self.shared(x) + routed.float()
+
+
+def _gathered_int8(x, weights, ids, gate_up, gate_up_s, down, down_s) -> torch.Tensor:
+    """moe.dispatch_gathered over int8 experts (gate_up [E, d, 2I], down [E, I, d], with bf16
+    scales [E, 2I], [E, d]): each pair's expert rows gathered, converted to bf16 and scaled by
+    their expert's scales, bf16 activations."""
+    n, k = ids.shape
+    flat = ids.flatten()
+    dtype = gate_up_s.dtype
+    xs = x.to(dtype).unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, 1, x.shape[-1])
+    h = torch.bmm(xs, gate_up.index_select(0, flat).to(dtype)) * gate_up_s[flat].unsqueeze(1)
+    gate, up = h.chunk(2, dim=-1)
+    ys = torch.bmm(F.silu(gate) * up, down.index_select(0, flat).to(dtype))
+    ys = (ys * down_s[flat].unsqueeze(1)).view(n, k, -1)
+    return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
 
 
 class _BlockGraph(_Params):
@@ -236,7 +320,7 @@ class DecodeGraph(_Params):
         self.blocks = nn.ModuleList(_BlockGraph(b, dtype) for b in blocks)
         self.norm_eps = model.norm.eps
         self.put("norm", model.norm.weight, torch.float32)
-        self.put("lm_head", weights.lm_head.w_t, dtype)
+        self.matrix("lm_head", weights.lm_head.w_t, dtype)
 
     def forward(self, ids, cos, sin, kv, context, bias):
         """ids [B], cos/sin [B, rope] (fp32), kv [layers, slots, C + rope] (the cache), context
@@ -250,14 +334,16 @@ class DecodeGraph(_Params):
             x, latent = block(x, cos, sin, rows, bias)
             latents.append(latent)
         h = _rms(x, self.norm_eps) * self.norm
-        return h, _mm(h, self.lm_head), torch.stack(latents).to(kv.dtype)
+        return h, _mm(h, self.lm_head, None, self.lm_head_s), torch.stack(latents).to(kv.dtype)
 
 
 class CompiledRunner(ModelRunner):
     """ModelRunner whose pure-decode steps run a compiled DecodeGraph (eager for everything else).
-    dtype: the graph's matrices (torch.float32 or torch.bfloat16). freeze: the weights are
+    dtype: the graph's matrices (torch.float32, torch.bfloat16, or torch.int8: weight-only int8
+    dense products, LM head and routed experts, see DECODE_DTYPES). freeze: the weights are
     constants of the compiled code (a weight change recompiles) or, False, graph inputs (a weight
-    change is copied in place); None follows INDUCTOR_OPTIONS["freezing"]."""
+    change is copied in place); None follows INDUCTOR_OPTIONS["freezing"]. compiler: "aot" or
+    "jit" for a graph with frozen weights (see COMPILER, which None follows)."""
 
     def __init__(
         self,
@@ -266,17 +352,25 @@ class CompiledRunner(ModelRunner):
         num_layers: int,
         dtype: torch.dtype,
         freeze: bool | None = None,
+        compiler: str | None = None,
     ):
         super().__init__(model, cache, num_layers)
+        if compiler not in (None, *COMPILERS):
+            raise ValueError(f"compiler={compiler!r}: expected one of {', '.join(COMPILERS)}")
         if num_layers != len(model.layers):
             raise ValueError("the compiled decode step has no speculation (MTP) layer")
         if is_quantized(model):
-            raise ValueError("the compiled decode step has no int8 kernels")
+            raise ValueError(
+                'the compiled decode step reads floating-point weights (decode_dtype="int8" '
+                "quantizes them itself), not an int8-quantized model's: no int8 kernels"
+            )
         why = compiler_missing()
         if why:
             raise RuntimeError(why)
         self.dtype = dtype
         self.freeze = freeze
+        self.compiler = compiler
+        self._digest: tuple[DecodeGraph, str] | None = None  # a graph, its weights' hash
         self._copies = 0  # weight changes copied into the graph in place
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._graph: DecodeGraph | None = None
@@ -382,12 +476,30 @@ class CompiledRunner(ModelRunner):
             return bool(INDUCTOR_OPTIONS.get("freezing", False))
         return self.freeze
 
+    @property
+    def ahead_of_time(self) -> bool:
+        """Whether the graph is compiled by AOTInductor into a package cached on disk."""
+        return self.frozen and (self.compiler or COMPILER) == "aot"
+
     def compiled(self, batch: int, context: int):
         graph = self.graph()
         key = (batch, context)
         if key not in self._compiled:
-            self._compiled[key] = _Direct(graph)
+            if self.ahead_of_time:
+                what = (
+                    f"the decode step for batch {batch}, context {context} "
+                    f"({_dtype_name(self.dtype)})"
+                )
+                self._compiled[key] = _Packaged(graph, lambda: self._weights_digest(graph), what)
+            else:
+                self._compiled[key] = _Direct(graph)
         return self._compiled[key]
+
+    def _weights_digest(self, graph: DecodeGraph) -> str:
+        """The hash of a graph's tensors, computed once per graph (every bucket's key has it)."""
+        if self._digest is None or self._digest[0] is not graph:
+            self._digest = (graph, weights_digest(graph))
+        return self._digest[1]
 
     def decode(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
         """A pure-decode step through the compiled graph of its bucket; writes its latents to the
@@ -396,8 +508,25 @@ class CompiledRunner(ModelRunner):
         ids, cos, sin, context, bias = inp.padded if inp.padded is not None else _pad(inp)
         Bp, Sp = context.shape
         fn = self.compiled(Bp, Sp)
+        args = (ids, cos, sin, self.cache.kv, context, bias)
         first = (Bp, Sp) not in self.compile_seconds
-        if first:
+        if first and isinstance(fn, _Packaged):
+            # loaded from package_dir(), or exported, compiled and written there (_Packaged says
+            # which); in inference mode or not, the export runs outside it
+            start = time.perf_counter()
+            try:
+                hidden, logits, latents = fn(*args)
+            except Exception as err:  # export or AOTInductor failed: torch.compile for this one
+                warnings.warn(
+                    f"AOTInductor could not compile {fn.what} ({type(err).__name__}: "
+                    f"{str(err)[:300]}); compiling it with torch.compile instead (not cached)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._compiled[(Bp, Sp)] = _Direct(fn.graph)
+                return self.decode(inp)
+            self.compile_seconds[(Bp, Sp)] = time.perf_counter() - start
+        elif first:
             # Inductor's cache keeps no graph with frozen weights (constants): those compile at
             # every start; weights as inputs come from the cache in seconds after the first time
             when = "at every start" if self.frozen else "the first time, cached afterwards"
@@ -414,7 +543,7 @@ class CompiledRunner(ModelRunner):
             freezing = torch._inductor.config.patch(freezing=self.frozen)
             with torch._dynamo.config.patch(**limits), freezing, warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
-                hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
+                hidden, logits, latents = fn(*args)
             seconds = time.perf_counter() - start
             self.compile_seconds[(Bp, Sp)] = seconds
             log(
@@ -427,7 +556,7 @@ class CompiledRunner(ModelRunner):
                 )
             )
         else:
-            hidden, logits, latents = fn(ids, cos, sin, self.cache.kv, context, bias)
+            hidden, logits, latents = fn(*args)
         self.cache.kv.index_copy_(1, inp.slots, latents[:, :B] if B < Bp else latents)
         if B < Bp:
             hidden = hidden[:B]
@@ -502,6 +631,233 @@ class _Direct:
         if not {id(a) for a in args} <= {id(t) for t in inputs}:
             return
         self.direct = (fn, inputs, args)
+
+
+class _Packaged:
+    """One bucket's graph compiled ahead of time by AOTInductor, its package cached on disk.
+
+    The first call looks for the package of this graph and these inputs in package_dir() (named by
+    package_key: the weights' hash, the inputs' shapes and dtypes, the graph's settings, the traced
+    code, the compile options, torch's version and the CPU) and loads it; failing that, it exports
+    the graph (torch.export), compiles it with INDUCTOR_OPTIONS (frozen: the weights are constants,
+    packed for the C++ GEMM templates, inside the package), writes the package to a temporary file
+    renamed into place (a reader never sees half a package; two processes compiling the same key
+    both write whole ones) and loads it. A package that fails to load (truncated or corrupt: its
+    zip's CRCs are checked first) is compiled again, with a warning. Later calls hand the step's
+    tensors to the loaded model: no Python, guards or per-call constant handles between kernels."""
+
+    def __init__(self, graph: DecodeGraph, digest, what: str):
+        self.graph = graph
+        self.digest = digest  # () -> the hash of the graph's weights
+        self.what = what  # "the decode step for batch ..., context ... (dtype)", for the log
+        self.path: str | None = None  # the package, once found or written
+        self.source: str | None = None  # "cache" or "compiled", once loaded
+        self.run = None  # the loaded model's run: a list of the step's tensors -> the outputs
+
+    def __call__(self, *args: torch.Tensor):
+        run = self.run
+        if run is None:
+            run = self._load_or_compile(args)
+        return tuple(run(list(args)))
+
+    def _load_or_compile(self, args: tuple):
+        start = time.perf_counter()
+        folder = package_dir()
+        path = os.path.join(folder, package_key(self.graph, self.digest(), args) + ".pt2")
+        if os.path.exists(path):
+            try:
+                self.run = _load_package(path)
+            except Exception as err:  # truncated, corrupt, written by another build
+                warnings.warn(
+                    f"the cached {self.what} in {path} cannot be loaded ({type(err).__name__}: "
+                    f"{str(err)[:200]}); compiling it again",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                _remove(path)
+            else:
+                _touch(path)
+                self.path = path
+                self.source = "cache"
+                log(f"loaded {self.what} from {path} in {time.perf_counter() - start:.1f} s")
+                return self.run
+        log(f"compiling {self.what}: up to about a minute the first time, cached afterwards")
+        tmp = f"{path[: -len('.pt2')]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.pt2"
+        try:
+            os.makedirs(folder, exist_ok=True)
+            open(tmp, "wb").close()  # the folder is writable (the package overwrites this)
+        except OSError as err:  # it is not: compile, but only for this process
+            warnings.warn(
+                f"cannot write to {folder} ({err}); the decode step is compiled without caching",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            path = os.path.join(_scratch_dir(), os.path.basename(path))
+            self._compile(args, path)
+        else:
+            try:
+                self._compile(args, tmp)
+                os.replace(tmp, path)
+            finally:
+                _remove(tmp)
+        self.run = _load_package(path)
+        self.path = path
+        self.source = "compiled"
+        log(
+            f"compiled {self.what} in {time.perf_counter() - start:.1f} s (cached in "
+            f"{os.path.dirname(path)})"
+        )
+        _prune(folder, PACKAGES_KEPT)
+        return self.run
+
+    def _compile(self, args: tuple, path: str) -> None:
+        """Export the graph over copies of the step's tensors (outside inference mode, which
+        export does not trace under) and compile it into a package at path."""
+        options = {k: v for k, v in INDUCTOR_OPTIONS.items() if k != "cpp_wrapper"}  # AOT's own
+        options["freezing"] = True
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
+            warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # torch's pytree
+            example = tuple(a.clone() for a in args)
+            program = torch.export.export(self.graph, example, strict=False)
+            _drop_dtype_asserts(program)
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=path, inductor_configs=options
+            )
+
+
+def _drop_dtype_asserts(program: torch.export.ExportedProgram) -> None:
+    """Remove the dtype checks that export puts after each `.to()` (they compute nothing). On an
+    int8 weight, `w.t().to(bfloat16)`, one would be a second user of the transpose, and freezing's
+    constant folding would then fold the conversion: bf16 weights in the package, not int8."""
+    graph = program.graph
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
+    program.graph_module.recompile()
+
+
+def package_dir() -> str:
+    """Where the decode step's AOTInductor packages are cached: beside Inductor's own cache."""
+    return os.path.join(inductor_cache_dir(), "nanoseek_decode")
+
+
+@cache
+def _scratch_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="nanoseek_decode_")
+
+
+def weights_digest(graph: nn.Module) -> str:
+    """sha256 over a graph's tensors: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, t in (*graph.named_parameters(), *graph.named_buffers()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)};".encode())
+        flat = t.detach().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+def package_key(graph: nn.Module, digest: str, args: tuple) -> str:
+    """A package's name: what its compiled code depends on besides the weights' hash `digest`:
+    the inputs' shapes and dtypes (the bucket and the cache pool), every setting the graph's
+    modules hold (heads, ranks, norms' eps, the router's), the source of the modules it traces,
+    the compile options, torch's version and this CPU's instruction sets."""
+    settings = [
+        (type(m).__name__, sorted((k, repr(v)) for k, v in vars(m).items() if _plain(v)))
+        for m in graph.modules()
+    ]
+    h = hashlib.sha256()
+    for part in (
+        "nanoseek decode package 1",
+        digest,
+        repr([(tuple(a.shape), str(a.dtype)) for a in args]),
+        repr(settings),
+        repr(sorted(INDUCTOR_OPTIONS.items())),
+        torch.__version__,
+        _machine(),
+        _traced_code(),
+    ):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:32]
+
+
+def _plain(v: object) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str, list, tuple))
+
+
+@cache
+def _machine() -> str:
+    """This CPU's instruction sets, as the kernels compiled for it depend on them."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {flags}"
+
+
+@cache
+def _traced_code() -> str:
+    """The source of the modules whose code the graph runs."""
+    h = hashlib.sha256()
+    for module in (sys.modules[__name__], moe, attention):
+        with open(module.__file__, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def _load_package(path: str):
+    """A package's loaded model's run, after its zip's CRCs check (a package cut short or damaged
+    fails here, not in the loader)."""
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+    if bad is not None:
+        raise zipfile.BadZipFile(f"{bad} fails its CRC check")
+    return torch._inductor.aoti_load_package(path).loader.run
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _touch(path: str) -> None:
+    """Mark a package used (the pruning keeps the most recently used)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _prune(folder: str, keep: int) -> None:
+    """Delete the least recently used packages beyond `keep` (and temporary files a crashed
+    compilation left over a day ago)."""
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.endswith(".pt2")]
+    except OSError:
+        return
+    now = time.time()
+    packages = []
+    for e in entries:
+        try:
+            mtime = e.stat().st_mtime
+        except OSError:
+            continue
+        if e.name.endswith(".tmp.pt2"):
+            if now - mtime > 86400:
+                _remove(e.path)
+        else:
+            packages.append((mtime, e.path))
+    for _, path in sorted(packages, reverse=True)[keep:]:
+        _remove(path)
 
 
 class _Padded:
@@ -607,6 +963,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------------- choosing a path at start
 DECODE_PATHS = ("auto", "eager", "compiled")
+# the compiled graph's matrices: "int8" is weight-only int8 for the dense products, the LM head and
+# the routed experts (bf16 activations; the absorbed attention's per-head products in bf16), taken
+# only when asked for: "auto" compares float32 and, where the CPU has it, bfloat16
+DECODE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 # the decode path of an Engine built without one (decode=None); unset: "auto"
 DECODE_ENV = "NANOSEEK_DECODE"
 
@@ -635,17 +995,19 @@ def choose_runner(
     freeze: bool | None = None,
 ) -> ModelRunner:
     """The runner the Engine options ask for: decode "eager" | "compiled" | "auto" (None: see
-    resolve_decode), decode_dtype "auto" | "float32" | "bfloat16" (the compiled graph's
-    matrices). "auto" times a batch-1 decode step of every candidate and keeps the fastest; the
-    choice is printed. A compiled path that cannot run falls back to eager with one warning.
-    "auto" decodes eager on a model that is not on the CPU (the compiled step is built for it).
-    freeze: the compiled graph's weights frozen (None: INDUCTOR_OPTIONS["freezing"]) or graph
-    inputs that a weight change is copied into (CompiledRunner)."""
+    resolve_decode), decode_dtype "auto" | "float32" | "bfloat16" | "int8" (the compiled graph's
+    matrices, DECODE_DTYPES). "auto" times a batch-1 decode step of every candidate and keeps the
+    fastest; the choice is printed. A compiled path that cannot run falls back to eager with one
+    warning. "auto" decodes eager on a model that is not on the CPU (the compiled step is built
+    for it). freeze: the compiled graph's weights frozen (None: INDUCTOR_OPTIONS["freezing"]) or
+    graph inputs that a weight change is copied into (CompiledRunner)."""
     decode = resolve_decode(decode)
     if decode not in DECODE_PATHS:
         raise ValueError(f"decode={decode!r}: expected 'auto', 'eager' or 'compiled'")
-    if decode_dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"decode_dtype={decode_dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
+    if decode_dtype not in DECODE_DTYPES:
+        raise ValueError(
+            f"decode_dtype={decode_dtype!r}: expected one of {', '.join(DECODE_DTYPES)}"
+        )
     eager = ModelRunner(model, cache, num_layers)
     if decode == "eager":
         return eager
@@ -680,7 +1042,7 @@ def choose_runner(
         if decode == "auto":
             candidates["eager"] = eager
         times = {name: _time_step(r) for name, r in candidates.items()}
-    except Exception as err:  # no compiler, an Inductor failure, int8: eager is always right
+    except Exception as err:  # no compiler, an Inductor failure, an int8 model: eager is right
         warnings.warn(
             f"the compiled decode step is unavailable ({type(err).__name__}: "
             f"{str(err)[:300]}); decoding runs eager",

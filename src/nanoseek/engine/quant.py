@@ -39,12 +39,15 @@ INT8_FILE = "model.int8.safetensors"
 _METADATA = {"format": "nanoseek-int8", "scheme": "symmetric per-output-channel weight-only"}
 
 
-def quantize_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., out, in] -> (q int8 [..., out, in], scale fp32 [..., out])
-    with w ~ q * scale[..., None]."""
+def quantize_tensor(
+    w: torch.Tensor, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., out, in] -> (q int8 [..., out, in], scale [..., out] in scale_dtype)
+    with w ~ q * scale[..., None]. The scales are rounded to scale_dtype before q is computed, so
+    that q * scale is as close to w as int8 allows with scales of that dtype."""
     w = w.detach().float()
-    scale = w.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
-    q = torch.round(w / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    scale = (w.abs().amax(dim=-1).clamp_min(1e-12) / 127.0).to(scale_dtype)
+    q = torch.round(w / scale.float().unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
