@@ -221,13 +221,13 @@ def concurrent(
     with_compiled: bool = True,
 ) -> None:
     """len(prompts) requests at once against the same engine at batch 1, for the eager engine
-    and the compiled step (fp32, and bf16 where this CPU has it natively), each engine with
+    and the compiled step (fp32, int8, and bf16 where this CPU has it natively), each engine with
     max_batch_size=batch. The compiled engines compile their batch-1 and batch-`batch` buckets
     in the warm-up round (not timed)."""
     n = greedy.max_tokens
     engines = {"eager": eager}
     if with_compiled:
-        for dtype in ["float32"] + (["bfloat16"] if native_bf16() else []):
+        for dtype in ["float32", "int8"] + (["bfloat16"] if native_bf16() else []):
             engines[f"compiled {dtype}"] = Engine(
                 model, max_batch_size=batch, decode="compiled", decode_dtype=dtype
             )
