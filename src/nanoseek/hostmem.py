@@ -4,7 +4,7 @@ PyTorch's CPU tensors come from the C library's malloc. glibc serves a request a
 threshold (at most 32 MB) with a fresh mapping and unmaps it at free, so a large tensor made again
 at every step, such as the 8 x 256 x 8192 fp32 logits of a training step (67 MB), is page-faulted
 in again each time. On the reference config at one thread that made the LM head's forward product
-take 80 ms instead of 54, and the whole compiled training step 0.945 s instead of 0.892
+take 80 ms instead of 54, and the whole compiled training step 0.945 s instead of 0.894
 (docs/training.md). `keep_freed_memory` tells glibc to take every block from its heap and never to
 trim it, so the second step reuses the first step's pages: the process keeps its peak footprint,
 which a training run or a server reaches again at every step anyway. The nanoseek CLI calls it at
