@@ -83,13 +83,14 @@ class Engine:
         the pool on its own. A VisionLanguageModel's language model runs the engine and its tower
         encodes the requests' images. decode: "eager", "compiled" (decode steps run one compiled
         graph, engine/compiled.py) or "auto" (the faster, measured at start and printed; a graph
-        compiles in up to about a minute, at every start while its weights are frozen);
-        None (the default): $NANOSEEK_DECODE if set, else "auto". An engine whose model is being
-        trained or that serves one batch passes "eager". decode_dtype: the compiled graph's
-        weights, "float32", "bfloat16" or "auto". decode_frozen: the compiled graph's weights
-        compiled in as constants (faster; a weight change recompiles) or, False, graph inputs (a
-        weight change is copied in, nothing recompiled: a policy trained between rollouts); None:
-        compiled.INDUCTOR_OPTIONS["freezing"] (on)."""
+        compiles in up to about a minute the first time, and its package is kept on disk for the
+        same weights); None (the default): $NANOSEEK_DECODE if set, else "auto". An engine whose
+        model is being trained or that serves one batch passes "eager". decode_dtype: the compiled
+        graph's weights, "float32", "bfloat16", "int8" (weight-only) or "auto" (fp32 or bf16,
+        timed). decode_frozen: the compiled graph's weights compiled in as constants (faster; a
+        weight change recompiles) or, False, graph inputs (a weight change is copied in, nothing
+        recompiled: a policy trained between rollouts); None: compiled.INDUCTOR_OPTIONS["freezing"]
+        (on)."""
         self.vision = None
         self.image_token_id = None
         if isinstance(model, VisionLanguageModel):
