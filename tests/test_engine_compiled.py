@@ -201,9 +201,9 @@ def test_moe_graph_sorts_the_pairs_once_they_outnumber_the_experts(monkeypatch, 
     for name in ("dispatch_gathered", "dispatch_sorted"):
         real = getattr(moe, name)
 
-        def spy(x, w, ids, gate_up, down, _n=name, _f=real):
+        def spy(x, w, ids, gate_up, down, *scales, _n=name, _f=real):
             called.append((_n, gate_up.dtype))
-            return _f(x, w, ids, gate_up, down)
+            return _f(x, w, ids, gate_up, down, *scales)
 
         monkeypatch.setattr(moe, name, spy)
     d = model.config.hidden_size

@@ -269,29 +269,12 @@ class _MoEGraph(_Params):
                 routed = moe.dispatch_sorted(x, weights, ids, self.gate_up, self.down)
             else:
                 routed = moe.dispatch_sorted(x, weights, ids, self.gate_up32, self.down32)
-        elif self.gate_up_s is not None:
-            routed = _gathered_int8(
-                x, weights, ids, self.gate_up, self.gate_up_s, self.down, self.down_s
+        else:  # int8 experts come with their scales (x then goes bf16)
+            xw = x.to(self.gate_up.dtype) if self.gate_up_s is None else x
+            routed = moe.dispatch_gathered(
+                xw, weights, ids, self.gate_up, self.down, self.gate_up_s, self.down_s
             )
-        else:
-            xw = x.to(self.gate_up.dtype)
-            routed = moe.dispatch_gathered(xw, weights, ids, self.gate_up, self.down)
         return self.shared(x) + routed.float()
-
-
-def _gathered_int8(x, weights, ids, gate_up, gate_up_s, down, down_s) -> torch.Tensor:
-    """moe.dispatch_gathered over int8 experts (gate_up [E, d, 2I], down [E, I, d], with bf16
-    scales [E, 2I], [E, d]): each pair's expert rows gathered, converted to bf16 and scaled by
-    their expert's scales, bf16 activations."""
-    n, k = ids.shape
-    flat = ids.flatten()
-    dtype = gate_up_s.dtype
-    xs = x.to(dtype).unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, 1, x.shape[-1])
-    h = torch.bmm(xs, gate_up.index_select(0, flat).to(dtype)) * gate_up_s[flat].unsqueeze(1)
-    gate, up = h.chunk(2, dim=-1)
-    ys = torch.bmm(F.silu(gate) * up, down.index_select(0, flat).to(dtype))
-    ys = (ys * down_s[flat].unsqueeze(1)).view(n, k, -1)
-    return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
 
 
 class _BlockGraph(_Params):

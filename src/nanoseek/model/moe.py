@@ -191,16 +191,29 @@ def dispatch_gathered(
     ids: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`dispatch` with every shape static: each token's K experts' matrices are gathered by id and
     run as batched matrix-vector products. x [N, d], weights and ids [N, K], the stacked matrices
     as x @ W (gate_up [E, d, 2I], gate then up; down [E, I, d]) -> Σ_k weights[:, k] ·
-    expert_{ids[:, k]}(x) [N, d]. Reads N·K experts' weights, so it suits a few decode tokens."""
+    expert_{ids[:, k]}(x) [N, d]. Reads N·K experts' weights, so it suits a few decode tokens.
+    With scales (weight-only int8 matrices, one scale per expert and output column: [E, 2I] and
+    [E, d]), the gathered rows are converted to the scales' dtype, x's too, and each product is
+    scaled by its expert's scales."""
     n, k = ids.shape
     flat = ids.flatten()
+
+    def product(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        if scale is None:
+            return torch.bmm(a, w.index_select(0, flat))
+        return torch.bmm(a, w.index_select(0, flat).to(scale.dtype)) * scale[flat].unsqueeze(1)
+
+    if gate_up_scale is not None:
+        x = x.to(gate_up_scale.dtype)
     xs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, 1, x.shape[-1])
-    gate, up = torch.bmm(xs, gate_up.index_select(0, flat)).chunk(2, dim=-1)
-    ys = torch.bmm(F.silu(gate) * up, down.index_select(0, flat)).view(n, k, -1)
+    gate, up = product(xs, gate_up, gate_up_scale).chunk(2, dim=-1)
+    ys = product(F.silu(gate) * up, down, down_scale).view(n, k, -1)
     return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
 
 
