@@ -46,8 +46,8 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
-import uuid
 import warnings
 import zipfile
 from functools import cache
@@ -62,6 +62,7 @@ from nanoseek.engine.cache import LatentCache
 from nanoseek.engine.quant import is_quantized, quantize_tensor
 from nanoseek.engine.runner import ModelRunner, StepInput
 from nanoseek.engine.weights import Attention, BlockWeights, InferenceWeights, MoEWeights, SwiGLU
+from nanoseek.io import atomic_file
 from nanoseek.model import attention, moe
 from nanoseek.model.attention import absorb_query, attend_latent, expand_output
 from nanoseek.model.transformer import Transformer
@@ -665,10 +666,9 @@ class _Packaged:
                 log(f"loaded {self.what} from {path} in {time.perf_counter() - start:.1f} s")
                 return self.run
         log(f"compiling {self.what}: up to about a minute the first time, cached afterwards")
-        tmp = f"{path[: -len('.pt2')]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.pt2"
-        try:
+        try:  # the folder is writable (probed first: an Inductor error is not an unwritable folder)
             os.makedirs(folder, exist_ok=True)
-            open(tmp, "wb").close()  # the folder is writable (the package overwrites this)
+            tempfile.TemporaryFile(dir=folder).close()
         except OSError as err:  # it is not: compile, but only for this process
             warnings.warn(
                 f"cannot write to {folder} ({err}); the decode step is compiled without caching",
@@ -678,11 +678,9 @@ class _Packaged:
             path = os.path.join(_scratch_dir(), os.path.basename(path))
             self._compile(args, path)
         else:
-            try:
-                self._compile(args, tmp)
-                os.replace(tmp, path)
-            finally:
-                _remove(tmp)
+            # AOTInductor wants a name ending in .pt2; _prune clears stale ".tmp.pt2" temporaries
+            with atomic_file(path, suffix=".tmp.pt2") as tmp:
+                self._compile(args, str(tmp))
         self.run = _load_package(path)
         self.path = path
         self.source = "compiled"
@@ -727,8 +725,6 @@ def package_dir() -> str:
 
 @cache
 def _scratch_dir() -> str:
-    import tempfile
-
     return tempfile.mkdtemp(prefix="nanoseek_decode_")
 
 
