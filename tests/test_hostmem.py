@@ -1,4 +1,5 @@
-"""keep_freed_memory: a large tensor made again reuses the freed one's pages (no page faults)."""
+"""keep_freed_memory: a large tensor made again and again (as a training step makes its logits)
+reuses the freed one's pages (no page faults)."""
 
 import os
 import subprocess
@@ -17,8 +18,9 @@ def faults_to_fill():  # minor page faults while a fresh 64 MiB tensor is writte
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 * 2**20)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults_to_fill()
-print(on, faults_to_fill())
+for _ in range(3):  # the heap's layout settles (on, one of the first two may still fault)
+    faults_to_fill()
+print(on, sum(faults_to_fill() for _ in range(4)))
 """
 
 
@@ -36,7 +38,7 @@ def test_a_large_tensor_made_again_reuses_its_pages():
     on, faults = _probe("1")
     off, faults_off = _probe("0")
     assert on and not off
-    # off, glibc maps the 64 MiB afresh: 16384 faults with 4 KiB pages (32 with transparent
-    # huge pages); on, the second tensor takes the first one's pages
+    # off, glibc maps each 64 MiB afresh: 4 x 16384 faults with 4 KiB pages (4 x 32 with
+    # transparent huge pages); on, every later tensor takes the freed one's pages
     assert faults_off > 0
-    assert faults * 8 <= faults_off
+    assert faults * 3 < faults_off
