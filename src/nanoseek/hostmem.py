@@ -6,7 +6,7 @@ at every step, such as the 8 x 256 x 8192 fp32 logits of a training step (67 MB)
 in again each time. On the reference config at one thread that made the LM head's forward product
 take 80 ms instead of 54, and the whole compiled training step 0.945 s instead of 0.894
 (docs/training.md). `keep_freed_memory` tells glibc to take every block from its heap and never to
-trim it, so the second step reuses the first step's pages: the process keeps its peak footprint,
+trim it, so later steps reuse earlier steps' pages: the process keeps its peak footprint,
 which a training run or a server reaches again at every step anyway. The nanoseek CLI calls it at
 start; NANOSEEK_KEEP_FREED_MEMORY=0 turns it off. Other C libraries (musl, macOS) are left alone.
 """
