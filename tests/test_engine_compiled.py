@@ -544,7 +544,7 @@ def _graph_args(graph_context: int = 256, slots: int = 64) -> tuple[torch.Tensor
 
 def test_package_key_follows_weights_inputs_settings_and_dtype():
     """Two graphs over the same weights share a package; another weight value, dtype, bucket or
-    cache pool, or a setting a module holds, names another one."""
+    cache pool, a setting a module holds, or the thread count, names another one."""
     model = tiny_model()
     weights = InferenceWeights(model, False)
 
@@ -563,6 +563,13 @@ def test_package_key_follows_weights_inputs_settings_and_dtype():
     changed = graph()
     changed.blocks[0].attn.eps = 1e-5
     assert key(changed) != base
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # the GEMM templates' work split is compiled in
+    try:
+        assert key(graph()) != base
+    finally:
+        torch.set_num_threads(threads)
+    assert key(graph()) == base
     with torch.no_grad():
         model.layers[1].mlp.experts.down_proj[0, 0, 0] += 1e-3  # one routed expert's weight
     assert key(graph()) != base

@@ -742,7 +742,9 @@ def package_key(graph: nn.Module, digest: str, args: tuple) -> str:
     """A package's name: what its compiled code depends on besides the weights' hash `digest`:
     the inputs' shapes and dtypes (the bucket and the cache pool), every setting the graph's
     modules hold (heads, ranks, norms' eps, the router's), the source of the modules it traces,
-    the compile options, torch's version and this CPU's instruction sets."""
+    the compile options, torch's version, this CPU's instruction sets and the thread count (the
+    C++ GEMM templates split their work for it: `num_threads` is a constant of the compiled code,
+    so a package built for one thread runs its products on one thread in a process with two)."""
     settings = [
         (type(m).__name__, sorted((k, repr(v)) for k, v in vars(m).items() if _plain(v)))
         for m in graph.modules()
@@ -756,6 +758,7 @@ def package_key(graph: nn.Module, digest: str, args: tuple) -> str:
         repr(sorted(INDUCTOR_OPTIONS.items())),
         torch.__version__,
         _machine(),
+        f"threads {torch.get_num_threads()}",
         _traced_code(),
     ):
         h.update(part.encode() + b"\0")
