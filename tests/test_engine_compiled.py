@@ -222,6 +222,12 @@ def test_buckets():
     assert (
         compiled_mod.context_bucket(16, 100) == 128 and compiled_mod.context_bucket(4, 300) == 512
     )
+    # a graph that takes any context: the next multiple of CONTEXT_STEP, whatever the batch
+    step = compiled_mod.CONTEXT_STEP
+    assert [compiled_mod.context_bucket(b, 3, dynamic=True) for b in (1, 16)] == [step, step]
+    assert compiled_mod.context_bucket(1, 0, dynamic=True) == step
+    assert compiled_mod.context_bucket(4, 2 * step, dynamic=True) == 2 * step
+    assert compiled_mod.context_bucket(4, 2 * step + 1, dynamic=True) == 3 * step
 
 
 def test_padded_rows_rebuilt_when_a_block_is_replaced():
@@ -253,9 +259,9 @@ def test_padded_inputs_kept_between_steps_equal_a_fresh_layout(monkeypatch):
     """The graph's inputs that the compiled runner keeps between steps (one new context column a
     step) equal the layout built afresh from the eager runner's prepare at every step: batches that
     shrink as requests finish, n=2 forks (copy-on-write blocks), preemptions (a pool too small for
-    the batch) and context buckets that grow (CONTEXT_MIN lowered to 4)."""
+    the batch) and contexts that grow (CONTEXT_STEP lowered to 4)."""
     uncompiled(monkeypatch)
-    monkeypatch.setattr(compiled_mod, "CONTEXT_MIN", 4)
+    monkeypatch.setattr(compiled_mod, "CONTEXT_STEP", 4)
     fast = Engine(
         tiny_model(),
         max_batch_size=4,
@@ -271,7 +277,8 @@ def test_padded_inputs_kept_between_steps_equal_a_fresh_layout(monkeypatch):
         inp = CompiledRunner.prepare(runner, decode, prefill, width, drafts)
         if inp.padded is None:
             return inp
-        want = compiled_mod._pad(ModelRunner.prepare(runner, decode, prefill, width, drafts))
+        eager = ModelRunner.prepare(runner, decode, prefill, width, drafts)
+        want = compiled_mod._pad(eager, runner.any_context)
         ids, cos, sin, context, bias = inp.padded
         assert [t.shape for t in inp.padded] == [t.shape for t in want]
         assert torch.equal(bias, want[4])
@@ -548,9 +555,10 @@ def test_package_key_follows_weights_inputs_settings_and_dtype():
     model = tiny_model()
     weights = InferenceWeights(model, False)
 
-    def key(graph, args=None):
+    def key(graph, args=None, any_context=False):
         args = _graph_args() if args is None else args
-        return compiled_mod.package_key(graph, compiled_mod.weights_digest(graph), args)
+        digest = compiled_mod.weights_digest(graph)
+        return compiled_mod.package_key(graph, digest, args, any_context)
 
     def graph(dtype=torch.float32):
         return compiled_mod.DecodeGraph(model, weights.current(), dtype)
@@ -559,6 +567,9 @@ def test_package_key_follows_weights_inputs_settings_and_dtype():
     assert key(graph()) == base
     assert key(graph(torch.bfloat16)) != base
     assert key(graph(), _graph_args(graph_context=512)) != base
+    # a graph for any context: one package whatever the context's length
+    anyc = key(graph(), any_context=True)
+    assert anyc != base and key(graph(), _graph_args(graph_context=512), True) == anyc
     assert key(graph(), _graph_args(slots=128)) != base
     changed = graph()
     changed.blocks[0].attn.eps = 1e-5
@@ -590,7 +601,7 @@ def test_aot_packages_cached_on_disk_and_damaged_ones_compiled_again(monkeypatch
         return e, e.generate([[5, 6, 7]], params)[0].token_ids
 
     first, tokens = run()
-    (pack,) = first.runner._compiled.values()  # batch 1, context 256: one bucket
+    (pack,) = first.runner._compiled.values()  # batch 1, any context: one graph
     assert tokens == want and pack.source == "compiled" and len(compiles) == 1
     assert os.path.dirname(pack.path) == compiled_mod.package_dir()
     assert os.listdir(compiled_mod.package_dir()) == [os.path.basename(pack.path)]  # no tmp left
@@ -598,7 +609,7 @@ def test_aot_packages_cached_on_disk_and_damaged_ones_compiled_again(monkeypatch
     (hit,) = again.runner._compiled.values()
     assert tokens == want and hit.source == "cache" and hit.path == pack.path
     assert len(compiles) == 1
-    assert "loaded the decode step for batch 1, context 256 (float32)" in capfd.readouterr().err
+    assert "loaded the decode step for batch 1, any context (float32)" in capfd.readouterr().err
     size = os.path.getsize(pack.path)
     with open(pack.path, "r+b") as f:
         f.truncate(size // 2)

@@ -1,4 +1,5 @@
-"""The decode step compiled: one graph per (batch, context) bucket, called without Dynamo.
+"""The decode step compiled: one graph per batch bucket (and, for torch.compile's graphs, per
+context bucket), called without Dynamo.
 
 A step whose every token is one sequence's next token (no prefill chunk, no speculation) is the
 engine's hot loop; eager, it is hundreds of small launches and matrix-vector products that read
@@ -7,17 +8,20 @@ MLA over the gathered cache rows, routing, the experts gathered by id with model
 `dispatch_gathered`; final norm, LM head) is one tensor program with static shapes, compiled by
 Inductor with its C++ wrapper and max-autotune, which picks its C++ GEMM templates
 (shared/spec/cpu-decode-probe.md: the default mode gains nothing). The batch is padded to a power of
-two, the context to a power of two of at least CONTEXT_MIN rows (CONTEXT_MIN_BATCHED for a batch
-of BATCHED or more, whose step spends more on attention over the padding), so a few compilations
-serve a whole generation.
+two. A graph compiled ahead of time takes any context length (a dynamic dimension), padded to a
+multiple of CONTEXT_STEP rows only; torch.compile's have static shapes, the context padded to a
+power of two of at least CONTEXT_MIN rows (CONTEXT_MIN_BATCHED for a batch of BATCHED or more,
+whose step spends more on attention over the padding). Either way a few compilations serve a whole
+generation.
 
 A graph with frozen weights is compiled ahead of time by AOTInductor (COMPILER "aot": the exported
-graph, its weights packed in, one package per bucket) and kept on disk under package_dir(), keyed
-by a hash of the weights, the bucket's input shapes, the dtype, the traced code, torch's version and
-the CPU's flags, so that a later process with the same weights loads it (about 2 s for its first
-package, 0.1 s for each further one) instead of compiling it again (_Packaged); its call has no
-Python and no per-call constant handles between kernels. COMPILER "jit" (and any graph with the
-weights as inputs) goes through torch.compile with Inductor's C++ wrapper instead (_Direct).
+graph, its weights packed in, one package per batch bucket) and kept on disk under package_dir(),
+keyed by a hash of the weights, the bucket's input shapes, the dtype, the traced code, torch's
+version, the CPU's flags and the thread count, so that a later process with the same weights
+loads it (about 2 s for its first package, 0.1 s for each further one) instead of compiling it
+again (_Packaged); its call has no Python and no per-call constant handles between kernels.
+COMPILER "jit" (and any graph with the weights as inputs) goes through torch.compile with
+Inductor's C++ wrapper instead (_Direct).
 
 Around the graph, a step costs little: the runner lays a pure-decode step straight into its
 bucket's input buffers, kept between steps (one new context column per sequence; _Padded), and
@@ -41,6 +45,7 @@ Inductor's int8 GEMM over frozen weights).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
@@ -67,7 +72,14 @@ from nanoseek.model import attention, moe
 from nanoseek.model.attention import absorb_query, attend_latent, expand_output
 from nanoseek.model.transformer import Transformer
 
-CONTEXT_MIN = 256  # the smallest context bucket: cache rows before a decoding token
+# A graph compiled ahead of time takes any context length (a dynamic dimension): the context is
+# padded to the next multiple of CONTEXT_STEP rows only, and one package serves a batch bucket.
+# Against a context padded to 256 rows, a batch-1 graph call at one thread: 1.46 vs 1.57 ms with 32
+# rows, 1.48 vs 1.55 with 96, 1.56 vs 1.56 with 250 (docs/engine.md)
+CONTEXT_STEP = 16
+# torch.compile's graphs (COMPILER "jit", weights as inputs) have static shapes: the context is
+# padded to a power of two of at least CONTEXT_MIN rows (cache rows before a decoding token)
+CONTEXT_MIN = 256
 # ... for a padded batch of BATCHED sequences or more, whose attention over padded rows is a large
 # share of the step
 # (16 requests x 128 tokens, one thread: 3.6-4.0x the batch-1 speed with 256, 4.8x with 64)
@@ -105,8 +117,13 @@ def bucket(n: int, least: int = 1) -> int:
     return 1 << (max(n, least) - 1).bit_length()
 
 
-def context_bucket(batch: int, rows: int) -> int:
-    """The context bucket of a padded batch whose longest context has `rows` cache rows."""
+def context_bucket(batch: int, rows: int, dynamic: bool = False) -> int:
+    """The context (cache rows before each token) of a padded batch whose longest context has
+    `rows` rows: for a graph that takes any context (dynamic), the next multiple of CONTEXT_STEP;
+    else a power of two of at least CONTEXT_MIN (CONTEXT_MIN_BATCHED for a batch of BATCHED or
+    more)."""
+    if dynamic:
+        return max(1, -(-rows // CONTEXT_STEP)) * CONTEXT_STEP
     least = CONTEXT_MIN if batch < BATCHED else min(CONTEXT_MIN, CONTEXT_MIN_BATCHED)
     return bucket(rows, least)
 
@@ -356,10 +373,11 @@ class CompiledRunner(ModelRunner):
         self.compiler = compiler
         self._digest: tuple[DecodeGraph, str] | None = None  # a graph, its weights' hash
         self._copies = 0  # weight changes copied into the graph in place
-        self.compile_seconds: dict[tuple[int, int], float] = {}
+        # by graph: (padded batch, context), the context None for a graph that takes any
+        self.compile_seconds: dict[tuple[int, int | None], float] = {}
         self._graph: DecodeGraph | None = None
         self._generation = -1
-        self._compiled: dict[tuple[int, int], object] = {}
+        self._compiled: dict[tuple[int, int | None], object] = {}
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # last step's hidden, logits
         self._pads: dict[tuple[int, int], _Padded] = {}  # the graph's input buffers, by bucket
         self._rope: tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray] | None = None
@@ -373,10 +391,12 @@ class CompiledRunner(ModelRunner):
             return super().prepare(decode, prefill, width, drafts)
         B = len(decode)
         Bp = bucket(B)
-        Sp = context_bucket(Bp, max(seq.num_computed for seq in decode))
+        Sp = context_bucket(Bp, max(seq.num_computed for seq in decode), self.any_context)
         cos, sin = self._rope_tables()
         pad = self._pads.get((Bp, Sp))
-        if pad is None:
+        if pad is None:  # a batch's context grows: its buffers for a shorter one go
+            for key in [k for k in self._pads if k[0] == Bp]:
+                del self._pads[key]
             pad = self._pads[(Bp, Sp)] = _Padded(Bp, Sp, self.cache.block_size, cos.shape[1])
         pad.fill(decode, cos, sin)
         ids, cos, sin, context, bias = pad.tensors
@@ -465,15 +485,22 @@ class CompiledRunner(ModelRunner):
         """Whether the graph is compiled by AOTInductor into a package cached on disk."""
         return self.frozen and (self.compiler or COMPILER) == "aot"
 
+    @property
+    def any_context(self) -> bool:
+        """Whether one graph per batch bucket takes any context length (AOTInductor's, exported
+        with a dynamic context), rather than one per (batch, context) bucket."""
+        return self.ahead_of_time
+
+    def graph_key(self, batch: int, context: int) -> tuple[int, int | None]:
+        """The compiled graph that runs a step padded to (batch, context)."""
+        return (batch, None if self.any_context else context)
+
     def compiled(self, batch: int, context: int):
         graph = self.graph()
-        key = (batch, context)
+        key = self.graph_key(batch, context)
         if key not in self._compiled:
             if self.ahead_of_time:
-                what = (
-                    f"the decode step for batch {batch}, context {context} "
-                    f"({_dtype_name(self.dtype)})"
-                )
+                what = f"the decode step for batch {batch}, any context ({_dtype_name(self.dtype)})"
                 self._compiled[key] = _Packaged(graph, lambda: self._weights_digest(graph), what)
             else:
                 self._compiled[key] = _Direct(graph)
@@ -489,27 +516,32 @@ class CompiledRunner(ModelRunner):
         """A pure-decode step through the compiled graph of its bucket; writes its latents to the
         cache. -> (hidden [B, d], logits [B, V]) of the real rows."""
         B = inp.num_decode
-        ids, cos, sin, context, bias = inp.padded if inp.padded is not None else _pad(inp)
+        padded = inp.padded if inp.padded is not None else _pad(inp, self.any_context)
+        ids, cos, sin, context, bias = padded
         Bp, Sp = context.shape
+        key = self.graph_key(Bp, Sp)
         fn = self.compiled(Bp, Sp)
         args = (ids, cos, sin, self.cache.kv, context, bias)
-        first = (Bp, Sp) not in self.compile_seconds
+        first = key not in self.compile_seconds
         if first and isinstance(fn, _Packaged):
             # loaded from package_dir(), or exported, compiled and written there (_Packaged says
             # which); in inference mode or not, the export runs outside it
             start = time.perf_counter()
             try:
                 hidden, logits, latents = fn(*args)
-            except Exception as err:  # export or AOTInductor failed: torch.compile for this one
+            except Exception as err:  # export or AOTInductor failed: torch.compile from now on
                 warnings.warn(
                     f"AOTInductor could not compile {fn.what} ({type(err).__name__}: "
-                    f"{str(err)[:300]}); compiling it with torch.compile instead (not cached)",
+                    f"{str(err)[:300]}); compiling the decode step with torch.compile instead "
+                    "(static context buckets, not cached)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                self._compiled[(Bp, Sp)] = _Direct(fn.graph)
-                return self.decode(inp)
-            self.compile_seconds[(Bp, Sp)] = time.perf_counter() - start
+                self.compiler = "jit"
+                del self._compiled[key]
+                widened = _widen(padded, context_bucket(Bp, Sp, self.any_context))
+                return self.decode(dataclasses.replace(inp, padded=widened))
+            self.compile_seconds[key] = time.perf_counter() - start
         elif first:
             # Inductor's cache keeps no graph with frozen weights (constants): those compile at
             # every start; weights as inputs come from the cache in seconds after the first time
@@ -529,7 +561,7 @@ class CompiledRunner(ModelRunner):
                 warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
                 hidden, logits, latents = fn(*args)
             seconds = time.perf_counter() - start
-            self.compile_seconds[(Bp, Sp)] = seconds
+            self.compile_seconds[key] = seconds
             log(
                 f"compiled the decode step for batch {Bp}, context {Sp} ({_dtype_name(self.dtype)})"
                 f" in {seconds:.1f} s "
@@ -618,22 +650,24 @@ class _Direct:
 
 
 class _Packaged:
-    """One bucket's graph compiled ahead of time by AOTInductor, its package cached on disk.
+    """One batch bucket's graph compiled ahead of time by AOTInductor, for any context length (the
+    context's length is a dynamic dimension of the exported graph), its package cached on disk.
 
     The first call looks for the package of this graph and these inputs in package_dir() (named by
-    package_key: the weights' hash, the inputs' shapes and dtypes, the graph's settings, the traced
-    code, the compile options, torch's version and the CPU) and loads it; failing that, it exports
-    the graph (torch.export), compiles it with INDUCTOR_OPTIONS (frozen: the weights are constants,
-    packed for the C++ GEMM templates, inside the package), writes the package to a temporary file
-    renamed into place (a reader never sees half a package; two processes compiling the same key
-    both write whole ones) and loads it. A package that fails to load (truncated or corrupt: its
-    zip's CRCs are checked first) is compiled again, with a warning. Later calls hand the step's
-    tensors to the loaded model: no Python, guards or per-call constant handles between kernels."""
+    package_key: the weights' hash, the inputs' shapes and dtypes but the context's length, the
+    graph's settings, the traced code, the compile options, torch's version, the CPU and the thread
+    count) and loads it; failing that, it exports the graph (torch.export), compiles it with
+    INDUCTOR_OPTIONS (frozen: the weights are constants, packed for the C++ GEMM templates, inside
+    the package), writes the package to a temporary file renamed into place (a reader never sees
+    half a package; two processes compiling the same key both write whole ones) and loads it. A
+    package that fails to load (truncated or corrupt: its zip's CRCs are checked first) is compiled
+    again, with a warning. Later calls hand the step's tensors to the loaded model: no Python,
+    guards or per-call constant handles between kernels."""
 
     def __init__(self, graph: DecodeGraph, digest, what: str):
         self.graph = graph
         self.digest = digest  # () -> the hash of the graph's weights
-        self.what = what  # "the decode step for batch ..., context ... (dtype)", for the log
+        self.what = what  # "the decode step for batch ..., any context (dtype)", for the log
         self.path: str | None = None  # the package, once found or written
         self.source: str | None = None  # "cache" or "compiled", once loaded
         self.run = None  # the loaded model's run: a list of the step's tensors -> the outputs
@@ -647,7 +681,8 @@ class _Packaged:
     def _load_or_compile(self, args: tuple):
         start = time.perf_counter()
         folder = package_dir()
-        path = os.path.join(folder, package_key(self.graph, self.digest(), args) + ".pt2")
+        key = package_key(self.graph, self.digest(), args, any_context=True)
+        path = os.path.join(folder, key + ".pt2")
         if os.path.exists(path):
             try:
                 self.run = _load_package(path)
@@ -700,7 +735,10 @@ class _Packaged:
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
             warnings.filterwarnings("ignore", ".*LeafSpec.*", FutureWarning)  # torch's pytree
             example = tuple(a.clone() for a in args)
-            program = torch.export.export(self.graph, example, strict=False)
+            # (ids, cos, sin, kv, context [B, S], bias [B, S + 1]): S any length up to the cache's
+            context = torch.export.Dim("context", min=2, max=args[3].shape[1] + CONTEXT_STEP)
+            dynamic = (None, None, None, None, {1: context}, {1: context + 1})
+            program = torch.export.export(self.graph, example, dynamic_shapes=dynamic, strict=False)
             _drop_dtype_asserts(program)
             torch._inductor.aoti_compile_and_package(
                 program, package_path=path, inductor_configs=options
@@ -738,9 +776,10 @@ def weights_digest(graph: nn.Module) -> str:
     return h.hexdigest()
 
 
-def package_key(graph: nn.Module, digest: str, args: tuple) -> str:
+def package_key(graph: nn.Module, digest: str, args: tuple, any_context: bool = False) -> str:
     """A package's name: what its compiled code depends on besides the weights' hash `digest`:
-    the inputs' shapes and dtypes (the bucket and the cache pool), every setting the graph's
+    the inputs' shapes and dtypes (the bucket and the cache pool; with any_context, the context's
+    length, the last dimension of the last two inputs, left out), every setting the graph's
     modules hold (heads, ranks, norms' eps, the router's), the source of the modules it traces,
     the compile options, torch's version, this CPU's instruction sets and the thread count (the
     C++ GEMM templates split their work for it: `num_threads` is a constant of the compiled code,
@@ -749,11 +788,14 @@ def package_key(graph: nn.Module, digest: str, args: tuple) -> str:
         (type(m).__name__, sorted((k, repr(v)) for k, v in vars(m).items() if _plain(v)))
         for m in graph.modules()
     ]
+    shapes = [list(a.shape) for a in args]
+    if any_context:
+        shapes[-2][-1] = shapes[-1][-1] = "context"
     h = hashlib.sha256()
     for part in (
-        "nanoseek decode package 1",
+        "nanoseek decode package 2",
         digest,
-        repr([(tuple(a.shape), str(a.dtype)) for a in args]),
+        repr([(shape, str(a.dtype)) for shape, a in zip(shapes, args)]),
         repr(settings),
         repr(sorted(INDUCTOR_OPTIONS.items())),
         torch.__version__,
@@ -914,12 +956,12 @@ class _Padded:
         np.take(sin_table, self._positions[:B], axis=0, out=self._sin[:B])
 
 
-def _pad(inp: StepInput) -> tuple[torch.Tensor, ...]:
+def _pad(inp: StepInput, any_context: bool) -> tuple[torch.Tensor, ...]:
     """The graph's padded inputs of a decode step laid out by the eager runner's prepare."""
     B = inp.num_decode
     S = inp.decode_slots.shape[1] - 1  # cache rows before the newest token
     Bp = bucket(B)
-    Sp = context_bucket(Bp, S)
+    Sp = context_bucket(Bp, S, any_context)
     dev = inp.ids.device
     context = torch.zeros(Bp, Sp, dtype=torch.long, device=dev)
     context[:B, :S] = inp.decode_slots[:, :S]
@@ -930,6 +972,15 @@ def _pad(inp: StepInput) -> tuple[torch.Tensor, ...]:
     ids = F.pad(inp.ids, (0, Bp - B))
     cos = F.pad(inp.cos.float(), (0, 0, 0, Bp - B))
     sin = F.pad(inp.sin.float(), (0, 0, 0, Bp - B))
+    return ids, cos, sin, context, bias
+
+
+def _widen(padded: tuple[torch.Tensor, ...], Sp: int) -> tuple[torch.Tensor, ...]:
+    """A step's padded inputs with the context widened to Sp rows, the new ones masked."""
+    ids, cos, sin, context, bias = padded
+    extra = Sp - context.shape[1]
+    context = F.pad(context, (0, extra))
+    bias = torch.cat((F.pad(bias[:, :-1], (0, extra), value=float("-inf")), bias[:, -1:]), 1)
     return ids, cos, sin, context, bias
 
 
