@@ -84,13 +84,16 @@ class Router(nn.Module):
         if choice.requires_grad:  # the choice is discrete: no gradient goes through it
             choice = choice.detach()
         if self.n_group > 1:
+            # elementwise passes and small reductions rather than two topk calls, which compiled
+            # code cannot fuse (the same scores and groups: tests/test_model.py)
             grouped = choice.unflatten(-1, (self.n_group, -1))
-            if self.sigmoid:
-                group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            best = grouped.amax(-1)
+            if self.sigmoid:  # the sum of the group's two best: the best plus the best of the rest
+                rest = grouped.scatter(-1, grouped.argmax(-1, keepdim=True), float("-inf"))
+                group_score = best + rest.amax(-1)
             else:
-                group_score = grouped.amax(-1)
-            keep = group_score.topk(self.topk_group, dim=-1).indices
-            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+                group_score = best
+            dropped = _rank(group_score) >= self.topk_group
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)  # the unbiased affinities
@@ -122,6 +125,16 @@ class Router(nn.Module):
         return ids, [w * self.scaling for w in weights]
 
 
+def _rank(scores: torch.Tensor) -> torch.Tensor:
+    """scores [N, G] -> each one's place when its row is sorted best first [N, G] (0 = best),
+    ties going to the lower index, as a stable sort (and `Router.route_one`) orders them."""
+    s = scores.unsqueeze(-1)  # [N, G, 1]: this one
+    other = scores.unsqueeze(-2)  # [N, 1, G]: every other one
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    earlier = index.unsqueeze(0) < index.unsqueeze(1)  # [G, G]: other's index below this one's
+    return ((other > s) | ((other == s) & earlier)).sum(-1)
+
+
 # ------------------------------------------------------------- dispatch: the expert loop, once
 RunSorted = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows sorted by expert, counts)
 RunOne = Callable[[int, torch.Tensor], torch.Tensor]  # (expert e, its rows)
@@ -144,11 +157,17 @@ def dispatch(
     counts = torch.zeros(n_experts, dtype=flat.dtype, device=flat.device)
     counts.index_add_(0, flat, torch.ones_like(flat))
     order = flat.argsort(stable=True)
-    inverse = order.argsort()
+    inverse = _inverse(order)
     pairs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, -1)  # row i·K + j: token i
     ys = run(permute_rows(pairs, order, inverse), counts)
     ys = permute_rows(ys, inverse, order).view(n, k, -1)
     return (ys * weights.unsqueeze(-1).type_as(ys)).sum(1), counts
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of the permutation perm [M]: one scatter rather than a second sort."""
+    places = torch.arange(perm.shape[0], device=perm.device, dtype=perm.dtype)
+    return torch.empty_like(perm).scatter_(0, perm, places)
 
 
 class _PermuteRows(torch.autograd.Function):
