@@ -157,27 +157,6 @@ def test_route_one_makes_the_tensor_routers_choices(routing):
         assert torch.allclose(torch.tensor(one_weights), weights[i], atol=1e-6)
 
 
-def topk_route(router, logits, bias):
-    """Router.route as it was written with topk calls (before 2026-11-30's fused form): the
-    reference its choices and weights must equal bit for bit."""
-    scores = logits.sigmoid() if router.sigmoid else logits.softmax(dim=-1)
-    choice = scores if bias is None else scores + bias
-    if router.n_group > 1:
-        grouped = choice.unflatten(-1, (router.n_group, -1))
-        if router.sigmoid:
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)
-        else:
-            group_score = grouped.amax(-1)
-        keep = group_score.topk(router.topk_group, dim=-1).indices
-        dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
-        choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-    ids = choice.topk(router.top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if router.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * router.scaling, ids
-
-
 @pytest.mark.parametrize(
     "routing",
     [
@@ -186,14 +165,28 @@ def topk_route(router, logits, bias):
         dict(scoring_func="softmax"),  # V2: a group scores its best
     ],
 )
-def test_route_equals_the_topk_formulation_bitwise(routing):
+def test_compiled_route_equals_eager_route_bitwise(routing):
+    """Compiled, `Router.route` limits the groups with `dropped_groups_fused` instead of the eager
+    path's topk calls: the same groups, experts and weights, bit for bit."""
     router = MoE(tiny_config(n_routed_experts=16, num_experts_per_tok=4, **routing)).gate
     bias = torch.randn(16) * 0.1 if router.sigmoid else None
     logits = torch.randn(500, 16) * 2
     weights, ids, _ = router.route(logits, bias)
-    ref_weights, ref_ids = topk_route(router, logits, bias)
-    assert torch.equal(ids, ref_ids)
-    assert torch.equal(weights, ref_weights)
+    torch._dynamo.reset()
+    compiled = torch.compile(router.route, backend="eager", fullgraph=True)
+    fused_weights, fused_ids, _ = compiled(logits, bias)
+    assert torch.equal(fused_ids, ids)
+    assert torch.equal(fused_weights, weights)
+    # and the group masks themselves, over scores of every kind
+    choice = logits.sigmoid() if router.sigmoid else logits.softmax(-1)
+    grouped = choice.unflatten(-1, (router.n_group, -1))
+    if router.sigmoid:
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)
+    else:
+        group_score = grouped.amax(-1)
+    keep = group_score.topk(router.topk_group, dim=-1).indices
+    dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+    assert torch.equal(router.dropped_groups_fused(grouped), dropped)
 
 
 def test_rank_orders_best_first_with_ties_to_the_lower_index():

@@ -84,22 +84,36 @@ class Router(nn.Module):
         if choice.requires_grad:  # the choice is discrete: no gradient goes through it
             choice = choice.detach()
         if self.n_group > 1:
-            # elementwise passes and small reductions rather than two topk calls, which compiled
-            # code cannot fuse (the same scores and groups: tests/test_model.py)
             grouped = choice.unflatten(-1, (self.n_group, -1))
-            best = grouped.amax(-1)
-            if self.sigmoid:  # the sum of the group's two best: the best plus the best of the rest
-                rest = grouped.scatter(-1, grouped.argmax(-1, keepdim=True), float("-inf"))
-                group_score = best + rest.amax(-1)
+            if torch.compiler.is_compiling():
+                dropped = self.dropped_groups_fused(grouped)
             else:
-                group_score = best
-            dropped = _rank(group_score) >= self.topk_group
+                if self.sigmoid:
+                    group_score = grouped.topk(2, dim=-1).values.sum(-1)
+                else:
+                    group_score = grouped.amax(-1)
+                keep = group_score.topk(self.topk_group, dim=-1).indices
+                dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)  # the unbiased affinities
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids, scores
+
+    def dropped_groups_fused(self, grouped: torch.Tensor) -> torch.Tensor:
+        """`route`'s group limit for compiled code: the selection scores [N, G, E/G] -> which
+        groups are dropped [N, G], as the two topk calls of the eager path decide it, by
+        elementwise passes and small reductions that Inductor fuses (a topk it calls opaquely).
+        A group's score, the sum of its two best, is its best plus the best of the rest (the same
+        two floats added); the kept groups rank below topk_group, ties to the lower index.
+        tests/test_model.py checks it against the eager path. Eager, it would be the slower: more,
+        smaller ops."""
+        best = grouped.amax(-1)
+        if self.sigmoid:
+            rest = grouped.scatter(-1, grouped.argmax(-1, keepdim=True), float("-inf"))
+            best = best + rest.amax(-1)
+        return _rank(best) >= self.topk_group
 
     def route_one(
         self, logits: torch.Tensor, bias: list[float] | None
