@@ -7,9 +7,10 @@ routing (softmax, group max) is kept for DeepSeek-V2 checkpoints.
 
 Dispatch: the (token, expert) pairs are sorted by expert so each expert's tokens form one
 contiguous slice, all experts run as one grouped matmul (or a loop over the non-empty experts), and
-the weighted outputs are scatter-added back. No capacity, nothing dropped. Under autocast the
-grouped matmul runs in the autocast dtype; under torch.compile on CPU it is the custom op
-`cpu_grouped_mm` (Inductor cannot lower F.grouped_mm there), which computes the same numbers.
+the outputs go back to token order by the inverse permutation and are summed, weighted. No
+capacity, nothing dropped. Under autocast the grouped matmul runs in the autocast dtype; under
+torch.compile on CPU it is the custom op `cpu_grouped_mm` (Inductor cannot lower F.grouped_mm
+there), which computes the same numbers.
 
 This is the one copy of routing and of the expert loop. The engine (engine/weights.py, weights
 stored [in, out]) and the int8 experts (engine/quant.py) call `Router.route`, `dispatch` and
