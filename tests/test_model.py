@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from nanoseek import Transformer
 from nanoseek.model.attention import absorb_query, attend_latent, expand_output
-from nanoseek.model.moe import MoE, dispatch, dispatch_one
+from nanoseek.model.moe import MoE, _inverse, _rank, dispatch, dispatch_one
 from nanoseek.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 from helpers import tiny_config
@@ -155,6 +155,84 @@ def test_route_one_makes_the_tensor_routers_choices(routing):
         one_ids, one_weights = router.route_one(logits[i : i + 1], bias_list)
         assert one_ids == ids[i].tolist()
         assert torch.allclose(torch.tensor(one_weights), weights[i], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [
+        dict(),  # V3: sigmoid, 2 of 4 groups of 4, bias
+        dict(n_group=8, topk_group=3),  # groups of 2
+        dict(scoring_func="softmax"),  # V2: a group scores its best
+    ],
+)
+def test_compiled_route_equals_eager_route_bitwise(routing):
+    """Compiled, `Router.route` limits the groups with `dropped_groups_fused` instead of the eager
+    path's topk calls: the same groups, experts and weights, bit for bit."""
+    router = MoE(tiny_config(n_routed_experts=16, num_experts_per_tok=4, **routing)).gate
+    bias = torch.randn(16) * 0.1 if router.sigmoid else None
+    logits = torch.randn(500, 16) * 2
+    weights, ids, _ = router.route(logits, bias)
+    torch._dynamo.reset()
+    compiled = torch.compile(router.route, backend="eager", fullgraph=True)
+    fused_weights, fused_ids, _ = compiled(logits, bias)
+    assert torch.equal(fused_ids, ids)
+    assert torch.equal(fused_weights, weights)
+    # and the group masks themselves, over scores of every kind
+    choice = logits.sigmoid() if router.sigmoid else logits.softmax(-1)
+    grouped = choice.unflatten(-1, (router.n_group, -1))
+    if router.sigmoid:
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)
+    else:
+        group_score = grouped.amax(-1)
+    keep = group_score.topk(router.topk_group, dim=-1).indices
+    dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+    assert torch.equal(router.dropped_groups_fused(grouped), dropped)
+
+
+def test_rank_orders_best_first_with_ties_to_the_lower_index():
+    scores = torch.tensor([[0.5, 0.25, 0.5, 0.75], [1.0, 1.0, 1.0, 1.0], [0.1, 0.4, 0.3, 0.2]])
+    assert _rank(scores).tolist() == [[1, 3, 2, 0], [0, 1, 2, 3], [3, 0, 1, 2]]
+    random = torch.randint(0, 4, (300, 6)).float()  # many ties
+    stable = (-random).argsort(dim=-1, stable=True).argsort(dim=-1)
+    assert torch.equal(_rank(random), stable)
+
+
+def test_inverse_inverts_a_permutation():
+    perm = torch.randperm(1000)
+    inverse = _inverse(perm)
+    assert torch.equal(perm[inverse], torch.arange(1000))
+    assert torch.equal(inverse, perm.argsort())
+
+
+def test_attention_gradients_equal_unpadded_attention():
+    """MLA's training path (values padded to the query width for the CPU's fused kernel, the
+    padding cut off after a transpose) against plain SDPA on the unpadded values: outputs and
+    every gradient."""
+    cfg = tiny_config()
+    model = Transformer(cfg)
+    attn = model.layers[0].self_attn
+    x = torch.randn(2, 12, cfg.hidden_size, requires_grad=True)
+    cos, sin = model.rope(torch.arange(12))
+
+    def plain(x):
+        q_nope, q_rope = attn.query(x, cos, sin)
+        q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
+        k, v = attn.expand(*attn.latent(x, cos, sin))
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale)
+        return attn.o_proj(o.transpose(1, 2).flatten(2))
+
+    grad_out = torch.randn(2, 12, cfg.hidden_size)
+    grads = []
+    outs = []
+    for fn in (attn, plain):
+        out = fn(x, cos, sin) if fn is attn else fn(x)
+        params = [x, *attn.parameters()]
+        grads.append(torch.autograd.grad(out, params, grad_out))
+        outs.append(out.detach())
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() < 1e-5
 
 
 def test_dispatch_one_equals_dispatch():

@@ -7,9 +7,10 @@ routing (softmax, group max) is kept for DeepSeek-V2 checkpoints.
 
 Dispatch: the (token, expert) pairs are sorted by expert so each expert's tokens form one
 contiguous slice, all experts run as one grouped matmul (or a loop over the non-empty experts), and
-the weighted outputs are scatter-added back. No capacity, nothing dropped. Under autocast the
-grouped matmul runs in the autocast dtype; under torch.compile on CPU it is the custom op
-`cpu_grouped_mm` (Inductor cannot lower F.grouped_mm there), which computes the same numbers.
+the outputs go back to token order by the inverse permutation and are summed, weighted. No
+capacity, nothing dropped. Under autocast the grouped matmul runs in the autocast dtype; under
+torch.compile on CPU it is the custom op `cpu_grouped_mm` (Inductor cannot lower F.grouped_mm
+there), which computes the same numbers.
 
 This is the one copy of routing and of the expert loop. The engine (engine/weights.py, weights
 stored [in, out]) and the int8 experts (engine/quant.py) call `Router.route`, `dispatch` and
@@ -85,18 +86,35 @@ class Router(nn.Module):
             choice = choice.detach()
         if self.n_group > 1:
             grouped = choice.unflatten(-1, (self.n_group, -1))
-            if self.sigmoid:
-                group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            if torch.compiler.is_compiling():
+                dropped = self.dropped_groups_fused(grouped)
             else:
-                group_score = grouped.amax(-1)
-            keep = group_score.topk(self.topk_group, dim=-1).indices
-            dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+                if self.sigmoid:
+                    group_score = grouped.topk(2, dim=-1).values.sum(-1)
+                else:
+                    group_score = grouped.amax(-1)
+                keep = group_score.topk(self.topk_group, dim=-1).indices
+                dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)  # the unbiased affinities
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids, scores
+
+    def dropped_groups_fused(self, grouped: torch.Tensor) -> torch.Tensor:
+        """`route`'s group limit for compiled code: the selection scores [N, G, E/G] -> which
+        groups are dropped [N, G], as the two topk calls of the eager path decide it, by
+        elementwise passes and small reductions that Inductor fuses (a topk it calls opaquely).
+        A group's score, the sum of its two best, is its best plus the best of the rest (the same
+        two floats added); the kept groups rank below topk_group, ties to the lower index.
+        tests/test_model.py checks it against the eager path. Eager, it would be the slower: more,
+        smaller ops."""
+        best = grouped.amax(-1)
+        if self.sigmoid:
+            rest = grouped.scatter(-1, grouped.argmax(-1, keepdim=True), float("-inf"))
+            best = best + rest.amax(-1)
+        return _rank(best) >= self.topk_group
 
     def route_one(
         self, logits: torch.Tensor, bias: list[float] | None
@@ -122,6 +140,16 @@ class Router(nn.Module):
         return ids, [w * self.scaling for w in weights]
 
 
+def _rank(scores: torch.Tensor) -> torch.Tensor:
+    """scores [N, G] -> each one's place when its row is sorted best first [N, G] (0 = best),
+    ties going to the lower index, as a stable sort (and `Router.route_one`) orders them."""
+    s = scores.unsqueeze(-1)  # [N, G, 1]: this one
+    other = scores.unsqueeze(-2)  # [N, 1, G]: every other one
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    earlier = index.unsqueeze(0) < index.unsqueeze(1)  # [G, G]: other's index below this one's
+    return ((other > s) | ((other == s) & earlier)).sum(-1)
+
+
 # ------------------------------------------------------------- dispatch: the expert loop, once
 RunSorted = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows sorted by expert, counts)
 RunOne = Callable[[int, torch.Tensor], torch.Tensor]  # (expert e, its rows)
@@ -144,11 +172,17 @@ def dispatch(
     counts = torch.zeros(n_experts, dtype=flat.dtype, device=flat.device)
     counts.index_add_(0, flat, torch.ones_like(flat))
     order = flat.argsort(stable=True)
-    inverse = order.argsort()
+    inverse = _inverse(order)
     pairs = x.unsqueeze(1).expand(n, k, x.shape[-1]).reshape(n * k, -1)  # row i·K + j: token i
     ys = run(permute_rows(pairs, order, inverse), counts)
     ys = permute_rows(ys, inverse, order).view(n, k, -1)
     return (ys * weights.unsqueeze(-1).type_as(ys)).sum(1), counts
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of the permutation perm [M]: one scatter rather than a second sort."""
+    places = torch.arange(perm.shape[0], device=perm.device, dtype=perm.dtype)
+    return torch.empty_like(perm).scatter_(0, perm, places)
 
 
 class _PermuteRows(torch.autograd.Function):
