@@ -39,6 +39,7 @@ from nanoseek.engine.compiled import native_bf16, package_dir
 from nanoseek.engine.quant import quantization_error, quantize_model
 from nanoseek.engine.weights import MoEWeights
 from nanoseek.hostmem import keep_freed_memory
+from nanoseek.train.precision import cpu_summary
 
 
 def source_bytes(names: list[str]) -> torch.Tensor:
@@ -432,6 +433,7 @@ def main() -> None:
     keep_freed_memory()  # as the nanoseek CLI does (nanoseek/hostmem.py)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    emit(bench="cpu", **cpu_summary())  # which CPU the figures come from
     n = args.new_tokens
     data, held_out = source_bytes(TRAIN), source_bytes(HELD_OUT)
     if args.checkpoint:

@@ -27,18 +27,6 @@ from nanoseek.train import precision
 from nanoseek.train.flops import active_matmul_params, measure_matmul_peak, train_flops_per_token
 from nanoseek.train.optim import adamw_kernel
 
-FLAGS = (
-    "avx2",
-    "avx512f",
-    "avx512_bf16",
-    "avx512_fp16",
-    "avx_vnni",
-    "avx512_vnni",
-    "amx_bf16",
-    "amx_tile",
-)
-
-
 # transformers' own implementation choices for DeepseekV3: the fastest here is the anchor
 HF_EXPERTS = ("grouped_mm", "batched_mm", "eager")
 HF_ATTENTION = ("sdpa", "eager")
@@ -202,17 +190,9 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig()  # the reference config: ModelConfig's defaults
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
-    flags = precision.cpu_flags()
     print(
         json.dumps(
-            {
-                "bench": "cpu",
-                "name": precision.cpu_name(),
-                "threads": torch.get_num_threads(),
-                "flags": [f for f in FLAGS if f in flags],
-                "native_bf16": precision.native_bf16(torch.device("cpu")),
-                "keep_freed_memory": keep_freed_memory(),
-            }
+            {"bench": "cpu", **precision.cpu_summary(), "keep_freed_memory": keep_freed_memory()}
         ),
         flush=True,
     )

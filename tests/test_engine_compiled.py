@@ -524,10 +524,8 @@ def test_int8_graph_holds_int8_matrices_within_their_rounding():
         (moe_graph, "gate_up", moe_weights.gate_up_t.transpose(1, 2)),
         (moe_graph, "down", moe_weights.down_t.transpose(1, 2)),
     ):
-        q = getattr(holder, name)
+        q = getattr(holder, name)  # [..., out, in], the experts' too
         scale = getattr(holder, name + "_s").float().unsqueeze(-1)  # [..., out, 1]
-        if q.dim() == 3:  # experts: stored [E, in, out], as x @ W reads them
-            q = q.transpose(1, 2)
         assert q.dtype == torch.int8 and q.shape == w.shape, name
         assert ((q.float() * scale - w).abs() <= 0.5 * scale * (1 + 1e-5)).all(), name
     assert attn.w_uk.dtype == torch.bfloat16 and attn.w_uv_t.dtype == torch.bfloat16

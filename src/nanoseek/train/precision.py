@@ -45,6 +45,30 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# the instruction sets that decide which kernels are fast here, as benchmarks report them
+SPEED_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "avx512_vnni",
+    "amx_bf16",
+    "amx_tile",
+)
+
+
+def cpu_summary() -> dict:
+    """The CPU a figure comes from: its name, thread count and SPEED_FLAGS present."""
+    flags = cpu_flags()
+    return {
+        "name": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "flags": [f for f in SPEED_FLAGS if f in flags],
+        "native_bf16": native_bf16(torch.device("cpu")),
+    }
+
+
 def cpu_name() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text("utf-8", errors="replace")
