@@ -32,9 +32,9 @@ def add_decode_arguments(p) -> None:
         help="decode step: auto (the default, or $NANOSEEK_DECODE when set) compiles the step "
         "and times it against eager PyTorch on this CPU at start, then keeps the faster; "
         "compiled (Inductor, one graph per batch bucket, for any context) or eager (no "
-        "compilation) force one. Compiling costs up to about a minute per graph the first time; the "
-        "compiled graphs are cached on disk (AOTInductor packages beside Inductor's cache), so "
-        "a later start with the same weights loads them in about a second",
+        "compilation) force one. Compiling costs up to about a minute per graph the first "
+        "time; the compiled graphs are cached on disk (AOTInductor packages beside Inductor's "
+        "cache), so a later start with the same weights loads them in about a second",
     )
     p.add_argument(
         "--decode-dtype",
