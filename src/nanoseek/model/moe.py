@@ -89,12 +89,7 @@ class Router(nn.Module):
             if torch.compiler.is_compiling():
                 dropped = self.dropped_groups_fused(grouped)
             else:
-                if self.sigmoid:
-                    group_score = grouped.topk(2, dim=-1).values.sum(-1)
-                else:
-                    group_score = grouped.amax(-1)
-                keep = group_score.topk(self.topk_group, dim=-1).indices
-                dropped = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+                dropped = self.dropped_groups(grouped)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         ids = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)  # the unbiased affinities
@@ -102,14 +97,24 @@ class Router(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, ids, scores
 
+    def dropped_groups(self, grouped: torch.Tensor) -> torch.Tensor:
+        """`route`'s group limit: the selection scores [N, G, E/G] -> which groups are dropped
+        [N, G]. A group scores the sum of its two best affinities (sigmoid, V3) or its best
+        (softmax, V2); the topk_group best groups are kept."""
+        if self.sigmoid:
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_score = grouped.amax(-1)
+        keep = group_score.topk(self.topk_group, dim=-1).indices
+        return torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+
     def dropped_groups_fused(self, grouped: torch.Tensor) -> torch.Tensor:
-        """`route`'s group limit for compiled code: the selection scores [N, G, E/G] -> which
-        groups are dropped [N, G], as the two topk calls of the eager path decide it, by
+        """`dropped_groups` for compiled code: the same groups as its two topk calls decide, by
         elementwise passes and small reductions that Inductor fuses (a topk it calls opaquely).
         A group's score, the sum of its two best, is its best plus the best of the rest (the same
         two floats added); the kept groups rank below topk_group, ties to the lower index.
-        tests/test_model.py checks it against the eager path. Eager, it would be the slower: more,
-        smaller ops."""
+        tests/test_model.py checks it against `dropped_groups`. Eager, it would be the slower:
+        more, smaller ops."""
         best = grouped.amax(-1)
         if self.sigmoid:
             rest = grouped.scatter(-1, grouped.argmax(-1, keepdim=True), float("-inf"))
