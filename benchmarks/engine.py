@@ -15,7 +15,8 @@ JSON lines: {"bench", "ours", "anchor", "ratio", "unit", "config", ...}.
 The compiled rows print each graph's compile time (its package is cached on disk: a second run
 with the same weights loads it in about a second). The llama.cpp rows export the same weights to
 GGUF (f32, bf16, q8_0) and time llama.cpp with benchmarks/llama_cpp_anchor.py in a process of its
-own, before and after nanoseek's paths.
+own, before and after nanoseek's paths; the concurrent-requests rows end with llama.cpp serving the
+same requests at once (f32 and q8_0).
 """
 
 from __future__ import annotations
@@ -220,12 +221,14 @@ def concurrent(
     batch: int,
     conf: str,
     with_compiled: bool = True,
-) -> None:
+) -> dict:
     """len(prompts) requests at once against the same engine at batch 1, for the eager engine
     and the compiled step (fp32, int8, and bf16 where this CPU has it natively), each engine with
     max_batch_size=batch. The compiled engines compile their batch-1 and batch-`batch` buckets
-    in the warm-up round (not timed)."""
+    in the warm-up round (not timed). -> engine name -> (total tokens/s of the batch, tokens/s
+    of one request alone)."""
     n = greedy.max_tokens
+    totals = {}
     engines = {"eager": eager}
     if with_compiled:
         for dtype in ["float32", "int8"] + (["bfloat16"] if native_bf16() else []):
@@ -241,6 +244,7 @@ def concurrent(
             rounds=2,
         )
         per_request = (m["batch"][0] / len(prompts), m["batch"][1] / len(prompts))
+        totals[name] = (n / per_request[0], n / m["one"][0])
         row = dict(
             bench=f"throughput_{len(prompts)}_concurrent"
             + ("" if name == "eager" else "_" + name.replace(" ", "_")),
@@ -261,6 +265,44 @@ def concurrent(
                 compile_seconds={f"{b}x{c or 'any'}": round(t, 1) for (b, c), t in seconds.items()},
             )
         emit(**row)
+    return totals
+
+
+def llama_cpp_concurrent_rows(
+    model: Transformer, totals: dict, prompts: list[list[int]], n: int, conf: str, threads: int
+) -> None:
+    """The same requests' shape in llama.cpp on the same weights (GGUF f32 and q8_0): that many
+    sequences at once (`llama_cpp_anchor.py --sequences`, in a process of its own) against
+    nanoseek's compiled fp32 and int8 totals; each row also gives both libraries' own gain from
+    batching (the batch's total over one request alone)."""
+    from llama_cpp_anchor import export_for_llama_cpp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ggufs = export_for_llama_cpp(model, Path(tmp), ("f32", "q8_0"))
+        script = Path(__file__).with_name("llama_cpp_anchor.py")
+        for ours, gguf_type in (("compiled float32", "f32"), ("compiled int8", "q8_0")):
+            if ours not in totals:
+                continue
+            cmd = [sys.executable, str(script), str(ggufs[gguf_type]), "--threads", str(threads)]
+            cmd += ["--sequences", str(len(prompts)), "--prompt", str(len(prompts[0]))]
+            cmd += ["--new", str(n)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            anchor = json.loads(out.stdout.strip().splitlines()[-1])
+            emit(
+                bench=f"throughput_{len(prompts)}_concurrent_vs_llama_cpp_{gguf_type}",
+                ours=round(totals[ours][0], 1),
+                anchor=round(anchor["parallel_tok_s"], 1),
+                ratio=round(totals[ours][0] / anchor["parallel_tok_s"], 2),
+                unit="tokens/s",
+                config=conf + f", {len(prompts)} requests x {n} tokens, prompts of "
+                f"{len(prompts[0])}, total tokens/s of the batch, nanoseek {ours} vs GGUF "
+                f"{gguf_type} ({len(prompts)} sequences in one llama_decode batch per step)",
+                anchor_name="llama.cpp (llama-cpp-python 0.3.36, a llama_decode loop)",
+                ours_gain_over_one_request=round(totals[ours][0] / totals[ours][1], 2),
+                llama_cpp_gain_over_one_request=round(
+                    anchor["parallel_tok_s"] / anchor["one_request_tok_s"], 2
+                ),
+            )
 
 
 def forced_logits(engine: Engine, tokens: list[int]) -> torch.Tensor:
@@ -467,8 +509,17 @@ def main() -> None:
 
     # the eager engine, the reference of every row (the Engine's default is "auto")
     engine = Engine(model, max_batch_size=args.batch, decode="eager")
+
+    def many_requests() -> None:
+        totals = concurrent(model, engine, prompts, greedy, args.batch, conf, not args.no_compiled)
+        if not args.no_llama_cpp:
+            try:
+                llama_cpp_concurrent_rows(model, totals, prompts, n, conf, args.threads)
+            except ImportError:
+                print("# llama-cpp-python is not installed: no llama.cpp rows", file=sys.stderr)
+
     if args.concurrent_only:
-        concurrent(model, engine, prompts, greedy, args.batch, conf, not args.no_compiled)
+        many_requests()
         return
 
     # 1. decode at batch 1: engine vs transformers' generate
@@ -520,8 +571,8 @@ def main() -> None:
     if args.decode_only:
         return
 
-    # 2. many requests at once vs one at a time, same engine: eager, and compiled
-    concurrent(model, engine, prompts, greedy, args.batch, conf, not args.no_compiled)
+    # 2. many requests at once vs one at a time, same engine (eager, and compiled), and llama.cpp
+    many_requests()
 
     # 3. cache bytes per token
     fp = 4

@@ -8,10 +8,13 @@ last step's logits (as `Engine.generate` with temperature 0 does). Context param
 llama-bench's defaults (n_batch 2048, n_ubatch 512, f16 KV cache, flash attention auto).
 
     python benchmarks/llama_cpp_anchor.py MODEL.gguf [--threads 2] [--prompt 256] [--new 128]
-                                          [--depth 0] [--reps 3]
+                                          [--depth 0] [--reps 3] [--sequences 1]
 
-prints {"prefill_tok_s", "decode_tok_s", ...} as one JSON line. benchmarks/engine.py imports
-`LlamaCppModel` to time llama.cpp beside nanoseek in the same run.
+prints {"prefill_tok_s", "decode_tok_s", ...} as one JSON line; with --sequences N (> 1),
+{"parallel_tok_s", "one_request_tok_s", ...}: N requests at once, each a prompt of --prompt tokens
+and --new greedy tokens (all prompts prefilled in one batch, then one batch per step holding every
+sequence's next token), against one request alone, as `Engine.generate` serves them.
+benchmarks/engine.py imports `LlamaCppModel` to time llama.cpp beside nanoseek in the same run.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def _quiet_logs(llama_cpp) -> None:
 class LlamaCppModel:
     """One GGUF model and context, with llama-bench's context defaults."""
 
-    def __init__(self, path: str | Path, threads: int, n_ctx: int = 4096):
+    def __init__(self, path: str | Path, threads: int, n_ctx: int = 4096, sequences: int = 1):
         import llama_cpp
 
         self.lib = llama_cpp
@@ -55,6 +58,7 @@ class LlamaCppModel:
         params.n_batch = 2048
         params.n_ubatch = 512
         params.n_threads = threads
+        params.n_seq_max = sequences  # with llama-bench's kv_unified off: measured faster here
         params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
@@ -101,6 +105,40 @@ class LlamaCppModel:
             token = self._greedy()
         return time.perf_counter() - start
 
+    def generate_seconds(self, sequences: int, prompt_tokens: int, new_tokens: int) -> float:
+        """Seconds for `sequences` requests at once, as `Engine.generate` serves them: every
+        prompt of prompt_tokens random tokens prefilled in one batch, then new_tokens steps of one
+        batch holding each sequence's next token (greedy). The context must have been made with
+        sequences >= this many."""
+        self._clear()
+        lib = self.lib
+        batch = lib.llama_batch_init(sequences * prompt_tokens, 0, 1)
+        try:
+
+            def put(i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+                batch.token[i] = token
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = logits
+
+            start = time.perf_counter()
+            batch.n_tokens = sequences * prompt_tokens
+            for seq in range(sequences):
+                for pos, token in enumerate(self._random_tokens(prompt_tokens)):
+                    put(seq * prompt_tokens + pos, token, pos, seq, pos == prompt_tokens - 1)
+            for step in range(new_tokens):
+                if lib.llama_decode(self.ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                logits = lib.llama_get_logits(self.ctx)  # the output rows, in batch order
+                tokens = np.ctypeslib.as_array(logits, shape=(sequences, self.n_vocab)).argmax(1)
+                batch.n_tokens = sequences
+                for seq, token in enumerate(tokens.tolist()):
+                    put(seq, token, prompt_tokens + step, seq, True)
+            return time.perf_counter() - start
+        finally:
+            lib.llama_batch_free(batch)
+
     def _greedy(self) -> int:
         logits = self.lib.llama_get_logits_ith(self.ctx, -1)
         return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
@@ -144,6 +182,23 @@ def measure(
     }
 
 
+def measure_parallel(
+    path: str | Path, threads: int, sequences: int, prompt: int, new: int, reps: int = 3
+) -> dict:
+    """`sequences` requests at once and one alone (`LlamaCppModel.generate_seconds`), median
+    tokens/s (generated tokens over the whole time, prefill included) over reps after a warm-up."""
+    model = LlamaCppModel(path, threads, n_ctx=sequences * (prompt + new + 16), sequences=sequences)
+    try:
+        row = {}
+        for n, key in ((sequences, "parallel_tok_s"), (1, "one_request_tok_s")):
+            model.generate_seconds(n, prompt, min(new, 8))
+            seconds = statistics.median(model.generate_seconds(n, prompt, new) for _ in range(reps))
+            row[key] = n * new / seconds
+    finally:
+        model.close()
+    return row | {"threads": threads, "sequences": sequences, "prompt": prompt, "new": new}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="a GGUF file (e.g. from `nanoseek export CKPT --gguf OUT`)")
@@ -152,8 +207,20 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128, help="decoded tokens")
     ap.add_argument("--depth", type=int, default=0, help="cached tokens before decoding")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--sequences",
+        type=int,
+        default=1,
+        help="> 1: that many requests at once against one alone (prompt tokens each, then new "
+        "tokens in steps of one batch) instead of the prefill and decode figures",
+    )
     args = ap.parse_args()
-    row = measure(args.model, args.threads, args.prompt, args.new, args.depth, args.reps)
+    if args.sequences > 1:
+        row = measure_parallel(
+            args.model, args.threads, args.sequences, args.prompt, args.new, args.reps
+        )
+    else:
+        row = measure(args.model, args.threads, args.prompt, args.new, args.depth, args.reps)
     print(json.dumps({"bench": "llama.cpp", "model": str(args.model), **row}))
 
 

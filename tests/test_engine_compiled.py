@@ -160,8 +160,8 @@ def uncompiled(monkeypatch) -> list[str]:
 # ---------------------------------------------------------------------- experts gathered by id
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 2, 5])
-@pytest.mark.parametrize("dispatch", [moe.dispatch_gathered, moe.dispatch_sorted])
-def test_gathered_and_sorted_dispatch_equal_dropless_dispatch(dtype, n, dispatch):
+@pytest.mark.parametrize("dispatch", [moe.dispatch_gathered, moe.dispatch_dense])
+def test_gathered_and_dense_dispatch_equal_dropless_dispatch(dtype, n, dispatch):
     torch.manual_seed(n)
     E = 8
     K = 3
@@ -186,11 +186,11 @@ def test_gathered_and_sorted_dispatch_equal_dropless_dispatch(dtype, n, dispatch
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_graph_sorts_the_pairs_once_they_outnumber_the_experts(monkeypatch, dtype):
-    """Gathered (in the graph's dtype) while the batch's (token, expert) pairs are no more than
-    the experts, sorted by expert beyond, with fp32 matrices in a bf16 graph too (its grouped
-    products measured slower)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_moe_graph_runs_every_expert_once_the_pairs_outnumber_twice_the_experts(monkeypatch, dtype):
+    """Gathered (in the graph's dtype, int8 with its scales) while the batch's (token, expert)
+    pairs are no more than twice the experts, every expert on every token beyond (with fp32
+    matrices, whatever the graph's dtype)."""
     model = tiny_model()
     weights = engine(model).runner.weights.current()
     graph = compiled_mod.DecodeGraph(model, weights, dtype)
@@ -198,7 +198,7 @@ def test_moe_graph_sorts_the_pairs_once_they_outnumber_the_experts(monkeypatch, 
     E = moe_graph.gate_up.shape[0]
     K = moe_graph.gate.top_k
     called = []
-    for name in ("dispatch_gathered", "dispatch_sorted"):
+    for name in ("dispatch_gathered", "dispatch_dense"):
         real = getattr(moe, name)
 
         def spy(x, w, ids, gate_up, down, *scales, _n=name, _f=real):
@@ -208,9 +208,13 @@ def test_moe_graph_sorts_the_pairs_once_they_outnumber_the_experts(monkeypatch, 
         monkeypatch.setattr(moe, name, spy)
     d = model.config.hidden_size
     with torch.no_grad():
-        for n in (E // K, E // K + 1):  # E pairs; then more than E
+        for n in (E // K, 2 * E // K, 2 * E // K + 1):  # E pairs; 2 E; more than 2 E
             moe_graph(torch.randn(n, d))
-    assert called == [("dispatch_gathered", dtype), ("dispatch_sorted", torch.float32)]
+    assert called == [
+        ("dispatch_gathered", dtype),
+        ("dispatch_gathered", dtype),
+        ("dispatch_dense", torch.float32),
+    ]
 
 
 # ---------------------------------------------------------------------- the graph's math (fast)
@@ -322,23 +326,24 @@ def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(
 
 
 # four experts, two per token: a batch of three (bucket 4) has more pairs than experts
-FEW_EXPERTS = dict(n_routed_experts=4, n_group=2, topk_group=1)
+FEW_EXPERTS = dict(n_routed_experts=3, n_group=1, topk_group=1)  # batch 4: 8 pairs > 2 x 3
 
 
 @pytest.mark.parametrize("dtype,tol,within", PATHS)
-def test_decode_graph_with_sorted_experts_equals_eager_and_recompute(
+def test_decode_graph_with_dense_experts_equals_eager_and_recompute(
     monkeypatch, dtype, tol, within
 ):
-    """The graph's experts sorted by id (more (token, expert) pairs than experts; in fp32 in a
-    bf16 graph too) give the eager engine's and a full recompute's logits."""
+    """The graph's experts all run on every token (more (token, expert) pairs than twice the
+    experts; fp32 matrices in a bf16 or int8 graph) give the eager engine's and a full recompute's
+    logits."""
     uncompiled(monkeypatch)
     called = []
-    real = moe.dispatch_sorted
-    monkeypatch.setattr(moe, "dispatch_sorted", lambda *a: called.append(len(a[0])) or real(*a))
+    real = moe.dispatch_dense
+    monkeypatch.setattr(moe, "dispatch_dense", lambda *a: called.append(len(a[0])) or real(*a))
     model = tiny_model(**FEW_EXPERTS, **YARN)
     eager = teacher_forced(engine(model))
     got = teacher_forced(engine(model, decode="compiled", decode_dtype=dtype))
-    assert called and set(called) == {4}  # the padded batch of 4 sorts; smaller ones gather
+    assert called and set(called) == {4}  # the padded batch of 4 runs every expert; smaller gather
     compare(got, eager, tol, within)
     compare(got, recomputed(model), tol, within)
 
@@ -729,11 +734,11 @@ def test_aot_package_from_disk_gives_the_same_logits():
 
 
 @pytest.mark.slow
-def test_compiled_sorted_experts_equal_eager_and_recompute(monkeypatch):
-    """The sorted experts (the grouped product as the custom op, compiled for real), fp32."""
+def test_compiled_dense_experts_equal_eager_and_recompute(monkeypatch):
+    """Every expert on every token (compiled for real), fp32."""
     called = []
-    real = moe.dispatch_sorted
-    monkeypatch.setattr(moe, "dispatch_sorted", lambda *a: called.append(len(a[0])) or real(*a))
+    real = moe.dispatch_dense
+    monkeypatch.setattr(moe, "dispatch_dense", lambda *a: called.append(len(a[0])) or real(*a))
     model = tiny_model(**FEW_EXPERTS, **YARN)
     eager = teacher_forced(engine(model))
     got = teacher_forced(engine(model, decode="compiled", decode_dtype="float32"))

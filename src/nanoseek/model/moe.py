@@ -19,9 +19,9 @@ alone takes the fast variants beside them, `Router.route_one` and `dispatch_one`
 ops, no sorting), which tests/test_model.py checks against the tensor path. The compiled decode
 step (engine/compiled.py) takes `dispatch_gathered`: every shape fixed by the batch and top-k, no
 data-dependent sizes, so routing and experts stay in one graph (tests/test_engine_compiled.py
-checks it against `dispatch`); with fp32 matrices, a batch with more (token, expert) pairs than
-experts takes `dispatch_sorted` (the pairs sorted by expert, one grouped product per matrix, every
-shape still static), which reads each expert's weights once instead of once per pair.
+checks it against `dispatch`); a batch with more than twice as many (token, expert) pairs as
+experts takes `dispatch_dense` (every expert on every token, unchosen ones weighted 0: two plain
+products), which reads each expert's weights once instead of once per pair.
 """
 
 from __future__ import annotations
@@ -256,32 +256,27 @@ def dispatch_gathered(
     return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
 
 
-def dispatch_sorted(
+def dispatch_dense(
     x: torch.Tensor,
     weights: torch.Tensor,
     ids: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
 ) -> torch.Tensor:
-    """`dispatch` with every shape static, for many tokens: the N·K (token, expert) pairs sorted by
-    expert, every expert run on its own pairs only by one grouped product per matrix (each pair
-    computed once, each expert's weights read once), the outputs put back in pair order by the
-    inverse permutation and summed per token, weighted. Same arguments and result as
-    `dispatch_gathered`. Counts by comparison rather than bincount or index_add (data-dependent
-    sizes, or no compiled kernel), so that the whole of it lowers into one compiled graph."""
-    n, k = ids.shape
-    flat = ids.flatten()
-    experts = torch.arange(gate_up.shape[0], device=ids.device)
-    counts = (flat.unsqueeze(1) == experts).sum(0)
-    order = flat.argsort(stable=True)
-
-    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:  # shapes grouped_mm cannot take
-        gate, up = (rows @ gate_up[e]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ down[e]
-
-    ys = run_experts(x.index_select(0, order // k), counts, expert, gate_up, down)
-    ys = ys.index_select(0, order.argsort()).view(n, k, -1)  # back in (token, k) order
-    return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
+    """`dispatch` as two plain matrix products, for batches whose (token, expert) pairs far
+    outnumber the experts: every expert runs on every token, its SwiGLU output scaled by the
+    token's routing weight (0 for the experts it did not choose) before the down product, so the
+    products over all experts at once are [N, d] x [d, E·2I] and [N, E·I] x [E·I, d]. Computes
+    E/K times the pairs' work but reads each expert's weights once, in two large products instead
+    of 2·E small ones. Same arguments and result as `dispatch_gathered`."""
+    n = x.shape[0]
+    E, d, two_inner = gate_up.shape
+    routing = torch.zeros(n, E, dtype=x.dtype, device=x.device).scatter(1, ids, weights.to(x.dtype))
+    # [E, d, 2I] seen as [d, E·2I]: a view when the matrices are held [E, 2I, d] (x @ W views)
+    g = torch.mm(x, gate_up.permute(1, 0, 2).reshape(d, E * two_inner)).view(n, E, two_inner)
+    gate, up = g.chunk(2, dim=-1)
+    h = F.silu(gate) * up * routing.unsqueeze(-1)
+    return torch.mm(h.reshape(n, -1), down.reshape(-1, down.shape[-1]))
 
 
 def run_experts(
