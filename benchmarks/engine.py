@@ -36,11 +36,11 @@ import torch
 
 from nanoseek import ModelConfig, Transformer, load_model, save_model
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.compiled import native_bf16, package_dir
+from nanoseek.engine.compiled import package_dir
 from nanoseek.engine.quant import quantization_error, quantize_model
 from nanoseek.engine.weights import MoEWeights
 from nanoseek.hostmem import keep_freed_memory
-from nanoseek.train.precision import cpu_summary
+from nanoseek.train.precision import cpu_summary, native_bf16
 
 
 def source_bytes(names: list[str]) -> torch.Tensor:
@@ -231,7 +231,8 @@ def concurrent(
     totals = {}
     engines = {"eager": eager}
     if with_compiled:
-        for dtype in ["float32", "int8"] + (["bfloat16"] if native_bf16() else []):
+        bf16 = ["bfloat16"] if native_bf16(torch.device("cpu")) else []
+        for dtype in ["float32", "int8"] + bf16:
             engines[f"compiled {dtype}"] = Engine(
                 model, max_batch_size=batch, decode="compiled", decode_dtype=dtype
             )

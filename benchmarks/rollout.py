@@ -26,9 +26,10 @@ import torch
 
 from nanoseek import ModelConfig, Transformer, load_model
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.compiled import CompiledRunner, native_bf16
+from nanoseek.engine.compiled import CompiledRunner
 from nanoseek.hostmem import keep_freed_memory
 from nanoseek.presets import load_preset
+from nanoseek.train.precision import native_bf16
 
 
 def cpu_flags() -> list[str]:
@@ -113,7 +114,7 @@ def main() -> None:
         outs = engine.generate(prompts, params)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
-    dtypes = args.dtypes or ["float32"] + (["bfloat16"] if native_bf16() else [])
+    dtypes = args.dtypes or ["float32"] + (["bfloat16"] if native_bf16(torch.device("cpu")) else [])
     kept = {}
     for dtype in dtypes:
         start = time.perf_counter()

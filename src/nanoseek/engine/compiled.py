@@ -70,6 +70,7 @@ from nanoseek.io import atomic_file
 from nanoseek.model import attention, moe
 from nanoseek.model.attention import absorb_query, attend_latent, expand_output
 from nanoseek.model.transformer import Transformer
+from nanoseek.train.precision import cpu_flags, native_bf16
 
 # A graph compiled ahead of time takes any context length (a dynamic dimension): the context is
 # padded to the next multiple of CONTEXT_STEP rows only, and one package serves a batch bucket.
@@ -133,12 +134,6 @@ def compiler_missing() -> str | None:
     if not any(shutil.which(name) for name in (cxx, "c++", "clang++")):
         return "no C++ compiler found (set CXX or install g++)"
     return None
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it."""
-    mkldnn = torch.backends.mkldnn
-    return bool(mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _mm(
@@ -817,15 +812,7 @@ def _plain(v: object) -> bool:
 @cache
 def _machine() -> str:
     """This CPU's instruction sets, as the kernels compiled for it depend on them."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        flags = platform.processor()
+    flags = " ".join(sorted(cpu_flags())) or platform.processor()
     return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {flags}"
 
 
@@ -1060,7 +1047,7 @@ def choose_runner(
         )
         return eager
     if decode_dtype == "auto":
-        dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
+        dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16(torch.device("cpu")) else [])
     else:
         dtypes = [getattr(torch, decode_dtype)]
     try:
