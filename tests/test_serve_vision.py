@@ -315,3 +315,133 @@ def test_an_image_outside_a_user_message_is_a_400(server):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "messages.1.content.0.image_url"
     assert "user messages" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------- remote image URLs
+class _ImageHost:
+    """A local HTTP server (127.0.0.1, a thread of this process) that the server under test fetches
+    images from: /red.png, /missing (404), /slow (answers after the fetch timeout), /huge (declares
+    a body over the byte limit), /to/PATH (a redirect to PATH on `redirect_host`, same port)."""
+
+    def __init__(self, png: bytes, redirect_host: str):
+        import http.server
+        import threading
+        import time
+
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path == "/red.png":
+                    self._send(200, png, "image/png")
+                elif self.path == "/slow":
+                    time.sleep(3)
+                    self._send(200, png, "image/png")
+                elif self.path == "/huge":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(MAX_IMAGE_BYTES + 1))
+                    self.end_headers()
+                elif self.path.startswith("/to/"):
+                    self.send_response(302)
+                    port = host.port
+                    self.send_header("Location", f"http://{redirect_host}:{port}/{self.path[4:]}")
+                    self.end_headers()
+                else:
+                    self._send(404, b"no such image", "text/plain")
+
+            def _send(self, code, body, kind):
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", kind)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # /slow: the fetch gave up
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_remote_images_come_only_from_the_hosts_the_operator_allows(vlm_checkpoint):
+    """`--remote-image-hosts 127.0.0.1`: an image URL on that host reads as its data URL does (the
+    same prompt, whose image the prefix cache recognises); another host, a redirect to another
+    host, a missing image, a slow one (past --remote-image-timeout) and one over the byte limit
+    are 400s naming the field; the Anthropic URL source takes the same path. The default server
+    refuses them all (above)."""
+    png = _png()
+    host = _ImageHost(png, redirect_host="localhost")
+    args = ("--remote-image-hosts", "127.0.0.1", "--remote-image-timeout", "1")
+    try:
+        with ServerProcess(vlm_checkpoint, *args) as s:
+            s.wait_ready()
+
+            def chat(url: str) -> httpx.Response:
+                body = {"messages": _messages(url), "max_tokens": MAX_TOKENS, "temperature": 0}
+                return httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+
+            by_data = chat(_data_url(png))
+            by_url = chat(host.url("/red.png"))
+            assert by_data.status_code == by_url.status_code == 200, by_url.text
+            usage = by_url.json()["usage"]
+            assert usage["prompt_tokens"] == by_data.json()["usage"]["prompt_tokens"]
+            # the prefix cache serves it: the same image (keyed by its pixels' hash) behind the
+            # same text. (Greedy tokens are not compared: a cached prefill rounds differently.)
+            assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+            cases = {
+                host.url("/red.png", "localhost"): "refused from host localhost",
+                host.url("/to/red.png"): "redirects to localhost",
+                host.url("/missing"): "HTTP 404",
+                host.url("/slow"): "could not fetch",
+                host.url("/huge"): "byte limit",
+                "ftp://127.0.0.1/red.png": "data: URL",
+            }
+            for url, words in cases.items():
+                r = chat(url)
+                assert r.status_code == 400, (url, r.text)
+                assert r.json()["error"]["param"] == "messages.0.content.0.image_url"
+                assert words in r.json()["error"]["message"], (url, r.text)
+            anthropic = pytest.importorskip("anthropic")
+            client = anthropic.Anthropic(base_url=s.url, api_key="none", max_retries=0)
+            source = {"type": "url", "url": host.url("/red.png")}
+            content = [{"type": "image", "source": source}, {"type": "text", "text": QUESTION}]
+            reply = client.messages.create(
+                model="nanoseek",
+                max_tokens=MAX_TOKENS,
+                messages=[{"role": "user", "content": content}],
+                extra_body={"temperature": 0},
+                thinking={"type": "disabled"},
+            )
+            assert reply.usage.cache_read_input_tokens > 0  # the chat requests' image
+    finally:
+        host.close()
+
+
+def test_remote_image_hosts_are_checked_and_normalised():
+    from nanoseek.serve.config import ServerConfig
+    from nanoseek.serve.images import RemoteImages
+
+    assert ServerConfig(remote_image_hosts=("Example.COM.",)).remote_image_hosts == ("example.com",)
+    with pytest.raises(ValueError, match="remote_image_hosts"):
+        ServerConfig(remote_image_hosts=("",))
+    with pytest.raises(ValueError, match="remote_image_timeout"):
+        ServerConfig(remote_image_timeout=0)
+    listed = RemoteImages(("example.com",))
+    assert listed.allows("https://example.com/a.png")
+    assert listed.allows("http://EXAMPLE.com:8080/a.png")
+    assert not listed.allows("https://example.com.evil.test/a.png")
+    assert not listed.allows("https://evil.test/?example.com")
+    assert not listed.allows("ftp://example.com/a.png")
+    assert not RemoteImages().allows("https://example.com/a.png")
+    assert RemoteImages(("*",)).allows("http://10.0.0.1/a.png")

@@ -132,6 +132,21 @@ def add_commands(subparsers) -> None:
         help="Host header names served ('*': any; default: the localhost names and "
         "the address when listening on loopback, else any)",
     )
+    web.add_argument(
+        "--remote-image-hosts",
+        type=_host_list,
+        default=(),
+        metavar="HOST[,HOST...]",
+        help="hosts whose http(s) image URLs chat requests may name; the server fetches them "
+        "('*': any host, internal ones included; default: none, images come as data: URLs)",
+    )
+    web.add_argument(
+        "--remote-image-timeout",
+        type=float,
+        default=d.remote_image_timeout,
+        help="seconds to connect to a remote image, and per read "
+        f"(default: {d.remote_image_timeout:g})",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.set_defaults(func=cmd_serve)
@@ -174,6 +189,8 @@ def cmd_serve(args) -> int:
         header_timeout=args.header_timeout,
         body_timeout=args.body_timeout,
         allowed_hosts=args.allowed_hosts,
+        remote_image_hosts=args.remote_image_hosts,
+        remote_image_timeout=args.remote_image_timeout,
     )
     ckpt = check_checkpoint(args.checkpoint)
     if args.threads:

@@ -124,7 +124,10 @@ class AnthropicAPI:
                         elif b.type == "image":
                             chat_field = f"messages.{len(messages)}.content.{len(parts)}.image_url"
                             images[chat_field] = f"messages.{i}.content.{j}.source"
-                            url = f"data:{b.source['media_type']};base64,{b.source['data']}"
+                            if b.source["type"] == "url":
+                                url = b.source["url"]
+                            else:
+                                url = f"data:{b.source['media_type']};base64,{b.source['data']}"
                             parts.append({"type": "image_url", "image_url": {"url": url}})
                     messages.append({"role": "user", "content": parts})
                 elif text or not any(b.type == "tool_result" for b in blocks):

@@ -36,6 +36,11 @@ class ServerConfig:
     # Host header names served (port ignored); "*": any. None: the localhost names and the bound
     # address when bound to loopback (no web page reaches it through a rebound DNS name), else any.
     allowed_hosts: tuple[str, ...] | None = None
+    # hosts whose http(s) image URLs chat requests may name ("*": any); the server fetches them
+    # (redirects only to listed hosts). Empty, the default: images come as data: URLs only, and
+    # the server makes no outside calls.
+    remote_image_hosts: tuple[str, ...] = ()
+    remote_image_timeout: float = 10.0  # seconds to connect to a remote image and per read
 
     def __post_init__(self):
         for f in fields(self):
@@ -56,7 +61,13 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{f.name}={value!r} must be >= 1")
             if f.name in ("max_queue",) and value < 0:
                 raise ValueError(f"ServerConfig.{f.name}={value!r} must be >= 0")
-            timeouts = ("request_timeout", "keepalive", "header_timeout", "body_timeout")
+            timeouts = (
+                "request_timeout",
+                "keepalive",
+                "header_timeout",
+                "body_timeout",
+                "remote_image_timeout",
+            )
             if f.name in timeouts and not value > 0:
                 raise ValueError(f"ServerConfig.{f.name}={value!r} must be > 0")
         if self.max_sequences_per_request > self.max_queued_sequences:
@@ -71,6 +82,9 @@ class ServerConfig:
             self.allowed_hosts = tuple(host_name(h) for h in self.allowed_hosts)
             if not self.allowed_hosts or not all(self.allowed_hosts):
                 raise ValueError("ServerConfig.allowed_hosts must name hosts, none empty")
+        self.remote_image_hosts = tuple(host_name(h) for h in self.remote_image_hosts)
+        if not all(self.remote_image_hosts):
+            raise ValueError("ServerConfig.remote_image_hosts must name hosts, none empty")
         if self.api_key == "":
             raise ValueError("ServerConfig.api_key must not be empty (leave it unset for no key)")
 

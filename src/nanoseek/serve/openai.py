@@ -29,7 +29,13 @@ from nanoseek.serve.chat_format import (
 )
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.grammar import Grammar, GrammarError, GrammarProcessor, tool_calls_grammar
-from nanoseek.serve.images import check_urls, image_limits, image_urls, load_request_images
+from nanoseek.serve.images import (
+    RemoteImages,
+    check_urls,
+    image_limits,
+    image_urls,
+    load_request_images,
+)
 from nanoseek.serve.job import Choice, Job
 from nanoseek.serve.logits import JsonObjectProcessor, LogitBias, MinTokens
 from nanoseek.serve.logprobs import (
@@ -312,14 +318,17 @@ class OpenAIAPI:
 
     async def request_images(self, messages: list[protocol.Message]) -> tuple:
         """A chat request's image parts -> (ImageInput or None, the vision config) for
-        chat_request_prompt: checked (a model that reads images, the count, data URLs), then
-        decoded on a worker thread (serve/images.py). Raises FormatError naming the field."""
+        chat_request_prompt: checked (a model that reads images, the count, data URLs or remote
+        ones from the hosts the operator allows), then fetched and decoded on a worker thread
+        (serve/images.py). Raises FormatError naming the field."""
         urls = image_urls(messages)
         vision = self.server.engine.vision
-        check_urls(urls, self.config.max_images_per_request, vision)
+        remote = RemoteImages(self.config.remote_image_hosts, self.config.remote_image_timeout)
+        check_urls(urls, self.config.max_images_per_request, vision, remote)
         if not urls:
             return None, None
-        return await asyncio.to_thread(load_request_images, urls, vision.config), vision.config
+        images = await asyncio.to_thread(load_request_images, urls, vision.config, remote)
+        return images, vision.config
 
     async def chat_response(
         self, request: Request, req: protocol.ChatCompletionRequest, job: Job
