@@ -2,10 +2,10 @@
 tests/test_serve_web.py) against a real `nanoseek serve` of a vision-language checkpoint trained
 here: an image attached with the file picker, pasted, or dropped onto the composer reaches the
 model as an OpenAI image_url data URL and the model's trained answer for THAT picture appears;
-history re-sends earlier images; the page's own checks (not an image, an unsupported format, over
-the pixel limit) say what is wrong before anything is sent; a corrupt image shows the server's 400;
-on a text-only checkpoint the attach control is disabled and says why. Screenshots go to
-test-artifacts/web/.
+history re-sends earlier images; the page's own checks (not an image, a format neither the server
+nor the browser reads) say what is wrong before anything is sent; an image over the pixel limit is
+scaled down to fit, and the note says so; a corrupt image shows the server's 400; on a text-only
+checkpoint the attach control is disabled and says why. Screenshots go to test-artifacts/web/.
 """
 
 from __future__ import annotations
@@ -242,8 +242,6 @@ def test_the_page_checks_images_and_shows_the_servers_error(browser, vision_serv
     note.get_by_text("notes.txt is not an image").wait_for()
     page.set_input_files("#attach-input", str(files["tiff"]))
     note.get_by_text("image/tiff is not a format this server reads").wait_for()
-    page.set_input_files("#attach-input", str(files["large"]))
-    note.get_by_text("128×128 = 16384 pixels, over the server's limit of 9216").wait_for()
     drop(page, files["notes"], "text/plain")
     note.get_by_text("notes.txt is not an image").wait_for()
     assert page.locator("#attachments").is_hidden() and page.bodies == []  # nothing went out
@@ -279,6 +277,27 @@ def test_the_page_checks_images_and_shows_the_servers_error(browser, vision_serv
             "content": [image_part(files[BLUE]), {"type": "text", "text": BLUE_QUESTION}],
         }
     ]
+    assert page.errors == []
+
+
+def test_an_image_over_the_pixel_limit_is_scaled_down_to_fit(browser, vision_server, files):
+    """128 x 128 against the checkpoint's 96 x 96: the page redraws it at 96 x 96 (PNG), says so,
+    and the server takes it (an answer, no error)."""
+    page = open_page(browser, vision_server.url)
+    page.locator("#attach:not([disabled])").wait_for()
+    page.set_input_files("#attach-input", str(files["large"]))
+    note = page.locator("#attach-note")
+    note.get_by_text("large.png was scaled down from 128×128 to 96×96 (PNG)").wait_for()
+    page.locator("#attachments img.thumb").wait_for()
+    greedy(page)
+    ask(page, RED_QUESTION)
+    settle(page)
+    assert page.locator(".message.assistant .status.error").count() == 0
+    assert page.locator(".message.assistant .content").inner_text().strip()
+    url = page.bodies[-1]["messages"][0]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert sent.size == (96, 96)
     assert page.errors == []
 
 

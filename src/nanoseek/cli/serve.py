@@ -144,6 +144,7 @@ def add_commands(subparsers) -> None:
         "--remote-image-timeout",
         type=float,
         default=d.remote_image_timeout,
+        metavar="SECONDS",
         help="seconds to connect to a remote image, and per read "
         f"(default: {d.remote_image_timeout:g})",
     )

@@ -521,11 +521,11 @@ function imageSize(url) { // { width, height }, or null when the browser cannot 
   });
 }
 
-// One file's problem under the server's limits, or "" when it may go. The server checks again (and decodes:
-// a corrupt file the browser cannot judge is sent, and the server's 400 says what is wrong with it).
+// An image file's problem under the server's limits (its format, bytes, the request body), or "" when it may
+// go as it is. The server checks again (and decodes: a corrupt file the browser cannot judge is sent, and the
+// server's 400 says what is wrong with it).
 function fileProblem(file, l) {
   const name = file.name || "the pasted image";
-  if (!file.type.startsWith("image/")) return `${name} is not an image (${file.type || "unknown type"})`;
   if (!l.formats.includes(file.type)) {
     return `${name}: ${file.type} is not a format this server reads (${formatList(l.formats)})`;
   }
@@ -540,6 +540,35 @@ function fileProblem(file, l) {
   return "";
 }
 
+// An image over the server's limits (pixels, bytes, the request body) or in a format it does not read, redrawn
+// to fit: on a canvas at the largest size within the pixel limit, as PNG, or as JPEG when the PNG has too many
+// bytes; smaller again while neither fits. Transparency goes onto white, as the server flattens it.
+// -> { url, width, height, kind }, or null when nothing fits.
+async function redraw(url, size, l) {
+  const img = new Image();
+  img.src = url;
+  await img.decode();
+  const longest = Math.min(l.max_image_bytes * 4 / 3, l.max_body_bytes - 4096); // data URL characters
+  const kinds = ["image/png", "image/jpeg"].filter((k) => l.formats.includes(k));
+  let scale = Math.min(1, Math.sqrt(l.max_image_pixels / (size.width * size.height)));
+  for (let tries = 0; tries < 8; tries++, scale *= 0.75) {
+    const width = Math.max(1, Math.floor(size.width * scale));
+    const height = Math.max(1, Math.floor(size.height * scale));
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    const g = canvas.getContext("2d");
+    g.fillStyle = "#fff";
+    g.fillRect(0, 0, width, height);
+    g.drawImage(img, 0, 0, width, height);
+    for (const kind of kinds) {
+      const out = canvas.toDataURL(kind, 0.9);
+      if (out.length <= longest && out.startsWith(`data:${kind};`)) return { url: out, width, height, kind };
+    }
+  }
+  return null;
+}
+
 async function addFiles(files) {
   files = [...files];
   if (!files.length) return;
@@ -551,19 +580,33 @@ async function addFiles(files) {
   const l = vision.limits;
   const problems = [];
   for (const file of files) {
-    let problem = fileProblem(file, l);
-    if (!problem && attached.length >= l.max_images_per_request) {
-      problem = `${file.name || "the pasted image"} not attached: this server takes at most ` +
-        `${l.max_images_per_request} images per message`;
-    }
-    if (problem) { problems.push(problem); continue; }
-    const url = await readDataUrl(file);
-    const size = await imageSize(url);
-    if (size && size.width * size.height > l.max_image_pixels) {
-      problems.push(`${file.name || "the pasted image"} is too large: ${size.width}×${size.height} = ` +
-        `${size.width * size.height} pixels, over the server's limit of ${l.max_image_pixels}`);
+    const name = file.name || "the pasted image";
+    if (!file.type.startsWith("image/")) {
+      problems.push(`${name} is not an image (${file.type || "unknown type"})`);
       continue;
     }
+    if (attached.length >= l.max_images_per_request) {
+      problems.push(`${name} not attached: this server takes at most ${l.max_images_per_request} images per message`);
+      continue;
+    }
+    const url = await readDataUrl(file);
+    const size = await imageSize(url);
+    let problem = fileProblem(file, l);
+    if (!problem && size && size.width * size.height > l.max_image_pixels) {
+      problem = `${name} is too large: ${size.width}×${size.height} = ${size.width * size.height} pixels, over ` +
+        `the server's limit of ${l.max_image_pixels}`;
+    }
+    if (problem && size) { // the browser can draw it: redrawn to fit, and the note says how
+      const fit = await redraw(url, size, l);
+      if (fit) {
+        const how = fit.width < size.width || fit.height < size.height
+          ? `scaled down from ${size.width}×${size.height} to ${fit.width}×${fit.height}` : "re-encoded";
+        problems.push(`${name} was ${how} (${FORMAT_NAMES[fit.kind]}) to fit this server's limits`);
+        attached.push({ url: fit.url, name: file.name || "pasted image" });
+        continue;
+      }
+    }
+    if (problem) { problems.push(problem); continue; }
     attached.push({ url, name: file.name || "pasted image" });
   }
   note(problems.join("; "));
