@@ -443,11 +443,11 @@ class CompiledRunner(ModelRunner):
         return super().logits(hidden)
 
     def graph(self) -> DecodeGraph:
-        """The graph over the current weights. When they change (GRPO updates the policy between
-        rollouts), the new values are copied into the graph's own tensors: the compiled code reads
-        them as inputs, so nothing is recompiled. A graph whose tensors no longer match (another
-        layout) is rebuilt and recompiled."""
-        weights = self.weights.current()
+        """The graph over the weights the engine last took (Engine._follow_weights). When they
+        change (GRPO updates the policy between rollouts), the new values are copied into the
+        graph's own tensors: the compiled code reads them as inputs, so nothing is recompiled. A
+        graph whose tensors no longer match (another layout) is rebuilt and recompiled."""
+        weights = self.weights
         if self._graph is not None and weights.generation == self._generation:
             return self._graph
         with torch.no_grad():

@@ -149,7 +149,6 @@ class ModelRunner:
     # ------------------------------------------------------------------ forward
     def forward(self, inp: StepInput) -> torch.Tensor:
         """-> final-normed hidden states [N, d] of every token of the step."""
-        self.weights.current()  # refolds if the model's weights changed since the last step
         x = self.model.embed_tokens(inp.ids)
         if inp.image_rows is not None:
             x = x.index_copy(0, inp.image_rows, inp.image_embeds.to(x.dtype))

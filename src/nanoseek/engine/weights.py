@@ -283,11 +283,11 @@ class BlockWeights:
 
 
 class InferenceWeights:
-    """Every block (the main ones, then the MTP block if asked) and the head, rebuilt whenever a
-        parameter they come from has changed in place (torch bumps a tensor's version on every
-        in-place write). A parameter replaced by a new object is not seen: call refresh() after
-        load_state_dict(assign=True). `generation` counts
-    the rebuilds (a compiled graph over these weights is stale once it moves)."""
+    """Every block (the main ones, then the MTP block if asked) and the head, rebuilt by current()
+    when a parameter they come from has changed in place (torch bumps a tensor's version on every
+    in-place write); the engine calls it before it admits requests. A parameter replaced by a new
+    object is not seen: call refresh() after load_state_dict(assign=True). `generation` counts the
+    rebuilds (a compiled graph over these weights is stale once it moves)."""
 
     def __init__(self, model: Transformer, with_mtp: bool):
         self.model = model
