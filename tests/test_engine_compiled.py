@@ -160,8 +160,10 @@ def uncompiled(monkeypatch) -> list[str]:
 # ---------------------------------------------------------------------- experts gathered by id
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 2, 5])
-@pytest.mark.parametrize("dispatch", [moe.dispatch_gathered, moe.dispatch_dense])
-def test_gathered_and_dense_dispatch_equal_dropless_dispatch(dtype, n, dispatch):
+@pytest.mark.parametrize(
+    "dispatch", [moe.dispatch_gathered, moe.dispatch_dense, moe.dispatch_sorted]
+)
+def test_static_dispatches_equal_dropless_dispatch(dtype, n, dispatch):
     torch.manual_seed(n)
     E = 8
     K = 3
@@ -187,18 +189,19 @@ def test_gathered_and_dense_dispatch_equal_dropless_dispatch(dtype, n, dispatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_moe_graph_runs_every_expert_once_the_pairs_outnumber_twice_the_experts(monkeypatch, dtype):
+def test_moe_graph_dispatch_follows_the_pairs_per_expert(monkeypatch, dtype):
     """Gathered (in the graph's dtype, int8 with its scales) while the batch's (token, expert)
-    pairs are no more than twice the experts, every expert on every token beyond (with fp32
-    matrices, whatever the graph's dtype)."""
+    pairs are no more than twice the experts, every expert on every token up to four times, sorted
+    by expert beyond (the last two with fp32 matrices, whatever the graph's dtype)."""
     model = tiny_model()
     weights = engine(model).runner.weights.current()
     graph = compiled_mod.DecodeGraph(model, weights, dtype)
     moe_graph = next(b.ffn for b in graph.blocks if isinstance(b.ffn, compiled_mod._MoEGraph))
     E = moe_graph.gate_up.shape[0]
     K = moe_graph.gate.top_k
+    assert (moe_graph.gathered_up_to, moe_graph.dense_up_to) == (2, 4)
     called = []
-    for name in ("dispatch_gathered", "dispatch_dense"):
+    for name in ("dispatch_gathered", "dispatch_dense", "dispatch_sorted"):
         real = getattr(moe, name)
 
         def spy(x, w, ids, gate_up, down, *scales, _n=name, _f=real):
@@ -208,12 +211,14 @@ def test_moe_graph_runs_every_expert_once_the_pairs_outnumber_twice_the_experts(
         monkeypatch.setattr(moe, name, spy)
     d = model.config.hidden_size
     with torch.no_grad():
-        for n in (E // K, 2 * E // K, 2 * E // K + 1):  # E pairs; 2 E; more than 2 E
-            moe_graph(torch.randn(n, d))
+        for pairs in (E, 2 * E, 2 * E + K, 4 * E, 4 * E + K):
+            moe_graph(torch.randn(pairs // K, d))
     assert called == [
         ("dispatch_gathered", dtype),
         ("dispatch_gathered", dtype),
         ("dispatch_dense", torch.float32),
+        ("dispatch_dense", torch.float32),
+        ("dispatch_sorted", torch.float32),
     ]
 
 
@@ -329,21 +334,25 @@ def test_decode_graph_teacher_forced_logits_equal_eager_and_recompute(
 FEW_EXPERTS = dict(n_routed_experts=3, n_group=1, topk_group=1)  # batch 4: 8 pairs > 2 x 3
 
 
+@pytest.mark.parametrize("dispatch", ["dispatch_dense", "dispatch_sorted"])
 @pytest.mark.parametrize("dtype,tol,within", PATHS)
-def test_decode_graph_with_dense_experts_equals_eager_and_recompute(
-    monkeypatch, dtype, tol, within
+def test_decode_graph_with_every_expert_or_sorted_experts_equals_eager_and_recompute(
+    monkeypatch, dtype, tol, within, dispatch
 ):
-    """The graph's experts all run on every token (more (token, expert) pairs than twice the
-    experts; fp32 matrices in a bf16 or int8 graph) give the eager engine's and a full recompute's
-    logits."""
+    """The graph's experts all run on every token, or sorted by expert (more (token, expert) pairs
+    than twice the experts; fp32 matrices in a bf16 or int8 graph), give the eager engine's and a
+    full recompute's logits. Three experts, top 2: the padded batch of 4 has 2.7 pairs per
+    expert, dense at the default bound of 4, sorted under a bound of 2."""
     uncompiled(monkeypatch)
+    if dispatch == "dispatch_sorted":
+        monkeypatch.setattr(compiled_mod, "DENSE_PAIRS_PER_EXPERT", 2)
     called = []
-    real = moe.dispatch_dense
-    monkeypatch.setattr(moe, "dispatch_dense", lambda *a: called.append(len(a[0])) or real(*a))
+    real = getattr(moe, dispatch)
+    monkeypatch.setattr(moe, dispatch, lambda *a: called.append(len(a[0])) or real(*a))
     model = tiny_model(**FEW_EXPERTS, **YARN)
     eager = teacher_forced(engine(model))
     got = teacher_forced(engine(model, decode="compiled", decode_dtype=dtype))
-    assert called and set(called) == {4}  # the padded batch of 4 runs every expert; smaller gather
+    assert called and set(called) == {4}  # the padded batch of 4; smaller ones gather
     compare(got, eager, tol, within)
     compare(got, recomputed(model), tol, within)
 
@@ -734,11 +743,15 @@ def test_aot_package_from_disk_gives_the_same_logits():
 
 
 @pytest.mark.slow
-def test_compiled_dense_experts_equal_eager_and_recompute(monkeypatch):
-    """Every expert on every token (compiled for real), fp32."""
+@pytest.mark.parametrize("dispatch", ["dispatch_dense", "dispatch_sorted"])
+def test_compiled_dense_or_sorted_experts_equal_eager_and_recompute(monkeypatch, dispatch):
+    """Every expert on every token, or the pairs sorted by expert (the grouped product as the
+    custom op), compiled for real, fp32."""
+    if dispatch == "dispatch_sorted":
+        monkeypatch.setattr(compiled_mod, "DENSE_PAIRS_PER_EXPERT", 2)
     called = []
-    real = moe.dispatch_dense
-    monkeypatch.setattr(moe, "dispatch_dense", lambda *a: called.append(len(a[0])) or real(*a))
+    real = getattr(moe, dispatch)
+    monkeypatch.setattr(moe, dispatch, lambda *a: called.append(len(a[0])) or real(*a))
     model = tiny_model(**FEW_EXPERTS, **YARN)
     eager = teacher_forced(engine(model))
     got = teacher_forced(engine(model, decode="compiled", decode_dtype="float32"))

@@ -245,6 +245,12 @@ class _SwiGLUGraph(_Params):
         return _mm(F.silu(gate) * up, self.down, None, self.down_s)
 
 
+# A decode batch's (token, expert) pairs per routed expert up to which the graph gathers each
+# pair's expert by id, and up to which it runs every expert on every token (then: sorted by expert)
+GATHERED_PAIRS_PER_EXPERT = 2
+DENSE_PAIRS_PER_EXPERT = 4
+
+
 class _MoEGraph(_Params):
     def __init__(self, m: MoEWeights, dtype: torch.dtype):
         super().__init__()
@@ -252,6 +258,9 @@ class _MoEGraph(_Params):
         self.put("router", m.router.w_t, torch.float32)
         self.put("router_bias", m.router.bias, torch.float32)
         self.shared = _SwiGLUGraph(m.shared, dtype)
+        # which dispatch a batch takes (instance settings: the package key holds them)
+        self.gathered_up_to = GATHERED_PAIRS_PER_EXPERT
+        self.dense_up_to = DENSE_PAIRS_PER_EXPERT
         # The experts' matrices are held [E, out, in], the model's parameters' own layout, and
         # handed to moe's dispatch as x @ W views (.mT): a gathered expert's product then reduces
         # along contiguous rows (five MoE layers, batch 1, one thread: 0.49 -> 0.32 ms in fp32,
@@ -267,24 +276,30 @@ class _MoEGraph(_Params):
             self.put("down", down, _float_dtype(dtype))
             self.put("gate_up_s", None)
             self.put("down_s", None)
-        # the dense experts' matrices: fp32 whatever the graph's dtype. An int8 scale per expert
-        # and output channel does not survive flattening the experts into one down product, and
+        # the dense and sorted experts' matrices: fp32 whatever the graph's dtype. An int8 scale per
+        # expert and output channel does not survive flattening the experts into one down product,
         # bf16 products of 16 rows run no faster than fp32 here (2 threads: [16, 256] x [256,
-        # 4096] 239 vs 216 us, x [2048, 256] 133 vs 105)
+        # 4096] 239 vs 216 us, x [2048, 256] 133 vs 105), and bf16 grouped products are slow
         self.put("gate_up32", gate_up if dtype != torch.float32 else None, torch.float32)
         self.put("down32", down if dtype != torch.float32 else None, torch.float32)
 
     def forward(self, x):
         weights, ids, _ = self.gate.route(torch.mm(x, self.router), self.router_bias)
-        # each expert's weights read once per (token, expert) pair while the pairs are no more
-        # than twice the experts; beyond, every expert on every token in two plain products, each
-        # expert's weights read once (five MoE layers of the reference config, fp32, one / two
-        # threads: 8 tokens 2.16 / 1.19 ms gathered, 2.26 / 1.26 dense, 2.29 / 1.94 sorted by
-        # expert; 16 tokens 4.14 / 2.11 gathered, 2.72 / 1.57 dense, 2.83 / 2.45 sorted)
-        if ids.numel() > 2 * self.gate_up.shape[0]:
+        # Each expert's weights read once per (token, expert) pair while the pairs are few;
+        # beyond, once per batch: every expert on every token in two plain products while the
+        # pairs are a few times the experts, then the pairs sorted by expert, one grouped product
+        # per matrix. Five MoE layers of the reference config, fp32, one / two threads, ms:
+        # 8 tokens: gathered 2.16 / 1.19, dense 2.26 / 1.26, sorted 2.29 / 1.94;
+        # 16 tokens: gathered 4.14 / 2.11, dense 2.72 / 1.57, sorted 2.83 / 2.45;
+        # 32 tokens (one thread): dense 4.62, sorted 3.92; 64: 7.73 / 5.20; 128: 16.0 / 7.71
+        pairs_per_expert = ids.numel() / self.gate_up.shape[0]
+        if pairs_per_expert > self.gathered_up_to:
             copies = self.gate_up32 is not None
             gate_up, down = (self.gate_up32, self.down32) if copies else (self.gate_up, self.down)
-            routed = moe.dispatch_dense(x, weights, ids, gate_up.mT, down.mT)
+            dispatch = (
+                moe.dispatch_dense if pairs_per_expert <= self.dense_up_to else moe.dispatch_sorted
+            )
+            routed = dispatch(x, weights, ids, gate_up.mT, down.mT)
         else:  # int8 experts come with their scales (x then goes bf16)
             xw = x.to(self.gate_up.dtype) if self.gate_up_s is None else x
             routed = moe.dispatch_gathered(

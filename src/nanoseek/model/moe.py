@@ -19,9 +19,11 @@ alone takes the fast variants beside them, `Router.route_one` and `dispatch_one`
 ops, no sorting), which tests/test_model.py checks against the tensor path. The compiled decode
 step (engine/compiled.py) takes `dispatch_gathered`: every shape fixed by the batch and top-k, no
 data-dependent sizes, so routing and experts stay in one graph (tests/test_engine_compiled.py
-checks it against `dispatch`); a batch with more than twice as many (token, expert) pairs as
-experts takes `dispatch_dense` (every expert on every token, unchosen ones weighted 0: two plain
-products), which reads each expert's weights once instead of once per pair.
+checks it against `dispatch`). Larger batches read each expert's weights once instead of once per
+pair: `dispatch_dense` (every expert on every token, unchosen ones weighted 0: two plain products)
+while the pairs are a few times the experts, `dispatch_sorted` (the pairs sorted by expert, one
+grouped product per matrix, every shape still static) beyond, where computing every expert for
+every token costs more than the grouped products' per-expert calls.
 """
 
 from __future__ import annotations
@@ -277,6 +279,34 @@ def dispatch_dense(
     gate, up = g.chunk(2, dim=-1)
     h = F.silu(gate) * up * routing.unsqueeze(-1)
     return torch.mm(h.reshape(n, -1), down.reshape(-1, down.shape[-1]))
+
+
+def dispatch_sorted(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """`dispatch` with every shape static, for many tokens: the N·K (token, expert) pairs sorted by
+    expert, every expert run on its own pairs only by one grouped product per matrix (each pair
+    computed once, each expert's weights read once), the outputs put back in pair order by the
+    inverse permutation and summed per token, weighted. Same arguments and result as
+    `dispatch_gathered`. Counts by comparison rather than bincount or index_add (data-dependent
+    sizes, or no compiled kernel), so that the whole of it lowers into one compiled graph."""
+    n, k = ids.shape
+    flat = ids.flatten()
+    experts = torch.arange(gate_up.shape[0], device=ids.device)
+    counts = (flat.unsqueeze(1) == experts).sum(0)
+    order = flat.argsort(stable=True)
+
+    def expert(e: int, rows: torch.Tensor) -> torch.Tensor:  # shapes grouped_mm cannot take
+        gate, up = (rows @ gate_up[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ down[e]
+
+    ys = run_experts(x.index_select(0, order // k), counts, expert, gate_up, down)
+    ys = ys.index_select(0, order.argsort()).view(n, k, -1)  # back in (token, k) order
+    return (ys * weights.unsqueeze(-1).to(ys.dtype)).sum(1)
 
 
 def run_experts(
