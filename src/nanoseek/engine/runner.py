@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from nanoseek.engine.cache import LatentCache
 from nanoseek.engine.weights import Attention, BlockWeights, InferenceWeights, rms_normalize
-from nanoseek.model.attention import absorb_query, attend_latent, expand_output
+from nanoseek.model.attention import absorb_query, attend_latent, expand_output, values_for_sdpa
 from nanoseek.model.transformer import Transformer
 
 
@@ -228,15 +228,16 @@ class ModelRunner:
             ctx = self.cache.gather(layer, ch.context)
             c_kv, k_rope = ctx[:, : self.kv_rank], ctx[:, self.kv_rank :]
         k, v = attn.expand(c_kv, k_rope)  # [1, H, S, *]
+        q = q.transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0),
+            q,
             k,
-            v,
+            values_for_sdpa(v, q),
             attn_mask=ch.mask,
             is_causal=not ch.cached,
             scale=attn.scale,
         )
-        return o[0].transpose(0, 1).flatten(1)
+        return o[0, ..., : v.shape[-1]].transpose(0, 1).flatten(1)
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
