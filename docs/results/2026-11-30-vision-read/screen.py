@@ -1,0 +1,131 @@
+"""Screening run for the reading tasks: the vision stage on ONE task at difficulty 1 (no GRPO, no
+text share, no text figures), then a reading diagnosis of the final model on the stage's held-out
+problems and pictures (does the first line of the reasoning vary with the picture, is it right).
+
+    PYTHONPATH=src python docs/results/2026-11-30-vision-read/screen.py CKPT OUT TASK [key=json ...]
+
+key: a dotted path into the section below (vision.patch_size=4, sft.max_steps=400, sft.lr=0.003,
+align.max_steps=40, tower_lr=...); prints and writes OUT/screen.json."""
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from nanoseek.checkpoint import load_vision_language_model
+from nanoseek.data.chat_tokens import completion_text
+from nanoseek.data.images import image_prompt_ids
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.eval.accuracy import token_budget
+from nanoseek.eval.stats import wilson_interval
+from nanoseek.stages.vision import train_vision
+from nanoseek.tasks.visual import SYMBOL, get_visual_task
+from nanoseek.tokenizer import load_tokenizer
+from nanoseek.train.vision import visual_problems
+
+ckpt, out, task_name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+N_EVAL = 150
+section = {
+    "vision": {  # the vision preset's tower
+        "hidden_size": 96,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 64,
+        "patch_size": 8,
+        "max_tiles": 4,
+    },
+    "tasks": {task_name: [1]},
+    "eval_tasks": {task_name: 1},
+    "problems_per_task": 600,
+    "renders": 2,
+    "eval_problems": N_EVAL,
+    "max_new_tokens": 48,
+    "samples": 0,
+    "train_encoder": True,
+    "align": {"max_steps": 40, "batch_size": 16, "seq_len": 320, "lr": 0.002, "warmup_steps": 5},
+    "sft": {
+        "max_steps": 200,
+        "batch_size": 16,
+        "seq_len": 320,
+        "lr": 0.001,
+        "warmup_steps": 20,
+        "save_every": 10**9,
+    },
+    "text_share": 0.0,
+    "text_eval": {"bpb_bytes": 0, "tasks": {}},
+}
+for arg in sys.argv[4:]:
+    key, value = arg.split("=", 1)
+    *parents, last = key.split(".")
+    d = section
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[last] = json.loads(value)
+
+start = time.perf_counter()
+summary = train_vision(Path(ckpt), out / "vision", section)
+wall = time.perf_counter() - start
+
+# reading diagnosis on the stage's held-out problems and pictures (eval/visual.py: seed 100 000 + i)
+torch.set_grad_enabled(False)
+vlm = load_vision_language_model(out / "vision" / "final", dtype=torch.float32)
+vlm.eval()
+tok = load_tokenizer(out / "vision" / "final")
+engine = Engine(vlm, tok, max_batch_size=64, max_num_batched_tokens=2048, decode="eager")
+task = get_visual_task(task_name)
+probs = visual_problems({task_name: [1]}, N_EVAL, split="test", seed=1)
+prompts, images, params = [], [], []
+for i, p in enumerate(probs):
+    ids, inputs = image_prompt_ids(
+        tok, p.prompt, [task.render(p, seed=100_000 + i)], vlm.vision.config
+    )
+    prompts.append(ids)
+    images.append(inputs)
+    params.append(
+        SamplingParams(
+            max_tokens=token_budget(tok, p, 48), temperature=0.0, stop_token_ids=[tok.eos_id]
+        )
+    )
+texts = [completion_text(tok, o.token_ids) for o in engine.generate(prompts, params, images=images)]
+rewards = task.grade_many(probs, texts, think_prefilled=True)
+firsts, read_ok, truths = [], [], []
+for p, t in zip(probs, texts):
+    first = t.strip().split("\n")[0].strip()
+    if task_name == "visual_equation":
+        m = p.metadata
+        truth = f"{m['a']} {SYMBOL[m['op']]} {m['b']}"
+    else:
+        truth = " ".join(p.answer)
+    firsts.append(first)
+    truths.append(truth)
+    read_ok.append(first == truth)
+correct = sum(bool(r.correct) for r in rewards)
+lo, hi = wilson_interval(correct, len(probs))
+rlo, rhi = wilson_interval(sum(read_ok), len(probs))
+common = Counter(firsts).most_common(3)
+result = {
+    "task": task_name,
+    "overrides": sys.argv[4:],
+    "n": len(probs),
+    "distinct_truths": len(set(truths)),
+    "correct": correct,
+    "accuracy": round(correct / len(probs), 4),
+    "wilson95": [round(lo, 4), round(hi, 4)],
+    "read_ok": sum(read_ok),
+    "read_wilson95": [round(rlo, 4), round(rhi, 4)],
+    "distinct_first_lines": len(set(firsts)),
+    "most_common_first_lines": common,
+    "stage_accuracy": summary["tasks"][task_name]["after"]["accuracy"],
+    "align_loss": summary["align"].get("loss"),
+    "sft_loss": summary["sft"].get("loss"),
+    "sft_wall_s": summary["sft"].get("wall_s"),
+    "align_wall_s": summary["align"].get("wall_s"),
+    "stage_wall_s": round(wall, 1),
+    "examples": [{"truth": t, "first": f} for t, f in list(zip(truths, firsts))[:8]],
+}
+(out / "screen.json").write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n")
+print(json.dumps(result, ensure_ascii=False), flush=True)
