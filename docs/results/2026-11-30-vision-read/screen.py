@@ -5,9 +5,12 @@ problems and pictures (does the first line of the reasoning vary with the pictur
     PYTHONPATH=src python docs/results/2026-11-30-vision-read/screen.py CKPT OUT TASK [key=json ...]
 
 key: a dotted path into the section below (vision.patch_size=4, sft.max_steps=400, sft.lr=0.003,
-align.max_steps=40, tower_lr=...); prints and writes OUT/screen.json."""
+align.max_steps=40); prints and writes OUT/screen.json. FREEZE_LM=1 in the environment: the
+language model stays frozen in joint SFT too (only the tower and the adaptor train there: every
+gradient must go through the picture), by wrapping VisionLanguageModel.freeze."""
 
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -21,6 +24,7 @@ from nanoseek.data.images import image_prompt_ids
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.eval.accuracy import token_budget
 from nanoseek.eval.stats import wilson_interval
+from nanoseek.model.vision import VisionLanguageModel
 from nanoseek.stages.vision import train_vision
 from nanoseek.tasks.visual import SYMBOL, get_visual_task
 from nanoseek.tokenizer import load_tokenizer
@@ -66,6 +70,14 @@ for arg in sys.argv[4:]:
         d = d.setdefault(p, {})
     d[last] = json.loads(value)
 
+if os.environ.get("FREEZE_LM") == "1":
+    _freeze = VisionLanguageModel.freeze
+
+    def _frozen_lm(self, *, encoder=False, projector=False, language=False):
+        return _freeze(self, encoder=encoder, projector=projector, language=True)
+
+    VisionLanguageModel.freeze = _frozen_lm
+
 start = time.perf_counter()
 summary = train_vision(Path(ckpt), out / "vision", section)
 wall = time.perf_counter() - start
@@ -109,7 +121,7 @@ rlo, rhi = wilson_interval(sum(read_ok), len(probs))
 common = Counter(firsts).most_common(3)
 result = {
     "task": task_name,
-    "overrides": sys.argv[4:],
+    "overrides": sys.argv[4:] + (["FREEZE_LM=1"] if os.environ.get("FREEZE_LM") == "1" else []),
     "n": len(probs),
     "distinct_truths": len(set(truths)),
     "correct": correct,
