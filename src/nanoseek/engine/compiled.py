@@ -291,7 +291,8 @@ class _MoEGraph(_Params):
         # per matrix. Five MoE layers of the reference config, fp32, one / two threads, ms:
         # 8 tokens: gathered 2.16 / 1.19, dense 2.26 / 1.26, sorted 2.29 / 1.94;
         # 16 tokens: gathered 4.14 / 2.11, dense 2.72 / 1.57, sorted 2.83 / 2.45;
-        # 32 tokens (one thread): dense 4.62, sorted 3.92; 64: 7.73 / 5.20; 128: 16.0 / 7.71
+        # 32 tokens: dense 4.62 / 2.59, sorted 3.92 / 2.89; one thread, 64 tokens: dense 7.73,
+        # sorted 5.20; 128: 16.0 / 7.71. The dense bound is where it wins at both thread counts
         pairs_per_expert = ids.numel() / self.gate_up.shape[0]
         if pairs_per_expert > self.gathered_up_to:
             copies = self.gate_up32 is not None
