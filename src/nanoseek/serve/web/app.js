@@ -547,7 +547,11 @@ function fileProblem(file, l) {
 async function redraw(url, size, l) {
   const img = new Image();
   img.src = url;
-  await img.decode();
+  try {
+    await img.decode();
+  } catch {
+    return null; // the browser read its size but cannot draw it: the file's own problem is shown
+  }
   const longest = Math.min(l.max_image_bytes * 4 / 3, l.max_body_bytes - 4096); // data URL characters
   const kinds = ["image/png", "image/jpeg"].filter((k) => l.formats.includes(k));
   let scale = Math.min(1, Math.sqrt(l.max_image_pixels / (size.width * size.height)));
