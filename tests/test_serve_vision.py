@@ -406,6 +406,7 @@ def test_remote_images_come_only_from_the_hosts_the_operator_allows(vlm_checkpoi
                 host.url("/slow"): "could not fetch",
                 host.url("/huge"): "byte limit",
                 "ftp://127.0.0.1/red.png": "data: URL",
+                "http://[::1/red.png": "not a valid http(s) URL",
             }
             for url, words in cases.items():
                 r = chat(url)
@@ -444,4 +445,6 @@ def test_remote_image_hosts_are_checked_and_normalised():
     assert not listed.allows("https://evil.test/?example.com")
     assert not listed.allows("ftp://example.com/a.png")
     assert not RemoteImages().allows("https://example.com/a.png")
+    assert not listed.allows("http://[::1/a.png")  # not a URL: refused, not an error
+    assert "not a valid http(s) URL" in listed.refusal("http://[::1/a.png")
     assert RemoteImages(("*",)).allows("http://10.0.0.1/a.png")

@@ -44,13 +44,8 @@ class RemoteImages:
     max_redirects: int = 3
 
     def allows(self, url: str) -> bool:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").rstrip(".")
-        return (
-            parts.scheme in ("http", "https")
-            and bool(host)
-            and ("*" in self.hosts or host in self.hosts)
-        )
+        host = _host(url)
+        return bool(host) and ("*" in self.hosts or host in self.hosts)
 
     def refusal(self, url: str) -> str:
         """Why `url` is not fetched (for a URL that `allows` refuses)."""
@@ -59,7 +54,9 @@ class RemoteImages:
                 "remote images are refused: this server fetches nothing from outside (its "
                 f"operator can allow hosts with --remote-image-hosts); {DATA_URL_HINT}"
             )
-        host = urlsplit(url).hostname or "(none)"
+        host = _host(url)
+        if host is None:
+            return f"the image URL is not a valid http(s) URL; {DATA_URL_HINT}"
         return (
             f"remote images are refused from host {host}: this server fetches images only from "
             f"{', '.join(self.hosts)}; {DATA_URL_HINT}"
@@ -80,12 +77,24 @@ class RemoteImages:
                 data = response.read(MAX_IMAGE_BYTES + 1)
         except urllib.error.HTTPError as e:
             raise ImageError(f"fetching the image got HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:  # timeouts and refused connections too
+        except (urllib.error.URLError, OSError, ValueError) as e:  # timeouts, refusals, bad URLs
             reason = getattr(e, "reason", e)
             raise ImageError(f"could not fetch the image: {reason}") from None
         if len(data) > MAX_IMAGE_BYTES:
             raise ImageError(f"the image is over the {MAX_IMAGE_BYTES}-byte limit")
         return data
+
+
+def _host(url: str) -> str | None:
+    """An http(s) URL's host as hosts are listed (lowercase, no trailing dot), else None."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return None
+    if parts.scheme not in ("http", "https") or not host:
+        return None
+    return host.rstrip(".")
 
 
 class _ListedRedirects(urllib.request.HTTPRedirectHandler):
@@ -98,7 +107,7 @@ class _ListedRedirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if not self.remote.allows(newurl):
-            host = urlsplit(newurl).hostname or newurl
+            host = _host(newurl) or newurl
             raise ImageError(f"the image URL redirects to {host}, which is not an allowed host")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
