@@ -280,15 +280,12 @@ def llama_cpp_concurrent_rows(
 
     with tempfile.TemporaryDirectory() as tmp:
         ggufs = export_for_llama_cpp(model, Path(tmp), ("f32", "q8_0"))
-        script = Path(__file__).with_name("llama_cpp_anchor.py")
         for ours, gguf_type in (("compiled float32", "f32"), ("compiled int8", "q8_0")):
             if ours not in totals:
                 continue
-            cmd = [sys.executable, str(script), str(ggufs[gguf_type]), "--threads", str(threads)]
-            cmd += ["--sequences", str(len(prompts)), "--prompt", str(len(prompts[0]))]
-            cmd += ["--new", str(n)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            anchor = json.loads(out.stdout.strip().splitlines()[-1])
+            anchor = llama_cpp(
+                ggufs[gguf_type], threads, len(prompts[0]), n, sequences=len(prompts)
+            )
             emit(
                 bench=f"throughput_{len(prompts)}_concurrent_vs_llama_cpp_{gguf_type}",
                 ours=round(totals[ours][0], 1),
@@ -351,12 +348,15 @@ def compiled_quality(engines: dict, eager: Engine, held_out: torch.Tensor, conf:
         )
 
 
-def llama_cpp(gguf: Path, threads: int, prompt: int, new: int, depth: int) -> dict:
+def llama_cpp(
+    gguf: Path, threads: int, prompt: int, new: int, depth: int = 0, sequences: int = 1
+) -> dict:
     """llama.cpp's figures from benchmarks/llama_cpp_anchor.py, in a process of its own (so that
-    neither library's thread pool waits on the other's)."""
+    neither library's thread pool waits on the other's); sequences > 1: that many requests at
+    once against one alone (its --sequences)."""
     cmd = [sys.executable, str(Path(__file__).with_name("llama_cpp_anchor.py")), str(gguf)]
     cmd += ["--threads", str(threads), "--prompt", str(prompt), "--new", str(new)]
-    cmd += ["--depth", str(depth)]
+    cmd += ["--depth", str(depth), "--sequences", str(sequences)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

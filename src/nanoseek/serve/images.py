@@ -28,6 +28,7 @@ from nanoseek.data.images import (
     load_image,
 )
 from nanoseek.serve.chat_format import FormatError
+from nanoseek.serve.config import host_name
 from nanoseek.serve.protocol import ImageLimits, ImageURLPart, Message
 
 TEXT_ONLY = "this model does not read images (its checkpoint has no vision tower)"
@@ -86,15 +87,15 @@ class RemoteImages:
 
 
 def _host(url: str) -> str | None:
-    """An http(s) URL's host as hosts are listed (lowercase, no trailing dot), else None."""
+    """An http(s) URL's host as ServerConfig lists hosts (config.host_name), else None."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
     except ValueError:  # e.g. an unclosed IPv6 bracket
         return None
-    if parts.scheme not in ("http", "https") or not host:
+    if _scheme(url) not in ("http", "https") or not host:
         return None
-    return host.rstrip(".")
+    return host_name(host)
 
 
 class _ListedRedirects(urllib.request.HTTPRedirectHandler):
@@ -192,8 +193,12 @@ def load_request_images(
     return image_input(images, vcfg)
 
 
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
 def _remote(url: str) -> bool:
-    return url.split(":", 1)[0].lower() in ("http", "https") if ":" in url else False
+    return _scheme(url) in ("http", "https")
 
 
 def _data_url_bytes(url: str, param: str) -> bytes:
@@ -205,8 +210,7 @@ def _data_url_bytes(url: str, param: str) -> bytes:
 
 def _data_url_payload(url: str, param: str) -> str:
     """The base64 text of a data URL (its form checked, not yet decoded)."""
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme != "data":
+    if _scheme(url) != "data":
         raise FormatError(f"an image must be a data: URL or an http(s) one; {DATA_URL_HINT}", param)
     header, sep, payload = url[5:].partition(",")
     if not sep or not header.lower().endswith(";base64"):
