@@ -292,7 +292,7 @@ def test_an_image_over_the_pixel_limit_is_scaled_down_to_fit(browser, vision_ser
     greedy(page)
     ask(page, RED_QUESTION)
     settle(page)
-    # the server took it (what the model answers for a redrawn picture is not what it was trained on)
+    # the server took it (the answer for a redrawn picture is not what the model was trained on)
     assert page.locator(".message.assistant .status.error").count() == 0
     url = page.bodies[-1]["messages"][0]["content"][0]["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
