@@ -7,6 +7,7 @@ per graph on a busy 2-core machine)."""
 from __future__ import annotations
 
 import os
+import time
 import warnings
 import zipfile
 from types import SimpleNamespace
@@ -646,6 +647,54 @@ def test_aot_packages_cached_on_disk_and_damaged_ones_compiled_again(monkeypatch
     with pytest.warns(RuntimeWarning, match="without caching"):
         _, tokens = run()
     assert tokens == want
+
+
+def test_a_batched_bucket_keeps_its_faster_compilation_and_records_the_choice(monkeypatch, capfd):
+    """A batch of BATCHED or more is compiled once per GEMM choice; the graph that runs the step
+    faster is kept, and a second engine over the same weights loads that package only. The
+    logits stay eager's."""
+    uncompiled(monkeypatch)
+    monkeypatch.setattr(compiled_mod, "GEMM_CHOICES", {"quick": {}, "slow": {"slow": True}})
+    load = compiled_mod._Packaged._load_or_compile
+
+    def slowed(self, args):  # the "slow" variant's graph takes 5 ms longer a call
+        run = load(self, args)
+        if self.options.get("slow"):
+            self.run = lambda inputs: (time.sleep(0.005), run(inputs))[1]
+        return self.run
+
+    monkeypatch.setattr(compiled_mod._Packaged, "_load_or_compile", slowed)
+    model = tiny_model()
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [[5 + i, 6, 7] for i in range(compiled_mod.BATCHED)]
+
+    def run(**kw) -> tuple[Engine, list[list[int]]]:
+        e = Engine(model, max_batch_size=8, block_size=4, num_blocks=96, **kw)
+        return e, [out.token_ids for out in e.generate(prompts, params)]
+
+    def compiled() -> tuple[compiled_mod._Fastest, list[list[int]]]:
+        e, tokens = run(decode="compiled", decode_dtype="float32")
+        return e.runner._compiled[(compiled_mod.BATCHED, None)], tokens
+
+    _, want = run()
+    fastest, tokens = compiled()
+    assert tokens == want
+    assert fastest.chosen == "quick" and fastest.source == "compiled"
+    assert fastest.seconds["slow"] > fastest.seconds["quick"] + 0.004
+    assert fastest.variants["slow"].run is None  # the other's loaded model freed
+    assert "keeping quick" in capfd.readouterr().err
+    (record,) = [n for n in os.listdir(compiled_mod.package_dir()) if n.endswith(".choice")]
+    with open(os.path.join(compiled_mod.package_dir(), record)) as f:
+        assert f.read() == "quick"
+    hit, tokens = compiled()
+    assert tokens == want and hit.chosen == "quick" and hit.source == "cache"
+    assert hit.path == fastest.path and not hit.seconds  # not timed again
+    assert hit.variants["slow"].source is None  # never loaded
+    assert "quick products, as timed before" in capfd.readouterr().err
+    os.remove(fastest.path)  # the recorded package is gone: compiled and timed again
+    again_timed, tokens = compiled()
+    assert tokens == want and again_timed.seconds and again_timed.chosen == "quick"
+    assert again_timed.variants["slow"].source == "cache"
 
 
 def test_a_graph_aotinductor_cannot_compile_goes_through_torch_compile(monkeypatch):

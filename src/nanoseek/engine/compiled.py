@@ -106,6 +106,13 @@ COMPILERS = ("aot", "jit")
 # packages kept in package_dir() (the least recently used beyond are deleted): one is 40-70 MB for
 # the reference config, one per (weights, bucket, dtype)
 PACKAGES_KEPT = 24
+# A batch of BATCHED or more reads every routed expert's weights at each step, and its large
+# products read them from L3: max-autotune times each product alone, its weights left in L2 by the
+# previous run, so its pick between the C++ GEMM template and oneDNN does not hold in the running
+# graph (batch 16, two threads: a call of 3.9 ms or 5.2-5.5 ms, as the pick fell, between
+# compilations; 4.8 ms with oneDNN for every product). Such a bucket is compiled once per entry
+# here, and the graph that runs the bucket's own step fastest is kept (_Fastest)
+GEMM_CHOICES = {"max-autotune": {}, "oneDNN": {"max_autotune_gemm_backends": "ATEN"}}
 
 
 def log(message: str) -> None:
@@ -515,7 +522,15 @@ class CompiledRunner(ModelRunner):
         if key not in self._compiled:
             if self.ahead_of_time:
                 what = f"the decode step for batch {batch}, any context ({_dtype_name(self.dtype)})"
-                self._compiled[key] = _Packaged(graph, lambda: self._weights_digest(graph), what)
+                digest = lambda: self._weights_digest(graph)  # noqa: E731
+                if batch < BATCHED:
+                    self._compiled[key] = _Packaged(graph, digest, what)
+                else:
+                    variants = {
+                        name: _Packaged(graph, digest, f"{what} with {name} products", options)
+                        for name, options in GEMM_CHOICES.items()
+                    }
+                    self._compiled[key] = _Fastest(variants, what)
             else:
                 self._compiled[key] = _Direct(graph)
         return self._compiled[key]
@@ -537,7 +552,7 @@ class CompiledRunner(ModelRunner):
         fn = self.compiled(Bp, Sp)
         args = (ids, cos, sin, self.cache.kv, context, bias)
         first = key not in self.compile_seconds
-        if first and isinstance(fn, _Packaged):
+        if first and isinstance(fn, (_Packaged, _Fastest)):
             # loaded from package_dir(), or exported, compiled and written there (_Packaged says
             # which); in inference mode or not, the export runs outside it
             start = time.perf_counter()
@@ -678,10 +693,11 @@ class _Packaged:
     again, with a warning. Later calls hand the step's tensors to the loaded model: no Python,
     guards or per-call constant handles between kernels."""
 
-    def __init__(self, graph: DecodeGraph, digest, what: str):
+    def __init__(self, graph: DecodeGraph, digest, what: str, options: dict | None = None):
         self.graph = graph
         self.digest = digest  # () -> the hash of the graph's weights
         self.what = what  # "the decode step for batch ..., any context (dtype)", for the log
+        self.options = {**INDUCTOR_OPTIONS, **(options or {})}  # Inductor's, for this package
         self.path: str | None = None  # the package, once found or written
         self.source: str | None = None  # "cache" or "compiled", once loaded
         self.run = None  # the loaded model's run: a list of the step's tensors -> the outputs
@@ -692,11 +708,14 @@ class _Packaged:
             run = self._load_or_compile(args)
         return tuple(run(list(args)))
 
+    def key(self, args: tuple) -> str:
+        """The name of this graph's package for these inputs (package_key)."""
+        return package_key(self.graph, self.digest(), args, True, self.options)
+
     def _load_or_compile(self, args: tuple):
         start = time.perf_counter()
         folder = package_dir()
-        key = package_key(self.graph, self.digest(), args, any_context=True)
-        path = os.path.join(folder, key + ".pt2")
+        path = os.path.join(folder, self.key(args) + ".pt2")
         if os.path.exists(path):
             try:
                 self.run = _load_package(path)
@@ -743,7 +762,7 @@ class _Packaged:
     def _compile(self, args: tuple, path: str) -> None:
         """Export the graph over copies of the step's tensors (outside inference mode, which
         export does not trace under) and compile it into a package at path."""
-        options = {k: v for k, v in INDUCTOR_OPTIONS.items() if k != "cpp_wrapper"}  # AOT's own
+        options = {k: v for k, v in self.options.items() if k != "cpp_wrapper"}  # AOT's own
         options["freezing"] = True
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # Inductor's own
@@ -757,6 +776,84 @@ class _Packaged:
             torch._inductor.aoti_compile_and_package(
                 program, package_path=path, inductor_configs=options
             )
+
+
+class _Fastest:
+    """One batch bucket compiled in several ways (GEMM_CHOICES, each a _Packaged), of which the one
+    whose graph runs the bucket's step fastest is kept: a choice by timing the whole graph on this
+    machine, not its products alone (max-autotune's). The first call loads or compiles every
+    variant, times them on that step's own tensors (ROUNDS interleaved rounds of CALLS calls, the
+    best of each) and records the winner beside the packages, so that a later process with the same
+    packages loads that one only and computes the same logits as the first. The variants compute
+    the same step; their kernels differ, and so may their last bits."""
+
+    ROUNDS = 5
+    CALLS = 3
+
+    def __init__(self, variants: dict[str, _Packaged], what: str):
+        self.variants = variants
+        self.what = what  # "the decode step for batch ..., any context (dtype)", for the log
+        self.chosen: str | None = None  # the variant that runs, once chosen
+        self.seconds: dict[str, float] = {}  # a call's time by variant, when timed in this process
+
+    @property
+    def path(self) -> str | None:
+        return self.variants[self.chosen].path if self.chosen else None
+
+    @property
+    def source(self) -> str | None:
+        return self.variants[self.chosen].source if self.chosen else None
+
+    def __call__(self, *args: torch.Tensor):
+        if self.chosen is None:
+            self._choose(args)
+        return self.variants[self.chosen](*args)
+
+    def _choose(self, args: tuple) -> None:
+        keys = sorted(v.key(args) for v in self.variants.values())
+        record = os.path.join(package_dir(), _digest_of(keys) + ".choice")
+        chosen = _read_choice(record)
+        if chosen in self.variants:
+            package = os.path.join(package_dir(), self.variants[chosen].key(args) + ".pt2")
+            if os.path.exists(package):
+                self.chosen = chosen
+                _touch(record)
+                log(f"{self.what}: {chosen} products, as timed before ({record})")
+                return
+        for variant in self.variants.values():
+            variant(*args)  # loaded, or compiled
+        inputs = list(args)
+        best = dict.fromkeys(self.variants, float("inf"))
+        for _ in range(self.ROUNDS):
+            for name, variant in self.variants.items():
+                start = time.perf_counter()
+                for _ in range(self.CALLS):
+                    variant.run(inputs)
+                best[name] = min(best[name], (time.perf_counter() - start) / self.CALLS)
+        self.seconds = best
+        self.chosen = min(best, key=best.get)
+        for name, variant in self.variants.items():
+            if name != self.chosen:
+                variant.run = None  # its loaded model (and its copy of the weights) freed
+        times = ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in best.items())
+        log(f"{self.what}: a call with {times}: keeping {self.chosen}")
+        try:
+            with atomic_file(record) as tmp:
+                tmp.write_text(self.chosen)
+        except OSError:  # an unwritable folder: the next process times them again
+            pass
+
+
+def _digest_of(parts: list[str]) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _read_choice(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _drop_dtype_asserts(program: torch.export.ExportedProgram) -> None:
@@ -790,14 +887,21 @@ def weights_digest(graph: nn.Module) -> str:
     return h.hexdigest()
 
 
-def package_key(graph: nn.Module, digest: str, args: tuple, any_context: bool = False) -> str:
+def package_key(
+    graph: nn.Module,
+    digest: str,
+    args: tuple,
+    any_context: bool = False,
+    options: dict | None = None,
+) -> str:
     """A package's name: what its compiled code depends on besides the weights' hash `digest`:
     the inputs' shapes and dtypes (the bucket and the cache pool; with any_context, the context's
     length, the last dimension of the last two inputs, left out), every setting the graph's
     modules hold (heads, ranks, norms' eps, the router's), the source of the modules it traces,
-    the compile options, torch's version, this CPU's instruction sets and the thread count (the
-    C++ GEMM templates split their work for it: `num_threads` is a constant of the compiled code,
-    so a package built for one thread runs its products on one thread in a process with two)."""
+    the compile options (INDUCTOR_OPTIONS unless given), torch's version, this CPU's instruction
+    sets and the thread count (the C++ GEMM templates split their work for it: `num_threads` is a
+    constant of the compiled code, so a package built for one thread runs its products on one
+    thread in a process with two)."""
     settings = [
         (type(m).__name__, sorted((k, repr(v)) for k, v in vars(m).items() if _plain(v)))
         for m in graph.modules()
@@ -811,7 +915,7 @@ def package_key(graph: nn.Module, digest: str, args: tuple, any_context: bool = 
         digest,
         repr([(shape, str(a.dtype)) for shape, a in zip(shapes, args)]),
         repr(settings),
-        repr(sorted(INDUCTOR_OPTIONS.items())),
+        repr(sorted((INDUCTOR_OPTIONS if options is None else options).items())),
         torch.__version__,
         _machine(),
         f"threads {torch.get_num_threads()}",
@@ -868,14 +972,15 @@ def _touch(path: str) -> None:
 
 
 def _prune(folder: str, keep: int) -> None:
-    """Delete the least recently used packages beyond `keep` (and temporary files a crashed
-    compilation left over a day ago)."""
+    """Delete the least recently used packages beyond `keep`, and as many of the records of which
+    package to run (_Fastest's), and temporary files a crashed compilation left over a day ago."""
     try:
-        entries = [e for e in os.scandir(folder) if e.name.endswith(".pt2")]
+        entries = [e for e in os.scandir(folder) if e.name.endswith((".pt2", ".choice"))]
     except OSError:
         return
     now = time.time()
     packages = []
+    choices = []
     for e in entries:
         try:
             mtime = e.stat().st_mtime
@@ -885,9 +990,10 @@ def _prune(folder: str, keep: int) -> None:
             if now - mtime > 86400:
                 _remove(e.path)
         else:
-            packages.append((mtime, e.path))
-    for _, path in sorted(packages, reverse=True)[keep:]:
-        _remove(path)
+            (choices if e.name.endswith(".choice") else packages).append((mtime, e.path))
+    for group in (packages, choices):
+        for _, path in sorted(group, reverse=True)[keep:]:
+            _remove(path)
 
 
 class _Padded:
