@@ -18,7 +18,9 @@ graph, its weights packed in, one package per batch bucket) and kept on disk und
 keyed by a hash of the weights, the bucket's input shapes, the dtype, the traced code, torch's
 version, the CPU's flags and the thread count, so that a later process with the same weights
 loads it (about 2 s for its first package, 0.1 s for each further one) instead of compiling it
-again (_Packaged); its call has no Python and no per-call constant handles between kernels.
+again (_Packaged); its call has no Python and no per-call constant handles between kernels. A
+bucket of BATCHED or more sequences is compiled twice (GEMM_CHOICES: max-autotune's matrix
+products and oneDNN's), and the graph that runs its first step faster is kept (_Fastest).
 COMPILER "jit" (and any graph with the weights as inputs) goes through torch.compile with
 Inductor's C++ wrapper instead (_Direct).
 
