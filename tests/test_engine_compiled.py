@@ -697,6 +697,29 @@ def test_a_batched_bucket_keeps_its_faster_compilation_and_records_the_choice(mo
     assert again_timed.variants["slow"].source == "cache"
 
 
+def test_a_batched_variant_that_fails_to_compile_is_left_out(monkeypatch):
+    uncompiled(monkeypatch)
+    monkeypatch.setattr(compiled_mod, "GEMM_CHOICES", {"works": {}, "broken": {"broken": True}})
+    compile_package = compiled_mod._Packaged._compile
+
+    def compile_or_fail(self, args, path):
+        if self.options.get("broken"):
+            raise RuntimeError("no kernel for this product")
+        compile_package(self, args, path)
+
+    monkeypatch.setattr(compiled_mod._Packaged, "_compile", compile_or_fail)
+    model = tiny_model()
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [[5 + i, 6, 7] for i in range(compiled_mod.BATCHED)]
+    eager = Engine(model, max_batch_size=8, block_size=4, num_blocks=96)
+    want = [o.token_ids for o in eager.generate(prompts, params)]
+    fast = Engine(model, max_batch_size=8, block_size=4, num_blocks=96, decode="compiled")
+    with pytest.warns(RuntimeWarning, match="could not compile .* broken products .* no kernel"):
+        got = [o.token_ids for o in fast.generate(prompts, params)]
+    assert got == want
+    assert fast.runner._compiled[(compiled_mod.BATCHED, None)].chosen == "works"
+
+
 def test_a_graph_aotinductor_cannot_compile_goes_through_torch_compile(monkeypatch):
     uncompiled(monkeypatch)
 

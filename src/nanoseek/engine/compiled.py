@@ -822,8 +822,19 @@ class _Fastest:
                 _touch(record)
                 log(f"{self.what}: {chosen} products, as timed before ({record})")
                 return
-        for variant in self.variants.values():
-            variant(*args)  # loaded, or compiled
+        for name, variant in list(self.variants.items()):
+            try:
+                variant(*args)  # loaded, or compiled
+            except Exception as err:  # the others may still compile: this one is left out
+                if len(self.variants) == 1:
+                    raise
+                warnings.warn(
+                    f"AOTInductor could not compile {variant.what} ({type(err).__name__}: "
+                    f"{str(err)[:300]}); timing the others",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                del self.variants[name]
         inputs = list(args)
         best = dict.fromkeys(self.variants, float("inf"))
         for _ in range(self.ROUNDS):
