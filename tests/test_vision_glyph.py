@@ -95,6 +95,11 @@ def test_settings_are_checked_before_training():
         glyph_settings({**reading, "glyph": {"steps": -1}})
     with pytest.raises(ValueError, match="visual_equation"):
         glyph_settings({"tasks": {"visual_colour": [1]}, "glyph": {"steps": 5}})
+    # the phase's own tasks: reading tasks only
+    own = {"steps": 5, "tasks": {"visual_equation": [1, 2]}}
+    assert glyph_settings({"tasks": {"visual_colour": [1]}, "glyph": own})["tasks"] == own["tasks"]
+    with pytest.raises(ValueError, match="vision.glyph.tasks"):
+        glyph_settings({**reading, "glyph": {"steps": 5, "tasks": {"visual_count": [1]}}})
 
 
 def test_the_vision_preset_has_the_phase_and_smoke_does_not():

@@ -216,6 +216,7 @@ GLYPH_DEFAULTS = {
     "lr": 0.003,
     "warmup_steps": 20,
     "problems_per_task": None,  # default: the section's problems_per_task
+    "tasks": None,  # {reading task: [difficulties]}; default: the section's reading tasks
     "seed": 0,
 }
 WEIGHTS = "vision.safetensors"  # the tower after the phase (no head)
@@ -235,6 +236,14 @@ def glyph_settings(section: Mapping) -> dict | None:
         raise ValueError(f"vision.glyph.steps: a number of steps >= 0, got {steps!r}")
     if not steps:
         return None
+    if settings["tasks"] is not None:
+        bad = sorted(set(settings["tasks"]) - set(READING_TASKS))
+        if bad or not settings["tasks"]:
+            raise ValueError(
+                f"vision.glyph.tasks: reading tasks ({list(READING_TASKS)}) with their "
+                f"difficulties, got {settings['tasks']!r}"
+            )
+        return settings
     tasks = section.get("tasks") or {}
     if not any(name in READING_TASKS for name in tasks):
         raise ValueError(
@@ -263,10 +272,11 @@ def glyph_phase(
     if (out / WEIGHTS).is_file() and (out / SUMMARY).is_file():
         tower.load_state_dict(load_file(str(out / WEIGHTS)))
         return json.loads((out / SUMMARY).read_text("utf-8"))
-    reading = {k: list(v) for k, v in section["tasks"].items() if k in READING_TASKS}
+    reading = settings["tasks"] or {k: v for k, v in section["tasks"].items() if k in READING_TASKS}
+    reading = {k: list(v) for k, v in reading.items()}
     per_task = settings["problems_per_task"] or section.get("problems_per_task", 200)
     train = visual_problems(reading, per_task, split="train")
-    tests = {name: list(probs) for name, probs in held_out.items() if name in READING_TASKS}
+    tests = {name: list(probs) for name, probs in held_out.items() if name in reading}
     # the head's characters: every transcription's, held-out ones too (a character never trained
     # is simply never written)
     charset = charset_of(train + [p for probs in tests.values() for p in probs])
