@@ -5,8 +5,8 @@ render seeds); no language model is trained.
 
     PYTHONPATH=src python docs/results/2026-11-30-vision-glyph/phase.py CKPT OUT [key=json ...]
 
-key: glyph.FIELD (glyph.steps=600). Writes OUT/glyph/{vision.safetensors,summary.json} and prints
-the summary."""
+key: glyph.FIELD (glyph.steps=600, glyph.tasks={"visual_equation":[1,2]}). Writes
+OUT/glyph/{vision.safetensors,summary.json} and prints the summary."""
 
 import json
 import sys
@@ -34,7 +34,7 @@ tower = VisionTower(
 )
 held_out = {
     name: visual_problems({name: [max(d)]}, section["eval_problems"], split="test", seed=1)
-    for name, d in section["tasks"].items()
+    for name, d in (settings["tasks"] or section["tasks"]).items()
     if name in READING_TASKS
 }
 summary = glyph_phase(tower, section, settings, held_out, out / "glyph")
