@@ -102,12 +102,13 @@ def test_settings_are_checked_before_training():
         glyph_settings({**reading, "glyph": {"steps": 5, "tasks": {"visual_count": [1]}}})
 
 
-def test_the_vision_preset_has_the_phase_and_smoke_does_not():
+def test_the_presets_phase_is_off_and_valid_when_turned_on():
     from nanoseek.presets import load_preset
 
-    section = load_preset("vision")["vision"]
-    assert glyph_settings(section)["steps"] > 0
+    assert glyph_settings(load_preset("vision")["vision"]) is None  # steps 0: off
     assert glyph_settings(load_preset("smoke")["vision"]) is None
+    section = load_preset("vision", ["vision.glyph.steps=1500"])["vision"]
+    assert glyph_settings(section)["tasks"] == {"visual_equation": [1, 2]}
 
 
 SECTION = {
