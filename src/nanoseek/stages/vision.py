@@ -1,6 +1,9 @@
 """The vision stage: a language checkpoint (the run's post-trained model: grpo/final, else
 sft/final) -> a DeepSeek-VL2-style vision-language model -> runs/NAME/vision/final.
 
+    (0) glyph:  only when the section has a "glyph" part with steps: the tower's encoder trained
+                alone to transcribe the reading tasks' pictures by CTC (stages/glyph.py; its head
+                is dropped afterwards), so that it reads before the language model sees it
     (a) align:  the adaptor (projector, newline and separator vectors) trains on image
                 conversations with the encoder and the language model frozen (router biases too)
     (b) sft:    joint SFT on the same conversations: the language model and the adaptor train, the
@@ -36,7 +39,9 @@ The preset's "vision" section:
     {"vision": {VisionConfig fields}, "tasks": {task: [difficulties]}, "problems_per_task": int,
      "renders": int, "size": [w, h] or null (each task's own), "eval_problems": int,
      "eval_tasks": {task: difficulty} (default: each task's highest), "max_new_tokens": int,
-     "train_encoder": bool, "samples": int, "align": {TrainConfig fields}, "sft": {...},
+     "train_encoder": bool, "samples": int,
+     "glyph": {stages/glyph.py GLYPH_DEFAULTS fields: steps, batch_size, lr, ...} (default: none),
+     "align": {TrainConfig fields}, "sft": {...},
      "text_share": float in [0, 1) (joint SFT's text-only share; default 0: images only),
      "text_mix": {train/sft.py DATA_DEFAULTS fields over the preset's own "sft" data settings},
      "grpo": {GRPOConfig fields; tasks default to the section's, "name:lowest-highest"},
@@ -65,6 +70,7 @@ from nanoseek.eval.visual import evaluate_visual_task
 from nanoseek.io import atomic_write_text
 from nanoseek.model.vision import VisionLanguageModel, VisionTower
 from nanoseek.stages.common import latest_checkpoint, run_stage
+from nanoseek.stages.glyph import glyph_phase, glyph_settings
 from nanoseek.tasks import TASKS
 from nanoseek.tasks.photos import photo_manifest
 from nanoseek.tasks.visual import get_visual_task
@@ -170,6 +176,8 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
     # the later phases' settings are checked before any training
     text_eval = text_eval_settings(section)
     text_share, mix_data = text_mix_settings(section, preset, out.parent)
+    glyph_section = {**section, "tasks": tasks}  # the tasks with their defaults
+    glyph = glyph_settings(glyph_section)
     grpo_cfg = grpo_phase_config(section, tasks, out, price) if section.get("grpo") else None
     if grpo_cfg is not None:
         grpo_cfg.validate()
@@ -212,6 +220,12 @@ def train_vision(source: Path, out: Path, section: dict, preset: dict | None = N
     text_before = text_figures(vlm.language_model, tok, texts, text_eval)
     before = evaluate()
     summary: dict = {"init": str(source), "examples": len(examples)}
+
+    # (0) glyph pretraining: the tower alone learns to transcribe the reading tasks' pictures
+    if glyph is not None:
+        summary["glyph"] = glyph_phase(
+            vlm.vision, glyph_section, glyph, held_out, out / "glyph", size
+        )
 
     # (a) adaptor alignment: encoder and language model frozen (router biases held too)
     vlm.freeze(encoder=True, projector=False, language=True)
