@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 from nanoseek.data.images import image_input, merge_inputs
 from nanoseek.eval.stats import wilson_interval
@@ -186,7 +187,8 @@ def pretrain_glyphs(
     rows = []
     start = time.perf_counter()
     tower.train()
-    for step in range(steps):
+    bar = tqdm(range(steps), desc="vision glyph", unit="step", mininterval=1.0)
+    for step in bar:
         picked = [problems[rng.randrange(len(problems))] for _ in range(batch_size)]
         seeds = [RENDER_SEED + step * batch_size + i for i in range(batch_size)]
         images, texts = render_batch(picked, seeds, vcfg, size)
@@ -204,8 +206,10 @@ def pretrain_glyphs(
                 "wall_s": round(time.perf_counter() - start, 2),
             }
             rows.append(row)
+            bar.set_postfix(loss=row["loss"])
             if log is not None:
                 log(row)
+    bar.close()
     return head, rows
 
 
