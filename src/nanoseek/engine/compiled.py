@@ -56,7 +56,7 @@ import tempfile
 import time
 import warnings
 import zipfile
-from functools import cache
+from functools import cache, partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -524,7 +524,7 @@ class CompiledRunner(ModelRunner):
         if key not in self._compiled:
             if self.ahead_of_time:
                 what = f"the decode step for batch {batch}, any context ({_dtype_name(self.dtype)})"
-                digest = lambda: self._weights_digest(graph)  # noqa: E731
+                digest = partial(self._weights_digest, graph)
                 if batch < BATCHED:
                     self._compiled[key] = _Packaged(graph, digest, what)
                 else:
