@@ -714,10 +714,14 @@ class _Packaged:
         """The name of this graph's package for these inputs (package_key)."""
         return package_key(self.graph, self.digest(), args, True, self.options)
 
+    def cached_path(self, args: tuple) -> str:
+        """Where this graph's package for these inputs is kept in package_dir()."""
+        return os.path.join(package_dir(), self.key(args) + ".pt2")
+
     def _load_or_compile(self, args: tuple):
         start = time.perf_counter()
         folder = package_dir()
-        path = os.path.join(folder, self.key(args) + ".pt2")
+        path = self.cached_path(args)
         if os.path.exists(path):
             try:
                 self.run = _load_package(path)
@@ -816,8 +820,7 @@ class _Fastest:
         record = os.path.join(package_dir(), _digest_of(keys) + ".choice")
         chosen = _read_choice(record)
         if chosen in self.variants:
-            package = os.path.join(package_dir(), self.variants[chosen].key(args) + ".pt2")
-            if os.path.exists(package):
+            if os.path.exists(self.variants[chosen].cached_path(args)):
                 self.chosen = chosen
                 _touch(record)
                 log(f"{self.what}: {chosen} products, as timed before ({record})")
