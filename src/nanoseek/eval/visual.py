@@ -17,13 +17,17 @@ from nanoseek.eval.accuracy import token_budget
 from nanoseek.eval.stats import wilson_interval
 from nanoseek.tasks.visual import CHANCE, get_visual_task
 
+# held-out pictures: problem i drawn with render seed EVAL_RENDER_SEED + i (no training render uses
+# these seeds)
+EVAL_RENDER_SEED = 100_000
+
 
 def evaluate_visual_task(
     engine: Engine,
     tok,
     problems: Sequence,
     *,
-    render_seed: int = 100_000,
+    render_seed: int = EVAL_RENDER_SEED,
     size: tuple[int, int] | None = None,
     max_new_tokens: int = 64,
     samples: int = 0,

@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from nanoseek.data.images import image_input, merge_inputs
 from nanoseek.eval.stats import wilson_interval
+from nanoseek.eval.visual import EVAL_RENDER_SEED
 from nanoseek.io import atomic_write_text
 from nanoseek.model.vision import VisionTower
-from nanoseek.tasks.visual import SYMBOL, get_visual_task
+from nanoseek.tasks.visual import get_visual_task
 
 READING_TASKS = ("visual_equation", "visual_word")
 RENDER_SEED = 3_000_000  # glyph pictures: seed RENDER_SEED + the draw's position in the stream
@@ -45,12 +46,9 @@ RENDER_SEED = 3_000_000  # glyph pictures: seed RENDER_SEED + the draw's positio
 
 def transcription(problem) -> str:
     """What a reader writes down first: `8 + 3`, `r i n g` (the worked solution's first line)."""
-    m = problem.metadata
-    if problem.task == "visual_equation":
-        return f"{m['a']} {SYMBOL[m['op']]} {m['b']}"
-    if problem.task == "visual_word":
-        return " ".join(m["word"])
-    raise ValueError(f"{problem.task}: no transcription (reading tasks: {READING_TASKS})")
+    if problem.task not in READING_TASKS:
+        raise ValueError(f"{problem.task}: no transcription (reading tasks: {READING_TASKS})")
+    return problem.solution.reasoning.split("\n", 1)[0]
 
 
 def glyphs(problem) -> str:
@@ -264,7 +262,7 @@ def glyph_phase(
     held_out: Mapping[str, Sequence],
     out: Path,
     size: tuple[int, int] | None = None,
-    render_seed: int = 100_000,
+    render_seed: int = EVAL_RENDER_SEED,
 ) -> dict:
     """The vision stage's glyph pretraining: the tower's encoder trained by CTC on fresh
     renders of the section's reading tasks (train split), then best-path reads of the held-out
