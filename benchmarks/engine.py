@@ -39,7 +39,7 @@ from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.compiled import package_dir
 from nanoseek.engine.quant import quantization_error, quantize_model
 from nanoseek.engine.weights import MoEWeights
-from nanoseek.hostmem import keep_freed_memory
+from nanoseek.hostmem import tune_host_memory
 from nanoseek.train.precision import cpu_summary, native_bf16
 
 
@@ -473,7 +473,7 @@ def main() -> None:
         help="only the concurrent-requests rows (eager and compiled), then stop",
     )
     args = ap.parse_args()
-    keep_freed_memory()  # as the nanoseek CLI does (nanoseek/hostmem.py)
+    tune_host_memory()  # as the nanoseek CLI does (nanoseek/hostmem.py)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     emit(bench="cpu", **cpu_summary())  # which CPU the figures come from

@@ -27,7 +27,7 @@ import torch
 from nanoseek import ModelConfig, Transformer, load_model
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.compiled import CompiledRunner
-from nanoseek.hostmem import keep_freed_memory
+from nanoseek.hostmem import tune_host_memory
 from nanoseek.presets import load_preset
 from nanoseek.train.precision import native_bf16
 
@@ -81,7 +81,7 @@ def main() -> None:
         help="the compiled engines' matrices (default: float32, and bfloat16 where native)",
     )
     args = ap.parse_args()
-    keep_freed_memory()  # as the nanoseek CLI does (nanoseek/hostmem.py)
+    tune_host_memory()  # as the nanoseek CLI does (nanoseek/hostmem.py)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     preset = load_preset(args.preset or "cpu")

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine import Engine, SamplingParams, kernels
 from nanoseek.engine import compiled as compiled_mod
-from nanoseek.engine.compiled import CompiledRunner, bucket
+from nanoseek.engine.compiled import CompiledRunner, bucket, compiler_missing
 from nanoseek.engine.quant import quantize_model
 from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.weights import InferenceWeights
@@ -345,6 +345,7 @@ def test_decode_graph_with_every_expert_or_sorted_experts_equals_eager_and_recom
     full recompute's logits. Three experts, top 2: the padded batch of 4 has 2.7 pairs per
     expert, dense at the default bound of 4, sorted under a bound of 2."""
     uncompiled(monkeypatch)
+    monkeypatch.setattr(compiled_mod, "MOE_KERNEL", False)  # the composed ops
     if dispatch == "dispatch_sorted":
         monkeypatch.setattr(compiled_mod, "DENSE_PAIRS_PER_EXPERT", 2)
     called = []
@@ -354,6 +355,32 @@ def test_decode_graph_with_every_expert_or_sorted_experts_equals_eager_and_recom
     eager = teacher_forced(engine(model))
     got = teacher_forced(engine(model, decode="compiled", decode_dtype=dtype))
     assert called and set(called) == {4}  # the padded batch of 4; smaller ones gather
+    compare(got, eager, tol, within)
+    compare(got, recomputed(model), tol, within)
+
+
+@pytest.mark.skipif(compiler_missing() is not None, reason="no C++ compiler")
+@pytest.mark.parametrize("dtype,tol,within", PATHS)
+def test_decode_graph_with_the_expert_kernel_equals_eager_and_recompute(
+    monkeypatch, dtype, tol, within
+):
+    """With more (token, expert) pairs than twice the experts, the graph's routed experts run in
+    engine/kernels' C++ kernel, its matrices packed in the graph's dtype; the logits are the
+    eager engine's and a full recompute's."""
+    uncompiled(monkeypatch)
+    called = []
+    real = kernels.moe_experts
+    monkeypatch.setattr(kernels, "moe_experts", lambda *a: called.append(len(a[0])) or real(*a))
+    model = tiny_model(**FEW_EXPERTS, **YARN)
+    eager = teacher_forced(engine(model))
+    fast = engine(model, decode="compiled", decode_dtype=dtype)
+    got = teacher_forced(fast)
+    assert called and set(called) == {4}  # the padded batch of 4; smaller ones gather
+    moe_graph = next(
+        b.ffn for b in fast.runner.graph().blocks if b.ffn.__class__.__name__ == "_MoEGraph"
+    )
+    want = torch.float32 if dtype == "float32" else getattr(torch, dtype)
+    assert moe_graph.gate_up_k.dtype == want and moe_graph.gate_up32 is None
     compare(got, eager, tol, within)
     compare(got, recomputed(model), tol, within)
 
@@ -713,7 +740,14 @@ def test_a_batched_variant_that_fails_to_compile_is_left_out(monkeypatch):
     prompts = [[5 + i, 6, 7] for i in range(compiled_mod.BATCHED)]
     eager = Engine(model, max_batch_size=8, block_size=4, num_blocks=96)
     want = [o.token_ids for o in eager.generate(prompts, params)]
-    fast = Engine(model, max_batch_size=8, block_size=4, num_blocks=96, decode="compiled")
+    fast = Engine(
+        model,
+        max_batch_size=8,
+        block_size=4,
+        num_blocks=96,
+        decode="compiled",
+        decode_dtype="float32",
+    )
     with pytest.warns(RuntimeWarning, match="could not compile .* broken products .* no kernel"):
         got = [o.token_ids for o in fast.generate(prompts, params)]
     assert got == want
@@ -819,6 +853,7 @@ def test_aot_package_from_disk_gives_the_same_logits():
 def test_compiled_dense_or_sorted_experts_equal_eager_and_recompute(monkeypatch, dispatch):
     """Every expert on every token, or the pairs sorted by expert (the grouped product as the
     custom op), compiled for real, fp32."""
+    monkeypatch.setattr(compiled_mod, "MOE_KERNEL", False)  # the composed ops
     if dispatch == "dispatch_sorted":
         monkeypatch.setattr(compiled_mod, "DENSE_PAIRS_PER_EXPERT", 2)
     called = []
@@ -830,6 +865,19 @@ def test_compiled_dense_or_sorted_experts_equal_eager_and_recompute(monkeypatch,
     assert 4 in called  # traced into the batch-4 graph
     compare(got, eager, FP32_TOL)
     compare(got, recomputed(model), FP32_TOL)
+
+
+@pytest.mark.slow
+def test_compiled_expert_kernel_equals_eager_and_recompute(monkeypatch):
+    """The routed experts' C++ kernel called from a package compiled for real (AOTInductor calls
+    the op by name), fp32, and from that package loaded again by a second engine."""
+    model = tiny_model(**FEW_EXPERTS, **YARN)
+    eager = teacher_forced(engine(model))
+    got = teacher_forced(engine(model, decode="compiled", decode_dtype="float32"))
+    again = teacher_forced(engine(model, decode="compiled", decode_dtype="float32"))
+    compare(got, eager, FP32_TOL)
+    compare(got, recomputed(model), FP32_TOL)
+    compare(again, got, 0.0)
 
 
 @pytest.mark.slow

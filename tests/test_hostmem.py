@@ -42,3 +42,40 @@ def test_a_large_tensor_made_again_reuses_its_pages():
     # transparent huge pages); on, every later tensor takes the freed one's pages
     assert faults_off > 0
     assert faults * 3 < faults_off
+
+
+HUGE_PROBE = """
+import os
+from nanoseek.hostmem import tune_host_memory
+tune_host_memory()
+import torch
+x = torch.ones(16 * 2**20)  # 64 MiB, written
+huge = sum(int(l.split()[1]) for l in open("/proc/self/smaps") if l.startswith("AnonHugePages"))
+print(os.environ["THP_MEM_ALLOC_ENABLE"], huge)
+"""
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="no transparent huge pages")
+def test_large_tensors_on_huge_pages_unless_the_environment_says_otherwise():
+    def probe(**env) -> tuple[str, int]:
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+        out = subprocess.run(
+            [sys.executable, "-c", HUGE_PROBE],
+            env={**env, "PYTHONPATH": SRC},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        return out[0], int(out[1])
+
+    asked, huge_kb = probe()
+    assert asked == "1" and huge_kb >= 2048  # at least one 2 MB page
+    assert probe(THP_MEM_ALLOC_ENABLE="0")[0] == "0"  # the user's choice stands

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from nanoseek.cli import export, infer, pipeline, posttrain, serve
-from nanoseek.hostmem import keep_freed_memory
+from nanoseek.hostmem import tune_host_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # large per-step tensors reuse their pages (nanoseek/hostmem.py)
+    tune_host_memory()  # freed pages kept, large tensors on huge pages (nanoseek/hostmem.py)
     if getattr(args, "preset", None) and args.out is None:
         args.out = f"runs/{Path(args.preset).stem}"
     try:

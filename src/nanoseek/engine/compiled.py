@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -64,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.engine import kernels
 from nanoseek.engine.cache import LatentCache
 from nanoseek.engine.quant import is_quantized, quantize_tensor
 from nanoseek.engine.runner import ModelRunner, StepInput
@@ -115,6 +117,10 @@ PACKAGES_KEPT = 24
 # compilations; 4.8 ms with oneDNN for every product). Such a bucket is compiled once per entry
 # here, and the graph that runs the bucket's own step fastest is kept (_Fastest)
 GEMM_CHOICES = {"max-autotune": {}, "oneDNN": {"max_autotune_gemm_backends": "ATEN"}}
+# A batch whose routed experts see more (token, expert) pairs than GATHERED_PAIRS_PER_EXPERT runs
+# them through the CPU kernel engine/kernels/moe_experts.cpp (each pair computed once, each
+# expert's weights read once, one call per layer) where it builds; False keeps the composed ops
+MOE_KERNEL = True
 
 
 def log(message: str) -> None:
@@ -261,7 +267,7 @@ DENSE_PAIRS_PER_EXPERT = 4
 
 
 class _MoEGraph(_Params):
-    def __init__(self, m: MoEWeights, dtype: torch.dtype):
+    def __init__(self, m: MoEWeights, dtype: torch.dtype, batched_kernel: bool):
         super().__init__()
         self.gate = m.router.gate  # the model's moe.Router: its route() decides, in the graph
         self.put("router", m.router.w_t, torch.float32)
@@ -285,12 +291,21 @@ class _MoEGraph(_Params):
             self.put("down", down, _float_dtype(dtype))
             self.put("gate_up_s", None)
             self.put("down_s", None)
-        # the dense and sorted experts' matrices: fp32 whatever the graph's dtype. An int8 scale per
-        # expert and output channel does not survive flattening the experts into one down product,
-        # bf16 products of 16 rows run no faster than fp32 here (2 threads: [16, 256] x [256,
-        # 4096] 239 vs 216 us, x [2048, 256] 133 vs 105), and bf16 grouped products are slow
-        self.put("gate_up32", gate_up if dtype != torch.float32 else None, torch.float32)
-        self.put("down32", down if dtype != torch.float32 else None, torch.float32)
+        # The batched experts' matrices (more pairs than GATHERED_PAIRS_PER_EXPERT). With the CPU
+        # kernel (engine/kernels): packed in its tiles, in the graph's dtype (its products
+        # accumulate in fp32). Without, the dense and sorted experts' fp32 copies for bf16 and int8
+        # graphs: an int8 scale per expert and output channel does not survive flattening the
+        # experts into one down product, bf16 products of 16 rows ran no faster than fp32 on the
+        # Xeon (2 threads: [16, 256] x [256, 4096] 239 vs 216 us), bf16 grouped products are slow
+        self.kernel = batched_kernel
+        packed = kernels.pack_experts(m.gate_up_t, m.down_t, dtype) if batched_kernel else ()
+        for name, t in itertools.zip_longest(
+            ("gate_up_k", "down_k", "gate_up_k_s", "down_k_s"), packed
+        ):
+            self.put(name, t)
+        copies = dtype != torch.float32 and not batched_kernel
+        self.put("gate_up32", gate_up if copies else None, torch.float32)
+        self.put("down32", down if copies else None, torch.float32)
 
     def forward(self, x):
         weights, ids, _ = self.gate.route(torch.mm(x, self.router), self.router_bias)
@@ -303,7 +318,11 @@ class _MoEGraph(_Params):
         # 32 tokens: dense 4.62 / 2.59, sorted 3.92 / 2.89; one thread, 64 tokens: dense 7.73,
         # sorted 5.20; 128: 16.0 / 7.71. The dense bound is where it wins at both thread counts
         pairs_per_expert = ids.numel() / self.gate_up.shape[0]
-        if pairs_per_expert > self.gathered_up_to:
+        if pairs_per_expert > self.gathered_up_to and self.kernel:  # each pair once, in C++
+            routed = kernels.moe_experts(
+                x, weights, ids, self.gate_up_k, self.down_k, self.gate_up_k_s, self.down_k_s
+            )
+        elif pairs_per_expert > self.gathered_up_to:
             copies = self.gate_up32 is not None
             gate_up, down = (self.gate_up32, self.down32) if copies else (self.gate_up, self.down)
             dispatch = (
@@ -319,13 +338,15 @@ class _MoEGraph(_Params):
 
 
 class _BlockGraph(_Params):
-    def __init__(self, w: BlockWeights, dtype: torch.dtype):
+    def __init__(self, w: BlockWeights, dtype: torch.dtype, batched_kernel: bool):
         super().__init__()
         self.attn = _AttentionGraph(w.attn, dtype)
         self.ffn_eps = w.ffn_eps
         self.put("ffn_norm", w.ffn_norm, torch.float32)
         moe_ffn = isinstance(w.ffn, MoEWeights)
-        self.ffn = _MoEGraph(w.ffn, dtype) if moe_ffn else _SwiGLUGraph(w.ffn, dtype)
+        self.ffn = (
+            _MoEGraph(w.ffn, dtype, batched_kernel) if moe_ffn else _SwiGLUGraph(w.ffn, dtype)
+        )
 
     def forward(self, x, cos, sin, cache_rows, bias):
         a, latent = self.attn(x, cos, sin, cache_rows, bias)
@@ -336,12 +357,18 @@ class _BlockGraph(_Params):
 class DecodeGraph(_Params):
     """The decode step of B sequences, one token each: a module whose forward is the graph."""
 
-    def __init__(self, model: Transformer, weights: InferenceWeights, dtype: torch.dtype):
+    def __init__(
+        self,
+        model: Transformer,
+        weights: InferenceWeights,
+        dtype: torch.dtype,
+        batched_kernel: bool = False,
+    ):
         super().__init__()
         self.n_layers = len(model.layers)
         self.put("embed", model.embed_tokens.weight, torch.float32)
         blocks = weights.blocks[: self.n_layers]
-        self.blocks = nn.ModuleList(_BlockGraph(b, dtype) for b in blocks)
+        self.blocks = nn.ModuleList(_BlockGraph(b, dtype, batched_kernel) for b in blocks)
         self.norm_eps = model.norm.eps
         self.put("norm", model.norm.weight, torch.float32)
         self.matrix("lm_head", weights.lm_head.w_t, dtype)
@@ -476,7 +503,8 @@ class CompiledRunner(ModelRunner):
         if self._graph is not None and weights.generation == self._generation:
             return self._graph
         with torch.no_grad():
-            graph = DecodeGraph(self.model, weights, self.dtype).eval()
+            kernel = MOE_KERNEL and kernels.load()
+            graph = DecodeGraph(self.model, weights, self.dtype, kernel).eval()
         # frozen weights are constants of the compiled code: only a new compilation sees new ones
         in_place = not self.frozen
         if self._graph is not None and in_place and _same_tensors(self._graph, graph):
@@ -954,10 +982,10 @@ def _machine() -> str:
 
 @cache
 def _traced_code() -> str:
-    """The source of the modules whose code the graph runs."""
+    """The source of the modules whose code the graph runs, the CPU kernels' included."""
     h = hashlib.sha256()
-    for module in (sys.modules[__name__], moe, attention):
-        with open(module.__file__, "rb") as f:
+    for path in (sys.modules[__name__].__file__, moe.__file__, attention.__file__, kernels.SOURCE):
+        with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()
 
