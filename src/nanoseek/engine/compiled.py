@@ -264,6 +264,10 @@ class _SwiGLUGraph(_Params):
 # pair's expert by id, and up to which it runs every expert on every token (then: sorted by expert)
 GATHERED_PAIRS_PER_EXPERT = 2
 DENSE_PAIRS_PER_EXPERT = 4
+# ... beyond which the CPU kernel runs them, where it is built (MOE_KERNEL). Zen 4, one thread,
+# the trained reference checkpoint, fp32 tok/s gathered vs kernel: 1 sequence 775 vs 756, 4
+# sequences (1 pair per expert) 1,457 vs 1,479, 8 sequences (2) 1,473 vs 2,083
+KERNEL_ABOVE_PAIRS_PER_EXPERT = 1
 
 
 class _MoEGraph(_Params):
@@ -276,6 +280,7 @@ class _MoEGraph(_Params):
         # which dispatch a batch takes (instance settings: the package key holds them)
         self.gathered_up_to = GATHERED_PAIRS_PER_EXPERT
         self.dense_up_to = DENSE_PAIRS_PER_EXPERT
+        self.kernel_above = KERNEL_ABOVE_PAIRS_PER_EXPERT
         # The experts' matrices are held [E, out, in], the model's parameters' own layout, and
         # handed to moe's dispatch as x @ W views (.mT): a gathered expert's product then reduces
         # along contiguous rows (five MoE layers, batch 1, one thread: 0.49 -> 0.32 ms in fp32,
@@ -310,15 +315,16 @@ class _MoEGraph(_Params):
     def forward(self, x):
         weights, ids, _ = self.gate.route(torch.mm(x, self.router), self.router_bias)
         # Each expert's weights read once per (token, expert) pair while the pairs are few;
-        # beyond, once per batch: every expert on every token in two plain products while the
-        # pairs are a few times the experts, then the pairs sorted by expert, one grouped product
-        # per matrix. Five MoE layers of the reference config, fp32, one / two threads, ms:
+        # beyond, once per batch: in the CPU kernel, which computes each pair once; without it,
+        # every expert on every token in two plain products while the pairs are a few times the
+        # experts, then the pairs sorted by expert, one grouped product per matrix. Five MoE
+        # layers of the reference config, fp32, one / two threads, ms (Xeon, before the kernel):
         # 8 tokens: gathered 2.16 / 1.19, dense 2.26 / 1.26, sorted 2.29 / 1.94;
         # 16 tokens: gathered 4.14 / 2.11, dense 2.72 / 1.57, sorted 2.83 / 2.45;
         # 32 tokens: dense 4.62 / 2.59, sorted 3.92 / 2.89; one thread, 64 tokens: dense 7.73,
         # sorted 5.20; 128: 16.0 / 7.71. The dense bound is where it wins at both thread counts
         pairs_per_expert = ids.numel() / self.gate_up.shape[0]
-        if pairs_per_expert > self.gathered_up_to and self.kernel:  # each pair once, in C++
+        if self.kernel and pairs_per_expert > self.kernel_above:  # each pair once, in C++
             routed = kernels.moe_experts(
                 x, weights, ids, self.gate_up_k, self.down_k, self.gate_up_k_s, self.down_k_s
             )
