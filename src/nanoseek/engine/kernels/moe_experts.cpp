@@ -25,6 +25,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -70,10 +74,18 @@ inline vec load_weights(const at::BFloat16* p) {
 }
 
 inline vec load_weights(const int8_t* p) {
-  typedef int8_t bytes __attribute__((vector_size(LANES)));
-  bytes b;
-  std::memcpy(&b, p, sizeof b);
-  return __builtin_convertvector(b, vec);
+  // GCC's vector conversion of int8 goes element by element: sign-extend with the instructions
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+#else
+  float f[LANES];
+  for (int i = 0; i < LANES; ++i) f[i] = p[i];
+#endif
+  vec v;
+  std::memcpy(&v, &f, sizeof v);
+  return v;
 }
 
 // out[r, 0:TILE] = scale * sum_k a[r][k] * w[k, 0:TILE] for R rows (a's rows by pointer; w one
