@@ -217,7 +217,9 @@ def test_lm_eval_local_completions_loglikelihoods_equal_the_model(server, checkp
             assert context == doc["question"] and continuation == " " + choice
             got = float(resp[0][0])
             want = reference_loglikelihood(ckpt.model, tok, context, continuation)
-            assert abs(got - want) < 1e-4, (context, continuation, got, want)
+            # a sum of per-token log-probabilities (-66 here): the server's forward and the
+            # reference's round differently on each CPU, so the tolerance grows with the sum
+            assert abs(got - want) <= 1e-4 + 1e-5 * abs(want), (context, continuation, got, want)
             scored += 1
     assert scored == sum(len(d["choices"]) for d in MC_DOCS)
     # lm-eval tokenized through the server: its auto backend found /tokenizer_info and /tokenize

@@ -967,7 +967,7 @@ def package_key(
         repr(settings),
         repr(sorted((INDUCTOR_OPTIONS if options is None else options).items())),
         torch.__version__,
-        _machine(),
+        cpu_signature(),
         f"threads {torch.get_num_threads()}",
         _traced_code(),
     ):
@@ -980,7 +980,7 @@ def _plain(v: object) -> bool:
 
 
 @cache
-def _machine() -> str:
+def cpu_signature() -> str:
     """This CPU's instruction sets, as the kernels compiled for it depend on them."""
     flags = " ".join(sorted(cpu_flags())) or platform.processor()
     return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} {flags}"
