@@ -7,11 +7,13 @@ weights at a fraction of the memory bandwidth. Here the whole step (embedding, e
 MLA over the gathered cache rows, routing, the experts gathered by id with model/moe.py's
 `dispatch_gathered`; final norm, LM head) is one tensor program, compiled by Inductor with its C++
 wrapper and max-autotune, which picks its C++ GEMM templates (shared/spec/cpu-decode-probe.md: the
-default mode gains nothing). Its shapes are static but for the context's length in a graph compiled
-ahead of time: the batch is padded to a power of two; the context to a multiple of CONTEXT_STEP rows
-(ahead of time, a dynamic dimension), or, in torch.compile's graphs, to a power of two of at least
-CONTEXT_MIN rows (CONTEXT_MIN_BATCHED for a batch of BATCHED or more, whose step spends more on
-attention over the padding). Either way a few compilations serve a whole generation.
+default mode gains nothing). A batch with more than one (token, expert) pair per expert runs its
+routed experts in a C++ kernel instead (engine/kernels: each pair once, each expert's weights read
+once), which the compiled code calls as an op. Its shapes are static but for the context's length
+in a graph compiled ahead of time: the batch is padded to a power of two; the context to a multiple
+of CONTEXT_STEP rows (ahead of time, a dynamic dimension), or, in torch.compile's graphs, to a power
+of two of at least CONTEXT_MIN rows (CONTEXT_MIN_BATCHED for a batch of BATCHED or more, whose step
+spends more on attention over the padding). Either way a few compilations serve a whole generation.
 
 A graph with frozen weights is compiled ahead of time by AOTInductor (COMPILER "aot": the exported
 graph, its weights packed in, one package per batch bucket) and kept on disk under package_dir(),
@@ -117,9 +119,10 @@ PACKAGES_KEPT = 24
 # compilations; 4.8 ms with oneDNN for every product). Such a bucket is compiled once per entry
 # here, and the graph that runs the bucket's own step fastest is kept (_Fastest)
 GEMM_CHOICES = {"max-autotune": {}, "oneDNN": {"max_autotune_gemm_backends": "ATEN"}}
-# A batch whose routed experts see more (token, expert) pairs than GATHERED_PAIRS_PER_EXPERT runs
-# them through the CPU kernel engine/kernels/moe_experts.cpp (each pair computed once, each
-# expert's weights read once, one call per layer) where it builds; False keeps the composed ops
+# A batch whose routed experts see more than KERNEL_ABOVE_PAIRS_PER_EXPERT (token, expert) pairs
+# per expert runs them through the CPU kernel engine/kernels/moe_experts.cpp (each pair computed
+# once, each expert's weights read once, one call per layer) where it builds; False keeps the
+# composed ops of model/moe.py
 MOE_KERNEL = True
 
 
@@ -296,9 +299,9 @@ class _MoEGraph(_Params):
             self.put("down", down, _float_dtype(dtype))
             self.put("gate_up_s", None)
             self.put("down_s", None)
-        # The batched experts' matrices (more pairs than GATHERED_PAIRS_PER_EXPERT). With the CPU
-        # kernel (engine/kernels): packed in its tiles, in the graph's dtype (its products
-        # accumulate in fp32). Without, the dense and sorted experts' fp32 copies for bf16 and int8
+        # The batched experts' matrices. With the CPU kernel (engine/kernels): packed in its
+        # tiles, in the graph's dtype (its products accumulate in fp32). Without, the dense and
+        # sorted experts' fp32 copies for bf16 and int8
         # graphs: an int8 scale per expert and output channel does not survive flattening the
         # experts into one down product, bf16 products of 16 rows ran no faster than fp32 on the
         # Xeon (2 threads: [16, 256] x [256, 4096] 239 vs 216 us), bf16 grouped products are slow
