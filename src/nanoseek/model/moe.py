@@ -393,30 +393,33 @@ def _grouped_mm_few_shapes(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tens
     time with the counts held fixed. Split, an expert's products take at most M/ROW_BLOCK +
     ROW_BLOCK shapes over a whole run. The same numbers as F.grouped_mm up to rounding: the
     weight gradient adds its two parts in one rounding (oneDNN's sum post-op)."""
-    splits = []  # per group: start, end of the block-multiple part, end
+    sizes = []  # per group: its block-multiple part's rows, then the remainder's
     start = 0
     for end in offsets.tolist():
-        splits.append((start, start + (end - start) // ROW_BLOCK * ROW_BLOCK, end))
+        bulk = (end - start) // ROW_BLOCK * ROW_BLOCK
+        sizes += [bulk, end - start - bulk]
         start = end
-    if b.dim() == 3:  # a [M, K] @ b[e] by row groups -> [M, N]
+    weights = b.unbind(0) if b.dim() == 3 else None
+    if weights is not None:  # a [M, K] @ b[e] by row groups -> [M, N]
         out = a.new_empty(a.shape[0], b.shape[2])
-        for e, (start, mid, end) in enumerate(splits):
-            for lo, hi in ((start, mid), (mid, end)):
-                if hi > lo:
-                    torch.mm(a[lo:hi], b[e], out=out[lo:hi])
+        for i, (rows, out_rows) in enumerate(zip(a.split(sizes), out.split(sizes))):
+            if rows.shape[0]:
+                torch.mm(rows, weights[i // 2], out=out_rows)
         return out
     # a [K, M] @ b [M, N] by groups of M -> [E, K, N]: the remainder's product, then the rest
     # added to it (the smaller part is the one rounded to the dtype before the sum)
     out = a.new_empty(offsets.shape[0], a.shape[0], b.shape[1])
-    for e, (start, mid, end) in enumerate(splits):
-        parts = [(lo, hi) for lo, hi in ((mid, end), (start, mid)) if hi > lo]
-        if not parts:  # an expert without rows: a zero gradient, as F.grouped_mm gives
-            out[e].zero_()
-            continue
-        (lo, hi), rest = parts[0], parts[1:]
-        torch.mm(a[:, lo:hi], b[lo:hi], out=out[e])
-        for lo, hi in rest:
-            out[e].addmm_(a[:, lo:hi], b[lo:hi])
+    a_parts, b_parts = a.split(sizes, dim=1), b.split(sizes)
+    for e, grad in enumerate(out.unbind(0)):
+        bulk, rest = 2 * e, 2 * e + 1
+        if b_parts[rest].shape[0]:
+            torch.mm(a_parts[rest], b_parts[rest], out=grad)
+            if b_parts[bulk].shape[0]:
+                grad.addmm_(a_parts[bulk], b_parts[bulk])
+        elif b_parts[bulk].shape[0]:
+            torch.mm(a_parts[bulk], b_parts[bulk], out=grad)
+        else:  # an expert without rows: a zero gradient, as F.grouped_mm gives
+            grad.zero_()
     return out
 
 
