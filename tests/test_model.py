@@ -9,7 +9,15 @@ import torch.nn.functional as F
 
 from nanoseek import Transformer
 from nanoseek.model.attention import absorb_query, attend_latent, expand_output
-from nanoseek.model.moe import MoE, _inverse, _rank, dispatch, dispatch_one
+from nanoseek.model.moe import (
+    ROW_BLOCK,
+    MoE,
+    _inverse,
+    _rank,
+    cpu_grouped_mm,
+    dispatch,
+    dispatch_one,
+)
 from nanoseek.model.rope import apply_rope, inverse_frequencies, rope_tables
 
 from helpers import tiny_config
@@ -47,6 +55,72 @@ def test_moe_fallback_loop_equals_grouped_matmul(monkeypatch):
     monkeypatch.setattr("nanoseek.model.moe.grouped_mm_ok", lambda *a: False)
     looped, _ = moe(x)
     assert torch.allclose(grouped, looped, atol=1e-6)
+
+
+def _relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def test_bf16_expert_products_take_few_shapes_and_equal_grouped_mm():
+    """The experts' grouped products in bf16 on CPU (`cpu_grouped_mm`, each expert's rows split
+    into a multiple of ROW_BLOCK and the rest, so that oneDNN reuses the kernels it built): every
+    matrix product run, forward and backward, has each dimension a multiple of ROW_BLOCK or below
+    it, whatever the counts; the output and both gradients are F.grouped_mm's, in fp32 on the same
+    bf16 values, within bf16's rounding (unit roundoff 2^-8: relative error below 2e-2)."""
+    block = ROW_BLOCK
+    counts = torch.tensor([0, 1, block - 1, block, block + 5, 3 * block, 2 * block + 17])
+    offsets = counts.cumsum(0).to(torch.int32)
+    m, k, n = int(offsets[-1]), 2 * block, 3 * block
+    x = torch.randn(m, k).bfloat16().requires_grad_()
+    w = torch.randn(len(counts), n, k).bfloat16().requires_grad_()  # used transposed, as Experts
+    grad = torch.randn(m, n).bfloat16()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = cpu_grouped_mm(x, w.mT, offsets)
+        out.backward(grad)
+    products = [e for e in prof.events() if e.name in ("aten::mm", "aten::addmm_")]
+    dims = {d for e in products for shape in e.input_shapes if len(shape) == 2 for d in shape}
+    assert products and all(d % block == 0 or d < block for d in dims), sorted(dims)
+    assert not any(e.name == "aten::_grouped_mm" for e in prof.events())
+
+    xf = x.detach().float().requires_grad_()
+    wf = w.detach().float().requires_grad_()
+    ref = F.grouped_mm(xf, wf.mT, offs=offsets)
+    ref.backward(grad.float())
+    assert _relative_error(out, ref) < 2e-2
+    assert _relative_error(x.grad, xf.grad) < 2e-2
+    assert _relative_error(w.grad, wf.grad) < 2e-2
+    assert not w.grad[0].any()  # the expert without rows: no gradient
+
+
+def test_moe_under_bf16_autocast_equals_the_grouped_mm_path(monkeypatch):
+    """A MoE layer's forward and expert gradients under bf16 autocast on CPU, through the
+    few-shapes products, against the same layer through F.grouped_mm and its own backward (the
+    path before them): equal within bf16's rounding (relative error below 2e-2), with experts
+    given a multiple of ROW_BLOCK rows and a remainder."""
+    cfg = tiny_config()
+    moe = MoE(cfg).train()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(4, 64, cfg.hidden_size)
+    probe = torch.randn(4, 64, cfg.hidden_size)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = moe(x)
+        (out.float() * probe).sum().backward()
+        grads = [p.grad.clone() for p in (moe.experts.gate_up_proj, moe.experts.down_proj)]
+        moe.zero_grad()
+        return out.detach(), grads
+
+    out, grads = run()
+    load = moe.expert_load.clone()
+    assert ((load > ROW_BLOCK) & (load % ROW_BLOCK != 0)).any()  # both parts of a product ran
+    monkeypatch.setattr("nanoseek.model.moe._onednn_dtype", lambda x: False)
+    ref_out, ref_grads = run()
+    assert _relative_error(out, ref_out) < 2e-2
+    for g, ref in zip(grads, ref_grads):
+        assert _relative_error(g, ref) < 2e-2
 
 
 def test_router_selects_with_bias_but_weights_without_it():

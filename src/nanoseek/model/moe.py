@@ -10,7 +10,9 @@ contiguous slice, all experts run as one grouped matmul (or a loop over the non-
 the outputs go back to token order by the inverse permutation and are summed, weighted. No
 capacity, nothing dropped. Under autocast the grouped matmul runs in the autocast dtype; under
 torch.compile on CPU it is the custom op `cpu_grouped_mm` (Inductor cannot lower F.grouped_mm
-there), which computes the same numbers.
+there), which computes the same numbers. In bf16 on CPU the op runs eagerly too, its products split
+so that their shapes repeat from step to step (`_grouped_mm_few_shapes`: oneDNN builds a kernel for
+each new shape).
 
 This is the one copy of routing and of the expert loop. The engine (engine/weights.py, weights
 stored [in, out]) and the int8 experts (engine/quant.py) call `Router.route`, `dispatch` and
@@ -349,8 +351,10 @@ def _rows_aligned(*ts: torch.Tensor) -> bool:
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and torch.compiler.is_compiling():
-        return cpu_grouped_mm(x, w, offsets)  # Inductor cannot lower F.grouped_mm on CPU
+    if x.device.type == "cpu" and (torch.compiler.is_compiling() or _onednn_dtype(x)):
+        # Inductor cannot lower F.grouped_mm on CPU; in bf16 the op also keeps the products'
+        # shapes few (_grouped_mm_few_shapes)
+        return cpu_grouped_mm(x, w, offsets)
     out = F.grouped_mm(x, w, offs=offsets)
     # the backward kernel rejects expanded (stride-0) gradients, e.g. from .sum()
     if out.requires_grad:
@@ -362,8 +366,61 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torc
 def cpu_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """F.grouped_mm as an opaque op that torch.compile calls rather than traces: a
     [M, K] @ b [E, K, N] by row groups -> [M, N], or a [K, M] @ b [M, N] by groups of
-    M -> [E, K, N] (the weight gradient)."""
+    M -> [E, K, N] (the weight gradient). In bf16 or fp16, `_grouped_mm_few_shapes`."""
+    if _onednn_dtype(a):
+        return _grouped_mm_few_shapes(a, b, offsets)
     return F.grouped_mm(a, b, offs=offsets)
+
+
+def _onednn_dtype(x: torch.Tensor) -> bool:
+    """Whether torch multiplies matrices of x's dtype on CPU with oneDNN (bf16, fp16), which
+    builds a kernel for each new shape, rather than with a BLAS's fixed kernels (fp32)."""
+    return x.dtype in (torch.bfloat16, torch.float16)
+
+
+# Row counts, per expert, are multiples of this plus a remainder below it in the bf16 products.
+ROW_BLOCK = 32
+
+
+def _grouped_mm_few_shapes(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`cpu_grouped_mm` in bf16 or fp16: each group's product in two, its rows split into a
+    multiple of ROW_BLOCK and the remainder, so that the products' shapes come from a small set.
+
+    oneDNN JIT-compiles a kernel for every new matrix shape and caches it; on a cache miss that
+    takes about as long as one expert's product at the reference shapes (0.2-0.4 ms). Routing
+    gives every expert a new row count at every step, so F.grouped_mm's one product per group
+    missed nearly every time: in the compiled bf16 training step its products took twice their
+    time with the counts held fixed. Split, an expert's products take at most M/ROW_BLOCK +
+    ROW_BLOCK shapes over a whole run. The same numbers as F.grouped_mm up to rounding: the
+    weight gradient adds its two parts in one rounding (oneDNN's sum post-op)."""
+    sizes = []  # per group: its block-multiple part's rows, then the remainder's
+    start = 0
+    for end in offsets.tolist():
+        bulk = (end - start) // ROW_BLOCK * ROW_BLOCK
+        sizes += [bulk, end - start - bulk]
+        start = end
+    weights = b.unbind(0) if b.dim() == 3 else None
+    if weights is not None:  # a [M, K] @ b[e] by row groups -> [M, N]
+        out = a.new_empty(a.shape[0], b.shape[2])
+        for i, (rows, out_rows) in enumerate(zip(a.split(sizes), out.split(sizes))):
+            if rows.shape[0]:
+                torch.mm(rows, weights[i // 2], out=out_rows)
+        return out
+    # a [K, M] @ b [M, N] by groups of M -> [E, K, N]: the remainder's product, then the rest
+    # added to it (the smaller part is the one rounded to the dtype before the sum)
+    out = a.new_empty(offsets.shape[0], a.shape[0], b.shape[1])
+    a_parts, b_parts = a.split(sizes, dim=1), b.split(sizes)
+    for e, grad in enumerate(out.unbind(0)):
+        bulk, rest = 2 * e, 2 * e + 1
+        if b_parts[rest].shape[0]:
+            torch.mm(a_parts[rest], b_parts[rest], out=grad)
+            if b_parts[bulk].shape[0]:
+                grad.addmm_(a_parts[bulk], b_parts[bulk])
+        elif b_parts[bulk].shape[0]:
+            torch.mm(a_parts[bulk], b_parts[bulk], out=grad)
+        else:  # an expert without rows: a zero gradient, as F.grouped_mm gives
+            grad.zero_()
+    return out
 
 
 @cpu_grouped_mm.register_fake
