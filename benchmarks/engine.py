@@ -473,7 +473,7 @@ def main() -> None:
         help="only the concurrent-requests rows (eager and compiled), then stop",
     )
     args = ap.parse_args()
-    tune_host_memory()  # as the nanoseek CLI does (nanoseek/hostmem.py)
+    tune_host_memory(huge_pages=True)  # as the nanoseek CLI does (nanoseek/hostmem.py)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     emit(bench="cpu", **cpu_summary())  # which CPU the figures come from

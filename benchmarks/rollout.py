@@ -81,7 +81,7 @@ def main() -> None:
         help="the compiled engines' matrices (default: float32, and bfloat16 where native)",
     )
     args = ap.parse_args()
-    tune_host_memory()  # as the nanoseek CLI does (nanoseek/hostmem.py)
+    tune_host_memory(huge_pages=False)  # as the nanoseek CLI does (nanoseek/hostmem.py)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     preset = load_preset(args.preset or "cpu")

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import tempfile
 import time
 
 import torch
 
 from nanoseek import ModelConfig, Transformer, save_model
-from nanoseek.hostmem import huge_pages_for_large_tensors, keep_freed_memory, tune_host_memory
+from nanoseek.hostmem import keep_freed_memory, tune_host_memory
 from nanoseek.train import precision
 from nanoseek.train.flops import active_matmul_params, measure_matmul_peak, train_flops_per_token
 from nanoseek.train.optim import adamw_kernel
@@ -186,7 +187,7 @@ def main() -> None:
         "--no-anchor", action="store_true", help="skip transformers (when it is not installed)"
     )
     args = ap.parse_args()
-    tune_host_memory()  # as the nanoseek CLI does (nanoseek/hostmem.py)
+    tune_host_memory(huge_pages=False)  # as the nanoseek CLI does (nanoseek/hostmem.py)
     torch.manual_seed(0)
     cfg = ModelConfig()  # the reference config: ModelConfig's defaults
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
@@ -196,7 +197,7 @@ def main() -> None:
                 "bench": "cpu",
                 **precision.cpu_summary(),
                 "keep_freed_memory": keep_freed_memory(),
-                "huge_pages": huge_pages_for_large_tensors(),
+                "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
             }
         ),
         flush=True,

@@ -47,7 +47,7 @@ def test_a_large_tensor_made_again_reuses_its_pages():
 HUGE_PROBE = """
 import os
 from nanoseek.hostmem import tune_host_memory
-tune_host_memory()
+tune_host_memory(huge_pages=True)
 import torch
 x = torch.ones(16 * 2**20)  # 64 MiB, written
 huge = sum(int(l.split()[1]) for l in open("/proc/self/smaps") if l.startswith("AnonHugePages"))

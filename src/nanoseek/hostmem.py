@@ -19,8 +19,12 @@ streams every weight it reads from memory: with 4 KB pages, each 4 KB of a 49 MB
 a TLB miss. On an AMD EPYC (Zen 4, 32 MB L3), two threads, the reference config's compiled decode
 step loaded from its AOTInductor package ran 16 requests at 2,532-2,829 tok/s and one at 617-620
 without, 3,196 and 996 with (docs/engine.md). PyTorch reads the variable once, at its first
-allocation, so it must be set before any tensor is made: the CLI does it first thing; an explicit
-THP_MEM_ALLOC_ENABLE=0 in the environment is left as it is.
+allocation, so it must be set before any tensor is made: the CLI does it first thing for the
+commands that decode (serve, chat, generate); an explicit THP_MEM_ALLOC_ENABLE=0 in the environment
+is left as it is. Not for training: `benchmarks/train_step.py` (whose transformers variants make
+multi-GB tensors) grew to 24 GB and was killed by the kernel with huge pages on, and ran to its end
+without (likely 2 MB-aligned blocks of changing sizes fragmenting the heap that freed memory is kept
+on).
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ _M_MMAP_MAX = -4
 _applied: bool | None = None
 
 
-def tune_host_memory() -> None:
-    """Both of this module's settings: freed memory kept, large tensors on huge pages."""
-    huge_pages_for_large_tensors()
+def tune_host_memory(huge_pages: bool) -> None:
+    """This module's settings: freed memory kept, and for a process that decodes (huge_pages),
+    large tensors on huge pages."""
+    if huge_pages:
+        huge_pages_for_large_tensors()
     keep_freed_memory()
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 from nanoseek.cli import export, infer, pipeline, posttrain, serve
 from nanoseek.hostmem import tune_host_memory
 
+# the commands whose work is decoding with the engine: a step streams the weights (hostmem)
+DECODING_COMMANDS = ("serve", "chat", "generate")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tune_host_memory()  # freed pages kept, large tensors on huge pages (nanoseek/hostmem.py)
+    # freed pages kept; for the commands that decode, large tensors on huge pages (hostmem.py)
+    tune_host_memory(huge_pages=args.command in DECODING_COMMANDS)
     if getattr(args, "preset", None) and args.out is None:
         args.out = f"runs/{Path(args.preset).stem}"
     try:
