@@ -34,7 +34,11 @@ def load() -> bool:
     """Builds (or finds built) and loads the kernels' library; True once its ops are registered."""
     from nanoseek.engine.compiled import compiler_missing, cpu_signature
 
-    if _registered():
+    if _registered():  # the library loaded by other means: its fake may be missing
+        try:
+            _register_fake()
+        except RuntimeError:  # it was registered already
+            pass
         return True
     missing = compiler_missing()
     if missing:
