@@ -301,10 +301,10 @@ class _MoEGraph(_Params):
             self.put("down_s", None)
         # The batched experts' matrices. With the CPU kernel (engine/kernels): packed in its
         # tiles, in the graph's dtype (its products accumulate in fp32). Without, the dense and
-        # sorted experts' fp32 copies for bf16 and int8
-        # graphs: an int8 scale per expert and output channel does not survive flattening the
-        # experts into one down product, bf16 products of 16 rows ran no faster than fp32 on the
-        # Xeon (2 threads: [16, 256] x [256, 4096] 239 vs 216 us), bf16 grouped products are slow
+        # sorted experts' fp32 copies for bf16 and int8 graphs: an int8 scale per expert and output
+        # channel does not survive flattening the experts into one down product, bf16 products of
+        # 16 rows ran no faster than fp32 on the Xeon (2 threads: [16, 256] x [256, 4096] 239 vs
+        # 216 us), and bf16 grouped products are slow
         self.kernel = batched_kernel
         packed = kernels.pack_experts(m.gate_up_t, m.down_t, dtype) if batched_kernel else ()
         for name, t in itertools.zip_longest(

@@ -7,9 +7,9 @@ op `torch.ops.nanoseek_kernels.moe_experts`, which AOTInductor's packages call b
 The C++ source is compiled with torch's extension builder for the CPU it runs on (`-march=native`,
 OpenMP) into a folder of torch's extension root (`TORCH_EXTENSIONS_DIR`, by default
 ~/.cache/torch_extensions) named by this CPU's instruction sets, once per source version: 7-8 s on
-a 2-core Zen 4 the first time, a load of the library afterwards. Without a C++
-compiler, or when the build fails, `load()` returns False after one warning, and callers keep the
-composed ops (model/moe.py's dispatch functions), which compute the same sums.
+a 2-core Zen 4 the first time, a load of the library afterwards. Without a C++ compiler, or when
+the build fails, `load()` returns False after one warning, and callers keep the composed ops
+(model/moe.py's dispatch functions), which compute the same sums.
 """
 
 from __future__ import annotations
