@@ -371,8 +371,8 @@ def test_auto_measures_only_where_bf16_is_native_and_remembers_its_choice(monkey
     cpu = torch.device("cpu")
     timings = []
 
-    def fake_measure(*args, **kwargs):
-        timings.append(1)
+    def fake_measure(*args, compiled=False, **kwargs):
+        timings.append(compiled)
         return {"fp32": 0.10, "bf16": 0.08}
 
     monkeypatch.setattr(precision, "measure", fake_measure)
@@ -388,6 +388,10 @@ def test_auto_measures_only_where_bf16_is_native_and_remembers_its_choice(monkey
     assert precision.choose(model, cpu, 8, 16)[0] == "bf16" and len(timings) == 1
     # another batch shape: timed
     assert precision.choose(model, cpu, 4, 16)[0] == "bf16" and len(timings) == 2
+    # a compiled step is timed compiled, and remembered apart from the eager one
+    assert precision.choose(model, cpu, 4, 16, compiled=True)[0] == "bf16"
+    assert timings == [False, False, True]
+    assert precision.choose(model, cpu, 4, 16, compiled=True)[1]["reason"] == "cached timing"
     monkeypatch.setattr(precision, "measure", lambda *a, **k: {"fp32": 0.10, "bf16": 0.099})
     assert precision.choose(model, cpu, 2, 16)[0] == "fp32"  # 1% faster is within the noise: fp32
     real = precision.measure(model, cpu, 2, 8, rounds=1)
@@ -469,21 +473,20 @@ def test_compile_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):
     assert not failed["compiled"] and failed["compile_s"] == 0.0
     a, b = final_weights(tmp_path / "eager", 4), final_weights(tmp_path / "failed", 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # Inductor's bf16 step gave NaN: eager bf16
-    with pytest.warns(RuntimeWarning, match="bf16 on CPU"):
-        assert not _fit(tmp_path / "bf16", steps=2, precision="bf16", compile=True)["compiled"]
 
 
 @pytest.mark.slow
-def test_a_compiled_run_matches_eager_and_resumes_bitwise(tmp_path):
-    """Inductor's C++ backend, forward and backward, fp32: the loss within 1e-4 (relative) of eager
-    after 6 steps; a compiled run resumed at step 3 ends bitwise equal to the uninterrupted compiled
-    one. Slow: compiling the tiny model took 5 minutes on a busy 2-core CPU with a cold cache."""
-    eager = _fit(tmp_path / "eager-fp32", steps=6, precision="fp32")
-    compiled = _fit(tmp_path / "compiled-fp32", steps=6, precision="fp32", compile=True)
+@pytest.mark.parametrize("prec, rel", [("fp32", 1e-4), ("bf16", 1e-2)])
+def test_a_compiled_run_matches_eager_and_resumes_bitwise(tmp_path, prec, rel):
+    """Inductor's C++ backend, forward and backward: the loss after 6 steps within `rel` of eager
+    in the same precision (bf16: the compiled step rounds at other places), finite; a compiled run
+    resumed at step 3 ends bitwise equal to the uninterrupted compiled one. Slow: compiling the tiny
+    model took 5 minutes on a busy 2-core CPU with a cold cache."""
+    eager = _fit(tmp_path / "eager", steps=6, precision=prec)
+    compiled = _fit(tmp_path / "compiled", steps=6, precision=prec, compile=True)
     assert compiled["compiled"] and compiled["compile_s"] > 0
-    assert compiled["lm_loss"] == pytest.approx(eager["lm_loss"], rel=1e-4)
-    _fit(tmp_path / "resumed", steps=3, save_every=3, precision="fp32", compile=True)
-    _fit(tmp_path / "resumed", steps=6, save_every=3, precision="fp32", compile=True)
-    a, b = final_weights(tmp_path / "compiled-fp32", 6), final_weights(tmp_path / "resumed", 6)
+    assert compiled["lm_loss"] == pytest.approx(eager["lm_loss"], rel=rel)  # (NaN fails too)
+    _fit(tmp_path / "resumed", steps=3, save_every=3, precision=prec, compile=True)
+    _fit(tmp_path / "resumed", steps=6, save_every=3, precision=prec, compile=True)
+    a, b = final_weights(tmp_path / "compiled", 6), final_weights(tmp_path / "resumed", 6)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -6,7 +6,10 @@ on CUDA; on a CPU that runs bf16 natively (AVX512_BF16 or AMX) it times forward 
 model in both precisions, interleaved, on a copy of the model and on random tokens (so the run's
 weights, data position and random state are untouched), and takes bf16 only when it is at least
 `MARGIN` faster; fp32 on every other CPU. A matmul's speed-up alone misleads: the step is mostly not
-large matmuls.
+large matmuls. A run that compiles its step is timed compiled, since compiling changes the answer
+(the cpu preset's model on a Zen 4, one thread: bf16 slower than fp32 eagerly, 1.46x faster
+compiled). The compiled copy shares the run's code, so Inductor's cache makes the run's own compile
+of the chosen precision cheap.
 
 The choice is cached per machine, model and batch shape (`cache_path`), so that the same seed on
 the same machine trains the same way run after run; a resumed run reuses the choice its checkpoint
@@ -99,15 +102,22 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 def train_pass(
-    model: torch.nn.Module, device: torch.device, precision: str, batch_size: int, seq_len: int
+    model: torch.nn.Module,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    seq_len: int,
+    run: torch.nn.Module | None = None,
 ) -> float:
-    """Seconds of one forward + backward of `model` (a copy: its gradients go nowhere) on random
-    tokens [batch_size, seq_len] in `precision`. -> the loss."""
+    """One forward + backward of `model` (a copy: its gradients go nowhere), through `run` (the
+    model itself, or it compiled), on random tokens [batch_size, seq_len] in `precision` ->
+    the loss."""
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=gen).to(device)
+    run = model if run is None else run
     with autocast(device, precision):
-        loss = model.compute_loss(ids[:, :-1], ids[:, 1:]).loss
+        loss = run(ids[:, :-1], ids[:, 1:]).loss  # forward with targets: the loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -116,16 +126,23 @@ def train_pass(
 
 
 def measure(
-    model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int, rounds: int = 3
+    model: torch.nn.Module,
+    device: torch.device,
+    batch_size: int,
+    seq_len: int,
+    rounds: int = 3,
+    compiled: bool = False,
 ) -> dict[str, float]:
     """Best seconds per forward + backward in each precision, measured alternately (fp32, bf16,
-    fp32, ...) after one warm-up each, so that a busy machine slows both alike."""
+    fp32, ...) after one warm-up each (which compiles, when `compiled`), so that a busy machine
+    slows both alike."""
     twin = copy.deepcopy(model).train()
+    run = torch.compile(twin) if compiled else twin
     best = {name: float("inf") for name in DTYPES}
     for r in range(rounds + 1):  # round 0 warms up and is not counted
         for name in DTYPES:
             start = time.perf_counter()
-            train_pass(twin, device, name, batch_size, seq_len)
+            train_pass(twin, device, name, batch_size, seq_len, run)
             if r:
                 best[name] = min(best[name], time.perf_counter() - start)
     return {name: round(s, 5) for name, s in best.items()}
@@ -136,8 +153,10 @@ def cache_path() -> Path:
     return Path(root) / "precision.json"
 
 
-def cache_key(model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int) -> str:
-    """This machine, torch build, thread count, model and batch shape."""
+def cache_key(
+    model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int, compiled: bool
+) -> str:
+    """This machine, torch build, thread count, model, batch shape and whether the step compiles."""
     parts = [
         cpu_name(),
         torch.__version__,
@@ -146,19 +165,25 @@ def cache_key(model: torch.nn.Module, device: torch.device, batch_size: int, seq
         json.dumps(model.config.to_dict(), sort_keys=True, default=str),
         f"{batch_size}x{seq_len}",
     ]
+    if compiled:  # (eager keys stay those of earlier versions)
+        parts.append("compiled")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
 def choose(
-    model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int
+    model: torch.nn.Module,
+    device: torch.device,
+    batch_size: int,
+    seq_len: int,
+    compiled: bool = False,
 ) -> tuple[str, dict]:
-    """`auto`'s choice for this model and batch on this device ->
-    (precision, how it was decided)."""
+    """`auto`'s choice for this model and batch on this device, for a step run compiled or
+    eagerly -> (precision, how it was decided)."""
     if device.type == "cuda":
         return "bf16", {"reason": "cuda"}
     if not native_bf16(device):
         return "fp32", {"reason": "no native bf16 on this CPU"}
-    key = cache_key(model, device, batch_size, seq_len)
+    key = cache_key(model, device, batch_size, seq_len, compiled)
     path = cache_path()
     try:
         cached = json.loads(path.read_text("utf-8"))
@@ -166,7 +191,7 @@ def choose(
         cached = {}
     if key in cached:
         return cached[key]["precision"], {**cached[key]["timing"], "reason": "cached timing"}
-    timing = measure(model, device, batch_size, seq_len)
+    timing = measure(model, device, batch_size, seq_len, compiled=compiled)
     precision = "bf16" if timing["bf16"] < (1 - MARGIN) * timing["fp32"] else "fp32"
     cached[key] = {"precision": precision, "timing": timing}
     try:

@@ -287,20 +287,15 @@ class Trainer:
         elif cfg.precision == "auto":
             chosen = [None]
             if self.info.is_main:  # rank 0 measures; every rank trains in its choice
-                chosen = [precision.choose(self.host, self.device, cfg.batch_size, cfg.seq_len)]
+                chosen = [
+                    precision.choose(
+                        self.host, self.device, cfg.batch_size, cfg.seq_len, self.compiled
+                    )
+                ]
             if self.info.enabled:
                 torch.distributed.broadcast_object_list(chosen, src=0)
             self.precision, self.precision_how = chosen[0]
         self.autocast = precision.autocast(self.device, self.precision)
-        if self.compiled and self.device.type == "cpu" and self.precision == "bf16":
-            warnings.warn(
-                "compile=True with bf16 on CPU: Inductor's compiled bf16 training "
-                "step gave NaN losses (torch 2.13); training eagerly in bf16",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.compiled = False
-            self.wrapped = self.eager
         if self.info.is_main and cfg.progress:
             timing = {k: v for k, v in self.precision_how.items() if k in precision.DTYPES}
             said = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timing.items())
