@@ -365,21 +365,28 @@ def test_decode_graph_with_the_expert_kernel_equals_eager_and_recompute(
     monkeypatch, dtype, tol, within
 ):
     """With more (token, expert) pairs than twice the experts, the graph's routed experts run in
-    engine/kernels' C++ kernel, its matrices packed in the graph's dtype; the logits are the
-    eager engine's and a full recompute's."""
+    engine/kernels' C++ kernel, and from LINEAR_KERNEL_MIN_ROWS rows (here 4) its dense products
+    too, their matrices packed in the graph's dtype; the logits are the eager engine's and a full
+    recompute's."""
     uncompiled(monkeypatch)
-    called = []
-    real = kernels.moe_experts
+    monkeypatch.setattr(compiled_mod, "LINEAR_KERNEL_MIN_ROWS", 4)
+    called, linear = [], []
+    real, real_linear = kernels.moe_experts, kernels.linear
     monkeypatch.setattr(kernels, "moe_experts", lambda *a: called.append(len(a[0])) or real(*a))
+    monkeypatch.setattr(kernels, "linear", lambda *a: linear.append(len(a[0])) or real_linear(*a))
     model = tiny_model(**FEW_EXPERTS, **YARN)
     eager = teacher_forced(engine(model))
     fast = engine(model, decode="compiled", decode_dtype=dtype)
     got = teacher_forced(fast)
     assert called and set(called) == {4}  # the padded batch of 4 (2.7 pairs per expert)
+    # per layer: 3 attention products and (layer 0) 2 of the FFN or 2 of the shared expert; LM head
+    n_layers = len(model.layers)
+    assert linear and set(linear) == {4} and len(linear) % (5 * n_layers + 1) == 0
     blocks = fast.runner.graph().blocks
     moe_graph = next(b.ffn for b in blocks if isinstance(b.ffn, compiled_mod._MoEGraph))
     want = torch.float32 if dtype == "float32" else getattr(torch, dtype)
     assert moe_graph.gate_up_k.dtype == want and moe_graph.gate_up32 is None
+    assert blocks[0].attn.proj_q_k.dtype == want
     compare(got, eager, tol, within)
     compare(got, recomputed(model), tol, within)
 
@@ -868,8 +875,10 @@ def test_compiled_dense_or_sorted_experts_equal_eager_and_recompute(monkeypatch,
 
 @pytest.mark.slow
 def test_compiled_expert_kernel_equals_eager_and_recompute(monkeypatch):
-    """The routed experts' C++ kernel called from a package compiled for real (AOTInductor calls
-    the op by name), fp32, and from that package loaded again by a second engine."""
+    """The C++ kernels (routed experts, and dense products from 4 rows) called from a package
+    compiled for real (AOTInductor calls the ops by name), fp32, and from that package loaded
+    again by a second engine."""
+    monkeypatch.setattr(compiled_mod, "LINEAR_KERNEL_MIN_ROWS", 4)
     model = tiny_model(**FEW_EXPERTS, **YARN)
     eager = teacher_forced(engine(model))
     got = teacher_forced(engine(model, decode="compiled", decode_dtype="float32"))

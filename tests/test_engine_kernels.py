@@ -121,6 +121,56 @@ def test_moe_experts_traces_as_one_op():
     torch.testing.assert_close(program.module()(x, weights, ids), Layer()(x, weights, ids))
 
 
+@pytest.mark.parametrize("n,k,out", [(1, 64, 64), (6, 40, 100), (16, 256, 520), (13, 24, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_linear_equals_the_product_over_the_stored_matrix(n, k, out, dtype):
+    """Full and partial register tiles and row groups: x @ w over w as stored (bf16-rounded, or
+    int8 times its scale per column), within fp32 rounding."""
+    torch.manual_seed(n + k)
+    w_t, x = torch.randn(k, out) / k**0.5, torch.randn(n, k)
+    got = kernels.linear(x, *kernels.pack_linear(w_t, dtype), out)
+    assert got.shape == (n, out) and got.dtype == torch.float32
+    torch.testing.assert_close(got, x @ as_stored(w_t[None], dtype)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_linear_does_not_depend_on_the_thread_count_and_traces_as_one_op():
+    w_t, x = torch.randn(128, 300), torch.randn(16, 128)
+    packed = kernels.pack_linear(w_t)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.linear(x, *packed, 300)
+        torch.set_num_threads(3)
+        three = kernels.linear(x, *packed, 300)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return kernels.linear(x, *packed, 300) + 1
+
+    program = torch.export.export(Layer(), (x,))
+    assert len([n for n in program.graph.nodes if "linear" in str(n.target)]) == 1
+    torch.testing.assert_close(program.module()(x), one + 1)
+
+
+def test_linear_rejects_bad_input_by_name():
+    w_t, x = torch.randn(16, 70), torch.randn(2, 16)
+    packed, _ = kernels.pack_linear(w_t)
+    q, scale = kernels.pack_linear(w_t, torch.int8)
+    with pytest.raises(RuntimeError, match="packed in tiles"):
+        kernels.linear(x, packed, None, 200)  # more columns than its tiles hold
+    with pytest.raises(RuntimeError, match="packed in tiles"):
+        kernels.linear(torch.randn(2, 8), packed, None, 70)
+    with pytest.raises(RuntimeError, match="x \\[N, in\\] float32"):
+        torch.ops.nanoseek_kernels.linear(x.double(), packed, None, 70)
+    with pytest.raises(RuntimeError, match="int8 w needs its fp32 scales"):
+        kernels.linear(x, q, None, 70)
+    with pytest.raises(RuntimeError, match="for int8 matrices only"):
+        kernels.linear(x, packed, scale, 70)
+
+
 def test_a_failed_build_warns_and_reports_false(monkeypatch):
     from torch.utils import cpp_extension
 
@@ -129,5 +179,5 @@ def test_a_failed_build_warns_and_reports_false(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", fail)
     monkeypatch.setattr(kernels, "_registered", lambda: False)
-    with pytest.warns(RuntimeWarning, match="routed experts run as composed ops"):
+    with pytest.warns(RuntimeWarning, match="decode step runs composed ops"):
         assert kernels.load.__wrapped__() is False

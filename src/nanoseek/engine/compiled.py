@@ -9,7 +9,8 @@ MLA over the gathered cache rows, routing, the experts gathered by id with model
 wrapper and max-autotune, which picks its C++ GEMM templates (shared/spec/cpu-decode-probe.md: the
 default mode gains nothing). A batch with more than one (token, expert) pair per expert runs its
 routed experts in a C++ kernel instead (engine/kernels: each pair once, each expert's weights read
-once), which the compiled code calls as an op. Its shapes are static but for the context's length
+once), and a batch of LINEAR_KERNEL_MIN_ROWS or more its dense products in the same kernel's
+tiles; the compiled code calls them as ops. Its shapes are static but for the context's length
 in a graph compiled ahead of time: the batch is padded to a power of two; the context to a multiple
 of CONTEXT_STEP rows (ahead of time, a dynamic dimension), or, in torch.compile's graphs, to a power
 of two of at least CONTEXT_MIN rows (CONTEXT_MIN_BATCHED for a batch of BATCHED or more, whose step
@@ -124,6 +125,11 @@ GEMM_CHOICES = {"max-autotune": {}, "oneDNN": {"max_autotune_gemm_backends": "AT
 # once, each expert's weights read once, one call per layer) where it builds; False keeps the
 # composed ops of model/moe.py
 MOE_KERNEL = True
+# ... and a step of LINEAR_KERNEL_MIN_ROWS rows or more runs its dense products (the attention's
+# projections, the shared experts, layer 0's FFN, the LM head) through the same kernel's tiles
+# (`kernels.linear`): at 16 rows oneDNN's fp32 products ran at about 46 GFLOP/s, and the LM head
+# [16, 256] x [256, 8192] took 1,266 us against the kernel's 688 (Zen 4, one thread)
+LINEAR_KERNEL_MIN_ROWS = 8
 
 
 def log(message: str) -> None:
@@ -180,9 +186,10 @@ class _Params(nn.Module):
         t = None if t is None else t.detach().to(dtype or t.dtype).contiguous()
         self.register_buffer(name, t, persistent=False)
 
-    def matrix(self, name: str, w_t: torch.Tensor, dtype: torch.dtype) -> None:
-        """A matrix w_t [in, out] for _mm, as `name`, in dtype; torch.int8: weight-only int8, stored
-        [out, in] with its per-output-channel scales (bf16) as `name`_s (None otherwise)."""
+    def matrix(self, name: str, w_t: torch.Tensor, dtype: torch.dtype, packed: bool) -> None:
+        """A matrix w_t [in, out] for `mm`, as `name`, in dtype; torch.int8: weight-only int8,
+        stored [out, in] with its per-output-channel scales (bf16) as `name`_s (None otherwise).
+        packed: also in the CPU kernel's tiles, as `name`_k (and its int8 scales, `name`_k_s)."""
         if dtype == torch.int8:
             q, scale = quantize_tensor(w_t.t(), torch.bfloat16)
             self.put(name, q)
@@ -190,6 +197,19 @@ class _Params(nn.Module):
         else:
             self.put(name, w_t, dtype)
             self.put(name + "_s", None)
+        tiles = kernels.pack_linear(w_t, dtype) if packed else ()
+        for suffix, t in itertools.zip_longest(("_k", "_k_s"), tiles):
+            self.put(name + suffix, t)
+        self.linear_from = LINEAR_KERNEL_MIN_ROWS  # an instance setting: the package key holds it
+
+    def mm(self, name: str, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ the matrix `name` (+ b), in fp32: through the CPU kernel from
+        LINEAR_KERNEL_MIN_ROWS rows where the matrix is packed, else _mm."""
+        w, s, k = getattr(self, name), getattr(self, name + "_s"), getattr(self, name + "_k")
+        if k is None or x.shape[0] < self.linear_from:
+            return _mm(x, w, b, s)
+        y = kernels.linear(x, k, getattr(self, name + "_k_s"), w.shape[1 if s is None else 0])
+        return y if b is None else y + b
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -199,7 +219,7 @@ def _float_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _AttentionGraph(_Params):
-    def __init__(self, a: Attention, dtype: torch.dtype):
+    def __init__(self, a: Attention, dtype: torch.dtype, packed: bool):
         super().__init__()
         self.n_heads = a.n_heads
         self.nope = a.nope
@@ -211,13 +231,13 @@ class _AttentionGraph(_Params):
         self.q_lora = a.q_lora
         self.q_norm_eps = a.q_norm_eps if a.q_lora else None
         self.split_in = list(a.split_in)
-        self.matrix("proj_in", a.proj_in.w_t, dtype)
+        self.matrix("proj_in", a.proj_in.w_t, dtype, packed)
         self.put("proj_in_b", a.proj_in.b, torch.float32)
         self.put("kv_norm", a.kv_norm, torch.float32)
-        self.matrix("proj_q", a.proj_q.w_t, dtype)
+        self.matrix("proj_q", a.proj_q.w_t, dtype, packed)
         self.put("w_uk", a.w_uk, _float_dtype(dtype))
         self.put("w_uv_t", a.w_uv_t, _float_dtype(dtype))
-        self.matrix("o_proj", a.o_proj.w_t, dtype)
+        self.matrix("o_proj", a.o_proj.w_t, dtype, packed)
         self.put("o_proj_b", a.o_proj.b, torch.float32)
 
     def forward(self, x, cos, sin, cache_rows, bias):
@@ -229,17 +249,13 @@ class _AttentionGraph(_Params):
         r = self.rope
         h = _rms(x, self.eps)
         if self.q_lora:
-            c_q, c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b, self.proj_in_s).split(
-                self.split_in, dim=-1
-            )
+            c_q, c_kv, k, k_rot = self.mm("proj_in", h, self.proj_in_b).split(self.split_in, dim=-1)
             q_in = _rms(c_q, self.q_norm_eps)
         else:
-            c_kv, k, k_rot = _mm(h, self.proj_in, self.proj_in_b, self.proj_in_s).split(
-                self.split_in, dim=-1
-            )
+            c_kv, k, k_rot = self.mm("proj_in", h, self.proj_in_b).split(self.split_in, dim=-1)
             q_in = h
         c_kv = _rms(c_kv, self.kv_norm_eps) * self.kv_norm
-        parts = _mm(q_in, self.proj_q, None, self.proj_q_s).split([H * n, H * r, H * r], -1)
+        parts = self.mm("proj_q", q_in).split([H * n, H * r, H * r], -1)
         q_nope, q, q_rot = (t.unflatten(-1, (H, -1)) for t in parts)
         q_rope = q * cos.unsqueeze(1) + q_rot * sin.unsqueeze(1)
         latent = torch.cat((c_kv, k * cos + k_rot * sin), dim=-1)
@@ -249,18 +265,18 @@ class _AttentionGraph(_Params):
         mask = bias.unsqueeze(1).expand(-1, H, -1)
         o = attend_latent(q_lat, kv, mask, self.scale, self.kv_rank)  # [B, H, C]
         out = expand_output(o.to(self.w_uv_t.dtype), self.w_uv_t)
-        return _mm(out, self.o_proj, self.o_proj_b, self.o_proj_s), latent
+        return self.mm("o_proj", out, self.o_proj_b), latent
 
 
 class _SwiGLUGraph(_Params):
-    def __init__(self, mlp: SwiGLU, dtype: torch.dtype):
+    def __init__(self, mlp: SwiGLU, dtype: torch.dtype, packed: bool):
         super().__init__()
-        self.matrix("gate_up", mlp.gate_up.w_t, dtype)
-        self.matrix("down", mlp.down.w_t, dtype)
+        self.matrix("gate_up", mlp.gate_up.w_t, dtype, packed)
+        self.matrix("down", mlp.down.w_t, dtype, packed)
 
     def forward(self, x):
-        gate, up = _mm(x, self.gate_up, None, self.gate_up_s).chunk(2, dim=-1)
-        return _mm(F.silu(gate) * up, self.down, None, self.down_s)
+        gate, up = self.mm("gate_up", x).chunk(2, dim=-1)
+        return self.mm("down", F.silu(gate) * up)
 
 
 # A decode batch's (token, expert) pairs per routed expert up to which the graph gathers each
@@ -279,7 +295,7 @@ class _MoEGraph(_Params):
         self.gate = m.router.gate  # the model's moe.Router: its route() decides, in the graph
         self.put("router", m.router.w_t, torch.float32)
         self.put("router_bias", m.router.bias, torch.float32)
-        self.shared = _SwiGLUGraph(m.shared, dtype)
+        self.shared = _SwiGLUGraph(m.shared, dtype, batched_kernel)
         # which dispatch a batch takes (instance settings: the package key holds them)
         self.gathered_up_to = GATHERED_PAIRS_PER_EXPERT
         self.dense_up_to = DENSE_PAIRS_PER_EXPERT
@@ -349,12 +365,14 @@ class _MoEGraph(_Params):
 class _BlockGraph(_Params):
     def __init__(self, w: BlockWeights, dtype: torch.dtype, batched_kernel: bool):
         super().__init__()
-        self.attn = _AttentionGraph(w.attn, dtype)
+        self.attn = _AttentionGraph(w.attn, dtype, batched_kernel)
         self.ffn_eps = w.ffn_eps
         self.put("ffn_norm", w.ffn_norm, torch.float32)
         moe_ffn = isinstance(w.ffn, MoEWeights)
         self.ffn = (
-            _MoEGraph(w.ffn, dtype, batched_kernel) if moe_ffn else _SwiGLUGraph(w.ffn, dtype)
+            _MoEGraph(w.ffn, dtype, batched_kernel)
+            if moe_ffn
+            else _SwiGLUGraph(w.ffn, dtype, batched_kernel)
         )
 
     def forward(self, x, cos, sin, cache_rows, bias):
@@ -380,7 +398,7 @@ class DecodeGraph(_Params):
         self.blocks = nn.ModuleList(_BlockGraph(b, dtype, batched_kernel) for b in blocks)
         self.norm_eps = model.norm.eps
         self.put("norm", model.norm.weight, torch.float32)
-        self.matrix("lm_head", weights.lm_head.w_t, dtype)
+        self.matrix("lm_head", weights.lm_head.w_t, dtype, batched_kernel)
 
     def forward(self, ids, cos, sin, kv, context, bias):
         """ids [B], cos/sin [B, rope] (fp32), kv [layers, slots, C + rope] (the cache), context
@@ -394,7 +412,7 @@ class DecodeGraph(_Params):
             x, latent = block(x, cos, sin, rows, bias)
             latents.append(latent)
         h = _rms(x, self.norm_eps) * self.norm
-        return h, _mm(h, self.lm_head, None, self.lm_head_s), torch.stack(latents).to(kv.dtype)
+        return h, self.mm("lm_head", h), torch.stack(latents).to(kv.dtype)
 
 
 class CompiledRunner(ModelRunner):

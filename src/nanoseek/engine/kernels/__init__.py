@@ -1,8 +1,9 @@
 """Hand-written CPU kernels for what Inductor cannot generate well, built on first use.
 
 `moe_experts` (moe_experts.cpp): a decode batch's routed experts in one call, each (token, expert)
-pair computed once and each expert's weights read once; the batched decode graph calls it as the
-op `torch.ops.nanoseek_kernels.moe_experts`, which AOTInductor's packages call back by name.
+pair computed once and each expert's weights read once; `linear`: a plain product of a few rows
+through the same packed tiles. The batched decode graph calls them as the ops
+`torch.ops.nanoseek_kernels.*`, which AOTInductor's packages call back by name.
 
 The C++ source is compiled with torch's extension builder for the CPU it runs on (`-march=native`,
 OpenMP) into a folder of torch's extension root (`TORCH_EXTENSIONS_DIR`, by default
@@ -66,7 +67,7 @@ def load() -> bool:
     except Exception as exc:  # noqa: BLE001 - any build failure leaves the composed ops in place
         warnings.warn(
             f"nanoseek kernels not built ({type(exc).__name__}: {exc}); "
-            "the routed experts run as composed ops",
+            "the decode step runs composed ops",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -83,13 +84,17 @@ def load() -> bool:
 
 
 def _registered() -> bool:
-    return hasattr(torch.ops.nanoseek_kernels, "moe_experts")
+    return hasattr(torch.ops.nanoseek_kernels, "linear")
 
 
 def _register_fake() -> None:
     @torch.library.register_fake("nanoseek_kernels::moe_experts")
     def _(x, weights, ids, gate_up, down, gate_up_scale=None, down_scale=None):
         return x.new_empty(x.shape)
+
+    @torch.library.register_fake("nanoseek_kernels::linear")
+    def _(x, w, scale, out_features):
+        return x.new_empty(x.shape[0], out_features)
 
 
 @cache
@@ -133,6 +138,27 @@ def pack_experts(
         )
     gate_up, down = gate_up.detach().to(dtype), down.detach().to(dtype)
     return _gate_up_tiles(gate_up, inner), _tiles(down), None, None
+
+
+def pack_linear(
+    w_t: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A matrix as x @ W (w_t [in, out]) laid out for `linear`: in dtype (float32, bfloat16, or
+    int8 with one scale per output column, as engine.quant rounds them) in column tiles of the
+    kernel's register width -> (tiles [ceil(out / T), in, T], int8 scales [tiles, 1, T] or None).
+    Requires `load()`."""
+    if dtype == torch.int8:
+        q, scale = quantize_tensor(w_t.t(), torch.bfloat16)
+        return _tiles(q.t()[None])[0], _tiles(scale.float()[None, None])[0]
+    return _tiles(w_t.detach().to(dtype)[None])[0], None
+
+
+def linear(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """x [N, in] @ a matrix packed by `pack_linear` -> [N, out_features] fp32 (fp32 accumulation
+    whatever the matrix's dtype). Requires `load()`."""
+    return torch.ops.nanoseek_kernels.linear(x.float().contiguous(), w, scale, out_features)
 
 
 def moe_experts(

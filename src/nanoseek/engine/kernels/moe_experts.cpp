@@ -266,6 +266,58 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& weights, const at:
   return out;
 }
 
+// x [N, in] fp32 @ w (packed [tiles, in, TILE], fp32/bf16/int8 with scale [tiles, 1, TILE])
+// -> [N, out] fp32: a plain product whose few rows share each streamed tile of weights
+template <typename W>
+void linear_into(const at::Tensor& x, const at::Tensor& w, const float* scale, at::Tensor& out) {
+  const int64_t n = x.size(0), k_len = x.size(1), n_tiles = w.size(0), cols = out.size(1);
+  const float* xp = x.data_ptr<float>();
+  std::vector<const float*> rows(n);
+  for (int64_t i = 0; i < n; ++i) rows[i] = xp + i * k_len;
+  const W* wp = w.data_ptr<W>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(ROWS * TILE);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t col = t * TILE, width = std::min<int64_t>(TILE, cols - col);
+      const float* s = scale ? scale + t * TILE : nullptr;
+      for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+        const int64_t r_count = std::min<int64_t>(ROWS, n - r0);
+        product(&rows[r0], r_count, wp + t * k_len * TILE, s, k_len, y.data());
+        for (int64_t r = 0; r < r_count; ++r)
+          std::memcpy(op + (r0 + r) * cols + col, &y[r * TILE], width * sizeof(float));
+      }
+    }
+  });
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
+                  int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  x.device().is_cpu(),
+              "linear: x [N, in] float32, contiguous, on the CPU");
+  TORCH_CHECK(w.dim() == 3 && w.is_contiguous() && w.size(1) == x.size(1) && w.size(2) == TILE &&
+                  out_features > 0 && tiles(out_features) == w.size(0),
+              "linear: w [in, out] packed in tiles of ", TILE, " columns (engine.kernels.pack_linear)",
+              " for x [N, in] and out_features");
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale && scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
+                    scale->numel() == w.size(0) * TILE,
+                "linear: int8 w needs its fp32 scales packed as [tiles, 1, ", TILE, "]");
+  } else {
+    TORCH_CHECK(!scale, "linear: scale is for int8 matrices only");
+  }
+  at::Tensor out = at::empty({x.size(0), out_features}, x.options());
+  const float* s = scales_of(scale);
+  switch (w.scalar_type()) {
+    case at::kFloat: linear_into<float>(x, w, s, out); break;
+    case at::kBFloat16: linear_into<at::BFloat16>(x, w, s, out); break;
+    case at::kChar: linear_into<int8_t>(x, w, s, out); break;
+    default: TORCH_CHECK(false, "linear: w in float32, bfloat16 or int8, not ", w.scalar_type());
+  }
+  return out;
+}
+
 int64_t tile_width() { return TILE; }
 
 }  // namespace
@@ -274,7 +326,11 @@ TORCH_LIBRARY(nanoseek_kernels, m) {
   m.def(
       "moe_experts(Tensor x, Tensor weights, Tensor ids, Tensor gate_up, Tensor down, "
       "Tensor? gate_up_scale=None, Tensor? down_scale=None) -> Tensor");
+  m.def("linear(Tensor x, Tensor w, Tensor? scale, int out_features) -> Tensor");
   m.def("tile_width() -> int", &tile_width);  // no tensors to dispatch on: one kernel for all
 }
 
-TORCH_LIBRARY_IMPL(nanoseek_kernels, CPU, m) { m.impl("moe_experts", &moe_experts); }
+TORCH_LIBRARY_IMPL(nanoseek_kernels, CPU, m) {
+  m.impl("moe_experts", &moe_experts);
+  m.impl("linear", &linear);
+}
