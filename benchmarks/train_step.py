@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import tempfile
 import time
 
 import torch
 
 from nanoseek import ModelConfig, Transformer, save_model
-from nanoseek.hostmem import keep_freed_memory, tune_host_memory
+from nanoseek.hostmem import huge_pages_on, keep_freed_memory, tune_host_memory
 from nanoseek.train import precision
 from nanoseek.train.flops import active_matmul_params, measure_matmul_peak, train_flops_per_token
 from nanoseek.train.optim import adamw_kernel
@@ -197,7 +196,7 @@ def main() -> None:
                 "bench": "cpu",
                 **precision.cpu_summary(),
                 "keep_freed_memory": keep_freed_memory(),
-                "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+                "huge_pages": huge_pages_on(),
             }
         ),
         flush=True,

@@ -56,6 +56,11 @@ def huge_pages_for_large_tensors() -> bool:
     return os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1") == "1"
 
 
+def huge_pages_on() -> bool:
+    """Whether this process asks PyTorch for huge pages (THP_MEM_ALLOC_ENABLE=1)."""
+    return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory (no mmap'd blocks, no trimming). Returns whether it
     is in effect; idempotent; a no-op off glibc or with NANOSEEK_KEEP_FREED_MEMORY=0."""
