@@ -21,6 +21,7 @@ from nanoseek.train.grpo_loss import (
     group_advantages,
     k3_kl,
     policy_loss,
+    scored_logprobs,
     token_logprobs,
     zero_variance_groups,
 )
@@ -126,6 +127,32 @@ def test_token_logprobs_and_entropy():
     # gives p = √3 / (√3 + 1) to token 0
     logp, _ = token_logprobs(logits, torch.tensor([[IGNORE_INDEX, 1]]), temperature=2.0)
     assert logp[0, 1].item() == pytest.approx(math.log(1 / (math.sqrt(3) + 1)))
+
+
+def test_scored_logprobs_equal_token_logprobs_of_the_full_logits():
+    """The head and softmax at the scored positions only: the same log-probs, entropies and
+    gradients as token_logprobs over every position's logits, at temperature 1 and 0.7."""
+    model = Transformer(tiny_config())
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    targets = torch.randint(0, model.config.vocab_size, (3, 9))
+    targets[:, :4] = IGNORE_INDEX  # the prompt
+    targets[1, 7:] = IGNORE_INDEX  # padding
+    for temperature in (1.0, 0.7):
+        results = []
+        for scored in (True, False):
+            model.zero_grad()
+            if scored:
+                logp, ent = scored_logprobs(model, ids, targets, temperature)
+            else:
+                logp, ent = token_logprobs(model(ids), targets, temperature)
+            logp.sum().backward()
+            results.append((logp.detach(), ent, [p.grad.clone() for p in model.parameters()]))
+        (a, ea, ga), (b, eb, gb) = results
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ea, eb)
+        assert (a[targets == IGNORE_INDEX] == 0).all()
+        for x, y in zip(ga, gb):
+            torch.testing.assert_close(x, y)
 
 
 # ---------------------------------------------------------------------- tiny models

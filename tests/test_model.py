@@ -303,6 +303,46 @@ def test_attention_gradients_equal_unpadded_attention():
         assert (a - b).abs().max().item() < 1e-5
 
 
+def test_attention_in_fp32_under_bf16_autocast_matches_bf16_attention():
+    """MLA.sdpa_dtype fp32 (what a bf16 run takes where the CPU's fp32 kernel is faster): the
+    kernel's inputs cast up and its output cast back, so the layer still hands bf16 on; output and
+    gradients as bf16 attention gives them, to bf16's precision. Without autocast the setting
+    changes nothing."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    attn = Transformer(cfg).layers[0].self_attn
+    x = torch.randn(2, 12, cfg.hidden_size, requires_grad=True)
+    cos, sin = Transformer(cfg).rope(torch.arange(12))
+    grad_out = torch.randn(2, 12, cfg.hidden_size)
+    outs, grads = [], []
+    for dtype in (None, torch.float32):
+        attn.sdpa_dtype = dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x, cos, sin)
+        assert out.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad(out.float(), [x, *attn.parameters()], grad_out))
+        outs.append(out.detach().float())
+    scale = outs[0].abs().max().item()
+    assert (outs[0] - outs[1]).abs().max().item() < 0.05 * scale
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item() + 1e-6
+    attn.sdpa_dtype = torch.float32
+    fp32 = attn(x, cos, sin)
+    attn.sdpa_dtype = None
+    assert torch.equal(fp32, attn(x, cos, sin))
+
+
+def test_logits_at_gives_the_chosen_positions_logits():
+    """forward(logits_at=mask) -> the full logits' rows at the mask, in row-major order."""
+    model = Transformer(tiny_config()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 10))
+    mask = torch.rand(3, 10) < 0.4
+    with torch.no_grad():
+        full, chosen = model(ids), model(ids, logits_at=mask)
+    assert chosen.shape == (int(mask.sum()), model.config.vocab_size)
+    torch.testing.assert_close(chosen, full[mask])
+
+
 def test_dispatch_one_equals_dispatch():
     moe = MoE(tiny_config()).eval()
     with torch.no_grad():

@@ -370,6 +370,7 @@ def test_auto_measures_only_where_bf16_is_native_and_remembers_its_choice(monkey
     model = Transformer(tiny_config())
     cpu = torch.device("cpu")
     timings = []
+    measure = precision.measure
 
     def fake_measure(*args, compiled=False, **kwargs):
         timings.append(compiled)
@@ -394,7 +395,7 @@ def test_auto_measures_only_where_bf16_is_native_and_remembers_its_choice(monkey
     assert precision.choose(model, cpu, 4, 16, compiled=True)[1]["reason"] == "cached timing"
     monkeypatch.setattr(precision, "measure", lambda *a, **k: {"fp32": 0.10, "bf16": 0.099})
     assert precision.choose(model, cpu, 2, 16)[0] == "fp32"  # 1% faster is within the noise: fp32
-    real = precision.measure(model, cpu, 2, 8, rounds=1)
+    real = measure(model, cpu, 2, 8, rounds=1)
     assert set(real) == {"fp32", "bf16"} and all(v > 0 for v in real.values())
 
 
@@ -419,6 +420,57 @@ def test_auto_precision_is_recorded_and_a_resumed_run_reuses_it_bitwise(tmp_path
     monkeypatch.setattr(precision, "choose", no_timing)
     resumed = _fit(tmp_path / "resumed", steps=6, save_every=3)
     assert resumed["precision"] == "bf16" and resumed["precision_choice"] == {"reason": "resumed"}
+    a, b = final_weights(tmp_path / "straight", 6), final_weights(tmp_path / "resumed", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_attention_dtype_is_timed_under_bf16_only_and_remembered(monkeypatch):
+    from nanoseek import Transformer
+    from nanoseek.train import precision
+
+    model = Transformer(tiny_config())
+    cpu = torch.device("cpu")
+    shapes = []
+    measure = precision.measure_attention
+
+    def fake(device, shape, rounds=3):
+        shapes.append(shape)
+        return {"fp32": 0.02, "bf16": 0.04}
+
+    monkeypatch.setattr(precision, "measure_attention", fake)
+    heads, width = model.config.num_attention_heads, model.config.qk_head_dim
+    assert precision.attention_dtype(model, cpu, 4, 16) == (
+        "fp32",
+        {"fp32": 0.02, "bf16": 0.04, "reason": "timed"},
+    )
+    assert shapes == [(4, heads, 16, width)]
+    assert precision.attention_dtype(model, cpu, 4, 16)[1]["reason"] == "cached timing"
+    monkeypatch.setattr(precision, "measure_attention", lambda *a: {"fp32": 0.099, "bf16": 0.1})
+    assert precision.attention_dtype(model, cpu, 4, 32)[0] == "bf16"  # within the noise: bf16
+    real = measure(cpu, (2, heads, 8, width), rounds=1)
+    assert set(real) == {"fp32", "bf16"} and all(v > 0 for v in real.values())
+
+
+def test_the_attention_dtype_is_recorded_and_a_resumed_run_reuses_it_bitwise(tmp_path, monkeypatch):
+    """A bf16 run's attention kernel dtype is chosen once, set on every layer, written into
+    cost.json and the checkpoint; a resumed run takes it from there and ends bitwise equal to an
+    uninterrupted run. An fp32 run chooses nothing."""
+    from nanoseek.train import precision
+
+    monkeypatch.setattr(precision, "attention_dtype", lambda *a: ("fp32", {"reason": "timed"}))
+    straight = _fit(tmp_path / "straight", steps=6, precision="bf16")
+    assert straight["attention_dtype"] == "fp32"
+    assert straight["attention_choice"] == {"reason": "timed"}
+    assert _fit(tmp_path / "fp32", steps=2, precision="fp32")["attention_dtype"] is None
+    _fit(tmp_path / "resumed", steps=3, save_every=3, precision="bf16")
+
+    def no_timing(*args):
+        raise AssertionError("a resumed run must not time again")
+
+    monkeypatch.setattr(precision, "attention_dtype", no_timing)
+    resumed = _fit(tmp_path / "resumed", steps=6, save_every=3, precision="bf16")
+    assert resumed["attention_dtype"] == "fp32"
+    assert resumed["attention_choice"] == {"reason": "resumed"}
     a, b = final_weights(tmp_path / "straight", 6), final_weights(tmp_path / "resumed", 6)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -36,6 +36,11 @@ def values_for_sdpa(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 class MLA(nn.Module):
+    # the dtype the training path's attention kernel runs in (its inputs cast to it, its output
+    # cast back); None: the inputs' own. Under bf16 autocast on a CPU the fused kernel's fp32
+    # path can be the faster one (train/precision.py, attention_dtype).
+    sdpa_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
@@ -97,12 +102,21 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k, v = self.expand(*self.latent(x, cos, sin))
         v_dim = v.shape[-1]
-        o = F.scaled_dot_product_attention(
-            q, k, values_for_sdpa(v, q), is_causal=True, scale=self.scale
-        )
+        o = self.attend(q, k, values_for_sdpa(v, q))
         # transposed before the padding is cut off: the output's gradient then arrives in the
         # fused kernel's own [B, T, H, D] layout, which its backward would otherwise copy into
         return self.o_proj(o.transpose(1, 2)[..., :v_dim].flatten(2))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal SDPA, in sdpa_dtype when one is set."""
+        dtype = self.sdpa_dtype
+        if dtype is None or q.dtype == dtype:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        with torch.autocast(q.device.type, enabled=False):
+            o = F.scaled_dot_product_attention(
+                q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, scale=self.scale
+            )
+        return o.to(q.dtype)
 
     # ---------------------------------------------------------------- absorbed path
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -153,13 +153,23 @@ class Transformer(nn.Module):
         return self.norm(x), balance
 
     def forward(
-        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, mtp_weight: float = 0.3
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        mtp_weight: float = 0.3,
+        logits_at: torch.Tensor | None = None,
     ):
         """input_ids [B, T] -> logits [B, T, V]; with targets, the LossOutput of `compute_loss` (so
-        that DDP and FSDP, which wrap `forward`, see the training computation)."""
+        that DDP and FSDP, which wrap `forward`, see the training computation). logits_at (bool
+        [B, T]): only those positions' logits, [N, V] in row-major order (RL scores completions
+        only: the output head and the softmax then skip prompts and padding)."""
         if targets is not None:
             return self.compute_loss(input_ids, targets, mtp_weight)
-        return self.lm_head(self.hidden_states(input_ids)[0])
+        return self.logits(self.hidden_states(input_ids)[0], logits_at)
+
+    def logits(self, h: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, d] -> logits [B, T, V], or [N, V] at the positions `at`."""
+        return self.lm_head(h if at is None else h[at])
 
     def compute_loss(
         self,

@@ -273,15 +273,16 @@ class VisionLanguageModel(nn.Module):
         targets: torch.Tensor | None = None,
         mtp_weight: float = 0.3,
         images: ImageInput | None = None,
+        logits_at: torch.Tensor | None = None,
     ):
-        """input_ids [B, T] -> logits [B, T, V]; with targets, compute_loss's LossOutput. The
-        positional arguments are the Transformer's, so the trainer's `model(x, y, mtp_weight)`
-        call works unchanged; images come by keyword."""
+        """input_ids [B, T] -> logits [B, T, V] (or [N, V] at logits_at, as the Transformer's);
+        with targets, compute_loss's LossOutput. The positional arguments are the Transformer's,
+        so the trainer's `model(x, y, mtp_weight)` call works unchanged; images come by keyword."""
         if targets is not None:
             return self.compute_loss(input_ids, targets, mtp_weight, images=images)
         embeds = self.embed(input_ids, images)
         h, _ = self.language_model.hidden_states(input_ids, inputs_embeds=embeds)
-        return self.language_model.lm_head(h)
+        return self.language_model.logits(h, logits_at)
 
     def compute_loss(
         self,

@@ -73,16 +73,32 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int, tol: float = 1e
 def token_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, T, V], targets [B, T] (IGNORE_INDEX where no token is scored) -> (log π(target)
-    [B, T] with gradient, entropy of π [B, T] without); both 0 at ignored positions. π is
+    """logits [..., V], targets [...] (IGNORE_INDEX where no token is scored) -> (log π(target)
+    [...] with gradient, entropy of π [...] without); both 0 at ignored positions. π is
     softmax(logits / temperature): the policy that sampled the completions, so a rollout at
     temperature T stays on-policy."""
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    logp_all = F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     mask = targets != IGNORE_INDEX
     logp = logp_all.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
     return logp, entropy
+
+
+def scored_logprobs(
+    model, input_ids: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs of model(input_ids, **kwargs), [B, T] each, with the output head and the
+    softmax computed at the scored positions only (`logits_at`): a GRPO row is mostly prompt and
+    padding, and over a 4 K vocabulary the head and softmax are a large share of the step."""
+    mask = targets != IGNORE_INDEX
+    logits = model(input_ids, logits_at=mask, **kwargs)
+    logp, entropy = token_logprobs(logits, targets[mask], temperature)
+    return (
+        logp.new_zeros(mask.shape).masked_scatter(mask, logp),
+        entropy.new_zeros(mask.shape).masked_scatter(mask, entropy),
+    )
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from nanoseek.train.grpo_loss import (
     SCALES,
     group_advantages,
     policy_loss,
-    token_logprobs,
+    scored_logprobs,
     zero_variance_groups,
 )
 from nanoseek.train.rollout import (
@@ -151,6 +151,7 @@ class GRPOTrainer(Trainer):
     peak_seconds = 0.25  # rollouts dominate a GRPO step, so its MFU is a rough figure anyway
     # rollouts and frozen log-probs use the whole model outside forward/backward
     supports_fsdp = False
+    rows_vary = True  # a batch's rows are as long as its longest prompt + completion
     takes_images = False  # a subclass that renders the visual tasks' pictures sets it
 
     def __init__(
@@ -338,6 +339,7 @@ class GRPOTrainer(Trainer):
         rewards = torch.tensor([s.reward.total for s in samples])
         advantages = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
         inputs, targets = collate(samples, self.tokenizer.pad_id, cfg.mask_truncated)
+        self.choose_attention(min(cfg.batch_size, len(samples)), inputs.shape[1])
         micro = [slice(i, i + cfg.batch_size) for i in range(0, len(samples), cfg.batch_size)]
         num_tokens = int((targets != IGNORE_INDEX).sum())
         old = (
@@ -360,7 +362,7 @@ class GRPOTrainer(Trainer):
                 x, y = x.to(self.device), y.to(self.device)
                 sync = k == len(micro) - 1 or not self.info.enabled
                 with nullcontext() if sync else self.wrapped.no_sync(), self.autocast:
-                    logp, entropy = token_logprobs(self.wrapped(x, **extra), y, cfg.temperature)
+                    logp, entropy = scored_logprobs(self.wrapped, x, y, cfg.temperature, **extra)
                     mask = y != IGNORE_INDEX
                     out = policy_loss(
                         logp,
@@ -421,8 +423,8 @@ class GRPOTrainer(Trainer):
             x, y, extra = self.micro_batch(inputs[mb], targets[mb], samples[mb])
             with self.autocast:
                 out.append(
-                    token_logprobs(
-                        model(x.to(self.device), **extra), y.to(self.device), self.cfg.temperature
+                    scored_logprobs(
+                        model, x.to(self.device), y.to(self.device), self.cfg.temperature, **extra
                     )[0].cpu()
                 )
         model.train(was_training)

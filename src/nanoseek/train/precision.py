@@ -11,8 +11,12 @@ large matmuls. A run that compiles its step is timed compiled, since compiling c
 backward, where on a Xeon the eager probe had chosen fp32). The compiled copy shares the run's code,
 so Inductor's cache makes the run's own compile of the chosen precision cheap.
 
-The choice is cached per machine, model and batch shape (`cache_path`), so that the same seed on
-the same machine trains the same way run after run; a resumed run reuses the choice its checkpoint
+Under bf16, the attention kernel's own dtype is a second choice (`attention_dtype`): on a CPU the
+fused SDPA kernel's bf16 path is not always faster than its fp32 one, so both are timed at the
+stage's attention shape and the inputs are cast up where fp32 wins.
+
+The choices are cached per machine, model and batch shape (`cache_path`), so that the same seed on
+the same machine trains the same way run after run; a resumed run reuses the choices its checkpoint
 recorded and times nothing.
 """
 
@@ -27,8 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from nanoseek.io import atomic_write_text
+from nanoseek.model.attention import MLA
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -170,6 +176,25 @@ def cache_key(
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
+def _cached(key: str, decide) -> tuple[str, dict, bool]:
+    """The cache's entry for `key`, else decide() -> (choice, timing) stored under it ->
+    (choice, timing, whether it came from the cache)."""
+    path = cache_path()
+    try:
+        cached = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]["precision"], cached[key]["timing"], True
+    choice, timing = decide()
+    cached[key] = {"precision": choice, "timing": timing}
+    try:
+        atomic_write_text(path, json.dumps(cached, indent=1) + "\n")
+    except OSError:  # a read-only home: the choice is simply not remembered
+        pass
+    return choice, timing, False
+
+
 def choose(
     model: torch.nn.Module,
     device: torch.device,
@@ -183,19 +208,73 @@ def choose(
         return "bf16", {"reason": "cuda"}
     if not native_bf16(device):
         return "fp32", {"reason": "no native bf16 on this CPU"}
+
+    def decide():
+        timing = measure(model, device, batch_size, seq_len, compiled=compiled)
+        return ("bf16" if timing["bf16"] < (1 - MARGIN) * timing["fp32"] else "fp32"), timing
+
     key = cache_key(model, device, batch_size, seq_len, compiled)
-    path = cache_path()
-    try:
-        cached = json.loads(path.read_text("utf-8"))
-    except (OSError, ValueError):
-        cached = {}
-    if key in cached:
-        return cached[key]["precision"], {**cached[key]["timing"], "reason": "cached timing"}
-    timing = measure(model, device, batch_size, seq_len, compiled=compiled)
-    precision = "bf16" if timing["bf16"] < (1 - MARGIN) * timing["fp32"] else "fp32"
-    cached[key] = {"precision": precision, "timing": timing}
-    try:
-        atomic_write_text(path, json.dumps(cached, indent=1) + "\n")
-    except OSError:  # a read-only home: the choice is simply not remembered
-        pass
-    return precision, {**timing, "reason": "timed"}
+    precision, timing, hit = _cached(key, decide)
+    return precision, {**timing, "reason": "cached timing" if hit else "timed"}
+
+
+def attention_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> None:
+    """Causal SDPA forward + backward on bf16 q, k, v [B, T, H, D], run in `dtype` as MLA.attend
+    runs it: the casts included, in MLA's layouts (heads-major views of token-major tensors)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True)
+    out = o.to(q.dtype).transpose(1, 2)
+    out.backward(torch.ones_like(out))
+
+
+def measure_attention(
+    device: torch.device, shape: tuple[int, int, int, int], rounds: int = 3
+) -> dict[str, float]:
+    """Best seconds per causal SDPA forward + backward on bf16 inputs of `shape` [B, H, T, D], run
+    in each dtype, alternately after one warm-up each."""
+    B, H, T, D = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn((B, T, H, D), generator=gen).to(device, torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    )
+    best = {name: float("inf") for name in DTYPES}
+    for r in range(rounds + 1):
+        for name, dtype in DTYPES.items():
+            start = time.perf_counter()
+            attention_pass(q, k, v, dtype)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {name: round(s, 5) for name, s in best.items()}
+
+
+def attention_dtype(
+    model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int
+) -> tuple[str, dict]:
+    """The dtype a bf16 run's attention kernel runs in -> ("bf16" or "fp32", how it was decided).
+    On a CPU, fp32 where it times at least MARGIN faster at the stage's shape: the fused kernel's
+    bf16 path converts blocks back and forth (a Zen 4 at two threads, forward + backward, [B, H, T,
+    D] = [32, 8, 93, 48]: bf16 43 ms, fp32 23 ms; [4, 8, 1024, 48]: bf16 101 ms, fp32 125 ms)."""
+    if device.type != "cpu":
+        return "bf16", {"reason": device.type}
+    cfg = model.config
+    shape = (batch_size, cfg.num_attention_heads, seq_len, cfg.qk_head_dim)
+
+    def decide():
+        timing = measure_attention(device, shape)
+        return ("fp32" if timing["fp32"] < (1 - MARGIN) * timing["bf16"] else "bf16"), timing
+
+    parts = ["attention", cpu_name(), torch.__version__, str(torch.get_num_threads()), str(shape)]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    dtype, timing, hit = _cached(key, decide)
+    return dtype, {**timing, "reason": "cached timing" if hit else "timed"}
+
+
+def set_attention_dtype(model: torch.nn.Module, dtype: str | None) -> None:
+    """Every attention layer of `model` runs its training-path kernel in `dtype` ("fp32", "bf16";
+    None: in its inputs' dtype)."""
+    for module in model.modules():
+        if isinstance(module, MLA):
+            module.sdpa_dtype = None if dtype is None else DTYPES[dtype]

@@ -148,6 +148,9 @@ class Trainer:
     progress_name = "train"  # the progress bar's label
     peak_seconds = 1.0  # how long the matmul peak (MFU's denominator) is measured
     supports_fsdp = True  # False: the subclass uses the whole model outside forward/backward
+    # True: rows are as long as each batch makes them, so the attention dtype is chosen at the first
+    # batch's shape (the subclass calls choose_attention) rather than at batch_size x seq_len
+    rows_vary = False
 
     def __init__(
         self,
@@ -213,6 +216,11 @@ class Trainer:
         self.precision_how: dict = {"reason": "forced"} if cfg.precision != "auto" else {}
         self._resumed_precision: str | None = None
         self.autocast = precision.autocast(self.device, self.precision)
+        # under bf16, the dtype the attention kernel runs in (precision.attention_dtype); None
+        # until chosen, and always None in fp32
+        self.attention_dtype: str | None = None
+        self.attention_how: dict = {}
+        self._resumed_attention: str | None = None
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
@@ -297,12 +305,33 @@ class Trainer:
             self.precision, self.precision_how = chosen[0]
         self.autocast = precision.autocast(self.device, self.precision)
         if self.info.is_main and cfg.progress:
-            timing = {k: v for k, v in self.precision_how.items() if k in precision.DTYPES}
-            said = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in timing.items())
             tqdm.write(
-                f"precision: {self.precision} ({self.precision_how.get('reason', '')}"
-                f"{': forward+backward ' + said if said else ''})"
+                f"precision: {self.precision} ({_said(self.precision_how, 'forward+backward')})"
                 f"{'; compiled' if self.compiled else ''}"
+            )
+        if not self.rows_vary:
+            self.choose_attention(cfg.batch_size, cfg.seq_len)
+
+    def choose_attention(self, batch_size: int, seq_len: int) -> None:
+        """Under bf16, the dtype the attention kernel runs in, once per run: the resumed
+        checkpoint's, or measured at [batch_size, seq_len] (precision.attention_dtype); said
+        once."""
+        if self.precision != "bf16" or self.attention_dtype is not None:
+            return
+        if self._resumed_attention is not None:
+            chosen = [(self._resumed_attention, {"reason": "resumed"})]
+        else:
+            chosen = [None]
+            if self.info.is_main:
+                chosen = [precision.attention_dtype(self.host, self.device, batch_size, seq_len)]
+            if self.info.enabled:
+                torch.distributed.broadcast_object_list(chosen, src=0)
+        self.attention_dtype, self.attention_how = chosen[0]
+        precision.set_attention_dtype(self.model, self.attention_dtype)
+        if self.info.is_main and self.cfg.progress:
+            tqdm.write(
+                f"attention: {self.attention_dtype} ({_said(self.attention_how, 'SDPA')}, "
+                f"{batch_size}x{seq_len})"
             )
 
     def first_step(self) -> dict:
@@ -516,6 +545,8 @@ class Trainer:
             "matmul_peak_dtype": self.precision,
             "precision": self.precision,
             "precision_choice": self.precision_how,
+            "attention_dtype": self.attention_dtype,
+            "attention_choice": self.attention_how,
             "compiled": self.compiled,
             "compile_s": self.compile_s,
             "devices": self.info.world_size,
@@ -574,6 +605,7 @@ class Trainer:
                 "config": asdict(self.cfg),
                 "window_losses": list(self._window_losses),
                 "precision": self.precision,
+                "attention_dtype": self.attention_dtype,
             }
             with atomic_dir(final) as tmp:
                 self.save_weights(tmp)
@@ -637,6 +669,10 @@ class Trainer:
         self.elapsed = state["elapsed"]
         self._window_losses = list(state.get("window_losses", []))
         self._resumed_precision = state.get("precision")
+        # (a checkpoint from before the choice existed ran bf16 attention under bf16)
+        self._resumed_attention = state.get(
+            "attention_dtype", "bf16" if self._resumed_precision == "bf16" else None
+        )
         if self.info.is_main:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
             tqdm.write(f"resumed from {path} (step {self.step})")
@@ -666,6 +702,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
         rows = [line for line in path.read_text("utf-8").splitlines() if line.strip()]
         kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
         atomic_write_text(path, "".join(r + "\n" for r in kept))
+
+
+def _said(how: dict, what: str) -> str:
+    """A choice's reason and timing as the progress bar says it: "timed: forward+backward fp32 603
+    ms, bf16 405 ms"."""
+    timing = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in how.items() if k in precision.DTYPES)
+    return how.get("reason", "") + (f": {what} {timing}" if timing else "")
 
 
 def _main_thread() -> bool:
