@@ -2,7 +2,9 @@
 the same weights, and MoE vs dense.
 
 Forward + backward + AdamW step on the reference config of the model issue, each side in fp32 and
-under bf16 autocast (and compiled with --compile), its best taken; transformers with its fastest
+under bf16 autocast (and compiled with --compile), its best taken; nanoseek under bf16 with the
+attention kernel's dtype its trainer would choose here (`attention` in its lines; precision.py,
+attention_dtype: timed once and cached); transformers with its fastest
 experts and attention implementations (each timed in fp32 first); the same AdamW kernel, the
 fastest available, on both sides. MFU is against the matmul peak in the precision that ran (best
 of 512/1024/2048 square matmuls). Prints JSON lines: the CPU, the peaks, transformers'
@@ -121,6 +123,10 @@ def time_variants(
     for name, build in sides.items():
         for prec, compiled in variants:
             model = build().train()
+            attention = None
+            if name.startswith("nanoseek") and prec == "bf16":  # as its trainer chooses
+                attention = precision.attention_dtype(model, ids.device, *ids.shape)[0]
+                precision.set_attention_dtype(model, attention)
             run = torch.compile(model) if compiled else model
             step = (ours_step if name.startswith("nanoseek") else hf_step)(run, ids, prec)
             started = time.perf_counter()
@@ -146,6 +152,7 @@ def time_variants(
                     "name": name,
                     "precision": prec,
                     "compiled": compiled,
+                    "attention": attention,
                     "step": step,
                     "first_step_s": round(first, 2),
                     "best_s": float("inf"),
@@ -164,6 +171,7 @@ def time_variants(
             "name": run["name"],
             "precision": run["precision"],
             "compiled": run["compiled"],
+            **({"attention": run["attention"]} if run["attention"] else {}),
             "tokens_per_s": round(tps, 1),
             "mfu": round(tps * flops / peaks[run["precision"]], 4),
             "first_step_s": run["first_step_s"],
