@@ -273,8 +273,9 @@ def attention_dtype(
 
 
 def set_attention_dtype(model: torch.nn.Module, dtype: str | None) -> None:
-    """Every attention layer of `model` runs its training-path kernel in `dtype` ("fp32", "bf16";
-    None: in its inputs' dtype)."""
+    """Every attention layer of `model` runs its training-path kernel in fp32 when `dtype` is
+    "fp32"; otherwise ("bf16", None) in its inputs' dtype, which under bf16 autocast is bf16 and
+    leaves an fp32 forward outside autocast (evaluation, rollouts) in fp32."""
     for module in model.modules():
         if isinstance(module, MLA):
-            module.sdpa_dtype = None if dtype is None else DTYPES[dtype]
+            module.sdpa_dtype = torch.float32 if dtype == "fp32" else None
