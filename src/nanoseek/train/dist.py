@@ -167,6 +167,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def main_decides(decide, info: DistInfo):
+    """decide() run on rank 0 only, its result given to every rank (a choice made by timing, which
+    every rank must share)."""
+    chosen = [decide() if info.is_main else None]
+    if info.enabled:
+        dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

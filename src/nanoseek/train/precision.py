@@ -176,23 +176,23 @@ def cache_key(
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def _cached(key: str, decide) -> tuple[str, dict, bool]:
+def _cached(key: str, decide) -> tuple[str, dict]:
     """The cache's entry for `key`, else decide() -> (choice, timing) stored under it ->
-    (choice, timing, whether it came from the cache)."""
+    (choice, its timing with the reason: "cached timing" or "timed")."""
     path = cache_path()
     try:
         cached = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         cached = {}
     if key in cached:
-        return cached[key]["precision"], cached[key]["timing"], True
+        return cached[key]["precision"], {**cached[key]["timing"], "reason": "cached timing"}
     choice, timing = decide()
     cached[key] = {"precision": choice, "timing": timing}
     try:
         atomic_write_text(path, json.dumps(cached, indent=1) + "\n")
     except OSError:  # a read-only home: the choice is simply not remembered
         pass
-    return choice, timing, False
+    return choice, {**timing, "reason": "timed"}
 
 
 def choose(
@@ -213,9 +213,7 @@ def choose(
         timing = measure(model, device, batch_size, seq_len, compiled=compiled)
         return ("bf16" if timing["bf16"] < (1 - MARGIN) * timing["fp32"] else "fp32"), timing
 
-    key = cache_key(model, device, batch_size, seq_len, compiled)
-    precision, timing, hit = _cached(key, decide)
-    return precision, {**timing, "reason": "cached timing" if hit else "timed"}
+    return _cached(cache_key(model, device, batch_size, seq_len, compiled), decide)
 
 
 def attention_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> None:
@@ -255,8 +253,8 @@ def attention_dtype(
 ) -> tuple[str, dict]:
     """The dtype a bf16 run's attention kernel runs in -> ("bf16" or "fp32", how it was decided).
     On a CPU, fp32 where it times at least MARGIN faster at the stage's shape: the fused kernel's
-    bf16 path converts blocks back and forth (a Zen 4 at two threads, forward + backward, [B, H, T,
-    D] = [32, 8, 93, 48]: bf16 43 ms, fp32 23 ms; [4, 8, 1024, 48]: bf16 101 ms, fp32 125 ms)."""
+    bf16 path converts blocks back and forth (a Zen 4 at two threads, measure_attention, [B, H, T,
+    D] = [32, 8, 93, 48]: bf16 57 ms, fp32 28 ms; [4, 8, 1024, 48]: bf16 110 ms, fp32 163 ms)."""
     if device.type != "cpu":
         return "bf16", {"reason": device.type}
     cfg = model.config
@@ -267,9 +265,7 @@ def attention_dtype(
         return ("fp32" if timing["fp32"] < (1 - MARGIN) * timing["bf16"] else "bf16"), timing
 
     parts = ["attention", cpu_name(), torch.__version__, str(torch.get_num_threads()), str(shape)]
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
-    dtype, timing, hit = _cached(key, decide)
-    return dtype, {**timing, "reason": "cached timing" if hit else "timed"}
+    return _cached(hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24], decide)
 
 
 def set_attention_dtype(model: torch.nn.Module, dtype: str | None) -> None:

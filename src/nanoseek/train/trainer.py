@@ -292,17 +292,13 @@ class Trainer:
         if cfg.precision == "auto" and self._resumed_precision is not None:
             self.precision = self._resumed_precision
             self.precision_how = {"reason": "resumed"}
-        elif cfg.precision == "auto":
-            chosen = [None]
-            if self.info.is_main:  # rank 0 measures; every rank trains in its choice
-                chosen = [
-                    precision.choose(
-                        self.host, self.device, cfg.batch_size, cfg.seq_len, self.compiled
-                    )
-                ]
-            if self.info.enabled:
-                torch.distributed.broadcast_object_list(chosen, src=0)
-            self.precision, self.precision_how = chosen[0]
+        elif cfg.precision == "auto":  # rank 0 measures; every rank trains in its choice
+            self.precision, self.precision_how = dist.main_decides(
+                lambda: precision.choose(
+                    self.host, self.device, cfg.batch_size, cfg.seq_len, self.compiled
+                ),
+                self.info,
+            )
         self.autocast = precision.autocast(self.device, self.precision)
         if self.info.is_main and cfg.progress:
             tqdm.write(
@@ -319,14 +315,13 @@ class Trainer:
         if self.precision != "bf16" or self.attention_dtype is not None:
             return
         if self._resumed_attention is not None:
-            chosen = [(self._resumed_attention, {"reason": "resumed"})]
+            chosen = (self._resumed_attention, {"reason": "resumed"})
         else:
-            chosen = [None]
-            if self.info.is_main:
-                chosen = [precision.attention_dtype(self.host, self.device, batch_size, seq_len)]
-            if self.info.enabled:
-                torch.distributed.broadcast_object_list(chosen, src=0)
-        self.attention_dtype, self.attention_how = chosen[0]
+            chosen = dist.main_decides(
+                lambda: precision.attention_dtype(self.host, self.device, batch_size, seq_len),
+                self.info,
+            )
+        self.attention_dtype, self.attention_how = chosen
         precision.set_attention_dtype(self.model, self.attention_dtype)
         if self.info.is_main and self.cfg.progress:
             tqdm.write(
