@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import Transformer
-from nanoseek.model.attention import absorb_query, attend_latent, expand_output
+from nanoseek.model.attention import (
+    absorb_query,
+    attend_latent,
+    causal_attention_products,
+    expand_output,
+)
 from nanoseek.model.moe import (
     ROW_BLOCK,
     MoE,
@@ -303,11 +308,12 @@ def test_attention_gradients_equal_unpadded_attention():
         assert (a - b).abs().max().item() < 1e-5
 
 
-def test_attention_in_fp32_under_bf16_autocast_matches_bf16_attention():
-    """MLA.sdpa_dtype fp32 (what a bf16 run takes where the CPU's fp32 kernel is faster): the
-    kernel's inputs cast up and its output cast back, so the layer still hands bf16 on; output and
-    gradients as bf16 attention gives them, to bf16's precision. Without autocast the setting
-    changes nothing."""
+@pytest.mark.parametrize("kernel", ["fp32", "math"])
+def test_each_attention_kernel_under_bf16_autocast_matches_bf16_attention(kernel):
+    """MLA.kernel "fp32" (the fused kernel's inputs cast up, its output cast back) and "math" (the
+    two products unfused, softmax in fp32), what a bf16 run takes where the CPU runs them faster:
+    the layer still hands bf16 on; output and gradients as the fused bf16 kernel gives them, to
+    bf16's precision. Without autocast both compute fp32 attention as the fused kernel does."""
     cfg = tiny_config()
     torch.manual_seed(0)
     attn = Transformer(cfg).layers[0].self_attn
@@ -315,8 +321,8 @@ def test_attention_in_fp32_under_bf16_autocast_matches_bf16_attention():
     cos, sin = Transformer(cfg).rope(torch.arange(12))
     grad_out = torch.randn(2, 12, cfg.hidden_size)
     outs, grads = [], []
-    for dtype in (None, torch.float32):
-        attn.sdpa_dtype = dtype
+    for choice in (None, kernel):
+        attn.kernel = choice
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = attn(x, cos, sin)
         assert out.dtype == torch.bfloat16
@@ -326,10 +332,26 @@ def test_attention_in_fp32_under_bf16_autocast_matches_bf16_attention():
     assert (outs[0] - outs[1]).abs().max().item() < 0.05 * scale
     for a, b in zip(*grads):
         assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item() + 1e-6
-    attn.sdpa_dtype = torch.float32
-    fp32 = attn(x, cos, sin)
-    attn.sdpa_dtype = None
-    assert torch.equal(fp32, attn(x, cos, sin))
+    attn.kernel = kernel
+    chosen = attn(x, cos, sin)
+    attn.kernel = None
+    assert (chosen - attn(x, cos, sin)).abs().max().item() < 1e-5
+
+
+def test_causal_attention_products_equal_causal_sdpa():
+    """The unfused kernel is causal SDPA: the same outputs and gradients in fp32, values narrower
+    than queries as MLA's are."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 9, 8, requires_grad=True), torch.randn(2, 3, 9, 8, requires_grad=True)
+    v = torch.randn(2, 3, 9, 5, requires_grad=True)
+    g = torch.randn(2, 3, 9, 5)
+    ours = causal_attention_products(q, k, v, 0.3)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert (ours - theirs).abs().max().item() < 1e-5
+    for a, b in zip(
+        torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(theirs, (q, k, v), g)
+    ):
+        assert (a - b).abs().max().item() < 1e-5
 
 
 def test_logits_at_gives_the_chosen_positions_logits():

@@ -424,55 +424,81 @@ def test_auto_precision_is_recorded_and_a_resumed_run_reuses_it_bitwise(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_attention_dtype_is_timed_under_bf16_only_and_remembered(monkeypatch):
+def test_the_attention_kernel_is_timed_and_remembered(monkeypatch):
+    """The kernel whose model forward + backward is fastest at the stage's batch shape, if it beats
+    the fused bf16 kernel by the margin; timed eagerly or compiled as the stage runs; remembered per
+    model, shape and mode."""
     from nanoseek import Transformer
     from nanoseek.train import precision
 
     model = Transformer(tiny_config())
     cpu = torch.device("cpu")
-    shapes = []
+    calls = []
     measure = precision.measure_attention
 
-    def fake(device, shape, rounds=3):
-        shapes.append(shape)
-        return {"fp32": 0.02, "bf16": 0.04}
+    def fake(model, device, batch_size, seq_len, rounds=3, compiled=False):
+        calls.append((batch_size, seq_len, compiled))
+        return {"bf16": 0.04, "fp32": 0.02, "math": 0.03}
 
     monkeypatch.setattr(precision, "measure_attention", fake)
-    heads, width = model.config.num_attention_heads, model.config.qk_head_dim
-    assert precision.attention_dtype(model, cpu, 4, 16) == (
+    assert precision.attention_kernel(model, cpu, 4, 16) == (
         "fp32",
-        {"fp32": 0.02, "bf16": 0.04, "reason": "timed"},
+        {"bf16": 0.04, "fp32": 0.02, "math": 0.03, "reason": "timed"},
     )
-    assert shapes == [(4, heads, 16, width)]
-    assert precision.attention_dtype(model, cpu, 4, 16)[1]["reason"] == "cached timing"
-    monkeypatch.setattr(precision, "measure_attention", lambda *a: {"fp32": 0.099, "bf16": 0.1})
-    assert precision.attention_dtype(model, cpu, 4, 32)[0] == "bf16"  # within the noise: bf16
-    real = measure(cpu, (2, heads, 8, width), rounds=1)
-    assert set(real) == {"fp32", "bf16"} and all(v > 0 for v in real.values())
+    assert calls == [(4, 16, False)]
+    assert precision.attention_kernel(model, cpu, 4, 16)[1]["reason"] == "cached timing"
+    monkeypatch.setattr(
+        precision, "measure_attention", lambda *a, **k: {"bf16": 0.1, "fp32": 0.099, "math": 0.12}
+    )
+    assert precision.attention_kernel(model, cpu, 4, 32)[0] == "bf16"  # within the noise: bf16
+    monkeypatch.setattr(
+        precision, "measure_attention", lambda *a, **k: {"bf16": 0.1, "fp32": 0.08, "math": 0.05}
+    )
+    assert precision.attention_kernel(model, cpu, 4, 16, compiled=True)[0] == "math"
+    real = measure(model, cpu, 2, 8, rounds=1)
+    assert set(real) == set(precision.ATTENTION_KERNELS) and all(v > 0 for v in real.values())
+    assert all(m.kernel is None for m in model.modules() if hasattr(m, "kernel"))  # copies timed
+    precision.set_attention_kernel(model, "math")
+    assert {m.kernel for m in model.modules() if hasattr(m, "kernel")} == {"math"}
+    with pytest.raises(ValueError, match="attention kernel 'flash'"):
+        precision.set_attention_kernel(model, "flash")
 
 
-def test_the_attention_dtype_is_recorded_and_a_resumed_run_reuses_it_bitwise(tmp_path, monkeypatch):
-    """A bf16 run's attention kernel dtype is chosen once, set on every layer, written into
-    cost.json and the checkpoint; a resumed run takes it from there and ends bitwise equal to an
+def test_the_attention_kernel_is_recorded_and_a_resumed_run_reuses_it_bitwise(
+    tmp_path, monkeypatch
+):
+    """A bf16 run's attention kernel is chosen once, set on every layer, written into cost.json
+    and the checkpoint; a resumed run takes it from there and ends bitwise equal to an
     uninterrupted run. An fp32 run chooses nothing."""
     from nanoseek.train import precision
 
-    monkeypatch.setattr(precision, "attention_dtype", lambda *a: ("fp32", {"reason": "timed"}))
+    monkeypatch.setattr(
+        precision, "attention_kernel", lambda *a, **k: ("math", {"reason": "timed"})
+    )
     straight = _fit(tmp_path / "straight", steps=6, precision="bf16")
-    assert straight["attention_dtype"] == "fp32"
+    assert straight["attention_kernel"] == "math"
     assert straight["attention_choice"] == {"reason": "timed"}
-    assert _fit(tmp_path / "fp32", steps=2, precision="fp32")["attention_dtype"] is None
+    assert _fit(tmp_path / "fp32", steps=2, precision="fp32")["attention_kernel"] is None
     _fit(tmp_path / "resumed", steps=3, save_every=3, precision="bf16")
 
-    def no_timing(*args):
+    def no_timing(*args, **kwargs):
         raise AssertionError("a resumed run must not time again")
 
-    monkeypatch.setattr(precision, "attention_dtype", no_timing)
+    monkeypatch.setattr(precision, "attention_kernel", no_timing)
     resumed = _fit(tmp_path / "resumed", steps=6, save_every=3, precision="bf16")
-    assert resumed["attention_dtype"] == "fp32"
+    assert resumed["attention_kernel"] == "math"
     assert resumed["attention_choice"] == {"reason": "resumed"}
     a, b = final_weights(tmp_path / "straight", 6), final_weights(tmp_path / "resumed", 6)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a checkpoint written before the unfused kernel existed named its choice "attention_dtype"
+    monkeypatch.setattr(precision, "attention_kernel", lambda *a, **k: ("fp32", {}))
+    _fit(tmp_path / "older", steps=3, save_every=3, precision="bf16")
+    state_file = tmp_path / "older" / "checkpoints" / "step_000003" / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    state["attention_dtype"] = state.pop("attention_kernel")
+    torch.save(state, state_file)
+    monkeypatch.setattr(precision, "attention_kernel", no_timing)
+    assert _fit(tmp_path / "older", steps=4, precision="bf16")["attention_kernel"] == "fp32"
 
 
 def test_the_expert_grouped_matmul_op_equals_grouped_mm_in_both_precisions():

@@ -35,11 +35,25 @@ def values_for_sdpa(v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return v
 
 
+def causal_attention_products(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention as its two products, in the inputs' dtype (bf16 under autocast), with the
+    scores masked and soft-maxed in fp32 between them: q, k [B, H, T, D], v [B, H, T, Dv] ->
+    [B, H, T, Dv]. The same function as causal SDPA, unfused: compiled, Inductor fuses the mask
+    and softmax, and at short rows on a CPU this can beat the fused kernel (MLA.kernel)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 class MLA(nn.Module):
-    # the dtype the training path's attention kernel runs in (its inputs cast to it, its output
-    # cast back); None: the inputs' own. Under bf16 autocast on a CPU the fused kernel's fp32
-    # path can be the faster one (train/precision.py, attention_dtype).
-    sdpa_dtype: torch.dtype | None = None
+    # How the training path's causal attention runs: None (or "bf16") the fused SDPA kernel in
+    # the inputs' dtype; "fp32" that kernel with its inputs cast up and its output cast back;
+    # "math" `causal_attention_products`. Under bf16 autocast on a CPU either of the last two can
+    # be the faster (train/precision.py, attention_kernel, times them).
+    kernel: str | None = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -102,19 +116,22 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)
         k, v = self.expand(*self.latent(x, cos, sin))
         v_dim = v.shape[-1]
-        o = self.attend(q, k, values_for_sdpa(v, q))
-        # transposed before the padding is cut off: the output's gradient then arrives in the
+        o = self.attend(q, k, v)
+        # transposed before any padding is cut off: the output's gradient then arrives in the
         # fused kernel's own [B, T, H, D] layout, which its backward would otherwise copy into
         return self.o_proj(o.transpose(1, 2)[..., :v_dim].flatten(2))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal SDPA, in sdpa_dtype when one is set."""
-        dtype = self.sdpa_dtype
-        if dtype is None or q.dtype == dtype:
+        """Causal attention by `kernel` -> [B, H, T, v or more]: the fused kernel's output keeps
+        the columns its values were padded with (values_for_sdpa), to be cut off."""
+        if self.kernel == "math":
+            return causal_attention_products(q, k, v, self.scale)
+        v = values_for_sdpa(v, q)
+        if self.kernel != "fp32" or q.dtype == torch.float32:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         with torch.autocast(q.device.type, enabled=False):
             o = F.scaled_dot_product_attention(
-                q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True, scale=self.scale
+                q.float(), k.float(), v.float(), is_causal=True, scale=self.scale
             )
         return o.to(q.dtype)
 

@@ -36,13 +36,19 @@ def active_matmul_params(cfg: ModelConfig) -> int:
     return layers + d * cfg.vocab_size
 
 
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward FLOPs of causal attention's two products per trained token (3 × the
+    forward's)."""
+    # forward per token and layer: QK^T and PV over seq_len/2 keys on average, 2 FLOPs per
+    # multiply-add
+    forward = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len / 2)
+    return 3 * forward * cfg.num_hidden_layers
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per trained token: 6·N_active plus
     causal attention (3 × its forward)."""
-    # forward attention per token: QK^T and PV over seq_len/2 keys on
-    # average, 2 FLOPs per multiply-add
-    attn_fwd = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len / 2)
-    return 6 * active_matmul_params(cfg) + 3 * attn_fwd * cfg.num_hidden_layers
+    return 6 * active_matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
 
 
 PEAK_SIZES = (512, 1024, 2048)  # the square matmuls whose best speed is the peak

@@ -11,9 +11,10 @@ large matmuls. A run that compiles its step is timed compiled, since compiling c
 backward, where on a Xeon the eager probe had chosen fp32). The compiled copy shares the run's code,
 so Inductor's cache makes the run's own compile of the chosen precision cheap.
 
-Under bf16, the attention kernel's own dtype is a second choice (`attention_dtype`): on a CPU the
-fused SDPA kernel's bf16 path is not always faster than its fp32 one, so both are timed at the
-stage's attention shape and the inputs are cast up where fp32 wins.
+Under bf16, the attention kernel is a second choice (`attention_kernel`): on a CPU the fused SDPA
+kernel's bf16 path is not always faster than its fp32 one, nor than attention's two products
+unfused ("math", which Inductor fuses around when the step compiles), so the three are timed at the
+stage's attention shape, compiled where the stage compiles.
 
 The choices are cached per machine, model and batch shape (`cache_path`), so that the same seed on
 the same machine trains the same way run after run; a resumed run reuses the choices its checkpoint
@@ -31,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from nanoseek.io import atomic_write_text
 from nanoseek.model.attention import MLA
@@ -151,7 +151,17 @@ def measure(
             train_pass(twin, device, name, batch_size, seq_len, run)
             if r:
                 best[name] = min(best[name], time.perf_counter() - start)
+    if compiled:
+        forget_timing_graphs()
     return {name: round(s, 5) for name, s in best.items()}
+
+
+def forget_timing_graphs() -> None:
+    """Drop what torch.compile holds for the copies just timed. Each is one more entry in Dynamo's
+    cache for the model's forward, and past its recompile limit (8) the run's own model would
+    silently run eagerly. Inductor's compiled code stays cached on disk, so the run's compile of
+    the chosen variant is quick."""
+    torch._dynamo.reset()
 
 
 def cache_path() -> Path:
@@ -216,62 +226,76 @@ def choose(
     return _cached(cache_key(model, device, batch_size, seq_len, compiled), decide)
 
 
-def attention_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> None:
-    """Causal SDPA forward + backward on bf16 q, k, v [B, T, H, D], run in `dtype` as MLA.attend
-    runs it: the casts included, in MLA's layouts (heads-major views of token-major tensors)."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    o = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True)
-    out = o.to(q.dtype).transpose(1, 2)
-    out.backward(torch.ones_like(out))
+# How a bf16 run's attention can run (MLA.kernel): the fused kernel in bf16 (the default) or in
+# fp32, or attention's two products unfused
+ATTENTION_KERNELS = ("bf16", "fp32", "math")
 
 
 def measure_attention(
-    device: torch.device, shape: tuple[int, int, int, int], rounds: int = 3
+    model: torch.nn.Module,
+    device: torch.device,
+    batch_size: int,
+    seq_len: int,
+    rounds: int = 3,
+    compiled: bool = False,
 ) -> dict[str, float]:
-    """Best seconds per causal SDPA forward + backward on bf16 inputs of `shape` [B, H, T, D], run
-    in each dtype, alternately after one warm-up each."""
-    B, H, T, D = shape
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (
-        torch.randn((B, T, H, D), generator=gen).to(device, torch.bfloat16).requires_grad_()
-        for _ in range(3)
-    )
-    best = {name: float("inf") for name in DTYPES}
-    for r in range(rounds + 1):
-        for name, dtype in DTYPES.items():
+    """Best seconds per bf16 forward + backward of the model (copies of it) with each of
+    ATTENTION_KERNELS, measured alternately after one warm-up each (which compiles each its own
+    graph, when `compiled`). The whole model rather than attention alone: what surrounds the kernel
+    (values padded for the fused one, layouts, what Inductor fuses around the unfused one) is part
+    of its cost (the cpu preset's model, compiled, [16, 256]: attention alone timed the fused fp32
+    kernel fastest, the whole step ran 8% faster unfused)."""
+    runs = {}
+    for kernel in ATTENTION_KERNELS:
+        twin = copy.deepcopy(model).train()
+        set_attention_kernel(twin, kernel)
+        runs[kernel] = (twin, torch.compile(twin) if compiled else twin)
+    best = {kernel: float("inf") for kernel in ATTENTION_KERNELS}
+    for r in range(rounds + 1):  # round 0 warms up and is not counted
+        for kernel, (twin, run) in runs.items():
             start = time.perf_counter()
-            attention_pass(q, k, v, dtype)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            train_pass(twin, device, "bf16", batch_size, seq_len, run)
             if r:
-                best[name] = min(best[name], time.perf_counter() - start)
-    return {name: round(s, 5) for name, s in best.items()}
+                best[kernel] = min(best[kernel], time.perf_counter() - start)
+    if compiled:
+        forget_timing_graphs()
+    return {kernel: round(s, 5) for kernel, s in best.items()}
 
 
-def attention_dtype(
-    model: torch.nn.Module, device: torch.device, batch_size: int, seq_len: int
+def attention_kernel(
+    model: torch.nn.Module,
+    device: torch.device,
+    batch_size: int,
+    seq_len: int,
+    compiled: bool = False,
 ) -> tuple[str, dict]:
-    """The dtype a bf16 run's attention kernel runs in -> ("bf16" or "fp32", how it was decided).
-    On a CPU, fp32 where it times at least MARGIN faster at the stage's shape: the fused kernel's
-    bf16 path converts blocks back and forth (a Zen 4 at two threads, measure_attention, [B, H, T,
-    D] = [32, 8, 93, 48]: bf16 57 ms, fp32 28 ms; [4, 8, 1024, 48]: bf16 110 ms, fp32 163 ms)."""
+    """How a bf16 run's attention runs -> (one of ATTENTION_KERNELS, how it was decided): on a CPU
+    the one whose forward + backward of the model at the stage's batch shape is fastest, if at
+    least MARGIN faster than with the fused bf16 kernel. That kernel converts blocks back and forth
+    on a CPU without AMX; which of the others wins depends on the shape and on compiling (a Zen 4 at
+    two threads, attention alone, forward + backward, [B, H, T, D] = [32, 8, 93, 48], GRPO's update
+    of the cpu preset: fused bf16 43 ms, fused fp32 23 ms, unfused 13 ms; [4, 8, 1024, 48], long
+    context: 106, 138 and 286 ms compiled)."""
     if device.type != "cpu":
         return "bf16", {"reason": device.type}
-    cfg = model.config
-    shape = (batch_size, cfg.num_attention_heads, seq_len, cfg.qk_head_dim)
 
     def decide():
-        timing = measure_attention(device, shape)
-        return ("fp32" if timing["fp32"] < (1 - MARGIN) * timing["bf16"] else "bf16"), timing
+        timing = measure_attention(model, device, batch_size, seq_len, compiled=compiled)
+        fastest = min(timing, key=timing.get)
+        if timing[fastest] >= (1 - MARGIN) * timing["bf16"]:
+            fastest = "bf16"
+        return fastest, timing
 
-    parts = ["attention", cpu_name(), torch.__version__, str(torch.get_num_threads()), str(shape)]
-    return _cached(hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24], decide)
+    key = cache_key(model, device, batch_size, seq_len, compiled)
+    return _cached(key + ":attention:" + "+".join(ATTENTION_KERNELS), decide)
 
 
-def set_attention_dtype(model: torch.nn.Module, dtype: str | None) -> None:
-    """Every attention layer of `model` runs its training-path kernel in fp32 when `dtype` is
-    "fp32"; otherwise ("bf16", None) in its inputs' dtype, which under bf16 autocast is bf16 and
+def set_attention_kernel(model: torch.nn.Module, kernel: str | None) -> None:
+    """Every attention layer of `model` runs its training path by `kernel` (MLA.kernel); "bf16"
+    and None leave the fused kernel in its inputs' dtype, which under bf16 autocast is bf16 and
     leaves an fp32 forward outside autocast (evaluation, rollouts) in fp32."""
+    if kernel not in (None, *ATTENTION_KERNELS):
+        raise ValueError(f"attention kernel {kernel!r}: expected one of {ATTENTION_KERNELS}")
     for module in model.modules():
         if isinstance(module, MLA):
-            module.sdpa_dtype = torch.float32 if dtype == "fp32" else None
+            module.kernel = None if kernel == "bf16" else kernel

@@ -216,9 +216,9 @@ class Trainer:
         self.precision_how: dict = {"reason": "forced"} if cfg.precision != "auto" else {}
         self._resumed_precision: str | None = None
         self.autocast = precision.autocast(self.device, self.precision)
-        # under bf16, the dtype the attention kernel runs in (precision.attention_dtype); None
-        # until chosen, and always None in fp32
-        self.attention_dtype: str | None = None
+        # under bf16, how attention runs (precision.attention_kernel); None until chosen, and
+        # always None in fp32
+        self.attention_kernel: str | None = None
         self.attention_how: dict = {}
         self._resumed_attention: str | None = None
         self.step = 0
@@ -309,23 +309,25 @@ class Trainer:
             self.choose_attention(cfg.batch_size, cfg.seq_len)
 
     def choose_attention(self, batch_size: int, seq_len: int) -> None:
-        """Under bf16, the dtype the attention kernel runs in, once per run: the resumed
-        checkpoint's, or measured at [batch_size, seq_len] (precision.attention_dtype); said
+        """Under bf16, how attention runs, once per run: the resumed checkpoint's choice, or
+        measured at [batch_size, seq_len] as the step runs (precision.attention_kernel); said
         once."""
-        if self.precision != "bf16" or self.attention_dtype is not None:
+        if self.precision != "bf16" or self.attention_kernel is not None:
             return
         if self._resumed_attention is not None:
             chosen = (self._resumed_attention, {"reason": "resumed"})
         else:
             chosen = dist.main_decides(
-                lambda: precision.attention_dtype(self.host, self.device, batch_size, seq_len),
+                lambda: precision.attention_kernel(
+                    self.host, self.device, batch_size, seq_len, compiled=self.compiled
+                ),
                 self.info,
             )
-        self.attention_dtype, self.attention_how = chosen
-        precision.set_attention_dtype(self.model, self.attention_dtype)
+        self.attention_kernel, self.attention_how = chosen
+        precision.set_attention_kernel(self.model, self.attention_kernel)
         if self.info.is_main and self.cfg.progress:
             tqdm.write(
-                f"attention: {self.attention_dtype} ({_said(self.attention_how, 'SDPA')}, "
+                f"attention: {self.attention_kernel} ({_said(self.attention_how, 'attention')}, "
                 f"{batch_size}x{seq_len})"
             )
 
@@ -540,7 +542,7 @@ class Trainer:
             "matmul_peak_dtype": self.precision,
             "precision": self.precision,
             "precision_choice": self.precision_how,
-            "attention_dtype": self.attention_dtype,
+            "attention_kernel": self.attention_kernel,
             "attention_choice": self.attention_how,
             "compiled": self.compiled,
             "compile_s": self.compile_s,
@@ -600,7 +602,7 @@ class Trainer:
                 "config": asdict(self.cfg),
                 "window_losses": list(self._window_losses),
                 "precision": self.precision,
-                "attention_dtype": self.attention_dtype,
+                "attention_kernel": self.attention_kernel,
             }
             with atomic_dir(final) as tmp:
                 self.save_weights(tmp)
@@ -664,9 +666,11 @@ class Trainer:
         self.elapsed = state["elapsed"]
         self._window_losses = list(state.get("window_losses", []))
         self._resumed_precision = state.get("precision")
-        # (a checkpoint from before the choice existed ran bf16 attention under bf16)
+        # (its earlier name, for the two fused kernels; before any choice existed a bf16 run ran
+        # the fused kernel in bf16)
         self._resumed_attention = state.get(
-            "attention_dtype", "bf16" if self._resumed_precision == "bf16" else None
+            "attention_kernel",
+            state.get("attention_dtype", "bf16" if self._resumed_precision == "bf16" else None),
         )
         if self.info.is_main:
             _truncate_metrics(self.out / "metrics.jsonl", self.step)
@@ -702,7 +706,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _said(how: dict, what: str) -> str:
     """A choice's reason and timing as the progress bar says it: "timed: forward+backward fp32 603
     ms, bf16 405 ms"."""
-    timing = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in how.items() if k in precision.DTYPES)
+    timing = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in how.items() if isinstance(v, float))
     return how.get("reason", "") + (f": {what} {timing}" if timing else "")
 
 
