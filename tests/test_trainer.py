@@ -501,6 +501,28 @@ def test_the_attention_kernel_is_recorded_and_a_resumed_run_reuses_it_bitwise(
     assert _fit(tmp_path / "older", steps=4, precision="bf16")["attention_kernel"] == "fp32"
 
 
+def test_an_fp32_stage_runs_the_fused_attention_kernel_again(tmp_path):
+    """A model handed on from a bf16 stage that chose another kernel (the speedrun passes one model
+    from stage to stage): an fp32 stage sets its layers back to the fused kernel."""
+    from nanoseek import Transformer
+    from nanoseek.train import precision
+
+    model = Transformer(tiny_config())
+    precision.set_attention_kernel(model, "math")
+    cfg = TrainConfig(
+        out_dir=str(tmp_path),
+        max_steps=1,
+        batch_size=2,
+        seq_len=8,
+        precision="fp32",
+        eval_every=1000,
+        save_every=1000,
+        progress=False,
+    )
+    assert Trainer(model, cfg, CountingLoader(2, 8, 128)).fit()["attention_kernel"] is None
+    assert all(m.kernel is None for m in model.modules() if hasattr(m, "kernel"))
+
+
 def test_the_expert_grouped_matmul_op_equals_grouped_mm_in_both_precisions():
     """The custom op torch.compile calls for the experts on CPU: output and both gradients those of
     F.grouped_mm up to rounding (its backward multiplies in another order: bitwise equal with this

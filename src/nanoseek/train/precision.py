@@ -13,8 +13,9 @@ so Inductor's cache makes the run's own compile of the chosen precision cheap.
 
 Under bf16, the attention kernel is a second choice (`attention_kernel`): on a CPU the fused SDPA
 kernel's bf16 path is not always faster than its fp32 one, nor than attention's two products
-unfused ("math", which Inductor fuses around when the step compiles), so the three are timed at the
-stage's attention shape, compiled where the stage compiles.
+unfused ("math", which Inductor fuses with what surrounds them when the step compiles), so the
+model's forward + backward is timed with each of the three at the stage's batch shape, compiled
+where the stage compiles.
 
 The choices are cached per machine, model and batch shape (`cache_path`), so that the same seed on
 the same machine trains the same way run after run; a resumed run reuses the choices its checkpoint

@@ -312,7 +312,10 @@ class Trainer:
         """Under bf16, how attention runs, once per run: the resumed checkpoint's choice, or
         measured at [batch_size, seq_len] as the step runs (precision.attention_kernel); said
         once."""
-        if self.precision != "bf16" or self.attention_kernel is not None:
+        if self.attention_kernel is not None:
+            return
+        if self.precision != "bf16":  # (a model handed on from a bf16 stage: the fused kernel)
+            precision.set_attention_kernel(self.model, None)
             return
         if self._resumed_attention is not None:
             chosen = (self._resumed_attention, {"reason": "resumed"})
