@@ -352,6 +352,10 @@ def main() -> None:
     peak = peaks[ours["precision"]]
     kernels = kernel_ceiling(steps["nanoseek"])
     busy = kernels["matmul_s"] + kernels["attention_s"]
+    # the FLOPs those products do: attention's are the fused kernel's, unless it ran unfused, whose
+    # products compute the masked half of the scores too
+    attention = attention_flops_per_token(cfg, args.seq)
+    product_flops = flops - attention + (2 * attention if ours.get("attention") == "math" else 0)
     print(
         json.dumps(
             {
@@ -366,10 +370,7 @@ def main() -> None:
                 "mfu_profiled_step": round(ids.numel() * flops / kernels["step_s"] / peak, 3),
                 "mfu_if_only_these_kernels_ran": round(ids.numel() * flops / busy / peak, 3),
                 "matmul_only_gflops": round(
-                    ids.numel()
-                    * (flops - attention_flops_per_token(cfg, args.seq))
-                    / kernels["matmul_s"]
-                    / 1e9,
+                    ids.numel() * product_flops / kernels["matmul_s"] / 1e9,
                     1,
                 ),
                 "matmul_peak_gflops": round(peak / 1e9, 1),
