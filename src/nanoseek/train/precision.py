@@ -25,11 +25,13 @@ recorded and times nothing.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -145,15 +147,26 @@ def measure(
     slows both alike."""
     twin = copy.deepcopy(model).train()
     run = torch.compile(twin) if compiled else twin
-    best = {name: float("inf") for name in DTYPES}
-    for r in range(rounds + 1):  # round 0 warms up and is not counted
-        for name in DTYPES:
-            start = time.perf_counter()
-            train_pass(twin, device, name, batch_size, seq_len, run)
-            if r:
-                best[name] = min(best[name], time.perf_counter() - start)
+    passes = {
+        name: functools.partial(train_pass, twin, device, name, batch_size, seq_len, run)
+        for name in DTYPES
+    }
+    best = best_alternately(passes, rounds)
     if compiled:
         forget_timing_graphs()
+    return best
+
+
+def best_alternately(passes: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Best seconds of each pass, run in turn `rounds` times after one warm-up round (which
+    compiles, where a pass is compiled), so that a busy machine slows them alike."""
+    best = {name: float("inf") for name in passes}
+    for r in range(rounds + 1):  # round 0 warms up and is not counted
+        for name, run in passes.items():
+            start = time.perf_counter()
+            run()
+            if r:
+                best[name] = min(best[name], time.perf_counter() - start)
     return {name: round(s, 5) for name, s in best.items()}
 
 
@@ -246,21 +259,18 @@ def measure_attention(
     (values padded for the fused one, layouts, what Inductor fuses around the unfused one) is part
     of its cost (the cpu preset's model, compiled, [16, 256]: attention alone timed the fused fp32
     kernel fastest, the whole step ran 8% faster unfused)."""
-    runs = {}
+    passes = {}
     for kernel in ATTENTION_KERNELS:
         twin = copy.deepcopy(model).train()
         set_attention_kernel(twin, kernel)
-        runs[kernel] = (twin, torch.compile(twin) if compiled else twin)
-    best = {kernel: float("inf") for kernel in ATTENTION_KERNELS}
-    for r in range(rounds + 1):  # round 0 warms up and is not counted
-        for kernel, (twin, run) in runs.items():
-            start = time.perf_counter()
-            train_pass(twin, device, "bf16", batch_size, seq_len, run)
-            if r:
-                best[kernel] = min(best[kernel], time.perf_counter() - start)
+        run = torch.compile(twin) if compiled else twin
+        passes[kernel] = functools.partial(
+            train_pass, twin, device, "bf16", batch_size, seq_len, run
+        )
+    best = best_alternately(passes, rounds)
     if compiled:
         forget_timing_graphs()
-    return {kernel: round(s, 5) for kernel, s in best.items()}
+    return best
 
 
 def attention_kernel(
