@@ -176,6 +176,42 @@ def test_retrieval_conversations_ask_about_what_the_passage_states():
     assert langs == {"en": 20, "zh": 20}
 
 
+def test_numbers_are_asked_by_names_that_only_the_question_gives():
+    """The "number" kind: a value named by a phrase (whose it is, what place it is for, or a word
+    of the prose before a short noun); the question repeats the phrase, the statement holds it."""
+    convs = retrieval_conversations(200, SMALL_PROSE, seed=5, tokens=(20, 40))
+    prose_words = set(re.findall(r"[a-z]{4,}", " ".join(EN_PROSE).lower()))
+    prose_pairs = {
+        m[i : i + 2]
+        for m in re.findall(r"[\u4e00-\u9fff]+", "".join(ZH_PROSE))
+        for i in range(len(m) - 1)
+    }
+    named, from_prose = {"en": 0, "zh": 0}, {"en": 0, "zh": 0}
+    for user, assistant in convs:
+        question = user["content"].rpartition("\n")[2]
+        statement = assistant["reasoning_content"]
+        en = re.match(r"(?:What is|Which number is|Tell me) the (.+?)[?.] Think", question)
+        zh = re.match(r"(?:哪个数字是|请告诉我)?(.+?)(?:是什么)?[？。] 请先", question)
+        if en and re.search(rf"{en.group(1)} is \d+\.$|^\d+ is the {en.group(1)}\.$", statement):
+            named["en"] += 1
+            from_prose["en"] += en.group(1).split()[0] in prose_words
+        elif zh and re.search(
+            rf"^(请注意，)?{zh.group(1)}为\d+。$|^\d+正是{zh.group(1)}。$", statement
+        ):
+            named["zh"] += 1
+            from_prose["zh"] += zh.group(1)[:2] in prose_pairs
+    assert min(named.values()) > 15 and min(from_prose.values()) > 3, (named, from_prose)
+
+
+def test_retrieval_passages_take_the_length_asked_for():
+    short = retrieval_conversations(20, SMALL_PROSE, seed=1, tokens=(20, 30))
+    long = retrieval_conversations(20, SMALL_PROSE, seed=1, tokens=(300, 400))
+    size = [sum(len(c[0]["content"]) for c in convs) / 20 for convs in (short, long)]
+    assert size[1] > 4 * size[0], size
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        retrieval_conversations(2, SMALL_PROSE, tokens=(50, 10))
+
+
 @pytest.mark.skipif(not have_packages, reason="corpus packages not installed")
 def test_sft_mix_takes_retrieval_conversations():
     from nanoseek.train.sft import sft_mix, split_section
@@ -187,3 +223,7 @@ def test_sft_mix_takes_retrieval_conversations():
     )
     convs = sft_mix(data)
     assert len(convs) == 6 and all(c[1]["content"].startswith("<answer>") for c in convs)
+    assert data["retrieval_tokens"] == [40, 180]  # the default passage lengths
+    data["retrieval_tokens"] = [400, 600]
+    longer = sft_mix(data)
+    assert sum(len(c[0]["content"]) for c in longer) > 2 * sum(len(c[0]["content"]) for c in convs)

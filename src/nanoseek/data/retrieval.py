@@ -86,6 +86,20 @@ _ZH_PLACES = (
     "船坞|走廊壁橱|温室|旧谷仓|邮局|工作间|洗衣房|音乐室|学校体育馆|食品储藏室|车库|灯塔|博物馆衣帽间"
 ).split("|")
 _CODE_LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
+# Numbers that belong to someone or to a place: the same question ("what is the X?") in dozens of
+# wordings, so that answering it means finding the statement about X, not recalling a template
+_EN_NUMBERS = (
+    "locker combination|ticket number|order number|account number|door code|parcel number|"
+    "serial number|membership number|table number|seat number|licence number|invoice number|"
+    "booking reference|gate number|alarm code|safe combination|badge number|case number|"
+    "file number|tracking number|flight number|claim number|permit number|library card number|"
+    "access code|lottery number|bus route|shelf number|batch number|meter reading"
+).split("|")
+_ZH_NUMBERS = (
+    "储物柜号码|车票号码|订单号|银行账号|门禁码|包裹单号|序列号|会员卡号|桌号|座位号|驾照号码|"
+    "发票号|预订编号|登机口号|报警器代码|保险箱组合|工牌号|案件编号|档案编号|快递单号|航班号|"
+    "理赔编号|许可证号|借书证号|彩票号码|公交线路|货架编号|批次号|电表读数|车牌尾号"
+).split("|")
 
 # Each kind of fact: statements, questions, answers ({who}/{item}/{code} name it, {value} is what
 # must be copied). Every question names its subject, so several facts can be alive at once.
@@ -120,6 +134,15 @@ _KINDS = {
             ["Which room does {who} sleep in?", "In what room does {who} stay?"],
             ["Room {value}.", "{who} sleeps in room {value}."],
         ),
+        "number": (
+            [
+                "The {thing} is {value}.",
+                "{value} is the {thing}.",
+                "Note that the {thing} is {value}.",
+            ],
+            ["What is the {thing}?", "Which number is the {thing}?", "Tell me the {thing}."],
+            ["{value}", "The {thing} is {value}."],
+        ),
     },
     "zh": {
         "phone": (
@@ -147,8 +170,17 @@ _KINDS = {
             ["{who}住在几号房间？", "哪个房间归{who}住？"],
             ["{value}号房间。", "{who}住在{value}号房间。"],
         ),
+        "number": (
+            ["{thing}为{value}。", "{value}正是{thing}。", "请注意，{thing}为{value}。"],
+            ["{thing}是什么？", "哪个数字是{thing}？", "请告诉我{thing}。"],
+            ["{value}。", "{thing}为{value}。"],
+        ),
     },
 }
+# How often each kind is drawn, relative to the others (1 if not listed)
+KIND_WEIGHTS = {"number": 3}
+_EN_SHORT_NOUNS = ("number", "code", "figure", "combination", "reference", "digits", "count")
+_ZH_SHORT_NOUNS = ("号码", "编号", "代码", "数字", "口令", "暗码", "序号")
 _HEADINGS = {
     "en": ["Notes", "Things to remember", "Records", "Notebook", "Memo", "Facts and questions"],
     "zh": ["备忘录", "记事本", "笔记", "要记下的事", "记录"],
@@ -294,9 +326,10 @@ def _log_uniform(rng: random.Random, lo: float, hi: float) -> float:
 class _Subjects:
     """Made-up people, items and codes, never used twice in one document."""
 
-    def __init__(self, rng: random.Random, lang: str):
+    def __init__(self, rng: random.Random, lang: str, prose: Sequence[Sequence[str]] = ()):
         self.rng = rng
         self.lang = lang
+        self.prose = prose
         self.used: set[str] = set()
 
     def _fresh(self, make: Callable[[], str]) -> str:
@@ -322,9 +355,49 @@ class _Subjects:
     def item(self) -> str:
         return self.rng.choice(_EN_ITEMS if self.lang == "en" else _ZH_ITEMS)
 
+    def thing(self) -> str:
+        """A number's name, unique in the document: whose it is, what place it is for, or a word
+        of the prose before a short noun ("the harvest code"), a name the model has never seen
+        named, which its answer can only copy from the question."""
+        r = self.rng
+        en = self.lang == "en"
+        if self.prose and r.random() < 0.4:
+            nouns = _EN_SHORT_NOUNS if en else _ZH_SHORT_NOUNS
+            return self._fresh(lambda: f"{self._prose_word()}{' ' * en}{r.choice(nouns)}")
+        if en:
+            number = r.choice(_EN_NUMBERS)
+            return self._fresh(
+                lambda: (
+                    f"{number} for the {r.choice(_EN_PLACES)}"
+                    if r.random() < 0.5
+                    else f"{number} of {r.choice(_EN_FIRST)} {r.choice(_EN_LAST)}"
+                )
+            )
+        number = r.choice(_ZH_NUMBERS)
+        return self._fresh(
+            lambda: (
+                f"{r.choice(_ZH_PLACES)}的{number}"
+                if r.random() < 0.5
+                else f"{self.person()}的{number}"
+            )
+        )
+
+    def _prose_word(self) -> str:
+        """An English word of four letters or more, or two Chinese characters, from the prose."""
+        r = self.rng
+        for _ in range(100):
+            sentence = r.choice(r.choice(self.prose))
+            if self.lang == "en":
+                words = [w.lower() for w in re.findall(r"[A-Za-z]{4,12}", sentence)]
+            else:
+                words = [m[:2] for m in re.findall(r"[\u4e00-\u9fff]{2,}", sentence)]
+            if words:
+                return r.choice(words)
+        return "spare" if self.lang == "en" else "备用"
+
 
 def _value(kind: str, rng: random.Random, lang: str) -> str:
-    if kind in ("phone", "code"):
+    if kind in ("phone", "code", "number"):
         digits = rng.choice((3, 4, 5, 5, 5, 6))  # mostly five digits, as a key usually is
         return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
     if kind == "place":
@@ -338,8 +411,13 @@ def _value(kind: str, rng: random.Random, lang: str) -> str:
 
 
 def _fact(rng: random.Random, lang: str, subjects: _Subjects) -> dict:
-    kind = rng.choice(list(_KINDS[lang]))
-    names = {"who": subjects.person(), "value": _value(kind, rng, lang)}
+    kinds = list(_KINDS[lang])
+    kind = rng.choices(kinds, weights=[KIND_WEIGHTS.get(k, 1) for k in kinds])[0]
+    names = {"value": _value(kind, rng, lang)}
+    if kind == "number":
+        names["thing"] = subjects.thing()
+    else:
+        names["who"] = subjects.person()
     if kind == "code":
         names["code"] = subjects.code()
     if kind == "place":
@@ -362,7 +440,7 @@ def retrieval_document(
     length = int(cpt * (tokens or _log_uniform(rng, *DOC_TOKENS)))
     lag_cap = max(length, 64 * cpt)  # a short document stays short: its lags stay short
     ask, answer = rng.choice(_QA[lang])
-    subjects = _Subjects(rng, lang)
+    subjects = _Subjects(rng, lang, prose)
     parts = [rng.choice(_HEADINGS[lang]) + "\n"]
     pos = len(parts[0])
     pending: list[dict] = []  # stated, not yet asked; each with its "due" offset
@@ -429,7 +507,8 @@ def retrieval_documents(
 # the chat format, answered by quoting the statement (reasoning) and giving the value (<answer>).
 # This is what the passkey eval asks of a chat model, in other words: pretraining's streams teach
 # copying from far back, these teach answering a question about the text in the R1 format.
-CONVERSATION_TOKENS = (40, 180)  # the passage's length, log-uniformly: it fits SFT's 256-token rows
+# the passage's length in tokens, log-uniformly (default): it fits SFT's 256-token rows
+CONVERSATION_TOKENS = (40, 180)
 
 
 def retrieval_conversation(
@@ -440,7 +519,7 @@ def retrieval_conversation(
     from nanoseek.tasks.format import FORMAT_INSTRUCTIONS
 
     cpt = CHARS_PER_TOKEN[lang]
-    subjects = _Subjects(rng, lang)
+    subjects = _Subjects(rng, lang, prose)
     facts = [_fact(rng, lang, subjects) for _ in range(rng.choice((1, 1, 2, 3)))]
     prose_chars = max(0, int(tokens * cpt) - sum(len(f["statement"]) for f in facts))
     cuts = sorted(rng.random() for _ in facts)
@@ -465,12 +544,17 @@ def retrieval_conversations(
     *,
     seed: int = SEED,
     langs: Sequence[str] = ("en", "zh"),
+    tokens: tuple[int, int] = CONVERSATION_TOKENS,
 ) -> list[list[dict]]:
-    """`n` SFT conversations (alternating languages), each a passage with facts and one question
-    about it: reasoning quotes the fact's statement, the answer is its value. Deterministic in
-    `seed` and the prose (default: corpus_prose()); none shares wording with the passkey eval."""
+    """`n` SFT conversations (alternating languages), each a passage of `tokens` tokens (a range,
+    drawn log-uniformly) with facts and one question about it: reasoning quotes the fact's
+    statement, the answer is its value. Deterministic in `seed` and the prose (default:
+    corpus_prose()); none shares wording with the passkey eval."""
     if n <= 0:
         return []
+    low, high = tokens
+    if not 0 < low <= high:
+        raise ValueError(f"retrieval passage lengths must be 0 < low <= high, got {tokens!r}")
     prose = corpus_prose() if prose is None else prose
     grams = passkey_ngrams()
     out = []
@@ -480,7 +564,7 @@ def retrieval_conversations(
         rng = random.Random(f"retrieval-chat|{seed}|{i}")
         i += 1
         prompt, fact = retrieval_conversation(
-            rng, lang, prose[lang], round(_log_uniform(rng, *CONVERSATION_TOKENS))
+            rng, lang, prose[lang], round(_log_uniform(rng, low, high))
         )
         if shares_passkey_wording(prompt, grams):
             continue

@@ -46,6 +46,9 @@ DATA_DEFAULTS = {
     # questions about facts stated inside a passage of prose (data/retrieval.py
     # retrieval_conversations): the passkey eval's skill in other words
     "retrieval": 0,
+    # their passages' length in tokens, drawn log-uniformly from this range: past the SFT rows'
+    # length they are dropped, so longer passages need a longer seq_len
+    "retrieval_tokens": [40, 180],
     # the share of the generated mix that is tool use (a declared calculator, called for arithmetic
     # and word problems of the train split; data/conversations.py tool_conversations)
     "tool_use": 0.15,
@@ -94,7 +97,9 @@ def sft_mix(data: dict, corpus_dir: str | Path | None = None) -> list[Messages]:
     train_file = Path(corpus_dir) / "train.jsonl" if corpus_dir else None
     if data["corpus_qa"] and train_file is not None and train_file.is_file():
         convs += corpus_conversations(iter_records(train_file), data["corpus_qa"], seed=seed)
-    convs += retrieval_conversations(data["retrieval"], seed=seed, langs=data["langs"])
+    convs += retrieval_conversations(
+        data["retrieval"], seed=seed, langs=data["langs"], tokens=tuple(data["retrieval_tokens"])
+    )
     share = data["tool_use"]
     if not 0 <= share < 1:
         raise ValueError(f"sft: tool_use is a share of the mix in [0, 1), got {share!r}")
