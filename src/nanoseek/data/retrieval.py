@@ -507,7 +507,8 @@ def retrieval_documents(
 # the chat format, answered by quoting the statement (reasoning) and giving the value (<answer>).
 # This is what the passkey eval asks of a chat model, in other words: pretraining's streams teach
 # copying from far back, these teach answering a question about the text in the R1 format.
-# the passage's length in tokens, log-uniformly (default): it fits SFT's 256-token rows
+# the passage's length in tokens, log-uniformly (default); with the 4096 tokenizer about a third of
+# these conversations are longer than 256 tokens (names and digits tokenize finely)
 CONVERSATION_TOKENS = (40, 180)
 
 
